@@ -1,0 +1,182 @@
+//! Checkpoints in safetensors.
+//!
+//! Keys: the model's parameters and buffers under their PyTorch state_dict keys with the
+//! prefixes `backbone.` and `head.`, in PyTorch layouts (conv weights [Co, Ci, kx, ky, kz],
+//! num_batches_tracked int64); Adam's moments as `optim.exp_avg.<key>` and
+//! `optim.exp_avg_sq.<key>`. Metadata: `format`, `step` (optimiser steps), `model_config`
+//! (JSON) and any caller-provided extras.
+//!
+//! Loading also accepts a bare FPN3d state_dict converted from PyTorch (keys without
+//! `backbone.`): those keys are read as backbone keys.
+//!
+//! Writing is atomic: a temporary file in the same folder, fsync, then rename.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::model::{BACKBONE_PREFIX, HEAD_PREFIX, ModelConfig};
+use crate::optim::Adam;
+use crate::params::{ParamStore, SlotKind};
+
+pub const FORMAT: &str = "vox2vec-rs/1";
+
+enum Data {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+/// Serialize `store` (and optionally the optimiser) to `path`, atomically.
+pub fn save(path: &Path, config: &ModelConfig, store: &ParamStore, adam: Option<&Adam>, extra: &[(&str, String)]) -> Result<()> {
+    let mut owned: Vec<(String, Vec<usize>, Data)> = Vec::new();
+    for (i, s) in store.slots().iter().enumerate() {
+        let shape = store.pytorch_shape(i);
+        let data = match s.kind {
+            SlotKind::Counter => Data::I64(s.value.i64s().to_vec()),
+            _ => Data::F32(store.to_pytorch_f32(i, s.value.f32s())),
+        };
+        owned.push((s.name.clone(), shape, data));
+        if let Some(adam) = adam {
+            if let (Some(m), Some(v)) = (&adam.exp_avg[i], &adam.exp_avg_sq[i]) {
+                owned.push((format!("optim.exp_avg.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, m))));
+                owned.push((format!("optim.exp_avg_sq.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, v))));
+            }
+        }
+    }
+    let views = owned
+        .iter()
+        .map(|(name, shape, data)| {
+            let view = match data {
+                Data::F32(v) => TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(v)),
+                Data::I64(v) => TensorView::new(Dtype::I64, shape.clone(), bytemuck::cast_slice(v)),
+            }?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), FORMAT.to_string());
+    meta.insert("model_config".to_string(), config_to_json(config));
+    if let Some(a) = adam {
+        meta.insert("step".to_string(), a.step.to_string());
+    }
+    for (k, v) in extra {
+        meta.insert(k.to_string(), v.clone());
+    }
+    let bytes = safetensors::serialize(views, Some(meta)).context("serializing checkpoint")?;
+    write_atomic(path, &bytes)
+}
+
+/// Write `bytes` to `path` through a temporary sibling file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
+    let name = path.file_name().context("checkpoint path has no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn config_to_json(c: &ModelConfig) -> String {
+    serde_json::json!({
+        "in_channels": c.fpn.in_channels,
+        "base_channels": c.fpn.base_channels,
+        "num_scales": c.fpn.num_scales,
+        "proj_dim": c.proj_dim,
+        "temperature": c.temperature,
+    })
+    .to_string()
+}
+
+/// What `load` found in a file.
+pub struct Loaded {
+    pub metadata: HashMap<String, String>,
+    pub step: Option<u64>,
+    pub loaded_keys: usize,
+    /// Model slots the file did not contain (e.g. the head in a backbone-only file).
+    pub missing: Vec<String>,
+}
+
+/// Load parameters (and the optimiser state, if `adam` is given and the file has it) into
+/// `store`. Unknown keys and shape mismatches are errors naming the file and key; nothing is
+/// modified unless the whole file is valid.
+pub fn load(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>) -> Result<Loaded> {
+    let bytes = fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    // Validate and convert everything first, then commit.
+    let mut params: Vec<(usize, Vec<usize>, Option<Vec<f32>>, Option<Vec<i64>>)> = Vec::new();
+    let mut moments: Vec<(bool, usize, Vec<f32>)> = Vec::new();
+    for (key, view) in st.tensors() {
+        let (is_moment, first, name) = if let Some(k) = key.strip_prefix("optim.exp_avg_sq.") {
+            (true, false, k.to_string())
+        } else if let Some(k) = key.strip_prefix("optim.exp_avg.") {
+            (true, true, k.to_string())
+        } else if key.starts_with(BACKBONE_PREFIX) || key.starts_with(HEAD_PREFIX) {
+            (false, false, key.clone())
+        } else {
+            (false, false, format!("{BACKBONE_PREFIX}{key}"))
+        };
+        let Some(slot) = store.find(&name) else {
+            bail!("{}: key {key} does not belong to this model (configuration {:?})", path.display(), metadata.get("model_config"));
+        };
+        let shape = view.shape().to_vec();
+        let (f, i) = match view.dtype() {
+            Dtype::F32 => (Some(bytemuck::pod_collect_to_vec::<u8, f32>(view.data())), None),
+            Dtype::F64 => (Some(bytemuck::pod_collect_to_vec::<u8, f64>(view.data()).into_iter().map(|v| v as f32).collect()), None),
+            Dtype::I64 => (None, Some(bytemuck::pod_collect_to_vec::<u8, i64>(view.data()))),
+            d => bail!("{}: key {key} has dtype {d:?}; expected F32, F64 or I64", path.display()),
+        };
+        if is_moment {
+            let expect = store.pytorch_shape(slot);
+            if shape != expect {
+                bail!("{}: {key} has shape {shape:?}, expected {expect:?}", path.display());
+            }
+            let Some(f) = f else { bail!("{}: {key} must be floating point", path.display()) };
+            moments.push((first, slot, store.from_pytorch_f32(slot, &f)));
+        } else {
+            params.push((slot, shape, f, i));
+        }
+    }
+    let mut seen = vec![false; store.len()];
+    let mut trial = Vec::new();
+    for (slot, shape, f, _) in &params {
+        // Check shape and dtype before touching the store.
+        let expect = store.pytorch_shape(*slot);
+        if shape != &expect && !(shape.iter().product::<usize>() == 1 && expect.iter().product::<usize>() == 1) {
+            bail!("{}: {} has shape {shape:?}, this model expects {expect:?}", path.display(), store.slots()[*slot].name);
+        }
+        if f.is_none() && store.slots()[*slot].kind != SlotKind::Counter {
+            bail!("{}: {} must be floating point", path.display(), store.slots()[*slot].name);
+        }
+        seen[*slot] = true;
+        trial.push(*slot);
+    }
+    for (slot, shape, f, i) in params {
+        store.load_pytorch(slot, &shape, f.as_deref(), i.as_deref()).with_context(|| format!("loading {}", path.display()))?;
+    }
+    let step = metadata.get("step").and_then(|s| s.parse().ok());
+    if let Some(adam) = adam {
+        for (first, slot, v) in moments {
+            if first { adam.exp_avg[slot] = Some(v) } else { adam.exp_avg_sq[slot] = Some(v) }
+        }
+        if let Some(s) = step {
+            adam.step = s;
+        }
+    }
+    let missing = store.slots().iter().zip(&seen).filter(|(_, s)| !**s).map(|(s, _)| s.name.clone()).collect();
+    Ok(Loaded { metadata, step, loaded_keys: trial.len(), missing })
+}

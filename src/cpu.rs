@@ -1,0 +1,180 @@
+//! CPU backend building blocks: a GEMM on strided slices (matrixmultiply's packed kernels,
+//! parallelised here over blocks of the output), and deterministic parallel reductions.
+//!
+//! Determinism: every reduction splits its rows into a number of groups that depends only on
+//! the problem size, never on the thread count, and adds the group partials in order. The
+//! same inputs give bit-identical results on 1 or 64 threads.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+/// Strided matrix view: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major matrix with `cols` columns.
+    pub fn rows(data: &'a [f32], cols: usize) -> Mat<'a> {
+        Mat { data, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub fn rows_t(data: &'a [f32], cols: usize) -> Mat<'a> {
+        Mat { data, rs: 1, cs: cols }
+    }
+}
+
+/// `C[m, n] = A[m, k] · B[k, n] + beta · C`, C row-major with `ldc` columns, single-threaded.
+pub fn gemm(m: usize, k: usize, n: usize, a: Mat, b: Mat, beta: f32, c: &mut [f32], ldc: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for v in &mut c[i * ldc..i * ldc + n] {
+                *v *= beta;
+            }
+        }
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm: output too small");
+    assert!(a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs, "gemm: A too small");
+    assert!(b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs, "gemm: B too small");
+    // SAFETY: bounds of all three operands were checked above for the given strides.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.data.as_ptr(),
+            a.rs as isize,
+            a.cs as isize,
+            b.data.as_ptr(),
+            b.rs as isize,
+            b.cs as isize,
+            beta,
+            c.as_mut_ptr(),
+            ldc as isize,
+            1,
+        );
+    }
+}
+
+/// Multi-threaded `C = A · B + beta · C` (C row-major, `n` columns), split over row blocks of C,
+/// or over column blocks when C has few rows. Each output element is computed by exactly one
+/// task, so the result does not depend on the thread count.
+pub fn par_gemm(m: usize, k: usize, n: usize, a: Mat, b: Mat, beta: f32, c: &mut [f32]) {
+    let threads = rayon::current_num_threads();
+    let flops = m * k * n;
+    if threads == 1 || flops < 1 << 18 {
+        return gemm(m, k, n, a, b, beta, c, n);
+    }
+    if m >= 16 * threads || m >= n {
+        let block = m.div_ceil(threads * 4).max(8);
+        c.par_chunks_mut(block * n).enumerate().for_each(|(bi, cb)| {
+            let r0 = bi * block;
+            let rows = cb.len() / n;
+            let a_off = Mat { data: &a.data[r0 * a.rs..], rs: a.rs, cs: a.cs };
+            gemm(rows, k, n, a_off, b, beta, cb, n);
+        });
+    } else {
+        // Few rows: split the columns; each task writes a disjoint column block through a
+        // raw pointer (rows interleave, so no safe chunking exists).
+        let block = n.div_ceil(threads * 4).max(16);
+        let ptr = SyncPtr(c.as_mut_ptr());
+        (0..n.div_ceil(block)).into_par_iter().for_each(|bj| {
+            let j0 = bj * block;
+            let cols = block.min(n - j0);
+            let b_off = Mat { data: &b.data[j0 * b.cs..], rs: b.rs, cs: b.cs };
+            let len = (m - 1) * n + cols;
+            // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of C.
+            let cb = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(j0), len) };
+            gemm(m, k, cols, a, b_off, beta, cb, n);
+        });
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct SyncPtr<T>(pub *mut T);
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Fixed split of `rows` into groups (independent of the thread count).
+pub fn row_groups(rows: usize, min_rows_per_group: usize) -> Vec<Range<usize>> {
+    let groups = rows.div_ceil(min_rows_per_group.max(1)).clamp(1, 64);
+    (0..groups).map(|g| (g * rows / groups)..((g + 1) * rows / groups)).collect()
+}
+
+/// Deterministic parallel reduction of `width` f64 accumulators over `rows` rows:
+/// `f(range, acc)` adds the contribution of rows `range` into `acc`.
+pub fn par_reduce_rows<F>(rows: usize, width: usize, f: F) -> Vec<f64>
+where
+    F: Fn(Range<usize>, &mut [f64]) + Sync,
+{
+    let groups = row_groups(rows, 2048);
+    let partials: Vec<Vec<f64>> = groups
+        .into_par_iter()
+        .map(|r| {
+            let mut acc = vec![0.0f64; width];
+            f(r, &mut acc);
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0f64; width];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// Elementwise map of one slice into a new vector, in parallel.
+pub fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(o, i)| {
+        for (o, &i) in o.iter_mut().zip(i) {
+            *o = f(i);
+        }
+    });
+    out
+}
+
+/// Elementwise map of two slices into a new vector, in parallel.
+pub fn par_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    assert_eq!(a.len(), b.len());
+    let mut out = vec![0.0f32; a.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    out
+}
+
+/// Sum of the rows of a row-major [rows, width] matrix, deterministic.
+pub fn sum_rows(x: &[f32], width: usize) -> Vec<f32> {
+    let rows = if width == 0 { 0 } else { x.len() / width };
+    par_reduce_rows(rows, width, |r, acc| {
+        for row in x[r.start * width..r.end * width].chunks_exact(width) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+    })
+    .into_iter()
+    .map(|v| v as f32)
+    .collect()
+}

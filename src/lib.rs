@@ -1,0 +1,23 @@
+//! vox2vec-rs: self-supervised voxel-level representation learning for CT (vox2vec, MICCAI
+//! 2023) with a multi-threaded CPU backend (the oracle) and, next, CUDA kernels.
+//!
+//! Map of the crate:
+//! - `tensor`: tensors, dtypes, devices and storage; channels-last activation layout.
+//! - `autograd`: the tape of backward closures.
+//! - `cpu`: GEMM and deterministic parallel reductions used by the CPU ops.
+//! - `ops::*`: one module per op, with its CPU forward, backward and autograd wrapper.
+//! - `model`: FPN3d, ResBlock3d, the projection head, the contrastive forward.
+//! - `params`: the named parameter store; `checkpoint`: safetensors I/O; `optim`: Adam, clipping.
+//! - `train`: the pretraining step and synthetic batches.
+//! - `kernels`: the embedded CUDA fatbin (empty until the CUDA backend lands).
+
+pub mod autograd;
+pub mod checkpoint;
+pub mod cpu;
+pub mod kernels;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod params;
+pub mod tensor;
+pub mod train;

@@ -1,0 +1,151 @@
+//! Building blocks with PyTorch parameter names: Conv3d, BatchNorm (1-D and 3-D), Linear,
+//! ResBlock3d and a Stack of ResBlocks.
+
+use anyhow::Result;
+use rand::Rng;
+
+use crate::autograd::{Graph, Var};
+use crate::ops;
+use crate::params::{Layout, ParamStore, SlotKind, uniform_fan_in};
+use crate::tensor::Tensor;
+
+pub struct Conv3d {
+    pub weight: usize,
+    pub bias: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+}
+
+impl Conv3d {
+    pub fn new(store: &mut ParamStore, rng: &mut impl Rng, name: &str, cin: usize, cout: usize, k: usize) -> Conv3d {
+        let fan_in = cin * k * k * k;
+        let w = Tensor::from_f32(&[cout, k, k, k, cin], uniform_fan_in(rng, cout * fan_in, fan_in));
+        let b = Tensor::from_f32(&[cout], uniform_fan_in(rng, cout, fan_in));
+        Conv3d {
+            weight: store.add(&format!("{name}.weight"), w, SlotKind::Trainable, Layout::ConvChannelsLast),
+            bias: store.add(&format!("{name}.bias"), b, SlotKind::Trainable, Layout::Plain),
+            cin,
+            cout,
+            k,
+        }
+    }
+
+    pub fn forward(&self, g: &Graph, store: &ParamStore, x: &Var) -> Result<Var> {
+        let w = g.param(self.weight, store.get(self.weight));
+        let b = g.param(self.bias, store.get(self.bias));
+        ops::conv3d(g, x, &w, Some(&b))
+    }
+}
+
+pub struct Linear {
+    pub weight: usize,
+    pub bias: usize,
+}
+
+impl Linear {
+    pub fn new(store: &mut ParamStore, rng: &mut impl Rng, name: &str, fin: usize, fout: usize) -> Linear {
+        let w = Tensor::from_f32(&[fout, fin], uniform_fan_in(rng, fout * fin, fin));
+        let b = Tensor::from_f32(&[fout], uniform_fan_in(rng, fout, fin));
+        Linear {
+            weight: store.add(&format!("{name}.weight"), w, SlotKind::Trainable, Layout::Plain),
+            bias: store.add(&format!("{name}.bias"), b, SlotKind::Trainable, Layout::Plain),
+        }
+    }
+
+    pub fn forward(&self, g: &Graph, store: &ParamStore, x: &Var) -> Result<Var> {
+        let w = g.param(self.weight, store.get(self.weight));
+        let b = g.param(self.bias, store.get(self.bias));
+        ops::linear(g, x, &w, Some(&b))
+    }
+}
+
+/// BatchNorm over the channel (last) axis; weight 1, bias 0, running mean 0, running var 1.
+pub struct BatchNorm {
+    pub weight: usize,
+    pub bias: usize,
+    pub running_mean: usize,
+    pub running_var: usize,
+    pub num_batches_tracked: usize,
+}
+
+impl BatchNorm {
+    pub fn new(store: &mut ParamStore, name: &str, c: usize) -> BatchNorm {
+        BatchNorm {
+            weight: store.add(&format!("{name}.weight"), Tensor::full(&[c], 1.0), SlotKind::Trainable, Layout::Plain),
+            bias: store.add(&format!("{name}.bias"), Tensor::zeros(&[c]), SlotKind::Trainable, Layout::Plain),
+            running_mean: store.add(&format!("{name}.running_mean"), Tensor::zeros(&[c]), SlotKind::RunningStat, Layout::Plain),
+            running_var: store.add(&format!("{name}.running_var"), Tensor::full(&[c], 1.0), SlotKind::RunningStat, Layout::Plain),
+            num_batches_tracked: store.add(&format!("{name}.num_batches_tracked"), Tensor::from_i64(&[], vec![0]), SlotKind::Counter, Layout::Plain),
+        }
+    }
+
+    /// In a training graph this also updates the running statistics in `store`.
+    pub fn forward(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {
+        let w = g.param(self.weight, store.get(self.weight));
+        let b = g.param(self.bias, store.get(self.bias));
+        let (y, update) = ops::batch_norm(g, x, &w, &b, store.get(self.running_mean), store.get(self.running_var))?;
+        if let Some(u) = update {
+            store.set(self.running_mean, u.running_mean);
+            store.set(self.running_var, u.running_var);
+            let n = store.get(self.num_batches_tracked).i64s()[0];
+            store.set(self.num_batches_tracked, Tensor::from_i64(&[], vec![n + 1]));
+        }
+        Ok(y)
+    }
+}
+
+/// y = conv(relu(bn(conv(relu(bn(x)))))) + skip(x); Sequential indices 0 bn, 2 conv, 3 bn, 5 conv.
+pub struct ResBlock3d {
+    bn0: BatchNorm,
+    conv2: Conv3d,
+    bn3: BatchNorm,
+    conv5: Conv3d,
+    skip: Option<Conv3d>,
+}
+
+impl ResBlock3d {
+    pub fn new(store: &mut ParamStore, rng: &mut impl Rng, name: &str, cin: usize, cout: usize, k: usize) -> ResBlock3d {
+        let mid = cin.min(cout);
+        let bn0 = BatchNorm::new(store, &format!("{name}.layers.0"), cin);
+        let conv2 = Conv3d::new(store, rng, &format!("{name}.layers.2"), cin, mid, k);
+        let bn3 = BatchNorm::new(store, &format!("{name}.layers.3"), mid);
+        let conv5 = Conv3d::new(store, rng, &format!("{name}.layers.5"), mid, cout, k);
+        let skip = (cin != cout).then(|| Conv3d::new(store, rng, &format!("{name}.skip"), cin, cout, 1));
+        ResBlock3d { bn0, conv2, bn3, conv5, skip }
+    }
+
+    pub fn forward(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {
+        let h = self.bn0.forward(g, store, x)?;
+        let h = ops::relu(g, &h)?;
+        let h = self.conv2.forward(g, store, &h)?;
+        let h = self.bn3.forward(g, store, &h)?;
+        let h = ops::relu(g, &h)?;
+        let h = self.conv5.forward(g, store, &h)?;
+        let s = match &self.skip {
+            Some(c) => c.forward(g, store, x)?,
+            None => x.clone(),
+        };
+        ops::add(g, &h, &s)
+    }
+}
+
+/// Two ResBlocks c → c (`layers.0`, `layers.1`).
+pub struct Stack {
+    blocks: Vec<ResBlock3d>,
+}
+
+impl Stack {
+    pub fn new(store: &mut ParamStore, rng: &mut impl Rng, name: &str, c: usize) -> Stack {
+        let blocks = (0..2).map(|j| ResBlock3d::new(store, rng, &format!("{name}.layers.{j}"), c, c, 3)).collect();
+        Stack { blocks }
+    }
+
+    pub fn forward(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {
+        let mut h = x.clone();
+        for b in &self.blocks {
+            h = b.forward(g, store, &h)?;
+        }
+        Ok(h)
+    }
+}

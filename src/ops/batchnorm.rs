@@ -1,0 +1,157 @@
+//! Batch normalisation over the last (channel) axis: BatchNorm3d on [N, X, Y, Z, C] and
+//! BatchNorm1d on [N, C] are the same op on the input viewed as rows [M, C].
+//!
+//! Train mode: mean and biased variance over the M rows (accumulated in f64, two passes),
+//! y = (x - mean) / sqrt(var + eps) · γ + β; running statistics are updated as PyTorch does,
+//! running = (1 - momentum) · running + momentum · batch, with the *unbiased* variance
+//! var · M / (M - 1), and num_batches_tracked += 1. Eval mode: running statistics.
+//!
+//! Backward (train), with x̂ = (x - mean) · invstd:
+//!   dβ = Σ dy, dγ = Σ dy · x̂, dx = γ · invstd / M · (M · dy - dβ - x̂ · dγ).
+//! Backward (eval): dx = dy · γ · invstd, same dγ and dβ.
+//! Outputs are written (=).
+
+use anyhow::{Result, ensure};
+use rayon::prelude::*;
+
+use crate::autograd::{Graph, Var};
+use crate::cpu::par_reduce_rows;
+use crate::tensor::Tensor;
+
+pub const BN_EPS: f64 = 1e-5;
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// Per-channel statistics used to normalise.
+pub struct BnStats {
+    pub mean: Vec<f64>,
+    pub invstd: Vec<f64>,
+    /// Biased batch variance (train mode only; empty in eval mode).
+    pub var: Vec<f64>,
+}
+
+/// Batch mean and biased variance of x viewed as [M, C].
+pub fn batch_stats_cpu(x: &[f32], c: usize, eps: f64) -> BnStats {
+    let m = x.len() / c;
+    let sum = par_reduce_rows(m, c, |r, acc| {
+        for row in x[r.start * c..r.end * c].chunks_exact(c) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+    });
+    let mean: Vec<f64> = sum.iter().map(|s| s / m as f64).collect();
+    let sq = par_reduce_rows(m, c, |r, acc| {
+        for row in x[r.start * c..r.end * c].chunks_exact(c) {
+            for ((a, &v), mu) in acc.iter_mut().zip(row).zip(&mean) {
+                let d = v as f64 - mu;
+                *a += d * d;
+            }
+        }
+    });
+    let var: Vec<f64> = sq.iter().map(|s| s / m as f64).collect();
+    let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    BnStats { mean, invstd, var }
+}
+
+/// y = (x - mean) · invstd · γ + β, rows of width c.
+pub fn bn_apply_cpu(x: &[f32], c: usize, st: &BnStats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+    let scale: Vec<f64> = (0..c).map(|j| st.invstd[j] * gamma[j] as f64).collect();
+    let shift: Vec<f64> = (0..c).map(|j| beta[j] as f64 - st.mean[j] * scale[j]).collect();
+    let mut y = vec![0.0f32; x.len()];
+    let rows = (1usize << 14).div_ceil(c).max(1) * c;
+    y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yb, xb)| {
+        for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+            for j in 0..c {
+                yr[j] = (xr[j] as f64 * scale[j] + shift[j]) as f32;
+            }
+        }
+    });
+    y
+}
+
+/// (dx, dγ, dβ). `train` selects the batch-statistics backward.
+pub fn bn_backward_cpu(
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    st: &BnStats,
+    gamma: &[f32],
+    train: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let m = x.len() / c;
+    // acc[0..c] = Σ dy, acc[c..2c] = Σ dy · x̂
+    let acc = par_reduce_rows(m, 2 * c, |r, acc| {
+        for (xr, gr) in x[r.start * c..r.end * c].chunks_exact(c).zip(dy[r.start * c..r.end * c].chunks_exact(c)) {
+            for j in 0..c {
+                let g = gr[j] as f64;
+                acc[j] += g;
+                acc[c + j] += g * (xr[j] as f64 - st.mean[j]) * st.invstd[j];
+            }
+        }
+    });
+    let (dbeta, dgamma) = acc.split_at(c);
+    let mut dx = vec![0.0f32; x.len()];
+    let rows = (1usize << 14).div_ceil(c).max(1) * c;
+    let mf = m as f64;
+    dx.par_chunks_mut(rows).zip(x.par_chunks(rows).zip(dy.par_chunks(rows))).for_each(|(db, (xb, gb))| {
+        for ((dr, xr), gr) in db.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
+            for j in 0..c {
+                let k = gamma[j] as f64 * st.invstd[j];
+                dr[j] = if train {
+                    let xh = (xr[j] as f64 - st.mean[j]) * st.invstd[j];
+                    (k / mf * (mf * gr[j] as f64 - dbeta[j] - xh * dgamma[j])) as f32
+                } else {
+                    (k * gr[j] as f64) as f32
+                };
+            }
+        }
+    });
+    (dx, dgamma.iter().map(|&v| v as f32).collect(), dbeta.iter().map(|&v| v as f32).collect())
+}
+
+/// Running statistics after one training forward.
+pub struct BnUpdate {
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+}
+
+/// Autograd op. In train mode (`g.is_training()`) returns the updated running statistics,
+/// which the caller stores (and increments num_batches_tracked).
+pub fn batch_norm(
+    g: &Graph,
+    x: &Var,
+    gamma: &Var,
+    beta: &Var,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+) -> Result<(Var, Option<BnUpdate>)> {
+    let c = *x.shape().last().unwrap_or(&0);
+    ensure!(c > 0 && gamma.shape() == [c] && beta.shape() == [c], "batch_norm: {} channels but γ {:?}, β {:?}", c, gamma.shape(), beta.shape());
+    let xs = x.value.f32s();
+    let m = xs.len() / c;
+    let train = g.is_training();
+    let (st, update) = if train {
+        ensure!(m > 1, "batch_norm: training needs more than one value per channel, input shape {:?}", x.shape());
+        let st = batch_stats_cpu(xs, c, BN_EPS);
+        let unbias = m as f64 / (m as f64 - 1.0);
+        let rm = running_mean.f32s().iter().zip(&st.mean).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b) as f32).collect();
+        let rv = running_var.f32s().iter().zip(&st.var).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b * unbias) as f32).collect();
+        (st, Some(BnUpdate { running_mean: Tensor::from_f32(&[c], rm), running_var: Tensor::from_f32(&[c], rv) }))
+    } else {
+        let mean = running_mean.f32s().iter().map(|&v| v as f64).collect();
+        let invstd = running_var.f32s().iter().map(|&v| 1.0 / (v as f64 + BN_EPS).sqrt()).collect();
+        (BnStats { mean, invstd, var: vec![] }, None)
+    };
+    let y = bn_apply_cpu(xs, c, &st, gamma.value.f32s(), beta.value.f32s());
+    let out = Tensor::from_f32(x.shape(), y);
+    let (xv, gv) = (x.value.clone(), gamma.value.clone());
+    let var = g.record(out, &[x, gamma, beta], move |dy| {
+        let (dx, dg, db) = bn_backward_cpu(xv.f32s(), dy.f32s(), c, &st, gv.f32s(), train);
+        Ok(vec![
+            Some(Tensor::from_f32(xv.shape(), dx)),
+            Some(Tensor::from_f32(&[c], dg)),
+            Some(Tensor::from_f32(&[c], db)),
+        ])
+    });
+    Ok((var, update))
+}

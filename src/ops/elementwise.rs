@@ -1,0 +1,38 @@
+//! Elementwise ops: ReLU and addition.
+//!
+//! relu: y = max(x, 0); backward dx = dy where y > 0 (PyTorch's convention: 0 at x = 0).
+//! add: y = a + b (same shapes); backward passes dy to both inputs.
+//! Outputs are written (=).
+
+use anyhow::{Result, ensure};
+
+use crate::autograd::{Graph, Var};
+use crate::cpu::{par_map, par_zip};
+use crate::tensor::Tensor;
+
+pub fn relu_forward_cpu(x: &[f32]) -> Vec<f32> {
+    par_map(x, |v| if v > 0.0 { v } else { 0.0 })
+}
+
+pub fn relu_backward_cpu(y: &[f32], dy: &[f32]) -> Vec<f32> {
+    par_zip(y, dy, |y, g| if y > 0.0 { g } else { 0.0 })
+}
+
+pub fn relu(g: &Graph, x: &Var) -> Result<Var> {
+    let y = Tensor::from_f32(x.shape(), relu_forward_cpu(x.value.f32s()));
+    let saved = g.needs_grad(&[x]).then(|| y.clone());
+    Ok(g.record(y, &[x], move |dy| {
+        let y = saved.expect("saved output");
+        Ok(vec![Some(Tensor::from_f32(y.shape(), relu_backward_cpu(y.f32s(), dy.f32s())))])
+    }))
+}
+
+pub fn add_forward_cpu(a: &[f32], b: &[f32]) -> Vec<f32> {
+    par_zip(a, b, |a, b| a + b)
+}
+
+pub fn add(g: &Graph, a: &Var, b: &Var) -> Result<Var> {
+    ensure!(a.shape() == b.shape(), "add: shapes {:?} and {:?} differ", a.shape(), b.shape());
+    let y = Tensor::from_f32(a.shape(), add_forward_cpu(a.value.f32s(), b.value.f32s()));
+    Ok(g.record(y, &[a, b], |dy| Ok(vec![Some(dy.clone()), Some(dy)])))
+}

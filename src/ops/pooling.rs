@@ -1,0 +1,97 @@
+//! Max pooling 2×2×2, stride 2, ceil mode (PyTorch `MaxPool3d(2, ceil_mode=True)`), on
+//! [N, X, Y, Z, C]. Output extent ceil(X / 2) per axis; a window that runs past the border
+//! is clipped (ceil mode adds no padding value).
+//!
+//! Forward scans each window in (x, y, z) order and keeps the first strictly greater value
+//! (PyTorch's tie rule); it saves the winning offset (0..8, bits x·4 + y·2 + z) per output.
+//! Backward is a gather: each input element lies in exactly one window, and receives that
+//! window's dy if it was the winner, else 0. dx is written (=).
+
+use anyhow::Result;
+use rayon::prelude::*;
+
+use crate::autograd::{Graph, Var};
+use crate::tensor::{Tensor, Vol};
+
+pub fn pooled_extent(n: usize) -> usize {
+    n.div_ceil(2)
+}
+
+/// Returns (y, argmax offsets).
+pub fn maxpool2_forward_cpu(x: &[f32], v: Vol) -> (Vec<f32>, Vec<u8>) {
+    let o = Vol { x: pooled_extent(v.x), y: pooled_extent(v.y), z: pooled_extent(v.z), ..v };
+    let c = v.c;
+    let mut y = vec![0.0f32; o.voxels() * c];
+    let mut arg = vec![0u8; o.voxels() * c];
+    let row = o.z * c;
+    y.par_chunks_mut(row).zip(arg.par_chunks_mut(row)).enumerate().for_each(|(r, (yr, ar))| {
+        let oy = r % o.y;
+        let ox = (r / o.y) % o.x;
+        let nb = r / (o.y * o.x);
+        for oz in 0..o.z {
+            for ch in 0..c {
+                let mut best = f32::NEG_INFINITY;
+                let mut besto = 0u8;
+                let mut first = true;
+                for a in 0..2 {
+                    let xi = 2 * ox + a;
+                    if xi >= v.x {
+                        continue;
+                    }
+                    for b in 0..2 {
+                        let yi = 2 * oy + b;
+                        if yi >= v.y {
+                            continue;
+                        }
+                        for cc in 0..2 {
+                            let zi = 2 * oz + cc;
+                            if zi >= v.z {
+                                continue;
+                            }
+                            let val = x[(((nb * v.x + xi) * v.y + yi) * v.z + zi) * c + ch];
+                            if first || val > best || val.is_nan() {
+                                best = val;
+                                besto = (a * 4 + b * 2 + cc) as u8;
+                                first = false;
+                            }
+                        }
+                    }
+                }
+                yr[oz * c + ch] = best;
+                ar[oz * c + ch] = besto;
+            }
+        }
+    });
+    (y, arg)
+}
+
+pub fn maxpool2_backward_cpu(dy: &[f32], arg: &[u8], v: Vol) -> Vec<f32> {
+    let o = Vol { x: pooled_extent(v.x), y: pooled_extent(v.y), z: pooled_extent(v.z), ..v };
+    let c = v.c;
+    let mut dx = vec![0.0f32; v.voxels() * c];
+    let row = v.z * c;
+    dx.par_chunks_mut(row).enumerate().for_each(|(r, dr)| {
+        let yi = r % v.y;
+        let xi = (r / v.y) % v.x;
+        let nb = r / (v.y * v.x);
+        for zi in 0..v.z {
+            let oi = (((nb * o.x + xi / 2) * o.y + yi / 2) * o.z + zi / 2) * c;
+            let off = ((xi % 2) * 4 + (yi % 2) * 2 + zi % 2) as u8;
+            for ch in 0..c {
+                if arg[oi + ch] == off {
+                    dr[zi * c + ch] = dy[oi + ch];
+                }
+            }
+        }
+    });
+    dx
+}
+
+pub fn maxpool2(g: &Graph, x: &Var) -> Result<Var> {
+    let v = Vol::of(&x.value);
+    let (y, arg) = maxpool2_forward_cpu(x.value.f32s(), v);
+    let shape = [v.n, pooled_extent(v.x), pooled_extent(v.y), pooled_extent(v.z), v.c];
+    Ok(g.record(Tensor::from_f32(&shape, y), &[x], move |dy| {
+        Ok(vec![Some(Tensor::from_f32(&v.shape(), maxpool2_backward_cpu(dy.f32s(), &arg, v)))])
+    }))
+}

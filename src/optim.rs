@@ -1,0 +1,102 @@
+//! Adam (PyTorch semantics, no weight decay) and clipping to a global L2 norm
+//! (`torch.nn.utils.clip_grad_norm_` semantics).
+//!
+//! Adam, per element, at step t (1-based):
+//!   m ← β1·m + (1-β1)·g;  v ← β2·v + (1-β2)·g²
+//!   p ← p - (lr / (1-β1^t)) · m / (√v / √(1-β2^t) + ε)
+//! clip: total = ‖(‖g_1‖, …, ‖g_k‖)‖; coef = max_norm / (total + 1e-6); if coef < 1, g ← g·coef.
+
+use anyhow::{Result, ensure};
+use rayon::prelude::*;
+
+use crate::params::ParamStore;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        AdamConfig { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+    }
+}
+
+/// Per-slot moments; `step` counts completed updates.
+pub struct Adam {
+    pub config: AdamConfig,
+    pub step: u64,
+    /// Indexed by store slot; `None` for slots that are not trained.
+    pub exp_avg: Vec<Option<Vec<f32>>>,
+    pub exp_avg_sq: Vec<Option<Vec<f32>>>,
+}
+
+impl Adam {
+    pub fn new(config: AdamConfig, store: &ParamStore) -> Adam {
+        let mut exp_avg = vec![None; store.len()];
+        let mut exp_avg_sq = vec![None; store.len()];
+        for s in store.trainable() {
+            exp_avg[s] = Some(vec![0.0; store.get(s).numel()]);
+            exp_avg_sq[s] = Some(vec![0.0; store.get(s).numel()]);
+        }
+        Adam { config, step: 0, exp_avg, exp_avg_sq }
+    }
+
+    /// One update of every slot that has a gradient; `grads[slot]`.
+    pub fn update(&mut self, store: &mut ParamStore, grads: &[Option<Tensor>]) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let step_size = c.lr / (1.0 - c.beta1.powi(t));
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        for (slot, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            let (Some(m), Some(v)) = (self.exp_avg[slot].as_mut(), self.exp_avg_sq[slot].as_mut()) else { continue };
+            let name = &store.slots()[slot].name;
+            ensure!(g.numel() == m.len(), "gradient of {name} has {} values, parameter has {}", g.numel(), m.len());
+            let mut p = store.get(slot).clone().into_f32_vec();
+            p.par_chunks_mut(4096)
+                .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
+                .zip(g.f32s().par_chunks(4096))
+                .for_each(|((p, (m, v)), g)| {
+                    for i in 0..p.len() {
+                        let gi = g[i] as f64;
+                        let mi = c.beta1 * m[i] as f64 + (1.0 - c.beta1) * gi;
+                        let vi = c.beta2 * v[i] as f64 + (1.0 - c.beta2) * gi * gi;
+                        m[i] = mi as f32;
+                        v[i] = vi as f32;
+                        let denom = (vi as f32 as f64).sqrt() / bc2_sqrt + c.eps;
+                        p[i] = (p[i] as f64 - step_size * (mi as f32 as f64) / denom) as f32;
+                    }
+                });
+            let shape = store.get(slot).shape().to_vec();
+            store.set(slot, Tensor::from_f32(&shape, p));
+        }
+        Ok(())
+    }
+}
+
+/// Global L2 norm of all gradients (norm of the per-tensor norms, in f64).
+pub fn global_norm(grads: &[Option<Tensor>]) -> f64 {
+    grads.iter().flatten().map(|g| g.norm().powi(2)).sum::<f64>().sqrt()
+}
+
+/// Scales the gradients in place so that their global norm is at most `max_norm`;
+/// returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> f64 {
+    let total = global_norm(grads);
+    let coef = max_norm / (total + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut().flatten() {
+            let shape = g.shape().to_vec();
+            let mut v = std::mem::replace(g, Tensor::scalar(0.0)).into_f32_vec();
+            v.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+            *g = Tensor::from_f32(&shape, v);
+        }
+    }
+    total
+}

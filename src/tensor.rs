@@ -1,0 +1,223 @@
+//! Tensors: a shape, a dtype and a reference-counted storage that lives on one device.
+//!
+//! Tensors are immutable values (cheap to clone: the storage is behind an `Arc`) and always
+//! contiguous, row-major. Activations use the channels-last layout `[N, X, Y, Z, C]`
+//! (see `docs/DESIGN.md`); PyTorch layouts appear only at the checkpoint boundary.
+//!
+//! The storage is an enum over devices so that a CUDA variant slots in beside the CPU one;
+//! every op dispatches on it. Only the CPU variant exists today.
+
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+
+/// Element type. `BF16` is reserved for GPU activation storage (fp32 accumulation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    I64,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 => 2,
+            DType::I64 => 8,
+        }
+    }
+}
+
+/// Where a tensor's storage lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A CUDA device by ordinal (backend not built yet; reserved so call sites carry a device).
+    Cuda(usize),
+}
+
+/// Host memory of one tensor.
+#[derive(Debug)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+/// Memory of one tensor on some device.
+#[derive(Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Arc<Storage>,
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor({:?}, {:?}, {:?})", self.dtype(), self.shape, self.device())
+    }
+}
+
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    pub fn from_f32(shape: &[usize], data: Vec<f32>) -> Tensor {
+        assert_eq!(numel(shape), data.len(), "shape {shape:?} does not match {} values", data.len());
+        Tensor { shape: shape.to_vec(), storage: Arc::new(Storage::Cpu(CpuStorage::F32(data))) }
+    }
+
+    pub fn from_i64(shape: &[usize], data: Vec<i64>) -> Tensor {
+        assert_eq!(numel(shape), data.len(), "shape {shape:?} does not match {} values", data.len());
+        Tensor { shape: shape.to_vec(), storage: Arc::new(Storage::Cpu(CpuStorage::I64(data))) }
+    }
+
+    pub fn zeros(shape: &[usize]) -> Tensor {
+        Tensor::from_f32(shape, vec![0.0; numel(shape)])
+    }
+
+    pub fn full(shape: &[usize], v: f32) -> Tensor {
+        Tensor::from_f32(shape, vec![v; numel(shape)])
+    }
+
+    pub fn scalar(v: f32) -> Tensor {
+        Tensor::from_f32(&[], vec![v])
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn dtype(&self) -> DType {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(_)) => DType::F32,
+            Storage::Cpu(CpuStorage::I64(_)) => DType::I64,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match &*self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Host f32 view. Panics on other dtypes: op code checks dtypes at its entry.
+    pub fn f32s(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => v,
+            s => panic!("expected a CPU f32 tensor, found {:?}", kind(s)),
+        }
+    }
+
+    pub fn i64s(&self) -> &[i64] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::I64(v)) => v,
+            s => panic!("expected a CPU i64 tensor, found {:?}", kind(s)),
+        }
+    }
+
+    /// Owned copy of the f32 values (no copy if this is the only reference).
+    pub fn into_f32_vec(self) -> Vec<f32> {
+        match Arc::try_unwrap(self.storage) {
+            Ok(Storage::Cpu(CpuStorage::F32(v))) => v,
+            Ok(s) => panic!("expected a CPU f32 tensor, found {:?}", kind(&s)),
+            Err(arc) => match &*arc {
+                Storage::Cpu(CpuStorage::F32(v)) => v.clone(),
+                s => panic!("expected a CPU f32 tensor, found {:?}", kind(s)),
+            },
+        }
+    }
+
+    /// Same storage, another shape with the same number of elements.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        if numel(shape) != self.numel() {
+            bail!("cannot reshape {:?} to {:?}", self.shape, shape);
+        }
+        Ok(Tensor { shape: shape.to_vec(), storage: self.storage.clone() })
+    }
+
+    pub fn to_scalar(&self) -> f32 {
+        assert_eq!(self.numel(), 1, "to_scalar on a tensor of shape {:?}", self.shape);
+        self.f32s()[0]
+    }
+
+    /// Euclidean norm, accumulated in f64.
+    pub fn norm(&self) -> f64 {
+        self.f32s().iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+    }
+}
+
+fn kind(s: &Storage) -> &'static str {
+    match s {
+        Storage::Cpu(CpuStorage::F32(_)) => "cpu f32",
+        Storage::Cpu(CpuStorage::I64(_)) => "cpu i64",
+    }
+}
+
+/// Channels-last activation shape `[N, X, Y, Z, C]`, unpacked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vol {
+    pub n: usize,
+    pub x: usize,
+    pub y: usize,
+    pub z: usize,
+    pub c: usize,
+}
+
+impl Vol {
+    pub fn of(t: &Tensor) -> Vol {
+        let s = t.shape();
+        assert_eq!(s.len(), 5, "expected an [N, X, Y, Z, C] activation, found shape {s:?}");
+        Vol { n: s[0], x: s[1], y: s[2], z: s[3], c: s[4] }
+    }
+    pub fn shape(&self) -> [usize; 5] {
+        [self.n, self.x, self.y, self.z, self.c]
+    }
+    pub fn voxels(&self) -> usize {
+        self.n * self.x * self.y * self.z
+    }
+    pub fn with_c(self, c: usize) -> Vol {
+        Vol { c, ..self }
+    }
+}
+
+/// PyTorch NCXYZ → channels-last NXYZC.
+pub fn ncxyz_to_nxyzc(data: &[f32], n: usize, c: usize, sp: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            let src = &data[(b * c + ch) * sp..(b * c + ch + 1) * sp];
+            for (v, &val) in src.iter().enumerate() {
+                out[(b * sp + v) * c + ch] = val;
+            }
+        }
+    }
+    out
+}
+
+/// Channels-last NXYZC → PyTorch NCXYZ.
+pub fn nxyzc_to_ncxyz(data: &[f32], n: usize, c: usize, sp: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for b in 0..n {
+        for v in 0..sp {
+            for ch in 0..c {
+                out[(b * c + ch) * sp + v] = data[(b * sp + v) * c + ch];
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,118 @@
+//! Shared helpers for the integration tests: fixture discovery and loading, error metrics.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors};
+use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
+
+/// Every `*.safetensors` fixture in the repository's test data and in $VOX2VEC_FIXTURES.
+pub fn fixture_files() -> Vec<PathBuf> {
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures")];
+    if let Some(extra) = std::env::var_os("VOX2VEC_FIXTURES") {
+        dirs.push(PathBuf::from(extra));
+    }
+    let mut files = Vec::new();
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            panic!("fixture folder {} cannot be read", d.display());
+        };
+        let mut found: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+        found.sort();
+        files.extend(found);
+    }
+    files
+}
+
+pub enum Value {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+pub struct Fixture {
+    pub name: String,
+    pub meta: HashMap<String, String>,
+    pub tensors: HashMap<String, (Vec<usize>, Value)>,
+}
+
+impl Fixture {
+    pub fn load(path: &Path) -> Fixture {
+        let bytes = std::fs::read(path).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = header.metadata().clone().unwrap_or_default();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors = HashMap::new();
+        for (k, v) in st.tensors() {
+            let val = match v.dtype() {
+                Dtype::F32 => Value::F32(bytemuck::pod_collect_to_vec(v.data())),
+                Dtype::I64 => Value::I64(bytemuck::pod_collect_to_vec(v.data())),
+                d => panic!("{k}: unexpected dtype {d:?}"),
+            };
+            tensors.insert(k, (v.shape().to_vec(), val));
+        }
+        Fixture { name: path.file_name().unwrap().to_string_lossy().into_owned(), meta, tensors }
+    }
+
+    pub fn meta_usize(&self, k: &str) -> usize {
+        self.meta.get(k).unwrap_or_else(|| panic!("{}: metadata {k} missing", self.name)).parse().unwrap()
+    }
+
+    pub fn config(&self) -> ModelConfig {
+        ModelConfig {
+            fpn: FpnConfig {
+                in_channels: self.meta_usize("in_channels"),
+                base_channels: self.meta_usize("base_channels"),
+                num_scales: self.meta_usize("num_scales"),
+            },
+            proj_dim: self.meta_usize("proj_dim"),
+            temperature: self.meta.get("temperature").map(|t| t.parse().unwrap()).unwrap_or(0.1),
+        }
+    }
+
+    pub fn f32(&self, k: &str) -> (&[usize], &[f32]) {
+        match self.tensors.get(k) {
+            Some((s, Value::F32(v))) => (s, v),
+            _ => panic!("{}: f32 tensor {k} missing", self.name),
+        }
+    }
+
+    pub fn i64(&self, k: &str) -> (&[usize], &[i64]) {
+        match self.tensors.get(k) {
+            Some((s, Value::I64(v))) => (s, v),
+            _ => panic!("{}: i64 tensor {k} missing", self.name),
+        }
+    }
+
+    pub fn keys_with_prefix(&self, p: &str) -> Vec<String> {
+        let mut k: Vec<String> = self.tensors.keys().filter(|k| k.starts_with(p)).cloned().collect();
+        k.sort();
+        k
+    }
+
+    /// A model with the fixture's configuration and parameters.
+    pub fn model(&self) -> Vox2Vec {
+        let mut m = Vox2Vec::new(self.config(), 12345);
+        for key in self.keys_with_prefix("param.") {
+            let name = &key["param.".len()..];
+            let slot = m.store.find(name).unwrap_or_else(|| panic!("{}: {name} is not a model key", self.name));
+            let (shape, val) = &self.tensors[&key];
+            match val {
+                Value::F32(v) => m.store.load_pytorch(slot, shape, Some(v), None).unwrap(),
+                Value::I64(v) => m.store.load_pytorch(slot, shape, None, Some(v)).unwrap(),
+            }
+        }
+        m
+    }
+}
+
+pub fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt()
+}
+
+/// ‖a − b‖ / max(‖b‖, floor).
+pub fn rel_err(a: &[f32], b: &[f32], floor: f64) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let d = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>().sqrt();
+    d / norm(b).max(floor).max(f64::MIN_POSITIVE)
+}
