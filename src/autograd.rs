@@ -149,16 +149,25 @@ impl Graph {
 
     /// Reverse pass from a scalar. Consumes the tape; the graph is spent afterwards.
     pub fn backward(&self, loss: &Var) -> Result<Gradients> {
-        let Some(loss_id) = loss.id else { bail!("backward from a value that does not depend on any tracked input") };
         if loss.value.numel() != 1 {
             bail!("backward needs a scalar, found shape {:?}", loss.shape());
+        }
+        self.backward_with(loss, Tensor::full(loss.shape(), 1.0))
+    }
+
+    /// Reverse pass seeded with `grad_output` = d L / d `output` for any output shape
+    /// (vector-Jacobian product). Consumes the tape.
+    pub fn backward_with(&self, output: &Var, grad_output: Tensor) -> Result<Gradients> {
+        let Some(loss_id) = output.id else { bail!("backward from a value that does not depend on any tracked input") };
+        if grad_output.shape() != output.shape() {
+            bail!("backward seed of shape {:?} for an output of shape {:?}", grad_output.shape(), output.shape());
         }
         let (tape, param_leaves) = {
             let mut inner = self.inner.borrow_mut();
             (std::mem::take(&mut inner.tape), std::mem::take(&mut inner.param_leaves))
         };
         let mut grads: HashMap<VarId, Tensor> = HashMap::new();
-        grads.insert(loss_id, Tensor::full(loss.shape(), 1.0));
+        grads.insert(loss_id, grad_output);
         for entry in tape.into_iter().rev() {
             let Some(gout) = grads.remove(&entry.output) else { continue };
             let gins = (entry.backward)(gout)?;

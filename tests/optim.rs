@@ -1,0 +1,46 @@
+//! Adam and gradient clipping against values computed by hand (PyTorch's formulas).
+
+use vox2vec::optim::{Adam, AdamConfig, clip_grad_norm};
+use vox2vec::params::{Layout, ParamStore, SlotKind};
+use vox2vec::tensor::Tensor;
+
+fn close(a: f32, b: f64, tol: f64) -> bool {
+    (a as f64 - b).abs() <= tol * b.abs().max(1e-12)
+}
+
+#[test]
+fn adam_two_steps_match_hand_computation() {
+    let mut store = ParamStore::new();
+    let p = store.add("p", Tensor::from_f32(&[2], vec![1.0, -2.0]), SlotKind::Trainable, Layout::Plain);
+    store.add("stat", Tensor::from_f32(&[1], vec![5.0]), SlotKind::RunningStat, Layout::Plain);
+    let mut adam = Adam::new(AdamConfig::default(), &store);
+    // Step 1: m̂ = g, v̂ = g², so p -= lr · g / (|g| + eps).
+    adam.update(&mut store, &[Some(Tensor::from_f32(&[2], vec![0.5, -0.1])), None]).unwrap();
+    let v = store.get(p).f32s().to_vec();
+    assert!(close(v[0], 0.999_700_000_006, 1e-7), "{v:?}");
+    assert!(close(v[1], -1.999_700_000_03, 1e-7), "{v:?}");
+    // Step 2 with g = (0.25, 0.3):
+    // m = (0.07, 0.021), v = (3.1225e-4, 9.999e-5), m̂ = m / 0.19, v̂ = v / 0.001999.
+    adam.update(&mut store, &[Some(Tensor::from_f32(&[2], vec![0.25, 0.3])), None]).unwrap();
+    let v = store.get(p).f32s().to_vec();
+    assert!(close(v[0], 0.999_420_346_1, 3e-7), "{v:?}");
+    assert!(close(v[1], -1.999_848_257, 3e-7), "{v:?}");
+    assert_eq!(adam.step, 2);
+    // Buffers are never touched by the optimiser.
+    assert_eq!(store.get(1).f32s(), &[5.0]);
+}
+
+#[test]
+fn clipping_scales_to_unit_norm_only_when_above() {
+    let mut g = vec![Some(Tensor::from_f32(&[2], vec![3.0, 4.0])), None, Some(Tensor::from_f32(&[1], vec![12.0]))];
+    let total = clip_grad_norm(&mut g, 1.0);
+    assert!((total - 13.0).abs() < 1e-9);
+    let k = 1.0 / (13.0 + 1e-6);
+    let a = g[0].as_ref().unwrap().f32s();
+    assert!(close(a[0], 3.0 * k, 1e-6) && close(a[1], 4.0 * k, 1e-6), "{a:?}");
+    assert!(close(g[2].as_ref().unwrap().f32s()[0], 12.0 * k, 1e-6));
+    let mut small = vec![Some(Tensor::from_f32(&[2], vec![0.3, 0.4]))];
+    let total = clip_grad_norm(&mut small, 1.0);
+    assert!((total - 0.5).abs() < 1e-7);
+    assert_eq!(small[0].as_ref().unwrap().f32s(), &[0.3, 0.4]);
+}
