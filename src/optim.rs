@@ -58,23 +58,22 @@ impl Adam {
             let (Some(m), Some(v)) = (self.exp_avg[slot].as_mut(), self.exp_avg_sq[slot].as_mut()) else { continue };
             let name = &store.slots()[slot].name;
             ensure!(g.numel() == m.len(), "gradient of {name} has {} values, parameter has {}", g.numel(), m.len());
-            let mut p = store.get(slot).clone().into_f32_vec();
-            p.par_chunks_mut(4096)
-                .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
-                .zip(g.f32s().par_chunks(4096))
-                .for_each(|((p, (m, v)), g)| {
-                    for i in 0..p.len() {
-                        let gi = g[i] as f64;
-                        let mi = c.beta1 * m[i] as f64 + (1.0 - c.beta1) * gi;
-                        let vi = c.beta2 * v[i] as f64 + (1.0 - c.beta2) * gi * gi;
-                        m[i] = mi as f32;
-                        v[i] = vi as f32;
-                        let denom = (vi as f32 as f64).sqrt() / bc2_sqrt + c.eps;
-                        p[i] = (p[i] as f64 - step_size * (mi as f32 as f64) / denom) as f32;
-                    }
-                });
-            let shape = store.get(slot).shape().to_vec();
-            store.set(slot, Tensor::from_f32(&shape, p));
+            store.update_f32(slot, |p| {
+                p.par_chunks_mut(4096)
+                    .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
+                    .zip(g.f32s().par_chunks(4096))
+                    .for_each(|((p, (m, v)), g)| {
+                        for i in 0..p.len() {
+                            let gi = g[i] as f64;
+                            let mi = c.beta1 * m[i] as f64 + (1.0 - c.beta1) * gi;
+                            let vi = c.beta2 * v[i] as f64 + (1.0 - c.beta2) * gi * gi;
+                            m[i] = mi as f32;
+                            v[i] = vi as f32;
+                            let denom = (vi as f32 as f64).sqrt() / bc2_sqrt + c.eps;
+                            p[i] = (p[i] as f64 - step_size * (mi as f32 as f64) / denom) as f32;
+                        }
+                    });
+            });
         }
         Ok(())
     }

@@ -66,6 +66,15 @@ impl ParamStore {
         s.value = value;
     }
 
+    /// Modify an f32 slot in place (no copy when nothing else holds the tensor).
+    pub fn update_f32(&mut self, slot: usize, f: impl FnOnce(&mut [f32])) {
+        let s = &mut self.slots[slot];
+        let shape = s.value.shape().to_vec();
+        let mut v = std::mem::replace(&mut s.value, Tensor::zeros(&[0])).into_f32_vec();
+        f(&mut v);
+        s.value = Tensor::from_f32(&shape, v);
+    }
+
     pub fn slots(&self) -> &[Slot] {
         &self.slots
     }

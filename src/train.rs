@@ -107,3 +107,100 @@ pub fn synthetic_batch(shape: BatchShape, seed: u64, index: u64) -> PairBatch {
     let s = [b, px, py, pz, 1];
     PairBatch { x1: T::from_f32(&s, x1), x2: T::from_f32(&s, x2), batch_index, voxels_1, voxels_2 }
 }
+
+/// Settings of a pretraining run.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub model: crate::model::ModelConfig,
+    pub adam: crate::optim::AdamConfig,
+    pub batch: BatchShape,
+    pub steps: u64,
+    pub seed: u64,
+    /// Folder for `checkpoint.safetensors` and `metrics.jsonl`.
+    pub out_dir: std::path::PathBuf,
+    /// Write a checkpoint every this many steps (and always at the end); 0 = only at the end.
+    pub checkpoint_every: u64,
+    /// Continue from `out_dir/checkpoint.safetensors` (or this file).
+    pub resume: Option<std::path::PathBuf>,
+}
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Observer of a run's progress (the CLI draws a bar; tests ignore it).
+pub trait Progress {
+    fn start(&mut self, first_step: u64, total: u64);
+    fn step(&mut self, step: u64, stats: &StepStats);
+    fn message(&mut self, msg: &str);
+    fn finish(&mut self);
+}
+
+pub struct Silent;
+impl Progress for Silent {
+    fn start(&mut self, _: u64, _: u64) {}
+    fn step(&mut self, _: u64, _: &StepStats) {}
+    fn message(&mut self, _: &str) {}
+    fn finish(&mut self) {}
+}
+
+/// Pretrain on synthetic batches (the data pipeline for real CT comes with the loader):
+/// steps `start..opts.steps`, where `start` is 0 or the resumed checkpoint's step. Batch `i`
+/// depends only on (seed, i), so a resumed run continues exactly where the first stopped.
+pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Result<Vox2Vec> {
+    use std::io::Write;
+    use anyhow::{Context, bail};
+    use crate::checkpoint;
+
+    let mut model = Vox2Vec::new(opts.model, opts.seed);
+    let mut adam = Adam::new(opts.adam, &model.store);
+    let ckpt_path = opts.out_dir.join(CHECKPOINT_FILE);
+    if let Some(resume) = &opts.resume {
+        let path = if resume.as_os_str().is_empty() { ckpt_path.clone() } else { resume.clone() };
+        let loaded = checkpoint::load(&path, &mut model.store, Some(&mut adam))?;
+        if let Some(cfg) = loaded.metadata.get("model_config") {
+            let want = checkpoint::config_to_json(&opts.model);
+            let a: serde_json::Value = serde_json::from_str(cfg).with_context(|| format!("{}: bad model_config", path.display()))?;
+            let b: serde_json::Value = serde_json::from_str(&want)?;
+            if a != b {
+                bail!("{}: checkpoint model {a} differs from the requested model {b}", path.display());
+            }
+        }
+        if !loaded.missing.is_empty() {
+            bail!("{}: checkpoint lacks {} model tensors (first: {})", path.display(), loaded.missing.len(), loaded.missing[0]);
+        }
+        progress.message(&format!("resumed from {} at step {}", path.display(), adam.step));
+    }
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(opts.out_dir.join(METRICS_FILE))
+        .with_context(|| format!("opening {}", opts.out_dir.join(METRICS_FILE).display()))?;
+    let start = adam.step;
+    progress.start(start, opts.steps);
+    let save = |model: &Vox2Vec, adam: &Adam| {
+        checkpoint::save(&ckpt_path, &model.config, &model.store, Some(adam), &[("seed", opts.seed.to_string())])
+    };
+    for step in start..opts.steps {
+        let batch = synthetic_batch(opts.batch, opts.seed, step);
+        let t0 = std::time::Instant::now();
+        let stats = pretrain_step(&mut model, &mut adam, &batch)?;
+        if !stats.loss.is_finite() {
+            bail!("step {}: the loss is {} — stopping before it corrupts the checkpoint", step + 1, stats.loss);
+        }
+        let line = serde_json::json!({
+            "step": step + 1,
+            "loss": stats.loss,
+            "grad_norm": stats.grad_norm,
+            "step_ms": t0.elapsed().as_secs_f64() * 1e3,
+        });
+        writeln!(metrics, "{line}").context("writing metrics")?;
+        progress.step(step + 1, &stats);
+        if opts.checkpoint_every > 0 && (step + 1) % opts.checkpoint_every == 0 && step + 1 < opts.steps {
+            save(&model, &adam)?;
+        }
+    }
+    save(&model, &adam)?;
+    progress.finish();
+    Ok(model)
+}
