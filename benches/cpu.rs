@@ -48,6 +48,7 @@ fn conv3d(c: &mut Criterion) {
 
 /// A whole pretraining step: 2 pairs of 32×32×16, base 16, 6 scales, 64 voxels per pair.
 fn pretrain_step_small(c: &mut Criterion) {
+    vox2vec::cpu::retain_freed_memory();
     let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 16, num_scales: 6 }, ..ModelConfig::default() };
     let shape = BatchShape { pairs: 2, patch: [32, 32, 16], voxels_per_pair: 64 };
     let mut model = Vox2Vec::new(cfg, 0);

@@ -84,6 +84,7 @@ impl Progress for Bar {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    vox2vec::cpu::retain_freed_memory();
     if args.device != "cpu" {
         anyhow::bail!("device {:?} is not available in this build: the CUDA backend is not implemented yet (use --device cpu)", args.device);
     }

@@ -1,0 +1,86 @@
+//! conv3d's fast CPU paths (shifted GEMMs, im2col with padding-only taps dropped, 1×1×1 GEMM)
+//! against a naive nested-loop convolution in f64, forward and both backward products, on
+//! shapes that select each path (odd extents, batch 1, extent-1 axes).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vox2vec::ops::conv3d::{conv3d_backward_input_cpu, conv3d_backward_weight_cpu, conv3d_forward_cpu};
+use vox2vec::tensor::Vol;
+
+fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// y[n,x,y,z,o] = b[o] + Σ w[o,a,b,c,i] · x[n, x+a-p, y+b-p, z+c-p, i]; returns (y, dx, dw) for a cotangent dy.
+fn naive(x: &[f32], v: Vol, w: &[f32], b: &[f32], co: usize, k: usize, dy: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let p = (k / 2) as isize;
+    let ci = v.c;
+    let mut y = vec![0.0f64; v.voxels() * co];
+    let mut dx = vec![0.0f64; x.len()];
+    let mut dw = vec![0.0f64; w.len()];
+    let idx = |n: usize, xi: usize, yi: usize, zi: usize| ((n * v.x + xi) * v.y + yi) * v.z + zi;
+    for n in 0..v.n {
+        for xi in 0..v.x {
+            for yi in 0..v.y {
+                for zi in 0..v.z {
+                    let out = idx(n, xi, yi, zi);
+                    for o in 0..co {
+                        let mut acc = b[o] as f64;
+                        for a in 0..k {
+                            for bb in 0..k {
+                                for c in 0..k {
+                                    let (xs, ys, zs) = (xi as isize + a as isize - p, yi as isize + bb as isize - p, zi as isize + c as isize - p);
+                                    if xs < 0 || ys < 0 || zs < 0 || xs >= v.x as isize || ys >= v.y as isize || zs >= v.z as isize {
+                                        continue;
+                                    }
+                                    let src = idx(n, xs as usize, ys as usize, zs as usize);
+                                    for i in 0..ci {
+                                        let wi = (((o * k + a) * k + bb) * k + c) * ci + i;
+                                        acc += w[wi] as f64 * x[src * ci + i] as f64;
+                                        dx[src * ci + i] += w[wi] as f64 * dy[out * co + o] as f64;
+                                        dw[wi] += x[src * ci + i] as f64 * dy[out * co + o] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        y[out * co + o] = acc;
+                    }
+                }
+            }
+        }
+    }
+    (y, dx, dw)
+}
+
+fn rel(a: &[f32], b: &[f64]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum::<f64>().sqrt();
+    d / b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-12)
+}
+
+#[test]
+fn fast_paths_match_naive_convolution() {
+    let mut rng = StdRng::seed_from_u64(42);
+    let cases = [
+        (Vol { n: 2, x: 7, y: 6, z: 5, c: 3 }, 4, 3),   // shifted GEMMs
+        (Vol { n: 1, x: 9, y: 4, z: 11, c: 2 }, 5, 3),  // shifted, batch 1
+        (Vol { n: 3, x: 2, y: 2, z: 3, c: 4 }, 3, 3),   // im2col, all taps
+        (Vol { n: 2, x: 1, y: 3, z: 2, c: 5 }, 2, 3),   // im2col, x taps dropped
+        (Vol { n: 2, x: 1, y: 1, z: 1, c: 6 }, 7, 3),   // centre tap only
+        (Vol { n: 2, x: 5, y: 3, z: 4, c: 6 }, 3, 1),   // 1×1×1
+        (Vol { n: 1, x: 33, y: 35, z: 9, c: 1 }, 2, 3), // several row blocks, one input channel
+    ];
+    for (v, co, k) in cases {
+        let x = rand_vec(&mut rng, v.voxels() * v.c);
+        let w = rand_vec(&mut rng, co * k * k * k * v.c);
+        let b = rand_vec(&mut rng, co);
+        let dy = rand_vec(&mut rng, v.voxels() * co);
+        let (y_ref, dx_ref, dw_ref) = naive(&x, v, &w, &b, co, k, &dy);
+        let y = conv3d_forward_cpu(&x, v, &w, Some(&b), co, k);
+        let dx = conv3d_backward_input_cpu(&dy, v.with_c(co), &w, v.c, k);
+        let (dw, db) = conv3d_backward_weight_cpu(&x, v, &dy, co, k);
+        let db_ref: Vec<f64> = (0..co).map(|o| dy.iter().skip(o).step_by(co).map(|&g| g as f64).sum()).collect();
+        let errs = [rel(&y, &y_ref), rel(&dx, &dx_ref), rel(&dw, &dw_ref), rel(&db, &db_ref)];
+        println!("conv {v:?} co {co} k {k}: rel err y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}", errs[0], errs[1], errs[2], errs[3]);
+        assert!(errs.iter().all(|&e| e < 1e-5), "{v:?} co {co} k {k}: {errs:?}");
+    }
+}
