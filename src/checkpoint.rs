@@ -101,6 +101,7 @@ pub fn config_to_json(c: &ModelConfig) -> String {
 }
 
 /// What `load` found in a file.
+#[derive(Debug)]
 pub struct Loaded {
     pub metadata: HashMap<String, String>,
     pub step: Option<u64>,

@@ -120,8 +120,18 @@ pub struct TrainOptions {
     pub out_dir: std::path::PathBuf,
     /// Write a checkpoint every this many steps (and always at the end); 0 = only at the end.
     pub checkpoint_every: u64,
-    /// Continue from `out_dir/checkpoint.safetensors` (or this file).
-    pub resume: Option<std::path::PathBuf>,
+    pub resume: Resume,
+}
+
+/// Where a run starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// Fresh initialisation from the seed.
+    No,
+    /// From `out_dir/checkpoint.safetensors`.
+    Latest,
+    /// From the given checkpoint.
+    From(std::path::PathBuf),
 }
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -154,8 +164,12 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
     let mut model = Vox2Vec::new(opts.model, opts.seed);
     let mut adam = Adam::new(opts.adam, &model.store);
     let ckpt_path = opts.out_dir.join(CHECKPOINT_FILE);
-    if let Some(resume) = &opts.resume {
-        let path = if resume.as_os_str().is_empty() { ckpt_path.clone() } else { resume.clone() };
+    let resume_path = match &opts.resume {
+        Resume::No => None,
+        Resume::Latest => Some(ckpt_path.clone()),
+        Resume::From(p) => Some(p.clone()),
+    };
+    if let Some(path) = resume_path {
         let loaded = checkpoint::load(&path, &mut model.store, Some(&mut adam))?;
         if let Some(cfg) = loaded.metadata.get("model_config") {
             let want = checkpoint::config_to_json(&opts.model);

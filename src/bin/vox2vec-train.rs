@@ -11,7 +11,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use vox2vec::model::{FpnConfig, ModelConfig};
 use vox2vec::optim::AdamConfig;
-use vox2vec::train::{BatchShape, Progress, StepStats, TrainOptions, run_pretraining};
+use vox2vec::train::{BatchShape, Progress, Resume, StepStats, TrainOptions, run_pretraining};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Pretrain a vox2vec FPN3d backbone (contrastive, voxel-level)")]
@@ -25,9 +25,9 @@ struct Args {
     /// View pairs per batch.
     #[arg(long)]
     pairs: Option<usize>,
-    /// Patch size X,Y,Z.
-    #[arg(long, value_delimiter = ',', num_args = 3)]
-    patch: Option<Vec<usize>>,
+    /// Patch size X,Y,Z (default 128,128,32).
+    #[arg(long, value_parser = parse_xyz)]
+    patch: Option<[usize; 3]>,
     /// Positive voxel pairs per view pair (at most).
     #[arg(long)]
     voxels: Option<usize>,
@@ -49,15 +49,23 @@ struct Args {
     /// Checkpoint every K steps (and at the end).
     #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
-    /// Resume from OUT/checkpoint.safetensors, or from the given file.
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    resume: Option<PathBuf>,
+    /// Resume from OUT/checkpoint.safetensors.
+    #[arg(long)]
+    resume: bool,
+    /// Resume from this checkpoint file (results still go to --out).
+    #[arg(long, value_name = "CHECKPOINT")]
+    resume_from: Option<PathBuf>,
     /// Compute device.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+fn parse_xyz(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s.split(',').map(|t| t.trim().parse::<usize>().map_err(|e| format!("{t:?}: {e}"))).collect::<Result<_, _>>()?;
+    <[usize; 3]>::try_from(v).map_err(|v| format!("expected X,Y,Z, got {} values", v.len()))
 }
 
 struct Bar {
@@ -71,12 +79,17 @@ impl Progress for Bar {
         self.bar.reset_eta();
     }
     fn step(&mut self, step: u64, s: &StepStats) {
-        self.bar.println(format!("step {step:>6}  loss {:.5}  grad-norm {:.4}", s.loss, s.grad_norm));
+        self.message(&format!("step {step:>6}  loss {:.5}  grad-norm {:.4}", s.loss, s.grad_norm));
         self.bar.set_message(format!("loss {:.4}", s.loss));
         self.bar.set_position(step);
     }
     fn message(&mut self, msg: &str) {
-        self.bar.println(msg);
+        // A hidden bar (stderr is not a terminal) swallows println: write the line directly.
+        if self.bar.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            self.bar.println(msg);
+        }
     }
     fn finish(&mut self) {
         self.bar.finish();
@@ -99,8 +112,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(p) = args.pairs {
         batch.pairs = p;
     }
-    if let Some(p) = &args.patch {
-        batch.patch = [p[0], p[1], p[2]];
+    if let Some(p) = args.patch {
+        batch.patch = p;
     }
     if let Some(v) = args.voxels {
         batch.voxels_per_pair = v;
@@ -120,7 +133,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         out_dir: args.out.clone(),
         checkpoint_every: args.checkpoint_every,
-        resume: args.resume.clone(),
+        resume: match (&args.resume_from, args.resume) {
+            (Some(p), _) => Resume::From(p.clone()),
+            (None, true) => Resume::Latest,
+            (None, false) => Resume::No,
+        },
     };
     eprintln!(
         "vox2vec-train: synthetic data, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {} threads, out {}",

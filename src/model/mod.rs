@@ -110,3 +110,9 @@ impl Vox2Vec {
         Ok(PairForward { input_1, pyramid_1, embeds_1, embeds_2, loss })
     }
 }
+
+impl std::fmt::Debug for Vox2Vec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Vox2Vec({:?}, {} tensors)", self.config, self.store.len())
+    }
+}

@@ -1,0 +1,137 @@
+//! Checkpoints: round trip, PyTorch-converted FPN3d state_dicts, and bad files.
+
+mod common;
+
+use common::{Fixture, fixture_files, rel_err};
+use safetensors::tensor::{Dtype, TensorView};
+use vox2vec::autograd::{Graph, Var};
+use vox2vec::checkpoint;
+use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
+use vox2vec::optim::{Adam, AdamConfig};
+use vox2vec::tensor::{Tensor, ncxyz_to_nxyzc, nxyzc_to_ncxyz};
+use vox2vec::train::{BatchShape, pretrain_step, synthetic_batch};
+
+fn tiny() -> ModelConfig {
+    ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 8, temperature: 0.1 }
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("vox2vec-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn same_store(a: &Vox2Vec, b: &Vox2Vec) -> bool {
+    a.store.slots().iter().zip(b.store.slots()).all(|(x, y)| {
+        x.name == y.name
+            && match x.value.dtype() {
+                vox2vec::tensor::DType::I64 => x.value.i64s() == y.value.i64s(),
+                _ => x.value.f32s() == y.value.f32s(),
+            }
+    })
+}
+
+#[test]
+fn round_trip_restores_parameters_buffers_and_optimizer() {
+    let dir = tmpdir("roundtrip");
+    let mut m = Vox2Vec::new(tiny(), 3);
+    let mut adam = Adam::new(AdamConfig::default(), &m.store);
+    let shape = BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 8 };
+    for i in 0..2 {
+        pretrain_step(&mut m, &mut adam, &synthetic_batch(shape, 1, i)).unwrap();
+    }
+    let path = dir.join("ckpt.safetensors");
+    checkpoint::save(&path, &m.config, &m.store, Some(&adam), &[]).unwrap();
+    let mut m2 = Vox2Vec::new(tiny(), 99);
+    let mut adam2 = Adam::new(AdamConfig::default(), &m2.store);
+    assert!(!same_store(&m, &m2));
+    let loaded = checkpoint::load(&path, &mut m2.store, Some(&mut adam2)).unwrap();
+    assert!(loaded.missing.is_empty(), "{:?}", loaded.missing);
+    assert_eq!(loaded.step, Some(2));
+    assert!(same_store(&m, &m2));
+    assert_eq!(adam2.step, 2);
+    assert_eq!(adam.exp_avg, adam2.exp_avg);
+    assert_eq!(adam.exp_avg_sq, adam2.exp_avg_sq);
+    // num_batches_tracked is int64 and counts both views of both steps.
+    let nbt = m2.store.find("backbone.first_conv.weight").unwrap();
+    assert_eq!(m2.store.pytorch_shape(nbt), vec![4, 1, 3, 3, 3]);
+    let slot = m2.store.find("backbone.left_blocks.0.layers.0.layers.0.num_batches_tracked").unwrap();
+    assert_eq!(m2.store.get(slot).i64s(), &[4]);
+    // No temporary file left behind.
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+/// A bare FPN3d state_dict (what the README's PyTorch conversion writes) loads unchanged and
+/// reproduces the reference eval pyramid.
+#[test]
+fn pytorch_state_dict_loads_unchanged() {
+    let dir = tmpdir("torch");
+    for path in fixture_files() {
+        let f = Fixture::load(&path);
+        let keys = f.keys_with_prefix("param.backbone.");
+        let mut owned = Vec::new();
+        for k in &keys {
+            let (shape, val) = &f.tensors[k];
+            let (dtype, bytes): (Dtype, Vec<u8>) = match val {
+                common::Value::F32(v) => (Dtype::F32, bytemuck::cast_slice(v).to_vec()),
+                common::Value::I64(v) => (Dtype::I64, bytemuck::cast_slice(v).to_vec()),
+            };
+            owned.push((k["param.backbone.".len()..].to_string(), dtype, shape.clone(), bytes));
+        }
+        let views: Vec<_> = owned.iter().map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        let file = dir.join(format!("torch_{}", f.name));
+        std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+
+        let mut m = Vox2Vec::new(f.config(), 5);
+        let loaded = checkpoint::load(&file, &mut m.store, None).unwrap();
+        assert_eq!(loaded.loaded_keys, keys.len());
+        assert!(loaded.missing.iter().all(|k| k.starts_with("head.")), "backbone keys missing: {:?}", loaded.missing);
+        let (s, x) = f.f32("input.x1");
+        let x = Tensor::from_f32(&[s[0], s[2], s[3], s[4], s[1]], ncxyz_to_nxyzc(x, s[0], s[1], s[2] * s[3] * s[4]));
+        let pyr = m.pyramid(&Graph::inference(), &Var::constant(x)).unwrap();
+        for (i, p) in pyr.iter().enumerate() {
+            let ps = p.shape();
+            let ours = nxyzc_to_ncxyz(p.value.f32s(), ps[0], ps[4], ps[1] * ps[2] * ps[3]);
+            let e = rel_err(&ours, f.f32(&format!("expect.eval.pyramid.{i}")).1, 0.0);
+            assert!(e < 1e-4, "{}: level {i} error {e:.2e}", f.name);
+        }
+    }
+}
+
+#[test]
+fn bad_files_are_clear_errors_and_change_nothing() {
+    let dir = tmpdir("bad");
+    let mut m = Vox2Vec::new(tiny(), 3);
+    let before: Vec<Vec<f32>> = m.store.slots().iter().filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32).map(|s| s.value.f32s().to_vec()).collect();
+    let unchanged = |m: &Vox2Vec| {
+        let now: Vec<Vec<f32>> = m.store.slots().iter().filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32).map(|s| s.value.f32s().to_vec()).collect();
+        now == before
+    };
+
+    let missing = dir.join("nope.safetensors");
+    let e = checkpoint::load(&missing, &mut m.store, None).unwrap_err();
+    assert!(format!("{e:#}").contains("nope.safetensors"), "{e:#}");
+
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a checkpoint").unwrap();
+    let e = checkpoint::load(&garbage, &mut m.store, None).unwrap_err();
+    assert!(format!("{e:#}").contains("garbage.safetensors"), "{e:#}");
+
+    // Truncated: a valid file cut in half.
+    let good = dir.join("good.safetensors");
+    checkpoint::save(&good, &m.config, &m.store, None, &[]).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(checkpoint::load(&cut, &mut m.store, None).is_err());
+
+    // Another model's checkpoint: a shape mismatch, reported before anything is loaded.
+    let other = Vox2Vec::new(ModelConfig { fpn: FpnConfig { base_channels: 8, ..tiny().fpn }, ..tiny() }, 1);
+    let other_path = dir.join("other.safetensors");
+    checkpoint::save(&other_path, &other.config, &other.store, None, &[]).unwrap();
+    let e = checkpoint::load(&other_path, &mut m.store, None).unwrap_err();
+    assert!(format!("{e:#}").contains("shape"), "{e:#}");
+    assert!(unchanged(&m), "a failed load modified the model");
+}

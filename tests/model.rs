@@ -1,0 +1,63 @@
+//! Model structure: parameter count and names at the reference size, pyramid shapes, init.
+
+use vox2vec::autograd::{Graph, Var};
+use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
+use vox2vec::params::SlotKind;
+use vox2vec::tensor::Tensor;
+
+#[test]
+fn reference_size_backbone_has_the_published_parameter_count() {
+    let m = Vox2Vec::new(ModelConfig::default(), 0);
+    assert_eq!(m.store.count_trainable("backbone."), 47_624_448);
+    assert_eq!(m.config.fpn.embedding_dim(), 1008);
+    for key in [
+        "backbone.first_conv.weight",
+        "backbone.left_blocks.4.layers.1.layers.5.bias",
+        "backbone.down_blocks.0.1.weight",
+        "backbone.bottom_block.layers.0.layers.0.running_var",
+        "backbone.up_blocks.0.0.weight",
+        "backbone.skip_blocks.4.bias",
+        "backbone.right_blocks.4.layers.1.layers.3.num_batches_tracked",
+        "head.0.weight",
+        "head.4.running_mean",
+        "head.6.bias",
+    ] {
+        assert!(m.store.find(key).is_some(), "missing {key}");
+    }
+    // up_blocks.0 maps level 5 (512) to level 4 (256); PyTorch layout [Co, Ci, k, k, k].
+    let s = m.store.find("backbone.up_blocks.0.0.weight").unwrap();
+    assert_eq!(m.store.pytorch_shape(s), vec![256, 512, 1, 1, 1]);
+    assert_eq!(m.store.pytorch_shape(m.store.find("head.6.weight").unwrap()), vec![128, 1008]);
+}
+
+#[test]
+fn init_follows_pytorch_defaults() {
+    let m = Vox2Vec::new(ModelConfig::default(), 0);
+    let get = |k: &str| m.store.get(m.store.find(k).unwrap()).clone();
+    // Conv 16 -> 16, k = 3: fan_in 432, bound 1/sqrt(432).
+    let w = get("backbone.left_blocks.0.layers.0.layers.2.weight");
+    let bound = 1.0 / 432f32.sqrt();
+    let v = w.f32s();
+    assert!(v.iter().all(|x| x.abs() <= bound));
+    let max = v.iter().fold(0f32, |a, x| a.max(x.abs()));
+    assert!(max > 0.95 * bound, "weights do not fill U(±1/sqrt(fan_in)): max {max}, bound {bound}");
+    let var = v.iter().map(|x| (x * x) as f64).sum::<f64>() / v.len() as f64;
+    assert!((var - (bound * bound / 3.0) as f64).abs() < 0.05 * (bound * bound / 3.0) as f64, "variance {var}");
+    assert!(get("backbone.left_blocks.0.layers.0.layers.0.weight").f32s().iter().all(|&x| x == 1.0));
+    assert!(get("head.1.bias").f32s().iter().all(|&x| x == 0.0));
+    assert!(get("head.1.running_var").f32s().iter().all(|&x| x == 1.0));
+    let kinds = m.store.slots().iter().filter(|s| s.kind == SlotKind::Counter).count();
+    // 11 stacks x 2 ResBlocks x 2 BatchNorms, plus the head's 2.
+    assert_eq!(kinds, 11 * 2 * 2 + 2, "one num_batches_tracked per BatchNorm");
+}
+
+#[test]
+fn pyramid_levels_have_ceil_shapes() {
+    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 4 }, proj_dim: 4, temperature: 0.1 };
+    let mut m = Vox2Vec::new(cfg, 1);
+    let pyr = m.pyramid(&Graph::inference(), &Var::constant(Tensor::full(&[1, 13, 11, 9, 1], 0.5))).unwrap();
+    let shapes: Vec<Vec<usize>> = pyr.iter().map(|p| p.shape().to_vec()).collect();
+    assert_eq!(shapes, vec![vec![1, 13, 11, 9, 2], vec![1, 7, 6, 5, 4], vec![1, 4, 3, 3, 8], vec![1, 2, 2, 2, 16]]);
+    // Wrong channel count is an error, not a panic.
+    assert!(m.pyramid(&Graph::inference(), &Var::constant(Tensor::zeros(&[1, 4, 4, 4, 2]))).is_err());
+}

@@ -1,0 +1,114 @@
+//! The pretraining loop: the loss falls, a resumed run equals an uninterrupted one, and the
+//! vox2vec-train binary reports bad input with a non-zero exit.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
+use vox2vec::optim::AdamConfig;
+use vox2vec::train::{BatchShape, CHECKPOINT_FILE, METRICS_FILE, Resume, Silent, TrainOptions, run_pretraining};
+
+fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
+    TrainOptions {
+        model: ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 },
+        adam: AdamConfig { lr: 1e-3, ..AdamConfig::default() },
+        batch: BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 },
+        steps,
+        seed: 11,
+        out_dir: dir.to_path_buf(),
+        checkpoint_every: 0,
+        resume: Resume::No,
+    }
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vox2vec-pretrain-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn losses(dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join(METRICS_FILE))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn values(m: &Vox2Vec) -> Vec<Vec<f32>> {
+    m.store.slots().iter().filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32).map(|s| s.value.f32s().to_vec()).collect()
+}
+
+#[test]
+fn loss_falls_on_synthetic_pairs() {
+    let dir = tmpdir("falls");
+    run_pretraining(&opts(&dir, 40), &mut Silent).unwrap();
+    let l = losses(&dir);
+    assert_eq!(l.len(), 40);
+    let first: f64 = l[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = l[35..].iter().sum::<f64>() / 5.0;
+    println!("loss: first 5 steps {first:.4}, last 5 steps {last:.4}");
+    assert!(last < first - 0.1, "loss did not fall: {first:.4} -> {last:.4}");
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let straight = tmpdir("straight");
+    let a = run_pretraining(&opts(&straight, 6), &mut Silent).unwrap();
+    let split = tmpdir("split");
+    run_pretraining(&opts(&split, 3), &mut Silent).unwrap();
+    let mut o = opts(&split, 6);
+    o.resume = Resume::Latest;
+    let b = run_pretraining(&o, &mut Silent).unwrap();
+    assert!(values(&a) == values(&b), "resumed run differs from the uninterrupted one");
+    assert_eq!(losses(&straight), losses(&split));
+}
+
+#[test]
+fn resume_rejects_another_model() {
+    let dir = tmpdir("othermodel");
+    run_pretraining(&opts(&dir, 1), &mut Silent).unwrap();
+    let mut o = opts(&dir, 2);
+    o.model.fpn.base_channels = 8;
+    o.resume = Resume::Latest;
+    let e = run_pretraining(&o, &mut Silent).unwrap_err();
+    assert!(format!("{e:#}").contains(CHECKPOINT_FILE), "{e:#}");
+}
+
+fn train_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vox2vec-train"))
+}
+
+const TINY: &[&str] = &["--base-channels", "4", "--num-scales", "3", "--proj-dim", "16", "--pairs", "2", "--patch", "16,16,8", "--voxels", "16"];
+
+#[test]
+fn cli_trains_checkpoints_and_resumes() {
+    let dir = tmpdir("cli");
+    let out = train_bin().args(TINY).args(["--steps", "2", "--checkpoint-every", "1", "--out"]).arg(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("step      1  loss"), "loss not printed each step:\n{err}");
+    assert!(dir.join(CHECKPOINT_FILE).is_file());
+    let out = train_bin().args(TINY).args(["--steps", "3", "--resume", "--out"]).arg(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resumed from") && err.contains("at step 2"), "{err}");
+    assert_eq!(losses(&dir).len(), 3);
+}
+
+#[test]
+fn cli_bad_input_fails_clearly() {
+    let dir = tmpdir("clibad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("broken.safetensors");
+    std::fs::write(&bad, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    let out = train_bin().args(TINY).args(["--steps", "1", "--resume-from"]).arg(&bad).arg("--out").arg(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.safetensors"), "{err}");
+    assert!(!dir.join(CHECKPOINT_FILE).exists(), "a failed run left a checkpoint");
+
+    let out = train_bin().args(TINY).args(["--steps", "1", "--device", "cuda", "--out"]).arg(&dir).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cuda"));
+}
