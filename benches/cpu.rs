@@ -26,6 +26,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 
 /// conv3d 3×3×3, 16 → 16 channels, batch 2, 64×64×32 (channels-last), with bias.
 fn conv3d(c: &mut Criterion) {
+    vox2vec::cpu::retain_freed_memory();
     let v = Vol { n: 2, x: 64, y: 64, z: 32, c: 16 };
     let co = 16;
     let x = random(v.voxels() * v.c, 1);

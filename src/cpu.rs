@@ -139,6 +139,18 @@ where
     total
 }
 
+/// Σ of equally long vectors, added in order (deterministic).
+pub fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut it = parts.into_iter();
+    let mut acc = it.next().unwrap_or_else(|| vec![0.0f32; len]);
+    for p in it {
+        for (a, b) in acc.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    acc
+}
+
 /// Elementwise map of one slice into a new vector, in parallel.
 pub fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];

@@ -3,7 +3,9 @@
 //! Layout: x [N, X, Y, Z, Ci] (channels last), w [Co, kx, ky, kz, Ci] ("KRSC"), y [N, X, Y, Z, Co].
 //! PyTorch's [Co, Ci, kx, ky, kz] weight is converted at the checkpoint boundary only.
 //!
-//! CPU algorithm (an implicit GEMM done in blocks): the M = N·X·Y·Z output voxels are cut
+//! CPU algorithms. Volumes whose every axis is ≥ 2 (all 27 taps reachable) and not tiny use
+//! the shifted-GEMM path of `shifted.rs` (no im2col copy, AVX2/FMA micro-kernels). Otherwise
+//! (an implicit GEMM done in blocks): the M = N·X·Y·Z output voxels are cut
 //! into blocks of rows; for each block a thread gathers its im2col rows (27 contiguous runs of
 //! Ci values each, zero outside the volume) into a block-local buffer and multiplies it by
 //! the weight, `y_block[R, Co] = cols[R, K] · wᵀ[K, Co]` with K = k³·Ci. The full im2col matrix
@@ -22,8 +24,10 @@
 use anyhow::{Result, ensure};
 use rayon::prelude::*;
 
+pub mod shifted;
+
 use crate::autograd::{Graph, Var};
-use crate::cpu::{Mat, gemm, row_groups, sum_rows};
+use crate::cpu::{Mat, gemm, row_groups, sum_in_order, sum_rows};
 use crate::tensor::{Tensor, Vol};
 
 /// Rows per block: about 256 Ki floats of im2col per block, at least 32 rows.
@@ -142,145 +146,12 @@ fn conv_packed(x: &[f32], v: Vol, wp: &[f32], taps: &[usize], bias: Option<&[f32
     y
 }
 
-// ---- Shifted-GEMM path for 3×3×3 kernels on volumes that are not tiny ----------------
-//
-// With the input zero-padded to [N, X+2, Y+2, Z+2, C] and flattened, output voxel
-// (n, x, y, z) ↦ virtual row r = ((n·(X+2) + x)·(Y+2) + y)·(Z+2) + z, and for kernel offsets
-// (a, b) the 3 taps along z read the 3·C *contiguous* values starting at x_pad[r + a·(Y+2)(Z+2)
-// + b·(Z+2)]. So `A_ab` = rows of stride C over x_pad is an im2col matrix [rows, 3C] that
-// already exists in memory, and y_pad = Σ_ab A_ab · W_abᵀ is 9 GEMMs with K = 3C, no im2col
-// copy. Virtual rows with y ≥ Y or z ≥ Z (or x ≥ X) are computed and dropped (≈10 % extra at
-// 64×64×32); the path is used only while that overhead stays below 3×.
-
-/// The input zero-padded by one voxel on each side of X, Y and Z.
-fn pad_volume(x: &[f32], v: Vol) -> Vec<f32> {
-    let (px, py, pz, c) = (v.x + 2, v.y + 2, v.z + 2, v.c);
-    let mut out = vec![0.0f32; v.n * px * py * pz * c];
-    out.par_chunks_mut(py * pz * c).enumerate().for_each(|(plane, dst)| {
-        let (nb, xp) = (plane / px, plane % px);
-        if xp == 0 || xp == px - 1 {
-            return;
-        }
-        for yi in 0..v.y {
-            let src = ((nb * v.x + xp - 1) * v.y + yi) * v.z * c;
-            let d = ((yi + 1) * pz + 1) * c;
-            dst[d..d + v.z * c].copy_from_slice(&x[src..src + v.z * c]);
-        }
-    });
-    out
-}
-
-/// Number of virtual rows: one past the row of the last real voxel.
-fn virtual_rows(v: Vol) -> usize {
-    ((((v.n - 1) * (v.x + 2) + v.x - 1) * (v.y + 2) + v.y - 1) * (v.z + 2)) + v.z
-}
-
-fn virtual_row(v: Vol, m: usize) -> usize {
-    let z = m % v.z;
-    let y = (m / v.z) % v.y;
-    let x = (m / (v.z * v.y)) % v.x;
-    let n = m / (v.z * v.y * v.x);
-    ((n * (v.x + 2) + x) * (v.y + 2) + y) * (v.z + 2) + z
-}
-
-fn use_shifted(v: Vol, k: usize) -> bool {
-    k == 3 && v.x >= 2 && v.y >= 2 && v.z >= 2 && virtual_rows(v) <= 3 * v.voxels()
-}
-
-const SHIFTED_ROWS: usize = 1024;
-
-/// y = conv3×3×3(x) by the shifted GEMMs; `w` is [Co, 27·Ci] (taps in (a, b, c) order).
-fn shifted_forward(xp: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize) -> Vec<f32> {
-    let ci = v.c;
-    let (py, pz) = (v.y + 2, v.z + 2);
-    let mv = virtual_rows(v);
-    let mut ypad = vec![0.0f32; mv * co];
-    ypad.par_chunks_mut(SHIFTED_ROWS * co).enumerate().for_each(|(bi, yb)| {
-        let r0 = bi * SHIFTED_ROWS;
-        let nr = yb.len() / co;
-        let mut beta = 0.0;
-        if let Some(b) = bias {
-            for row in yb.chunks_exact_mut(co) {
-                row.copy_from_slice(b);
-            }
-            beta = 1.0;
-        }
-        for a in 0..3 {
-            for b in 0..3 {
-                let off = (r0 + a * py * pz + b * pz) * ci;
-                let am = Mat { data: &xp[off..], rs: ci, cs: 1 };
-                let bm = Mat { data: &w[(a * 3 + b) * 3 * ci..], rs: 1, cs: 27 * ci };
-                gemm(nr, 3 * ci, co, am, bm, beta, yb, co);
-                beta = 1.0;
-            }
-        }
-    });
-    let mut y = vec![0.0f32; v.voxels() * co];
-    y.par_chunks_mut(v.z * co).enumerate().for_each(|(line, dst)| {
-        let r = virtual_row(v, line * v.z);
-        dst.copy_from_slice(&ypad[r * co..(r + v.z) * co]);
-    });
-    y
-}
-
-/// dW [Co, 27·Ci] by the shifted GEMMs: dW_ab = dy_padᵀ · A_ab, dy_pad zero on virtual rows
-/// that are not voxels. Deterministic grouping of row blocks.
-fn shifted_weight_grad(xp: &[f32], v: Vol, dy: &[f32], co: usize) -> Vec<f32> {
-    let ci = v.c;
-    let (py, pz) = (v.y + 2, v.z + 2);
-    let mv = virtual_rows(v);
-    let mut dyp = vec![0.0f32; mv * co];
-    // Scatter dy lines into their virtual rows (each line of Z voxels is contiguous in both).
-    let lines = v.n * v.x * v.y;
-    let ptr = crate::cpu::SyncPtr(dyp.as_mut_ptr());
-    (0..lines).into_par_iter().for_each(|line| {
-        let r = virtual_row(v, line * v.z);
-        // SAFETY: distinct lines map to disjoint row ranges [r, r + Z) of dyp.
-        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * co), v.z * co) };
-        dst.copy_from_slice(&dy[line * v.z * co..(line + 1) * v.z * co]);
-    });
-    let blocks = mv.div_ceil(SHIFTED_ROWS);
-    let kdim = 27 * ci;
-    let partials: Vec<Vec<f32>> = row_groups(blocks, 1)
-        .into_par_iter()
-        .map(|group| {
-            let mut dw = vec![0.0f32; co * kdim];
-            for bi in group {
-                let r0 = bi * SHIFTED_ROWS;
-                let nr = SHIFTED_ROWS.min(mv - r0);
-                let dyt = Mat::rows_t(&dyp[r0 * co..], co);
-                for a in 0..3 {
-                    for b in 0..3 {
-                        let off = (r0 + a * py * pz + b * pz) * ci;
-                        let am = Mat { data: &xp[off..], rs: ci, cs: 1 };
-                        gemm(co, nr, 3 * ci, dyt, am, 1.0, &mut dw[(a * 3 + b) * 3 * ci..], kdim);
-                    }
-                }
-            }
-            dw
-        })
-        .collect();
-    sum_in_order(partials, co * kdim)
-}
-
-/// Σ of equally long vectors, added in order (deterministic).
-fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
-    let mut it = parts.into_iter();
-    let mut acc = it.next().unwrap_or_else(|| vec![0.0f32; len]);
-    for p in it {
-        for (a, b) in acc.iter_mut().zip(p) {
-            *a += b;
-        }
-    }
-    acc
-}
-
 /// Forward on the CPU: returns y [N, X, Y, Z, Co].
 pub fn conv3d_forward_cpu(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize) -> Vec<f32> {
     assert_eq!(x.len(), v.voxels() * v.c, "conv3d: input size");
     assert_eq!(w.len(), co * k * k * k * v.c, "conv3d: weight size");
-    if use_shifted(v, k) {
-        return shifted_forward(&pad_volume(x, v), v, w, bias, co);
+    if shifted::applicable(v, k) {
+        return shifted::forward(x, v, w, bias, co);
     }
     let taps = valid_taps(v, k);
     if taps.len() == k * k * k {
@@ -302,8 +173,8 @@ pub fn conv3d_backward_input_cpu(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k
     }
     let taps = valid_taps(v_out, k);
     let wp = pack_weight(w, co, ci, k, &taps, true);
-    if use_shifted(v_out, k) {
-        return shifted_forward(&pad_volume(dy, v_out), v_out, &wp, None, ci);
+    if shifted::applicable(v_out, k) {
+        return shifted::forward(dy, v_out, &wp, None, ci);
     }
     conv_packed(dy, v_out, &wp, &taps, None, ci, k)
 }
@@ -312,8 +183,8 @@ pub fn conv3d_backward_input_cpu(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k
 pub fn conv3d_backward_weight_cpu(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
     let m = v.voxels();
     assert_eq!(dy.len(), m * co, "conv3d backward: dy size");
-    if use_shifted(v, k) {
-        return (shifted_weight_grad(&pad_volume(x, v), v, dy, co), sum_rows(dy, co));
+    if shifted::applicable(v, k) {
+        return (shifted::weight_grad(x, v, dy, co), sum_rows(dy, co));
     }
     let taps = valid_taps(v, k);
     let k3 = k * k * k;
