@@ -36,7 +36,16 @@ fn conv3d(c: &mut Criterion) {
     let mut g = c.benchmark_group("conv3d_b2_c16_64x64x32");
     g.sample_size(20).measurement_time(Duration::from_secs(8));
     g.bench_function("forward", |bch| bch.iter(|| black_box(conv3d_forward_cpu(&x, v, &w, Some(&b), co, 3))));
-    g.bench_function("forward_backward", |bch| {
+    // PyTorch's forward + backward when the input needs no gradient (a first layer).
+    g.bench_function("forward_backward_weights", |bch| {
+        bch.iter(|| {
+            let y = conv3d_forward_cpu(&x, v, &w, Some(&b), co, 3);
+            let dwb = conv3d_backward_weight_cpu(&x, v, &dy, co, 3);
+            black_box((y, dwb))
+        })
+    });
+    // Forward + backward with the input gradient too (every inner layer).
+    g.bench_function("forward_backward_full", |bch| {
         bch.iter(|| {
             let y = conv3d_forward_cpu(&x, v, &w, Some(&b), co, 3);
             let dx = conv3d_backward_input_cpu(&dy, v.with_c(co), &w, v.c, 3);

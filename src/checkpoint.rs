@@ -66,19 +66,28 @@ pub fn save(path: &Path, config: &ModelConfig, store: &ParamStore, adam: Option<
     for (k, v) in extra {
         meta.insert(k.to_string(), v.clone());
     }
-    let bytes = safetensors::serialize(views, Some(meta)).context("serializing checkpoint")?;
-    write_atomic(path, &bytes)
+    write_atomic_with(path, |tmp| safetensors::serialize_to_file(views, Some(meta), tmp).with_context(|| format!("writing {}", tmp.display())))
 }
 
 /// Write `bytes` to `path` through a temporary sibling file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        let mut f = fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))
+    })
+}
+
+/// Atomic replacement of `path`: `write` fills a temporary sibling file, which is synced to
+/// disk and renamed over `path`; on any error the temporary file is removed and `path` is
+/// untouched.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
     let name = path.file_name().context("checkpoint path has no file name")?.to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| -> Result<()> {
-        let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        write(&tmp)?;
+        let f = fs::File::open(&tmp).with_context(|| format!("opening {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())

@@ -58,19 +58,18 @@ impl Adam {
             let (Some(m), Some(v)) = (self.exp_avg[slot].as_mut(), self.exp_avg_sq[slot].as_mut()) else { continue };
             let name = &store.slots()[slot].name;
             ensure!(g.numel() == m.len(), "gradient of {name} has {} values, parameter has {}", g.numel(), m.len());
+            // f32 arithmetic, as PyTorch's Adam on f32 tensors (and vectorisable).
+            let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+            let (step_size, bc2_sqrt) = (step_size as f32, bc2_sqrt as f32);
             store.update_f32(slot, |p| {
                 p.par_chunks_mut(4096)
                     .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
                     .zip(g.f32s().par_chunks(4096))
                     .for_each(|((p, (m, v)), g)| {
-                        for i in 0..p.len() {
-                            let gi = g[i] as f64;
-                            let mi = c.beta1 * m[i] as f64 + (1.0 - c.beta1) * gi;
-                            let vi = c.beta2 * v[i] as f64 + (1.0 - c.beta2) * gi * gi;
-                            m[i] = mi as f32;
-                            v[i] = vi as f32;
-                            let denom = (vi as f32 as f64).sqrt() / bc2_sqrt + c.eps;
-                            p[i] = (p[i] as f64 - step_size * (mi as f32 as f64) / denom) as f32;
+                        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                            *m += (1.0 - b1) * (g - *m);
+                            *v = b2 * *v + (1.0 - b2) * g * g;
+                            *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
                         }
                     });
             });
@@ -81,7 +80,19 @@ impl Adam {
 
 /// Global L2 norm of all gradients (norm of the per-tensor norms, in f64).
 pub fn global_norm(grads: &[Option<Tensor>]) -> f64 {
-    grads.iter().flatten().map(|g| g.norm().powi(2)).sum::<f64>().sqrt()
+    grads
+        .iter()
+        .flatten()
+        .map(|g| {
+            let x = g.f32s();
+            crate::cpu::par_reduce_rows(x.len().div_ceil(4096), 1, |r, acc| {
+                for &v in &x[r.start * 4096..(r.end * 4096).min(x.len())] {
+                    acc[0] += v as f64 * v as f64;
+                }
+            })[0]
+        })
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Scales the gradients in place so that their global norm is at most `max_norm`;
@@ -93,7 +104,7 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> f64 {
         for g in grads.iter_mut().flatten() {
             let shape = g.shape().to_vec();
             let mut v = std::mem::replace(g, Tensor::scalar(0.0)).into_f32_vec();
-            v.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+            v.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32));
             *g = Tensor::from_f32(&shape, v);
         }
     }
