@@ -70,5 +70,19 @@ fn pretrain_step_small(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv3d, pretrain_step_small);
+/// The level-0 convolution of the small pretraining step (2×32×32×16, 16 → 16).
+fn conv3d_small(c: &mut Criterion) {
+    let v = Vol { n: 2, x: 32, y: 32, z: 16, c: 16 };
+    let x = random(v.voxels() * v.c, 1);
+    let w = random(16 * 27 * v.c, 2);
+    let dy = random(v.voxels() * 16, 4);
+    let mut g = c.benchmark_group("conv3d_b2_c16_32x32x16");
+    g.sample_size(30).measurement_time(Duration::from_secs(4));
+    g.bench_function("forward", |bch| bch.iter(|| black_box(conv3d_forward_cpu(&x, v, &w, None, 16, 3))));
+    g.bench_function("backward_input", |bch| bch.iter(|| black_box(conv3d_backward_input_cpu(&dy, v, &w, 16, 3))));
+    g.bench_function("backward_weight", |bch| bch.iter(|| black_box(conv3d_backward_weight_cpu(&x, v, &dy, 16, 3))));
+    g.finish();
+}
+
+criterion_group!(benches, conv3d, conv3d_small, pretrain_step_small);
 criterion_main!(benches);

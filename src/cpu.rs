@@ -201,3 +201,41 @@ pub fn retain_freed_memory() {
     // SAFETY: setting an allocator option is thread-safe and takes plain integers.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
+
+/// Blocked, parallel transpose: returns [cols, width] with out[c·width + r] = src[r·stride + c]
+/// for r < rows (≤ width) and c < cols; columns rows..width of the result are zero.
+pub fn transpose_padded(src: &[f32], rows: usize, cols: usize, stride: usize, width: usize) -> Vec<f32> {
+    const T: usize = 16;
+    assert!(rows <= width && (rows == 0 || cols == 0 || (rows - 1) * stride + cols <= src.len()), "transpose_padded: bad sizes");
+    let mut out = vec![0.0f32; cols * width];
+    if width == 0 {
+        return out;
+    }
+    out.par_chunks_mut(T * width).enumerate().for_each(|(cb, dst)| {
+        let c0 = cb * T;
+        let nc = dst.len() / width;
+        for r0 in (0..rows).step_by(T) {
+            for c in 0..nc {
+                let d = &mut dst[c * width..];
+                for r in r0..(r0 + T).min(rows) {
+                    d[r] = src[r * stride + c0 + c];
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Fill each row of a [rows, width] block with `bias` (if any); returns the GEMM beta that
+/// accumulates onto it (1) or overwrites (0).
+pub fn fill_rows(block: &mut [f32], width: usize, bias: Option<&[f32]>) -> f32 {
+    match bias {
+        Some(b) => {
+            for row in block.chunks_exact_mut(width) {
+                row.copy_from_slice(b);
+            }
+            1.0
+        }
+        None => 0.0,
+    }
+}

@@ -19,5 +19,6 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod profile;
 pub mod tensor;
 pub mod train;

@@ -21,14 +21,14 @@ pub struct StepStats {
 /// One optimisation step on `batch`.
 pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) -> Result<StepStats> {
     let g = Graph::train();
-    let out = model.forward_pairs(&g, batch, false)?;
+    let out = crate::profile::time("step: forward (both views)", String::new, || model.forward_pairs(&g, batch, false))?;
     let loss = out.loss.value.to_scalar() as f64;
     drop(out.pyramid_1);
-    let grads = g.backward(&out.loss)?;
+    let grads = crate::profile::time("step: backward", String::new, || g.backward(&out.loss))?;
     let mut per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(s).cloned()).collect();
     drop(grads);
-    let grad_norm = clip_grad_norm(&mut per_slot, MAX_GRAD_NORM);
-    adam.update(&mut model.store, &per_slot)?;
+    let grad_norm = crate::profile::time("step: clip", String::new, || clip_grad_norm(&mut per_slot, MAX_GRAD_NORM));
+    crate::profile::time("step: adam", String::new, || adam.update(&mut model.store, &per_slot))?;
     Ok(StepStats { loss, grad_norm })
 }
 

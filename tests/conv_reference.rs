@@ -4,7 +4,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use vox2vec::ops::conv3d::{conv3d_backward_input_cpu, conv3d_backward_weight_cpu, conv3d_forward_cpu, shifted};
+use vox2vec::ops::conv3d::{conv3d_backward_input_cpu_with, conv3d_backward_weight_cpu_with, conv3d_forward_cpu_with, simd_available};
 use vox2vec::tensor::Vol;
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
@@ -66,6 +66,7 @@ fn fast_paths_match_naive_convolution() {
         (Vol { n: 3, x: 2, y: 2, z: 3, c: 4 }, 3, 3),   // im2col, all taps
         (Vol { n: 2, x: 1, y: 3, z: 2, c: 5 }, 2, 3),   // im2col, x taps dropped
         (Vol { n: 2, x: 1, y: 1, z: 1, c: 6 }, 7, 3),   // centre tap only
+        (Vol { n: 2, x: 8, y: 8, z: 4, c: 9 }, 17, 3),  // im2col with all taps, channels 16 + 1
         (Vol { n: 2, x: 5, y: 3, z: 4, c: 6 }, 3, 1),   // 1×1×1
         (Vol { n: 1, x: 33, y: 35, z: 9, c: 1 }, 2, 3), // several row blocks, one input channel
         (Vol { n: 1, x: 6, y: 5, z: 7, c: 5 }, 20, 3),  // output channels 16 + 4 (padded to 24)
@@ -77,26 +78,19 @@ fn fast_paths_match_naive_convolution() {
         let b = rand_vec(&mut rng, co);
         let dy = rand_vec(&mut rng, v.voxels() * co);
         let (y_ref, dx_ref, dw_ref) = naive(&x, v, &w, &b, co, k, &dy);
-        let y = conv3d_forward_cpu(&x, v, &w, Some(&b), co, k);
-        let dx = conv3d_backward_input_cpu(&dy, v.with_c(co), &w, v.c, k);
-        let (dw, db) = conv3d_backward_weight_cpu(&x, v, &dy, co, k);
         let db_ref: Vec<f64> = (0..co).map(|o| dy.iter().skip(o).step_by(co).map(|&g| g as f64).sum()).collect();
-        let errs = [rel(&y, &y_ref), rel(&dx, &dx_ref), rel(&dw, &dw_ref), rel(&db, &db_ref)];
-        println!("conv {v:?} co {co} k {k}: rel err y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}", errs[0], errs[1], errs[2], errs[3]);
-        assert!(errs.iter().all(|&e| e < 1e-5), "{v:?} co {co} k {k}: {errs:?}");
-        // Both kernels of the shifted path (portable GEMM and AVX2 micro-kernels), explicitly.
-        if k == 3 && shifted::applicable(v, k) {
-            let mut kernels = vec![false];
-            if shifted::simd_available() {
-                kernels.push(true);
-            }
-            for simd in kernels {
-                let y = shifted::forward_with(&x, v, &w, Some(&b), co, simd);
-                let dw = shifted::weight_grad_with(&x, v, &dy, co, simd);
-                let (ey, ew) = (rel(&y, &y_ref), rel(&dw, &dw_ref));
-                println!("  shifted simd={simd}: rel err y {ey:.1e} dw {ew:.1e}");
-                assert!(ey < 1e-5 && ew < 1e-5, "shifted simd={simd} {v:?}: y {ey:e} dw {ew:e}");
-            }
+        // Every kernel: the portable GEMM and, where the processor has them, AVX2/FMA.
+        let mut kernels = vec![false];
+        if simd_available() {
+            kernels.push(true);
+        }
+        for simd in kernels {
+            let y = conv3d_forward_cpu_with(&x, v, &w, Some(&b), co, k, simd);
+            let dx = conv3d_backward_input_cpu_with(&dy, v.with_c(co), &w, v.c, k, simd);
+            let (dw, db) = conv3d_backward_weight_cpu_with(&x, v, &dy, co, k, simd);
+            let errs = [rel(&y, &y_ref), rel(&dx, &dx_ref), rel(&dw, &dw_ref), rel(&db, &db_ref)];
+            println!("conv {v:?} co {co} k {k} simd {simd}: rel err y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}", errs[0], errs[1], errs[2], errs[3]);
+            assert!(errs.iter().all(|&e| e < 1e-5), "{v:?} co {co} k {k} simd {simd}: {errs:?}");
         }
     }
 }

@@ -153,6 +153,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")?);
     let mut progress = Bar { bar };
     run_pretraining(&opts, &mut progress)?;
+    eprint!("{}", vox2vec::profile::report());
     eprintln!("checkpoint: {}", args.out.join(vox2vec::train::CHECKPOINT_FILE).display());
     Ok(())
 }

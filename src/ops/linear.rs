@@ -10,15 +10,7 @@ use crate::tensor::Tensor;
 
 pub fn linear_forward_cpu(x: &[f32], n: usize, fin: usize, w: &[f32], b: Option<&[f32]>, fout: usize) -> Vec<f32> {
     let mut y = vec![0.0f32; n * fout];
-    let beta = match b {
-        Some(b) => {
-            for row in y.chunks_exact_mut(fout) {
-                row.copy_from_slice(b);
-            }
-            1.0
-        }
-        None => 0.0,
-    };
+    let beta = crate::cpu::fill_rows(&mut y, fout, b);
     par_gemm(n, fin, fout, Mat::rows(x, fin), Mat::rows_t(w, fin), beta, &mut y);
     y
 }

@@ -23,7 +23,9 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{Mat, SyncPtr, gemm, row_groups, sum_in_order};
+#[cfg(target_arch = "x86_64")]
+use super::avx2;
+use crate::cpu::{Mat, SyncPtr, gemm, row_groups, sum_in_order, transpose_padded};
 use crate::tensor::Vol;
 
 /// True when this path should run: 3×3×3 kernel, every axis ≥ 2, padding overhead < 3×.
@@ -31,52 +33,29 @@ pub fn applicable(v: Vol, k: usize) -> bool {
     k == 3 && v.x >= 2 && v.y >= 2 && v.z >= 2 && virtual_rows(v) <= 3 * v.voxels()
 }
 
-/// Whether the AVX2/FMA micro-kernels can run on this processor.
-pub fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// y [N, X, Y, Z, Co] = conv3×3×3(x) + bias, `w` [Co, 27·Ci] (taps in (a, b, c) order).
-pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize) -> Vec<f32> {
-    forward_with(x, v, w, bias, co, simd_available())
-}
-
-/// dW [Co, 27·Ci] from x [N, X, Y, Z, Ci] and dy [N, X, Y, Z, Co].
-pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize) -> Vec<f32> {
-    weight_grad_with(x, v, dy, co, simd_available())
-}
-
-/// `forward` with the kernel choice explicit (tests compare both).
-pub fn forward_with(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, simd: bool) -> Vec<f32> {
+/// y [N, X, Y, Z, Co] = conv3×3×3(x) + bias, `w` [Co, 27·Ci] (taps in (a, b, c) order);
+/// `simd` selects the AVX2 micro-kernels (the caller checked they are available).
+pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, simd: bool) -> Vec<f32> {
     assert!(applicable(v, 3), "shifted conv on {v:?}");
     assert_eq!(w.len(), co * 27 * v.c);
     let xp = pad_volume(x, v);
     let g = Geometry::of(v);
     #[cfg(target_arch = "x86_64")]
     if simd {
-        assert!(simd_available(), "AVX2/FMA kernels requested on a processor without them");
         return avx2_forward(&xp, &g, w, bias, co);
     }
     let _ = simd;
     portable_forward(&xp, &g, w, bias, co)
 }
 
-/// `weight_grad` with the kernel choice explicit.
-pub fn weight_grad_with(x: &[f32], v: Vol, dy: &[f32], co: usize, simd: bool) -> Vec<f32> {
+/// dW [Co, 27·Ci] from x [N, X, Y, Z, Ci] and dy [N, X, Y, Z, Co].
+pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, simd: bool) -> Vec<f32> {
     assert!(applicable(v, 3), "shifted conv on {v:?}");
     assert_eq!(dy.len(), v.voxels() * co);
     let xp = pad_volume(x, v);
     let g = Geometry::of(v);
     #[cfg(target_arch = "x86_64")]
     if simd {
-        assert!(simd_available(), "AVX2/FMA kernels requested on a processor without them");
         return avx2_weight_grad(&xp, &g, dy, co);
     }
     let _ = simd;
@@ -187,13 +166,7 @@ fn portable_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, c
     ypad.par_chunks_mut(ROW_BLOCK * co).enumerate().for_each(|(bi, yb)| {
         let r0 = bi * ROW_BLOCK;
         let nr = yb.len() / co;
-        let mut beta = 0.0;
-        if let Some(b) = bias {
-            for row in yb.chunks_exact_mut(co) {
-                row.copy_from_slice(b);
-            }
-            beta = 1.0;
-        }
+        let mut beta = crate::cpu::fill_rows(yb, co, bias);
         for (ab, off) in g.offs.iter().enumerate() {
             let am = Mat { data: &xp[(r0 + off) * ci..], rs: ci, cs: 1 };
             let bm = Mat { data: &w[ab * 3 * ci..], rs: 1, cs: 27 * ci };
@@ -228,33 +201,20 @@ fn portable_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize) -> Vec<
 }
 
 // ---- AVX2 + FMA path -----------------------------------------------------------------------
-
-/// Transpose a [rows, cols] matrix into [cols, width] with zero columns rows..width.
-fn transpose_padded(w: &[f32], rows: usize, cols: usize, width: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; cols * width];
-    out.par_chunks_mut(width).enumerate().for_each(|(k, dst)| {
-        for (j, d) in dst[..rows].iter_mut().enumerate() {
-            *d = w[j * cols + k];
-        }
-    });
-    out
-}
-
 #[cfg(target_arch = "x86_64")]
 fn avx2_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize) -> Vec<f32> {
     let ci = g.v.c;
     let cop = co.next_multiple_of(8);
-    let bt = transpose_padded(w, co, 27 * ci, cop); // [27·Ci, cop]
+    let bt = transpose_padded(w, co, 27 * ci, 27 * ci, cop); // [27·Ci, cop]
     let mut bias_p = vec![0.0f32; cop];
     if let Some(b) = bias {
         bias_p[..co].copy_from_slice(b);
     }
-    // Every read of row r touches x_pad[(r + offs[8])·C + 3C − 1] at most.
-    assert!(g.rows == 0 || (g.rows - 1 + g.offs[8]) * ci + 3 * ci <= xp.len());
+    avx2::check_rows(xp.len(), ci, &g.offs, 3 * ci, 0, g.rows);
     let mut ypad = vec![0.0f32; g.rows * cop];
     ypad.par_chunks_mut(ROW_BLOCK * cop).enumerate().for_each(|(bi, yb)| {
         // SAFETY: AVX2/FMA availability was checked by the caller; the bounds by the assert.
-        unsafe { avx2::forward_rows(xp, ci, &g.offs, &bt, cop, &bias_p, bi * ROW_BLOCK, yb) }
+        unsafe { avx2::forward_rows(xp, ci, &g.offs, 3 * ci, &bt, cop, &bias_p, bi * ROW_BLOCK, yb) }
     });
     gather_rows(g, &ypad, cop, co)
 }
@@ -265,164 +225,18 @@ fn avx2_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize) -> Vec<f32>
     let cop = co.next_multiple_of(8);
     let kdim = 27 * ci;
     let dyp = scatter_rows(g, dy, co, cop);
-    assert!(g.rows == 0 || (g.rows - 1 + g.offs[8]) * ci + 3 * ci <= xp.len());
+    avx2::check_rows(xp.len(), ci, &g.offs, 3 * ci, 0, g.rows);
     let partials: Vec<Vec<f32>> = row_groups(g.rows.div_ceil(ROW_BLOCK), 1)
         .into_par_iter()
         .map(|group| {
             let mut dwt = vec![0.0f32; kdim * cop];
             let (r0, r1) = (group.start * ROW_BLOCK, (group.end * ROW_BLOCK).min(g.rows));
             // SAFETY: AVX2/FMA checked by the caller; rows r0..r1 are in bounds (assert above).
-            unsafe { avx2::weight_grad_rows(xp, ci, &g.offs, &dyp, cop, r0, r1, &mut dwt) };
+            unsafe { avx2::weight_grad_rows(xp, ci, &g.offs, 3 * ci, &dyp, cop, r0, r1, &mut dwt) };
             dwt
         })
         .collect();
     let dwt = sum_in_order(partials, kdim * cop);
     // dW[o, k] = dWᵀ[k, o]
-    let mut dw = vec![0.0f32; co * kdim];
-    dw.par_chunks_mut(kdim).enumerate().for_each(|(o, row)| {
-        for (k, d) in row.iter_mut().enumerate() {
-            *d = dwt[k * cop + o];
-        }
-    });
-    dw
-}
-
-// The micro-kernels are pointer arithmetic over buffers whose bounds the safe callers check
-// once; per-operation unsafe blocks would only add noise.
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_op_in_unsafe_fn)]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// Rows of the register tile.
-    const R: usize = 6;
-
-    /// out[i, :] = bias + Σ_ab Σ_{k<3C} x_pad[(r0 + i + offs[ab])·C + k] · bt[(ab·3C + k)·cop + :]
-    /// for the rows of `out` ([nr, cop], cop a multiple of 8).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn forward_rows(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], r0: usize, out: &mut [f32]) {
-        let nr = out.len() / cop;
-        let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
-        let mut cb = 0;
-        while cb < cop {
-            let two = cop - cb >= 16;
-            let mut i = 0;
-            while i < nr {
-                let rows = (nr - i).min(R);
-                let args = (xp, ci, offs, bt, cop, bias, r0 + i, cb, o.add(i * cop));
-                macro_rules! tile {
-                    ($($n:literal),*) => {
-                        match (rows, two) {
-                            $(($n, true) => fwd_tile::<$n, 2>(args), ($n, false) => fwd_tile::<$n, 1>(args),)*
-                            _ => unreachable!(),
-                        }
-                    };
-                }
-                tile!(1, 2, 3, 4, 5, 6);
-                i += rows;
-            }
-            cb += if two { 16 } else { 8 };
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn fwd_tile<const N: usize, const V: usize>(args: (*const f32, usize, &[usize; 9], *const f32, usize, *const f32, usize, usize, *mut f32)) {
-        let (xp, ci, offs, bt, cop, bias, r, cb, out) = args;
-        let kk = 3 * ci;
-        let mut acc = [[_mm256_setzero_ps(); V]; N];
-        for v in 0..V {
-            let b = _mm256_loadu_ps(bias.add(cb + 8 * v));
-            for a in acc.iter_mut() {
-                a[v] = b;
-            }
-        }
-        for (t, &off) in offs.iter().enumerate() {
-            let a_base = xp.add((r + off) * ci);
-            let b_base = bt.add(t * kk * cop + cb);
-            for k in 0..kk {
-                let mut bv = [_mm256_setzero_ps(); V];
-                for v in 0..V {
-                    bv[v] = _mm256_loadu_ps(b_base.add(k * cop + 8 * v));
-                }
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let x = _mm256_broadcast_ss(&*a_base.add(i * ci + k));
-                    for v in 0..V {
-                        a[v] = _mm256_fmadd_ps(x, bv[v], a[v]);
-                    }
-                }
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            for v in 0..V {
-                _mm256_storeu_ps(out.add(i * cop + cb + 8 * v), a[v]);
-            }
-        }
-    }
-
-    /// Rows per cache block of the weight-gradient loop.
-    const WG_ROWS: usize = 256;
-
-    /// dwt[(ab·3C + k)·cop + :] += Σ_{r0 ≤ r < r1} x_pad[(r + offs[ab])·C + k] · dyp[r·cop + :].
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weight_grad_rows(xp: &[f32], ci: usize, offs: &[usize; 9], dyp: &[f32], cop: usize, r0: usize, r1: usize, dwt: &mut [f32]) {
-        let kk = 3 * ci;
-        let (xp, dy, d) = (xp.as_ptr(), dyp.as_ptr(), dwt.as_mut_ptr());
-        let mut rs = r0;
-        while rs < r1 {
-            let re = (rs + WG_ROWS).min(r1);
-            let mut cb = 0;
-            while cb < cop {
-                let two = cop - cb >= 16;
-                for (t, &off) in offs.iter().enumerate() {
-                    let mut k = 0;
-                    while k < kk {
-                        let n = (kk - k).min(R);
-                        let args = (xp.add(off * ci + k), ci, dy.add(cb), cop, rs, re, d.add((t * kk + k) * cop + cb));
-                        macro_rules! tile {
-                            ($($n:literal),*) => {
-                                match (n, two) {
-                                    $(($n, true) => wg_tile::<$n, 2>(args), ($n, false) => wg_tile::<$n, 1>(args),)*
-                                    _ => unreachable!(),
-                                }
-                            };
-                        }
-                        tile!(1, 2, 3, 4, 5, 6);
-                        k += n;
-                    }
-                }
-                cb += if two { 16 } else { 8 };
-            }
-            rs = re;
-        }
-    }
-
-    /// acc[i, :] += Σ_r xa[r·C + i] · dy[r·cop + :] for r in rs..re, i < N; acc rows at stride cop.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn wg_tile<const N: usize, const V: usize>(args: (*const f32, usize, *const f32, usize, usize, usize, *mut f32)) {
-        let (xa, ci, dy, cop, rs, re, acc_ptr) = args;
-        let mut acc = [[_mm256_setzero_ps(); V]; N];
-        for (i, a) in acc.iter_mut().enumerate() {
-            for v in 0..V {
-                a[v] = _mm256_loadu_ps(acc_ptr.add(i * cop + 8 * v));
-            }
-        }
-        for r in rs..re {
-            let mut g = [_mm256_setzero_ps(); V];
-            for v in 0..V {
-                g[v] = _mm256_loadu_ps(dy.add(r * cop + 8 * v));
-            }
-            let xr = xa.add(r * ci);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*xr.add(i));
-                for v in 0..V {
-                    a[v] = _mm256_fmadd_ps(x, g[v], a[v]);
-                }
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            for v in 0..V {
-                _mm256_storeu_ps(acc_ptr.add(i * cop + 8 * v), a[v]);
-            }
-        }
-    }
+    transpose_padded(&dwt, kdim, co, cop, kdim)
 }

@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""PyTorch CPU baseline for the Rust CPU benchmarks in benches/cpu.rs.
+
+Measures, on the CPU with torch.set_num_threads(2), the median wall time
+(time.perf_counter, after warm-up runs) of:
+
+  a. conv3d forward: input [2, 16, 64, 64, 32] (N, C, X, Y, Z),
+     nn.Conv3d(16, 16, 3, padding=1, bias=True), under torch.no_grad().
+  b. conv3d fwd+bwd(weights): forward, then backward of a fixed output
+     gradient with only the weight and bias needing gradients (input has
+     requires_grad=False, as for a first layer).
+  c. conv3d fwd+bwd(weights+input): the same, with the input gradient too
+     (as for every inner layer).
+  d. A whole vox2vec pretraining step at a small size (docs: REFERENCE.md
+     sections 3-4): FPN3d(in_channels=1, base_channels=16, num_scales=6),
+     projection head 1008 -> 1008 -> 1008 -> 128 + L2 normalisation,
+     InfoNCE at t = 0.1, Adam lr 3e-4, gradient clipping to norm 1.0.
+     Batch: 2 view pairs of 32x32x16 patches (x1, x2: [2, 1, 32, 32, 16]),
+     64 random positive voxel pairs per view pair. Timed: zero_grad, both
+     backbone passes (one per view), head, loss, backward, clip, Adam step.
+
+Run (needs torch; a CPU-only machine is fine):
+
+    python3 benches/pytorch_reference.py            # full measurement
+    python3 benches/pytorch_reference.py --quick    # 1 warm-up, 2 timed runs (smoke test)
+
+Output: the torch version, the thread count, then one line per measurement,
+e.g. `pytorch conv3d forward: median 46.1 ms`.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+THREADS = 2
+
+
+# ---------------------------------------------------------------------------
+# Model (module tree mirrors the reference state_dict keys, REFERENCE.md s. 3)
+# ---------------------------------------------------------------------------
+
+
+class ResBlock3d(nn.Module):
+    """y = conv(relu(bn(conv(relu(bn(x)))))) + skip(x)."""
+
+    def __init__(self, cin, cout, k=3):
+        super().__init__()
+        mid = min(cin, cout)
+        pad = k // 2
+        self.layers = nn.Sequential(
+            nn.BatchNorm3d(cin),  # 0
+            nn.ReLU(inplace=True),  # 1
+            nn.Conv3d(cin, mid, k, padding=pad),  # 2
+            nn.BatchNorm3d(mid),  # 3
+            nn.ReLU(inplace=True),  # 4
+            nn.Conv3d(mid, cout, k, padding=pad),  # 5
+        )
+        self.skip = nn.Identity() if cin == cout else nn.Conv3d(cin, cout, 1)
+
+    def forward(self, x):
+        # skip(x) must be taken before the in-place ReLU could touch x; the first
+        # ReLU acts on bn(x), a new tensor, so x itself is never modified.
+        return self.layers(x) + self.skip(x)
+
+
+class Stack(nn.Module):
+    """Two ResBlocks c -> c."""
+
+    def __init__(self, c, k=3):
+        super().__init__()
+        self.layers = nn.Sequential(ResBlock3d(c, c, k), ResBlock3d(c, c, k))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def crop_to(x, shape):
+    """Crop the spatial dims of x (N, C, X, Y, Z) to `shape`."""
+    return x[:, :, : shape[0], : shape[1], : shape[2]]
+
+
+class FPN3d(nn.Module):
+    def __init__(self, in_channels=1, base_channels=16, num_scales=6):
+        super().__init__()
+        chans = [base_channels * 2**i for i in range(num_scales)]
+        self.first_conv = nn.Conv3d(in_channels, base_channels, 3, padding=1)
+        self.left_blocks = nn.ModuleList(Stack(c) for c in chans[:-1])
+        self.down_blocks = nn.ModuleList(
+            nn.Sequential(nn.MaxPool3d(2, ceil_mode=True), nn.Conv3d(c, 2 * c, 1)) for c in chans[:-1]
+        )
+        self.bottom_block = Stack(chans[-1])
+        # Ordered from the coarsest decoder level (level num_scales-2) to level 0.
+        dec = list(reversed(chans[:-1]))
+        self.up_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv3d(2 * c, c, 1), nn.Upsample(scale_factor=2, mode="nearest")) for c in dec
+        )
+        self.skip_blocks = nn.ModuleList(nn.Conv3d(c, c, 1) for c in dec)
+        self.right_blocks = nn.ModuleList(Stack(c) for c in dec)
+
+    def forward(self, x):
+        x = self.first_conv(x)
+        skips = []
+        for left, down in zip(self.left_blocks, self.down_blocks):
+            x = left(x)
+            skips.append(x)
+            x = down(x)
+        x = self.bottom_block(x)
+        pyramid = [x]
+        for up, skip_block, right, f in zip(self.up_blocks, self.skip_blocks, self.right_blocks, reversed(skips)):
+            x = crop_to(up(x), f.shape[2:]) + skip_block(f)
+            x = right(x)
+            pyramid.append(x)
+        return pyramid[::-1]  # level 0 (finest) first
+
+
+def gather_embeddings(pyramid, b, v):
+    """Concatenate pyramid_i[b, :, floor(v / 2^i)] over levels i -> [N, sum(channels)]."""
+    feats = []
+    for i, fmap in enumerate(pyramid):
+        vi = torch.div(v, 2**i, rounding_mode="floor")
+        feats.append(fmap[b, :, vi[:, 0], vi[:, 1], vi[:, 2]])  # advanced indexing -> [N, C]
+    return torch.cat(feats, dim=1)
+
+
+def projection_head(dim_in, dim_hidden, dim_out=128):
+    return nn.Sequential(
+        nn.Linear(dim_in, dim_hidden),  # 0
+        nn.BatchNorm1d(dim_hidden),  # 1
+        nn.ReLU(inplace=True),  # 2
+        nn.Linear(dim_hidden, dim_hidden),  # 3
+        nn.BatchNorm1d(dim_hidden),  # 4
+        nn.ReLU(inplace=True),  # 5
+        nn.Linear(dim_hidden, dim_out),  # 6
+    )
+
+
+def info_nce(e1, e2, t=0.1):
+    n = e1.shape[0]
+    diag = torch.eye(n, dtype=torch.bool, device=e1.device)
+    l11 = (e1 @ e1.T / t).masked_fill(diag, float("-inf"))
+    l22 = (e2 @ e2.T / t).masked_fill(diag, float("-inf"))
+    l12 = e1 @ e2.T / t
+    pos = torch.diagonal(l12)
+    loss_1 = (-pos + torch.logsumexp(torch.cat([l11, l12], dim=1), dim=1)).mean()
+    loss_2 = (-pos + torch.logsumexp(torch.cat([l12.T, l22], dim=1), dim=1)).mean()
+    return (loss_1 + loss_2) / 2
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+
+def median_ms(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def report(name, ms):
+    print(f"pytorch {name}: median {ms:.1f} ms", flush=True)
+
+
+def bench_conv3d(warmup, runs):
+    conv = nn.Conv3d(16, 16, 3, padding=1, bias=True)
+    x = torch.randn(2, 16, 64, 64, 32)
+    dy = torch.randn(2, 16, 64, 64, 32)
+
+    def forward():
+        with torch.no_grad():
+            conv(x)
+
+    def fwd_bwd_weights():
+        conv.zero_grad(set_to_none=True)
+        conv(x).backward(dy)
+
+    x_req = x.clone().requires_grad_(True)
+
+    def fwd_bwd_full():
+        conv.zero_grad(set_to_none=True)
+        x_req.grad = None
+        conv(x_req).backward(dy)
+
+    report("conv3d forward", median_ms(forward, warmup, runs))
+    report("conv3d fwd+bwd(weights)", median_ms(fwd_bwd_weights, warmup, runs))
+    report("conv3d fwd+bwd(weights+input)", median_ms(fwd_bwd_full, warmup, runs))
+
+
+def bench_pretrain_step(warmup, runs):
+    pairs, patch, voxels_per_pair = 2, (32, 32, 16), 64
+    base, scales = 16, 6
+    backbone = FPN3d(1, base, scales)
+    emb_dim = base * (2**scales - 1)  # 1008
+    head = projection_head(emb_dim, emb_dim, 128)
+    backbone.train()
+    head.train()
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    x1 = torch.rand(pairs, 1, *patch)
+    x2 = torch.rand(pairs, 1, *patch)
+    n = pairs * voxels_per_pair
+    b = torch.arange(pairs).repeat_interleave(voxels_per_pair)
+    hi = torch.tensor(patch)
+    v1 = (torch.rand(n, 3) * hi).long()
+    v2 = (torch.rand(n, 3) * hi).long()
+
+    n_backbone = sum(p.numel() for p in backbone.parameters())
+    n_head = sum(p.numel() for p in head.parameters())
+    print(f"pretrain step: backbone {n_backbone:,} params, head {n_head:,} params, "
+          f"{pairs} pairs of {patch}, {n} positive voxel pairs", flush=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        e1 = F.normalize(head(gather_embeddings(backbone(x1), b, v1)), dim=1)
+        e2 = F.normalize(head(gather_embeddings(backbone(x2), b, v2)), dim=1)
+        loss = info_nce(e1, e2, 0.1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss
+
+    report("pretrain step (2x32x32x16, base 16, 6 scales)", median_ms(step, warmup, runs))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed runs each (smoke test)")
+    args = ap.parse_args()
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    if args.quick:
+        conv_warmup, conv_runs, step_warmup, step_runs = 1, 2, 1, 2
+    else:
+        conv_warmup, conv_runs, step_warmup, step_runs = 3, 20, 3, 10
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+          f"{' (quick mode: timings not meaningful)' if args.quick else ''}", flush=True)
+
+    bench_conv3d(conv_warmup, conv_runs)
+    bench_pretrain_step(step_warmup, step_runs)
+
+
+if __name__ == "__main__":
+    main()
