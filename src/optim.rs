@@ -48,6 +48,13 @@ impl Adam {
 
     /// One update of every slot that has a gradient; `grads[slot]`.
     pub fn update(&mut self, store: &mut ParamStore, grads: &[Option<Tensor>]) -> Result<()> {
+        self.update_scaled(store, grads, 1.0)
+    }
+
+    /// `update` with every gradient multiplied by `grad_scale` first (in f32, as
+    /// `clip_grad_norm_` scales them): clipping fused into the update, one pass less over
+    /// the gradients.
+    pub fn update_scaled(&mut self, store: &mut ParamStore, grads: &[Option<Tensor>], grad_scale: f32) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
@@ -67,6 +74,7 @@ impl Adam {
                     .zip(g.f32s().par_chunks(4096))
                     .for_each(|((p, (m, v)), g)| {
                         for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                            let g = if grad_scale == 1.0 { g } else { g * grad_scale };
                             *m += (1.0 - b1) * (g - *m);
                             *v = b2 * *v + (1.0 - b2) * g * g;
                             *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
@@ -95,16 +103,22 @@ pub fn global_norm(grads: &[Option<Tensor>]) -> f64 {
         .sqrt()
 }
 
+/// The factor `clip_grad_norm_` multiplies gradients by: min(1, max_norm / (total + 1e-6)),
+/// as f32 (PyTorch multiplies f32 gradients by an f32 tensor).
+pub fn clip_coefficient(total_norm: f64, max_norm: f64) -> f32 {
+    (max_norm / (total_norm + 1e-6)).min(1.0) as f32
+}
+
 /// Scales the gradients in place so that their global norm is at most `max_norm`;
 /// returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> f64 {
     let total = global_norm(grads);
-    let coef = max_norm / (total + 1e-6);
+    let coef = clip_coefficient(total, max_norm);
     if coef < 1.0 {
         for g in grads.iter_mut().flatten() {
             let shape = g.shape().to_vec();
             let mut v = std::mem::replace(g, Tensor::scalar(0.0)).into_f32_vec();
-            v.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32));
+            v.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|x| *x *= coef));
             *g = Tensor::from_f32(&shape, v);
         }
     }

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::autograd::Graph;
 use crate::model::{PairBatch, Vox2Vec};
-use crate::optim::{Adam, clip_grad_norm};
+use crate::optim::{Adam, clip_coefficient, global_norm};
 use crate::tensor::{Tensor, Tensor as T};
 
 pub const MAX_GRAD_NORM: f64 = 1.0;
@@ -25,10 +25,12 @@ pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) ->
     let loss = out.loss.value.to_scalar() as f64;
     drop(out.pyramid_1);
     let grads = crate::profile::time("step: backward", String::new, || g.backward(&out.loss))?;
-    let mut per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(s).cloned()).collect();
+    let per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(s).cloned()).collect();
     drop(grads);
-    let grad_norm = crate::profile::time("step: clip", String::new, || clip_grad_norm(&mut per_slot, MAX_GRAD_NORM));
-    crate::profile::time("step: adam", String::new, || adam.update(&mut model.store, &per_slot))?;
+    // clip_grad_norm_ fused into Adam: the norm here, the scaling inside the update.
+    let grad_norm = crate::profile::time("step: gradient norm", String::new, || global_norm(&per_slot));
+    let scale = clip_coefficient(grad_norm, MAX_GRAD_NORM);
+    crate::profile::time("step: adam", String::new, || adam.update_scaled(&mut model.store, &per_slot, scale))?;
     Ok(StepStats { loss, grad_norm })
 }
 

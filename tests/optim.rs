@@ -44,3 +44,30 @@ fn clipping_scales_to_unit_norm_only_when_above() {
     assert!((total - 0.5).abs() < 1e-7);
     assert_eq!(small[0].as_ref().unwrap().f32s(), &[0.3, 0.4]);
 }
+
+/// Clipping fused into Adam (the training step's path) equals clip_grad_norm then Adam.
+#[test]
+fn fused_clip_equals_clip_then_update() {
+    use vox2vec::optim::{clip_coefficient, global_norm};
+    let make = || {
+        let mut s = ParamStore::new();
+        s.add("a", Tensor::from_f32(&[3], vec![0.3, -1.2, 2.0]), SlotKind::Trainable, Layout::Plain);
+        s.add("b", Tensor::from_f32(&[2], vec![5.0, 0.1]), SlotKind::Trainable, Layout::Plain);
+        s
+    };
+    let grads = || vec![Some(Tensor::from_f32(&[3], vec![3.0, -0.5, 7.0])), Some(Tensor::from_f32(&[2], vec![-2.0, 1.5]))];
+    let (mut s1, mut s2) = (make(), make());
+    let (mut a1, mut a2) = (Adam::new(AdamConfig::default(), &s1), Adam::new(AdamConfig::default(), &s2));
+    for _ in 0..3 {
+        let mut g = grads();
+        clip_grad_norm(&mut g, 1.0);
+        a1.update(&mut s1, &g).unwrap();
+        let g = grads();
+        let coef = clip_coefficient(global_norm(&g), 1.0);
+        assert!(coef < 1.0);
+        a2.update_scaled(&mut s2, &g, coef).unwrap();
+    }
+    for slot in 0..2 {
+        assert_eq!(s1.get(slot).f32s(), s2.get(slot).f32s());
+    }
+}

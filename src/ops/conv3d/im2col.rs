@@ -15,6 +15,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
 use crate::cpu::{Mat, gemm, row_groups, sum_in_order, transpose_padded};
+
 use crate::tensor::Vol;
 
 /// Rows per block: about 256 Ki floats of im2col per block, at least 32 rows.
@@ -83,15 +84,21 @@ pub fn pack_weight(w: &[f32], co: usize, ci: usize, k: usize, taps: &[usize], fl
         });
         out
     } else {
-        // Per tap, a transpose of the [Co, Ci] slice w[:, k³−1−tap, :] into out[:, j, :].
+        // Blocks of 8 output rows i: each read of w is 8 contiguous values w[o, tap, i0..i0+8].
         let mut out = vec![0.0f32; ci * t * co];
-        for (j, &tap) in taps.iter().enumerate() {
-            let src_tap = k3 - 1 - tap;
-            let tr = transpose_padded(&w[src_tap * ci..], co, ci, k3 * ci, co); // [Ci, Co]
-            out.par_chunks_mut(t * co).zip(tr.par_chunks(co)).for_each(|(row, src)| {
-                row[j * co..(j + 1) * co].copy_from_slice(src);
-            });
-        }
+        out.par_chunks_mut(8 * t * co).enumerate().for_each(|(bi, rows)| {
+            let i0 = bi * 8;
+            let ni = rows.len() / (t * co);
+            for (j, &tap) in taps.iter().enumerate() {
+                let src_tap = k3 - 1 - tap;
+                for o in 0..co {
+                    let src = &w[(o * k3 + src_tap) * ci + i0..(o * k3 + src_tap) * ci + i0 + ni];
+                    for (di, &val) in src.iter().enumerate() {
+                        rows[(di * t + j) * co + o] = val;
+                    }
+                }
+            }
+        });
         out
     }
 }
