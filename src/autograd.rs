@@ -41,6 +41,7 @@ impl Var {
 type BackwardFn = Box<dyn FnOnce(Tensor) -> Result<Vec<Option<Tensor>>>>;
 
 struct Entry {
+    op: &'static str,
     output: VarId,
     inputs: Vec<Option<VarId>>,
     backward: BackwardFn,
@@ -123,9 +124,9 @@ impl Graph {
         Var { value: value.clone(), id: Some(id) }
     }
 
-    /// Record an op's output. `backward` is only kept (and only needs to be built) when some
+    /// Record the output of op `op` (its name, for errors and profiles). `backward` is only kept (and only needs to be built) when some
     /// input is tracked; it returns one gradient per input, in order (`None` = no gradient).
-    pub fn record<F>(&self, output: Tensor, inputs: &[&Var], backward: F) -> Var
+    pub fn record<F>(&self, op: &'static str, output: Tensor, inputs: &[&Var], backward: F) -> Var
     where
         F: FnOnce(Tensor) -> Result<Vec<Option<Tensor>>> + 'static,
     {
@@ -134,6 +135,7 @@ impl Graph {
         }
         let id = self.fresh_id();
         let entry = Entry {
+            op,
             output: id,
             inputs: inputs.iter().map(|v| v.id).collect(),
             backward: Box::new(backward),
@@ -170,7 +172,7 @@ impl Graph {
         grads.insert(loss_id, grad_output);
         for entry in tape.into_iter().rev() {
             let Some(gout) = grads.remove(&entry.output) else { continue };
-            let gins = (entry.backward)(gout)?;
+            let gins = crate::profile::time(entry.op, || "backward".to_string(), || (entry.backward)(gout))?;
             debug_assert_eq!(gins.len(), entry.inputs.len());
             for (input, g) in entry.inputs.into_iter().zip(gins) {
                 if let (Some(id), Some(g)) = (input, g) {

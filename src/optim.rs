@@ -86,16 +86,26 @@ impl Adam {
     }
 }
 
-/// Global L2 norm of all gradients (norm of the per-tensor norms, in f64).
+/// Global L2 norm of all gradients (norm of the per-tensor norms). Squares are summed in
+/// f32 lanes over blocks of 4096 values and the block sums in f64, in a fixed order.
 pub fn global_norm(grads: &[Option<Tensor>]) -> f64 {
+    const BLOCK: usize = 4096;
     grads
         .iter()
         .flatten()
         .map(|g| {
             let x = g.f32s();
-            crate::cpu::par_reduce_rows(x.len().div_ceil(4096), 1, |r, acc| {
-                for &v in &x[r.start * 4096..(r.end * 4096).min(x.len())] {
-                    acc[0] += v as f64 * v as f64;
+            crate::cpu::par_reduce_rows(x.len().div_ceil(BLOCK), 1, |r, acc| {
+                for block in x[r.start * BLOCK..(r.end * BLOCK).min(x.len())].chunks(BLOCK) {
+                    let mut lanes = [0.0f32; 16];
+                    let mut it = block.chunks_exact(16);
+                    for c in &mut it {
+                        for (l, &v) in lanes.iter_mut().zip(c) {
+                            *l += v * v;
+                        }
+                    }
+                    let tail: f64 = it.remainder().iter().map(|&v| v as f64 * v as f64).sum();
+                    acc[0] += lanes.iter().map(|&l| l as f64).sum::<f64>() + tail;
                 }
             })[0]
         })

@@ -145,7 +145,7 @@ pub fn batch_norm(
     let y = bn_apply_cpu(xs, c, &st, gamma.value.f32s(), beta.value.f32s());
     let out = Tensor::from_f32(x.shape(), y);
     let (xv, gv) = (x.value.clone(), gamma.value.clone());
-    let var = g.record(out, &[x, gamma, beta], move |dy| {
+    let var = g.record("batch_norm", out, &[x, gamma, beta], move |dy| {
         let (dx, dg, db) = bn_backward_cpu(xv.f32s(), dy.f32s(), c, &st, gv.f32s(), train);
         Ok(vec![
             Some(Tensor::from_f32(xv.shape(), dx)),

@@ -21,7 +21,7 @@ pub fn relu_backward_cpu(y: &[f32], dy: &[f32]) -> Vec<f32> {
 pub fn relu(g: &Graph, x: &Var) -> Result<Var> {
     let y = Tensor::from_f32(x.shape(), relu_forward_cpu(x.value.f32s()));
     let saved = g.needs_grad(&[x]).then(|| y.clone());
-    Ok(g.record(y, &[x], move |dy| {
+    Ok(g.record("relu", y, &[x], move |dy| {
         let y = saved.expect("saved output");
         Ok(vec![Some(Tensor::from_f32(y.shape(), relu_backward_cpu(y.f32s(), dy.f32s())))])
     }))
@@ -34,5 +34,5 @@ pub fn add_forward_cpu(a: &[f32], b: &[f32]) -> Vec<f32> {
 pub fn add(g: &Graph, a: &Var, b: &Var) -> Result<Var> {
     ensure!(a.shape() == b.shape(), "add: shapes {:?} and {:?} differ", a.shape(), b.shape());
     let y = Tensor::from_f32(a.shape(), add_forward_cpu(a.value.f32s(), b.value.f32s()));
-    Ok(g.record(y, &[a, b], |dy| Ok(vec![Some(dy.clone()), Some(dy)])))
+    Ok(g.record("add", y, &[a, b], |dy| Ok(vec![Some(dy.clone()), Some(dy)])))
 }

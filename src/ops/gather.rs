@@ -36,7 +36,7 @@ pub fn gather_voxels(g: &Graph, f: &Var, batch: &[i64], voxels: &[i64], shift: u
         out[p * c..(p + 1) * c].copy_from_slice(&src[o * c..(o + 1) * c]);
     }
     let p = offs.len();
-    Ok(g.record(Tensor::from_f32(&[p, c], out), &[f], move |dy| {
+    Ok(g.record("gather_voxels", Tensor::from_f32(&[p, c], out), &[f], move |dy| {
         let mut df = vec![0.0f32; v.voxels() * c];
         let d = dy.f32s();
         for (p, &o) in offs.iter().enumerate() {
@@ -64,7 +64,7 @@ pub fn concat_channels(g: &Graph, parts: &[Var]) -> Result<Var> {
         off += w;
     }
     let refs: Vec<&Var> = parts.iter().collect();
-    Ok(g.record(Tensor::from_f32(&[p, total], out), &refs, move |dy| {
+    Ok(g.record("concat_channels", Tensor::from_f32(&[p, total], out), &refs, move |dy| {
         let d = dy.f32s();
         let mut off = 0;
         let mut grads = Vec::with_capacity(widths.len());

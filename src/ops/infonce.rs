@@ -124,7 +124,7 @@ pub fn infonce(g: &Graph, e1: &Var, e2: &Var, temperature: f64) -> Result<Var> {
     ensure!(n >= 2, "infonce: needs at least 2 positive pairs, found {n}");
     let (loss, de1, de2) = infonce_cpu(e1.value.f32s(), e2.value.f32s(), n, d, temperature);
     let grads = g.needs_grad(&[e1, e2]).then_some((de1, de2));
-    Ok(g.record(Tensor::from_f32(&[1], vec![loss as f32]), &[e1, e2], move |dl| {
+    Ok(g.record("infonce", Tensor::from_f32(&[1], vec![loss as f32]), &[e1, e2], move |dl| {
         let s = dl.f32s()[0];
         let (mut a, mut b) = grads.expect("saved gradients");
         if s != 1.0 {

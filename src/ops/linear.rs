@@ -37,7 +37,7 @@ pub fn linear(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         inputs.push(b);
     }
     let (xv, wv, has_bias) = (x.value.clone(), w.value.clone(), b.is_some());
-    Ok(g.record(Tensor::from_f32(&[n, fout], y), &inputs, move |dy| {
+    Ok(g.record("linear", Tensor::from_f32(&[n, fout], y), &inputs, move |dy| {
         let (dx, dw, db) = linear_backward_cpu(xv.f32s(), dy.f32s(), n, fin, wv.f32s(), fout);
         let mut grads = vec![Some(Tensor::from_f32(&[n, fin], dx)), Some(Tensor::from_f32(&[fout, fin], dw))];
         if has_bias {

@@ -91,7 +91,7 @@ pub fn maxpool2(g: &Graph, x: &Var) -> Result<Var> {
     let v = Vol::of(&x.value);
     let (y, arg) = maxpool2_forward_cpu(x.value.f32s(), v);
     let shape = [v.n, pooled_extent(v.x), pooled_extent(v.y), pooled_extent(v.z), v.c];
-    Ok(g.record(Tensor::from_f32(&shape, y), &[x], move |dy| {
+    Ok(g.record("maxpool2", Tensor::from_f32(&shape, y), &[x], move |dy| {
         Ok(vec![Some(Tensor::from_f32(&v.shape(), maxpool2_backward_cpu(dy.f32s(), &arg, v)))])
     }))
 }

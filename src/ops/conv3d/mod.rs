@@ -133,7 +133,7 @@ pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     }
     let (xs, ws_t, has_bias) = (x.value.clone(), w.value.clone(), b.is_some());
     let (need_dx, need_dw) = (x.tracked(), w.tracked() || b.is_some_and(|b| b.tracked()));
-    Ok(g.record(out, &inputs, move |dy| {
+    Ok(g.record("conv3d", out, &inputs, move |dy| {
         let vo = v.with_c(co);
         let dx = need_dx.then(|| {
             let dx = profile::time("conv3d backward input", detail, || conv3d_backward_input_cpu(dy.f32s(), vo, ws_t.f32s(), v.c, k));
