@@ -135,3 +135,37 @@ fn bad_files_are_clear_errors_and_change_nothing() {
     assert!(format!("{e:#}").contains("shape"), "{e:#}");
     assert!(unchanged(&m), "a failed load modified the model");
 }
+
+/// `vox2vec export-backbone` writes bare FPN3d keys that load back into the same backbone;
+/// `vox2vec inspect` reads the checkpoint; a missing file is a clear non-zero exit.
+#[test]
+fn cli_export_backbone_round_trips() {
+    let dir = tmpdir("export");
+    let m = Vox2Vec::new(tiny(), 8);
+    let ckpt = dir.join("model.safetensors");
+    checkpoint::save(&ckpt, &m.config, &m.store, None, &[]).unwrap();
+    let bin = env!("CARGO_BIN_EXE_vox2vec");
+    let out = std::process::Command::new(bin).arg("inspect").arg(&ckpt).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("model_config") && text.contains("backbone:"), "{text}");
+
+    let exported = dir.join("fpn3d.safetensors");
+    let out = std::process::Command::new(bin).arg("export-backbone").arg(&ckpt).arg(&exported).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&exported).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.names().iter().all(|n| !n.starts_with("backbone.") && !n.starts_with("head.")));
+    assert!(st.names().contains(&"first_conv.weight"));
+    let mut m2 = Vox2Vec::new(tiny(), 9);
+    checkpoint::load(&exported, &mut m2.store, None).unwrap();
+    for (a, b) in m.store.slots().iter().zip(m2.store.slots()) {
+        if a.name.starts_with("backbone.") && a.value.dtype() == vox2vec::tensor::DType::F32 {
+            assert_eq!(a.value.f32s(), b.value.f32s(), "{}", a.name);
+        }
+    }
+
+    let out = std::process::Command::new(bin).arg("inspect").arg(dir.join("missing.safetensors")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.safetensors"));
+}
