@@ -162,7 +162,6 @@ pub fn load(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>) -> Res
         }
     }
     let mut seen = vec![false; store.len()];
-    let mut trial = Vec::new();
     for (slot, shape, f, _) in &params {
         // Check shape and dtype before touching the store.
         let expect = store.pytorch_shape(*slot);
@@ -173,8 +172,8 @@ pub fn load(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>) -> Res
             bail!("{}: {} must be floating point", path.display(), store.slots()[*slot].name);
         }
         seen[*slot] = true;
-        trial.push(*slot);
     }
+    let loaded_keys = params.len();
     for (slot, shape, f, i) in params {
         store.load_pytorch(slot, &shape, f.as_deref(), i.as_deref()).with_context(|| format!("loading {}", path.display()))?;
     }
@@ -188,5 +187,5 @@ pub fn load(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>) -> Res
         }
     }
     let missing = store.slots().iter().zip(&seen).filter(|(_, s)| !**s).map(|(s, _)| s.name.clone()).collect();
-    Ok(Loaded { metadata, step, loaded_keys: trial.len(), missing })
+    Ok(Loaded { metadata, step, loaded_keys, missing })
 }

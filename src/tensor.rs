@@ -154,11 +154,6 @@ impl Tensor {
         assert_eq!(self.numel(), 1, "to_scalar on a tensor of shape {:?}", self.shape);
         self.f32s()[0]
     }
-
-    /// Euclidean norm, accumulated in f64.
-    pub fn norm(&self) -> f64 {
-        self.f32s().iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
-    }
 }
 
 fn kind(s: &Storage) -> &'static str {
