@@ -190,10 +190,13 @@ fn accumulate(grads: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) {
             grads.insert(id, g);
         }
         Some(prev) => {
+            use rayon::prelude::*;
             let mut acc = prev.into_f32_vec();
-            for (a, b) in acc.iter_mut().zip(g.f32s()) {
-                *a += *b;
-            }
+            acc.par_chunks_mut(1 << 14).zip(g.f32s().par_chunks(1 << 14)).for_each(|(a, b)| {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a += *b;
+                }
+            });
             grads.insert(id, Tensor::from_f32(g.shape(), acc));
         }
     }

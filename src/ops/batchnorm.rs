@@ -9,7 +9,8 @@
 //! Backward (train), with x̂ = (x - mean) · invstd:
 //!   dβ = Σ dy, dγ = Σ dy · x̂, dx = γ · invstd / M · (M · dy - dβ - x̂ · dγ).
 //! Backward (eval): dx = dy · γ · invstd, same dγ and dβ.
-//! Outputs are written (=).
+//! Statistics and per-channel coefficients in f64; the per-element work in f32 (vectorised),
+//! on mean-centred values. Outputs are written (=).
 
 use anyhow::{Result, ensure};
 use rayon::prelude::*;
@@ -53,16 +54,20 @@ pub fn batch_stats_cpu(x: &[f32], c: usize, eps: f64) -> BnStats {
     BnStats { mean, invstd, var }
 }
 
-/// y = (x - mean) · invstd · γ + β, rows of width c.
+/// Rows per f32 partial sum in the reductions below: short enough that f32 keeps full
+/// precision on mean-centred values, long enough to vectorise; partials are summed in f64.
+const F32_BLOCK_ROWS: usize = 256;
+
+/// y = (x - mean) · (invstd · γ) + β, rows of width c; elementwise in f32 (as PyTorch).
 pub fn bn_apply_cpu(x: &[f32], c: usize, st: &BnStats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
-    let scale: Vec<f64> = (0..c).map(|j| st.invstd[j] * gamma[j] as f64).collect();
-    let shift: Vec<f64> = (0..c).map(|j| beta[j] as f64 - st.mean[j] * scale[j]).collect();
+    let scale: Vec<f32> = (0..c).map(|j| (st.invstd[j] * gamma[j] as f64) as f32).collect();
+    let mean: Vec<f32> = st.mean.iter().map(|&m| m as f32).collect();
     let mut y = vec![0.0f32; x.len()];
     let rows = (1usize << 14).div_ceil(c).max(1) * c;
     y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yb, xb)| {
         for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
             for j in 0..c {
-                yr[j] = (xr[j] as f64 * scale[j] + shift[j]) as f32;
+                yr[j] = (xr[j] - mean[j]) * scale[j] + beta[j];
             }
         }
     });
@@ -79,30 +84,38 @@ pub fn bn_backward_cpu(
     train: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let m = x.len() / c;
-    // acc[0..c] = Σ dy, acc[c..2c] = Σ dy · x̂
+    let mean: Vec<f32> = st.mean.iter().map(|&v| v as f32).collect();
+    // acc[0..c] = Σ dy, acc[c..2c] = Σ dy · (x − mean); f32 within blocks of rows, f64 across.
     let acc = par_reduce_rows(m, 2 * c, |r, acc| {
-        for (xr, gr) in x[r.start * c..r.end * c].chunks_exact(c).zip(dy[r.start * c..r.end * c].chunks_exact(c)) {
-            for j in 0..c {
-                let g = gr[j] as f64;
-                acc[j] += g;
-                acc[c + j] += g * (xr[j] as f64 - st.mean[j]) * st.invstd[j];
+        let mut part = vec![0.0f32; 2 * c];
+        for (bx, bg) in x[r.start * c..r.end * c].chunks(F32_BLOCK_ROWS * c).zip(dy[r.start * c..r.end * c].chunks(F32_BLOCK_ROWS * c)) {
+            part.fill(0.0);
+            let (sg, sgx) = part.split_at_mut(c);
+            for (xr, gr) in bx.chunks_exact(c).zip(bg.chunks_exact(c)) {
+                for j in 0..c {
+                    sg[j] += gr[j];
+                    sgx[j] += gr[j] * (xr[j] - mean[j]);
+                }
+            }
+            for (a, &p) in acc.iter_mut().zip(part.iter()) {
+                *a += p as f64;
             }
         }
     });
-    let (dbeta, dgamma) = acc.split_at(c);
+    let (dbeta, sum_gx) = acc.split_at(c);
+    let dgamma: Vec<f64> = (0..c).map(|j| sum_gx[j] * st.invstd[j]).collect();
+    // dx = k·dy + u·(x − mean) + w per channel, k = γ·invstd; in train mode
+    // u = −k·invstd·dγ / M and w = −k·dβ / M (the batch statistics' own gradient).
+    let mf = m as f64;
+    let k: Vec<f32> = (0..c).map(|j| (gamma[j] as f64 * st.invstd[j]) as f32).collect();
+    let u: Vec<f32> = (0..c).map(|j| if train { (-(gamma[j] as f64) * st.invstd[j] * st.invstd[j] * dgamma[j] / mf) as f32 } else { 0.0 }).collect();
+    let w: Vec<f32> = (0..c).map(|j| if train { (-(gamma[j] as f64) * st.invstd[j] * dbeta[j] / mf) as f32 } else { 0.0 }).collect();
     let mut dx = vec![0.0f32; x.len()];
     let rows = (1usize << 14).div_ceil(c).max(1) * c;
-    let mf = m as f64;
     dx.par_chunks_mut(rows).zip(x.par_chunks(rows).zip(dy.par_chunks(rows))).for_each(|(db, (xb, gb))| {
         for ((dr, xr), gr) in db.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
             for j in 0..c {
-                let k = gamma[j] as f64 * st.invstd[j];
-                dr[j] = if train {
-                    let xh = (xr[j] as f64 - st.mean[j]) * st.invstd[j];
-                    (k / mf * (mf * gr[j] as f64 - dbeta[j] - xh * dgamma[j])) as f32
-                } else {
-                    (k * gr[j] as f64) as f32
-                };
+                dr[j] = k[j] * gr[j] + u[j] * (xr[j] - mean[j]) + w[j];
             }
         }
     });
@@ -132,7 +145,7 @@ pub fn batch_norm(
     let train = g.is_training();
     let (st, update) = if train {
         ensure!(m > 1, "batch_norm: training needs more than one value per channel, input shape {:?}", x.shape());
-        let st = batch_stats_cpu(xs, c, BN_EPS);
+        let st = crate::profile::time("batch_norm stats", || format!("{m}x{c}"), || batch_stats_cpu(xs, c, BN_EPS));
         let unbias = m as f64 / (m as f64 - 1.0);
         let rm = running_mean.f32s().iter().zip(&st.mean).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b) as f32).collect();
         let rv = running_var.f32s().iter().zip(&st.var).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b * unbias) as f32).collect();
@@ -142,7 +155,7 @@ pub fn batch_norm(
         let invstd = running_var.f32s().iter().map(|&v| 1.0 / (v as f64 + BN_EPS).sqrt()).collect();
         (BnStats { mean, invstd, var: vec![] }, None)
     };
-    let y = bn_apply_cpu(xs, c, &st, gamma.value.f32s(), beta.value.f32s());
+    let y = crate::profile::time("batch_norm forward", || format!("{m}x{c}"), || bn_apply_cpu(xs, c, &st, gamma.value.f32s(), beta.value.f32s()));
     let out = Tensor::from_f32(x.shape(), y);
     let (xv, gv) = (x.value.clone(), gamma.value.clone());
     let var = g.record("batch_norm", out, &[x, gamma, beta], move |dy| {

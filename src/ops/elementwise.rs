@@ -19,7 +19,7 @@ pub fn relu_backward_cpu(y: &[f32], dy: &[f32]) -> Vec<f32> {
 }
 
 pub fn relu(g: &Graph, x: &Var) -> Result<Var> {
-    let y = Tensor::from_f32(x.shape(), relu_forward_cpu(x.value.f32s()));
+    let y = Tensor::from_f32(x.shape(), crate::profile::time("relu forward", String::new, || relu_forward_cpu(x.value.f32s())));
     let saved = g.needs_grad(&[x]).then(|| y.clone());
     Ok(g.record("relu", y, &[x], move |dy| {
         let y = saved.expect("saved output");
@@ -33,6 +33,6 @@ pub fn add_forward_cpu(a: &[f32], b: &[f32]) -> Vec<f32> {
 
 pub fn add(g: &Graph, a: &Var, b: &Var) -> Result<Var> {
     ensure!(a.shape() == b.shape(), "add: shapes {:?} and {:?} differ", a.shape(), b.shape());
-    let y = Tensor::from_f32(a.shape(), add_forward_cpu(a.value.f32s(), b.value.f32s()));
+    let y = Tensor::from_f32(a.shape(), crate::profile::time("add forward", String::new, || add_forward_cpu(a.value.f32s(), b.value.f32s())));
     Ok(g.record("add", y, &[a, b], |dy| Ok(vec![Some(dy.clone()), Some(dy)])))
 }
