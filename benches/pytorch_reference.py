@@ -23,6 +23,7 @@ Run (needs torch; a CPU-only machine is fine):
 
     python3 benches/pytorch_reference.py            # full measurement
     python3 benches/pytorch_reference.py --quick    # 1 warm-up, 2 timed runs (smoke test)
+    python3 benches/pytorch_reference.py --only step   # one group (conv3d or step)
 
 Output: the torch version, the thread count, then one line per measurement,
 e.g. `pytorch conv3d forward: median 46.1 ms`.
@@ -235,6 +236,7 @@ def bench_pretrain_step(warmup, runs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed runs each (smoke test)")
+    ap.add_argument("--only", choices=["conv3d", "step"], help="run one group of measurements")
     args = ap.parse_args()
 
     torch.set_num_threads(THREADS)
@@ -246,8 +248,10 @@ def main():
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}"
           f"{' (quick mode: timings not meaningful)' if args.quick else ''}", flush=True)
 
-    bench_conv3d(conv_warmup, conv_runs)
-    bench_pretrain_step(step_warmup, step_runs)
+    if args.only in (None, "conv3d"):
+        bench_conv3d(conv_warmup, conv_runs)
+    if args.only in (None, "step"):
+        bench_pretrain_step(step_warmup, step_runs)
 
 
 if __name__ == "__main__":
