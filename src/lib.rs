@@ -14,11 +14,13 @@
 pub mod autograd;
 pub mod checkpoint;
 pub mod cpu;
+pub mod data;
 pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod plot;
 pub mod profile;
 pub mod tensor;
 pub mod train;

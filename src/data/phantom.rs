@@ -1,0 +1,1 @@
+//! Synthetic CT phantom (placeholder; being written).

@@ -1,0 +1,1 @@
+//! Loss-curve pictures (placeholder; being written).
