@@ -84,7 +84,12 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
     let name = path.file_name().context("checkpoint path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    // The temporary name keeps the extension (writers such as NIfTI's choose gzip from it and
+    // rewrite names with extra dots) and is unique per process and call.
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let ext = if name.ends_with(".nii.gz") { ".nii.gz".to_string() } else { path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default() };
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".vox2vec-tmp-{}-{n}{ext}", std::process::id()));
     let result = (|| -> Result<()> {
         write(&tmp)?;
         let f = fs::File::open(&tmp).with_context(|| format!("opening {}", tmp.display()))?;

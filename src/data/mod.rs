@@ -2,4 +2,5 @@
 //! the two-view sampler with the reference augmentations, a multi-threaded loader, input
 //! discovery, and a synthetic CT phantom for runs without data (REFERENCE.md §1–2).
 
+pub mod nifti_io;
 pub mod phantom;

@@ -1,0 +1,279 @@
+//! NIfTI-1 I/O (`.nii`, `.nii.gz`) through the nifti crate, with canonical orientation.
+//!
+//! Reading: int16, uint8, int8, uint16, int32, float32 and float64 data; scl_slope /
+//! scl_inter applied (a slope of 0 or NaN means no scaling — we read the raw bytes ourselves
+//! because the crate turns a NaN slope into all-NaN data). Affine from the sform
+//! (sform_code > 0), else the qform (quaternion), else pixdim. 4-D files with a singleton
+//! fourth axis are accepted; other 4-D data is an error.
+//!
+//! Canonical orientation: every array axis must run along one world axis (diagonal or
+//! permuted-diagonal affine, within 1e-3 relative); axes are permuted so that array axis i is
+//! world axis i and flipped so that indices run in world-increasing order (x, y, z of the
+//! RAS+ world). Oblique affines are rejected with a clear error (no silent resampling).
+//! The original header and axis mapping are kept (`Geometry`) to write results back onto the
+//! original grid. Canonical arrays are row-major [X, Y, Z] (z fastest), like the network's.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use nifti::{Endianness, InMemNiftiObject, NiftiHeader, NiftiObject, NiftiType, ReaderOptions};
+
+/// How the canonical array maps onto the file's array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Orientation {
+    /// Canonical axis i is file axis `perm[i]`.
+    pub perm: [usize; 3],
+    /// Canonical axis i runs against file axis `perm[i]`.
+    pub flip: [bool; 3],
+}
+
+/// Everything needed to write a canonical array back onto the file's grid.
+#[derive(Clone, Debug)]
+pub struct Geometry {
+    pub header: NiftiHeader,
+    /// The file's 4×4 voxel-to-world affine (rows), as read.
+    pub affine: [[f64; 4]; 4],
+    /// The file's array shape (first three axes).
+    pub file_shape: [usize; 3],
+    pub orientation: Orientation,
+}
+
+/// A volume in canonical orientation.
+#[derive(Clone, Debug)]
+pub struct Volume {
+    /// Row-major [X, Y, Z] values (HU for CT: scaling applied).
+    pub data: Vec<f32>,
+    pub shape: [usize; 3],
+    /// Voxel size in mm along canonical x, y, z.
+    pub spacing: [f64; 3],
+    pub geometry: Geometry,
+}
+
+impl Geometry {
+    /// Canonical shape (the file shape permuted).
+    pub fn canonical_shape(&self) -> [usize; 3] {
+        let p = self.orientation.perm;
+        [self.file_shape[p[0]], self.file_shape[p[1]], self.file_shape[p[2]]]
+    }
+
+    /// File linear index (Fortran order, x fastest) of canonical voxel c.
+    fn file_index(&self, c: [usize; 3]) -> usize {
+        let mut o = [0usize; 3];
+        for i in 0..3 {
+            let a = self.orientation.perm[i];
+            o[a] = if self.orientation.flip[i] { self.file_shape[a] - 1 - c[i] } else { c[i] };
+        }
+        o[0] + self.file_shape[0] * (o[1] + self.file_shape[1] * o[2])
+    }
+
+    /// The affine of the canonical array: world = A_c · (i, j, k, 1).
+    pub fn canonical_affine(&self) -> [[f64; 4]; 4] {
+        let cs = self.canonical_shape();
+        // file index o = T · c: o[perm[i]] = flip ? n-1-c_i : c_i.
+        let mut t = [[0.0f64; 4]; 4];
+        t[3][3] = 1.0;
+        for i in 0..3 {
+            let a = self.orientation.perm[i];
+            if self.orientation.flip[i] {
+                t[a][i] = -1.0;
+                t[a][3] = (cs[i] - 1) as f64;
+            } else {
+                t[a][i] = 1.0;
+            }
+        }
+        matmul4(&self.affine, &t)
+    }
+}
+
+fn matmul4(a: &[[f64; 4]; 4], b: &[[f64; 4]; 4]) -> [[f64; 4]; 4] {
+    let mut c = [[0.0; 4]; 4];
+    for i in 0..4 {
+        for j in 0..4 {
+            c[i][j] = (0..4).map(|k| a[i][k] * b[k][j]).sum();
+        }
+    }
+    c
+}
+
+/// The voxel-to-world affine of a header: sform, else qform, else pixdim (NIfTI methods 3, 2, 1).
+pub fn header_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
+    let mut a = [[0.0f64; 4]; 4];
+    a[3][3] = 1.0;
+    if h.sform_code > 0 {
+        for (row, src) in a.iter_mut().zip([h.srow_x, h.srow_y, h.srow_z]) {
+            for j in 0..4 {
+                row[j] = src[j] as f64;
+            }
+        }
+    } else if h.qform_code > 0 {
+        let (b, c, d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
+        let a0 = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
+        let r = [
+            [a0 * a0 + b * b - c * c - d * d, 2.0 * (b * c - a0 * d), 2.0 * (b * d + a0 * c)],
+            [2.0 * (b * c + a0 * d), a0 * a0 + c * c - b * b - d * d, 2.0 * (c * d - a0 * b)],
+            [2.0 * (b * d - a0 * c), 2.0 * (c * d + a0 * b), a0 * a0 + d * d - c * c - b * b],
+        ];
+        let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
+        let s = [h.pixdim[1] as f64, h.pixdim[2] as f64, h.pixdim[3] as f64 * qfac];
+        for i in 0..3 {
+            for j in 0..3 {
+                a[i][j] = r[i][j] * s[j];
+            }
+        }
+        a[0][3] = h.quatern_x as f64;
+        a[1][3] = h.quatern_y as f64;
+        a[2][3] = h.quatern_z as f64;
+    } else {
+        for i in 0..3 {
+            a[i][i] = h.pixdim[i + 1] as f64;
+        }
+    }
+    a
+}
+
+/// Axis permutation and flips that make an affine's array axes world-aligned and increasing.
+pub fn orientation_of(affine: &[[f64; 4]; 4]) -> Result<(Orientation, [f64; 3])> {
+    let mut perm = [usize::MAX; 3];
+    let mut flip = [false; 3];
+    let mut spacing = [0.0; 3];
+    for j in 0..3 {
+        let col = [affine[0][j], affine[1][j], affine[2][j]];
+        let norm = col.iter().map(|v| v * v).sum::<f64>().sqrt();
+        ensure!(norm > 0.0 && norm.is_finite(), "array axis {j} has a zero or non-finite voxel size in the affine");
+        let (w, main) = col.iter().enumerate().map(|(i, v)| (i, v.abs())).fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+        let off = col.iter().enumerate().filter(|(i, _)| *i != w).map(|(_, v)| v.abs()).fold(0.0, f64::max);
+        if off > 1e-3 * main {
+            let deg = (off / main).atan().to_degrees();
+            bail!("oblique affine (array axis {j} is rotated by about {deg:.2}° from the world axes); only axis-aligned grids are supported — resample the image to an axis-aligned grid first");
+        }
+        ensure!(perm[w] == usize::MAX, "array axes {} and {j} both run along world axis {w}: degenerate affine", perm[w]);
+        perm[w] = j;
+        flip[w] = col[w] < 0.0;
+        spacing[w] = norm;
+    }
+    Ok((Orientation { perm, flip }, spacing))
+}
+
+fn read_object(path: &Path) -> Result<InMemNiftiObject> {
+    ReaderOptions::new().read_file(path).map_err(|e| anyhow::anyhow!("{}: cannot read as NIfTI: {e}", path.display()))
+}
+
+/// Read a volume into canonical orientation, with scaling applied (values as f32).
+pub fn read_volume(path: &Path) -> Result<Volume> {
+    let obj = read_object(path)?;
+    let h = obj.header().clone();
+    let ctx = || path.display().to_string();
+    let dim = h.dim().map_err(|e| anyhow::anyhow!("{}: invalid dimensions: {e}", ctx()))?.to_vec();
+    ensure!(dim.len() >= 3, "{}: {}-D image; a 3-D volume is needed", ctx(), dim.len());
+    if dim.len() > 3 {
+        let extra: usize = dim[3..].iter().map(|&d| d as usize).product();
+        ensure!(extra == 1, "{}: {}-D image with {extra} volumes along the extra axes; only 3-D (or 4-D with one volume) is supported", ctx(), dim.len());
+    }
+    let file_shape = [dim[0] as usize, dim[1] as usize, dim[2] as usize];
+    ensure!(file_shape.iter().all(|&n| n > 0), "{}: empty axis in shape {file_shape:?}", ctx());
+    let n: usize = file_shape.iter().product();
+    let dtype = h.data_type().map_err(|e| anyhow::anyhow!("{}: unknown data type {}: {e}", ctx(), h.datatype))?;
+    let raw = obj.volume().raw_data();
+    let values = decode(raw, dtype, h.endianness, n).with_context(ctx)?;
+    let (slope, inter) = (h.scl_slope as f64, h.scl_inter as f64);
+    let scale = slope != 0.0 && slope.is_finite();
+    let inter = if inter.is_finite() { inter } else { 0.0 };
+    let affine = header_affine(&h);
+    let (orientation, spacing) = orientation_of(&affine).with_context(ctx)?;
+    let geometry = Geometry { header: h, affine, file_shape, orientation };
+    let shape = geometry.canonical_shape();
+    let mut data = vec![0.0f32; n];
+    let mut idx = 0;
+    for x in 0..shape[0] {
+        for y in 0..shape[1] {
+            for z in 0..shape[2] {
+                let v = values[geometry.file_index([x, y, z])];
+                data[idx] = if scale { (v * slope + inter) as f32 } else { v as f32 };
+                idx += 1;
+            }
+        }
+    }
+    Ok(Volume { data, shape, spacing, geometry })
+}
+
+/// Raw voxel values as f64 (exact for every supported type but large int64 values).
+fn decode(raw: &[u8], dtype: NiftiType, endian: Endianness, n: usize) -> Result<Vec<f64>> {
+    let size = match dtype {
+        NiftiType::Uint8 | NiftiType::Int8 => 1,
+        NiftiType::Int16 | NiftiType::Uint16 => 2,
+        NiftiType::Int32 | NiftiType::Uint32 | NiftiType::Float32 => 4,
+        NiftiType::Float64 => 8,
+        other => bail!("unsupported data type {other:?} (supported: uint8, int8, int16, uint16, int32, uint32, float32, float64)"),
+    };
+    ensure!(raw.len() >= n * size, "truncated data: {} bytes for {n} voxels of {size} bytes", raw.len());
+    let little = matches!(endian, Endianness::Little);
+    let get = |i: usize| -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..size].copy_from_slice(&raw[i * size..(i + 1) * size]);
+        if !little {
+            b[..size].reverse();
+        }
+        b
+    };
+    Ok((0..n)
+        .map(|i| {
+            let b = get(i);
+            match dtype {
+                NiftiType::Uint8 => b[0] as f64,
+                NiftiType::Int8 => b[0] as i8 as f64,
+                NiftiType::Int16 => i16::from_le_bytes([b[0], b[1]]) as f64,
+                NiftiType::Uint16 => u16::from_le_bytes([b[0], b[1]]) as f64,
+                NiftiType::Int32 => i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+                NiftiType::Uint32 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+                NiftiType::Float32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+                _ => f64::from_le_bytes(b),
+            }
+        })
+        .collect())
+}
+
+/// Element types that can be written.
+pub trait WriteElement: nifti::DataElement + bytemuck::Pod + Copy + Default {
+    const TYPE: NiftiType;
+}
+impl WriteElement for u8 {
+    const TYPE: NiftiType = NiftiType::Uint8;
+}
+impl WriteElement for i16 {
+    const TYPE: NiftiType = NiftiType::Int16;
+}
+impl WriteElement for f32 {
+    const TYPE: NiftiType = NiftiType::Float32;
+}
+
+/// Write a canonical array back onto the file grid of `geometry` (same shape, same affine,
+/// sform and qform), atomically (temporary file, then rename).
+pub fn write_volume<T: WriteElement>(path: &Path, data: &[T], geometry: &Geometry) -> Result<()> {
+    let shape = geometry.canonical_shape();
+    ensure!(data.len() == shape.iter().product::<usize>(), "{}: {} values for shape {shape:?}", path.display(), data.len());
+    let fs = geometry.file_shape;
+    let mut file = ndarray::Array3::<T>::default((fs[0], fs[1], fs[2]));
+    let mut idx = 0;
+    for x in 0..shape[0] {
+        for y in 0..shape[1] {
+            for z in 0..shape[2] {
+                let f = geometry.file_index([x, y, z]);
+                let (o0, rest) = (f % fs[0], f / fs[0]);
+                file[[o0, rest % fs[1], rest / fs[1]]] = data[idx];
+                idx += 1;
+            }
+        }
+    }
+    let mut header = geometry.header.clone();
+    header.dim = [3, fs[0] as u16, fs[1] as u16, fs[2] as u16, 1, 1, 1, 1];
+    header.scl_slope = 1.0;
+    header.scl_inter = 0.0;
+    let name = path.file_name().context("output path has no file name")?.to_string_lossy().into_owned();
+    ensure!(name.ends_with(".nii") || name.ends_with(".nii.gz"), "{}: output must end in .nii or .nii.gz", path.display());
+    crate::checkpoint::write_atomic_with(path, |tmp| {
+        nifti::writer::WriterOptions::new(tmp)
+            .reference_header(&header)
+            .write_nifti_with_type(&file, T::TYPE)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    })
+}
