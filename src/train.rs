@@ -115,7 +115,7 @@ pub fn synthetic_batch(shape: BatchShape, seed: u64, index: u64) -> PairBatch {
 pub struct TrainOptions {
     pub model: crate::model::ModelConfig,
     pub adam: crate::optim::AdamConfig,
-    pub batch: BatchShape,
+    pub data: BatchSource,
     pub steps: u64,
     pub seed: u64,
     /// Folder for `checkpoint.safetensors` and `metrics.jsonl`.
@@ -123,6 +123,24 @@ pub struct TrainOptions {
     /// Write a checkpoint every this many steps (and always at the end); 0 = only at the end.
     pub checkpoint_every: u64,
     pub resume: Resume,
+}
+
+/// Where a run's batches come from.
+#[derive(Clone)]
+pub enum BatchSource {
+    /// `synthetic_batch`: smooth random blobs, no CT (tests, benchmarks).
+    SyntheticPairs(BatchShape),
+    /// Volumes (cached CTs or phantoms) through the sampler and a threaded loader.
+    Volumes { volumes: std::sync::Arc<dyn crate::data::loader::VolumeSet>, sampler: crate::data::sampler::SamplerConfig, workers: usize },
+}
+
+impl std::fmt::Debug for BatchSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchSource::SyntheticPairs(s) => write!(f, "SyntheticPairs({s:?})"),
+            BatchSource::Volumes { volumes, sampler, workers } => write!(f, "Volumes({} volumes, {sampler:?}, {workers} workers)", volumes.len()),
+        }
+    }
 }
 
 /// Where a run starts.
@@ -138,6 +156,26 @@ pub enum Resume {
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const LOSS_CURVE_FILE: &str = "loss.png";
+
+/// Draw `out_dir/loss.png` from the run's whole `metrics.jsonl` (resumed parts included): the
+/// per-step loss and its moving average over 20 steps.
+pub fn write_loss_curve(out_dir: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(out_dir.join(METRICS_FILE)).context("reading metrics")?;
+    let pts: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
+        .collect();
+    let avg: Vec<(f64, f64)> = (0..pts.len())
+        .map(|i| {
+            let w = &pts[i.saturating_sub(19)..=i];
+            (pts[i].0, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64)
+        })
+        .collect();
+    crate::plot::write_curve_png(&out_dir.join(LOSS_CURVE_FILE), "InfoNCE loss", &[("loss", &pts), ("mean of 20", &avg)])
+}
 
 /// Observer of a run's progress (the CLI draws a bar; tests ignore it).
 pub trait Progress {
@@ -197,8 +235,18 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
     let save = |model: &Vox2Vec, adam: &Adam| {
         checkpoint::save(&ckpt_path, &model.config, &model.store, Some(adam), &[("seed", opts.seed.to_string())])
     };
+    let mut loader = match &opts.data {
+        BatchSource::Volumes { volumes, sampler, workers } => {
+            Some(crate::data::loader::Loader::new(volumes.clone(), *sampler, opts.seed, start, *workers, 2 * workers)?)
+        }
+        BatchSource::SyntheticPairs(_) => None,
+    };
     for step in start..opts.steps {
-        let batch = synthetic_batch(opts.batch, opts.seed, step);
+        let batch = match (&opts.data, loader.as_mut()) {
+            (BatchSource::SyntheticPairs(shape), _) => synthetic_batch(*shape, opts.seed, step),
+            (_, Some(l)) => l.next_batch().with_context(|| format!("making batch {}", step + 1))?,
+            _ => unreachable!("a volume source always has a loader"),
+        };
         let t0 = std::time::Instant::now();
         let stats = pretrain_step(&mut model, &mut adam, &batch)?;
         if !stats.loss.is_finite() {
@@ -217,6 +265,7 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
         }
     }
     save(&model, &adam)?;
+    write_loss_curve(&opts.out_dir)?;
     progress.finish();
     Ok(model)
 }

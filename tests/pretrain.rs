@@ -6,13 +6,13 @@ use std::process::Command;
 
 use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
 use vox2vec::optim::AdamConfig;
-use vox2vec::train::{BatchShape, CHECKPOINT_FILE, METRICS_FILE, Resume, Silent, TrainOptions, run_pretraining};
+use vox2vec::train::{BatchShape, BatchSource, CHECKPOINT_FILE, METRICS_FILE, Resume, Silent, TrainOptions, run_pretraining};
 
 fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
     TrainOptions {
         model: ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 },
         adam: AdamConfig { lr: 1e-3, ..AdamConfig::default() },
-        batch: BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 },
+        data: BatchSource::SyntheticPairs(BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 }),
         steps,
         seed: 11,
         out_dir: dir.to_path_buf(),

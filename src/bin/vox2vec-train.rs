@@ -1,5 +1,6 @@
-//! vox2vec pretraining. Today on synthetic two-view batches on the CPU backend; real CT and
-//! the CUDA backend plug in behind the same flags.
+//! vox2vec pretraining on CT (a NIfTI file or folder, an nnU-Net raw dataset, a list of
+//! paths) or, with no data, on generated CT phantoms. CPU backend today; the CUDA backend
+//! plugs in behind `--device`.
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -11,11 +12,35 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use vox2vec::model::{FpnConfig, ModelConfig};
 use vox2vec::optim::AdamConfig;
-use vox2vec::train::{BatchShape, Progress, Resume, StepStats, TrainOptions, run_pretraining};
+use std::sync::Arc;
+
+use vox2vec::data::loader::{CachedVolumes, PhantomVolumes, VolumeSet};
+use vox2vec::data::preprocess::PreprocessConfig;
+use vox2vec::data::sampler::SamplerConfig;
+use vox2vec::data::sources::{Verdict, discover, prepare_all};
+use vox2vec::train::{BatchShape, BatchSource, Progress, Resume, StepStats, TrainOptions, run_pretraining};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Pretrain a vox2vec FPN3d backbone (contrastive, voxel-level)")]
 struct Args {
+    /// CT data: a NIfTI file, a folder of them (searched recursively), an nnU-Net raw dataset
+    /// folder (imagesTr), or a text file of paths. Without it: generated CT phantoms.
+    data: Option<PathBuf>,
+    /// Preprocessing cache folder (reused across runs; entries are keyed by file and settings).
+    #[arg(long, default_value = "runs/cache")]
+    cache: PathBuf,
+    /// Skip unreadable or unusable files with a warning instead of stopping.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Number of distinct phantoms when no data is given.
+    #[arg(long, default_value_t = 8)]
+    phantoms: usize,
+    /// Loader worker threads.
+    #[arg(long, default_value_t = 1)]
+    loader_workers: usize,
+    /// Blobs instead of CT: synthetic pairs without the sampler (for benchmarking the step).
+    #[arg(long)]
+    synthetic_pairs: bool,
     /// Total optimisation steps (a resumed run continues up to this number).
     #[arg(long, default_value_t = 100)]
     steps: u64,
@@ -61,6 +86,40 @@ struct Args {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+/// Preprocess (or find in the cache) every input file; report skipped files; fail when none
+/// is usable or, without --skip-bad, when any file is bad.
+fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize; 3], skip_bad: bool) -> anyhow::Result<Vec<PathBuf>> {
+    let files = discover(input)?;
+    let bar = ProgressBar::new(files.len() as u64);
+    bar.set_style(ProgressStyle::with_template("preprocessing {bar:30} {pos}/{len} files  {per_sec}  ETA {eta}  {msg}")?);
+    let verdicts = prepare_all(&files, cache, &PreprocessConfig::default(), patch, &|f: &std::path::Path| {
+        bar.set_message(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    let mut ready = Vec::new();
+    let mut skipped = Vec::new();
+    let (mut fresh, mut cached) = (0, 0);
+    for (f, v) in verdicts {
+        match v {
+            Verdict::Ready { entry, cached: c, .. } => {
+                if c { cached += 1 } else { fresh += 1 }
+                ready.push(entry);
+            }
+            Verdict::Skipped { reason } => skipped.push((f, reason)),
+        }
+    }
+    eprintln!("data: {} usable volumes ({fresh} preprocessed now, {cached} from the cache {}), {} skipped", ready.len(), cache.display(), skipped.len());
+    for (f, why) in &skipped {
+        eprintln!("  skipped {}: {why}", f.display());
+    }
+    if !skipped.is_empty() && !skip_bad {
+        anyhow::bail!("{} of {} input files are unusable (listed above); fix them or pass --skip-bad", skipped.len(), files.len());
+    }
+    anyhow::ensure!(!ready.is_empty(), "no usable volume in {}", input.display());
+    Ok(ready)
 }
 
 fn parse_xyz(s: &str) -> Result<[usize; 3], String> {
@@ -121,6 +180,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(batch.pairs >= 1 && batch.voxels_per_pair >= 1, "need at least one pair and one voxel per pair");
     anyhow::ensure!(batch.patch.iter().all(|&p| p >= 4), "patch extents must be at least 4, got {:?}", batch.patch);
     anyhow::ensure!(batch.pairs * batch.voxels_per_pair >= 2, "InfoNCE needs at least 2 positive pairs per batch");
+    let data = if args.synthetic_pairs {
+        BatchSource::SyntheticPairs(batch)
+    } else {
+        let sampler = SamplerConfig { pairs: batch.pairs, patch: batch.patch, max_voxels: batch.voxels_per_pair, ..SamplerConfig::default() };
+        let volumes: Arc<dyn VolumeSet> = match &args.data {
+            None => Arc::new(PhantomVolumes::new(args.seed, args.phantoms)),
+            Some(input) => Arc::new(CachedVolumes::new(prepare_data(input, &args.cache, batch.patch, args.skip_bad)?, 4)),
+        };
+        BatchSource::Volumes { volumes, sampler, workers: args.loader_workers }
+    };
     let opts = TrainOptions {
         model: ModelConfig {
             fpn: FpnConfig { in_channels: 1, base_channels: args.base_channels, num_scales: args.num_scales },
@@ -128,7 +197,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             temperature: args.temperature,
         },
         adam: AdamConfig { lr: args.lr, ..AdamConfig::default() },
-        batch,
+        data,
         steps: args.steps,
         seed: args.seed,
         out_dir: args.out.clone(),
@@ -139,8 +208,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             (None, false) => Resume::No,
         },
     };
+    let source = match (&args.data, args.synthetic_pairs) {
+        (_, true) => "synthetic pairs".to_string(),
+        (Some(d), _) => d.display().to_string(),
+        (None, _) => format!("{} CT phantoms", args.phantoms),
+    };
     eprintln!(
-        "vox2vec-train: synthetic data, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {} threads, out {}",
+        "vox2vec-train: {source}, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {} threads, out {}",
         batch.pairs,
         batch.patch,
         batch.voxels_per_pair,

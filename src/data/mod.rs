@@ -2,5 +2,10 @@
 //! the two-view sampler with the reference augmentations, a multi-threaded loader, input
 //! discovery, and a synthetic CT phantom for runs without data (REFERENCE.md §1–2).
 
+pub mod cache;
+pub mod loader;
 pub mod nifti_io;
 pub mod phantom;
+pub mod preprocess;
+pub mod sampler;
+pub mod sources;

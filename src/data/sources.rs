@@ -1,0 +1,92 @@
+//! Which files a run reads: a NIfTI file, a folder of NIfTI files (searched recursively), an
+//! nnU-Net raw dataset folder (its imagesTr), or a text file with one path per line
+//! (relative paths are relative to the text file; blank lines and # comments ignored).
+//! Then preprocessing into the cache, in parallel, with a per-file verdict.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
+
+use super::cache::{cache_key, get_or_build};
+use super::preprocess::PreprocessConfig;
+
+pub fn is_nifti(p: &Path) -> bool {
+    let n = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    n.ends_with(".nii") || n.ends_with(".nii.gz")
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if is_nifti(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The NIfTI files named by `input`.
+pub fn discover(input: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if input.is_dir() {
+        let images = input.join("imagesTr");
+        if images.is_dir() && input.join("dataset.json").is_file() {
+            walk(&images, &mut out)?;
+        } else {
+            walk(input, &mut out)?;
+        }
+    } else if input.is_file() {
+        if is_nifti(input) {
+            out.push(input.to_path_buf());
+        } else {
+            let text = std::fs::read_to_string(input).with_context(|| format!("reading list {}", input.display()))?;
+            let base = input.parent().unwrap_or(Path::new("."));
+            for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+                let p = Path::new(line);
+                out.push(if p.is_absolute() { p.to_path_buf() } else { base.join(p) });
+            }
+        }
+    } else {
+        bail!("{}: no such file or folder", input.display());
+    }
+    if out.is_empty() {
+        bail!("{}: no NIfTI files (.nii, .nii.gz) found", input.display());
+    }
+    Ok(out)
+}
+
+/// What happened to one file.
+#[derive(Clone, Debug)]
+pub enum Verdict {
+    /// Preprocessed now, or found in the cache.
+    Ready { entry: PathBuf, cached: bool, shape: [usize; 3] },
+    Skipped { reason: String },
+}
+
+/// Preprocess every file into `cache` (multi-threaded). `min_shape`: volumes smaller than this
+/// after resampling are skipped (the patch size, for pretraining). `tick` is called once per
+/// file (for a progress bar). Per-file failures are verdicts, never panics.
+pub fn prepare_all(files: &[PathBuf], cache: &Path, cfg: &PreprocessConfig, min_shape: [usize; 3], tick: &(dyn Fn(&Path) + Sync)) -> Vec<(PathBuf, Verdict)> {
+    files
+        .par_iter()
+        .map(|f| {
+            let verdict = match get_or_build(f, cache, cfg) {
+                Ok((e, cached)) => {
+                    let s = e.ct.shape;
+                    if s.iter().zip(&min_shape).any(|(a, b)| a < b) {
+                        Verdict::Skipped { reason: format!("smaller than the patch after resampling: {s:?} < {min_shape:?}") }
+                    } else {
+                        Verdict::Ready { entry: cache.join(cache_key(f, cfg).unwrap_or_default()), cached, shape: s }
+                    }
+                }
+                Err(e) => Verdict::Skipped { reason: format!("{e:#}") },
+            };
+            tick(f);
+            (f.clone(), verdict)
+        })
+        .collect()
+}
