@@ -185,6 +185,11 @@ fn crop_patch(ct: &PreprocessedCt, start: [usize; 3], p: [usize; 3]) -> Vec<f32>
 
 /// One pretraining batch from one CT.
 pub fn sample_batch(src: &SampleSource, cfg: &SamplerConfig, rng: &mut StdRng) -> Result<PairBatch> {
+    sample_batch_with_boxes(src, cfg, rng).map(|(b, _)| b)
+}
+
+/// `sample_batch`, also returning each pair's two patch starts (volume coordinates).
+pub fn sample_batch_with_boxes(src: &SampleSource, cfg: &SamplerConfig, rng: &mut StdRng) -> Result<(PairBatch, Vec<[[usize; 3]; 2]>)> {
     let ct = src.ct;
     let (s, p) = (ct.shape, cfg.patch);
     ensure!(s.iter().zip(&p).all(|(n, p)| n >= p), "volume {s:?} is smaller than the patch {p:?}");
@@ -193,6 +198,7 @@ pub fn sample_batch(src: &SampleSource, cfg: &SamplerConfig, rng: &mut StdRng) -
     let mut x1 = Vec::with_capacity(cfg.pairs * sp);
     let mut x2 = Vec::with_capacity(cfg.pairs * sp);
     let (mut batch_index, mut voxels_1, mut voxels_2) = (Vec::new(), Vec::new(), Vec::new());
+    let mut boxes = Vec::with_capacity(cfg.pairs);
     for b in 0..cfg.pairs {
         let a = ct.body[rng.random_range(0..ct.body.len())] as usize;
         let anchor = [a / (s[1] * s[2]), (a / s[2]) % s[1], a % s[2]];
@@ -202,6 +208,7 @@ pub fn sample_batch(src: &SampleSource, cfg: &SamplerConfig, rng: &mut StdRng) -
                 st[ax] = patch_start(rng, anchor[ax], p[ax], s[ax]);
             }
         }
+        boxes.push(starts);
         for (view, out) in [(0, &mut x1), (1, &mut x2)] {
             let mut patch = crop_patch(ct, starts[view], p);
             augment_view(&mut patch, p, &cfg.augment, rng);
@@ -235,5 +242,5 @@ pub fn sample_batch(src: &SampleSource, cfg: &SamplerConfig, rng: &mut StdRng) -
         }
     }
     let shape = [cfg.pairs, p[0], p[1], p[2], 1];
-    Ok(PairBatch { x1: Tensor::from_f32(&shape, x1), x2: Tensor::from_f32(&shape, x2), batch_index, voxels_1, voxels_2 })
+    Ok((PairBatch { x1: Tensor::from_f32(&shape, x1), x2: Tensor::from_f32(&shape, x2), batch_index, voxels_1, voxels_2 }, boxes))
 }
