@@ -1,6 +1,6 @@
-//! vox2vec: tools around pretrained backbones. Today: inspect a checkpoint and export the
-//! backbone as a bare FPN3d state_dict for PyTorch. Embedding, probing, fine-tuning and
-//! prediction come with the data and evaluation work.
+//! vox2vec: tools around CT data and pretrained backbones: preprocess CT into the cache,
+//! inspect a checkpoint, export the backbone as a bare FPN3d state_dict for PyTorch.
+//! Embedding, probing, fine-tuning and prediction come with the evaluation work.
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -30,6 +30,20 @@ enum Cmd {
     },
     /// Write the backbone alone with bare FPN3d keys (loadable by PyTorch's FPN3d.load_state_dict).
     ExportBackbone { checkpoint: PathBuf, out: PathBuf },
+    /// Preprocess CT into the cache (crop to body, resample to 1×1×2 mm, body mask):
+    /// multi-threaded and resumable (finished entries are kept; a killed run continues).
+    Preprocess {
+        /// A NIfTI file, a folder of them, an nnU-Net raw dataset folder, or a text file of paths.
+        input: PathBuf,
+        #[arg(long, default_value = "runs/cache")]
+        cache: PathBuf,
+        /// Keep going past unusable files (listed at the end); without it they make the exit code non-zero.
+        #[arg(long)]
+        skip_bad: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
@@ -38,6 +52,12 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Preprocess { input, cache, skip_bad, threads } => {
+            if let Some(t) = threads {
+                rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
+            }
+            preprocess(&input, &cache, skip_bad)?;
+        }
         Cmd::Inspect { checkpoint, all } => {
             let bytes = read(&checkpoint)?;
             let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", checkpoint.display()))?;
@@ -82,6 +102,38 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {n} backbone tensors to {}", out.display());
         }
     }
+    Ok(())
+}
+
+fn preprocess(input: &std::path::Path, cache: &std::path::Path, skip_bad: bool) -> Result<()> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    use vox2vec::data::preprocess::PreprocessConfig;
+    use vox2vec::data::sources::{Verdict, discover, prepare_all};
+    let files = discover(input)?;
+    let bar = ProgressBar::new(files.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} files  {per_sec}  ETA {eta}  {msg}")?);
+    let verdicts = prepare_all(&files, cache, &PreprocessConfig::default(), [1, 1, 1], &|f: &std::path::Path| {
+        bar.set_message(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    let (mut fresh, mut cached, mut bad) = (0, 0, Vec::new());
+    for (f, v) in &verdicts {
+        match v {
+            Verdict::Ready { cached: true, .. } => cached += 1,
+            Verdict::Ready { shape, .. } => {
+                fresh += 1;
+                println!("{}: {shape:?} voxels at 1x1x2 mm", f.display());
+            }
+            Verdict::Skipped { reason } => bad.push((f, reason)),
+        }
+    }
+    println!("{} files: {fresh} preprocessed, {cached} already in {}, {} unusable", files.len(), cache.display(), bad.len());
+    for (f, why) in &bad {
+        println!("  unusable {}: {why}", f.display());
+    }
+    anyhow::ensure!(fresh + cached > 0, "no usable volume in {}", input.display());
+    anyhow::ensure!(bad.is_empty() || skip_bad, "{} unusable files (listed above)", bad.len());
     Ok(())
 }
 

@@ -83,7 +83,12 @@ pub fn prepare_all(files: &[PathBuf], cache: &Path, cfg: &PreprocessConfig, min_
                         Verdict::Ready { entry: cache.join(cache_key(f, cfg).unwrap_or_default()), cached, shape: s }
                     }
                 }
-                Err(e) => Verdict::Skipped { reason: format!("{e:#}") },
+                Err(e) => {
+                    // The verdict is reported beside the file name: drop a leading copy of it.
+                    let msg = format!("{e:#}");
+                    let prefix = format!("{}: ", f.display());
+                    Verdict::Skipped { reason: msg.strip_prefix(&prefix).map(str::to_string).unwrap_or(msg) }
+                }
             };
             tick(f);
             (f.clone(), verdict)
