@@ -84,5 +84,27 @@ fn conv3d_small(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv3d, conv3d_small, pretrain_step_small);
+/// One reference-size batch (10 pairs of 128×128×32, up to 1024 voxels per pair, all
+/// augmentations) from a preprocessed CT phantom, on one core: what one loader worker makes.
+fn loader_batch_reference(c: &mut Criterion) {
+    use vox2vec::data::loader::{PhantomVolumes, VolumeSet, make_batch};
+    use vox2vec::data::sampler::SamplerConfig;
+    let volumes = PhantomVolumes::new(0, 2);
+    volumes.get(0).unwrap();
+    volumes.get(1).unwrap();
+    let cfg = SamplerConfig::default();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let mut g = c.benchmark_group("loader");
+    g.sample_size(10).measurement_time(Duration::from_secs(15));
+    let mut i = 0u64;
+    g.bench_function("batch_10x128x128x32_one_core", |bch| {
+        bch.iter(|| {
+            i += 1;
+            black_box(pool.install(|| make_batch(&volumes, &cfg, 0, i).unwrap()))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, conv3d, conv3d_small, pretrain_step_small, loader_batch_reference);
 criterion_main!(benches);
