@@ -86,7 +86,7 @@ fn preprocess_command_reports_bad_files_and_resumes() {
     let out = Command::new(bin).args(["preprocess", "--skip-bad"]).arg(&d).arg("--cache").arg(&cache).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("0 preprocessed, 2 already in"), "resume did not reuse the cache:\n{text}");
+    assert!(text.contains("0 preprocessed now, 2 already in"), "resume did not reuse the cache:\n{text}");
     // Only whole entries: no temporary files left.
     assert!(std::fs::read_dir(&cache).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')));
 }
@@ -99,12 +99,12 @@ fn train_stops_on_bad_files_unless_asked_to_skip() {
     let out = Command::new(bin).arg(&d).arg("--cache").arg(d.join("cache")).arg("--out").arg(&out_dir).args(TINY).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("skipped") && err.contains("corrupt.nii.gz") && err.contains("--skip-bad"), "{err}");
+    assert!(err.contains("unusable") && err.contains("corrupt.nii.gz") && err.contains("--skip-bad"), "{err}");
     assert!(!out_dir.join("checkpoint.safetensors").exists());
     let out = Command::new(bin).arg(&d).arg("--skip-bad").arg("--cache").arg(d.join("cache")).arg("--out").arg(&out_dir).args(TINY).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("1 usable volumes") && err.contains("3 skipped") && err.contains("smaller than the patch"), "{err}");
+    assert!(err.contains("1 usable") && err.contains("3 unusable") && err.contains("smaller than the patch"), "{err}");
     assert!(out_dir.join("checkpoint.safetensors").is_file() && out_dir.join("loss.png").is_file());
     // Nothing usable: non-zero exit.
     let bad = tmpdir("allbad");

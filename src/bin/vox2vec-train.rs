@@ -17,7 +17,7 @@ use std::sync::Arc;
 use vox2vec::data::loader::{CachedVolumes, PhantomVolumes, VolumeSet};
 use vox2vec::data::preprocess::PreprocessConfig;
 use vox2vec::data::sampler::SamplerConfig;
-use vox2vec::data::sources::{Verdict, discover, prepare_all};
+use vox2vec::data::sources::prepare_input;
 use vox2vec::train::{BatchShape, BatchSource, Progress, Resume, StepStats, TrainOptions, run_pretraining};
 
 #[derive(Parser, Debug)]
@@ -91,35 +91,13 @@ struct Args {
 /// Preprocess (or find in the cache) every input file; report skipped files; fail when none
 /// is usable or, without --skip-bad, when any file is bad.
 fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize; 3], skip_bad: bool) -> anyhow::Result<Vec<PathBuf>> {
-    let files = discover(input)?;
-    let bar = ProgressBar::new(files.len() as u64);
-    bar.set_style(ProgressStyle::with_template("preprocessing {bar:30} {pos}/{len} files  {per_sec}  ETA {eta}  {msg}")?);
-    let verdicts = prepare_all(&files, cache, &PreprocessConfig::default(), patch, &|f: &std::path::Path| {
-        bar.set_message(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-        bar.inc(1);
-    });
-    bar.finish_and_clear();
-    let mut ready = Vec::new();
-    let mut skipped = Vec::new();
-    let (mut fresh, mut cached) = (0, 0);
-    for (f, v) in verdicts {
-        match v {
-            Verdict::Ready { entry, cached: c, .. } => {
-                if c { cached += 1 } else { fresh += 1 }
-                ready.push(entry);
-            }
-            Verdict::Skipped { reason } => skipped.push((f, reason)),
-        }
+    let report = prepare_input(input, cache, &PreprocessConfig::default(), patch)?;
+    eprintln!("data: {}", report.summary(cache));
+    if !report.skipped.is_empty() && !skip_bad {
+        anyhow::bail!("{} of {} input files are unusable (listed above); fix them or pass --skip-bad", report.skipped.len(), report.files);
     }
-    eprintln!("data: {} usable volumes ({fresh} preprocessed now, {cached} from the cache {}), {} skipped", ready.len(), cache.display(), skipped.len());
-    for (f, why) in &skipped {
-        eprintln!("  skipped {}: {why}", f.display());
-    }
-    if !skipped.is_empty() && !skip_bad {
-        anyhow::bail!("{} of {} input files are unusable (listed above); fix them or pass --skip-bad", skipped.len(), files.len());
-    }
-    anyhow::ensure!(!ready.is_empty(), "no usable volume in {}", input.display());
-    Ok(ready)
+    anyhow::ensure!(!report.entries.is_empty(), "no usable volume in {}", input.display());
+    Ok(report.entries)
 }
 
 fn parse_xyz(s: &str) -> Result<[usize; 3], String> {

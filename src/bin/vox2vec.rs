@@ -106,34 +106,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn preprocess(input: &std::path::Path, cache: &std::path::Path, skip_bad: bool) -> Result<()> {
-    use indicatif::{ProgressBar, ProgressStyle};
     use vox2vec::data::preprocess::PreprocessConfig;
-    use vox2vec::data::sources::{Verdict, discover, prepare_all};
-    let files = discover(input)?;
-    let bar = ProgressBar::new(files.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} files  {per_sec}  ETA {eta}  {msg}")?);
-    let verdicts = prepare_all(&files, cache, &PreprocessConfig::default(), [1, 1, 1], &|f: &std::path::Path| {
-        bar.set_message(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-        bar.inc(1);
-    });
-    bar.finish_and_clear();
-    let (mut fresh, mut cached, mut bad) = (0, 0, Vec::new());
-    for (f, v) in &verdicts {
-        match v {
-            Verdict::Ready { cached: true, .. } => cached += 1,
-            Verdict::Ready { shape, .. } => {
-                fresh += 1;
-                println!("{}: {shape:?} voxels at 1x1x2 mm", f.display());
-            }
-            Verdict::Skipped { reason } => bad.push((f, reason)),
-        }
-    }
-    println!("{} files: {fresh} preprocessed, {cached} already in {}, {} unusable", files.len(), cache.display(), bad.len());
-    for (f, why) in &bad {
-        println!("  unusable {}: {why}", f.display());
-    }
-    anyhow::ensure!(fresh + cached > 0, "no usable volume in {}", input.display());
-    anyhow::ensure!(bad.is_empty() || skip_bad, "{} unusable files (listed above)", bad.len());
+    let report = vox2vec::data::sources::prepare_input(input, cache, &PreprocessConfig::default(), [1, 1, 1])?;
+    println!("{}", report.summary(cache));
+    anyhow::ensure!(!report.entries.is_empty(), "no usable volume in {}", input.display());
+    anyhow::ensure!(report.skipped.is_empty() || skip_bad, "{} unusable files (listed above)", report.skipped.len());
     Ok(())
 }
 

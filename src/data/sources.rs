@@ -95,3 +95,58 @@ pub fn prepare_all(files: &[PathBuf], cache: &Path, cfg: &PreprocessConfig, min_
         })
         .collect()
 }
+
+/// The outcome of preparing an input for a run.
+pub struct PrepareReport {
+    pub files: usize,
+    /// Cache entries of the usable volumes, in input order.
+    pub entries: Vec<PathBuf>,
+    /// Preprocessed now / found in the cache.
+    pub fresh: usize,
+    pub cached: usize,
+    /// Every unusable file and why.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl PrepareReport {
+    /// The closing summary: counts, then one line per skipped file.
+    pub fn summary(&self, cache: &Path) -> String {
+        let mut s = format!(
+            "{} files: {} usable ({} preprocessed now, {} already in {}), {} unusable",
+            self.files,
+            self.entries.len(),
+            self.fresh,
+            self.cached,
+            cache.display(),
+            self.skipped.len()
+        );
+        for (f, why) in &self.skipped {
+            s += &format!("\n  unusable {}: {why}", f.display());
+        }
+        s
+    }
+}
+
+/// `discover` + `prepare_all` with a progress bar (rate and ETA) on standard error.
+pub fn prepare_input(input: &Path, cache: &Path, cfg: &PreprocessConfig, min_shape: [usize; 3]) -> Result<PrepareReport> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let files = discover(input)?;
+    let bar = ProgressBar::new(files.len() as u64);
+    bar.set_style(ProgressStyle::with_template("preprocessing {bar:30} {pos}/{len} files  {per_sec}  ETA {eta}  {msg}")?);
+    let verdicts = prepare_all(&files, cache, cfg, min_shape, &|f: &Path| {
+        bar.set_message(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    let mut r = PrepareReport { files: files.len(), entries: Vec::new(), fresh: 0, cached: 0, skipped: Vec::new() };
+    for (f, v) in verdicts {
+        match v {
+            Verdict::Ready { entry, cached, .. } => {
+                if cached { r.cached += 1 } else { r.fresh += 1 }
+                r.entries.push(entry);
+            }
+            Verdict::Skipped { reason } => r.skipped.push((f, reason)),
+        }
+    }
+    Ok(r)
+}
