@@ -15,6 +15,7 @@ pub mod autograd;
 pub mod checkpoint;
 pub mod cpu;
 pub mod data;
+pub mod eval;
 pub mod kernels;
 pub mod model;
 pub mod ops;

@@ -1,0 +1,6 @@
+//! Using the features (REFERENCE.md §5): Dice, sliding-window inference over whole volumes,
+//! `.npy` I/O for feature maps.
+
+pub mod dice;
+pub mod npy;
+pub mod sliding;
