@@ -2,5 +2,6 @@
 //! `.npy` I/O for feature maps.
 
 pub mod dice;
+pub mod embed;
 pub mod npy;
 pub mod sliding;

@@ -68,26 +68,26 @@ impl Plan {
     }
 
     /// Copy the voxels that box `which` owns from `patch_out` ([px, py, pz, c] at pyramid
-    /// level `level`, the box's output) into `out` ([X, Y, Z, c] at that level).
+    /// level `level`, the box's output) into `out` ([X, Y, Z, c] at that level). A level-i
+    /// voxel g takes the patch voxel that holds its centre (g·2^i + 2^(i-1) at level 0): boxes
+    /// whose start is not a multiple of 2^i sit between the coarse grid's voxels.
+    #[allow(clippy::too_many_arguments)]
     pub fn stitch(&self, which: [usize; 3], start: [usize; 3], level: u32, patch_out: &[f32], patch_shape: [usize; 3], out: &mut [f32], out_shape: [usize; 3], c: usize) {
         let f = 1usize << level;
-        let off = [start[0] / f, start[1] / f, start[2] / f];
-        for x in 0..patch_shape[0] {
-            let gx = off[0] + x;
-            if gx >= out_shape[0] || self.axes[0].owner[(gx * f).min(self.axes[0].owner.len() - 1)] != which[0] {
-                continue;
-            }
-            for y in 0..patch_shape[1] {
-                let gy = off[1] + y;
-                if gy >= out_shape[1] || self.axes[1].owner[(gy * f).min(self.axes[1].owner.len() - 1)] != which[1] {
-                    continue;
-                }
-                for z in 0..patch_shape[2] {
-                    let gz = off[2] + z;
-                    if gz >= out_shape[2] || self.axes[2].owner[(gz * f).min(self.axes[2].owner.len() - 1)] != which[2] {
-                        continue;
-                    }
-                    let src = ((x * patch_shape[1] + y) * patch_shape[2] + z) * c;
+        // Per axis: (global voxel, patch voxel) pairs this box writes.
+        let axis = |a: usize| -> Vec<(usize, usize)> {
+            let owner = &self.axes[a].owner;
+            let (lo, hi) = (start[a] / f, (start[a] + self.patch[a]).div_ceil(f).min(out_shape[a]));
+            (lo..hi)
+                .filter(|&g| owner[(g * f).min(owner.len() - 1)] == which[a])
+                .map(|g| (g, ((g * f + f / 2).saturating_sub(start[a]) / f).min(patch_shape[a] - 1)))
+                .collect()
+        };
+        let (ax, ay, az) = (axis(0), axis(1), axis(2));
+        for &(gx, px) in &ax {
+            for &(gy, py) in &ay {
+                for &(gz, pz) in &az {
+                    let src = ((px * patch_shape[1] + py) * patch_shape[2] + pz) * c;
                     let dst = ((gx * out_shape[1] + gy) * out_shape[2] + gz) * c;
                     out[dst..dst + c].copy_from_slice(&patch_out[src..src + c]);
                 }

@@ -11,7 +11,7 @@ use crate::tensor::Tensor;
 
 pub struct Conv3d {
     pub weight: usize,
-    pub bias: usize,
+    pub bias: Option<usize>,
     pub cin: usize,
     pub cout: usize,
     pub k: usize,
@@ -19,22 +19,24 @@ pub struct Conv3d {
 
 impl Conv3d {
     pub fn new(store: &mut ParamStore, rng: &mut impl Rng, name: &str, cin: usize, cout: usize, k: usize) -> Conv3d {
+        Conv3d::with_bias(store, rng, name, cin, cout, k, true)
+    }
+
+    pub fn with_bias(store: &mut ParamStore, rng: &mut impl Rng, name: &str, cin: usize, cout: usize, k: usize, bias: bool) -> Conv3d {
         let fan_in = cin * k * k * k;
         let w = Tensor::from_f32(&[cout, k, k, k, cin], uniform_fan_in(rng, cout * fan_in, fan_in));
-        let b = Tensor::from_f32(&[cout], uniform_fan_in(rng, cout, fan_in));
-        Conv3d {
-            weight: store.add(&format!("{name}.weight"), w, SlotKind::Trainable, Layout::ConvChannelsLast),
-            bias: store.add(&format!("{name}.bias"), b, SlotKind::Trainable, Layout::Plain),
-            cin,
-            cout,
-            k,
-        }
+        let weight = store.add(&format!("{name}.weight"), w, SlotKind::Trainable, Layout::ConvChannelsLast);
+        let bias = bias.then(|| {
+            let b = Tensor::from_f32(&[cout], uniform_fan_in(rng, cout, fan_in));
+            store.add(&format!("{name}.bias"), b, SlotKind::Trainable, Layout::Plain)
+        });
+        Conv3d { weight, bias, cin, cout, k }
     }
 
     pub fn forward(&self, g: &Graph, store: &ParamStore, x: &Var) -> Result<Var> {
         let w = g.param(self.weight, store.get(self.weight));
-        let b = g.param(self.bias, store.get(self.bias));
-        ops::conv3d(g, x, &w, Some(&b))
+        let b = self.bias.map(|b| g.param(b, store.get(b)));
+        ops::conv3d(g, x, &w, b.as_ref())
     }
 }
 

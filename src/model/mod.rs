@@ -3,6 +3,7 @@
 
 pub mod fpn;
 pub mod head;
+pub mod heads;
 pub mod layers;
 
 use anyhow::{Result, ensure};
