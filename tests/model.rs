@@ -61,3 +61,37 @@ fn pyramid_levels_have_ceil_shapes() {
     // Wrong channel count is an error, not a panic.
     assert!(m.pyramid(&Graph::inference(), &Var::constant(Tensor::zeros(&[1, 4, 4, 4, 2]))).is_err());
 }
+
+#[test]
+fn segmentation_heads_have_reference_names_and_sizes() {
+    use rand::SeedableRng;
+    use vox2vec::model::heads::{FpnLinearHead, FpnNonLinearHead};
+    use vox2vec::params::ParamStore;
+    let fpn = FpnConfig::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut store = ParamStore::new();
+    FpnLinearHead::new(&mut store, &mut rng, "", fpn, 13);
+    assert!(store.find("layers.0.bias").is_some() && store.find("layers.1.bias").is_none() && store.find("layers.5.weight").is_some());
+    assert_eq!(store.pytorch_shape(store.find("layers.5.weight").unwrap()), vec![13, 512, 1, 1, 1]);
+    assert_eq!(store.count_trainable(""), 1008 * 13 + 13);
+    let mut ns = ParamStore::new();
+    FpnNonLinearHead::new(&mut ns, &mut rng, "", fpn, 13);
+    for key in ["bottom_block.layers.0.weight", "bottom_block.layers.5.bias", "up_blocks.0.0.weight", "skip_blocks.4.weight", "right_blocks.4.layers.3.running_var", "final_block.weight"] {
+        assert!(ns.find(key).is_some(), "missing {key}");
+    }
+    let n = ns.count_trainable("");
+    println!("non-linear head: {n} parameters");
+    assert!((500_000..2_000_000).contains(&n), "the reference's non-linear head has about 1 M parameters, got {n}");
+
+    // Both produce level-0 logits for a pyramid.
+    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 }, proj_dim: 4, temperature: 0.1 };
+    let mut m = Vox2Vec::new(cfg, 1);
+    let g = Graph::inference();
+    let pyr = m.pyramid(&g, &Var::constant(Tensor::full(&[1, 9, 7, 5, 1], 0.3))).unwrap();
+    let mut hs = ParamStore::new();
+    let lin = FpnLinearHead::new(&mut hs, &mut rng, "", cfg.fpn, 3);
+    assert_eq!(lin.forward(&g, &hs, &pyr).unwrap().shape(), &[1, 9, 7, 5, 3]);
+    let mut hs2 = ParamStore::new();
+    let nl = FpnNonLinearHead::new(&mut hs2, &mut rng, "", cfg.fpn, 3);
+    assert_eq!(nl.forward(&g, &mut hs2, &pyr).unwrap().shape(), &[1, 9, 7, 5, 3]);
+}
