@@ -203,3 +203,25 @@ fn conv_backward_is_thread_count_independent() {
     };
     assert_eq!(run(1), run(3));
 }
+
+#[test]
+fn segmentation_loss_gradients_and_values() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let shape = [2, 3, 2, 2, 3];
+    let logits = rand_tensor(&mut rng, &shape, -2.0, 2.0);
+    let targets = Tensor::from_f32(&shape, (0..72).map(|_| if rng.random_bool(0.3) { 1.0 } else { 0.0 }).collect());
+    let roi: Vec<bool> = (0..24).map(|i| i % 5 != 0).collect();
+    let (t1, r1) = (targets.clone(), roi.clone());
+    check("segmentation_loss", Graph::train, vec![logits.clone()], &[0], move |g, v| ops::segmentation_loss(g, &v[0], &t1, Some(&r1)).unwrap());
+    let t2 = targets.clone();
+    check("segmentation_loss no roi", Graph::train, vec![logits.clone()], &[0], move |g, v| ops::segmentation_loss(g, &v[0], &t2, None).unwrap());
+    // Perfect, confident predictions: BCE ~ 0 and Dice loss ~ 1 − 2G/(2G + 1) per (n, c).
+    let confident: Vec<f32> = targets.f32s().iter().map(|&t| if t > 0.5 { 30.0 } else { -30.0 }).collect();
+    let (_, bce, per_class, _) = ops::segloss::segmentation_loss_cpu(&confident, targets.f32s(), None, 2, 3);
+    assert!(bce < 1e-10, "{bce}");
+    for (k, d) in per_class.iter().enumerate() {
+        let want: f64 = (0..2).map(|b| { let gsum: f64 = (0..12).map(|v| targets.f32s()[(b * 12 + v) * 3 + k] as f64).sum(); 1.0 - 2.0 * gsum / (2.0 * gsum + 1.0) }).sum::<f64>() / 2.0;
+        assert!((d - want).abs() < 1e-9, "class {k}: {d} vs {want}");
+    }
+    assert!(ops::segmentation_loss(&Graph::train(), &Var::constant(logits), &targets, Some(&[false; 24])).is_err(), "empty ROI must be an error");
+}

@@ -9,6 +9,7 @@ pub mod infonce;
 pub mod linear;
 pub mod normalize;
 pub mod pooling;
+pub mod segloss;
 pub mod upsample;
 
 pub use batchnorm::batch_norm;
@@ -19,4 +20,5 @@ pub use infonce::infonce;
 pub use linear::linear;
 pub use normalize::l2_normalize_rows;
 pub use pooling::maxpool2;
+pub use segloss::segmentation_loss;
 pub use upsample::upsample2_crop;
