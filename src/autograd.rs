@@ -15,6 +15,7 @@ use std::collections::HashMap;
 
 use anyhow::{Result, bail};
 
+use crate::params::ParamStore;
 use crate::tensor::Tensor;
 
 pub type VarId = usize;
@@ -51,9 +52,9 @@ struct Entry {
 struct Inner {
     next_id: VarId,
     tape: Vec<Entry>,
-    /// Leaf var of each parameter slot, so that two forwards through the same parameter
-    /// (the two views) accumulate into one gradient.
-    param_leaves: HashMap<usize, VarId>,
+    /// Leaf var of each (parameter store, slot), so that two forwards through the same
+    /// parameter (the two views) accumulate into one gradient.
+    param_leaves: HashMap<(u64, usize), VarId>,
 }
 
 pub struct Graph {
@@ -65,16 +66,16 @@ pub struct Graph {
 /// Gradients of leaves after `Graph::backward`.
 pub struct Gradients {
     grads: HashMap<VarId, Tensor>,
-    param_leaves: HashMap<usize, VarId>,
+    param_leaves: HashMap<(u64, usize), VarId>,
 }
 
 impl Gradients {
     pub fn get(&self, v: &Var) -> Option<&Tensor> {
         v.id.and_then(|id| self.grads.get(&id))
     }
-    /// Gradient of the parameter in slot `slot` of the parameter store, if it was used.
-    pub fn param(&self, slot: usize) -> Option<&Tensor> {
-        self.param_leaves.get(&slot).and_then(|id| self.grads.get(id))
+    /// Gradient of the parameter in slot `slot` of `store`, if it was used.
+    pub fn param(&self, store: &ParamStore, slot: usize) -> Option<&Tensor> {
+        self.param_leaves.get(&(store.id(), slot)).and_then(|id| self.grads.get(id))
     }
 }
 
@@ -111,17 +112,19 @@ impl Graph {
         Var { value, id }
     }
 
-    /// The leaf for parameter slot `slot`; the same var every time within this graph.
-    pub fn param(&self, slot: usize, value: &Tensor) -> Var {
+    /// The leaf for slot `slot` of `store`; the same var every time within this graph.
+    pub fn param(&self, store: &ParamStore, slot: usize) -> Var {
+        let value = store.get(slot).clone();
         if !self.recording {
-            return Var::constant(value.clone());
+            return Var::constant(value);
         }
-        if let Some(&id) = self.inner.borrow().param_leaves.get(&slot) {
-            return Var { value: value.clone(), id: Some(id) };
+        let key = (store.id(), slot);
+        if let Some(&id) = self.inner.borrow().param_leaves.get(&key) {
+            return Var { value, id: Some(id) };
         }
         let id = self.fresh_id();
-        self.inner.borrow_mut().param_leaves.insert(slot, id);
-        Var { value: value.clone(), id: Some(id) }
+        self.inner.borrow_mut().param_leaves.insert(key, id);
+        Var { value, id: Some(id) }
     }
 
     /// Record the output of op `op` (its name, for errors and profiles). `backward` is only kept (and only needs to be built) when some

@@ -37,15 +37,28 @@ pub struct Slot {
     pub layout: Layout,
 }
 
-#[derive(Default)]
 pub struct ParamStore {
+    /// Unique per store, so that a graph can hold parameters of several stores (a backbone's
+    /// and a head's) without their slot numbers colliding.
+    id: u64,
     slots: Vec<Slot>,
     index: HashMap<String, usize>,
+}
+
+impl Default for ParamStore {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        ParamStore { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), slots: Vec::new(), index: HashMap::new() }
+    }
 }
 
 impl ParamStore {
     pub fn new() -> ParamStore {
         ParamStore::default()
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn add(&mut self, name: &str, value: Tensor, kind: SlotKind, layout: Layout) -> usize {

@@ -25,7 +25,7 @@ pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) ->
     let loss = out.loss.value.to_scalar() as f64;
     drop(out.pyramid_1);
     let grads = crate::profile::time("step: backward", String::new, || g.backward(&out.loss))?;
-    let per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(s).cloned()).collect();
+    let per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
     drop(grads);
     // clip_grad_norm_ fused into Adam: the norm here, the scaling inside the update.
     let grad_norm = crate::profile::time("step: gradient norm", String::new, || global_norm(&per_slot));

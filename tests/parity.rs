@@ -105,7 +105,7 @@ fn check_fixture(f: &Fixture) -> (f64, f64) {
             continue;
         }
         let slot = m.store.find(name).unwrap_or_else(|| panic!("{name} not in model"));
-        let ours = grads.param(slot).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let ours = grads.param(&m.store, slot).unwrap_or_else(|| panic!("no gradient for {name}"));
         items.push((format!("grad.{name}"), m.store.to_pytorch_f32(slot, ours.f32s()), f.f32(key).1.to_vec()));
         nparam += 1;
     }

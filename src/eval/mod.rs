@@ -4,4 +4,5 @@
 pub mod dice;
 pub mod embed;
 pub mod npy;
+pub mod segment;
 pub mod sliding;

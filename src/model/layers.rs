@@ -34,8 +34,8 @@ impl Conv3d {
     }
 
     pub fn forward(&self, g: &Graph, store: &ParamStore, x: &Var) -> Result<Var> {
-        let w = g.param(self.weight, store.get(self.weight));
-        let b = self.bias.map(|b| g.param(b, store.get(b)));
+        let w = g.param(store, self.weight);
+        let b = self.bias.map(|b| g.param(store, b));
         ops::conv3d(g, x, &w, b.as_ref())
     }
 }
@@ -56,8 +56,8 @@ impl Linear {
     }
 
     pub fn forward(&self, g: &Graph, store: &ParamStore, x: &Var) -> Result<Var> {
-        let w = g.param(self.weight, store.get(self.weight));
-        let b = g.param(self.bias, store.get(self.bias));
+        let w = g.param(store, self.weight);
+        let b = g.param(store, self.bias);
         ops::linear(g, x, &w, Some(&b))
     }
 }
@@ -84,8 +84,8 @@ impl BatchNorm {
 
     /// In a training graph this also updates the running statistics in `store`.
     pub fn forward(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {
-        let w = g.param(self.weight, store.get(self.weight));
-        let b = g.param(self.bias, store.get(self.bias));
+        let w = g.param(store, self.weight);
+        let b = g.param(store, self.bias);
         let (y, update) = ops::batch_norm(g, x, &w, &b, store.get(self.running_mean), store.get(self.running_var))?;
         if let Some(u) = update {
             store.set(self.running_mean, u.running_mean);

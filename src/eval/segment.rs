@@ -1,0 +1,337 @@
+//! Segmentation on top of the backbone (REFERENCE.md §5): linear / non-linear probing (frozen
+//! backbone, eval-mode BatchNorm), fine-tuning (backbone frozen for the first steps, then
+//! trained) and training from scratch, on an nnU-Net raw dataset; sliding-window prediction;
+//! Dice per class.
+//!
+//! Training patches: with p = 0.5 the patch contains a random foreground voxel of a random
+//! present class, else its start is uniform. Multi-label sigmoid outputs (one channel per
+//! class), loss = BCE in the body ROI + soft Dice (`ops::segloss`), Adam. Validation: the whole
+//! preprocessed volume by sliding window (central-region stitching), probabilities × ROI,
+//! threshold 0.5, Dice per class.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::dice::dice;
+use super::embed::scale_hu;
+use super::sliding::Plan;
+use crate::autograd::{Graph, Var};
+use crate::data::cache::build;
+use crate::data::nifti_io::read_volume;
+use crate::data::preprocess::{PreprocessConfig, PreprocessedCt, preprocess_labels};
+use crate::model::Vox2Vec;
+use crate::model::heads::{FpnLinearHead, FpnNonLinearHead};
+use crate::ops;
+use crate::optim::{Adam, AdamConfig};
+use crate::params::ParamStore;
+use crate::tensor::Tensor;
+
+/// One labelled case, preprocessed.
+pub struct Case {
+    pub name: String,
+    pub image: PathBuf,
+    pub ct: PreprocessedCt,
+    /// Label map on the preprocessed grid.
+    pub labels: Vec<u8>,
+    pub mask: Vec<bool>,
+}
+
+/// An nnU-Net raw dataset: class names (without background) and cases.
+pub struct Dataset {
+    pub classes: Vec<String>,
+    pub cases: Vec<Case>,
+}
+
+/// Read dataset.json, pair imagesTr/<case>_0000 with labelsTr/<case>, preprocess both.
+pub fn load_dataset(dir: &Path, tick: &dyn Fn(&str)) -> Result<Dataset> {
+    let json_path = dir.join("dataset.json");
+    let text = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", json_path.display()))?;
+    let labels = json["labels"].as_object().with_context(|| format!("{}: no \"labels\"", json_path.display()))?;
+    let mut classes: Vec<(u64, String)> = labels.iter().filter_map(|(k, v)| v.as_u64().map(|i| (i, k.clone()))).filter(|(i, _)| *i > 0).collect();
+    classes.sort();
+    ensure!(!classes.is_empty(), "{}: no foreground class", json_path.display());
+    ensure!(classes.iter().enumerate().all(|(j, (i, _))| *i == j as u64 + 1), "{}: class ids must be 1..K", json_path.display());
+    ensure!(classes.len() < 256, "{}: too many classes", json_path.display());
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir.join("labelsTr")).with_context(|| format!("reading {}/labelsTr", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| crate::data::sources::is_nifti(p)).collect();
+    names.sort();
+    let mut cases = Vec::new();
+    for label_path in names {
+        let file = label_path.file_name().unwrap().to_string_lossy().into_owned();
+        let (case, ext) = if let Some(c) = file.strip_suffix(".nii.gz") { (c.to_string(), ".nii.gz") } else { (file.trim_end_matches(".nii").to_string(), ".nii") };
+        let image = dir.join("imagesTr").join(format!("{case}_0000{ext}"));
+        ensure!(image.is_file(), "{}: no image {} for label {}", dir.display(), image.display(), label_path.display());
+        tick(&case);
+        let e = build(&image, &PreprocessConfig::default())?;
+        let lab = read_volume(&label_path)?;
+        ensure!(lab.shape == e.ct.source_shape, "{}: label grid {:?} differs from the image's {:?}", label_path.display(), lab.shape, e.ct.source_shape);
+        let raw: Vec<u8> = lab.data.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect();
+        if let Some(&bad) = raw.iter().find(|&&v| v as usize > classes.len()) {
+            bail!("{}: label {bad} is not in dataset.json", label_path.display());
+        }
+        let labels = preprocess_labels(&raw, &e.ct)?;
+        let mask = e.ct.body_mask();
+        cases.push(Case { name: case, image, ct: e.ct, labels, mask });
+    }
+    ensure!(!cases.is_empty(), "{}: no labelled cases", dir.display());
+    Ok(Dataset { classes: classes.into_iter().map(|(_, n)| n).collect(), cases })
+}
+
+/// Which parameters train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Frozen backbone (eval-mode BatchNorm), head trained.
+    Probe,
+    /// Backbone frozen for the first `unfreeze_after` steps, then trained with the head.
+    FineTune { unfreeze_after: u64 },
+    /// Backbone trained from its (random) initialisation together with the head.
+    Scratch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadKind {
+    Linear,
+    NonLinear,
+}
+
+pub enum Head {
+    Linear(FpnLinearHead),
+    NonLinear(FpnNonLinearHead),
+}
+
+impl Head {
+    pub fn new(kind: HeadKind, store: &mut ParamStore, seed: u64, fpn: crate::model::FpnConfig, classes: usize) -> Head {
+        let mut rng = StdRng::seed_from_u64(seed);
+        match kind {
+            HeadKind::Linear => Head::Linear(FpnLinearHead::new(store, &mut rng, "", fpn, classes)),
+            HeadKind::NonLinear => Head::NonLinear(FpnNonLinearHead::new(store, &mut rng, "", fpn, classes)),
+        }
+    }
+    pub fn forward(&self, g: &Graph, store: &mut ParamStore, pyramid: &[Var]) -> Result<Var> {
+        match self {
+            Head::Linear(h) => h.forward(g, store, pyramid),
+            Head::NonLinear(h) => h.forward(g, store, pyramid),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SegConfig {
+    pub patch: [usize; 3],
+    pub batch: usize,
+    pub steps: u64,
+    pub lr: f64,
+    pub p_foreground: f64,
+    pub validate_every: u64,
+    pub seed: u64,
+}
+
+impl Default for SegConfig {
+    fn default() -> Self {
+        SegConfig { patch: [128, 128, 32], batch: 7, steps: 1000, lr: 3e-4, p_foreground: 0.5, validate_every: 100, seed: 0 }
+    }
+}
+
+/// Crop of `case` at `start` (zero-padded past the border): (network input, one-hot targets
+/// [X, Y, Z, K], ROI).
+fn crop(case: &Case, start: [usize; 3], patch: [usize; 3], k: usize) -> (Vec<f32>, Vec<f32>, Vec<bool>) {
+    let s = case.ct.shape;
+    let n: usize = patch.iter().product();
+    let (mut x, mut t, mut roi) = (vec![0.0f32; n], vec![0.0f32; n * k], vec![false; n]);
+    let scaled = |h: i16| ((h as f32 + 1350.0) / 2350.0).clamp(0.0, 1.0);
+    for i in 0..patch[0] {
+        for j in 0..patch[1] {
+            for l in 0..patch[2] {
+                let (a, b, c) = (start[0] + i, start[1] + j, start[2] + l);
+                if a >= s[0] || b >= s[1] || c >= s[2] {
+                    continue;
+                }
+                let src = (a * s[1] + b) * s[2] + c;
+                let dst = (i * patch[1] + j) * patch[2] + l;
+                x[dst] = scaled(case.ct.hu[src]);
+                roi[dst] = case.mask[src];
+                let lab = case.labels[src] as usize;
+                if lab > 0 {
+                    t[dst * k + lab - 1] = 1.0;
+                }
+            }
+        }
+    }
+    (x, t, roi)
+}
+
+/// A training patch start for `case`: with probability p around a random foreground voxel of a
+/// random present class, else uniform.
+fn patch_start(case: &Case, patch: [usize; 3], p_fg: f64, k: usize, rng: &mut StdRng) -> [usize; 3] {
+    let s = case.ct.shape;
+    let max_start = |a: usize| s[a].saturating_sub(patch[a]);
+    if rng.random_bool(p_fg) {
+        let c = rng.random_range(1..=k) as u8;
+        let voxels: Vec<usize> = case.labels.iter().enumerate().filter(|(_, l)| **l == c).map(|(i, _)| i).collect();
+        if !voxels.is_empty() {
+            let v = voxels[rng.random_range(0..voxels.len())];
+            let at = [v / (s[1] * s[2]), (v / s[2]) % s[1], v % s[2]];
+            let mut st = [0; 3];
+            for a in 0..3 {
+                let lo = (at[a] + 1).saturating_sub(patch[a]);
+                let hi = at[a].min(max_start(a));
+                st[a] = if lo <= hi { rng.random_range(lo..=hi) } else { 0 };
+            }
+            return st;
+        }
+    }
+    [rng.random_range(0..=max_start(0)), rng.random_range(0..=max_start(1)), rng.random_range(0..=max_start(2))]
+}
+
+/// Sigmoid probabilities [X, Y, Z, K] of a whole case by sliding window, × ROI.
+pub fn predict_case(model: &mut Vox2Vec, head: &Head, head_store: &mut ParamStore, ct: &PreprocessedCt, mask: &[bool], patch: [usize; 3]) -> Result<Vec<f32>> {
+    let x = scale_hu(&ct.hu);
+    let shape = ct.shape;
+    let ps = [shape[0].max(patch[0]), shape[1].max(patch[1]), shape[2].max(patch[2])];
+    let plan = Plan::new(ps, patch);
+    let k = match head {
+        Head::Linear(h) => h.num_classes,
+        Head::NonLinear(h) => h.num_classes,
+    };
+    let mut probs = vec![0.0f32; ps.iter().product::<usize>() * k];
+    for (which, start) in plan.boxes() {
+        let mut px = vec![0.0f32; patch.iter().product()];
+        for i in 0..patch[0] {
+            for j in 0..patch[1] {
+                for l in 0..patch[2] {
+                    let (a, b, c) = (start[0] + i, start[1] + j, start[2] + l);
+                    if a < shape[0] && b < shape[1] && c < shape[2] {
+                        px[(i * patch[1] + j) * patch[2] + l] = x[(a * shape[1] + b) * shape[2] + c];
+                    }
+                }
+            }
+        }
+        let g = Graph::inference();
+        let pyr = model.pyramid(&g, &Var::constant(Tensor::from_f32(&[1, patch[0], patch[1], patch[2], 1], px)))?;
+        let logits = head.forward(&g, head_store, &pyr)?;
+        let p: Vec<f32> = logits.value.f32s().iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+        plan.stitch(which, start, 0, &p, patch, &mut probs, ps, k);
+    }
+    // Crop the padding; zero outside the ROI.
+    let mut out = vec![0.0f32; shape.iter().product::<usize>() * k];
+    for a in 0..shape[0] {
+        for b in 0..shape[1] {
+            for c in 0..shape[2] {
+                let v = (a * shape[1] + b) * shape[2] + c;
+                if mask[v] {
+                    let src = ((a * ps[1] + b) * ps[2] + c) * k;
+                    out[v * k..(v + 1) * k].copy_from_slice(&probs[src..src + k]);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Dice per class of thresholded probabilities against a label map.
+pub fn case_dice(probs: &[f32], labels: &[u8], k: usize) -> Vec<f64> {
+    (0..k)
+        .map(|c| {
+            let p: Vec<bool> = (0..labels.len()).map(|v| probs[v * k + c] > 0.5).collect();
+            let g: Vec<bool> = labels.iter().map(|&l| l as usize == c + 1).collect();
+            dice(&p, &g)
+        })
+        .collect()
+}
+
+/// What a run reports.
+#[derive(Clone, Debug)]
+pub struct SegResult {
+    /// (step, mean Dice over validation cases, per class).
+    pub history: Vec<(u64, Vec<f64>)>,
+    pub best_step: u64,
+    pub best_dice: Vec<f64>,
+    pub losses: Vec<(u64, f64)>,
+}
+
+/// Train a head (and, by mode, the backbone) on `train`, validating on `val`. `on_best` is
+/// called with the stores whenever the mean validation Dice improves.
+#[allow(clippy::too_many_arguments)]
+pub fn train_segmentation(
+    model: &mut Vox2Vec,
+    head: &Head,
+    head_store: &mut ParamStore,
+    train: &[&Case],
+    val: &[&Case],
+    k: usize,
+    mode: Mode,
+    cfg: &SegConfig,
+    progress: &mut dyn FnMut(u64, f64),
+    on_best: &mut dyn FnMut(&Vox2Vec, &ParamStore) -> Result<()>,
+) -> Result<SegResult> {
+    ensure!(!train.is_empty() && !val.is_empty(), "need training and validation cases");
+    let adam_cfg = AdamConfig { lr: cfg.lr, ..AdamConfig::default() };
+    let mut head_adam = Adam::new(adam_cfg, head_store);
+    let mut backbone_adam = Adam::new(adam_cfg, &model.store);
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut res = SegResult { history: Vec::new(), best_step: 0, best_dice: vec![], losses: Vec::new() };
+    let mut best = f64::NEG_INFINITY;
+    let p = cfg.patch;
+    for step in 1..=cfg.steps {
+        let train_backbone = match mode {
+            Mode::Probe => false,
+            Mode::Scratch => true,
+            Mode::FineTune { unfreeze_after } => step > unfreeze_after,
+        };
+        let (mut xs, mut ts, mut rois) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cfg.batch {
+            let case = train[rng.random_range(0..train.len())];
+            let st = patch_start(case, p, cfg.p_foreground, k, &mut rng);
+            let (x, t, r) = crop(case, st, p, k);
+            xs.extend(x);
+            ts.extend(t);
+            rois.extend(r);
+        }
+        let b = cfg.batch;
+        let input = Tensor::from_f32(&[b, p[0], p[1], p[2], 1], xs);
+        let targets = Tensor::from_f32(&[b, p[0], p[1], p[2], k], ts);
+        let g = Graph::train();
+        let pyramid = if train_backbone {
+            model.pyramid(&g, &Var::constant(input))?
+        } else {
+            // Frozen: eval-mode BatchNorm, nothing recorded; the pyramid enters as constants.
+            model.pyramid(&Graph::inference(), &Var::constant(input))?.into_iter().map(|v| Var::constant(v.value)).collect()
+        };
+        let logits = head.forward(&g, head_store, &pyramid)?;
+        if !rois.iter().any(|&r| r) {
+            continue; // all-air batch: nothing to learn from
+        }
+        let loss = ops::segmentation_loss(&g, &logits, &targets, Some(&rois))?;
+        let lv = loss.value.to_scalar() as f64;
+        let grads = g.backward(&loss)?;
+        let hg: Vec<Option<Tensor>> = (0..head_store.len()).map(|s| grads.param(head_store, s).cloned()).collect();
+        head_adam.update(head_store, &hg)?;
+        if train_backbone {
+            let bg: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
+            backbone_adam.update(&mut model.store, &bg)?;
+        }
+        res.losses.push((step, lv));
+        progress(step, lv);
+        if step % cfg.validate_every == 0 || step == cfg.steps {
+            let mut per_class = vec![0.0; k];
+            for c in val {
+                let probs = predict_case(model, head, head_store, &c.ct, &c.mask, p)?;
+                for (acc, d) in per_class.iter_mut().zip(case_dice(&probs, &c.labels, k)) {
+                    *acc += d / val.len() as f64;
+                }
+            }
+            let mean = per_class.iter().sum::<f64>() / k as f64;
+            res.history.push((step, per_class.clone()));
+            if mean > best {
+                best = mean;
+                res.best_step = step;
+                res.best_dice = per_class;
+                on_best(model, head_store)?;
+            }
+        }
+    }
+    Ok(res)
+}
