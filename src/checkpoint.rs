@@ -128,6 +128,15 @@ pub struct Loaded {
 /// `store`. Unknown keys and shape mismatches are errors naming the file and key; nothing is
 /// modified unless the whole file is valid.
 pub fn load(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>) -> Result<Loaded> {
+    load_impl(path, store, adam, true)
+}
+
+/// `load` for stores whose keys are taken literally (segmentation heads: `layers.0.weight`, …).
+pub fn load_exact(path: &Path, store: &mut ParamStore) -> Result<Loaded> {
+    load_impl(path, store, None, false)
+}
+
+fn load_impl(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>, bare_keys_are_backbone: bool) -> Result<Loaded> {
     let bytes = fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
@@ -140,7 +149,7 @@ pub fn load(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>) -> Res
             (true, false, k.to_string())
         } else if let Some(k) = key.strip_prefix("optim.exp_avg.") {
             (true, true, k.to_string())
-        } else if key.starts_with(BACKBONE_PREFIX) || key.starts_with(HEAD_PREFIX) {
+        } else if !bare_keys_are_backbone || key.starts_with(BACKBONE_PREFIX) || key.starts_with(HEAD_PREFIX) {
             (false, false, key.clone())
         } else {
             (false, false, format!("{BACKBONE_PREFIX}{key}"))

@@ -56,6 +56,33 @@ enum Cmd {
         #[arg(long, default_value = "128,128,32")]
         patch: String,
     },
+    /// Linear or non-linear probing: train a head on the frozen backbone (eval-mode BatchNorm).
+    Probe(SegArgs),
+    /// Fine-tuning: head first, then backbone and head together after --unfreeze-after steps.
+    Finetune {
+        #[command(flatten)]
+        seg: SegArgs,
+        #[arg(long, default_value_t = 200)]
+        unfreeze_after: u64,
+    },
+    /// The same network trained from scratch (random backbone, no --weights needed).
+    Scratch(SegArgs),
+    /// Segment a CT with a backbone and a trained head: a label map on the input's own grid.
+    Predict {
+        ct: PathBuf,
+        #[arg(long)]
+        backbone: PathBuf,
+        #[arg(long)]
+        head: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        base_channels: usize,
+        #[arg(long, default_value_t = 6)]
+        num_scales: usize,
+        #[arg(long, default_value = "128,128,32")]
+        patch: String,
+    },
     /// Preprocess CT into the cache (crop to body, resample to 1×1×2 mm, body mask):
     /// multi-threaded and resumable (finished entries are kept; a killed run continues).
     Preprocess {
@@ -72,6 +99,163 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args, Debug, Clone)]
+struct SegArgs {
+    /// nnU-Net raw dataset folder (imagesTr, labelsTr, dataset.json).
+    dataset: PathBuf,
+    /// Pretrained backbone (checkpoint or bare FPN3d); without it the backbone is random.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    #[arg(long, default_value = "linear")]
+    head: String,
+    /// Output folder: results.json, head.safetensors (best), backbone.safetensors when trained.
+    #[arg(long)]
+    out: PathBuf,
+    /// k-fold split: cases i with i % folds == fold validate (cases sorted by name).
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    #[arg(long, default_value_t = 0)]
+    fold: usize,
+    /// Explicit validation cases (comma-separated names) instead of folds.
+    #[arg(long, value_delimiter = ',')]
+    val: Vec<String>,
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    #[arg(long, default_value_t = 7)]
+    batch: usize,
+    #[arg(long, default_value = "128,128,32")]
+    patch: String,
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 100)]
+    validate_every: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 16)]
+    base_channels: usize,
+    #[arg(long, default_value_t = 6)]
+    num_scales: usize,
+    /// Resampling spacing in mm (x,y,z); coarser than the reference's 1,1,2 for quick CPU runs.
+    #[arg(long, default_value = "1,1,2")]
+    spacing: String,
+}
+
+fn parse_spacing(s: &str) -> Result<[f64; 3]> {
+    let p: Vec<f64> = s.split(',').map(|t| t.trim().parse()).collect::<std::result::Result<_, _>>().with_context(|| format!("spacing {s:?}"))?;
+    anyhow::ensure!(p.len() == 3 && p.iter().all(|&v| v > 0.0 && v.is_finite()), "spacing must be X,Y,Z in mm, got {s:?}");
+    Ok([p[0], p[1], p[2]])
+}
+
+fn parse_patch(s: &str) -> Result<[usize; 3]> {
+    let p: Vec<usize> = s.split(',').map(|t| t.trim().parse()).collect::<std::result::Result<_, _>>().with_context(|| format!("patch {s:?}"))?;
+    anyhow::ensure!(p.len() == 3 && p.iter().all(|&v| v >= 4), "patch must be X,Y,Z (each ≥ 4), got {s:?}");
+    Ok([p[0], p[1], p[2]])
+}
+
+fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
+    use vox2vec::eval::segment::{Head, HeadKind, Mode, SegConfig, load_dataset, train_segmentation};
+    use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
+    let kind = match a.head.as_str() {
+        "linear" => HeadKind::Linear,
+        "nonlinear" | "non-linear" => HeadKind::NonLinear,
+        h => anyhow::bail!("--head {h:?}: linear or nonlinear"),
+    };
+    let mut model = match (&a.weights, mode) {
+        (Some(w), _) => load_backbone(w, a.base_channels, a.num_scales)?,
+        (None, Mode::Scratch) | (None, Mode::Probe) => {
+            Vox2Vec::new(ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: a.base_channels, num_scales: a.num_scales }, ..ModelConfig::default() }, a.seed)
+        }
+        (None, Mode::FineTune { .. }) => anyhow::bail!("finetune needs --weights (use `scratch` for a random backbone)"),
+    };
+    let bar = indicatif::ProgressBar::new_spinner();
+    let pre = vox2vec::data::preprocess::PreprocessConfig { spacing: parse_spacing(&a.spacing)?, ..Default::default() };
+    let ds = load_dataset(&a.dataset, &pre, &|c| bar.set_message(format!("preprocessing {c}")))?;
+    bar.finish_and_clear();
+    let k = ds.classes.len();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, c) in ds.cases.iter().enumerate() {
+        let is_val = if a.val.is_empty() { i % a.folds.max(1) == a.fold } else { a.val.contains(&c.name) };
+        if is_val { val.push(c) } else { train.push(c) }
+    }
+    anyhow::ensure!(!train.is_empty() && !val.is_empty(), "split gives {} training and {} validation cases", train.len(), val.len());
+    eprintln!("{}: {} classes, {} training cases, {} validation cases ({})", a.dataset.display(), k, train.len(), val.len(), val.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "));
+    let mut head_store = vox2vec::params::ParamStore::new();
+    let head = Head::new(kind, &mut head_store, a.seed ^ 0x5eed, model.config.fpn, k);
+    let cfg = SegConfig { patch: parse_patch(&a.patch)?, batch: a.batch, steps: a.steps, lr: a.lr, validate_every: a.validate_every, seed: a.seed, ..SegConfig::default() };
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let bar = indicatif::ProgressBar::new(a.steps);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")?);
+    let head_path = a.out.join("head.safetensors");
+    let backbone_path = a.out.join("backbone.safetensors");
+    let head_meta = [("head_kind", a.head.clone()), ("num_classes", k.to_string()), ("classes", serde_json::to_string(&ds.classes)?)];
+    let trains_backbone = !matches!(mode, Mode::Probe);
+    let res = train_segmentation(&mut model, &head, &mut head_store, &train, &val, k, mode, &cfg, &mut |step, loss| {
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss:.4}"));
+    }, &mut |m, hs| {
+        let meta: Vec<(&str, String)> = head_meta.iter().map(|(k, v)| (*k, v.clone())).collect();
+        vox2vec::checkpoint::save(&head_path, &m.config, hs, None, &meta)?;
+        if trains_backbone {
+            vox2vec::checkpoint::save(&backbone_path, &m.config, &m.store, None, &[])?;
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let mean = res.best_dice.iter().sum::<f64>() / k as f64;
+    println!("best validation Dice at step {} (mean {mean:.4}):", res.best_step);
+    for (name, d) in ds.classes.iter().zip(&res.best_dice) {
+        println!("  {name:<16} {d:.4}");
+    }
+    let json = serde_json::json!({
+        "mode": format!("{mode:?}"),
+        "head": a.head,
+        "weights": a.weights,
+        "classes": ds.classes,
+        "train_cases": train.iter().map(|c| &c.name).collect::<Vec<_>>(),
+        "val_cases": val.iter().map(|c| &c.name).collect::<Vec<_>>(),
+        "config": {"patch": cfg.patch, "batch": cfg.batch, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed, "spacing_mm": pre.spacing, "backbone": {"base_channels": model.config.fpn.base_channels, "num_scales": model.config.fpn.num_scales}},
+        "best_step": res.best_step,
+        "best_dice": res.best_dice,
+        "best_mean_dice": mean,
+        "history": res.history.iter().map(|(s, d)| serde_json::json!({"step": s, "dice": d})).collect::<Vec<_>>(),
+        "losses": res.losses,
+    });
+    vox2vec::checkpoint::write_atomic(&a.out.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::path::Path, out: &std::path::Path, base: usize, scales: usize, patch: &str) -> Result<()> {
+    use vox2vec::eval::segment::{Head, HeadKind, predict_case};
+    let mut model = load_backbone(backbone, base, scales)?;
+    let bytes = std::fs::read(head_path).with_context(|| format!("reading {}", head_path.display()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", head_path.display()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let kind = match meta.get("head_kind").map(String::as_str) {
+        Some("linear") => HeadKind::Linear,
+        Some("nonlinear") | Some("non-linear") => HeadKind::NonLinear,
+        other => anyhow::bail!("{}: unknown head kind {other:?} (a head written by probe / finetune / scratch is needed)", head_path.display()),
+    };
+    let k: usize = meta.get("num_classes").and_then(|v| v.parse().ok()).with_context(|| format!("{}: no num_classes", head_path.display()))?;
+    let mut hs = vox2vec::params::ParamStore::new();
+    let head = Head::new(kind, &mut hs, 0, model.config.fpn, k);
+    let loaded = vox2vec::checkpoint::load_exact(head_path, &mut hs)?;
+    anyhow::ensure!(loaded.missing.is_empty(), "{}: head tensors missing: {:?}", head_path.display(), loaded.missing);
+    let vol = vox2vec::data::nifti_io::read_volume(ct)?;
+    let e = vox2vec::data::cache::build(ct, &vox2vec::data::preprocess::PreprocessConfig::default())?;
+    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), parse_patch(patch)?)?;
+    // One label per voxel: the most probable class among those above 0.5.
+    let labels: Vec<u8> = probs
+        .chunks_exact(k)
+        .map(|p| p.iter().enumerate().filter(|(_, v)| **v > 0.5).fold((0u8, 0.5f32), |best, (c, &v)| if v > best.1 { (c as u8 + 1, v) } else { best }).0)
+        .collect();
+    let on_source = vox2vec::data::preprocess::to_source_grid(&labels, &e.ct, 0u8);
+    vox2vec::data::nifti_io::write_volume(out, &on_source, &vol.geometry)?;
+    let counts: Vec<usize> = (1..=k).map(|c| on_source.iter().filter(|&&l| l as usize == c).count()).collect();
+    println!("wrote {} ({:?} voxels on the input grid; voxels per class {counts:?})", out.display(), vol.geometry.file_shape);
+    Ok(())
+}
+
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -80,6 +264,12 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Embed { input, weights, out, levels, f16, base_channels, num_scales, patch } => {
             embed(&input, &weights, &out, &levels, f16, base_channels, num_scales, &patch)?;
+        }
+        Cmd::Probe(a) => segment(&a, vox2vec::eval::segment::Mode::Probe)?,
+        Cmd::Finetune { seg, unfreeze_after } => segment(&seg, vox2vec::eval::segment::Mode::FineTune { unfreeze_after })?,
+        Cmd::Scratch(a) => segment(&a, vox2vec::eval::segment::Mode::Scratch)?,
+        Cmd::Predict { ct, backbone, head, out, base_channels, num_scales, patch } => {
+            predict(&ct, &backbone, &head, &out, base_channels, num_scales, &patch)?;
         }
         Cmd::Preprocess { input, cache, skip_bad, threads } => {
             if let Some(t) = threads {

@@ -229,3 +229,34 @@ pub fn preprocess_labels(labels: &[u8], ct: &PreprocessedCt) -> Result<Vec<u8>> 
     let (cropped, cshape) = crop(labels, ct.source_shape, ct.crop_box);
     Ok(zoom_nearest(&cropped, cshape, ct.shape))
 }
+
+/// A map on the preprocessed grid carried back onto the canonical source grid (before crop
+/// and resampling): each source voxel in the crop box takes the nearest preprocessed voxel
+/// (inverse of the zoom's coordinate map), voxels outside the box get `outside`.
+pub fn to_source_grid<T: Copy + Send + Sync>(pre: &[T], ct: &PreprocessedCt, outside: T) -> Vec<T> {
+    let src = ct.source_shape;
+    let b = ct.crop_box;
+    let cs = [b[0][1] - b[0][0], b[1][1] - b[1][0], b[2][1] - b[2][0]];
+    let map = |a: usize| -> Vec<usize> {
+        (0..cs[a])
+            .map(|i| {
+                let u = if cs[a] <= 1 { 0.0 } else { i as f64 * (ct.shape[a] - 1) as f64 / (cs[a] - 1) as f64 };
+                (u.round() as usize).min(ct.shape[a] - 1)
+            })
+            .collect()
+    };
+    let (mx, my, mz) = (map(0), map(1), map(2));
+    let mut out = vec![outside; src.iter().product()];
+    out.par_chunks_mut(src[1] * src[2]).enumerate().for_each(|(x, plane)| {
+        if x < b[0][0] || x >= b[0][1] {
+            return;
+        }
+        for y in b[1][0]..b[1][1] {
+            for z in b[2][0]..b[2][1] {
+                let p = (mx[x - b[0][0]] * ct.shape[1] + my[y - b[1][0]]) * ct.shape[2] + mz[z - b[2][0]];
+                plane[y * src[2] + z] = pre[p];
+            }
+        }
+    });
+    out
+}

@@ -46,7 +46,7 @@ pub struct Dataset {
 }
 
 /// Read dataset.json, pair imagesTr/<case>_0000 with labelsTr/<case>, preprocess both.
-pub fn load_dataset(dir: &Path, tick: &dyn Fn(&str)) -> Result<Dataset> {
+pub fn load_dataset(dir: &Path, pre: &PreprocessConfig, tick: &dyn Fn(&str)) -> Result<Dataset> {
     let json_path = dir.join("dataset.json");
     let text = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", json_path.display()))?;
@@ -65,7 +65,7 @@ pub fn load_dataset(dir: &Path, tick: &dyn Fn(&str)) -> Result<Dataset> {
         let image = dir.join("imagesTr").join(format!("{case}_0000{ext}"));
         ensure!(image.is_file(), "{}: no image {} for label {}", dir.display(), image.display(), label_path.display());
         tick(&case);
-        let e = build(&image, &PreprocessConfig::default())?;
+        let e = build(&image, pre)?;
         let lab = read_volume(&label_path)?;
         ensure!(lab.shape == e.ct.source_shape, "{}: label grid {:?} differs from the image's {:?}", label_path.display(), lab.shape, e.ct.source_shape);
         let raw: Vec<u8> = lab.data.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect();
