@@ -47,14 +47,8 @@ enum Cmd {
         /// Write float16 instead of float32.
         #[arg(long)]
         f16: bool,
-        /// Backbone size when the weights carry no model_config.
-        #[arg(long, default_value_t = 16)]
-        base_channels: usize,
-        #[arg(long, default_value_t = 6)]
-        num_scales: usize,
-        /// Sliding-window patch X,Y,Z.
-        #[arg(long, default_value = "128,128,32")]
-        patch: String,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// Linear or non-linear probing: train a head on the frozen backbone (eval-mode BatchNorm).
     Probe(SegArgs),
@@ -76,12 +70,8 @@ enum Cmd {
         head: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 16)]
-        base_channels: usize,
-        #[arg(long, default_value_t = 6)]
-        num_scales: usize,
-        #[arg(long, default_value = "128,128,32")]
-        patch: String,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// Preprocess CT into the cache (crop to body, resample to 1×1×2 mm, body mask):
     /// multi-threaded and resumable (finished entries are kept; a killed run continues).
@@ -97,6 +87,18 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+}
+
+/// Backbone size (used when the weights carry no model_config) and sliding-window patch.
+#[derive(clap::Args, Debug, Clone)]
+struct NetArgs {
+    #[arg(long, default_value_t = 16)]
+    base_channels: usize,
+    #[arg(long, default_value_t = 6)]
+    num_scales: usize,
+    /// Sliding-window patch X,Y,Z.
+    #[arg(long, default_value = "128,128,32")]
+    patch: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -224,10 +226,9 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::path::Path, out: &std::path::Path, base: usize, scales: usize, patch: &str) -> Result<()> {
+fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::path::Path, out: &std::path::Path, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::segment::{Head, HeadKind, predict_case};
-    let mut model = load_backbone(backbone, base, scales)?;
+    let mut model = load_backbone(backbone, net.base_channels, net.num_scales)?;
     let bytes = std::fs::read(head_path).with_context(|| format!("reading {}", head_path.display()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", head_path.display()))?;
     let meta = header.metadata().clone().unwrap_or_default();
@@ -243,7 +244,7 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     anyhow::ensure!(loaded.missing.is_empty(), "{}: head tensors missing: {:?}", head_path.display(), loaded.missing);
     let vol = vox2vec::data::nifti_io::read_volume(ct)?;
     let e = vox2vec::data::cache::build(ct, &vox2vec::data::preprocess::PreprocessConfig::default())?;
-    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), parse_patch(patch)?)?;
+    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), parse_patch(&net.patch)?)?;
     // One label per voxel: the most probable class among those above 0.5.
     let labels: Vec<u8> = probs
         .chunks_exact(k)
@@ -262,15 +263,11 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Embed { input, weights, out, levels, f16, base_channels, num_scales, patch } => {
-            embed(&input, &weights, &out, &levels, f16, base_channels, num_scales, &patch)?;
-        }
+        Cmd::Embed { input, weights, out, levels, f16, net } => embed(&input, &weights, &out, &levels, f16, &net)?,
         Cmd::Probe(a) => segment(&a, vox2vec::eval::segment::Mode::Probe)?,
         Cmd::Finetune { seg, unfreeze_after } => segment(&seg, vox2vec::eval::segment::Mode::FineTune { unfreeze_after })?,
         Cmd::Scratch(a) => segment(&a, vox2vec::eval::segment::Mode::Scratch)?,
-        Cmd::Predict { ct, backbone, head, out, base_channels, num_scales, patch } => {
-            predict(&ct, &backbone, &head, &out, base_channels, num_scales, &patch)?;
-        }
+        Cmd::Predict { ct, backbone, head, out, net } => predict(&ct, &backbone, &head, &out, &net)?,
         Cmd::Preprocess { input, cache, skip_bad, threads } => {
             if let Some(t) = threads {
                 rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
@@ -343,10 +340,9 @@ fn load_backbone(weights: &std::path::Path, base: usize, scales: usize) -> Resul
     Ok(model)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, base: usize, scales: usize, patch: &str) -> Result<()> {
+fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::{embed, npy};
-    let mut model = load_backbone(weights, base, scales)?;
+    let mut model = load_backbone(weights, net.base_channels, net.num_scales)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let write = |path: &std::path::Path, shape: &[usize], v: &[f32]| if f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) };
     if input.extension().is_some_and(|e| e == "npy") {
@@ -359,14 +355,13 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
         println!("wrote {} pyramid levels to {}", pyr.len(), out.display());
         return Ok(());
     }
-    let p: Vec<usize> = patch.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("--patch {patch:?}"))?;
-    anyhow::ensure!(p.len() == 3, "--patch needs X,Y,Z");
+    let p = parse_patch(&net.patch)?;
     let e = vox2vec::data::cache::build(input, &vox2vec::data::preprocess::PreprocessConfig::default())?;
     let ct = &e.ct;
     let x = embed::scale_hu(&ct.hu);
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}")?);
-    let maps = embed::embed_volume(&mut model, &x, ct.shape, [p[0], p[1], p[2]], levels, &|n, total| {
+    let maps = embed::embed_volume(&mut model, &x, ct.shape, p, levels, &|n, total| {
         bar.set_length(total as u64);
         bar.set_position(n as u64);
     })?;
