@@ -123,6 +123,40 @@ pub struct TrainOptions {
     /// Write a checkpoint every this many steps (and always at the end); 0 = only at the end.
     pub checkpoint_every: u64,
     pub resume: Resume,
+    /// Every `every` steps, a quick linear probe of the current backbone (logged with the loss).
+    pub online_probe: Option<OnlineProbe>,
+}
+
+/// Online probing: a labelled dataset, its split, and the probe's small training run.
+#[derive(Clone)]
+pub struct OnlineProbe {
+    pub dataset: std::sync::Arc<crate::eval::segment::Dataset>,
+    /// Indices of the validation cases; the others train the probe.
+    pub val: Vec<usize>,
+    pub every: u64,
+    pub config: crate::eval::segment::SegConfig,
+}
+
+impl std::fmt::Debug for OnlineProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OnlineProbe({} cases, every {} steps, {:?})", self.dataset.cases.len(), self.every, self.config)
+    }
+}
+
+/// A linear probe of `model`'s backbone as it is now (the backbone is not modified):
+/// mean validation Dice per class.
+pub fn online_probe(model: &mut Vox2Vec, p: &OnlineProbe, step: u64) -> Result<Vec<f64>> {
+    use crate::eval::segment::{Head, HeadKind, Mode, train_segmentation};
+    let k = p.dataset.classes.len();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, c) in p.dataset.cases.iter().enumerate() {
+        if p.val.contains(&i) { val.push(c) } else { train.push(c) }
+    }
+    let mut store = crate::params::ParamStore::new();
+    let head = Head::new(HeadKind::Linear, &mut store, step, model.config.fpn, k);
+    let cfg = crate::eval::segment::SegConfig { validate_every: p.config.steps, ..p.config.clone() };
+    let res = train_segmentation(model, &head, &mut store, &train, &val, k, Mode::Probe, &cfg, &mut |_, _| {}, &mut |_, _| Ok(()))?;
+    Ok(res.best_dice)
 }
 
 /// Where a run's batches come from.
@@ -260,6 +294,12 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
         });
         writeln!(metrics, "{line}").context("writing metrics")?;
         progress.step(step + 1, &stats);
+        if let Some(p) = opts.online_probe.as_ref().filter(|p| p.every > 0 && (step + 1) % p.every == 0) {
+            let dice = online_probe(&mut model, p, step + 1)?;
+            let mean = dice.iter().sum::<f64>() / dice.len().max(1) as f64;
+            writeln!(metrics, "{}", serde_json::json!({"step": step + 1, "probe_mean_dice": mean, "probe_dice": dice, "probe_classes": p.dataset.classes})).context("writing metrics")?;
+            progress.message(&format!("step {:>6}  online linear probe: mean Dice {mean:.4}", step + 1));
+        }
         if opts.checkpoint_every > 0 && (step + 1) % opts.checkpoint_every == 0 && step + 1 < opts.steps {
             save(&model, &adam)?;
         }

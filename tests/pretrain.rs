@@ -18,6 +18,7 @@ fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
         out_dir: dir.to_path_buf(),
         checkpoint_every: 0,
         resume: Resume::No,
+        online_probe: None,
     }
 }
 

@@ -45,9 +45,8 @@ fn write_case(image: &Path, label: &Path, shift: usize) {
     nifti::writer::WriterOptions::new(label).reference_header(&h).write_nifti_with_type(&lab, nifti::NiftiType::Uint8).unwrap();
 }
 
-#[test]
-fn probe_then_predict_on_permuted_flipped_ct() {
-    let d = tmpdir("probe");
+/// An nnU-Net raw dataset of four block CTs (c0..c3).
+fn blocks_dataset(d: &Path) -> PathBuf {
     let ds = d.join("Dataset900_Blocks");
     std::fs::create_dir_all(ds.join("imagesTr")).unwrap();
     std::fs::create_dir_all(ds.join("labelsTr")).unwrap();
@@ -55,6 +54,40 @@ fn probe_then_predict_on_permuted_flipped_ct() {
     for (i, shift) in [0usize, 3, 6, 9].iter().enumerate() {
         write_case(&ds.join(format!("imagesTr/c{i}_0000.nii.gz")), &ds.join(format!("labelsTr/c{i}.nii.gz")), *shift);
     }
+    ds
+}
+
+#[test]
+fn online_probe_is_logged_with_the_loss() {
+    let d = tmpdir("online");
+    let ds = blocks_dataset(&d);
+    let out = d.join("run");
+    let res = Command::new(env!("CARGO_BIN_EXE_vox2vec-train"))
+        .args(["--synthetic-pairs", "--base-channels", "4", "--num-scales", "3", "--proj-dim", "16", "--pairs", "2", "--patch", "16,16,8", "--voxels", "16", "--steps", "4"])
+        .arg("--out")
+        .arg(&out)
+        .arg("--probe-dataset")
+        .arg(&ds)
+        .args(["--probe-every", "2", "--probe-steps", "300", "--probe-patch", "16,16,8", "--probe-lr", "3e-2", "--probe-spacing", "1,1,2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(err.contains("online linear probe"), "{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let probes: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v.get("probe_mean_dice").is_some()).collect();
+    assert_eq!(probes.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 4]);
+    for p in &probes {
+        let dice = p["probe_mean_dice"].as_f64().unwrap();
+        println!("online probe at step {}: Dice {dice:.3}", p["step"]);
+        assert!((0.0..=1.0).contains(&dice));
+    }
+}
+
+#[test]
+fn probe_then_predict_on_permuted_flipped_ct() {
+    let d = tmpdir("probe");
+    let ds = blocks_dataset(&d);
     let out = d.join("probe");
     let bin = env!("CARGO_BIN_EXE_vox2vec");
     let res = Command::new(bin)

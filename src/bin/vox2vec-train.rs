@@ -41,6 +41,25 @@ struct Args {
     /// Blobs instead of CT: synthetic pairs without the sampler (for benchmarking the step).
     #[arg(long)]
     synthetic_pairs: bool,
+    /// Online probing: an nnU-Net raw dataset to linear-probe the backbone on every --probe-every steps.
+    #[arg(long)]
+    probe_dataset: Option<PathBuf>,
+    #[arg(long, default_value_t = 500)]
+    probe_every: u64,
+    /// Probe training steps, patch, batch, learning rate and resampling spacing (mm).
+    #[arg(long, default_value_t = 200)]
+    probe_steps: u64,
+    #[arg(long, default_value = "64,64,16", value_parser = parse_xyz)]
+    probe_patch: [usize; 3],
+    #[arg(long, default_value_t = 4)]
+    probe_batch: usize,
+    #[arg(long, default_value_t = 1e-2)]
+    probe_lr: f64,
+    #[arg(long, default_value = "2,2,4")]
+    probe_spacing: String,
+    /// Validation cases of the probe: every --probe-folds-th case.
+    #[arg(long, default_value_t = 4)]
+    probe_folds: usize,
     /// Total optimisation steps (a resumed run continues up to this number).
     #[arg(long, default_value_t = 100)]
     steps: u64,
@@ -168,6 +187,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         BatchSource::Volumes { volumes, sampler, workers: args.loader_workers }
     };
+    let online_probe = match &args.probe_dataset {
+        None => None,
+        Some(dir) => {
+            let sp: Vec<f64> = args.probe_spacing.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!("--probe-spacing: {e}"))?;
+            anyhow::ensure!(sp.len() == 3 && sp.iter().all(|v| *v > 0.0), "--probe-spacing must be X,Y,Z in mm");
+            let pre = PreprocessConfig { spacing: [sp[0], sp[1], sp[2]], ..PreprocessConfig::default() };
+            let ds = vox2vec::eval::segment::load_dataset(dir, &pre, &|c| eprintln!("online probe: preprocessing {c}"))?;
+            let n = ds.cases.len();
+            let folds = args.probe_folds.max(2);
+            let val: Vec<usize> = (0..n).filter(|i| i % folds == 0).collect();
+            anyhow::ensure!(val.len() < n, "online probe: {} cases are too few to split", n);
+            Some(vox2vec::train::OnlineProbe {
+                dataset: Arc::new(ds),
+                val,
+                every: args.probe_every,
+                config: vox2vec::eval::segment::SegConfig { patch: args.probe_patch, batch: args.probe_batch, steps: args.probe_steps, lr: args.probe_lr, seed: args.seed, ..Default::default() },
+            })
+        }
+    };
     let opts = TrainOptions {
         model: ModelConfig {
             fpn: FpnConfig { in_channels: 1, base_channels: args.base_channels, num_scales: args.num_scales },
@@ -185,6 +223,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             (None, true) => Resume::Latest,
             (None, false) => Resume::No,
         },
+        online_probe,
     };
     let source = match (&args.data, args.synthetic_pairs) {
         (_, true) => "synthetic pairs".to_string(),

@@ -270,7 +270,8 @@ pub fn train_segmentation(
     ensure!(!train.is_empty() && !val.is_empty(), "need training and validation cases");
     let adam_cfg = AdamConfig { lr: cfg.lr, ..AdamConfig::default() };
     let mut head_adam = Adam::new(adam_cfg, head_store);
-    let mut backbone_adam = Adam::new(adam_cfg, &model.store);
+    // Moments for the backbone only when it trains (they are as large as the backbone).
+    let mut backbone_adam = (!matches!(mode, Mode::Probe)).then(|| Adam::new(adam_cfg, &model.store));
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut res = SegResult { history: Vec::new(), best_step: 0, best_dice: vec![], losses: Vec::new() };
     let mut best = f64::NEG_INFINITY;
@@ -309,9 +310,9 @@ pub fn train_segmentation(
         let grads = g.backward(&loss)?;
         let hg: Vec<Option<Tensor>> = (0..head_store.len()).map(|s| grads.param(head_store, s).cloned()).collect();
         head_adam.update(head_store, &hg)?;
-        if train_backbone {
+        if let (true, Some(adam)) = (train_backbone, backbone_adam.as_mut()) {
             let bg: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
-            backbone_adam.update(&mut model.store, &bg)?;
+            adam.update(&mut model.store, &bg)?;
         }
         res.losses.push((step, lv));
         progress(step, lv);
