@@ -126,3 +126,34 @@ fn probe_then_predict_on_permuted_flipped_ct() {
     println!("predict on the original grid: Dice {dice:.3}");
     assert!(dice > 0.5, "predicted mask misplaced: Dice {dice}");
 }
+
+#[test]
+fn finetune_and_scratch_train_the_backbone_too() {
+    let d = tmpdir("finetune");
+    let ds = blocks_dataset(&d);
+    let bin = env!("CARGO_BIN_EXE_vox2vec");
+    let weights = d.join("w.safetensors");
+    let m = vox2vec::model::Vox2Vec::new(vox2vec::model::ModelConfig { fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, ..Default::default() }, 3);
+    vox2vec::checkpoint::save(&weights, &m.config, &m.store, None, &[]).unwrap();
+    let common = ["--patch", "16,16,8", "--batch", "2", "--steps", "6", "--validate-every", "3", "--lr", "1e-2", "--val", "c2"];
+    let ft = d.join("ft");
+    let res = Command::new(bin).arg("finetune").arg(&ds).arg("--weights").arg(&weights).arg("--out").arg(&ft).args(common).args(["--unfreeze-after", "3"]).output().unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let sc = d.join("scratch");
+    let res = Command::new(bin).arg("scratch").arg(&ds).arg("--out").arg(&sc).args(["--base-channels", "4", "--num-scales", "3"]).args(common).output().unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    for dir in [&ft, &sc] {
+        assert!(dir.join("results.json").is_file() && dir.join("head.safetensors").is_file());
+        assert!(dir.join("backbone.safetensors").is_file(), "{}: the trained backbone is kept", dir.display());
+    }
+    // Fine-tuning changed the backbone once unfrozen (best checkpoint may be from step 3 or 6).
+    let mut after = vox2vec::model::Vox2Vec::new(m.config, 99);
+    vox2vec::checkpoint::load(&ft.join("backbone.safetensors"), &mut after.store, None).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ft.join("results.json")).unwrap()).unwrap();
+    let slot = m.store.find("backbone.first_conv.weight").unwrap();
+    let changed = m.store.get(slot).f32s() != after.store.get(slot).f32s();
+    assert_eq!(changed, r["best_step"].as_u64().unwrap() > 3, "backbone frozen for 3 steps, trained after");
+    // Without weights, finetune is refused.
+    let res = Command::new(bin).arg("finetune").arg(&ds).arg("--out").arg(d.join("x")).args(common).output().unwrap();
+    assert!(!res.status.success());
+}
