@@ -111,7 +111,7 @@ fn probe_then_predict_on_permuted_flipped_ct() {
     vox2vec::checkpoint::save(&backbone, &m.config, &m.store, None, &[]).unwrap();
     let mask = d.join("mask.nii.gz");
     let ct = ds.join("imagesTr/c1_0000.nii.gz");
-    let res = Command::new(bin).arg("predict").arg(&ct).arg("--backbone").arg(&backbone).arg("--head").arg(out.join("head.safetensors")).arg("--out").arg(&mask).args(["--patch", "16,16,8"]).output().unwrap();
+    let res = Command::new(bin).arg("predict").arg(&ct).arg("--backbone").arg(&backbone).arg("--head").arg(out.join("head.safetensors")).arg("--out").arg(&mask).arg("--probabilities").arg(d.join("probs")).args(["--patch", "16,16,8"]).output().unwrap();
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let a = ReaderOptions::new().read_file(&ct).unwrap();
     let b = ReaderOptions::new().read_file(&mask).unwrap();
@@ -125,6 +125,10 @@ fn probe_then_predict_on_permuted_flipped_ct() {
     let dice = vox2vec::eval::dice::dice(&p, &t);
     println!("predict on the original grid: Dice {dice:.3}");
     assert!(dice > 0.5, "predicted mask misplaced: Dice {dice}");
+    // The probability map is on the same grid and agrees with the mask.
+    let prob = read_volume(&d.join("probs/Bone.nii.gz")).unwrap();
+    assert_eq!(prob.shape, pred.shape);
+    assert!(prob.data.iter().zip(&p).all(|(&q, &m)| (q > 0.5) == m), "probabilities disagree with the mask");
 }
 
 #[test]

@@ -70,6 +70,9 @@ enum Cmd {
         head: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Also write each class's probability (float32 NIfTI on the input's grid) into this folder.
+        #[arg(long)]
+        probabilities: Option<PathBuf>,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -226,7 +229,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     Ok(())
 }
 
-fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::path::Path, out: &std::path::Path, net: &NetArgs) -> Result<()> {
+fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::path::Path, out: &std::path::Path, probabilities: Option<&std::path::Path>, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::segment::{Head, HeadKind, predict_case};
     let mut model = load_backbone(backbone, net.base_channels, net.num_scales)?;
     let bytes = std::fs::read(head_path).with_context(|| format!("reading {}", head_path.display()))?;
@@ -252,6 +255,15 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
         .collect();
     let on_source = vox2vec::data::preprocess::to_source_grid(&labels, &e.ct, 0u8);
     vox2vec::data::nifti_io::write_volume(out, &on_source, &vol.geometry)?;
+    if let Some(dir) = probabilities {
+        let names: Vec<String> = meta.get("classes").and_then(|c| serde_json::from_str(c).ok()).unwrap_or_else(|| (1..=k).map(|c| format!("class_{c}")).collect());
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (c, name) in names.iter().enumerate().take(k) {
+            let pc: Vec<f32> = probs.iter().skip(c).step_by(k).copied().collect();
+            let file: String = name.chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' { ch } else { '_' }).collect();
+            vox2vec::data::nifti_io::write_volume(&dir.join(format!("{file}.nii.gz")), &vox2vec::data::preprocess::to_source_grid(&pc, &e.ct, 0.0f32), &vol.geometry)?;
+        }
+    }
     let counts: Vec<usize> = (1..=k).map(|c| on_source.iter().filter(|&&l| l as usize == c).count()).collect();
     println!("wrote {} ({:?} voxels on the input grid; voxels per class {counts:?})", out.display(), vol.geometry.file_shape);
     Ok(())
@@ -267,7 +279,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Probe(a) => segment(&a, vox2vec::eval::segment::Mode::Probe)?,
         Cmd::Finetune { seg, unfreeze_after } => segment(&seg, vox2vec::eval::segment::Mode::FineTune { unfreeze_after })?,
         Cmd::Scratch(a) => segment(&a, vox2vec::eval::segment::Mode::Scratch)?,
-        Cmd::Predict { ct, backbone, head, out, net } => predict(&ct, &backbone, &head, &out, &net)?,
+        Cmd::Predict { ct, backbone, head, out, probabilities, net } => predict(&ct, &backbone, &head, &out, probabilities.as_deref(), &net)?,
         Cmd::Preprocess { input, cache, skip_bad, threads } => {
             if let Some(t) = threads {
                 rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
