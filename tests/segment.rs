@@ -161,3 +161,41 @@ fn finetune_and_scratch_train_the_backbone_too() {
     let res = Command::new(bin).arg("finetune").arg(&ds).arg("--out").arg(d.join("x")).args(common).output().unwrap();
     assert!(!res.status.success());
 }
+
+#[test]
+fn embed_ct_writes_levels_and_original_grid_maps() {
+    let d = tmpdir("embedct");
+    let ds = blocks_dataset(&d);
+    let ct = ds.join("imagesTr/c0_0000.nii.gz");
+    let weights = d.join("w.safetensors");
+    let m = vox2vec::model::Vox2Vec::new(vox2vec::model::ModelConfig { fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, ..Default::default() }, 3);
+    vox2vec::checkpoint::save(&weights, &m.config, &m.store, None, &[]).unwrap();
+    let out = d.join("feats");
+    let res = Command::new(env!("CARGO_BIN_EXE_vox2vec"))
+        .arg("embed")
+        .arg(&ct)
+        .arg("--weights")
+        .arg(&weights)
+        .arg("--out")
+        .arg(&out)
+        .args(["--levels", "0,1", "--patch", "16,16,8", "--gaussian", "--original-grid", "--f16"])
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let geo: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("geometry.json")).unwrap()).unwrap();
+    let shape: Vec<usize> = serde_json::from_value(geo["shape"].clone()).unwrap();
+    let header = |name: &str| {
+        let b = std::fs::read(out.join(name)).unwrap();
+        let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+        (String::from_utf8_lossy(&b[10..10 + hlen]).to_string(), b.len() - 10 - hlen)
+    };
+    let (h0, n0) = header("level_0.npy");
+    assert!(h0.contains("'<f2'") && h0.contains(&format!("(4, {}, {}, {})", shape[0], shape[1], shape[2])), "{h0}");
+    assert_eq!(n0, 2 * 4 * shape.iter().product::<usize>());
+    let (h1, _) = header("level_1.npy");
+    assert!(h1.contains(&format!("(8, {}, {}, {})", shape[0].div_ceil(2), shape[1].div_ceil(2), shape[2].div_ceil(2))), "{h1}");
+    // On the file's own grid: the file stores (z, x, y) with 24 × 40 × 36 voxels.
+    let (ho, no) = header("level_0_original.npy");
+    assert!(ho.contains("(4, 24, 40, 36)"), "{ho}");
+    assert_eq!(no, 2 * 4 * 24 * 40 * 36);
+}

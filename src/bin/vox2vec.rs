@@ -47,6 +47,14 @@ enum Cmd {
         /// Write float16 instead of float32.
         #[arg(long)]
         f16: bool,
+        /// Combine windows with MONAI-style Gaussian weights instead of the reference's
+        /// central regions.
+        #[arg(long)]
+        gaussian: bool,
+        /// Also write each level resampled (nearest) onto the input file's own grid and axis
+        /// order: level_<i>_original.npy [C, file X, file Y, file Z].
+        #[arg(long)]
+        original_grid: bool,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -275,7 +283,7 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Embed { input, weights, out, levels, f16, net } => embed(&input, &weights, &out, &levels, f16, &net)?,
+        Cmd::Embed { input, weights, out, levels, f16, gaussian, original_grid, net } => embed(&input, &weights, &out, &levels, f16, gaussian, original_grid, &net)?,
         Cmd::Probe(a) => segment(&a, vox2vec::eval::segment::Mode::Probe)?,
         Cmd::Finetune { seg, unfreeze_after } => segment(&seg, vox2vec::eval::segment::Mode::FineTune { unfreeze_after })?,
         Cmd::Scratch(a) => segment(&a, vox2vec::eval::segment::Mode::Scratch)?,
@@ -352,7 +360,8 @@ fn load_backbone(weights: &std::path::Path, base: usize, scales: usize) -> Resul
     Ok(model)
 }
 
-fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, net: &NetArgs) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::{embed, npy};
     let mut model = load_backbone(weights, net.base_channels, net.num_scales)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -373,7 +382,8 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
     let x = embed::scale_hu(&ct.hu);
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}")?);
-    let maps = embed::embed_volume(&mut model, &x, ct.shape, p, levels, &|n, total| {
+    let blend = if gaussian { embed::Blend::Gaussian } else { embed::Blend::Central };
+    let maps = embed::embed_volume(&mut model, &x, ct.shape, p, levels, blend, &|n, total| {
         bar.set_length(total as u64);
         bar.set_position(n as u64);
     })?;
@@ -381,6 +391,33 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
     for m in &maps {
         let v = vox2vec::tensor::nxyzc_to_ncxyz(&m.values, 1, m.channels, m.shape.iter().product());
         write(&out.join(format!("level_{}.npy", m.level)), &[m.channels, m.shape[0], m.shape[1], m.shape[2]], &v)?;
+        if original_grid {
+            // Level i → the level-0 preprocessed grid (nearest) → the canonical source grid → file order.
+            let f = 1usize << m.level;
+            let s0 = ct.shape;
+            let c = m.channels;
+            let mut up = vec![0.0f32; s0.iter().product::<usize>() * c];
+            for a in 0..s0[0] {
+                for b in 0..s0[1] {
+                    for z in 0..s0[2] {
+                        let src = (((a / f) * m.shape[1] + b / f) * m.shape[2] + z / f) * c;
+                        let dst = ((a * s0[1] + b) * s0[2] + z) * c;
+                        up[dst..dst + c].copy_from_slice(&m.values[src..src + c]);
+                    }
+                }
+            }
+            let mut src_grid = vec![0.0f32; ct.source_shape.iter().product::<usize>() * c];
+            for ch in 0..c {
+                let one: Vec<f32> = up.iter().skip(ch).step_by(c).copied().collect();
+                for (i, v) in vox2vec::data::preprocess::to_source_grid(&one, ct, 0.0f32).into_iter().enumerate() {
+                    src_grid[i * c + ch] = v;
+                }
+            }
+            let vol = vox2vec::data::nifti_io::read_volume(input)?;
+            let fs = vol.geometry.file_shape;
+            let file_order = vox2vec::data::nifti_io::to_file_order(&src_grid, &vol.geometry, c);
+            write(&out.join(format!("level_{}_original.npy", m.level)), &[c, fs[0], fs[1], fs[2]], &file_order)?;
+        }
     }
     // The preprocessed grid in world coordinates: canonical index → file grid → world.
     let geo = serde_json::json!({

@@ -232,6 +232,31 @@ fn decode(raw: &[u8], dtype: NiftiType, endian: Endianness, n: usize) -> Result<
         .collect())
 }
 
+/// A canonical [X, Y, Z, c] array (channels last) rearranged into the file's own axis order,
+/// returned as C-order [c, file X, file Y, file Z] (for .npy files that overlay the input).
+pub fn to_file_order<T: Copy + Default>(canonical: &[T], geometry: &Geometry, c: usize) -> Vec<T> {
+    let shape = geometry.canonical_shape();
+    let fs = geometry.file_shape;
+    let n: usize = fs.iter().product();
+    let mut out = vec![T::default(); n * c];
+    let mut idx = 0;
+    for x in 0..shape[0] {
+        for y in 0..shape[1] {
+            for z in 0..shape[2] {
+                let f = geometry.file_index([x, y, z]); // Fortran: o0 + n0·(o1 + n1·o2)
+                let (o0, r) = (f % fs[0], f / fs[0]);
+                let (o1, o2) = (r % fs[1], r / fs[1]);
+                let cidx = (o0 * fs[1] + o1) * fs[2] + o2;
+                for ch in 0..c {
+                    out[ch * n + cidx] = canonical[idx * c + ch];
+                }
+                idx += 1;
+            }
+        }
+    }
+    out
+}
+
 /// Element types that can be written.
 pub trait WriteElement: nifti::DataElement + bytemuck::Pod + Copy + Default {
     const TYPE: NiftiType;

@@ -34,6 +34,15 @@ pub fn patch_pyramid(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3]) -> Resul
         .collect())
 }
 
+/// How overlapping windows are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blend {
+    /// The reference: each window writes only its central region (every voxel written once).
+    Central,
+    /// MONAI-style Gaussian weighting of every window's full output.
+    Gaussian,
+}
+
 /// One stitched level: extent, channels, values [X, Y, Z, C] (channels last).
 pub struct LevelMap {
     pub level: usize,
@@ -43,7 +52,7 @@ pub struct LevelMap {
 }
 
 /// Embed a whole volume (network intensities, [X, Y, Z]) at the given levels.
-pub fn embed_volume(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3], patch: [usize; 3], levels: &[usize], tick: &dyn Fn(usize, usize)) -> Result<Vec<LevelMap>> {
+pub fn embed_volume(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3], patch: [usize; 3], levels: &[usize], blend: Blend, tick: &dyn Fn(usize, usize)) -> Result<Vec<LevelMap>> {
     let scales = model.config.fpn.num_scales;
     ensure!(levels.iter().all(|&l| l < scales), "levels {levels:?}: the backbone has {scales}");
     // Pad to at least the patch.
@@ -63,6 +72,7 @@ pub fn embed_volume(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3], patch: [u
     };
     let plan = Plan::new(ps, patch);
     let boxes = plan.boxes();
+    let mut weights: Vec<Vec<f32>> = Vec::new();
     let mut maps: Vec<LevelMap> = levels
         .iter()
         .map(|&l| {
@@ -72,6 +82,9 @@ pub fn embed_volume(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3], patch: [u
             LevelMap { level: l, shape: s, channels: c, values: vec![0.0; s.iter().product::<usize>() * c] }
         })
         .collect();
+    if blend == Blend::Gaussian {
+        weights = maps.iter().map(|m| vec![0.0f32; m.shape.iter().product()]).collect();
+    }
     for (n, (which, start)) in boxes.iter().enumerate() {
         let mut patch_x = Vec::with_capacity(patch.iter().product());
         for i in start[0]..start[0] + patch[0] {
@@ -82,12 +95,23 @@ pub fn embed_volume(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3], patch: [u
         }
         let g = Graph::inference();
         let pyr = model.pyramid(&g, &Var::constant(Tensor::from_f32(&[1, patch[0], patch[1], patch[2], 1], patch_x)))?;
-        for m in maps.iter_mut() {
+        for (mi, m) in maps.iter_mut().enumerate() {
             let p = &pyr[m.level];
             let s = p.shape();
-            plan.stitch(*which, *start, m.level as u32, p.value.f32s(), [s[1], s[2], s[3]], &mut m.values, m.shape, m.channels);
+            match blend {
+                Blend::Central => plan.stitch(*which, *start, m.level as u32, p.value.f32s(), [s[1], s[2], s[3]], &mut m.values, m.shape, m.channels),
+                Blend::Gaussian => plan.blend(*start, m.level as u32, p.value.f32s(), [s[1], s[2], s[3]], &mut m.values, &mut weights[mi], m.shape, m.channels),
+            }
         }
         tick(n + 1, boxes.len());
+    }
+    if blend == Blend::Gaussian {
+        for (m, w) in maps.iter_mut().zip(&weights) {
+            let c = m.channels;
+            for (v, &wt) in m.values.chunks_exact_mut(c).zip(w) {
+                v.iter_mut().for_each(|x| *x /= wt);
+            }
+        }
     }
     // Crop the padding back off.
     for m in maps.iter_mut() {

@@ -94,4 +94,39 @@ impl Plan {
             }
         }
     }
+
+    /// Gaussian blending (MONAI's `sliding_window_inference(mode="gaussian")`, σ = 0.125 ·
+    /// patch per axis): adds w · value into `acc` and w into `weight` for every voxel the box
+    /// covers; dividing acc by weight afterwards gives the blended map.
+    #[allow(clippy::too_many_arguments)]
+    pub fn blend(&self, start: [usize; 3], level: u32, patch_out: &[f32], patch_shape: [usize; 3], acc: &mut [f32], weight: &mut [f32], out_shape: [usize; 3], c: usize) {
+        let f = 1usize << level;
+        let axis = |a: usize| -> Vec<(usize, usize, f32)> {
+            let n = patch_shape[a];
+            let sigma = 0.125 * n as f64;
+            let centre = (n as f64 - 1.0) / 2.0;
+            let (lo, hi) = (start[a] / f, (start[a] + self.patch[a]).div_ceil(f).min(out_shape[a]));
+            (lo..hi)
+                .map(|g| {
+                    let j = ((g * f + f / 2).saturating_sub(start[a]) / f).min(n - 1);
+                    let w = (-0.5 * ((j as f64 - centre) / sigma).powi(2)).exp().max(1e-6);
+                    (g, j, w as f32)
+                })
+                .collect()
+        };
+        let (ax, ay, az) = (axis(0), axis(1), axis(2));
+        for &(gx, px, wx) in &ax {
+            for &(gy, py, wy) in &ay {
+                for &(gz, pz, wz) in &az {
+                    let w = wx * wy * wz;
+                    let src = ((px * patch_shape[1] + py) * patch_shape[2] + pz) * c;
+                    let g = (gx * out_shape[1] + gy) * out_shape[2] + gz;
+                    for (a, &v) in acc[g * c..(g + 1) * c].iter_mut().zip(&patch_out[src..src + c]) {
+                        *a += w * v;
+                    }
+                    weight[g] += w;
+                }
+            }
+        }
+    }
 }
