@@ -388,10 +388,11 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
         bar.set_position(n as u64);
     })?;
     bar.finish_and_clear();
+    let source = if original_grid { Some(vox2vec::data::nifti_io::read_volume(input)?) } else { None };
     for m in &maps {
         let v = vox2vec::tensor::nxyzc_to_ncxyz(&m.values, 1, m.channels, m.shape.iter().product());
         write(&out.join(format!("level_{}.npy", m.level)), &[m.channels, m.shape[0], m.shape[1], m.shape[2]], &v)?;
-        if original_grid {
+        if let Some(vol) = &source {
             // Level i → the level-0 preprocessed grid (nearest) → the canonical source grid → file order.
             let f = 1usize << m.level;
             let s0 = ct.shape;
@@ -413,7 +414,6 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
                     src_grid[i * c + ch] = v;
                 }
             }
-            let vol = vox2vec::data::nifti_io::read_volume(input)?;
             let fs = vol.geometry.file_shape;
             let file_order = vox2vec::data::nifti_io::to_file_order(&src_grid, &vol.geometry, c);
             write(&out.join(format!("level_{}_original.npy", m.level)), &[c, fs[0], fs[1], fs[2]], &file_order)?;

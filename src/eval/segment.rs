@@ -37,6 +37,8 @@ pub struct Case {
     /// Label map on the preprocessed grid.
     pub labels: Vec<u8>,
     pub mask: Vec<bool>,
+    /// Flat indices of each class's voxels (class c at c − 1), for foreground patches.
+    pub class_voxels: Vec<Vec<u32>>,
 }
 
 /// An nnU-Net raw dataset: class names (without background) and cases.
@@ -74,7 +76,13 @@ pub fn load_dataset(dir: &Path, pre: &PreprocessConfig, tick: &dyn Fn(&str)) -> 
         }
         let labels = preprocess_labels(&raw, &e.ct)?;
         let mask = e.ct.body_mask();
-        cases.push(Case { name: case, image, ct: e.ct, labels, mask });
+        let mut class_voxels = vec![Vec::new(); classes.len()];
+        for (i, &l) in labels.iter().enumerate() {
+            if l > 0 {
+                class_voxels[l as usize - 1].push(i as u32);
+            }
+        }
+        cases.push(Case { name: case, image, ct: e.ct, labels, mask, class_voxels });
     }
     ensure!(!cases.is_empty(), "{}: no labelled cases", dir.display());
     Ok(Dataset { classes: classes.into_iter().map(|(_, n)| n).collect(), cases })
@@ -169,10 +177,9 @@ fn patch_start(case: &Case, patch: [usize; 3], p_fg: f64, k: usize, rng: &mut St
     let s = case.ct.shape;
     let max_start = |a: usize| s[a].saturating_sub(patch[a]);
     if rng.random_bool(p_fg) {
-        let c = rng.random_range(1..=k) as u8;
-        let voxels: Vec<usize> = case.labels.iter().enumerate().filter(|(_, l)| **l == c).map(|(i, _)| i).collect();
+        let voxels = &case.class_voxels[rng.random_range(0..k)];
         if !voxels.is_empty() {
-            let v = voxels[rng.random_range(0..voxels.len())];
+            let v = voxels[rng.random_range(0..voxels.len())] as usize;
             let at = [v / (s[1] * s[2]), (v / s[2]) % s[1], v % s[2]];
             let mut st = [0; 3];
             for a in 0..3 {
