@@ -30,6 +30,7 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=VOX2VEC_PTXAS_VERBOSE");
     println!("cargo:rerun-if-changed=kernels");
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("kernels.fatbin");
@@ -52,6 +53,12 @@ fn main() {
         write_empty();
         return;
     };
+    // nvcc makes one fatbin from one translation unit: a generated file includes every .cu
+    // (kernel names are unique across files; each file includes common.cuh, guarded by
+    // #pragma once).
+    let unit = PathBuf::from(env::var("OUT_DIR").unwrap()).join("all_kernels.cu");
+    let includes: String = units.iter().map(|u| format!("#include \"{}\"\n", u.display())).collect();
+    fs::write(&unit, includes).expect("writing the kernels' translation unit");
     let mut cmd = Command::new(&nvcc);
     cmd.arg("--fatbin").arg("-O3").arg("-std=c++17").arg("-o").arg(&out);
     for a in ARCHS {
@@ -61,7 +68,7 @@ fn main() {
     if env::var_os("VOX2VEC_PTXAS_VERBOSE").is_some() {
         cmd.arg("-Xptxas=-v");
     }
-    cmd.args(&units);
+    cmd.arg(&unit);
     match cmd.output() {
         Ok(o) if o.status.success() => {
             for line in String::from_utf8_lossy(&o.stderr).lines() {

@@ -157,7 +157,11 @@ impl Graph {
         if loss.value.numel() != 1 {
             bail!("backward needs a scalar, found shape {:?}", loss.shape());
         }
-        self.backward_with(loss, Tensor::full(loss.shape(), 1.0))
+        let seed = match loss.value.device() {
+            crate::tensor::Device::Cpu => Tensor::full(loss.shape(), 1.0),
+            crate::tensor::Device::Cuda(o) => crate::cuda::full(&crate::cuda::device(o)?, loss.shape(), 1.0)?,
+        };
+        self.backward_with(loss, seed)
     }
 
     /// Reverse pass seeded with `grad_output` = d L / d `output` for any output shape
@@ -179,7 +183,7 @@ impl Graph {
             debug_assert_eq!(gins.len(), entry.inputs.len());
             for (input, g) in entry.inputs.into_iter().zip(gins) {
                 if let (Some(id), Some(g)) = (input, g) {
-                    accumulate(&mut grads, id, g);
+                    accumulate(&mut grads, id, g)?;
                 }
             }
         }
@@ -187,10 +191,13 @@ impl Graph {
     }
 }
 
-fn accumulate(grads: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) {
+fn accumulate(grads: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) -> Result<()> {
     match grads.remove(&id) {
         None => {
             grads.insert(id, g);
+        }
+        Some(prev) if prev.is_cuda() => {
+            grads.insert(id, crate::ops::elementwise::add_tensors(&prev, &g)?);
         }
         Some(prev) => {
             use rayon::prelude::*;
@@ -203,4 +210,5 @@ fn accumulate(grads: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) {
             grads.insert(id, Tensor::from_f32(g.shape(), acc));
         }
     }
+    Ok(())
 }

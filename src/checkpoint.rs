@@ -37,13 +37,15 @@ pub fn save(path: &Path, config: &ModelConfig, store: &ParamStore, adam: Option<
         let shape = store.pytorch_shape(i);
         let data = match s.kind {
             SlotKind::Counter => Data::I64(s.value.i64s().to_vec()),
+            // Device tensors are copied to the host here (checkpoints of GPU runs).
+            _ if s.value.is_cuda() => Data::F32(store.to_pytorch_f32(i, &s.value.to_f32_vec()?)),
             _ => Data::F32(store.to_pytorch_f32(i, s.value.f32s())),
         };
         owned.push((s.name.clone(), shape, data));
         if let Some(adam) = adam {
-            if let (Some(m), Some(v)) = (&adam.exp_avg[i], &adam.exp_avg_sq[i]) {
-                owned.push((format!("optim.exp_avg.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, m))));
-                owned.push((format!("optim.exp_avg_sq.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, v))));
+            if let Some((m, v)) = adam.moments_on_host(i)? {
+                owned.push((format!("optim.exp_avg.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, &m))));
+                owned.push((format!("optim.exp_avg_sq.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, &v))));
             }
         }
     }

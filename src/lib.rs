@@ -1,5 +1,5 @@
 //! vox2vec-rs: self-supervised voxel-level representation learning for CT (vox2vec, MICCAI
-//! 2023) with a multi-threaded CPU backend (the oracle) and, next, CUDA kernels.
+//! 2023) with a multi-threaded CPU backend (the oracle) and a CUDA backend.
 //!
 //! Map of the crate:
 //! - `tensor`: tensors, dtypes, devices and storage; channels-last activation layout.
@@ -8,12 +8,15 @@
 //! - `ops::*`: one module per op, with its CPU forward, backward and autograd wrapper.
 //! - `model`: FPN3d, ResBlock3d, the projection head, the contrastive forward.
 //! - `params`: the named parameter store; `checkpoint`: safetensors I/O; `optim`: Adam, clipping.
-//! - `train`: the pretraining step and synthetic batches.
-//! - `kernels`: the embedded CUDA fatbin (empty until the CUDA backend lands).
+//! - `train`: the pretraining step and synthetic batches; `bench`: `vox2vec-train --bench`.
+//! - `kernels`: the embedded CUDA fatbin; `cuda`: the device, allocator, kernel registry and
+//!   the host-side launcher of every kernel (`cuda::ops::*`).
 
 pub mod autograd;
+pub mod bench;
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod eval;
 pub mod kernels;

@@ -33,6 +33,9 @@ pub struct Adam {
     /// Indexed by store slot; `None` for slots that are not trained.
     pub exp_avg: Vec<Option<Vec<f32>>>,
     pub exp_avg_sq: Vec<Option<Vec<f32>>>,
+    /// The moments on a CUDA device, when training runs there (`to_device`); the host
+    /// vectors above are then stale, and `moments_on_host` reads the device copies.
+    pub device: Option<crate::cuda::optim::DeviceMoments>,
 }
 
 impl Adam {
@@ -43,7 +46,40 @@ impl Adam {
             exp_avg[s] = Some(vec![0.0; store.get(s).numel()]);
             exp_avg_sq[s] = Some(vec![0.0; store.get(s).numel()]);
         }
-        Adam { config, step: 0, exp_avg, exp_avg_sq }
+        Adam { config, step: 0, exp_avg, exp_avg_sq, device: None }
+    }
+
+    /// Move the moments to `device` (a CUDA device: training updates them there).
+    pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        if device == crate::tensor::Device::Cpu {
+            for slot in 0..self.exp_avg.len() {
+                if let Some((m, v)) = self.moments_on_host(slot)? {
+                    self.exp_avg[slot] = Some(m);
+                    self.exp_avg_sq[slot] = Some(v);
+                }
+            }
+            self.device = None;
+            return Ok(());
+        }
+        let up = |m: &Option<Vec<f32>>| -> Result<Option<Tensor>> { m.as_ref().map(|m| Tensor::from_f32(&[m.len()], m.clone()).to_device(device)).transpose() };
+        let exp_avg = self.exp_avg.iter().map(up).collect::<Result<Vec<_>>>()?;
+        let exp_avg_sq = self.exp_avg_sq.iter().map(up).collect::<Result<Vec<_>>>()?;
+        self.device = Some(crate::cuda::optim::DeviceMoments { exp_avg, exp_avg_sq });
+        Ok(())
+    }
+
+    /// (exp_avg, exp_avg_sq) of `slot` as host values, wherever they live.
+    pub fn moments_on_host(&self, slot: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        if let Some(d) = &self.device {
+            return Ok(match (&d.exp_avg[slot], &d.exp_avg_sq[slot]) {
+                (Some(m), Some(v)) => Some((m.to_f32_vec()?, v.to_f32_vec()?)),
+                _ => None,
+            });
+        }
+        Ok(match (&self.exp_avg[slot], &self.exp_avg_sq[slot]) {
+            (Some(m), Some(v)) => Some((m.clone(), v.clone())),
+            _ => None,
+        })
     }
 
     /// One update of every slot that has a gradient; `grads[slot]`.
@@ -55,6 +91,7 @@ impl Adam {
     /// `clip_grad_norm_` scales them): clipping fused into the update, one pass less over
     /// the gradients.
     pub fn update_scaled(&mut self, store: &mut ParamStore, grads: &[Option<Tensor>], grad_scale: f32) -> Result<()> {
+        ensure!(self.device.is_none(), "Adam's moments are on a CUDA device: use the device update");
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;

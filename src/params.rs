@@ -88,6 +88,22 @@ impl ParamStore {
         s.value = Tensor::from_f32(&shape, v);
     }
 
+    /// Move every f32 slot (parameters and running statistics) to `device`; the int64
+    /// counters stay on the host, where the forward pass increments them.
+    pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        for s in &mut self.slots {
+            if s.kind != SlotKind::Counter {
+                s.value = s.value.to_device(device)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the parameters live (the device of the first f32 slot; the host if none).
+    pub fn device(&self) -> crate::tensor::Device {
+        self.slots.iter().find(|s| s.kind != SlotKind::Counter).map_or(crate::tensor::Device::Cpu, |s| s.value.device())
+    }
+
     pub fn slots(&self) -> &[Slot] {
         &self.slots
     }

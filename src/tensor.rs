@@ -4,15 +4,17 @@
 //! contiguous, row-major. Activations use the channels-last layout `[N, X, Y, Z, C]`
 //! (see `docs/DESIGN.md`); PyTorch layouts appear only at the checkpoint boundary.
 //!
-//! The storage is an enum over devices so that a CUDA variant slots in beside the CPU one;
-//! every op dispatches on it. Only the CPU variant exists today.
+//! The storage is an enum over devices: host memory, or a block of CUDA device memory from the
+//! device's caching pool. Every op dispatches on it (`ops/*.rs`). On the host, tensors hold
+//! f32 or i64; on a CUDA device also bf16 (activation storage in the mixed-precision mode).
 
 use std::fmt;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
 
-/// Element type. `BF16` is reserved for GPU activation storage (fp32 accumulation).
+/// Element type. `BF16` is GPU activation storage (arithmetic in fp32); on the host a bf16
+/// tensor is read back as f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
@@ -34,7 +36,7 @@ impl DType {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     Cpu,
-    /// A CUDA device by ordinal (backend not built yet; reserved so call sites carry a device).
+    /// A CUDA device by ordinal.
     Cuda(usize),
 }
 
@@ -45,10 +47,18 @@ pub enum CpuStorage {
     I64(Vec<i64>),
 }
 
+/// Device memory of one tensor.
+#[derive(Debug)]
+pub struct CudaStorage {
+    pub buf: crate::cuda::CudaBuf,
+    pub dtype: DType,
+}
+
 /// Memory of one tensor on some device.
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Cuda(CudaStorage),
 }
 
 #[derive(Clone)]
@@ -102,13 +112,80 @@ impl Tensor {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(_)) => DType::F32,
             Storage::Cpu(CpuStorage::I64(_)) => DType::I64,
+            Storage::Cuda(c) => c.dtype,
         }
     }
 
     pub fn device(&self) -> Device {
         match &*self.storage {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(c) => Device::Cuda(c.buf.device().ordinal()),
         }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(&*self.storage, Storage::Cuda(_))
+    }
+
+    /// A tensor over a device buffer holding `numel(shape)` values of `dtype`.
+    pub fn from_cuda(shape: &[usize], dtype: DType, buf: crate::cuda::CudaBuf) -> Tensor {
+        assert!(buf.bytes() >= numel(shape) * dtype.size_in_bytes(), "device buffer too small for {shape:?} {dtype:?}");
+        Tensor { shape: shape.to_vec(), storage: Arc::new(Storage::Cuda(CudaStorage { buf, dtype })) }
+    }
+
+    /// The device storage. Panics on host tensors: GPU op code checks devices at its entry.
+    pub fn cuda(&self) -> &CudaStorage {
+        match &*self.storage {
+            Storage::Cuda(c) => c,
+            s => panic!("expected a CUDA tensor, found {}", kind(s)),
+        }
+    }
+
+    /// Device pointer of a CUDA tensor's data.
+    pub fn ptr(&self) -> u64 {
+        self.cuda().buf.ptr()
+    }
+
+    /// Copy to `device` (the same tensor when it is already there). bf16 device tensors come
+    /// back to the host as f32.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        match (&*self.storage, device) {
+            (Storage::Cpu(_), Device::Cpu) => Ok(self.clone()),
+            (Storage::Cuda(c), Device::Cuda(o)) if c.buf.device().ordinal() == o => Ok(self.clone()),
+            (Storage::Cpu(h), Device::Cuda(o)) => {
+                let dev = crate::cuda::device(o)?;
+                let (buf, dt) = match h {
+                    CpuStorage::F32(v) => (dev.upload(v)?, DType::F32),
+                    CpuStorage::I64(v) => (dev.upload(v)?, DType::I64),
+                };
+                Ok(Tensor::from_cuda(&self.shape, dt, buf))
+            }
+            (Storage::Cuda(_), Device::Cpu) => self.to_host(),
+            (Storage::Cuda(_), Device::Cuda(_)) => self.to_host()?.to_device(device),
+        }
+    }
+
+    /// A host copy (waits for the device); f32 for f32 and bf16 data.
+    pub fn to_host(&self) -> Result<Tensor> {
+        let c = match &*self.storage {
+            Storage::Cpu(_) => return Ok(self.clone()),
+            Storage::Cuda(c) => c,
+        };
+        let dev = c.buf.device();
+        let n = self.numel();
+        Ok(match c.dtype {
+            DType::F32 => Tensor::from_f32(&self.shape, dev.download::<f32>(c.buf.ptr(), n)?),
+            DType::I64 => Tensor::from_i64(&self.shape, dev.download::<i64>(c.buf.ptr(), n)?),
+            DType::BF16 => {
+                let raw = dev.download::<u16>(c.buf.ptr(), n)?;
+                Tensor::from_f32(&self.shape, raw.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect())
+            }
+        })
+    }
+
+    /// Host f32 values of any f32 or bf16 tensor (a copy for device tensors).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(self.to_host()?.into_f32_vec())
     }
 
     pub fn storage(&self) -> &Storage {
@@ -150,9 +227,13 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), storage: self.storage.clone() })
     }
 
+    /// The single value of a one-element tensor (waits for the device for CUDA tensors).
     pub fn to_scalar(&self) -> f32 {
         assert_eq!(self.numel(), 1, "to_scalar on a tensor of shape {:?}", self.shape);
-        self.f32s()[0]
+        match &*self.storage {
+            Storage::Cpu(_) => self.f32s()[0],
+            Storage::Cuda(_) => self.to_f32_vec().expect("reading a scalar from the device")[0],
+        }
     }
 }
 
@@ -160,6 +241,7 @@ fn kind(s: &Storage) -> &'static str {
     match s {
         Storage::Cpu(CpuStorage::F32(_)) => "cpu f32",
         Storage::Cpu(CpuStorage::I64(_)) => "cpu i64",
+        Storage::Cuda(_) => "cuda",
     }
 }
 

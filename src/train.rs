@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use crate::autograd::Graph;
 use crate::model::{PairBatch, Vox2Vec};
 use crate::optim::{Adam, clip_coefficient, global_norm};
-use crate::tensor::{Tensor, Tensor as T};
+use crate::tensor::{DType, Device, Tensor, Tensor as T};
 
 pub const MAX_GRAD_NORM: f64 = 1.0;
 
@@ -18,8 +18,15 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
-/// One optimisation step on `batch`.
+/// One optimisation step on `batch`, on the device the model lives on.
 pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) -> Result<StepStats> {
+    if let Device::Cuda(ordinal) = model.device() {
+        let stats = pretrain_step_cuda(model, adam, batch, ordinal)?;
+        // The one read of the step, once all its work is queued: loss and gradient norm.
+        let loss = stats.loss.to_scalar() as f64;
+        let norm = crate::cuda::dev_of(&stats.loss).download::<f32>(stats.clip.ptr(), 2)?[0] as f64;
+        return Ok(StepStats { loss, grad_norm: norm });
+    }
     let g = Graph::train();
     let out = crate::profile::time("step: forward (both views)", String::new, || model.forward_pairs(&g, batch, false))?;
     let loss = out.loss.value.to_scalar() as f64;
@@ -32,6 +39,38 @@ pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) ->
     let scale = clip_coefficient(grad_norm, MAX_GRAD_NORM);
     crate::profile::time("step: adam", String::new, || adam.update_scaled(&mut model.store, &per_slot, scale))?;
     Ok(StepStats { loss, grad_norm })
+}
+
+/// What a device step leaves on the device: the loss [1] and [grad norm, clip coefficient].
+pub struct DeviceStepStats {
+    pub loss: Tensor,
+    pub clip: crate::cuda::CudaBuf,
+}
+
+/// `pretrain_step` on a CUDA device, without reading anything back: forward, backward, the
+/// global norm and clip coefficient, and the fused Adam update are all queued on the
+/// device's stream. Adam's moments must be on the device (`Adam::to_device`).
+pub fn pretrain_step_cuda(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, ordinal: usize) -> Result<DeviceStepStats> {
+    use crate::cuda::nvtx_range;
+    let dev = crate::cuda::device(ordinal)?;
+    anyhow::ensure!(adam.device.is_some(), "the model is on cuda:{ordinal} but Adam's moments are not (Adam::to_device)");
+    let g = Graph::train();
+    let range = nvtx_range("forward");
+    let out = model.forward_pairs(&g, batch, false)?;
+    drop(range);
+    let loss = out.loss.value.clone();
+    drop(out.pyramid_1);
+    let range = nvtx_range("backward");
+    let grads = g.backward(&out.loss)?;
+    drop(range);
+    let per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
+    drop(grads);
+    let _range = nvtx_range("clip + adam");
+    let clip = crate::cuda::optim::clip_stats(&dev, &per_slot, MAX_GRAD_NORM)?;
+    adam.step += 1;
+    let moments = adam.device.as_ref().expect("checked above");
+    crate::cuda::optim::adam_update(&model.store, &per_slot, moments, adam.config, adam.step, Some(clip.ptr()))?;
+    Ok(DeviceStepStats { loss, clip })
 }
 
 /// Shape of a pretraining batch.
@@ -125,6 +164,10 @@ pub struct TrainOptions {
     pub resume: Resume,
     /// Every `every` steps, a quick linear probe of the current backbone (logged with the loss).
     pub online_probe: Option<OnlineProbe>,
+    /// Where the step runs.
+    pub device: Device,
+    /// Activation storage on a CUDA device (F32 or BF16).
+    pub activation_dtype: DType,
 }
 
 /// Online probing: a labelled dataset, its split, and the probe's small training run.
@@ -157,6 +200,15 @@ pub fn online_probe(model: &mut Vox2Vec, p: &OnlineProbe, step: u64) -> Result<V
     let cfg = crate::eval::segment::SegConfig { validate_every: p.config.steps, ..p.config.clone() };
     let res = train_segmentation(model, &head, &mut store, &train, &val, k, Mode::Probe, &cfg, &mut |_, _| {}, &mut |_, _| Ok(()))?;
     Ok(res.best_dice)
+}
+
+/// A host copy of a model (same configuration, parameters and running statistics).
+pub fn host_copy(model: &Vox2Vec) -> Result<Vox2Vec> {
+    let mut m = Vox2Vec::new(model.config, 0);
+    for (i, s) in model.store.slots().iter().enumerate() {
+        m.store.set(i, s.value.to_host()?);
+    }
+    Ok(m)
 }
 
 /// Where a run's batches come from.
@@ -258,6 +310,12 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
         }
         progress.message(&format!("resumed from {} at step {}", path.display(), adam.step));
     }
+    // Loaded on the host (checkpoints are host data), then moved.
+    if opts.device != Device::Cpu {
+        model.to_device(opts.device)?;
+        adam.to_device(opts.device)?;
+        model.activation_dtype = opts.activation_dtype;
+    }
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -295,7 +353,12 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
         writeln!(metrics, "{line}").context("writing metrics")?;
         progress.step(step + 1, &stats);
         if let Some(p) = opts.online_probe.as_ref().filter(|p| p.every > 0 && (step + 1) % p.every == 0) {
-            let dice = online_probe(&mut model, p, step + 1)?;
+            // The probe runs on the CPU engine, on a host copy of the backbone.
+            let dice = if model.device() == Device::Cpu {
+                online_probe(&mut model, p, step + 1)?
+            } else {
+                online_probe(&mut host_copy(&model)?, p, step + 1)?
+            };
             let mean = dice.iter().sum::<f64>() / dice.len().max(1) as f64;
             writeln!(metrics, "{}", serde_json::json!({"step": step + 1, "probe_mean_dice": mean, "probe_dice": dice, "probe_classes": p.dataset.classes})).context("writing metrics")?;
             progress.message(&format!("step {:>6}  online linear probe: mean Dice {mean:.4}", step + 1));

@@ -19,6 +19,8 @@ fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
         checkpoint_every: 0,
         resume: Resume::No,
         online_probe: None,
+        device: vox2vec::tensor::Device::Cpu,
+        activation_dtype: vox2vec::tensor::DType::F32,
     }
 }
 

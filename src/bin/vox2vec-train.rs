@@ -1,6 +1,6 @@
 //! vox2vec pretraining on CT (a NIfTI file or folder, an nnU-Net raw dataset, a list of
-//! paths) or, with no data, on generated CT phantoms. CPU backend today; the CUDA backend
-//! plugs in behind `--device`.
+//! paths) or, with no data, on generated CT phantoms, on a CUDA GPU when one is present
+//! (`--device`) or on the CPU. `--bench N` times N steps at the reference size instead.
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -99,9 +99,17 @@ struct Args {
     /// Resume from this checkpoint file (results still go to --out).
     #[arg(long, value_name = "CHECKPOINT")]
     resume_from: Option<PathBuf>,
-    /// Compute device.
-    #[arg(long, default_value = "cpu")]
+    /// Compute device: auto (a CUDA GPU when one is present, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
     device: String,
+    /// Activation storage on a CUDA device: fp32, or bf16 (fp32 arithmetic and weights).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Benchmark instead of training: N timed steps on synthetic pairs at the batch size given
+    /// (default the reference 10 pairs of 128x128x32, 1024 voxels each) and the default model;
+    /// prints the median ms/step, peak device memory and a per-kernel time table.
+    #[arg(long, value_name = "N")]
+    bench: Option<usize>,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -154,9 +162,8 @@ impl Progress for Bar {
 
 fn run(args: Args) -> anyhow::Result<()> {
     vox2vec::cpu::retain_freed_memory();
-    if args.device != "cpu" {
-        anyhow::bail!("device {:?} is not available in this build: the CUDA backend is not implemented yet (use --device cpu)", args.device);
-    }
+    let device = vox2vec::cuda::parse_device(&args.device)?;
+    let precision = vox2vec::cuda::parse_precision(&args.precision)?;
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
@@ -177,6 +184,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(batch.pairs >= 1 && batch.voxels_per_pair >= 1, "need at least one pair and one voxel per pair");
     anyhow::ensure!(batch.patch.iter().all(|&p| p >= 4), "patch extents must be at least 4, got {:?}", batch.patch);
     anyhow::ensure!(batch.pairs * batch.voxels_per_pair >= 2, "InfoNCE needs at least 2 positive pairs per batch");
+    if let Some(steps) = args.bench {
+        let report = vox2vec::bench::bench_pretraining(device, precision, batch, steps, 3, 3, args.seed)?;
+        print!("{}", report.render());
+        return Ok(());
+    }
     let data = if args.synthetic_pairs {
         BatchSource::SyntheticPairs(batch)
     } else {
@@ -224,20 +236,25 @@ fn run(args: Args) -> anyhow::Result<()> {
             (None, false) => Resume::No,
         },
         online_probe,
+        device,
+        activation_dtype: precision,
     };
     let source = match (&args.data, args.synthetic_pairs) {
         (_, true) => "synthetic pairs".to_string(),
         (Some(d), _) => d.display().to_string(),
         (None, _) => format!("{} CT phantoms", args.phantoms),
     };
+    let on = match device {
+        vox2vec::tensor::Device::Cpu => format!("cpu, {} threads", rayon::current_num_threads()),
+        vox2vec::tensor::Device::Cuda(o) => format!("cuda:{o} ({}), {:?} activations", vox2vec::cuda::device(o)?.name(), precision),
+    };
     eprintln!(
-        "vox2vec-train: {source}, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {} threads, out {}",
+        "vox2vec-train: {source}, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {on}, out {}",
         batch.pairs,
         batch.patch,
         batch.voxels_per_pair,
         args.base_channels,
         args.num_scales,
-        rayon::current_num_threads(),
         args.out.display()
     );
     let bar = ProgressBar::new(args.steps);

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use crate::autograd::{Graph, Var};
 use crate::ops;
 use crate::params::ParamStore;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Device, Tensor};
 pub use fpn::{Fpn3d, FpnConfig};
 pub use head::ProjectionHead;
 
@@ -38,6 +38,9 @@ pub struct Vox2Vec {
     pub backbone: Fpn3d,
     pub head: ProjectionHead,
     pub store: ParamStore,
+    /// How activations are stored on a CUDA device: F32, or BF16 (mixed precision: bf16
+    /// storage, f32 arithmetic, f32 parameters and gradients). The CPU always uses F32.
+    pub activation_dtype: DType,
 }
 
 /// One pretraining batch: two views of `B` patches and N positive pairs.
@@ -74,7 +77,23 @@ impl Vox2Vec {
         let mut store = ParamStore::new();
         let backbone = Fpn3d::new(&mut store, &mut rng, BACKBONE_PREFIX, config.fpn);
         let head = ProjectionHead::new(&mut store, &mut rng, HEAD_PREFIX, config.fpn.embedding_dim(), config.proj_dim);
-        Vox2Vec { config, backbone, head, store }
+        Vox2Vec { config, backbone, head, store, activation_dtype: DType::F32 }
+    }
+
+    /// Where the parameters live.
+    pub fn device(&self) -> Device {
+        self.store.device()
+    }
+
+    /// Move the parameters and running statistics to `device`.
+    pub fn to_device(&mut self, device: Device) -> Result<()> {
+        self.store.to_device(device)
+    }
+
+    /// An input on the model's device, in its activation dtype.
+    pub fn prepare_input(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_device(self.device())?;
+        if x.is_cuda() { crate::cuda::cast(&x, self.activation_dtype) } else { Ok(x) }
     }
 
     /// Backbone pyramid of x [B, X, Y, Z, C] (train or eval according to the graph).
@@ -99,11 +118,12 @@ impl Vox2Vec {
         ensure!(batch.x1.shape() == batch.x2.shape(), "views of different shapes: {:?} and {:?}", batch.x1.shape(), batch.x2.shape());
         let n = batch.num_pairs();
         ensure!(batch.voxels_1.len() == 3 * n && batch.voxels_2.len() == 3 * n, "pair arrays disagree on the number of pairs");
-        let input_1 = if input_grad { g.leaf(batch.x1.clone()) } else { Var::constant(batch.x1.clone()) };
+        let x1 = self.prepare_input(&batch.x1)?;
+        let input_1 = if input_grad { g.leaf(x1) } else { Var::constant(x1) };
         let pyramid_1 = self.pyramid(g, &input_1)?;
         let f1 = Self::voxel_embeddings(g, &pyramid_1, &batch.batch_index, &batch.voxels_1)?;
         let embeds_1 = self.head.forward(g, &mut self.store, &f1)?;
-        let pyramid_2 = self.pyramid(g, &Var::constant(batch.x2.clone()))?;
+        let pyramid_2 = self.pyramid(g, &Var::constant(self.prepare_input(&batch.x2)?))?;
         let f2 = Self::voxel_embeddings(g, &pyramid_2, &batch.batch_index, &batch.voxels_2)?;
         drop(pyramid_2);
         let embeds_2 = self.head.forward(g, &mut self.store, &f2)?;

@@ -140,6 +140,9 @@ pub fn batch_norm(
 ) -> Result<(Var, Option<BnUpdate>)> {
     let c = *x.shape().last().unwrap_or(&0);
     ensure!(c > 0 && gamma.shape() == [c] && beta.shape() == [c], "batch_norm: {} channels but γ {:?}, β {:?}", c, gamma.shape(), beta.shape());
+    if x.value.is_cuda() {
+        return batch_norm_cuda(g, x, gamma, beta, running_mean, running_var);
+    }
     let xs = x.value.f32s();
     let m = xs.len() / c;
     let train = g.is_training();
@@ -165,6 +168,29 @@ pub fn batch_norm(
             Some(Tensor::from_f32(&[c], dg)),
             Some(Tensor::from_f32(&[c], db)),
         ])
+    });
+    Ok((var, update))
+}
+
+/// `batch_norm` on a CUDA tensor: statistics, running statistics and gradients stay on the device.
+fn batch_norm_cuda(g: &Graph, x: &Var, gamma: &Var, beta: &Var, running_mean: &Tensor, running_var: &Tensor) -> Result<(Var, Option<BnUpdate>)> {
+    use crate::cuda::ops::batchnorm as bn;
+    let c = *x.shape().last().unwrap_or(&0);
+    let m = x.value.numel() / c;
+    let train = g.is_training();
+    let dev = x.value.device();
+    let (st, update) = if train {
+        ensure!(m > 1, "batch_norm: training needs more than one value per channel, input shape {:?}", x.shape());
+        let (st, rm, rv) = bn::train_stats(&x.value, c, BN_EPS, BN_MOMENTUM, running_mean, running_var)?;
+        (st, Some(BnUpdate { running_mean: rm, running_var: rv }))
+    } else {
+        (bn::eval_stats(&running_mean.to_device(dev)?, &running_var.to_device(dev)?, BN_EPS)?, None)
+    };
+    let y = bn::apply(&x.value, c, &st, &gamma.value, &beta.value)?;
+    let (xv, gv) = (x.value.clone(), gamma.value.clone());
+    let var = g.record("batch_norm", y, &[x, gamma, beta], move |dy| {
+        let (dx, dg, db) = bn::backward(&xv, &dy, c, &st, &gv, train)?;
+        Ok(vec![Some(dx), Some(dg), Some(db)])
     });
     Ok((var, update))
 }

@@ -30,6 +30,16 @@ pub fn gather_voxels(g: &Graph, f: &Var, batch: &[i64], voxels: &[i64], shift: u
     let v = Vol::of(&f.value);
     let offs = voxel_offsets(v, batch, voxels, shift)?;
     let c = v.c;
+    if f.value.is_cuda() {
+        use crate::cuda::ops::gather as gpu;
+        let dev = crate::cuda::dev_of(&f.value).clone();
+        let offs: Vec<i64> = offs.iter().map(|&o| o as i64).collect();
+        let offs = dev.upload(&offs)?;
+        let p = batch.len();
+        let out = gpu::gather_rows(&f.value, &offs, p, c)?;
+        let dt = f.value.dtype();
+        return Ok(g.record("gather_voxels", out, &[f], move |dy| Ok(vec![Some(gpu::scatter_add_rows(&dy, &offs, v, dt)?)])));
+    }
     let src = f.value.f32s();
     let mut out = vec![0.0f32; offs.len() * c];
     for (p, &o) in offs.iter().enumerate() {
@@ -54,6 +64,12 @@ pub fn concat_channels(g: &Graph, parts: &[Var]) -> Result<Var> {
     ensure!(parts.iter().all(|v| v.shape().len() == 2 && v.shape()[0] == p), "concat_channels: parts must be [P, C] with one P");
     let widths: Vec<usize> = parts.iter().map(|v| v.shape()[1]).collect();
     let total: usize = widths.iter().sum();
+    if parts[0].value.is_cuda() {
+        use crate::cuda::ops::gather as gpu;
+        let out = gpu::concat(&parts.iter().map(|v| &v.value).collect::<Vec<_>>())?;
+        let refs: Vec<&Var> = parts.iter().collect();
+        return Ok(g.record("concat_channels", out, &refs, move |dy| Ok(gpu::split(&dy, &widths)?.into_iter().map(Some).collect())));
+    }
     let mut out = vec![0.0f32; p * total];
     let mut off = 0;
     for (part, &w) in parts.iter().zip(&widths) {

@@ -122,6 +122,16 @@ pub fn infonce(g: &Graph, e1: &Var, e2: &Var, temperature: f64) -> Result<Var> {
     ensure!(e1.shape().len() == 2 && e1.shape() == e2.shape(), "infonce: embeddings {:?} and {:?} must be equal [N, D]", e1.shape(), e2.shape());
     let (n, d) = (e1.shape()[0], e1.shape()[1]);
     ensure!(n >= 2, "infonce: needs at least 2 positive pairs, found {n}");
+    if e1.value.is_cuda() {
+        let (loss, de1, de2) = crate::cuda::ops::infonce::infonce(&e1.value, &e2.value, n, d, temperature)?;
+        let grads = g.needs_grad(&[e1, e2]).then_some((de1, de2));
+        return Ok(g.record("infonce", loss, &[e1, e2], move |dl| {
+            let (a, b) = grads.expect("saved gradients");
+            let dl = dl.to_device(a.device())?;
+            use crate::cuda::ops::elementwise::scale_by_scalar;
+            Ok(vec![Some(scale_by_scalar(&a, &dl)?), Some(scale_by_scalar(&b, &dl)?)])
+        }));
+    }
     let (loss, de1, de2) = infonce_cpu(e1.value.f32s(), e2.value.f32s(), n, d, temperature);
     let grads = g.needs_grad(&[e1, e2]).then_some((de1, de2));
     Ok(g.record("infonce", Tensor::from_f32(&[1], vec![loss as f32]), &[e1, e2], move |dl| {

@@ -6,6 +6,7 @@ use anyhow::{Result, ensure};
 
 use crate::autograd::{Graph, Var};
 use crate::cpu::{Mat, par_gemm, sum_rows};
+use crate::cuda;
 use crate::tensor::Tensor;
 
 pub fn linear_forward_cpu(x: &[f32], n: usize, fin: usize, w: &[f32], b: Option<&[f32]>, fout: usize) -> Vec<f32> {
@@ -31,12 +32,19 @@ pub fn linear(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     if let Some(b) = b {
         ensure!(b.shape() == [fout], "linear: bias {:?}, expected [{fout}]", b.shape());
     }
-    let y = linear_forward_cpu(x.value.f32s(), n, fin, w.value.f32s(), b.map(|b| b.value.f32s()), fout);
     let mut inputs = vec![x, w];
     if let Some(b) = b {
         inputs.push(b);
     }
     let (xv, wv, has_bias) = (x.value.clone(), w.value.clone(), b.is_some());
+    if x.value.is_cuda() {
+        let y = cuda::ops::linear::forward(&x.value, n, fin, &w.value, b.map(|b| &b.value), fout)?;
+        return Ok(g.record("linear", y, &inputs, move |dy| {
+            let (dx, dw, db) = cuda::ops::linear::backward(&xv, &dy, n, fin, &wv, fout)?;
+            Ok(if has_bias { vec![Some(dx), Some(dw), Some(db)] } else { vec![Some(dx), Some(dw)] })
+        }));
+    }
+    let y = linear_forward_cpu(x.value.f32s(), n, fin, w.value.f32s(), b.map(|b| b.value.f32s()), fout);
     Ok(g.record("linear", Tensor::from_f32(&[n, fout], y), &inputs, move |dy| {
         let (dx, dw, db) = linear_backward_cpu(xv.f32s(), dy.f32s(), n, fin, wv.f32s(), fout);
         let mut grads = vec![Some(Tensor::from_f32(&[n, fin], dx)), Some(Tensor::from_f32(&[fout, fin], dw))];

@@ -43,6 +43,11 @@ pub fn l2_normalize_backward_cpu(x: &[f32], dy: &[f32], d: usize) -> Vec<f32> {
 pub fn l2_normalize_rows(g: &Graph, x: &Var) -> Result<Var> {
     ensure!(x.shape().len() == 2, "l2_normalize_rows: expected [N, D], found {:?}", x.shape());
     let d = x.shape()[1];
+    if x.value.is_cuda() {
+        let y = crate::cuda::ops::normalize::forward(&x.value, d)?;
+        let xv = x.value.clone();
+        return Ok(g.record("l2_normalize_rows", y, &[x], move |dy| Ok(vec![Some(crate::cuda::ops::normalize::backward(&xv, &dy, d)?)])));
+    }
     let y = Tensor::from_f32(x.shape(), l2_normalize_forward_cpu(x.value.f32s(), d));
     let xv = x.value.clone();
     Ok(g.record("l2_normalize_rows", y, &[x], move |dy| Ok(vec![Some(Tensor::from_f32(xv.shape(), l2_normalize_backward_cpu(xv.f32s(), dy.f32s(), d)))])))

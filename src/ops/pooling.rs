@@ -89,6 +89,11 @@ pub fn maxpool2_backward_cpu(dy: &[f32], arg: &[u8], v: Vol) -> Vec<f32> {
 
 pub fn maxpool2(g: &Graph, x: &Var) -> Result<Var> {
     let v = Vol::of(&x.value);
+    if x.value.is_cuda() {
+        let (y, arg) = crate::cuda::ops::pooling::forward(&x.value, v)?;
+        let dt = x.value.dtype();
+        return Ok(g.record("maxpool2", y, &[x], move |dy| Ok(vec![Some(crate::cuda::ops::pooling::backward(&dy, &arg, v, dt)?)])));
+    }
     let (y, arg) = maxpool2_forward_cpu(x.value.f32s(), v);
     let shape = [v.n, pooled_extent(v.x), pooled_extent(v.y), pooled_extent(v.z), v.c];
     Ok(g.record("maxpool2", Tensor::from_f32(&shape, y), &[x], move |dy| {

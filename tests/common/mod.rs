@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: fixture discovery and loading, error metrics.
 #![allow(dead_code)]
 
+pub mod parity;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -31,6 +31,7 @@ pub mod shifted;
 
 use crate::autograd::{Graph, Var};
 use crate::cpu::{Mat, par_gemm, sum_rows};
+use crate::cuda;
 use crate::profile;
 use crate::tensor::{Tensor, Vol};
 
@@ -125,8 +126,12 @@ pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         ensure!(b.shape() == [co], "conv3d: bias shape {:?}, expected [{co}]", b.shape());
     }
     let detail = move || format!("k{k} {}x{}x{}x{} {}->{}", v.n, v.x, v.y, v.z, v.c, co);
-    let y = profile::time("conv3d forward", detail, || conv3d_forward_cpu(x.value.f32s(), v, w.value.f32s(), b.map(|b| b.value.f32s()), co, k));
-    let out = Tensor::from_f32(&v.with_c(co).shape(), y);
+    let out = if x.value.is_cuda() {
+        cuda::ops::conv3d::forward(&x.value, v, &w.value, b.map(|b| &b.value), co, k)?
+    } else {
+        let y = profile::time("conv3d forward", detail, || conv3d_forward_cpu(x.value.f32s(), v, w.value.f32s(), b.map(|b| b.value.f32s()), co, k));
+        Tensor::from_f32(&v.with_c(co).shape(), y)
+    };
     let mut inputs = vec![x, w];
     if let Some(b) = b {
         inputs.push(b);
@@ -135,6 +140,20 @@ pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let (need_dx, need_dw) = (x.tracked(), w.tracked() || b.is_some_and(|b| b.tracked()));
     Ok(g.record("conv3d", out, &inputs, move |dy| {
         let vo = v.with_c(co);
+        if xs.is_cuda() {
+            let dx = need_dx.then(|| cuda::ops::conv3d::backward_input(&dy, vo, &ws_t, v.c, k, xs.dtype())).transpose()?;
+            let (dw, db) = if need_dw {
+                let (dw, db) = cuda::ops::conv3d::backward_weight(&xs, v, &dy, co, k)?;
+                (Some(dw), Some(db))
+            } else {
+                (None, None)
+            };
+            let mut grads = vec![dx, dw];
+            if has_bias {
+                grads.push(db);
+            }
+            return Ok(grads);
+        }
         let dx = need_dx.then(|| {
             let dx = profile::time("conv3d backward input", detail, || conv3d_backward_input_cpu(dy.f32s(), vo, ws_t.f32s(), v.c, k));
             Tensor::from_f32(&v.shape(), dx)

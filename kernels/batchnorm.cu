@@ -1,0 +1,81 @@
+// Batch normalisation over the channel (last) axis of x viewed as [M, C] rows; the
+// statistics come from reduce.cu's column partials (f64), so the host never sees them.
+//
+//   bn_train_finalize: var = sum (x - mean)^2 / M (biased), invstd = 1 / sqrt(var + eps),
+//     running_mean' = (1 - momentum) running_mean + momentum mean,
+//     running_var'  = (1 - momentum) running_var + momentum var M / (M - 1)   (all =)
+//   bn_eval_stats: mean = running_mean, invstd = 1 / sqrt(running_var + eps)   (=)
+//   bn_apply: y = (x - mean) * (invstd * gamma) + beta (per element in f32)   (=)
+//   bn_backward_finalize: from part0 = sum dy, part1 = sum dy (x - mean):
+//     dbeta = sum dy, dgamma = invstd * sum dy (x - mean), and per-channel coefficients
+//     k = gamma invstd, u = -gamma invstd^2 dgamma / M, w = -gamma invstd dbeta / M
+//     (u = w = 0 in eval mode)                                                   (=)
+//   bn_backward_apply: dx = k dy + u (x - mean) + w                              (=)
+#include "common.cuh"
+
+extern "C" __global__ void bn_train_finalize(const double* sq_part, int chunks, int C, i64 M, double eps, double momentum, const double* mean, double* invstd,
+                                             const float* rm_in, const float* rv_in, float* rm_out, float* rv_out) {
+    GRID_STRIDE(c, C) {
+        double s = 0.0;
+        for (int k = 0; k < chunks; ++k) s += sq_part[(i64)k * C + c];
+        double var = s / (double)M;
+        invstd[c] = 1.0 / sqrt(var + eps);
+        rm_out[c] = (float)((1.0 - momentum) * (double)rm_in[c] + momentum * mean[c]);
+        rv_out[c] = (float)((1.0 - momentum) * (double)rv_in[c] + momentum * var * ((double)M / (double)(M - 1)));
+    }
+}
+
+extern "C" __global__ void bn_eval_stats(const float* rm, const float* rv, int C, double eps, double* mean, double* invstd) {
+    GRID_STRIDE(c, C) {
+        mean[c] = (double)rm[c];
+        invstd[c] = 1.0 / sqrt((double)rv[c] + eps);
+    }
+}
+
+template <typename T>
+__device__ void bn_apply(const T* x, T* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C) {
+    GRID_STRIDE(i, M * C) {
+        int c = (int)(i % C);
+        float scale = (float)(invstd[c] * (double)gamma[c]);
+        st(y, i, (ld(x, i) - (float)mean[c]) * scale + beta[c]);
+    }
+}
+extern "C" __global__ void bn_apply_f32(const float* x, float* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C) {
+    bn_apply(x, y, mean, invstd, gamma, beta, M, C);
+}
+extern "C" __global__ void bn_apply_bf16(const bf16* x, bf16* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C) {
+    bn_apply(x, y, mean, invstd, gamma, beta, M, C);
+}
+
+// coef [3, C]: k, u, w.
+extern "C" __global__ void bn_backward_finalize(const double* part0, const double* part1, int chunks, int C, i64 M, const double* invstd, const float* gamma, int train,
+                                                float* dgamma, float* dbeta, float* coef) {
+    GRID_STRIDE(c, C) {
+        double sg = 0.0, sgx = 0.0;
+        for (int k = 0; k < chunks; ++k) {
+            sg += part0[(i64)k * C + c];
+            sgx += part1[(i64)k * C + c];
+        }
+        double is = invstd[c], ga = (double)gamma[c];
+        double dg = sgx * is;
+        dgamma[c] = (float)dg;
+        dbeta[c] = (float)sg;
+        coef[c] = (float)(ga * is);
+        coef[C + c] = train ? (float)(-ga * is * is * dg / (double)M) : 0.f;
+        coef[2 * C + c] = train ? (float)(-ga * is * sg / (double)M) : 0.f;
+    }
+}
+
+template <typename T>
+__device__ void bn_backward_apply(const T* x, const T* dy, T* dx, const double* mean, const float* coef, i64 M, int C) {
+    GRID_STRIDE(i, M * C) {
+        int c = (int)(i % C);
+        st(dx, i, coef[c] * ld(dy, i) + coef[C + c] * (ld(x, i) - (float)mean[c]) + coef[2 * C + c]);
+    }
+}
+extern "C" __global__ void bn_backward_apply_f32(const float* x, const float* dy, float* dx, const double* mean, const float* coef, i64 M, int C) {
+    bn_backward_apply(x, dy, dx, mean, coef, M, C);
+}
+extern "C" __global__ void bn_backward_apply_bf16(const bf16* x, const bf16* dy, bf16* dx, const double* mean, const float* coef, i64 M, int C) {
+    bn_backward_apply(x, dy, dx, mean, coef, M, C);
+}

@@ -1,0 +1,48 @@
+// Shared helpers of every kernel file: element loads/stores for the two activation storage
+// types (fp32 and bf16; arithmetic is always fp32 or wider), grid-stride loops with 64-bit
+// indices, and a deterministic block reduction (fixed tree, so results do not depend on
+// scheduling).
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+typedef long long i64;
+
+__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16* p, i64 i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16* p, i64 i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+#define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n); i += (i64)gridDim.x * blockDim.x)
+
+// Sum of `v` over the block (blockDim.x a power of two, at most 1024); every thread gets the
+// result. `scratch` holds blockDim.x values. Fixed pairing order: deterministic.
+template <typename A>
+__device__ A block_sum(A v, A* scratch) {
+    scratch[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) scratch[threadIdx.x] += scratch[threadIdx.x + s];
+        __syncthreads();
+    }
+    A r = scratch[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    scratch[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) scratch[threadIdx.x] = fmaxf(scratch[threadIdx.x], scratch[threadIdx.x + s]);
+        __syncthreads();
+    }
+    float r = scratch[0];
+    __syncthreads();
+    return r;
+}
+
+// Kernels templated on the activation type T are exported twice, as NAME_f32 and NAME_bf16,
+// by one-line extern "C" wrappers beside each template (names stay plain C symbols for the
+// driver API's cuModuleGetFunction).

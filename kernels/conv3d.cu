@@ -1,0 +1,201 @@
+// 3-D convolution, stride 1, kernel k in {1, 3}, zero padding (k - 1) / 2, as implicit GEMMs.
+//
+// Layout: x [N, X, Y, Z, Ci] channels-last (f32 or bf16), w [Co, k, k, k, Ci] f32 ("KRSC",
+// i.e. a row-major [Co, K] matrix with K = k^3 * Ci, tap-major), y [N, X, Y, Z, Co].
+// The implicit im2col matrix has one row per voxel m and one column per (tap t, channel c);
+// tap t = (a, b, c) reads voxel m + (a - r, b - r, c - r), r = (k - 1) / 2, or 0 outside.
+//
+//   forward:         y[m, co]  = sum_{t, ci} x[m + d_t, ci] * w[co, t, ci] (+ bias[co])   (=)
+//   backward input:  dx[m, ci] = sum_{t, co} dy[m - d_t, co] * w[co, t, ci]               (=)
+//   backward weight: dw[co, t, ci] = sum_m dy[m, co] * x[m + d_t, ci]                      (=)
+//     split-K over the voxels: grid.z splits each write a partial [Co, K] (=), then
+//     conv3d_reduce_splits sums the partials in a fixed order (deterministic).
+//
+// One generic tiled GEMM (gemm_tiles) serves all three: 64x64 output tile per block of 256
+// threads, 4x4 outputs per thread, K in steps of 16 through shared memory, fp32 accumulation.
+// Operands are read through small functors that gather from the volume with bounds checks.
+// Straightforward by design (correct first); faster variants belong in a lab beside this file.
+#include "common.cuh"
+
+#define BM 64
+#define BN 64
+#define BK 16
+#define CONV_THREADS 256
+
+// Implicit im2col: element (voxel m, column kk = tap * C + c) of the volume v [N, X, Y, Z, C],
+// read at m + sign * d_tap.
+template <typename T>
+struct VolGather {
+    const T* v;
+    int X, Y, Z, C, k, sign;
+    __device__ float operator()(i64 m, i64 kk) const {
+        int t = (int)(kk / C), c = (int)(kk - (i64)t * C);
+        int r = (k - 1) / 2;
+        int da = t / (k * k) - r, db = (t / k) % k - r, dc = t % k - r;
+        i64 q = m;
+        int z = (int)(q % Z); q /= Z;
+        int y = (int)(q % Y); q /= Y;
+        int x = (int)(q % X);
+        i64 n = q / X;
+        int xi = x + sign * da, yi = y + sign * db, zi = z + sign * dc;
+        if (xi < 0 || xi >= X || yi < 0 || yi >= Y || zi < 0 || zi >= Z) return 0.f;
+        return ld(v, (((n * X + xi) * Y + yi) * (i64)Z + zi) * C + c);
+    }
+};
+
+// B(kk, co) = w[co * K + kk]: the weight as a [K, Co] operand (kk fastest in memory).
+struct WeightT {
+    const float* w;
+    i64 K;
+    __device__ float operator()(i64 kk, i64 co) const { return w[co * K + kk]; }
+};
+
+// B(kk = t * Co + co, ci) = w[(co * taps + t) * Ci + ci] (ci fastest in memory).
+struct WeightFlip {
+    const float* w;
+    int taps, Ci, Co;
+    __device__ float operator()(i64 kk, i64 ci) const {
+        int t = (int)(kk / Co), co = (int)(kk - (i64)t * Co);
+        return w[((i64)co * taps + t) * Ci + ci];
+    }
+};
+
+// A(co, m) = dy[m * Co + co] (co fastest in memory).
+template <typename T>
+struct RowsT {
+    const T* dy;
+    int Co;
+    __device__ float operator()(i64 co, i64 m) const { return ld(dy, m * Co + co); }
+};
+
+// B(m, kk) = gather(m, kk): the im2col matrix itself as the right operand.
+template <typename T>
+struct GatherAsB {
+    VolGather<T> g;
+    __device__ float operator()(i64 m, i64 kk) const { return g(m, kk); }
+};
+
+// acc += A[m0 .. m0+64, k0 .. k1] * B[k0 .. k1, n0 .. n0+64] for this thread's 4x4 outputs
+// (rows (tid / 16) * 4 + i, columns (tid % 16) * 4 + j of the tile). A_M_FAST / B_N_FAST say
+// which index is contiguous in memory, so that neighbouring threads load neighbouring values.
+template <bool A_M_FAST, bool B_N_FAST, class FA, class FB>
+__device__ void gemm_tiles(const FA& fa, const FB& fb, i64 M, i64 N, i64 k0, i64 k1, i64 m0, i64 n0, float acc[4][4]) {
+    __shared__ float As[BK][BM + 4];
+    __shared__ float Bs[BK][BN + 4];
+    const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
+    for (i64 kb = k0; kb < k1; kb += BK) {
+        for (int e = tid; e < BM * BK; e += CONV_THREADS) {
+            int ml = A_M_FAST ? e % BM : e / BK;
+            int kl = A_M_FAST ? e / BM : e % BK;
+            i64 m = m0 + ml, kk = kb + kl;
+            As[kl][ml] = (m < M && kk < k1) ? fa(m, kk) : 0.f;
+        }
+        for (int e = tid; e < BN * BK; e += CONV_THREADS) {
+            int nl = B_N_FAST ? e % BN : e / BK;
+            int kl = B_N_FAST ? e / BN : e % BK;
+            i64 n = n0 + nl, kk = kb + kl;
+            Bs[kl][nl] = (n < N && kk < k1) ? fb(kk, n) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kl = 0; kl < BK; ++kl) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = As[kl][tr * 4 + i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) b[j] = Bs[kl][tc * 4 + j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+}
+
+// grid (ceil(M / 64), ceil(Co / 64)), block 256.
+template <typename T>
+__device__ void conv3d_forward(const T* x, const float* w, const float* bias, T* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    const i64 M = (i64)nb * X * Y * Z, K = (i64)k * k * k * Ci;
+    const i64 m0 = (i64)blockIdx.x * BM, n0 = (i64)blockIdx.y * BN;
+    float acc[4][4] = {};
+    gemm_tiles<false, false>(VolGather<T>{x, X, Y, Z, Ci, k, 1}, WeightT{w, K}, M, Co, 0, K, m0, n0, acc);
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+    for (int i = 0; i < 4; ++i) {
+        i64 m = m0 + tr * 4 + i;
+        if (m >= M) continue;
+        for (int j = 0; j < 4; ++j) {
+            i64 n = n0 + tc * 4 + j;
+            if (n < Co) st(y, m * Co + n, acc[i][j] + (bias ? bias[n] : 0.f));
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_forward_f32(const float* x, const float* w, const float* bias, float* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    conv3d_forward(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
+}
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_forward_bf16(const bf16* x, const float* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    conv3d_forward(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
+}
+
+// dy [N, X, Y, Z, Co] -> dx [N, X, Y, Z, Ci]. grid (ceil(M / 64), ceil(Ci / 64)), block 256.
+template <typename T>
+__device__ void conv3d_backward_input(const T* dy, const float* w, T* dx, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    const int taps = k * k * k;
+    const i64 M = (i64)nb * X * Y * Z, K = (i64)taps * Co;
+    const i64 m0 = (i64)blockIdx.x * BM, n0 = (i64)blockIdx.y * BN;
+    float acc[4][4] = {};
+    gemm_tiles<false, true>(VolGather<T>{dy, X, Y, Z, Co, k, -1}, WeightFlip{w, taps, Ci, Co}, M, Ci, 0, K, m0, n0, acc);
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+    for (int i = 0; i < 4; ++i) {
+        i64 m = m0 + tr * 4 + i;
+        if (m >= M) continue;
+        for (int j = 0; j < 4; ++j) {
+            i64 n = n0 + tc * 4 + j;
+            if (n < Ci) st(dx, m * Ci + n, acc[i][j]);
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_backward_input_f32(const float* dy, const float* w, float* dx, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    conv3d_backward_input(dy, w, dx, nb, X, Y, Z, Ci, Co, k);
+}
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_backward_input_bf16(const bf16* dy, const float* w, bf16* dx, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    conv3d_backward_input(dy, w, dx, nb, X, Y, Z, Ci, Co, k);
+}
+
+// Partial weight gradients: part[s, co, kk] over voxels [s * chunk, (s + 1) * chunk).
+// grid (ceil(K / 64), ceil(Co / 64), splits), block 256; chunk a multiple of 16.
+template <typename T>
+__device__ void conv3d_backward_weight(const T* x, const T* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, int k, i64 chunk) {
+    const i64 P = (i64)nb * X * Y * Z, K = (i64)k * k * k * Ci;
+    const i64 k0 = (i64)blockIdx.z * chunk, k1 = min(P, k0 + chunk);
+    const i64 m0 = (i64)blockIdx.y * BM, n0 = (i64)blockIdx.x * BN;
+    float acc[4][4] = {};
+    if (k0 < k1) {
+        gemm_tiles<true, true>(RowsT<T>{dy, Co}, GatherAsB<T>{VolGather<T>{x, X, Y, Z, Ci, k, 1}}, Co, K, k0, k1, m0, n0, acc);
+    }
+    float* out = part + (i64)blockIdx.z * Co * K;
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+    for (int i = 0; i < 4; ++i) {
+        i64 m = m0 + tr * 4 + i;
+        if (m >= Co) continue;
+        for (int j = 0; j < 4; ++j) {
+            i64 n = n0 + tc * 4 + j;
+            if (n < K) out[m * K + n] = acc[i][j];
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_backward_weight_f32(const float* x, const float* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, int k, i64 chunk) {
+    conv3d_backward_weight(x, dy, part, nb, X, Y, Z, Ci, Co, k, chunk);
+}
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_backward_weight_bf16(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, int k, i64 chunk) {
+    conv3d_backward_weight(x, dy, part, nb, X, Y, Z, Ci, Co, k, chunk);
+}
+
+// dw[i] = sum_s part[s * n + i], s in order (=).
+extern "C" __global__ void conv3d_reduce_splits(const float* part, float* dw, int splits, i64 n) {
+    GRID_STRIDE(i, n) {
+        float s = 0.f;
+        for (int z = 0; z < splits; ++z) s += part[(i64)z * n + i];
+        dw[i] = s;
+    }
+}

@@ -1,0 +1,63 @@
+// Max pooling 2x2x2, stride 2, ceil mode, on [N, X, Y, Z, C] (f32 or bf16).
+//   forward: one thread per output element; scans the (clipped) window in (x, y, z) order,
+//     keeps the first strictly greater value (PyTorch's tie rule; NaN wins), writes y and the
+//     winning offset arg = a * 4 + b * 2 + c (u8)                                     (=)
+//   backward: one thread per input element (each lies in exactly one window):
+//     dx = dy[window] if this element was the window's winner, else 0                 (=)
+#include "common.cuh"
+
+template <typename T>
+__device__ void maxpool2_forward(const T* x, T* y, unsigned char* arg, int nb, int X, int Y, int Z, int C) {
+    const int OX = (X + 1) / 2, OY = (Y + 1) / 2, OZ = (Z + 1) / 2;
+    GRID_STRIDE(i, (i64)nb * OX * OY * OZ * C) {
+        i64 q = i;
+        int ch = (int)(q % C); q /= C;
+        int oz = (int)(q % OZ); q /= OZ;
+        int oy = (int)(q % OY); q /= OY;
+        int ox = (int)(q % OX);
+        i64 n = q / OX;
+        float best = 0.f;
+        int besto = 0;
+        bool first = true;
+        for (int a = 0; a < 2; ++a) {
+            int xi = 2 * ox + a;
+            if (xi >= X) continue;
+            for (int b = 0; b < 2; ++b) {
+                int yi = 2 * oy + b;
+                if (yi >= Y) continue;
+                for (int c = 0; c < 2; ++c) {
+                    int zi = 2 * oz + c;
+                    if (zi >= Z) continue;
+                    float v = ld(x, (((n * X + xi) * Y + yi) * (i64)Z + zi) * C + ch);
+                    if (first || v > best || v != v) {
+                        best = v;
+                        besto = a * 4 + b * 2 + c;
+                        first = false;
+                    }
+                }
+            }
+        }
+        st(y, i, best);
+        arg[i] = (unsigned char)besto;
+    }
+}
+extern "C" __global__ void maxpool2_forward_f32(const float* x, float* y, unsigned char* arg, int nb, int X, int Y, int Z, int C) { maxpool2_forward(x, y, arg, nb, X, Y, Z, C); }
+extern "C" __global__ void maxpool2_forward_bf16(const bf16* x, bf16* y, unsigned char* arg, int nb, int X, int Y, int Z, int C) { maxpool2_forward(x, y, arg, nb, X, Y, Z, C); }
+
+template <typename T>
+__device__ void maxpool2_backward(const T* dy, const unsigned char* arg, T* dx, int nb, int X, int Y, int Z, int C) {
+    const int OX = (X + 1) / 2, OY = (Y + 1) / 2, OZ = (Z + 1) / 2;
+    GRID_STRIDE(i, (i64)nb * X * Y * Z * C) {
+        i64 q = i;
+        int ch = (int)(q % C); q /= C;
+        int zi = (int)(q % Z); q /= Z;
+        int yi = (int)(q % Y); q /= Y;
+        int xi = (int)(q % X);
+        i64 n = q / X;
+        i64 oi = (((n * OX + xi / 2) * OY + yi / 2) * (i64)OZ + zi / 2) * C + ch;
+        int off = (xi % 2) * 4 + (yi % 2) * 2 + zi % 2;
+        st(dx, i, arg[oi] == off ? ld(dy, oi) : 0.f);
+    }
+}
+extern "C" __global__ void maxpool2_backward_f32(const float* dy, const unsigned char* arg, float* dx, int nb, int X, int Y, int Z, int C) { maxpool2_backward(dy, arg, dx, nb, X, Y, Z, C); }
+extern "C" __global__ void maxpool2_backward_bf16(const bf16* dy, const unsigned char* arg, bf16* dx, int nb, int X, int Y, int Z, int C) { maxpool2_backward(dy, arg, dx, nb, X, Y, Z, C); }

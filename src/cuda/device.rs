@@ -1,0 +1,438 @@
+//! One CUDA device: a context, one non-default stream that every kernel, copy and cuBLAS
+//! call goes to (so stream order is the only synchronisation needed), the fatbin's module
+//! loaded once with every kernel resolved into the typed registry, cuBLAS, and the caching
+//! allocator. Optional per-kernel timing with CUDA events (`vox2vec-train --bench`).
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail, ensure};
+use cudarc::cublas::{CudaBlas, sys as blas_sys};
+use cudarc::driver::{CudaContext, CudaStream, result, sys};
+
+use super::alloc::{Pool, PoolStats, size_class};
+use super::registry::K;
+
+/// A CUfunction handle. Plain data owned by the module, which lives as long as the device.
+#[derive(Clone, Copy)]
+struct RawFn(sys::CUfunction);
+// SAFETY: CUfunction handles may be used from any thread once the context is current there.
+unsafe impl Send for RawFn {}
+unsafe impl Sync for RawFn {}
+
+/// A kernel argument, passed by value.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    /// A device pointer (0 = null).
+    Ptr(u64),
+}
+
+/// Kernel time accumulated from CUDA events.
+struct KernelTimer {
+    pending: Vec<(&'static str, sys::CUevent, sys::CUevent)>,
+    spare: Vec<sys::CUevent>,
+    totals: HashMap<&'static str, (f64, u64)>,
+}
+
+pub struct CudaDevice {
+    ordinal: usize,
+    name: String,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    functions: Vec<RawFn>,
+    /// The module's storage must outlive the module: the fatbin image, 8-byte aligned.
+    _image: Vec<u64>,
+    pool: Mutex<Pool>,
+    timer: Mutex<Option<KernelTimer>>,
+}
+
+// SAFETY: the raw event handles in the timer are only touched under its mutex.
+unsafe impl Send for CudaDevice {}
+unsafe impl Sync for CudaDevice {}
+
+thread_local! {
+    /// The device ordinal whose context is current on this thread (usize::MAX: none).
+    static BOUND: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Number of CUDA devices this process can use: 0 without the driver library, without a
+/// device, or when this binary carries no kernels (built without nvcc).
+pub fn device_count() -> usize {
+    if !crate::kernels::available() || !driver_present() {
+        return 0;
+    }
+    CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
+}
+
+fn driver_present() -> bool {
+    // SAFETY: only probes for the library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// Why no CUDA device can be opened here, in words (None when one can).
+pub fn unavailable_reason() -> Option<String> {
+    if !crate::kernels::available() {
+        return Some("this binary was built without CUDA kernels (nvcc was not found at build time: run scripts/install-cuda.sh and rebuild)".into());
+    }
+    if !driver_present() {
+        return Some("the CUDA driver library (libcuda.so) was not found".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => None,
+        Ok(_) => Some("the CUDA driver reports no device".into()),
+        Err(e) => Some(format!("the CUDA driver could not be initialised: {e}")),
+    }
+}
+
+static DEVICES: Mutex<Vec<Option<Arc<CudaDevice>>>> = Mutex::new(Vec::new());
+
+/// The device with this ordinal, opened once per process.
+pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    let mut devs = DEVICES.lock().unwrap();
+    if let Some(Some(d)) = devs.get(ordinal) {
+        return Ok(d.clone());
+    }
+    if let Some(why) = unavailable_reason() {
+        bail!("cannot use CUDA device {ordinal}: {why}");
+    }
+    let d = Arc::new(CudaDevice::open(ordinal)?);
+    if devs.len() <= ordinal {
+        devs.resize(ordinal + 1, None);
+    }
+    devs[ordinal] = Some(d.clone());
+    Ok(d)
+}
+
+impl CudaDevice {
+    fn open(ordinal: usize) -> Result<CudaDevice> {
+        let count = CudaContext::device_count().context("counting CUDA devices")? as usize;
+        ensure!(ordinal < count, "CUDA device {ordinal} requested, the driver reports {count}");
+        let ctx = CudaContext::new(ordinal).with_context(|| format!("creating a context on CUDA device {ordinal}"))?;
+        // One stream and raw pointers: cudarc's per-buffer event tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let stream = ctx.new_stream().context("creating a CUDA stream")?;
+        let blas = CudaBlas::new(stream.clone()).context("initialising cuBLAS")?;
+        let fatbin = crate::kernels::FATBIN;
+        let mut image = vec![0u64; fatbin.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut image)[..fatbin.len()].copy_from_slice(fatbin);
+        // SAFETY: the image is a fatbin produced by build.rs and outlives the module.
+        let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+            .with_context(|| format!("loading the kernels on {name} (the fatbin has sm_80/86/89/90 code and compute_90 PTX)"))?;
+        let mut functions = Vec::with_capacity(K::ALL.len());
+        for &k in K::ALL {
+            let cname = CString::new(k.name()).unwrap();
+            // SAFETY: the module is loaded and the name is NUL-terminated.
+            let f = unsafe { result::module::get_function(module, cname) }.with_context(|| format!("kernel {} is missing from the fatbin", k.name()))?;
+            functions.push(RawFn(f));
+        }
+        let dev = CudaDevice { ordinal, name, ctx, stream, blas, functions, _image: image, pool: Mutex::default(), timer: Mutex::new(None) };
+        BOUND.with(|b| b.set(ordinal));
+        Ok(dev)
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Make this device's context current on the calling thread (once per thread).
+    pub fn bind(&self) -> Result<()> {
+        if BOUND.with(|b| b.get()) != self.ordinal {
+            self.ctx.bind_to_thread().context("binding the CUDA context")?;
+            BOUND.with(|b| b.set(self.ordinal));
+        }
+        Ok(())
+    }
+
+    pub fn cu_stream(&self) -> sys::CUstream {
+        self.stream.cu_stream()
+    }
+
+    /// Wait until every queued kernel and copy has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        self.stream.synchronize().context("CUDA stream synchronisation (an earlier kernel may have failed)")
+    }
+
+    /// Allocate `bytes` (contents undefined) from the caching pool.
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<CudaBuf> {
+        let class = size_class(bytes);
+        if let Some(ptr) = self.pool.lock().unwrap().take(class) {
+            return Ok(CudaBuf { ptr, class, bytes, dev: self.clone() });
+        }
+        self.bind()?;
+        // SAFETY: plain allocation; the pointer is owned by the returned buffer.
+        let ptr = match unsafe { result::malloc_sync(class) } {
+            Ok(p) => p,
+            Err(_) => {
+                // Out of memory: give the cached blocks back to the driver and try once more.
+                self.synchronize()?;
+                self.release_cached()?;
+                unsafe { result::malloc_sync(class) }.with_context(|| {
+                    let s = self.pool_stats();
+                    format!("out of memory on {} allocating {} MiB ({} MiB in use)", self.name, class >> 20, s.in_use >> 20)
+                })?
+            }
+        };
+        self.pool.lock().unwrap().note_driver_alloc(class);
+        Ok(CudaBuf { ptr, class, bytes, dev: self.clone() })
+    }
+
+    /// An allocation filled with zero bytes.
+    pub fn alloc_zeroed(self: &Arc<Self>, bytes: usize) -> Result<CudaBuf> {
+        let b = self.alloc(bytes)?;
+        self.memset_zero(b.ptr, bytes)?;
+        Ok(b)
+    }
+
+    /// Return every cached (free) block to the driver.
+    pub fn release_cached(&self) -> Result<()> {
+        let blocks = self.pool.lock().unwrap().drain();
+        for (p, _) in blocks {
+            // SAFETY: the block is no longer referenced by any buffer.
+            unsafe { result::free_sync(p) }.context("freeing device memory")?;
+        }
+        Ok(())
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.lock().unwrap().stats
+    }
+
+    pub fn reset_peak_memory(&self) {
+        self.pool.lock().unwrap().reset_peak();
+    }
+
+    pub fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: ptr points to at least `bytes` bytes of a live allocation.
+        unsafe { result::memset_d8_async(ptr, 0, bytes, self.cu_stream()) }.context("cuMemsetD8Async")
+    }
+
+    /// Copy host values into a new device buffer.
+    pub fn upload<T: bytemuck::Pod>(self: &Arc<Self>, data: &[T]) -> Result<CudaBuf> {
+        let bytes = std::mem::size_of_val(data);
+        let buf = self.alloc(bytes)?;
+        if bytes > 0 {
+            self.bind()?;
+            // SAFETY: the destination holds `bytes`; a pageable source is staged by the driver
+            // before the call returns, so `data` may be dropped afterwards.
+            unsafe { result::memcpy_htod_async(buf.ptr, data, self.cu_stream()) }.context("copying to the device")?;
+        }
+        Ok(buf)
+    }
+
+    /// Copy `n` values of type T from device memory at `ptr` to the host (waits for the stream).
+    pub fn download<T: bytemuck::Pod + Default>(&self, ptr: u64, n: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); n];
+        if n > 0 {
+            self.bind()?;
+            // SAFETY: ptr holds n values of T; the stream is synchronised before `out` is read.
+            unsafe { result::memcpy_dtoh_async(&mut out, ptr, self.cu_stream()) }.context("copying from the device")?;
+        }
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    pub fn copy_device(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both ranges are live allocations of at least `bytes` bytes.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.cu_stream()) }.context("device-to-device copy")
+    }
+
+    /// Launch kernel `k` on the device's stream.
+    pub fn launch(&self, k: K, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, args: &[Arg]) -> Result<()> {
+        self.bind()?;
+        let mut vals: Vec<Arg> = args.to_vec();
+        let mut params: Vec<*mut c_void> = vals
+            .iter_mut()
+            .map(|a| match a {
+                Arg::I32(v) => v as *mut i32 as *mut c_void,
+                Arg::I64(v) => v as *mut i64 as *mut c_void,
+                Arg::F32(v) => v as *mut f32 as *mut c_void,
+                Arg::F64(v) => v as *mut f64 as *mut c_void,
+                Arg::Ptr(v) => v as *mut u64 as *mut c_void,
+            })
+            .collect();
+        let timing = self.timer_start()?;
+        // SAFETY: `params` matches the kernel's parameter list (each launcher passes its
+        // kernel's signature in order); the values live until the call returns.
+        unsafe { result::launch_kernel(self.functions[k as usize].0, grid, block, shared_bytes, self.cu_stream(), &mut params) }
+            .with_context(|| format!("launching {} with grid {grid:?}, block {block:?}", k.name()))?;
+        self.timer_end(k.name(), timing)
+    }
+
+    /// Launch a grid-stride kernel over `n` elements (256 threads per block).
+    pub fn launch_1d(&self, k: K, n: usize, args: &[Arg]) -> Result<()> {
+        let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
+        self.launch(k, (blocks, 1, 1), (256, 1, 1), 0, args)
+    }
+
+    /// Row-major SGEMM: C[m, n] = alpha op(A) op(B) + beta C, where A is stored [m, k]
+    /// ([k, m] when `trans_a`) and B is stored [k, n] ([n, k] when `trans_b`), all
+    /// contiguous. cuBLAS is column-major, so this computes Cᵀ = op(B)ᵀ op(A)ᵀ.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm(&self, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64) -> Result<()> {
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let (op_b, ldb) = if trans_b { (CUBLAS_OP_T, k) } else { (CUBLAS_OP_N, n) };
+        let (op_a, lda) = if trans_a { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k) };
+        let timing = self.timer_start()?;
+        // SAFETY: the pointers hold matrices of the stated shapes; cuBLAS runs on our stream.
+        unsafe {
+            cudarc::cublas::result::sgemm(
+                *self.blas.handle(),
+                op_b,
+                op_a,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha,
+                b as *const f32,
+                ldb as i32,
+                a as *const f32,
+                lda as i32,
+                &beta,
+                c as *mut f32,
+                n as i32,
+            )
+        }
+        .with_context(|| format!("cuBLAS SGEMM {m}x{n}x{k}"))?;
+        self.timer_end("cublas_sgemm", timing)
+    }
+
+    /// Start collecting per-kernel times (CUDA events around every launch).
+    pub fn enable_kernel_timing(&self) {
+        let mut t = self.timer.lock().unwrap();
+        if t.is_none() {
+            *t = Some(KernelTimer { pending: Vec::new(), spare: Vec::new(), totals: HashMap::new() });
+        }
+    }
+
+    /// Stop timing; returns (kernel, total ms, launches), slowest first.
+    pub fn take_kernel_times(&self) -> Result<Vec<(&'static str, f64, u64)>> {
+        self.synchronize()?;
+        let Some(mut t) = self.timer.lock().unwrap().take() else { return Ok(vec![]) };
+        Self::collect(&mut t)?;
+        for e in t.spare.drain(..) {
+            // SAFETY: the events are ours and no longer recorded anywhere.
+            unsafe { result::event::destroy(e) }.ok();
+        }
+        let mut rows: Vec<_> = t.totals.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(rows)
+    }
+
+    fn collect(t: &mut KernelTimer) -> Result<()> {
+        for (name, a, b) in t.pending.drain(..) {
+            // SAFETY: both events were recorded on our stream, which has been synchronised.
+            let ms = unsafe { result::event::elapsed(a, b) }.context("reading a CUDA event")?;
+            let e = t.totals.entry(name).or_default();
+            e.0 += ms as f64;
+            e.1 += 1;
+            t.spare.push(a);
+            t.spare.push(b);
+        }
+        Ok(())
+    }
+
+    fn timer_start(&self) -> Result<Option<(sys::CUevent, sys::CUevent)>> {
+        let mut guard = self.timer.lock().unwrap();
+        let Some(t) = guard.as_mut() else { return Ok(None) };
+        if t.pending.len() > 4096 {
+            drop(guard);
+            self.synchronize()?;
+            let mut guard = self.timer.lock().unwrap();
+            Self::collect(guard.as_mut().unwrap())?;
+            return self.timer_start_locked(guard.as_mut().unwrap());
+        }
+        self.timer_start_locked(t)
+    }
+
+    fn timer_start_locked(&self, t: &mut KernelTimer) -> Result<Option<(sys::CUevent, sys::CUevent)>> {
+        let mut ev = || -> Result<sys::CUevent> {
+            match t.spare.pop() {
+                Some(e) => Ok(e),
+                None => Ok(result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)?),
+            }
+        };
+        let (a, b) = (ev()?, ev()?);
+        // SAFETY: a fresh or spare event, recorded on our stream.
+        unsafe { result::event::record(a, self.cu_stream()) }?;
+        Ok(Some((a, b)))
+    }
+
+    fn timer_end(&self, name: &'static str, timing: Option<(sys::CUevent, sys::CUevent)>) -> Result<()> {
+        if let Some((a, b)) = timing {
+            // SAFETY: as above.
+            unsafe { result::event::record(b, self.cu_stream()) }?;
+            if let Some(t) = self.timer.lock().unwrap().as_mut() {
+                t.pending.push((name, a, b));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A block of device memory from the caching pool; returned to the pool on drop.
+pub struct CudaBuf {
+    ptr: u64,
+    class: usize,
+    bytes: usize,
+    dev: Arc<CudaDevice>,
+}
+
+impl CudaBuf {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Bytes requested (the block may be larger).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.dev.pool.lock() {
+            p.give_back(self.ptr, self.class);
+        }
+    }
+}
+
+impl std::fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBuf({} bytes on cuda:{})", self.bytes, self.dev.ordinal)
+    }
+}
+
+/// An NVTX range for nsys (None when the NVTX library is not installed).
+pub fn nvtx_range(name: &str) -> Option<cudarc::nvtx::Range> {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: only probes for the library.
+    let present = *PRESENT.get_or_init(|| unsafe { cudarc::nvtx::sys::is_culib_present() });
+    present.then(|| cudarc::nvtx::scoped_range(name))
+}

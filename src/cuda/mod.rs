@@ -1,0 +1,106 @@
+//! The CUDA backend: the device (context, stream, cuBLAS, caching allocator, typed kernel
+//! registry) and one host-side launcher module per op in `ops/`, each beside its kernel file
+//! `kernels/<op>.cu`. The CPU code in `crate::ops` is the oracle these are tested against
+//! (`tests/gpu.rs`).
+//!
+//! Activations may be stored as f32 or bf16 (`DType::BF16`: mixed precision, every kernel
+//! computes in f32 or f64); parameters, their gradients, embeddings and the loss are f32.
+//! Every backward returns gradients in the dtype of the value they belong to.
+
+pub mod alloc;
+pub mod device;
+pub mod ops;
+pub mod optim;
+pub mod registry;
+
+use std::sync::Arc;
+
+use anyhow::{Result, ensure};
+
+pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, nvtx_range, unavailable_reason};
+pub use registry::K;
+
+use crate::tensor::{DType, Tensor, numel};
+
+/// The device a CUDA tensor lives on.
+pub fn dev_of(t: &Tensor) -> &Arc<CudaDevice> {
+    t.cuda().buf.device()
+}
+
+/// An uninitialised device tensor.
+pub fn empty(dev: &Arc<CudaDevice>, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    Ok(Tensor::from_cuda(shape, dtype, dev.alloc(numel(shape) * dtype.size_in_bytes())?))
+}
+
+/// A device tensor of zeros.
+pub fn zeros(dev: &Arc<CudaDevice>, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    Ok(Tensor::from_cuda(shape, dtype, dev.alloc_zeroed(numel(shape) * dtype.size_in_bytes())?))
+}
+
+/// A device f32 tensor filled with `value`.
+pub fn full(dev: &Arc<CudaDevice>, shape: &[usize], value: f32) -> Result<Tensor> {
+    let t = empty(dev, shape, DType::F32)?;
+    let n = t.numel();
+    dev.launch_1d(K::FillF32, n, &[Arg::Ptr(t.ptr()), Arg::F32(value), Arg::I64(n as i64)])?;
+    Ok(t)
+}
+
+/// `t` converted to `dtype` (f32 <-> bf16); the same tensor when it already has that dtype.
+pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    let dev = dev_of(t);
+    let out = empty(dev, t.shape(), dtype)?;
+    let n = t.numel();
+    let k = match (t.dtype(), dtype) {
+        (DType::F32, DType::BF16) => K::CastF32ToBf16,
+        (DType::BF16, DType::F32) => K::CastBf16ToF32,
+        (a, b) => anyhow::bail!("no device conversion from {a:?} to {b:?}"),
+    };
+    dev.launch_1d(k, n, &[Arg::Ptr(t.ptr()), Arg::Ptr(out.ptr()), Arg::I64(n as i64)])?;
+    Ok(out)
+}
+
+/// Checks that `t` holds activations a kernel can read (f32 or bf16).
+pub fn ensure_float(t: &Tensor, what: &str) -> Result<()> {
+    ensure!(matches!(t.dtype(), DType::F32 | DType::BF16), "{what}: expected f32 or bf16 device data, found {:?}", t.dtype());
+    Ok(())
+}
+
+/// Checks that `t` is f32 device data.
+pub fn ensure_f32(t: &Tensor, what: &str) -> Result<()> {
+    ensure!(t.dtype() == DType::F32, "{what}: expected f32 device data, found {:?}", t.dtype());
+    Ok(())
+}
+
+/// A `--device` value: `cpu`, `cuda`, `cuda:N`, or `auto` (the first CUDA device when one
+/// can be used, else the CPU). Naming a CUDA device that cannot be used is an error that says why.
+pub fn parse_device(spec: &str) -> Result<crate::tensor::Device> {
+    use crate::tensor::Device;
+    let spec = spec.trim().to_ascii_lowercase();
+    let ordinal = match spec.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" => return Ok(if device_count() > 0 { Device::Cuda(0) } else { Device::Cpu }),
+        "cuda" | "gpu" => 0,
+        s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => anyhow::bail!("unknown device {spec:?}: use cpu, cuda, cuda:N or auto"),
+        },
+    };
+    if let Some(why) = unavailable_reason() {
+        anyhow::bail!("device {spec:?} cannot be used: {why}");
+    }
+    let n = device_count();
+    ensure!(ordinal < n, "device {spec:?} requested but only {n} CUDA device(s) are present");
+    Ok(Device::Cuda(ordinal))
+}
+
+/// A `--precision` value: `fp32` or `bf16` (activation storage on a CUDA device).
+pub fn parse_precision(spec: &str) -> Result<DType> {
+    match spec.trim().to_ascii_lowercase().as_str() {
+        "fp32" | "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        s => anyhow::bail!("unknown precision {s:?}: use fp32 or bf16"),
+    }
+}

@@ -1,0 +1,35 @@
+//! Max pooling 2×2×2 (ceil mode) launchers (`kernels/pooling.cu`).
+
+use anyhow::Result;
+
+use crate::cuda::{Arg, CudaBuf, K, cast, dev_of, empty, ensure_float};
+use crate::ops::pooling::pooled_extent;
+use crate::tensor::{DType, Tensor, Vol};
+
+fn dims(v: Vol) -> [Arg; 5] {
+    [Arg::I32(v.n as i32), Arg::I32(v.x as i32), Arg::I32(v.y as i32), Arg::I32(v.z as i32), Arg::I32(v.c as i32)]
+}
+
+/// (y, argmax offsets as u8 per output).
+pub fn forward(x: &Tensor, v: Vol) -> Result<(Tensor, CudaBuf)> {
+    ensure_float(x, "maxpool2")?;
+    let dev = dev_of(x);
+    let shape = [v.n, pooled_extent(v.x), pooled_extent(v.y), pooled_extent(v.z), v.c];
+    let y = empty(dev, &shape, x.dtype())?;
+    let arg = dev.alloc(y.numel())?;
+    let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(arg.ptr())];
+    args.extend(dims(v));
+    dev.launch_1d(K::typed(x.dtype(), K::Maxpool2ForwardF32, K::Maxpool2ForwardBf16), y.numel(), &args)?;
+    Ok((y, arg))
+}
+
+/// dx [v] in `dtype`.
+pub fn backward(dy: &Tensor, arg: &CudaBuf, v: Vol, dtype: DType) -> Result<Tensor> {
+    let dy = cast(dy, dtype)?;
+    let dev = dev_of(&dy);
+    let dx = empty(dev, &v.shape(), dtype)?;
+    let mut args = vec![Arg::Ptr(dy.ptr()), Arg::Ptr(arg.ptr()), Arg::Ptr(dx.ptr())];
+    args.extend(dims(v));
+    dev.launch_1d(K::typed(dtype, K::Maxpool2BackwardF32, K::Maxpool2BackwardBf16), dx.numel(), &args)?;
+    Ok(dx)
+}

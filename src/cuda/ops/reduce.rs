@@ -1,0 +1,69 @@
+//! Deterministic column sums of [M, C] data (`kernels/reduce.cu`): per-chunk partial sums in
+//! f64, then the chunks summed in order. Used by BatchNorm's statistics and gradients and by
+//! every bias gradient.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use crate::cuda::{Arg, CudaBuf, CudaDevice, K, dev_of, empty};
+use crate::tensor::{DType, Tensor};
+
+/// Partial sums [chunks, C] (f64) of one pass.
+pub struct ColPartials {
+    pub part0: CudaBuf,
+    pub part1: Option<CudaBuf>,
+    pub chunks: usize,
+}
+
+/// Rows per chunk: enough chunks to fill the GPU, few enough to sum quickly.
+fn rows_per_chunk(m: usize) -> usize {
+    m.div_ceil(2048).max(64)
+}
+
+/// Mode 0: Σ x; mode 1: Σ (x − mean)²; mode 2: Σ g and Σ g (x − mean) (`g` the same dtype as x).
+pub fn col_partials(x: &Tensor, g: Option<&Tensor>, mean: Option<&CudaBuf>, m: usize, c: usize, mode: i32) -> Result<ColPartials> {
+    let dev = dev_of(x);
+    let rows = rows_per_chunk(m);
+    let chunks = m.div_ceil(rows).max(1);
+    let part0 = dev.alloc(chunks * c * 8)?;
+    let part1 = if mode == 2 { Some(dev.alloc(chunks * c * 8)?) } else { None };
+    let k = K::typed(x.dtype(), K::ColPartialsF32, K::ColPartialsBf16);
+    dev.launch(
+        k,
+        (chunks as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[
+            Arg::Ptr(x.ptr()),
+            Arg::Ptr(g.map_or(0, |g| g.ptr())),
+            Arg::Ptr(mean.map_or(0, |b| b.ptr())),
+            Arg::Ptr(part0.ptr()),
+            Arg::Ptr(part1.as_ref().map_or(0, |b| b.ptr())),
+            Arg::I64(m as i64),
+            Arg::I32(c as i32),
+            Arg::I64(rows as i64),
+            Arg::I32(mode),
+        ],
+    )?;
+    Ok(ColPartials { part0, part1, chunks })
+}
+
+/// out_d[c] (f64) and/or out_f[c] (f32) = scale · Σ_chunks part[chunk, c].
+pub fn reduce_chunks(dev: &Arc<CudaDevice>, part: &CudaBuf, chunks: usize, c: usize, scale: f64, out_d: Option<u64>, out_f: Option<u64>) -> Result<()> {
+    dev.launch_1d(
+        K::ReduceChunks,
+        c,
+        &[Arg::Ptr(part.ptr()), Arg::I32(chunks as i32), Arg::I32(c as i32), Arg::F64(scale), Arg::Ptr(out_d.unwrap_or(0)), Arg::Ptr(out_f.unwrap_or(0))],
+    )
+}
+
+/// Σ over rows of x viewed as [M, C], as an f32 [C] tensor (bias gradients).
+pub fn col_sum(x: &Tensor, c: usize) -> Result<Tensor> {
+    let m = x.numel() / c;
+    let dev = dev_of(x);
+    let p = col_partials(x, None, None, m, c, 0)?;
+    let out = empty(dev, &[c], DType::F32)?;
+    reduce_chunks(dev, &p.part0, p.chunks, c, 1.0, None, Some(out.ptr()))?;
+    Ok(out)
+}

@@ -1,0 +1,37 @@
+//! Upsample ×2 + crop launchers (`kernels/upsample.cu`).
+
+use anyhow::Result;
+
+use crate::cuda::{Arg, K, cast, dev_of, empty, ensure_float};
+use crate::tensor::{DType, Tensor, Vol};
+
+fn args(src: &Tensor, dst: &Tensor, v: Vol, t: [usize; 3]) -> Vec<Arg> {
+    vec![
+        Arg::Ptr(src.ptr()),
+        Arg::Ptr(dst.ptr()),
+        Arg::I32(v.n as i32),
+        Arg::I32(v.x as i32),
+        Arg::I32(v.y as i32),
+        Arg::I32(v.z as i32),
+        Arg::I32(v.c as i32),
+        Arg::I32(t[0] as i32),
+        Arg::I32(t[1] as i32),
+        Arg::I32(t[2] as i32),
+    ]
+}
+
+pub fn forward(x: &Tensor, v: Vol, target: [usize; 3]) -> Result<Tensor> {
+    ensure_float(x, "upsample2_crop")?;
+    let dev = dev_of(x);
+    let y = empty(dev, &[v.n, target[0], target[1], target[2], v.c], x.dtype())?;
+    dev.launch_1d(K::typed(x.dtype(), K::Upsample2ForwardF32, K::Upsample2ForwardBf16), y.numel(), &args(x, &y, v, target))?;
+    Ok(y)
+}
+
+pub fn backward(dy: &Tensor, v: Vol, target: [usize; 3], dtype: DType) -> Result<Tensor> {
+    let dy = cast(dy, dtype)?;
+    let dev = dev_of(&dy);
+    let dx = empty(dev, &v.shape(), dtype)?;
+    dev.launch_1d(K::typed(dtype, K::Upsample2BackwardF32, K::Upsample2BackwardBf16), dx.numel(), &args(&dy, &dx, v, target))?;
+    Ok(dx)
+}

@@ -1,0 +1,97 @@
+//! The typed kernel registry: every kernel of `kernels/*.cu` is a variant of [`K`]; the
+//! device resolves all of them once, when it opens (a missing symbol is an error then, not
+//! in the middle of a step), and a launch indexes a table — no string lookups in hot loops.
+
+use crate::tensor::DType;
+
+macro_rules! kernels {
+    ($($variant:ident => $name:literal),* $(,)?) => {
+        /// One kernel of the embedded fatbin.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(usize)]
+        pub enum K { $($variant),* }
+
+        impl K {
+            /// Every kernel, in table order.
+            pub const ALL: &'static [K] = &[$(K::$variant),*];
+            /// The kernel's symbol in the fatbin.
+            pub fn name(self) -> &'static str {
+                const NAMES: &[&str] = &[$($name),*];
+                NAMES[self as usize]
+            }
+        }
+    };
+}
+
+kernels! {
+    // elementwise.cu
+    CastF32ToBf16 => "cast_f32_to_bf16",
+    CastBf16ToF32 => "cast_bf16_to_f32",
+    FillF32 => "fill_f32",
+    ScaleByScalarF32 => "scale_by_scalar_f32",
+    ReluForwardF32 => "relu_forward_f32",
+    ReluForwardBf16 => "relu_forward_bf16",
+    ReluBackwardF32 => "relu_backward_f32",
+    ReluBackwardBf16 => "relu_backward_bf16",
+    AddF32 => "add_f32",
+    AddBf16 => "add_bf16",
+    // conv3d.cu
+    Conv3dForwardF32 => "conv3d_forward_f32",
+    Conv3dForwardBf16 => "conv3d_forward_bf16",
+    Conv3dBackwardInputF32 => "conv3d_backward_input_f32",
+    Conv3dBackwardInputBf16 => "conv3d_backward_input_bf16",
+    Conv3dBackwardWeightF32 => "conv3d_backward_weight_f32",
+    Conv3dBackwardWeightBf16 => "conv3d_backward_weight_bf16",
+    Conv3dReduceSplits => "conv3d_reduce_splits",
+    // reduce.cu
+    ColPartialsF32 => "col_partials_f32",
+    ColPartialsBf16 => "col_partials_bf16",
+    ReduceChunks => "reduce_chunks",
+    // batchnorm.cu
+    BnTrainFinalize => "bn_train_finalize",
+    BnEvalStats => "bn_eval_stats",
+    BnApplyF32 => "bn_apply_f32",
+    BnApplyBf16 => "bn_apply_bf16",
+    BnBackwardFinalize => "bn_backward_finalize",
+    BnBackwardApplyF32 => "bn_backward_apply_f32",
+    BnBackwardApplyBf16 => "bn_backward_apply_bf16",
+    // pooling.cu
+    Maxpool2ForwardF32 => "maxpool2_forward_f32",
+    Maxpool2ForwardBf16 => "maxpool2_forward_bf16",
+    Maxpool2BackwardF32 => "maxpool2_backward_f32",
+    Maxpool2BackwardBf16 => "maxpool2_backward_bf16",
+    // upsample.cu
+    Upsample2ForwardF32 => "upsample2_forward_f32",
+    Upsample2ForwardBf16 => "upsample2_forward_bf16",
+    Upsample2BackwardF32 => "upsample2_backward_f32",
+    Upsample2BackwardBf16 => "upsample2_backward_bf16",
+    // gather.cu
+    GatherRowsF32 => "gather_rows_f32",
+    GatherRowsBf16 => "gather_rows_bf16",
+    ScatterAddRows => "scatter_add_rows",
+    CopyCols => "copy_cols",
+    // normalize.cu
+    L2NormalizeForward => "l2_normalize_forward",
+    L2NormalizeBackward => "l2_normalize_backward",
+    // linear.cu
+    FillRows => "fill_rows",
+    // infonce.cu
+    InfonceSoftmaxRows => "infonce_softmax_rows",
+    InfonceLoss => "infonce_loss",
+    InfonceGradMatrices => "infonce_grad_matrices",
+    // optim.cu
+    SumsqBlocks => "sumsq_blocks",
+    ClipFinalize => "clip_finalize",
+    AdamUpdate => "adam_update",
+}
+
+impl K {
+    /// The variant of a kernel templated on the activation type: `f32` for F32 storage,
+    /// `bf16` for BF16.
+    pub fn typed(dtype: DType, f32: K, bf16: K) -> K {
+        match dtype {
+            DType::BF16 => bf16,
+            _ => f32,
+        }
+    }
+}
