@@ -65,7 +65,7 @@ thread_local! {
 /// Number of CUDA devices this process can use: 0 without the driver library, without a
 /// device, or when this binary carries no kernels (built without nvcc).
 pub fn device_count() -> usize {
-    if !crate::kernels::available() || !driver_present() {
+    if unavailable_reason().is_some() {
         return 0;
     }
     CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)
@@ -83,6 +83,10 @@ pub fn unavailable_reason() -> Option<String> {
     }
     if !driver_present() {
         return Some("the CUDA driver library (libcuda.so) was not found".into());
+    }
+    // SAFETY: only probes for the library.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Some("the cuBLAS library (libcublas.so.13 or .12) was not found: add its folder to LD_LIBRARY_PATH (pip wheels keep it in site-packages/nvidia/cu13/lib or nvidia/cublas/lib)".into());
     }
     match CudaContext::device_count() {
         Ok(n) if n > 0 => None,

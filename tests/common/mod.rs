@@ -10,8 +10,12 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
 
 /// Every `*.safetensors` fixture in the repository's test data and in $VOX2VEC_FIXTURES.
+/// The repository folder is found from the build's source tree or, for test binaries copied
+/// to another machine (scripts/gpu-bundle.sh), from the working directory.
 pub fn fixture_files() -> Vec<PathBuf> {
-    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures")];
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fixtures");
+    let repo = if built.is_dir() { built } else { PathBuf::from("tests/data/fixtures") };
+    let mut dirs = vec![repo];
     if let Some(extra) = std::env::var_os("VOX2VEC_FIXTURES") {
         dirs.push(PathBuf::from(extra));
     }

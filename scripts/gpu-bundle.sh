@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds, on a machine without a GPU, everything the GPU checks need, and gathers it in the
+# git-ignored folder gpu-bundle/ for a GPU machine that has the CUDA driver but no Rust:
+#   gpu-bundle/bin/gpu-tests       the GPU test binary (tests/gpu.rs)
+#   gpu-bundle/bin/vox2vec-train   the trainer, for --bench and real-data runs
+#   gpu-bundle/tests/data/fixtures the reference fixtures the parity test reads
+#   gpu-bundle/run.sh              runs the GPU tests, then --bench 20 in fp32 and bf16
+# Binaries are stripped of debug info (the bundle must stay small enough to copy).
+# The kernels are compiled by build.rs, so nvcc must be present (scripts/install-cuda.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-cuda.sh >/dev/null
+out=gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/tests/data"
+cargo build --release --bin vox2vec-train
+gpu_test=$(cargo test --release --test gpu --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu" and m.get("executable"):
+        print(m["executable"])')
+[[ -x "$gpu_test" ]] || { echo "gpu-bundle: the GPU test binary was not built" >&2; exit 1; }
+strip --strip-debug -o "$out/bin/gpu-tests" "$gpu_test"
+strip --strip-debug -o "$out/bin/vox2vec-train" target/release/vox2vec-train
+cp -r tests/data/fixtures "$out/tests/data/"
+cat > "$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the GPU checks of vox2vec-rs on this machine (CUDA driver needed, no Rust). Results go
+# to stdout and, when $OUT is set, to files in it.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here"
+results=${OUT:-$here/results}
+mkdir -p "$results"
+# cuBLAS: the system's, or the one in a pip wheel (PyTorch's dependencies).
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.1[23]'; then
+  for root in /usr/local/cuda /usr/lib /opt $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+    lib=$(find "$root" -name 'libcublas.so.1[23]*' 2>/dev/null | head -1)
+    if [[ -n "$lib" ]]; then export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; break; fi
+  done
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$results/device.txt"
+status=0
+bin/gpu-tests 2>&1 | tee "$results/gpu-tests.txt" || status=1
+for p in fp32 bf16; do
+  bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p" 2>&1 | tee "$results/bench-$p.txt" || status=1
+done
+exit $status
+RUN
+chmod +x "$out/run.sh"
+du -sh "$out" | sed 's/^/gpu-bundle: /'
+echo "gpu-bundle: on a GPU machine with the CUDA driver, run:"
+echo "  bash gpu-bundle/run.sh"
