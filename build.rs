@@ -43,6 +43,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", s.display());
     }
     let units: Vec<&PathBuf> = sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
+    println!("cargo::rustc-check-cfg=cfg(vox2vec_emulator)");
+    if env::var_os("CARGO_FEATURE_CUDA_EMULATOR").is_some() && !units.is_empty() {
+        build_emulator(&root, &units);
+    }
     let write_empty = || fs::write(&out, []).expect("writing empty fatbin");
     if units.is_empty() {
         write_empty();
@@ -81,4 +85,74 @@ fn main() {
             write_empty();
         }
     }
+}
+
+/// The `cuda-emulator` feature: compile kernels/*.cu as C++ for the host, with
+/// kernels/emulator/shim.h standing in for CUDA's extensions, plus one trampoline per kernel
+/// (unpacking cuLaunchKernel-style `void**` arguments) and the fiber runtime; sets the cfg
+/// `vox2vec_emulator`. A C++17 compiler is required when the feature is on.
+fn build_emulator(root: &Path, units: &[&PathBuf]) {
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let mut src = String::new();
+    let mut table = String::new();
+    let mut count = 0;
+    for u in units {
+        src.push_str(&format!("#include \"{}\"\n", u.display()));
+    }
+    for u in units {
+        let text = fs::read_to_string(u).expect("reading a kernel file");
+        for (name, params) in kernel_signatures(&text) {
+            let args: Vec<String> = params.iter().enumerate().map(|(i, ty)| format!("*({ty}*)a[{i}]")).collect();
+            src.push_str(&format!("static void emu_{name}(void** a) {{ {name}({}); }}\n", args.join(", ")));
+            table.push_str(&format!("    {{\"{name}\", emu_{name}}},\n"));
+            count += 1;
+        }
+    }
+    src.push_str("typedef void (*emu_trampoline)(void**);\nstruct EmuKernel { const char* name; emu_trampoline fn; };\n");
+    src.push_str(&format!("extern \"C\" const EmuKernel emu_kernels[] = {{\n{table}}};\nextern \"C\" const int emu_kernel_count = {count};\n"));
+    let unit = out_dir.join("emu_kernels.cpp");
+    fs::write(&unit, src).expect("writing the emulator's kernel unit");
+    let shim = root.join("kernels/emulator/shim.h");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .define("VOX2VEC_EMULATOR", None)
+        .flag("-include")
+        .flag(shim.to_str().unwrap())
+        .flag("-w")
+        .include(root.join("kernels"))
+        .include(root.join("kernels/emulator"))
+        .file(&unit)
+        .file(root.join("kernels/emulator/runtime.cpp"))
+        .compile("vox2vec_cuda_emulator");
+    println!("cargo:rustc-cfg=vox2vec_emulator");
+}
+
+/// (name, parameter types) of every `extern "C" __global__ void` kernel in a .cu file.
+fn kernel_signatures(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let marker = "extern \"C\" __global__ void";
+    let mut rest = text;
+    while let Some(i) = rest.find(marker) {
+        rest = &rest[i + marker.len()..];
+        let head = rest.trim_start();
+        let head = match head.strip_prefix("__launch_bounds__(") {
+            Some(h) => &h[h.find(')').unwrap() + 1..],
+            None => head,
+        };
+        let open = head.find('(').expect("kernel without parameters");
+        let name = head[..open].trim().to_string();
+        let close = head[open..].find(')').expect("unclosed parameter list") + open;
+        let params = head[open + 1..close]
+            .split(',')
+            .map(|p| {
+                let p = p.split_whitespace().collect::<Vec<_>>().join(" ");
+                let cut = p.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).expect("parameter without a name");
+                p[..=cut].trim().to_string()
+            })
+            .collect();
+        out.push((name, params));
+    }
+    out
 }

@@ -3,7 +3,9 @@
 // indices, and a deterministic block reduction (fixed tree, so results do not depend on
 // scheduling).
 #pragma once
+#ifndef VOX2VEC_EMULATOR
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;

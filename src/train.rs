@@ -24,7 +24,7 @@ pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) ->
         let stats = pretrain_step_cuda(model, adam, batch, ordinal)?;
         // The one read of the step, once all its work is queued: loss and gradient norm.
         let loss = stats.loss.to_scalar() as f64;
-        let norm = crate::cuda::dev_of(&stats.loss).download::<f32>(stats.clip.ptr(), 2)?[0] as f64;
+        let norm = crate::cuda::dev_of(&stats.loss).download::<f32>(stats.clip.norm_ptr(), 1)?[0] as f64;
         return Ok(StepStats { loss, grad_norm: norm });
     }
     let g = Graph::train();
@@ -44,7 +44,7 @@ pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) ->
 /// What a device step leaves on the device: the loss [1] and [grad norm, clip coefficient].
 pub struct DeviceStepStats {
     pub loss: Tensor,
-    pub clip: crate::cuda::CudaBuf,
+    pub clip: crate::cuda::optim::ClipStats,
 }
 
 /// `pretrain_step` on a CUDA device, without reading anything back: forward, backward, the
@@ -69,7 +69,7 @@ pub fn pretrain_step_cuda(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatc
     let clip = crate::cuda::optim::clip_stats(&dev, &per_slot, MAX_GRAD_NORM)?;
     adam.step += 1;
     let moments = adam.device.as_ref().expect("checked above");
-    crate::cuda::optim::adam_update(&model.store, &per_slot, moments, adam.config, adam.step, Some(clip.ptr()))?;
+    crate::cuda::optim::adam_update(&model.store, &per_slot, moments, adam.config, adam.step, Some(clip.coef_ptr()))?;
     Ok(DeviceStepStats { loss, clip })
 }
 

@@ -12,8 +12,12 @@
 //! - bf16 ops: 2e-2, against the CPU run on the same inputs rounded to bf16 (outputs and
 //!   activation gradients are stored in bf16: 2^-9 relative rounding per value, plus the
 //!   rounding of intermediate activations inside an op's backward).
-//! - fixture parity: f32 within the fixture bounds (1e-4 forward, 1e-2 gradients); bf16
-//!   against the same fp32 reference results within 5e-2 forward and 2e-1 gradients.
+//! - fixture parity: f32 within the fixture bounds (1e-4 forward, 1e-2 gradients). bf16
+//!   against the same fp32 reference results, within 5 × the error that rounding only the two
+//!   input views to bf16 causes in an f32 CPU run (the fixtures' tiny, randomly initialised
+//!   networks are ill-conditioned: that alone moves embeddings by 2–5 % and some gradients by
+//!   75 %, so a fixed elementwise bound would say nothing). Measured on the emulator: 2–3 ×
+//!   forward, 0.9–1.6 × gradients.
 
 mod common;
 
@@ -111,7 +115,8 @@ fn check_op(name: &str, dt: DType, inputs: Vec<Input>, train: bool, op: OpFn, se
         let (out, extra) = op(&g, &vars, device)?;
         let mut rng = StdRng::seed_from_u64(seed ^ 0xD1CE);
         let seed_grad = rand_tensor(&mut rng, out.shape());
-        let seed_grad = if dt == DType::BF16 && out.value.dtype() == DType::BF16 { round_bf16(&seed_grad) } else { seed_grad };
+        // The same output gradient on both devices: rounded to bf16 where the GPU stores it so.
+        let seed_grad = if dt == DType::BF16 && out.shape().len() == 5 { round_bf16(&seed_grad) } else { seed_grad };
         let grads = g.backward_with(&out, seed_grad.to_device(device)?)?;
         let gs = vars.iter().map(|v| grads.get(v).cloned()).collect();
         Ok((out.value, extra, gs))
@@ -305,8 +310,8 @@ fn test_clip_and_adam() -> Result<()> {
         let dgrads: Vec<Option<Tensor>> = grads.iter().map(|g| g.as_ref().map(|g| g.to_device(GPU)).transpose()).collect::<Result<_>>()?;
         let stats = vox2vec::cuda::optim::clip_stats(&dev, &dgrads, 1.0)?;
         gpu_adam.step += 1;
-        vox2vec::cuda::optim::adam_update(&gpu_store, &dgrads, gpu_adam.device.as_ref().unwrap(), cfg, gpu_adam.step, Some(stats.ptr()))?;
-        let st = dev.download::<f32>(stats.ptr(), 2)?;
+        vox2vec::cuda::optim::adam_update(&gpu_store, &dgrads, gpu_adam.device.as_ref().unwrap(), cfg, gpu_adam.step, Some(stats.coef_ptr()))?;
+        let st = dev.download::<f32>(stats.norm_ptr(), 2)?;
         ensure!(((st[0] as f64 - norm) / norm).abs() < 1e-5, "step {step}: gradient norm {} on the GPU, {norm} on the CPU", st[0]);
         ensure!((st[1] - clip_coefficient(norm, 1.0)).abs() <= 1e-6 * st[1].abs().max(1.0), "step {step}: clip coefficient {} vs {}", st[1], clip_coefficient(norm, 1.0));
     }
@@ -325,10 +330,11 @@ fn test_fixture_parity() -> Result<()> {
     let mut failures = Vec::new();
     for path in &files {
         let f = common::Fixture::load(path);
-        for (dt, fb, gb) in [(DType::F32, 1e-4, 1e-2), (DType::BF16, 5e-2, 2e-1)] {
+        let (sf, sg) = common::parity::check_fixture_with(&f, Device::Cpu, DType::F32, true);
+        for (dt, fb, gb) in [(DType::F32, 1e-4, 1e-2), (DType::BF16, 5.0 * sf, 5.0 * sg)] {
             let (ef, eg) = common::parity::check_fixture(&f, GPU, dt);
             if !(ef < fb && eg < gb) {
-                failures.push(format!("{} {dt:?}: fwd {ef:.3e} (bound {fb:e}), grad {eg:.3e} (bound {gb:e})", f.name));
+                failures.push(format!("{} {dt:?}: fwd {ef:.3e} (bound {fb:.3e}), grad {eg:.3e} (bound {gb:.3e})", f.name));
             }
         }
     }
@@ -337,9 +343,15 @@ fn test_fixture_parity() -> Result<()> {
 }
 
 fn test_training_steps() -> Result<()> {
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 8, num_scales: 4 }, proj_dim: 32, temperature: 0.1 };
-    let shape = BatchShape { pairs: 2, patch: [24, 20, 12], voxels_per_pair: 96 };
-    let adam_cfg = AdamConfig { lr: 1e-3, ..AdamConfig::default() };
+    // Small enough for the CUDA emulator (CPU fibers) to get through in a minute or two.
+    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 };
+    let shape = BatchShape { pairs: 2, patch: [12, 10, 8], voxels_per_pair: 48 };
+    // A small learning rate: Adam moves every parameter by about lr whatever its gradient's
+    // size, so gradients that are rounding noise on both devices (a conv bias before a
+    // BatchNorm has an exact zero gradient) step in opposite directions and the runs drift
+    // apart in proportion to lr (measured on the emulator: loss gap at step 4 of 2e-3 at
+    // lr 1e-3, 6e-6 at 1e-4, 1.5e-7 at 1e-5), which says nothing about the kernels.
+    let adam_cfg = AdamConfig { lr: 1e-5, ..AdamConfig::default() };
     let mut cpu = Vox2Vec::new(cfg, 21);
     let mut cpu_adam = Adam::new(adam_cfg, &cpu.store);
     let mut fp32_gpu_losses = Vec::new();
@@ -364,8 +376,8 @@ fn test_training_steps() -> Result<()> {
         for (i, &(cl, gl, cn, gn)) in losses.iter().enumerate() {
             ensure!(gl.is_finite() && gn.is_finite(), "{dt:?} step {i}: non-finite loss {gl} or norm {gn}");
             if dt == DType::F32 {
-                ensure!((cl - gl).abs() <= 1e-4 * cl.abs().max(1.0), "step {i}: loss {gl} on the GPU, {cl} on the CPU");
-                ensure!((cn - gn).abs() <= 1e-3 * cn.abs().max(1e-3), "step {i}: gradient norm {gn} on the GPU, {cn} on the CPU");
+                ensure!((cl - gl).abs() <= 1e-5 * cl.abs().max(1.0), "step {i}: loss {gl} on the GPU, {cl} on the CPU");
+                ensure!((cn - gn).abs() <= 1e-4 * cn.abs().max(1e-3), "step {i}: gradient norm {gn} on the GPU, {cn} on the CPU");
             }
         }
         if dt == DType::F32 {
@@ -373,14 +385,21 @@ fn test_training_steps() -> Result<()> {
                 if s.kind == SlotKind::Counter {
                     continue;
                 }
-                close(&format!("{} after 4 steps", s.name), gpu.store.get(i), &s.value, 1e-3)?;
+                // Adam moves a parameter by at most about lr per step, so two runs whose noise-level
+                // gradients disagree in sign can differ by 2 lr per step; a kernel error shows
+                // up far above that.
+                let (g, c) = (host(gpu.store.get(i)), host(&s.value));
+                let worst = g.iter().zip(&c).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) as f64;
+                let limit = 2.0 * 4.0 * adam_cfg.lr + 1e-5;
+                ensure!(worst <= limit, "{} after 4 steps: largest difference {worst:.3e} exceeds {limit:.1e}", s.name);
             }
             fp32_gpu_losses = losses.iter().map(|l| l.1).collect();
         } else {
-            // bf16 storage follows the fp32 run from the same weights and batches: the first
-            // loss within 1e-2 relative, the later ones (after bf16-influenced updates) 5e-2.
+            // bf16 storage follows the fp32 run from the same weights and batches within 3e-2
+            // relative (this tiny network is sensitive: measured on the emulator 1.0 %, 0.3 %,
+            // 0.9 %, 0.4 % over the four steps).
             for (i, (l, f)) in losses.iter().map(|l| l.1).zip(&fp32_gpu_losses).enumerate() {
-                let tol = if i == 0 { 1e-2 } else { 5e-2 };
+                let tol = 3e-2;
                 ensure!((l - f).abs() <= tol * f.abs(), "bf16 step {i}: loss {l}, fp32 run {f} (bound {tol:e} relative)");
             }
         }

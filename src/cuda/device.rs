@@ -40,15 +40,21 @@ struct KernelTimer {
     totals: HashMap<&'static str, (f64, u64)>,
 }
 
-pub struct CudaDevice {
-    ordinal: usize,
-    name: String,
+/// A real device through the CUDA driver.
+struct Driver {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    functions: Vec<RawFn>,
     /// The module's storage must outlive the module: the fatbin image, 8-byte aligned.
     _image: Vec<u64>,
+}
+
+pub struct CudaDevice {
+    ordinal: usize,
+    name: String,
+    /// None: the CUDA emulator (feature `cuda-emulator`, `VOX2VEC_CUDA_EMULATOR=1`).
+    driver: Option<Driver>,
+    functions: Vec<RawFn>,
     pool: Mutex<Pool>,
     timer: Mutex<Option<KernelTimer>>,
 }
@@ -65,6 +71,9 @@ thread_local! {
 /// Number of CUDA devices this process can use: 0 without the driver library, without a
 /// device, or when this binary carries no kernels (built without nvcc).
 pub fn device_count() -> usize {
+    if emulated() {
+        return 1;
+    }
     if unavailable_reason().is_some() {
         return 0;
     }
@@ -78,6 +87,9 @@ fn driver_present() -> bool {
 
 /// Why no CUDA device can be opened here, in words (None when one can).
 pub fn unavailable_reason() -> Option<String> {
+    if emulated() {
+        return None;
+    }
     if !crate::kernels::available() {
         return Some("this binary was built without CUDA kernels (nvcc was not found at build time: run scripts/install-cuda.sh and rebuild)".into());
     }
@@ -95,6 +107,18 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
+/// Whether the CUDA emulator stands in for a device in this process.
+pub fn emulated() -> bool {
+    #[cfg(vox2vec_emulator)]
+    {
+        super::emulator::requested()
+    }
+    #[cfg(not(vox2vec_emulator))]
+    {
+        false
+    }
+}
+
 static DEVICES: Mutex<Vec<Option<Arc<CudaDevice>>>> = Mutex::new(Vec::new());
 
 /// The device with this ordinal, opened once per process.
@@ -106,7 +130,7 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
     if let Some(why) = unavailable_reason() {
         bail!("cannot use CUDA device {ordinal}: {why}");
     }
-    let d = Arc::new(CudaDevice::open(ordinal)?);
+    let d = Arc::new(if emulated() { CudaDevice::open_emulator(ordinal)? } else { CudaDevice::open(ordinal)? });
     if devs.len() <= ordinal {
         devs.resize(ordinal + 1, None);
     }
@@ -119,6 +143,7 @@ impl CudaDevice {
         let count = CudaContext::device_count().context("counting CUDA devices")? as usize;
         ensure!(ordinal < count, "CUDA device {ordinal} requested, the driver reports {count}");
         let ctx = CudaContext::new(ordinal).with_context(|| format!("creating a context on CUDA device {ordinal}"))?;
+        ctx.bind_to_thread().context("binding the CUDA context")?;
         // One stream and raw pointers: cudarc's per-buffer event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
@@ -137,9 +162,36 @@ impl CudaDevice {
             let f = unsafe { result::module::get_function(module, cname) }.with_context(|| format!("kernel {} is missing from the fatbin", k.name()))?;
             functions.push(RawFn(f));
         }
-        let dev = CudaDevice { ordinal, name, ctx, stream, blas, functions, _image: image, pool: Mutex::default(), timer: Mutex::new(None) };
+        let driver = Some(Driver { ctx, stream, blas, _image: image });
+        let dev = CudaDevice { ordinal, name, driver, functions, pool: Mutex::default(), timer: Mutex::new(None) };
         BOUND.with(|b| b.set(ordinal));
         Ok(dev)
+    }
+
+    #[cfg(vox2vec_emulator)]
+    fn open_emulator(ordinal: usize) -> Result<CudaDevice> {
+        ensure!(ordinal == 0, "the CUDA emulator has one device (cuda:0), cuda:{ordinal} requested");
+        let mut functions = Vec::with_capacity(K::ALL.len());
+        for &k in K::ALL {
+            let f = super::emulator::lookup(k.name()).with_context(|| format!("kernel {} is missing from the emulator build", k.name()))?;
+            functions.push(RawFn(f as sys::CUfunction));
+        }
+        let name = "CUDA emulator (CPU fibers; not a GPU)".to_string();
+        Ok(CudaDevice { ordinal, name, driver: None, functions, pool: Mutex::default(), timer: Mutex::new(None) })
+    }
+
+    #[cfg(not(vox2vec_emulator))]
+    fn open_emulator(_: usize) -> Result<CudaDevice> {
+        bail!("this build has no CUDA emulator (cargo feature cuda-emulator)")
+    }
+
+    fn driver(&self) -> Option<&Driver> {
+        self.driver.as_ref()
+    }
+
+    /// True for the emulator (host memory, host execution).
+    pub fn is_emulator(&self) -> bool {
+        self.driver.is_none()
     }
 
     pub fn ordinal(&self) -> usize {
@@ -152,21 +204,44 @@ impl CudaDevice {
 
     /// Make this device's context current on the calling thread (once per thread).
     pub fn bind(&self) -> Result<()> {
+        let Some(d) = self.driver() else { return Ok(()) };
         if BOUND.with(|b| b.get()) != self.ordinal {
-            self.ctx.bind_to_thread().context("binding the CUDA context")?;
+            d.ctx.bind_to_thread().context("binding the CUDA context")?;
             BOUND.with(|b| b.set(self.ordinal));
         }
         Ok(())
     }
 
-    pub fn cu_stream(&self) -> sys::CUstream {
-        self.stream.cu_stream()
+    fn cu_stream(&self) -> sys::CUstream {
+        self.driver().map_or(std::ptr::null_mut(), |d| d.stream.cu_stream())
     }
 
     /// Wait until every queued kernel and copy has finished.
     pub fn synchronize(&self) -> Result<()> {
+        let Some(d) = self.driver() else { return Ok(()) };
         self.bind()?;
-        self.stream.synchronize().context("CUDA stream synchronisation (an earlier kernel may have failed)")
+        d.stream.synchronize().context("CUDA stream synchronisation (an earlier kernel may have failed)")
+    }
+
+    fn raw_malloc(&self, bytes: usize) -> Result<u64> {
+        if self.is_emulator() {
+            #[cfg(vox2vec_emulator)]
+            return super::emulator::malloc(bytes);
+        }
+        self.bind()?;
+        // SAFETY: plain allocation; the pointer is owned by the caller.
+        Ok(unsafe { result::malloc_sync(bytes) }?)
+    }
+
+    fn raw_free(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if self.is_emulator() {
+            #[cfg(vox2vec_emulator)]
+            super::emulator::free(ptr, bytes);
+            return Ok(());
+        }
+        let _ = bytes;
+        // SAFETY: the block is no longer referenced by any buffer.
+        unsafe { result::free_sync(ptr) }.context("freeing device memory")
     }
 
     /// Allocate `bytes` (contents undefined) from the caching pool.
@@ -175,15 +250,13 @@ impl CudaDevice {
         if let Some(ptr) = self.pool.lock().unwrap().take(class) {
             return Ok(CudaBuf { ptr, class, bytes, dev: self.clone() });
         }
-        self.bind()?;
-        // SAFETY: plain allocation; the pointer is owned by the returned buffer.
-        let ptr = match unsafe { result::malloc_sync(class) } {
+        let ptr = match self.raw_malloc(class) {
             Ok(p) => p,
             Err(_) => {
                 // Out of memory: give the cached blocks back to the driver and try once more.
                 self.synchronize()?;
                 self.release_cached()?;
-                unsafe { result::malloc_sync(class) }.with_context(|| {
+                self.raw_malloc(class).with_context(|| {
                     let s = self.pool_stats();
                     format!("out of memory on {} allocating {} MiB ({} MiB in use)", self.name, class >> 20, s.in_use >> 20)
                 })?
@@ -203,9 +276,8 @@ impl CudaDevice {
     /// Return every cached (free) block to the driver.
     pub fn release_cached(&self) -> Result<()> {
         let blocks = self.pool.lock().unwrap().drain();
-        for (p, _) in blocks {
-            // SAFETY: the block is no longer referenced by any buffer.
-            unsafe { result::free_sync(p) }.context("freeing device memory")?;
+        for (p, class) in blocks {
+            self.raw_free(p, class)?;
         }
         Ok(())
     }
@@ -222,6 +294,11 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(());
         }
+        if self.is_emulator() {
+            // SAFETY: emulator memory is host memory of at least `bytes` bytes.
+            unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+            return Ok(());
+        }
         self.bind()?;
         // SAFETY: ptr points to at least `bytes` bytes of a live allocation.
         unsafe { result::memset_d8_async(ptr, 0, bytes, self.cu_stream()) }.context("cuMemsetD8Async")
@@ -231,7 +308,10 @@ impl CudaDevice {
     pub fn upload<T: bytemuck::Pod>(self: &Arc<Self>, data: &[T]) -> Result<CudaBuf> {
         let bytes = std::mem::size_of_val(data);
         let buf = self.alloc(bytes)?;
-        if bytes > 0 {
+        if bytes > 0 && self.is_emulator() {
+            // SAFETY: host memory of `bytes` bytes in the emulator.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, buf.ptr as *mut u8, bytes) };
+        } else if bytes > 0 {
             self.bind()?;
             // SAFETY: the destination holds `bytes`; a pageable source is staged by the driver
             // before the call returns, so `data` may be dropped afterwards.
@@ -243,7 +323,10 @@ impl CudaDevice {
     /// Copy `n` values of type T from device memory at `ptr` to the host (waits for the stream).
     pub fn download<T: bytemuck::Pod + Default>(&self, ptr: u64, n: usize) -> Result<Vec<T>> {
         let mut out = vec![T::default(); n];
-        if n > 0 {
+        if n > 0 && self.is_emulator() {
+            // SAFETY: host memory holding n values of T in the emulator.
+            unsafe { std::ptr::copy_nonoverlapping(ptr as *const T, out.as_mut_ptr(), n) };
+        } else if n > 0 {
             self.bind()?;
             // SAFETY: ptr holds n values of T; the stream is synchronised before `out` is read.
             unsafe { result::memcpy_dtoh_async(&mut out, ptr, self.cu_stream()) }.context("copying from the device")?;
@@ -254,6 +337,11 @@ impl CudaDevice {
 
     pub fn copy_device(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         if bytes == 0 {
+            return Ok(());
+        }
+        if self.is_emulator() {
+            // SAFETY: distinct live host allocations in the emulator.
+            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
             return Ok(());
         }
         self.bind()?;
@@ -275,6 +363,11 @@ impl CudaDevice {
                 Arg::Ptr(v) => v as *mut u64 as *mut c_void,
             })
             .collect();
+        if self.is_emulator() {
+            #[cfg(vox2vec_emulator)]
+            return super::emulator::launch(self.functions[k as usize].0 as *const c_void, grid, block, &mut params)
+                .with_context(|| format!("emulating {}", k.name()));
+        }
         let timing = self.timer_start()?;
         // SAFETY: `params` matches the kernel's parameter list (each launcher passes its
         // kernel's signature in order); the values live until the call returns.
@@ -298,14 +391,21 @@ impl CudaDevice {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        if self.is_emulator() {
+            #[cfg(vox2vec_emulator)]
+            super::emulator::sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
+            return Ok(());
+        }
+        let Some(d) = self.driver() else { unreachable!("checked above") };
         self.bind()?;
-        let (op_b, ldb) = if trans_b { (CUBLAS_OP_T, k) } else { (CUBLAS_OP_N, n) };
-        let (op_a, lda) = if trans_a { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k) };
+        // Leading dimensions at least 1 (cuBLAS rejects 0 even when k = 0 makes them unused).
+        let (op_b, ldb) = if trans_b { (CUBLAS_OP_T, k.max(1)) } else { (CUBLAS_OP_N, n) };
+        let (op_a, lda) = if trans_a { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k.max(1)) };
         let timing = self.timer_start()?;
         // SAFETY: the pointers hold matrices of the stated shapes; cuBLAS runs on our stream.
         unsafe {
             cudarc::cublas::result::sgemm(
-                *self.blas.handle(),
+                *d.blas.handle(),
                 op_b,
                 op_a,
                 n as i32,
@@ -327,6 +427,9 @@ impl CudaDevice {
 
     /// Start collecting per-kernel times (CUDA events around every launch).
     pub fn enable_kernel_timing(&self) {
+        if self.is_emulator() {
+            return;
+        }
         let mut t = self.timer.lock().unwrap();
         if t.is_none() {
             *t = Some(KernelTimer { pending: Vec::new(), spare: Vec::new(), totals: HashMap::new() });

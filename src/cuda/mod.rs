@@ -9,6 +9,8 @@
 
 pub mod alloc;
 pub mod device;
+#[cfg(vox2vec_emulator)]
+pub mod emulator;
 pub mod ops;
 pub mod optim;
 pub mod registry;
@@ -17,7 +19,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, ensure};
 
-pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, nvtx_range, unavailable_reason};
+pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, emulated, nvtx_range, unavailable_reason};
 pub use registry::K;
 
 use crate::tensor::{DType, Tensor, numel};

@@ -14,8 +14,24 @@ use crate::tensor::Tensor;
 /// Values per block of the sum of squares.
 const SUMSQ_BLOCK: usize = 16384;
 
-/// Device buffer [norm, coefficient] (f32) of `clip_grad_norm_(grads, max_norm)`.
-pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64) -> Result<CudaBuf> {
+/// `clip_grad_norm_`'s results on the device: [norm, coefficient] (f32).
+pub struct ClipStats {
+    pub buf: CudaBuf,
+}
+
+impl ClipStats {
+    /// The global gradient norm (before clipping).
+    pub fn norm_ptr(&self) -> u64 {
+        self.buf.ptr()
+    }
+    /// The factor the gradients are multiplied by, min(1, max_norm / (norm + 1e-6)).
+    pub fn coef_ptr(&self) -> u64 {
+        self.buf.ptr() + 4
+    }
+}
+
+/// `clip_grad_norm_(grads, max_norm)`'s norm and coefficient, computed on the device.
+pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64) -> Result<ClipStats> {
     let blocks: Vec<usize> = grads.iter().flatten().map(|g| g.numel().div_ceil(SUMSQ_BLOCK).max(1)).collect();
     let total: usize = blocks.iter().sum();
     let part = dev.alloc_zeroed(total.max(1) * 8)?;
@@ -33,7 +49,7 @@ pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64
     }
     let stats = dev.alloc(8)?;
     dev.launch(K::ClipFinalize, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(part.ptr()), Arg::I64(total as i64), Arg::F64(max_norm), Arg::Ptr(stats.ptr())])?;
-    Ok(stats)
+    Ok(ClipStats { buf: stats })
 }
 
 /// Adam's moments on the device, per store slot (None for slots that are not trained).

@@ -49,6 +49,17 @@ fn model_on(f: &Fixture, device: Device, dtype: DType) -> vox2vec::model::Vox2Ve
 /// Worst (forward, gradient) relative errors of our model against fixture `f`, run on
 /// `device` with activations stored as `dtype`; prints one `parity` line.
 pub fn check_fixture(f: &Fixture, device: Device, dtype: DType) -> (f64, f64) {
+    check_fixture_with(f, device, dtype, false)
+}
+
+/// `check_fixture`, optionally with the two input views rounded to bf16 first: run on the CPU
+/// in f32, this measures how sensitive the fixture's outputs are to bf16-sized perturbations
+/// (the yardstick for the bf16 storage mode).
+pub fn check_fixture_with(f: &Fixture, device: Device, dtype: DType, round_inputs: bool) -> (f64, f64) {
+    let input = |key: &str| {
+        let t = to_cl(f, key);
+        if round_inputs { Tensor::from_f32(t.shape(), t.f32s().iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()) } else { t }
+    };
     let levels = f.config().fpn.num_scales;
     let mut fwd: Vec<(f64, String)> = Vec::new();
     let mut grad: Vec<(f64, String)> = Vec::new();
@@ -57,7 +68,7 @@ pub fn check_fixture(f: &Fixture, device: Device, dtype: DType) -> (f64, f64) {
     {
         let mut m = model_on(f, device, dtype);
         let g = Graph::inference();
-        let x1 = m.prepare_input(&to_cl(f, "input.x1")).unwrap();
+        let x1 = m.prepare_input(&input("input.x1")).unwrap();
         let pyr = m.pyramid(&g, &Var::constant(x1)).unwrap();
         let items: Vec<_> = (0..levels).map(|i| (format!("eval.pyramid.{i}"), to_torch(&pyr[i].value), f.f32(&format!("expect.eval.pyramid.{i}")).1.to_vec())).collect();
         fwd.push(worst("eval pyramid", &items));
@@ -66,8 +77,8 @@ pub fn check_fixture(f: &Fixture, device: Device, dtype: DType) -> (f64, f64) {
     // Training step: forward both views, loss, backward.
     let mut m = model_on(f, device, dtype);
     let batch = PairBatch {
-        x1: to_cl(f, "input.x1"),
-        x2: to_cl(f, "input.x2"),
+        x1: input("input.x1"),
+        x2: input("input.x2"),
         batch_index: f.i64("input.batch_index").1.to_vec(),
         voxels_1: f.i64("input.voxels_1").1.to_vec(),
         voxels_2: f.i64("input.voxels_2").1.to_vec(),
@@ -144,7 +155,7 @@ pub fn check_fixture(f: &Fixture, device: Device, dtype: DType) -> (f64, f64) {
     let on = match (device, dtype) {
         (Device::Cpu, _) => String::new(),
         (Device::Cuda(o), dt) => format!(" [cuda:{o} {dt:?}]"),
-    };
+    } + if round_inputs { " [inputs rounded to bf16]" } else { "" };
     println!("parity {}{on}: max rel err fwd {:.3e} grad {:.3e}   (worst: {} / {})", f.name, wf.0, wg.0, wf.1, wg.1);
     (wf.0, wg.0)
 }

@@ -12,8 +12,10 @@ fn dims(v: Vol) -> [Arg; 4] {
     [Arg::I32(v.n as i32), Arg::I32(v.x as i32), Arg::I32(v.y as i32), Arg::I32(v.z as i32)]
 }
 
+/// Tiles along one grid axis (at least one: the kernels check bounds, and an empty grid is a
+/// launch error).
 fn tiles(n: usize) -> u32 {
-    n.div_ceil(TILE) as u32
+    n.div_ceil(TILE).max(1) as u32
 }
 
 /// y [N, X, Y, Z, Co] in x's dtype; w [Co, k, k, k, Ci] f32, bias [Co] f32.

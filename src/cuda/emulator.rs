@@ -1,0 +1,64 @@
+//! The CUDA emulator (cargo feature `cuda-emulator`, chosen at run time with
+//! `VOX2VEC_CUDA_EMULATOR=1`): the kernels of `kernels/*.cu` compiled as C++ for the host
+//! (`kernels/emulator/`), each CUDA thread a fiber, device memory plain host memory, cuBLAS
+//! replaced by a host SGEMM. It runs `tests/gpu.rs` without a GPU, checking every kernel's
+//! logic and every launcher's argument list against the CPU oracle. It is slow and it is not
+//! a GPU: timings and device limits mean nothing here.
+
+use std::ffi::{CString, c_void};
+
+use anyhow::{Result, bail};
+
+unsafe extern "C" {
+    fn vox2vec_emu_lookup(name: *const std::ffi::c_char) -> *const c_void;
+    fn vox2vec_emu_launch(kernel: *const c_void, gx: u32, gy: u32, gz: u32, bx: u32, by: u32, bz: u32, args: *mut *mut c_void) -> i32;
+}
+
+/// Whether this process should use the emulator instead of a driver.
+pub fn requested() -> bool {
+    std::env::var_os("VOX2VEC_CUDA_EMULATOR").is_some_and(|v| v != "0" && !v.is_empty())
+}
+
+/// The trampoline of kernel `name`.
+pub fn lookup(name: &str) -> Option<*const c_void> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated name; the table is static.
+    let f = unsafe { vox2vec_emu_lookup(c.as_ptr()) };
+    (!f.is_null()).then_some(f)
+}
+
+/// Run a launch to completion on this thread.
+pub fn launch(kernel: *const c_void, grid: (u32, u32, u32), block: (u32, u32, u32), params: &mut [*mut c_void]) -> Result<()> {
+    // SAFETY: `kernel` comes from `lookup`; `params` point to the kernel's arguments in order.
+    let rc = unsafe { vox2vec_emu_launch(kernel, grid.0, grid.1, grid.2, block.0, block.1, block.2, params.as_mut_ptr()) };
+    if rc != 0 {
+        bail!("invalid launch configuration grid {grid:?} block {block:?}");
+    }
+    Ok(())
+}
+
+/// Host memory standing in for device memory (256-byte aligned, as cuMemAlloc's).
+pub fn malloc(bytes: usize) -> Result<u64> {
+    let layout = std::alloc::Layout::from_size_align(bytes.max(1), 256)?;
+    // SAFETY: non-zero size.
+    let p = unsafe { std::alloc::alloc(layout) };
+    if p.is_null() {
+        bail!("out of host memory allocating {bytes} bytes for the emulator");
+    }
+    Ok(p as u64)
+}
+
+pub fn free(ptr: u64, bytes: usize) {
+    let layout = std::alloc::Layout::from_size_align(bytes.max(1), 256).expect("layout");
+    // SAFETY: allocated by `malloc` with this size.
+    unsafe { std::alloc::dealloc(ptr as *mut u8, layout) }
+}
+
+/// Row-major C[m, n] = alpha op(A) op(B) + beta C (the `CudaDevice::sgemm` contract).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64) {
+    let (rsa, csa) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the pointers hold matrices of the stated shapes (host memory in the emulator).
+    unsafe { matrixmultiply::sgemm(m, k, n, alpha, a as *const f32, rsa, csa, b as *const f32, rsb, csb, beta, c as *mut f32, n as isize, 1) }
+}
