@@ -18,6 +18,25 @@ __device__ __forceinline__ void st(bf16* p, i64 i, float v) { p[i] = __float2bfl
 
 #define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n); i += (i64)gridDim.x * blockDim.x)
 
+// A flat channels-last index i of an [N, X, Y, Z, C] volume, unpacked.
+struct VoxelIndex {
+    i64 n;
+    int x, y, z, c;
+};
+__device__ __forceinline__ VoxelIndex unpack_voxel(i64 i, int X, int Y, int Z, int C) {
+    VoxelIndex v;
+    v.c = (int)(i % C); i /= C;
+    v.z = (int)(i % Z); i /= Z;
+    v.y = (int)(i % Y); i /= Y;
+    v.x = (int)(i % X);
+    v.n = i / X;
+    return v;
+}
+// The flat index of (n, x, y, z, c) in an [N, X, Y, Z, C] volume.
+__device__ __forceinline__ i64 voxel_offset(i64 n, int x, int y, int z, int X, int Y, int Z, int C, int c) {
+    return (((n * X + x) * Y + y) * (i64)Z + z) * C + c;
+}
+
 // Sum of `v` over the block (blockDim.x a power of two, at most 1024); every thread gets the
 // result. `scratch` holds blockDim.x values. Fixed pairing order: deterministic.
 template <typename A>

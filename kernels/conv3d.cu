@@ -113,6 +113,21 @@ __device__ void gemm_tiles(const FA& fa, const FB& fb, i64 M, i64 N, i64 k0, i64
     }
 }
 
+// Hand this thread's 4x4 outputs (rows m0 + (tid / 16) * 4 + i, columns n0 + (tid % 16) * 4 + j)
+// inside [0, M) x [0, N) to store(m, n, value).
+template <class Store>
+__device__ void store_tile(const float acc[4][4], i64 M, i64 N, i64 m0, i64 n0, Store store) {
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+    for (int i = 0; i < 4; ++i) {
+        i64 m = m0 + tr * 4 + i;
+        if (m >= M) continue;
+        for (int j = 0; j < 4; ++j) {
+            i64 n = n0 + tc * 4 + j;
+            if (n < N) store(m, n, acc[i][j]);
+        }
+    }
+}
+
 // grid (ceil(M / 64), ceil(Co / 64)), block 256.
 template <typename T>
 __device__ void conv3d_forward(const T* x, const float* w, const float* bias, T* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
@@ -120,15 +135,7 @@ __device__ void conv3d_forward(const T* x, const float* w, const float* bias, T*
     const i64 m0 = (i64)blockIdx.x * BM, n0 = (i64)blockIdx.y * BN;
     float acc[4][4] = {};
     gemm_tiles<false, false>(VolGather<T>{x, X, Y, Z, Ci, k, 1}, WeightT{w, K}, M, Co, 0, K, m0, n0, acc);
-    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-    for (int i = 0; i < 4; ++i) {
-        i64 m = m0 + tr * 4 + i;
-        if (m >= M) continue;
-        for (int j = 0; j < 4; ++j) {
-            i64 n = n0 + tc * 4 + j;
-            if (n < Co) st(y, m * Co + n, acc[i][j] + (bias ? bias[n] : 0.f));
-        }
-    }
+    store_tile(acc, M, Co, m0, n0, [=](i64 m, i64 n, float v) { st(y, m * Co + n, v + (bias ? bias[n] : 0.f)); });
 }
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_forward_f32(const float* x, const float* w, const float* bias, float* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
     conv3d_forward(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
@@ -145,15 +152,7 @@ __device__ void conv3d_backward_input(const T* dy, const float* w, T* dx, int nb
     const i64 m0 = (i64)blockIdx.x * BM, n0 = (i64)blockIdx.y * BN;
     float acc[4][4] = {};
     gemm_tiles<false, true>(VolGather<T>{dy, X, Y, Z, Co, k, -1}, WeightFlip{w, taps, Ci, Co}, M, Ci, 0, K, m0, n0, acc);
-    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-    for (int i = 0; i < 4; ++i) {
-        i64 m = m0 + tr * 4 + i;
-        if (m >= M) continue;
-        for (int j = 0; j < 4; ++j) {
-            i64 n = n0 + tc * 4 + j;
-            if (n < Ci) st(dx, m * Ci + n, acc[i][j]);
-        }
-    }
+    store_tile(acc, M, Ci, m0, n0, [=](i64 m, i64 n, float v) { st(dx, m * Ci + n, v); });
 }
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_backward_input_f32(const float* dy, const float* w, float* dx, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
     conv3d_backward_input(dy, w, dx, nb, X, Y, Z, Ci, Co, k);
@@ -174,15 +173,7 @@ __device__ void conv3d_backward_weight(const T* x, const T* dy, float* part, int
         gemm_tiles<true, true>(RowsT<T>{dy, Co}, GatherAsB<T>{VolGather<T>{x, X, Y, Z, Ci, k, 1}}, Co, K, k0, k1, m0, n0, acc);
     }
     float* out = part + (i64)blockIdx.z * Co * K;
-    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-    for (int i = 0; i < 4; ++i) {
-        i64 m = m0 + tr * 4 + i;
-        if (m >= Co) continue;
-        for (int j = 0; j < 4; ++j) {
-            i64 n = n0 + tc * 4 + j;
-            if (n < K) out[m * K + n] = acc[i][j];
-        }
-    }
+    store_tile(acc, Co, K, m0, n0, [=](i64 m, i64 n, float v) { out[m * K + n] = v; });
 }
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_backward_weight_f32(const float* x, const float* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, int k, i64 chunk) {
     conv3d_backward_weight(x, dy, part, nb, X, Y, Z, Ci, Co, k, chunk);

@@ -10,25 +10,20 @@ template <typename T>
 __device__ void maxpool2_forward(const T* x, T* y, unsigned char* arg, int nb, int X, int Y, int Z, int C) {
     const int OX = (X + 1) / 2, OY = (Y + 1) / 2, OZ = (Z + 1) / 2;
     GRID_STRIDE(i, (i64)nb * OX * OY * OZ * C) {
-        i64 q = i;
-        int ch = (int)(q % C); q /= C;
-        int oz = (int)(q % OZ); q /= OZ;
-        int oy = (int)(q % OY); q /= OY;
-        int ox = (int)(q % OX);
-        i64 n = q / OX;
+        const VoxelIndex o = unpack_voxel(i, OX, OY, OZ, C);
         float best = 0.f;
         int besto = 0;
         bool first = true;
         for (int a = 0; a < 2; ++a) {
-            int xi = 2 * ox + a;
+            int xi = 2 * o.x + a;
             if (xi >= X) continue;
             for (int b = 0; b < 2; ++b) {
-                int yi = 2 * oy + b;
+                int yi = 2 * o.y + b;
                 if (yi >= Y) continue;
                 for (int c = 0; c < 2; ++c) {
-                    int zi = 2 * oz + c;
+                    int zi = 2 * o.z + c;
                     if (zi >= Z) continue;
-                    float v = ld(x, (((n * X + xi) * Y + yi) * (i64)Z + zi) * C + ch);
+                    float v = ld(x, voxel_offset(o.n, xi, yi, zi, X, Y, Z, C, o.c));
                     if (first || v > best || v != v) {
                         best = v;
                         besto = a * 4 + b * 2 + c;
@@ -48,14 +43,9 @@ template <typename T>
 __device__ void maxpool2_backward(const T* dy, const unsigned char* arg, T* dx, int nb, int X, int Y, int Z, int C) {
     const int OX = (X + 1) / 2, OY = (Y + 1) / 2, OZ = (Z + 1) / 2;
     GRID_STRIDE(i, (i64)nb * X * Y * Z * C) {
-        i64 q = i;
-        int ch = (int)(q % C); q /= C;
-        int zi = (int)(q % Z); q /= Z;
-        int yi = (int)(q % Y); q /= Y;
-        int xi = (int)(q % X);
-        i64 n = q / X;
-        i64 oi = (((n * OX + xi / 2) * OY + yi / 2) * (i64)OZ + zi / 2) * C + ch;
-        int off = (xi % 2) * 4 + (yi % 2) * 2 + zi % 2;
+        const VoxelIndex v = unpack_voxel(i, X, Y, Z, C);
+        i64 oi = voxel_offset(v.n, v.x / 2, v.y / 2, v.z / 2, OX, OY, OZ, C, v.c);
+        int off = (v.x % 2) * 4 + (v.y % 2) * 2 + v.z % 2;
         st(dx, i, arg[oi] == off ? ld(dy, oi) : 0.f);
     }
 }

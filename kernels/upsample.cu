@@ -7,13 +7,8 @@
 template <typename T>
 __device__ void upsample2_forward(const T* x, T* y, int nb, int X, int Y, int Z, int C, int TX, int TY, int TZ) {
     GRID_STRIDE(i, (i64)nb * TX * TY * TZ * C) {
-        i64 q = i;
-        int ch = (int)(q % C); q /= C;
-        int zi = (int)(q % TZ); q /= TZ;
-        int yi = (int)(q % TY); q /= TY;
-        int xi = (int)(q % TX);
-        i64 n = q / TX;
-        st(y, i, ld(x, (((n * X + xi / 2) * Y + yi / 2) * (i64)Z + zi / 2) * C + ch));
+        const VoxelIndex o = unpack_voxel(i, TX, TY, TZ, C);
+        st(y, i, ld(x, voxel_offset(o.n, o.x / 2, o.y / 2, o.z / 2, X, Y, Z, C, o.c)));
     }
 }
 extern "C" __global__ void upsample2_forward_f32(const float* x, float* y, int nb, int X, int Y, int Z, int C, int TX, int TY, int TZ) { upsample2_forward(x, y, nb, X, Y, Z, C, TX, TY, TZ); }
@@ -22,23 +17,18 @@ extern "C" __global__ void upsample2_forward_bf16(const bf16* x, bf16* y, int nb
 template <typename T>
 __device__ void upsample2_backward(const T* dy, T* dx, int nb, int X, int Y, int Z, int C, int TX, int TY, int TZ) {
     GRID_STRIDE(i, (i64)nb * X * Y * Z * C) {
-        i64 q = i;
-        int ch = (int)(q % C); q /= C;
-        int zi = (int)(q % Z); q /= Z;
-        int yi = (int)(q % Y); q /= Y;
-        int xi = (int)(q % X);
-        i64 n = q / X;
+        const VoxelIndex v = unpack_voxel(i, X, Y, Z, C);
         float s = 0.f;
         for (int a = 0; a < 2; ++a) {
-            int ox = 2 * xi + a;
+            int ox = 2 * v.x + a;
             if (ox >= TX) continue;
             for (int b = 0; b < 2; ++b) {
-                int oy = 2 * yi + b;
+                int oy = 2 * v.y + b;
                 if (oy >= TY) continue;
                 for (int c = 0; c < 2; ++c) {
-                    int oz = 2 * zi + c;
+                    int oz = 2 * v.z + c;
                     if (oz >= TZ) continue;
-                    s += ld(dy, (((n * TX + ox) * TY + oy) * (i64)TZ + oz) * C + ch);
+                    s += ld(dy, voxel_offset(v.n, ox, oy, oz, TX, TY, TZ, C, v.c));
                 }
             }
         }
