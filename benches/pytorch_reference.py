@@ -19,11 +19,18 @@ Measures, on the CPU with torch.set_num_threads(2), the median wall time
      64 random positive voxel pairs per view pair. Timed: zero_grad, both
      backbone passes (one per view), head, loss, backward, clip, Adam step.
 
+  e. With --device cuda: the step of (d) on the GPU (no thread setting), at
+     --size small (d's batch) or --size reference (10 pairs of 128x128x32,
+     1024 voxels per pair: the batch of `vox2vec-train --bench`), timed with
+     torch.cuda.synchronize() around each step; also prints the peak memory
+     (torch.cuda.max_memory_allocated).
+
 Run (needs torch; a CPU-only machine is fine):
 
     python3 benches/pytorch_reference.py            # full measurement
     python3 benches/pytorch_reference.py --quick    # 1 warm-up, 2 timed runs (smoke test)
     python3 benches/pytorch_reference.py --only step   # one group (conv3d or step)
+    python3 benches/pytorch_reference.py --device cuda --only step --size reference
 
 Output: the torch version, the thread count, then one line per measurement,
 e.g. `pytorch conv3d forward: median 46.1 ms`.
@@ -156,13 +163,20 @@ def info_nce(e1, e2, t=0.1):
 # ---------------------------------------------------------------------------
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_ms(fn, warmup, runs):
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -196,24 +210,27 @@ def bench_conv3d(warmup, runs):
     report("conv3d fwd+bwd(weights+input)", median_ms(fwd_bwd_full, warmup, runs))
 
 
-def bench_pretrain_step(warmup, runs):
-    pairs, patch, voxels_per_pair = 2, (32, 32, 16), 64
+def bench_pretrain_step(warmup, runs, device="cpu", size="small"):
+    if size == "reference":
+        pairs, patch, voxels_per_pair = 10, (128, 128, 32), 1024
+    else:
+        pairs, patch, voxels_per_pair = 2, (32, 32, 16), 64
     base, scales = 16, 6
-    backbone = FPN3d(1, base, scales)
+    backbone = FPN3d(1, base, scales).to(device)
     emb_dim = base * (2**scales - 1)  # 1008
-    head = projection_head(emb_dim, emb_dim, 128)
+    head = projection_head(emb_dim, emb_dim, 128).to(device)
     backbone.train()
     head.train()
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
-    x1 = torch.rand(pairs, 1, *patch)
-    x2 = torch.rand(pairs, 1, *patch)
+    x1 = torch.rand(pairs, 1, *patch, device=device)
+    x2 = torch.rand(pairs, 1, *patch, device=device)
     n = pairs * voxels_per_pair
-    b = torch.arange(pairs).repeat_interleave(voxels_per_pair)
-    hi = torch.tensor(patch)
-    v1 = (torch.rand(n, 3) * hi).long()
-    v2 = (torch.rand(n, 3) * hi).long()
+    b = torch.arange(pairs, device=device).repeat_interleave(voxels_per_pair)
+    hi = torch.tensor(patch, device=device)
+    v1 = (torch.rand(n, 3, device=device) * hi).long()
+    v2 = (torch.rand(n, 3, device=device) * hi).long()
 
     n_backbone = sum(p.numel() for p in backbone.parameters())
     n_head = sum(p.numel() for p in head.parameters())
@@ -230,16 +247,25 @@ def bench_pretrain_step(warmup, runs):
         opt.step()
         return loss
 
-    report("pretrain step (2x32x32x16, base 16, 6 scales)", median_ms(step, warmup, runs))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = median_ms(step, warmup, runs)
+    where = f" on {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    report(f"pretrain step ({pairs}x{patch[0]}x{patch[1]}x{patch[2]}, {voxels_per_pair} voxels/pair, base 16, 6 scales){where}", ms)
+    if device == "cuda":
+        print(f"pytorch peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed runs each (smoke test)")
     ap.add_argument("--only", choices=["conv3d", "step"], help="run one group of measurements")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the step runs (conv3d is CPU only)")
+    ap.add_argument("--size", choices=["small", "reference"], default="small", help="the step's batch")
     args = ap.parse_args()
 
-    torch.set_num_threads(THREADS)
+    if args.device == "cpu":
+        torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     if args.quick:
         conv_warmup, conv_runs, step_warmup, step_runs = 1, 2, 1, 2
@@ -248,10 +274,10 @@ def main():
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}"
           f"{' (quick mode: timings not meaningful)' if args.quick else ''}", flush=True)
 
-    if args.only in (None, "conv3d"):
+    if args.only in (None, "conv3d") and args.device == "cpu":
         bench_conv3d(conv_warmup, conv_runs)
     if args.only in (None, "step"):
-        bench_pretrain_step(step_warmup, step_runs)
+        bench_pretrain_step(step_warmup, step_runs, args.device, args.size)
 
 
 if __name__ == "__main__":

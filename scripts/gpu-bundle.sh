@@ -4,7 +4,9 @@
 #   gpu-bundle/bin/gpu-tests       the GPU test binary (tests/gpu.rs)
 #   gpu-bundle/bin/vox2vec-train   the trainer, for --bench and real-data runs
 #   gpu-bundle/tests/data/fixtures the reference fixtures the parity test reads
-#   gpu-bundle/run.sh              runs the GPU tests, then --bench 20 in fp32 and bf16
+#   gpu-bundle/pytorch_reference.py  PyTorch's step on the same GPU, for comparison
+#   gpu-bundle/run.sh              runs the GPU tests, --bench 20 in fp32 and bf16, and PyTorch's
+#                                  reference step at the same size (when torch is installed)
 # Binaries are stripped of debug info (the bundle must stay small enough to copy).
 # The kernels are compiled by build.rs, so nvcc must be present (scripts/install-cuda.sh).
 set -euo pipefail
@@ -24,6 +26,7 @@ for l in sys.stdin:
 strip --strip-debug -o "$out/bin/gpu-tests" "$gpu_test"
 strip --strip-debug -o "$out/bin/vox2vec-train" target/release/vox2vec-train
 cp -r tests/data/fixtures "$out/tests/data/"
+cp benches/pytorch_reference.py "$out/"
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the GPU checks of vox2vec-rs on this machine (CUDA driver needed, no Rust). Results go
@@ -46,6 +49,9 @@ bin/gpu-tests 2>&1 | tee "$results/gpu-tests.txt" || status=1
 for p in fp32 bf16; do
   bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p" 2>&1 | tee "$results/bench-$p.txt" || status=1
 done
+if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  python3 pytorch_reference.py --device cuda --only step --size reference 2>&1 | tee "$results/pytorch-step.txt"
+fi
 exit $status
 RUN
 chmod +x "$out/run.sh"
