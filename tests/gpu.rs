@@ -215,6 +215,11 @@ fn test_pool_upsample() -> Result<()> {
             let x = rand_tensor(&mut rng, &shape);
             check_op(&format!("maxpool2 {shape:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::maxpool2(g, &v[0])?, vec![])), 9)?;
         }
+        // Ties: small integers repeat within windows; the first maximum in scan order wins.
+        for shape in [[2usize, 6, 5, 4, 3], [1, 3, 3, 3, 8]] {
+            let x = Tensor::from_f32(&shape, (0..shape.iter().product::<usize>()).map(|_| rng.random_range(0..3) as f32).collect());
+            check_op(&format!("maxpool2 with ties {shape:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::maxpool2(g, &v[0])?, vec![])), 19)?;
+        }
         for (shape, target) in [([1usize, 3, 2, 2, 3], [5usize, 4, 3]), ([2, 4, 4, 2, 8], [8, 8, 4]), ([1, 1, 1, 1, 4], [1, 2, 1]), ([1, 3, 5, 2, 7], [6, 9, 4])] {
             let x = rand_tensor(&mut rng, &shape);
             check_op(&format!("upsample2_crop {shape:?}->{target:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::upsample2_crop(g, &v[0], target)?, vec![])), 10)?;
