@@ -412,8 +412,11 @@ fn test_training_steps() -> Result<()> {
     Ok(())
 }
 
+/// A named GPU test.
+type Case = (&'static str, fn() -> Result<()>);
+
 fn main() -> ExitCode {
-    let cases: Vec<(&str, fn() -> Result<()>)> = vec![
+    let cases: Vec<Case> = vec![
         ("ops_elementwise_vs_cpu", test_elementwise),
         ("ops_conv3d_vs_cpu", test_conv3d),
         ("ops_batchnorm_vs_cpu", test_batchnorm),
