@@ -5,8 +5,9 @@
 #   gpu-bundle/bin/vox2vec-train   the trainer, for --bench and real-data runs
 #   gpu-bundle/tests/data/fixtures the reference fixtures the parity test reads
 #   gpu-bundle/pytorch_reference.py  PyTorch's step on the same GPU, for comparison
-#   gpu-bundle/run.sh              runs the GPU tests, --bench 20 in fp32 and bf16, and PyTorch's
-#                                  reference step at the same size (when torch is installed)
+#   gpu-bundle/run.sh              runs the GPU tests, --bench 20 in fp32 and bf16, 10 training
+#                                  steps on CT phantoms, and PyTorch's reference step at the same
+#                                  size (when torch is installed)
 # Binaries are stripped of debug info (the bundle must stay small enough to copy).
 # The kernels are compiled by build.rs, so nvcc must be present (scripts/install-cuda.sh).
 set -euo pipefail
@@ -49,6 +50,13 @@ bin/gpu-tests 2>&1 | tee "$results/gpu-tests.txt" || status=1
 for p in fp32 bf16; do
   bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p" 2>&1 | tee "$results/bench-$p.txt" || status=1
 done
+# The full pretraining loop on the GPU: generated CT phantoms through the real pipeline
+# (preprocessing, sampler, loader), the reference batch, a checkpoint and metrics at the end.
+# The checkpoint (about 0.6 GB with Adam's moments) stays outside the results folder.
+run_dir=${TMPDIR:-/tmp}/vox2vec-train-phantoms
+rm -rf "$run_dir"
+bin/vox2vec-train --device cuda --steps "${TRAIN_STEPS:-10}" --out "$run_dir" 2>&1 | tee "$results/train.txt" || status=1
+cp "$run_dir/metrics.jsonl" "$run_dir/loss.png" "$results/" 2>/dev/null || true
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   python3 pytorch_reference.py --device cuda --only step --size reference 2>&1 | tee "$results/pytorch-step.txt"
 fi
