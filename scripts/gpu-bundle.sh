@@ -5,7 +5,7 @@
 #   gpu-bundle/bin/vox2vec-train   the trainer, for --bench and real-data runs
 #   gpu-bundle/tests/data/fixtures the reference fixtures the parity test reads
 #   gpu-bundle/pytorch_reference.py  PyTorch's step on the same GPU, for comparison
-#   gpu-bundle/run.sh              runs the GPU tests, --bench 20 in fp32 and bf16, 10 training
+#   gpu-bundle/run.sh              runs the GPU tests, --bench 20 in fp32 and bf16, 5 training
 #                                  steps on CT phantoms, and PyTorch's reference step at the same
 #                                  size (when torch is installed)
 # Binaries are stripped of debug info (the bundle must stay small enough to copy).
@@ -55,7 +55,7 @@ done
 # The checkpoint (about 0.6 GB with Adam's moments) stays outside the results folder.
 run_dir=${TMPDIR:-/tmp}/vox2vec-train-phantoms
 rm -rf "$run_dir"
-bin/vox2vec-train --device cuda --steps "${TRAIN_STEPS:-10}" --out "$run_dir" 2>&1 | tee "$results/train.txt" || status=1
+bin/vox2vec-train --device cuda --steps "${TRAIN_STEPS:-5}" --out "$run_dir" 2>&1 | tee "$results/train.txt" || status=1
 cp "$run_dir/metrics.jsonl" "$run_dir/loss.png" "$results/" 2>/dev/null || true
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   python3 pytorch_reference.py --device cuda --only step --size reference 2>&1 | tee "$results/pytorch-step.txt"

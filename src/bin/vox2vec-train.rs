@@ -185,7 +185,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(batch.patch.iter().all(|&p| p >= 4), "patch extents must be at least 4, got {:?}", batch.patch);
     anyhow::ensure!(batch.pairs * batch.voxels_per_pair >= 2, "InfoNCE needs at least 2 positive pairs per batch");
     if let Some(steps) = args.bench {
-        let report = vox2vec::bench::bench_pretraining(device, precision, batch, steps, 3, 3, args.seed)?;
+        let report = vox2vec::bench::bench_pretraining(device, precision, batch, steps, 2, 2, args.seed)?;
         print!("{}", report.render());
         return Ok(());
     }
