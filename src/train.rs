@@ -23,7 +23,7 @@ pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) ->
     if let Device::Cuda(ordinal) = model.device() {
         let stats = pretrain_step_cuda(model, adam, batch, ordinal)?;
         // The one read of the step, once all its work is queued: loss and gradient norm.
-        let loss = stats.loss.to_scalar() as f64;
+        let loss = stats.loss.to_f32_vec()?[0] as f64;
         let norm = crate::cuda::dev_of(&stats.loss).download::<f32>(stats.clip.norm_ptr(), 1)?[0] as f64;
         return Ok(StepStats { loss, grad_norm: norm });
     }
