@@ -37,6 +37,23 @@ __device__ __forceinline__ i64 voxel_offset(i64 n, int x, int y, int z, int X, i
     return (((n * X + x) * Y + y) * (i64)Z + z) * C + c;
 }
 
+// Calls f(offset, xi, yi, zi) for each child (2x + a, 2y + b, 2z + c), a, b, c in {0, 1}, of
+// the coarse voxel (x, y, z) that lies inside [0, X) x [0, Y) x [0, Z), in (a, b, c) order;
+// offset = a * 4 + b * 2 + c. The 2x2x2 window of max-pooling and of upsampling's backward.
+template <class F>
+__device__ __forceinline__ void for_each_child(int x, int y, int z, int X, int Y, int Z, F f) {
+    for (int a = 0; a < 2; ++a) {
+        if (2 * x + a >= X) continue;
+        for (int b = 0; b < 2; ++b) {
+            if (2 * y + b >= Y) continue;
+            for (int c = 0; c < 2; ++c) {
+                if (2 * z + c >= Z) continue;
+                f(a * 4 + b * 2 + c, 2 * x + a, 2 * y + b, 2 * z + c);
+            }
+        }
+    }
+}
+
 // Sum of `v` over the block (blockDim.x a power of two, at most 1024); every thread gets the
 // result. `scratch` holds blockDim.x values. Fixed pairing order: deterministic.
 template <typename A>

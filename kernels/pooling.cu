@@ -14,24 +14,14 @@ __device__ void maxpool2_forward(const T* x, T* y, unsigned char* arg, int nb, i
         float best = 0.f;
         int besto = 0;
         bool first = true;
-        for (int a = 0; a < 2; ++a) {
-            int xi = 2 * o.x + a;
-            if (xi >= X) continue;
-            for (int b = 0; b < 2; ++b) {
-                int yi = 2 * o.y + b;
-                if (yi >= Y) continue;
-                for (int c = 0; c < 2; ++c) {
-                    int zi = 2 * o.z + c;
-                    if (zi >= Z) continue;
-                    float v = ld(x, voxel_offset(o.n, xi, yi, zi, X, Y, Z, C, o.c));
-                    if (first || v > best || v != v) {
-                        best = v;
-                        besto = a * 4 + b * 2 + c;
-                        first = false;
-                    }
-                }
+        for_each_child(o.x, o.y, o.z, X, Y, Z, [&](int off, int xi, int yi, int zi) {
+            float v = ld(x, voxel_offset(o.n, xi, yi, zi, X, Y, Z, C, o.c));
+            if (first || v > best || v != v) {
+                best = v;
+                besto = off;
+                first = false;
             }
-        }
+        });
         st(y, i, best);
         arg[i] = (unsigned char)besto;
     }

@@ -19,19 +19,9 @@ __device__ void upsample2_backward(const T* dy, T* dx, int nb, int X, int Y, int
     GRID_STRIDE(i, (i64)nb * X * Y * Z * C) {
         const VoxelIndex v = unpack_voxel(i, X, Y, Z, C);
         float s = 0.f;
-        for (int a = 0; a < 2; ++a) {
-            int ox = 2 * v.x + a;
-            if (ox >= TX) continue;
-            for (int b = 0; b < 2; ++b) {
-                int oy = 2 * v.y + b;
-                if (oy >= TY) continue;
-                for (int c = 0; c < 2; ++c) {
-                    int oz = 2 * v.z + c;
-                    if (oz >= TZ) continue;
-                    s += ld(dy, voxel_offset(v.n, ox, oy, oz, TX, TY, TZ, C, v.c));
-                }
-            }
-        }
+        for_each_child(v.x, v.y, v.z, TX, TY, TZ, [&](int, int ox, int oy, int oz) {
+            s += ld(dy, voxel_offset(v.n, ox, oy, oz, TX, TY, TZ, C, v.c));
+        });
         st(dx, i, s);
     }
 }

@@ -467,11 +467,9 @@ impl CudaDevice {
         let mut guard = self.timer.lock().unwrap();
         let Some(t) = guard.as_mut() else { return Ok(None) };
         if t.pending.len() > 4096 {
-            drop(guard);
+            // Bound the events in flight: read (and recycle) the ones recorded so far.
             self.synchronize()?;
-            let mut guard = self.timer.lock().unwrap();
-            Self::collect(guard.as_mut().unwrap())?;
-            return self.timer_start_locked(guard.as_mut().unwrap());
+            Self::collect(t)?;
         }
         self.timer_start_locked(t)
     }

@@ -21,26 +21,23 @@ fn sigmoid(x: f64) -> f64 {
 /// (loss, bce, per-class dice losses averaged over samples, gradient w.r.t. the logits).
 pub fn segmentation_loss_cpu(logits: &[f32], targets: &[f32], roi: Option<&[bool]>, n: usize, c: usize) -> (f64, f64, Vec<f64>, Vec<f32>) {
     let vox = logits.len() / (n * c);
-    let inside = |b: usize, v: usize| roi.is_none_or(|r| r[b * vox + v]);
+    // Every (element index, its (sample, class) index) inside the ROI, in memory order.
+    let roi_elements = || {
+        (0..n * vox)
+            .filter(move |&bv| roi.is_none_or(|r| r[bv]))
+            .flat_map(move |bv| (0..c).map(move |k| (bv * c + k, (bv / vox) * c + k)))
+    };
     let mut bce = 0.0f64;
     let mut count = 0usize;
     let mut inter = vec![0.0f64; n * c];
     let mut sums = vec![0.0f64; n * c];
-    for b in 0..n {
-        for v in 0..vox {
-            if !inside(b, v) {
-                continue;
-            }
-            for k in 0..c {
-                let i = (b * vox + v) * c + k;
-                let (l, t) = (logits[i] as f64, targets[i] as f64);
-                bce += l.max(0.0) - l * t + (-l.abs()).exp().ln_1p();
-                let p = sigmoid(l);
-                inter[b * c + k] += p * t;
-                sums[b * c + k] += p * p + t * t;
-            }
-            count += c;
-        }
+    for (i, j) in roi_elements() {
+        let (l, t) = (logits[i] as f64, targets[i] as f64);
+        bce += l.max(0.0) - l * t + (-l.abs()).exp().ln_1p();
+        let p = sigmoid(l);
+        inter[j] += p * t;
+        sums[j] += p * p + t * t;
+        count += 1;
     }
     let bce = if count > 0 { bce / count as f64 } else { f64::NAN };
     let d: Vec<f64> = (0..n * c).map(|j| 1.0 - 2.0 * inter[j] / (sums[j] + 1.0)).collect();
@@ -48,19 +45,11 @@ pub fn segmentation_loss_cpu(logits: &[f32], targets: &[f32], roi: Option<&[bool
     let dice = per_class.iter().sum::<f64>() / c as f64;
     let mut grad = vec![0.0f32; logits.len()];
     let nc = (n * c) as f64;
-    for b in 0..n {
-        for v in 0..vox {
-            if !inside(b, v) {
-                continue;
-            }
-            for k in 0..c {
-                let i = (b * vox + v) * c + k;
-                let (p, t) = (sigmoid(logits[i] as f64), targets[i] as f64);
-                let (ii, s1) = (inter[b * c + k], sums[b * c + k] + 1.0);
-                let ddice = -2.0 * (t * s1 - 2.0 * ii * p) / (s1 * s1 * nc);
-                grad[i] = ((p - t) / count as f64 + ddice * p * (1.0 - p)) as f32;
-            }
-        }
+    for (i, j) in roi_elements() {
+        let (p, t) = (sigmoid(logits[i] as f64), targets[i] as f64);
+        let (ii, s1) = (inter[j], sums[j] + 1.0);
+        let ddice = -2.0 * (t * s1 - 2.0 * ii * p) / (s1 * s1 * nc);
+        grad[i] = ((p - t) / count as f64 + ddice * p * (1.0 - p)) as f32;
     }
     (bce + dice, bce, per_class, grad)
 }
