@@ -157,6 +157,7 @@ fn test_elementwise() -> Result<()> {
 }
 
 fn test_conv3d() -> Result<()> {
+    assert_eq!(vox2vec::cuda::ops::conv3d::weight_splits(2 * 17 * 13 * 11, 5, 27 * 3).0, 3, "the split-K case below must use several splits");
     let mut rng = StdRng::seed_from_u64(4);
     // (n, x, y, z, ci, co, k, bias)
     let cases = [
@@ -168,6 +169,8 @@ fn test_conv3d() -> Result<()> {
         (2, 6, 5, 4, 16, 32, 1, false),
         (1, 3, 3, 3, 5, 1, 3, true),
         (1, 12, 10, 6, 16, 16, 3, true),
+        // 4862 voxels: the weight gradient is split over 3 partials (weight_splits), the last short.
+        (2, 17, 13, 11, 3, 5, 3, true),
     ];
     for dt in DTYPES {
         for &(n, x, y, z, ci, co, k, bias) in &cases {
