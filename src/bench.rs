@@ -26,6 +26,8 @@ pub struct BenchReport {
     pub peak_reserved: usize,
     /// (kernel, ms per step, launches per step), slowest first (CUDA only).
     pub kernels: Vec<(&'static str, f64, f64)>,
+    /// The profiled steps' declared costs per step (CUDA only), for the floor table.
+    pub costs: Option<crate::cuda::cost::CostLog>,
 }
 
 impl BenchReport {
@@ -66,6 +68,19 @@ impl BenchReport {
                 s += &format!("  {:<32} {:>10.3} {:>8.0} {:>6.1}%\n", name, ms, calls, 100.0 * ms / total.max(1e-12));
             }
         }
+        if let Some(costs) = &self.costs {
+            // Measured time per kernel family beside the floor of its declared work.
+            let mut measured: Vec<(String, f64)> = Vec::new();
+            for (name, ms, _) in &self.kernels {
+                let fam = crate::cuda::cost::family(name);
+                match measured.iter_mut().find(|m| m.0 == fam) {
+                    Some(m) => m.1 += ms,
+                    None => measured.push((fam.to_string(), *ms)),
+                }
+            }
+            s += &format!("bench: measured against the floor of each family's declared work on {}:\n", crate::cuda::cost::H200.name);
+            s += &render_cost_table(costs, &measured);
+        }
         s
     }
 }
@@ -104,15 +119,17 @@ pub fn bench_pretraining(device: Device, activation_dtype: DType, shape: BatchSh
         ensure!(s.loss.is_finite(), "bench step {}: the loss is {}", i + 1, s.loss);
         losses.push(s.loss);
     }
-    let (mut peak_in_use, mut peak_reserved, mut kernels) = (0, 0, Vec::new());
+    let (mut peak_in_use, mut peak_reserved, mut kernels, mut costs) = (0, 0, Vec::new(), None);
     if let Some(d) = &dev {
         let st = d.pool_stats();
         (peak_in_use, peak_reserved) = (st.peak_in_use, st.peak_reserved);
         if profile_steps > 0 {
             d.enable_kernel_timing();
+            d.start_cost_log();
             for i in 0..profile_steps {
                 pretrain_step(&mut model, &mut adam, &batches[i % 2])?;
             }
+            costs = d.take_cost_log().map(|c| c.per_step(profile_steps));
             let n = profile_steps as f64;
             kernels = d.take_kernel_times()?.into_iter().map(|(k, ms, c)| (k, ms / n, c as f64 / n)).collect();
         }
@@ -121,5 +138,148 @@ pub fn bench_pretraining(device: Device, activation_dtype: DType, shape: BatchSh
         Some(d) => format!("cuda:{} ({})", d.ordinal(), d.name()),
         None => format!("cpu ({} threads)", rayon::current_num_threads()),
     };
-    Ok(BenchReport { device: name, activation_dtype: if device == Device::Cpu { DType::F32 } else { activation_dtype }, shape, step_ms, losses, peak_in_use, peak_reserved, kernels })
+    Ok(BenchReport { device: name, activation_dtype: if device == Device::Cpu { DType::F32 } else { activation_dtype }, shape, step_ms, losses, peak_in_use, peak_reserved, kernels, costs })
+}
+
+/// `vox2vec-train --bench-plan`: one pretraining step run on the plan device (nothing
+/// executes): the peak device memory the caching allocator would see and every launch with
+/// its declared cost, priced on an H200.
+#[derive(Clone, Debug)]
+pub struct PlanReport {
+    pub device: String,
+    pub activation_dtype: DType,
+    pub shape: BatchShape,
+    pub model: ModelConfig,
+    pub peak_in_use: usize,
+    pub peak_reserved: usize,
+    pub largest_allocation: usize,
+    /// The step's launches by kernel family.
+    pub costs: crate::cuda::cost::CostLog,
+}
+
+/// Run `warmup` steps (they fill the allocator's cache as on a GPU), then one step whose
+/// memory peaks and launch costs are reported. Must run in a process where
+/// `crate::cuda::enable_plan_mode` was called first.
+pub fn plan_pretraining(model_config: ModelConfig, activation_dtype: DType, shape: BatchShape, seed: u64) -> Result<PlanReport> {
+    ensure!(crate::cuda::planned(), "plan_pretraining needs the plan device (crate::cuda::enable_plan_mode)");
+    let device = Device::Cuda(0);
+    let dev = crate::cuda::device(0)?;
+    let mut model = Vox2Vec::new(model_config, seed);
+    let mut adam = Adam::new(AdamConfig::default(), &model.store);
+    model.to_device(device)?;
+    adam.to_device(device)?;
+    model.activation_dtype = activation_dtype;
+    let batch = synthetic_batch(shape, seed, 0);
+    pretrain_step(&mut model, &mut adam, &batch)?;
+    dev.reset_peak_memory();
+    dev.start_cost_log();
+    pretrain_step(&mut model, &mut adam, &batch)?;
+    let costs = dev.take_cost_log().unwrap_or_default();
+    let st = dev.pool_stats();
+    Ok(PlanReport {
+        device: dev.name().to_string(),
+        activation_dtype,
+        shape,
+        model: model_config,
+        peak_in_use: st.peak_in_use,
+        peak_reserved: st.peak_reserved,
+        largest_allocation: st.largest_alloc,
+        costs,
+    })
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The per-family table of a cost log: launches, GFLOP, GB, floor ms, share of the floor
+/// and, when `measured` has the family (ms per step from CUDA events), the measured ms and
+/// measured / floor.
+pub fn render_cost_table(costs: &crate::cuda::cost::CostLog, measured: &[(String, f64)]) -> String {
+    let total = costs.floor_s().max(1e-15);
+    let mut rows: Vec<_> = costs.families.iter().collect();
+    rows.sort_by(|a, b| b.1.floor_s.total_cmp(&a.1.floor_s));
+    let with_measured = !measured.is_empty();
+    let mut s = format!("  {:<30} {:>8} {:>10} {:>9} {:>10} {:>7}", "kernel family", "launches", "GFLOP", "GB", "floor ms", "share");
+    if with_measured {
+        s += &format!(" {:>11} {:>7}", "measured ms", "x floor");
+    }
+    s += "\n";
+    let line = |name: &str, launches: u64, flops: f64, bytes: f64, floor: f64, meas: Option<f64>| {
+        let mut l = format!("  {:<30} {:>8} {:>10.2} {:>9.3} {:>10.3} {:>6.1}%", name, launches, flops / 1e9, bytes / 1e9, floor * 1e3, 100.0 * floor / total);
+        if with_measured {
+            match meas {
+                Some(ms) => l += &format!(" {:>11.3} {:>7.1}", ms, ms / (floor * 1e3).max(1e-12)),
+                None => l += &format!(" {:>11} {:>7}", "-", "-"),
+            }
+        }
+        l + "\n"
+    };
+    for (name, f) in rows {
+        let meas = measured.iter().find(|(n, _)| n == name).map(|m| m.1);
+        s += &line(name, f.launches, f.flops, f.bytes, f.floor_s, meas);
+    }
+    let (fl, by): (f64, f64) = costs.families.values().fold((0.0, 0.0), |a, f| (a.0 + f.flops, a.1 + f.bytes));
+    let meas_total = with_measured.then(|| measured.iter().map(|m| m.1).sum());
+    s += &line("total", costs.launches(), fl, by, costs.floor_s(), meas_total);
+    s
+}
+
+impl PlanReport {
+    pub fn floor_ms(&self) -> f64 {
+        self.costs.floor_s() * 1e3
+    }
+
+    /// The floor if every FLOP ran on bf16 tensor cores (bytes unchanged).
+    pub fn tensor_floor_ms(&self) -> f64 {
+        self.costs.families.values().map(|f| f.tensor_floor_s).sum::<f64>() * 1e3
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!("bench-plan: {}\n", self.device);
+        s += &format!(
+            "bench-plan: {:?} activations | {} pairs of {:?}, {} voxels/pair | FPN3d base {} x {} scales, projection {}\n",
+            self.activation_dtype, self.shape.pairs, self.shape.patch, self.shape.voxels_per_pair, self.model.fpn.base_channels, self.model.fpn.num_scales, self.model.proj_dim
+        );
+        s += &format!(
+            "bench-plan: peak device memory {:.2} GiB in use, {:.2} GiB reserved; largest allocation {:.1} MiB\n",
+            self.peak_in_use as f64 / GIB,
+            self.peak_reserved as f64 / GIB,
+            self.largest_allocation as f64 / (1u64 << 20) as f64
+        );
+        s += &format!(
+            "bench-plan: {} launches; floor {:.2} ms/step with today's kernels' units ({:.2} ms if every FLOP ran on bf16 tensor cores)\n",
+            self.costs.launches(),
+            self.floor_ms(),
+            self.tensor_floor_ms()
+        );
+        s += &render_cost_table(&self.costs, &[]);
+        s
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let kernels: Vec<serde_json::Value> = self
+            .costs
+            .families
+            .iter()
+            .map(|(name, f)| {
+                serde_json::json!({"name": name, "launches": f.launches, "flops": f.flops, "bytes": f.bytes, "floor_ms": f.floor_s * 1e3, "tensor_core_floor_ms": f.tensor_floor_s * 1e3})
+            })
+            .collect();
+        serde_json::json!({
+            "device": self.device,
+            "precision": match self.activation_dtype { DType::BF16 => "bf16", _ => "fp32" },
+            "pairs": self.shape.pairs,
+            "patch": self.shape.patch,
+            "voxels_per_pair": self.shape.voxels_per_pair,
+            "base_channels": self.model.fpn.base_channels,
+            "num_scales": self.model.fpn.num_scales,
+            "proj_dim": self.model.proj_dim,
+            "peak_in_use_bytes": self.peak_in_use,
+            "peak_reserved_bytes": self.peak_reserved,
+            "largest_allocation_bytes": self.largest_allocation,
+            "floor_ms": self.floor_ms(),
+            "tensor_core_floor_ms": self.tensor_floor_ms(),
+            "launches": self.costs.launches(),
+            "kernels": kernels,
+        })
+    }
 }

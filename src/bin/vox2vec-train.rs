@@ -110,6 +110,15 @@ struct Args {
     /// prints the median ms/step, peak device memory and a per-kernel time table.
     #[arg(long, value_name = "N")]
     bench: Option<usize>,
+    /// Performance model without a GPU: run one step of the configured batch and model on the
+    /// plan device (every allocation through the caching allocator's bookkeeping, every
+    /// launch recorded with its declared FLOPs and bytes, nothing executed) and print the peak
+    /// memory and a per-kernel-family table of floors on an H200.
+    #[arg(long)]
+    bench_plan: bool,
+    /// With --bench-plan: also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE.json", requires = "bench_plan")]
+    report: Option<PathBuf>,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -162,7 +171,10 @@ impl Progress for Bar {
 
 fn run(args: Args) -> anyhow::Result<()> {
     vox2vec::cpu::retain_freed_memory();
-    let device = vox2vec::cuda::parse_device(&args.device)?;
+    if args.bench_plan {
+        vox2vec::cuda::enable_plan_mode()?;
+    }
+    let device = vox2vec::cuda::parse_device(if args.bench_plan { "cuda" } else { &args.device })?;
     let precision = vox2vec::cuda::parse_precision(&args.precision)?;
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
@@ -184,6 +196,21 @@ fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(batch.pairs >= 1 && batch.voxels_per_pair >= 1, "need at least one pair and one voxel per pair");
     anyhow::ensure!(batch.patch.iter().all(|&p| p >= 4), "patch extents must be at least 4, got {:?}", batch.patch);
     anyhow::ensure!(batch.pairs * batch.voxels_per_pair >= 2, "InfoNCE needs at least 2 positive pairs per batch");
+    let model = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: args.base_channels, num_scales: args.num_scales },
+        proj_dim: args.proj_dim,
+        temperature: args.temperature,
+    };
+    if args.bench_plan {
+        let report = vox2vec::bench::plan_pretraining(model, precision, batch, args.seed)?;
+        print!("{}", report.render());
+        if let Some(path) = &args.report {
+            let text = serde_json::to_string_pretty(&report.to_json())?;
+            vox2vec::checkpoint::write_atomic(path, text.as_bytes())?;
+            eprintln!("bench-plan: report written to {}", path.display());
+        }
+        return Ok(());
+    }
     if let Some(steps) = args.bench {
         let report = vox2vec::bench::bench_pretraining(device, precision, batch, steps, 2, 2, args.seed)?;
         print!("{}", report.render());
@@ -219,11 +246,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let opts = TrainOptions {
-        model: ModelConfig {
-            fpn: FpnConfig { in_channels: 1, base_channels: args.base_channels, num_scales: args.num_scales },
-            proj_dim: args.proj_dim,
-            temperature: args.temperature,
-        },
+        model,
         adam: AdamConfig { lr: args.lr, ..AdamConfig::default() },
         data,
         steps: args.steps,

@@ -25,6 +25,8 @@ pub struct PoolStats {
     pub peak_reserved: usize,
     /// cuMemAlloc calls so far.
     pub driver_allocs: u64,
+    /// The largest block (size class) requested since the last `reset_peak`.
+    pub largest_alloc: usize,
 }
 
 /// Free lists by size class.
@@ -45,6 +47,11 @@ pub fn size_class(bytes: usize) -> usize {
 }
 
 impl Pool {
+    /// Note a request for a block of class `class` (for `largest_alloc`).
+    pub fn note_request(&mut self, class: usize) {
+        self.stats.largest_alloc = self.stats.largest_alloc.max(class);
+    }
+
     /// A cached block of class `class`, if any.
     pub fn take(&mut self, class: usize) -> Option<u64> {
         let ptr = self.free.get_mut(&class)?.pop()?;
@@ -84,6 +91,7 @@ impl Pool {
     pub fn reset_peak(&mut self) {
         self.stats.peak_in_use = self.stats.in_use;
         self.stats.peak_reserved = self.stats.reserved;
+        self.stats.largest_alloc = 0;
     }
 }
 

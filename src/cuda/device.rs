@@ -13,6 +13,7 @@ use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaStream, result, sys};
 
 use super::alloc::{Pool, PoolStats, size_class};
+use super::cost::{Cost, CostLog, H200, Machine};
 use super::registry::K;
 
 /// A CUfunction handle. Plain data owned by the module, which lives as long as the device.
@@ -52,11 +53,20 @@ struct Driver {
 pub struct CudaDevice {
     ordinal: usize,
     name: String,
-    /// None: the CUDA emulator (feature `cuda-emulator`, `VOX2VEC_CUDA_EMULATOR=1`).
+    /// None: the CUDA emulator (feature `cuda-emulator`, `VOX2VEC_CUDA_EMULATOR=1`) or the
+    /// plan device.
     driver: Option<Driver>,
+    /// Plan mode (`enable_plan_mode`): allocations go through the pool's bookkeeping at
+    /// invented addresses, launches and copies are only recorded; nothing executes.
+    plan: bool,
+    /// The next invented address of the plan device.
+    plan_next: std::sync::atomic::AtomicU64,
     functions: Vec<RawFn>,
     pool: Mutex<Pool>,
     timer: Mutex<Option<KernelTimer>>,
+    /// The declared cost of every launch since `start_cost_log`, and the GPU it is priced on.
+    costs: Mutex<Option<CostLog>>,
+    machine: Machine,
 }
 
 // SAFETY: the raw event handles in the timer are only touched under its mutex.
@@ -68,10 +78,27 @@ thread_local! {
     static BOUND: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
+static PLAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, `device(0)` of this process is the plan device: a performance model of a GPU
+/// that runs a whole step's host code — every allocation through the real caching allocator's
+/// bookkeeping, every launch recorded with its declared cost — without executing anything.
+/// Must be called before any device is opened (`vox2vec-train --bench-plan`).
+pub fn enable_plan_mode() -> Result<()> {
+    ensure!(DEVICES.lock().unwrap().is_empty(), "plan mode must be chosen before a CUDA device is opened");
+    PLAN.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+/// Whether the plan device stands in for a GPU in this process.
+pub fn planned() -> bool {
+    PLAN.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Number of CUDA devices this process can use: 0 without the driver library, without a
 /// device, or when this binary carries no kernels (built without nvcc).
 pub fn device_count() -> usize {
-    if emulated() {
+    if emulated() || planned() {
         return 1;
     }
     if unavailable_reason().is_some() {
@@ -87,7 +114,7 @@ fn driver_present() -> bool {
 
 /// Why no CUDA device can be opened here, in words (None when one can).
 pub fn unavailable_reason() -> Option<String> {
-    if emulated() {
+    if emulated() || planned() {
         return None;
     }
     if !crate::kernels::available() {
@@ -130,7 +157,13 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
     if let Some(why) = unavailable_reason() {
         bail!("cannot use CUDA device {ordinal}: {why}");
     }
-    let d = Arc::new(if emulated() { CudaDevice::open_emulator(ordinal)? } else { CudaDevice::open(ordinal)? });
+    let d = Arc::new(if planned() {
+        CudaDevice::open_plan(ordinal)?
+    } else if emulated() {
+        CudaDevice::open_emulator(ordinal)?
+    } else {
+        CudaDevice::open(ordinal)?
+    });
     if devs.len() <= ordinal {
         devs.resize(ordinal + 1, None);
     }
@@ -163,9 +196,31 @@ impl CudaDevice {
             functions.push(RawFn(f));
         }
         let driver = Some(Driver { ctx, stream, blas, _image: image });
-        let dev = CudaDevice { ordinal, name, driver, functions, pool: Mutex::default(), timer: Mutex::new(None) };
+        let dev = CudaDevice::assemble(ordinal, name, driver, false, functions);
         BOUND.with(|b| b.set(ordinal));
         Ok(dev)
+    }
+
+    fn assemble(ordinal: usize, name: String, driver: Option<Driver>, plan: bool, functions: Vec<RawFn>) -> CudaDevice {
+        CudaDevice {
+            ordinal,
+            name,
+            driver,
+            plan,
+            plan_next: std::sync::atomic::AtomicU64::new(1 << 40),
+            functions,
+            pool: Mutex::default(),
+            timer: Mutex::new(None),
+            costs: Mutex::new(None),
+            machine: H200,
+        }
+    }
+
+    fn open_plan(ordinal: usize) -> Result<CudaDevice> {
+        ensure!(ordinal == 0, "the plan device is cuda:0, cuda:{ordinal} requested");
+        let name = format!("plan mode: nothing executes; costs priced on {}", H200.name);
+        // No function handles: a plan launch is only recorded.
+        Ok(CudaDevice::assemble(ordinal, name, None, true, Vec::new()))
     }
 
     #[cfg(vox2vec_emulator)]
@@ -177,7 +232,7 @@ impl CudaDevice {
             functions.push(RawFn(f as sys::CUfunction));
         }
         let name = "CUDA emulator (CPU fibers; not a GPU)".to_string();
-        Ok(CudaDevice { ordinal, name, driver: None, functions, pool: Mutex::default(), timer: Mutex::new(None) })
+        Ok(CudaDevice::assemble(ordinal, name, None, false, functions))
     }
 
     #[cfg(not(vox2vec_emulator))]
@@ -191,7 +246,33 @@ impl CudaDevice {
 
     /// True for the emulator (host memory, host execution).
     pub fn is_emulator(&self) -> bool {
-        self.driver.is_none()
+        self.driver.is_none() && !self.plan
+    }
+
+    /// True for the plan device (nothing executes; `enable_plan_mode`).
+    pub fn is_plan(&self) -> bool {
+        self.plan
+    }
+
+    /// Start recording the declared cost of every launch (replacing an earlier log).
+    pub fn start_cost_log(&self) {
+        *self.costs.lock().unwrap() = Some(CostLog::default());
+    }
+
+    /// Stop recording; the launches' costs since `start_cost_log`.
+    pub fn take_cost_log(&self) -> Option<CostLog> {
+        self.costs.lock().unwrap().take()
+    }
+
+    /// The GPU whose rates price the cost log.
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    fn note_cost(&self, kernel: &str, cost: Cost) {
+        if let Some(log) = self.costs.lock().unwrap().as_mut() {
+            log.record(kernel, cost, &self.machine);
+        }
     }
 
     pub fn ordinal(&self) -> usize {
@@ -224,6 +305,10 @@ impl CudaDevice {
     }
 
     fn raw_malloc(&self, bytes: usize) -> Result<u64> {
+        if self.plan {
+            // Invented, 256-byte aligned and never reused: nothing dereferences them.
+            return Ok(self.plan_next.fetch_add(bytes.div_ceil(256) as u64 * 256, std::sync::atomic::Ordering::Relaxed));
+        }
         if self.is_emulator() {
             #[cfg(vox2vec_emulator)]
             return super::emulator::malloc(bytes);
@@ -234,6 +319,9 @@ impl CudaDevice {
     }
 
     fn raw_free(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if self.plan {
+            return Ok(());
+        }
         if self.is_emulator() {
             #[cfg(vox2vec_emulator)]
             super::emulator::free(ptr, bytes);
@@ -247,6 +335,7 @@ impl CudaDevice {
     /// Allocate `bytes` (contents undefined) from the caching pool.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<CudaBuf> {
         let class = size_class(bytes);
+        self.pool.lock().unwrap().note_request(class);
         if let Some(ptr) = self.pool.lock().unwrap().take(class) {
             return Ok(CudaBuf { ptr, class, bytes, dev: self.clone() });
         }
@@ -294,6 +383,10 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(());
         }
+        self.note_cost("memset", Cost::mem(bytes));
+        if self.plan {
+            return Ok(());
+        }
         if self.is_emulator() {
             // SAFETY: emulator memory is host memory of at least `bytes` bytes.
             unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
@@ -308,6 +401,10 @@ impl CudaDevice {
     pub fn upload<T: bytemuck::Pod>(self: &Arc<Self>, data: &[T]) -> Result<CudaBuf> {
         let bytes = std::mem::size_of_val(data);
         let buf = self.alloc(bytes)?;
+        self.note_cost("memcpy_htod", Cost::pcie(bytes));
+        if self.plan {
+            return Ok(buf);
+        }
         if bytes > 0 && self.is_emulator() {
             // SAFETY: host memory of `bytes` bytes in the emulator.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, buf.ptr as *mut u8, bytes) };
@@ -323,6 +420,10 @@ impl CudaDevice {
     /// Copy `n` values of type T from device memory at `ptr` to the host (waits for the stream).
     pub fn download<T: bytemuck::Pod + Default>(&self, ptr: u64, n: usize) -> Result<Vec<T>> {
         let mut out = vec![T::default(); n];
+        if self.plan {
+            // Nothing was computed: zeros (the plan only needs the host code to go on).
+            return Ok(out);
+        }
         if n > 0 && self.is_emulator() {
             // SAFETY: host memory holding n values of T in the emulator.
             unsafe { std::ptr::copy_nonoverlapping(ptr as *const T, out.as_mut_ptr(), n) };
@@ -339,6 +440,10 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(());
         }
+        self.note_cost("memcpy_dtod", Cost::mem(2 * bytes));
+        if self.plan {
+            return Ok(());
+        }
         if self.is_emulator() {
             // SAFETY: distinct live host allocations in the emulator.
             unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
@@ -349,8 +454,15 @@ impl CudaDevice {
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.cu_stream()) }.context("device-to-device copy")
     }
 
-    /// Launch kernel `k` on the device's stream.
-    pub fn launch(&self, k: K, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, args: &[Arg]) -> Result<()> {
+    /// Launch kernel `k` on the device's stream. `cost` is the work the kernel must do (its
+    /// FLOPs and compulsory bytes, from the shapes): recorded in the cost log, the only thing
+    /// a launch does on the plan device.
+    pub fn launch(&self, k: K, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, args: &[Arg], cost: Cost) -> Result<()> {
+        self.note_cost(k.name(), cost);
+        if self.plan {
+            ensure!(grid.0 * grid.1 * grid.2 > 0 && block.0 * block.1 * block.2 > 0, "{}: empty launch grid {grid:?} block {block:?}", k.name());
+            return Ok(());
+        }
         self.bind()?;
         let mut vals: Vec<Arg> = args.to_vec();
         let mut params: Vec<*mut c_void> = vals
@@ -377,9 +489,9 @@ impl CudaDevice {
     }
 
     /// Launch a grid-stride kernel over `n` elements (256 threads per block).
-    pub fn launch_1d(&self, k: K, n: usize, args: &[Arg]) -> Result<()> {
+    pub fn launch_1d(&self, k: K, n: usize, args: &[Arg], cost: Cost) -> Result<()> {
         let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
-        self.launch(k, (blocks, 1, 1), (256, 1, 1), 0, args)
+        self.launch(k, (blocks, 1, 1), (256, 1, 1), 0, args, cost)
     }
 
     /// Row-major SGEMM: C[m, n] = alpha op(A) op(B) + beta C, where A is stored [m, k]
@@ -389,6 +501,11 @@ impl CudaDevice {
     pub fn sgemm(&self, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64) -> Result<()> {
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let c_bytes = if beta == 0.0 { m * n * 4 } else { 2 * m * n * 4 };
+        self.note_cost("cublas_sgemm", Cost::fp32(2.0 * (m * n * k) as f64, 4 * (m * k + k * n) + c_bytes));
+        if self.plan {
             return Ok(());
         }
         if self.is_emulator() {
@@ -427,7 +544,7 @@ impl CudaDevice {
 
     /// Start collecting per-kernel times (CUDA events around every launch).
     pub fn enable_kernel_timing(&self) {
-        if self.is_emulator() {
+        if self.driver.is_none() {
             return;
         }
         let mut t = self.timer.lock().unwrap();

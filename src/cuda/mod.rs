@@ -8,6 +8,7 @@
 //! Every backward returns gradients in the dtype of the value they belong to.
 
 pub mod alloc;
+pub mod cost;
 pub mod device;
 #[cfg(vox2vec_emulator)]
 pub mod emulator;
@@ -19,7 +20,8 @@ use std::sync::Arc;
 
 use anyhow::{Result, ensure};
 
-pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, emulated, nvtx_range, unavailable_reason};
+pub use cost::{Cost, Unit};
+pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, emulated, enable_plan_mode, nvtx_range, planned, unavailable_reason};
 pub use registry::K;
 
 use crate::tensor::{DType, Tensor, numel};
@@ -43,7 +45,7 @@ pub fn zeros(dev: &Arc<CudaDevice>, shape: &[usize], dtype: DType) -> Result<Ten
 pub fn full(dev: &Arc<CudaDevice>, shape: &[usize], value: f32) -> Result<Tensor> {
     let t = empty(dev, shape, DType::F32)?;
     let n = t.numel();
-    dev.launch_1d(K::FillF32, n, &[Arg::Ptr(t.ptr()), Arg::F32(value), Arg::I64(n as i64)])?;
+    dev.launch_1d(K::FillF32, n, &[Arg::Ptr(t.ptr()), Arg::F32(value), Arg::I64(n as i64)], Cost::mem(n * 4))?;
     Ok(t)
 }
 
@@ -60,8 +62,13 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
         (DType::BF16, DType::F32) => K::CastBf16ToF32,
         (a, b) => anyhow::bail!("no device conversion from {a:?} to {b:?}"),
     };
-    dev.launch_1d(k, n, &[Arg::Ptr(t.ptr()), Arg::Ptr(out.ptr()), Arg::I64(n as i64)])?;
+    dev.launch_1d(k, n, &[Arg::Ptr(t.ptr()), Arg::Ptr(out.ptr()), Arg::I64(n as i64)], Cost::mem(nbytes(t) + nbytes(&out)))?;
     Ok(out)
+}
+
+/// Bytes of a tensor's values (the compulsory traffic of reading or writing it once).
+pub fn nbytes(t: &Tensor) -> usize {
+    t.numel() * t.dtype().size_in_bytes()
 }
 
 /// Checks that `t` holds activations a kernel can read (f32 or bf16).

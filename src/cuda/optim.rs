@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, CudaBuf, CudaDevice, K, dev_of, ensure_f32};
+use crate::cuda::{Arg, Cost, CudaBuf, CudaDevice, K, dev_of, ensure_f32};
 use crate::optim::AdamConfig;
 use crate::params::ParamStore;
 use crate::tensor::Tensor;
@@ -44,11 +44,12 @@ pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64
             (256, 1, 1),
             0,
             &[Arg::Ptr(g.ptr()), Arg::I64(g.numel() as i64), Arg::I64(SUMSQ_BLOCK as i64), Arg::Ptr(part.ptr() + (off * 8) as u64)],
+            Cost::mem(g.numel() * 4 + b * 8),
         )?;
         off += b;
     }
     let stats = dev.alloc(8)?;
-    dev.launch(K::ClipFinalize, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(part.ptr()), Arg::I64(total as i64), Arg::F64(max_norm), Arg::Ptr(stats.ptr())])?;
+    dev.launch(K::ClipFinalize, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(part.ptr()), Arg::I64(total as i64), Arg::F64(max_norm), Arg::Ptr(stats.ptr())], Cost::mem(total * 8 + 8))?;
     Ok(ClipStats { buf: stats })
 }
 
@@ -89,6 +90,8 @@ pub fn adam_update(store: &ParamStore, grads: &[Option<Tensor>], moments: &Devic
                 Arg::F32(bc2_sqrt),
                 Arg::Ptr(coef.unwrap_or(0)),
             ],
+            // p, g, m, v read; p, m, v written.
+            Cost::mem(7 * n * 4),
         )?;
     }
     Ok(())

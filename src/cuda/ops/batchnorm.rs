@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use super::reduce::{col_partials, reduce_chunks};
-use crate::cuda::{Arg, CudaBuf, K, cast, dev_of, empty, ensure_float};
+use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor};
 
 /// Per-channel mean and 1/std (f64 device buffers of C values).
@@ -43,6 +43,7 @@ pub fn train_stats(x: &Tensor, c: usize, eps: f64, momentum: f64, running_mean: 
             Arg::Ptr(rm_out.ptr()),
             Arg::Ptr(rv_out.ptr()),
         ],
+        Cost::mem(sq.chunks * c * 8 + c * 40),
     )?;
     Ok((DeviceBnStats { mean, invstd }, rm_out, rv_out))
 }
@@ -54,7 +55,7 @@ pub fn eval_stats(running_mean: &Tensor, running_var: &Tensor, eps: f64) -> Resu
     let rv = running_var.to_device(running_mean.device())?;
     let mean = dev.alloc(c * 8)?;
     let invstd = dev.alloc(c * 8)?;
-    dev.launch_1d(K::BnEvalStats, c, &[Arg::Ptr(running_mean.ptr()), Arg::Ptr(rv.ptr()), Arg::I32(c as i32), Arg::F64(eps), Arg::Ptr(mean.ptr()), Arg::Ptr(invstd.ptr())])?;
+    dev.launch_1d(K::BnEvalStats, c, &[Arg::Ptr(running_mean.ptr()), Arg::Ptr(rv.ptr()), Arg::I32(c as i32), Arg::F64(eps), Arg::Ptr(mean.ptr()), Arg::Ptr(invstd.ptr())], Cost::mem(c * 24))?;
     Ok(DeviceBnStats { mean, invstd })
 }
 
@@ -76,6 +77,7 @@ pub fn apply(x: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, beta: &Te
             Arg::I64(m as i64),
             Arg::I32(c as i32),
         ],
+        Cost::mem(2 * nbytes(x)),
     )?;
     Ok(y)
 }
@@ -105,12 +107,14 @@ pub fn backward(x: &Tensor, dy: &Tensor, c: usize, st: &DeviceBnStats, gamma: &T
             Arg::Ptr(dbeta.ptr()),
             Arg::Ptr(coef.ptr()),
         ],
+        Cost::mem(2 * p.chunks * c * 8 + c * 28),
     )?;
     let dx = empty(dev, x.shape(), x.dtype())?;
     dev.launch_1d(
         K::typed(x.dtype(), K::BnBackwardApplyF32, K::BnBackwardApplyBf16),
         x.numel(),
         &[Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(dx.ptr()), Arg::Ptr(st.mean.ptr()), Arg::Ptr(coef.ptr()), Arg::I64(m as i64), Arg::I32(c as i32)],
+        Cost::mem(3 * nbytes(x)),
     )?;
     Ok((dx, dgamma, dbeta))
 }

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, K, cast, dev_of, empty, ensure_f32, ensure_float};
+use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_f32, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor, Vol};
 
 const TILE: usize = 64;
@@ -27,7 +27,9 @@ pub fn forward(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize,
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
     args.extend(dims(v));
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
-    dev.launch(K::typed(x.dtype(), K::Conv3dForwardF32, K::Conv3dForwardBf16), (tiles(v.voxels()), tiles(co), 1), (256, 1, 1), 0, &args)?;
+    // fp32 FMAs on CUDA cores; compulsory bytes: x, w, bias, y once each.
+    let cost = Cost::fp32(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + nbytes(w) + co * 4 + nbytes(&y));
+    dev.launch(K::typed(x.dtype(), K::Conv3dForwardF32, K::Conv3dForwardBf16), (tiles(v.voxels()), tiles(co), 1), (256, 1, 1), 0, &args, cost)?;
     Ok(y)
 }
 
@@ -39,7 +41,8 @@ pub fn backward_input(dy: &Tensor, v_out: Vol, w: &Tensor, ci: usize, k: usize, 
     let mut args = vec![Arg::Ptr(dy.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(dx.ptr())];
     args.extend(dims(v_out));
     args.extend([Arg::I32(ci as i32), Arg::I32(v_out.c as i32), Arg::I32(k as i32)]);
-    dev.launch(K::typed(dtype, K::Conv3dBackwardInputF32, K::Conv3dBackwardInputBf16), (tiles(v_out.voxels()), tiles(ci), 1), (256, 1, 1), 0, &args)?;
+    let cost = Cost::fp32(2.0 * (v_out.voxels() * ci * k * k * k * v_out.c) as f64, nbytes(&dy) + nbytes(w) + nbytes(&dx));
+    dev.launch(K::typed(dtype, K::Conv3dBackwardInputF32, K::Conv3dBackwardInputBf16), (tiles(v_out.voxels()), tiles(ci), 1), (256, 1, 1), 0, &args, cost)?;
     Ok(dx)
 }
 
@@ -62,10 +65,12 @@ pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> 
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(part.ptr())];
     args.extend(dims(v));
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32), Arg::I64(chunk as i64)]);
-    dev.launch(K::typed(x.dtype(), K::Conv3dBackwardWeightF32, K::Conv3dBackwardWeightBf16), (tiles(kdim), tiles(co), splits as u32), (256, 1, 1), 0, &args)?;
+    // x and dy once each, plus this kernel's split-K partials written.
+    let cost = Cost::fp32(2.0 * (v.voxels() * co * kdim) as f64, nbytes(x) + nbytes(&dy) + splits * co * kdim * 4);
+    dev.launch(K::typed(x.dtype(), K::Conv3dBackwardWeightF32, K::Conv3dBackwardWeightBf16), (tiles(kdim), tiles(co), splits as u32), (256, 1, 1), 0, &args, cost)?;
     let dw = empty(dev, &[co, k, k, k, v.c], DType::F32)?;
     let n = co * kdim;
-    dev.launch_1d(K::Conv3dReduceSplits, n, &[Arg::Ptr(part.ptr()), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64)])?;
+    dev.launch_1d(K::Conv3dReduceSplits, n, &[Arg::Ptr(part.ptr()), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64)], Cost::mem((splits + 1) * n * 4))?;
     let db = super::reduce::col_sum(&dy, co)?;
     Ok((dw, db))
 }

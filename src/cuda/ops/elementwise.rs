@@ -2,7 +2,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, K, cast, dev_of, empty, ensure_f32, ensure_float};
+use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_f32, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor};
 
 pub fn relu_forward(x: &Tensor) -> Result<Tensor> {
@@ -10,7 +10,7 @@ pub fn relu_forward(x: &Tensor) -> Result<Tensor> {
     let dev = dev_of(x);
     let y = empty(dev, x.shape(), x.dtype())?;
     let n = x.numel();
-    dev.launch_1d(K::typed(x.dtype(), K::ReluForwardF32, K::ReluForwardBf16), n, &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)])?;
+    dev.launch_1d(K::typed(x.dtype(), K::ReluForwardF32, K::ReluForwardBf16), n, &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)], Cost::mem(2 * nbytes(x)))?;
     Ok(y)
 }
 
@@ -20,7 +20,7 @@ pub fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let dev = dev_of(y);
     let dx = empty(dev, y.shape(), y.dtype())?;
     let n = y.numel();
-    dev.launch_1d(K::typed(y.dtype(), K::ReluBackwardF32, K::ReluBackwardBf16), n, &[Arg::Ptr(y.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(dx.ptr()), Arg::I64(n as i64)])?;
+    dev.launch_1d(K::typed(y.dtype(), K::ReluBackwardF32, K::ReluBackwardBf16), n, &[Arg::Ptr(y.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(dx.ptr()), Arg::I64(n as i64)], Cost::mem(3 * nbytes(y)))?;
     Ok(dx)
 }
 
@@ -32,7 +32,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dev = dev_of(a);
     let y = empty(dev, a.shape(), a.dtype())?;
     let n = a.numel();
-    dev.launch_1d(K::typed(a.dtype(), K::AddF32, K::AddBf16), n, &[Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)])?;
+    dev.launch_1d(K::typed(a.dtype(), K::AddF32, K::AddBf16), n, &[Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)], Cost::mem(3 * nbytes(a)))?;
     Ok(y)
 }
 
@@ -44,6 +44,6 @@ pub fn scale_by_scalar(x: &Tensor, s: &Tensor) -> Result<Tensor> {
     let y = empty(dev, x.shape(), DType::F32)?;
     let n = x.numel();
     dev.copy_device(y.ptr(), x.ptr(), n * 4)?;
-    dev.launch_1d(K::ScaleByScalarF32, n, &[Arg::Ptr(y.ptr()), Arg::Ptr(s.ptr()), Arg::I64(n as i64)])?;
+    dev.launch_1d(K::ScaleByScalarF32, n, &[Arg::Ptr(y.ptr()), Arg::Ptr(s.ptr()), Arg::I64(n as i64)], Cost::mem(2 * n * 4))?;
     Ok(y)
 }

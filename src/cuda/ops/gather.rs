@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, CudaBuf, K, cast, dev_of, empty, ensure_f32, ensure_float, zeros};
+use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_f32, ensure_float, zeros};
 use crate::tensor::{DType, Tensor, Vol};
 
 /// out [P, C] f32 = rows `offs` (flat voxel indices, i64 on the device) of f [.., C].
@@ -14,6 +14,7 @@ pub fn gather_rows(f: &Tensor, offs: &CudaBuf, p: usize, c: usize) -> Result<Ten
         K::typed(f.dtype(), K::GatherRowsF32, K::GatherRowsBf16),
         p * c,
         &[Arg::Ptr(f.ptr()), Arg::Ptr(offs.ptr()), Arg::Ptr(out.ptr()), Arg::I64(p as i64), Arg::I32(c as i32)],
+        Cost::mem(p * c * (f.dtype().size_in_bytes() + 4) + p * 8),
     )?;
     Ok(out)
 }
@@ -24,7 +25,7 @@ pub fn scatter_add_rows(dy: &Tensor, offs: &CudaBuf, v: Vol, dtype: DType) -> Re
     let dev = dev_of(dy);
     let df = zeros(dev, &v.shape(), DType::F32)?;
     let p = dy.shape()[0];
-    dev.launch_1d(K::ScatterAddRows, p * v.c, &[Arg::Ptr(dy.ptr()), Arg::Ptr(offs.ptr()), Arg::Ptr(df.ptr()), Arg::I64(p as i64), Arg::I32(v.c as i32)])?;
+    dev.launch_1d(K::ScatterAddRows, p * v.c, &[Arg::Ptr(dy.ptr()), Arg::Ptr(offs.ptr()), Arg::Ptr(df.ptr()), Arg::I64(p as i64), Arg::I32(v.c as i32)], Cost::mem(p * v.c * 12 + p * 8))?;
     cast(&df, dtype)
 }
 
@@ -45,6 +46,7 @@ fn copy_cols(src: &Tensor, src_off: usize, dst: &Tensor, dst_off: usize, rows: u
             Arg::I64(rows as i64),
             Arg::I64(width as i64),
         ],
+        Cost::mem(rows * width * 8),
     )
 }
 

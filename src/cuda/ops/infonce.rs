@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, K, dev_of, empty, ensure_f32};
+use crate::cuda::{Arg, Cost, K, dev_of, empty, ensure_f32};
 use crate::tensor::{DType, Tensor};
 
 /// (loss [1], de1, de2) for e1, e2 [n, d] at temperature t.
@@ -28,13 +28,14 @@ pub fn infonce(e1: &Tensor, e2: &Tensor, n: usize, d: usize, t: f64) -> Result<(
             (256, 1, 1),
             0,
             &[Arg::Ptr(l.ptr()), Arg::Ptr(r.ptr()), Arg::I32(n as i32), Arg::F64(t), Arg::I32(ml), Arg::I32(mr), Arg::Ptr(lse), Arg::Ptr(dg)],
+            Cost::fp32(4.0 * (n * n) as f64, 2 * n * n * 4 + 16 * n),
         )
     };
     // Rows of [l11 ‖ l12] (diagonal of l11 masked; records diag(l12)), then of [l21 ‖ l22].
     rows(&s11, &s12, 1, 0, lse1.ptr(), diag.ptr())?;
     rows(&s21, &s22, 0, 1, lse2.ptr(), 0)?;
     let loss = empty(dev, &[1], DType::F32)?;
-    dev.launch(K::InfonceLoss, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(lse1.ptr()), Arg::Ptr(lse2.ptr()), Arg::Ptr(diag.ptr()), Arg::I32(n as i32), Arg::Ptr(loss.ptr())])?;
+    dev.launch(K::InfonceLoss, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(lse1.ptr()), Arg::Ptr(lse2.ptr()), Arg::Ptr(diag.ptr()), Arg::I32(n as i32), Arg::Ptr(loss.ptr())], Cost::mem(24 * n))?;
     let nf = n as f64;
     let k = (1.0 / (2.0 * nf * t)) as f32;
     let diag_term = (1.0 / (nf * t)) as f32;
@@ -54,6 +55,7 @@ pub fn infonce(e1: &Tensor, e2: &Tensor, n: usize, d: usize, t: f64) -> Result<(
             Arg::F32(k),
             Arg::F32(diag_term),
         ],
+        Cost::fp32(8.0 * (n * n) as f64, 7 * n * n * 4),
     )?;
     drop((s11, s12, s21, s22));
     let de1 = empty(dev, &[n, d], DType::F32)?;

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, K, cast, dev_of, empty, ensure_f32};
+use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_f32};
 use crate::tensor::{DType, Tensor};
 
 /// y [n, fout] = x [n, fin] · Wᵀ + b.
@@ -13,7 +13,7 @@ pub fn forward(x: &Tensor, n: usize, fin: usize, w: &Tensor, b: Option<&Tensor>,
     let y = empty(dev, &[n, fout], DType::F32)?;
     let beta = match b {
         Some(b) => {
-            dev.launch_1d(K::FillRows, n * fout, &[Arg::Ptr(y.ptr()), Arg::Ptr(b.ptr()), Arg::I64(n as i64), Arg::I64(fout as i64)])?;
+            dev.launch_1d(K::FillRows, n * fout, &[Arg::Ptr(y.ptr()), Arg::Ptr(b.ptr()), Arg::I64(n as i64), Arg::I64(fout as i64)], Cost::mem(n * fout * 4 + fout * 4))?;
             1.0
         }
         None => 0.0,

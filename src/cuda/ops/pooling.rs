@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, CudaBuf, K, cast, dev_of, empty, ensure_float};
+use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes};
 use crate::ops::pooling::pooled_extent;
 use crate::tensor::{DType, Tensor, Vol};
 
@@ -19,7 +19,8 @@ pub fn forward(x: &Tensor, v: Vol) -> Result<(Tensor, CudaBuf)> {
     let arg = dev.alloc(y.numel())?;
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(arg.ptr())];
     args.extend(dims(v));
-    dev.launch_1d(K::typed(x.dtype(), K::Maxpool2ForwardF32, K::Maxpool2ForwardBf16), y.numel(), &args)?;
+    let cost = Cost::mem(nbytes(x) + nbytes(&y) + y.numel());
+    dev.launch_1d(K::typed(x.dtype(), K::Maxpool2ForwardF32, K::Maxpool2ForwardBf16), y.numel(), &args, cost)?;
     Ok((y, arg))
 }
 
@@ -30,6 +31,7 @@ pub fn backward(dy: &Tensor, arg: &CudaBuf, v: Vol, dtype: DType) -> Result<Tens
     let dx = empty(dev, &v.shape(), dtype)?;
     let mut args = vec![Arg::Ptr(dy.ptr()), Arg::Ptr(arg.ptr()), Arg::Ptr(dx.ptr())];
     args.extend(dims(v));
-    dev.launch_1d(K::typed(dtype, K::Maxpool2BackwardF32, K::Maxpool2BackwardBf16), dx.numel(), &args)?;
+    let cost = Cost::mem(nbytes(&dy) + dy.numel() + nbytes(&dx));
+    dev.launch_1d(K::typed(dtype, K::Maxpool2BackwardF32, K::Maxpool2BackwardBf16), dx.numel(), &args, cost)?;
     Ok(dx)
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, CudaBuf, CudaDevice, K, dev_of, empty};
+use crate::cuda::{Arg, Cost, CudaBuf, CudaDevice, K, dev_of, empty, nbytes};
 use crate::tensor::{DType, Tensor};
 
 /// Partial sums [chunks, C] (f64) of one pass.
@@ -45,6 +45,7 @@ pub fn col_partials(x: &Tensor, g: Option<&Tensor>, mean: Option<&CudaBuf>, m: u
             Arg::I64(rows as i64),
             Arg::I32(mode),
         ],
+        Cost::mem(nbytes(x) + g.map_or(0, nbytes) + chunks * c * 8 * if mode == 2 { 2 } else { 1 }),
     )?;
     Ok(ColPartials { part0, part1, chunks })
 }
@@ -55,6 +56,7 @@ pub fn reduce_chunks(dev: &Arc<CudaDevice>, part: &CudaBuf, chunks: usize, c: us
         K::ReduceChunks,
         c,
         &[Arg::Ptr(part.ptr()), Arg::I32(chunks as i32), Arg::I32(c as i32), Arg::F64(scale), Arg::Ptr(out_d.unwrap_or(0)), Arg::Ptr(out_f.unwrap_or(0))],
+        Cost::mem((chunks + 1) * c * 8),
     )
 }
 

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, K, cast, dev_of, empty, ensure_float};
+use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor, Vol};
 
 fn args(src: &Tensor, dst: &Tensor, v: Vol, t: [usize; 3]) -> Vec<Arg> {
@@ -24,7 +24,7 @@ pub fn forward(x: &Tensor, v: Vol, target: [usize; 3]) -> Result<Tensor> {
     ensure_float(x, "upsample2_crop")?;
     let dev = dev_of(x);
     let y = empty(dev, &[v.n, target[0], target[1], target[2], v.c], x.dtype())?;
-    dev.launch_1d(K::typed(x.dtype(), K::Upsample2ForwardF32, K::Upsample2ForwardBf16), y.numel(), &args(x, &y, v, target))?;
+    dev.launch_1d(K::typed(x.dtype(), K::Upsample2ForwardF32, K::Upsample2ForwardBf16), y.numel(), &args(x, &y, v, target), Cost::mem(nbytes(x) + nbytes(&y)))?;
     Ok(y)
 }
 
@@ -32,6 +32,6 @@ pub fn backward(dy: &Tensor, v: Vol, target: [usize; 3], dtype: DType) -> Result
     let dy = cast(dy, dtype)?;
     let dev = dev_of(&dy);
     let dx = empty(dev, &v.shape(), dtype)?;
-    dev.launch_1d(K::typed(dtype, K::Upsample2BackwardF32, K::Upsample2BackwardBf16), dx.numel(), &args(&dy, &dx, v, target))?;
+    dev.launch_1d(K::typed(dtype, K::Upsample2BackwardF32, K::Upsample2BackwardBf16), dx.numel(), &args(&dy, &dx, v, target), Cost::mem(nbytes(&dy) + nbytes(&dx)))?;
     Ok(dx)
 }

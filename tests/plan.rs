@@ -1,0 +1,78 @@
+//! The performance model (`vox2vec-train --bench-plan`): a step on the plan device records
+//! every launch with its declared cost and every allocation through the caching allocator,
+//! executing nothing. Runs on any machine (no GPU, no kernels needed).
+//!
+//! Plan mode is chosen once per process, so this file holds only plan tests.
+
+use std::sync::Once;
+
+use vox2vec::bench::plan_pretraining;
+use vox2vec::model::{FpnConfig, ModelConfig};
+use vox2vec::tensor::DType;
+use vox2vec::train::BatchShape;
+
+fn plan_mode() {
+    static ON: Once = Once::new();
+    ON.call_once(|| vox2vec::cuda::enable_plan_mode().expect("plan mode before any device"));
+}
+
+fn small_model() -> ModelConfig {
+    ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 8, num_scales: 4 }, proj_dim: 32, temperature: 0.1 }
+}
+
+#[test]
+fn plan_counts_launches_and_memory_consistently() {
+    plan_mode();
+    let shape = BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 };
+    for dtype in [DType::F32, DType::BF16] {
+        let r = plan_pretraining(small_model(), dtype, shape, 0).unwrap();
+        assert!(r.device.contains("plan"), "{}", r.device);
+        let launches: u64 = r.costs.families.values().map(|f| f.launches).sum();
+        assert_eq!(launches, r.costs.launches());
+        assert!(launches > 100, "a whole step launches hundreds of kernels, got {launches}");
+        for name in ["conv3d_forward", "conv3d_backward_input", "conv3d_backward_weight", "adam_update"] {
+            assert!(r.costs.families.contains_key(name), "{name} missing from {:?}", r.costs.families.keys().collect::<Vec<_>>());
+        }
+        // The step holds at least the parameters, their gradients and Adam's two moments.
+        let params: usize = vox2vec::model::Vox2Vec::new(small_model(), 0).store.slots().iter().map(|s| s.value.numel() * 4).sum();
+        assert!(r.peak_in_use >= 3 * params, "peak {} < 3 x parameters {}", r.peak_in_use, params);
+        assert!(r.peak_reserved >= r.peak_in_use && r.largest_allocation <= r.peak_in_use);
+        assert!(r.floor_ms() > 0.0 && r.tensor_floor_ms() <= r.floor_ms() + 1e-12);
+        let j = r.to_json();
+        for key in ["peak_in_use_bytes", "peak_reserved_bytes", "largest_allocation_bytes", "floor_ms", "launches", "kernels"] {
+            assert!(j.get(key).is_some(), "JSON lacks {key}");
+        }
+        let sum: f64 = j["kernels"].as_array().unwrap().iter().map(|k| k["floor_ms"].as_f64().unwrap()).sum();
+        assert!((sum - r.floor_ms()).abs() < 1e-9 * r.floor_ms().max(1.0));
+    }
+}
+
+#[test]
+fn bf16_activations_halve_the_conv_traffic() {
+    plan_mode();
+    let shape = BatchShape { pairs: 2, patch: [32, 32, 16], voxels_per_pair: 32 };
+    let f = plan_pretraining(small_model(), DType::F32, shape, 0).unwrap();
+    let b = plan_pretraining(small_model(), DType::BF16, shape, 0).unwrap();
+    let conv_bytes = |r: &vox2vec::bench::PlanReport| r.costs.families["conv3d_forward"].bytes;
+    assert!(conv_bytes(&b) < 0.7 * conv_bytes(&f), "bf16 {} vs f32 {}", conv_bytes(&b), conv_bytes(&f));
+    assert!(b.peak_in_use < f.peak_in_use);
+}
+
+#[test]
+fn bench_plan_cli_writes_the_report() {
+    let dir = std::env::temp_dir().join(format!("vox2vec-plan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("plan.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vox2vec-train"))
+        .args(["--bench-plan", "--small", "--precision", "bf16", "--report"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kernel family") && text.contains("conv3d_forward"), "{text}");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(j["precision"], "bf16");
+    assert!(j["peak_in_use_bytes"].as_u64().unwrap() > 0);
+    std::fs::remove_dir_all(&dir).ok();
+}
