@@ -277,7 +277,9 @@ fn test_head_ops() -> Result<()> {
         }
         check_op(&format!("linear [{n},{fin}]->{fout} bias {bias}"), DType::F32, inputs, true, &|g, v, _| Ok((ops::linear(g, &v[0], &v[1], v.get(2))?, vec![])), 16)?;
     }
-    for (n, d) in [(6usize, 8usize), (37, 16), (2, 128), (300, 32)] {
+    // Row and column tiles of 32 x 64: counts that are not multiples, d beyond one 32-wide
+    // chunk and beyond 128 (the d <= 512 backward variant).
+    for (n, d) in [(6usize, 8usize), (37, 16), (2, 128), (300, 32), (2, 1), (97, 128), (65, 130)] {
         let unit = |rng: &mut StdRng| {
             let v = rand_vec(rng, n * d);
             let mut out = v.clone();

@@ -76,3 +76,14 @@ fn bench_plan_cli_writes_the_report() {
     assert!(j["peak_in_use_bytes"].as_u64().unwrap() > 0);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn infonce_allocates_nothing_of_n_by_n_size() {
+    plan_mode();
+    // N = 4 x 1024 = 4096 pairs on small volumes: an N x N f32 matrix (64 MiB) would dwarf
+    // every activation (a 16 x 16 x 8 level-0 map of 8 channels is 64 KiB per patch).
+    let shape = BatchShape { pairs: 4, patch: [16, 16, 8], voxels_per_pair: 1024 };
+    let r = plan_pretraining(small_model(), DType::BF16, shape, 0).unwrap();
+    let n = shape.pairs * shape.voxels_per_pair;
+    assert!(r.largest_allocation < n * n, "largest allocation {} B; N x N f32 is {} B", r.largest_allocation, n * n * 4);
+}

@@ -76,9 +76,10 @@ kernels! {
     // linear.cu
     FillRows => "fill_rows",
     // infonce.cu
-    InfonceSoftmaxRows => "infonce_softmax_rows",
+    InfonceRowLse => "infonce_row_lse",
     InfonceLoss => "infonce_loss",
-    InfonceGradMatrices => "infonce_grad_matrices",
+    InfonceBackwardD128 => "infonce_backward_d128",
+    InfonceBackwardD512 => "infonce_backward_d512",
     // optim.cu
     SumsqBlocks => "sumsq_blocks",
     ClipFinalize => "clip_finalize",

@@ -12,6 +12,8 @@
 //!
 //! CPU: the three N×N similarity GEMMs in f32 (multi-threaded), log-sum-exps in f64. The
 //! logit matrices are overwritten in place by the gradient matrices (4 N² floats in all).
+//! This is the oracle of the device path (`cuda::ops::infonce`), which computes the same
+//! thing flash-style from per-row log-sum-exps, without any N×N matrix.
 
 use anyhow::{Result, ensure};
 use rayon::prelude::*;
@@ -123,13 +125,16 @@ pub fn infonce(g: &Graph, e1: &Var, e2: &Var, temperature: f64) -> Result<Var> {
     let (n, d) = (e1.shape()[0], e1.shape()[1]);
     ensure!(n >= 2, "infonce: needs at least 2 positive pairs, found {n}");
     if e1.value.is_cuda() {
-        let (loss, de1, de2) = crate::cuda::ops::infonce::infonce(&e1.value, &e2.value, n, d, temperature)?;
-        let grads = g.needs_grad(&[e1, e2]).then_some((de1, de2));
+        // Flash-style on the device: the forward keeps 2N log-sum-exps, the backward
+        // recomputes the similarity tiles from e1 and e2 (no N x N matrix at any time).
+        use crate::cuda::ops::infonce as dev;
+        let (loss, lse) = dev::forward(&e1.value, &e2.value, n, d, temperature)?;
+        let saved = g.needs_grad(&[e1, e2]).then(|| (e1.value.clone(), e2.value.clone(), lse));
         return Ok(g.record("infonce", loss, &[e1, e2], move |dl| {
-            let (a, b) = grads.expect("saved gradients");
-            let dl = dl.to_device(a.device())?;
-            use crate::cuda::ops::elementwise::scale_by_scalar;
-            Ok(vec![Some(scale_by_scalar(&a, &dl)?), Some(scale_by_scalar(&b, &dl)?)])
+            let (a, b, lse) = saved.expect("saved for backward");
+            let dl = crate::cuda::cast(&dl.to_device(a.device())?, crate::tensor::DType::F32)?;
+            let (da, db) = dev::backward(&a, &b, &lse, &dl, n, d, temperature)?;
+            Ok(vec![Some(da), Some(db)])
         }));
     }
     let (loss, de1, de2) = infonce_cpu(e1.value.f32s(), e2.value.f32s(), n, d, temperature);
