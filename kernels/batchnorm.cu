@@ -5,7 +5,8 @@
 //     running_mean' = (1 - momentum) running_mean + momentum mean,
 //     running_var'  = (1 - momentum) running_var + momentum var M / (M - 1)   (all =)
 //   bn_eval_stats: mean = running_mean, invstd = 1 / sqrt(running_var + eps)   (=)
-//   bn_apply: y = (x - mean) * (invstd * gamma) + beta (per element in f32)   (=)
+//   bn_apply: y = (x - mean) * (invstd * gamma) + beta (per element in f32), then
+//     max(y, 0) when relu != 0 (BN -> ReLU in one pass, as the ResBlock recomputes it)  (=)
 //   bn_backward_finalize: from part0 = sum dy, part1 = sum dy (x - mean):
 //     dbeta = sum dy, dgamma = invstd * sum dy (x - mean), and per-channel coefficients
 //     k = gamma invstd, u = -gamma invstd^2 dgamma / M, w = -gamma invstd dbeta / M
@@ -33,18 +34,19 @@ extern "C" __global__ void bn_eval_stats(const float* rm, const float* rv, int C
 }
 
 template <typename T>
-__device__ void bn_apply(const T* x, T* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C) {
+__device__ void bn_apply(const T* x, T* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
     GRID_STRIDE(i, M * C) {
         int c = (int)(i % C);
         float scale = (float)(invstd[c] * (double)gamma[c]);
-        st(y, i, (ld(x, i) - (float)mean[c]) * scale + beta[c]);
+        float v = (ld(x, i) - (float)mean[c]) * scale + beta[c];
+        st(y, i, relu ? fmaxf(v, 0.f) : v);
     }
 }
-extern "C" __global__ void bn_apply_f32(const float* x, float* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C) {
-    bn_apply(x, y, mean, invstd, gamma, beta, M, C);
+extern "C" __global__ void bn_apply_f32(const float* x, float* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
+    bn_apply(x, y, mean, invstd, gamma, beta, M, C, relu);
 }
-extern "C" __global__ void bn_apply_bf16(const bf16* x, bf16* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C) {
-    bn_apply(x, y, mean, invstd, gamma, beta, M, C);
+extern "C" __global__ void bn_apply_bf16(const bf16* x, bf16* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
+    bn_apply(x, y, mean, invstd, gamma, beta, M, C, relu);
 }
 
 // coef [3, C]: k, u, w.

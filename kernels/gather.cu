@@ -1,7 +1,10 @@
 // Voxel gathers and channel concatenation.
 //   gather_rows: out[p, c] = f[offs[p], c] (f32 out, f f32 or bf16); one thread per (p, c)   (=)
-//   scatter_add_rows: df[offs[p], c] += dy[p, c] (f32, atomics: pairs may share a voxel, so
-//     the order of the few colliding additions is not fixed)                              (+=)
+//   scatter_segments: the gather's backward without atomics. The host sorts the pairs by
+//     voxel (stable): segment u covers order[start[u] .. start[u + 1]), all at voxel
+//     voxel[u]; one thread per (u, c) sums its pairs' dy in that fixed order and writes
+//     df[voxel[u], c] (f32 or bf16, rounded once); df's other voxels are left as they are
+//     (the caller zeroes them).                                                          (=)
 //   copy_cols: dst[r, dst_off + j] = src[r, src_off + j] for j < width (f32)               (=)
 #include "common.cuh"
 
@@ -16,12 +19,21 @@ __device__ void gather_rows(const T* f, const i64* offs, float* out, i64 P, int 
 extern "C" __global__ void gather_rows_f32(const float* f, const i64* offs, float* out, i64 P, int C) { gather_rows(f, offs, out, P, C); }
 extern "C" __global__ void gather_rows_bf16(const bf16* f, const i64* offs, float* out, i64 P, int C) { gather_rows(f, offs, out, P, C); }
 
-extern "C" __global__ void scatter_add_rows(const float* dy, const i64* offs, float* df, i64 P, int C) {
-    GRID_STRIDE(i, P * C) {
-        i64 p = i / C;
-        int c = (int)(i - p * C);
-        atomicAdd(&df[offs[p] * C + c], dy[i]);
+template <typename T>
+__device__ void scatter_segments(const float* dy, const i64* order, const i64* start, const i64* voxel, T* df, i64 U, int C) {
+    GRID_STRIDE(i, U * C) {
+        i64 u = i / C;
+        int c = (int)(i - u * C);
+        float s = 0.f;
+        for (i64 q = start[u]; q < start[u + 1]; ++q) s += dy[order[q] * C + c];
+        st(df, voxel[u] * C + c, s);
     }
+}
+extern "C" __global__ void scatter_segments_f32(const float* dy, const i64* order, const i64* start, const i64* voxel, float* df, i64 U, int C) {
+    scatter_segments(dy, order, start, voxel, df, U, C);
+}
+extern "C" __global__ void scatter_segments_bf16(const float* dy, const i64* order, const i64* start, const i64* voxel, bf16* df, i64 U, int C) {
+    scatter_segments(dy, order, start, voxel, df, U, C);
 }
 
 extern "C" __global__ void copy_cols(const float* src, i64 src_ld, i64 src_off, float* dst, i64 dst_ld, i64 dst_off, i64 rows, i64 width) {

@@ -68,7 +68,8 @@ kernels! {
     // gather.cu
     GatherRowsF32 => "gather_rows_f32",
     GatherRowsBf16 => "gather_rows_bf16",
-    ScatterAddRows => "scatter_add_rows",
+    ScatterSegmentsF32 => "scatter_segments_f32",
+    ScatterSegmentsBf16 => "scatter_segments_bf16",
     CopyCols => "copy_cols",
     // normalize.cu
     L2NormalizeForward => "l2_normalize_forward",

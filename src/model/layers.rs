@@ -88,12 +88,17 @@ impl BatchNorm {
         let b = g.param(store, self.bias);
         let (y, update) = ops::batch_norm(g, x, &w, &b, store.get(self.running_mean), store.get(self.running_var))?;
         if let Some(u) = update {
-            store.set(self.running_mean, u.running_mean);
-            store.set(self.running_var, u.running_var);
-            let n = store.get(self.num_batches_tracked).i64s()[0];
-            store.set(self.num_batches_tracked, Tensor::from_i64(&[], vec![n + 1]));
+            self.store_update(store, u);
         }
         Ok(y)
+    }
+
+    /// Store a training forward's running statistics and count the batch.
+    pub fn store_update(&self, store: &mut ParamStore, u: crate::ops::batchnorm::BnUpdate) {
+        store.set(self.running_mean, u.running_mean);
+        store.set(self.running_var, u.running_var);
+        let n = store.get(self.num_batches_tracked).i64s()[0];
+        store.set(self.num_batches_tracked, Tensor::from_i64(&[], vec![n + 1]));
     }
 }
 
@@ -118,6 +123,9 @@ impl ResBlock3d {
     }
 
     pub fn forward(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {
+        if g.is_training() && g.is_recording() && x.value.is_cuda() {
+            return self.forward_recomputing(g, store, x);
+        }
         let h = self.bn0.forward(g, store, x)?;
         let h = ops::relu(g, &h)?;
         let h = self.conv2.forward(g, store, &h)?;
@@ -129,6 +137,30 @@ impl ResBlock3d {
             None => x.clone(),
         };
         ops::add(g, &h, &s)
+    }
+}
+
+impl ResBlock3d {
+    /// The training forward on the device as one op that saves x and the first conv's output
+    /// only (`ops::resblock`); the same values and gradients as the composition above.
+    fn forward_recomputing(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {
+        let vars = crate::ops::resblock::ResBlockVars {
+            gamma0: g.param(store, self.bn0.weight),
+            beta0: g.param(store, self.bn0.bias),
+            w2: g.param(store, self.conv2.weight),
+            b2: g.param(store, self.conv2.bias.expect("ResBlock convs have a bias")),
+            gamma3: g.param(store, self.bn3.weight),
+            beta3: g.param(store, self.bn3.bias),
+            w5: g.param(store, self.conv5.weight),
+            b5: g.param(store, self.conv5.bias.expect("ResBlock convs have a bias")),
+            skip: self.skip.as_ref().map(|c| (g.param(store, c.weight), g.param(store, c.bias.expect("skip conv has a bias")))),
+            running0: (store.get(self.bn0.running_mean), store.get(self.bn0.running_var)),
+            running3: (store.get(self.bn3.running_mean), store.get(self.bn3.running_var)),
+        };
+        let (y, [u0, u3]) = crate::ops::resblock::resblock_train_cuda(g, x, vars)?;
+        self.bn0.store_update(store, u0);
+        self.bn3.store_update(store, u3);
+        Ok(y)
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! gather_voxels: out[p, :] = f[b_p, x_p >> s, y_p >> s, z_p >> s, :] for pyramid level s
 //! (floor(v / 2^s) of non-negative coordinates). Backward scatter-adds dy into zeros of f's
-//! shape (sequentially: pairs may share a voxel).
+//! shape (sequentially: pairs may share a voxel; on the device, pairs grouped by voxel and
+//! summed in pair order, without atomics).
 //! concat_channels: [P, C0] ‖ [P, C1] ‖ … → [P, ΣC]; backward splits dy.
 //! Outputs are written (=).
 
@@ -33,12 +34,17 @@ pub fn gather_voxels(g: &Graph, f: &Var, batch: &[i64], voxels: &[i64], shift: u
     if f.value.is_cuda() {
         use crate::cuda::ops::gather as gpu;
         let dev = crate::cuda::dev_of(&f.value).clone();
-        let offs: Vec<i64> = offs.iter().map(|&o| o as i64).collect();
+        let offs_host = offs;
+        let offs: Vec<i64> = offs_host.iter().map(|&o| o as i64).collect();
         let offs = dev.upload(&offs)?;
         let p = batch.len();
         let out = gpu::gather_rows(&f.value, &offs, p, c)?;
         let dt = f.value.dtype();
-        return Ok(g.record("gather_voxels", out, &[f], move |dy| Ok(vec![Some(gpu::scatter_add_rows(&dy, &offs, v, dt)?)])));
+        let seg = g.needs_grad(&[f]).then(|| gpu::segments(&dev, &offs_host)).transpose()?;
+        return Ok(g.record("gather_voxels", out, &[f], move |dy| {
+            let seg = seg.expect("segments kept for backward");
+            Ok(vec![Some(gpu::scatter_segments(&crate::cuda::cast(&dy, crate::tensor::DType::F32)?, &seg, v, dt)?)])
+        }));
     }
     let src = f.value.f32s();
     let mut out = vec![0.0f32; offs.len() * c];

@@ -9,6 +9,7 @@ pub mod infonce;
 pub mod linear;
 pub mod normalize;
 pub mod pooling;
+pub mod resblock;
 pub mod segloss;
 pub mod upsample;
 

@@ -61,6 +61,15 @@ pub fn eval_stats(running_mean: &Tensor, running_var: &Tensor, eps: f64) -> Resu
 
 /// y = (x − mean) · invstd · γ + β, in x's dtype.
 pub fn apply(x: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    apply_maybe_relu(x, c, st, gamma, beta, false)
+}
+
+/// max((x − mean) · invstd · γ + β, 0) in one pass, in x's dtype.
+pub fn apply_relu(x: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+    apply_maybe_relu(x, c, st, gamma, beta, true)
+}
+
+fn apply_maybe_relu(x: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, beta: &Tensor, relu: bool) -> Result<Tensor> {
     let dev = dev_of(x);
     let y = empty(dev, x.shape(), x.dtype())?;
     let m = x.numel() / c;
@@ -76,6 +85,7 @@ pub fn apply(x: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, beta: &Te
             Arg::Ptr(beta.ptr()),
             Arg::I64(m as i64),
             Arg::I32(c as i32),
+            Arg::I32(relu as i32),
         ],
         Cost::mem(2 * nbytes(x)),
     )?;

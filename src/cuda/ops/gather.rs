@@ -19,14 +19,47 @@ pub fn gather_rows(f: &Tensor, offs: &CudaBuf, p: usize, c: usize) -> Result<Ten
     Ok(out)
 }
 
-/// df of shape `v` in `dtype`: zeros with dy's rows added at `offs`.
-pub fn scatter_add_rows(dy: &Tensor, offs: &CudaBuf, v: Vol, dtype: DType) -> Result<Tensor> {
+/// The gather's pairs grouped by voxel, on the device, for a deterministic backward.
+pub struct Segments {
+    order: CudaBuf,
+    start: CudaBuf,
+    voxel: CudaBuf,
+    pairs: usize,
+    count: usize,
+}
+
+/// Group the pairs of `offs` (flat voxel index per pair) by voxel: a stable sort, so each
+/// voxel sums its pairs in pair order.
+pub fn segments(dev: &std::sync::Arc<crate::cuda::CudaDevice>, offs: &[usize]) -> Result<Segments> {
+    let mut order: Vec<i64> = (0..offs.len() as i64).collect();
+    order.sort_by_key(|&p| offs[p as usize]);
+    let (mut start, mut voxel) = (Vec::new(), Vec::new());
+    for (q, &p) in order.iter().enumerate() {
+        let o = offs[p as usize] as i64;
+        if voxel.last() != Some(&o) {
+            start.push(q as i64);
+            voxel.push(o);
+        }
+    }
+    start.push(order.len() as i64);
+    let count = voxel.len();
+    Ok(Segments { order: dev.upload(&order)?, start: dev.upload(&start)?, voxel: dev.upload(&voxel)?, pairs: offs.len(), count })
+}
+
+/// df of shape `v` in `dtype`: dy's rows summed per voxel (fixed order, no atomics), zeros
+/// elsewhere. The only full-size buffer is df itself, in its own dtype.
+pub fn scatter_segments(dy: &Tensor, seg: &Segments, v: Vol, dtype: DType) -> Result<Tensor> {
     ensure_f32(dy, "gather_voxels backward")?;
     let dev = dev_of(dy);
-    let df = zeros(dev, &v.shape(), DType::F32)?;
-    let p = dy.shape()[0];
-    dev.launch_1d(K::ScatterAddRows, p * v.c, &[Arg::Ptr(dy.ptr()), Arg::Ptr(offs.ptr()), Arg::Ptr(df.ptr()), Arg::I64(p as i64), Arg::I32(v.c as i32)], Cost::mem(p * v.c * 12 + p * 8))?;
-    cast(&df, dtype)
+    let df = zeros(dev, &v.shape(), dtype)?;
+    let c = v.c;
+    dev.launch_1d(
+        K::typed(dtype, K::ScatterSegmentsF32, K::ScatterSegmentsBf16),
+        seg.count * c,
+        &[Arg::Ptr(dy.ptr()), Arg::Ptr(seg.order.ptr()), Arg::Ptr(seg.start.ptr()), Arg::Ptr(seg.voxel.ptr()), Arg::Ptr(df.ptr()), Arg::I64(seg.count as i64), Arg::I32(c as i32)],
+        Cost::mem(seg.pairs * c * 4 + seg.count * c * dtype.size_in_bytes() + 8 * (2 * seg.count + seg.pairs)),
+    )?;
+    Ok(df)
 }
 
 /// dst[:, dst_off .. dst_off + width] = src[:, src_off .. src_off + width] (f32 rows).
