@@ -96,6 +96,10 @@ fn build_emulator(root: &Path, units: &[&PathBuf]) {
     let mut src = String::new();
     let mut table = String::new();
     let mut count = 0;
+    // One translation unit (the runtime, which defines EmuKernel, then every kernel file) built
+    // with -fno-weak: the __shared__ statics of inline and template functions are then
+    // ordinary symbols and may share the "emu_shared" section with the others (shim.h).
+    src.push_str(&format!("#include \"{}\"\n", root.join("kernels/emulator/runtime.cpp").display()));
     for u in units {
         src.push_str(&format!("#include \"{}\"\n", u.display()));
     }
@@ -108,7 +112,6 @@ fn build_emulator(root: &Path, units: &[&PathBuf]) {
             count += 1;
         }
     }
-    src.push_str("typedef void (*emu_trampoline)(void**);\nstruct EmuKernel { const char* name; emu_trampoline fn; };\n");
     src.push_str(&format!("extern \"C\" const EmuKernel emu_kernels[] = {{\n{table}}};\nextern \"C\" const int emu_kernel_count = {count};\n"));
     let unit = out_dir.join("emu_kernels.cpp");
     fs::write(&unit, src).expect("writing the emulator's kernel unit");
@@ -121,10 +124,10 @@ fn build_emulator(root: &Path, units: &[&PathBuf]) {
         .flag("-include")
         .flag(shim.to_str().unwrap())
         .flag("-w")
+        .flag("-fno-weak")
         .include(root.join("kernels"))
         .include(root.join("kernels/emulator"))
         .file(&unit)
-        .file(root.join("kernels/emulator/runtime.cpp"))
         .compile("vox2vec_cuda_emulator");
     println!("cargo:rustc-cfg=vox2vec_emulator");
 }

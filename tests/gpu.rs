@@ -185,11 +185,23 @@ fn test_conv3d() -> Result<()> {
         (1, 12, 10, 6, 16, 16, 3, true),
         // 4862 voxels: the weight gradient is split over 3 partials (weight_splits), the last short.
         (2, 17, 13, 11, 3, 5, 3, true),
+        // Tensor-core path in bf16 (multiples of 16 channels): levels of 4x4x1 and 8x8x2,
+        // voxel counts that are no multiple of the 2x4x8 brick, Co beyond one 64-wide tile,
+        // Co = 1 (its input gradient falls back), 512 channels, k = 1.
+        (1, 4, 4, 1, 32, 16, 3, true),
+        (2, 8, 8, 2, 32, 48, 3, true),
+        (2, 5, 3, 9, 48, 16, 3, false),
+        (1, 3, 5, 7, 16, 1, 3, true),
+        (1, 3, 4, 9, 64, 80, 3, true),
+        (1, 2, 2, 2, 512, 16, 3, true),
+        (2, 3, 5, 6, 32, 16, 1, true),
     ];
     for dt in DTYPES {
         for &(n, x, y, z, ci, co, k, bias) in &cases {
             let xs = rand_tensor(&mut rng, &[n, x, y, z, ci]);
+            // The tensor-core path multiplies bf16 weights: the oracle gets the same weights.
             let w = rand_tensor(&mut rng, &[co, k, k, k, ci]);
+            let w = if dt == DType::BF16 { round_bf16(&w) } else { w };
             let mut inputs = vec![act(xs), param(w)];
             if bias {
                 inputs.push(param(rand_tensor(&mut rng, &[co])));
@@ -238,7 +250,12 @@ fn test_resblock() -> Result<()> {
             let mid = cin.min(cout);
             let x = Tensor::from_f32(&shape, rand_vec(&mut rng, shape.iter().product()).into_iter().map(|v| 2.0 * v + 0.3).collect());
             let pos = |rng: &mut StdRng, c: usize| Tensor::from_f32(&[c], (0..c).map(|_| rng.random_range(0.5..1.5f32)).collect());
-            let scaled = |rng: &mut StdRng, sh: &[usize], fan: usize| Tensor::from_f32(sh, rand_vec(rng, sh.iter().product()).into_iter().map(|v| v / (fan as f32).sqrt()).collect());
+            // Conv weights as bf16 values in the bf16 run: the tensor-core convolutions round
+            // them, and the oracle must multiply the same weights.
+            let scaled = |rng: &mut StdRng, sh: &[usize], fan: usize| {
+                let t = Tensor::from_f32(sh, rand_vec(rng, sh.iter().product()).into_iter().map(|v| v / (fan as f32).sqrt()).collect());
+                if dt == DType::BF16 { round_bf16(&t) } else { t }
+            };
             let mut inputs = vec![act(x), param(pos(&mut rng, cin)), param(rand_tensor(&mut rng, &[cin]))];
             inputs.push(param(scaled(&mut rng, &[mid, k, k, k, cin], k * k * k * cin)));
             inputs.push(param(rand_tensor(&mut rng, &[mid])));
@@ -279,10 +296,13 @@ fn test_resblock() -> Result<()> {
                 let (u0, u3) = (u0.expect("train"), u3.expect("train"));
                 Ok((ops::add(g, &h, &s)?, vec![u0.running_mean, u0.running_var, u3.running_mean, u3.running_var]))
             };
-            // bf16: a chain of eight ops that each round to bf16 once (one op alone: 2e-2);
-            // measured on the emulator up to 1.8e-2, and 3.2e-2 on the vanishing conv2 bias
-            // gradient (rounding noise, against 1e-2 of the largest gradient).
-            let tol = if dt == DType::BF16 { 4e-2 } else { F32_BOUND };
+            // bf16: a chain of eight ops that each round to bf16 once (one op alone: 2e-2), and
+            // the BatchNorm backwards cancel (mean-subtracted sums). Worst on the emulator: the
+            // 16-channel case's bn3 beta gradient at 6.1e-2 (w2 4.9e-2, gamma3 4.7e-2), the same
+            // to four digits with VOX2VEC_NO_TENSOR_CORES=1, so rounding and not the kernel: h1
+            // rounded to bf16 moves pre-activations near zero across the ReLU, and each flipped
+            // voxel moves a 120-voxel channel sum by a whole term. A wrong kernel is off by O(1).
+            let tol = if dt == DType::BF16 { 8e-2 } else { F32_BOUND };
             check_op_within(&format!("resblock {shape:?}->{cout} k{k} {dt:?}"), dt, inputs, true, &op, 22, tol)?;
         }
     }
@@ -354,6 +374,14 @@ fn test_head_ops() -> Result<()> {
             inputs.push(param(rand_tensor(&mut rng, &[fout])));
         }
         check_op(&format!("linear [{n},{fin}]->{fout} bias {bias}"), DType::F32, inputs, true, &|g, v, _| Ok((ops::linear(g, &v[0], &v[1], v.get(2))?, vec![])), 16)?;
+    }
+    // TF32 (the head under --precision bf16): inputs rounded to 10 mantissa bits (2^-11
+    // relative), fp32 sums; the emulator rounds the same way. Bound 5e-3: a few roundings
+    // of 5e-4, the products' errors adding in quadrature.
+    for (n, fin, fout) in [(33usize, 128usize, 128usize), (1, 4, 9), (70, 1008, 128)] {
+        let inputs = vec![param(rand_tensor(&mut rng, &[n, fin])), param(rand_tensor(&mut rng, &[fout, fin])), param(rand_tensor(&mut rng, &[fout]))];
+        let op = |g: &Graph, v: &[Var], _: Device| Ok((ops::linear::linear_with(g, &v[0], &v[1], v.get(2), ops::linear::MatmulMath::Tf32)?, vec![]));
+        check_op_within(&format!("linear tf32 [{n},{fin}]->{fout}"), DType::F32, inputs, true, &op, 16, 5e-3)?;
     }
     // Row and column tiles of 32 x 64: counts that are not multiples, d beyond one 32-wide
     // chunk and beyond 128 (the d <= 512 backward variant).
@@ -495,11 +523,68 @@ fn test_training_steps() -> Result<()> {
     Ok(())
 }
 
+/// A CuTe layout mode: sizes and strides of its sub-modes; index i is split colexicographically
+/// (first sub-mode fastest) and mapped to Σ coordinate × stride.
+fn cute_offset(shape: &[usize], stride: &[usize], mut i: usize) -> usize {
+    let mut off = 0;
+    for (&s, &d) in shape.iter().zip(stride) {
+        off += (i % s) * d;
+        i /= s;
+    }
+    off
+}
+
+/// kernels/mma.cuh's fragment mappings against CuTe's layouts for
+/// SM80_16x8x16_F32BF16BF16F32_TN (cute/atom/mma_traits_sm80.hpp: ALayout
+/// ((4,8),(2,2,2)):((32,1),(16,8,128)) over (M16, K16), BLayout ((4,8),(2,2)):((16,1),(8,64))
+/// over (N8, K16), CLayout SM80_16x8_Row ((4,8),(2,2)):((32,1),(16,8)) over (M16, N8), all
+/// column-major), then the probe's mma and ldmatrix results: on a GPU they check the mappings
+/// against the hardware (on the emulator only against its model, built on the same mappings).
+fn test_mma_layout() -> Result<()> {
+    let dev = vox2vec::cuda::device(0)?;
+    let lanes = vox2vec::cuda::ops::probe::mma_layout(&dev)?;
+    ensure!(lanes.len() == 32, "probe returned {} lanes", lanes.len());
+    for (l, r) in lanes.iter().enumerate() {
+        let thr = |stride: [usize; 2]| cute_offset(&[4, 8], &stride, l);
+        for e in 0..8 {
+            let idx = thr([32, 1]) + cute_offset(&[2, 2, 2], &[16, 8, 128], e);
+            ensure!(r.a[e] == (idx % 16, idx / 16), "lane {l}: A element {e} at (row, col) {:?}, CuTe says {:?}", r.a[e], (idx % 16, idx / 16));
+        }
+        for e in 0..4 {
+            let idx = thr([16, 1]) + cute_offset(&[2, 2], &[8, 64], e);
+            ensure!(r.b[e] == (idx / 8, idx % 8), "lane {l}: B element {e} at (k, n) {:?}, CuTe says {:?}", r.b[e], (idx / 8, idx % 8));
+            let idx = thr([32, 1]) + cute_offset(&[2, 2], &[16, 8], e);
+            ensure!(r.c[e] == (idx % 16, idx / 16), "lane {l}: C element {e} at (row, col) {:?}, CuTe says {:?}", r.c[e], (idx % 16, idx / 16));
+        }
+        // A[m][k] = 16 m + k, B picks columns n and n + 8 (weight 2).
+        for e in 0..4 {
+            let (m, n) = r.c[e];
+            let want = (16 * m + n) as f32 + 2.0 * (16 * m + n + 8) as f32;
+            ensure!(r.d[e] == want, "lane {l}: mma D[{m}][{n}] = {}, expected {want}", r.d[e]);
+        }
+        // PTX ISA, ldmatrix: register q of lane l holds row l / 4, columns 2 (l % 4) and
+        // 2 (l % 4) + 1 of matrix q, here A's quadrant (rows 8 (q & 1), cols 8 (q >> 1)); which
+        // is A's fragment, element 2 q + h, as the conv kernel relies on.
+        for q in 0..4 {
+            for h in 0..2 {
+                let (row, col) = (8 * (q & 1) + l / 4, 8 * (q >> 1) + 2 * (l % 4) + h);
+                let got = r.ldmatrix[2 * q + h];
+                ensure!(got == (16 * row + col) as f32, "lane {l}: ldmatrix register {q} half {h} = {got}, expected A[{row}][{col}]");
+                let (fr, fc) = r.a[2 * q + h];
+                ensure!(got == (16 * fr + fc) as f32, "lane {l}: ldmatrix register {q} half {h} is not A's fragment element {}", 2 * q + h);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A named GPU test.
 type Case = (&'static str, fn() -> Result<()>);
 
 fn main() -> ExitCode {
     let cases: Vec<Case> = vec![
+        // First: if the fragment mappings are wrong, every tensor-core result below is too.
+        ("mma_layout_probe", test_mma_layout),
         ("ops_elementwise_vs_cpu", test_elementwise),
         ("ops_conv3d_vs_cpu", test_conv3d),
         ("ops_batchnorm_vs_cpu", test_batchnorm),

@@ -15,8 +15,12 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 // One block runs at a time, so a function-local static is exactly the block's shared memory.
-#define __shared__ static
+// Every one lives in the linker section "emu_shared", which the runtime fills with 0xff bytes
+// (NaN as f32 and bf16) before each block: a kernel reading shared memory it did not write in
+// this block reads NaN, not the previous block's values.
+#define __shared__ static __attribute__((section("emu_shared")))
 
 struct emu_dim3 {
     unsigned x, y, z;
@@ -26,14 +30,25 @@ extern emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 extern "C" void emu_syncthreads();
 #define __syncthreads() emu_syncthreads()
 
-// Value exchange for warp shuffles: every thread of the block posts, barrier, reads, barrier.
-extern double emu_exchange[1024];
+// Warp-level rendezvous: returns once every live thread of the calling thread's warp (32
+// consecutive linear thread indices) has called it (runtime.cpp).
+extern "C" void emu_syncwarp();
+extern "C" unsigned emu_linear_tid();
+#define __syncwarp(...) emu_syncwarp()
+// Exchange slots of warp collectives: [warp][lane][word], 16 32-bit words per lane.
+extern unsigned emu_warp_slots[32][32][16];
+
+// Warp shuffles: each lane posts its value, rendezvous, reads its partner's, rendezvous (so
+// the slots can be reused). Only the warp takes part, as on the GPU.
 template <typename T>
 inline T emu_shfl_xor(T v, int lane_mask) {
-    emu_exchange[threadIdx.x] = (double)v;
-    emu_syncthreads();
-    T r = (T)emu_exchange[threadIdx.x ^ (unsigned)lane_mask];
-    emu_syncthreads();
+    static_assert(sizeof(T) <= 16 * sizeof(unsigned), "shuffle of a value wider than the slot");
+    const unsigned t = emu_linear_tid(), w = t / 32, l = t % 32;
+    std::memcpy(emu_warp_slots[w][l], &v, sizeof(T));
+    emu_syncwarp();
+    T r;
+    std::memcpy(&r, emu_warp_slots[w][(l ^ (unsigned)lane_mask) % 32], sizeof(T));
+    emu_syncwarp();
     return r;
 }
 #define __shfl_xor_sync(mask, v, o) emu_shfl_xor(v, o)

@@ -49,6 +49,10 @@ impl Cost {
     pub fn tensor_bf16(flops: f64, bytes: usize) -> Cost {
         Cost { flops, bytes: bytes as f64, unit: Unit::TensorBf16 }
     }
+    /// A TF32 tensor-core matrix product (cuBLAS with TF32 math).
+    pub fn tensor_tf32(flops: f64, bytes: usize) -> Cost {
+        Cost { flops, bytes: bytes as f64, unit: Unit::TensorTf32 }
+    }
     /// A host <-> device copy.
     pub fn pcie(bytes: usize) -> Cost {
         Cost { flops: 0.0, bytes: bytes as f64, unit: Unit::Pcie }

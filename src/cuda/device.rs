@@ -332,8 +332,19 @@ impl CudaDevice {
         unsafe { result::free_sync(ptr) }.context("freeing device memory")
     }
 
-    /// Allocate `bytes` (contents undefined) from the caching pool.
+    /// Allocate `bytes` (contents undefined) from the caching pool. On the emulator the
+    /// whole block is filled with 0xff bytes (NaN as f32 and as bf16), new or reused, so a
+    /// kernel that reads what nothing wrote fails its test instead of reading zeros.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<CudaBuf> {
+        let b = self.alloc_undefined(bytes)?;
+        if self.is_emulator() && !self.plan {
+            // SAFETY: emulator memory is host memory of `class` bytes.
+            unsafe { std::ptr::write_bytes(b.ptr as *mut u8, 0xff, b.class) };
+        }
+        Ok(b)
+    }
+
+    fn alloc_undefined(self: &Arc<Self>, bytes: usize) -> Result<CudaBuf> {
         let class = size_class(bytes);
         self.pool.lock().unwrap().note_request(class);
         if let Some(ptr) = self.pool.lock().unwrap().take(class) {
@@ -476,6 +487,9 @@ impl CudaDevice {
             })
             .collect();
         if self.is_emulator() {
+            // No kernel uses dynamic shared memory yet; the emulator would need to model it
+            // (and its size limit) before one may.
+            ensure!(shared_bytes == 0, "{}: dynamic shared memory ({shared_bytes} bytes) is not modelled by the CUDA emulator", k.name());
             #[cfg(vox2vec_emulator)]
             return super::emulator::launch(self.functions[k as usize].0 as *const c_void, grid, block, &mut params)
                 .with_context(|| format!("emulating {}", k.name()));
@@ -498,19 +512,24 @@ impl CudaDevice {
     /// ([k, m] when `trans_a`) and B is stored [k, n] ([n, k] when `trans_b`), all
     /// contiguous. cuBLAS is column-major, so this computes Cᵀ = op(B)ᵀ op(A)ᵀ.
     #[allow(clippy::too_many_arguments)]
-    pub fn sgemm(&self, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64) -> Result<()> {
+    ///
+    /// `tf32`: let cuBLAS round the inputs to TF32 and use tensor cores (fp32 accumulation);
+    /// otherwise exact fp32 on CUDA cores.
+    pub fn sgemm(&self, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64, tf32: bool) -> Result<()> {
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         if m == 0 || n == 0 {
             return Ok(());
         }
         let c_bytes = if beta == 0.0 { m * n * 4 } else { 2 * m * n * 4 };
-        self.note_cost("cublas_sgemm", Cost::fp32(2.0 * (m * n * k) as f64, 4 * (m * k + k * n) + c_bytes));
+        let (flops, bytes) = (2.0 * (m * n * k) as f64, 4 * (m * k + k * n) + c_bytes);
+        let (family, cost) = if tf32 { ("cublas_sgemm_tf32", Cost::tensor_tf32(flops, bytes)) } else { ("cublas_sgemm", Cost::fp32(flops, bytes)) };
+        self.note_cost(family, cost);
         if self.plan {
             return Ok(());
         }
         if self.is_emulator() {
             #[cfg(vox2vec_emulator)]
-            super::emulator::sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c);
+            super::emulator::sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, tf32);
             return Ok(());
         }
         let Some(d) = self.driver() else { unreachable!("checked above") };
@@ -518,6 +537,9 @@ impl CudaDevice {
         // Leading dimensions at least 1 (cuBLAS rejects 0 even when k = 0 makes them unused).
         let (op_b, ldb) = if trans_b { (CUBLAS_OP_T, k.max(1)) } else { (CUBLAS_OP_N, n) };
         let (op_a, lda) = if trans_a { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k.max(1)) };
+        let mode = if tf32 { blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH };
+        // SAFETY: a live handle; the mode applies to the calls that follow on it.
+        unsafe { blas_sys::cublasSetMathMode(*d.blas.handle(), mode) }.result().context("cublasSetMathMode")?;
         let timing = self.timer_start()?;
         // SAFETY: the pointers hold matrices of the stated shapes; cuBLAS runs on our stream.
         unsafe {
@@ -539,7 +561,7 @@ impl CudaDevice {
             )
         }
         .with_context(|| format!("cuBLAS SGEMM {m}x{n}x{k}"))?;
-        self.timer_end("cublas_sgemm", timing)
+        self.timer_end(family, timing)
     }
 
     /// Start collecting per-kernel times (CUDA events around every launch).

@@ -31,8 +31,10 @@ pub fn lookup(name: &str) -> Option<*const c_void> {
 pub fn launch(kernel: *const c_void, grid: (u32, u32, u32), block: (u32, u32, u32), params: &mut [*mut c_void]) -> Result<()> {
     // SAFETY: `kernel` comes from `lookup`; `params` point to the kernel's arguments in order.
     let rc = unsafe { vox2vec_emu_launch(kernel, grid.0, grid.1, grid.2, block.0, block.1, block.2, params.as_mut_ptr()) };
-    if rc != 0 {
-        bail!("invalid launch configuration grid {grid:?} block {block:?}");
+    match rc {
+        0 => {}
+        2 => bail!("barrier divergence (some threads of a block wait at a barrier the others never reach), grid {grid:?} block {block:?}"),
+        _ => bail!("invalid launch configuration grid {grid:?} block {block:?}"),
     }
     Ok(())
 }
@@ -54,11 +56,20 @@ pub fn free(ptr: u64, bytes: usize) {
     unsafe { std::alloc::dealloc(ptr as *mut u8, layout) }
 }
 
-/// Row-major C[m, n] = alpha op(A) op(B) + beta C (the `CudaDevice::sgemm` contract).
+/// Row-major C[m, n] = alpha op(A) op(B) + beta C (the `CudaDevice::sgemm` contract). With
+/// `tf32` the inputs are first rounded to TF32 (10 explicit mantissa bits, to nearest), as
+/// tensor cores read them.
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm(trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64) {
+pub fn sgemm(trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64, tf32: bool) {
     let (rsa, csa) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let rounded = |p: u64, len: usize| -> Vec<f32> {
+        // SAFETY: `p` holds `len` f32 (host memory in the emulator).
+        let v = unsafe { std::slice::from_raw_parts(p as *const f32, len) };
+        v.iter().map(|&x| if x.is_finite() { f32::from_bits((x.to_bits() + 0x1000) & !0x1fff) } else { x }).collect()
+    };
+    let (ta, tb) = if tf32 { (rounded(a, m * k), rounded(b, k * n)) } else { (Vec::new(), Vec::new()) };
+    let (a, b) = if tf32 { (ta.as_ptr() as u64, tb.as_ptr() as u64) } else { (a, b) };
     // SAFETY: the pointers hold matrices of the stated shapes (host memory in the emulator).
     unsafe { matrixmultiply::sgemm(m, k, n, alpha, a as *const f32, rsa, csa, b as *const f32, rsb, csb, beta, c as *mut f32, n as isize, 1) }
 }

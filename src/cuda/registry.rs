@@ -43,6 +43,14 @@ kernels! {
     Conv3dBackwardWeightF32 => "conv3d_backward_weight_f32",
     Conv3dBackwardWeightBf16 => "conv3d_backward_weight_bf16",
     Conv3dReduceSplits => "conv3d_reduce_splits",
+    // conv3d_tc.cu (tensor cores, bf16)
+    Conv3dTcForwardCo16 => "conv3d_tc_forward_co16",
+    Conv3dTcForwardCo32 => "conv3d_tc_forward_co32",
+    Conv3dTcForwardCo64 => "conv3d_tc_forward_co64",
+    Conv3dTcBackwardWeight => "conv3d_tc_backward_weight",
+    Conv3dWeightToBf16 => "conv3d_weight_to_bf16",
+    // mma_probe.cu
+    MmaLayoutProbe => "mma_layout_probe",
     // reduce.cu
     ColPartialsF32 => "col_partials_f32",
     ColPartialsBf16 => "col_partials_bf16",

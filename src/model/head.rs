@@ -7,6 +7,7 @@ use rand::Rng;
 use super::layers::{BatchNorm, Linear};
 use crate::autograd::{Graph, Var};
 use crate::ops;
+use crate::ops::linear::MatmulMath;
 use crate::params::ParamStore;
 
 pub struct ProjectionHead {
@@ -28,15 +29,16 @@ impl ProjectionHead {
         }
     }
 
-    /// x [P, D] → L2-normalised [P, proj_dim].
-    pub fn forward(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {
-        let h = self.l0.forward(g, store, x)?;
+    /// x [P, D] → L2-normalised [P, proj_dim]; the three matrix products on the device as
+    /// `math` says.
+    pub fn forward(&self, g: &Graph, store: &mut ParamStore, x: &Var, math: MatmulMath) -> Result<Var> {
+        let h = self.l0.forward(g, store, x, math)?;
         let h = self.bn1.forward(g, store, &h)?;
         let h = ops::relu(g, &h)?;
-        let h = self.l3.forward(g, store, &h)?;
+        let h = self.l3.forward(g, store, &h, math)?;
         let h = self.bn4.forward(g, store, &h)?;
         let h = ops::relu(g, &h)?;
-        let h = self.l6.forward(g, store, &h)?;
+        let h = self.l6.forward(g, store, &h, math)?;
         ops::l2_normalize_rows(g, &h)
     }
 }

@@ -55,10 +55,10 @@ impl Linear {
         }
     }
 
-    pub fn forward(&self, g: &Graph, store: &ParamStore, x: &Var) -> Result<Var> {
+    pub fn forward(&self, g: &Graph, store: &ParamStore, x: &Var, math: ops::linear::MatmulMath) -> Result<Var> {
         let w = g.param(store, self.weight);
         let b = g.param(store, self.bias);
-        ops::linear(g, x, &w, Some(&b))
+        ops::linear::linear_with(g, x, &w, Some(&b), math)
     }
 }
 

@@ -96,6 +96,12 @@ impl Vox2Vec {
         if x.is_cuda() { crate::cuda::cast(&x, self.activation_dtype) } else { Ok(x) }
     }
 
+    /// How the head multiplies on the device: TF32 tensor cores when the activations are
+    /// bf16 (its inputs carry bf16 precision already), exact fp32 otherwise.
+    pub fn head_math(&self) -> ops::linear::MatmulMath {
+        if self.activation_dtype == DType::BF16 { ops::linear::MatmulMath::Tf32 } else { ops::linear::MatmulMath::Fp32 }
+    }
+
     /// Backbone pyramid of x [B, X, Y, Z, C] (train or eval according to the graph).
     pub fn pyramid(&mut self, g: &Graph, x: &Var) -> Result<Vec<Var>> {
         self.backbone.forward(g, &mut self.store, x)
@@ -122,11 +128,12 @@ impl Vox2Vec {
         let input_1 = if input_grad { g.leaf(x1) } else { Var::constant(x1) };
         let pyramid_1 = self.pyramid(g, &input_1)?;
         let f1 = Self::voxel_embeddings(g, &pyramid_1, &batch.batch_index, &batch.voxels_1)?;
-        let embeds_1 = self.head.forward(g, &mut self.store, &f1)?;
+        let math = self.head_math();
+        let embeds_1 = self.head.forward(g, &mut self.store, &f1, math)?;
         let pyramid_2 = self.pyramid(g, &Var::constant(self.prepare_input(&batch.x2)?))?;
         let f2 = Self::voxel_embeddings(g, &pyramid_2, &batch.batch_index, &batch.voxels_2)?;
         drop(pyramid_2);
-        let embeds_2 = self.head.forward(g, &mut self.store, &f2)?;
+        let embeds_2 = self.head.forward(g, &mut self.store, &f2, math)?;
         let loss = ops::infonce(g, &embeds_1, &embeds_2, self.config.temperature)?;
         Ok(PairForward { input_1, pyramid_1, embeds_1, embeds_2, loss })
     }

@@ -25,7 +25,22 @@ pub fn linear_backward_cpu(x: &[f32], dy: &[f32], n: usize, fin: usize, w: &[f32
     (dx, dw, sum_rows(dy, fout))
 }
 
+/// How a device matrix product multiplies: exact fp32, or TF32 tensor cores (inputs rounded
+/// to 10 mantissa bits, fp32 accumulation; what `--precision bf16` uses for the head). The
+/// CPU always multiplies in exact fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulMath {
+    Fp32,
+    Tf32,
+}
+
+/// y = x Wᵀ + b in exact fp32.
 pub fn linear(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
+    linear_with(g, x, w, b, MatmulMath::Fp32)
+}
+
+/// y = x Wᵀ + b, multiplied on the device as `math` says.
+pub fn linear_with(g: &Graph, x: &Var, w: &Var, b: Option<&Var>, math: MatmulMath) -> Result<Var> {
     let (xs, ws) = (x.shape(), w.shape());
     ensure!(xs.len() == 2 && ws.len() == 2 && xs[1] == ws[1], "linear: input {xs:?} and weight {ws:?} do not match");
     let (n, fin, fout) = (xs[0], xs[1], ws[0]);
@@ -38,9 +53,10 @@ pub fn linear(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     }
     let (xv, wv, has_bias) = (x.value.clone(), w.value.clone(), b.is_some());
     if x.value.is_cuda() {
-        let y = cuda::ops::linear::forward(&x.value, n, fin, &w.value, b.map(|b| &b.value), fout)?;
+        let tf32 = math == MatmulMath::Tf32;
+        let y = cuda::ops::linear::forward(&x.value, n, fin, &w.value, b.map(|b| &b.value), fout, tf32)?;
         return Ok(g.record("linear", y, &inputs, move |dy| {
-            let (dx, dw, db) = cuda::ops::linear::backward(&xv, &dy, n, fin, &wv, fout)?;
+            let (dx, dw, db) = cuda::ops::linear::backward(&xv, &dy, n, fin, &wv, fout, tf32)?;
             Ok(if has_bias { vec![Some(dx), Some(dw), Some(db)] } else { vec![Some(dx), Some(dw)] })
         }));
     }

@@ -1,5 +1,9 @@
-//! 3-D convolution launchers (`kernels/conv3d.cu`): forward, backward input, backward weight
-//! (split-K partials reduced in a fixed order) and the bias gradient (column sum of dy).
+//! 3-D convolution launchers: forward, backward input, backward weight (split-K partials
+//! reduced in a fixed order) and the bias gradient (column sum of dy). fp32 activations, and
+//! channel counts that are not multiples of 16, take the exact CUDA-core kernels
+//! (`kernels/conv3d.cu`, the on-GPU oracle); bf16 activations over multiples of 16 channels
+//! take the tensor-core kernels (`kernels/conv3d_tc.cu`) for the forward, the input gradient
+//! and the weight gradient.
 
 use anyhow::Result;
 
@@ -18,10 +22,56 @@ fn tiles(n: usize) -> u32 {
     n.div_ceil(TILE).max(1) as u32
 }
 
+/// Whether the tensor-core kernel (`kernels/conv3d_tc.cu`) computes a convolution over `ci`
+/// input channels stored as `dtype`: bf16 activations, ci a multiple of 16, unless
+/// VOX2VEC_NO_TENSOR_CORES=1 (then every convolution takes the exact CUDA-core kernels).
+pub fn tensor_cores_for(dtype: DType, ci: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var_os("VOX2VEC_NO_TENSOR_CORES").is_some_and(|v| v != "0" && !v.is_empty()));
+    dtype == DType::BF16 && ci % 16 == 0 && ci > 0 && !off
+}
+
+/// The f32 weight [Co, k, k, k, Ci] as bf16 [Co, T, Ci] (or flipped and transposed to
+/// [Ci, T, Co] for the input gradient).
+fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool) -> Result<crate::cuda::CudaBuf> {
+    let dev = dev_of(w);
+    let n = co * k * k * k * ci;
+    let out = dev.alloc(n * 2)?;
+    dev.launch_1d(
+        K::Conv3dWeightToBf16,
+        n,
+        &[Arg::Ptr(w.ptr()), Arg::Ptr(out.ptr()), Arg::I32(co as i32), Arg::I32((k * k * k) as i32), Arg::I32(ci as i32), Arg::I32(flip as i32)],
+        Cost::mem(n * 6),
+    )?;
+    Ok(out)
+}
+
+/// The tensor-core convolution: y [N, X, Y, Z, co] bf16 from x (v, bf16) and a bf16 weight
+/// [co, T, v.c].
+fn tc_forward(x: &Tensor, v: Vol, wb: &crate::cuda::CudaBuf, bias: Option<&Tensor>, co: usize, k: usize) -> Result<Tensor> {
+    let dev = dev_of(x);
+    let y = empty(dev, &v.with_c(co).shape(), DType::BF16)?;
+    let (kern, tile) = match co {
+        0..=16 => (K::Conv3dTcForwardCo16, 16),
+        17..=32 => (K::Conv3dTcForwardCo32, 32),
+        _ => (K::Conv3dTcForwardCo64, 64),
+    };
+    let bricks = v.n * v.x.div_ceil(2) * v.y.div_ceil(4) * v.z.div_ceil(8);
+    let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(wb.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
+    args.extend(dims(v));
+    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
+    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + co * k * k * k * v.c * 2 + co * 4 + nbytes(&y));
+    dev.launch(kern, (bricks as u32, co.div_ceil(tile) as u32, 1), (128, 1, 1), 0, &args, cost)?;
+    Ok(y)
+}
+
 /// y [N, X, Y, Z, Co] in x's dtype; w [Co, k, k, k, Ci] f32, bias [Co] f32.
 pub fn forward(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize, k: usize) -> Result<Tensor> {
     ensure_float(x, "conv3d")?;
     ensure_f32(w, "conv3d weight")?;
+    if tensor_cores_for(x.dtype(), v.c) {
+        return tc_forward(x, v, &weight_bf16(w, co, k, v.c, false)?, bias, co, k);
+    }
     let dev = dev_of(x);
     let y = empty(dev, &v.with_c(co).shape(), x.dtype())?;
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
@@ -36,6 +86,10 @@ pub fn forward(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize,
 /// dx [N, X, Y, Z, Ci] in `dtype` from dy [N, X, Y, Z, Co] (v_out) and w.
 pub fn backward_input(dy: &Tensor, v_out: Vol, w: &Tensor, ci: usize, k: usize, dtype: DType) -> Result<Tensor> {
     let dy = cast(dy, dtype)?;
+    if tensor_cores_for(dtype, v_out.c) {
+        // The forward kernel with the flipped, transposed weight: Co input channels, Ci out.
+        return tc_forward(&dy, v_out, &weight_bf16(w, v_out.c, k, ci, true)?, None, ci, k);
+    }
     let dev = dev_of(&dy);
     let dx = empty(dev, &v_out.with_c(ci).shape(), dtype)?;
     let mut args = vec![Arg::Ptr(dy.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(dx.ptr())];
@@ -55,11 +109,42 @@ pub fn weight_splits(voxels: usize, co: usize, kdim: usize) -> (usize, usize) {
     (voxels.div_ceil(chunk.max(1)).max(1), chunk.max(16))
 }
 
+/// Splits of the tensor-core weight gradient over `bricks` bricks for `tiles` channel tiles:
+/// (splits, bricks per split). About 2048 blocks in all, partials at most 32 MiB (unless one
+/// split alone is more), every split non-empty.
+pub fn tc_weight_splits(bricks: usize, tiles: usize, weight_len: usize) -> (usize, usize) {
+    let budget = ((8usize << 20) / weight_len.max(1)).max(1);
+    let splits = bricks.min((2048 / tiles.max(1)).max(1)).min(budget).max(1);
+    let per = bricks.div_ceil(splits).max(1);
+    (bricks.div_ceil(per).max(1), per)
+}
+
+/// The tensor-core weight gradient: split-K partials of dw [Co, T, Ci] from bf16 x (v) and dy.
+fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(crate::cuda::CudaBuf, usize)> {
+    let dev = dev_of(x);
+    let kdim = k * k * k * v.c;
+    let bricks = v.n * v.x.div_ceil(2) * v.y.div_ceil(4) * v.z.div_ceil(8);
+    let (co_tiles, ci_tiles) = (co.div_ceil(16), v.c / 16);
+    let (splits, per) = tc_weight_splits(bricks, co_tiles * ci_tiles, co * kdim);
+    let part = dev.alloc(splits * co * kdim * 4)?;
+    let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(part.ptr())];
+    args.extend(dims(v));
+    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32), Arg::I64(per as i64)]);
+    // x once per output-channel tile, dy once per input-channel tile, the partials written.
+    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * kdim) as f64, co_tiles * nbytes(x) + ci_tiles * nbytes(dy) + splits * co * kdim * 4);
+    dev.launch(K::Conv3dTcBackwardWeight, (splits as u32, co_tiles as u32, ci_tiles as u32), (128, 1, 1), 0, &args, cost)?;
+    Ok((part, splits))
+}
+
 /// (dw [Co, k, k, k, Ci] f32, db [Co] f32) from x (v) and dy.
 pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
     let dy = cast(dy, x.dtype())?;
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
+    if tensor_cores_for(x.dtype(), v.c) {
+        let (part, splits) = tc_backward_weight(x, v, &dy, co, k)?;
+        return finish_weight_gradient(&part, splits, &dy, co, k, v.c);
+    }
     let (splits, chunk) = weight_splits(v.voxels(), co, kdim);
     let part = dev.alloc(splits * co * kdim * 4)?;
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(part.ptr())];
@@ -68,9 +153,16 @@ pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> 
     // x and dy once each, plus this kernel's split-K partials written.
     let cost = Cost::fp32(2.0 * (v.voxels() * co * kdim) as f64, nbytes(x) + nbytes(&dy) + splits * co * kdim * 4);
     dev.launch(K::typed(x.dtype(), K::Conv3dBackwardWeightF32, K::Conv3dBackwardWeightBf16), (tiles(kdim), tiles(co), splits as u32), (256, 1, 1), 0, &args, cost)?;
-    let dw = empty(dev, &[co, k, k, k, v.c], DType::F32)?;
-    let n = co * kdim;
+    finish_weight_gradient(&part, splits, &dy, co, k, v.c)
+}
+
+/// dw from its split-K partials [splits, Co, k^3 Ci] (summed in split order), and db = the
+/// column sum of dy.
+fn finish_weight_gradient(part: &crate::cuda::CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize) -> Result<(Tensor, Tensor)> {
+    let dev = dev_of(dy);
+    let dw = empty(dev, &[co, k, k, k, ci], DType::F32)?;
+    let n = co * k * k * k * ci;
     dev.launch_1d(K::Conv3dReduceSplits, n, &[Arg::Ptr(part.ptr()), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64)], Cost::mem((splits + 1) * n * 4))?;
-    let db = super::reduce::col_sum(&dy, co)?;
+    let db = super::reduce::col_sum(dy, co)?;
     Ok((dw, db))
 }

@@ -1,5 +1,6 @@
-//! Fully connected layer on the device: cuBLAS SGEMMs, the bias broadcast by
-//! `kernels/linear.cu`, the bias gradient by the column sum of `kernels/reduce.cu`.
+//! Fully connected layer on the device: cuBLAS SGEMMs (exact fp32, or TF32 tensor cores with
+//! fp32 accumulation when `tf32`), the bias broadcast by `kernels/linear.cu`, the bias
+//! gradient by the column sum of `kernels/reduce.cu`.
 
 use anyhow::Result;
 
@@ -7,7 +8,7 @@ use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_f32};
 use crate::tensor::{DType, Tensor};
 
 /// y [n, fout] = x [n, fin] · Wᵀ + b.
-pub fn forward(x: &Tensor, n: usize, fin: usize, w: &Tensor, b: Option<&Tensor>, fout: usize) -> Result<Tensor> {
+pub fn forward(x: &Tensor, n: usize, fin: usize, w: &Tensor, b: Option<&Tensor>, fout: usize, tf32: bool) -> Result<Tensor> {
     ensure_f32(x, "linear")?;
     let dev = dev_of(x);
     let y = empty(dev, &[n, fout], DType::F32)?;
@@ -18,18 +19,18 @@ pub fn forward(x: &Tensor, n: usize, fin: usize, w: &Tensor, b: Option<&Tensor>,
         }
         None => 0.0,
     };
-    dev.sgemm(false, true, n, fout, fin, 1.0, x.ptr(), w.ptr(), beta, y.ptr())?;
+    dev.sgemm(false, true, n, fout, fin, 1.0, x.ptr(), w.ptr(), beta, y.ptr(), tf32)?;
     Ok(y)
 }
 
 /// (dx, dW, db).
-pub fn backward(x: &Tensor, dy: &Tensor, n: usize, fin: usize, w: &Tensor, fout: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn backward(x: &Tensor, dy: &Tensor, n: usize, fin: usize, w: &Tensor, fout: usize, tf32: bool) -> Result<(Tensor, Tensor, Tensor)> {
     let dy = cast(dy, DType::F32)?;
     let dev = dev_of(x);
     let dx = empty(dev, &[n, fin], DType::F32)?;
-    dev.sgemm(false, false, n, fin, fout, 1.0, dy.ptr(), w.ptr(), 0.0, dx.ptr())?;
+    dev.sgemm(false, false, n, fin, fout, 1.0, dy.ptr(), w.ptr(), 0.0, dx.ptr(), tf32)?;
     let dw = empty(dev, &[fout, fin], DType::F32)?;
-    dev.sgemm(true, false, fout, fin, n, 1.0, dy.ptr(), x.ptr(), 0.0, dw.ptr())?;
+    dev.sgemm(true, false, fout, fin, n, 1.0, dy.ptr(), x.ptr(), 0.0, dw.ptr(), tf32)?;
     let db = super::reduce::col_sum(&dy, fout)?;
     Ok((dx, dw, db))
 }

@@ -10,5 +10,6 @@ pub mod infonce;
 pub mod linear;
 pub mod normalize;
 pub mod pooling;
+pub mod probe;
 pub mod reduce;
 pub mod upsample;

@@ -1,0 +1,250 @@
+// 3-D convolution on tensor cores (sm_80+): bf16 activations and weights, fp32 accumulation,
+// stride 1, k in {1, 3}, zero padding (k - 1) / 2, Ci a multiple of 16.
+//
+// Layout: x [N, X, Y, Z, Ci] bf16 (channels-last), w [Co, T, Ci] bf16 (T = k^3 taps,
+// tap t = (a k + b) k + c reads voxel (x + a - r, y + b - r, z + c - r)), bias [Co] f32 or
+// null, y [N, X, Y, Z, Co] bf16.                                                         (=)
+//   y[v, co] = bias[co] + sum_{t, ci} x[v + d_t, ci] w[co, t, ci]
+// The same kernel computes the input gradient of a convolution when given dy as x and the
+// flipped, transposed weight wf[ci, t, co] = w[co, T - 1 - t, ci] (conv3d_weight_to_bf16).
+//
+// Algorithm: implicit GEMM (M = voxels, N = Co, K = T Ci) on mma.sync m16n8k16.
+//   - A block of 128 threads (4 warps) owns a brick of 2 x 4 x 8 output voxels of one patch
+//     and CO_TILE output channels. Warp w owns the 16 voxels with y = w (rows r = 8 x + z).
+//   - The brick's halo ((2 + 2r) x (4 + 2r) x (8 + 2r) voxels) is brought into shared memory
+//     once per chunk of 16 or 32 input channels with cp.async (zero-filled outside the
+//     volume: that is the padding); the 27 taps are then shifted views of it: for tap
+//     (a, b, c) a lane's ldmatrix row address is its row's halo voxel plus a constant offset.
+//     No integer division after the block's setup.
+//   - B fragments (weights) are read from global memory (L1/L2-resident: the whole weight is
+//     at most a few MiB and every block reads the same) as 32-bit pairs of channels.
+//   - Epilogue: + bias, round to bf16 once, store the voxels and channels inside the volume.
+//
+// The weight gradient (conv3d_tc_backward_weight) is a second GEMM, M = Co, N = T Ci,
+// K = voxels, split over K deterministically:
+//   part[s, co, t, ci] = sum over the bricks of split s of sum_v dy[v, co] x[v + d_t, ci]  (=)
+// and conv3d_reduce_splits (conv3d.cu) sums the splits in order into dw[co, t, ci].
+//   - A block of 128 threads owns 16 output channels (co0), 16 input channels (ci0) and a run
+//     of consecutive bricks (2 x 4 x 8 voxels, all patches in one sequence). Per brick it loads
+//     the x halo of its 16 channels (cp.async, zero outside the volume) and dy of the brick's
+//     64 voxels (zero outside), then: A = dy^T (16 channels x 16 voxels, four k-steps per
+//     brick, fragments read once per brick), B = the halo at the tap's shift (16 voxels x 8
+//     channels, two n-tiles). Warp w owns taps w, w + 4, ... (at most 7 of 27, 56 f32
+//     accumulators per lane). For k = 1 (one tap) warp w owns k-step w instead, and the four
+//     warps' sums are added in warp order through shared memory.
+//   - Every lane's fragment offsets into the brick are fixed: computed once, before the loop.
+#include "mma.cuh"
+
+#define TC_BX 2
+#define TC_BY 4
+#define TC_BZ 8
+#define TC_THREADS 128
+// Halo of a 3x3x3 brick, and the padded channel stride of a halo voxel (16-byte rows,
+// offset by 16 bytes per voxel so that ldmatrix rows fall in different banks).
+#define TC_HALO ((TC_BX + 2) * (TC_BY + 2) * (TC_BZ + 2))
+#define TC_CK 32
+#define TC_STRIDE (TC_CK + 8)
+
+template <int CO_TILE>
+__device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    __shared__ __align__(16) bf16 halo[TC_HALO * TC_STRIDE];
+    const int r = (k - 1) / 2, T = k * k * k;
+    const int HY = TC_BY + 2 * r, HZ = TC_BZ + 2 * r, HV = (TC_BX + 2 * r) * HY * HZ;
+    // The block's brick: patch n, corner (x0, y0, z0); channels co0 ...
+    const int bxn = (X + TC_BX - 1) / TC_BX, byn = (Y + TC_BY - 1) / TC_BY, bzn = (Z + TC_BZ - 1) / TC_BZ;
+    i64 b = blockIdx.x;
+    const int bz = (int)(b % bzn);
+    b /= bzn;
+    const int by = (int)(b % byn);
+    b /= byn;
+    const int bx = (int)(b % bxn);
+    const i64 n = b / bxn;
+    const int x0 = bx * TC_BX, y0 = by * TC_BY, z0 = bz * TC_BZ, co0 = blockIdx.y * CO_TILE;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    // This lane's ldmatrix row: voxel row (lane % 16) of the warp, channel half lane / 16.
+    const int row = lane % 16;
+    const int lane_voxel = ((row / 8) * HY + warp) * HZ + (row % 8);
+    const int lane_half = (lane / 16) * 8;
+    const int CK = (Ci % TC_CK == 0) ? TC_CK : 16;
+    const int g = lane >> 2, tg = lane & 3;
+    float acc[CO_TILE / 8][4];
+#pragma unroll
+    for (int j = 0; j < CO_TILE / 8; ++j)
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    for (int ci0 = 0; ci0 < Ci; ci0 += CK) {
+        // Halo of channels [ci0, ci0 + CK): 16-byte pieces, zero outside the volume.
+        const int pieces = CK / 8;
+        for (int e = tid; e < HV * pieces; e += TC_THREADS) {
+            const int hv = e / pieces, part = e % pieces;
+            const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
+            const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
+            const bool inside = gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z;
+            const bf16* src = inside ? x + voxel_offset(n, gx, gy, gz, X, Y, Z, Ci, ci0 + part * 8) : x;
+            cp_async_16(&halo[hv * TC_STRIDE + part * 8], src, inside ? 16 : 0);
+        }
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+        for (int t = 0; t < T; ++t) {
+            const int ta = t / (k * k), tb = (t / k) % k, tc = t % k;
+            const int tap_voxel = lane_voxel + (ta * HY + tb) * HZ + tc;
+            const bf16* wt = w + (i64)t * Ci + ci0 + 2 * tg;
+            for (int kk = 0; kk < CK; kk += 16) {
+                uint32_t a[4];
+                ldmatrix_x4(a, &halo[tap_voxel * TC_STRIDE + kk + lane_half]);
+#pragma unroll
+                for (int j = 0; j < CO_TILE / 8; ++j) {
+                    const int co = co0 + 8 * j + g;
+                    uint32_t bb[2] = {0u, 0u};
+                    if (co < Co) {
+                        const bf16* p = wt + (i64)co * T * Ci + kk;
+                        bb[0] = *(const uint32_t*)p;
+                        bb[1] = *(const uint32_t*)(p + 8);
+                    }
+                    mma_bf16_16816(acc[j], a, bb, acc[j]);
+                }
+            }
+        }
+        __syncthreads();  // the halo is overwritten by the next chunk
+    }
+#pragma unroll
+    for (int j = 0; j < CO_TILE / 8; ++j) {
+        for (int e = 0; e < 4; ++e) {
+            const int m = mma_c_row(lane, e), co = co0 + 8 * j + mma_c_col(lane, e);
+            const int vx = x0 + m / 8, vy = y0 + warp, vz = z0 + m % 8;
+            if (co < Co && vx < X && vy < Y && vz < Z) {
+                const float v = acc[j][e] + (bias ? bias[co] : 0.f);
+                y[voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co)] = __float2bfloat16_rn(v);
+            }
+        }
+    }
+}
+
+// grid (N * ceil(X / 2) * ceil(Y / 4) * ceil(Z / 8), ceil(Co / CO_TILE)), block 128.
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    conv3d_tc_forward<16>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    conv3d_tc_forward<32>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+    conv3d_tc_forward<64>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
+}
+
+#define TCW_STRIDE 24  // a halo voxel's 16 channels, padded to 48 bytes (16-byte aligned)
+#define TCW_TAPS 7      // taps per warp: ceil(27 / 4)
+
+// grid (splits, ceil(Co / 16), Ci / 16), block 128; `per_split` consecutive bricks per split.
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, int k, i64 per_split) {
+    __shared__ __align__(16) bf16 halo[TC_HALO * TCW_STRIDE];
+    __shared__ bf16 dys[64][16];
+    __shared__ float red[4][16][16];
+    const int r = (k - 1) / 2, T = k * k * k;
+    const int HY = TC_BY + 2 * r, HZ = TC_BZ + 2 * r, HV = (TC_BX + 2 * r) * HY * HZ;
+    const int bxn = (X + TC_BX - 1) / TC_BX, byn = (Y + TC_BY - 1) / TC_BY, bzn = (Z + TC_BZ - 1) / TC_BZ;
+    const i64 bricks = (i64)nb * bxn * byn * bzn;
+    const i64 b_begin = (i64)blockIdx.x * per_split, b_end = min(bricks, b_begin + per_split);
+    const int co0 = blockIdx.y * 16, ci0 = blockIdx.z * 16;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const bool one_tap = T == 1;
+    // Brick voxel p = (vx * 4 + vy) * 8 + vz, k-step s = voxels [16 s, 16 s + 16). This lane's
+    // B elements: halo voxel (unshifted) and channel; A elements: brick voxel and channel.
+    int b_voxel[4][4], b_chan[4], a_voxel[4][8], a_chan[8];
+    for (int e = 0; e < 4; ++e) b_chan[e] = mma_b_n(lane, e);
+    for (int e = 0; e < 8; ++e) a_chan[e] = mma_a_row(lane, e);
+    for (int s = 0; s < 4; ++s) {
+        for (int e = 0; e < 4; ++e) {
+            const int p = 16 * s + mma_b_k(lane, e);
+            b_voxel[s][e] = ((p / 32) * HY + (p / 8) % 4) * HZ + p % 8;
+        }
+        for (int e = 0; e < 8; ++e) a_voxel[s][e] = 16 * s + mma_a_col(lane, e);
+    }
+    float acc[TCW_TAPS][2][4];
+#pragma unroll
+    for (int i = 0; i < TCW_TAPS; ++i)
+        for (int j = 0; j < 2; ++j)
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    for (i64 b = b_begin; b < b_end; ++b) {
+        i64 q = b;
+        const int bz = (int)(q % bzn);
+        q /= bzn;
+        const int by = (int)(q % byn);
+        q /= byn;
+        const int bx = (int)(q % bxn);
+        const i64 n = q / bxn;
+        const int x0 = bx * TC_BX, y0 = by * TC_BY, z0 = bz * TC_BZ;
+        for (int e = tid; e < HV * 2; e += TC_THREADS) {
+            const int hv = e / 2, piece = e % 2;
+            const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
+            const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
+            const bool inside = gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z;
+            const bf16* src = inside ? x + voxel_offset(n, gx, gy, gz, X, Y, Z, Ci, ci0 + piece * 8) : x;
+            cp_async_16(&halo[hv * TCW_STRIDE + piece * 8], src, inside ? 16 : 0);
+        }
+        cp_async_commit();
+        for (int e = tid; e < 64 * 16; e += TC_THREADS) {
+            const int p = e / 16, m = e % 16;
+            const int vx = x0 + p / 32, vy = y0 + (p / 8) % 4, vz = z0 + p % 8, co = co0 + m;
+            const bool inside = vx < X && vy < Y && vz < Z && co < Co;
+            dys[p][m] = inside ? dy[voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co)] : __float2bfloat16_rn(0.f);
+        }
+        cp_async_wait_all();
+        __syncthreads();
+        uint32_t a[4][4];
+        for (int s = 0; s < 4; ++s)
+            for (int h = 0; h < 4; ++h) a[s][h] = pack_bf16x2(dys[a_voxel[s][2 * h]][a_chan[2 * h]], dys[a_voxel[s][2 * h + 1]][a_chan[2 * h + 1]]);
+#pragma unroll
+        for (int i = 0; i < TCW_TAPS; ++i) {
+            const int t = one_tap ? 0 : warp + 4 * i;
+            if (one_tap ? i > 0 : t >= T) break;
+            const int ta = t / (k * k), tb = (t / k) % k, tc = t % k;
+            const int shift = (ta * HY + tb) * HZ + tc;
+            for (int s = 0; s < 4; ++s) {
+                if (one_tap && s != warp) continue;
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    uint32_t bb[2];
+                    for (int h = 0; h < 2; ++h) {
+                        const bf16 lo = halo[(b_voxel[s][2 * h] + shift) * TCW_STRIDE + 8 * j + b_chan[2 * h]];
+                        const bf16 hi = halo[(b_voxel[s][2 * h + 1] + shift) * TCW_STRIDE + 8 * j + b_chan[2 * h + 1]];
+                        bb[h] = pack_bf16x2(lo, hi);
+                    }
+                    mma_bf16_16816(acc[i][j], a[s], bb, acc[i][j]);
+                }
+            }
+        }
+        __syncthreads();  // the halo and dy tiles are overwritten by the next brick
+    }
+    float* out = part + (i64)blockIdx.x * Co * T * Ci;
+    if (!one_tap) {
+#pragma unroll
+        for (int i = 0; i < TCW_TAPS; ++i) {
+            const int t = warp + 4 * i;
+            if (t >= T) break;
+            for (int j = 0; j < 2; ++j)
+                for (int e = 0; e < 4; ++e) {
+                    const int co = co0 + mma_c_row(lane, e), ci = ci0 + 8 * j + mma_c_col(lane, e);
+                    if (co < Co) out[((i64)co * T + t) * Ci + ci] = acc[i][j][e];
+                }
+        }
+    } else {
+        for (int j = 0; j < 2; ++j)
+            for (int e = 0; e < 4; ++e) red[warp][mma_c_row(lane, e)][8 * j + mma_c_col(lane, e)] = acc[0][j][e];
+        __syncthreads();
+        for (int e = tid; e < 256; e += TC_THREADS) {
+            const int m = e / 16, c = e % 16;
+            const float v = ((red[0][m][c] + red[1][m][c]) + red[2][m][c]) + red[3][m][c];
+            if (co0 + m < Co) out[(i64)(co0 + m) * Ci + ci0 + c] = v;
+        }
+    }
+}
+
+// The f32 weight [Co, T, Ci] as bf16, in the forward layout (flip = 0: out[co, t, ci]) or
+// flipped and transposed for the input gradient (flip = 1: out[ci, t, co] = w[co, T-1-t, ci]).
+extern "C" __global__ void conv3d_weight_to_bf16(const float* w, bf16* out, int Co, int T, int Ci, int flip) {
+    GRID_STRIDE(i, (i64)Co * T * Ci) {
+        const int ci = (int)(i % Ci), t = (int)((i / Ci) % T), co = (int)(i / ((i64)Ci * T));
+        const i64 dst = flip ? ((i64)ci * T + (T - 1 - t)) * Co + co : i;
+        out[dst] = __float2bfloat16_rn(w[i]);
+    }
+}
