@@ -1,7 +1,9 @@
 // Batch normalisation over the channel (last) axis of x viewed as [M, C] rows; the
 // statistics come from reduce.cu's column partials (f64), so the host never sees them.
 //
-//   bn_train_finalize: var = sum (x - mean)^2 / M (biased), invstd = 1 / sqrt(var + eps),
+//   bn_train_finalize: from col_partials mode 2 (s1 = sum (x - k), s2 = sum (x - k)^2, chunks
+//     summed in order, k = the shift held in mean[c]): mean = k + s1 / M,
+//     var = s2 / M - (s1 / M)^2 (biased, clamped at 0), invstd = 1 / sqrt(var + eps),
 //     running_mean' = (1 - momentum) running_mean + momentum mean,
 //     running_var'  = (1 - momentum) running_var + momentum var M / (M - 1)   (all =)
 //   bn_eval_stats: mean = running_mean, invstd = 1 / sqrt(running_var + eps)   (=)
@@ -14,14 +16,20 @@
 //   bn_backward_apply: dx = k dy + u (x - mean) + w                              (=)
 #include "common.cuh"
 
-extern "C" __global__ void bn_train_finalize(const double* sq_part, int chunks, int C, i64 M, double eps, double momentum, const double* mean, double* invstd,
-                                             const float* rm_in, const float* rv_in, float* rm_out, float* rv_out) {
+extern "C" __global__ void bn_train_finalize(const double* s1_part, const double* s2_part, int chunks, int C, i64 M, double eps, double momentum, double* mean,
+                                             double* invstd, const float* rm_in, const float* rv_in, float* rm_out, float* rv_out) {
     GRID_STRIDE(c, C) {
-        double s = 0.0;
-        for (int k = 0; k < chunks; ++k) s += sq_part[(i64)k * C + c];
-        double var = s / (double)M;
+        double s1 = 0.0, s2 = 0.0;
+        for (int k = 0; k < chunks; ++k) {
+            s1 += s1_part[(i64)k * C + c];
+            s2 += s2_part[(i64)k * C + c];
+        }
+        const double d = s1 / (double)M;
+        const double var = fmax(s2 / (double)M - d * d, 0.0);
+        const double mu = mean[c] + d;
+        mean[c] = mu;
         invstd[c] = 1.0 / sqrt(var + eps);
-        rm_out[c] = (float)((1.0 - momentum) * (double)rm_in[c] + momentum * mean[c]);
+        rm_out[c] = (float)((1.0 - momentum) * (double)rm_in[c] + momentum * mu);
         rv_out[c] = (float)((1.0 - momentum) * (double)rv_in[c] + momentum * var * ((double)M / (double)(M - 1)));
     }
 }

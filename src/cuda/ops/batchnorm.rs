@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::reduce::{col_partials, reduce_chunks};
+use super::reduce::{ColPass, col_partials};
 use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor};
 
@@ -18,10 +18,9 @@ pub fn train_stats(x: &Tensor, c: usize, eps: f64, momentum: f64, running_mean: 
     ensure_float(x, "batch_norm")?;
     let dev = dev_of(x);
     let m = x.numel() / c;
-    let sums = col_partials(x, None, None, m, c, 0)?;
+    // One pass over x: shifted sums and sums of squares (the pass also writes the shift to `mean`).
     let mean = dev.alloc(c * 8)?;
-    reduce_chunks(dev, &sums.part0, sums.chunks, c, 1.0 / m as f64, Some(mean.ptr()), None)?;
-    let sq = col_partials(x, None, Some(&mean), m, c, 1)?;
+    let sums = col_partials(x, None, Some(&mean), m, c, ColPass::ShiftedMoments)?;
     let invstd = dev.alloc(c * 8)?;
     let (rm, rv) = (running_mean.to_device(x.device())?, running_var.to_device(x.device())?);
     let rm_out = empty(dev, &[c], DType::F32)?;
@@ -30,8 +29,9 @@ pub fn train_stats(x: &Tensor, c: usize, eps: f64, momentum: f64, running_mean: 
         K::BnTrainFinalize,
         c,
         &[
-            Arg::Ptr(sq.part0.ptr()),
-            Arg::I32(sq.chunks as i32),
+            Arg::Ptr(sums.part0.ptr()),
+            Arg::Ptr(sums.part1.as_ref().expect("shifted moments have two partials").ptr()),
+            Arg::I32(sums.chunks as i32),
             Arg::I32(c as i32),
             Arg::I64(m as i64),
             Arg::F64(eps),
@@ -43,7 +43,7 @@ pub fn train_stats(x: &Tensor, c: usize, eps: f64, momentum: f64, running_mean: 
             Arg::Ptr(rm_out.ptr()),
             Arg::Ptr(rv_out.ptr()),
         ],
-        Cost::mem(sq.chunks * c * 8 + c * 40),
+        Cost::mem(2 * sums.chunks * c * 8 + c * 48),
     )?;
     Ok((DeviceBnStats { mean, invstd }, rm_out, rv_out))
 }
@@ -97,7 +97,7 @@ pub fn backward(x: &Tensor, dy: &Tensor, c: usize, st: &DeviceBnStats, gamma: &T
     let dy = cast(dy, x.dtype())?;
     let dev = dev_of(x);
     let m = x.numel() / c;
-    let p = col_partials(x, Some(&dy), Some(&st.mean), m, c, 2)?;
+    let p = col_partials(x, Some(&dy), Some(&st.mean), m, c, ColPass::GradSums)?;
     let dgamma = empty(dev, &[c], DType::F32)?;
     let dbeta = empty(dev, &[c], DType::F32)?;
     let coef = dev.alloc(3 * c * 4)?;
@@ -106,7 +106,7 @@ pub fn backward(x: &Tensor, dy: &Tensor, c: usize, st: &DeviceBnStats, gamma: &T
         c,
         &[
             Arg::Ptr(p.part0.ptr()),
-            Arg::Ptr(p.part1.as_ref().expect("mode 2 has two partials").ptr()),
+            Arg::Ptr(p.part1.as_ref().expect("gradient sums have two partials").ptr()),
             Arg::I32(p.chunks as i32),
             Arg::I32(c as i32),
             Arg::I64(m as i64),

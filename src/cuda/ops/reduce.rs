@@ -21,13 +21,25 @@ fn rows_per_chunk(m: usize) -> usize {
     m.div_ceil(2048).max(64)
 }
 
-/// Mode 0: Σ x; mode 1: Σ (x − mean)²; mode 2: Σ g and Σ g (x − mean) (`g` the same dtype as x).
-pub fn col_partials(x: &Tensor, g: Option<&Tensor>, mean: Option<&CudaBuf>, m: usize, c: usize, mode: i32) -> Result<ColPartials> {
+/// What one `col_partials` pass sums per column (the kernel's `mode`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ColPass {
+    /// part0 = Σ x.
+    Sum = 0,
+    /// part0 = Σ g, part1 = Σ g (x − mean) (`g` the same dtype as x): BatchNorm's backward.
+    GradSums = 1,
+    /// part0 = Σ (x − k), part1 = Σ (x − k)² with k = x's first row, which the pass writes to
+    /// `mean`: BatchNorm's statistics in one pass.
+    ShiftedMoments = 2,
+}
+
+pub fn col_partials(x: &Tensor, g: Option<&Tensor>, mean: Option<&CudaBuf>, m: usize, c: usize, pass: ColPass) -> Result<ColPartials> {
     let dev = dev_of(x);
     let rows = rows_per_chunk(m);
     let chunks = m.div_ceil(rows).max(1);
     let part0 = dev.alloc(chunks * c * 8)?;
-    let part1 = if mode == 2 { Some(dev.alloc(chunks * c * 8)?) } else { None };
+    let two = pass != ColPass::Sum;
+    let part1 = if two { Some(dev.alloc(chunks * c * 8)?) } else { None };
     let k = K::typed(x.dtype(), K::ColPartialsF32, K::ColPartialsBf16);
     dev.launch(
         k,
@@ -43,9 +55,9 @@ pub fn col_partials(x: &Tensor, g: Option<&Tensor>, mean: Option<&CudaBuf>, m: u
             Arg::I64(m as i64),
             Arg::I32(c as i32),
             Arg::I64(rows as i64),
-            Arg::I32(mode),
+            Arg::I32(pass as i32),
         ],
-        Cost::mem(nbytes(x) + g.map_or(0, nbytes) + chunks * c * 8 * if mode == 2 { 2 } else { 1 }),
+        Cost::mem(nbytes(x) + g.map_or(0, nbytes) + chunks * c * 8 * if two { 2 } else { 1 }),
     )?;
     Ok(ColPartials { part0, part1, chunks })
 }
@@ -64,7 +76,7 @@ pub fn reduce_chunks(dev: &Arc<CudaDevice>, part: &CudaBuf, chunks: usize, c: us
 pub fn col_sum(x: &Tensor, c: usize) -> Result<Tensor> {
     let m = x.numel() / c;
     let dev = dev_of(x);
-    let p = col_partials(x, None, None, m, c, 0)?;
+    let p = col_partials(x, None, None, m, c, ColPass::Sum)?;
     let out = empty(dev, &[c], DType::F32)?;
     reduce_chunks(dev, &p.part0, p.chunks, c, 1.0, None, Some(out.ptr()))?;
     Ok(out)
