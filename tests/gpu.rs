@@ -404,7 +404,9 @@ fn test_head_ops() -> Result<()> {
 
 fn test_clip_and_adam() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(18);
-    let shapes: [&[usize]; 4] = [&[5, 3, 3, 3, 4], &[17], &[40000], &[3, 7]];
+    // Several blocks per tensor in both kernels (16384 values per norm block, 8192 per Adam
+    // block) and tensors ending one value past a block.
+    let shapes: [&[usize]; 5] = [&[5, 3, 3, 3, 4], &[17], &[40000], &[8193], &[3, 7]];
     let mut store = ParamStore::new();
     for (i, s) in shapes.iter().enumerate() {
         store.add(&format!("p{i}"), rand_tensor(&mut rng, s), SlotKind::Trainable, Layout::Plain);

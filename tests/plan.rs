@@ -30,8 +30,12 @@ fn plan_counts_launches_and_memory_consistently() {
         let launches: u64 = r.costs.families.values().map(|f| f.launches).sum();
         assert_eq!(launches, r.costs.launches());
         assert!(launches > 100, "a whole step launches hundreds of kernels, got {launches}");
-        for name in ["conv3d_forward", "conv3d_backward_input", "conv3d_backward_weight", "adam_update"] {
+        for name in ["conv3d_forward", "conv3d_backward_input", "conv3d_backward_weight", "multi_adam"] {
             assert!(r.costs.families.contains_key(name), "{name} missing from {:?}", r.costs.families.keys().collect::<Vec<_>>());
+        }
+        // The norm and Adam are multi-tensor: one launch each per step, whatever the parameter count.
+        for name in ["multi_sumsq", "clip_finalize", "multi_adam"] {
+            assert_eq!(r.costs.families[name].launches, 1, "{name}");
         }
         // The step holds at least the parameters, their gradients and Adam's two moments.
         let params: usize = vox2vec::model::Vox2Vec::new(small_model(), 0).store.slots().iter().map(|s| s.value.numel() * 4).sum();

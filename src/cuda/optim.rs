@@ -11,8 +11,42 @@ use crate::optim::AdamConfig;
 use crate::params::ParamStore;
 use crate::tensor::Tensor;
 
-/// Values per block of the sum of squares.
+/// Values per block of the sum of squares (fixes the order of the norm's partial sums).
 const SUMSQ_BLOCK: usize = 16384;
+/// Values per block of the Adam update.
+const ADAM_BLOCK: usize = 8192;
+
+/// One tensor of a multi-tensor launch (`MultiTensorEntry` in kernels/optim.cu): its pointers,
+/// length and the index of its first block in each kernel's grid.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MultiTensorEntry {
+    p: u64,
+    g: u64,
+    m: u64,
+    v: u64,
+    n: i64,
+    first_sumsq: i64,
+    first_adam: i64,
+    unused: i64,
+}
+
+// SAFETY: repr(C), eight 8-byte integer fields: no padding, every bit pattern valid.
+unsafe impl bytemuck::Zeroable for MultiTensorEntry {}
+unsafe impl bytemuck::Pod for MultiTensorEntry {}
+
+/// Number the blocks of each kernel tensor after tensor; returns the total blocks
+/// (sum of squares, Adam).
+fn number_blocks(table: &mut [MultiTensorEntry]) -> (usize, usize) {
+    let (mut sq, mut adam) = (0usize, 0usize);
+    for e in table {
+        e.first_sumsq = sq as i64;
+        e.first_adam = adam as i64;
+        sq += (e.n as usize).div_ceil(SUMSQ_BLOCK).max(1);
+        adam += (e.n as usize).div_ceil(ADAM_BLOCK).max(1);
+    }
+    (sq, adam)
+}
 
 /// `clip_grad_norm_`'s results on the device: [norm, coefficient] (f32).
 pub struct ClipStats {
@@ -30,26 +64,32 @@ impl ClipStats {
     }
 }
 
-/// `clip_grad_norm_(grads, max_norm)`'s norm and coefficient, computed on the device.
+/// `clip_grad_norm_(grads, max_norm)`'s norm and coefficient, computed on the device: one
+/// launch for the sums of squares of every gradient, one for the norm.
 pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64) -> Result<ClipStats> {
-    let blocks: Vec<usize> = grads.iter().flatten().map(|g| g.numel().div_ceil(SUMSQ_BLOCK).max(1)).collect();
-    let total: usize = blocks.iter().sum();
-    let part = dev.alloc_zeroed(total.max(1) * 8)?;
-    let mut off = 0;
-    for (g, &b) in grads.iter().flatten().zip(&blocks) {
+    let mut table = Vec::new();
+    for g in grads.iter().flatten() {
         ensure_f32(g, "gradient")?;
-        dev.launch(
-            K::SumsqBlocks,
-            (b as u32, 1, 1),
-            (256, 1, 1),
-            0,
-            &[Arg::Ptr(g.ptr()), Arg::I64(g.numel() as i64), Arg::I64(SUMSQ_BLOCK as i64), Arg::Ptr(part.ptr() + (off * 8) as u64)],
-            Cost::mem(g.numel() * 4 + b * 8),
-        )?;
-        off += b;
+        table.push(MultiTensorEntry { g: g.ptr(), n: g.numel() as i64, ..Default::default() });
     }
     let stats = dev.alloc(8)?;
-    dev.launch(K::ClipFinalize, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(part.ptr()), Arg::I64(total as i64), Arg::F64(max_norm), Arg::Ptr(stats.ptr())], Cost::mem(total * 8 + 8))?;
+    let (blocks, _) = number_blocks(&mut table);
+    let part = dev.alloc(blocks.max(1) * 8)?;
+    if table.is_empty() {
+        dev.memset_zero(part.ptr(), 8)?;
+    } else {
+        let elems: usize = table.iter().map(|e| e.n as usize).sum();
+        let t = dev.upload(&table)?;
+        dev.launch(
+            K::MultiSumsq,
+            (blocks as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[Arg::Ptr(t.ptr()), Arg::I32(table.len() as i32), Arg::I64(SUMSQ_BLOCK as i64), Arg::Ptr(part.ptr())],
+            Cost::mem(elems * 4 + blocks * 8 + std::mem::size_of_val(table.as_slice())),
+        )?;
+    }
+    dev.launch(K::ClipFinalize, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(part.ptr()), Arg::I64(blocks.max(1) as i64), Arg::F64(max_norm), Arg::Ptr(stats.ptr())], Cost::mem(blocks * 8 + 8))?;
     Ok(ClipStats { buf: stats })
 }
 
@@ -60,39 +100,51 @@ pub struct DeviceMoments {
 }
 
 /// One fused Adam update (PyTorch semantics) of every slot with a gradient, at step `step`
-/// (1-based), with every gradient scaled by `coef[0]` first (a device f32; None = 1).
+/// (1-based), with every gradient scaled by `coef[0]` first (a device f32; None = 1): one
+/// launch for all slots.
 pub fn adam_update(store: &ParamStore, grads: &[Option<Tensor>], moments: &DeviceMoments, c: AdamConfig, step: u64, coef: Option<u64>) -> Result<()> {
     let t = step as i32;
     let step_size = (c.lr / (1.0 - c.beta1.powi(t))) as f32;
     let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
+    let mut table = Vec::new();
+    let mut dev = None;
     for (slot, g) in grads.iter().enumerate() {
         let Some(g) = g else { continue };
         let (Some(m), Some(v)) = (&moments.exp_avg[slot], &moments.exp_avg_sq[slot]) else { continue };
         let p = store.get(slot);
         let name = &store.slots()[slot].name;
-        ensure!(g.numel() == p.numel() && m.numel() == p.numel(), "gradient of {name} has {} values, parameter has {}", g.numel(), p.numel());
+        ensure!(
+            g.numel() == p.numel() && m.numel() == p.numel() && v.numel() == p.numel(),
+            "gradient of {name} has {} values, parameter has {}",
+            g.numel(),
+            p.numel()
+        );
         ensure_f32(g, "gradient")?;
         ensure_f32(p, "parameter")?;
-        let n = p.numel();
-        dev_of(p).launch_1d(
-            K::AdamUpdate,
-            n,
-            &[
-                Arg::Ptr(p.ptr()),
-                Arg::Ptr(g.ptr()),
-                Arg::Ptr(m.ptr()),
-                Arg::Ptr(v.ptr()),
-                Arg::I64(n as i64),
-                Arg::F32(step_size),
-                Arg::F32(c.beta1 as f32),
-                Arg::F32(c.beta2 as f32),
-                Arg::F32(c.eps as f32),
-                Arg::F32(bc2_sqrt),
-                Arg::Ptr(coef.unwrap_or(0)),
-            ],
-            // p, g, m, v read; p, m, v written.
-            Cost::mem(7 * n * 4),
-        )?;
+        dev.get_or_insert_with(|| dev_of(p).clone());
+        table.push(MultiTensorEntry { p: p.ptr(), g: g.ptr(), m: m.ptr(), v: v.ptr(), n: p.numel() as i64, ..Default::default() });
     }
-    Ok(())
+    let Some(dev) = dev else { return Ok(()) };
+    let (_, blocks) = number_blocks(&mut table);
+    let elems: usize = table.iter().map(|e| e.n as usize).sum();
+    let tb = dev.upload(&table)?;
+    dev.launch(
+        K::MultiAdam,
+        (blocks as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[
+            Arg::Ptr(tb.ptr()),
+            Arg::I32(table.len() as i32),
+            Arg::I64(ADAM_BLOCK as i64),
+            Arg::F32(step_size),
+            Arg::F32(c.beta1 as f32),
+            Arg::F32(c.beta2 as f32),
+            Arg::F32(c.eps as f32),
+            Arg::F32(bc2_sqrt),
+            Arg::Ptr(coef.unwrap_or(0)),
+        ],
+        // p, g, m, v read; p, m, v written.
+        Cost::mem(7 * elems * 4 + std::mem::size_of_val(table.as_slice())),
+    )
 }

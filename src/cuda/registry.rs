@@ -90,9 +90,9 @@ kernels! {
     InfonceBackwardD128 => "infonce_backward_d128",
     InfonceBackwardD512 => "infonce_backward_d512",
     // optim.cu
-    SumsqBlocks => "sumsq_blocks",
+    MultiSumsq => "multi_sumsq",
     ClipFinalize => "clip_finalize",
-    AdamUpdate => "adam_update",
+    MultiAdam => "multi_adam",
 }
 
 impl K {
