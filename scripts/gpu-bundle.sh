@@ -5,9 +5,10 @@
 #   gpu-bundle/bin/vox2vec-train   the trainer, for --bench and real-data runs
 #   gpu-bundle/tests/data/fixtures the reference fixtures the parity test reads
 #   gpu-bundle/pytorch_reference.py  PyTorch's step on the same GPU, for comparison
-#   gpu-bundle/run.sh              runs the GPU tests, --bench 20 in fp32 and bf16, 5 training
+#   gpu-bundle/run.sh              runs the layout probe, the GPU tests, --bench-plan and
+#                                  --bench 20 in bf16 and fp32, compute-sanitizer, 5 training
 #                                  steps on CT phantoms, and PyTorch's reference step at the same
-#                                  size (when torch is installed)
+#                                  size (when torch is installed); `run.sh probe bench` runs some
 # Binaries are stripped of debug info (the bundle must stay small enough to copy).
 # The kernels are compiled by build.rs, so nvcc must be present (scripts/install-cuda.sh).
 set -euo pipefail
@@ -31,12 +32,25 @@ cp benches/pytorch_reference.py "$out/"
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the GPU checks of vox2vec-rs on this machine (CUDA driver needed, no Rust). Results go
-# to stdout and, when $OUT is set, to files in it.
+# to stdout and, when $OUT is set, to files in it. Phases, in order of what they decide
+# (each under its own time limit, so that one hang cannot eat a short device lease):
+#   probe     the mma/ldmatrix fragment-layout probe (if it fails, every tensor-core result does)
+#   tests     every GPU test against the CPU oracle (bin/gpu-tests)
+#   bench     --bench-plan and --bench N in bf16 and fp32 (measured ms beside the plan's floor)
+#   sanitize  compute-sanitizer memcheck (exact-size allocations), racecheck and synccheck
+#             on the per-op GPU tests
+#   train     5 pretraining steps on CT phantoms through the real pipeline
+#   pytorch   PyTorch's step at the same size, when torch with CUDA is installed
+#   bash run.sh                 # all phases
+#   bash run.sh probe bench     # some
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
 results=${OUT:-$here/results}
 mkdir -p "$results"
+phases=("$@")
+[[ ${#phases[@]} -gt 0 ]] || phases=(probe tests bench sanitize train pytorch)
+want() { [[ " ${phases[*]} " == *" $1 "* ]]; }
 # cuBLAS: the system's, or the one in a pip wheel (PyTorch's dependencies).
 if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.1[23]'; then
   for root in /usr/local/cuda /usr/lib /opt $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
@@ -46,23 +60,52 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.1[23]'; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$results/device.txt"
 status=0
-bin/gpu-tests 2>&1 | tee "$results/gpu-tests.txt" || status=1
-for p in fp32 bf16; do
-  bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p" 2>&1 | tee "$results/bench-$p.txt" || status=1
-done
-# The full pretraining loop on the GPU: generated CT phantoms through the real pipeline
-# (preprocessing, sampler, loader), the reference batch, a checkpoint and metrics at the end.
-# The checkpoint (about 0.6 GB with Adam's moments) stays outside the results folder.
-run_dir=${TMPDIR:-/tmp}/vox2vec-train-phantoms
-rm -rf "$run_dir"
-bin/vox2vec-train --device cuda --steps "${TRAIN_STEPS:-5}" --out "$run_dir" 2>&1 | tee "$results/train.txt" || status=1
-cp "$run_dir/metrics.jsonl" "$run_dir/loss.png" "$results/" 2>/dev/null || true
-if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-  python3 pytorch_reference.py --device cuda --only step --size reference 2>&1 | tee "$results/pytorch-step.txt"
+# step NAME SECONDS CMD...: runs CMD under a time limit, output to stdout and $results/NAME.txt.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit} s): $*" | tee "$results/$name.txt"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$results/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: rc $rc in $((SECONDS - t0)) s" | tee -a "$results/$name.txt"
+  [[ $rc -eq 0 ]] || status=1
+}
+want probe && step probe 60 bin/gpu-tests mma_layout_probe
+want tests && step gpu-tests 300 bin/gpu-tests
+if want bench; then
+  step bench-plan-bf16 60 bin/vox2vec-train --bench-plan --precision bf16 --report "$results/plan-bf16.json"
+  for p in bf16 fp32; do
+    step "bench-$p" 180 bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p"
+  done
+fi
+if want sanitize; then
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [[ -x "$sanitizer" ]]; then
+    # Exact-size allocations, so that memcheck sees one element past a tensor (the caching
+    # pool's size classes would hide it).
+    VOX2VEC_EXACT_ALLOC=1 step sanitize-memcheck 240 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 3 bin/gpu-tests mma_layout ops_
+    step sanitize-racecheck 240 "$sanitizer" --tool racecheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_resblock ops_head
+    step sanitize-synccheck 120 "$sanitizer" --tool synccheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_batchnorm
+  else
+    echo "sanitize: compute-sanitizer not found" | tee "$results/sanitize.txt"
+  fi
+fi
+if want train; then
+  # The full pretraining loop on the GPU: generated CT phantoms through the real pipeline
+  # (preprocessing, sampler, loader), the reference batch, a checkpoint and metrics at the end.
+  # The checkpoint (about 0.6 GB with Adam's moments) stays outside the results folder.
+  run_dir=${TMPDIR:-/tmp}/vox2vec-train-phantoms
+  rm -rf "$run_dir"
+  step train 180 bin/vox2vec-train --device cuda --precision bf16 --steps "${TRAIN_STEPS:-5}" --out "$run_dir"
+  cp "$run_dir/metrics.jsonl" "$run_dir/loss.png" "$results/" 2>/dev/null || true
+fi
+if want pytorch && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  step pytorch-step 240 python3 pytorch_reference.py --device cuda --only step --size reference
 fi
 exit $status
 RUN
 chmod +x "$out/run.sh"
 du -sh "$out" | sed 's/^/gpu-bundle: /'
 echo "gpu-bundle: on a GPU machine with the CUDA driver, run:"
-echo "  bash gpu-bundle/run.sh"
+echo "  bash gpu-bundle/run.sh            # or: bash gpu-bundle/run.sh probe tests bench"

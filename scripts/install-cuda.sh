@@ -32,4 +32,6 @@ for d in "$tree"/*; do ln -sfn "$d" "$root/$(basename "$d")"; done
 chmod +x "$root"/bin/* "$root"/nvvm/bin/* 2>/dev/null || true
 "$root/bin/nvcc" --version | tail -2
 echo "${pins[*]}" > "$stamp"
+# A crate built before this install cached build.rs's "no nvcc" verdict: make cargo rerun it.
+touch build.rs
 echo "install-cuda: nvcc installed in $root (build.rs finds it there)"

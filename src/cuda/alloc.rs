@@ -78,6 +78,12 @@ impl Pool {
         self.free.entry(class).or_default().push(ptr);
     }
 
+    /// A block in use goes straight back to the driver (`VOX2VEC_EXACT_ALLOC`).
+    pub fn note_driver_free(&mut self, class: usize) {
+        self.stats.in_use -= class;
+        self.stats.reserved -= class;
+    }
+
     /// Empties the free lists; returns the blocks (pointer, class) for the driver to free.
     pub fn drain(&mut self) -> Vec<(u64, usize)> {
         let mut out = Vec::new();

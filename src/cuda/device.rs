@@ -63,6 +63,10 @@ pub struct CudaDevice {
     plan_next: std::sync::atomic::AtomicU64,
     functions: Vec<RawFn>,
     pool: Mutex<Pool>,
+    /// `VOX2VEC_EXACT_ALLOC=1`: every buffer its own driver allocation of exactly the bytes
+    /// asked for, freed when dropped (no size classes, no cache), so that compute-sanitizer's
+    /// memcheck sees an access one element past a tensor. Slow; for checking kernels only.
+    exact_alloc: bool,
     timer: Mutex<Option<KernelTimer>>,
     /// The declared cost of every launch since `start_cost_log`, and the GPU it is priced on.
     costs: Mutex<Option<CostLog>>,
@@ -210,6 +214,7 @@ impl CudaDevice {
             plan_next: std::sync::atomic::AtomicU64::new(1 << 40),
             functions,
             pool: Mutex::default(),
+            exact_alloc: !plan && std::env::var_os("VOX2VEC_EXACT_ALLOC").is_some_and(|v| v != "0" && !v.is_empty()),
             timer: Mutex::new(None),
             costs: Mutex::new(None),
             machine: H200,
@@ -345,9 +350,11 @@ impl CudaDevice {
     }
 
     fn alloc_undefined(self: &Arc<Self>, bytes: usize) -> Result<CudaBuf> {
-        let class = size_class(bytes);
+        let class = if self.exact_alloc { bytes.max(1) } else { size_class(bytes) };
         self.pool.lock().unwrap().note_request(class);
-        if let Some(ptr) = self.pool.lock().unwrap().take(class) {
+        if !self.exact_alloc
+            && let Some(ptr) = self.pool.lock().unwrap().take(class)
+        {
             return Ok(CudaBuf { ptr, class, bytes, dev: self.clone() });
         }
         let ptr = match self.raw_malloc(class) {
@@ -661,7 +668,13 @@ impl CudaBuf {
 
 impl Drop for CudaBuf {
     fn drop(&mut self) {
-        if let Ok(mut p) = self.dev.pool.lock() {
+        if self.dev.exact_alloc {
+            if let Ok(mut p) = self.dev.pool.lock() {
+                p.note_driver_free(self.class);
+            }
+            // The driver's free waits for queued work that may still read the block.
+            let _ = self.dev.raw_free(self.ptr, self.class);
+        } else if let Ok(mut p) = self.dev.pool.lock() {
             p.give_back(self.ptr, self.class);
         }
     }
