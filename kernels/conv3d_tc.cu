@@ -45,6 +45,23 @@
 #define TC_CK 32
 #define TC_STRIDE (TC_CK + 8)
 
+// Queues (cp.async, not yet committed) the copies of a brick's halo: voxel hv of the
+// (TC_BX + 2r) x HY x HZ box whose corner is (x0 - r, y0 - r, z0 - r) of patch n gets
+// `pieces` 16-byte runs of 8 channels from ci0 at halo[hv * stride + 8 piece]; voxels
+// outside the volume get zeros (the convolution's padding).
+__device__ __forceinline__ void halo_load_async(bf16* halo, int stride, int pieces, const bf16* x, int n, int x0, int y0, int z0, int r, int HY, int HZ, int HV,
+                                                int X, int Y, int Z, int Ci, int ci0) {
+    for (int e = threadIdx.x; e < HV * pieces; e += TC_THREADS) {
+        const int hv = e / pieces, piece = e % pieces;
+        const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
+        const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
+        const bool inside = gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z;
+        const bf16* src = inside ? x + voxel_offset(n, gx, gy, gz, X, Y, Z, Ci, ci0 + piece * 8) : x;
+        cp_async_16(&halo[hv * stride + piece * 8], src, inside ? 16 : 0);
+    }
+}
+
+
 template <int CO_TILE>
 __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
     __shared__ __align__(16) bf16 halo[TC_HALO * TC_STRIDE];
@@ -73,15 +90,7 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
     for (int ci0 = 0; ci0 < Ci; ci0 += CK) {
         // Halo of channels [ci0, ci0 + CK): 16-byte pieces, zero outside the volume.
-        const int pieces = CK / 8;
-        for (int e = tid; e < HV * pieces; e += TC_THREADS) {
-            const int hv = e / pieces, part = e % pieces;
-            const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
-            const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
-            const bool inside = gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z;
-            const bf16* src = inside ? x + voxel_offset(n, gx, gy, gz, X, Y, Z, Ci, ci0 + part * 8) : x;
-            cp_async_16(&halo[hv * TC_STRIDE + part * 8], src, inside ? 16 : 0);
-        }
+        halo_load_async(halo, TC_STRIDE, CK / 8, x, n, x0, y0, z0, r, HY, HZ, HV, X, Y, Z, Ci, ci0);
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
@@ -173,14 +182,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
         const int bx = (int)(q % bxn);
         const i64 n = q / bxn;
         const int x0 = bx * TC_BX, y0 = by * TC_BY, z0 = bz * TC_BZ;
-        for (int e = tid; e < HV * 2; e += TC_THREADS) {
-            const int hv = e / 2, piece = e % 2;
-            const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
-            const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
-            const bool inside = gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z;
-            const bf16* src = inside ? x + voxel_offset(n, gx, gy, gz, X, Y, Z, Ci, ci0 + piece * 8) : x;
-            cp_async_16(&halo[hv * TCW_STRIDE + piece * 8], src, inside ? 16 : 0);
-        }
+        halo_load_async(halo, TCW_STRIDE, 2, x, n, x0, y0, z0, r, HY, HZ, HV, X, Y, Z, Ci, ci0);
         cp_async_commit();
         for (int e = tid; e < 64 * 16; e += TC_THREADS) {
             const int p = e / 16, m = e % 16;

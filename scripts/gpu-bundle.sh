@@ -33,7 +33,8 @@ cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the GPU checks of vox2vec-rs on this machine (CUDA driver needed, no Rust). Results go
 # to stdout and, when $OUT is set, to files in it. Phases, in order of what they decide
-# (each under its own time limit, so that one hang cannot eat a short device lease):
+# (each under its own time limit, so that one hang cannot eat a short device lease; the
+# limits add up to 8 minutes):
 #   probe     the mma/ldmatrix fragment-layout probe (if it fails, every tensor-core result does)
 #   tests     every GPU test against the CPU oracle (bin/gpu-tests)
 #   bench     --bench-plan and --bench N in bf16 and fp32 (measured ms beside the plan's floor)
@@ -71,12 +72,12 @@ step() {
   echo "== $name: rc $rc in $((SECONDS - t0)) s" | tee -a "$results/$name.txt"
   [[ $rc -eq 0 ]] || status=1
 }
-want probe && step probe 60 bin/gpu-tests mma_layout_probe
-want tests && step gpu-tests 300 bin/gpu-tests
+want probe && step probe 30 bin/gpu-tests mma_layout_probe
+want tests && step gpu-tests 90 bin/gpu-tests
 if want bench; then
-  step bench-plan-bf16 60 bin/vox2vec-train --bench-plan --precision bf16 --report "$results/plan-bf16.json"
+  step bench-plan-bf16 30 bin/vox2vec-train --bench-plan --precision bf16 --report "$results/plan-bf16.json"
   for p in bf16 fp32; do
-    step "bench-$p" 180 bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p"
+    step "bench-$p" 60 bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p"
   done
 fi
 if want sanitize; then
@@ -84,9 +85,9 @@ if want sanitize; then
   if [[ -x "$sanitizer" ]]; then
     # Exact-size allocations, so that memcheck sees one element past a tensor (the caching
     # pool's size classes would hide it).
-    VOX2VEC_EXACT_ALLOC=1 step sanitize-memcheck 240 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 3 bin/gpu-tests mma_layout ops_
-    step sanitize-racecheck 240 "$sanitizer" --tool racecheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_resblock ops_head
-    step sanitize-synccheck 120 "$sanitizer" --tool synccheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_batchnorm
+    VOX2VEC_EXACT_ALLOC=1 step sanitize-memcheck 60 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 3 bin/gpu-tests mma_layout ops_
+    step sanitize-racecheck 45 "$sanitizer" --tool racecheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_resblock ops_head
+    step sanitize-synccheck 30 "$sanitizer" --tool synccheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_batchnorm
   else
     echo "sanitize: compute-sanitizer not found" | tee "$results/sanitize.txt"
   fi
@@ -97,12 +98,13 @@ if want train; then
   # The checkpoint (about 0.6 GB with Adam's moments) stays outside the results folder.
   run_dir=${TMPDIR:-/tmp}/vox2vec-train-phantoms
   rm -rf "$run_dir"
-  step train 180 bin/vox2vec-train --device cuda --precision bf16 --steps "${TRAIN_STEPS:-5}" --out "$run_dir"
+  step train 30 bin/vox2vec-train --device cuda --precision bf16 --steps "${TRAIN_STEPS:-5}" --out "$run_dir"
   cp "$run_dir/metrics.jsonl" "$run_dir/loss.png" "$results/" 2>/dev/null || true
 fi
 if want pytorch && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-  step pytorch-step 240 python3 pytorch_reference.py --device cuda --only step --size reference
+  step pytorch-step 45 python3 pytorch_reference.py --device cuda --only step --size reference
 fi
+echo "run.sh: done in $SECONDS s, status $status"
 exit $status
 RUN
 chmod +x "$out/run.sh"
