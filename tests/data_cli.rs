@@ -69,6 +69,14 @@ fn discovery_of_folders_datasets_and_lists() {
     std::fs::copy(d.join("good.nii.gz"), ds.join("imagesTr/case_0000.nii.gz")).unwrap();
     std::fs::copy(d.join("good.nii.gz"), ds.join("labelsTr/case.nii.gz")).unwrap();
     assert_eq!(discover(&ds).unwrap(), vec![ds.join("imagesTr/case_0000.nii.gz")]);
+    // A folder of datasets (e.g. nnUNet_raw): still no label map taken for a CT.
+    let parent = ds.parent().unwrap().join(format!("vox2vec-datacli-raw-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::create_dir_all(&parent).unwrap();
+    let inner = parent.join("Dataset001_X");
+    std::fs::rename(&ds, &inner).unwrap();
+    std::fs::copy(d.join("good.nii.gz"), parent.join("loose.nii.gz")).unwrap();
+    assert_eq!(discover(&parent).unwrap(), vec![inner.join("imagesTr/case_0000.nii.gz"), parent.join("loose.nii.gz")]);
     assert!(discover(&d.join("missing")).is_err());
     assert!(discover(&tmpdir("empty")).unwrap_err().to_string().contains("no NIfTI"));
 }

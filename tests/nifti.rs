@@ -188,3 +188,127 @@ fn four_d_oblique_and_corrupt_files() {
     assert!(format!("{:#}", read_volume(&p).unwrap_err()).contains("truncated.nii"));
     assert!(format!("{:#}", read_volume(&dir.join("absent.nii.gz")).unwrap_err()).contains("absent.nii.gz"));
 }
+
+/// A small float32 .nii (sform with spacing 1, 2, 3) and its canonical values.
+fn small_float_file(dir: &Path, name: &str, values: &[f32]) -> PathBuf {
+    let arr = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 4, 5]), values.to_vec()).unwrap();
+    let h = header_with_sform([[1.0, 0.0, 0.0, -5.0], [0.0, 2.0, 0.0, 7.0], [0.0, 0.0, 3.0, 11.0]]);
+    let p = dir.join(name);
+    write_file(&p, &arr, &h, NiftiType::Float32);
+    p
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn refused(p: &Path, what: &str) -> String {
+    let e = format!("{:#}", read_volume(p).expect_err(&format!("{} must be refused ({what})", p.display())));
+    assert!(e.contains(&p.file_name().unwrap().to_string_lossy().to_string()), "the error must name the file: {e}");
+    e
+}
+
+#[test]
+fn damaged_gzip_streams_are_refused_and_multi_member_files_read() {
+    let dir = tmpdir("gzip");
+    let values: Vec<f32> = (0..60).map(|i| i as f32 * 7.0 - 100.0).collect();
+    let plain = small_float_file(&dir, "plain.nii", &values);
+    let bytes = std::fs::read(&plain).unwrap();
+    let want = read_volume(&plain).unwrap().data;
+    let gz = gzip(&bytes);
+    let ok = dir.join("ok.nii.gz");
+    std::fs::write(&ok, &gz).unwrap();
+    assert_eq!(read_volume(&ok).unwrap().data, want);
+    // Two gzip members (as bgzip and `cat a.gz b.gz` make) are one stream.
+    let two = dir.join("two.nii.gz");
+    std::fs::write(&two, [gzip(&bytes[..200]), gzip(&bytes[200..])].concat()).unwrap();
+    assert_eq!(read_volume(&two).unwrap().data, want);
+    let n = gz.len();
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut bad_crc = gz.clone();
+    bad_crc[n - 8] ^= 0x01;
+    cases.push(("crc", bad_crc));
+    let mut bad_isize = gz.clone();
+    bad_isize[n - 4] ^= 0x01;
+    cases.push(("isize", bad_isize));
+    cases.push(("cut-trailer", gz[..n - 4].to_vec()));
+    cases.push(("cut-body", gz[..n / 2].to_vec()));
+    cases.push(("trailing-garbage", [gz.clone(), b"garbage".to_vec()].concat()));
+    for (i, (name, data)) in cases.into_iter().enumerate() {
+        let p = dir.join(format!("bad-{name}.nii.gz"));
+        std::fs::write(&p, data).unwrap();
+        let e = refused(&p, name);
+        assert!(e.contains("gzip") || e.contains("truncated"), "case {i} {name}: {e}");
+    }
+    // Every single-byte flip of the compressed body either fails or decodes exactly.
+    let mut silently_wrong = 0;
+    for at in (10..n - 8).step_by(3) {
+        let mut d = gz.clone();
+        d[at] ^= 0x10;
+        let p = dir.join("flip.nii.gz");
+        std::fs::write(&p, d).unwrap();
+        if let Ok(v) = read_volume(&p)
+            && v.data != want
+        {
+            silently_wrong += 1;
+        }
+    }
+    assert_eq!(silently_wrong, 0, "byte flips in the gzip body decoded to wrong voxels without an error");
+}
+
+#[test]
+fn vox_offset_is_honoured_and_checked() {
+    let dir = tmpdir("voxoffset");
+    let values: Vec<f32> = (0..60).map(|i| i as f32).collect();
+    let plain = small_float_file(&dir, "plain.nii", &values);
+    let bytes = std::fs::read(&plain).unwrap();
+    let want = read_volume(&plain).unwrap().data;
+    let with_offset = |off: f32, pad: usize| -> Vec<u8> {
+        let mut h = bytes[..352].to_vec();
+        h[108..112].copy_from_slice(&off.to_le_bytes());
+        [h, vec![0u8; pad], bytes[352..].to_vec()].concat()
+    };
+    // Data at byte 1024 (extension flag 0, padding before the voxels): read from 1024.
+    let p = dir.join("offset1024.nii");
+    std::fs::write(&p, with_offset(1024.0, 1024 - 352)).unwrap();
+    assert_eq!(read_volume(&p).unwrap().data, want, "vox_offset 1024 must be honoured");
+    let gzp = dir.join("offset1024.nii.gz");
+    std::fs::write(&gzp, gzip(&with_offset(1024.0, 1024 - 352))).unwrap();
+    assert_eq!(read_volume(&gzp).unwrap().data, want);
+    for (name, off) in [("below-header", 100.0f32), ("past-end", 1e9), ("nan", f32::NAN), ("fraction", 352.5)] {
+        let p = dir.join(format!("offset-{name}.nii"));
+        std::fs::write(&p, with_offset(off, 0)).unwrap();
+        let e = refused(&p, name);
+        assert!(e.contains("vox_offset"), "{name}: {e}");
+    }
+    // Offset right but too few voxel bytes after it.
+    let p = dir.join("offset-short.nii");
+    std::fs::write(&p, with_offset(400.0, 0)).unwrap();
+    assert!(refused(&p, "short").contains("truncated"));
+}
+
+#[test]
+fn non_finite_voxels_and_affines_are_refused() {
+    let dir = tmpdir("nonfinite");
+    let mut values: Vec<f32> = (0..60).map(|i| i as f32).collect();
+    values[17] = f32::NAN;
+    values[40] = f32::INFINITY;
+    let p = small_float_file(&dir, "nan-voxels.nii", &values);
+    let e = refused(&p, "NaN voxels");
+    assert!(e.contains("2 of 60 voxels"), "{e}");
+    let values: Vec<f32> = (0..60).map(|i| i as f32).collect();
+    let p = small_float_file(&dir, "good.nii", &values);
+    let bytes = std::fs::read(&p).unwrap();
+    // srow_x[3] (x translation) at byte 292, srow_z[2] (z voxel size) at byte 320.
+    for (name, at, v) in [("nan-translation", 292usize, f32::NAN), ("inf-translation", 292, f32::INFINITY), ("nan-size", 320, f32::NAN)] {
+        let mut b = bytes.clone();
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let q = dir.join(format!("{name}.nii"));
+        std::fs::write(&q, b).unwrap();
+        let e = refused(&q, name);
+        assert!(e.contains("non-finite"), "{name}: {e}");
+    }
+}

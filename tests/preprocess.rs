@@ -84,3 +84,21 @@ fn preprocessing_crops_resamples_and_keeps_labels_aligned() {
     let e = preprocess_ct(&air, [10, 10, 10], [1.0, 1.0, 1.0], &cfg).unwrap_err();
     assert!(e.to_string().contains("no body"), "{e}");
 }
+
+#[test]
+fn absurd_voxel_sizes_are_refused_before_allocating() {
+    use vox2vec::data::preprocess::checked_zoomed_shape;
+    let cfg = PreprocessConfig::default();
+    let shape = [16usize, 16, 8];
+    let hu = vec![0.0f32; shape.iter().product()];
+    // A voxel size of metres (a damaged pixdim) asks for a grid of terabytes: an error, no abort.
+    for spacing in [[1e30, 1.0, 1.0], [300.0, 300.0, 300.0], [f64::INFINITY, 1.0, 1.0], [0.0, 1.0, 1.0], [f64::NAN, 1.0, 1.0]] {
+        let e = format!("{:#}", preprocess_ct(&hu, shape, spacing, &cfg).unwrap_err());
+        assert!(e.contains("limit") || e.contains("positive"), "{spacing:?}: {e}");
+    }
+    // 20 mm isotropic on a 128^3 volume: each axis under the per-axis limit, the grid not.
+    let e = format!("{:#}", checked_zoomed_shape([128, 128, 128], [20.0, 20.0, 20.0], [1.0, 1.0, 2.0]).unwrap_err());
+    assert!(e.contains("voxels, more than the limit"), "{e}");
+    // A real CT's grid passes.
+    assert_eq!(checked_zoomed_shape([512, 512, 300], [0.8, 0.8, 2.5], [1.0, 1.0, 2.0]).unwrap(), zoomed_shape([512, 512, 300], [0.8, 0.8, 2.5], [1.0, 1.0, 2.0]));
+}

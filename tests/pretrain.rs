@@ -115,3 +115,33 @@ fn cli_bad_input_fails_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cuda"));
 }
+
+#[test]
+fn cli_refuses_out_of_range_flags_without_panicking() {
+    let dir = tmpdir("cliflags");
+    // Each of these once panicked, aborted on a huge allocation, or trained on nonsense.
+    let cases: &[(&[&str], &str)] = &[
+        (&["--base-channels", "0"], "--base-channels"),
+        (&["--num-scales", "0"], "--num-scales"),
+        (&["--num-scales", "12"], "--num-scales"),
+        (&["--proj-dim", "0"], "--proj-dim"),
+        (&["--base-channels", "1000"], "coarsest level"), // 4000 channels with TINY's 3 scales
+        (&["--lr=-1"], "--lr"),
+        (&["--lr=1e10"], "--lr"),
+        (&["--lr=NaN"], "--lr"),
+        (&["--temperature=-1"], "--temperature"),
+        (&["--temperature=0"], "--temperature"),
+        (&["--patch", "100000,100000,100000"], "--patch"),
+        (&["--patch", "1024,1024,1024"], "limit"),
+    ];
+    for (flags, expect) in cases {
+        // TINY without the flag under test, then the flag.
+        let name = flags[0].split('=').next().unwrap();
+        let base: Vec<&str> = TINY.chunks(2).filter(|kv| kv[0] != name).flatten().copied().collect();
+        let out = train_bin().args(&base).args(*flags).args(["--steps", "1", "--out"]).arg(&dir).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?} must fail with exit code 1 (not a panic or an abort):\n{err}");
+        assert!(err.contains(expect) && !err.contains("panicked"), "{flags:?}: {err}");
+    }
+    assert!(!dir.join(CHECKPOINT_FILE).exists(), "a refused run left a checkpoint");
+}

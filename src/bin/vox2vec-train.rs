@@ -8,6 +8,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use vox2vec::model::{FpnConfig, ModelConfig};
@@ -201,6 +202,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         proj_dim: args.proj_dim,
         temperature: args.temperature,
     };
+    model.validate()?;
+    vox2vec::model::check_patch(batch.patch).context("--patch")?;
+    anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0 && args.lr <= 1.0, "--lr must be in (0, 1], got {}", args.lr);
+    anyhow::ensure!(args.probe_lr.is_finite() && args.probe_lr > 0.0 && args.probe_lr <= 1.0, "--probe-lr must be in (0, 1], got {}", args.probe_lr);
+    anyhow::ensure!(args.probe_every >= 1 && args.probe_folds >= 1 && args.probe_batch >= 1, "--probe-every, --probe-folds and --probe-batch must be at least 1");
     if args.bench_plan {
         let report = vox2vec::bench::plan_pretraining(model, precision, batch, args.seed)?;
         print!("{}", report.render());

@@ -161,8 +161,10 @@ fn parse_spacing(s: &str) -> Result<[f64; 3]> {
 
 fn parse_patch(s: &str) -> Result<[usize; 3]> {
     let p: Vec<usize> = s.split(',').map(|t| t.trim().parse()).collect::<std::result::Result<_, _>>().with_context(|| format!("patch {s:?}"))?;
-    anyhow::ensure!(p.len() == 3 && p.iter().all(|&v| v >= 4), "patch must be X,Y,Z (each ≥ 4), got {s:?}");
-    Ok([p[0], p[1], p[2]])
+    anyhow::ensure!(p.len() == 3, "patch must be X,Y,Z, got {s:?}");
+    let p = [p[0], p[1], p[2]];
+    vox2vec::model::check_patch(p).with_context(|| format!("patch {s:?}"))?;
+    Ok(p)
 }
 
 fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
@@ -176,7 +178,9 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     let mut model = match (&a.weights, mode) {
         (Some(w), _) => load_backbone(w, a.base_channels, a.num_scales)?,
         (None, Mode::Scratch) | (None, Mode::Probe) => {
-            Vox2Vec::new(ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: a.base_channels, num_scales: a.num_scales }, ..ModelConfig::default() }, a.seed)
+            let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: a.base_channels, num_scales: a.num_scales }, ..ModelConfig::default() };
+            cfg.validate()?;
+            Vox2Vec::new(cfg, a.seed)
         }
         (None, Mode::FineTune { .. }) => anyhow::bail!("finetune needs --weights (use `scratch` for a random backbone)"),
     };
@@ -353,6 +357,7 @@ fn load_backbone(weights: &std::path::Path, base: usize, scales: usize) -> Resul
         cfg.fpn = FpnConfig { in_channels: get("in_channels")?, base_channels: get("base_channels")?, num_scales: get("num_scales")? };
         cfg.proj_dim = get("proj_dim")?;
     }
+    cfg.validate().with_context(|| format!("{}: model_config", weights.display()))?;
     let mut model = Vox2Vec::new(cfg, 0);
     let loaded = vox2vec::checkpoint::load(weights, &mut model.store, None)?;
     let missing: Vec<&String> = loaded.missing.iter().filter(|k| k.starts_with(vox2vec::model::BACKBONE_PREFIX)).collect();

@@ -16,7 +16,10 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use nifti::{Endianness, InMemNiftiObject, NiftiHeader, NiftiObject, NiftiType, ReaderOptions};
+use std::io::Read;
+
+use flate2::read::MultiGzDecoder;
+use nifti::{Endianness, NiftiHeader, NiftiType};
 
 /// How the canonical array maps onto the file's array.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,14 +157,53 @@ pub fn orientation_of(affine: &[[f64; 4]; 4]) -> Result<(Orientation, [f64; 3])>
     Ok((Orientation { perm, flip }, spacing))
 }
 
-fn read_object(path: &Path) -> Result<InMemNiftiObject> {
-    ReaderOptions::new().read_file(path).map_err(|e| anyhow::anyhow!("{}: cannot read as NIfTI: {e}", path.display()))
+/// The largest file we read, decompressed (bytes): far above any CT, below what a damaged
+/// gzip stream could make us allocate.
+pub const MAX_FILE_BYTES: u64 = 16 << 30;
+/// The largest volume we read, in voxels (a 2048 × 2048 × 1024 micro-CT).
+pub const MAX_VOXELS: usize = 1 << 32;
+
+/// The whole file, decompressed when it is gzip (by its magic bytes, whatever its name).
+/// Every gzip member is read to its end, so its CRC-32 and length (ISIZE) are checked, and
+/// bytes after the last member that are not another member are an error: a damaged stream
+/// is refused instead of decoding to wrong voxels.
+fn read_file_bytes(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
+    }
+    let mut out = Vec::new();
+    MultiGzDecoder::new(raw.as_slice())
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| anyhow::anyhow!("{}: damaged gzip stream ({e}); the file is refused rather than read wrong", path.display()))?;
+    ensure!(out.len() as u64 <= MAX_FILE_BYTES, "{}: decompresses to more than {MAX_FILE_BYTES} bytes", path.display());
+    Ok(out)
 }
 
-/// Read a volume into canonical orientation, with scaling applied (values as f32).
+/// Header and voxel bytes (from `vox_offset` on) of a single-file NIfTI-1 image.
+fn read_header_and_data(path: &Path) -> Result<(NiftiHeader, Vec<u8>)> {
+    let ctx = || path.display().to_string();
+    let mut bytes = read_file_bytes(path)?;
+    let h = NiftiHeader::from_reader(std::io::Cursor::new(&bytes)).map_err(|e| anyhow::anyhow!("{}: cannot read as NIfTI: {e}", ctx()))?;
+    ensure!(
+        &h.magic == nifti::header::MAGIC_CODE_NIP1,
+        "{}: the header says its voxels are in a separate .img file (magic \"ni1\"); only single-file .nii / .nii.gz is supported",
+        ctx()
+    );
+    let off = h.vox_offset;
+    ensure!(off.is_finite() && off >= 352.0 && off.fract() == 0.0, "{}: vox_offset {off} is invalid (a single-file NIfTI-1 has its voxels at byte 352 or later)", ctx());
+    let off = off as usize;
+    ensure!(off <= bytes.len(), "{}: vox_offset {off} is past the end of the file ({} bytes)", ctx(), bytes.len());
+    bytes.drain(..off);
+    Ok((h, bytes))
+}
+
+/// Read a volume into canonical orientation, with scaling applied (values as f32). Refused,
+/// with the file named: damaged gzip, a bad vox_offset, too few voxel bytes, non-finite
+/// voxels (after scaling) or a non-finite affine.
 pub fn read_volume(path: &Path) -> Result<Volume> {
-    let obj = read_object(path)?;
-    let h = obj.header().clone();
+    let (h, raw) = read_header_and_data(path)?;
     let ctx = || path.display().to_string();
     let dim = h.dim().map_err(|e| anyhow::anyhow!("{}: invalid dimensions: {e}", ctx()))?.to_vec();
     ensure!(dim.len() >= 3, "{}: {}-D image; a 3-D volume is needed", ctx(), dim.len());
@@ -172,13 +214,19 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
     let file_shape = [dim[0] as usize, dim[1] as usize, dim[2] as usize];
     ensure!(file_shape.iter().all(|&n| n > 0), "{}: empty axis in shape {file_shape:?}", ctx());
     let n: usize = file_shape.iter().product();
+    ensure!(n <= MAX_VOXELS, "{}: shape {file_shape:?} has {n} voxels, more than the limit of {MAX_VOXELS}", ctx());
+    let affine = header_affine(&h);
+    ensure!(
+        affine.iter().flatten().all(|v| v.is_finite()),
+        "{}: the voxel-to-world affine (from the {}) has non-finite entries: {affine:?}",
+        ctx(),
+        if h.sform_code > 0 { "sform" } else if h.qform_code > 0 { "qform" } else { "pixdim" }
+    );
     let dtype = h.data_type().map_err(|e| anyhow::anyhow!("{}: unknown data type {}: {e}", ctx(), h.datatype))?;
-    let raw = obj.volume().raw_data();
-    let values = decode(raw, dtype, h.endianness, n).with_context(ctx)?;
+    let values = decode(&raw, dtype, h.endianness, n).with_context(ctx)?;
     let (slope, inter) = (h.scl_slope as f64, h.scl_inter as f64);
     let scale = slope != 0.0 && slope.is_finite();
     let inter = if inter.is_finite() { inter } else { 0.0 };
-    let affine = header_affine(&h);
     let (orientation, spacing) = orientation_of(&affine).with_context(ctx)?;
     let geometry = Geometry { header: h, affine, file_shape, orientation };
     let shape = geometry.canonical_shape();
@@ -193,6 +241,8 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
             }
         }
     }
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    ensure!(bad == 0, "{}: {bad} of {n} voxels are NaN or infinite (after scl_slope / scl_inter); refusing to guess their values", ctx());
     Ok(Volume { data, shape, spacing, geometry })
 }
 

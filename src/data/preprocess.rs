@@ -69,6 +69,13 @@ pub fn crop<T: Copy>(data: &[T], shape: [usize; 3], b: Box3) -> (Vec<T>, [usize;
     (out, ns)
 }
 
+/// The largest resampled grid we build, in voxels (2 GiB as f32): a 512 × 512 × 2000 CT at
+/// 0.5 mm resamples to 256 × 256 × 500 = 33 M voxels at the reference spacing, so only a
+/// damaged header (a voxel size of metres) reaches it.
+pub const MAX_GRID_VOXELS: usize = 1 << 29;
+/// The largest resampled axis, in voxels.
+pub const MAX_GRID_AXIS: usize = 16384;
+
 /// Output size of scipy's zoom: round(size · zoom), ties to even as Python's round.
 pub fn zoomed_shape(shape: [usize; 3], spacing: [f64; 3], target: [f64; 3]) -> [usize; 3] {
     let mut out = [0; 3];
@@ -76,6 +83,26 @@ pub fn zoomed_shape(shape: [usize; 3], spacing: [f64; 3], target: [f64; 3]) -> [
         out[a] = ((shape[a] as f64 * spacing[a] / target[a]).round_ties_even() as usize).max(1);
     }
     out
+}
+
+/// `zoomed_shape`, refused (before anything is allocated) when the grid would exceed
+/// `MAX_GRID_AXIS` per axis or `MAX_GRID_VOXELS` in all.
+pub fn checked_zoomed_shape(shape: [usize; 3], spacing: [f64; 3], target: [f64; 3]) -> Result<[usize; 3]> {
+    for a in 0..3 {
+        ensure!(spacing[a].is_finite() && spacing[a] > 0.0, "voxel size {:?} mm is not positive and finite", spacing);
+        let n = shape[a] as f64 * spacing[a] / target[a];
+        ensure!(
+            n.is_finite() && n <= MAX_GRID_AXIS as f64,
+            "resampling {shape:?} voxels of {spacing:?} mm to {target:?} mm gives {n:.3e} voxels along axis {a}, more than the limit of {MAX_GRID_AXIS} (is the voxel size in the header right?)"
+        );
+    }
+    let out = zoomed_shape(shape, spacing, target);
+    let total = out.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n)).unwrap_or(usize::MAX);
+    ensure!(
+        total <= MAX_GRID_VOXELS,
+        "resampling {shape:?} voxels of {spacing:?} mm to {target:?} mm gives a grid of {out:?} = {total} voxels, more than the limit of {MAX_GRID_VOXELS} (is the voxel size in the header right?)"
+    );
+    Ok(out)
 }
 
 /// Source coordinate of output index i along an axis (grid_mode=False: end points aligned).
@@ -212,7 +239,7 @@ pub fn preprocess_ct(hu: &[f32], shape: [usize; 3], spacing: [f64; 3], cfg: &Pre
     let bbox = body_bbox(hu, shape, cfg.body_threshold_hu).ok_or_else(|| anyhow::anyhow!("no voxel ≥ {} HU: the volume has no body", cfg.body_threshold_hu))?;
     let (cropped, cshape) = crop(hu, shape, bbox);
     let min = cropped.iter().cloned().fold(f32::INFINITY, f32::min);
-    let new_shape = zoomed_shape(cshape, spacing, cfg.spacing);
+    let new_shape = checked_zoomed_shape(cshape, spacing, cfg.spacing)?;
     let res = zoom_linear(&cropped, cshape, new_shape, min);
     let hu16: Vec<i16> = res.iter().map(|&v| v.round().clamp(i16::MIN as f32, i16::MAX as f32) as i16).collect();
     let asf: Vec<f32> = hu16.iter().map(|&v| v as f32).collect();

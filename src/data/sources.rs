@@ -16,7 +16,21 @@ pub fn is_nifti(p: &Path) -> bool {
     n.ends_with(".nii") || n.ends_with(".nii.gz")
 }
 
+/// An nnU-Net raw dataset folder: dataset.json beside imagesTr. Only its imagesTr holds CTs
+/// (labelsTr holds label maps, imagesTs may be unlabelled test cases of another split).
+fn is_nnunet_dataset(dir: &Path) -> bool {
+    dir.join("imagesTr").is_dir() && dir.join("dataset.json").is_file()
+}
+
+/// The NIfTI files below `dir`, sorted; inside an nnU-Net dataset (at any depth) only imagesTr.
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if is_nnunet_dataset(dir) {
+        return walk_all(&dir.join("imagesTr"), out);
+    }
+    walk_all(dir, out)
+}
+
+fn walk_all(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     for p in entries {
@@ -33,12 +47,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 pub fn discover(input: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     if input.is_dir() {
-        let images = input.join("imagesTr");
-        if images.is_dir() && input.join("dataset.json").is_file() {
-            walk(&images, &mut out)?;
-        } else {
-            walk(input, &mut out)?;
-        }
+        walk(input, &mut out)?;
     } else if input.is_file() {
         if is_nifti(input) {
             out.push(input.to_path_buf());

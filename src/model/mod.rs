@@ -18,6 +18,23 @@ pub use fpn::{Fpn3d, FpnConfig};
 pub use head::ProjectionHead;
 
 pub const BACKBONE_PREFIX: &str = "backbone.";
+
+/// Upper bounds on a model's sizes and on patches: settings no vox2vec model reaches (the
+/// reference is base 16 × 6 scales = 512 channels at the top, projection 128, patches of
+/// 128×128×32), below which a typo or a damaged config cannot ask for terabytes.
+pub const MAX_SCALES: usize = 8;
+pub const MAX_TOP_CHANNELS: usize = 2048;
+pub const MAX_PROJ_DIM: usize = 4096;
+pub const MAX_PATCH_AXIS: usize = 1024;
+pub const MAX_PATCH_VOXELS: usize = 1 << 25;
+
+/// A patch (window) size: every extent in 4..=MAX_PATCH_AXIS, at most MAX_PATCH_VOXELS in all.
+pub fn check_patch(patch: [usize; 3]) -> Result<()> {
+    ensure!(patch.iter().all(|&p| (4..=MAX_PATCH_AXIS).contains(&p)), "patch extents must be 4 to {MAX_PATCH_AXIS}, got {patch:?}");
+    let n: usize = patch.iter().product();
+    ensure!(n <= MAX_PATCH_VOXELS, "patch {patch:?} has {n} voxels, more than the limit of {MAX_PATCH_VOXELS}");
+    Ok(())
+}
 pub const HEAD_PREFIX: &str = "head.";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,6 +42,27 @@ pub struct ModelConfig {
     pub fpn: FpnConfig,
     pub proj_dim: usize,
     pub temperature: f64,
+}
+
+impl ModelConfig {
+    /// Refuse sizes that cannot make a model (0 channels, 0 scales) or that no model needs
+    /// (the limits above), with the flag's name, the value and the limit.
+    pub fn validate(&self) -> Result<()> {
+        let f = &self.fpn;
+        ensure!(f.in_channels >= 1, "in_channels must be at least 1, got 0");
+        ensure!(f.base_channels >= 1, "--base-channels must be at least 1, got 0");
+        ensure!((1..=MAX_SCALES).contains(&f.num_scales), "--num-scales must be 1 to {MAX_SCALES}, got {}", f.num_scales);
+        let top = f.base_channels.saturating_mul(1 << (f.num_scales - 1));
+        ensure!(
+            top <= MAX_TOP_CHANNELS,
+            "--base-channels {} with --num-scales {} gives {top} channels at the coarsest level, more than the limit of {MAX_TOP_CHANNELS}",
+            f.base_channels,
+            f.num_scales
+        );
+        ensure!((1..=MAX_PROJ_DIM).contains(&self.proj_dim), "--proj-dim must be 1 to {MAX_PROJ_DIM}, got {}", self.proj_dim);
+        ensure!(self.temperature.is_finite() && self.temperature > 0.0, "--temperature must be positive and finite, got {}", self.temperature);
+        Ok(())
+    }
 }
 
 impl Default for ModelConfig {
