@@ -79,8 +79,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Atomic replacement of `path`: `write` fills a temporary sibling file, which is synced to
-/// disk and renamed over `path`; on any error the temporary file is removed and `path` is
+/// The prefix of every temporary name we create (files and folders), followed by the
+/// writing process's id: `remove_stale_temp_files` recognises and removes those of dead
+/// processes.
+pub const TEMP_PREFIX: &str = ".vox2vec-tmp-";
+
+/// Atomic replacement of `path`: `write` fills a file inside a private temporary folder
+/// beside `path` (so that whatever temporary files the writer makes itself, such as the
+/// safetensors crate's `.tmpXXXXXX`, carry our recognisable name too), which is synced to disk
+/// and renamed over `path`; on any error the temporary folder is removed and `path` is
 /// untouched.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -91,7 +98,9 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let ext = if name.ends_with(".nii.gz") { ".nii.gz".to_string() } else { path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default() };
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".vox2vec-tmp-{}-{n}{ext}", std::process::id()));
+    let tmp_dir = dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()));
+    fs::create_dir(&tmp_dir).with_context(|| format!("creating temporary folder {} (is {} writable?)", tmp_dir.display(), dir.display()))?;
+    let tmp = tmp_dir.join(format!("file{ext}"));
     let result = (|| -> Result<()> {
         write(&tmp)?;
         let f = fs::File::open(&tmp).with_context(|| format!("opening {}", tmp.display()))?;
@@ -99,10 +108,38 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
+    let _ = fs::remove_dir_all(&tmp_dir);
     result
+}
+
+/// Whether process `pid` is running (Linux: /proc; elsewhere every process counts as alive,
+/// so nothing is removed).
+fn process_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Remove, in `dir`, the temporary files and folders that processes which have died (killed
+/// while writing) left behind: names `TEMP_PREFIX<pid>-…` whose pid is not running. Returns
+/// how many were removed. A missing folder has none.
+pub fn remove_stale_temp_files(dir: &Path) -> Result<usize> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(0) };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(TEMP_PREFIX) else { continue };
+        let Some(pid) = rest.split(['-', '.']).next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let p = e.path();
+        let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        r.with_context(|| format!("removing the stale temporary {}", p.display()))?;
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 pub fn config_to_json(c: &ModelConfig) -> String {

@@ -244,6 +244,26 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const LOSS_CURVE_FILE: &str = "loss.png";
 
+/// Keep only the lines of a metrics file whose step is at most `through` (dropping lines that
+/// do not parse, such as one cut by a kill); rewritten atomically, and only when something is
+/// dropped. A missing file is left missing.
+pub fn truncate_metrics(path: &std::path::Path, through: u64) -> Result<()> {
+    use anyhow::Context;
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let keep: Vec<&str> = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= through))
+        .collect();
+    if keep.len() == text.lines().count() && (text.is_empty() || text.ends_with('\n')) {
+        return Ok(());
+    }
+    let mut out = keep.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    crate::checkpoint::write_atomic(path, out.as_bytes()).with_context(|| format!("truncating {} to step {through}", path.display()))
+}
+
 /// Draw `out_dir/loss.png` from the run's whole `metrics.jsonl` (resumed parts included): the
 /// per-step loss and its moving average over 20 steps.
 pub fn write_loss_curve(out_dir: &std::path::Path) -> Result<()> {
@@ -317,6 +337,13 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
         model.activation_dtype = opts.activation_dtype;
     }
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    let stale = checkpoint::remove_stale_temp_files(&opts.out_dir)?;
+    if stale > 0 {
+        progress.message(&format!("removed {stale} temporary file(s) left in {} by an interrupted run", opts.out_dir.display()));
+    }
+    // The metrics of steps after the checkpoint (a run killed after its last checkpoint) are
+    // dropped, so that no step appears twice once this run writes them again.
+    truncate_metrics(&opts.out_dir.join(METRICS_FILE), adam.step)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -92,11 +92,33 @@ fn cli_trains_checkpoints_and_resumes() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("step      1  loss"), "loss not printed each step:\n{err}");
     assert!(dir.join(CHECKPOINT_FILE).is_file());
+    // What a run killed after its checkpoint leaves: metrics of a step past the checkpoint
+    // and a line cut mid-write; what a run killed during a write leaves: temporaries of a
+    // dead process (a file, and a folder holding the safetensors crate's own temporary).
+    let metrics = dir.join(METRICS_FILE);
+    let mut text = std::fs::read_to_string(&metrics).unwrap();
+    text.push_str("{\"step\": 3, \"loss\": 99.0}\n{\"step\": 4, \"lo");
+    std::fs::write(&metrics, text).unwrap();
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale_file = dir.join(format!(".vox2vec-tmp-{dead}-0.safetensors"));
+    let stale_dir = dir.join(format!(".vox2vec-tmp-{dead}-1"));
+    std::fs::write(&stale_file, b"partial").unwrap();
+    std::fs::create_dir_all(&stale_dir).unwrap();
+    std::fs::write(stale_dir.join(".tmpAbC123"), b"partial").unwrap();
     let out = train_bin().args(TINY).args(["--steps", "3", "--resume", "--out"]).arg(&dir).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("resumed from") && err.contains("at step 2"), "{err}");
-    assert_eq!(losses(&dir).len(), 3);
+    assert!(err.contains("removed 2 temporary"), "{err}");
+    assert!(!stale_file.exists() && !stale_dir.exists(), "stale temporaries of a dead process were left");
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![1, 2, 3], "each step once after a resume");
+    assert!(losses(&dir).iter().all(|&l| l != 99.0), "the step past the checkpoint was kept");
+    // Nothing of ours is left in the folder after a clean run.
+    let left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    assert!(left.is_empty(), "temporaries left: {left:?}");
 }
 
 #[test]

@@ -140,6 +140,10 @@ impl PrepareReport {
 pub fn prepare_input(input: &Path, cache: &Path, cfg: &PreprocessConfig, min_shape: [usize; 3]) -> Result<PrepareReport> {
     use indicatif::{ProgressBar, ProgressStyle};
     let files = discover(input)?;
+    let stale = crate::checkpoint::remove_stale_temp_files(cache).with_context(|| format!("cache folder {}", cache.display()))?;
+    if stale > 0 {
+        eprintln!("removed {stale} temporary file(s) left in {} by an interrupted run", cache.display());
+    }
     let bar = ProgressBar::new(files.len() as u64);
     bar.set_style(ProgressStyle::with_template("preprocessing {bar:30} {pos}/{len} files  {per_sec}  ETA {eta}  {msg}")?);
     let verdicts = prepare_all(&files, cache, cfg, min_shape, &|f: &Path| {
