@@ -49,6 +49,18 @@ pub fn save(path: &Path, config: &ModelConfig, store: &ParamStore, adam: Option<
             }
         }
     }
+    // A diverged run must not replace a good checkpoint with NaN weights.
+    for (name, _, data) in &owned {
+        if let Data::F32(v) = data {
+            let bad = v.iter().filter(|x| !x.is_finite()).count();
+            anyhow::ensure!(
+                bad == 0,
+                "{name} has {bad} non-finite values (of {}): not writing {} (the previous checkpoint, if any, is kept); the run diverged — lower --lr",
+                v.len(),
+                path.display()
+            );
+        }
+    }
     let views = owned
         .iter()
         .map(|(name, shape, data)| {

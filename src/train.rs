@@ -368,8 +368,8 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
         };
         let t0 = std::time::Instant::now();
         let stats = pretrain_step(&mut model, &mut adam, &batch)?;
-        if !stats.loss.is_finite() {
-            bail!("step {}: the loss is {} — stopping before it corrupts the checkpoint", step + 1, stats.loss);
+        if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
+            bail!("step {}: the loss is {} and the gradient norm {} — stopping before it corrupts the checkpoint", step + 1, stats.loss, stats.grad_norm);
         }
         let line = serde_json::json!({
             "step": step + 1,

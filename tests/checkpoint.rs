@@ -169,3 +169,24 @@ fn cli_export_backbone_round_trips() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.safetensors"));
 }
+
+#[test]
+fn non_finite_weights_never_replace_a_checkpoint() {
+    let dir = tmpdir("nonfinite");
+    let path = dir.join("checkpoint.safetensors");
+    let mut m = Vox2Vec::new(tiny(), 3);
+    let adam = Adam::new(AdamConfig::default(), &m.store);
+    checkpoint::save(&path, &m.config, &m.store, Some(&adam), &[]).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let slot = m.store.trainable().next().unwrap();
+    let name = m.store.slots()[slot].name.clone();
+    m.store.update_f32(slot, |v| {
+        v[0] = f32::NAN;
+        v[1] = f32::INFINITY;
+    });
+    let e = format!("{:#}", checkpoint::save(&path, &m.config, &m.store, Some(&adam), &[]).unwrap_err());
+    assert!(e.contains(&name) && e.contains("2 non-finite"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), good, "the good checkpoint was changed");
+    let left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n != "checkpoint.safetensors").collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
