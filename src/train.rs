@@ -299,6 +299,10 @@ impl Progress for Silent {
     fn finish(&mut self) {}
 }
 
+/// Set (by `vox2vec-train`'s SIGINT/SIGTERM handler) to ask the training loop to stop after
+/// the current step, write a checkpoint and return an error saying so.
+pub static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Pretrain on synthetic batches (the data pipeline for real CT comes with the loader):
 /// steps `start..opts.steps`, where `start` is 0 or the resumed checkpoint's step. Batch `i`
 /// depends only on (seed, i), so a resumed run continues exactly where the first stopped.
@@ -389,6 +393,16 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
             let mean = dice.iter().sum::<f64>() / dice.len().max(1) as f64;
             writeln!(metrics, "{}", serde_json::json!({"step": step + 1, "probe_mean_dice": mean, "probe_dice": dice, "probe_classes": p.dataset.classes})).context("writing metrics")?;
             progress.message(&format!("step {:>6}  online linear probe: mean Dice {mean:.4}", step + 1));
+        }
+        if STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) && step + 1 < opts.steps {
+            drop(metrics);
+            save(&model, &adam)?;
+            write_loss_curve(&opts.out_dir)?;
+            bail!(
+                "interrupted by a signal after step {}: checkpoint written to {}; continue with --resume",
+                step + 1,
+                ckpt_path.display()
+            );
         }
         if opts.checkpoint_every > 0 && (step + 1) % opts.checkpoint_every == 0 && step + 1 < opts.steps {
             save(&model, &adam)?;

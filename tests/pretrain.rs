@@ -167,3 +167,43 @@ fn cli_refuses_out_of_range_flags_without_panicking() {
     }
     assert!(!dir.join(CHECKPOINT_FILE).exists(), "a refused run left a checkpoint");
 }
+
+#[test]
+fn sigterm_finishes_the_step_writes_a_checkpoint_and_fails() {
+    use std::io::{BufRead, BufReader};
+    let dir = tmpdir("sigterm");
+    let mut child = train_bin()
+        .args(TINY)
+        .args(["--steps", "1000000", "--checkpoint-every", "1000000", "--out"])
+        .arg(&dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    // Wait until two steps are done, then ask it to stop.
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "trainer ended early:\n{text}");
+        text.push_str(&line);
+        if line.contains("step      2  loss") {
+            break;
+        }
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    text.push_str(&rest);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "an interrupted run must fail:\n{text}");
+    assert!(text.contains("interrupted by a signal after step"), "{text}");
+    let step: u64 = text.split("interrupted by a signal after step ").nth(1).unwrap().split(':').next().unwrap().trim().parse().unwrap();
+    assert!(step >= 2);
+    assert!(dir.join(CHECKPOINT_FILE).is_file(), "no checkpoint written on SIGTERM");
+    assert_eq!(losses(&dir).len() as u64, step, "metrics of every finished step");
+    // It resumes where it stopped.
+    let out = train_bin().args(TINY).args(["--steps", &(step + 1).to_string(), "--resume", "--out"]).arg(&dir).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && e.contains(&format!("at step {step}")), "{e}");
+    assert_eq!(losses(&dir).len() as u64, step + 1);
+}

@@ -295,7 +295,24 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGINT / SIGTERM: the first finishes the current step, writes a checkpoint and exits with
+/// a message (status 1); a second exits at once (status 130), the last checkpoint intact.
+fn install_signal_handler() {
+    use std::sync::atomic::Ordering;
+    let r = ctrlc::set_handler(|| {
+        if vox2vec::train::STOP_REQUESTED.swap(true, Ordering::SeqCst) {
+            eprintln!("\nvox2vec-train: second signal, exiting now (the last checkpoint is intact)");
+            std::process::exit(130);
+        }
+        eprintln!("\nvox2vec-train: signal received: finishing this step and writing a checkpoint (send it again to exit at once)");
+    });
+    if let Err(e) = r {
+        eprintln!("vox2vec-train: warning: no signal handler ({e}); an interrupt ends the run without a checkpoint");
+    }
+}
+
 fn main() -> ExitCode {
+    install_signal_handler();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
