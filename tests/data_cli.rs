@@ -121,3 +121,18 @@ fn train_stops_on_bad_files_unless_asked_to_skip() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usable volume"));
 }
+
+#[test]
+fn a_cache_that_cannot_be_written_stops_the_run_as_a_cache_problem() {
+    let d = mixed_folder("cachefail");
+    // A regular file where the cache folder should be: no entry can be written (as on a full
+    // disk or a read-only folder, which root, running these tests, would not see).
+    let cache = d.join("not-a-folder");
+    std::fs::write(&cache, b"x").unwrap();
+    let bin = env!("CARGO_BIN_EXE_vox2vec");
+    let out = Command::new(bin).args(["preprocess", "--skip-bad"]).arg(&d).arg("--cache").arg(&cache).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("cannot write the preprocessing cache") && text.contains("--cache"), "{text}");
+    assert!(!text.contains("unusable"), "a cache failure was blamed on an input file:\n{text}");
+}

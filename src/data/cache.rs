@@ -66,10 +66,16 @@ pub fn get_or_build(source: &Path, dir: &Path, cfg: &PreprocessConfig) -> Result
         }
     }
     let entry = build(source, cfg)?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating cache folder {}", dir.display()))?;
-    save_entry(&path, &entry)?;
+    let saved = std::fs::create_dir_all(dir).with_context(|| format!("creating cache folder {}", dir.display())).and_then(|()| save_entry(&path, &entry));
+    saved.map_err(|e| anyhow::Error::new(CacheWriteError(format!("{e:#}"))))?;
     Ok((entry, false))
 }
+
+/// Writing the cache failed (full disk, read-only folder): a problem of the cache folder, not
+/// of the input file, so callers stop the run instead of skipping the file.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the preprocessing cache: {0}")]
+pub struct CacheWriteError(pub String);
 
 /// Read and preprocess one source file (no cache).
 pub fn build(source: &Path, cfg: &PreprocessConfig) -> Result<CachedCt> {

@@ -74,6 +74,8 @@ pub enum Verdict {
     /// Preprocessed now, or found in the cache.
     Ready { entry: PathBuf, cached: bool, shape: [usize; 3] },
     Skipped { reason: String },
+    /// Its cache entry could not be written (the cache's problem, not the file's).
+    CacheFailed { reason: String },
 }
 
 /// Preprocess every file into `cache` (multi-threaded). `min_shape`: volumes smaller than this
@@ -92,6 +94,7 @@ pub fn prepare_all(files: &[PathBuf], cache: &Path, cfg: &PreprocessConfig, min_
                         Verdict::Ready { entry: cache.join(cache_key(f, cfg).unwrap_or_default()), cached, shape: s }
                     }
                 }
+                Err(e) if e.downcast_ref::<super::cache::CacheWriteError>().is_some() => Verdict::CacheFailed { reason: format!("{e:#}") },
                 Err(e) => {
                     // The verdict is reported beside the file name: drop a leading copy of it.
                     let msg = format!("{e:#}");
@@ -159,6 +162,7 @@ pub fn prepare_input(input: &Path, cache: &Path, cfg: &PreprocessConfig, min_sha
                 r.entries.push(entry);
             }
             Verdict::Skipped { reason } => r.skipped.push((f, reason)),
+            Verdict::CacheFailed { reason } => bail!("{reason} (while preprocessing {}; free space or choose another folder with --cache)", f.display()),
         }
     }
     Ok(r)
