@@ -195,7 +195,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         batch.voxels_per_pair = v;
     }
     anyhow::ensure!(batch.pairs >= 1 && batch.voxels_per_pair >= 1, "need at least one pair and one voxel per pair");
-    anyhow::ensure!(batch.patch.iter().all(|&p| p >= 4), "patch extents must be at least 4, got {:?}", batch.patch);
     anyhow::ensure!(batch.pairs * batch.voxels_per_pair >= 2, "InfoNCE needs at least 2 positive pairs per batch");
     let model = ModelConfig {
         fpn: FpnConfig { in_channels: 1, base_channels: args.base_channels, num_scales: args.num_scales },

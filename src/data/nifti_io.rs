@@ -181,10 +181,11 @@ fn read_file_bytes(path: &Path) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Header and voxel bytes (from `vox_offset` on) of a single-file NIfTI-1 image.
-fn read_header_and_data(path: &Path) -> Result<(NiftiHeader, Vec<u8>)> {
+/// Header, file bytes, and where in them the voxels start (`vox_offset`, checked) of a
+/// single-file NIfTI-1 image.
+fn read_header_and_data(path: &Path) -> Result<(NiftiHeader, Vec<u8>, usize)> {
     let ctx = || path.display().to_string();
-    let mut bytes = read_file_bytes(path)?;
+    let bytes = read_file_bytes(path)?;
     let h = NiftiHeader::from_reader(std::io::Cursor::new(&bytes)).map_err(|e| anyhow::anyhow!("{}: cannot read as NIfTI: {e}", ctx()))?;
     ensure!(
         &h.magic == nifti::header::MAGIC_CODE_NIP1,
@@ -195,15 +196,15 @@ fn read_header_and_data(path: &Path) -> Result<(NiftiHeader, Vec<u8>)> {
     ensure!(off.is_finite() && off >= 352.0 && off.fract() == 0.0, "{}: vox_offset {off} is invalid (a single-file NIfTI-1 has its voxels at byte 352 or later)", ctx());
     let off = off as usize;
     ensure!(off <= bytes.len(), "{}: vox_offset {off} is past the end of the file ({} bytes)", ctx(), bytes.len());
-    bytes.drain(..off);
-    Ok((h, bytes))
+    Ok((h, bytes, off))
 }
 
 /// Read a volume into canonical orientation, with scaling applied (values as f32). Refused,
 /// with the file named: damaged gzip, a bad vox_offset, too few voxel bytes, non-finite
 /// voxels (after scaling) or a non-finite affine.
 pub fn read_volume(path: &Path) -> Result<Volume> {
-    let (h, raw) = read_header_and_data(path)?;
+    let (h, bytes, data_start) = read_header_and_data(path)?;
+    let raw = &bytes[data_start..];
     let ctx = || path.display().to_string();
     let dim = h.dim().map_err(|e| anyhow::anyhow!("{}: invalid dimensions: {e}", ctx()))?.to_vec();
     ensure!(dim.len() >= 3, "{}: {}-D image; a 3-D volume is needed", ctx(), dim.len());
@@ -223,7 +224,7 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
         if h.sform_code > 0 { "sform" } else if h.qform_code > 0 { "qform" } else { "pixdim" }
     );
     let dtype = h.data_type().map_err(|e| anyhow::anyhow!("{}: unknown data type {}: {e}", ctx(), h.datatype))?;
-    let values = decode(&raw, dtype, h.endianness, n).with_context(ctx)?;
+    let values = decode(raw, dtype, h.endianness, n).with_context(ctx)?;
     let (slope, inter) = (h.scl_slope as f64, h.scl_inter as f64);
     let scale = slope != 0.0 && slope.is_finite();
     let inter = if inter.is_finite() { inter } else { 0.0 };
