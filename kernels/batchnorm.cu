@@ -1,32 +1,38 @@
 // Batch normalisation over the channel (last) axis of x viewed as [M, C] rows; the
 // statistics come from reduce.cu's column partials (f64), so the host never sees them.
 //
-//   bn_train_finalize: from col_partials mode 2 (s1 = sum (x - k), s2 = sum (x - k)^2, chunks
-//     summed in order, k = the shift held in mean[c]): mean = k + s1 / M,
+//   bn_train_finalize: from column partials s1 = sum (x - k), s2 = sum (x - k)^2 ([chunks] rows
+//     of `stride` values, summed in order; col_partials mode 2 or a fused convolution's
+//     per-brick partials reduced by col_partials mode 0), k = shift[c] when shift is given,
+//     else the shift col_partials wrote to mean[c]: mean = k + s1 / M,
 //     var = s2 / M - (s1 / M)^2 (biased, clamped at 0), invstd = 1 / sqrt(var + eps),
 //     running_mean' = (1 - momentum) running_mean + momentum mean,
 //     running_var'  = (1 - momentum) running_var + momentum var M / (M - 1)   (all =)
 //   bn_eval_stats: mean = running_mean, invstd = 1 / sqrt(running_var + eps)   (=)
-//   bn_apply: y = (x - mean) * (invstd * gamma) + beta (per element in f32), then
-//     max(y, 0) when relu != 0 (BN -> ReLU in one pass, as the ResBlock recomputes it)  (=)
-//   bn_backward_finalize: from part0 = sum dy, part1 = sum dy (x - mean):
+//   bn_affine_table: tab [3, C] f32 = (mean, invstd gamma, beta): the per-channel constants
+//     of bn_apply, for the fused convolutions that apply BatchNorm while loading      (=)
+//   bn_apply: y = (x - mean) * (invstd * gamma) + beta (per element in f32, bn_affine_value),
+//     then max(y, 0) when relu != 0 (BN -> ReLU in one pass)                          (=)
+//   bn_backward_finalize: from part0 = sum dy, part1 = sum dy (x - mean) ([chunks] rows of
+//     `stride` values):
 //     dbeta = sum dy, dgamma = invstd * sum dy (x - mean), and per-channel coefficients
 //     k = gamma invstd, u = -gamma invstd^2 dgamma / M, w = -gamma invstd dbeta / M
 //     (u = w = 0 in eval mode)                                                   (=)
-//   bn_backward_apply: dx = k dy + u (x - mean) + w                              (=)
+//   bn_backward_apply: dx = k dy + u (x - mean) + w (+ add[i] when add is given: the
+//     ResBlock's skip gradient joins the main path's in the same pass)            (=)
 #include "common.cuh"
 
-extern "C" __global__ void bn_train_finalize(const double* s1_part, const double* s2_part, int chunks, int C, i64 M, double eps, double momentum, double* mean,
-                                             double* invstd, const float* rm_in, const float* rv_in, float* rm_out, float* rv_out) {
+extern "C" __global__ void bn_train_finalize(const double* s1_part, const double* s2_part, int chunks, int stride, int C, const float* shift, i64 M, double eps,
+                                             double momentum, double* mean, double* invstd, const float* rm_in, const float* rv_in, float* rm_out, float* rv_out) {
     GRID_STRIDE(c, C) {
         double s1 = 0.0, s2 = 0.0;
         for (int k = 0; k < chunks; ++k) {
-            s1 += s1_part[(i64)k * C + c];
-            s2 += s2_part[(i64)k * C + c];
+            s1 += s1_part[(i64)k * stride + c];
+            s2 += s2_part[(i64)k * stride + c];
         }
         const double d = s1 / (double)M;
         const double var = fmax(s2 / (double)M - d * d, 0.0);
-        const double mu = mean[c] + d;
+        const double mu = (shift ? (double)shift[c] : mean[c]) + d;
         mean[c] = mu;
         invstd[c] = 1.0 / sqrt(var + eps);
         rm_out[c] = (float)((1.0 - momentum) * (double)rm_in[c] + momentum * mu);
@@ -41,12 +47,20 @@ extern "C" __global__ void bn_eval_stats(const float* rm, const float* rv, int C
     }
 }
 
+extern "C" __global__ void bn_affine_table(const double* mean, const double* invstd, const float* gamma, const float* beta, int C, float* tab) {
+    GRID_STRIDE(c, C) {
+        tab[c] = (float)mean[c];
+        tab[C + c] = (float)(invstd[c] * (double)gamma[c]);
+        tab[2 * C + c] = beta[c];
+    }
+}
+
 template <typename T>
 __device__ void bn_apply(const T* x, T* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
     GRID_STRIDE(i, M * C) {
         int c = (int)(i % C);
         float scale = (float)(invstd[c] * (double)gamma[c]);
-        float v = (ld(x, i) - (float)mean[c]) * scale + beta[c];
+        float v = bn_affine_value(ld(x, i), (float)mean[c], scale, beta[c]);
         st(y, i, relu ? fmaxf(v, 0.f) : v);
     }
 }
@@ -58,13 +72,13 @@ extern "C" __global__ void bn_apply_bf16(const bf16* x, bf16* y, const double* m
 }
 
 // coef [3, C]: k, u, w.
-extern "C" __global__ void bn_backward_finalize(const double* part0, const double* part1, int chunks, int C, i64 M, const double* invstd, const float* gamma, int train,
+extern "C" __global__ void bn_backward_finalize(const double* part0, const double* part1, int chunks, int stride, int C, i64 M, const double* invstd, const float* gamma, int train,
                                                 float* dgamma, float* dbeta, float* coef) {
     GRID_STRIDE(c, C) {
         double sg = 0.0, sgx = 0.0;
         for (int k = 0; k < chunks; ++k) {
-            sg += part0[(i64)k * C + c];
-            sgx += part1[(i64)k * C + c];
+            sg += part0[(i64)k * stride + c];
+            sgx += part1[(i64)k * stride + c];
         }
         double is = invstd[c], ga = (double)gamma[c];
         double dg = sgx * is;
@@ -77,15 +91,16 @@ extern "C" __global__ void bn_backward_finalize(const double* part0, const doubl
 }
 
 template <typename T>
-__device__ void bn_backward_apply(const T* x, const T* dy, T* dx, const double* mean, const float* coef, i64 M, int C) {
+__device__ void bn_backward_apply(const T* x, const T* dy, const T* add, T* dx, const double* mean, const float* coef, i64 M, int C) {
     GRID_STRIDE(i, M * C) {
         int c = (int)(i % C);
-        st(dx, i, coef[c] * ld(dy, i) + coef[C + c] * (ld(x, i) - (float)mean[c]) + coef[2 * C + c]);
+        const float v = coef[c] * ld(dy, i) + coef[C + c] * (ld(x, i) - (float)mean[c]) + coef[2 * C + c];
+        st(dx, i, add ? v + ld(add, i) : v);
     }
 }
-extern "C" __global__ void bn_backward_apply_f32(const float* x, const float* dy, float* dx, const double* mean, const float* coef, i64 M, int C) {
-    bn_backward_apply(x, dy, dx, mean, coef, M, C);
+extern "C" __global__ void bn_backward_apply_f32(const float* x, const float* dy, const float* add, float* dx, const double* mean, const float* coef, i64 M, int C) {
+    bn_backward_apply(x, dy, add, dx, mean, coef, M, C);
 }
-extern "C" __global__ void bn_backward_apply_bf16(const bf16* x, const bf16* dy, bf16* dx, const double* mean, const float* coef, i64 M, int C) {
-    bn_backward_apply(x, dy, dx, mean, coef, M, C);
+extern "C" __global__ void bn_backward_apply_bf16(const bf16* x, const bf16* dy, const bf16* add, bf16* dx, const double* mean, const float* coef, i64 M, int C) {
+    bn_backward_apply(x, dy, add, dx, mean, coef, M, C);
 }

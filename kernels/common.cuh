@@ -16,6 +16,31 @@ __device__ __forceinline__ float ld(const bf16* p, i64 i) { return __bfloat162fl
 __device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(bf16* p, i64 i, float v) { p[i] = __float2bfloat16_rn(v); }
 
+// 16-byte vector load and store (8 bf16 or 4 f32); the address must be 16-byte aligned (the
+// emulator checks it).
+#ifdef VOX2VEC_EMULATOR
+inline uint4 ld_vec16(const void* p) {
+    emu_check_align(p, 16, "16-byte load");
+    uint4 v;
+    memcpy(&v, p, 16);
+    return v;
+}
+inline void st_vec16(void* p, uint4 v) {
+    emu_check_align(p, 16, "16-byte store");
+    memcpy(p, &v, 16);
+}
+#else
+__device__ __forceinline__ uint4 ld_vec16(const void* p) { return *(const uint4*)p; }
+__device__ __forceinline__ void st_vec16(void* p, uint4 v) { *(uint4*)p = v; }
+#endif
+
+// BatchNorm's affine map of one value with per-channel (mean, scale = invstd gamma, beta) as
+// f32, and BN -> ReLU. Every kernel that applies BatchNorm (bn_apply, the fused convolutions'
+// input loads and ReLU masks) goes through these, so a recomputed activation is bit-identical
+// to the forward's.
+__device__ __forceinline__ float bn_affine_value(float x, float mean, float scale, float beta) { return fmaf(x - mean, scale, beta); }
+__device__ __forceinline__ float bn_relu_value(float x, float mean, float scale, float beta) { return fmaxf(bn_affine_value(x, mean, scale, beta), 0.f); }
+
 #define GRID_STRIDE(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n); i += (i64)gridDim.x * blockDim.x)
 
 // A flat channels-last index i of an [N, X, Y, Z, C] volume, unpacked.

@@ -20,6 +20,22 @@
 //     at most a few MiB and every block reads the same) as 32-bit pairs of channels.
 //   - Epilogue: + bias, round to bf16 once, store the voxels and channels inside the volume.
 //
+// Fusions of the ResBlock (REFERENCE.md §3; each off when its pointer is null). `bn` tables are
+// f32 [3, C] (mean, invstd gamma, beta: bn_affine_table), applied by common.cuh's bn_relu_value
+// exactly as bn_apply does, so a fused value is bit-identical to the unfused one.
+//   - in_bn [3, Ci]: the convolution reads relu(bn(x)) instead of x. The halo is loaded with
+//     16-byte loads, transformed in registers and stored; voxels outside the volume stay zero
+//     (the padding of relu(bn(x)), not of x).
+//   - residual [.., Co] bf16: y = conv + bias + residual, rounded once (the skip connection).
+//   - mask_h [.., Co] bf16 with mask_bn [3, Co]: y = round(conv) where bn(mask_h) > 0, else 0:
+//     the ReLU backward of a = relu(bn(h)) on an input gradient, without a.
+//   - part [bricks, 2 Co] f32 (=), one row per brick (blockIdx.x), each (brick, channel)
+//     written by exactly one block: with mask_h, part = (sum g, sum g (h - mean)) of the
+//     stored g (BatchNorm's backward sums); otherwise part = (sum (y - s), sum (y - s)^2) of
+//     the stored y with the shift s = bias[co] (0 without bias): BatchNorm's statistics of y.
+//     Per brick: lanes' values, then a fixed xor-shuffle tree over the 8 lanes that share
+//     columns, then the 4 warps in warp order. col_partials mode 0 reduces the rows in f64.
+//
 // The weight gradient (conv3d_tc_backward_weight) is a second GEMM, M = Co, N = T Ci,
 // K = voxels, split over K deterministically:
 //   part[s, co, t, ci] = sum over the bricks of split s of sum_v dy[v, co] x[v + d_t, ci]  (=)
@@ -45,26 +61,54 @@
 #define TC_CK 32
 #define TC_STRIDE (TC_CK + 8)
 
-// Queues (cp.async, not yet committed) the copies of a brick's halo: voxel hv of the
-// (TC_BX + 2r) x HY x HZ box whose corner is (x0 - r, y0 - r, z0 - r) of patch n gets
-// `pieces` 16-byte runs of 8 channels from ci0 at halo[hv * stride + 8 piece]; voxels
-// outside the volume get zeros (the convolution's padding).
-__device__ __forceinline__ void halo_load_async(bf16* halo, int stride, int pieces, const bf16* x, int n, int x0, int y0, int z0, int r, int HY, int HZ, int HV,
-                                                int X, int Y, int Z, int Ci, int ci0) {
+// Loads a brick's halo: voxel hv of the (TC_BX + 2r) x HY x HZ box whose corner is
+// (x0 - r, y0 - r, z0 - r) of patch n gets `pieces` 16-byte runs of 8 channels from ci0 at
+// halo[hv * stride + 8 piece]; voxels outside the volume get zeros (the convolution's
+// padding). Without `bn` the copies are queued (cp.async, not yet committed); with `bn` (a
+// shared [3][bn_width] table for channels ci0 ...) they are loaded, mapped through
+// bn_relu_value and stored at once.
+__device__ __forceinline__ void halo_load(bf16* halo, int stride, int pieces, const bf16* x, int n, int x0, int y0, int z0, int r, int HY, int HZ, int HV, int X,
+                                          int Y, int Z, int Ci, int ci0, const float* bn, int bn_width) {
     for (int e = threadIdx.x; e < HV * pieces; e += TC_THREADS) {
         const int hv = e / pieces, piece = e % pieces;
         const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
         const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
         const bool inside = gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z;
         const bf16* src = inside ? x + voxel_offset(n, gx, gy, gz, X, Y, Z, Ci, ci0 + piece * 8) : x;
-        cp_async_16(&halo[hv * stride + piece * 8], src, inside ? 16 : 0);
+        bf16* dst = &halo[hv * stride + piece * 8];
+        if (!bn) {
+            cp_async_16(dst, src, inside ? 16 : 0);
+            continue;
+        }
+        // Through memcpy, not a bf16 pointer into the uint4: no strict-aliasing hazard.
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (inside) {
+            v = ld_vec16(src);
+            bf16 h[8];
+            memcpy(h, &v, 16);
+            for (int j = 0; j < 8; ++j) {
+                const int c = piece * 8 + j;
+                h[j] = __float2bfloat16_rn(bn_relu_value(__bfloat162float(h[j]), bn[c], bn[bn_width + c], bn[2 * bn_width + c]));
+            }
+            memcpy(&v, h, 16);
+        }
+        st_vec16(dst, v);
     }
+}
+
+// tab[3][width] (shared) = channels c0 ... c0 + width of the [3, C] table src (all threads
+// call it; followed by a barrier).
+__device__ __forceinline__ void bn_table_load(float* tab, const float* src, int C, int c0, int width) {
+    for (int e = threadIdx.x; e < 3 * width; e += TC_THREADS) tab[e] = src[(e / width) * C + c0 + e % width];
+    __syncthreads();
 }
 
 
 template <int CO_TILE>
-__device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
+__device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn,
+                                  const bf16* residual, const bf16* mask_h, const float* mask_bn, float* part) {
     __shared__ __align__(16) bf16 halo[TC_HALO * TC_STRIDE];
+    __shared__ float bn_tab[3 * TC_CK];
     const int r = (k - 1) / 2, T = k * k * k;
     const int HY = TC_BY + 2 * r, HZ = TC_BZ + 2 * r, HV = (TC_BX + 2 * r) * HY * HZ;
     // The block's brick: patch n, corner (x0, y0, z0); channels co0 ...
@@ -90,7 +134,8 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
     for (int ci0 = 0; ci0 < Ci; ci0 += CK) {
         // Halo of channels [ci0, ci0 + CK): 16-byte pieces, zero outside the volume.
-        halo_load_async(halo, TC_STRIDE, CK / 8, x, n, x0, y0, z0, r, HY, HZ, HV, X, Y, Z, Ci, ci0);
+        if (in_bn) bn_table_load(bn_tab, in_bn, Ci, ci0, CK);
+        halo_load(halo, TC_STRIDE, CK / 8, x, n, x0, y0, z0, r, HY, HZ, HV, X, Y, Z, Ci, ci0, in_bn ? bn_tab : nullptr, CK);
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
@@ -116,36 +161,80 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
         }
         __syncthreads();  // the halo is overwritten by the next chunk
     }
+    // Epilogue; s1/s2: this lane's partial sums of its two columns of each n-tile.
+    float s1[CO_TILE / 8][2], s2[CO_TILE / 8][2];
 #pragma unroll
     for (int j = 0; j < CO_TILE / 8; ++j) {
+        for (int h = 0; h < 2; ++h) s1[j][h] = s2[j][h] = 0.f;
         for (int e = 0; e < 4; ++e) {
             const int m = mma_c_row(lane, e), co = co0 + 8 * j + mma_c_col(lane, e);
             const int vx = x0 + m / 8, vy = y0 + warp, vz = z0 + m % 8;
             if (co < Co && vx < X && vy < Y && vz < Z) {
-                const float v = acc[j][e] + (bias ? bias[co] : 0.f);
-                y[voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co)] = __float2bfloat16_rn(v);
+                const i64 o = voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co);
+                float v = acc[j][e] + (bias ? bias[co] : 0.f);
+                if (residual) v += __bfloat162float(residual[o]);
+                bf16 out = __float2bfloat16_rn(v);
+                if (mask_h) {
+                    const float h = __bfloat162float(mask_h[o]);
+                    if (!(bn_affine_value(h, mask_bn[co], mask_bn[Co + co], mask_bn[2 * Co + co]) > 0.f)) out = __float2bfloat16_rn(0.f);
+                    const float gv = __bfloat162float(out);
+                    s1[j][e & 1] += gv;
+                    s2[j][e & 1] += gv * (h - mask_bn[co]);
+                } else {
+                    const float d = __bfloat162float(out) - (bias ? bias[co] : 0.f);
+                    s1[j][e & 1] += d;
+                    s2[j][e & 1] += d * d;
+                }
+                y[o] = out;
             }
         }
+    }
+    if (!part) return;
+    // Columns 8 j + 2 tg + h are shared by the lanes with the same tg: sum over g (lane bits 2-4).
+    __shared__ float red[4][CO_TILE][2];
+#pragma unroll
+    for (int j = 0; j < CO_TILE / 8; ++j)
+        for (int h = 0; h < 2; ++h) {
+            for (int off = 4; off < 32; off <<= 1) {
+                s1[j][h] += __shfl_xor_sync(0xffffffffu, s1[j][h], off);
+                s2[j][h] += __shfl_xor_sync(0xffffffffu, s2[j][h], off);
+            }
+            if (g == 0) {
+                red[warp][8 * j + 2 * tg + h][0] = s1[j][h];
+                red[warp][8 * j + 2 * tg + h][1] = s2[j][h];
+            }
+        }
+    __syncthreads();
+    for (int c = tid; c < CO_TILE; c += TC_THREADS) {
+        if (co0 + c >= Co) continue;
+        float* row_out = part + (i64)blockIdx.x * 2 * Co + co0 + c;
+        row_out[0] = ((red[0][c][0] + red[1][c][0]) + red[2][c][0]) + red[3][c][0];
+        row_out[Co] = ((red[0][c][1] + red[1][c][1]) + red[2][c][1]) + red[3][c][1];
     }
 }
 
 // grid (N * ceil(X / 2) * ceil(Y / 4) * ceil(Z / 8), ceil(Co / CO_TILE)), block 128.
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
-    conv3d_tc_forward<16>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k,
+                                                                               const float* in_bn, const bf16* residual, const bf16* mask_h, const float* mask_bn, float* part) {
+    conv3d_tc_forward<16>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
-    conv3d_tc_forward<32>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k,
+                                                                               const float* in_bn, const bf16* residual, const bf16* mask_h, const float* mask_bn, float* part) {
+    conv3d_tc_forward<32>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
-    conv3d_tc_forward<64>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k,
+                                                                               const float* in_bn, const bf16* residual, const bf16* mask_h, const float* mask_bn, float* part) {
+    conv3d_tc_forward<64>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, mask_h, mask_bn, part);
 }
 
 #define TCW_STRIDE 24  // a halo voxel's 16 channels, padded to 48 bytes (16-byte aligned)
 #define TCW_TAPS 7      // taps per warp: ceil(27 / 4)
 
 // grid (splits, ceil(Co / 16), Ci / 16), block 128; `per_split` consecutive bricks per split.
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, int k, i64 per_split) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, int k, i64 per_split,
+                                                                                  const float* in_bn) {
     __shared__ __align__(16) bf16 halo[TC_HALO * TCW_STRIDE];
+    __shared__ float bn_tab[3 * 16];
     __shared__ bf16 dys[64][16];
     __shared__ float red[4][16][16];
     const int r = (k - 1) / 2, T = k * k * k;
@@ -156,6 +245,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
     const int co0 = blockIdx.y * 16, ci0 = blockIdx.z * 16;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const bool one_tap = T == 1;
+    if (in_bn) bn_table_load(bn_tab, in_bn, Ci, ci0, 16);
     // Brick voxel p = (vx * 4 + vy) * 8 + vz, k-step s = voxels [16 s, 16 s + 16). This lane's
     // B elements: halo voxel (unshifted) and channel; A elements: brick voxel and channel.
     int b_voxel[4][4], b_chan[4], a_voxel[4][8], a_chan[8];
@@ -182,7 +272,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
         const int bx = (int)(q % bxn);
         const i64 n = q / bxn;
         const int x0 = bx * TC_BX, y0 = by * TC_BY, z0 = bz * TC_BZ;
-        halo_load_async(halo, TCW_STRIDE, 2, x, n, x0, y0, z0, r, HY, HZ, HV, X, Y, Z, Ci, ci0);
+        halo_load(halo, TCW_STRIDE, 2, x, n, x0, y0, z0, r, HY, HZ, HV, X, Y, Z, Ci, ci0, in_bn ? bn_tab : nullptr, 16);
         cp_async_commit();
         for (int e = tid; e < 64 * 16; e += TC_THREADS) {
             const int p = e / 16, m = e % 16;

@@ -68,12 +68,6 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 
 inline unsigned lane_id() { return emu_linear_tid() % 32; }
 
-inline void emu_check_align(const void* p, unsigned bytes, const char* what) {
-    if ((uintptr_t)p % bytes != 0) {
-        std::fprintf(stderr, "CUDA emulator: %s address %p is not %u-byte aligned\n", what, p, bytes);
-        std::abort();
-    }
-}
 
 inline float emu_bf16_lo(uint32_t r) { return __bfloat162float(__nv_bfloat16{(uint16_t)(r & 0xffffu)}); }
 inline float emu_bf16_hi(uint32_t r) { return __bfloat162float(__nv_bfloat16{(uint16_t)(r >> 16)}); }

@@ -24,7 +24,7 @@ mod common;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::process::ExitCode;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, anyhow, bail, ensure};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vox2vec::autograd::{Graph, Var};
@@ -237,73 +237,141 @@ fn test_batchnorm() -> Result<()> {
     Ok(())
 }
 
+/// A ResBlock case's inputs (x, then γ0, β0, w2, b2, γ3, β3, w5, b5 and the skip conv's w, b
+/// when cin != cout) and its BatchNorms' running statistics (rm0, rv0, rm3, rv3).
+fn resblock_inputs(rng: &mut StdRng, shape: [usize; 5], cout: usize, k: usize, dt: DType) -> (Vec<Input>, Vec<Tensor>) {
+    let cin = shape[4];
+    let mid = cin.min(cout);
+    let x = Tensor::from_f32(&shape, rand_vec(rng, shape.iter().product()).into_iter().map(|v| 2.0 * v + 0.3).collect());
+    let pos = |rng: &mut StdRng, c: usize| Tensor::from_f32(&[c], (0..c).map(|_| rng.random_range(0.5..1.5f32)).collect());
+    // Conv weights as bf16 values in the bf16 run: the tensor-core convolutions round them,
+    // and the oracle must multiply the same weights.
+    let scaled = |rng: &mut StdRng, sh: &[usize], fan: usize| {
+        let t = Tensor::from_f32(sh, rand_vec(rng, sh.iter().product()).into_iter().map(|v| v / (fan as f32).sqrt()).collect());
+        if dt == DType::BF16 { round_bf16(&t) } else { t }
+    };
+    let mut inputs = vec![act(x), param(pos(rng, cin)), param(rand_tensor(rng, &[cin]))];
+    inputs.push(param(scaled(rng, &[mid, k, k, k, cin], k * k * k * cin)));
+    inputs.push(param(rand_tensor(rng, &[mid])));
+    inputs.push(param(pos(rng, mid)));
+    inputs.push(param(rand_tensor(rng, &[mid])));
+    inputs.push(param(scaled(rng, &[cout, k, k, k, mid], k * k * k * mid)));
+    inputs.push(param(rand_tensor(rng, &[cout])));
+    if cin != cout {
+        inputs.push(param(scaled(rng, &[cout, 1, 1, 1, cin], cin)));
+        inputs.push(param(rand_tensor(rng, &[cout])));
+    }
+    let running = [cin, cin, mid, mid].iter().map(|&c| pos(rng, c)).collect();
+    (inputs, running)
+}
+
+/// The device ResBlock op on `v` (as `resblock_inputs` orders them), fused or composed; its
+/// output and the updated running statistics.
+fn resblock_on_device(g: &Graph, v: &[Var], r: &[Tensor], fused: bool) -> Result<(Var, Vec<Tensor>)> {
+    use vox2vec::ops::resblock::{ResBlockVars, resblock_train_cuda_with};
+    let vars = ResBlockVars {
+        gamma0: v[1].clone(),
+        beta0: v[2].clone(),
+        w2: v[3].clone(),
+        b2: v[4].clone(),
+        gamma3: v[5].clone(),
+        beta3: v[6].clone(),
+        w5: v[7].clone(),
+        b5: v[8].clone(),
+        skip: (v.len() > 9).then(|| (v[9].clone(), v[10].clone())),
+        running0: (&r[0], &r[1]),
+        running3: (&r[2], &r[3]),
+    };
+    let (y, [u0, u3]) = resblock_train_cuda_with(g, &v[0], vars, fused)?;
+    Ok((y, vec![u0.running_mean, u0.running_var, u3.running_mean, u3.running_var]))
+}
+
+/// Channels that are multiples of 16, which take the fused tensor-core ResBlock in bf16: a
+/// 4x4x1 level with batch 1, an 8x8x2 level with a skip conv (16 -> 32), 32 -> 16 over a voxel
+/// count that is no multiple of the 2x4x8 brick, and k = 1.
+const FUSED_RESBLOCKS: [([usize; 5], usize, usize); 4] = [([1, 4, 4, 1, 16], 16, 3), ([2, 8, 8, 2, 16], 32, 3), ([1, 3, 5, 9, 32], 16, 3), ([2, 3, 5, 3, 16], 16, 1)];
+
 /// The device's recomputing ResBlock op (saves x and h1 only) against the composition of the
 /// primitive ops on the CPU: output, running statistics, and the gradients of x and of every
 /// parameter. Shapes with one voxel along an axis, odd channel counts, cin != cout (skip conv,
-/// mid = min(cin, cout)) and k = 1.
+/// mid = min(cin, cout)) and k = 1; then FUSED_RESBLOCKS (own random draws, so that the first
+/// list keeps its values), which take the fused path in bf16.
 fn test_resblock() -> Result<()> {
-    use vox2vec::ops::resblock::{ResBlockVars, resblock_train_cuda};
-    let mut rng = StdRng::seed_from_u64(21);
-    for dt in DTYPES {
-        for (shape, cout, k) in [([2usize, 5, 4, 3, 4usize], 4usize, 3usize), ([1, 4, 4, 1, 3], 5, 3), ([2, 3, 2, 2, 6], 3, 3), ([1, 6, 5, 4, 16], 16, 3), ([2, 3, 3, 2, 5], 7, 1)] {
-            let cin = shape[4];
-            let mid = cin.min(cout);
-            let x = Tensor::from_f32(&shape, rand_vec(&mut rng, shape.iter().product()).into_iter().map(|v| 2.0 * v + 0.3).collect());
-            let pos = |rng: &mut StdRng, c: usize| Tensor::from_f32(&[c], (0..c).map(|_| rng.random_range(0.5..1.5f32)).collect());
-            // Conv weights as bf16 values in the bf16 run: the tensor-core convolutions round
-            // them, and the oracle must multiply the same weights.
-            let scaled = |rng: &mut StdRng, sh: &[usize], fan: usize| {
-                let t = Tensor::from_f32(sh, rand_vec(rng, sh.iter().product()).into_iter().map(|v| v / (fan as f32).sqrt()).collect());
-                if dt == DType::BF16 { round_bf16(&t) } else { t }
-            };
-            let mut inputs = vec![act(x), param(pos(&mut rng, cin)), param(rand_tensor(&mut rng, &[cin]))];
-            inputs.push(param(scaled(&mut rng, &[mid, k, k, k, cin], k * k * k * cin)));
-            inputs.push(param(rand_tensor(&mut rng, &[mid])));
-            inputs.push(param(pos(&mut rng, mid)));
-            inputs.push(param(rand_tensor(&mut rng, &[mid])));
-            inputs.push(param(scaled(&mut rng, &[cout, k, k, k, mid], k * k * k * mid)));
-            inputs.push(param(rand_tensor(&mut rng, &[cout])));
-            if cin != cout {
-                inputs.push(param(scaled(&mut rng, &[cout, 1, 1, 1, cin], cin)));
-                inputs.push(param(rand_tensor(&mut rng, &[cout])));
+    let lists: [(u64, Vec<([usize; 5], usize, usize)>); 2] = [
+        (21, vec![([2, 5, 4, 3, 4], 4, 3), ([1, 4, 4, 1, 3], 5, 3), ([2, 3, 2, 2, 6], 3, 3), ([1, 6, 5, 4, 16], 16, 3), ([2, 3, 3, 2, 5], 7, 1)]),
+        (23, FUSED_RESBLOCKS.to_vec()),
+    ];
+    for (seed, cases) in lists {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for dt in DTYPES {
+            for &(shape, cout, k) in &cases {
+                let (inputs, running) = resblock_inputs(&mut rng, shape, cout, k, dt);
+                let op = |g: &Graph, v: &[Var], d: Device| -> Result<(Var, Vec<Tensor>)> {
+                    let r: Vec<Tensor> = running.iter().map(|t| t.to_device(d)).collect::<Result<_>>()?;
+                    if d != Device::Cpu {
+                        return resblock_on_device(g, v, &r, vox2vec::ops::resblock::fusion_for(dt, shape[4], shape[4].min(cout)));
+                    }
+                    // The oracle: the primitive ops composed, as model::layers::ResBlock3d does.
+                    let (h, u0) = ops::batch_norm(g, &v[0], &v[1], &v[2], &r[0], &r[1])?;
+                    let h = ops::conv3d(g, &ops::relu(g, &h)?, &v[3], Some(&v[4]))?;
+                    let (h, u3) = ops::batch_norm(g, &h, &v[5], &v[6], &r[2], &r[3])?;
+                    let h = ops::conv3d(g, &ops::relu(g, &h)?, &v[7], Some(&v[8]))?;
+                    let s = if v.len() > 9 { ops::conv3d(g, &v[0], &v[9], Some(&v[10]))? } else { v[0].clone() };
+                    let (u0, u3) = (u0.expect("train"), u3.expect("train"));
+                    Ok((ops::add(g, &h, &s)?, vec![u0.running_mean, u0.running_var, u3.running_mean, u3.running_var]))
+                };
+                // bf16: a chain of eight ops that each round to bf16 once (one op alone: 2e-2),
+                // and the BatchNorm backwards cancel (mean-subtracted sums). Worst on the
+                // emulator: the 16-channel case's bn3 beta gradient at 6.1e-2 (w2 4.9e-2, gamma3
+                // 4.7e-2), the same to four digits with VOX2VEC_NO_TENSOR_CORES=1, so rounding
+                // and not the kernel: h1 rounded to bf16 moves pre-activations near zero across
+                // the ReLU, and each flipped voxel moves a 120-voxel channel sum by a whole term.
+                // A wrong kernel is off by O(1); the fused path is held tighter below.
+                let tol = if dt == DType::BF16 { 8e-2 } else { F32_BOUND };
+                check_op_within(&format!("resblock {shape:?}->{cout} k{k} {dt:?}"), dt, inputs, true, &op, 22, tol)?;
             }
-            let running: Vec<Tensor> = [cin, cin, mid, mid].iter().map(|&c| pos(&mut rng, c)).collect();
-            let op = |g: &Graph, v: &[Var], d: Device| -> Result<(Var, Vec<Tensor>)> {
-                let r: Vec<Tensor> = running.iter().map(|t| t.to_device(d)).collect::<Result<_>>()?;
-                if d != Device::Cpu {
-                    let vars = ResBlockVars {
-                        gamma0: v[1].clone(),
-                        beta0: v[2].clone(),
-                        w2: v[3].clone(),
-                        b2: v[4].clone(),
-                        gamma3: v[5].clone(),
-                        beta3: v[6].clone(),
-                        w5: v[7].clone(),
-                        b5: v[8].clone(),
-                        skip: (v.len() > 9).then(|| (v[9].clone(), v[10].clone())),
-                        running0: (&r[0], &r[1]),
-                        running3: (&r[2], &r[3]),
-                    };
-                    let (y, [u0, u3]) = resblock_train_cuda(g, &v[0], vars)?;
-                    return Ok((y, vec![u0.running_mean, u0.running_var, u3.running_mean, u3.running_var]));
-                }
-                // The oracle: the primitive ops composed, as model::layers::ResBlock3d does.
-                let (h, u0) = ops::batch_norm(g, &v[0], &v[1], &v[2], &r[0], &r[1])?;
-                let h = ops::conv3d(g, &ops::relu(g, &h)?, &v[3], Some(&v[4]))?;
-                let (h, u3) = ops::batch_norm(g, &h, &v[5], &v[6], &r[2], &r[3])?;
-                let h = ops::conv3d(g, &ops::relu(g, &h)?, &v[7], Some(&v[8]))?;
-                let s = if v.len() > 9 { ops::conv3d(g, &v[0], &v[9], Some(&v[10]))? } else { v[0].clone() };
-                let (u0, u3) = (u0.expect("train"), u3.expect("train"));
-                Ok((ops::add(g, &h, &s)?, vec![u0.running_mean, u0.running_var, u3.running_mean, u3.running_var]))
-            };
-            // bf16: a chain of eight ops that each round to bf16 once (one op alone: 2e-2), and
-            // the BatchNorm backwards cancel (mean-subtracted sums). Worst on the emulator: the
-            // 16-channel case's bn3 beta gradient at 6.1e-2 (w2 4.9e-2, gamma3 4.7e-2), the same
-            // to four digits with VOX2VEC_NO_TENSOR_CORES=1, so rounding and not the kernel: h1
-            // rounded to bf16 moves pre-activations near zero across the ReLU, and each flipped
-            // voxel moves a 120-voxel channel sum by a whole term. A wrong kernel is off by O(1).
-            let tol = if dt == DType::BF16 { 8e-2 } else { F32_BOUND };
-            check_op_within(&format!("resblock {shape:?}->{cout} k{k} {dt:?}"), dt, inputs, true, &op, 22, tol)?;
+        }
+    }
+    Ok(())
+}
+
+/// The fused ResBlock against the composed device ops on the same bf16 inputs and output
+/// gradient. Both round the same values to bf16 except y (once instead of twice) and take the
+/// BatchNorm sums in a different order (f32 per brick, then f64), so they agree far more
+/// closely than either does with the fp32 CPU: a wrong ReLU mask or BatchNorm sum on a few
+/// voxels, which the 8e-2 bound against the CPU could hide, fails here.
+fn test_resblock_fused_vs_composed() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(29);
+    for &(shape, cout, k) in &FUSED_RESBLOCKS {
+        let name = format!("fused resblock {shape:?}->{cout} k{k}");
+        ensure!(vox2vec::ops::resblock::fusion_for(DType::BF16, shape[4], shape[4].min(cout)), "{name}: the fused path is switched off (VOX2VEC_NO_FUSION)");
+        let (inputs, running) = resblock_inputs(&mut rng, shape, cout, k, DType::BF16);
+        let run = |fused: bool| -> Result<(Tensor, Vec<Tensor>, Vec<Tensor>)> {
+            let g = Graph::train();
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|i| -> Result<Var> {
+                    let v = i.value.to_device(GPU)?;
+                    Ok(g.leaf(if i.activation { vox2vec::cuda::cast(&v, DType::BF16)? } else { v }))
+                })
+                .collect::<Result<_>>()?;
+            let r: Vec<Tensor> = running.iter().map(|t| t.to_device(GPU)).collect::<Result<_>>()?;
+            let (y, stats) = resblock_on_device(&g, &vars, &r, fused)?;
+            let seed_grad = round_bf16(&rand_tensor(&mut StdRng::seed_from_u64(31), y.shape()));
+            let grads = g.backward_with(&y, seed_grad.to_device(GPU)?)?;
+            let gs = vars.iter().map(|v| grads.get(v).cloned().ok_or_else(|| anyhow!("{name}: no gradient"))).collect::<Result<_>>()?;
+            Ok((y.value, stats, gs))
+        };
+        let (fy, fstats, fgrads) = run(true)?;
+        let (cy, cstats, cgrads) = run(false)?;
+        const TOL: f64 = 1e-2;
+        close(&format!("{name} output"), &fy, &cy, TOL)?;
+        for (i, (f, c)) in fstats.iter().zip(&cstats).enumerate() {
+            close(&format!("{name} running statistic {i}"), f, c, 1e-5)?;
+        }
+        let scale = cgrads.iter().map(|c| common::norm(&host(c))).fold(0.0f64, f64::max);
+        for (i, (f, c)) in fgrads.iter().zip(&cgrads).enumerate() {
+            close_scaled(&format!("{name} gradient of input {i}"), f, c, TOL, 1e-2 * scale)?;
         }
     }
     Ok(())
@@ -591,6 +659,7 @@ fn main() -> ExitCode {
         ("ops_conv3d_vs_cpu", test_conv3d),
         ("ops_batchnorm_vs_cpu", test_batchnorm),
         ("ops_resblock_recompute_vs_cpu", test_resblock),
+        ("ops_resblock_fused_vs_composed", test_resblock_fused_vs_composed),
         ("ops_pool_upsample_vs_cpu", test_pool_upsample),
         ("ops_gather_concat_vs_cpu", test_gather_concat),
         ("ops_head_and_infonce_vs_cpu", test_head_ops),

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #define __global__
@@ -62,6 +64,20 @@ inline float atomicAdd(float* p, float v) {
 
 using std::min;
 using std::max;
+
+// CUDA's 16-byte vector type.
+struct __attribute__((aligned(16))) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+// A misaligned vector access faults on the GPU; here it stops the process with its address.
+inline void emu_check_align(const void* p, unsigned bytes, const char* what) {
+    if ((uintptr_t)p % bytes != 0) {
+        std::fprintf(stderr, "CUDA emulator: %s address %p is not %u-byte aligned\n", what, p, bytes);
+        std::abort();
+    }
+}
 
 // bf16 as on the device: the upper 16 bits of an f32, rounded to nearest even.
 struct __nv_bfloat16 {

@@ -58,6 +58,7 @@ kernels! {
     // batchnorm.cu
     BnTrainFinalize => "bn_train_finalize",
     BnEvalStats => "bn_eval_stats",
+    BnAffineTable => "bn_affine_table",
     BnApplyF32 => "bn_apply_f32",
     BnApplyBf16 => "bn_apply_bf16",
     BnBackwardFinalize => "bn_backward_finalize",

@@ -12,12 +12,21 @@
 //! That halves what a ResBlock holds between forward and backward, the bulk of the step's
 //! peak memory.
 //!
+//! On tensor cores (bf16 activations, cin and mid multiples of 16) the op is also fused
+//! (`resblock_fused`, issue 9 §3): BN -> ReLU is applied while each convolution loads its
+//! input, so a1 and a3 never exist in memory, not even in the backward; bn3's statistics come
+//! from conv2's epilogue and the skip connection is added in conv5's; in the backward each
+//! input gradient's epilogue applies the ReLU mask (recomputed from the saved h1 or x) and
+//! produces BatchNorm's backward sums, and the skip gradient joins bn0's backward pass.
+//! VOX2VEC_NO_FUSION=1 takes the unfused composition of device ops instead.
+//!
 //! The oracle is the composition itself, which the CPU backend (and every eval-mode graph)
 //! still runs: `tests/gpu.rs` compares this op on the device with it on the CPU.
 
 use anyhow::{Result, ensure};
 
 use crate::autograd::{Graph, Var};
+use crate::cuda::ops::conv3d::Fusion;
 use crate::cuda::ops::{batchnorm as bn, conv3d as conv, elementwise as ew};
 use crate::ops::batchnorm::{BN_EPS, BN_MOMENTUM, BnUpdate};
 use crate::tensor::{Tensor, Vol};
@@ -40,13 +49,25 @@ pub struct ResBlockVars<'a> {
 }
 
 /// y = ResBlock3d(x) with batch statistics, for a CUDA tensor x [N, X, Y, Z, Cin]; returns
-/// the two BatchNorms' updated running statistics for the caller to store.
+/// the two BatchNorms' updated running statistics for the caller to store. Fused where
+/// `fusion_for` says so.
 pub fn resblock_train_cuda(g: &Graph, x: &Var, p: ResBlockVars) -> Result<(Var, [BnUpdate; 2])> {
+    let fused = fusion_for(x.value.dtype(), x.shape().last().copied().unwrap_or(0), p.w2.shape()[0]);
+    resblock_train_cuda_with(g, x, p, fused)
+}
+
+/// `resblock_train_cuda` on the fused path (an error where it does not apply) or on the
+/// composition of device ops (`fused` false; its oracle in tests/gpu.rs).
+pub fn resblock_train_cuda_with(g: &Graph, x: &Var, p: ResBlockVars, fused: bool) -> Result<(Var, [BnUpdate; 2])> {
     ensure!(x.value.is_cuda(), "resblock_train_cuda needs a device tensor");
     let v = Vol::of(&x.value);
     let (cin, mid, cout, k) = (v.c, p.w2.shape()[0], p.w5.shape()[0], p.w2.shape()[1]);
     ensure!(p.w2.shape()[4] == cin && p.w5.shape()[4] == mid, "resblock: weights {:?}, {:?} do not chain from {cin} channels", p.w2.shape(), p.w5.shape());
     ensure!(v.voxels() > 1, "batch_norm: training needs more than one value per channel, input shape {:?}", x.shape());
+    if fused {
+        ensure!(conv::tensor_cores_for(x.value.dtype(), cin) && conv::tensor_cores_for(x.value.dtype(), mid), "fused resblock needs bf16 activations and multiples of 16 channels ({cin} -> {mid})");
+        return resblock_fused(g, x, p, v, mid, cout, k);
+    }
     let vm = v.with_c(mid);
     let (st0, rm0, rv0) = bn::train_stats(&x.value, cin, BN_EPS, BN_MOMENTUM, p.running0.0, p.running0.1)?;
     let a1 = bn::apply_relu(&x.value, cin, &st0, &p.gamma0.value, &p.beta0.value)?;
@@ -106,6 +127,75 @@ pub fn resblock_train_cuda(g: &Graph, x: &Var, p: ResBlockVars) -> Result<(Var, 
             None => None,
         };
         let mut grads = vec![dx, Some(dg0), Some(db0), Some(dw2), Some(db2), Some(dg3), Some(db3), Some(dw5), Some(db5)];
+        if let Some((dw, db)) = skip_grads {
+            grads.extend([Some(dw), Some(db)]);
+        }
+        Ok(grads)
+    });
+    Ok((out, updates))
+}
+
+/// Whether the fused tensor-core ResBlock applies: both convolutions on tensor cores (bf16,
+/// cin and mid multiples of 16), unless VOX2VEC_NO_FUSION=1.
+pub fn fusion_for(dtype: crate::tensor::DType, cin: usize, mid: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var_os("VOX2VEC_NO_FUSION").is_some_and(|v| v != "0" && !v.is_empty()));
+    !off && conv::tensor_cores_for(dtype, cin) && conv::tensor_cores_for(dtype, mid)
+}
+
+/// The fused ResBlock (see the module comment): the same values as the unfused op up to where
+/// it rounds (y once instead of twice; the BatchNorm sums in f32 per brick, then f64).
+fn resblock_fused(g: &Graph, x: &Var, p: ResBlockVars, v: Vol, mid: usize, cout: usize, k: usize) -> Result<(Var, [BnUpdate; 2])> {
+    let (cin, vm) = (v.c, v.with_c(mid));
+    let (st0, rm0, rv0) = bn::train_stats(&x.value, cin, BN_EPS, BN_MOMENTUM, p.running0.0, p.running0.1)?;
+    let t0 = bn::affine_table(&st0, &p.gamma0.value, &p.beta0.value, cin)?;
+    let moments = Fusion { input_bn_relu: Some(&t0), partials: true, ..Fusion::default() };
+    let (h1, part1) = conv::forward_fused(&x.value, v, &p.w2.value, Some(&p.b2.value), mid, k, moments)?;
+    let part1 = part1.expect("asked for partials");
+    let (st3, rm3, rv3) = bn::train_stats_from_partials(&part1, mid, v.voxels(), Some(&p.b2.value), BN_EPS, BN_MOMENTUM, p.running3.0, p.running3.1)?;
+    drop(part1);
+    let t3 = bn::affine_table(&st3, &p.gamma3.value, &p.beta3.value, mid)?;
+    let skip_out = match &p.skip {
+        Some((w, b)) => Some(conv::forward(&x.value, v, &w.value, Some(&b.value), cout, 1)?),
+        None => None,
+    };
+    let residual = skip_out.as_ref().unwrap_or(&x.value);
+    let (y, _) = conv::forward_fused(&h1, vm, &p.w5.value, Some(&p.b5.value), cout, k, Fusion { input_bn_relu: Some(&t3), residual: Some(residual), ..Fusion::default() })?;
+    drop(skip_out);
+    let updates = [BnUpdate { running_mean: rm0, running_var: rv0 }, BnUpdate { running_mean: rm3, running_var: rv3 }];
+
+    let mut inputs: Vec<&Var> = vec![x, &p.gamma0, &p.beta0, &p.w2, &p.b2, &p.gamma3, &p.beta3, &p.w5, &p.b5];
+    if let Some((w, b)) = &p.skip {
+        inputs.extend([w, b]);
+    }
+    let xs = x.value.clone();
+    let (g0, g3, w2, w5) = (p.gamma0.value.clone(), p.gamma3.value.clone(), p.w2.value.clone(), p.w5.value.clone());
+    let skip_w = p.skip.as_ref().map(|(w, _)| w.value.clone());
+    let out = g.record("resblock", y, &inputs, move |dy| {
+        let dy = crate::cuda::cast(&dy, xs.dtype())?;
+        // The skip path: its input gradient joins bn0's backward at the end.
+        let (dx_skip, skip_grads) = match &skip_w {
+            Some(w) => {
+                let dxs = conv::backward_input(&dy, vm.with_c(cout), w, cin, 1, xs.dtype())?;
+                (Some(dxs), Some(conv::backward_weight(&xs, v, &dy, cout, 1)?))
+            }
+            None => (None, None),
+        };
+        // conv5: d_h3 = relu'(bn3(h1)) (dy * w5) with bn3's backward sums, and dw5 from
+        // a3 = relu(bn3(h1)) recomputed in the halo.
+        let mask3 = Fusion { relu_mask: Some((&h1, &t3)), partials: true, ..Fusion::default() };
+        let (d_h3, sums3) = conv::backward_input_fused(&dy, vm.with_c(cout), &w5, mid, k, mask3)?;
+        let (dw5, db5) = conv::backward_weight_bn_relu(&h1, vm, &t3, &dy, cout, k)?;
+        let (d_h1, dg3, db3) = bn::backward_from_partials(&h1, &d_h3, &sums3.expect("asked for partials"), mid, &st3, &g3, None)?;
+        drop(d_h3);
+        // conv2, then bn0's backward with the skip gradient (dy itself for an identity skip).
+        let mask0 = Fusion { relu_mask: Some((&xs, &t0)), partials: true, ..Fusion::default() };
+        let (d_h0, sums0) = conv::backward_input_fused(&d_h1, vm, &w2, cin, k, mask0)?;
+        let (dw2, db2) = conv::backward_weight_bn_relu(&xs, v, &t0, &d_h1, mid, k)?;
+        drop(d_h1);
+        let skip_grad = dx_skip.as_ref().unwrap_or(&dy);
+        let (dx, dg0, db0) = bn::backward_from_partials(&xs, &d_h0, &sums0.expect("asked for partials"), cin, &st0, &g0, Some(skip_grad))?;
+        let mut grads = vec![Some(dx), Some(dg0), Some(db0), Some(dw2), Some(db2), Some(dg3), Some(db3), Some(dw5), Some(db5)];
         if let Some((dw, db)) = skip_grads {
             grads.extend([Some(dw), Some(db)]);
         }

@@ -3,11 +3,14 @@
 //! channel counts that are not multiples of 16, take the exact CUDA-core kernels
 //! (`kernels/conv3d.cu`, the on-GPU oracle); bf16 activations over multiples of 16 channels
 //! take the tensor-core kernels (`kernels/conv3d_tc.cu`) for the forward, the input gradient
-//! and the weight gradient.
+//! and the weight gradient. The tensor-core kernels also take the ResBlock's fusions
+//! ([`Fusion`]): BN -> ReLU applied while loading the input, the residual added and the
+//! ReLU backward applied in the epilogue, BatchNorm's statistics or backward sums as per-brick
+//! partials (`ops::resblock` composes them).
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_f32, ensure_float, nbytes};
+use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_f32, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor, Vol};
 
 const TILE: usize = 64;
@@ -33,7 +36,7 @@ pub fn tensor_cores_for(dtype: DType, ci: usize) -> bool {
 
 /// The f32 weight [Co, k, k, k, Ci] as bf16 [Co, T, Ci] (or flipped and transposed to
 /// [Ci, T, Co] for the input gradient).
-fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool) -> Result<crate::cuda::CudaBuf> {
+fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool) -> Result<CudaBuf> {
     let dev = dev_of(w);
     let n = co * k * k * k * ci;
     let out = dev.alloc(n * 2)?;
@@ -46,9 +49,30 @@ fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool) -> Result
     Ok(out)
 }
 
+/// What a tensor-core convolution fuses around its GEMM (`kernels/conv3d_tc.cu`); the default
+/// fuses nothing. Tables are BatchNorm's f32 [3, C] constants (`batchnorm::affine_table`).
+#[derive(Clone, Copy, Default)]
+pub struct Fusion<'a> {
+    /// The convolution reads relu(bn(x)) with this [3, Ci] table (padding stays zero).
+    pub input_bn_relu: Option<&'a CudaBuf>,
+    /// Added to the output before it is rounded: the ResBlock's skip connection.
+    pub residual: Option<&'a Tensor>,
+    /// The output is zeroed where bn(h) <= 0 (h [.., Co] with its [3, Co] table): the ReLU
+    /// backward of relu(bn(h)) applied to an input gradient.
+    pub relu_mask: Option<(&'a Tensor, &'a CudaBuf)>,
+    /// Per-brick partial sums [bricks, 2 Co] (f32) of the stored output: BatchNorm's
+    /// statistics shifted by the bias, or with `relu_mask` its backward sums (Σ g, Σ g (h − mean)).
+    pub partials: bool,
+}
+
+/// Bricks (2 x 4 x 8 voxels, one tensor-core block each) of a volume.
+pub fn tc_bricks(v: Vol) -> usize {
+    v.n * v.x.div_ceil(2) * v.y.div_ceil(4) * v.z.div_ceil(8)
+}
+
 /// The tensor-core convolution: y [N, X, Y, Z, co] bf16 from x (v, bf16) and a bf16 weight
-/// [co, T, v.c].
-fn tc_forward(x: &Tensor, v: Vol, wb: &crate::cuda::CudaBuf, bias: Option<&Tensor>, co: usize, k: usize) -> Result<Tensor> {
+/// [co, T, v.c], with `fu`'s fusions; the partials when asked for.
+fn tc_forward(x: &Tensor, v: Vol, wb: &CudaBuf, bias: Option<&Tensor>, co: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
     let dev = dev_of(x);
     let y = empty(dev, &v.with_c(co).shape(), DType::BF16)?;
     let (kern, tile) = match co {
@@ -56,13 +80,36 @@ fn tc_forward(x: &Tensor, v: Vol, wb: &crate::cuda::CudaBuf, bias: Option<&Tenso
         17..=32 => (K::Conv3dTcForwardCo32, 32),
         _ => (K::Conv3dTcForwardCo64, 64),
     };
-    let bricks = v.n * v.x.div_ceil(2) * v.y.div_ceil(4) * v.z.div_ceil(8);
+    let bricks = tc_bricks(v);
+    let part = if fu.partials { Some(empty(dev, &[bricks, 2 * co], DType::F32)?) } else { None };
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(wb.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
     args.extend(dims(v));
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
-    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + co * k * k * k * v.c * 2 + co * 4 + nbytes(&y));
+    args.extend([
+        Arg::Ptr(fu.input_bn_relu.map_or(0, |t| t.ptr())),
+        Arg::Ptr(fu.residual.map_or(0, |r| r.ptr())),
+        Arg::Ptr(fu.relu_mask.map_or(0, |(h, _)| h.ptr())),
+        Arg::Ptr(fu.relu_mask.map_or(0, |(_, t)| t.ptr())),
+        Arg::Ptr(part.as_ref().map_or(0, |p| p.ptr())),
+    ]);
+    let extra = fu.residual.map_or(0, nbytes) + fu.relu_mask.map_or(0, |(h, _)| nbytes(h)) + part.as_ref().map_or(0, nbytes);
+    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + co * k * k * k * v.c * 2 + co * 4 + nbytes(&y) + extra);
     dev.launch(kern, (bricks as u32, co.div_ceil(tile) as u32, 1), (128, 1, 1), 0, &args, cost)?;
-    Ok(y)
+    Ok((y, part))
+}
+
+/// The tensor-core forward with fusions: x bf16 (v), v.c a multiple of 16.
+pub fn forward_fused(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
+    ensure!(tensor_cores_for(x.dtype(), v.c), "fused conv3d needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
+    ensure_f32(w, "conv3d weight")?;
+    tc_forward(x, v, &weight_bf16(w, co, k, v.c, false)?, bias, co, k, fu)
+}
+
+/// The tensor-core input gradient with fusions: dx [.., ci] bf16 from bf16 dy (v_out, its
+/// channel count a multiple of 16).
+pub fn backward_input_fused(dy: &Tensor, v_out: Vol, w: &Tensor, ci: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
+    ensure!(tensor_cores_for(dy.dtype(), v_out.c), "fused conv3d backward needs bf16 gradients over a multiple of 16 channels, got {:?} x {}", dy.dtype(), v_out.c);
+    tc_forward(dy, v_out, &weight_bf16(w, v_out.c, k, ci, true)?, None, ci, k, fu)
 }
 
 /// y [N, X, Y, Z, Co] in x's dtype; w [Co, k, k, k, Ci] f32, bias [Co] f32.
@@ -70,7 +117,7 @@ pub fn forward(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize,
     ensure_float(x, "conv3d")?;
     ensure_f32(w, "conv3d weight")?;
     if tensor_cores_for(x.dtype(), v.c) {
-        return tc_forward(x, v, &weight_bf16(w, co, k, v.c, false)?, bias, co, k);
+        return Ok(tc_forward(x, v, &weight_bf16(w, co, k, v.c, false)?, bias, co, k, Fusion::default())?.0);
     }
     let dev = dev_of(x);
     let y = empty(dev, &v.with_c(co).shape(), x.dtype())?;
@@ -88,7 +135,7 @@ pub fn backward_input(dy: &Tensor, v_out: Vol, w: &Tensor, ci: usize, k: usize, 
     let dy = cast(dy, dtype)?;
     if tensor_cores_for(dtype, v_out.c) {
         // The forward kernel with the flipped, transposed weight: Co input channels, Ci out.
-        return tc_forward(&dy, v_out, &weight_bf16(w, v_out.c, k, ci, true)?, None, ci, k);
+        return Ok(tc_forward(&dy, v_out, &weight_bf16(w, v_out.c, k, ci, true)?, None, ci, k, Fusion::default())?.0);
     }
     let dev = dev_of(&dy);
     let dx = empty(dev, &v_out.with_c(ci).shape(), dtype)?;
@@ -119,17 +166,18 @@ pub fn tc_weight_splits(bricks: usize, tiles: usize, weight_len: usize) -> (usiz
     (bricks.div_ceil(per).max(1), per)
 }
 
-/// The tensor-core weight gradient: split-K partials of dw [Co, T, Ci] from bf16 x (v) and dy.
-fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(crate::cuda::CudaBuf, usize)> {
+/// The tensor-core weight gradient: split-K partials of dw [Co, T, Ci] from bf16 x (v) and dy;
+/// with `input_bn_relu` (a [3, Ci] table) the input is relu(bn(x)), recomputed in the halo.
+fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>) -> Result<(CudaBuf, usize)> {
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
-    let bricks = v.n * v.x.div_ceil(2) * v.y.div_ceil(4) * v.z.div_ceil(8);
+    let bricks = tc_bricks(v);
     let (co_tiles, ci_tiles) = (co.div_ceil(16), v.c / 16);
     let (splits, per) = tc_weight_splits(bricks, co_tiles * ci_tiles, co * kdim);
     let part = dev.alloc(splits * co * kdim * 4)?;
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(part.ptr())];
     args.extend(dims(v));
-    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32), Arg::I64(per as i64)]);
+    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32), Arg::I64(per as i64), Arg::Ptr(input_bn_relu.map_or(0, |t| t.ptr()))]);
     // x once per output-channel tile, dy once per input-channel tile, the partials written.
     let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * kdim) as f64, co_tiles * nbytes(x) + ci_tiles * nbytes(dy) + splits * co * kdim * 4);
     dev.launch(K::Conv3dTcBackwardWeight, (splits as u32, co_tiles as u32, ci_tiles as u32), (128, 1, 1), 0, &args, cost)?;
@@ -142,7 +190,7 @@ pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> 
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
     if tensor_cores_for(x.dtype(), v.c) {
-        let (part, splits) = tc_backward_weight(x, v, &dy, co, k)?;
+        let (part, splits) = tc_backward_weight(x, v, &dy, co, k, None)?;
         return finish_weight_gradient(&part, splits, &dy, co, k, v.c);
     }
     let (splits, chunk) = weight_splits(v.voxels(), co, kdim);
@@ -156,9 +204,18 @@ pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> 
     finish_weight_gradient(&part, splits, &dy, co, k, v.c)
 }
 
+/// (dw, db) of a convolution whose input is relu(bn(x)) (`table` [3, Ci]), on tensor cores,
+/// without that input: the halo loader recomputes it. x and dy bf16, v.c a multiple of 16.
+pub fn backward_weight_bn_relu(x: &Tensor, v: Vol, table: &CudaBuf, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
+    ensure!(tensor_cores_for(x.dtype(), v.c), "fused conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
+    let dy = cast(dy, x.dtype())?;
+    let (part, splits) = tc_backward_weight(x, v, &dy, co, k, Some(table))?;
+    finish_weight_gradient(&part, splits, &dy, co, k, v.c)
+}
+
 /// dw from its split-K partials [splits, Co, k^3 Ci] (summed in split order), and db = the
 /// column sum of dy.
-fn finish_weight_gradient(part: &crate::cuda::CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize) -> Result<(Tensor, Tensor)> {
+fn finish_weight_gradient(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize) -> Result<(Tensor, Tensor)> {
     let dev = dev_of(dy);
     let dw = empty(dev, &[co, k, k, k, ci], DType::F32)?;
     let n = co * k * k * k * ci;
