@@ -453,7 +453,7 @@ fn test_head_ops() -> Result<()> {
     }
     // Row and column tiles of 32 x 64: counts that are not multiples, d beyond one 32-wide
     // chunk and beyond 128 (the d <= 512 backward variant).
-    for (n, d) in [(6usize, 8usize), (37, 16), (2, 128), (300, 32), (2, 1), (97, 128), (65, 130)] {
+    for (n, d) in [(6usize, 8usize), (37, 16), (2, 128), (300, 32), (2, 1), (97, 128), (65, 130), (130, 64)] {
         let unit = |rng: &mut StdRng| {
             let v = rand_vec(rng, n * d);
             let mut out = v.clone();
@@ -466,6 +466,14 @@ fn test_head_ops() -> Result<()> {
         let (e1, e2) = (unit(&mut rng), unit(&mut rng));
         let op = |g: &Graph, v: &[Var], _: Device| Ok((ops::infonce(g, &v[0], &v[1], 0.1)?, vec![]));
         check_op(&format!("infonce [{n},{d}]"), DType::F32, vec![param(e1), param(e2)], true, &op, 17)?;
+        // The tensor-core kernels (bf16x3 products, blocks of 64 rows and 64-column tiles)
+        // where d allows them: the same bound as fp32 but for the ~2^-16 relative error of the
+        // split products (1e-5 of a logit at t = 0.1, summed over the tiles): 1e-4.
+        if vox2vec::cuda::ops::infonce::tensor_cores_for(d) {
+            let (e1, e2) = (unit(&mut rng), unit(&mut rng));
+            let op = |g: &Graph, v: &[Var], _: Device| Ok((ops::infonce::infonce_with(g, &v[0], &v[1], 0.1, ops::linear::MatmulMath::Tf32)?, vec![]));
+            check_op_within(&format!("infonce tensor cores [{n},{d}]"), DType::F32, vec![param(e1), param(e2)], true, &op, 17, 1e-4)?;
+        }
     }
     Ok(())
 }

@@ -90,6 +90,10 @@ kernels! {
     InfonceLoss => "infonce_loss",
     InfonceBackwardD128 => "infonce_backward_d128",
     InfonceBackwardD512 => "infonce_backward_d512",
+    // infonce_tc.cu (tensor cores, bf16x3)
+    InfonceSplitBf16 => "infonce_split_bf16",
+    InfonceTcRowLse => "infonce_tc_row_lse",
+    InfonceTcBackward => "infonce_tc_backward",
     // optim.cu
     MultiSumsq => "multi_sumsq",
     ClipFinalize => "clip_finalize",

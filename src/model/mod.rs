@@ -172,7 +172,7 @@ impl Vox2Vec {
         let f2 = Self::voxel_embeddings(g, &pyramid_2, &batch.batch_index, &batch.voxels_2)?;
         drop(pyramid_2);
         let embeds_2 = self.head.forward(g, &mut self.store, &f2, math)?;
-        let loss = ops::infonce(g, &embeds_1, &embeds_2, self.config.temperature)?;
+        let loss = ops::infonce::infonce_with(g, &embeds_1, &embeds_2, self.config.temperature, math)?;
         Ok(PairForward { input_1, pyramid_1, embeds_1, embeds_2, loss })
     }
 }

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::autograd::{Graph, Var};
 use crate::cpu::{Mat, par_gemm};
+use crate::ops::linear::MatmulMath;
 use crate::tensor::Tensor;
 
 pub const DEFAULT_TEMPERATURE: f64 = 0.1;
@@ -119,8 +120,15 @@ pub fn infonce_cpu(e1: &[f32], e2: &[f32], n: usize, d: usize, t: f64) -> (f64, 
     (loss, de1, de2)
 }
 
-/// InfoNCE as an autograd op; returns a scalar of shape [1].
+/// InfoNCE as an autograd op; returns a scalar of shape [1]. Exact fp32 on every device.
 pub fn infonce(g: &Graph, e1: &Var, e2: &Var, temperature: f64) -> Result<Var> {
+    infonce_with(g, e1, e2, temperature, MatmulMath::Fp32)
+}
+
+/// `infonce` with the similarities multiplied as `math` says on the device: `Tf32` lets the
+/// GPU take its tensor-core kernels (bf16x3 products, within ~1e-5 of fp32 in the logits);
+/// the CPU is always exact.
+pub fn infonce_with(g: &Graph, e1: &Var, e2: &Var, temperature: f64, math: MatmulMath) -> Result<Var> {
     ensure!(e1.shape().len() == 2 && e1.shape() == e2.shape(), "infonce: embeddings {:?} and {:?} must be equal [N, D]", e1.shape(), e2.shape());
     let (n, d) = (e1.shape()[0], e1.shape()[1]);
     ensure!(n >= 2, "infonce: needs at least 2 positive pairs, found {n}");
@@ -128,7 +136,7 @@ pub fn infonce(g: &Graph, e1: &Var, e2: &Var, temperature: f64) -> Result<Var> {
         // Flash-style on the device: the forward keeps 2N log-sum-exps, the backward
         // recomputes the similarity tiles from e1 and e2 (no N x N matrix at any time).
         use crate::cuda::ops::infonce as dev;
-        let (loss, lse) = dev::forward(&e1.value, &e2.value, n, d, temperature)?;
+        let (loss, lse) = dev::forward(&e1.value, &e2.value, n, d, temperature, math == MatmulMath::Tf32)?;
         let saved = g.needs_grad(&[e1, e2]).then(|| (e1.value.clone(), e2.value.clone(), lse));
         return Ok(g.record("infonce", loss, &[e1, e2], move |dl| {
             let (a, b, lse) = saved.expect("saved for backward");

@@ -1,7 +1,9 @@
 //! InfoNCE on the device (`kernels/infonce.cu`): flash-style kernels that never hold an N x N
 //! matrix. The forward streams tiles of the similarities into per-row log-sum-exps (2N
 //! values) and the loss; the backward recomputes the tiles from e1, e2 and those
-//! log-sum-exps. Memory O(N d); deterministic.
+//! log-sum-exps. Memory O(N d); deterministic. Two kernel sets: exact fp32 on CUDA cores
+//! (`kernels/infonce.cu`, the GPU's oracle) and bf16x3 on tensor cores
+//! (`kernels/infonce_tc.cu`, for d a multiple of 16 up to [`TC_MAX_DIM`]).
 
 use anyhow::{Result, ensure};
 
@@ -13,32 +15,65 @@ const ROWS: usize = 32;
 /// The widest embedding the backward kernels hold in registers.
 pub const MAX_DIM: usize = 512;
 
-/// What the forward leaves for the backward: the per-row log-sum-exps [2N] (f64).
+/// Rows per block of the tensor-core kernels (`NTC_ROWS`).
+const TC_ROWS: usize = 64;
+/// The widest embedding of the tensor-core kernels (`NTC_D`).
+pub const TC_MAX_DIM: usize = 128;
+
+/// What the forward leaves for the backward: the per-row log-sum-exps [2N] (f64), and on
+/// the tensor-core path the bf16 split of [e1; e2] (hi, lo: [2N, d] each).
 pub struct InfonceSaved {
     pub lse: CudaBuf,
+    split: Option<(CudaBuf, CudaBuf)>,
 }
 
-/// (loss [1] f32, saved) for unit rows e1, e2 [n, d] at temperature t.
-pub fn forward(e1: &Tensor, e2: &Tensor, n: usize, d: usize, t: f64) -> Result<(Tensor, InfonceSaved)> {
+/// Whether the tensor-core kernels take embeddings d wide.
+pub fn tensor_cores_for(d: usize) -> bool {
+    d % 16 == 0 && d > 0 && d <= TC_MAX_DIM
+}
+
+/// (loss [1] f32, saved) for unit rows e1, e2 [n, d] at temperature t; on tensor cores (bf16x3)
+/// when `tensor_cores` and d allows it, else in exact fp32.
+pub fn forward(e1: &Tensor, e2: &Tensor, n: usize, d: usize, t: f64, tensor_cores: bool) -> Result<(Tensor, InfonceSaved)> {
     ensure_f32(e1, "infonce")?;
     ensure_f32(e2, "infonce")?;
     ensure!(d <= MAX_DIM, "infonce on the GPU supports embeddings up to {MAX_DIM} wide, got {d}");
     let dev = dev_of(e1);
     let lse = dev.alloc(2 * n * 8)?;
     let diag = dev.alloc(n * 8)?;
-    let grid = (n.div_ceil(ROWS) as u32, 2, 1);
     let flops = 8.0 * (n * n * d) as f64;
-    dev.launch(
-        K::InfonceRowLse,
-        grid,
-        (256, 1, 1),
-        0,
-        &[Arg::Ptr(e1.ptr()), Arg::Ptr(e2.ptr()), Arg::I32(n as i32), Arg::I32(d as i32), Arg::F32((1.0 / t) as f32), Arg::Ptr(lse.ptr()), Arg::Ptr(diag.ptr())],
-        Cost::fp32(flops, 2 * n * d * 4 + 24 * n),
-    )?;
+    let split = if tensor_cores && tensor_cores_for(d) {
+        let (hi, lo) = (dev.alloc(2 * n * d * 2)?, dev.alloc(2 * n * d * 2)?);
+        dev.launch_1d(
+            K::InfonceSplitBf16,
+            2 * n * d,
+            &[Arg::Ptr(e1.ptr()), Arg::Ptr(e2.ptr()), Arg::Ptr(hi.ptr()), Arg::Ptr(lo.ptr()), Arg::I64((n * d) as i64)],
+            Cost::mem(2 * n * d * 8),
+        )?;
+        // Three bf16 MMAs per product (bf16x3).
+        dev.launch(
+            K::InfonceTcRowLse,
+            (n.div_ceil(TC_ROWS) as u32, 2, 1),
+            (128, 1, 1),
+            0,
+            &[Arg::Ptr(hi.ptr()), Arg::Ptr(lo.ptr()), Arg::I32(n as i32), Arg::I32(d as i32), Arg::F32((1.0 / t) as f32), Arg::Ptr(lse.ptr()), Arg::Ptr(diag.ptr())],
+            Cost::tensor_bf16(3.0 * flops, 2 * n * d * 4 + 24 * n),
+        )?;
+        Some((hi, lo))
+    } else {
+        dev.launch(
+            K::InfonceRowLse,
+            (n.div_ceil(ROWS) as u32, 2, 1),
+            (256, 1, 1),
+            0,
+            &[Arg::Ptr(e1.ptr()), Arg::Ptr(e2.ptr()), Arg::I32(n as i32), Arg::I32(d as i32), Arg::F32((1.0 / t) as f32), Arg::Ptr(lse.ptr()), Arg::Ptr(diag.ptr())],
+            Cost::fp32(flops, 2 * n * d * 4 + 24 * n),
+        )?;
+        None
+    };
     let loss = empty(dev, &[1], DType::F32)?;
     dev.launch(K::InfonceLoss, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(lse.ptr()), Arg::Ptr(diag.ptr()), Arg::I32(n as i32), Arg::Ptr(loss.ptr())], Cost::mem(24 * n))?;
-    Ok((loss, InfonceSaved { lse }))
+    Ok((loss, InfonceSaved { lse, split }))
 }
 
 /// (de1, de2) [n, d] f32, times the upstream gradient `dloss` (one f32 on the device).
@@ -47,9 +82,32 @@ pub fn backward(e1: &Tensor, e2: &Tensor, saved: &InfonceSaved, dloss: &Tensor, 
     let dev = dev_of(e1);
     let de1 = empty(dev, &[n, d], DType::F32)?;
     let de2 = empty(dev, &[n, d], DType::F32)?;
-    let k = if d <= 128 { K::InfonceBackwardD128 } else { K::InfonceBackwardD512 };
     // Each logit tile is recomputed (2d FLOPs per pair) and weighs a row update (2d more).
     let flops = 16.0 * (n * n * d) as f64;
+    if let Some((hi, lo)) = &saved.split {
+        dev.launch(
+            K::InfonceTcBackward,
+            (n.div_ceil(TC_ROWS) as u32, 2, 1),
+            (128, 1, 1),
+            0,
+            &[
+                Arg::Ptr(hi.ptr()),
+                Arg::Ptr(lo.ptr()),
+                Arg::Ptr(e1.ptr()),
+                Arg::Ptr(e2.ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(d as i32),
+                Arg::F32((1.0 / t) as f32),
+                Arg::Ptr(saved.lse.ptr()),
+                Arg::Ptr(dloss.ptr()),
+                Arg::Ptr(de1.ptr()),
+                Arg::Ptr(de2.ptr()),
+            ],
+            Cost::tensor_bf16(3.0 * flops, 2 * n * d * 4 + 4 * n * d * 4 + 16 * n),
+        )?;
+        return Ok((de1, de2));
+    }
+    let k = if d <= 128 { K::InfonceBackwardD128 } else { K::InfonceBackwardD512 };
     dev.launch(
         k,
         (n.div_ceil(ROWS) as u32, 2, 1),
