@@ -87,7 +87,7 @@ if want sanitize; then
     # pool's size classes would hide it).
     VOX2VEC_EXACT_ALLOC=1 step sanitize-memcheck 60 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 3 bin/gpu-tests mma_layout ops_
     step sanitize-racecheck 45 "$sanitizer" --tool racecheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_resblock ops_head
-    step sanitize-synccheck 30 "$sanitizer" --tool synccheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_batchnorm
+    step sanitize-synccheck 30 "$sanitizer" --tool synccheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_batchnorm ops_resblock ops_head
   else
     echo "sanitize: compute-sanitizer not found" | tee "$results/sanitize.txt"
   fi
