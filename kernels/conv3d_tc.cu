@@ -39,7 +39,9 @@
 // The weight gradient (conv3d_tc_backward_weight) is a second GEMM, M = Co, N = T Ci,
 // K = voxels, split over K deterministically:
 //   part[s, co, t, ci] = sum over the bricks of split s of sum_v dy[v, co] x[v + d_t, ci]  (=)
-// and conv3d_reduce_splits (conv3d.cu) sums the splits in order into dw[co, t, ci].
+// and conv3d_reduce_splits (conv3d.cu) sums the splits in order into dw[co, t, ci]. With
+// db_part, the blocks of input-channel tile 0 also write (=) db_part[s, co] = the sum of dy
+// over their bricks (f64), which reduce_chunks sums in split order into the bias gradient.
 //   - A block of 128 threads owns 16 output channels (co0), 16 input channels (ci0) and a run
 //     of consecutive bricks (2 x 4 x 8 voxels, all patches in one sequence). Per brick it loads
 //     the x halo of its 16 channels (cp.async, zero outside the volume) and dy of the brick's
@@ -232,7 +234,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64(
 
 // grid (splits, ceil(Co / 16), Ci / 16), block 128; `per_split` consecutive bricks per split.
 extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, int k, i64 per_split,
-                                                                                  const float* in_bn) {
+                                                                                  const float* in_bn, double* db_part) {
     __shared__ __align__(16) bf16 halo[TC_HALO * TCW_STRIDE];
     __shared__ float bn_tab[3 * 16];
     __shared__ bf16 dys[64][16];
@@ -246,6 +248,10 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const bool one_tap = T == 1;
     if (in_bn) bn_table_load(bn_tab, in_bn, Ci, ci0, 16);
+    // The bias gradient rides along: blocks of the first input-channel tile sum their dy tiles
+    // (thread c < 16: channel co0 + c; f32 per brick, f64 across bricks).
+    const bool bias_sums = db_part && blockIdx.z == 0;
+    double db_acc = 0.0;
     // Brick voxel p = (vx * 4 + vy) * 8 + vz, k-step s = voxels [16 s, 16 s + 16). This lane's
     // B elements: halo voxel (unshifted) and channel; A elements: brick voxel and channel.
     int b_voxel[4][4], b_chan[4], a_voxel[4][8], a_chan[8];
@@ -282,6 +288,11 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
         }
         cp_async_wait_all();
         __syncthreads();
+        if (bias_sums && tid < 16) {
+            float sb = 0.f;
+            for (int p = 0; p < 64; ++p) sb += __bfloat162float(dys[p][tid]);
+            db_acc += (double)sb;
+        }
         uint32_t a[4][4];
         for (int s = 0; s < 4; ++s)
             for (int h = 0; h < 4; ++h) a[s][h] = pack_bf16x2(dys[a_voxel[s][2 * h]][a_chan[2 * h]], dys[a_voxel[s][2 * h + 1]][a_chan[2 * h + 1]]);
@@ -307,6 +318,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
         }
         __syncthreads();  // the halo and dy tiles are overwritten by the next brick
     }
+    if (bias_sums && tid < 16 && co0 + tid < Co) db_part[(i64)blockIdx.x * Co + co0 + tid] = db_acc;
     float* out = part + (i64)blockIdx.x * Co * T * Ci;
     if (!one_tap) {
 #pragma unroll

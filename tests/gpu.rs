@@ -210,6 +210,21 @@ fn test_conv3d() -> Result<()> {
             check_op(&name, dt, inputs, true, &|g, v, _| Ok((ops::conv3d(g, &v[0], &v[1], v.get(2))?, vec![])), 5)?;
         }
     }
+    // The bias gradient is the column sum of dy alone (the tensor-core weight-gradient kernel
+    // takes it along): with dy exactly bf16 on both devices it must agree to f32 rounding,
+    // far inside the bf16 bound above.
+    for &(n, x, y, z, ci, co, k, _) in cases.iter().filter(|c| c.4 % 16 == 0) {
+        let g = Graph::train();
+        let xv = g.leaf(vox2vec::cuda::cast(&rand_tensor(&mut rng, &[n, x, y, z, ci]).to_device(GPU)?, DType::BF16)?);
+        let w = g.leaf(round_bf16(&rand_tensor(&mut rng, &[co, k, k, k, ci])).to_device(GPU)?);
+        let b = g.leaf(rand_tensor(&mut rng, &[co]).to_device(GPU)?);
+        let out = ops::conv3d(&g, &xv, &w, Some(&b))?;
+        let dy = round_bf16(&rand_tensor(&mut rng, out.shape()));
+        let grads = g.backward_with(&out, dy.to_device(GPU)?)?;
+        let want: Vec<f32> = (0..co).map(|c| dy.f32s().iter().skip(c).step_by(co).map(|&v| v as f64).sum::<f64>() as f32).collect();
+        let db = grads.get(&b).ok_or_else(|| anyhow!("no bias gradient"))?;
+        close(&format!("conv3d bias gradient [{n},{x},{y},{z},{ci}]->{co} bf16"), db, &Tensor::from_f32(&[co], want), 1e-5)?;
+    }
     Ok(())
 }
 

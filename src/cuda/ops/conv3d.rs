@@ -168,20 +168,22 @@ pub fn tc_weight_splits(bricks: usize, tiles: usize, weight_len: usize) -> (usiz
 
 /// The tensor-core weight gradient: split-K partials of dw [Co, T, Ci] from bf16 x (v) and dy;
 /// with `input_bn_relu` (a [3, Ci] table) the input is relu(bn(x)), recomputed in the halo.
-fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>) -> Result<(CudaBuf, usize)> {
+/// The bias gradient's per-split sums [splits, co] (f64) come with it.
+fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>) -> Result<(CudaBuf, usize, CudaBuf)> {
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
     let bricks = tc_bricks(v);
     let (co_tiles, ci_tiles) = (co.div_ceil(16), v.c / 16);
     let (splits, per) = tc_weight_splits(bricks, co_tiles * ci_tiles, co * kdim);
     let part = dev.alloc(splits * co * kdim * 4)?;
+    let db_part = dev.alloc(splits * co * 8)?;
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(part.ptr())];
     args.extend(dims(v));
-    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32), Arg::I64(per as i64), Arg::Ptr(input_bn_relu.map_or(0, |t| t.ptr()))]);
+    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32), Arg::I64(per as i64), Arg::Ptr(input_bn_relu.map_or(0, |t| t.ptr())), Arg::Ptr(db_part.ptr())]);
     // x once per output-channel tile, dy once per input-channel tile, the partials written.
-    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * kdim) as f64, co_tiles * nbytes(x) + ci_tiles * nbytes(dy) + splits * co * kdim * 4);
+    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * kdim) as f64, co_tiles * nbytes(x) + ci_tiles * nbytes(dy) + splits * co * (kdim * 4 + 8));
     dev.launch(K::Conv3dTcBackwardWeight, (splits as u32, co_tiles as u32, ci_tiles as u32), (128, 1, 1), 0, &args, cost)?;
-    Ok((part, splits))
+    Ok((part, splits, db_part))
 }
 
 /// (dw [Co, k, k, k, Ci] f32, db [Co] f32) from x (v) and dy.
@@ -190,8 +192,8 @@ pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> 
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
     if tensor_cores_for(x.dtype(), v.c) {
-        let (part, splits) = tc_backward_weight(x, v, &dy, co, k, None)?;
-        return finish_weight_gradient(&part, splits, &dy, co, k, v.c);
+        let (part, splits, db_part) = tc_backward_weight(x, v, &dy, co, k, None)?;
+        return finish_tc_weight_gradient(&part, splits, &db_part, &dy, co, k, v.c);
     }
     let (splits, chunk) = weight_splits(v.voxels(), co, kdim);
     let part = dev.alloc(splits * co * kdim * 4)?;
@@ -209,17 +211,32 @@ pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> 
 pub fn backward_weight_bn_relu(x: &Tensor, v: Vol, table: &CudaBuf, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
     ensure!(tensor_cores_for(x.dtype(), v.c), "fused conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
     let dy = cast(dy, x.dtype())?;
-    let (part, splits) = tc_backward_weight(x, v, &dy, co, k, Some(table))?;
-    finish_weight_gradient(&part, splits, &dy, co, k, v.c)
+    let (part, splits, db_part) = tc_backward_weight(x, v, &dy, co, k, Some(table))?;
+    finish_tc_weight_gradient(&part, splits, &db_part, &dy, co, k, v.c)
+}
+
+/// dw from the tensor-core kernel's split partials and db from its per-split dy sums.
+fn finish_tc_weight_gradient(part: &CudaBuf, splits: usize, db_part: &CudaBuf, dy: &Tensor, co: usize, k: usize, ci: usize) -> Result<(Tensor, Tensor)> {
+    let dev = dev_of(dy);
+    let dw = reduce_weight_splits(part, splits, dy, co, k, ci)?;
+    let db = empty(dev, &[co], DType::F32)?;
+    super::reduce::reduce_chunks(dev, db_part, splits, co, 1.0, None, Some(db.ptr()))?;
+    Ok((dw, db))
+}
+
+/// dw [Co, k, k, k, Ci] from split-K partials [splits, Co, k^3 Ci], summed in split order.
+fn reduce_weight_splits(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize) -> Result<Tensor> {
+    let dev = dev_of(dy);
+    let dw = empty(dev, &[co, k, k, k, ci], DType::F32)?;
+    let n = co * k * k * k * ci;
+    dev.launch_1d(K::Conv3dReduceSplits, n, &[Arg::Ptr(part.ptr()), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64)], Cost::mem((splits + 1) * n * 4))?;
+    Ok(dw)
 }
 
 /// dw from its split-K partials [splits, Co, k^3 Ci] (summed in split order), and db = the
 /// column sum of dy.
 fn finish_weight_gradient(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize) -> Result<(Tensor, Tensor)> {
-    let dev = dev_of(dy);
-    let dw = empty(dev, &[co, k, k, k, ci], DType::F32)?;
-    let n = co * k * k * k * ci;
-    dev.launch_1d(K::Conv3dReduceSplits, n, &[Arg::Ptr(part.ptr()), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64)], Cost::mem((splits + 1) * n * 4))?;
+    let dw = reduce_weight_splits(part, splits, dy, co, k, ci)?;
     let db = super::reduce::col_sum(dy, co)?;
     Ok((dw, db))
 }
