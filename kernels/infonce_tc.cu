@@ -19,7 +19,7 @@
 //   infonce_tc_backward: same grid. Per tile the logits are recomputed, turned into the
 //     weights w_vp(i, j) of infonce.cu in registers, and the accumulator fragments of that
 //     16 x 64 tile are reused as A fragments (split again into hi + lo) of a second GEMM with
-//     the staged partner tile: out[i, :] += sum_j w(i, j) e_p[j, :].                           
+//     the staged partner tile: out[i, :] += sum_j w(i, j) e_p[j, :].
 //       de_v[i] = g (k out[i] - e_{1-v}[i] / (N t)),  k = 1 / (2 N t), g = dloss[0]           (=)
 //     C -> A reuse: the m16n8 accumulators of n-tiles 2q and 2q + 1 hold, per lane, exactly
 //     the elements the m16k16 A fragment of k-step q needs (rows g, g + 8; columns 2 t, 2 t + 1

@@ -84,10 +84,7 @@ pub fn resblock_train_cuda_with(g: &Graph, x: &Var, p: ResBlockVars, fused: bool
     drop(h5);
     let updates = [BnUpdate { running_mean: rm0, running_var: rv0 }, BnUpdate { running_mean: rm3, running_var: rv3 }];
 
-    let mut inputs: Vec<&Var> = vec![x, &p.gamma0, &p.beta0, &p.w2, &p.b2, &p.gamma3, &p.beta3, &p.w5, &p.b5];
-    if let Some((w, b)) = &p.skip {
-        inputs.extend([w, b]);
-    }
+    let inputs = recorded_inputs(x, &p);
     let need_dx = x.tracked();
     let xs = x.value.clone();
     let (g0, b0, w2, g3, b3, w5) = (p.gamma0.value.clone(), p.beta0.value.clone(), p.w2.value.clone(), p.gamma3.value.clone(), p.beta3.value.clone(), p.w5.value.clone());
@@ -126,13 +123,29 @@ pub fn resblock_train_cuda_with(g: &Graph, x: &Var, p: ResBlockVars, fused: bool
             Some(s) => Some(ew::add(&dx_main, &s)?),
             None => None,
         };
-        let mut grads = vec![dx, Some(dg0), Some(db0), Some(dw2), Some(db2), Some(dg3), Some(db3), Some(dw5), Some(db5)];
-        if let Some((dw, db)) = skip_grads {
-            grads.extend([Some(dw), Some(db)]);
-        }
-        Ok(grads)
+        Ok(input_gradients(dx, [dg0, db0, dw2, db2, dg3, db3, dw5, db5], skip_grads))
     });
     Ok((out, updates))
+}
+
+/// The op's recorded inputs, in the order its backward returns their gradients: x, γ0, β0,
+/// w2, b2, γ3, β3, w5, b5, then the skip conv's weight and bias when there is one.
+fn recorded_inputs<'v>(x: &'v Var, p: &'v ResBlockVars) -> Vec<&'v Var> {
+    let mut inputs = vec![x, &p.gamma0, &p.beta0, &p.w2, &p.b2, &p.gamma3, &p.beta3, &p.w5, &p.b5];
+    if let Some((w, b)) = &p.skip {
+        inputs.extend([w, b]);
+    }
+    inputs
+}
+
+/// The gradients in `recorded_inputs` order.
+fn input_gradients(dx: Option<Tensor>, params: [Tensor; 8], skip: Option<(Tensor, Tensor)>) -> Vec<Option<Tensor>> {
+    let mut grads = vec![dx];
+    grads.extend(params.into_iter().map(Some));
+    if let Some((dw, db)) = skip {
+        grads.extend([Some(dw), Some(db)]);
+    }
+    grads
 }
 
 /// Whether the fused tensor-core ResBlock applies: both convolutions on tensor cores (bf16,
@@ -164,10 +177,7 @@ fn resblock_fused(g: &Graph, x: &Var, p: ResBlockVars, v: Vol, mid: usize, cout:
     drop(skip_out);
     let updates = [BnUpdate { running_mean: rm0, running_var: rv0 }, BnUpdate { running_mean: rm3, running_var: rv3 }];
 
-    let mut inputs: Vec<&Var> = vec![x, &p.gamma0, &p.beta0, &p.w2, &p.b2, &p.gamma3, &p.beta3, &p.w5, &p.b5];
-    if let Some((w, b)) = &p.skip {
-        inputs.extend([w, b]);
-    }
+    let inputs = recorded_inputs(x, &p);
     let xs = x.value.clone();
     let (g0, g3, w2, w5) = (p.gamma0.value.clone(), p.gamma3.value.clone(), p.w2.value.clone(), p.w5.value.clone());
     let skip_w = p.skip.as_ref().map(|(w, _)| w.value.clone());
@@ -195,11 +205,7 @@ fn resblock_fused(g: &Graph, x: &Var, p: ResBlockVars, v: Vol, mid: usize, cout:
         drop(d_h1);
         let skip_grad = dx_skip.as_ref().unwrap_or(&dy);
         let (dx, dg0, db0) = bn::backward_from_partials(&xs, &d_h0, &sums0.expect("asked for partials"), cin, &st0, &g0, Some(skip_grad))?;
-        let mut grads = vec![Some(dx), Some(dg0), Some(db0), Some(dw2), Some(db2), Some(dg3), Some(db3), Some(dw5), Some(db5)];
-        if let Some((dw, db)) = skip_grads {
-            grads.extend([Some(dw), Some(db)]);
-        }
-        Ok(grads)
+        Ok(input_gradients(Some(dx), [dg0, db0, dw2, db2, dg3, db3, dw5, db5], skip_grads))
     });
     Ok((out, updates))
 }

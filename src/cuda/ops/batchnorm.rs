@@ -29,11 +29,18 @@ pub fn train_stats(x: &Tensor, c: usize, eps: f64, momentum: f64, running_mean: 
 /// [bricks, 2 C] (Σ (y − shift), Σ (y − shift)², `conv3d::Fusion::partials`), and the updated
 /// running statistics.
 pub fn train_stats_from_partials(part: &Tensor, c: usize, m: usize, shift: Option<&Tensor>, eps: f64, momentum: f64, running_mean: &Tensor, running_var: &Tensor) -> Result<(DeviceBnStats, Tensor, Tensor)> {
+    let (sums, s2) = brick_sums(part, c)?;
+    let mean = dev_of(part).alloc_zeroed(c * 8)?;
+    finalize_train(part, &sums.part0, s2, sums.chunks, 2 * c, c, shift, m, mean, eps, momentum, running_mean, running_var)
+}
+
+/// Chunk sums (f64, rows of 2 C) of a fused convolution's per-brick partials [bricks, 2 C], and
+/// the address of the second half of the first row (where the second sum starts).
+fn brick_sums(part: &Tensor, c: usize) -> Result<(super::reduce::ColPartials, u64)> {
     ensure!(part.shape().len() == 2 && part.shape()[1] == 2 * c, "batch_norm: partials {:?} are not [bricks, 2 x {c}]", part.shape());
-    let dev = dev_of(part);
     let sums = col_partials(part, None, None, part.shape()[0], 2 * c, ColPass::Sum)?;
-    let mean = dev.alloc_zeroed(c * 8)?;
-    finalize_train(part, &sums.part0, sums.part0.ptr() + 8 * c as u64, sums.chunks, 2 * c, c, shift, m, mean, eps, momentum, running_mean, running_var)
+    let second = sums.part0.ptr() + 8 * c as u64;
+    Ok((sums, second))
 }
 
 /// bn_train_finalize over chunk sums (s1 at `s1`, s2 at `s2_ptr`, rows of `stride` f64) on
@@ -141,10 +148,8 @@ pub fn backward(x: &Tensor, dy: &Tensor, c: usize, st: &DeviceBnStats, gamma: &T
 /// (Σ dy, Σ dy (x − mean): `conv3d::Fusion` with a ReLU mask), plus `add` (same shape as x)
 /// added to dx in the same pass: (dx, dγ, dβ).
 pub fn backward_from_partials(x: &Tensor, dy: &Tensor, part: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
-    ensure!(part.shape().len() == 2 && part.shape()[1] == 2 * c, "batch_norm backward: partials {:?} are not [bricks, 2 x {c}]", part.shape());
     ensure!(dy.dtype() == x.dtype() && add.is_none_or(|a| a.dtype() == x.dtype() && a.shape() == x.shape()), "batch_norm backward: dy/add do not match x");
-    let sums = col_partials(part, None, None, part.shape()[0], 2 * c, ColPass::Sum)?;
-    let p1 = sums.part0.ptr() + 8 * c as u64;
+    let (sums, p1) = brick_sums(part, c)?;
     backward_apply(x, dy, &sums.part0, p1, sums.chunks, 2 * c, c, st, gamma, true, add)
 }
 

@@ -66,7 +66,7 @@ pub struct Fusion<'a> {
 }
 
 /// Bricks (2 x 4 x 8 voxels, one tensor-core block each) of a volume.
-pub fn tc_bricks(v: Vol) -> usize {
+fn tc_bricks(v: Vol) -> usize {
     v.n * v.x.div_ceil(2) * v.y.div_ceil(4) * v.z.div_ceil(8)
 }
 
@@ -192,8 +192,7 @@ pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> 
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
     if tensor_cores_for(x.dtype(), v.c) {
-        let (part, splits, db_part) = tc_backward_weight(x, v, &dy, co, k, None)?;
-        return finish_tc_weight_gradient(&part, splits, &db_part, &dy, co, k, v.c);
+        return tc_weight_gradient(x, v, &dy, co, k, None);
     }
     let (splits, chunk) = weight_splits(v.voxels(), co, kdim);
     let part = dev.alloc(splits * co * kdim * 4)?;
@@ -210,17 +209,16 @@ pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> 
 /// without that input: the halo loader recomputes it. x and dy bf16, v.c a multiple of 16.
 pub fn backward_weight_bn_relu(x: &Tensor, v: Vol, table: &CudaBuf, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
     ensure!(tensor_cores_for(x.dtype(), v.c), "fused conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
-    let dy = cast(dy, x.dtype())?;
-    let (part, splits, db_part) = tc_backward_weight(x, v, &dy, co, k, Some(table))?;
-    finish_tc_weight_gradient(&part, splits, &db_part, &dy, co, k, v.c)
+    tc_weight_gradient(x, v, &cast(dy, x.dtype())?, co, k, Some(table))
 }
 
-/// dw from the tensor-core kernel's split partials and db from its per-split dy sums.
-fn finish_tc_weight_gradient(part: &CudaBuf, splits: usize, db_part: &CudaBuf, dy: &Tensor, co: usize, k: usize, ci: usize) -> Result<(Tensor, Tensor)> {
+/// (dw, db) on tensor cores: dw from the kernel's split partials, db from its per-split dy sums.
+fn tc_weight_gradient(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>) -> Result<(Tensor, Tensor)> {
     let dev = dev_of(dy);
-    let dw = reduce_weight_splits(part, splits, dy, co, k, ci)?;
+    let (part, splits, db_part) = tc_backward_weight(x, v, dy, co, k, input_bn_relu)?;
+    let dw = reduce_weight_splits(&part, splits, dy, co, k, v.c)?;
     let db = empty(dev, &[co], DType::F32)?;
-    super::reduce::reduce_chunks(dev, db_part, splits, co, 1.0, None, Some(db.ptr()))?;
+    super::reduce::reduce_chunks(dev, &db_part, splits, co, 1.0, None, Some(db.ptr()))?;
     Ok((dw, db))
 }
 

@@ -84,47 +84,26 @@ pub fn backward(e1: &Tensor, e2: &Tensor, saved: &InfonceSaved, dloss: &Tensor, 
     let de2 = empty(dev, &[n, d], DType::F32)?;
     // Each logit tile is recomputed (2d FLOPs per pair) and weighs a row update (2d more).
     let flops = 16.0 * (n * n * d) as f64;
+    // Both kernels take these; the tensor-core one takes the bf16 split before them.
+    let args = [
+        Arg::Ptr(e1.ptr()),
+        Arg::Ptr(e2.ptr()),
+        Arg::I32(n as i32),
+        Arg::I32(d as i32),
+        Arg::F32((1.0 / t) as f32),
+        Arg::Ptr(saved.lse.ptr()),
+        Arg::Ptr(dloss.ptr()),
+        Arg::Ptr(de1.ptr()),
+        Arg::Ptr(de2.ptr()),
+    ];
     if let Some((hi, lo)) = &saved.split {
-        dev.launch(
-            K::InfonceTcBackward,
-            (n.div_ceil(TC_ROWS) as u32, 2, 1),
-            (128, 1, 1),
-            0,
-            &[
-                Arg::Ptr(hi.ptr()),
-                Arg::Ptr(lo.ptr()),
-                Arg::Ptr(e1.ptr()),
-                Arg::Ptr(e2.ptr()),
-                Arg::I32(n as i32),
-                Arg::I32(d as i32),
-                Arg::F32((1.0 / t) as f32),
-                Arg::Ptr(saved.lse.ptr()),
-                Arg::Ptr(dloss.ptr()),
-                Arg::Ptr(de1.ptr()),
-                Arg::Ptr(de2.ptr()),
-            ],
-            Cost::tensor_bf16(3.0 * flops, 2 * n * d * 4 + 4 * n * d * 4 + 16 * n),
-        )?;
-        return Ok((de1, de2));
+        let mut tc_args = vec![Arg::Ptr(hi.ptr()), Arg::Ptr(lo.ptr())];
+        tc_args.extend(args);
+        let cost = Cost::tensor_bf16(3.0 * flops, 2 * n * d * 4 + 4 * n * d * 4 + 16 * n);
+        dev.launch(K::InfonceTcBackward, (n.div_ceil(TC_ROWS) as u32, 2, 1), (128, 1, 1), 0, &tc_args, cost)?;
+    } else {
+        let k = if d <= 128 { K::InfonceBackwardD128 } else { K::InfonceBackwardD512 };
+        dev.launch(k, (n.div_ceil(ROWS) as u32, 2, 1), (256, 1, 1), 0, &args, Cost::fp32(flops, 4 * n * d * 4 + 16 * n))?;
     }
-    let k = if d <= 128 { K::InfonceBackwardD128 } else { K::InfonceBackwardD512 };
-    dev.launch(
-        k,
-        (n.div_ceil(ROWS) as u32, 2, 1),
-        (256, 1, 1),
-        0,
-        &[
-            Arg::Ptr(e1.ptr()),
-            Arg::Ptr(e2.ptr()),
-            Arg::I32(n as i32),
-            Arg::I32(d as i32),
-            Arg::F32((1.0 / t) as f32),
-            Arg::Ptr(saved.lse.ptr()),
-            Arg::Ptr(dloss.ptr()),
-            Arg::Ptr(de1.ptr()),
-            Arg::Ptr(de2.ptr()),
-        ],
-        Cost::fp32(flops, 4 * n * d * 4 + 16 * n),
-    )?;
     Ok((de1, de2))
 }
