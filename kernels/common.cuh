@@ -34,6 +34,18 @@ __device__ __forceinline__ uint4 ld_vec16(const void* p) { return *(const uint4*
 __device__ __forceinline__ void st_vec16(void* p, uint4 v) { *(uint4*)p = v; }
 #endif
 
+// The block's dynamic shared memory (the launch's shared_bytes, 16-byte aligned) as a T*.
+// Above 48 KiB a launch needs the kernel's opt-in (CudaDevice::set_max_dynamic_shared, up to
+// 227 KiB on sm_90); the emulator enforces both limits, poisons the buffer with NaN before
+// each block and fails a launch whose block wrote past its end.
+#ifdef VOX2VEC_EMULATOR
+#define DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(emu_dynamic_shared())
+#else
+#define DYNAMIC_SHARED(T, name)                                      \
+    extern __shared__ __align__(16) unsigned char vox2vec_dyn_smem[]; \
+    T* name = reinterpret_cast<T*>(vox2vec_dyn_smem)
+#endif
+
 // BatchNorm's affine map of one value with per-channel (mean, scale = invstd gamma, beta) as
 // f32, and BN -> ReLU. Every kernel that applies BatchNorm (bn_apply, the fused convolutions'
 // input loads and ReLU masks) goes through these, so a recomputed activation is bit-identical

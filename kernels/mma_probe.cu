@@ -10,6 +10,8 @@
 //            (matrix j = rows 8 (j & 1), cols 8 (j >> 1)), two bf16 each, as floats;
 //   [12, 28) the mapping's A coordinates (row, col) of elements e = 0..8;
 //   [28, 36) B coordinates (k, n) of e = 0..4;  [36, 44) C coordinates (row, col) of e = 0..4.
+// A is staged through 512 bytes of dynamic shared memory (the launch's shared_bytes; at least
+// 512), so the probe also exercises DYNAMIC_SHARED and the emulator's model of it.
 // On the emulator the D values only show self-consistency (its mma model uses the same
 // mappings); the coordinate tables are what the test checks against CuTe's layouts there.
 #include "mma.cuh"
@@ -17,10 +19,10 @@
 #define PROBE_STRIDE 44
 
 extern "C" __global__ void mma_layout_probe(float* out) {
-    __shared__ __align__(16) bf16 As[16][16];
+    DYNAMIC_SHARED(bf16, As);  // [16][16]
     const int l = (int)lane_id();
     float* o = out + l * PROBE_STRIDE;
-    for (int e = l; e < 256; e += 32) As[e / 16][e % 16] = __float2bfloat16_rn((float)e);
+    for (int e = l; e < 256; e += 32) As[e] = __float2bfloat16_rn((float)e);
     __syncthreads();
     uint32_t a[4], b[2];
     for (int q = 0; q < 4; ++q) {
@@ -41,7 +43,7 @@ extern "C" __global__ void mma_layout_probe(float* out) {
     for (int e = 0; e < 4; ++e) o[e] = d[e];
     const int j = l / 8, r = l % 8;
     uint32_t regs[4];
-    ldmatrix_x4(regs, &As[8 * (j & 1) + r][8 * (j >> 1)]);
+    ldmatrix_x4(regs, &As[(8 * (j & 1) + r) * 16 + 8 * (j >> 1)]);
     for (int q = 0; q < 4; ++q) {
         bf16 lo, hi;
         uint16_t bl = (uint16_t)(regs[q] & 0xffffu), bh = (uint16_t)(regs[q] >> 16);

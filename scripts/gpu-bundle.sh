@@ -72,7 +72,7 @@ step() {
   echo "== $name: rc $rc in $((SECONDS - t0)) s" | tee -a "$results/$name.txt"
   [[ $rc -eq 0 ]] || status=1
 }
-want probe && step probe 30 bin/gpu-tests mma_layout_probe
+want probe && step probe 30 bin/gpu-tests mma_layout_probe dynamic_shared
 want tests && step gpu-tests 90 bin/gpu-tests
 if want bench; then
   step bench-plan-bf16 30 bin/vox2vec-train --bench-plan --precision bf16 --report "$results/plan-bf16.json"

@@ -692,6 +692,34 @@ fn test_bf16_fused_step() -> Result<()> {
     Ok(())
 }
 
+/// Dynamic shared memory's launch limits, which hold on the GPU and which the emulator
+/// models: up to 48 KiB without opting in, more after `set_max_dynamic_shared`, never more
+/// than the device allows (227 KiB on sm_90, 163 KiB on sm_80). On the emulator also: a block
+/// writing past the end of its dynamic shared memory fails the launch (on a GPU that is
+/// undefined behaviour, compute-sanitizer's job, so it is not launched there).
+fn test_dynamic_shared_limits() -> Result<()> {
+    use vox2vec::cuda::K;
+    use vox2vec::cuda::ops::probe::{PROBE_SHARED_BYTES, mma_layout_with_shared};
+    let dev = vox2vec::cuda::device(0)?;
+    let reference = mma_layout_with_shared(&dev, PROBE_SHARED_BYTES)?;
+    ensure!(mma_layout_with_shared(&dev, 48 * 1024).is_ok(), "a launch with 48 KiB of dynamic shared memory failed");
+    let over = mma_layout_with_shared(&dev, 48 * 1024 + 16);
+    ensure!(over.is_err(), "a launch with 48 KiB + 16 bytes of dynamic shared memory succeeded without opting in");
+    dev.set_max_dynamic_shared(K::MmaLayoutProbe, 96 * 1024)?;
+    let big = mma_layout_with_shared(&dev, 96 * 1024)?;
+    ensure!(big.iter().zip(&reference).all(|(a, b)| a.d == b.d && a.ldmatrix == b.ldmatrix), "the probe's results changed with 96 KiB of dynamic shared memory");
+    ensure!(mma_layout_with_shared(&dev, 96 * 1024 + 16).is_err(), "a launch above the kernel's opted-in 96 KiB succeeded");
+    ensure!(dev.set_max_dynamic_shared(K::MmaLayoutProbe, 228 * 1024).is_err(), "opting in to 228 KiB of dynamic shared memory succeeded (no NVIDIA GPU has that much per block)");
+    dev.set_max_dynamic_shared(K::MmaLayoutProbe, 48 * 1024)?;
+    if dev.is_emulator() {
+        let e = mma_layout_with_shared(&dev, PROBE_SHARED_BYTES - 64).err().ok_or_else(|| anyhow!("a block writing 64 bytes past its dynamic shared memory went unnoticed"))?;
+        ensure!(format!("{e:#}").contains("past the end"), "unexpected error for an overrun: {e:#}");
+    } else {
+        println!("  (the overrun case runs on the emulator only)");
+    }
+    Ok(())
+}
+
 /// A CuTe layout mode: sizes and strides of its sub-modes; index i is split colexicographically
 /// (first sub-mode fastest) and mapped to Σ coordinate × stride.
 fn cute_offset(shape: &[usize], stride: &[usize], mut i: usize) -> usize {
@@ -754,6 +782,7 @@ fn main() -> ExitCode {
     let cases: Vec<Case> = vec![
         // First: if the fragment mappings are wrong, every tensor-core result below is too.
         ("mma_layout_probe", test_mma_layout),
+        ("dynamic_shared_memory_limits", test_dynamic_shared_limits),
         ("ops_elementwise_vs_cpu", test_elementwise),
         ("ops_conv3d_vs_cpu", test_conv3d),
         ("ops_batchnorm_vs_cpu", test_batchnorm),

@@ -7,12 +7,16 @@
 //     every live thread of its warp (32 consecutive thread indices) has arrived.
 // Threads that have returned no longer take part in either (as on the GPU). A round of the
 // scheduler in which no thread can move is a barrier divergence: the launch fails.
-// Shared memory (every kernel's, one section) is filled with 0xff bytes before each block.
+// Shared memory (every kernel's static arrays, one section, and the launch's dynamic shared
+// memory) is filled with 0xff bytes before each block. Dynamic shared memory is limited as on
+// sm_90: 48 KiB unless the kernel opted in to more (vox2vec_emu_set_max_dynamic_shared), at
+// most 227 KiB; a guard zone after it catches a block writing past its end.
 // Single OS thread.
 #include <ucontext.h>
 
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <vector>
 
 #include "shim.h"
@@ -40,6 +44,12 @@ struct Fiber {
     std::vector<char> stack;
     bool done = true;
 };
+
+// Dynamic shared memory: the launch's bytes, then a guard zone that must stay 0xff.
+const size_t DEFAULT_DYNAMIC_SHARED = 48 * 1024, MAX_DYNAMIC_SHARED = 227 * 1024, GUARD_BYTES = 256;
+std::vector<unsigned char> dynamic_shared(MAX_DYNAMIC_SHARED + GUARD_BYTES + 16);
+unsigned char* dynamic_base = nullptr;
+std::map<const void*, size_t> dynamic_opt_in;
 
 ucontext_t scheduler;
 std::vector<Fiber> fibers;
@@ -99,6 +109,15 @@ extern "C" void emu_syncthreads() {
 
 extern "C" unsigned emu_linear_tid() { return current; }
 
+extern "C" unsigned char* emu_dynamic_shared() { return dynamic_base; }
+
+// cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES): 0, or 1 above the device's limit.
+extern "C" int vox2vec_emu_set_max_dynamic_shared(const void* kernel, unsigned bytes) {
+    if (!kernel || bytes > MAX_DYNAMIC_SHARED) return 1;
+    dynamic_opt_in[kernel] = bytes;
+    return 0;
+}
+
 extern "C" void emu_syncwarp() {
     const unsigned w = current / 32, gen = warp_gen[w];
     ++warp_arrived[w];
@@ -115,10 +134,15 @@ extern "C" const void* vox2vec_emu_lookup(const char* name) {
     return nullptr;
 }
 
-// Returns 0, 1 for an invalid launch configuration, 2 for a barrier divergence (deadlock).
-extern "C" int vox2vec_emu_launch(const void* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, void** args) {
+// Returns 0, 1 for an invalid launch configuration, 2 for a barrier divergence (deadlock), 3
+// for dynamic shared memory over the kernel's limit, 4 for a write past its end.
+extern "C" int vox2vec_emu_launch(const void* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared_bytes, void** args) {
     const unsigned threads = bx * by * bz;
     if (!kernel || threads == 0 || threads > 1024 || gx == 0 || gy == 0 || gz == 0) return 1;
+    const auto opt = dynamic_opt_in.find(kernel);
+    if (shared_bytes > (opt == dynamic_opt_in.end() ? DEFAULT_DYNAMIC_SHARED : std::max(opt->second, DEFAULT_DYNAMIC_SHARED))) return 3;
+    // 16-byte aligned, as the GPU's dynamic shared memory is for an __align__(16) declaration.
+    dynamic_base = dynamic_shared.data() + (16 - (uintptr_t)dynamic_shared.data() % 16) % 16;
     if (fibers.size() < threads) fibers.resize(threads);
     for (auto& f : fibers)
         if (f.stack.empty()) f.stack.resize(STACK_BYTES);
@@ -140,6 +164,7 @@ extern "C" int vox2vec_emu_launch(const void* kernel, unsigned gx, unsigned gy, 
         const unsigned long long b = (i * stride + offset) % count;
         blockIdx = {(unsigned)(b % gx), (unsigned)((b / gx) % gy), (unsigned)(b / ((unsigned long long)gx * gy))};
         std::memset(__start_emu_shared, 0xff, (size_t)(__stop_emu_shared - __start_emu_shared));
+        std::memset(dynamic_base, 0xff, shared_bytes + GUARD_BYTES);
         block_live = threads;
         block_arrived = 0;
         warp_live.assign(warps, 0);
@@ -171,6 +196,11 @@ extern "C" int vox2vec_emu_launch(const void* kernel, unsigned gx, unsigned gy, 
                 return 2;
             }
         }
+        for (size_t i = 0; i < GUARD_BYTES; ++i)
+            if (dynamic_base[shared_bytes + i] != 0xff) {
+                std::fprintf(stderr, "CUDA emulator: block (%u, %u, %u) wrote byte %zu past the end of its %u bytes of dynamic shared memory\n", blockIdx.x, blockIdx.y, blockIdx.z, i, shared_bytes);
+                return 4;
+            }
     }
     return 0;
 }

@@ -24,6 +24,9 @@
 // this block reads NaN, not the previous block's values.
 #define __shared__ static __attribute__((section("emu_shared")))
 
+// The running block's dynamic shared memory (runtime.cpp; common.cuh's DYNAMIC_SHARED).
+extern "C" unsigned char* emu_dynamic_shared();
+
 struct emu_dim3 {
     unsigned x, y, z;
 };

@@ -494,11 +494,8 @@ impl CudaDevice {
             })
             .collect();
         if self.is_emulator() {
-            // No kernel uses dynamic shared memory yet; the emulator would need to model it
-            // (and its size limit) before one may.
-            ensure!(shared_bytes == 0, "{}: dynamic shared memory ({shared_bytes} bytes) is not modelled by the CUDA emulator", k.name());
             #[cfg(vox2vec_emulator)]
-            return super::emulator::launch(self.functions[k as usize].0 as *const c_void, grid, block, &mut params)
+            return super::emulator::launch(self.functions[k as usize].0 as *const c_void, grid, block, shared_bytes, &mut params)
                 .with_context(|| format!("emulating {}", k.name()));
         }
         let timing = self.timer_start()?;
@@ -507,6 +504,23 @@ impl CudaDevice {
         unsafe { result::launch_kernel(self.functions[k as usize].0, grid, block, shared_bytes, self.cu_stream(), &mut params) }
             .with_context(|| format!("launching {} with grid {grid:?}, block {block:?}", k.name()))?;
         self.timer_end(k.name(), timing)
+    }
+
+    /// Let kernel `k` be launched with up to `bytes` of dynamic shared memory (needed above
+    /// 48 KiB; the device's limit is 227 KiB on sm_90, less on some sm_8x). Call once, when
+    /// setting a kernel up, not per launch.
+    pub fn set_max_dynamic_shared(&self, k: K, bytes: u32) -> Result<()> {
+        if self.plan {
+            return Ok(());
+        }
+        if self.is_emulator() {
+            #[cfg(vox2vec_emulator)]
+            return super::emulator::set_max_dynamic_shared(self.functions[k as usize].0 as *const c_void, bytes).with_context(|| k.name().to_string());
+        }
+        self.bind()?;
+        // SAFETY: a function of our loaded module.
+        unsafe { result::function::set_function_attribute(self.functions[k as usize].0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32) }
+            .with_context(|| format!("{}: allowing {bytes} bytes of dynamic shared memory", k.name()))
     }
 
     /// Launch a grid-stride kernel over `n` elements (256 threads per block).

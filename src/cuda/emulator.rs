@@ -11,7 +11,8 @@ use anyhow::{Result, bail};
 
 unsafe extern "C" {
     fn vox2vec_emu_lookup(name: *const std::ffi::c_char) -> *const c_void;
-    fn vox2vec_emu_launch(kernel: *const c_void, gx: u32, gy: u32, gz: u32, bx: u32, by: u32, bz: u32, args: *mut *mut c_void) -> i32;
+    fn vox2vec_emu_launch(kernel: *const c_void, gx: u32, gy: u32, gz: u32, bx: u32, by: u32, bz: u32, shared_bytes: u32, args: *mut *mut c_void) -> i32;
+    fn vox2vec_emu_set_max_dynamic_shared(kernel: *const c_void, bytes: u32) -> i32;
 }
 
 /// Whether this process should use the emulator instead of a driver.
@@ -27,15 +28,30 @@ pub fn lookup(name: &str) -> Option<*const c_void> {
     (!f.is_null()).then_some(f)
 }
 
+/// The largest dynamic shared memory a kernel may be launched with, without opting in and
+/// with (sm_90's limits, which the emulator enforces).
+pub const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
+pub const MAX_DYNAMIC_SHARED: u32 = 227 * 1024;
+
 /// Run a launch to completion on this thread.
-pub fn launch(kernel: *const c_void, grid: (u32, u32, u32), block: (u32, u32, u32), params: &mut [*mut c_void]) -> Result<()> {
+pub fn launch(kernel: *const c_void, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, params: &mut [*mut c_void]) -> Result<()> {
     // SAFETY: `kernel` comes from `lookup`; `params` point to the kernel's arguments in order.
-    let rc = unsafe { vox2vec_emu_launch(kernel, grid.0, grid.1, grid.2, block.0, block.1, block.2, params.as_mut_ptr()) };
+    let rc = unsafe { vox2vec_emu_launch(kernel, grid.0, grid.1, grid.2, block.0, block.1, block.2, shared_bytes, params.as_mut_ptr()) };
     match rc {
         0 => {}
         2 => bail!("barrier divergence (some threads of a block wait at a barrier the others never reach), grid {grid:?} block {block:?}"),
+        3 => bail!("{shared_bytes} bytes of dynamic shared memory exceed the kernel's limit ({DEFAULT_DYNAMIC_SHARED} without opting in, at most {MAX_DYNAMIC_SHARED})"),
+        4 => bail!("a block wrote past the end of its {shared_bytes} bytes of dynamic shared memory"),
         _ => bail!("invalid launch configuration grid {grid:?} block {block:?}"),
     }
+    Ok(())
+}
+
+/// cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) for the emulator.
+pub fn set_max_dynamic_shared(kernel: *const c_void, bytes: u32) -> Result<()> {
+    // SAFETY: `kernel` comes from `lookup`.
+    let rc = unsafe { vox2vec_emu_set_max_dynamic_shared(kernel, bytes) };
+    anyhow::ensure!(rc == 0, "{bytes} bytes of dynamic shared memory exceed the device's limit ({MAX_DYNAMIC_SHARED})");
     Ok(())
 }
 

@@ -22,10 +22,19 @@ pub struct LaneReport {
     pub c: [(usize, usize); 4],
 }
 
+/// Dynamic shared memory the probe uses (its A matrix, 16 x 16 bf16).
+pub const PROBE_SHARED_BYTES: u32 = 512;
+
 /// Run the probe (one warp) and return the 32 lanes' reports.
 pub fn mma_layout(dev: &std::sync::Arc<CudaDevice>) -> Result<Vec<LaneReport>> {
+    mma_layout_with_shared(dev, PROBE_SHARED_BYTES)
+}
+
+/// The probe launched with `shared_bytes` of dynamic shared memory (tests of the launch
+/// limits; fewer than `PROBE_SHARED_BYTES` is a kernel writing past its shared memory).
+pub fn mma_layout_with_shared(dev: &std::sync::Arc<CudaDevice>, shared_bytes: u32) -> Result<Vec<LaneReport>> {
     let out = dev.alloc(32 * PROBE_STRIDE * 4)?;
-    dev.launch(K::MmaLayoutProbe, (1, 1, 1), (32, 1, 1), 0, &[Arg::Ptr(out.ptr())], Cost::mem(32 * PROBE_STRIDE * 4))?;
+    dev.launch(K::MmaLayoutProbe, (1, 1, 1), (32, 1, 1), shared_bytes, &[Arg::Ptr(out.ptr())], Cost::mem(32 * PROBE_STRIDE * 4))?;
     let v: Vec<f32> = dev.download(out.ptr(), 32 * PROBE_STRIDE)?;
     let pair = |o: &[f32], i: usize| (o[i] as usize, o[i + 1] as usize);
     Ok(v.chunks(PROBE_STRIDE)
