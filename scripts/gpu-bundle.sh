@@ -3,6 +3,8 @@
 # git-ignored folder gpu-bundle/ for a GPU machine that has the CUDA driver but no Rust:
 #   gpu-bundle/bin/gpu-tests       the GPU test binary (tests/gpu.rs)
 #   gpu-bundle/bin/vox2vec-train   the trainer, for --bench and real-data runs
+#   gpu-bundle/bin/kernel_lab      the kernel lab (examples/kernel_lab.rs): each kernel version
+#                                  validated and timed with TFLOP/s, GB/s and % of floor
 #   gpu-bundle/tests/data/fixtures the reference fixtures the parity test reads
 #   gpu-bundle/pytorch_reference.py  PyTorch's step on the same GPU, for comparison
 #   gpu-bundle/run.sh              runs the layout probe, the GPU tests, --bench-plan and
@@ -17,7 +19,7 @@ scripts/install-cuda.sh >/dev/null
 out=gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/tests/data"
-cargo build --release --bin vox2vec-train
+cargo build --release --bin vox2vec-train --example kernel_lab
 gpu_test=$(cargo test --release --test gpu --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys
 for l in sys.stdin:
@@ -27,6 +29,7 @@ for l in sys.stdin:
 [[ -x "$gpu_test" ]] || { echo "gpu-bundle: the GPU test binary was not built" >&2; exit 1; }
 strip --strip-debug -o "$out/bin/gpu-tests" "$gpu_test"
 strip --strip-debug -o "$out/bin/vox2vec-train" target/release/vox2vec-train
+strip --strip-debug -o "$out/bin/kernel_lab" target/release/examples/kernel_lab
 cp -r tests/data/fixtures "$out/tests/data/"
 cp benches/pytorch_reference.py "$out/"
 cat > "$out/run.sh" <<'RUN'
@@ -38,6 +41,7 @@ cat > "$out/run.sh" <<'RUN'
 #   probe     the mma/ldmatrix fragment-layout probe (if it fails, every tensor-core result does)
 #   tests     every GPU test against the CPU oracle (bin/gpu-tests)
 #   bench     --bench-plan and --bench N in bf16 and fp32 (measured ms beside the plan's floor)
+#   lab       the kernel lab: every version of each hot kernel, checked and timed
 #   sanitize  compute-sanitizer memcheck (exact-size allocations), racecheck and synccheck
 #             on the per-op GPU tests
 #   train     5 pretraining steps on CT phantoms through the real pipeline
@@ -50,7 +54,7 @@ cd "$here"
 results=${OUT:-$here/results}
 mkdir -p "$results"
 phases=("$@")
-[[ ${#phases[@]} -gt 0 ]] || phases=(probe tests bench sanitize train pytorch)
+[[ ${#phases[@]} -gt 0 ]] || phases=(probe tests bench lab sanitize train pytorch)
 want() { [[ " ${phases[*]} " == *" $1 "* ]]; }
 # cuBLAS: the system's, or the one in a pip wheel (PyTorch's dependencies).
 if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.1[23]'; then
@@ -72,14 +76,15 @@ step() {
   echo "== $name: rc $rc in $((SECONDS - t0)) s" | tee -a "$results/$name.txt"
   [[ $rc -eq 0 ]] || status=1
 }
-want probe && step probe 30 bin/gpu-tests mma_layout_probe dynamic_shared
+want probe && step probe 20 bin/gpu-tests mma_layout_probe dynamic_shared
 want tests && step gpu-tests 90 bin/gpu-tests
 if want bench; then
-  step bench-plan-bf16 30 bin/vox2vec-train --bench-plan --precision bf16 --report "$results/plan-bf16.json"
+  step bench-plan-bf16 10 bin/vox2vec-train --bench-plan --precision bf16 --report "$results/plan-bf16.json"
   for p in bf16 fp32; do
     step "bench-$p" 60 bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p"
   done
 fi
+want lab && step kernel-lab 30 bin/kernel_lab --reps 10
 if want sanitize; then
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -x "$sanitizer" ]]; then

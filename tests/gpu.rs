@@ -720,6 +720,29 @@ fn test_dynamic_shared_limits() -> Result<()> {
     Ok(())
 }
 
+/// The kernel lab's validation shapes (src/cuda/lab.rs): every version of every hot family
+/// against the CPU oracle within its bound — the versions not on the engine's path (the
+/// CUDA-core convolutions on bf16 storage, the composed ResBlock) stay correct too.
+fn test_kernel_lab() -> Result<()> {
+    use vox2vec::cuda::lab;
+    let dev = vox2vec::cuda::device(0)?;
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for case in lab::validation_cases(&dev, &lab::FAMILIES)? {
+        for r in lab::run_case(&dev, &case, 0)? {
+            let (e, against) = r.error.ok_or_else(|| anyhow!("{} {} {}: not checked", r.family, r.shape, r.version))?;
+            ensure!(against == "CPU", "{} {}: checked against {against}, not the CPU", r.family, r.shape);
+            checked += 1;
+            if !r.ok {
+                bad.push(format!("{} {} {}: error {e:.3e} above {:.1e}", r.family, r.shape, r.version, case.tol));
+            }
+        }
+    }
+    ensure!(checked >= 2 * lab::FAMILIES.len(), "only {checked} lab versions checked");
+    ensure!(bad.is_empty(), "kernel lab versions outside their bounds:\n{}", bad.join("\n"));
+    Ok(())
+}
+
 /// A CuTe layout mode: sizes and strides of its sub-modes; index i is split colexicographically
 /// (first sub-mode fastest) and mapped to Σ coordinate × stride.
 fn cute_offset(shape: &[usize], stride: &[usize], mut i: usize) -> usize {
@@ -795,6 +818,7 @@ fn main() -> ExitCode {
         ("fixture_parity_on_gpu", test_fixture_parity),
         ("training_steps_gpu_vs_cpu", test_training_steps),
         ("bf16_fused_step_vs_cpu_f32", test_bf16_fused_step),
+        ("kernel_lab_versions_vs_cpu", test_kernel_lab),
     ];
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let selected: Vec<_> = cases.iter().filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str()))).collect();

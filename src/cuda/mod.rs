@@ -12,6 +12,7 @@ pub mod cost;
 pub mod device;
 #[cfg(vox2vec_emulator)]
 pub mod emulator;
+pub mod lab;
 pub mod ops;
 pub mod optim;
 pub mod registry;

@@ -119,6 +119,14 @@ pub fn forward(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize,
     if tensor_cores_for(x.dtype(), v.c) {
         return Ok(tc_forward(x, v, &weight_bf16(w, co, k, v.c, false)?, bias, co, k, Fusion::default())?.0);
     }
+    forward_cuda_cores(x, v, w, bias, co, k)
+}
+
+/// `forward` on the CUDA-core kernel (`kernels/conv3d.cu`) whatever the dtype and channels:
+/// the fp32 path, the first conv, and version 1 in the kernel lab.
+pub fn forward_cuda_cores(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize, k: usize) -> Result<Tensor> {
+    ensure_float(x, "conv3d")?;
+    ensure_f32(w, "conv3d weight")?;
     let dev = dev_of(x);
     let y = empty(dev, &v.with_c(co).shape(), x.dtype())?;
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
@@ -189,11 +197,25 @@ fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, inpu
 /// (dw [Co, k, k, k, Ci] f32, db [Co] f32) from x (v) and dy.
 pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
     let dy = cast(dy, x.dtype())?;
-    let dev = dev_of(x);
-    let kdim = k * k * k * v.c;
     if tensor_cores_for(x.dtype(), v.c) {
         return tc_weight_gradient(x, v, &dy, co, k, None);
     }
+    backward_weight_cuda_cores(x, v, &dy, co, k)
+}
+
+/// `backward_weight` on the tensor cores (x and dy bf16, v.c a multiple of 16): version 2 in
+/// the kernel lab.
+pub fn backward_weight_tensor_cores(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
+    ensure!(x.dtype() == DType::BF16 && v.c % 16 == 0, "tensor-core conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
+    tc_weight_gradient(x, v, &cast(dy, DType::BF16)?, co, k, None)
+}
+
+/// `backward_weight` on the CUDA-core split-K kernel (dy in x's dtype): the fp32 path and
+/// version 1 in the kernel lab.
+pub fn backward_weight_cuda_cores(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
+    let dy = cast(dy, x.dtype())?;
+    let dev = dev_of(x);
+    let kdim = k * k * k * v.c;
     let (splits, chunk) = weight_splits(v.voxels(), co, kdim);
     let part = dev.alloc(splits * co * kdim * 4)?;
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(part.ptr())];
