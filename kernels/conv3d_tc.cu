@@ -27,6 +27,9 @@
 //     16-byte loads, transformed in registers and stored; voxels outside the volume stay zero
 //     (the padding of relu(bn(x)), not of x).
 //   - residual [.., Co] bf16: y = conv + bias + residual, rounded once (the skip connection).
+//     With rX > 0 the residual lives on the half-resolution grid [N, rX, rY, rZ, Co] and is
+//     read at (x / 2, y / 2, z / 2): y = conv + bias + upsample2(residual), the FPN decoder's
+//     lateral merge (nearest x2 upsample cropped to this grid) without the upsampled tensor.
 //   - mask_h [.., Co] bf16 with mask_bn [3, Co]: y = round(conv) where bn(mask_h) > 0, else 0:
 //     the ReLU backward of a = relu(bn(h)) on an input gradient, without a.
 //   - part [bricks, 2 Co] f32 (=), one row per brick (blockIdx.x), each (brick, channel)
@@ -108,7 +111,7 @@ __device__ __forceinline__ void bn_table_load(float* tab, const float* src, int 
 
 template <int CO_TILE>
 __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn,
-                                  const bf16* residual, const bf16* mask_h, const float* mask_bn, float* part) {
+                                  const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
     __shared__ __align__(16) bf16 halo[TC_HALO * TC_STRIDE];
     __shared__ float bn_tab[3 * TC_CK];
     const int r = (k - 1) / 2, T = k * k * k;
@@ -174,7 +177,7 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
             if (co < Co && vx < X && vy < Y && vz < Z) {
                 const i64 o = voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co);
                 float v = acc[j][e] + (bias ? bias[co] : 0.f);
-                if (residual) v += __bfloat162float(residual[o]);
+                if (residual) v += __bfloat162float(residual[rX ? voxel_offset(n, vx / 2, vy / 2, vz / 2, rX, rY, rZ, Co, co) : o]);
                 bf16 out = __float2bfloat16_rn(v);
                 if (mask_h) {
                     const float h = __bfloat162float(mask_h[o]);
@@ -217,16 +220,16 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
 
 // grid (N * ceil(X / 2) * ceil(Y / 4) * ceil(Z / 8), ceil(Co / CO_TILE)), block 128.
 extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k,
-                                                                               const float* in_bn, const bf16* residual, const bf16* mask_h, const float* mask_bn, float* part) {
-    conv3d_tc_forward<16>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, mask_h, mask_bn, part);
+                                                                               const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    conv3d_tc_forward<16>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k,
-                                                                               const float* in_bn, const bf16* residual, const bf16* mask_h, const float* mask_bn, float* part) {
-    conv3d_tc_forward<32>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, mask_h, mask_bn, part);
+                                                                               const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    conv3d_tc_forward<32>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k,
-                                                                               const float* in_bn, const bf16* residual, const bf16* mask_h, const float* mask_bn, float* part) {
-    conv3d_tc_forward<64>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, mask_h, mask_bn, part);
+                                                                               const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    conv3d_tc_forward<64>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
 
 #define TCW_STRIDE 24  // a halo voxel's 16 channels, padded to 48 bytes (16-byte aligned)

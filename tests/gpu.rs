@@ -392,6 +392,30 @@ fn test_resblock_fused_vs_composed() -> Result<()> {
     Ok(())
 }
 
+/// The FPN decoder's merge skip_conv(f) + upsample2_crop(up) (one tensor-core convolution
+/// with the upsampled residual in its epilogue in bf16; the composition in f32) against the
+/// CPU's composition: even and odd extents (the crop), batch 1, 16 and 32 channels, and an
+/// up grid larger than half of f's on one axis.
+fn test_fpn_merge() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(41);
+    // (f shape, up grid)
+    let cases = [([2usize, 8, 6, 4, 16], [4usize, 3, 2]), ([1, 5, 3, 7, 32], [3, 2, 4]), ([1, 4, 4, 1, 16], [2, 2, 1]), ([2, 3, 5, 9, 16], [2, 3, 5])];
+    for dt in DTYPES {
+        for &(fs, ug) in &cases {
+            let c = fs[4];
+            let w = rand_tensor(&mut rng, &[c, 1, 1, 1, c]);
+            let w = if dt == DType::BF16 { round_bf16(&w) } else { w };
+            let inputs = vec![act(rand_tensor(&mut rng, &fs)), param(w), param(rand_tensor(&mut rng, &[c])), act(rand_tensor(&mut rng, &[fs[0], ug[0], ug[1], ug[2], c]))];
+            let name = format!("fpn_merge {fs:?} + up {ug:?} {dt:?}");
+            if dt == DType::BF16 {
+                ensure!(ops::fpn_merge::fused_for(dt, c), "{name}: the fused merge is switched off (VOX2VEC_NO_FUSION)");
+            }
+            check_op(&name, dt, inputs, true, &|g, v, _| Ok((ops::fpn_merge(g, &v[0], &v[1], &v[2], &v[3])?, vec![])), 43)?;
+        }
+    }
+    Ok(())
+}
+
 fn test_pool_upsample() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(8);
     for dt in DTYPES {
@@ -812,6 +836,7 @@ fn main() -> ExitCode {
         ("ops_resblock_recompute_vs_cpu", test_resblock),
         ("ops_resblock_fused_vs_composed", test_resblock_fused_vs_composed),
         ("ops_pool_upsample_vs_cpu", test_pool_upsample),
+        ("ops_fpn_merge_vs_cpu", test_fpn_merge),
         ("ops_gather_concat_vs_cpu", test_gather_concat),
         ("ops_head_and_infonce_vs_cpu", test_head_ops),
         ("optim_clip_and_adam_vs_cpu", test_clip_and_adam),

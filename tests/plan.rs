@@ -123,6 +123,10 @@ fn fused_resblocks_move_fewer_bytes_and_store_no_activations() {
         let (f, c) = (family(&fused, name, "launches"), family(&composed, name, "launches"));
         assert!(c > 0.0 && f < c / 4.0, "{name}: {f} launches fused, {c} composed");
     }
+    // The decoder's merge adds the upsampled coarser level in the skip conv's epilogue
+    // (ops::fpn_merge): no upsampled tensor is written in the forward.
+    let (f, c) = (family(&fused, "upsample2_forward", "launches"), family(&composed, "upsample2_forward", "launches"));
+    assert!(c > 0.0 && f == 0.0, "upsample2_forward: {f} launches fused, {c} composed");
     let (fb, cb) = (total(&fused, "bytes"), total(&composed, "bytes"));
     // (On --small the weights, Adam and the uploads weigh as much as the activations; on the
     // reference step the fused plan moves 35 % less.)

@@ -275,6 +275,11 @@ impl CudaDevice {
     }
 
     fn note_cost(&self, kernel: &str, cost: Cost) {
+        static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *TRACE.get_or_init(|| std::env::var_os("VOX2VEC_TRACE_LAUNCHES").is_some_and(|v| v != "0" && !v.is_empty())) {
+            // One line per launch (kernel, declared bytes and FLOPs): where a family's bytes go.
+            eprintln!("launch {kernel} bytes {} flops {}", cost.bytes, cost.flops);
+        }
         if let Some(log) = self.costs.lock().unwrap().as_mut() {
             log.record(kernel, cost, &self.machine);
         }

@@ -84,11 +84,11 @@ impl Fpn3d {
         for j in 0..s - 1 {
             let i = s - 2 - j;
             let f = &skips[i];
-            let fs = f.shape();
             let up = self.up_blocks[j].forward(g, store, &h)?;
-            let up = ops::upsample2_crop(g, &up, [fs[1], fs[2], fs[3]])?;
-            let sk = self.skip_blocks[j].forward(g, store, f)?;
-            let sum = ops::add(g, &up, &sk)?;
+            // skip_blocks[j](f) + upsample2_crop(up, f's extent), fused on tensor cores.
+            let sb = &self.skip_blocks[j];
+            let bias = sb.bias.expect("skip convolutions have a bias");
+            let sum = ops::fpn_merge(g, f, &g.param(store, sb.weight), &g.param(store, bias), &up)?;
             h = self.right_blocks[j].forward(g, store, &sum)?;
             pyramid[i] = Some(h.clone());
         }

@@ -4,6 +4,7 @@
 pub mod batchnorm;
 pub mod conv3d;
 pub mod elementwise;
+pub mod fpn_merge;
 pub mod gather;
 pub mod infonce;
 pub mod linear;
@@ -16,6 +17,7 @@ pub mod upsample;
 pub use batchnorm::batch_norm;
 pub use conv3d::conv3d;
 pub use elementwise::{add, relu};
+pub use fpn_merge::fpn_merge;
 pub use gather::{concat_channels, gather_voxels};
 pub use infonce::infonce;
 pub use linear::linear;

@@ -57,6 +57,9 @@ pub struct Fusion<'a> {
     pub input_bn_relu: Option<&'a CudaBuf>,
     /// Added to the output before it is rounded: the ResBlock's skip connection.
     pub residual: Option<&'a Tensor>,
+    /// Added like `residual`, but from the half-resolution grid [N, ⌈X/2⌉.., Co] at (x/2,
+    /// y/2, z/2): + upsample2_crop(r), the FPN decoder's merge. Not with `residual`.
+    pub upsampled_residual: Option<&'a Tensor>,
     /// The output is zeroed where bn(h) <= 0 (h [.., Co] with its [3, Co] table): the ReLU
     /// backward of relu(bn(h)) applied to an input gradient.
     pub relu_mask: Option<(&'a Tensor, &'a CudaBuf)>,
@@ -82,17 +85,37 @@ fn tc_forward(x: &Tensor, v: Vol, wb: &CudaBuf, bias: Option<&Tensor>, co: usize
     };
     let bricks = tc_bricks(v);
     let part = if fu.partials { Some(empty(dev, &[bricks, 2 * co], DType::F32)?) } else { None };
+    ensure!(fu.residual.is_none() || fu.upsampled_residual.is_none(), "conv3d: a residual and an upsampled residual at once");
+    let r_grid = match fu.upsampled_residual {
+        Some(r) => {
+            let rs = r.shape();
+            ensure!(
+                rs.len() == 5 && rs[0] == v.n && rs[4] == co && r.dtype() == DType::BF16 && v.x <= 2 * rs[1] && v.y <= 2 * rs[2] && v.z <= 2 * rs[3],
+                "conv3d: upsampled residual {rs:?} ({:?}) does not upsample to [{}, {}, {}, {}, {co}]",
+                r.dtype(),
+                v.n,
+                v.x,
+                v.y,
+                v.z
+            );
+            [rs[1], rs[2], rs[3]]
+        }
+        None => [0; 3],
+    };
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(wb.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
     args.extend(dims(v));
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
     args.extend([
         Arg::Ptr(fu.input_bn_relu.map_or(0, |t| t.ptr())),
-        Arg::Ptr(fu.residual.map_or(0, |r| r.ptr())),
+        Arg::Ptr(fu.residual.or(fu.upsampled_residual).map_or(0, |r| r.ptr())),
+        Arg::I32(r_grid[0] as i32),
+        Arg::I32(r_grid[1] as i32),
+        Arg::I32(r_grid[2] as i32),
         Arg::Ptr(fu.relu_mask.map_or(0, |(h, _)| h.ptr())),
         Arg::Ptr(fu.relu_mask.map_or(0, |(_, t)| t.ptr())),
         Arg::Ptr(part.as_ref().map_or(0, |p| p.ptr())),
     ]);
-    let extra = fu.residual.map_or(0, nbytes) + fu.relu_mask.map_or(0, |(h, _)| nbytes(h)) + part.as_ref().map_or(0, nbytes);
+    let extra = fu.residual.map_or(0, nbytes) + fu.upsampled_residual.map_or(0, nbytes) + fu.relu_mask.map_or(0, |(h, _)| nbytes(h)) + part.as_ref().map_or(0, nbytes);
     let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + co * k * k * k * v.c * 2 + co * 4 + nbytes(&y) + extra);
     dev.launch(kern, (bricks as u32, co.div_ceil(tile) as u32, 1), (128, 1, 1), 0, &args, cost)?;
     Ok((y, part))
