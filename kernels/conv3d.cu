@@ -182,11 +182,12 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_backward_weigh
     conv3d_backward_weight(x, dy, part, nb, X, Y, Z, Ci, Co, k, chunk);
 }
 
-// dw[i] = sum_s part[s * n + i], s in order (=).
-extern "C" __global__ void conv3d_reduce_splits(const float* part, float* dw, int splits, i64 n) {
+// dw[i] = acc[i] + sum_s part[s * n + i], s in order (=); acc (nullable) is a gradient
+// accumulated before (the other view's), added as autograd's add would.
+extern "C" __global__ void conv3d_reduce_splits(const float* part, const float* acc, float* dw, int splits, i64 n) {
     GRID_STRIDE(i, n) {
         float s = 0.f;
         for (int z = 0; z < splits; ++z) s += part[(i64)z * n + i];
-        dw[i] = s;
+        dw[i] = acc ? acc[i] + s : s;
     }
 }

@@ -9,8 +9,10 @@
 //     (fixed tree) -> out[b]; the partials are thus in tensor order, then chunk order     (=)
 //   clip_finalize: one block; norm = sqrt(sum part), coef = min(1, max_norm / (norm + 1e-6));
 //     stats[0] = norm, stats[1] = coef (f32), as torch.nn.utils.clip_grad_norm_              (=)
+//     A non-finite norm (as f32) or loss (loss[0], when given) makes coef NaN: the step is
+//     skipped, and multi_adam then changes nothing (a diverged step never reaches the weights).
 //   multi_adam: per element of chunk j of tensor k (PyTorch Adam, f32 arithmetic), g scaled
-//     by coef[0] first:
+//     by coef[0] first (a non-finite coef[0]: no update at all, p, m and v untouched):
 //     m += (1 - b1)(g - m); v = b2 v + (1 - b2) g^2; p -= step_size m / (sqrt(v) / bc2 + eps)
 //     (p, m, v updated in place)
 #include "common.cuh"
@@ -49,7 +51,7 @@ extern "C" __global__ void __launch_bounds__(256) multi_sumsq(const MultiTensorE
     if (threadIdx.x == 0) out[blockIdx.x] = s;
 }
 
-extern "C" __global__ void __launch_bounds__(256) clip_finalize(const double* part, i64 count, double max_norm, float* stats) {
+extern "C" __global__ void __launch_bounds__(256) clip_finalize(const double* part, i64 count, double max_norm, const float* loss, float* stats) {
     __shared__ double scratch[256];
     double s = 0.0;
     for (i64 i = threadIdx.x; i < count; i += blockDim.x) s += part[i];
@@ -57,7 +59,8 @@ extern "C" __global__ void __launch_bounds__(256) clip_finalize(const double* pa
     if (threadIdx.x == 0) {
         double norm = sqrt(s);
         stats[0] = (float)norm;
-        stats[1] = (float)fmin(1.0, max_norm / (norm + 1e-6));
+        const bool finite = isfinite((float)norm) && (!loss || isfinite(loss[0]));
+        stats[1] = finite ? (float)fmin(1.0, max_norm / (norm + 1e-6)) : __int_as_float(0x7fc00000);
     }
 }
 
@@ -68,6 +71,7 @@ extern "C" __global__ void __launch_bounds__(256) multi_adam(const MultiTensorEn
     float* m = t[k].m;
     float* v = t[k].v;
     const float c = coef ? coef[0] : 1.f;
+    if (!isfinite(c)) return;  // a skipped step (clip_finalize)
     const i64 i0 = ((i64)blockIdx.x - t[k].first_adam) * per_block, i1 = min(t[k].n, i0 + per_block);
     for (i64 i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
         float gi = g[i] * c;

@@ -3,7 +3,9 @@
 //     keeps the first strictly greater value (PyTorch's tie rule; NaN wins), writes y and the
 //     winning offset arg = a * 4 + b * 2 + c (u8)                                     (=)
 //   backward: one thread per input element (each lies in exactly one window):
-//     dx = dy[window] if this element was the window's winner, else 0                 (=)
+//     dx = acc + (dy[window] if this element was the window's winner, else 0)         (=)
+//     acc (nullable, dx's shape and type): the gradient dx already accumulated from another
+//     consumer of the pooled tensor, so that autograd needs no separate add pass.
 #include "common.cuh"
 
 template <typename T>
@@ -30,14 +32,15 @@ extern "C" __global__ void maxpool2_forward_f32(const float* x, float* y, unsign
 extern "C" __global__ void maxpool2_forward_bf16(const bf16* x, bf16* y, unsigned char* arg, int nb, int X, int Y, int Z, int C) { maxpool2_forward(x, y, arg, nb, X, Y, Z, C); }
 
 template <typename T>
-__device__ void maxpool2_backward(const T* dy, const unsigned char* arg, T* dx, int nb, int X, int Y, int Z, int C) {
+__device__ void maxpool2_backward(const T* dy, const unsigned char* arg, const T* acc, T* dx, int nb, int X, int Y, int Z, int C) {
     const int OX = (X + 1) / 2, OY = (Y + 1) / 2, OZ = (Z + 1) / 2;
     GRID_STRIDE(i, (i64)nb * X * Y * Z * C) {
         const VoxelIndex v = unpack_voxel(i, X, Y, Z, C);
         i64 oi = voxel_offset(v.n, v.x / 2, v.y / 2, v.z / 2, OX, OY, OZ, C, v.c);
         int off = (v.x % 2) * 4 + (v.y % 2) * 2 + v.z % 2;
-        st(dx, i, arg[oi] == off ? ld(dy, oi) : 0.f);
+        const float g = arg[oi] == off ? ld(dy, oi) : 0.f;
+        st(dx, i, acc ? ld(acc, i) + g : g);
     }
 }
-extern "C" __global__ void maxpool2_backward_f32(const float* dy, const unsigned char* arg, float* dx, int nb, int X, int Y, int Z, int C) { maxpool2_backward(dy, arg, dx, nb, X, Y, Z, C); }
-extern "C" __global__ void maxpool2_backward_bf16(const bf16* dy, const unsigned char* arg, bf16* dx, int nb, int X, int Y, int Z, int C) { maxpool2_backward(dy, arg, dx, nb, X, Y, Z, C); }
+extern "C" __global__ void maxpool2_backward_f32(const float* dy, const unsigned char* arg, const float* acc, float* dx, int nb, int X, int Y, int Z, int C) { maxpool2_backward(dy, arg, acc, dx, nb, X, Y, Z, C); }
+extern "C" __global__ void maxpool2_backward_bf16(const bf16* dy, const unsigned char* arg, const bf16* acc, bf16* dx, int nb, int X, int Y, int Z, int C) { maxpool2_backward(dy, arg, acc, dx, nb, X, Y, Z, C); }

@@ -11,7 +11,8 @@
 //               Shifting by a sample of the column keeps E[d^2] - E[d]^2 free of the
 //               cancellation a raw sum of squares would suffer when |mean| >> std.
 //   reduce_chunks: one thread per channel sums the chunks in order (f64) and writes
-//     out_d[c] = s * scale (f64) and/or out_f[c] = (float)(s * scale) (=).
+//     out_d[c] = s * scale (f64) and/or out_f[c] = (float)(s * scale) (=), plus acc_f[c] when
+//     acc_f is given (a gradient accumulated before: acc + new, as autograd's add).
 #include "common.cuh"
 
 template <typename T>
@@ -63,11 +64,11 @@ extern "C" __global__ void __launch_bounds__(256) col_partials_bf16(const bf16* 
     col_partials(x, g, mean, part0, part1, M, C, rows, mode);
 }
 
-extern "C" __global__ void reduce_chunks(const double* part, int chunks, int C, double scale, double* out_d, float* out_f) {
+extern "C" __global__ void reduce_chunks(const double* part, int chunks, int C, double scale, double* out_d, float* out_f, const float* acc_f) {
     GRID_STRIDE(c, C) {
         double s = 0.0;
         for (int k = 0; k < chunks; ++k) s += part[(i64)k * C + c];
         if (out_d) out_d[c] = s * scale;
-        if (out_f) out_f[c] = (float)(s * scale);
+        if (out_f) out_f[c] = acc_f ? acc_f[c] + (float)(s * scale) : (float)(s * scale);
     }
 }

@@ -7,6 +7,11 @@
 //! accumulates input gradients. Gradients of leaves (parameters, inputs that asked for one)
 //! are what remain.
 //!
+//! An op may instead record an *accumulating* backward (`Graph::record_accumulating`): it is
+//! handed the gradient its inputs have accumulated so far and may fold it into the gradient it
+//! writes (a device kernel's epilogue adds it), which saves the separate add pass over a
+//! tensor that two consumers feed. What it does not take is accumulated as usual.
+//!
 //! A `Graph` built with `Graph::inference()` records nothing: ops compute forward values only
 //! and save no tensors (no-grad / eval mode).
 
@@ -39,7 +44,13 @@ impl Var {
     }
 }
 
-type BackwardFn = Box<dyn FnOnce(Tensor) -> Result<Vec<Option<Tensor>>>>;
+/// A backward closure: the output gradient to one gradient per input. The accumulating kind
+/// also gets, per input, the gradient accumulated so far (`Some` where there is one, for the
+/// first occurrence of each input); it `take`s those it includes in its results.
+enum BackwardFn {
+    Plain(Box<dyn FnOnce(Tensor) -> Result<Vec<Option<Tensor>>>>),
+    Accumulating(Box<dyn FnOnce(Tensor, &mut [Option<Tensor>]) -> Result<Vec<Option<Tensor>>>>),
+}
 
 struct Entry {
     op: &'static str,
@@ -52,6 +63,8 @@ struct Entry {
 struct Inner {
     next_id: VarId,
     tape: Vec<Entry>,
+    /// With VOX2VEC_CHECK_FINITE: the first recorded op whose output was not finite.
+    first_nonfinite: Option<String>,
     /// Leaf var of each (parameter store, slot), so that two forwards through the same
     /// parameter (the two views) accumulate into one gradient.
     param_leaves: HashMap<(u64, usize), VarId>,
@@ -136,13 +149,30 @@ impl Graph {
         if !self.recording || !inputs.iter().any(|v| v.tracked()) {
             return Var::constant(output);
         }
+        self.push(op, output, inputs, BackwardFn::Plain(Box::new(backward)))
+    }
+
+    /// `record` with an accumulating backward (see the module comment): `backward(dy, acc)`
+    /// gets in `acc[i]` the gradient input i has accumulated so far, if any, and must return
+    /// for input i a gradient that includes `acc[i]` when it took it (`acc[i].take()`).
+    pub fn record_accumulating<F>(&self, op: &'static str, output: Tensor, inputs: &[&Var], backward: F) -> Var
+    where
+        F: FnOnce(Tensor, &mut [Option<Tensor>]) -> Result<Vec<Option<Tensor>>> + 'static,
+    {
+        if !self.recording || !inputs.iter().any(|v| v.tracked()) {
+            return Var::constant(output);
+        }
+        self.push(op, output, inputs, BackwardFn::Accumulating(Box::new(backward)))
+    }
+
+    fn push(&self, op: &'static str, output: Tensor, inputs: &[&Var], backward: BackwardFn) -> Var {
+        if check_finite_enabled() && self.inner.borrow().first_nonfinite.is_none() {
+            if let Some(e) = nonfinite(op, "forward output", &output) {
+                self.inner.borrow_mut().first_nonfinite = Some(e);
+            }
+        }
         let id = self.fresh_id();
-        let entry = Entry {
-            op,
-            output: id,
-            inputs: inputs.iter().map(|v| v.id).collect(),
-            backward: Box::new(backward),
-        };
+        let entry = Entry { op, output: id, inputs: inputs.iter().map(|v| v.id).collect(), backward };
         self.inner.borrow_mut().tape.push(entry);
         Var { value: output, id: Some(id) }
     }
@@ -171,6 +201,9 @@ impl Graph {
         if grad_output.shape() != output.shape() {
             bail!("backward seed of shape {:?} for an output of shape {:?}", grad_output.shape(), output.shape());
         }
+        if let Some(e) = self.inner.borrow_mut().first_nonfinite.take() {
+            bail!("{e}");
+        }
         let (tape, param_leaves) = {
             let mut inner = self.inner.borrow_mut();
             (std::mem::take(&mut inner.tape), std::mem::take(&mut inner.param_leaves))
@@ -179,16 +212,58 @@ impl Graph {
         grads.insert(loss_id, grad_output);
         for entry in tape.into_iter().rev() {
             let Some(gout) = grads.remove(&entry.output) else { continue };
-            let gins = crate::profile::time(entry.op, || "backward".to_string(), || (entry.backward)(gout))?;
+            let (gins, mut leftover) = match entry.backward {
+                BackwardFn::Plain(f) => (crate::profile::time(entry.op, || "backward".to_string(), || f(gout))?, Vec::new()),
+                BackwardFn::Accumulating(f) => {
+                    // Each input's gradient so far, at its first position only.
+                    let mut acc: Vec<Option<Tensor>> = entry.inputs.iter().map(|id| id.and_then(|id| grads.remove(&id))).collect();
+                    let gins = crate::profile::time(entry.op, || "backward".to_string(), || f(gout, &mut acc))?;
+                    (gins, acc)
+                }
+            };
             debug_assert_eq!(gins.len(), entry.inputs.len());
-            for (input, g) in entry.inputs.into_iter().zip(gins) {
-                if let (Some(id), Some(g)) = (input, g) {
+            if check_finite_enabled() {
+                for (i, g) in gins.iter().enumerate() {
+                    if let Some(e) = g.as_ref().and_then(|g| nonfinite(entry.op, &format!("backward, gradient of input {i}"), g)) {
+                        bail!("{e}");
+                    }
+                }
+            }
+            for (i, (input, g)) in entry.inputs.iter().zip(gins).enumerate() {
+                let Some(id) = *input else { continue };
+                // What the op did not fold in goes back first, so sums keep their order.
+                if let Some(prev) = leftover.get_mut(i).and_then(Option::take) {
+                    accumulate(&mut grads, id, prev)?;
+                }
+                if let Some(g) = g {
                     accumulate(&mut grads, id, g)?;
                 }
             }
         }
         Ok(Gradients { grads, param_leaves })
     }
+}
+
+/// VOX2VEC_CHECK_FINITE=1: every recorded op's output and every gradient a backward returns
+/// is read back and checked, and the first non-finite one is reported by op (slow: a
+/// diagnosis mode for a run that stopped on a non-finite loss).
+fn check_finite_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("VOX2VEC_CHECK_FINITE").is_some_and(|v| v != "0" && !v.is_empty()))
+}
+
+/// The report for `t` (what op produced, `what` it was) if it holds a non-finite value.
+fn nonfinite(op: &str, what: &str, t: &Tensor) -> Option<String> {
+    if t.dtype() == crate::tensor::DType::I64 {
+        return None;
+    }
+    let v = match t.to_f32_vec() {
+        Ok(v) => v,
+        Err(e) => return Some(format!("VOX2VEC_CHECK_FINITE: could not read op '{op}' {what}: {e:#}")),
+    };
+    let i = v.iter().position(|x| !x.is_finite())?;
+    let count = v.iter().filter(|x| !x.is_finite()).count();
+    Some(format!("VOX2VEC_CHECK_FINITE: the first non-finite value comes from op '{op}' ({what}, shape {:?}): {count} of {} values are not finite, the first {} at element {i}", t.shape(), v.len(), v[i]))
 }
 
 fn accumulate(grads: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) -> Result<()> {
@@ -211,4 +286,45 @@ fn accumulate(grads: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) -> Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::from_f32(&[v.len()], v.to_vec())
+    }
+
+    /// y = a * x as an op whose backward reports what it was handed in `acc` and, when `fold`,
+    /// takes it and returns the sum itself.
+    fn scale(g: &Graph, x: &Var, a: f32, fold: bool, seen: std::rc::Rc<RefCell<Vec<Option<Vec<f32>>>>>) -> Var {
+        let y = t(&x.value.f32s().iter().map(|v| a * v).collect::<Vec<_>>());
+        g.record_accumulating("scale", y, &[x], move |dy, acc| {
+            seen.borrow_mut().push(acc[0].as_ref().map(|p| p.f32s().to_vec()));
+            let mut d: Vec<f32> = dy.f32s().iter().map(|v| a * v).collect();
+            if fold && let Some(prev) = acc[0].take() {
+                d.iter_mut().zip(prev.f32s()).for_each(|(d, p)| *d += p);
+            }
+            Ok(vec![Some(t(&d))])
+        })
+    }
+
+    #[test]
+    fn accumulating_backward_sees_the_gradient_so_far_and_leftovers_are_added() {
+        for fold in [false, true] {
+            let g = Graph::train();
+            let x = g.leaf(t(&[1.0, 2.0]));
+            let seen = std::rc::Rc::new(RefCell::new(Vec::new()));
+            // Two consumers of x: s1 recorded first, so its backward runs last and is handed
+            // s2's contribution.
+            let s1 = scale(&g, &x, 3.0, fold, seen.clone());
+            let s2 = scale(&g, &x, 5.0, fold, seen.clone());
+            let sum = crate::ops::add(&g, &s1, &s2).unwrap();
+            let grads = g.backward_with(&sum, t(&[1.0, 10.0])).unwrap();
+            // d/dx = 3 dy + 5 dy whether the op folded the sum in or left it to autograd.
+            assert_eq!(grads.get(&x).unwrap().f32s(), &[8.0, 80.0], "fold {fold}");
+            assert_eq!(*seen.borrow(), vec![None, Some(vec![5.0, 50.0])], "fold {fold}");
+        }
+    }
 }

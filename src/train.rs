@@ -18,8 +18,31 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
-/// One optimisation step on `batch`, on the device the model lives on.
+impl StepStats {
+    /// Whether the step was applied: a step whose loss or gradient norm is not finite changes
+    /// nothing in the model (`pretrain_step`).
+    pub fn finite(&self) -> bool {
+        self.loss.is_finite() && self.grad_norm.is_finite()
+    }
+}
+
+/// One optimisation step on `batch`, on the device the model lives on. A step whose loss or
+/// gradient norm is not finite is not applied: no weight or Adam moment changes (on the GPU
+/// the Adam kernel sees the clip coefficient marked NaN and returns), and the BatchNorm
+/// running statistics its forward computed are put back. Adam's step count still advances
+/// (the batch was consumed), so a resumed run stays aligned with the batch sequence.
 pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) -> Result<StepStats> {
+    let state: Vec<(usize, Tensor)> = model.store.slots().iter().enumerate().filter(|(_, s)| s.kind != crate::params::SlotKind::Trainable).map(|(i, s)| (i, s.value.clone())).collect();
+    let stats = pretrain_step_unguarded(model, adam, batch)?;
+    if !stats.finite() {
+        for (i, t) in state {
+            model.store.set(i, t);
+        }
+    }
+    Ok(stats)
+}
+
+fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) -> Result<StepStats> {
     if let Device::Cuda(ordinal) = model.device() {
         let stats = pretrain_step_cuda(model, adam, batch, ordinal)?;
         // The one read of the step, once all its work is queued: loss and gradient norm.
@@ -36,6 +59,10 @@ pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) ->
     drop(grads);
     // clip_grad_norm_ fused into Adam: the norm here, the scaling inside the update.
     let grad_norm = crate::profile::time("step: gradient norm", String::new, || global_norm(&per_slot));
+    if !(loss.is_finite() && grad_norm.is_finite()) {
+        adam.step += 1;
+        return Ok(StepStats { loss, grad_norm });
+    }
     let scale = clip_coefficient(grad_norm, MAX_GRAD_NORM);
     crate::profile::time("step: adam", String::new, || adam.update_scaled(&mut model.store, &per_slot, scale))?;
     Ok(StepStats { loss, grad_norm })
@@ -66,7 +93,8 @@ pub fn pretrain_step_cuda(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatc
     let per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
     drop(grads);
     let _range = nvtx_range("clip + adam");
-    let clip = crate::cuda::optim::clip_stats(&dev, &per_slot, MAX_GRAD_NORM)?;
+    // A non-finite loss or norm marks the clip coefficient NaN, and the Adam kernel skips.
+    let clip = crate::cuda::optim::clip_stats(&dev, &per_slot, MAX_GRAD_NORM, Some(&loss))?;
     adam.step += 1;
     let moments = adam.device.as_ref().expect("checked above");
     crate::cuda::optim::adam_update(&model.store, &per_slot, moments, adam.config, adam.step, Some(clip.coef_ptr()))?;
@@ -168,6 +196,10 @@ pub struct TrainOptions {
     pub device: Device,
     /// Activation storage on a CUDA device (F32 or BF16).
     pub activation_dtype: DType,
+    /// Steps with a non-finite loss or gradient norm to skip (logged) before stopping.
+    pub skip_nonfinite: u64,
+    /// Fault injection for tests: these steps' (1-based) batches get a NaN voxel.
+    pub inject_nan_steps: Vec<u64>,
 }
 
 /// Online probing: a labelled dataset, its split, and the probe's small training run.
@@ -354,6 +386,7 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
         .open(opts.out_dir.join(METRICS_FILE))
         .with_context(|| format!("opening {}", opts.out_dir.join(METRICS_FILE).display()))?;
     let start = adam.step;
+    let mut skipped = 0u64;
     progress.start(start, opts.steps);
     let save = |model: &Vox2Vec, adam: &Adam| {
         checkpoint::save(&ckpt_path, &model.config, &model.store, Some(adam), &[("seed", opts.seed.to_string())])
@@ -370,19 +403,39 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
             (_, Some(l)) => l.next_batch().with_context(|| format!("making batch {}", step + 1))?,
             _ => unreachable!("a volume source always has a loader"),
         };
-        let t0 = std::time::Instant::now();
-        let stats = pretrain_step(&mut model, &mut adam, &batch)?;
-        if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
-            bail!("step {}: the loss is {} and the gradient norm {} — stopping before it corrupts the checkpoint", step + 1, stats.loss, stats.grad_norm);
+        let mut batch = batch;
+        if opts.inject_nan_steps.contains(&(step + 1)) {
+            let mut x = batch.x1.to_f32_vec()?;
+            x[0] = f32::NAN;
+            batch.x1 = Tensor::from_f32(batch.x1.shape(), x);
         }
-        let line = serde_json::json!({
-            "step": step + 1,
-            "loss": stats.loss,
-            "grad_norm": stats.grad_norm,
-            "step_ms": t0.elapsed().as_secs_f64() * 1e3,
-        });
-        writeln!(metrics, "{line}").context("writing metrics")?;
-        progress.step(step + 1, &stats);
+        let t0 = std::time::Instant::now();
+        let stats = pretrain_step(&mut model, &mut adam, &batch).with_context(|| format!("step {}", step + 1))?;
+        if stats.finite() {
+            let line = serde_json::json!({
+                "step": step + 1,
+                "loss": stats.loss,
+                "grad_norm": stats.grad_norm,
+                "step_ms": t0.elapsed().as_secs_f64() * 1e3,
+            });
+            writeln!(metrics, "{line}").with_context(|| format!("writing {}", opts.out_dir.join(METRICS_FILE).display()))?;
+            progress.step(step + 1, &stats);
+        } else if skipped < opts.skip_nonfinite {
+            skipped += 1;
+            let why = format!("loss {} and gradient norm {}", stats.loss, stats.grad_norm);
+            let line = serde_json::json!({"step": step + 1, "skipped": true, "reason": why});
+            writeln!(metrics, "{line}").with_context(|| format!("writing {}", opts.out_dir.join(METRICS_FILE).display()))?;
+            progress.message(&format!("step {}: {why}: update skipped ({skipped} of --skip-nonfinite {})", step + 1, opts.skip_nonfinite));
+        } else {
+            bail!(
+                "step {}: the loss is {} and the gradient norm {}: the update was not applied and nothing was written; the last checkpoint ({}) is kept. {}Lower --lr, check the data, or pass --skip-nonfinite K to skip up to K such steps (VOX2VEC_CHECK_FINITE=1 names the first op that produced a non-finite value)",
+                step + 1,
+                stats.loss,
+                stats.grad_norm,
+                ckpt_path.display(),
+                if skipped > 0 { format!("{skipped} earlier step(s) were skipped already. ") } else { String::new() }
+            );
+        }
         if let Some(p) = opts.online_probe.as_ref().filter(|p| p.every > 0 && (step + 1) % p.every == 0) {
             // The probe runs on the CPU engine, on a host copy of the backbone.
             let dice = if model.device() == Device::Cpu {

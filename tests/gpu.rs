@@ -416,6 +416,40 @@ fn test_fpn_merge() -> Result<()> {
     Ok(())
 }
 
+/// Gradients that two consumers feed (autograd's accumulating backwards): x read by two
+/// convolutions and a max-pool, and one weight and bias used twice (as by the two views).
+/// The later consumers' kernels add what the earlier ones left (the tensor-core input
+/// gradient's epilogue, the weight-gradient reductions, the pooling backward) instead of an
+/// add pass; the CPU composes plain ops.
+fn test_accumulated_gradients() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(47);
+    for dt in DTYPES {
+        for shape in [[1usize, 5, 4, 6, 16], [2, 4, 3, 3, 32]] {
+            let c = shape[4];
+            let w = rand_tensor(&mut rng, &[c, 3, 3, 3, c]);
+            let w1 = rand_tensor(&mut rng, &[c, 1, 1, 1, c]);
+            let (w, w1) = if dt == DType::BF16 { (round_bf16(&w), round_bf16(&w1)) } else { (w, w1) };
+            let inputs = vec![act(rand_tensor(&mut rng, &shape)), param(w), param(rand_tensor(&mut rng, &[c])), param(w1), param(rand_tensor(&mut rng, &[c]))];
+            let name = format!("accumulated gradients {shape:?} {dt:?}");
+            check_op(
+                &name,
+                dt,
+                inputs,
+                true,
+                &|g, v, _| {
+                    let a = ops::conv3d(g, &v[0], &v[1], Some(&v[2]))?;
+                    let b = ops::conv3d(g, &v[0], &v[3], Some(&v[4]))?;
+                    let c2 = ops::conv3d(g, &a, &v[1], Some(&v[2]))?;
+                    let p = ops::upsample2_crop(g, &ops::maxpool2(g, &v[0])?, [v[0].shape()[1], v[0].shape()[2], v[0].shape()[3]])?;
+                    Ok((ops::add(g, &ops::add(g, &c2, &b)?, &p)?, vec![]))
+                },
+                48,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn test_pool_upsample() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(8);
     for dt in DTYPES {
@@ -517,6 +551,8 @@ fn test_head_ops() -> Result<()> {
     Ok(())
 }
 
+/// The device's clip + Adam against the CPU's over four steps, then two steps the device
+/// must skip (non-finite gradient or loss) without touching anything.
 fn test_clip_and_adam() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(18);
     // Several blocks per tensor in both kernels (16384 values per norm block, 8192 per Adam
@@ -541,12 +577,31 @@ fn test_clip_and_adam() -> Result<()> {
         let norm = global_norm(&grads);
         cpu_adam.update_scaled(&mut store, &grads, clip_coefficient(norm, 1.0))?;
         let dgrads: Vec<Option<Tensor>> = grads.iter().map(|g| g.as_ref().map(|g| g.to_device(GPU)).transpose()).collect::<Result<_>>()?;
-        let stats = vox2vec::cuda::optim::clip_stats(&dev, &dgrads, 1.0)?;
+        let stats = vox2vec::cuda::optim::clip_stats(&dev, &dgrads, 1.0, None)?;
         gpu_adam.step += 1;
         vox2vec::cuda::optim::adam_update(&gpu_store, &dgrads, gpu_adam.device.as_ref().unwrap(), cfg, gpu_adam.step, Some(stats.coef_ptr()))?;
         let st = dev.download::<f32>(stats.norm_ptr(), 2)?;
         ensure!(((st[0] as f64 - norm) / norm).abs() < 1e-5, "step {step}: gradient norm {} on the GPU, {norm} on the CPU", st[0]);
         ensure!((st[1] - clip_coefficient(norm, 1.0)).abs() <= 1e-6 * st[1].abs().max(1.0), "step {step}: clip coefficient {} vs {}", st[1], clip_coefficient(norm, 1.0));
+    }
+    // Two steps the device must not apply (the CPU takes neither): a gradient with a NaN, and
+    // finite gradients with a non-finite loss. The coefficient comes back NaN and the Adam
+    // kernel leaves parameters and moments as they were, so the comparison below still holds.
+    for (case, nan_grad) in [("NaN gradient", true), ("infinite loss", false)] {
+        let mut grads: Vec<Option<Tensor>> = shapes.iter().map(|s| Some(rand_tensor(&mut rng, s))).collect();
+        if nan_grad {
+            let g = grads[2].as_ref().unwrap();
+            let mut v = g.f32s().to_vec();
+            v[12345] = f32::NAN;
+            grads[2] = Some(Tensor::from_f32(g.shape(), v));
+        }
+        let loss = Tensor::from_f32(&[1], vec![if nan_grad { 1.0 } else { f32::INFINITY }]).to_device(GPU)?;
+        let dgrads: Vec<Option<Tensor>> = grads.iter().map(|g| g.as_ref().map(|g| g.to_device(GPU)).transpose()).collect::<Result<_>>()?;
+        let stats = vox2vec::cuda::optim::clip_stats(&dev, &dgrads, 1.0, Some(&loss))?;
+        gpu_adam.step += 1;
+        vox2vec::cuda::optim::adam_update(&gpu_store, &dgrads, gpu_adam.device.as_ref().unwrap(), cfg, gpu_adam.step, Some(stats.coef_ptr()))?;
+        let st = dev.download::<f32>(stats.norm_ptr(), 2)?;
+        ensure!(st[1].is_nan(), "{case}: clip coefficient {} (norm {}), expected the skip mark NaN", st[1], st[0]);
     }
     for slot in 0..store.len() {
         close(&format!("parameter {slot} after 4 Adam steps"), gpu_store.get(slot), store.get(slot), 1e-5)?;
@@ -837,6 +892,7 @@ fn main() -> ExitCode {
         ("ops_resblock_fused_vs_composed", test_resblock_fused_vs_composed),
         ("ops_pool_upsample_vs_cpu", test_pool_upsample),
         ("ops_fpn_merge_vs_cpu", test_fpn_merge),
+        ("ops_accumulated_gradients_vs_cpu", test_accumulated_gradients),
         ("ops_gather_concat_vs_cpu", test_gather_concat),
         ("ops_head_and_infonce_vs_cpu", test_head_ops),
         ("optim_clip_and_adam_vs_cpu", test_clip_and_adam),

@@ -21,6 +21,8 @@ fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
         online_probe: None,
         device: vox2vec::tensor::Device::Cpu,
         activation_dtype: vox2vec::tensor::DType::F32,
+        skip_nonfinite: 0,
+        inject_nan_steps: Vec::new(),
     }
 }
 
@@ -206,4 +208,65 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_fails() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && e.contains(&format!("at step {step}")), "{e}");
     assert_eq!(losses(&dir).len() as u64, step + 1);
+}
+
+fn metric_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(METRICS_FILE)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn nonfinite_step_stops_and_keeps_the_last_checkpoint() {
+    let dir = tmpdir("nanstop");
+    let mut o = opts(&dir, 4);
+    o.checkpoint_every = 1;
+    o.inject_nan_steps = vec![3];
+    let e = format!("{:#}", run_pretraining(&o, &mut Silent).unwrap_err());
+    assert!(e.contains("step 3") && e.contains("not applied") && e.contains("--skip-nonfinite"), "{e}");
+    let steps: Vec<u64> = metric_lines(&dir).iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![1, 2], "metrics after the failed step");
+    let mut m = Vox2Vec::new(o.model, 1);
+    let mut adam = vox2vec::optim::Adam::new(o.adam, &m.store);
+    vox2vec::checkpoint::load(&dir.join(CHECKPOINT_FILE), &mut m.store, Some(&mut adam)).unwrap();
+    assert_eq!(adam.step, 2, "the checkpoint is step 2's");
+    assert!(values(&m).iter().flatten().all(|v| v.is_finite()));
+}
+
+#[test]
+fn skip_nonfinite_drops_the_step_entirely() {
+    // Step 2 skipped: the model after it equals the model after step 1 (weights, Adam's
+    // effect and BatchNorm running statistics), and the log says so.
+    let (skip_dir, one_dir) = (tmpdir("nanskip"), tmpdir("nanone"));
+    let mut o = opts(&skip_dir, 2);
+    o.skip_nonfinite = 1;
+    o.inject_nan_steps = vec![2];
+    let skipped = run_pretraining(&o, &mut Silent).unwrap();
+    let one = run_pretraining(&opts(&one_dir, 1), &mut Silent).unwrap();
+    assert!(values(&skipped) == values(&one), "a skipped step changed the model");
+    let lines = metric_lines(&skip_dir);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["step"], 2);
+    assert_eq!(lines[1]["skipped"], true, "{}", lines[1]);
+    // The budget: a second bad step stops the run.
+    let dir = tmpdir("nanbudget");
+    let mut o = opts(&dir, 4);
+    o.skip_nonfinite = 1;
+    o.inject_nan_steps = vec![2, 3];
+    let e = format!("{:#}", run_pretraining(&o, &mut Silent).unwrap_err());
+    assert!(e.contains("step 3") && e.contains("1 earlier step(s) were skipped"), "{e}");
+}
+
+#[test]
+fn check_finite_names_the_first_op() {
+    let dir = tmpdir("checkfinite");
+    let out = train_bin()
+        .args(TINY)
+        .args(["--synthetic-pairs", "--steps", "2", "--inject-nan-step", "1", "--out"])
+        .arg(&dir)
+        .env("VOX2VEC_CHECK_FINITE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("step 1") && err.contains("VOX2VEC_CHECK_FINITE: the first non-finite value comes from op 'conv3d' (forward output"), "{err}");
+    assert!(!dir.join(CHECKPOINT_FILE).exists(), "a checkpoint was written");
 }

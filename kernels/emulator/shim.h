@@ -67,6 +67,13 @@ inline float atomicAdd(float* p, float v) {
 
 using std::min;
 using std::max;
+using std::isfinite;
+
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
 
 // CUDA's 16-byte vector type.
 struct __attribute__((aligned(16))) uint4 {

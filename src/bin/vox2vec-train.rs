@@ -94,6 +94,14 @@ struct Args {
     /// Checkpoint every K steps (and at the end).
     #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
+    /// Skip up to this many steps whose loss or gradient norm is not finite (their update, and
+    /// their BatchNorm statistics, are dropped and the step logged) instead of stopping at the
+    /// first. VOX2VEC_CHECK_FINITE=1 names the first op that produced a non-finite value.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    skip_nonfinite: u64,
+    /// Testing hook: give step N's batch a NaN voxel (repeatable).
+    #[arg(long, value_name = "N", hide = true)]
+    inject_nan_step: Vec<u64>,
     /// Resume from OUT/checkpoint.safetensors.
     #[arg(long)]
     resume: bool,
@@ -266,6 +274,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         online_probe,
         device,
         activation_dtype: precision,
+        skip_nonfinite: args.skip_nonfinite,
+        inject_nan_steps: args.inject_nan_step.clone(),
     };
     let source = match (&args.data, args.synthetic_pairs) {
         (_, true) => "synthetic pairs".to_string(),

@@ -27,6 +27,13 @@ pub use registry::K;
 
 use crate::tensor::{DType, Tensor, numel};
 
+/// For an accumulating backward (`Graph::record_accumulating`): takes the gradient
+/// accumulated so far out of `slot` when it is a device tensor of this shape and dtype (one a
+/// kernel can add in its epilogue); leaves anything else for autograd's own add.
+pub fn take_accumulated(slot: &mut Option<Tensor>, shape: &[usize], dtype: DType) -> Option<Tensor> {
+    slot.take_if(|t| t.is_cuda() && t.shape() == shape && t.dtype() == dtype)
+}
+
 /// The device a CUDA tensor lives on.
 pub fn dev_of(t: &Tensor) -> &Arc<CudaDevice> {
     t.cuda().buf.device()

@@ -66,7 +66,10 @@ impl ClipStats {
 
 /// `clip_grad_norm_(grads, max_norm)`'s norm and coefficient, computed on the device: one
 /// launch for the sums of squares of every gradient, one for the norm.
-pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64) -> Result<ClipStats> {
+pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64, loss: Option<&Tensor>) -> Result<ClipStats> {
+    if let Some(l) = loss {
+        ensure_f32(l, "loss")?;
+    }
     let mut table = Vec::new();
     for g in grads.iter().flatten() {
         ensure_f32(g, "gradient")?;
@@ -89,7 +92,7 @@ pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64
             Cost::mem(elems * 4 + blocks * 8 + std::mem::size_of_val(table.as_slice())),
         )?;
     }
-    dev.launch(K::ClipFinalize, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(part.ptr()), Arg::I64(blocks.max(1) as i64), Arg::F64(max_norm), Arg::Ptr(stats.ptr())], Cost::mem(blocks * 8 + 8))?;
+    dev.launch(K::ClipFinalize, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(part.ptr()), Arg::I64(blocks.max(1) as i64), Arg::F64(max_norm), Arg::Ptr(loss.map_or(0, |l| l.ptr())), Arg::Ptr(stats.ptr())], Cost::mem(blocks * 8 + 8))?;
     Ok(ClipStats { buf: stats })
 }
 

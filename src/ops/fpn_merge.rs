@@ -48,14 +48,10 @@ pub fn fpn_merge(g: &Graph, f: &Var, w: &Var, b: &Var, up: &Var) -> Result<Var> 
     let (xs, wt, dt) = (f.value.clone(), w.value.clone(), f.value.dtype());
     let vu = Vol { n: us[0], x: us[1], y: us[2], z: us[3], c: co };
     let (need_df, need_dw, need_dup) = (f.tracked(), w.tracked() || b.tracked(), up.tracked());
-    Ok(g.record("fpn_merge", y, &[f, w, b, up], move |dy| {
-        let df = need_df.then(|| conv::backward_input(&dy, v.with_c(co), &wt, v.c, 1, dt)).transpose()?;
-        let (dw, db) = if need_dw {
-            let (dw, db) = conv::backward_weight(&xs, v, &dy, co, 1)?;
-            (Some(dw), Some(db))
-        } else {
-            (None, None)
-        };
+    // The skip conv's gradients fold in what f, w and b already have (conv3d's accumulating
+    // backward); up has one consumer.
+    Ok(g.record_accumulating("fpn_merge", y, &[f, w, b, up], move |dy, acc| {
+        let (df, dw, db) = ops::conv3d::conv3d_backward_cuda(&xs, v, &wt, co, 1, &dy, &mut acc[..3], need_df, need_dw)?;
         let dup = need_dup.then(|| cuda::ops::upsample::backward(&dy, vu, [v.x, v.y, v.z], dt)).transpose()?;
         Ok(vec![df, dw, db, dup])
     }))

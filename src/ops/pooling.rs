@@ -92,7 +92,12 @@ pub fn maxpool2(g: &Graph, x: &Var) -> Result<Var> {
     if x.value.is_cuda() {
         let (y, arg) = crate::cuda::ops::pooling::forward(&x.value, v)?;
         let dt = x.value.dtype();
-        return Ok(g.record("maxpool2", y, &[x], move |dy| Ok(vec![Some(crate::cuda::ops::pooling::backward(&dy, &arg, v, dt)?)])));
+        // The pooled tensor's input usually has a second consumer (the FPN's skip branch),
+        // whose gradient arrives first: it is added in this backward's kernel.
+        return Ok(g.record_accumulating("maxpool2", y, &[x], move |dy, acc| {
+            let prev = acc[0].take_if(|a| a.is_cuda() && a.dtype() == dt && a.shape() == v.shape());
+            Ok(vec![Some(crate::cuda::ops::pooling::backward(&dy, &arg, v, dt, prev.as_ref())?)])
+        }));
     }
     let (y, arg) = maxpool2_forward_cpu(x.value.f32s(), v);
     let shape = [v.n, pooled_extent(v.x), pooled_extent(v.y), pooled_extent(v.z), v.c];

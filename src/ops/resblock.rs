@@ -181,13 +181,20 @@ fn resblock_fused(g: &Graph, x: &Var, p: ResBlockVars, v: Vol, mid: usize, cout:
     let xs = x.value.clone();
     let (g0, g3, w2, w5) = (p.gamma0.value.clone(), p.gamma3.value.clone(), p.w2.value.clone(), p.w5.value.clone());
     let skip_w = p.skip.as_ref().map(|(w, _)| w.value.clone());
-    let out = g.record("resblock", y, &inputs, move |dy| {
+    // Accumulating: the convolutions' weight and bias gradients add what the other view's
+    // pass left (acc[3], [4], [7], [8], [9], [10]) in their final reductions.
+    let out = g.record_accumulating("resblock", y, &inputs, move |dy, acc| {
+        use crate::cuda::take_accumulated as take;
+        use crate::tensor::DType::F32;
         let dy = crate::cuda::cast(&dy, xs.dtype())?;
+        let (aw2, ab2) = (take(&mut acc[3], w2.shape(), F32), take(&mut acc[4], &[mid], F32));
+        let (aw5, ab5) = (take(&mut acc[7], w5.shape(), F32), take(&mut acc[8], &[cout], F32));
         // The skip path: its input gradient joins bn0's backward at the end.
         let (dx_skip, skip_grads) = match &skip_w {
             Some(w) => {
                 let dxs = conv::backward_input(&dy, vm.with_c(cout), w, cin, 1, xs.dtype())?;
-                (Some(dxs), Some(conv::backward_weight(&xs, v, &dy, cout, 1)?))
+                let (aw, ab) = (take(&mut acc[9], w.shape(), F32), take(&mut acc[10], &[cout], F32));
+                (Some(dxs), Some(conv::backward_weight_acc(&xs, v, &dy, cout, 1, conv::WeightAcc { w: aw.as_ref(), b: ab.as_ref() })?))
             }
             None => (None, None),
         };
@@ -195,13 +202,13 @@ fn resblock_fused(g: &Graph, x: &Var, p: ResBlockVars, v: Vol, mid: usize, cout:
         // a3 = relu(bn3(h1)) recomputed in the halo.
         let mask3 = Fusion { relu_mask: Some((&h1, &t3)), partials: true, ..Fusion::default() };
         let (d_h3, sums3) = conv::backward_input_fused(&dy, vm.with_c(cout), &w5, mid, k, mask3)?;
-        let (dw5, db5) = conv::backward_weight_bn_relu(&h1, vm, &t3, &dy, cout, k)?;
+        let (dw5, db5) = conv::backward_weight_bn_relu(&h1, vm, &t3, &dy, cout, k, conv::WeightAcc { w: aw5.as_ref(), b: ab5.as_ref() })?;
         let (d_h1, dg3, db3) = bn::backward_from_partials(&h1, &d_h3, &sums3.expect("asked for partials"), mid, &st3, &g3, None)?;
         drop(d_h3);
         // conv2, then bn0's backward with the skip gradient (dy itself for an identity skip).
         let mask0 = Fusion { relu_mask: Some((&xs, &t0)), partials: true, ..Fusion::default() };
         let (d_h0, sums0) = conv::backward_input_fused(&d_h1, vm, &w2, cin, k, mask0)?;
-        let (dw2, db2) = conv::backward_weight_bn_relu(&xs, v, &t0, &d_h1, mid, k)?;
+        let (dw2, db2) = conv::backward_weight_bn_relu(&xs, v, &t0, &d_h1, mid, k, conv::WeightAcc { w: aw2.as_ref(), b: ab2.as_ref() })?;
         drop(d_h1);
         let skip_grad = dx_skip.as_ref().unwrap_or(&dy);
         let (dx, dg0, db0) = bn::backward_from_partials(&xs, &d_h0, &sums0.expect("asked for partials"), cin, &st0, &g0, Some(skip_grad))?;

@@ -217,25 +217,56 @@ fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, inpu
     Ok((part, splits, db_part))
 }
 
+/// Gradients already accumulated for a convolution's weight [Co, k, k, k, Ci] and bias [Co]
+/// (f32; from the other view's pass through the same layer): the reductions that finish dw
+/// and db add them (acc + new, the order autograd's add would take), so no add pass follows.
+#[derive(Clone, Copy, Default)]
+pub struct WeightAcc<'a> {
+    pub w: Option<&'a Tensor>,
+    pub b: Option<&'a Tensor>,
+}
+
+impl WeightAcc<'_> {
+    fn check(&self, co: usize, k: usize, ci: usize) -> Result<()> {
+        if let Some(w) = self.w {
+            ensure!(w.shape() == [co, k, k, k, ci] && w.dtype() == DType::F32 && w.is_cuda(), "conv3d: accumulated weight gradient {:?} {:?}, expected [{co}, {k}, {k}, {k}, {ci}] f32", w.shape(), w.dtype());
+        }
+        if let Some(b) = self.b {
+            ensure!(b.shape() == [co] && b.dtype() == DType::F32 && b.is_cuda(), "conv3d: accumulated bias gradient {:?} {:?}, expected [{co}] f32", b.shape(), b.dtype());
+        }
+        Ok(())
+    }
+}
+
 /// (dw [Co, k, k, k, Ci] f32, db [Co] f32) from x (v) and dy.
 pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
+    backward_weight_acc(x, v, dy, co, k, WeightAcc::default())
+}
+
+/// `backward_weight` plus `acc` (added by the final reductions).
+pub fn backward_weight_acc(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
+    acc.check(co, k, v.c)?;
     let dy = cast(dy, x.dtype())?;
     if tensor_cores_for(x.dtype(), v.c) {
-        return tc_weight_gradient(x, v, &dy, co, k, None);
+        return tc_weight_gradient(x, v, &dy, co, k, None, acc);
     }
-    backward_weight_cuda_cores(x, v, &dy, co, k)
+    cuda_core_weight_gradient(x, v, &dy, co, k, acc)
 }
 
 /// `backward_weight` on the tensor cores (x and dy bf16, v.c a multiple of 16): version 2 in
 /// the kernel lab.
 pub fn backward_weight_tensor_cores(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
     ensure!(x.dtype() == DType::BF16 && v.c % 16 == 0, "tensor-core conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
-    tc_weight_gradient(x, v, &cast(dy, DType::BF16)?, co, k, None)
+    tc_weight_gradient(x, v, &cast(dy, DType::BF16)?, co, k, None, WeightAcc::default())
 }
 
 /// `backward_weight` on the CUDA-core split-K kernel (dy in x's dtype): the fp32 path and
 /// version 1 in the kernel lab.
 pub fn backward_weight_cuda_cores(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
+    cuda_core_weight_gradient(x, v, dy, co, k, WeightAcc::default())
+}
+
+fn cuda_core_weight_gradient(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
     let dy = cast(dy, x.dtype())?;
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
@@ -247,39 +278,41 @@ pub fn backward_weight_cuda_cores(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k:
     // x and dy once each, plus this kernel's split-K partials written.
     let cost = Cost::fp32(2.0 * (v.voxels() * co * kdim) as f64, nbytes(x) + nbytes(&dy) + splits * co * kdim * 4);
     dev.launch(K::typed(x.dtype(), K::Conv3dBackwardWeightF32, K::Conv3dBackwardWeightBf16), (tiles(kdim), tiles(co), splits as u32), (256, 1, 1), 0, &args, cost)?;
-    finish_weight_gradient(&part, splits, &dy, co, k, v.c)
+    finish_weight_gradient(&part, splits, &dy, co, k, v.c, acc)
 }
 
 /// (dw, db) of a convolution whose input is relu(bn(x)) (`table` [3, Ci]), on tensor cores,
 /// without that input: the halo loader recomputes it. x and dy bf16, v.c a multiple of 16.
-pub fn backward_weight_bn_relu(x: &Tensor, v: Vol, table: &CudaBuf, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
+pub fn backward_weight_bn_relu(x: &Tensor, v: Vol, table: &CudaBuf, dy: &Tensor, co: usize, k: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
     ensure!(tensor_cores_for(x.dtype(), v.c), "fused conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
-    tc_weight_gradient(x, v, &cast(dy, x.dtype())?, co, k, Some(table))
+    acc.check(co, k, v.c)?;
+    tc_weight_gradient(x, v, &cast(dy, x.dtype())?, co, k, Some(table), acc)
 }
 
 /// (dw, db) on tensor cores: dw from the kernel's split partials, db from its per-split dy sums.
-fn tc_weight_gradient(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>) -> Result<(Tensor, Tensor)> {
+fn tc_weight_gradient(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
     let dev = dev_of(dy);
     let (part, splits, db_part) = tc_backward_weight(x, v, dy, co, k, input_bn_relu)?;
-    let dw = reduce_weight_splits(&part, splits, dy, co, k, v.c)?;
+    let dw = reduce_weight_splits(&part, splits, dy, co, k, v.c, acc.w)?;
     let db = empty(dev, &[co], DType::F32)?;
-    super::reduce::reduce_chunks(dev, &db_part, splits, co, 1.0, None, Some(db.ptr()))?;
+    super::reduce::reduce_chunks_acc(dev, &db_part, splits, co, 1.0, None, Some(db.ptr()), acc.b)?;
     Ok((dw, db))
 }
 
-/// dw [Co, k, k, k, Ci] from split-K partials [splits, Co, k^3 Ci], summed in split order.
-fn reduce_weight_splits(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize) -> Result<Tensor> {
+/// dw [Co, k, k, k, Ci] = acc + the split-K partials [splits, Co, k^3 Ci] summed in split order.
+fn reduce_weight_splits(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize, acc: Option<&Tensor>) -> Result<Tensor> {
     let dev = dev_of(dy);
     let dw = empty(dev, &[co, k, k, k, ci], DType::F32)?;
     let n = co * k * k * k * ci;
-    dev.launch_1d(K::Conv3dReduceSplits, n, &[Arg::Ptr(part.ptr()), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64)], Cost::mem((splits + 1) * n * 4))?;
+    let args = [Arg::Ptr(part.ptr()), Arg::Ptr(acc.map_or(0, |a| a.ptr())), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64)];
+    dev.launch_1d(K::Conv3dReduceSplits, n, &args, Cost::mem((splits + 1 + acc.is_some() as usize) * n * 4))?;
     Ok(dw)
 }
 
 /// dw from its split-K partials [splits, Co, k^3 Ci] (summed in split order), and db = the
-/// column sum of dy.
-fn finish_weight_gradient(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize) -> Result<(Tensor, Tensor)> {
-    let dw = reduce_weight_splits(part, splits, dy, co, k, ci)?;
-    let db = super::reduce::col_sum(dy, co)?;
+/// column sum of dy, each plus its accumulated gradient in `acc`.
+fn finish_weight_gradient(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
+    let dw = reduce_weight_splits(part, splits, dy, co, k, ci, acc.w)?;
+    let db = super::reduce::col_sum_acc(dy, co, acc.b)?;
     Ok((dw, db))
 }

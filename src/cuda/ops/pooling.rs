@@ -1,6 +1,6 @@
 //! Max pooling 2×2×2 (ceil mode) launchers (`kernels/pooling.cu`).
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 
 use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes};
 use crate::ops::pooling::pooled_extent;
@@ -24,14 +24,18 @@ pub fn forward(x: &Tensor, v: Vol) -> Result<(Tensor, CudaBuf)> {
     Ok((y, arg))
 }
 
-/// dx [v] in `dtype`.
-pub fn backward(dy: &Tensor, arg: &CudaBuf, v: Vol, dtype: DType) -> Result<Tensor> {
+/// dx [v] in `dtype`, plus `acc` (a gradient of the same shape and dtype already accumulated
+/// for the pooled tensor's input) when given.
+pub fn backward(dy: &Tensor, arg: &CudaBuf, v: Vol, dtype: DType, acc: Option<&Tensor>) -> Result<Tensor> {
     let dy = cast(dy, dtype)?;
     let dev = dev_of(&dy);
+    if let Some(a) = acc {
+        ensure!(a.shape() == v.shape() && a.dtype() == dtype, "maxpool2 backward: accumulated gradient {:?} {:?}, expected {:?} {dtype:?}", a.shape(), a.dtype(), v.shape());
+    }
     let dx = empty(dev, &v.shape(), dtype)?;
-    let mut args = vec![Arg::Ptr(dy.ptr()), Arg::Ptr(arg.ptr()), Arg::Ptr(dx.ptr())];
+    let mut args = vec![Arg::Ptr(dy.ptr()), Arg::Ptr(arg.ptr()), Arg::Ptr(acc.map_or(0, |a| a.ptr())), Arg::Ptr(dx.ptr())];
     args.extend(dims(v));
-    let cost = Cost::mem(nbytes(&dy) + dy.numel() + nbytes(&dx));
+    let cost = Cost::mem(nbytes(&dy) + dy.numel() + nbytes(&dx) + acc.map_or(0, nbytes));
     dev.launch_1d(K::typed(dtype, K::Maxpool2BackwardF32, K::Maxpool2BackwardBf16), dx.numel(), &args, cost)?;
     Ok(dx)
 }

@@ -138,22 +138,20 @@ pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     }
     let (xs, ws_t, has_bias) = (x.value.clone(), w.value.clone(), b.is_some());
     let (need_dx, need_dw) = (x.tracked(), w.tracked() || b.is_some_and(|b| b.tracked()));
-    Ok(g.record("conv3d", out, &inputs, move |dy| {
-        let vo = v.with_c(co);
-        if xs.is_cuda() {
-            let dx = need_dx.then(|| cuda::ops::conv3d::backward_input(&dy, vo, &ws_t, v.c, k, xs.dtype())).transpose()?;
-            let (dw, db) = if need_dw {
-                let (dw, db) = cuda::ops::conv3d::backward_weight(&xs, v, &dy, co, k)?;
-                (Some(dw), Some(db))
-            } else {
-                (None, None)
-            };
+    if x.value.is_cuda() {
+        // Accumulating: a gradient x, w or b already has (x's other consumer, the other
+        // view's pass) is added by this backward's kernels instead of an add pass.
+        return Ok(g.record_accumulating("conv3d", out, &inputs, move |dy, acc| {
+            let (dx, dw, db) = conv3d_backward_cuda(&xs, v, &ws_t, co, k, &dy, acc, need_dx, need_dw)?;
             let mut grads = vec![dx, dw];
             if has_bias {
                 grads.push(db);
             }
-            return Ok(grads);
-        }
+            Ok(grads)
+        }));
+    }
+    Ok(g.record("conv3d", out, &inputs, move |dy| {
+        let vo = v.with_c(co);
         let dx = need_dx.then(|| {
             let dx = profile::time("conv3d backward input", detail, || conv3d_backward_input_cpu(dy.f32s(), vo, ws_t.f32s(), v.c, k));
             Tensor::from_f32(&v.shape(), dx)
@@ -170,4 +168,33 @@ pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         }
         Ok(grads)
     }))
+}
+
+/// A device convolution's backward, folding in the gradients `acc` = [x, w, b] already hold:
+/// x's through the tensor-core input-gradient epilogue (bf16, Co a multiple of 16), w's and
+/// b's through the reductions that finish them. What cannot be folded stays in `acc`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_backward_cuda(xs: &Tensor, v: Vol, w: &Tensor, co: usize, k: usize, dy: &Tensor, acc: &mut [Option<Tensor>], need_dx: bool, need_dw: bool) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    use crate::cuda::ops::conv3d::{self as conv, Fusion, WeightAcc, tensor_cores_for};
+    use crate::cuda::take_accumulated as take;
+    use crate::tensor::DType;
+    let (vo, dt) = (v.with_c(co), xs.dtype());
+    let dx = if !need_dx {
+        None
+    } else if let Some(prev) = tensor_cores_for(dt, co).then(|| take(&mut acc[0], &v.shape(), DType::BF16)).flatten() {
+        let dy = cuda::cast(dy, DType::BF16)?;
+        Some(conv::backward_input_fused(&dy, vo, w, v.c, k, Fusion { residual: Some(&prev), ..Fusion::default() })?.0)
+    } else {
+        Some(conv::backward_input(dy, vo, w, v.c, k, dt)?)
+    };
+    if !need_dw {
+        return Ok((dx, None, None));
+    }
+    let aw = take(&mut acc[1], w.shape(), DType::F32);
+    let ab = match acc.get_mut(2) {
+        Some(slot) => take(slot, &[co], DType::F32),
+        None => None,
+    };
+    let (dw, db) = conv::backward_weight_acc(xs, v, dy, co, k, WeightAcc { w: aw.as_ref(), b: ab.as_ref() })?;
+    Ok((dx, Some(dw), Some(db)))
 }
