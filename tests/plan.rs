@@ -140,3 +140,26 @@ fn fused_resblocks_move_fewer_bytes_and_store_no_activations() {
     let (ff, cf) = (total(&fused, "flops"), total(&composed, "flops"));
     assert!((ff - cf).abs() <= 1e-9 * cf, "fused {ff:.6e} FLOPs, composed {cf:.6e}");
 }
+
+#[test]
+fn out_of_memory_names_the_request_the_use_and_the_flags_to_lower() {
+    // VOX2VEC_DEVICE_MEMORY_LIMIT makes the plan device as small as asked: the allocator's
+    // out-of-memory path (the one a GPU's cuMemAlloc failure takes) runs without a GPU.
+    let run = |limit: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vox2vec-train"))
+            .args(["--bench-plan", "--small", "--precision", "bf16"])
+            .env("VOX2VEC_DEVICE_MEMORY_LIMIT", limit)
+            .output()
+            .unwrap()
+    };
+    let out = run("64MiB");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a 64 MiB device ran the step:\n{err}");
+    for want in ["CUDA out of memory", "MiB failed", "MiB in use", "--pairs", "--precision bf16", "--bench-plan", "LIMIT of 64.0 MiB"] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    let out = run("8GiB");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run("lots");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("VOX2VEC_DEVICE_MEMORY_LIMIT=lots"));
+}

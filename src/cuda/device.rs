@@ -67,6 +67,8 @@ pub struct CudaDevice {
     /// asked for, freed when dropped (no size classes, no cache), so that compute-sanitizer's
     /// memcheck sees an access one element past a tensor. Slow; for checking kernels only.
     exact_alloc: bool,
+    /// VOX2VEC_DEVICE_MEMORY_LIMIT: the most this process may reserve from the driver.
+    memory_limit: Option<usize>,
     timer: Mutex<Option<KernelTimer>>,
     /// The declared cost of every launch since `start_cost_log`, and the GPU it is priced on.
     costs: Mutex<Option<CostLog>>,
@@ -161,13 +163,15 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
     if let Some(why) = unavailable_reason() {
         bail!("cannot use CUDA device {ordinal}: {why}");
     }
-    let d = Arc::new(if planned() {
+    let mut d = if planned() {
         CudaDevice::open_plan(ordinal)?
     } else if emulated() {
         CudaDevice::open_emulator(ordinal)?
     } else {
         CudaDevice::open(ordinal)?
-    });
+    };
+    d.memory_limit = memory_limit_from_env()?;
+    let d = Arc::new(d);
     if devs.len() <= ordinal {
         devs.resize(ordinal + 1, None);
     }
@@ -175,7 +179,46 @@ pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
     Ok(d)
 }
 
+/// `VOX2VEC_DEVICE_MEMORY_LIMIT` (bytes, or with a KiB/MiB/GiB suffix): the most device
+/// memory this process may reserve, as if the GPU were that small. With `--bench-plan` it
+/// answers "does this setting fit on a 24 GiB card?"; on a GPU it leaves room to others.
+fn memory_limit_from_env() -> Result<Option<usize>> {
+    let Some(v) = std::env::var_os("VOX2VEC_DEVICE_MEMORY_LIMIT") else { return Ok(None) };
+    let s = v.to_string_lossy().trim().to_string();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s.as_str(), ""),
+    };
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => bail!("VOX2VEC_DEVICE_MEMORY_LIMIT={s}: unknown unit {unit:?} (use bytes, KiB, MiB or GiB)"),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("VOX2VEC_DEVICE_MEMORY_LIMIT={s}: not a number of bytes"))?;
+    ensure!(n.is_finite() && n > 0.0, "VOX2VEC_DEVICE_MEMORY_LIMIT={s}: must be positive");
+    Ok(Some((n * scale) as usize))
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
 impl CudaDevice {
+    /// The out-of-memory error: what was asked, what this process holds, and what to lower.
+    fn out_of_memory(&self, class: usize, cause: &str) -> anyhow::Error {
+        let s = self.pool_stats();
+        anyhow::anyhow!(
+            "CUDA out of memory on {}: an allocation of {:.1} MiB failed ({cause}) with {:.1} MiB in use and {:.1} MiB reserved by this process (peak {:.1} MiB). \
+             Lower the batch (--pairs, --patch), use --precision bf16 (half the activation memory), or free the GPU of other processes; \
+             `vox2vec-train --bench-plan` with the same flags shows what a step needs without a GPU",
+            self.name,
+            class as f64 / MIB,
+            s.in_use as f64 / MIB,
+            s.reserved as f64 / MIB,
+            s.peak_in_use as f64 / MIB
+        )
+    }
+
     fn open(ordinal: usize) -> Result<CudaDevice> {
         let count = CudaContext::device_count().context("counting CUDA devices")? as usize;
         ensure!(ordinal < count, "CUDA device {ordinal} requested, the driver reports {count}");
@@ -215,6 +258,7 @@ impl CudaDevice {
             functions,
             pool: Mutex::default(),
             exact_alloc: !plan && std::env::var_os("VOX2VEC_EXACT_ALLOC").is_some_and(|v| v != "0" && !v.is_empty()),
+            memory_limit: None,
             timer: Mutex::new(None),
             costs: Mutex::new(None),
             machine: H200,
@@ -315,6 +359,11 @@ impl CudaDevice {
     }
 
     fn raw_malloc(&self, bytes: usize) -> Result<u64> {
+        if let Some(limit) = self.memory_limit
+            && self.pool_stats().reserved + bytes > limit
+        {
+            bail!("VOX2VEC_DEVICE_MEMORY_LIMIT of {:.1} MiB reached", limit as f64 / MIB);
+        }
         if self.plan {
             // Invented, 256-byte aligned and never reused: nothing dereferences them.
             return Ok(self.plan_next.fetch_add(bytes.div_ceil(256) as u64 * 256, std::sync::atomic::Ordering::Relaxed));
@@ -368,10 +417,7 @@ impl CudaDevice {
                 // Out of memory: give the cached blocks back to the driver and try once more.
                 self.synchronize()?;
                 self.release_cached()?;
-                self.raw_malloc(class).with_context(|| {
-                    let s = self.pool_stats();
-                    format!("out of memory on {} allocating {} MiB ({} MiB in use)", self.name, class >> 20, s.in_use >> 20)
-                })?
+                self.raw_malloc(class).map_err(|e| self.out_of_memory(class, &format!("{e:#}")))?
             }
         };
         self.pool.lock().unwrap().note_driver_alloc(class);
