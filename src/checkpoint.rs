@@ -115,6 +115,7 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     let tmp = tmp_dir.join(format!("file{ext}"));
     let result = (|| -> Result<()> {
         write(&tmp)?;
+        injected_write_error(path)?;
         let f = fs::File::open(&tmp).with_context(|| format!("opening {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -122,6 +123,18 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     })();
     let _ = fs::remove_dir_all(&tmp_dir);
     result
+}
+
+/// Testing hook for full disks: with `VOX2VEC_INJECT_WRITE_ERROR=<text>`, every write of a
+/// file whose path contains <text> fails as the disk being full would (ENOSPC), after the
+/// temporary file was written, so that the clean-up and the error paths run for real.
+pub fn injected_write_error(path: &Path) -> Result<()> {
+    match std::env::var_os("VOX2VEC_INJECT_WRITE_ERROR") {
+        Some(t) if !t.is_empty() && path.to_string_lossy().contains(&*t.to_string_lossy()) => {
+            Err(std::io::Error::from_raw_os_error(28)).with_context(|| format!("writing {} (injected by VOX2VEC_INJECT_WRITE_ERROR)", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Whether process `pid` is running (Linux: /proc; elsewhere every process counts as alive,

@@ -9,10 +9,9 @@
 //! range around it. The file is written to a temporary name in the same folder and renamed, so a
 //! reader (or a crash mid-write) never sees a half-written picture.
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 const WIDTH: usize = 800;
 const HEIGHT: usize = 500;
@@ -308,42 +307,23 @@ fn render(title: &str, series: &[(&str, &[(f64, f64)])]) -> Canvas {
     cv
 }
 
-/// Distinguishes temporary files of concurrent writers in one process.
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
+/// The PNG written through `checkpoint::write_atomic_with`: a temporary in a recognisable
+/// folder beside `path` (removed on error, and by `remove_stale_temp_files` after a kill),
+/// synced and renamed over `path`.
 fn write_png_atomic(path: &Path, cv: &Canvas) -> Result<()> {
-    let name = path.file_name().ok_or_else(|| anyhow!("plot path {} has no file name", path.display()))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| -> Result<()> {
-        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    crate::checkpoint::write_atomic_with(path, |tmp| {
+        let file = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);
         {
             let mut enc = png::Encoder::new(&mut w, WIDTH as u32, HEIGHT as u32);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
-            let mut writer = enc.write_header().context("writing PNG header")?;
-            writer.write_image_data(&cv.px).context("writing PNG data")?;
-            writer.finish().context("finishing PNG")?;
+            let mut writer = enc.write_header().with_context(|| format!("writing the PNG header of {}", path.display()))?;
+            writer.write_image_data(&cv.px).with_context(|| format!("writing {}", path.display()))?;
+            writer.finish().with_context(|| format!("writing {}", path.display()))?;
         }
-        w.flush().with_context(|| format!("writing {}", tmp.display()))?;
-        let file = w.into_inner().map_err(|e| anyhow!("writing {}: {}", tmp.display(), e.error()))?;
-        file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    })();
-    if result.is_err() {
-        // Best effort: do not leave temporary files behind; the original error is what matters.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        w.flush().with_context(|| format!("writing {}", path.display()))
+    })
 }
 
 /// 5x7 glyphs, one byte per row, bit 4 = leftmost column. Lower case maps to upper case;

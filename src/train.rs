@@ -315,6 +315,15 @@ pub fn write_loss_curve(out_dir: &std::path::Path) -> Result<()> {
     crate::plot::write_curve_png(&out_dir.join(LOSS_CURVE_FILE), "InfoNCE loss", &[("loss", &pts), ("mean of 20", &avg)])
 }
 
+/// One line of `metrics.jsonl` (appended and flushed; a failed write names the file).
+fn append_metric(metrics: &mut std::fs::File, out_dir: &std::path::Path, line: &serde_json::Value) -> Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let path = out_dir.join(METRICS_FILE);
+    crate::checkpoint::injected_write_error(&path)?;
+    writeln!(metrics, "{line}").and_then(|_| metrics.flush()).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Observer of a run's progress (the CLI draws a bar; tests ignore it).
 pub trait Progress {
     fn start(&mut self, first_step: u64, total: u64);
@@ -339,7 +348,6 @@ pub static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::At
 /// steps `start..opts.steps`, where `start` is 0 or the resumed checkpoint's step. Batch `i`
 /// depends only on (seed, i), so a resumed run continues exactly where the first stopped.
 pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Result<Vox2Vec> {
-    use std::io::Write;
     use anyhow::{Context, bail};
     use crate::checkpoint;
 
@@ -418,13 +426,13 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
                 "grad_norm": stats.grad_norm,
                 "step_ms": t0.elapsed().as_secs_f64() * 1e3,
             });
-            writeln!(metrics, "{line}").with_context(|| format!("writing {}", opts.out_dir.join(METRICS_FILE).display()))?;
+            append_metric(&mut metrics, &opts.out_dir, &line)?;
             progress.step(step + 1, &stats);
         } else if skipped < opts.skip_nonfinite {
             skipped += 1;
             let why = format!("loss {} and gradient norm {}", stats.loss, stats.grad_norm);
             let line = serde_json::json!({"step": step + 1, "skipped": true, "reason": why});
-            writeln!(metrics, "{line}").with_context(|| format!("writing {}", opts.out_dir.join(METRICS_FILE).display()))?;
+            append_metric(&mut metrics, &opts.out_dir, &line)?;
             progress.message(&format!("step {}: {why}: update skipped ({skipped} of --skip-nonfinite {})", step + 1, opts.skip_nonfinite));
         } else {
             bail!(
@@ -444,7 +452,7 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
                 online_probe(&mut host_copy(&model)?, p, step + 1)?
             };
             let mean = dice.iter().sum::<f64>() / dice.len().max(1) as f64;
-            writeln!(metrics, "{}", serde_json::json!({"step": step + 1, "probe_mean_dice": mean, "probe_dice": dice, "probe_classes": p.dataset.classes})).context("writing metrics")?;
+            append_metric(&mut metrics, &opts.out_dir, &serde_json::json!({"step": step + 1, "probe_mean_dice": mean, "probe_dice": dice, "probe_classes": p.dataset.classes}))?;
             progress.message(&format!("step {:>6}  online linear probe: mean Dice {mean:.4}", step + 1));
         }
         if STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) && step + 1 < opts.steps {

@@ -270,3 +270,41 @@ fn check_finite_names_the_first_op() {
     assert!(err.contains("step 1") && err.contains("VOX2VEC_CHECK_FINITE: the first non-finite value comes from op 'conv3d' (forward output"), "{err}");
     assert!(!dir.join(CHECKPOINT_FILE).exists(), "a checkpoint was written");
 }
+
+/// Temporary files of ours left in `dir`.
+fn temporaries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect()
+}
+
+#[test]
+fn full_disk_while_writing_stops_cleanly_and_keeps_the_last_checkpoint() {
+    // A good run to step 2, then a resumed run whose every write of the named file fails as
+    // on a full disk (VOX2VEC_INJECT_WRITE_ERROR, after the temporary was written).
+    let base = |dir: &std::path::Path, steps: &str| {
+        let mut c = train_bin();
+        c.args(TINY).args(["--synthetic-pairs", "--checkpoint-every", "1", "--steps", steps, "--out"]).arg(dir);
+        c
+    };
+    // (file whose writes fail, the step of the checkpoint left): the checkpoint of step 3
+    // fails; metrics fail at step 3 before its checkpoint; the plot at the end, after step 4's.
+    for (i, (target, ckpt_step)) in [(CHECKPOINT_FILE, 2u64), (METRICS_FILE, 2), ("loss.png", 4)].into_iter().enumerate() {
+        // (The folder's name must not contain the target's.)
+        let dir = tmpdir(&format!("fulldisk{i}"));
+        let out = base(&dir, "2").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let before = std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap();
+        let out = base(&dir, "4").arg("--resume").env("VOX2VEC_INJECT_WRITE_ERROR", target).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{target}: the run succeeded with a full disk:\n{err}");
+        assert!(err.contains(&dir.join(target).display().to_string()) && err.contains("No space left on device"), "{target}: the error does not name the file and the cause:\n{err}");
+        assert!(temporaries(&dir).is_empty(), "{target}: temporaries left: {:?}", temporaries(&dir));
+        let after = std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap();
+        let mut m = Vox2Vec::new(ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 }, 1);
+        let mut adam = vox2vec::optim::Adam::new(AdamConfig::default(), &m.store);
+        vox2vec::checkpoint::load(&dir.join(CHECKPOINT_FILE), &mut m.store, Some(&mut adam)).unwrap();
+        assert_eq!(adam.step, ckpt_step, "{target}: the checkpoint left");
+        if ckpt_step == 2 {
+            assert_eq!(before, after, "{target}: the previous checkpoint changed");
+        }
+    }
+}
