@@ -116,13 +116,30 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     let result = (|| -> Result<()> {
         write(&tmp)?;
         injected_write_error(path)?;
+        // Writers such as the safetensors crate create their files 0600; the result gets
+        // what a plain create would give under this process's umask.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o666 & !process_umask())).with_context(|| format!("setting the permissions of {}", tmp.display()))?;
+        }
         let f = fs::File::open(&tmp).with_context(|| format!("opening {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
     })();
     let _ = fs::remove_dir_all(&tmp_dir);
-    result
+    result.with_context(|| format!("could not write {} (any previous version of it is unchanged)", path.display()))
+}
+
+/// This process's umask, from /proc/self/status (Linux 4.7+; 022 elsewhere): reading it
+/// there, unlike umask(2), does not change it under other threads.
+#[cfg(unix)]
+fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())))
+        .unwrap_or(0o022)
 }
 
 /// Testing hook for full disks: with `VOX2VEC_INJECT_WRITE_ERROR=<text>`, every write of a

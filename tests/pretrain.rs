@@ -307,4 +307,34 @@ fn full_disk_while_writing_stops_cleanly_and_keeps_the_last_checkpoint() {
             assert_eq!(before, after, "{target}: the previous checkpoint changed");
         }
     }
+    // Files get the mode a plain create gives under the umask, not the writer's 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("vox2vec-pretrain-fulldisk0-{}", std::process::id()));
+        let mode = std::fs::metadata(dir.join(CHECKPOINT_FILE)).unwrap().permissions().mode() & 0o777;
+        let umask = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())));
+        if let Some(u) = umask {
+            assert_eq!(mode, 0o666 & !u, "checkpoint mode {mode:o} under umask {u:o}");
+        }
+    }
+    // A real full disk where this machine lets the test mount a 1 MiB tmpfs (root): the first
+    // checkpoint (~0.6 MB) fits, the second's temporary does not.
+    let mnt = tmpdir("tmpfs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).output().is_ok_and(|o| o.status.success());
+    if !mounted {
+        println!("real full-disk case not run: cannot mount a tmpfs here (the injected cases above ran)");
+        return;
+    }
+    let dir = mnt.join("run");
+    let out = base(&dir, "3").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let left = temporaries(&dir);
+    let step1 = std::fs::read(dir.join(CHECKPOINT_FILE)).map(|b| b.len());
+    Command::new("umount").arg(&mnt).status().unwrap();
+    assert!(!out.status.success(), "a full tmpfs did not stop the run:\n{err}");
+    assert!(err.contains(&format!("could not write {}", dir.join(CHECKPOINT_FILE).display())) && err.contains("No space left on device"), "{err}");
+    assert!(left.is_empty(), "temporaries left on the full disk: {left:?}");
+    assert!(step1.as_ref().is_ok_and(|&n| n > 0), "the step-1 checkpoint is gone: {step1:?}");
 }
