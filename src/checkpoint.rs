@@ -80,7 +80,36 @@ pub fn save(path: &Path, config: &ModelConfig, store: &ParamStore, adam: Option<
     for (k, v) in extra {
         meta.insert(k.to_string(), v.clone());
     }
-    write_atomic_with(path, |tmp| safetensors::serialize_to_file(views, Some(meta), tmp).with_context(|| format!("writing {}", tmp.display())))
+    write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(meta), tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        sort_metadata_in_place(tmp)
+    })
+}
+
+/// The safetensors writer emits `__metadata__` in HashMap order, which differs from process to
+/// process, so two identical training runs would write checkpoints that differ in their
+/// header bytes. Rewrites that object with its keys sorted: the same entries, the same length,
+/// so nothing else in the file moves, and identical runs give identical files.
+fn sort_metadata_in_place(file: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::OpenOptions::new().read(true).write(true).open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).with_context(|| format!("reading {}", file.display()))?;
+    let n = u64::from_le_bytes(len) as usize;
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header).with_context(|| format!("reading {}", file.display()))?;
+    const KEY: &[u8] = b"\"__metadata__\":";
+    let Some(at) = header.windows(KEY.len()).position(|w| w == KEY) else { return Ok(()) };
+    let start = at + KEY.len();
+    let mut it = serde_json::Deserializer::from_slice(&header[start..]).into_iter::<std::collections::BTreeMap<String, String>>();
+    let Some(Ok(sorted)) = it.next() else { return Ok(()) };
+    let end = start + it.byte_offset();
+    let text = serde_json::to_vec(&sorted)?;
+    if text.len() != end - start {
+        return Ok(()); // not the compact form this was written for: leave it valid as it is
+    }
+    header[start..end].copy_from_slice(&text);
+    f.seek(SeekFrom::Start(8)).and_then(|_| f.write_all(&header)).with_context(|| format!("writing {}", file.display()))
 }
 
 /// Write `bytes` to `path` through a temporary sibling file and a rename.
@@ -104,7 +133,7 @@ pub const TEMP_PREFIX: &str = ".vox2vec-tmp-";
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
-    let name = path.file_name().context("checkpoint path has no file name")?.to_string_lossy();
+    let name = path.file_name().with_context(|| format!("{} has no file name", path.display()))?.to_string_lossy();
     // The temporary name keeps the extension (writers such as NIfTI's choose gzip from it and
     // rewrite names with extra dots) and is unique per process and call.
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -125,6 +154,7 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         }
         let f = fs::File::open(&tmp).with_context(|| format!("opening {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        paused_write(path);
         fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
     })();
@@ -151,6 +181,18 @@ pub fn injected_write_error(path: &Path) -> Result<()> {
             Err(std::io::Error::from_raw_os_error(28)).with_context(|| format!("writing {} (injected by VOX2VEC_INJECT_WRITE_ERROR)", path.display()))
         }
         _ => Ok(()),
+    }
+}
+
+/// Testing hook for kills during a write: with `VOX2VEC_PAUSE_WRITE=<text>`, a write of a file
+/// whose path contains <text> waits 10 s with its temporary complete and synced, before the
+/// rename, so that a test can kill the process inside the write.
+fn paused_write(path: &Path) {
+    if let Some(t) = std::env::var_os("VOX2VEC_PAUSE_WRITE")
+        && !t.is_empty()
+        && path.to_string_lossy().contains(&*t.to_string_lossy())
+    {
+        std::thread::sleep(std::time::Duration::from_secs(10));
     }
 }
 

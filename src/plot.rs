@@ -311,6 +311,9 @@ fn render(title: &str, series: &[(&str, &[(f64, f64)])]) -> Canvas {
 /// folder beside `path` (removed on error, and by `remove_stale_temp_files` after a kill),
 /// synced and renamed over `path`.
 fn write_png_atomic(path: &Path, cv: &Canvas) -> Result<()> {
+    // A plot goes into an existing folder (a run's): a missing one is an error, not created.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    anyhow::ensure!(dir.is_dir(), "cannot write {}: the folder {} does not exist", path.display(), dir.display());
     crate::checkpoint::write_atomic_with(path, |tmp| {
         let file = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);

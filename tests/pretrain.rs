@@ -338,3 +338,67 @@ fn full_disk_while_writing_stops_cleanly_and_keeps_the_last_checkpoint() {
     assert!(left.is_empty(), "temporaries left on the full disk: {left:?}");
     assert!(step1.as_ref().is_ok_and(|&n| n > 0), "the step-1 checkpoint is gone: {step1:?}");
 }
+
+#[test]
+fn kill_9_at_several_moments_then_resume_is_bit_identical() {
+    use std::io::{BufRead, BufReader};
+    let run = |dir: &std::path::Path, resume: bool| {
+        let mut c = train_bin();
+        c.args(TINY).args(["--synthetic-pairs", "--steps", "6", "--checkpoint-every", "1", "--out"]).arg(dir);
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    let straight = tmpdir("kill-straight");
+    let out = run(&straight, false).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = tmpdir("kill-split");
+    // Moment 1: right after step 2 is reported (its metrics line written, its checkpoint being
+    // written or just written).
+    let mut child = run(&dir, false).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "the trainer ended before step 2");
+        if line.contains("step      2  loss") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Moment 2: inside a checkpoint write (temporary complete, not yet renamed).
+    let mut child = run(&dir, true).env("VOX2VEC_PAUSE_WRITE", CHECKPOINT_FILE).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let (t0, mine) = (std::time::Instant::now(), format!(".vox2vec-tmp-{}-", child.id()));
+    let in_write = loop {
+        // This process's temporary folder (one left by the first kill is removed at start).
+        let tmp = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).find(|e| e.file_name().to_string_lossy().starts_with(&mine));
+        if let Some(t) = tmp
+            && std::fs::read_dir(t.path()).is_ok_and(|mut d| d.next().is_some())
+        {
+            break true;
+        }
+        if t0.elapsed().as_secs() > 60 {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(in_write, "the resumed run never started a checkpoint write");
+    assert!(!temporaries(&dir).is_empty(), "the kill inside the write left no temporary (was it inside?)");
+    // What is on disk is a whole checkpoint of an earlier step.
+    let out = Command::new(env!("CARGO_BIN_EXE_vox2vec")).arg("inspect").arg(dir.join(CHECKPOINT_FILE)).output().unwrap();
+    assert!(out.status.success(), "the checkpoint left by the kill does not load: {}", String::from_utf8_lossy(&out.stderr));
+    // Resume to the end: the stale temporary is removed, and the result is the straight run's.
+    let out = run(&dir, true).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && e.contains("removed 1 temporary"), "{e}");
+    assert!(temporaries(&dir).is_empty(), "{:?}", temporaries(&dir));
+    assert_eq!(losses(&dir), losses(&straight), "losses after two kills and resumes");
+    let steps: Vec<u64> = metric_lines(&dir).iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+    assert!(std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap() == std::fs::read(straight.join(CHECKPOINT_FILE)).unwrap(), "final checkpoint differs from the uninterrupted run's");
+}
