@@ -372,10 +372,17 @@ fn kill_9_at_several_moments_then_resume_is_bit_identical() {
     let mut child = run(&dir, true).env("VOX2VEC_PAUSE_WRITE", CHECKPOINT_FILE).stderr(std::process::Stdio::null()).spawn().unwrap();
     let (t0, mine) = (std::time::Instant::now(), format!(".vox2vec-tmp-{}-", child.id()));
     let in_write = loop {
-        // This process's temporary folder (one left by the first kill is removed at start).
+        // This process's temporary folder of a checkpoint (one left by the first kill is
+        // removed at start; a metrics truncation at start uses one too, with file.jsonl).
         let tmp = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).find(|e| e.file_name().to_string_lossy().starts_with(&mine));
+        let checkpoint_inside = |p: &std::path::Path| {
+            std::fs::read_dir(p).is_ok_and(|d| d.filter_map(|e| e.ok()).any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.ends_with(".safetensors") || n.starts_with(".tmp")
+            }))
+        };
         if let Some(t) = tmp
-            && std::fs::read_dir(t.path()).is_ok_and(|mut d| d.next().is_some())
+            && checkpoint_inside(&t.path())
         {
             break true;
         }
