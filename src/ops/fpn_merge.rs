@@ -35,7 +35,8 @@ pub fn fpn_merge(g: &Graph, f: &Var, w: &Var, b: &Var, up: &Var) -> Result<Var> 
     let co = ws[0];
     let us = up.shape().to_vec();
     ensure!(us.len() == 5 && us[0] == v.n && us[4] == co, "fpn_merge: up block output {us:?} does not match the skip feature {:?} -> {co} channels", f.shape());
-    let fused = f.value.is_cuda() && up.value.dtype() == f.value.dtype() && fused_for(f.value.dtype(), v.c) && cuda::ops::conv3d::tensor_cores_for(f.value.dtype(), v.c);
+    // fused_for implies the tensor-core path (bf16, C a multiple of 16).
+    let fused = f.value.is_cuda() && up.value.dtype() == f.value.dtype() && fused_for(f.value.dtype(), v.c);
     if !fused {
         let up = ops::upsample2_crop(g, up, [v.x, v.y, v.z])?;
         let sk = ops::conv3d(g, f, w, Some(b))?;
