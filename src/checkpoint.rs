@@ -261,6 +261,12 @@ pub fn load_exact(path: &Path, store: &mut ParamStore) -> Result<Loaded> {
 
 fn load_impl(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>, bare_keys_are_backbone: bool) -> Result<Loaded> {
     let bytes = fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    load_bytes(path, &bytes, store, adam, bare_keys_are_backbone)
+}
+
+/// `load` (`bare_keys_are_backbone`) or `load_exact` on a file's bytes; `path` only names it in
+/// errors. The fuzz target's entry point (fuzz/fuzz_targets/checkpoint.rs).
+pub fn load_bytes(path: &Path, bytes: &[u8], store: &mut ParamStore, adam: Option<&mut Adam>, bare_keys_are_backbone: bool) -> Result<Loaded> {
     let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
@@ -287,7 +293,14 @@ fn load_impl(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>, bare_
             Dtype::I64 => (None, Some(bytemuck::pod_collect_to_vec::<u8, i64>(view.data()))),
             d => bail!("{}: key {key} has dtype {d:?}; expected F32, F64 or I64", path.display()),
         };
+        if let Some(bad) = f.as_ref().and_then(|v| v.iter().position(|x| !x.is_finite())) {
+            // A diverged run's weights: loading them would only train or predict NaN.
+            bail!("{}: {key} holds a non-finite value ({} at element {bad}); the checkpoint is refused", path.display(), f.as_ref().unwrap()[bad]);
+        }
         if is_moment {
+            if store.slots()[slot].kind != SlotKind::Trainable {
+                bail!("{}: {key} is an optimiser moment of {name}, which is not trained", path.display());
+            }
             let expect = store.pytorch_shape(slot);
             if shape != expect {
                 bail!("{}: {key} has shape {shape:?}, expected {expect:?}", path.display());

@@ -136,3 +136,115 @@ fn a_cache_that_cannot_be_written_stops_the_run_as_a_cache_problem() {
     assert!(text.contains("cannot write the preprocessing cache") && text.contains("--cache"), "{text}");
     assert!(!text.contains("unusable"), "a cache failure was blamed on an input file:\n{text}");
 }
+
+/// `bytes` (a single-file NIfTI-1, little-endian) with `v` written at byte `at`.
+fn patched(bytes: &[u8], at: usize, v: &[u8]) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b[at..at + v.len()].copy_from_slice(v);
+    b
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// The issue's "done when": one folder mixing good CTs with every malformed-input class,
+/// through `vox2vec preprocess --skip-bad`: each bad file named with its problem, each good one
+/// cached (the one with an extension gap read exactly like the plain one), no panic; then the
+/// NaN file repaired by `--nonfinite minimum`, reported as such.
+#[test]
+fn preprocess_skip_bad_names_every_malformed_class_and_caches_every_good_file() {
+    let d = tmpdir("classes");
+    let shape = [48, 40, 20];
+    let hu = phantom_ct(3, shape, [1.0, 1.0, 2.0]);
+    write_ct(&d.join("good.nii"), &hu, shape, [1.0, 1.0, 2.0]);
+    let good = std::fs::read(d.join("good.nii")).unwrap();
+    assert_eq!(f32::from_le_bytes(good[108..112].try_into().unwrap()), 352.0);
+    std::fs::write(d.join("good-gz.nii.gz"), gzip(&good)).unwrap();
+    // Voxels at byte 1024 after a gap (extension flag 0): valid, must be read from 1024.
+    let mut gap = patched(&good[..352], 108, &1024f32.to_le_bytes());
+    gap.resize(1024, 0);
+    gap.extend_from_slice(&good[352..]);
+    std::fs::write(d.join("gap.nii"), &gap).unwrap();
+    let f32s = |v: f32| v.to_le_bytes();
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("spacing-1e30.nii", patched(&good, 280, &f32s(1e30)), "more than the limit"),
+        ("vox-offset-100.nii", patched(&good, 108, &f32s(100.0)), "vox_offset"),
+        ("vox-offset-past-end.nii", patched(&good, 108, &f32s(1e9)), "past the end"),
+        ("nan-affine.nii", patched(&good, 292, &f32s(f32::NAN)), "non-finite"),
+        ("inf-intercept.nii", patched(&patched(&good, 112, &f32s(1.0)), 116, &f32s(f32::INFINITY)), "scl_inter is inf"),
+        ("oblique.nii", patched(&good, 284, &f32s(0.5)), "oblique"),
+        ("truncated.nii", good[..good.len() / 2].to_vec(), "truncated"),
+        ("four-d.nii", patched(&patched(&good, 40, &4i16.to_le_bytes()), 48, &3i16.to_le_bytes()), "volumes"),
+        ("huge-dims.nii", patched(&good, 42, &[0xff, 0x7f, 0xff, 0x7f, 0xff, 0x7f]), "limit"),
+        ("negative-dim.nii", patched(&good, 42, &(-5i16).to_le_bytes()), "dimensions"),
+        ("complex.nii", patched(&good, 70, &32i16.to_le_bytes()), "data type"),
+        ("not-nifti.nii", b"nope".to_vec(), "NIfTI"),
+        ("air.nii.gz", gzip(&patched(&good, 112, &f32s(0.0))[..352].iter().chain(&vec![0x18u8, 0xfc].repeat(shape.iter().product())).copied().collect::<Vec<u8>>()), "no body"),
+        ("gz-bad-crc.nii.gz", { let mut g = gzip(&good); let n = g.len(); g[n - 8] ^= 0xff; g }, "gzip"),
+        ("gz-bad-isize.nii.gz", { let mut g = gzip(&good); let n = g.len(); g[n - 1] ^= 0x01; g }, "gzip"),
+        ("gz-cut-trailer.nii.gz", { let g = gzip(&good); g[..g.len() - 4].to_vec() }, "gzip"),
+        ("gz-body-flip.nii.gz", { let mut g = gzip(&good); let n = g.len(); g[n / 2] ^= 0x55; g }, "gzip"),
+        ("gz-trailing-garbage.nii.gz", { let mut g = gzip(&good); g.extend_from_slice(b"trailing bytes"); g }, "gzip"),
+    ];
+    for (name, bytes, _) in &bad {
+        std::fs::write(d.join(name), bytes).unwrap();
+    }
+    // NaN voxels in a float32 CT: refused by default, repaired with --nonfinite minimum.
+    let mut nan_hu: Vec<f32> = hu.iter().map(|&v| v as f32).collect();
+    for i in [0, 7, 1000, 5000] {
+        nan_hu[i] = f32::NAN;
+    }
+    nan_hu[2000] = f32::NEG_INFINITY;
+    let g = Geometry {
+        header: nifti::NiftiHeader::from_reader(std::io::Cursor::new(&good)).unwrap(),
+        affine: [[0.0; 4]; 4],
+        file_shape: shape,
+        orientation: Orientation { perm: [0, 1, 2], flip: [false; 3] },
+    };
+    write_volume(&d.join("nan-voxels.nii"), &nan_hu, &g).unwrap();
+    // An nnU-Net dataset inside the folder: its label map is not a CT.
+    std::fs::create_dir_all(d.join("Dataset009_X/imagesTr")).unwrap();
+    std::fs::create_dir_all(d.join("Dataset009_X/labelsTr")).unwrap();
+    std::fs::write(d.join("Dataset009_X/dataset.json"), r#"{"labels": {"background": 0, "organ": 1}}"#).unwrap();
+    std::fs::write(d.join("Dataset009_X/imagesTr/case_0000.nii.gz"), gzip(&good)).unwrap();
+    std::fs::write(d.join("Dataset009_X/labelsTr/case.nii.gz"), b"a label map that would be refused if read").unwrap();
+
+    let cache = d.join("cache");
+    let bin = env!("CARGO_BIN_EXE_vox2vec");
+    let out = Command::new(bin).args(["preprocess", "--skip-bad"]).arg(&d).arg("--cache").arg(&cache).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("panicked") && !text.contains("memory allocation"), "{text}");
+    let total = 4 + bad.len() + 1;
+    assert!(text.contains(&format!("{total} files: 4 usable (4 preprocessed now")), "{text}");
+    for (name, _, why) in &bad {
+        let line = text.lines().find(|l| l.contains(&format!("unusable {}", d.join(name).display()))).unwrap_or_else(|| panic!("{name} not reported:\n{text}"));
+        assert!(line.contains(why), "{name}: expected {why:?} in {line:?}");
+    }
+    let line = text.lines().find(|l| l.contains("unusable") && l.contains("nan-voxels.nii")).unwrap_or_else(|| panic!("NaN file not refused:\n{text}"));
+    assert!(line.contains("5 of") && line.contains("--nonfinite minimum"), "{line}");
+    assert!(!text.contains("labelsTr"), "{text}");
+    // The gap file and the plain one give the same cache content.
+    let entry = |f: &str| vox2vec::data::cache::load_entry(&cache.join(vox2vec::data::cache::cache_key(&d.join(f), &Default::default()).unwrap())).unwrap();
+    let (a, b, c) = (entry("good.nii"), entry("gap.nii"), entry("good-gz.nii.gz"));
+    assert!(a.ct.hu == b.ct.hu && a.ct.hu == c.ct.hu && a.ct.body == b.ct.body && a.ct.shape == b.ct.shape);
+    assert!(std::fs::read_dir(&cache).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')), "temporary files left");
+
+    // --nonfinite minimum: the NaN file is now usable, reported with its count, and read as
+    // the float file with those voxels at the image minimum.
+    let out = Command::new(bin).args(["preprocess", "--skip-bad", "--nonfinite", "minimum"]).arg(&d).arg("--cache").arg(&cache).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("5 usable") && text.contains(&format!("repaired {}: 5 NaN or infinite voxels", d.join("nan-voxels.nii").display())), "{text}");
+    let min = nan_hu.iter().copied().filter(|v| v.is_finite()).fold(f32::INFINITY, f32::min);
+    let v = vox2vec::data::nifti_io::read_volume_with(&d.join("nan-voxels.nii"), vox2vec::data::nifti_io::NonFinitePolicy::ReplaceWithMinimum).unwrap();
+    assert_eq!(v.replaced_nonfinite, 5);
+    for (i, (&got, &want)) in v.data.iter().zip(&nan_hu).enumerate() {
+        assert_eq!(got, if want.is_finite() { want } else { min }, "voxel {i}");
+    }
+    assert!(Command::new(bin).args(["preprocess", "--nonfinite", "zero"]).arg(&d).output().unwrap().status.code() == Some(2), "a bad policy must be a usage error");
+}

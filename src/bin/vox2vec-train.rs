@@ -131,12 +131,16 @@ struct Args {
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// NaN or infinite voxels in a CT: "error" refuses the file, "minimum" replaces them by the
+    /// image's minimum and reports how many.
+    #[arg(long, default_value = "error", value_name = "POLICY")]
+    nonfinite: vox2vec::data::preprocess::NonFinitePolicy,
 }
 
 /// Preprocess (or find in the cache) every input file; report skipped files; fail when none
 /// is usable or, without --skip-bad, when any file is bad.
-fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize; 3], skip_bad: bool) -> anyhow::Result<Vec<PathBuf>> {
-    let report = prepare_input(input, cache, &PreprocessConfig::default(), patch)?;
+fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize; 3], skip_bad: bool, nonfinite: vox2vec::data::preprocess::NonFinitePolicy) -> anyhow::Result<Vec<PathBuf>> {
+    let report = prepare_input(input, cache, &PreprocessConfig { nonfinite, ..PreprocessConfig::default() }, patch)?;
     eprintln!("data: {}", report.summary(cache));
     if !report.skipped.is_empty() && !skip_bad {
         anyhow::bail!("{} of {} input files are unusable (listed above); fix them or pass --skip-bad", report.skipped.len(), report.files);
@@ -235,7 +239,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let sampler = SamplerConfig { pairs: batch.pairs, patch: batch.patch, max_voxels: batch.voxels_per_pair, ..SamplerConfig::default() };
         let volumes: Arc<dyn VolumeSet> = match &args.data {
             None => Arc::new(PhantomVolumes::new(args.seed, args.phantoms)),
-            Some(input) => Arc::new(CachedVolumes::new(prepare_data(input, &args.cache, batch.patch, args.skip_bad)?, 4)),
+            Some(input) => Arc::new(CachedVolumes::new(prepare_data(input, &args.cache, batch.patch, args.skip_bad, args.nonfinite)?, 4)),
         };
         BatchSource::Volumes { volumes, sampler, workers: args.loader_workers }
     };
@@ -244,7 +248,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => {
             let sp: Vec<f64> = args.probe_spacing.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!("--probe-spacing: {e}"))?;
             anyhow::ensure!(sp.len() == 3 && sp.iter().all(|v| *v > 0.0), "--probe-spacing must be X,Y,Z in mm");
-            let pre = PreprocessConfig { spacing: [sp[0], sp[1], sp[2]], ..PreprocessConfig::default() };
+            let pre = PreprocessConfig { spacing: [sp[0], sp[1], sp[2]], nonfinite: args.nonfinite, ..PreprocessConfig::default() };
             let ds = vox2vec::eval::segment::load_dataset(dir, &pre, &|c| eprintln!("online probe: preprocessing {c}"))?;
             let n = ds.cases.len();
             let folds = args.probe_folds.max(2);

@@ -97,6 +97,10 @@ enum Cmd {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// NaN or infinite voxels in a CT: "error" refuses the file, "minimum" replaces them by the
+        /// image's minimum and reports how many.
+        #[arg(long, default_value = "error", value_name = "POLICY")]
+        nonfinite: vox2vec::data::preprocess::NonFinitePolicy,
     },
 }
 
@@ -110,6 +114,10 @@ struct NetArgs {
     /// Sliding-window patch X,Y,Z.
     #[arg(long, default_value = "128,128,32")]
     patch: String,
+    /// NaN or infinite voxels in a CT: "error" refuses the file, "minimum" replaces them by the
+    /// image's minimum and reports how many.
+    #[arg(long, default_value = "error", value_name = "POLICY")]
+    nonfinite: vox2vec::data::preprocess::NonFinitePolicy,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -151,6 +159,17 @@ struct SegArgs {
     /// Resampling spacing in mm (x,y,z); coarser than the reference's 1,1,2 for quick CPU runs.
     #[arg(long, default_value = "1,1,2")]
     spacing: String,
+    /// NaN or infinite voxels in a CT: "error" refuses the file, "minimum" replaces them by the
+    /// image's minimum and reports how many.
+    #[arg(long, default_value = "error", value_name = "POLICY")]
+    nonfinite: vox2vec::data::preprocess::NonFinitePolicy,
+}
+
+impl NetArgs {
+    /// The reference preprocessing, with this command's non-finite policy.
+    fn preprocess(&self) -> vox2vec::data::preprocess::PreprocessConfig {
+        vox2vec::data::preprocess::PreprocessConfig { nonfinite: self.nonfinite, ..Default::default() }
+    }
 }
 
 fn parse_spacing(s: &str) -> Result<[f64; 3]> {
@@ -185,7 +204,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
         (None, Mode::FineTune { .. }) => anyhow::bail!("finetune needs --weights (use `scratch` for a random backbone)"),
     };
     let bar = indicatif::ProgressBar::new_spinner();
-    let pre = vox2vec::data::preprocess::PreprocessConfig { spacing: parse_spacing(&a.spacing)?, ..Default::default() };
+    let pre = vox2vec::data::preprocess::PreprocessConfig { spacing: parse_spacing(&a.spacing)?, nonfinite: a.nonfinite, ..Default::default() };
     let ds = load_dataset(&a.dataset, &pre, &|c| bar.set_message(format!("preprocessing {c}")))?;
     bar.finish_and_clear();
     let k = ds.classes.len();
@@ -257,8 +276,8 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     let head = Head::new(kind, &mut hs, 0, model.config.fpn, k);
     let loaded = vox2vec::checkpoint::load_exact(head_path, &mut hs)?;
     anyhow::ensure!(loaded.missing.is_empty(), "{}: head tensors missing: {:?}", head_path.display(), loaded.missing);
-    let vol = vox2vec::data::nifti_io::read_volume(ct)?;
-    let e = vox2vec::data::cache::build(ct, &vox2vec::data::preprocess::PreprocessConfig::default())?;
+    let vol = vox2vec::data::nifti_io::read_volume_with(ct, net.nonfinite)?;
+    let e = vox2vec::data::cache::build(ct, &net.preprocess())?;
     let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), parse_patch(&net.patch)?)?;
     // One label per voxel: the most probable class among those above 0.5.
     let labels: Vec<u8> = probs
@@ -292,11 +311,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Finetune { seg, unfreeze_after } => segment(&seg, vox2vec::eval::segment::Mode::FineTune { unfreeze_after })?,
         Cmd::Scratch(a) => segment(&a, vox2vec::eval::segment::Mode::Scratch)?,
         Cmd::Predict { ct, backbone, head, out, probabilities, net } => predict(&ct, &backbone, &head, &out, probabilities.as_deref(), &net)?,
-        Cmd::Preprocess { input, cache, skip_bad, threads } => {
+        Cmd::Preprocess { input, cache, skip_bad, threads, nonfinite } => {
             if let Some(t) = threads {
                 rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
             }
-            preprocess(&input, &cache, skip_bad)?;
+            preprocess(&input, &cache, skip_bad, nonfinite)?;
         }
         Cmd::Inspect { checkpoint, all } => {
             let bytes = read(&checkpoint)?;
@@ -382,7 +401,7 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
         return Ok(());
     }
     let p = parse_patch(&net.patch)?;
-    let e = vox2vec::data::cache::build(input, &vox2vec::data::preprocess::PreprocessConfig::default())?;
+    let e = vox2vec::data::cache::build(input, &net.preprocess())?;
     let ct = &e.ct;
     let x = embed::scale_hu(&ct.hu);
     let bar = indicatif::ProgressBar::new(0);
@@ -393,7 +412,7 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
         bar.set_position(n as u64);
     })?;
     bar.finish_and_clear();
-    let source = if original_grid { Some(vox2vec::data::nifti_io::read_volume(input)?) } else { None };
+    let source = if original_grid { Some(vox2vec::data::nifti_io::read_volume_with(input, net.nonfinite)?) } else { None };
     for m in &maps {
         let v = vox2vec::tensor::nxyzc_to_ncxyz(&m.values, 1, m.channels, m.shape.iter().product());
         write(&out.join(format!("level_{}.npy", m.level)), &[m.channels, m.shape[0], m.shape[1], m.shape[2]], &v)?;
@@ -442,9 +461,9 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
     Ok(())
 }
 
-fn preprocess(input: &std::path::Path, cache: &std::path::Path, skip_bad: bool) -> Result<()> {
+fn preprocess(input: &std::path::Path, cache: &std::path::Path, skip_bad: bool, nonfinite: vox2vec::data::preprocess::NonFinitePolicy) -> Result<()> {
     use vox2vec::data::preprocess::PreprocessConfig;
-    let report = vox2vec::data::sources::prepare_input(input, cache, &PreprocessConfig::default(), [1, 1, 1])?;
+    let report = vox2vec::data::sources::prepare_input(input, cache, &PreprocessConfig { nonfinite, ..PreprocessConfig::default() }, [1, 1, 1])?;
     println!("{}", report.summary(cache));
     anyhow::ensure!(!report.entries.is_empty(), "no usable volume in {}", input.display());
     anyhow::ensure!(report.skipped.is_empty() || skip_bad, "{} unusable files (listed above)", report.skipped.len());

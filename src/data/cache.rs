@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use super::nifti_io::{Orientation, read_volume};
+use super::nifti_io::{Orientation, read_volume_with};
 use super::preprocess::{PreprocessConfig, PreprocessedCt, preprocess_ct};
 
 const CACHE_FORMAT: &str = "vox2vec-rs-cache/2";
@@ -37,7 +37,12 @@ pub fn cache_key(source: &Path, cfg: &PreprocessConfig) -> Result<String> {
     h = fnv1a(abs.to_string_lossy().as_bytes(), h);
     h = fnv1a(&meta.len().to_le_bytes(), h);
     h = fnv1a(&mtime.to_le_bytes(), h);
-    h = fnv1a(format!("{cfg:?}").as_bytes(), h);
+    // The settings as they were before the non-finite policy existed, so that entries made
+    // under the default stay valid; another policy makes another key.
+    h = fnv1a(format!("PreprocessConfig {{ body_threshold_hu: {:?}, spacing: {:?} }}", cfg.body_threshold_hu, cfg.spacing).as_bytes(), h);
+    if cfg.nonfinite != super::nifti_io::NonFinitePolicy::Error {
+        h = fnv1a(format!("{:?}", cfg.nonfinite).as_bytes(), h);
+    }
     let stem = abs.file_name().map(|n| n.to_string_lossy().replace(".nii.gz", "").replace(".nii", "")).unwrap_or_default();
     let stem: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     Ok(format!("{stem}-{h:016x}.safetensors"))
@@ -50,6 +55,8 @@ pub struct CachedCt {
     pub source: PathBuf,
     pub file_affine: [[f64; 4]; 4],
     pub orientation: Orientation,
+    /// Non-finite voxels of the source replaced by its minimum (`--nonfinite minimum`).
+    pub replaced_nonfinite: usize,
 }
 
 /// Preprocess `source` into `dir`, or return the existing entry.
@@ -79,9 +86,9 @@ pub struct CacheWriteError(pub String);
 
 /// Read and preprocess one source file (no cache).
 pub fn build(source: &Path, cfg: &PreprocessConfig) -> Result<CachedCt> {
-    let v = read_volume(source)?;
+    let v = read_volume_with(source, cfg.nonfinite)?;
     let ct = preprocess_ct(&v.data, v.shape, v.spacing, cfg).with_context(|| source.display().to_string())?;
-    Ok(CachedCt { ct, source: source.to_path_buf(), file_affine: v.geometry.affine, orientation: v.geometry.orientation })
+    Ok(CachedCt { ct, source: source.to_path_buf(), file_affine: v.geometry.affine, orientation: v.geometry.orientation, replaced_nonfinite: v.replaced_nonfinite })
 }
 
 fn save_entry(path: &Path, e: &CachedCt) -> Result<()> {
@@ -95,6 +102,7 @@ fn save_entry(path: &Path, e: &CachedCt) -> Result<()> {
         ("source_shape", serde_json::to_string(&ct.source_shape)?),
         ("source_spacing", serde_json::to_string(&ct.source_spacing)?),
         ("spacing", serde_json::to_string(&ct.spacing)?),
+        ("replaced_nonfinite", e.replaced_nonfinite.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -146,5 +154,10 @@ pub fn load_entry(path: &Path) -> Result<CachedCt> {
         source: PathBuf::from(get("source")?),
         file_affine: serde_json::from_str(get("file_affine")?)?,
         orientation: Orientation { perm, flip },
+        // Absent in entries written before the setting existed (none were replaced then).
+        replaced_nonfinite: match meta.get("replaced_nonfinite") {
+            Some(v) => v.parse().with_context(|| format!("{}: metadata replaced_nonfinite {v:?} is not a count", path.display()))?,
+            None => 0,
+        },
     })
 }

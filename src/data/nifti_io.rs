@@ -50,6 +50,31 @@ pub struct Volume {
     /// Voxel size in mm along canonical x, y, z.
     pub spacing: [f64; 3],
     pub geometry: Geometry,
+    /// How many NaN / infinite voxels were replaced by the image minimum
+    /// (`NonFinitePolicy::ReplaceWithMinimum`; always 0 under `Error`).
+    pub replaced_nonfinite: usize,
+}
+
+/// What to do with NaN or infinite voxels (after scl_slope / scl_inter). A setting of the
+/// preprocessing (`--nonfinite`); part of the cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NonFinitePolicy {
+    /// Refuse the file, naming it and the count (the default: we never guess values).
+    #[default]
+    Error,
+    /// Replace them by the minimum of the finite voxels (air, for a CT) and report the count.
+    ReplaceWithMinimum,
+}
+
+impl std::str::FromStr for NonFinitePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "error" => Ok(NonFinitePolicy::Error),
+            "minimum" => Ok(NonFinitePolicy::ReplaceWithMinimum),
+            other => Err(format!("{other:?}: expected \"error\" (refuse such files) or \"minimum\" (replace non-finite voxels by the image minimum)")),
+        }
+    }
 }
 
 impl Geometry {
@@ -169,6 +194,11 @@ pub const MAX_VOXELS: usize = 1 << 32;
 /// is refused instead of decoding to wrong voxels.
 fn read_file_bytes(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    gunzip_if_gzip(path, raw)
+}
+
+/// `raw` itself, or its gzip decompression (every member to its end: CRC-32 and ISIZE checked).
+fn gunzip_if_gzip(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
     if !raw.starts_with(&[0x1f, 0x8b]) {
         return Ok(raw);
     }
@@ -184,8 +214,12 @@ fn read_file_bytes(path: &Path) -> Result<Vec<u8>> {
 /// Header, file bytes, and where in them the voxels start (`vox_offset`, checked) of a
 /// single-file NIfTI-1 image.
 fn read_header_and_data(path: &Path) -> Result<(NiftiHeader, Vec<u8>, usize)> {
+    header_and_data(path, read_file_bytes(path)?)
+}
+
+/// `read_header_and_data` on a file's bytes, decompressed (`path` only names it in errors).
+fn header_and_data(path: &Path, bytes: Vec<u8>) -> Result<(NiftiHeader, Vec<u8>, usize)> {
     let ctx = || path.display().to_string();
-    let bytes = read_file_bytes(path)?;
     let h = NiftiHeader::from_reader(std::io::Cursor::new(&bytes)).map_err(|e| anyhow::anyhow!("{}: cannot read as NIfTI: {e}", ctx()))?;
     ensure!(
         &h.magic == nifti::header::MAGIC_CODE_NIP1,
@@ -203,9 +237,29 @@ fn read_header_and_data(path: &Path) -> Result<(NiftiHeader, Vec<u8>, usize)> {
 /// with the file named: damaged gzip, a bad vox_offset, too few voxel bytes, non-finite
 /// voxels (after scaling) or a non-finite affine.
 pub fn read_volume(path: &Path) -> Result<Volume> {
-    let (h, bytes, data_start) = read_header_and_data(path)?;
+    read_volume_with(path, NonFinitePolicy::Error)
+}
+
+/// `read_volume`, with non-finite voxels handled by `policy`.
+pub fn read_volume_with(path: &Path, policy: NonFinitePolicy) -> Result<Volume> {
+    volume_from_header_and_data(path, read_header_and_data(path)?, policy)
+}
+
+/// `read_volume_with` on a file's bytes as stored (gzip or not); `name` only names it in
+/// errors. The fuzz target's entry point (fuzz/fuzz_targets/nifti.rs).
+pub fn read_volume_bytes(name: &Path, file: Vec<u8>, policy: NonFinitePolicy) -> Result<Volume> {
+    volume_from_header_and_data(name, header_and_data(name, gunzip_if_gzip(name, file)?)?, policy)
+}
+
+fn volume_from_header_and_data(path: &Path, (h, bytes, data_start): (NiftiHeader, Vec<u8>, usize), policy: NonFinitePolicy) -> Result<Volume> {
     let raw = &bytes[data_start..];
     let ctx = || path.display().to_string();
+    // dim is int16 on disk; the nifti crate reads it as u16, so a negative size would read
+    // as a size near 65536.
+    let ndim = (h.dim[0] as usize).min(7);
+    if let Some(&d) = h.dim[1..=ndim].iter().find(|&&d| d > i16::MAX as u16) {
+        bail!("{}: invalid dimensions: negative size {} in dim {:?}", ctx(), d as i16, h.dim.map(|d| d as i16));
+    }
     let dim = h.dim().map_err(|e| anyhow::anyhow!("{}: invalid dimensions: {e}", ctx()))?.to_vec();
     ensure!(dim.len() >= 3, "{}: {}-D image; a 3-D volume is needed", ctx(), dim.len());
     if dim.len() > 3 {
@@ -226,7 +280,10 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
     let dtype = h.data_type().map_err(|e| anyhow::anyhow!("{}: unknown data type {}: {e}", ctx(), h.datatype))?;
     let values = decode(raw, dtype, h.endianness, n).with_context(ctx)?;
     let (slope, inter) = (h.scl_slope as f64, h.scl_inter as f64);
+    // nibabel's rules: a slope of 0, NaN or ±inf means no scaling; with a valid slope a NaN
+    // intercept is 0 and an infinite one is an error (every voxel would be infinite).
     let scale = slope != 0.0 && slope.is_finite();
+    ensure!(!(scale && inter.is_infinite()), "{}: scl_inter is {inter} with scl_slope {slope}: every voxel would be infinite", ctx());
     let inter = if inter.is_finite() { inter } else { 0.0 };
     let (orientation, spacing) = orientation_of(&affine).with_context(ctx)?;
     let geometry = Geometry { header: h, affine, file_shape, orientation };
@@ -243,8 +300,19 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
         }
     }
     let bad = data.iter().filter(|v| !v.is_finite()).count();
-    ensure!(bad == 0, "{}: {bad} of {n} voxels are NaN or infinite (after scl_slope / scl_inter); refusing to guess their values", ctx());
-    Ok(Volume { data, shape, spacing, geometry })
+    if bad > 0 {
+        ensure!(
+            policy == NonFinitePolicy::ReplaceWithMinimum,
+            "{}: {bad} of {n} voxels are NaN or infinite (after scl_slope / scl_inter); refusing to guess their values (--nonfinite minimum replaces them by the image minimum)",
+            ctx()
+        );
+        let min = data.iter().copied().filter(|v| v.is_finite()).fold(f32::INFINITY, f32::min);
+        ensure!(min.is_finite(), "{}: all {n} voxels are NaN or infinite (after scl_slope / scl_inter)", ctx());
+        for v in data.iter_mut().filter(|v| !v.is_finite()) {
+            *v = min;
+        }
+    }
+    Ok(Volume { data, shape, spacing, geometry, replaced_nonfinite: bad })
 }
 
 /// Raw voxel values as f64 (exact for every supported type but large int64 values).

@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 use anyhow::{Result, ensure};
 use rayon::prelude::*;
 
+pub use super::nifti_io::NonFinitePolicy;
+
 pub const BODY_THRESHOLD_HU: f32 = -500.0;
 pub const TARGET_SPACING: [f64; 3] = [1.0, 1.0, 2.0];
 
@@ -19,11 +21,13 @@ pub const TARGET_SPACING: [f64; 3] = [1.0, 1.0, 2.0];
 pub struct PreprocessConfig {
     pub body_threshold_hu: f32,
     pub spacing: [f64; 3],
+    /// NaN / infinite voxels: refuse the file (default) or replace them by the image minimum.
+    pub nonfinite: NonFinitePolicy,
 }
 
 impl Default for PreprocessConfig {
     fn default() -> Self {
-        PreprocessConfig { body_threshold_hu: BODY_THRESHOLD_HU, spacing: TARGET_SPACING }
+        PreprocessConfig { body_threshold_hu: BODY_THRESHOLD_HU, spacing: TARGET_SPACING, nonfinite: NonFinitePolicy::Error }
     }
 }
 

@@ -72,7 +72,7 @@ pub fn discover(input: &Path) -> Result<Vec<PathBuf>> {
 #[derive(Clone, Debug)]
 pub enum Verdict {
     /// Preprocessed now, or found in the cache.
-    Ready { entry: PathBuf, cached: bool, shape: [usize; 3] },
+    Ready { entry: PathBuf, cached: bool, shape: [usize; 3], replaced_nonfinite: usize },
     Skipped { reason: String },
     /// Its cache entry could not be written (the cache's problem, not the file's).
     CacheFailed { reason: String },
@@ -91,7 +91,7 @@ pub fn prepare_all(files: &[PathBuf], cache: &Path, cfg: &PreprocessConfig, min_
                     if s.iter().zip(&min_shape).any(|(a, b)| a < b) {
                         Verdict::Skipped { reason: format!("smaller than the patch after resampling: {s:?} < {min_shape:?}") }
                     } else {
-                        Verdict::Ready { entry: cache.join(cache_key(f, cfg).unwrap_or_default()), cached, shape: s }
+                        Verdict::Ready { entry: cache.join(cache_key(f, cfg).unwrap_or_default()), cached, shape: s, replaced_nonfinite: e.replaced_nonfinite }
                     }
                 }
                 Err(e) if e.downcast_ref::<super::cache::CacheWriteError>().is_some() => Verdict::CacheFailed { reason: format!("{e:#}") },
@@ -118,6 +118,8 @@ pub struct PrepareReport {
     pub cached: usize,
     /// Every unusable file and why.
     pub skipped: Vec<(PathBuf, String)>,
+    /// Usable files whose non-finite voxels were replaced by the image minimum, and how many.
+    pub repaired: Vec<(PathBuf, usize)>,
 }
 
 impl PrepareReport {
@@ -132,6 +134,9 @@ impl PrepareReport {
             cache.display(),
             self.skipped.len()
         );
+        for (f, n) in &self.repaired {
+            s += &format!("\n  repaired {}: {n} NaN or infinite voxels replaced by the image minimum (--nonfinite minimum)", f.display());
+        }
         for (f, why) in &self.skipped {
             s += &format!("\n  unusable {}: {why}", f.display());
         }
@@ -154,11 +159,14 @@ pub fn prepare_input(input: &Path, cache: &Path, cfg: &PreprocessConfig, min_sha
         bar.inc(1);
     });
     bar.finish_and_clear();
-    let mut r = PrepareReport { files: files.len(), entries: Vec::new(), fresh: 0, cached: 0, skipped: Vec::new() };
+    let mut r = PrepareReport { files: files.len(), entries: Vec::new(), fresh: 0, cached: 0, skipped: Vec::new(), repaired: Vec::new() };
     for (f, v) in verdicts {
         match v {
-            Verdict::Ready { entry, cached, .. } => {
+            Verdict::Ready { entry, cached, replaced_nonfinite, .. } => {
                 if cached { r.cached += 1 } else { r.fresh += 1 }
+                if replaced_nonfinite > 0 {
+                    r.repaired.push((f, replaced_nonfinite));
+                }
                 r.entries.push(entry);
             }
             Verdict::Skipped { reason } => r.skipped.push((f, reason)),

@@ -9,6 +9,11 @@ use anyhow::{Context, Result, bail, ensure};
 /// (shape, values) of a `<f4` C-order array.
 pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let b = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_f32(path, &b)
+}
+
+/// `read_f32` on a file's bytes (`path` only names it in errors; the fuzz target's entry point).
+pub fn parse_f32(path: &Path, b: &[u8]) -> Result<(Vec<usize>, Vec<f32>)> {
     ensure!(b.len() >= 10 && &b[..6] == b"\x93NUMPY", "{}: not a .npy file", path.display());
     let (hlen, start) = match b[6] {
         1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
@@ -26,7 +31,8 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     ensure!(field("fortran_order").is_some_and(|f| f.starts_with("False")), "{}: Fortran-ordered arrays are not supported", path.display());
     let shape_txt = field("shape").and_then(|s| s.strip_prefix('(')).and_then(|s| s.split(')').next()).with_context(|| format!("{}: no shape in header", path.display()))?;
     let shape: Vec<usize> = shape_txt.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.parse::<usize>()).collect::<Result<_, _>>().with_context(|| format!("{}: bad shape {shape_txt:?}", path.display()))?;
-    let n: usize = shape.iter().product();
+    // Checked: a wrapped product could match a short file and be read as a huge array.
+    let n = shape.iter().try_fold(4usize, |acc, &d| acc.checked_mul(d)).with_context(|| format!("{}: shape {shape:?} is too large", path.display()))? / 4;
     let data = &b[start + hlen..];
     ensure!(data.len() == 4 * n, "{}: {} data bytes for shape {shape:?}", path.display(), data.len());
     Ok((shape, bytemuck::pod_collect_to_vec(data)))

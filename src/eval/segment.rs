@@ -50,14 +50,8 @@ pub struct Dataset {
 /// Read dataset.json, pair imagesTr/<case>_0000 with labelsTr/<case>, preprocess both.
 pub fn load_dataset(dir: &Path, pre: &PreprocessConfig, tick: &dyn Fn(&str)) -> Result<Dataset> {
     let json_path = dir.join("dataset.json");
-    let text = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", json_path.display()))?;
-    let labels = json["labels"].as_object().with_context(|| format!("{}: no \"labels\"", json_path.display()))?;
-    let mut classes: Vec<(u64, String)> = labels.iter().filter_map(|(k, v)| v.as_u64().map(|i| (i, k.clone()))).filter(|(i, _)| *i > 0).collect();
-    classes.sort();
-    ensure!(!classes.is_empty(), "{}: no foreground class", json_path.display());
-    ensure!(classes.iter().enumerate().all(|(j, (i, _))| *i == j as u64 + 1), "{}: class ids must be 1..K", json_path.display());
-    ensure!(classes.len() < 256, "{}: too many classes", json_path.display());
+    let text = std::fs::read(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
+    let classes = parse_dataset_json(&json_path, &text)?;
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir.join("labelsTr")).with_context(|| format!("reading {}/labelsTr", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| crate::data::sources::is_nifti(p)).collect();
     names.sort();
     let mut cases = Vec::new();
@@ -85,7 +79,45 @@ pub fn load_dataset(dir: &Path, pre: &PreprocessConfig, tick: &dyn Fn(&str)) -> 
         cases.push(Case { name: case, image, ct: e.ct, labels, mask, class_voxels });
     }
     ensure!(!cases.is_empty(), "{}: no labelled cases", dir.display());
-    Ok(Dataset { classes: classes.into_iter().map(|(_, n)| n).collect(), cases })
+    Ok(Dataset { classes, cases })
+}
+
+/// The foreground class names of an nnU-Net `dataset.json`, in label order 1..K. Accepts
+/// nnU-Net v2 labels (`{"background": 0, "liver": 1}`) and v1 labels (`{"0": "background",
+/// "1": "liver"}`); anything else is refused with the entry named, never skipped: a dropped
+/// class would shift every later label. `file_ending`, when present, must be NIfTI.
+/// The fuzz target's entry point (fuzz/fuzz_targets/dataset_json.rs).
+pub fn parse_dataset_json(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
+    let p = path.display();
+    let text = std::str::from_utf8(bytes).with_context(|| format!("{p}: not UTF-8 text"))?;
+    let json: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{p}: not JSON"))?;
+    if let Some(end) = json.get("file_ending") {
+        ensure!(matches!(end.as_str(), Some(".nii.gz") | Some(".nii")), "{p}: file_ending {end}; only NIfTI (\".nii.gz\", \".nii\") is supported");
+    }
+    let labels = json.get("labels").and_then(|l| l.as_object()).with_context(|| format!("{p}: no \"labels\" object"))?;
+    let mut ids: Vec<(u64, String)> = Vec::with_capacity(labels.len());
+    for (k, v) in labels {
+        let entry = match (v, k.parse::<u64>()) {
+            // v2: name → id (the id must be a whole number, not 1.0 or "1").
+            (serde_json::Value::Number(n), _) => (n.as_u64().with_context(|| format!("{p}: label {k:?} has id {n}; ids are whole numbers 0..K"))?, k.clone()),
+            // v1: "id" → name.
+            (serde_json::Value::String(name), Ok(id)) if k.trim() == k && !k.starts_with('+') => (id, name.clone()),
+            (serde_json::Value::Array(_), _) | (serde_json::Value::Object(_), _) => bail!("{p}: label {k:?} is region-based ({v}); only one id per class is supported"),
+            _ => bail!("{p}: label entry {k:?}: {v} is neither name → id (nnU-Net v2) nor \"id\" → name (v1)"),
+        };
+        ids.push(entry);
+    }
+    ids.sort();
+    for w in ids.windows(2) {
+        ensure!(w[0].0 != w[1].0, "{p}: id {} is given to both {:?} and {:?}", w[0].0, w[0].1, w[1].1);
+    }
+    let fg: Vec<(u64, String)> = ids.into_iter().filter(|(i, _)| *i > 0).collect();
+    ensure!(!fg.is_empty(), "{p}: no foreground class (labels with id ≥ 1)");
+    ensure!(fg.len() < 256, "{p}: {} classes; at most 255 are supported", fg.len());
+    if let Some((j, (i, n))) = fg.iter().enumerate().find(|(j, (i, _))| *i != *j as u64 + 1) {
+        bail!("{p}: class ids must be 1..K without gaps; {n:?} has id {i} where {} was expected", j + 1);
+    }
+    Ok(fg.into_iter().map(|(_, n)| n).collect())
 }
 
 /// Which parameters train.

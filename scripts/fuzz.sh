@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing of every reader of a user's file (fuzz/: nifti, checkpoint, npy,
+# dataset_json) with cargo fuzz (libFuzzer), on the nightly toolchain.
+#
+#   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default 60 s, all targets)
+#
+# Installs cargo-fuzz when it is missing, makes the seed corpus from ../shared/data
+# (examples/fuzz_seeds.rs; nothing of the shared data is committed), builds the targets
+# CPU-only (NVCC=none: no kernels are fuzzed) and runs each for the given time, keeping its
+# corpus in fuzz/corpus/<target> between runs. A crash leaves its input in
+# fuzz/artifacts/<target>/ and makes the script exit non-zero; turn it into a test in
+# tests/fuzz_regressions.rs. Prints one line per target: executions, coverage, corpus size.
+# Without a nightly toolchain it says so and exits 0 (CI machines have one).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-60}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(nifti checkpoint npy dataset_json)
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    echo "fuzz: no nightly toolchain (rustup toolchain list); fuzzing skipped, not run"
+    exit 0
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --version 0.13.2 --locked
+fi
+shared=${VOX2VEC_SHARED:-../shared}
+# The seeds come from the main build (same settings as the tests, so nothing is rebuilt);
+# only the fuzz build, in fuzz/target, is CPU-only.
+cargo run --release -q --example fuzz_seeds -- "$shared/data" fuzz/corpus
+export NVCC=none
+cargo +nightly fuzz build -O -a >/dev/null
+status=0
+for t in "${targets[@]}"; do
+    log=$(mktemp)
+    # -rss_limit_mb: a reader that allocates more than this for a small input is a bug.
+    # -timeout: no single input may take longer than this.
+    if cargo +nightly fuzz run -O -a "$t" "fuzz/corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 -timeout=20 -print_final_stats=1 >"$log" 2>&1; then
+        result=ok
+    else
+        result="CRASH (input in fuzz/artifacts/$t/; last lines below)"
+        status=1
+    fi
+    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
+    cov=$(grep -oE '#[0-9]+.*cov: [0-9]+ ft: [0-9]+ corp: [0-9]+' "$log" | tail -1 | grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [0-9]+' || echo "cov: ?")
+    echo "fuzz $t: ${secs}s, $execs executions, $cov, $result"
+    [ "$result" = ok ] || tail -30 "$log"
+    rm -f "$log"
+done
+exit $status
