@@ -168,6 +168,16 @@ fn cli_export_backbone_round_trips() {
     let out = std::process::Command::new(bin).arg("inspect").arg(dir.join("missing.safetensors")).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.safetensors"));
+
+    // `inspect --all | head`: the reader goes away before anything is written; the tool dies of
+    // SIGPIPE like other Unix tools instead of panicking in println!.
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(bin).args(["inspect", "--all"]).arg(&ckpt).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(13), "expected death by SIGPIPE: {:?} {err}", out.status);
 }
 
 #[test]

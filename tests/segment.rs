@@ -109,6 +109,10 @@ fn probe_then_predict_on_permuted_flipped_ct() {
     let backbone = d.join("backbone.safetensors");
     let m = vox2vec::model::Vox2Vec::new(vox2vec::model::ModelConfig { fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, ..Default::default() }, 0);
     vox2vec::checkpoint::save(&backbone, &m.config, &m.store, None, &[]).unwrap();
+    // A head file's tensors are the head's, not a backbone's.
+    let res = Command::new(bin).arg("inspect").arg(out.join("head.safetensors")).output().unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success() && text.contains("head:") && !text.contains("backbone:"), "{text}");
     let mask = d.join("mask.nii.gz");
     let ct = ds.join("imagesTr/c1_0000.nii.gz");
     let res = Command::new(bin).arg("predict").arg(&ct).arg("--backbone").arg(&backbone).arg("--head").arg(out.join("head.safetensors")).arg("--out").arg(&mask).arg("--probabilities").arg(d.join("probs")).args(["--patch", "16,16,8"]).output().unwrap();
@@ -182,6 +186,14 @@ fn embed_ct_writes_levels_and_original_grid_maps() {
         .output()
         .unwrap();
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    // A run that fails after creating its output folder removes it again; a missing input is
+    // named before the weights are read.
+    let failed = d.join("feats-failed");
+    let res = Command::new(env!("CARGO_BIN_EXE_vox2vec")).arg("embed").arg(&ct).arg("--weights").arg(&weights).arg("--out").arg(&failed).args(["--patch", "16,16,8", "--levels", "7"]).output().unwrap();
+    assert!(!res.status.success() && !failed.exists(), "{}", String::from_utf8_lossy(&res.stderr));
+    let res = Command::new(env!("CARGO_BIN_EXE_vox2vec")).arg("embed").arg(d.join("nope.nii.gz")).arg("--weights").arg(d.join("no-weights.safetensors")).arg("--out").arg(&failed).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("nope.nii.gz: no such file") && !failed.exists(), "{err}");
     let geo: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("geometry.json")).unwrap()).unwrap();
     let shape: Vec<usize> = serde_json::from_value(geo["shape"].clone()).unwrap();
     let header = |name: &str| {

@@ -278,7 +278,13 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     anyhow::ensure!(loaded.missing.is_empty(), "{}: head tensors missing: {:?}", head_path.display(), loaded.missing);
     let vol = vox2vec::data::nifti_io::read_volume_with(ct, net.nonfinite)?;
     let e = vox2vec::data::cache::build(ct, &net.preprocess())?;
-    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), parse_patch(&net.patch)?)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template("predicting {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}")?);
+    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), parse_patch(&net.patch)?, &|n, total| {
+        bar.set_length(total as u64);
+        bar.set_position(n as u64);
+    })?;
+    bar.finish_and_clear();
     // One label per voxel: the most probable class among those above 0.5.
     let labels: Vec<u8> = probs
         .chunks_exact(k)
@@ -333,7 +339,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut groups: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
             for n in &names {
                 let t = st.tensor(n)?;
-                let group = if n.starts_with("optim.") { "optim" } else if n.starts_with("head.") { "head" } else { "backbone" };
+                // A segmentation head's file (probe / finetune / scratch) has bare keys that are
+                // all the head's; in a checkpoint bare keys are a PyTorch FPN3d's.
+                let is_head_file = header.metadata().as_ref().is_some_and(|m| m.contains_key("head_kind"));
+                let group = if n.starts_with("optim.") { "optim" } else if n.starts_with("head.") || is_head_file { "head" } else { "backbone" };
                 let e = groups.entry(group.to_string()).or_default();
                 e.0 += 1;
                 e.1 += t.shape().iter().product::<usize>();
@@ -385,7 +394,19 @@ fn load_backbone(weights: &std::path::Path, base: usize, scales: usize) -> Resul
 }
 
 #[allow(clippy::too_many_arguments)]
+/// `embed_into`, with no partial output left behind: an output folder that this run created is
+/// removed again when the run fails.
 fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
+    anyhow::ensure!(input.is_file(), "{}: no such file", input.display());
+    let created = !out.exists();
+    let r = embed_into(input, weights, out, levels, f16, gaussian, original_grid, net);
+    if r.is_err() && created {
+        let _ = std::fs::remove_dir_all(out);
+    }
+    r
+}
+
+fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::{embed, npy};
     let mut model = load_backbone(weights, net.base_channels, net.num_scales)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -471,6 +492,9 @@ fn preprocess(input: &std::path::Path, cache: &std::path::Path, skip_bad: bool, 
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`vox2vec inspect --all | head`) as other Unix tools do,
+    // instead of panicking inside println!.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -226,7 +226,8 @@ fn patch_start(case: &Case, patch: [usize; 3], p_fg: f64, k: usize, rng: &mut St
 }
 
 /// Sigmoid probabilities [X, Y, Z, K] of a whole case by sliding window, × ROI.
-pub fn predict_case(model: &mut Vox2Vec, head: &Head, head_store: &mut ParamStore, ct: &PreprocessedCt, mask: &[bool], patch: [usize; 3]) -> Result<Vec<f32>> {
+/// `progress(done, total)` is called after each window (for a progress bar).
+pub fn predict_case(model: &mut Vox2Vec, head: &Head, head_store: &mut ParamStore, ct: &PreprocessedCt, mask: &[bool], patch: [usize; 3], progress: &dyn Fn(usize, usize)) -> Result<Vec<f32>> {
     let x = scale_hu(&ct.hu);
     let shape = ct.shape;
     let ps = [shape[0].max(patch[0]), shape[1].max(patch[1]), shape[2].max(patch[2])];
@@ -236,7 +237,8 @@ pub fn predict_case(model: &mut Vox2Vec, head: &Head, head_store: &mut ParamStor
         Head::NonLinear(h) => h.num_classes,
     };
     let mut probs = vec![0.0f32; ps.iter().product::<usize>() * k];
-    for (which, start) in plan.boxes() {
+    let boxes = plan.boxes();
+    for (done, (which, start)) in boxes.iter().copied().enumerate() {
         let mut px = vec![0.0f32; patch.iter().product()];
         for i in 0..patch[0] {
             for j in 0..patch[1] {
@@ -253,6 +255,7 @@ pub fn predict_case(model: &mut Vox2Vec, head: &Head, head_store: &mut ParamStor
         let logits = head.forward(&g, head_store, &pyr)?;
         let p: Vec<f32> = logits.value.f32s().iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
         plan.stitch(which, start, 0, &p, patch, &mut probs, ps, k);
+        progress(done + 1, boxes.len());
     }
     // Crop the padding; zero outside the ROI.
     let mut out = vec![0.0f32; shape.iter().product::<usize>() * k];
@@ -358,7 +361,7 @@ pub fn train_segmentation(
         if step % cfg.validate_every == 0 || step == cfg.steps {
             let mut per_class = vec![0.0; k];
             for c in val {
-                let probs = predict_case(model, head, head_store, &c.ct, &c.mask, p)?;
+                let probs = predict_case(model, head, head_store, &c.ct, &c.mask, p, &|_, _| {})?;
                 for (acc, d) in per_class.iter_mut().zip(case_dice(&probs, &c.labels, k)) {
                     *acc += d / val.len() as f64;
                 }
