@@ -157,6 +157,7 @@ fn cli_refuses_out_of_range_flags_without_panicking() {
         (&["--temperature=0"], "--temperature"),
         (&["--patch", "100000,100000,100000"], "--patch"),
         (&["--patch", "1024,1024,1024"], "limit"),
+        (&["--precision", "bf16", "--device", "cpu"], "--precision bf16 needs a CUDA device"),
     ];
     for (flags, expect) in cases {
         // TINY without the flag under test, then the flag.

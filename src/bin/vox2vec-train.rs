@@ -189,6 +189,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let device = vox2vec::cuda::parse_device(if args.bench_plan { "cuda" } else { &args.device })?;
     let precision = vox2vec::cuda::parse_precision(&args.precision)?;
+    anyhow::ensure!(
+        !(device == vox2vec::tensor::Device::Cpu && precision == vox2vec::tensor::DType::BF16),
+        "--precision bf16 needs a CUDA device, and --device {} runs on the CPU, which computes and stores in fp32; drop --precision or choose --device cuda",
+        args.device
+    );
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
