@@ -200,6 +200,9 @@ pub struct TrainOptions {
     pub skip_nonfinite: u64,
     /// Fault injection for tests: these steps' (1-based) batches get a NaN voxel.
     pub inject_nan_steps: Vec<u64>,
+    /// Written into every checkpoint's metadata besides the step, seed and model: what made
+    /// the run (`eval::recorded`: preprocessing, command line, data sources, configuration).
+    pub metadata: Vec<(String, String)>,
 }
 
 /// Online probing: a labelled dataset, its split, and the probe's small training run.
@@ -369,6 +372,15 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
                 bail!("{}: checkpoint model {a} differs from the requested model {b}", path.display());
             }
         }
+        // Resuming with another preprocessing would train one backbone on two kinds of input.
+        for key in [crate::eval::recorded::SPACING, crate::eval::recorded::WINDOW] {
+            let want = opts.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+            if let (Some(had), Some(want)) = (loaded.metadata.get(key), want) {
+                if had != want {
+                    bail!("{}: checkpoint was trained with {key} {had}, this run asks for {want}; resume with the same setting or start a new run in another --out", path.display());
+                }
+            }
+        }
         if !loaded.missing.is_empty() {
             bail!("{}: checkpoint lacks {} model tensors (first: {})", path.display(), loaded.missing.len(), loaded.missing[0]);
         }
@@ -396,9 +408,9 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
     let start = adam.step;
     let mut skipped = 0u64;
     progress.start(start, opts.steps);
-    let save = |model: &Vox2Vec, adam: &Adam| {
-        checkpoint::save(&ckpt_path, &model.config, &model.store, Some(adam), &[("seed", opts.seed.to_string())])
-    };
+    let mut meta: Vec<(&str, String)> = vec![("seed", opts.seed.to_string())];
+    meta.extend(opts.metadata.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    let save = |model: &Vox2Vec, adam: &Adam| checkpoint::save(&ckpt_path, &model.config, &model.store, Some(adam), &meta);
     let mut loader = match &opts.data {
         BatchSource::Volumes { volumes, sampler, workers } => {
             Some(crate::data::loader::Loader::new(volumes.clone(), *sampler, opts.seed, start, *workers, 2 * workers)?)

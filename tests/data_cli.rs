@@ -248,3 +248,38 @@ fn preprocess_skip_bad_names_every_malformed_class_and_caches_every_good_file() 
     }
     assert!(Command::new(bin).args(["preprocess", "--nonfinite", "zero"]).arg(&d).output().unwrap().status.code() == Some(2), "a bad policy must be a usage error");
 }
+
+#[test]
+fn checkpoints_record_how_they_were_made_and_embed_follows_them() {
+    let d = tmpdir("recorded");
+    let shape = [96, 80, 40];
+    write_ct(&d.join("good.nii.gz"), &phantom_ct(1, shape, [1.0, 1.0, 2.0]), shape, [1.0, 1.0, 2.0]);
+    let (train, tool) = (env!("CARGO_BIN_EXE_vox2vec-train"), env!("CARGO_BIN_EXE_vox2vec"));
+    let run = d.join("run");
+    let out = Command::new(train).arg(&d).arg("--cache").arg(d.join("cache")).arg("--out").arg(&run).args(TINY).args(["--spacing", "1.5,1.5,2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ckpt = run.join("checkpoint.safetensors");
+    let out = Command::new(tool).arg("inspect").arg(&ckpt).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for want in ["spacing_mm: [1.5,1.5,2.0]", "patch: [16,16,8]", "intensity_window_hu: [-1350.0,1000.0]", "command_line: ", "--spacing 1.5,1.5,2", "good.nii.gz", "\"volumes\":1", "train_config: "] {
+        assert!(text.contains(want), "inspect lacks {want:?}:\n{text}");
+    }
+    // embed resamples as the backbone was trained...
+    let feats = d.join("feats");
+    let out = Command::new(tool).arg("embed").arg(d.join("good.nii.gz")).arg("--weights").arg(&ckpt).arg("--out").arg(&feats).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let geo: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(feats.join("geometry.json")).unwrap()).unwrap();
+    assert_eq!(geo["spacing_mm"], serde_json::json!([1.5, 1.5, 2.0]));
+    // ...and a contradicting flag is an error naming both values, no output left behind.
+    let other = d.join("feats-other");
+    let out = Command::new(tool).arg("embed").arg(d.join("good.nii.gz")).arg("--weights").arg(&ckpt).arg("--out").arg(&other).args(["--spacing", "1,1,2"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--spacing 1,1,2") && err.contains("1.5,1.5,2") && err.contains("--override-recorded") && !other.exists(), "{err}");
+    let out = Command::new(tool).arg("embed").arg(d.join("good.nii.gz")).arg("--weights").arg(&ckpt).arg("--out").arg(&other).args(["--spacing", "2,2,2", "--override-recorded"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Resuming with another spacing would mix two kinds of input: refused.
+    let out = Command::new(train).arg(&d).arg("--cache").arg(d.join("cache")).arg("--out").arg(&run).args(TINY).arg("--resume").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("spacing_mm"), "{err}");
+}

@@ -23,6 +23,7 @@ fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
         activation_dtype: vox2vec::tensor::DType::F32,
         skip_nonfinite: 0,
         inject_nan_steps: Vec::new(),
+        metadata: Vec::new(),
     }
 }
 
@@ -408,5 +409,25 @@ fn kill_9_at_several_moments_then_resume_is_bit_identical() {
     assert_eq!(losses(&dir), losses(&straight), "losses after two kills and resumes");
     let steps: Vec<u64> = metric_lines(&dir).iter().map(|v| v["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=6).collect::<Vec<_>>());
-    assert!(std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap() == std::fs::read(straight.join(CHECKPOINT_FILE)).unwrap(), "final checkpoint differs from the uninterrupted run's");
+    assert_same_checkpoint(&dir.join(CHECKPOINT_FILE), &straight.join(CHECKPOINT_FILE));
+}
+
+/// Two checkpoints hold the same tensors, bit for bit, and the same metadata but for the
+/// command line that wrote them (a resumed run's has --resume and its own --out).
+fn assert_same_checkpoint(a: &std::path::Path, b: &std::path::Path) {
+    let (ba, bb) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    let (sa, sb) = (safetensors::SafeTensors::deserialize(&ba).unwrap(), safetensors::SafeTensors::deserialize(&bb).unwrap());
+    let (mut na, mut nb) = (sa.names(), sb.names());
+    na.sort();
+    nb.sort();
+    assert_eq!(na, nb, "different tensors");
+    for n in na {
+        assert!(sa.tensor(n).unwrap().data() == sb.tensor(n).unwrap().data(), "{n} differs from the uninterrupted run's");
+    }
+    let meta = |bytes: &[u8]| {
+        let mut m = safetensors::SafeTensors::read_metadata(bytes).unwrap().1.metadata().clone().unwrap_or_default();
+        assert!(m.remove("command_line").is_some(), "no command line recorded");
+        m
+    };
+    assert_eq!(meta(&ba), meta(&bb), "metadata differs from the uninterrupted run's");
 }

@@ -211,3 +211,117 @@ fn embed_ct_writes_levels_and_original_grid_maps() {
     assert!(ho.contains("(4, 24, 40, 36)"), "{ho}");
     assert_eq!(no, 2 * 4 * 24 * 40 * 36);
 }
+
+/// A random backbone of the tests' size (base 4, 3 scales) saved as a checkpoint.
+fn random_backbone(path: &Path, seed: u64) {
+    let m = vox2vec::model::Vox2Vec::new(vox2vec::model::ModelConfig { fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, ..Default::default() }, seed);
+    vox2vec::checkpoint::save(path, &m.config, &m.store, None, &[]).unwrap();
+}
+
+#[test]
+fn a_head_records_its_settings_and_predict_uses_them() {
+    let d = tmpdir("recorded");
+    let ds = blocks_dataset(&d);
+    let out = d.join("probe");
+    let bin = env!("CARGO_BIN_EXE_vox2vec");
+    // A probe at a non-default spacing and patch (random backbone of seed 0).
+    let res = Command::new(bin)
+        .arg("probe")
+        .arg(&ds)
+        .arg("--out")
+        .arg(&out)
+        .args(["--base-channels", "4", "--num-scales", "3", "--spacing", "2,2,2", "--patch", "16,16,8", "--batch", "4", "--steps", "300", "--validate-every", "150", "--lr", "3e-2", "--val", "c1"])
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let probe_dice = r["best_dice"][0].as_f64().unwrap();
+    assert_eq!(r["best_dice_per_case"]["c1"][0].as_f64(), Some(probe_dice), "per-case Dice of the only validation case: {r}");
+    assert!(r["history"].as_array().unwrap().iter().all(|h| h["dice_per_case"]["c1"].is_array()), "{r}");
+    assert_eq!(r["validation_cases_also_train"], serde_json::json!(false));
+    let head = out.join("head.safetensors");
+    let res = Command::new(bin).arg("inspect").arg(&head).output().unwrap();
+    let text = String::from_utf8_lossy(&res.stdout);
+    for want in ["spacing_mm: [2.0,2.0,2.0]", "patch: [16,16,8]", "backbone_fingerprint: crc32:", "command_line: ", " probe ", "Dataset900_Blocks", "classes: [\"Bone\"]"] {
+        assert!(text.contains(want), "inspect lacks {want:?}:\n{text}");
+    }
+
+    let backbone = d.join("backbone.safetensors");
+    random_backbone(&backbone, 0);
+    let ct = ds.join("imagesTr/c1_0000.nii.gz");
+    let predict = |mask: &Path, backbone: &Path, extra: &[&str]| Command::new(bin).arg("predict").arg(&ct).arg("--backbone").arg(backbone).arg("--head").arg(&head).arg("--out").arg(mask).args(extra).output().unwrap();
+    // No flags: the head's spacing and patch, and the probe's validation Dice on the same case,
+    // measured where the probe measured it (both label maps taken to the 2 mm grid as
+    // load_dataset takes labels).
+    let mask = d.join("mask.nii.gz");
+    let res = predict(&mask, &backbone, &[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success() && err.contains("spacing 2,2,2 mm, patch 16,16,8"), "{err}");
+    let pre = vox2vec::data::preprocess::PreprocessConfig { spacing: [2.0; 3], ..Default::default() };
+    let grid = vox2vec::data::cache::build(&ct, &pre).unwrap().ct;
+    let on_grid = |p: &Path| {
+        let raw: Vec<u8> = read_volume(p).unwrap().data.iter().map(|&v| v.round() as u8).collect();
+        vox2vec::data::preprocess::preprocess_labels(&raw, &grid).unwrap().iter().map(|&l| l == 1).collect::<Vec<_>>()
+    };
+    let dice = vox2vec::eval::dice::dice(&on_grid(&mask), &on_grid(&ds.join("labelsTr/c1.nii.gz")));
+    println!("probe validation Dice {probe_dice:.4}, predict's mask on the probe's grid {dice:.4}");
+    assert!(probe_dice > 0.5 && (dice - probe_dice).abs() < 0.02, "predict {dice} does not reproduce the probe's {probe_dice}");
+    // A flag that contradicts the head: an error with both values, nothing written.
+    let wrong = d.join("wrong.nii.gz");
+    let res = predict(&wrong, &backbone, &["--spacing", "1,1,2"]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("--spacing 1,1,2") && err.contains("spacing 2,2,2") && err.contains("--override-recorded") && !wrong.exists(), "{err}");
+    let res = predict(&wrong, &backbone, &["--patch", "32,32,8"]);
+    assert!(!res.status.success() && String::from_utf8_lossy(&res.stderr).contains("patch 16,16,8"));
+    let res = predict(&wrong, &backbone, &["--spacing", "1,1,2", "--override-recorded"]);
+    assert!(res.status.success() && wrong.is_file(), "{}", String::from_utf8_lossy(&res.stderr));
+    // Another backbone than the head's: refused, unless overridden.
+    let other = d.join("other.safetensors");
+    random_backbone(&other, 5);
+    let res = predict(&d.join("o.nii.gz"), &other, &[]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("another backbone") && !d.join("o.nii.gz").exists(), "{err}");
+    let res = predict(&d.join("o.nii.gz"), &other, &["--override-recorded"]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    // Fine-tuning from a checkpoint that records a spacing refuses another one...
+    let res = Command::new(bin).arg("finetune").arg(&ds).arg("--weights").arg(&head_backbone_checkpoint(&d, &backbone)).arg("--out").arg(d.join("ft")).args(["--spacing", "1,1,2", "--patch", "16,16,8", "--steps", "2", "--val", "c1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("--spacing 1,1,2") && err.contains("3,3,3"), "{err}");
+    // ...while a probe warns and goes on.
+    let res = Command::new(bin).arg("probe").arg(&ds).arg("--weights").arg(&head_backbone_checkpoint(&d, &backbone)).arg("--out").arg(d.join("pr")).args(["--spacing", "4,4,4", "--patch", "16,16,8", "--steps", "2", "--validate-every", "2", "--val", "c1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success() && err.contains("warning: --spacing 4,4,4 differs from the spacing 3,3,3"), "{err}");
+}
+
+/// `backbone` re-saved with a recorded spacing of 3 mm and patch 16,16,8 (as vox2vec-train writes).
+fn head_backbone_checkpoint(d: &Path, backbone: &Path) -> PathBuf {
+    let path = d.join("recorded-backbone.safetensors");
+    let mut m = vox2vec::model::Vox2Vec::new(vox2vec::model::ModelConfig { fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, ..Default::default() }, 1);
+    vox2vec::checkpoint::load(backbone, &mut m.store, None).unwrap();
+    let meta = vox2vec::eval::recorded::preprocessing_metadata([3.0; 3], [16, 16, 8]);
+    vox2vec::checkpoint::save(&path, &m.config, &m.store, None, &meta).unwrap();
+    path
+}
+
+#[test]
+fn a_one_case_dataset_says_how_to_probe_it() {
+    let d = tmpdir("onecase");
+    let ds = blocks_dataset(&d);
+    for c in 1..4 {
+        std::fs::remove_file(ds.join(format!("labelsTr/c{c}.nii.gz"))).unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_vox2vec");
+    let args = ["--base-channels", "4", "--num-scales", "3", "--patch", "16,16,8", "--batch", "2", "--steps", "4", "--validate-every", "2"];
+    let res = Command::new(bin).arg("probe").arg(&ds).arg("--out").arg(d.join("p")).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("1 labelled case") && err.contains("--val c0 --train-on-val"), "{err}");
+    let res = Command::new(bin).arg("probe").arg(&ds).arg("--out").arg(d.join("p")).args(args).args(["--val", "c0", "--train-on-val"]).output().unwrap();
+    let text = String::from_utf8_lossy(&res.stdout).to_string() + &String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success() && text.contains("optimistic"), "{text}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("p/results.json")).unwrap()).unwrap();
+    assert_eq!((r["validation_cases_also_train"].as_bool(), r["train_cases"].clone()), (Some(true), serde_json::json!(["c0"])));
+    // A --val that names no case is an error listing the cases.
+    let res = Command::new(bin).arg("probe").arg(&ds).arg("--out").arg(d.join("q")).args(args).args(["--val", "c9"]).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("--val c9") && err.contains("c0"), "{err}");
+}

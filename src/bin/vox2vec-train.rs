@@ -33,6 +33,11 @@ struct Args {
     /// Skip unreadable or unusable files with a warning instead of stopping.
     #[arg(long)]
     skip_bad: bool,
+    /// Resampling spacing of the CT in mm (x,y,z): the reference's 1,1,2, or coarser for
+    /// quick CPU runs. Recorded in the checkpoint, so that `vox2vec embed` and the heads
+    /// trained on this backbone resample the same way.
+    #[arg(long, default_value = "1,1,2", value_parser = parse_spacing)]
+    spacing: [f64; 3],
     /// Number of distinct phantoms when no data is given.
     #[arg(long, default_value_t = 8)]
     phantoms: usize,
@@ -139,14 +144,20 @@ struct Args {
 
 /// Preprocess (or find in the cache) every input file; report skipped files; fail when none
 /// is usable or, without --skip-bad, when any file is bad.
-fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize; 3], skip_bad: bool, nonfinite: vox2vec::data::preprocess::NonFinitePolicy) -> anyhow::Result<Vec<PathBuf>> {
-    let report = prepare_input(input, cache, &PreprocessConfig { nonfinite, ..PreprocessConfig::default() }, patch)?;
+fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize; 3], skip_bad: bool, pre: &PreprocessConfig) -> anyhow::Result<vox2vec::data::sources::PrepareReport> {
+    let report = prepare_input(input, cache, pre, patch)?;
     eprintln!("data: {}", report.summary(cache));
     if !report.skipped.is_empty() && !skip_bad {
         anyhow::bail!("{} of {} input files are unusable (listed above); fix them or pass --skip-bad", report.skipped.len(), report.files);
     }
     anyhow::ensure!(!report.entries.is_empty(), "no usable volume in {}", input.display());
-    Ok(report.entries)
+    Ok(report)
+}
+
+fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
+    let v: Vec<f64> = s.split(',').map(|t| t.trim().parse::<f64>().map_err(|e| format!("{t:?}: {e}"))).collect::<Result<_, _>>()?;
+    let v = <[f64; 3]>::try_from(v).map_err(|v| format!("expected X,Y,Z in mm, got {} values", v.len()))?;
+    if v.iter().all(|x| x.is_finite() && *x > 0.0) { Ok(v) } else { Err(format!("spacing must be positive, got {s:?}")) }
 }
 
 fn parse_xyz(s: &str) -> Result<[usize; 3], String> {
@@ -238,16 +249,35 @@ fn run(args: Args) -> anyhow::Result<()> {
         print!("{}", report.render());
         return Ok(());
     }
+    let pre = PreprocessConfig { spacing: args.spacing, nonfinite: args.nonfinite, ..PreprocessConfig::default() };
+    let mut data_sources = serde_json::json!({"synthetic_pairs": true});
     let data = if args.synthetic_pairs {
         BatchSource::SyntheticPairs(batch)
     } else {
         let sampler = SamplerConfig { pairs: batch.pairs, patch: batch.patch, max_voxels: batch.voxels_per_pair, ..SamplerConfig::default() };
         let volumes: Arc<dyn VolumeSet> = match &args.data {
-            None => Arc::new(PhantomVolumes::new(args.seed, args.phantoms)),
-            Some(input) => Arc::new(CachedVolumes::new(prepare_data(input, &args.cache, batch.patch, args.skip_bad, args.nonfinite)?, 4)),
+            None => {
+                data_sources = serde_json::json!({"phantoms": args.phantoms, "seed": args.seed});
+                Arc::new(PhantomVolumes::new(args.seed, args.phantoms))
+            }
+            Some(input) => {
+                let report = prepare_data(input, &args.cache, batch.patch, args.skip_bad, &pre)?;
+                data_sources = serde_json::json!({"input": input, "volumes": report.sources.len(), "skipped": report.skipped.len(), "files": report.sources});
+                Arc::new(CachedVolumes::new(report.entries, 4))
+            }
         };
         BatchSource::Volumes { volumes, sampler, workers: args.loader_workers }
     };
+    use vox2vec::eval::recorded;
+    let mut metadata: Vec<(String, String)> = recorded::preprocessing_metadata(args.spacing, batch.patch).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let train_config = serde_json::json!({
+        "pairs": batch.pairs, "patch": batch.patch, "voxels_per_pair": batch.voxels_per_pair, "steps": args.steps, "lr": args.lr,
+        "seed": args.seed, "device": args.device, "precision": args.precision, "nonfinite": format!("{:?}", args.nonfinite),
+        "probe_dataset": args.probe_dataset, "probe_every": args.probe_every,
+    });
+    metadata.push((recorded::COMMAND_LINE.to_string(), recorded::command_line()));
+    metadata.push((recorded::DATA_SOURCES.to_string(), data_sources.to_string()));
+    metadata.push((recorded::TRAIN_CONFIG.to_string(), train_config.to_string()));
     let online_probe = match &args.probe_dataset {
         None => None,
         Some(dir) => {
@@ -285,6 +315,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         activation_dtype: precision,
         skip_nonfinite: args.skip_nonfinite,
         inject_nan_steps: args.inject_nan_step.clone(),
+        metadata,
     };
     let source = match (&args.data, args.synthetic_pairs) {
         (_, true) => "synthetic pairs".to_string(),

@@ -104,16 +104,24 @@ enum Cmd {
     },
 }
 
-/// Backbone size (used when the weights carry no model_config) and sliding-window patch.
+/// Backbone size (used when the weights carry no model_config), sliding-window patch and
+/// resampling spacing (by default those the weights or head record: `eval::recorded`).
 #[derive(clap::Args, Debug, Clone)]
 struct NetArgs {
     #[arg(long, default_value_t = 16)]
     base_channels: usize,
     #[arg(long, default_value_t = 6)]
     num_scales: usize,
-    /// Sliding-window patch X,Y,Z.
-    #[arg(long, default_value = "128,128,32")]
-    patch: String,
+    /// Sliding-window patch X,Y,Z [default: the one the head or weights record, else 128,128,32].
+    #[arg(long)]
+    patch: Option<String>,
+    /// Resampling spacing in mm, X,Y,Z [default: the one the head or weights record, else 1,1,2].
+    #[arg(long)]
+    spacing: Option<String>,
+    /// Use --spacing / --patch, and a backbone other than the head's, even where they
+    /// contradict what the head or weights record.
+    #[arg(long)]
+    override_recorded: bool,
     /// NaN or infinite voxels in a CT: "error" refuses the file, "minimum" replaces them by the
     /// image's minimum and reports how many.
     #[arg(long, default_value = "error", value_name = "POLICY")]
@@ -144,8 +152,9 @@ struct SegArgs {
     steps: u64,
     #[arg(long, default_value_t = 7)]
     batch: usize,
-    #[arg(long, default_value = "128,128,32")]
-    patch: String,
+    /// Training patch and validation window X,Y,Z [default: the patch --weights records, else 128,128,32].
+    #[arg(long)]
+    patch: Option<String>,
     #[arg(long, default_value_t = 3e-4)]
     lr: f64,
     #[arg(long, default_value_t = 100)]
@@ -156,9 +165,18 @@ struct SegArgs {
     base_channels: usize,
     #[arg(long, default_value_t = 6)]
     num_scales: usize,
-    /// Resampling spacing in mm (x,y,z); coarser than the reference's 1,1,2 for quick CPU runs.
-    #[arg(long, default_value = "1,1,2")]
-    spacing: String,
+    /// Resampling spacing in mm (x,y,z) [default: the spacing --weights records, else the
+    /// reference's 1,1,2]; coarser for quick CPU runs.
+    #[arg(long)]
+    spacing: Option<String>,
+    /// Use --spacing / --patch even where they contradict what --weights records (finetune
+    /// refuses that otherwise; probe warns).
+    #[arg(long)]
+    override_recorded: bool,
+    /// Let the validation cases train too: for a dataset too small to split (one case). The
+    /// validation Dice is then optimistic, and results.json says so.
+    #[arg(long)]
+    train_on_val: bool,
     /// NaN or infinite voxels in a CT: "error" refuses the file, "minimum" replaces them by the
     /// image's minimum and reports how many.
     #[arg(long, default_value = "error", value_name = "POLICY")]
@@ -166,11 +184,33 @@ struct SegArgs {
 }
 
 impl NetArgs {
-    /// The reference preprocessing, with this command's non-finite policy.
-    fn preprocess(&self) -> vox2vec::data::preprocess::PreprocessConfig {
-        vox2vec::data::preprocess::PreprocessConfig { nonfinite: self.nonfinite, ..Default::default() }
+    /// Preprocessing and window for weights or a head that record `rec`: the flags, checked
+    /// against the recorded settings (an error where they contradict, unless
+    /// --override-recorded), else the recorded settings, else the reference's.
+    fn settings(&self, rec: &Recorded) -> Result<(vox2vec::data::preprocess::PreprocessConfig, [usize; 3])> {
+        let on = if self.override_recorded { OnContradiction::Override } else { OnContradiction::Error };
+        let (spacing, patch) = resolve_settings(self.spacing.as_deref(), self.patch.as_deref(), rec, on)?;
+        Ok((vox2vec::data::preprocess::PreprocessConfig { spacing, nonfinite: self.nonfinite, ..Default::default() }, patch))
     }
 }
+
+/// Spacing and patch for a command that uses a file recording `rec`: each flag checked against
+/// the recorded value per `on`, else the recorded value, else the reference's (with a note
+/// when the file records neither, as files from before this version do).
+fn resolve_settings(spacing: Option<&str>, patch: Option<&str>, rec: &Recorded, on: OnContradiction) -> Result<([f64; 3], [usize; 3])> {
+    use vox2vec::eval::recorded::{choose, xyz};
+    rec.check_window()?;
+    let (sp, pa) = (spacing.map(parse_spacing).transpose()?, patch.map(parse_patch).transpose()?);
+    let reference = vox2vec::data::preprocess::PreprocessConfig::default().spacing;
+    let s = choose("spacing", "--spacing", sp, rec.spacing, &rec.file, reference, on, xyz)?;
+    let p = choose("patch", "--patch", pa, rec.patch, &rec.file, [128, 128, 32], on, xyz)?;
+    if rec.spacing.is_none() && sp.is_none() && !rec.file.as_os_str().is_empty() {
+        eprintln!("note: {} records no spacing (a file from before vox2vec-rs recorded it, or from PyTorch); using {} mm", rec.file.display(), xyz(&s));
+    }
+    Ok((s, p))
+}
+
+use vox2vec::eval::recorded::{OnContradiction, Recorded};
 
 fn parse_spacing(s: &str) -> Result<[f64; 3]> {
     let p: Vec<f64> = s.split(',').map(|t| t.trim().parse()).collect::<std::result::Result<_, _>>().with_context(|| format!("spacing {s:?}"))?;
@@ -187,6 +227,7 @@ fn parse_patch(s: &str) -> Result<[usize; 3]> {
 }
 
 fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
+    use vox2vec::eval::recorded::{self as rec, backbone_fingerprint};
     use vox2vec::eval::segment::{Head, HeadKind, Mode, SegConfig, load_dataset, train_segmentation};
     use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
     let kind = match a.head.as_str() {
@@ -194,17 +235,25 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
         "nonlinear" | "non-linear" => HeadKind::NonLinear,
         h => anyhow::bail!("--head {h:?}: linear or nonlinear"),
     };
-    let mut model = match (&a.weights, mode) {
+    let (mut model, recorded) = match (&a.weights, mode) {
         (Some(w), _) => load_backbone(w, a.base_channels, a.num_scales)?,
         (None, Mode::Scratch) | (None, Mode::Probe) => {
             let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: a.base_channels, num_scales: a.num_scales }, ..ModelConfig::default() };
             cfg.validate()?;
-            Vox2Vec::new(cfg, a.seed)
+            (Vox2Vec::new(cfg, a.seed), Recorded::from_metadata(std::path::Path::new(""), Default::default())?)
         }
         (None, Mode::FineTune { .. }) => anyhow::bail!("finetune needs --weights (use `scratch` for a random backbone)"),
     };
+    // A probe at a coarser grid than pretraining is a common shortcut (a warning); fine-tuning
+    // at another grid than the backbone's is refused unless asked for.
+    let on = match (a.override_recorded, mode) {
+        (true, _) => OnContradiction::Override,
+        (false, Mode::Probe) => OnContradiction::Warn,
+        (false, _) => OnContradiction::Error,
+    };
+    let (spacing, patch) = resolve_settings(a.spacing.as_deref(), a.patch.as_deref(), &recorded, on)?;
     let bar = indicatif::ProgressBar::new_spinner();
-    let pre = vox2vec::data::preprocess::PreprocessConfig { spacing: parse_spacing(&a.spacing)?, nonfinite: a.nonfinite, ..Default::default() };
+    let pre = vox2vec::data::preprocess::PreprocessConfig { spacing, nonfinite: a.nonfinite, ..Default::default() };
     let ds = load_dataset(&a.dataset, &pre, &|c| bar.set_message(format!("preprocessing {c}")))?;
     bar.finish_and_clear();
     let k = ds.classes.len();
@@ -212,36 +261,82 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     for (i, c) in ds.cases.iter().enumerate() {
         let is_val = if a.val.is_empty() { i % a.folds.max(1) == a.fold } else { a.val.contains(&c.name) };
         if is_val { val.push(c) } else { train.push(c) }
+        if is_val && a.train_on_val {
+            train.push(c);
+        }
     }
-    anyhow::ensure!(!train.is_empty() && !val.is_empty(), "split gives {} training and {} validation cases", train.len(), val.len());
-    eprintln!("{}: {} classes, {} training cases, {} validation cases ({})", a.dataset.display(), k, train.len(), val.len(), val.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "));
+    if let Some(missing) = a.val.iter().find(|v| !ds.cases.iter().any(|c| &c.name == *v)) {
+        anyhow::bail!("--val {missing}: no such case in {} (cases: {})", a.dataset.display(), ds.cases.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "));
+    }
+    if train.is_empty() || val.is_empty() {
+        let n = ds.cases.len();
+        let first = &ds.cases[0].name;
+        if n == 1 {
+            anyhow::bail!("{} has 1 labelled case, too few to split into training and validation; pass --val {first} --train-on-val to validate on a case that also trains (an optimistic Dice, labelled so in results.json)", a.dataset.display());
+        }
+        anyhow::bail!("{}: the split gives {} training and {} validation cases of {n}; choose --folds at most {n} and --fold below it, or name validation cases with --val (or add --train-on-val to let them train too)", a.dataset.display(), train.len(), val.len());
+    }
+    let optimistic = a.train_on_val;
+    eprintln!(
+        "{}: {} classes, {} training cases, {} validation cases ({}){}; spacing {} mm, patch {}",
+        a.dataset.display(),
+        k,
+        train.len(),
+        val.len(),
+        val.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+        if optimistic { ", validation cases also train (optimistic Dice)" } else { "" },
+        rec::xyz(&spacing),
+        rec::xyz(&patch)
+    );
     let mut head_store = vox2vec::params::ParamStore::new();
     let head = Head::new(kind, &mut head_store, a.seed ^ 0x5eed, model.config.fpn, k);
-    let cfg = SegConfig { patch: parse_patch(&a.patch)?, batch: a.batch, steps: a.steps, lr: a.lr, validate_every: a.validate_every, seed: a.seed, ..SegConfig::default() };
+    let cfg = SegConfig { patch, batch: a.batch, steps: a.steps, lr: a.lr, validate_every: a.validate_every, seed: a.seed, ..SegConfig::default() };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let bar = indicatif::ProgressBar::new(a.steps);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")?);
     let head_path = a.out.join("head.safetensors");
     let backbone_path = a.out.join("backbone.safetensors");
-    let head_meta = [("head_kind", a.head.clone()), ("num_classes", k.to_string()), ("classes", serde_json::to_string(&ds.classes)?)];
+    // What made these files (eval::recorded): predict, embed and finetune read it back.
+    let train_config = serde_json::json!({
+        "mode": format!("{mode:?}"), "head": a.head, "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+        "weights": a.weights, "train_on_val": optimistic,
+    });
+    let data_sources = serde_json::json!({
+        "dataset": a.dataset, "train_cases": train.iter().map(|c| &c.name).collect::<Vec<_>>(), "val_cases": val.iter().map(|c| &c.name).collect::<Vec<_>>(),
+    });
+    let mut made: Vec<(&str, String)> = rec::preprocessing_metadata(spacing, patch);
+    made.extend([(rec::COMMAND_LINE, rec::command_line()), (rec::DATA_SOURCES, data_sources.to_string()), (rec::TRAIN_CONFIG, train_config.to_string())]);
+    let mut head_meta = made.clone();
+    head_meta.extend([("head_kind", a.head.clone()), ("num_classes", k.to_string()), ("classes", serde_json::to_string(&ds.classes)?)]);
     let trains_backbone = !matches!(mode, Mode::Probe);
+    // A frozen backbone's fingerprint is the same at every save.
+    let frozen_fingerprint = if trains_backbone { None } else { Some(backbone_fingerprint(&model.store)?) };
     let res = train_segmentation(&mut model, &head, &mut head_store, &train, &val, k, mode, &cfg, &mut |step, loss| {
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.4}"));
     }, &mut |m, hs| {
-        let meta: Vec<(&str, String)> = head_meta.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let fp = match &frozen_fingerprint {
+            Some(f) => f.clone(),
+            None => backbone_fingerprint(&m.store)?,
+        };
+        let mut meta = head_meta.clone();
+        meta.push((rec::BACKBONE_FINGERPRINT, fp));
         vox2vec::checkpoint::save(&head_path, &m.config, hs, None, &meta)?;
         if trains_backbone {
-            vox2vec::checkpoint::save(&backbone_path, &m.config, &m.store, None, &[])?;
+            vox2vec::checkpoint::save(&backbone_path, &m.config, &m.store, None, &made)?;
         }
         Ok(())
     })?;
     bar.finish_and_clear();
     let mean = res.best_dice.iter().sum::<f64>() / k as f64;
-    println!("best validation Dice at step {} (mean {mean:.4}):", res.best_step);
+    println!("best validation Dice at step {} (mean {mean:.4}){}:", res.best_step, if optimistic { ", on cases that also trained (optimistic)" } else { "" });
     for (name, d) in ds.classes.iter().zip(&res.best_dice) {
         println!("  {name:<16} {d:.4}");
     }
+    if mean < 0.01 && matches!(mode, Mode::Probe) {
+        println!("hint: the mean Dice is near 0 after {} steps at --lr {}; a linear probe on a frozen backbone usually needs a larger --lr (1e-2; see README, Probing) or more --steps", cfg.steps, cfg.lr);
+    }
+    let per_case = |dice: &[Vec<f64>]| -> serde_json::Value { val.iter().zip(dice).map(|(c, d)| (c.name.clone(), serde_json::json!(d))).collect::<serde_json::Map<_, _>>().into() };
     let json = serde_json::json!({
         "mode": format!("{mode:?}"),
         "head": a.head,
@@ -249,11 +344,14 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
         "classes": ds.classes,
         "train_cases": train.iter().map(|c| &c.name).collect::<Vec<_>>(),
         "val_cases": val.iter().map(|c| &c.name).collect::<Vec<_>>(),
+        "validation_cases_also_train": optimistic,
         "config": {"patch": cfg.patch, "batch": cfg.batch, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed, "spacing_mm": pre.spacing, "backbone": {"base_channels": model.config.fpn.base_channels, "num_scales": model.config.fpn.num_scales}},
+        "command_line": rec::command_line(),
         "best_step": res.best_step,
         "best_dice": res.best_dice,
         "best_mean_dice": mean,
-        "history": res.history.iter().map(|(s, d)| serde_json::json!({"step": s, "dice": d})).collect::<Vec<_>>(),
+        "best_dice_per_case": per_case(&res.best_per_case),
+        "history": res.history.iter().zip(&res.history_per_case).map(|((s, d), pc)| serde_json::json!({"step": s, "dice": d, "dice_per_case": per_case(pc)})).collect::<Vec<_>>(),
         "losses": res.losses,
     });
     vox2vec::checkpoint::write_atomic(&a.out.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
@@ -262,25 +360,27 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
 
 fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::path::Path, out: &std::path::Path, probabilities: Option<&std::path::Path>, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::segment::{Head, HeadKind, predict_case};
-    let mut model = load_backbone(backbone, net.base_channels, net.num_scales)?;
-    let bytes = std::fs::read(head_path).with_context(|| format!("reading {}", head_path.display()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", head_path.display()))?;
-    let meta = header.metadata().clone().unwrap_or_default();
+    let (mut model, _) = load_backbone(backbone, net.base_channels, net.num_scales)?;
+    let recorded = Recorded::read(head_path)?;
+    let meta = &recorded.metadata;
     let kind = match meta.get("head_kind").map(String::as_str) {
         Some("linear") => HeadKind::Linear,
         Some("nonlinear") | Some("non-linear") => HeadKind::NonLinear,
         other => anyhow::bail!("{}: unknown head kind {other:?} (a head written by probe / finetune / scratch is needed)", head_path.display()),
     };
     let k: usize = meta.get("num_classes").and_then(|v| v.parse().ok()).with_context(|| format!("{}: no num_classes", head_path.display()))?;
+    check_head_backbone(&recorded, &model, backbone, net.override_recorded)?;
+    let (pre, patch) = net.settings(&recorded)?;
+    eprintln!("predict: {} head, {k} classes, spacing {} mm, patch {}", meta["head_kind"], vox2vec::eval::recorded::xyz(&pre.spacing), vox2vec::eval::recorded::xyz(&patch));
     let mut hs = vox2vec::params::ParamStore::new();
     let head = Head::new(kind, &mut hs, 0, model.config.fpn, k);
     let loaded = vox2vec::checkpoint::load_exact(head_path, &mut hs)?;
     anyhow::ensure!(loaded.missing.is_empty(), "{}: head tensors missing: {:?}", head_path.display(), loaded.missing);
     let vol = vox2vec::data::nifti_io::read_volume_with(ct, net.nonfinite)?;
-    let e = vox2vec::data::cache::build(ct, &net.preprocess())?;
+    let e = vox2vec::data::cache::build(ct, &pre)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("predicting {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}")?);
-    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), parse_patch(&net.patch)?, &|n, total| {
+    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), patch, &|n, total| {
         bar.set_length(total as u64);
         bar.set_position(n as u64);
     })?;
@@ -293,7 +393,7 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     let on_source = vox2vec::data::preprocess::to_source_grid(&labels, &e.ct, 0u8);
     vox2vec::data::nifti_io::write_volume(out, &on_source, &vol.geometry)?;
     if let Some(dir) = probabilities {
-        let names: Vec<String> = meta.get("classes").and_then(|c| serde_json::from_str(c).ok()).unwrap_or_else(|| (1..=k).map(|c| format!("class_{c}")).collect());
+        let names: Vec<String> = recorded.classes.clone().unwrap_or_else(|| (1..=k).map(|c| format!("class_{c}")).collect());
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for (c, name) in names.iter().enumerate().take(k) {
             let pc: Vec<f32> = probs.iter().skip(c).step_by(k).copied().collect();
@@ -331,7 +431,7 @@ fn run(cli: Cli) -> Result<()> {
                 let mut keys: Vec<_> = meta.keys().collect();
                 keys.sort();
                 for k in keys {
-                    println!("{k}: {}", meta[k]);
+                    println!("{k}: {}", metadata_line(k, &meta[k], all));
                 }
             }
             let mut names = st.names();
@@ -373,8 +473,28 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// The backbone described by (and loaded from) `weights`.
-fn load_backbone(weights: &std::path::Path, base: usize, scales: usize) -> Result<vox2vec::model::Vox2Vec> {
+/// A metadata value as `inspect` prints it: long file lists (a pretraining run's data
+/// sources) cut to their first entries unless --all.
+fn metadata_line(key: &str, value: &str, all: bool) -> String {
+    const SHOWN: usize = 3;
+    if all || key != vox2vec::eval::recorded::DATA_SOURCES {
+        return value.to_string();
+    }
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(value) else { return value.to_string() };
+    for list in ["files", "train_cases"] {
+        if let Some(files) = v.get_mut(list).and_then(|f| f.as_array_mut()) {
+            if files.len() > SHOWN {
+                let more = files.len() - SHOWN;
+                files.truncate(SHOWN);
+                files.push(serde_json::json!(format!("... {more} more (--all lists them)")));
+            }
+        }
+    }
+    v.to_string()
+}
+
+/// The backbone described by (and loaded from) `weights`, and what the file records.
+fn load_backbone(weights: &std::path::Path, base: usize, scales: usize) -> Result<(vox2vec::model::Vox2Vec, Recorded)> {
     use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
     let bytes = std::fs::read(weights).with_context(|| format!("reading {}", weights.display()))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", weights.display()))?;
@@ -390,7 +510,39 @@ fn load_backbone(weights: &std::path::Path, base: usize, scales: usize) -> Resul
     let loaded = vox2vec::checkpoint::load(weights, &mut model.store, None)?;
     let missing: Vec<&String> = loaded.missing.iter().filter(|k| k.starts_with(vox2vec::model::BACKBONE_PREFIX)).collect();
     anyhow::ensure!(missing.is_empty(), "{}: {} backbone tensors missing (first: {}); wrong --base-channels / --num-scales?", weights.display(), missing.len(), missing[0]);
-    Ok(model)
+    let recorded = Recorded::from_metadata(weights, loaded.metadata)?;
+    Ok((model, recorded))
+}
+
+/// A head only works on the backbone it was trained on: the same configuration (always
+/// checked) and the same weights (the fingerprint the head records; `--override-recorded`
+/// lets another backbone through, with a note).
+fn check_head_backbone(head: &Recorded, model: &vox2vec::model::Vox2Vec, backbone: &std::path::Path, allow_other: bool) -> Result<()> {
+    let (h, b) = (head.file.display(), backbone.display());
+    if let Some(mc) = head.metadata.get("model_config") {
+        let v: serde_json::Value = serde_json::from_str(mc).with_context(|| format!("{h}: bad model_config"))?;
+        let f = model.config.fpn;
+        let theirs = (v["base_channels"].as_u64(), v["num_scales"].as_u64());
+        anyhow::ensure!(
+            theirs == (Some(f.base_channels as u64), Some(f.num_scales as u64)),
+            "{h} was trained on a backbone of base {} x {} scales, but {b} is base {} x {} scales",
+            v["base_channels"],
+            v["num_scales"],
+            f.base_channels,
+            f.num_scales
+        );
+    }
+    if let Some(want) = &head.backbone_fingerprint {
+        let have = vox2vec::eval::recorded::backbone_fingerprint(&model.store)?;
+        if &have != want {
+            anyhow::ensure!(
+                allow_other,
+                "{h} was trained on another backbone than {b} (fingerprints {want} and {have}): its labels would be meaningless. Pass the backbone it was trained with (for finetune and scratch, the backbone.safetensors written beside the head), or --override-recorded"
+            );
+            eprintln!("note: {b} is not the backbone {h} was trained on (--override-recorded)");
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -408,7 +560,7 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
 
 fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::{embed, npy};
-    let mut model = load_backbone(weights, net.base_channels, net.num_scales)?;
+    let (mut model, recorded) = load_backbone(weights, net.base_channels, net.num_scales)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let write = |path: &std::path::Path, shape: &[usize], v: &[f32]| if f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) };
     if input.extension().is_some_and(|e| e == "npy") {
@@ -421,8 +573,8 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
         println!("wrote {} pyramid levels to {}", pyr.len(), out.display());
         return Ok(());
     }
-    let p = parse_patch(&net.patch)?;
-    let e = vox2vec::data::cache::build(input, &net.preprocess())?;
+    let (pre, p) = net.settings(&recorded)?;
+    let e = vox2vec::data::cache::build(input, &pre)?;
     let ct = &e.ct;
     let x = embed::scale_hu(&ct.hu);
     let bar = indicatif::ProgressBar::new(0);
@@ -478,7 +630,7 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
         "layout": "level_<i>.npy: [C, X, Y, Z], canonical axes (x, y, z world-increasing), level i = preprocessed grid / 2^i (ceil)",
     });
     vox2vec::checkpoint::write_atomic(&out.join("geometry.json"), serde_json::to_string_pretty(&geo)?.as_bytes())?;
-    println!("wrote levels {levels:?} of {} ({:?} voxels at 1x1x2 mm) to {}", input.display(), ct.shape, out.display());
+    println!("wrote levels {levels:?} of {} ({:?} voxels at {} mm) to {}", input.display(), ct.shape, vox2vec::eval::recorded::xyz(&ct.spacing), out.display());
     Ok(())
 }
 

@@ -113,6 +113,8 @@ pub struct PrepareReport {
     pub files: usize,
     /// Cache entries of the usable volumes, in input order.
     pub entries: Vec<PathBuf>,
+    /// The input files of those entries, in the same order (what a checkpoint records as its data).
+    pub sources: Vec<PathBuf>,
     /// Preprocessed now / found in the cache.
     pub fresh: usize,
     pub cached: usize,
@@ -159,15 +161,16 @@ pub fn prepare_input(input: &Path, cache: &Path, cfg: &PreprocessConfig, min_sha
         bar.inc(1);
     });
     bar.finish_and_clear();
-    let mut r = PrepareReport { files: files.len(), entries: Vec::new(), fresh: 0, cached: 0, skipped: Vec::new(), repaired: Vec::new() };
+    let mut r = PrepareReport { files: files.len(), entries: Vec::new(), sources: Vec::new(), fresh: 0, cached: 0, skipped: Vec::new(), repaired: Vec::new() };
     for (f, v) in verdicts {
         match v {
             Verdict::Ready { entry, cached, replaced_nonfinite, .. } => {
                 if cached { r.cached += 1 } else { r.fresh += 1 }
                 if replaced_nonfinite > 0 {
-                    r.repaired.push((f, replaced_nonfinite));
+                    r.repaired.push((f.clone(), replaced_nonfinite));
                 }
                 r.entries.push(entry);
+                r.sources.push(f);
             }
             Verdict::Skipped { reason } => r.skipped.push((f, reason)),
             Verdict::CacheFailed { reason } => bail!("{reason} (while preprocessing {}; free space or choose another folder with --cache)", f.display()),

@@ -4,5 +4,6 @@
 pub mod dice;
 pub mod embed;
 pub mod npy;
+pub mod recorded;
 pub mod segment;
 pub mod sliding;

@@ -289,8 +289,12 @@ pub fn case_dice(probs: &[f32], labels: &[u8], k: usize) -> Vec<f64> {
 pub struct SegResult {
     /// (step, mean Dice over validation cases, per class).
     pub history: Vec<(u64, Vec<f64>)>,
+    /// Per validation case (in `val` order), per class, at each validation of `history`.
+    pub history_per_case: Vec<Vec<Vec<f64>>>,
     pub best_step: u64,
     pub best_dice: Vec<f64>,
+    /// Per validation case, per class, at `best_step`.
+    pub best_per_case: Vec<Vec<f64>>,
     pub losses: Vec<(u64, f64)>,
 }
 
@@ -315,7 +319,7 @@ pub fn train_segmentation(
     // Moments for the backbone only when it trains (they are as large as the backbone).
     let mut backbone_adam = (!matches!(mode, Mode::Probe)).then(|| Adam::new(adam_cfg, &model.store));
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut res = SegResult { history: Vec::new(), best_step: 0, best_dice: vec![], losses: Vec::new() };
+    let mut res = SegResult { history: Vec::new(), history_per_case: Vec::new(), best_step: 0, best_dice: vec![], best_per_case: vec![], losses: Vec::new() };
     let mut best = f64::NEG_INFINITY;
     let p = cfg.patch;
     for step in 1..=cfg.steps {
@@ -360,18 +364,23 @@ pub fn train_segmentation(
         progress(step, lv);
         if step % cfg.validate_every == 0 || step == cfg.steps {
             let mut per_class = vec![0.0; k];
+            let mut per_case = Vec::with_capacity(val.len());
             for c in val {
                 let probs = predict_case(model, head, head_store, &c.ct, &c.mask, p, &|_, _| {})?;
-                for (acc, d) in per_class.iter_mut().zip(case_dice(&probs, &c.labels, k)) {
+                let d = case_dice(&probs, &c.labels, k);
+                for (acc, d) in per_class.iter_mut().zip(&d) {
                     *acc += d / val.len() as f64;
                 }
+                per_case.push(d);
             }
             let mean = per_class.iter().sum::<f64>() / k as f64;
             res.history.push((step, per_class.clone()));
+            res.history_per_case.push(per_case.clone());
             if mean > best {
                 best = mean;
                 res.best_step = step;
                 res.best_dice = per_class;
+                res.best_per_case = per_case;
                 on_best(model, head_store)?;
             }
         }
