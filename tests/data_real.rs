@@ -219,7 +219,7 @@ fn linear_probe_on_openkbp_finds_the_mandible() {
     let mut store = vox2vec::params::ParamStore::new();
     let head = Head::new(HeadKind::Linear, &mut store, 0x5eed, model.config.fpn, 7);
     let cfg = SegConfig { patch: [32, 32, 16], batch: 4, steps: 300, lr: 3e-2, validate_every: 300, seed: 0, ..SegConfig::default() };
-    let res = train_segmentation(&mut model, &head, &mut store, &train, &val, 7, Mode::Probe, &cfg, &mut |_, _| {}, &mut |_, _| Ok(())).unwrap();
+    let res = train_segmentation(&mut model, &head, &mut store, &train, &val, 7, Mode::Probe, &cfg, &|_| {}, &mut |_, _| Ok(())).unwrap();
     let mandible = res.best_dice[6];
     println!("OpenKBP linear probe (random backbone): Dice per class {:?}", res.best_dice);
     assert!(mandible > 0.1, "mandible Dice {mandible}");

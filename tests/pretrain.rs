@@ -159,6 +159,8 @@ fn cli_refuses_out_of_range_flags_without_panicking() {
         (&["--patch", "100000,100000,100000"], "--patch"),
         (&["--patch", "1024,1024,1024"], "limit"),
         (&["--precision", "bf16", "--device", "cpu"], "--precision bf16 needs a CUDA device"),
+        // Once an abort on a failed allocation: now the estimate, the memory there is, the way out.
+        (&["--pairs", "100000", "--device", "cpu"], "GiB available. Lower --pairs"),
     ];
     for (flags, expect) in cases {
         // TINY without the flag under test, then the flag.

@@ -160,6 +160,27 @@ fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
     if v.iter().all(|x| x.is_finite() && *x > 0.0) { Ok(v) } else { Err(format!("spacing must be positive, got {s:?}")) }
 }
 
+/// Refuse a batch whose estimated CPU step does not fit in the memory available (it would
+/// abort on a failed allocation), naming the figures and the way out; say what a large step
+/// costs (the note returned). VOX2VEC_IGNORE_MEMORY_ESTIMATE=1 runs it anyway.
+fn check_cpu_budget(batch: BatchShape, fpn: FpnConfig) -> anyhow::Result<Option<String>> {
+    let threads = rayon::current_num_threads();
+    let e = vox2vec::train::estimate_cpu_step(batch, fpn, threads);
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let what = format!("a step of {} pairs of {:?} at base {} on the CPU needs about {:.1} GiB and {:.0} s on {threads} threads (estimated)", batch.pairs, batch.patch, fpn.base_channels, gib(e.bytes), e.seconds);
+    let note = (e.seconds > 10.0).then(|| format!("note: {what}"));
+    let Some(avail) = vox2vec::train::available_memory_bytes() else { return Ok(note) };
+    if e.bytes > avail && std::env::var_os("VOX2VEC_IGNORE_MEMORY_ESTIMATE").is_none_or(|v| v.is_empty() || v == "0") {
+        let fixed = vox2vec::train::CPU_FIXED_BYTES;
+        let fits = ((avail - fixed) / ((e.bytes - fixed) / batch.pairs as f64)).floor().max(0.0) as usize;
+        anyhow::bail!(
+            "{what}, but this machine has {:.1} GiB available. Lower --pairs (about {fits} fit) or --patch, use --small, or train on a GPU (--device cuda); VOX2VEC_IGNORE_MEMORY_ESTIMATE=1 tries anyway",
+            gib(avail)
+        );
+    }
+    Ok(note)
+}
+
 fn parse_xyz(s: &str) -> Result<[usize; 3], String> {
     let v: Vec<usize> = s.split(',').map(|t| t.trim().parse::<usize>().map_err(|e| format!("{t:?}: {e}"))).collect::<Result<_, _>>()?;
     <[usize; 3]>::try_from(v).map_err(|v| format!("expected X,Y,Z, got {} values", v.len()))
@@ -244,6 +265,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let cpu_note = if device == vox2vec::tensor::Device::Cpu { check_cpu_budget(batch, model.fpn)? } else { None };
     if let Some(steps) = args.bench {
         let report = vox2vec::bench::bench_pretraining(device, precision, batch, steps, 2, 2, args.seed)?;
         print!("{}", report.render());
@@ -335,6 +357,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.num_scales,
         args.out.display()
     );
+    if let Some(note) = cpu_note {
+        eprintln!("{note}");
+    }
     let bar = ProgressBar::new(args.steps);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")?);
     let mut progress = Bar { bar };

@@ -298,6 +298,15 @@ pub struct SegResult {
     pub losses: Vec<(u64, f64)>,
 }
 
+/// What `train_segmentation` reports while it works (for a progress bar).
+#[derive(Clone, Copy, Debug)]
+pub enum SegEvent<'a> {
+    /// Step `step` done with this loss.
+    Step { step: u64, loss: f64 },
+    /// Validation after `step`: window `window` of `windows` of validation case `index` of `cases`.
+    Validating { step: u64, case: &'a str, index: usize, cases: usize, window: usize, windows: usize },
+}
+
 /// Train a head (and, by mode, the backbone) on `train`, validating on `val`. `on_best` is
 /// called with the stores whenever the mean validation Dice improves.
 #[allow(clippy::too_many_arguments)]
@@ -310,7 +319,7 @@ pub fn train_segmentation(
     k: usize,
     mode: Mode,
     cfg: &SegConfig,
-    progress: &mut dyn FnMut(u64, f64),
+    progress: &dyn Fn(SegEvent),
     on_best: &mut dyn FnMut(&Vox2Vec, &ParamStore) -> Result<()>,
 ) -> Result<SegResult> {
     ensure!(!train.is_empty() && !val.is_empty(), "need training and validation cases");
@@ -361,12 +370,13 @@ pub fn train_segmentation(
             adam.update(&mut model.store, &bg)?;
         }
         res.losses.push((step, lv));
-        progress(step, lv);
+        progress(SegEvent::Step { step, loss: lv });
         if step % cfg.validate_every == 0 || step == cfg.steps {
             let mut per_class = vec![0.0; k];
             let mut per_case = Vec::with_capacity(val.len());
-            for c in val {
-                let probs = predict_case(model, head, head_store, &c.ct, &c.mask, p, &|_, _| {})?;
+            for (index, c) in val.iter().enumerate() {
+                let windows = |window, windows| progress(SegEvent::Validating { step, case: &c.name, index, cases: val.len(), window, windows });
+                let probs = predict_case(model, head, head_store, &c.ct, &c.mask, p, &windows)?;
                 let d = case_dice(&probs, &c.labels, k);
                 for (acc, d) in per_class.iter_mut().zip(&d) {
                     *acc += d / val.len() as f64;
