@@ -612,6 +612,54 @@ fn test_clip_and_adam() -> Result<()> {
     Ok(())
 }
 
+/// Inference on the device (embed's sliding windows, a segmentation head's logits) against the
+/// CPU: eval-mode forward, only the requested levels copied back. Bounds: f32 1e-4 (whole
+/// eval network, other summation orders); bf16 5e-2 (every activation of the network stored
+/// in bf16, compounded over its layers).
+fn test_inference_on_gpu() -> Result<()> {
+    use vox2vec::eval::embed::{Blend, embed_volume, patch_pyramid};
+    use vox2vec::eval::segment::{Head, HeadKind};
+    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 };
+    let mut rng = StdRng::seed_from_u64(77);
+    let shape = [20, 18, 12];
+    let x: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| rng.random::<f32>()).collect();
+    let patch = [16, 16, 8];
+    let mut cpu = Vox2Vec::new(cfg, 9);
+    let cpu_maps = embed_volume(&mut cpu, &x, shape, patch, &[0, 2], Blend::Central, &|_, _| {})?;
+    let cpu_pyr = patch_pyramid(&mut cpu, &x[..16 * 16 * 8], patch)?;
+    let mut head_store = ParamStore::new();
+    let head = Head::new(HeadKind::Linear, &mut head_store, 3, cfg.fpn, 3);
+    let logits = |model: &mut Vox2Vec, hs: &mut ParamStore| -> Result<Vec<f32>> {
+        let g = Graph::inference();
+        let input = model.prepare_input(&Tensor::from_f32(&[1, 16, 16, 8, 1], x[..16 * 16 * 8].to_vec()))?;
+        let pyr = model.pyramid(&g, &Var::constant(input))?;
+        head.forward(&g, hs, &pyr)?.value.to_f32_vec()
+    };
+    let cpu_logits = logits(&mut cpu, &mut head_store)?;
+    for (dt, bound) in [(DType::F32, 1e-4), (DType::BF16, 5e-2)] {
+        let mut gpu = Vox2Vec::new(cfg, 9);
+        gpu.to_device(GPU)?;
+        gpu.activation_dtype = dt;
+        let maps = embed_volume(&mut gpu, &x, shape, patch, &[0, 2], Blend::Central, &|_, _| {})?;
+        for (a, b) in maps.iter().zip(&cpu_maps) {
+            ensure!(a.shape == b.shape && a.channels == b.channels, "level {}: {:?} x {} vs {:?} x {}", a.level, a.shape, a.channels, b.shape, b.channels);
+            let e = rel(&a.values, &b.values);
+            ensure!(e < bound, "{dt:?} embed level {}: relative error {e:.2e} (bound {bound:.0e})", a.level);
+        }
+        for (i, ((sa, a), (sb, b))) in patch_pyramid(&mut gpu, &x[..16 * 16 * 8], patch)?.iter().zip(&cpu_pyr).enumerate() {
+            let e = rel(a, b);
+            ensure!(sa == sb && e < bound, "{dt:?} patch pyramid level {i}: {sa:?} vs {sb:?}, relative error {e:.2e}");
+        }
+        let mut hs = ParamStore::new();
+        let _ = Head::new(HeadKind::Linear, &mut hs, 3, cfg.fpn, 3);
+        hs.to_device(GPU)?;
+        let e = rel(&logits(&mut gpu, &mut hs)?, &cpu_logits);
+        ensure!(e < bound, "{dt:?} head logits: relative error {e:.2e}");
+        println!("  inference {dt:?}: embed, patch pyramid and head logits within {bound:.0e} of the CPU (head {e:.2e})");
+    }
+    Ok(())
+}
+
 fn test_fixture_parity() -> Result<()> {
     let files = common::fixture_files();
     ensure!(!files.is_empty(), "no fixture found");
@@ -897,6 +945,7 @@ fn main() -> ExitCode {
         ("ops_head_and_infonce_vs_cpu", test_head_ops),
         ("optim_clip_and_adam_vs_cpu", test_clip_and_adam),
         ("fixture_parity_on_gpu", test_fixture_parity),
+        ("inference_embed_and_head_on_gpu_vs_cpu", test_inference_on_gpu),
         ("training_steps_gpu_vs_cpu", test_training_steps),
         ("bf16_fused_step_vs_cpu_f32", test_bf16_fused_step),
         ("kernel_lab_versions_vs_cpu", test_kernel_lab),

@@ -344,10 +344,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         (Some(d), _) => d.display().to_string(),
         (None, _) => format!("{} CT phantoms", args.phantoms),
     };
-    let on = match device {
-        vox2vec::tensor::Device::Cpu => format!("cpu, {} threads", rayon::current_num_threads()),
-        vox2vec::tensor::Device::Cuda(o) => format!("cuda:{o} ({}), {:?} activations", vox2vec::cuda::device(o)?.name(), precision),
-    };
+    let on = vox2vec::cuda::describe(device, precision)?;
     eprintln!(
         "vox2vec-train: {source}, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {on}, out {}",
         batch.pairs,

@@ -126,6 +126,12 @@ struct NetArgs {
     /// image's minimum and reports how many.
     #[arg(long, default_value = "error", value_name = "POLICY")]
     nonfinite: vox2vec::data::preprocess::NonFinitePolicy,
+    /// Compute device: auto (a CUDA GPU when one is present, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Activation storage on a CUDA device: fp32, or bf16 (fp32 weights and accumulation).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -191,6 +197,31 @@ struct SegArgs {
 }
 
 impl NetArgs {
+    /// The device and activation dtype asked for (bf16 on the CPU is refused, as by vox2vec-train).
+    fn device(&self) -> Result<(vox2vec::tensor::Device, vox2vec::tensor::DType)> {
+        let device = vox2vec::cuda::parse_device(&self.device).context("--device")?;
+        let precision = vox2vec::cuda::parse_precision(&self.precision).context("--precision")?;
+        anyhow::ensure!(
+            !(device == vox2vec::tensor::Device::Cpu && precision == vox2vec::tensor::DType::BF16),
+            "--precision bf16 needs a CUDA device, and --device {} runs on the CPU, which computes and stores in fp32; drop --precision or choose --device cuda",
+            self.device
+        );
+        Ok((device, precision))
+    }
+
+    /// Move `model` to the device asked for and print the first line of the command's output
+    /// (what runs where, as vox2vec-train's first line).
+    fn place(&self, command: &str, what: &std::path::Path, model: &mut vox2vec::model::Vox2Vec) -> Result<vox2vec::tensor::Device> {
+        let (device, precision) = self.device()?;
+        if device != vox2vec::tensor::Device::Cpu {
+            model.to_device(device)?;
+            model.activation_dtype = precision;
+        }
+        let f = model.config.fpn;
+        eprintln!("vox2vec {command}: {}, FPN3d base {} x {} scales, {}", what.display(), f.base_channels, f.num_scales, vox2vec::cuda::describe(device, precision)?);
+        Ok(device)
+    }
+
     /// Preprocessing and window for weights or a head that record `rec`: the flags, checked
     /// against the recorded settings (an error where they contradict, unless
     /// --override-recorded), else the recorded settings, else the reference's.
@@ -378,6 +409,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
 fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::path::Path, out: &std::path::Path, probabilities: Option<&std::path::Path>, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::segment::{Head, HeadKind, predict_case};
     let (mut model, _) = load_backbone(backbone, net.base_channels, net.num_scales)?;
+    net.device()?;
     let recorded = Recorded::read(head_path)?;
     let meta = &recorded.metadata;
     let kind = match meta.get("head_kind").map(String::as_str) {
@@ -388,11 +420,15 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     let k: usize = meta.get("num_classes").and_then(|v| v.parse().ok()).with_context(|| format!("{}: no num_classes", head_path.display()))?;
     check_head_backbone(&recorded, &model, backbone, net.override_recorded)?;
     let (pre, patch) = net.settings(&recorded)?;
-    eprintln!("predict: {} head, {k} classes, spacing {} mm, patch {}", meta["head_kind"], vox2vec::eval::recorded::xyz(&pre.spacing), vox2vec::eval::recorded::xyz(&patch));
     let mut hs = vox2vec::params::ParamStore::new();
     let head = Head::new(kind, &mut hs, 0, model.config.fpn, k);
     let loaded = vox2vec::checkpoint::load_exact(head_path, &mut hs)?;
     anyhow::ensure!(loaded.missing.is_empty(), "{}: head tensors missing: {:?}", head_path.display(), loaded.missing);
+    let device = net.place("predict", ct, &mut model)?;
+    eprintln!("predict: {} head, {k} classes, spacing {} mm, patch {}", meta["head_kind"], vox2vec::eval::recorded::xyz(&pre.spacing), vox2vec::eval::recorded::xyz(&patch));
+    if device != vox2vec::tensor::Device::Cpu {
+        hs.to_device(device)?;
+    }
     let vol = vox2vec::data::nifti_io::read_volume_with(ct, net.nonfinite)?;
     let e = vox2vec::data::cache::build(ct, &pre)?;
     let bar = indicatif::ProgressBar::new(0);
@@ -578,6 +614,7 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
 fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::{embed, npy};
     let (mut model, recorded) = load_backbone(weights, net.base_channels, net.num_scales)?;
+    net.place("embed", input, &mut model)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let write = |path: &std::path::Path, shape: &[usize], v: &[f32]| if f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) };
     if input.extension().is_some_and(|e| e == "npy") {

@@ -114,6 +114,15 @@ pub fn parse_device(spec: &str) -> Result<crate::tensor::Device> {
 }
 
 /// A `--precision` value: `fp32` or `bf16` (activation storage on a CUDA device).
+/// Where a command runs, as the first line of its output says it: "cpu, 2 threads" or
+/// "cuda:0 (NVIDIA H200), BF16 activations".
+pub fn describe(device: crate::tensor::Device, precision: DType) -> Result<String> {
+    Ok(match device {
+        crate::tensor::Device::Cpu => format!("cpu, {} threads", rayon::current_num_threads()),
+        crate::tensor::Device::Cuda(o) => format!("cuda:{o} ({}), {precision:?} activations", self::device(o)?.name()),
+    })
+}
+
 pub fn parse_precision(spec: &str) -> Result<DType> {
     match spec.trim().to_ascii_lowercase().as_str() {
         "fp32" | "f32" | "float32" => Ok(DType::F32),

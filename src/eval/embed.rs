@@ -24,14 +24,14 @@ pub fn scale_hu(hu: &[i16]) -> Vec<f32> {
 pub fn patch_pyramid(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3]) -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
     ensure!(x.len() == shape.iter().product::<usize>(), "patch has {} values for shape {shape:?}", x.len());
     let g = Graph::inference();
-    let pyr = model.pyramid(&g, &Var::constant(Tensor::from_f32(&[1, shape[0], shape[1], shape[2], 1], x.to_vec())))?;
-    Ok(pyr
-        .iter()
+    let input = model.prepare_input(&Tensor::from_f32(&[1, shape[0], shape[1], shape[2], 1], x.to_vec()))?;
+    let pyr = model.pyramid(&g, &Var::constant(input))?;
+    pyr.iter()
         .map(|p| {
             let s = p.shape();
-            (vec![s[4], s[1], s[2], s[3]], nxyzc_to_ncxyz(p.value.f32s(), 1, s[4], s[1] * s[2] * s[3]))
+            Ok((vec![s[4], s[1], s[2], s[3]], nxyzc_to_ncxyz(&p.value.to_f32_vec()?, 1, s[4], s[1] * s[2] * s[3])))
         })
-        .collect())
+        .collect()
 }
 
 /// How overlapping windows are combined.
@@ -94,13 +94,16 @@ pub fn embed_volume(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3], patch: [u
             }
         }
         let g = Graph::inference();
-        let pyr = model.pyramid(&g, &Var::constant(Tensor::from_f32(&[1, patch[0], patch[1], patch[2], 1], patch_x)))?;
+        // On a device only the requested levels come back to the host (as f32).
+        let input = model.prepare_input(&Tensor::from_f32(&[1, patch[0], patch[1], patch[2], 1], patch_x))?;
+        let pyr = model.pyramid(&g, &Var::constant(input))?;
         for (mi, m) in maps.iter_mut().enumerate() {
             let p = &pyr[m.level];
             let s = p.shape();
+            let values = p.value.to_f32_vec()?;
             match blend {
-                Blend::Central => plan.stitch(*which, *start, m.level as u32, p.value.f32s(), [s[1], s[2], s[3]], &mut m.values, m.shape, m.channels),
-                Blend::Gaussian => plan.blend(*start, m.level as u32, p.value.f32s(), [s[1], s[2], s[3]], &mut m.values, &mut weights[mi], m.shape, m.channels),
+                Blend::Central => plan.stitch(*which, *start, m.level as u32, &values, [s[1], s[2], s[3]], &mut m.values, m.shape, m.channels),
+                Blend::Gaussian => plan.blend(*start, m.level as u32, &values, [s[1], s[2], s[3]], &mut m.values, &mut weights[mi], m.shape, m.channels),
             }
         }
         tick(n + 1, boxes.len());
