@@ -192,6 +192,15 @@ impl Tensor {
         &self.storage
     }
 
+    /// The values as host f32: borrowed when this is already a host f32 tensor, else copied
+    /// down (and converted from bf16) from the device.
+    pub fn host_f32(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(std::borrow::Cow::Borrowed(v.as_slice())),
+            _ => Ok(std::borrow::Cow::Owned(self.to_f32_vec()?)),
+        }
+    }
+
     /// Host f32 view. Panics on other dtypes: op code checks dtypes at its entry.
     pub fn f32s(&self) -> &[f32] {
         match &*self.storage {

@@ -155,9 +155,7 @@ fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize;
 }
 
 fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
-    let v: Vec<f64> = s.split(',').map(|t| t.trim().parse::<f64>().map_err(|e| format!("{t:?}: {e}"))).collect::<Result<_, _>>()?;
-    let v = <[f64; 3]>::try_from(v).map_err(|v| format!("expected X,Y,Z in mm, got {} values", v.len()))?;
-    if v.iter().all(|x| x.is_finite() && *x > 0.0) { Ok(v) } else { Err(format!("spacing must be positive, got {s:?}")) }
+    vox2vec::data::preprocess::parse_spacing(s).map_err(|e| e.to_string())
 }
 
 /// Refuse a batch whose estimated CPU step does not fit in the memory available (it would
@@ -219,13 +217,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.bench_plan {
         vox2vec::cuda::enable_plan_mode()?;
     }
-    let device = vox2vec::cuda::parse_device(if args.bench_plan { "cuda" } else { &args.device })?;
-    let precision = vox2vec::cuda::parse_precision(&args.precision)?;
-    anyhow::ensure!(
-        !(device == vox2vec::tensor::Device::Cpu && precision == vox2vec::tensor::DType::BF16),
-        "--precision bf16 needs a CUDA device, and --device {} runs on the CPU, which computes and stores in fp32; drop --precision or choose --device cuda",
-        args.device
-    );
+    let (device, precision) = vox2vec::cuda::parse_device_and_precision(if args.bench_plan { "cuda" } else { &args.device }, &args.precision)?;
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }

@@ -199,14 +199,7 @@ struct SegArgs {
 impl NetArgs {
     /// The device and activation dtype asked for (bf16 on the CPU is refused, as by vox2vec-train).
     fn device(&self) -> Result<(vox2vec::tensor::Device, vox2vec::tensor::DType)> {
-        let device = vox2vec::cuda::parse_device(&self.device).context("--device")?;
-        let precision = vox2vec::cuda::parse_precision(&self.precision).context("--precision")?;
-        anyhow::ensure!(
-            !(device == vox2vec::tensor::Device::Cpu && precision == vox2vec::tensor::DType::BF16),
-            "--precision bf16 needs a CUDA device, and --device {} runs on the CPU, which computes and stores in fp32; drop --precision or choose --device cuda",
-            self.device
-        );
-        Ok((device, precision))
+        vox2vec::cuda::parse_device_and_precision(&self.device, &self.precision)
     }
 
     /// Move `model` to the device asked for and print the first line of the command's output
@@ -242,7 +235,7 @@ fn resolve_settings(spacing: Option<&str>, patch: Option<&str>, rec: &Recorded, 
     let reference = vox2vec::data::preprocess::PreprocessConfig::default().spacing;
     let s = choose("spacing", "--spacing", sp, rec.spacing, &rec.file, reference, on, xyz)?;
     let p = choose("patch", "--patch", pa, rec.patch, &rec.file, [128, 128, 32], on, xyz)?;
-    if rec.spacing.is_none() && sp.is_none() && !rec.file.as_os_str().is_empty() {
+    if rec.spacing.is_none() && sp.is_none() && rec.is_a_file() {
         eprintln!("note: {} records no spacing (a file from before vox2vec-rs recorded it, or from PyTorch); using {} mm", rec.file.display(), xyz(&s));
     }
     Ok((s, p))
@@ -250,11 +243,7 @@ fn resolve_settings(spacing: Option<&str>, patch: Option<&str>, rec: &Recorded, 
 
 use vox2vec::eval::recorded::{OnContradiction, Recorded};
 
-fn parse_spacing(s: &str) -> Result<[f64; 3]> {
-    let p: Vec<f64> = s.split(',').map(|t| t.trim().parse()).collect::<std::result::Result<_, _>>().with_context(|| format!("spacing {s:?}"))?;
-    anyhow::ensure!(p.len() == 3 && p.iter().all(|&v| v > 0.0 && v.is_finite()), "spacing must be X,Y,Z in mm, got {s:?}");
-    Ok([p[0], p[1], p[2]])
-}
+use vox2vec::data::preprocess::parse_spacing;
 
 fn parse_patch(s: &str) -> Result<[usize; 3]> {
     let p: Vec<usize> = s.split(',').map(|t| t.trim().parse()).collect::<std::result::Result<_, _>>().with_context(|| format!("patch {s:?}"))?;
@@ -278,7 +267,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
         (None, Mode::Scratch) | (None, Mode::Probe) => {
             let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: a.base_channels, num_scales: a.num_scales }, ..ModelConfig::default() };
             cfg.validate()?;
-            (Vox2Vec::new(cfg, a.seed), Recorded::from_metadata(std::path::Path::new(""), Default::default())?)
+            (Vox2Vec::new(cfg, a.seed), Recorded::nothing())
         }
         (None, Mode::FineTune { .. }) => anyhow::bail!("finetune needs --weights (use `scratch` for a random backbone)"),
     };
@@ -295,7 +284,6 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     let (spacing, patch) = resolve_settings(spacing_flag.as_deref(), patch_flag.as_deref(), &recorded, on)?;
     let lr = a.lr.unwrap_or(if matches!(mode, Mode::Probe) && !reference { 1e-2 } else { 3e-4 });
     anyhow::ensure!(lr.is_finite() && lr > 0.0 && lr <= 1.0, "--lr must be in (0, 1], got {lr}");
-    let batch = a.batch; // 7, the reference's, unless given
     let bar = indicatif::ProgressBar::new_spinner();
     let pre = vox2vec::data::preprocess::PreprocessConfig { spacing, nonfinite: a.nonfinite, ..Default::default() };
     let ds = load_dataset(&a.dataset, &pre, &|c| bar.set_message(format!("preprocessing {c}")))?;
@@ -334,7 +322,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     );
     let mut head_store = vox2vec::params::ParamStore::new();
     let head = Head::new(kind, &mut head_store, a.seed ^ 0x5eed, model.config.fpn, k);
-    let cfg = SegConfig { patch, batch, steps: a.steps, lr, validate_every: a.validate_every, seed: a.seed, ..SegConfig::default() };
+    let cfg = SegConfig { patch, batch: a.batch, steps: a.steps, lr, validate_every: a.validate_every, seed: a.seed, ..SegConfig::default() };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let bar = indicatif::ProgressBar::new(a.steps);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")?);

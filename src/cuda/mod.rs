@@ -19,7 +19,7 @@ pub mod registry;
 
 use std::sync::Arc;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
 pub use cost::{Cost, Unit};
 pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, emulated, enable_plan_mode, nvtx_range, planned, unavailable_reason};
@@ -114,6 +114,18 @@ pub fn parse_device(spec: &str) -> Result<crate::tensor::Device> {
 }
 
 /// A `--precision` value: `fp32` or `bf16` (activation storage on a CUDA device).
+/// `--device` and `--precision` together: bf16 activations on the CPU are refused (the CPU
+/// computes and stores fp32), naming both flags.
+pub fn parse_device_and_precision(device: &str, precision: &str) -> Result<(crate::tensor::Device, DType)> {
+    let d = parse_device(device).context("--device")?;
+    let p = parse_precision(precision).context("--precision")?;
+    anyhow::ensure!(
+        !(d == crate::tensor::Device::Cpu && p == DType::BF16),
+        "--precision bf16 needs a CUDA device, and --device {device} runs on the CPU, which computes and stores in fp32; drop --precision or choose --device cuda"
+    );
+    Ok((d, p))
+}
+
 /// Where a command runs, as the first line of its output says it: "cpu, 2 threads" or
 /// "cuda:0 (NVIDIA H200), BF16 activations".
 pub fn describe(device: crate::tensor::Device, precision: DType) -> Result<String> {

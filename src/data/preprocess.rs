@@ -31,6 +31,13 @@ impl Default for PreprocessConfig {
     }
 }
 
+/// A resampling spacing as the flags take it, "X,Y,Z" in mm (each finite and > 0).
+pub fn parse_spacing(s: &str) -> anyhow::Result<[f64; 3]> {
+    let p: Vec<f64> = s.split(',').map(|t| t.trim().parse()).collect::<std::result::Result<_, _>>().map_err(|e| anyhow::anyhow!("spacing {s:?}: {e}"))?;
+    anyhow::ensure!(p.len() == 3 && p.iter().all(|&v| v > 0.0 && v.is_finite()), "spacing must be X,Y,Z in mm, got {s:?}");
+    Ok([p[0], p[1], p[2]])
+}
+
 /// Index ranges [start, end) per axis.
 pub type Box3 = [[usize; 2]; 3];
 

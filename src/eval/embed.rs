@@ -29,7 +29,7 @@ pub fn patch_pyramid(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3]) -> Resul
     pyr.iter()
         .map(|p| {
             let s = p.shape();
-            Ok((vec![s[4], s[1], s[2], s[3]], nxyzc_to_ncxyz(&p.value.to_f32_vec()?, 1, s[4], s[1] * s[2] * s[3])))
+            Ok((vec![s[4], s[1], s[2], s[3]], nxyzc_to_ncxyz(&p.value.host_f32()?, 1, s[4], s[1] * s[2] * s[3])))
         })
         .collect()
 }
@@ -100,7 +100,7 @@ pub fn embed_volume(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3], patch: [u
         for (mi, m) in maps.iter_mut().enumerate() {
             let p = &pyr[m.level];
             let s = p.shape();
-            let values = p.value.to_f32_vec()?;
+            let values = p.value.host_f32()?;
             match blend {
                 Blend::Central => plan.stitch(*which, *start, m.level as u32, &values, [s[1], s[2], s[3]], &mut m.values, m.shape, m.channels),
                 Blend::Gaussian => plan.blend(*start, m.level as u32, &values, [s[1], s[2], s[3]], &mut m.values, &mut weights[mi], m.shape, m.channels),

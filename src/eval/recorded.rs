@@ -47,6 +47,16 @@ pub struct Recorded {
 }
 
 impl Recorded {
+    /// No file, nothing recorded (a random backbone): every setting from the flags or defaults.
+    pub fn nothing() -> Recorded {
+        Recorded { file: PathBuf::new(), spacing: None, patch: None, window: None, classes: None, backbone_fingerprint: None, metadata: HashMap::new() }
+    }
+
+    /// Whether these settings come from a file (not `nothing`).
+    pub fn is_a_file(&self) -> bool {
+        !self.file.as_os_str().is_empty()
+    }
+
     /// The recorded settings of the safetensors file `path` (its header only).
     pub fn read(path: &Path) -> Result<Recorded> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -253,7 +253,7 @@ pub fn predict_case(model: &mut Vox2Vec, head: &Head, head_store: &mut ParamStor
         let g = Graph::inference();
         let pyr = model.pyramid(&g, &Var::constant(model.prepare_input(&Tensor::from_f32(&[1, patch[0], patch[1], patch[2], 1], px))?))?;
         let logits = head.forward(&g, head_store, &pyr)?;
-        let p: Vec<f32> = logits.value.to_f32_vec()?.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+        let p: Vec<f32> = logits.value.host_f32()?.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
         plan.stitch(which, start, 0, &p, patch, &mut probs, ps, k);
         progress(done + 1, boxes.len());
     }
