@@ -11,7 +11,12 @@
 // memory) is filled with 0xff bytes before each block. Dynamic shared memory is limited as on
 // sm_90: 48 KiB unless the kernel opted in to more (vox2vec_emu_set_max_dynamic_shared), at
 // most 227 KiB; a guard zone after it catches a block writing past its end.
-// Single OS thread.
+// Single OS thread. A fiber is entered the first time through makecontext/swapcontext (which
+// gives it its own stack) and switched afterwards with _setjmp/_longjmp, which, unlike
+// swapcontext, do not save and restore the signal mask with a system call at every switch
+// (that was half of the emulator's time). build.rs compiles this without _FORTIFY_SOURCE,
+// whose longjmp check refuses jumps between stacks.
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstdio>
@@ -41,8 +46,10 @@ const size_t STACK_BYTES = 64 * 1024;
 
 struct Fiber {
     ucontext_t ctx;
+    jmp_buf jb;
     std::vector<char> stack;
     bool done = true;
+    bool started = false;
 };
 
 // Dynamic shared memory: the launch's bytes, then a guard zone that must stay 0xff.
@@ -52,6 +59,7 @@ unsigned char* dynamic_base = nullptr;
 std::map<const void*, size_t> dynamic_opt_in;
 
 ucontext_t scheduler;
+jmp_buf scheduler_jb;
 std::vector<Fiber> fibers;
 unsigned current = 0;
 unsigned threads_in_block = 0;
@@ -69,7 +77,9 @@ void set_thread_index(unsigned t) {
     threadIdx.z = t / (blockDim.x * blockDim.y);
 }
 
-void yield_to_scheduler() { swapcontext(&fibers[current].ctx, &scheduler); }
+void yield_to_scheduler() {
+    if (!_setjmp(fibers[current].jb)) _longjmp(scheduler_jb, 1);
+}
 
 // Release a barrier whose live threads have all arrived.
 void maybe_release_block() {
@@ -96,7 +106,8 @@ void fiber_entry() {
     ++progress;
     maybe_release_block();
     maybe_release_warp(w);
-    swapcontext(&fibers[t].ctx, &scheduler);
+    // Never resumed: back to the scheduler for good (the context's stack is reused later).
+    _longjmp(scheduler_jb, 1);
 }
 }  // namespace
 
@@ -179,6 +190,7 @@ extern "C" int vox2vec_emu_launch(const void* kernel, unsigned gx, unsigned gy, 
             f.ctx.uc_link = nullptr;
             makecontext(&f.ctx, fiber_entry, 0);
             f.done = false;
+            f.started = false;
         }
         bool alive = true;
         while (alive) {
@@ -188,7 +200,12 @@ extern "C" int vox2vec_emu_launch(const void* kernel, unsigned gx, unsigned gy, 
                 if (fibers[t].done) continue;
                 current = t;
                 set_thread_index(t);
-                swapcontext(&scheduler, &fibers[t].ctx);
+                // The fiber comes back here (a nonzero _setjmp) when it yields or ends.
+                if (!_setjmp(scheduler_jb)) {
+                    if (fibers[t].started) _longjmp(fibers[t].jb, 1);
+                    fibers[t].started = true;
+                    swapcontext(&scheduler, &fibers[t].ctx);
+                }
                 alive = alive || !fibers[t].done;
             }
             if (alive && progress == before) {
