@@ -283,3 +283,157 @@ impl PlanReport {
         })
     }
 }
+
+/// One configuration of `vox2vec bench-infer`: the eval-mode pyramid of `batch` windows per
+/// pass, as `embed` runs it (input copied to the device and cast, every level computed, the
+/// device synchronised by reading the coarsest level back).
+#[derive(Clone, Debug)]
+pub struct InferReport {
+    pub device: String,
+    pub activation_dtype: DType,
+    pub batch: usize,
+    pub patch: [usize; 3],
+    /// Wall time of each timed pass, ms.
+    pub pass_ms: Vec<f64>,
+    /// Peak device memory in use (CUDA: the caching allocator's, weights included), or the
+    /// process's peak resident memory during the passes (CPU: VmHWM, reset before them).
+    pub peak_bytes: usize,
+    /// What `peak_bytes` is.
+    pub peak_kind: &'static str,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+impl InferReport {
+    pub fn median_ms(&self) -> f64 {
+        median(&self.pass_ms)
+    }
+    pub fn patches_per_s(&self) -> f64 {
+        self.batch as f64 / (self.median_ms() / 1e3)
+    }
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.device, "precision": precision_name(self.activation_dtype), "batch": self.batch, "patch": self.patch,
+            "median_ms_per_pass": self.median_ms(), "pass_ms": self.pass_ms, "patches_per_s": self.patches_per_s(),
+            "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind,
+        })
+    }
+}
+
+fn precision_name(dt: DType) -> &'static str {
+    match dt {
+        DType::BF16 => "bf16",
+        _ => "fp32",
+    }
+}
+
+/// Linux: forget the process's peak resident memory so far (`/proc/self/clear_refs` 5), so
+/// that VmHWM measures from now on. False where that is not possible.
+pub fn reset_host_peak_memory() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The process's peak resident memory (VmHWM of /proc/self/status), bytes.
+pub fn host_peak_memory() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<usize>().ok().map(|kb| kb * 1024)
+}
+
+/// A fixed input batch of `batch` windows (smooth, in [0, 1]: a CT-like range).
+fn infer_input(batch: usize, patch: [usize; 3], seed: u64) -> crate::tensor::Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = batch * patch.iter().product::<usize>();
+    crate::tensor::Tensor::from_f32(&[batch, patch[0], patch[1], patch[2], 1], (0..n).map(|_| rng.random::<f32>()).collect())
+}
+
+/// One eval-mode pyramid pass over `input`; returns once its results exist on the host side
+/// (on a device: the coarsest level read back, which waits for the stream).
+fn infer_pass(model: &mut Vox2Vec, input: &crate::tensor::Tensor) -> Result<()> {
+    let g = crate::autograd::Graph::inference();
+    let pyr = model.pyramid(&g, &crate::autograd::Var::constant(model.prepare_input(input)?))?;
+    if let Some(last) = pyr.last() {
+        last.value.to_host()?;
+    }
+    Ok(())
+}
+
+/// Time `iters` eval-mode pyramid passes of `batch` windows of `patch` (after `warmup`
+/// untimed ones) with `model` where it lives, its activations stored as `activation_dtype`.
+pub fn bench_inference(model: &mut Vox2Vec, activation_dtype: DType, batch: usize, patch: [usize; 3], iters: usize, warmup: usize) -> Result<InferReport> {
+    ensure!(iters >= 1 && batch >= 1, "bench-infer needs at least one pass of at least one window");
+    let device = model.device();
+    let dev = match device {
+        Device::Cuda(o) => Some(crate::cuda::device(o)?),
+        Device::Cpu => None,
+    };
+    ensure!(dev.is_some() || activation_dtype == DType::F32, "bf16 activations need a CUDA device");
+    model.activation_dtype = activation_dtype;
+    let input = infer_input(batch, patch, 17);
+    if let Some(d) = &dev {
+        d.synchronize()?;
+        d.release_cached()?;
+    }
+    for _ in 0..warmup {
+        infer_pass(model, &input)?;
+    }
+    let host_reset = dev.is_none() && reset_host_peak_memory();
+    if let Some(d) = &dev {
+        d.synchronize()?;
+        d.reset_peak_memory();
+    }
+    let mut pass_ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        infer_pass(model, &input)?;
+        pass_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let (peak_bytes, peak_kind) = match &dev {
+        Some(d) => (d.pool_stats().peak_in_use, "device memory in use (weights included)"),
+        None => (host_peak_memory().unwrap_or(0), if host_reset { "peak resident memory of the process during the passes" } else { "peak resident memory of the process since it started" }),
+    };
+    let name = match &dev {
+        Some(d) => format!("cuda:{} ({})", d.ordinal(), d.name()),
+        None => format!("cpu ({} threads)", rayon::current_num_threads()),
+    };
+    Ok(InferReport { device: name, activation_dtype, batch, patch, pass_ms, peak_bytes, peak_kind })
+}
+
+/// `bench-infer --plan`: one eval-mode pyramid pass of `batch` windows on the plan device
+/// (nothing executes): peak device memory and every launch's declared cost, priced on an
+/// H200. Needs `crate::cuda::enable_plan_mode` first.
+pub fn plan_inference(model_config: ModelConfig, activation_dtype: DType, batch: usize, patch: [usize; 3]) -> Result<PlanReport> {
+    ensure!(crate::cuda::planned(), "plan_inference needs the plan device (crate::cuda::enable_plan_mode)");
+    let dev = crate::cuda::device(0)?;
+    let mut model = Vox2Vec::new(model_config, 0);
+    model.to_device(Device::Cuda(0))?;
+    model.activation_dtype = activation_dtype;
+    let input = infer_input(batch, patch, 17);
+    // Each configuration from an empty cache, so that what it reserves is its own.
+    dev.release_cached()?;
+    infer_pass(&mut model, &input)?;
+    dev.reset_peak_memory();
+    dev.start_cost_log();
+    infer_pass(&mut model, &input)?;
+    let costs = dev.take_cost_log().unwrap_or_default();
+    let st = dev.pool_stats();
+    Ok(PlanReport {
+        device: dev.name().to_string(),
+        activation_dtype,
+        shape: BatchShape { pairs: batch, patch, voxels_per_pair: 0 },
+        model: model_config,
+        peak_in_use: st.peak_in_use,
+        peak_reserved: st.peak_reserved,
+        largest_allocation: st.largest_alloc,
+        costs,
+    })
+}

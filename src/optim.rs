@@ -82,8 +82,14 @@ impl Adam {
         })
     }
 
-    /// One update of every slot that has a gradient; `grads[slot]`.
+    /// One update of every slot that has a gradient; `grads[slot]`. Where the moments are on a
+    /// CUDA device (`to_device`) the parameters and gradients must be there too, and the
+    /// update is one fused kernel queued on the device (`cuda::optim::adam_update`).
     pub fn update(&mut self, store: &mut ParamStore, grads: &[Option<Tensor>]) -> Result<()> {
+        if let Some(moments) = &self.device {
+            self.step += 1;
+            return crate::cuda::optim::adam_update(store, grads, moments, self.config, self.step, None);
+        }
         self.update_scaled(store, grads, 1.0)
     }
 

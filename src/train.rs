@@ -267,15 +267,6 @@ pub fn online_probe(model: &mut Vox2Vec, p: &OnlineProbe, step: u64) -> Result<V
     Ok(res.best_dice)
 }
 
-/// A host copy of a model (same configuration, parameters and running statistics).
-pub fn host_copy(model: &Vox2Vec) -> Result<Vox2Vec> {
-    let mut m = Vox2Vec::new(model.config, 0);
-    for (i, s) in model.store.slots().iter().enumerate() {
-        m.store.set(i, s.value.to_host()?);
-    }
-    Ok(m)
-}
-
 /// Where a run's batches come from.
 #[derive(Clone)]
 pub enum BatchSource {
@@ -487,12 +478,9 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
             );
         }
         if let Some(p) = opts.online_probe.as_ref().filter(|p| p.every > 0 && (step + 1) % p.every == 0) {
-            // The probe runs on the CPU engine, on a host copy of the backbone.
-            let dice = if model.device() == Device::Cpu {
-                online_probe(&mut model, p, step + 1)?
-            } else {
-                online_probe(&mut host_copy(&model)?, p, step + 1)?
-            };
+            // The probe runs where the backbone is (on a CUDA device: head, loss, Adam and
+            // validation there too), reading the backbone without copying or changing it.
+            let dice = online_probe(&mut model, p, step + 1)?;
             let mean = dice.iter().sum::<f64>() / dice.len().max(1) as f64;
             append_metric(&mut metrics, &opts.out_dir, &serde_json::json!({"step": step + 1, "probe_mean_dice": mean, "probe_dice": dice, "probe_classes": p.dataset.classes}))?;
             progress.message(&format!("step {:>6}  online linear probe: mean Dice {mean:.4}", step + 1));

@@ -75,8 +75,8 @@ fn whole_volume_embedding_stitches_window_features() {
     let patch = [8usize, 8, 4];
     // One window exactly: the stitched map is the window's pyramid.
     let x1: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32 / 100.0).collect();
-    let maps = embed_volume(&mut m, &x1, patch, patch, &[0, 1], Blend::Central, &|_, _| {}).unwrap();
-    let gauss = embed_volume(&mut m, &x1, patch, patch, &[0, 1], Blend::Gaussian, &|_, _| {}).unwrap();
+    let maps = embed_volume(&mut m, &x1, patch, patch, &[0, 1], Blend::Central, 1, &|_, _| {}).unwrap();
+    let gauss = embed_volume(&mut m, &x1, patch, patch, &[0, 1], Blend::Gaussian, 1, &|_, _| {}).unwrap();
     for (a, b) in maps.iter().zip(&gauss) {
         assert!(rel_err(&b.values, &a.values, 0.0) < 1e-6, "one window: Gaussian blending must return the window itself");
     }
@@ -91,8 +91,8 @@ fn whole_volume_embedding_stitches_window_features() {
     // equals its owning window's feature there.
     let shape = [13usize, 11, 3];
     let x: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| ((i * 53) % 97) as f32 / 96.0).collect();
-    let maps = embed_volume(&mut m, &x, shape, patch, &[0], Blend::Central, &|_, _| {}).unwrap();
-    let gauss = embed_volume(&mut m, &x, shape, patch, &[0], Blend::Gaussian, &|_, _| {}).unwrap();
+    let maps = embed_volume(&mut m, &x, shape, patch, &[0], Blend::Central, 1, &|_, _| {}).unwrap();
+    let gauss = embed_volume(&mut m, &x, shape, patch, &[0], Blend::Gaussian, 1, &|_, _| {}).unwrap();
     let c0 = maps[0].channels;
     // The corner voxel is seen by one window only: both combinations agree there; elsewhere they differ.
     assert!((0..c0).all(|ch| (gauss[0].values[ch] - maps[0].values[ch]).abs() < 1e-5));

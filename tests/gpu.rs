@@ -392,6 +392,66 @@ fn test_resblock_fused_vs_composed() -> Result<()> {
     Ok(())
 }
 
+/// The eval-mode ResBlock on the device (inference: running statistics, nothing recorded)
+/// against the CPU's composition of the primitive ops in eval mode, f32 and bf16: the unfused
+/// device path (BN -> ReLU in one pass) everywhere, and on FUSED_RESBLOCKS in bf16 the fused
+/// one (BN -> ReLU in the convolutions' loads, the skip in conv5's epilogue), which is also
+/// held to 1e-2 of the unfused device path on the same inputs (it rounds y once instead of
+/// twice). bf16 against the CPU: 3e-2, three roundings to bf16 in a row.
+fn test_resblock_eval() -> Result<()> {
+    use vox2vec::ops::resblock::{ResBlockParams, fusion_for, resblock_eval_cuda_with};
+    let mut rng = StdRng::seed_from_u64(37);
+    let mut cases = vec![([2usize, 5, 4, 3, 4], 4usize, 3usize), ([1, 4, 4, 1, 3], 5, 3), ([2, 3, 3, 2, 5], 7, 1)];
+    cases.extend(FUSED_RESBLOCKS);
+    for dt in DTYPES {
+        for &(shape, cout, k) in &cases {
+            let (mut inputs, running) = resblock_inputs(&mut rng, shape, cout, k, dt);
+            if dt == DType::BF16 {
+                inputs[0].value = round_bf16(&inputs[0].value);
+            }
+            let v: Vec<&Tensor> = inputs.iter().map(|i| &i.value).collect();
+            // The oracle: the composition on the CPU, eval mode.
+            let g = Graph::inference();
+            let c = |t: &Tensor| Var::constant(t.clone());
+            let (h, _) = ops::batch_norm(&g, &c(v[0]), &c(v[1]), &c(v[2]), &running[0], &running[1])?;
+            let h = ops::conv3d(&g, &ops::relu(&g, &h)?, &c(v[3]), Some(&c(v[4])))?;
+            let (h, _) = ops::batch_norm(&g, &h, &c(v[5]), &c(v[6]), &running[2], &running[3])?;
+            let h = ops::conv3d(&g, &ops::relu(&g, &h)?, &c(v[7]), Some(&c(v[8])))?;
+            let s = if v.len() > 9 { ops::conv3d(&g, &c(v[0]), &c(v[9]), Some(&c(v[10])))? } else { c(v[0]) };
+            let want = ops::add(&g, &h, &s)?.value;
+            let d: Vec<Tensor> = v.iter().map(|t| t.to_device(GPU)).collect::<Result<_>>()?;
+            let r: Vec<Tensor> = running.iter().map(|t| t.to_device(GPU)).collect::<Result<_>>()?;
+            let x = vox2vec::cuda::cast(&d[0], dt)?;
+            let run = |fused: bool| {
+                let p = ResBlockParams {
+                    gamma0: &d[1],
+                    beta0: &d[2],
+                    w2: &d[3],
+                    b2: &d[4],
+                    gamma3: &d[5],
+                    beta3: &d[6],
+                    w5: &d[7],
+                    b5: &d[8],
+                    skip: (d.len() > 9).then(|| (&d[9], &d[10])),
+                    running0: (&r[0], &r[1]),
+                    running3: (&r[2], &r[3]),
+                };
+                resblock_eval_cuda_with(&x, p, fused)
+            };
+            let name = format!("eval resblock {shape:?}->{cout} k{k} {dt:?}");
+            let unfused = run(false)?;
+            let tol = if dt == DType::BF16 { 3e-2 } else { F32_BOUND };
+            close(&format!("{name} unfused"), &unfused, &want, tol)?;
+            if fusion_for(dt, shape[4], shape[4].min(cout)) {
+                let fused = run(true)?;
+                close(&format!("{name} fused"), &fused, &want, tol)?;
+                close(&format!("{name} fused vs unfused"), &fused, &unfused, 1e-2)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The FPN decoder's merge skip_conv(f) + upsample2_crop(up) (one tensor-core convolution
 /// with the upsampled residual in its epilogue in bf16; the composition in f32) against the
 /// CPU's composition: even and odd extents (the crop), batch 1, 16 and 32 channels, and an
@@ -551,6 +611,36 @@ fn test_head_ops() -> Result<()> {
     Ok(())
 }
 
+/// The segmentation loss (BCE in the ROI + soft Dice, `kernels/segloss.cu`) against the CPU:
+/// one class and many (260: more than one 256-wide class pass), volumes that are not a
+/// multiple of the 256-voxel chunk (several chunks per sample), batch 1 and 2, with an ROI
+/// that leaves voxels out and without one; logits stored as f32 and bf16. An empty ROI gives a
+/// NaN loss on the device (the host refuses it before).
+fn test_segloss() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(21);
+    for dt in DTYPES {
+        for (shape, with_roi) in [([1usize, 3, 5, 7, 1], true), ([2, 4, 4, 4, 3], false), ([1, 17, 9, 5, 20], true), ([2, 2, 3, 2, 260], true)] {
+            let logits: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| rng.random_range(-4.0..4.0f32)).collect();
+            let logits = Tensor::from_f32(&shape, logits);
+            let targets = Tensor::from_f32(&shape, (0..logits.numel()).map(|_| if rng.random_bool(0.3) { 1.0 } else { 0.0 }).collect());
+            let voxels = logits.numel() / shape[4];
+            let roi = with_roi.then(|| vox2vec::ops::segloss::roi_tensor(&shape[..4], &(0..voxels).map(|i| i % 7 != 3).collect::<Vec<_>>()));
+            let op = |g: &Graph, v: &[Var], device: Device| {
+                let t = targets.to_device(device)?;
+                let r = roi.as_ref().map(|r| r.to_device(device)).transpose()?;
+                Ok((ops::segmentation_loss(g, &v[0], &t, r.as_ref())?, vec![]))
+            };
+            check_op(&format!("segmentation_loss {shape:?} roi {with_roi} {dt:?}"), dt, vec![act(logits)], true, &op, 22)?;
+        }
+    }
+    let shape = [1usize, 2, 2, 2, 2];
+    let logits = Var::constant(Tensor::zeros(&shape).to_device(GPU)?);
+    let empty = vox2vec::ops::segloss::roi_tensor(&shape[..4], &[false; 8]).to_device(GPU)?;
+    let loss = ops::segmentation_loss(&Graph::train(), &logits, &Tensor::zeros(&shape).to_device(GPU)?, Some(&empty))?;
+    ensure!(loss.value.to_scalar().is_nan(), "an empty ROI gave the loss {} on the device, expected NaN", loss.value.to_scalar());
+    Ok(())
+}
+
 /// The device's clip + Adam against the CPU's over four steps, then two steps the device
 /// must skip (non-finite gradient or loss) without touching anything.
 fn test_clip_and_adam() -> Result<()> {
@@ -625,7 +715,15 @@ fn test_inference_on_gpu() -> Result<()> {
     let x: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| rng.random::<f32>()).collect();
     let patch = [16, 16, 8];
     let mut cpu = Vox2Vec::new(cfg, 9);
-    let cpu_maps = embed_volume(&mut cpu, &x, shape, patch, &[0, 2], Blend::Central, &|_, _| {})?;
+    let cpu_maps = embed_volume(&mut cpu, &x, shape, patch, &[0, 2], Blend::Central, 1, &|_, _| {})?;
+    let cpu_gauss = embed_volume(&mut cpu, &x, shape, patch, &[0, 2], Blend::Gaussian, 1, &|_, _| {})?;
+    // Windows batched on the CPU give the same maps (eval-mode: each window on its own).
+    for (blend, want) in [(Blend::Central, &cpu_maps), (Blend::Gaussian, &cpu_gauss)] {
+        for (a, b) in embed_volume(&mut cpu, &x, shape, patch, &[0, 2], blend, 4, &|_, _| {})?.iter().zip(want) {
+            let e = rel(&a.values, &b.values);
+            ensure!(e < 1e-6, "CPU {blend:?} with 4 windows per pass, level {}: relative error {e:.2e} against one per pass", a.level);
+        }
+    }
     let cpu_pyr = patch_pyramid(&mut cpu, &x[..16 * 16 * 8], patch)?;
     let mut head_store = ParamStore::new();
     let head = Head::new(HeadKind::Linear, &mut head_store, 3, cfg.fpn, 3);
@@ -640,11 +738,15 @@ fn test_inference_on_gpu() -> Result<()> {
         let mut gpu = Vox2Vec::new(cfg, 9);
         gpu.to_device(GPU)?;
         gpu.activation_dtype = dt;
-        let maps = embed_volume(&mut gpu, &x, shape, patch, &[0, 2], Blend::Central, &|_, _| {})?;
-        for (a, b) in maps.iter().zip(&cpu_maps) {
-            ensure!(a.shape == b.shape && a.channels == b.channels, "level {}: {:?} x {} vs {:?} x {}", a.level, a.shape, a.channels, b.shape, b.channels);
-            let e = rel(&a.values, &b.values);
-            ensure!(e < bound, "{dt:?} embed level {}: relative error {e:.2e} (bound {bound:.0e})", a.level);
+        // Stitched on the device (kernels/stitch.cu), one window per pass and three (the last
+        // batch short), central regions and Gaussian blending.
+        for (blend, sw_batch, want) in [(Blend::Central, 1, &cpu_maps), (Blend::Central, 3, &cpu_maps), (Blend::Gaussian, 3, &cpu_gauss)] {
+            let maps = embed_volume(&mut gpu, &x, shape, patch, &[0, 2], blend, sw_batch, &|_, _| {})?;
+            for (a, b) in maps.iter().zip(want) {
+                ensure!(a.shape == b.shape && a.channels == b.channels, "level {}: {:?} x {} vs {:?} x {}", a.level, a.shape, a.channels, b.shape, b.channels);
+                let e = rel(&a.values, &b.values);
+                ensure!(e < bound, "{dt:?} embed {blend:?} sw-batch {sw_batch} level {}: relative error {e:.2e} (bound {bound:.0e})", a.level);
+            }
         }
         for (i, ((sa, a), (sb, b))) in patch_pyramid(&mut gpu, &x[..16 * 16 * 8], patch)?.iter().zip(&cpu_pyr).enumerate() {
             let e = rel(a, b);
@@ -657,6 +759,61 @@ fn test_inference_on_gpu() -> Result<()> {
         ensure!(e < bound, "{dt:?} head logits: relative error {e:.2e}");
         println!("  inference {dt:?}: embed, patch pyramid and head logits within {bound:.0e} of the CPU (head {e:.2e})");
     }
+    Ok(())
+}
+
+/// Heads trained on the device: a linear probe on the synthetic blocks dataset
+/// (tests/common/blocks.rs) on the GPU and on the CPU from the same initial weights and the
+/// same batches, in f32: per-step losses within 1e-3 relative (the same arithmetic in other
+/// summation orders, compounded over Adam steps; at lr 3e-2 fine-tuning the backbone drifted
+/// by 3e-3 in 8 steps, so the fine-tuning steps run at lr 1e-3) and the same validation Dice within 0.02
+/// (which must itself be non-trivial, > 0.5: the test fails on a probe that learns nothing);
+/// then a few fine-tuning steps with the backbone unfrozen (BatchNorm in training mode,
+/// backbone Adam on the device), losses within 1e-3 again, and a bf16 probe that still learns.
+fn test_segmentation_on_gpu() -> Result<()> {
+    use vox2vec::data::preprocess::PreprocessConfig;
+    use vox2vec::eval::segment::{Head, HeadKind, Mode, SegConfig, load_dataset, train_segmentation};
+    let dir = std::env::temp_dir().join(format!("vox2vec-gpu-seg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let ds = load_dataset(&common::blocks::blocks_dataset(&dir), &PreprocessConfig::default(), &|_| {})?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let (train, val): (Vec<_>, Vec<_>) = ds.cases.iter().partition(|c| c.name != "c1");
+    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 };
+    let run = |device: Device, dt: DType, mode: Mode, steps: u64, lr: f64| -> Result<(Vec<f64>, f64)> {
+        let mut model = Vox2Vec::new(cfg, 5);
+        if device != Device::Cpu {
+            model.to_device(device)?;
+            model.activation_dtype = dt;
+        }
+        let mut store = ParamStore::new();
+        let head = Head::new(HeadKind::Linear, &mut store, 6, cfg.fpn, 1);
+        let sc = SegConfig { patch: [16, 16, 8], batch: 2, steps, lr, validate_every: steps, seed: 2, ..SegConfig::default() };
+        let res = train_segmentation(&mut model, &head, &mut store, &train, &val, 1, mode, &sc, &|_| {}, &mut |_, _| Ok(()))?;
+        if device != Device::Cpu {
+            ensure!(store.device() == device, "the head was not trained on {device:?}");
+        }
+        Ok((res.losses.iter().map(|l| l.1).collect(), res.best_dice[0]))
+    };
+    let compare = |what: &str, cpu: &[f64], gpu: &[f64]| -> Result<()> {
+        ensure!(cpu.len() == gpu.len() && !cpu.is_empty(), "{what}: {} CPU steps, {} GPU steps", cpu.len(), gpu.len());
+        for (i, (c, g)) in cpu.iter().zip(gpu).enumerate() {
+            ensure!(((c - g) / c).abs() < 1e-3, "{what}: step {} loss {g} on the GPU, {c} on the CPU", i + 1);
+        }
+        Ok(())
+    };
+    // 20 steps at 1e-1 reach Dice 0.80 on the CPU (measured): few enough for the emulator.
+    let (cpu_losses, cpu_dice) = run(Device::Cpu, DType::F32, Mode::Probe, 20, 1e-1)?;
+    let (gpu_losses, gpu_dice) = run(GPU, DType::F32, Mode::Probe, 20, 1e-1)?;
+    compare("probe", &cpu_losses, &gpu_losses)?;
+    ensure!(cpu_dice > 0.5 && (cpu_dice - gpu_dice).abs() < 0.02, "probe Dice {gpu_dice:.4} on the GPU, {cpu_dice:.4} on the CPU (both must be > 0.5 and within 0.02)");
+    let ft = Mode::FineTune { unfreeze_after: 2 };
+    let (cpu_ft, _) = run(Device::Cpu, DType::F32, ft, 6, 1e-3)?;
+    let (gpu_ft, _) = run(GPU, DType::F32, ft, 6, 1e-3)?;
+    compare("finetune", &cpu_ft, &gpu_ft)?;
+    let (_, bf16_dice) = run(GPU, DType::BF16, Mode::Probe, 20, 1e-1)?;
+    ensure!(bf16_dice > 0.5, "a bf16 probe on the GPU reached Dice {bf16_dice:.4} only");
+    println!("  probe Dice: cpu {cpu_dice:.4}, gpu f32 {gpu_dice:.4}, gpu bf16 {bf16_dice:.4}; final losses {:.4} / {:.4}", cpu_losses.last().unwrap(), gpu_losses.last().unwrap());
     Ok(())
 }
 
@@ -938,14 +1095,17 @@ fn main() -> ExitCode {
         ("ops_batchnorm_vs_cpu", test_batchnorm),
         ("ops_resblock_recompute_vs_cpu", test_resblock),
         ("ops_resblock_fused_vs_composed", test_resblock_fused_vs_composed),
+        ("ops_resblock_eval_vs_cpu", test_resblock_eval),
         ("ops_pool_upsample_vs_cpu", test_pool_upsample),
         ("ops_fpn_merge_vs_cpu", test_fpn_merge),
         ("ops_accumulated_gradients_vs_cpu", test_accumulated_gradients),
         ("ops_gather_concat_vs_cpu", test_gather_concat),
         ("ops_head_and_infonce_vs_cpu", test_head_ops),
+        ("ops_segmentation_loss_vs_cpu", test_segloss),
         ("optim_clip_and_adam_vs_cpu", test_clip_and_adam),
         ("fixture_parity_on_gpu", test_fixture_parity),
         ("inference_embed_and_head_on_gpu_vs_cpu", test_inference_on_gpu),
+        ("segmentation_training_on_gpu_vs_cpu", test_segmentation_on_gpu),
         ("training_steps_gpu_vs_cpu", test_training_steps),
         ("bf16_fused_step_vs_cpu_f32", test_bf16_fused_step),
         ("kernel_lab_versions_vs_cpu", test_kernel_lab),

@@ -211,7 +211,7 @@ fn segmentation_loss_gradients_and_values() {
     let logits = rand_tensor(&mut rng, &shape, -2.0, 2.0);
     let targets = Tensor::from_f32(&shape, (0..72).map(|_| if rng.random_bool(0.3) { 1.0 } else { 0.0 }).collect());
     let roi: Vec<bool> = (0..24).map(|i| i % 5 != 0).collect();
-    let (t1, r1) = (targets.clone(), roi.clone());
+    let (t1, r1) = (targets.clone(), ops::segloss::roi_tensor(&shape[..4], &roi));
     check("segmentation_loss", Graph::train, vec![logits.clone()], &[0], move |g, v| ops::segmentation_loss(g, &v[0], &t1, Some(&r1)).unwrap());
     let t2 = targets.clone();
     check("segmentation_loss no roi", Graph::train, vec![logits.clone()], &[0], move |g, v| ops::segmentation_loss(g, &v[0], &t2, None).unwrap());
@@ -223,5 +223,5 @@ fn segmentation_loss_gradients_and_values() {
         let want: f64 = (0..2).map(|b| { let gsum: f64 = (0..12).map(|v| targets.f32s()[(b * 12 + v) * 3 + k] as f64).sum(); 1.0 - 2.0 * gsum / (2.0 * gsum + 1.0) }).sum::<f64>() / 2.0;
         assert!((d - want).abs() < 1e-9, "class {k}: {d} vs {want}");
     }
-    assert!(ops::segmentation_loss(&Graph::train(), &Var::constant(logits), &targets, Some(&[false; 24])).is_err(), "empty ROI must be an error");
+    assert!(ops::segmentation_loss(&Graph::train(), &Var::constant(logits), &targets, Some(&ops::segloss::roi_tensor(&shape[..4], &[false; 24]))).is_err(), "empty ROI must be an error");
 }

@@ -84,6 +84,43 @@ enum Cmd {
         #[command(flatten)]
         net: NetArgs,
     },
+    /// Inference speed: patches/s of the eval-mode pyramid (what `embed` and `predict` run per
+    /// window) at each window batch and precision, with peak memory, on the chosen device;
+    /// `--plan` prices the same passes on an H200 without a GPU (memory and per-kernel floor).
+    BenchInfer {
+        /// Weights (checkpoint or bare FPN3d) [default: a random backbone of --base-channels x --num-scales].
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        #[arg(long, default_value_t = 16)]
+        base_channels: usize,
+        #[arg(long, default_value_t = 6)]
+        num_scales: usize,
+        /// Window X,Y,Z.
+        #[arg(long, default_value = "128,128,32")]
+        patch: String,
+        /// Windows per pass (sliding-window batch sizes), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batches: Vec<usize>,
+        /// Activation storage, comma-separated (bf16 needs a CUDA device; skipped on the CPU).
+        #[arg(long, value_delimiter = ',', default_value = "fp32,bf16")]
+        precisions: Vec<String>,
+        /// Timed passes per configuration (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Untimed passes first (they fill the device's allocator cache).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Compute device: auto, cpu, cuda, cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Run on the plan device instead (nothing executes): peak device memory and the floor
+        /// of each configuration on an H200.
+        #[arg(long)]
+        plan: bool,
+        /// Also write the results as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Preprocess CT into the cache (crop to body, resample to 1×1×2 mm, body mask):
     /// multi-threaded and resumable (finished entries are kept; a killed run continues).
     Preprocess {
@@ -132,6 +169,10 @@ struct NetArgs {
     /// Activation storage on a CUDA device: fp32, or bf16 (fp32 weights and accumulation).
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// Sliding windows per forward pass (MONAI's sw_batch_size) [default: 8 on a CUDA device,
+    /// 1 on the CPU]. More windows per pass use more memory, not more work.
+    #[arg(long)]
+    sw_batch: Option<usize>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -194,6 +235,26 @@ struct SegArgs {
     /// image's minimum and reports how many.
     #[arg(long, default_value = "error", value_name = "POLICY")]
     nonfinite: vox2vec::data::preprocess::NonFinitePolicy,
+    /// Compute device: auto (a CUDA GPU when one is present, else the CPU), cpu, cuda, cuda:N.
+    /// The backbone, the head, their Adam moments, the loss and validation all run there.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Activation storage on a CUDA device: fp32, or bf16 (fp32 weights, gradients of weights
+    /// and Adam moments).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+}
+
+/// Move `model` to `device` with `precision` activations and print the first line of a
+/// command's output: what runs where, as vox2vec-train's first line.
+fn place_model(command: &str, what: &std::path::Path, model: &mut vox2vec::model::Vox2Vec, device: vox2vec::tensor::Device, precision: vox2vec::tensor::DType) -> Result<()> {
+    if device != vox2vec::tensor::Device::Cpu {
+        model.to_device(device)?;
+        model.activation_dtype = precision;
+    }
+    let f = model.config.fpn;
+    eprintln!("vox2vec {command}: {}, FPN3d base {} x {} scales, {}", what.display(), f.base_channels, f.num_scales, vox2vec::cuda::describe(device, precision)?);
+    Ok(())
 }
 
 impl NetArgs {
@@ -204,14 +265,16 @@ impl NetArgs {
 
     /// Move `model` to the device asked for and print the first line of the command's output
     /// (what runs where, as vox2vec-train's first line).
+    /// Windows per forward pass on `device` (--sw-batch, else 8 on a CUDA device, 1 on the CPU).
+    fn sw_batch(&self, device: vox2vec::tensor::Device) -> Result<usize> {
+        let k = self.sw_batch.unwrap_or(if device == vox2vec::tensor::Device::Cpu { 1 } else { 8 });
+        anyhow::ensure!((1..=1024).contains(&k), "--sw-batch must be between 1 and 1024, got {k}");
+        Ok(k)
+    }
+
     fn place(&self, command: &str, what: &std::path::Path, model: &mut vox2vec::model::Vox2Vec) -> Result<vox2vec::tensor::Device> {
         let (device, precision) = self.device()?;
-        if device != vox2vec::tensor::Device::Cpu {
-            model.to_device(device)?;
-            model.activation_dtype = precision;
-        }
-        let f = model.config.fpn;
-        eprintln!("vox2vec {command}: {}, FPN3d base {} x {} scales, {}", what.display(), f.base_channels, f.num_scales, vox2vec::cuda::describe(device, precision)?);
+        place_model(command, what, model, device, precision)?;
         Ok(device)
     }
 
@@ -262,6 +325,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
         "nonlinear" | "non-linear" => HeadKind::NonLinear,
         h => anyhow::bail!("--head {h:?}: linear or nonlinear"),
     };
+    let (device, precision) = vox2vec::cuda::parse_device_and_precision(&a.device, &a.precision)?;
     let (mut model, recorded) = match (&a.weights, mode) {
         (Some(w), _) => load_backbone(w, a.base_channels, a.num_scales)?,
         (None, Mode::Scratch) | (None, Mode::Probe) => {
@@ -320,6 +384,12 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
         rec::xyz(&spacing),
         rec::xyz(&patch)
     );
+    let command = match mode {
+        Mode::Probe => "probe",
+        Mode::FineTune { .. } => "finetune",
+        Mode::Scratch => "scratch",
+    };
+    place_model(command, &a.dataset, &mut model, device, precision)?;
     let mut head_store = vox2vec::params::ParamStore::new();
     let head = Head::new(kind, &mut head_store, a.seed ^ 0x5eed, model.config.fpn, k);
     let cfg = SegConfig { patch, batch: a.batch, steps: a.steps, lr, validate_every: a.validate_every, seed: a.seed, ..SegConfig::default() };
@@ -331,7 +401,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     // What made these files (eval::recorded): predict, embed and finetune read it back.
     let train_config = serde_json::json!({
         "mode": format!("{mode:?}"), "head": a.head, "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
-        "weights": a.weights, "train_on_val": optimistic,
+        "weights": a.weights, "train_on_val": optimistic, "device": vox2vec::cuda::describe(device, precision)?,
     });
     let data_sources = serde_json::json!({
         "dataset": a.dataset, "train_cases": train.iter().map(|c| &c.name).collect::<Vec<_>>(), "val_cases": val.iter().map(|c| &c.name).collect::<Vec<_>>(),
@@ -381,7 +451,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
         "train_cases": train.iter().map(|c| &c.name).collect::<Vec<_>>(),
         "val_cases": val.iter().map(|c| &c.name).collect::<Vec<_>>(),
         "validation_cases_also_train": optimistic,
-        "config": {"patch": cfg.patch, "batch": cfg.batch, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed, "spacing_mm": pre.spacing, "backbone": {"base_channels": model.config.fpn.base_channels, "num_scales": model.config.fpn.num_scales}},
+        "config": {"patch": cfg.patch, "batch": cfg.batch, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed, "spacing_mm": pre.spacing, "device": vox2vec::cuda::describe(device, precision)?, "backbone": {"base_channels": model.config.fpn.base_channels, "num_scales": model.config.fpn.num_scales}},
         "command_line": rec::command_line(),
         "best_step": res.best_step,
         "best_dice": res.best_dice,
@@ -421,7 +491,7 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     let e = vox2vec::data::cache::build(ct, &pre)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("predicting {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}")?);
-    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), patch, &|n, total| {
+    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), patch, net.sw_batch(device)?, &|n, total| {
         bar.set_length(total as u64);
         bar.set_position(n as u64);
     })?;
@@ -458,6 +528,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Finetune { seg, unfreeze_after } => segment(&seg, vox2vec::eval::segment::Mode::FineTune { unfreeze_after })?,
         Cmd::Scratch(a) => segment(&a, vox2vec::eval::segment::Mode::Scratch)?,
         Cmd::Predict { ct, backbone, head, out, probabilities, net } => predict(&ct, &backbone, &head, &out, probabilities.as_deref(), &net)?,
+        Cmd::BenchInfer { weights, base_channels, num_scales, patch, batches, precisions, iters, warmup, device, plan, report } => {
+            bench_infer(weights.as_deref(), base_channels, num_scales, &patch, &batches, &precisions, iters, warmup, &device, plan, report.as_deref())?
+        }
         Cmd::Preprocess { input, cache, skip_bad, threads, nonfinite } => {
             if let Some(t) = threads {
                 rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
@@ -602,7 +675,8 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
 fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::{embed, npy};
     let (mut model, recorded) = load_backbone(weights, net.base_channels, net.num_scales)?;
-    net.place("embed", input, &mut model)?;
+    let device = net.place("embed", input, &mut model)?;
+    let sw_batch = net.sw_batch(device)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let write = |path: &std::path::Path, shape: &[usize], v: &[f32]| if f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) };
     if input.extension().is_some_and(|e| e == "npy") {
@@ -622,7 +696,7 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}")?);
     let blend = if gaussian { embed::Blend::Gaussian } else { embed::Blend::Central };
-    let maps = embed::embed_volume(&mut model, &x, ct.shape, p, levels, blend, &|n, total| {
+    let maps = embed::embed_volume(&mut model, &x, ct.shape, p, levels, blend, sw_batch, &|n, total| {
         bar.set_length(total as u64);
         bar.set_position(n as u64);
     })?;
@@ -673,6 +747,85 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
     });
     vox2vec::checkpoint::write_atomic(&out.join("geometry.json"), serde_json::to_string_pretty(&geo)?.as_bytes())?;
     println!("wrote levels {levels:?} of {} ({:?} voxels at {} mm) to {}", input.display(), ct.shape, vox2vec::eval::recorded::xyz(&ct.spacing), out.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_infer(weights: Option<&std::path::Path>, base: usize, scales: usize, patch: &str, batches: &[usize], precisions: &[String], iters: usize, warmup: usize, device: &str, plan: bool, report: Option<&std::path::Path>) -> Result<()> {
+    use vox2vec::bench::{bench_inference, plan_inference, render_cost_table};
+    use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
+    use vox2vec::tensor::{DType, Device};
+    let patch = parse_patch(patch)?;
+    anyhow::ensure!(!batches.is_empty() && batches.iter().all(|&b| (1..=1024).contains(&b)), "--batches must be between 1 and 1024");
+    let dts: Vec<DType> = precisions.iter().map(|p| vox2vec::cuda::parse_precision(p).context("--precisions")).collect::<Result<_>>()?;
+    let mut json = Vec::new();
+    if plan {
+        vox2vec::cuda::enable_plan_mode()?;
+        let cfg = match weights {
+            Some(w) => load_backbone(w, base, scales)?.0.config,
+            None => ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base, num_scales: scales }, ..ModelConfig::default() },
+        };
+        cfg.validate()?;
+        println!("bench-infer --plan: eval pyramid of {} windows, FPN3d base {} x {} scales, priced on {} (nothing executes; a floor is not a time)", vox2vec::eval::recorded::xyz(&patch), cfg.fpn.base_channels, cfg.fpn.num_scales, vox2vec::cuda::cost::H200.name);
+        for &dt in &dts {
+            for &b in batches {
+                let r = plan_inference(cfg, dt, b, patch)?;
+                let floor = r.floor_ms();
+                println!(
+                    "\n{dt:?}, {b} windows per pass: peak device memory {:.2} GiB in use ({:.2} GiB reserved), {} launches, floor {floor:.2} ms per pass = at most {:.0} patches/s",
+                    r.peak_in_use as f64 / (1u64 << 30) as f64,
+                    r.peak_reserved as f64 / (1u64 << 30) as f64,
+                    r.costs.launches(),
+                    b as f64 / (floor / 1e3)
+                );
+                print!("{}", render_cost_table(&r.costs, &[]));
+                let mut j = r.to_json();
+                j["batch"] = serde_json::json!(b);
+                j["patches_per_s_at_floor"] = serde_json::json!(b as f64 / (floor / 1e3));
+                json.push(j);
+            }
+        }
+    } else {
+        let device = vox2vec::cuda::parse_device(device).context("--device")?;
+        let mut model = match weights {
+            Some(w) => load_backbone(w, base, scales)?.0,
+            None => {
+                let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base, num_scales: scales }, ..ModelConfig::default() };
+                cfg.validate()?;
+                Vox2Vec::new(cfg, 0)
+            }
+        };
+        if device != Device::Cpu {
+            model.to_device(device)?;
+        }
+        let f = model.config.fpn;
+        eprintln!("vox2vec bench-infer: eval pyramid of {} windows, FPN3d base {} x {} scales, {}", vox2vec::eval::recorded::xyz(&patch), f.base_channels, f.num_scales, vox2vec::cuda::describe(device, DType::F32)?);
+        println!("{:<8} {:>7} {:>12} {:>11} {:>12}  peak memory", "precision", "batch", "ms / pass", "patches/s", "ms / patch");
+        for &dt in &dts {
+            if device == Device::Cpu && dt == DType::BF16 {
+                println!("{:<8} skipped: bf16 activations need a CUDA device (the CPU computes and stores fp32)", "bf16");
+                continue;
+            }
+            for &b in batches {
+                let r = bench_inference(&mut model, dt, b, patch, iters, warmup)?;
+                println!(
+                    "{:<8} {:>7} {:>12.1} {:>11.2} {:>12.1}  {:.2} GiB ({})",
+                    if dt == DType::BF16 { "bf16" } else { "fp32" },
+                    b,
+                    r.median_ms(),
+                    r.patches_per_s(),
+                    r.median_ms() / b as f64,
+                    r.peak_bytes as f64 / (1u64 << 30) as f64,
+                    r.peak_kind
+                );
+                json.push(r.to_json());
+            }
+        }
+        println!("({} timed passes per row after {} warm-up; median; a pass = input copied in, the whole eval pyramid, the device synchronised)", iters, warmup);
+    }
+    if let Some(path) = report {
+        vox2vec::checkpoint::write_atomic(path, serde_json::to_string_pretty(&serde_json::json!({"plan": plan, "results": json}))?.as_bytes())?;
+    }
     Ok(())
 }
 

@@ -94,6 +94,18 @@ kernels! {
     InfonceSplitBf16 => "infonce_split_bf16",
     InfonceTcRowLse => "infonce_tc_row_lse",
     InfonceTcBackward => "infonce_tc_backward",
+    // segloss.cu
+    SeglossPartialsF32 => "segloss_partials_f32",
+    SeglossPartialsBf16 => "segloss_partials_bf16",
+    SeglossFinalize => "segloss_finalize",
+    SeglossBackwardF32 => "segloss_backward_f32",
+    SeglossBackwardBf16 => "segloss_backward_bf16",
+    // stitch.cu
+    StitchWindowF32 => "stitch_window_f32",
+    StitchWindowBf16 => "stitch_window_bf16",
+    BlendWindowF32 => "blend_window_f32",
+    BlendWindowBf16 => "blend_window_bf16",
+    BlendNormalize => "blend_normalize",
     // optim.cu
     MultiSumsq => "multi_sumsq",
     ClipFinalize => "clip_finalize",

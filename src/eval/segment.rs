@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 
 use super::dice::dice;
 use super::embed::scale_hu;
-use super::sliding::Plan;
+use super::sliding::{Blend, MapSpec, slide};
 use crate::autograd::{Graph, Var};
 use crate::data::cache::build;
 use crate::data::nifti_io::read_volume;
@@ -150,6 +150,12 @@ impl Head {
             HeadKind::NonLinear => Head::NonLinear(FpnNonLinearHead::new(store, &mut rng, "", fpn, classes)),
         }
     }
+    pub fn num_classes(&self) -> usize {
+        match self {
+            Head::Linear(h) => h.num_classes,
+            Head::NonLinear(h) => h.num_classes,
+        }
+    }
     pub fn forward(&self, g: &Graph, store: &mut ParamStore, pyramid: &[Var]) -> Result<Var> {
         match self {
             Head::Linear(h) => h.forward(g, store, pyramid),
@@ -225,52 +231,27 @@ fn patch_start(case: &Case, patch: [usize; 3], p_fg: f64, k: usize, rng: &mut St
     [rng.random_range(0..=max_start(0)), rng.random_range(0..=max_start(1)), rng.random_range(0..=max_start(2))]
 }
 
-/// Sigmoid probabilities [X, Y, Z, K] of a whole case by sliding window, × ROI.
-/// `progress(done, total)` is called after each window (for a progress bar).
-pub fn predict_case(model: &mut Vox2Vec, head: &Head, head_store: &mut ParamStore, ct: &PreprocessedCt, mask: &[bool], patch: [usize; 3], progress: &dyn Fn(usize, usize)) -> Result<Vec<f32>> {
+/// Sigmoid probabilities [X, Y, Z, K] of a whole case by sliding window (`sw_batch` windows
+/// per forward pass, the logits stitched where the model runs), × ROI.
+/// `progress(done, total)` is called after each batch of windows (for a progress bar).
+#[allow(clippy::too_many_arguments)]
+pub fn predict_case(model: &mut Vox2Vec, head: &Head, head_store: &mut ParamStore, ct: &PreprocessedCt, mask: &[bool], patch: [usize; 3], sw_batch: usize, progress: &dyn Fn(usize, usize)) -> Result<Vec<f32>> {
     let x = scale_hu(&ct.hu);
-    let shape = ct.shape;
-    let ps = [shape[0].max(patch[0]), shape[1].max(patch[1]), shape[2].max(patch[2])];
-    let plan = Plan::new(ps, patch);
-    let k = match head {
-        Head::Linear(h) => h.num_classes,
-        Head::NonLinear(h) => h.num_classes,
-    };
-    let mut probs = vec![0.0f32; ps.iter().product::<usize>() * k];
-    let boxes = plan.boxes();
-    for (done, (which, start)) in boxes.iter().copied().enumerate() {
-        let mut px = vec![0.0f32; patch.iter().product()];
-        for i in 0..patch[0] {
-            for j in 0..patch[1] {
-                for l in 0..patch[2] {
-                    let (a, b, c) = (start[0] + i, start[1] + j, start[2] + l);
-                    if a < shape[0] && b < shape[1] && c < shape[2] {
-                        px[(i * patch[1] + j) * patch[2] + l] = x[(a * shape[1] + b) * shape[2] + c];
-                    }
-                }
-            }
-        }
+    let k = head.num_classes();
+    let device = model.device();
+    let maps = slide(&x, ct.shape, patch, sw_batch, Blend::Central, &[MapSpec { level: 0, channels: k }], device, &mut |input| {
         let g = Graph::inference();
-        let pyr = model.pyramid(&g, &Var::constant(model.prepare_input(&Tensor::from_f32(&[1, patch[0], patch[1], patch[2], 1], px))?))?;
-        let logits = head.forward(&g, head_store, &pyr)?;
-        let p: Vec<f32> = logits.value.host_f32()?.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
-        plan.stitch(which, start, 0, &p, patch, &mut probs, ps, k);
-        progress(done + 1, boxes.len());
-    }
-    // Crop the padding; zero outside the ROI.
-    let mut out = vec![0.0f32; shape.iter().product::<usize>() * k];
-    for a in 0..shape[0] {
-        for b in 0..shape[1] {
-            for c in 0..shape[2] {
-                let v = (a * shape[1] + b) * shape[2] + c;
-                if mask[v] {
-                    let src = ((a * ps[1] + b) * ps[2] + c) * k;
-                    out[v * k..(v + 1) * k].copy_from_slice(&probs[src..src + k]);
-                }
-            }
+        let pyr = model.pyramid(&g, &Var::constant(model.prepare_input(&input)?))?;
+        Ok(vec![head.forward(&g, head_store, &pyr)?.value])
+    }, progress)?;
+    // Sigmoid of the stitched logits (stitching copies, so it commutes); zero outside the ROI.
+    let mut probs = maps.into_iter().next().expect("one map").values;
+    for (v, &inside) in probs.chunks_exact_mut(k).zip(mask) {
+        for p in v.iter_mut() {
+            *p = if inside { 1.0 / (1.0 + (-*p).exp()) } else { 0.0 };
         }
     }
-    Ok(out)
+    Ok(probs)
 }
 
 /// Dice per class of thresholded probabilities against a label map.
@@ -323,10 +304,22 @@ pub fn train_segmentation(
     on_best: &mut dyn FnMut(&Vox2Vec, &ParamStore) -> Result<()>,
 ) -> Result<SegResult> {
     ensure!(!train.is_empty() && !val.is_empty(), "need training and validation cases");
+    // Everything runs where the backbone lives: on a CUDA device the head, its Adam moments,
+    // the batches, the loss and the updates are on the device, and only the loss comes back.
+    let device = model.device();
+    if head_store.device() != device {
+        head_store.to_device(device)?;
+    }
     let adam_cfg = AdamConfig { lr: cfg.lr, ..AdamConfig::default() };
     let mut head_adam = Adam::new(adam_cfg, head_store);
     // Moments for the backbone only when it trains (they are as large as the backbone).
     let mut backbone_adam = (!matches!(mode, Mode::Probe)).then(|| Adam::new(adam_cfg, &model.store));
+    if device != crate::tensor::Device::Cpu {
+        head_adam.to_device(device)?;
+        if let Some(a) = backbone_adam.as_mut() {
+            a.to_device(device)?;
+        }
+    }
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut res = SegResult { history: Vec::new(), history_per_case: Vec::new(), best_step: 0, best_dice: vec![], best_per_case: vec![], losses: Vec::new() };
     let mut best = f64::NEG_INFINITY;
@@ -346,37 +339,39 @@ pub fn train_segmentation(
             ts.extend(t);
             rois.extend(r);
         }
-        let b = cfg.batch;
-        let input = Tensor::from_f32(&[b, p[0], p[1], p[2], 1], xs);
-        let targets = Tensor::from_f32(&[b, p[0], p[1], p[2], k], ts);
-        let g = Graph::train();
-        let pyramid = if train_backbone {
-            model.pyramid(&g, &Var::constant(input))?
-        } else {
-            // Frozen: eval-mode BatchNorm, nothing recorded; the pyramid enters as constants.
-            model.pyramid(&Graph::inference(), &Var::constant(input))?.into_iter().map(|v| Var::constant(v.value)).collect()
-        };
-        let logits = head.forward(&g, head_store, &pyramid)?;
-        if !rois.iter().any(|&r| r) {
-            continue; // all-air batch: nothing to learn from
+        // An all-air batch has nothing to learn from: no update (and no BatchNorm statistics
+        // from it), but the step still counts, and still validates when it is due.
+        if rois.iter().any(|&r| r) {
+            let b = cfg.batch;
+            let input = model.prepare_input(&Tensor::from_f32(&[b, p[0], p[1], p[2], 1], xs))?;
+            let targets = Tensor::from_f32(&[b, p[0], p[1], p[2], k], ts).to_device(device)?;
+            let roi = ops::segloss::roi_tensor(&[b, p[0], p[1], p[2]], &rois).to_device(device)?;
+            let g = Graph::train();
+            let pyramid = if train_backbone {
+                model.pyramid(&g, &Var::constant(input))?
+            } else {
+                // Frozen: eval-mode BatchNorm, nothing recorded; the pyramid enters as constants.
+                model.pyramid(&Graph::inference(), &Var::constant(input))?.into_iter().map(|v| Var::constant(v.value)).collect()
+            };
+            let logits = head.forward(&g, head_store, &pyramid)?;
+            let loss = ops::segmentation_loss(&g, &logits, &targets, Some(&roi))?;
+            let lv = loss.value.to_scalar() as f64;
+            let grads = g.backward(&loss)?;
+            let hg: Vec<Option<Tensor>> = (0..head_store.len()).map(|s| grads.param(head_store, s).cloned()).collect();
+            head_adam.update(head_store, &hg)?;
+            if let (true, Some(adam)) = (train_backbone, backbone_adam.as_mut()) {
+                let bg: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
+                adam.update(&mut model.store, &bg)?;
+            }
+            res.losses.push((step, lv));
+            progress(SegEvent::Step { step, loss: lv });
         }
-        let loss = ops::segmentation_loss(&g, &logits, &targets, Some(&rois))?;
-        let lv = loss.value.to_scalar() as f64;
-        let grads = g.backward(&loss)?;
-        let hg: Vec<Option<Tensor>> = (0..head_store.len()).map(|s| grads.param(head_store, s).cloned()).collect();
-        head_adam.update(head_store, &hg)?;
-        if let (true, Some(adam)) = (train_backbone, backbone_adam.as_mut()) {
-            let bg: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
-            adam.update(&mut model.store, &bg)?;
-        }
-        res.losses.push((step, lv));
-        progress(SegEvent::Step { step, loss: lv });
         if step % cfg.validate_every == 0 || step == cfg.steps {
             let mut per_class = vec![0.0; k];
             let mut per_case = Vec::with_capacity(val.len());
             for (index, c) in val.iter().enumerate() {
                 let windows = |window, windows| progress(SegEvent::Validating { step, case: &c.name, index, cases: val.len(), window, windows });
-                let probs = predict_case(model, head, head_store, &c.ct, &c.mask, p, &windows)?;
+                let probs = predict_case(model, head, head_store, &c.ct, &c.mask, p, cfg.batch, &windows)?;
                 let d = case_dice(&probs, &c.labels, k);
                 for (acc, d) in per_class.iter_mut().zip(&d) {
                     *acc += d / val.len() as f64;

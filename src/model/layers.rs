@@ -126,6 +126,9 @@ impl ResBlock3d {
         if g.is_training() && g.is_recording() && x.value.is_cuda() {
             return self.forward_recomputing(g, store, x);
         }
+        if !g.is_recording() && !g.is_training() && x.value.is_cuda() {
+            return Ok(Var::constant(self.forward_eval_cuda(store, &x.value)?));
+        }
         let h = self.bn0.forward(g, store, x)?;
         let h = ops::relu(g, &h)?;
         let h = self.conv2.forward(g, store, &h)?;
@@ -141,6 +144,25 @@ impl ResBlock3d {
 }
 
 impl ResBlock3d {
+    /// Inference on the device (eval mode, nothing recorded): one op, fused on tensor cores
+    /// (`ops::resblock::resblock_eval_cuda`).
+    fn forward_eval_cuda(&self, store: &ParamStore, x: &Tensor) -> Result<Tensor> {
+        let p = crate::ops::resblock::ResBlockParams {
+            gamma0: store.get(self.bn0.weight),
+            beta0: store.get(self.bn0.bias),
+            w2: store.get(self.conv2.weight),
+            b2: store.get(self.conv2.bias.expect("ResBlock convs have a bias")),
+            gamma3: store.get(self.bn3.weight),
+            beta3: store.get(self.bn3.bias),
+            w5: store.get(self.conv5.weight),
+            b5: store.get(self.conv5.bias.expect("ResBlock convs have a bias")),
+            skip: self.skip.as_ref().map(|c| (store.get(c.weight), store.get(c.bias.expect("skip conv has a bias")))),
+            running0: (store.get(self.bn0.running_mean), store.get(self.bn0.running_var)),
+            running3: (store.get(self.bn3.running_mean), store.get(self.bn3.running_var)),
+        };
+        crate::ops::resblock::resblock_eval_cuda(x, p)
+    }
+
     /// The training forward on the device as one op that saves x and the first conv's output
     /// only (`ops::resblock`); the same values and gradients as the composition above.
     fn forward_recomputing(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {

@@ -128,6 +128,64 @@ pub fn resblock_train_cuda_with(g: &Graph, x: &Var, p: ResBlockVars, fused: bool
     Ok((out, updates))
 }
 
+/// A ResBlock's parameters and running statistics as plain tensors: what inference needs.
+pub struct ResBlockParams<'a> {
+    pub gamma0: &'a Tensor,
+    pub beta0: &'a Tensor,
+    pub w2: &'a Tensor,
+    pub b2: &'a Tensor,
+    pub gamma3: &'a Tensor,
+    pub beta3: &'a Tensor,
+    pub w5: &'a Tensor,
+    pub b5: &'a Tensor,
+    pub skip: Option<(&'a Tensor, &'a Tensor)>,
+    pub running0: (&'a Tensor, &'a Tensor),
+    pub running3: (&'a Tensor, &'a Tensor),
+}
+
+/// y = ResBlock3d(x) in eval mode (BatchNorm with the running statistics) on the device,
+/// recording nothing: inference. Fused on tensor cores where `fusion_for` says so; else each
+/// BN -> ReLU is one pass. Same values as the composition of the primitive ops (the oracle).
+pub fn resblock_eval_cuda(x: &Tensor, p: ResBlockParams) -> Result<Tensor> {
+    let fused = fusion_for(x.dtype(), x.shape().last().copied().unwrap_or(0), p.w2.shape()[0]);
+    resblock_eval_cuda_with(x, p, fused)
+}
+
+/// `resblock_eval_cuda` fused (an error where that does not apply) or not. Fused: BN -> ReLU
+/// applied while conv2 and conv5 load their inputs (a1 and a3 never stored) and the skip
+/// added in conv5's epilogue before its one rounding; unfused: BN -> ReLU in one pass before
+/// each convolution and the skip added by a separate pass.
+pub fn resblock_eval_cuda_with(x: &Tensor, p: ResBlockParams, fused: bool) -> Result<Tensor> {
+    ensure!(x.is_cuda(), "resblock_eval_cuda needs a device tensor");
+    let v = Vol::of(x);
+    let (cin, mid, cout, k) = (v.c, p.w2.shape()[0], p.w5.shape()[0], p.w2.shape()[1]);
+    ensure!(p.w2.shape()[4] == cin && p.w5.shape()[4] == mid, "resblock: weights {:?}, {:?} do not chain from {cin} channels", p.w2.shape(), p.w5.shape());
+    let vm = v.with_c(mid);
+    let st0 = bn::eval_stats(p.running0.0, p.running0.1, BN_EPS)?;
+    let st3 = bn::eval_stats(p.running3.0, p.running3.1, BN_EPS)?;
+    let skip_out = match p.skip {
+        Some((w, b)) => Some(conv::forward(x, v, w, Some(b), cout, 1)?),
+        None => None,
+    };
+    let residual = skip_out.as_ref().unwrap_or(x);
+    if fused {
+        ensure!(conv::tensor_cores_for(x.dtype(), cin) && conv::tensor_cores_for(x.dtype(), mid), "fused resblock needs bf16 activations and multiples of 16 channels ({cin} -> {mid})");
+        let t0 = bn::affine_table(&st0, p.gamma0, p.beta0, cin)?;
+        let (h1, _) = conv::forward_fused(x, v, p.w2, Some(p.b2), mid, k, Fusion { input_bn_relu: Some(&t0), ..Fusion::default() })?;
+        let t3 = bn::affine_table(&st3, p.gamma3, p.beta3, mid)?;
+        let (y, _) = conv::forward_fused(&h1, vm, p.w5, Some(p.b5), cout, k, Fusion { input_bn_relu: Some(&t3), residual: Some(residual), ..Fusion::default() })?;
+        return Ok(y);
+    }
+    let a1 = bn::apply_relu(x, cin, &st0, p.gamma0, p.beta0)?;
+    let h1 = conv::forward(&a1, v, p.w2, Some(p.b2), mid, k)?;
+    drop(a1);
+    let a3 = bn::apply_relu(&h1, mid, &st3, p.gamma3, p.beta3)?;
+    drop(h1);
+    let h5 = conv::forward(&a3, vm, p.w5, Some(p.b5), cout, k)?;
+    drop(a3);
+    ew::add(&h5, residual)
+}
+
 /// The op's recorded inputs, in the order its backward returns their gradients: x, γ0, β0,
 /// w2, b2, γ3, β3, w5, b5, then the skip conv's weight and bias when there is one.
 fn recorded_inputs<'v>(x: &'v Var, p: &'v ResBlockVars) -> Vec<&'v Var> {

@@ -54,19 +54,40 @@ pub fn segmentation_loss_cpu(logits: &[f32], targets: &[f32], roi: Option<&[bool
     (bce + dice, bce, per_class, grad)
 }
 
-/// The loss as an autograd op (gradient to the logits only); returns [1].
-pub fn segmentation_loss(g: &Graph, logits: &Var, targets: &Tensor, roi: Option<&[bool]>) -> Result<Var> {
+/// The loss as an autograd op (gradient to the logits only); returns [1]. `roi` is an f32
+/// [N, X, Y, Z] mask of 0 and 1 on the logits' device (None: every voxel). On a CUDA device the
+/// loss and its gradient come from `kernels/segloss.cu` and nothing is read back; an empty ROI
+/// is an error on the host and a NaN loss on the device (check the mask where it is made).
+pub fn segmentation_loss(g: &Graph, logits: &Var, targets: &Tensor, roi: Option<&Tensor>) -> Result<Var> {
     let s = logits.shape();
     ensure!(s.len() == 5 && targets.shape() == s, "segmentation_loss: logits {s:?} and targets {:?} must be equal [N, X, Y, Z, C]", targets.shape());
     let (n, c) = (s[0], s[4]);
     if let Some(r) = roi {
-        ensure!(r.len() == logits.value.numel() / c, "segmentation_loss: ROI of {} voxels for {} voxels", r.len(), logits.value.numel() / c);
-        ensure!(r.iter().any(|&b| b), "segmentation_loss: empty ROI");
+        ensure!(r.numel() == logits.value.numel() / c, "segmentation_loss: ROI of {} voxels for {} voxels", r.numel(), logits.value.numel() / c);
     }
-    let (loss, _, _, grad) = segmentation_loss_cpu(logits.value.f32s(), targets.f32s(), roi, n, c);
+    if logits.value.is_cuda() {
+        use crate::cuda::ops::segloss as dev;
+        let (loss, saved) = dev::forward(&logits.value, targets, roi)?;
+        let keep = g.needs_grad(&[logits]).then(|| (logits.value.clone(), targets.clone(), roi.cloned(), saved));
+        return Ok(g.record("segmentation_loss", loss, &[logits], move |dl| {
+            let (l, t, r, saved) = keep.expect("saved for backward");
+            let dl = crate::cuda::cast(&dl.to_device(l.device())?, crate::tensor::DType::F32)?;
+            Ok(vec![Some(dev::backward(&l, &t, r.as_ref(), &saved, &dl)?)])
+        }));
+    }
+    let mask: Option<Vec<bool>> = roi.map(|r| r.f32s().iter().map(|&v| v > 0.5).collect());
+    if let Some(m) = &mask {
+        ensure!(m.iter().any(|&b| b), "segmentation_loss: empty ROI");
+    }
+    let (loss, _, _, grad) = segmentation_loss_cpu(logits.value.f32s(), targets.f32s(), mask.as_deref(), n, c);
     let shape = s.to_vec();
     Ok(g.record("segmentation_loss", Tensor::from_f32(&[1], vec![loss as f32]), &[logits], move |dl| {
         let k = dl.f32s()[0];
         Ok(vec![Some(Tensor::from_f32(&shape, grad.into_iter().map(|v| v * k).collect()))])
     }))
+}
+
+/// An ROI mask as the f32 tensor `segmentation_loss` takes ([N, X, Y, Z] of 0 and 1).
+pub fn roi_tensor(shape: &[usize], mask: &[bool]) -> Tensor {
+    Tensor::from_f32(shape, mask.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect())
 }

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: fixture discovery and loading, error metrics.
 #![allow(dead_code)]
 
+pub mod blocks;
 pub mod parity;
 
 use std::collections::HashMap;

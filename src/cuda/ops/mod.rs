@@ -12,4 +12,6 @@ pub mod normalize;
 pub mod pooling;
 pub mod probe;
 pub mod reduce;
+pub mod segloss;
+pub mod stitch;
 pub mod upsample;
