@@ -25,12 +25,17 @@ Measures, on the CPU with torch.set_num_threads(2), the median wall time
      torch.cuda.synchronize() around each step; also prints the peak memory
      (torch.cuda.max_memory_allocated).
 
+  f. --only infer: the eval-mode pyramid of [B, 1, 128, 128, 32] windows (what `vox2vec
+     embed` runs per window, `vox2vec bench-infer` times), patches/s per batch (--batches);
+     on CUDA in fp32 and in bf16 autocast with channels_last_3d and cudnn.benchmark.
+
 Run (needs torch; a CPU-only machine is fine):
 
     python3 benches/pytorch_reference.py            # full measurement
     python3 benches/pytorch_reference.py --quick    # 1 warm-up, 2 timed runs (smoke test)
     python3 benches/pytorch_reference.py --only step   # one group (conv3d or step)
     python3 benches/pytorch_reference.py --device cuda --only step --size reference
+    python3 benches/pytorch_reference.py --only infer --batches 1,2
 
 Output: the torch version, the thread count, then one line per measurement,
 e.g. `pytorch conv3d forward: median 46.1 ms`.
@@ -256,10 +261,49 @@ def bench_pretrain_step(warmup, runs, device="cpu", size="small"):
         print(f"pytorch peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
 
 
+def bench_infer(warmup, runs, device="cpu", batches=(1, 8), precisions=("fp32",), patch=(128, 128, 32)):
+    """f. The eval-mode pyramid (what `vox2vec embed` runs per sliding window): FPN3d(1, 16, 6)
+    in eval mode under torch.inference_mode() on [B, 1, 128, 128, 32] inputs, every level
+    computed; on CUDA also bf16 autocast with channels_last_3d and cudnn.benchmark (the
+    fastest PyTorch settings); timed with a synchronisation after each pass. Prints ms per
+    pass and patches/s per (precision, batch), as `vox2vec bench-infer` does."""
+    backbone = FPN3d(1, 16, 6).to(device).eval()
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    for precision in precisions:
+        if precision == "bf16" and device != "cuda":
+            print("pytorch infer bf16: skipped on the CPU", flush=True)
+            continue
+        model = backbone
+        if device == "cuda" and precision == "bf16":
+            model = backbone.to(memory_format=torch.channels_last_3d)
+        for b in batches:
+            x = torch.rand(b, 1, *patch, device=device)
+            if device == "cuda" and precision == "bf16":
+                x = x.to(memory_format=torch.channels_last_3d)
+
+            def run():
+                with torch.inference_mode():
+                    if device == "cuda" and precision == "bf16":
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            model(x)
+                    else:
+                        model(x)
+
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = median_ms(run, warmup, runs)
+            extra = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else ""
+            print(f"pytorch infer {precision} batch {b} ({patch[0]}x{patch[1]}x{patch[2]}): median {ms:.1f} ms per pass, "
+                  f"{b / (ms / 1e3):.2f} patches/s{extra}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed runs each (smoke test)")
-    ap.add_argument("--only", choices=["conv3d", "step"], help="run one group of measurements")
+    ap.add_argument("--only", choices=["conv3d", "step", "infer"], help="run one group of measurements")
+    ap.add_argument("--batches", default="1,8", help="window batches of the infer group (comma-separated)")
+    ap.add_argument("--runs", type=int, help="timed runs per measurement (default: 20 conv3d, 10 step, 5 infer)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the step runs (conv3d is CPU only)")
     ap.add_argument("--size", choices=["small", "reference"], default="small", help="the step's batch")
     args = ap.parse_args()
@@ -277,7 +321,11 @@ def main():
     if args.only in (None, "conv3d") and args.device == "cpu":
         bench_conv3d(conv_warmup, conv_runs)
     if args.only in (None, "step"):
-        bench_pretrain_step(step_warmup, step_runs, args.device, args.size)
+        bench_pretrain_step(step_warmup, args.runs or step_runs, args.device, args.size)
+    if args.only in (None, "infer"):
+        batches = [int(b) for b in args.batches.split(",")]
+        precisions = ("fp32", "bf16") if args.device == "cuda" else ("fp32",)
+        bench_infer(1 if args.quick else 2, args.runs or (2 if args.quick else 5), args.device, batches, precisions)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,20 @@ fn probe_then_predict_on_permuted_flipped_ct() {
     let prob = read_volume(&d.join("probs/Bone.nii.gz")).unwrap();
     assert_eq!(prob.shape, pred.shape);
     assert!(prob.data.iter().zip(&p).all(|(&q, &m)| (q > 0.5) == m), "probabilities disagree with the mask");
+
+    // The whole dataset in one run (its imagesTr; the next CT read while one is segmented):
+    // one mask per CT in the --out folder, c1's identical to the single-file run's, and
+    // --sw-batch 3 changes nothing.
+    let masks = d.join("masks");
+    let res = Command::new(bin).arg("predict").arg(&ds).arg("--backbone").arg(&backbone).arg("--head").arg(out.join("head.safetensors")).arg("--out").arg(&masks).arg("--probabilities").arg(d.join("probs-all")).args(["--patch", "16,16,8", "--sw-batch", "3"]).output().unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    for c in 0..4 {
+        assert!(masks.join(format!("c{c}_0000.nii.gz")).is_file() && d.join(format!("probs-all/c{c}_0000/Bone.nii.gz")).is_file(), "c{c}: no mask or probabilities");
+    }
+    assert_eq!(read_volume(&masks.join("c1_0000.nii.gz")).unwrap().data, pred.data, "c1's mask from the folder run differs from the single-file run's");
+    // A folder's masks need a folder: a NIfTI name as --out is refused.
+    let res = Command::new(bin).arg("predict").arg(&ds).arg("--backbone").arg(&backbone).arg("--head").arg(out.join("head.safetensors")).arg("--out").arg(d.join("one.nii.gz")).args(["--patch", "16,16,8"]).output().unwrap();
+    assert!(!res.status.success() && String::from_utf8_lossy(&res.stderr).contains("must be a folder"));
 }
 
 #[test]
@@ -172,6 +186,28 @@ fn embed_ct_writes_levels_and_original_grid_maps() {
     let (ho, no) = header("level_0_original.npy");
     assert!(ho.contains("(4, 24, 40, 36)"), "{ho}");
     assert_eq!(no, 2 * 4 * 24 * 40 * 36);
+
+    // A folder of CTs: each into <out>/<name>/, c0's files byte-identical to the single run's.
+    let embed_folder = |input: &Path, out: &Path| Command::new(env!("CARGO_BIN_EXE_vox2vec")).arg("embed").arg(input).arg("--weights").arg(&weights).arg("--out").arg(out).args(["--levels", "0,1", "--patch", "16,16,8", "--gaussian", "--original-grid", "--f16"]).output().unwrap();
+    let all = d.join("feats-all");
+    let res = embed_folder(&ds.join("imagesTr"), &all);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    for f in ["level_0.npy", "level_1.npy", "level_0_original.npy", "level_1_original.npy"] {
+        assert_eq!(std::fs::read(all.join("c0_0000").join(f)).unwrap(), std::fs::read(out.join(f)).unwrap(), "{f} of c0 differs between the folder run and the single run");
+    }
+    assert!((1..4).all(|c| all.join(format!("c{c}_0000/geometry.json")).is_file()));
+    // A bad file among them stops the run with its name; the CTs before it are complete, and
+    // it leaves no folder.
+    let mixed = d.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(&ct, mixed.join("a.nii.gz")).unwrap();
+    std::fs::write(mixed.join("b.nii.gz"), b"not a nifti file").unwrap();
+    std::fs::copy(&ct, mixed.join("c.nii.gz")).unwrap();
+    let mixed_out = d.join("feats-mixed");
+    let res = embed_folder(&mixed, &mixed_out);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("b.nii.gz"), "{err}");
+    assert!(mixed_out.join("a/geometry.json").is_file() && !mixed_out.join("b").exists() && !mixed_out.join("c").exists(), "{err}");
 }
 
 /// A random backbone of the tests' size (base 4, 3 scales) saved as a checkpoint.

@@ -35,6 +35,9 @@ enum Cmd {
     /// preprocessed grid, described by geometry.json) or of an already preprocessed patch
     /// (.npy float32 X×Y×Z: every level of the raw pyramid, eval mode, pyramid_<i>.npy).
     Embed {
+        /// A NIfTI CT, a .npy patch, or several CTs: a folder (searched recursively), an
+        /// nnU-Net dataset (its imagesTr) or a text file of paths; then each CT goes into
+        /// <out>/<name>/, and the next CT is read while this one is embedded.
         input: PathBuf,
         /// A vox2vec-rs checkpoint or a bare FPN3d state_dict in safetensors.
         #[arg(long)]
@@ -71,6 +74,9 @@ enum Cmd {
     Scratch(SegArgs),
     /// Segment a CT with a backbone and a trained head: a label map on the input's own grid.
     Predict {
+        /// A NIfTI CT, or several: a folder, an nnU-Net dataset (its imagesTr) or a text file
+        /// of paths; then --out is a folder of <name>.nii.gz masks (--probabilities <dir>/<name>/),
+        /// and the next CT is read while this one is segmented.
         ct: PathBuf,
         #[arg(long)]
         backbone: PathBuf,
@@ -466,6 +472,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
 
 fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::path::Path, out: &std::path::Path, probabilities: Option<&std::path::Path>, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::segment::{Head, HeadKind, predict_case};
+    several_inputs(ct)?;
     let (mut model, _) = load_backbone(backbone, net.base_channels, net.num_scales)?;
     net.device()?;
     let recorded = Recorded::read(head_path)?;
@@ -487,34 +494,53 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     if device != vox2vec::tensor::Device::Cpu {
         hs.to_device(device)?;
     }
-    let vol = vox2vec::data::nifti_io::read_volume_with(ct, net.nonfinite)?;
-    let e = vox2vec::data::cache::build(ct, &pre)?;
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("predicting {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}")?);
-    let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), patch, net.sw_batch(device)?, &|n, total| {
-        bar.set_length(total as u64);
-        bar.set_position(n as u64);
-    })?;
-    bar.finish_and_clear();
-    // One label per voxel: the most probable class among those above 0.5.
-    let labels: Vec<u8> = probs
-        .chunks_exact(k)
-        .map(|p| p.iter().enumerate().filter(|(_, v)| **v > 0.5).fold((0u8, 0.5f32), |best, (c, &v)| if v > best.1 { (c as u8 + 1, v) } else { best }).0)
-        .collect();
-    let on_source = vox2vec::data::preprocess::to_source_grid(&labels, &e.ct, 0u8);
-    vox2vec::data::nifti_io::write_volume(out, &on_source, &vol.geometry)?;
-    if let Some(dir) = probabilities {
-        let names: Vec<String> = recorded.classes.clone().unwrap_or_else(|| (1..=k).map(|c| format!("class_{c}")).collect());
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        for (c, name) in names.iter().enumerate().take(k) {
-            let pc: Vec<f32> = probs.iter().skip(c).step_by(k).copied().collect();
-            let file: String = name.chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' { ch } else { '_' }).collect();
-            vox2vec::data::nifti_io::write_volume(&dir.join(format!("{file}.nii.gz")), &vox2vec::data::preprocess::to_source_grid(&pc, &e.ct, 0.0f32), &vol.geometry)?;
+    let sw_batch = net.sw_batch(device)?;
+    let classes: Vec<String> = recorded.classes.clone().unwrap_or_else(|| (1..=k).map(|c| format!("class_{c}")).collect());
+    let load = |f: &std::path::Path| -> Result<(vox2vec::data::nifti_io::Volume, vox2vec::data::cache::CachedCt)> {
+        Ok((vox2vec::data::nifti_io::read_volume_with(f, net.nonfinite)?, vox2vec::data::cache::build(f, &pre)?))
+    };
+    let mut one = |vol: vox2vec::data::nifti_io::Volume, e: vox2vec::data::cache::CachedCt, out: &std::path::Path, probabilities: Option<&std::path::Path>| -> Result<()> {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(indicatif::ProgressStyle::with_template("predicting {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}")?);
+        bar.set_message(e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), patch, sw_batch, &|n, total| {
+            bar.set_length(total as u64);
+            bar.set_position(n as u64);
+        })?;
+        bar.finish_and_clear();
+        // One label per voxel: the most probable class among those above 0.5.
+        let labels: Vec<u8> = probs
+            .chunks_exact(k)
+            .map(|p| p.iter().enumerate().filter(|(_, v)| **v > 0.5).fold((0u8, 0.5f32), |best, (c, &v)| if v > best.1 { (c as u8 + 1, v) } else { best }).0)
+            .collect();
+        let on_source = vox2vec::data::preprocess::to_source_grid(&labels, &e.ct, 0u8);
+        vox2vec::data::nifti_io::write_volume(out, &on_source, &vol.geometry)?;
+        if let Some(dir) = probabilities {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (c, name) in classes.iter().enumerate().take(k) {
+                let pc: Vec<f32> = probs.iter().skip(c).step_by(k).copied().collect();
+                let file: String = name.chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' { ch } else { '_' }).collect();
+                vox2vec::data::nifti_io::write_volume(&dir.join(format!("{file}.nii.gz")), &vox2vec::data::preprocess::to_source_grid(&pc, &e.ct, 0.0f32), &vol.geometry)?;
+            }
         }
-    }
-    let counts: Vec<usize> = (1..=k).map(|c| on_source.iter().filter(|&&l| l as usize == c).count()).collect();
-    println!("wrote {} ({:?} voxels on the input grid; voxels per class {counts:?})", out.display(), vol.geometry.file_shape);
-    Ok(())
+        let counts: Vec<usize> = (1..=k).map(|c| on_source.iter().filter(|&&l| l as usize == c).count()).collect();
+        println!("wrote {} ({:?} voxels on the input grid; voxels per class {counts:?})", out.display(), vol.geometry.file_shape);
+        Ok(())
+    };
+    let Some(files) = several_inputs(ct)? else {
+        let (vol, e) = load(ct)?;
+        return one(vol, e, out, probabilities);
+    };
+    // Several CTs: --out is a folder of <name>.nii.gz masks (probabilities in <dir>/<name>/),
+    // and the next CT is read and preprocessed while this one is segmented.
+    anyhow::ensure!(!vox2vec::data::sources::is_nifti(out), "{} holds several CTs: --out must be a folder for their masks, not {}", ct.display(), out.display());
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    eprintln!("predict: {} CTs from {}, masks into {}/<name>.nii.gz", files.len(), ct.display(), out.display());
+    let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+    vox2vec::eval::prefetch::pipelined(&paths, |f| load(f), |f, (vol, e)| {
+        let name = &files.iter().find(|(p, _)| p == f).expect("one of the inputs").1;
+        one(vol, e, &out.join(format!("{name}.nii.gz")), probabilities.map(|d| d.join(name)).as_deref())
+    })
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
@@ -659,53 +685,121 @@ fn check_head_backbone(head: &Recorded, model: &vox2vec::model::Vox2Vec, backbon
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What `embed` writes and how: levels, f16, blending, windows per pass, window.
+struct EmbedOptions<'a> {
+    levels: &'a [usize],
+    f16: bool,
+    blend: vox2vec::eval::embed::Blend,
+    sw_batch: usize,
+    patch: [usize; 3],
+}
+
+/// The CTs of a command's input: `None` for one file (NIfTI or .npy), else every NIfTI of a
+/// folder, an nnU-Net dataset or a list file (`data::sources::discover`), each with the
+/// name its outputs take (the file name without .nii / .nii.gz; two inputs of one name are
+/// an error naming both).
+fn several_inputs(input: &std::path::Path) -> Result<Option<Vec<(PathBuf, String)>>> {
+    let single = input.is_file() && (vox2vec::data::sources::is_nifti(input) || input.extension().is_some_and(|e| e == "npy"));
+    if single || !input.exists() {
+        anyhow::ensure!(input.exists(), "{}: no such file or folder", input.display());
+        return Ok(None);
+    }
+    let files = vox2vec::data::sources::discover(input)?;
+    let mut named: Vec<(PathBuf, String)> = Vec::with_capacity(files.len());
+    for f in files {
+        let file = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = file.strip_suffix(".nii.gz").or_else(|| file.strip_suffix(".nii")).unwrap_or(&file).to_string();
+        if let Some((other, _)) = named.iter().find(|(_, n)| *n == name) {
+            anyhow::bail!("{} and {} would both write outputs named {name:?}; embed or predict them separately", other.display(), f.display());
+        }
+        named.push((f, name));
+    }
+    Ok(Some(named))
+}
+
 /// `embed_into`, with no partial output left behind: an output folder that this run created is
-/// removed again when the run fails.
+/// removed again when the run fails (for several CTs, only the failing CT's folder, and the
+/// output folder when nothing was completed in it).
 fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
-    anyhow::ensure!(input.is_file(), "{}: no such file", input.display());
+    let several = several_inputs(input)?.is_some();
     let created = !out.exists();
     let r = embed_into(input, weights, out, levels, f16, gaussian, original_grid, net);
     if r.is_err() && created {
-        let _ = std::fs::remove_dir_all(out);
+        let _ = if several { std::fs::remove_dir(out) } else { std::fs::remove_dir_all(out) };
     }
     r
 }
 
+#[allow(clippy::too_many_arguments)]
 fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::{embed, npy};
+    let inputs = several_inputs(input)?;
     let (mut model, recorded) = load_backbone(weights, net.base_channels, net.num_scales)?;
     let device = net.place("embed", input, &mut model)?;
     let sw_batch = net.sw_batch(device)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let write = |path: &std::path::Path, shape: &[usize], v: &[f32]| if f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) };
     if input.extension().is_some_and(|e| e == "npy") {
         let (shape, x) = npy::read_f32(input)?;
         anyhow::ensure!(shape.len() == 3, "{}: expected an X×Y×Z array, found shape {shape:?}", input.display());
         let pyr = embed::patch_pyramid(&mut model, &x, [shape[0], shape[1], shape[2]])?;
         for (i, (s, v)) in pyr.iter().enumerate() {
-            write(&out.join(format!("pyramid_{i}.npy")), s, v)?;
+            let path = out.join(format!("pyramid_{i}.npy"));
+            if f16 { npy::write_f16(&path, s, v)? } else { npy::write_f32(&path, s, v)? }
         }
         println!("wrote {} pyramid levels to {}", pyr.len(), out.display());
         return Ok(());
     }
-    let (pre, p) = net.settings(&recorded)?;
-    let e = vox2vec::data::cache::build(input, &pre)?;
+    let (pre, patch) = net.settings(&recorded)?;
+    let blend = if gaussian { embed::Blend::Gaussian } else { embed::Blend::Central };
+    let opts = EmbedOptions { levels, f16, blend, sw_batch, patch };
+    let load = |f: &std::path::Path| -> Result<(vox2vec::data::cache::CachedCt, Option<vox2vec::data::nifti_io::Volume>)> {
+        let e = vox2vec::data::cache::build(f, &pre)?;
+        let source = if original_grid { Some(vox2vec::data::nifti_io::read_volume_with(f, net.nonfinite)?) } else { None };
+        Ok((e, source))
+    };
+    let Some(files) = inputs else {
+        let (e, source) = load(input)?;
+        return embed_ct(&mut model, &e, source.as_ref(), out, &opts);
+    };
+    // Several CTs: the next one is read and preprocessed while this one is embedded.
+    eprintln!("embed: {} CTs from {}, each into {}/<name>/", files.len(), input.display(), out.display());
+    let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+    let mut done = 0;
+    vox2vec::eval::prefetch::pipelined(&paths, |f| load(f), |f, (e, source)| {
+        let name = &files.iter().find(|(p, _)| p == f).expect("one of the inputs").1;
+        let dir = out.join(name);
+        let created = !dir.exists();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let r = embed_ct(&mut model, &e, source.as_ref(), &dir, &opts);
+        if r.is_err() && created {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        done += 1;
+        r
+    })?;
+    println!("embedded {done} CTs into {}", out.display());
+    Ok(())
+}
+
+/// Embed one preprocessed CT into the folder `out`: level_<i>.npy (and level_<i>_original.npy
+/// on the source grid when `source` is given) and geometry.json.
+fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::CachedCt, source: Option<&vox2vec::data::nifti_io::Volume>, out: &std::path::Path, o: &EmbedOptions) -> Result<()> {
+    use vox2vec::eval::{embed, npy};
+    let write = |path: &std::path::Path, shape: &[usize], v: &[f32]| if o.f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) };
     let ct = &e.ct;
     let x = embed::scale_hu(&ct.hu);
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}")?);
-    let blend = if gaussian { embed::Blend::Gaussian } else { embed::Blend::Central };
-    let maps = embed::embed_volume(&mut model, &x, ct.shape, p, levels, blend, sw_batch, &|n, total| {
+    bar.set_style(indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}")?);
+    bar.set_message(e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let maps = embed::embed_volume(model, &x, ct.shape, o.patch, o.levels, o.blend, o.sw_batch, &|n, total| {
         bar.set_length(total as u64);
         bar.set_position(n as u64);
     })?;
     bar.finish_and_clear();
-    let source = if original_grid { Some(vox2vec::data::nifti_io::read_volume_with(input, net.nonfinite)?) } else { None };
     for m in &maps {
         let v = vox2vec::tensor::nxyzc_to_ncxyz(&m.values, 1, m.channels, m.shape.iter().product());
         write(&out.join(format!("level_{}.npy", m.level)), &[m.channels, m.shape[0], m.shape[1], m.shape[2]], &v)?;
-        if let Some(vol) = &source {
+        if let Some(vol) = source {
             // Level i → the level-0 preprocessed grid (nearest) → the canonical source grid → file order.
             let f = 1usize << m.level;
             let s0 = ct.shape;
@@ -742,11 +836,11 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
         "source_spacing_mm": ct.source_spacing,
         "file_affine": e.file_affine,
         "orientation": {"perm": e.orientation.perm, "flip": e.orientation.flip},
-        "levels": levels,
+        "levels": o.levels,
         "layout": "level_<i>.npy: [C, X, Y, Z], canonical axes (x, y, z world-increasing), level i = preprocessed grid / 2^i (ceil)",
     });
     vox2vec::checkpoint::write_atomic(&out.join("geometry.json"), serde_json::to_string_pretty(&geo)?.as_bytes())?;
-    println!("wrote levels {levels:?} of {} ({:?} voxels at {} mm) to {}", input.display(), ct.shape, vox2vec::eval::recorded::xyz(&ct.spacing), out.display());
+    println!("wrote levels {:?} of {} ({:?} voxels at {} mm) to {}", o.levels, e.source.display(), ct.shape, vox2vec::eval::recorded::xyz(&ct.spacing), out.display());
     Ok(())
 }
 

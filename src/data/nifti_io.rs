@@ -220,7 +220,15 @@ fn read_header_and_data(path: &Path) -> Result<(NiftiHeader, Vec<u8>, usize)> {
 /// `read_header_and_data` on a file's bytes, decompressed (`path` only names it in errors).
 fn header_and_data(path: &Path, bytes: Vec<u8>) -> Result<(NiftiHeader, Vec<u8>, usize)> {
     let ctx = || path.display().to_string();
-    let h = NiftiHeader::from_reader(std::io::Cursor::new(&bytes)).map_err(|e| anyhow::anyhow!("{}: cannot read as NIfTI: {e}", ctx()))?;
+    ensure!(bytes.len() >= 348, "{}: not a NIfTI-1 file: {} bytes, shorter than the 348-byte header", ctx(), bytes.len());
+    let h = NiftiHeader::from_reader(std::io::Cursor::new(&bytes)).map_err(|e| {
+        // The crate's I/O variant prints as a Debug structure: say it as a sentence.
+        let why = match e {
+            nifti::NiftiError::Io(io) => io.to_string(),
+            other => other.to_string(),
+        };
+        anyhow::anyhow!("{}: cannot read as NIfTI: {why}", ctx())
+    })?;
     ensure!(
         &h.magic == nifti::header::MAGIC_CODE_NIP1,
         "{}: the header says its voxels are in a separate .img file (magic \"ni1\"); only single-file .nii / .nii.gz is supported",

@@ -4,6 +4,7 @@
 pub mod dice;
 pub mod embed;
 pub mod npy;
+pub mod prefetch;
 pub mod recorded;
 pub mod segment;
 pub mod sliding;
