@@ -21,6 +21,15 @@
 //     The first term is the softmax of row i's own log-sum-exp, the second that of the
 //     partner's row j in which s_vp(i, j) also appears (s_pv(j, i) = s_vp(i, j)).
 //
+//   infonce_signal_hits: grid (ceil(A / 32), 2), the learning signal's top-1 accuracy
+//     (ops/infonce.rs, signal_cpu): block (r, v) takes anchors i < A of view v against every
+//     row j of the other view, dot-product tiles as the loss's (unscaled), and per anchor
+//     keeps the diagonal and the maximum over j != i; hits[v * blocks + r] = the number of
+//     its anchors whose diagonal is strictly the largest                              (=)
+//   infonce_signal_finalize: one block; pos = sum_i <e1_i, e2_i> and the column sums of e1
+//     and e2 in f64 (fixed thread assignment, block_sum), then
+//       out = { sum hits / (2 A), pos / N, ((sum e1) . (sum e2) - pos) / (N (N - 1)) }    (=, f64)
+//
 // Tiles: 32 rows x 64 columns per step, 256 threads; the dot-product tile in registers
 // (2 x 4 per thread, d in chunks of 32 through shared memory); in the backward the weight
 // tile goes through shared memory and each thread accumulates d / 8 values of its row.
@@ -199,4 +208,65 @@ extern "C" __global__ void __launch_bounds__(NCE_THREADS) infonce_backward_d128(
 }
 extern "C" __global__ void __launch_bounds__(NCE_THREADS) infonce_backward_d512(const float* e1, const float* e2, int n, int d, float inv_t, const double* lse, const float* dloss, float* de1, float* de2) {
     infonce_backward_impl<512>(e1, e2, n, d, inv_t, lse, dloss, de1, de2);
+}
+
+extern "C" __global__ void __launch_bounds__(NCE_THREADS) infonce_signal_hits(const float* e1, const float* e2, int n, int d, int anchors, double* hits) {
+    __shared__ int s_hits[NCE_BR];
+    const int v = blockIdx.y, i0 = blockIdx.x * NCE_BR;
+    const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
+    const float* X = v == 0 ? e1 : e2;
+    const float* P = v == 0 ? e2 : e1;
+    float best[2] = {-INFINITY, -INFINITY}, diag[2] = {-INFINITY, -INFINITY};
+    for (int j0 = 0; j0 < n; j0 += NCE_BC) {
+        float acc[2][4];
+        nce_dot_tile(X, P, n, d, i0, j0, acc);
+        for (int a = 0; a < 2; ++a) {
+            const int i = i0 + tr * 2 + a;
+            for (int b = 0; b < 4; ++b) {
+                const int j = j0 + tc * 4 + b;
+                if (i >= anchors || j >= n) continue;
+                if (j == i) diag[a] = acc[a][b];
+                else best[a] = fmaxf(best[a], acc[a][b]);
+            }
+        }
+    }
+    // The 16 threads of each row: max of both (only one thread saw the diagonal).
+    for (int a = 0; a < 2; ++a) {
+        for (int o = 8; o > 0; o >>= 1) {
+            best[a] = fmaxf(best[a], __shfl_xor_sync(0xffffffffu, best[a], o));
+            diag[a] = fmaxf(diag[a], __shfl_xor_sync(0xffffffffu, diag[a], o));
+        }
+        if (tc == 0) s_hits[tr * 2 + a] = (i0 + tr * 2 + a < anchors && diag[a] > best[a]) ? 1 : 0;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int h = 0;
+        for (int r = 0; r < NCE_BR; ++r) h += s_hits[r];
+        hits[(i64)v * gridDim.x + blockIdx.x] = (double)h;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) infonce_signal_finalize(const float* e1, const float* e2, int n, int d, int anchors, const double* hits, int hit_blocks, double* out) {
+    __shared__ double scratch[256];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    double pos = 0.0, cross = 0.0;
+    for (int r = warp; r < n; r += 8)
+        for (int c = lane; c < d; c += 32) pos += (double)e1[(i64)r * d + c] * (double)e2[(i64)r * d + c];
+    for (int c = tid; c < d; c += 256) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int r = 0; r < n; ++r) {
+            s1 += (double)e1[(i64)r * d + c];
+            s2 += (double)e2[(i64)r * d + c];
+        }
+        cross += s1 * s2;
+    }
+    pos = block_sum(pos, scratch);
+    cross = block_sum(cross, scratch);
+    if (tid == 0) {
+        double h = 0.0;
+        for (int b = 0; b < hit_blocks; ++b) h += hits[b];
+        out[0] = h / (2.0 * anchors);
+        out[1] = pos / n;
+        out[2] = n > 1 ? (cross - pos) / ((double)n * (n - 1)) : nan("");
+    }
 }

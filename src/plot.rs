@@ -48,7 +48,20 @@ pub const PALETTE: [Rgb; 8] = [
 /// and break the line. Errors only come from the file system or the encoder.
 pub fn write_curve_png(path: &Path, title: &str, series: &[(&str, &[(f64, f64)])]) -> Result<()> {
     let img = render(title, series);
-    write_png_atomic(path, &img)
+    write_png_atomic(path, HEIGHT, &img.px)
+}
+
+/// One panel of `write_panels_png`: a title and its series.
+pub type Panel<'a> = (&'a str, &'a [(&'a str, &'a [(f64, f64)])]);
+
+/// Several line plots stacked top to bottom in one PNG (800 wide, 500 per panel), each drawn
+/// as `write_curve_png` draws one, written atomically.
+pub fn write_panels_png(path: &Path, panels: &[Panel]) -> Result<()> {
+    let mut px = Vec::with_capacity(panels.len() * WIDTH * HEIGHT * 3);
+    for (title, series) in panels {
+        px.extend_from_slice(&render(title, series).px);
+    }
+    write_png_atomic(path, HEIGHT * panels.len().max(1), &px)
 }
 
 struct Canvas {
@@ -310,7 +323,15 @@ fn render(title: &str, series: &[(&str, &[(f64, f64)])]) -> Canvas {
 /// The PNG written through `checkpoint::write_atomic_with`: a temporary in a recognisable
 /// folder beside `path` (removed on error, and by `remove_stale_temp_files` after a kill),
 /// synced and renamed over `path`.
-fn write_png_atomic(path: &Path, cv: &Canvas) -> Result<()> {
+fn write_png_atomic(path: &Path, height: usize, px: &[u8]) -> Result<()> {
+    // No panel: one blank picture rather than an empty one.
+    let blank;
+    let px = if px.is_empty() {
+        blank = vec![255u8; WIDTH * HEIGHT * 3];
+        &blank[..]
+    } else {
+        px
+    };
     // A plot goes into an existing folder (a run's): a missing one is an error, not created.
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     anyhow::ensure!(dir.is_dir(), "cannot write {}: the folder {} does not exist", path.display(), dir.display());
@@ -318,11 +339,11 @@ fn write_png_atomic(path: &Path, cv: &Canvas) -> Result<()> {
         let file = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);
         {
-            let mut enc = png::Encoder::new(&mut w, WIDTH as u32, HEIGHT as u32);
+            let mut enc = png::Encoder::new(&mut w, WIDTH as u32, height as u32);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
             let mut writer = enc.write_header().with_context(|| format!("writing the PNG header of {}", path.display()))?;
-            writer.write_image_data(&cv.px).with_context(|| format!("writing {}", path.display()))?;
+            writer.write_image_data(px).with_context(|| format!("writing {}", path.display()))?;
             writer.finish().with_context(|| format!("writing {}", path.display()))?;
         }
         w.flush().with_context(|| format!("writing {}", path.display()))

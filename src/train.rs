@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::autograd::Graph;
 use crate::model::{PairBatch, Vox2Vec};
+use crate::ops::infonce::Signal;
 use crate::optim::{Adam, clip_coefficient, global_norm};
 use crate::tensor::{DType, Device, Tensor, Tensor as T};
 
@@ -16,6 +17,9 @@ pub const MAX_GRAD_NORM: f64 = 1.0;
 pub struct StepStats {
     pub loss: f64,
     pub grad_norm: f64,
+    /// The batch's learning signal before the update (top-1 accuracy, positive and negative
+    /// similarities: `ops::infonce::Signal`).
+    pub signal: Signal,
 }
 
 impl StepStats {
@@ -48,11 +52,12 @@ fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBat
         // The one read of the step, once all its work is queued: loss and gradient norm.
         let loss = stats.loss.to_f32_vec()?[0] as f64;
         let norm = crate::cuda::dev_of(&stats.loss).download::<f32>(stats.clip.norm_ptr(), 1)?[0] as f64;
-        return Ok(StepStats { loss, grad_norm: norm });
+        return Ok(StepStats { loss, grad_norm: norm, signal: stats.signal.read()? });
     }
     let g = Graph::train();
     let out = crate::profile::time("step: forward (both views)", String::new, || model.forward_pairs(&g, batch, false))?;
     let loss = out.loss.value.to_scalar() as f64;
+    let signal = crate::profile::time("step: learning signal", String::new, || crate::ops::infonce::signal(&out.embeds_1.value, &out.embeds_2.value))?;
     drop(out.pyramid_1);
     let grads = crate::profile::time("step: backward", String::new, || g.backward(&out.loss))?;
     let per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
@@ -61,17 +66,18 @@ fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBat
     let grad_norm = crate::profile::time("step: gradient norm", String::new, || global_norm(&per_slot));
     if !(loss.is_finite() && grad_norm.is_finite()) {
         adam.step += 1;
-        return Ok(StepStats { loss, grad_norm });
+        return Ok(StepStats { loss, grad_norm, signal });
     }
     let scale = clip_coefficient(grad_norm, MAX_GRAD_NORM);
     crate::profile::time("step: adam", String::new, || adam.update_scaled(&mut model.store, &per_slot, scale))?;
-    Ok(StepStats { loss, grad_norm })
+    Ok(StepStats { loss, grad_norm, signal })
 }
 
 /// What a device step leaves on the device: the loss [1] and [grad norm, clip coefficient].
 pub struct DeviceStepStats {
     pub loss: Tensor,
     pub clip: crate::cuda::optim::ClipStats,
+    pub signal: crate::cuda::ops::infonce::DeviceSignal,
 }
 
 /// `pretrain_step` on a CUDA device, without reading anything back: forward, backward, the
@@ -86,6 +92,8 @@ pub fn pretrain_step_cuda(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatc
     let out = model.forward_pairs(&g, batch, false)?;
     drop(range);
     let loss = out.loss.value.clone();
+    let (n, d) = (out.embeds_1.shape()[0], out.embeds_1.shape()[1]);
+    let signal = crate::cuda::ops::infonce::signal(&out.embeds_1.value, &out.embeds_2.value, n, d)?;
     drop(out.pyramid_1);
     let range = nvtx_range("backward");
     let grads = g.backward(&out.loss)?;
@@ -98,7 +106,7 @@ pub fn pretrain_step_cuda(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatc
     adam.step += 1;
     let moments = adam.device.as_ref().expect("checked above");
     crate::cuda::optim::adam_update(&model.store, &per_slot, moments, adam.config, adam.step, Some(clip.coef_ptr()))?;
-    Ok(DeviceStepStats { loss, clip })
+    Ok(DeviceStepStats { loss, clip, signal })
 }
 
 /// Shape of a pretraining batch.
@@ -222,6 +230,10 @@ pub struct TrainOptions {
     pub resume: Resume,
     /// Every `every` steps, a quick linear probe of the current backbone (logged with the loss).
     pub online_probe: Option<OnlineProbe>,
+    /// Every `every` steps, the loss and learning signal on fixed pairs from held-out CTs.
+    pub validation: Option<Validation>,
+    /// Write every step's batch here (`dump_batch`), for the PyTorch trajectory check.
+    pub dump_batches: Option<std::path::PathBuf>,
     /// Where the step runs.
     pub device: Device,
     /// Activation storage on a CUDA device (F32 or BF16).
@@ -233,6 +245,57 @@ pub struct TrainOptions {
     /// Written into every checkpoint's metadata besides the step, seed and model: what made
     /// the run (`eval::recorded`: preprocessing, command line, data sources, configuration).
     pub metadata: Vec<(String, String)>,
+}
+
+/// Validation pairs: batches drawn once from CTs held out of training, evaluated every
+/// `every` steps in eval mode (BatchNorm with the running statistics, nothing recorded).
+#[derive(Clone)]
+pub struct Validation {
+    pub batches: std::sync::Arc<Vec<PairBatch>>,
+    pub every: u64,
+}
+
+impl std::fmt::Debug for Validation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Validation({} batches, every {} steps)", self.batches.len(), self.every)
+    }
+}
+
+/// The batches' mean loss and learning signal with the model as it is (eval mode; the model is
+/// not changed).
+pub fn validate(model: &mut Vox2Vec, batches: &[PairBatch]) -> Result<(f64, Signal)> {
+    anyhow::ensure!(!batches.is_empty(), "no validation batches");
+    let (mut loss, mut top1, mut pos, mut neg) = (0.0, 0.0, 0.0, 0.0);
+    for b in batches {
+        let g = Graph::inference();
+        let out = model.forward_pairs(&g, b, false)?;
+        let s = crate::ops::infonce::signal(&out.embeds_1.value, &out.embeds_2.value)?;
+        loss += out.loss.value.to_scalar() as f64;
+        (top1, pos, neg) = (top1 + s.top1, pos + s.pos_sim, neg + s.neg_sim);
+    }
+    let k = batches.len() as f64;
+    Ok((loss / k, Signal { top1: top1 / k, pos_sim: pos / k, neg_sim: neg / k }))
+}
+
+/// Batch `step` (1-based) as files PyTorch reads (`benches/trajectory.py`): `step_<n>.npz`-like
+/// folder `<dir>/step_<n>/` with x1.npy, x2.npy ([B, 1, X, Y, Z] float32, PyTorch's layout) and
+/// pairs.npy ([N, 7] int64: patch index, view-1 x, y, z, view-2 x, y, z).
+pub fn dump_batch(dir: &std::path::Path, step: u64, b: &PairBatch) -> Result<()> {
+    use anyhow::Context;
+    let d = dir.join(format!("step_{step:06}"));
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    let s = b.x1.shape();
+    let ncxyz = [s[0], 1, s[1], s[2], s[3]];
+    crate::eval::npy::write_f32(&d.join("x1.npy"), &ncxyz, &b.x1.to_f32_vec()?)?;
+    crate::eval::npy::write_f32(&d.join("x2.npy"), &ncxyz, &b.x2.to_f32_vec()?)?;
+    let n = b.num_pairs();
+    let mut pairs = Vec::with_capacity(n * 7);
+    for i in 0..n {
+        pairs.push(b.batch_index[i]);
+        pairs.extend_from_slice(&b.voxels_1[3 * i..3 * i + 3]);
+        pairs.extend_from_slice(&b.voxels_2[3 * i..3 * i + 3]);
+    }
+    crate::eval::npy::write_i64(&d.join("pairs.npy"), &[n, 7], &pairs)
 }
 
 /// Online probing: a labelled dataset, its split, and the probe's small training run.
@@ -320,23 +383,38 @@ pub fn truncate_metrics(path: &std::path::Path, through: u64) -> Result<()> {
     crate::checkpoint::write_atomic(path, out.as_bytes()).with_context(|| format!("truncating {} to step {through}", path.display()))
 }
 
-/// Draw `out_dir/loss.png` from the run's whole `metrics.jsonl` (resumed parts included): the
-/// per-step loss and its moving average over 20 steps.
+/// Draw `out_dir/loss.png` from the run's whole `metrics.jsonl` (resumed parts included),
+/// three panels: the InfoNCE loss per step and its moving average over 20 steps; the
+/// contrastive top-1 accuracy; the mean positive and negative similarities; each with the
+/// validation pairs' values where the run has them (`val_*` lines).
 pub fn write_loss_curve(out_dir: &std::path::Path) -> Result<()> {
     use anyhow::Context;
     let text = std::fs::read_to_string(out_dir.join(METRICS_FILE)).context("reading metrics")?;
-    let pts: Vec<(f64, f64)> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
-        .collect();
-    let avg: Vec<(f64, f64)> = (0..pts.len())
-        .map(|i| {
-            let w = &pts[i.saturating_sub(19)..=i];
-            (pts[i].0, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64)
-        })
-        .collect();
-    crate::plot::write_curve_png(&out_dir.join(LOSS_CURVE_FILE), "InfoNCE loss", &[("loss", &pts), ("mean of 20", &avg)])
+    let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect();
+    let series = |key: &str| -> Vec<(f64, f64)> { lines.iter().filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?))).collect() };
+    let moving = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        (0..pts.len())
+            .map(|i| {
+                let w = &pts[i.saturating_sub(19)..=i];
+                (pts[i].0, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64)
+            })
+            .collect()
+    };
+    let (loss, top1, pos, neg) = (series("loss"), series("top1"), series("pos_sim"), series("neg_sim"));
+    let (vloss, vtop1, vpos, vneg) = (series("val_loss"), series("val_top1"), series("val_pos_sim"), series("val_neg_sim"));
+    let (loss_avg, top1_avg) = (moving(&loss), moving(&top1));
+    let mut p_loss: Vec<(&str, &[(f64, f64)])> = vec![("loss", &loss), ("mean of 20", &loss_avg)];
+    let mut p_top1: Vec<(&str, &[(f64, f64)])> = vec![("top-1", &top1), ("mean of 20", &top1_avg)];
+    let mut p_sim: Vec<(&str, &[(f64, f64)])> = vec![("positive", &pos), ("negative", &neg)];
+    if !vloss.is_empty() {
+        p_loss.push(("validation", &vloss));
+        p_top1.push(("validation", &vtop1));
+        p_sim.extend([("val positive", &vpos[..]), ("val negative", &vneg[..])]);
+    }
+    crate::plot::write_panels_png(
+        &out_dir.join(LOSS_CURVE_FILE),
+        &[("InfoNCE loss", &p_loss), ("contrastive top-1 accuracy", &p_top1), ("mean cosine similarity of pairs", &p_sim)],
+    )
 }
 
 /// One line of `metrics.jsonl` (appended and flushed; a failed write names the file).
@@ -427,6 +505,11 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
         .open(opts.out_dir.join(METRICS_FILE))
         .with_context(|| format!("opening {}", opts.out_dir.join(METRICS_FILE).display()))?;
     let start = adam.step;
+    if let Some(dir) = &opts.dump_batches {
+        // The weights the dumped batches start from (PyTorch state_dict keys and layouts).
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        checkpoint::save(&dir.join(format!("weights_step_{start:06}.safetensors")), &model.config, &model.store, Some(&adam), &[])?;
+    }
     let mut skipped = 0u64;
     progress.start(start, opts.steps);
     let mut meta: Vec<(&str, String)> = vec![("seed", opts.seed.to_string())];
@@ -450,6 +533,9 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
             x[0] = f32::NAN;
             batch.x1 = Tensor::from_f32(batch.x1.shape(), x);
         }
+        if let Some(dir) = &opts.dump_batches {
+            dump_batch(dir, step + 1, &batch)?;
+        }
         let t0 = std::time::Instant::now();
         let stats = pretrain_step(&mut model, &mut adam, &batch).with_context(|| format!("step {}", step + 1))?;
         if stats.finite() {
@@ -457,6 +543,9 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
                 "step": step + 1,
                 "loss": stats.loss,
                 "grad_norm": stats.grad_norm,
+                "top1": stats.signal.top1,
+                "pos_sim": stats.signal.pos_sim,
+                "neg_sim": stats.signal.neg_sim,
                 "step_ms": t0.elapsed().as_secs_f64() * 1e3,
             });
             append_metric(&mut metrics, &opts.out_dir, &line)?;
@@ -476,6 +565,11 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
                 ckpt_path.display(),
                 if skipped > 0 { format!("{skipped} earlier step(s) were skipped already. ") } else { String::new() }
             );
+        }
+        if let Some(v) = opts.validation.as_ref().filter(|v| v.every > 0 && ((step + 1) % v.every == 0 || step + 1 == opts.steps)) {
+            let (loss, sig) = validate(&mut model, &v.batches).with_context(|| format!("validation after step {}", step + 1))?;
+            append_metric(&mut metrics, &opts.out_dir, &serde_json::json!({"step": step + 1, "val_loss": loss, "val_top1": sig.top1, "val_pos_sim": sig.pos_sim, "val_neg_sim": sig.neg_sim}))?;
+            progress.message(&format!("step {:>6}  validation: loss {loss:.5}  top-1 {:.3}  similarity pos {:.3} neg {:.3}", step + 1, sig.top1, sig.pos_sim, sig.neg_sim));
         }
         if let Some(p) = opts.online_probe.as_ref().filter(|p| p.every > 0 && (step + 1) % p.every == 0) {
             // The probe runs where the backbone is (on a CUDA device: head, loss, Adam and

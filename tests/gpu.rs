@@ -611,6 +611,34 @@ fn test_head_ops() -> Result<()> {
     Ok(())
 }
 
+/// The learning signal on the device (`infonce_signal_hits` / `_finalize`) against
+/// `signal_cpu`: anchor counts below, at and above SIGNAL_ANCHORS (1024) and not multiples of
+/// the 32-row blocks, d across the 32-wide chunks; e2 a noisy copy of e1 so that top-1 is
+/// neither 0 nor 1. Top-1 within 2 anchors of the CPU (other summation orders may flip a
+/// near-tie), similarities within 1e-6.
+fn test_learning_signal() -> Result<()> {
+    use vox2vec::ops::infonce::{SIGNAL_ANCHORS, signal, signal_cpu};
+    let mut rng = StdRng::seed_from_u64(19);
+    for (n, d) in [(6usize, 8usize), (37, 16), (300, 33), (1100, 128), (2, 1)] {
+        let unit = |rng: &mut StdRng, base: Option<&[f32]>| {
+            let mut v: Vec<f32> = (0..n * d).map(|k| base.map_or(0.0, |b| b[k]) + 0.6 * rng.random_range(-1.0..1.0f32)).collect();
+            for r in v.chunks_mut(d) {
+                let s = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+                r.iter_mut().for_each(|x| *x /= s);
+            }
+            v
+        };
+        let e1 = unit(&mut rng, None);
+        let e2 = unit(&mut rng, Some(&e1));
+        let want = signal_cpu(&e1, &e2, n, d);
+        let got = signal(&Tensor::from_f32(&[n, d], e1).to_device(GPU)?, &Tensor::from_f32(&[n, d], e2).to_device(GPU)?)?;
+        let anchors = 2 * n.min(SIGNAL_ANCHORS);
+        ensure!((got.top1 - want.top1).abs() * anchors as f64 <= 2.0 + 1e-9, "[{n},{d}]: top-1 {} on the GPU, {} on the CPU", got.top1, want.top1);
+        ensure!((got.pos_sim - want.pos_sim).abs() < 1e-6 && (got.neg_sim - want.neg_sim).abs() < 1e-6, "[{n},{d}]: {got:?} on the GPU, {want:?} on the CPU");
+    }
+    Ok(())
+}
+
 /// The segmentation loss (BCE in the ROI + soft Dice, `kernels/segloss.cu`) against the CPU:
 /// one class and many (260: more than one 256-wide class pass), volumes that are not a
 /// multiple of the 256-voxel chunk (several chunks per sample), batch 1 and 2, with an ROI
@@ -1102,6 +1130,7 @@ fn main() -> ExitCode {
         ("ops_gather_concat_vs_cpu", test_gather_concat),
         ("ops_head_and_infonce_vs_cpu", test_head_ops),
         ("ops_segmentation_loss_vs_cpu", test_segloss),
+        ("ops_learning_signal_vs_cpu", test_learning_signal),
         ("optim_clip_and_adam_vs_cpu", test_clip_and_adam),
         ("fixture_parity_on_gpu", test_fixture_parity),
         ("inference_embed_and_head_on_gpu_vs_cpu", test_inference_on_gpu),

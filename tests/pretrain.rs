@@ -1,6 +1,8 @@
 //! The pretraining loop: the loss falls, a resumed run equals an uninterrupted one, and the
 //! vox2vec-train binary reports bad input with a non-zero exit.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -19,6 +21,8 @@ fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
         checkpoint_every: 0,
         resume: Resume::No,
         online_probe: None,
+        validation: None,
+        dump_batches: None,
         device: vox2vec::tensor::Device::Cpu,
         activation_dtype: vox2vec::tensor::DType::F32,
         skip_nonfinite: 0,
@@ -432,4 +436,62 @@ fn assert_same_checkpoint(a: &std::path::Path, b: &std::path::Path) {
         m
     };
     assert_eq!(meta(&ba), meta(&bb), "metadata differs from the uninterrupted run's");
+}
+
+/// Every step logs the learning signal (top-1 accuracy, positive and negative similarities);
+/// --val-data logs the same on fixed held-out pairs every --val-every steps and at the end;
+/// loss.png has the three panels; --dump-batches writes the initial weights and each batch in
+/// PyTorch's layouts; --exclude leaves matching inputs out of training.
+#[test]
+fn learning_signal_validation_dumps_and_exclusion() {
+    let dir = tmpdir("signal");
+    let data = dir.join("cts");
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, shift) in [("a", 0), ("b", 5)] {
+        common::blocks::write_case(&data.join(format!("{name}.nii.gz")), &dir.join(format!("{name}_label.nii.gz")), shift);
+    }
+    let out = dir.join("run");
+    let res = train_bin()
+        .arg(&data)
+        .args(TINY)
+        .args(["--steps", "4", "--val-every", "2", "--val-batches", "2", "--exclude", "b.nii", "--val-data"])
+        .arg(data.join("b.nii.gz"))
+        .arg("--cache")
+        .arg(dir.join("cache"))
+        .arg("--dump-batches")
+        .arg(dir.join("dump"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{err}");
+    assert!(err.contains("validation: loss"), "{err}");
+    let lines = metric_lines(&out);
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|v| v.get("loss").is_some()).collect();
+    assert_eq!(steps.len(), 4);
+    for v in &steps {
+        let (t, p, n) = (v["top1"].as_f64().unwrap(), v["pos_sim"].as_f64().unwrap(), v["neg_sim"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&t) && (-1.0..=1.0).contains(&p) && (-1.0..=1.0).contains(&n), "{v}");
+    }
+    let val: Vec<u64> = lines.iter().filter(|v| v.get("val_loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(val, vec![2, 4], "validation after steps 2 and 4");
+    let v = lines.iter().find(|v| v.get("val_loss").is_some()).unwrap();
+    assert!(v["val_loss"].as_f64().unwrap().is_finite() && (0.0..=1.0).contains(&v["val_top1"].as_f64().unwrap()), "{v}");
+    // loss.png: 800 wide, three 500-pixel panels.
+    let png = std::fs::read(out.join(vox2vec::train::LOSS_CURVE_FILE)).unwrap();
+    assert_eq!((u32::from_be_bytes(png[16..20].try_into().unwrap()), u32::from_be_bytes(png[20..24].try_into().unwrap())), (800, 1500));
+    // The dump: initial weights, and per step the views [2, 1, 16, 16, 8] and [N, 7] pairs.
+    assert!(dir.join("dump/weights_step_000000.safetensors").is_file());
+    let (shape, _) = vox2vec::eval::npy::read_f32(&dir.join("dump/step_000001/x1.npy")).unwrap();
+    assert_eq!(shape, vec![2, 1, 16, 16, 8]);
+    let pairs = std::fs::read(dir.join("dump/step_000004/pairs.npy")).unwrap();
+    let header = String::from_utf8_lossy(&pairs[10..10 + u16::from_le_bytes([pairs[8], pairs[9]]) as usize]).to_string();
+    assert!(header.contains("'<i8'") && header.contains(", 7)"), "{header}");
+    // b was excluded from training (and is the validation CT).
+    let meta = vox2vec::eval::recorded::Recorded::read(&out.join(CHECKPOINT_FILE)).unwrap().metadata;
+    let sources: serde_json::Value = serde_json::from_str(&meta[vox2vec::eval::recorded::DATA_SOURCES]).unwrap();
+    let files: Vec<String> = sources["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+    assert!(files.len() == 1 && files[0].ends_with("a.nii.gz"), "{sources}");
+    assert!(sources["validation"]["files"][0].as_str().unwrap().ends_with("b.nii.gz"), "{sources}");
 }

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use vox2vec::data::loader::{CachedVolumes, PhantomVolumes, VolumeSet};
 use vox2vec::data::preprocess::PreprocessConfig;
 use vox2vec::data::sampler::SamplerConfig;
-use vox2vec::data::sources::prepare_input;
 use vox2vec::train::{BatchShape, BatchSource, Progress, Resume, StepStats, TrainOptions, run_pretraining};
 
 #[derive(Parser, Debug)]
@@ -66,6 +65,23 @@ struct Args {
     /// Validation cases of the probe: every --probe-folds-th case.
     #[arg(long, default_value_t = 4)]
     probe_folds: usize,
+    /// Validation pairs: CTs held out of training (a NIfTI file, folder, nnU-Net dataset or list),
+    /// from which --val-batches fixed batches are drawn once; every --val-every steps (and at
+    /// the end) their loss, top-1 accuracy and similarities (eval mode) go into metrics.jsonl.
+    #[arg(long, value_name = "DATA")]
+    val_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    val_every: u64,
+    #[arg(long, default_value_t = 4)]
+    val_batches: usize,
+    /// Leave out of the training data every input file whose path contains one of these
+    /// (comma-separated) texts: e.g. the patients a probe evaluates on.
+    #[arg(long, value_delimiter = ',', value_name = "TEXT")]
+    exclude: Vec<String>,
+    /// Write each step's batch into this folder (step_<n>/x1.npy, x2.npy, pairs.npy) for
+    /// benches/trajectory.py, which trains PyTorch's reference step on the same batches.
+    #[arg(long, value_name = "DIR")]
+    dump_batches: Option<PathBuf>,
     /// Total optimisation steps (a resumed run continues up to this number).
     #[arg(long, default_value_t = 100)]
     steps: u64,
@@ -144,8 +160,8 @@ struct Args {
 
 /// Preprocess (or find in the cache) every input file; report skipped files; fail when none
 /// is usable or, without --skip-bad, when any file is bad.
-fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize; 3], skip_bad: bool, pre: &PreprocessConfig) -> anyhow::Result<vox2vec::data::sources::PrepareReport> {
-    let report = prepare_input(input, cache, pre, patch)?;
+fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize; 3], skip_bad: bool, pre: &PreprocessConfig, exclude: &[String]) -> anyhow::Result<vox2vec::data::sources::PrepareReport> {
+    let report = vox2vec::data::sources::prepare_input_excluding(input, cache, pre, patch, exclude)?;
     eprintln!("data: {}", report.summary(cache));
     if !report.skipped.is_empty() && !skip_bad {
         anyhow::bail!("{} of {} input files are unusable (listed above); fix them or pass --skip-bad", report.skipped.len(), report.files);
@@ -275,19 +291,33 @@ fn run(args: Args) -> anyhow::Result<()> {
                 Arc::new(PhantomVolumes::new(args.seed, args.phantoms))
             }
             Some(input) => {
-                let report = prepare_data(input, &args.cache, batch.patch, args.skip_bad, &pre)?;
-                data_sources = serde_json::json!({"input": input, "volumes": report.sources.len(), "skipped": report.skipped.len(), "files": report.sources});
+                let report = prepare_data(input, &args.cache, batch.patch, args.skip_bad, &pre, &args.exclude)?;
+                data_sources = serde_json::json!({"input": input, "volumes": report.sources.len(), "skipped": report.skipped.len(), "excluded": args.exclude, "files": report.sources});
                 Arc::new(CachedVolumes::new(report.entries, 4))
             }
         };
         BatchSource::Volumes { volumes, sampler, workers: args.loader_workers }
+    };
+    let validation = match &args.val_data {
+        None => None,
+        Some(input) => {
+            anyhow::ensure!(args.val_every >= 1 && args.val_batches >= 1, "--val-every and --val-batches must be at least 1");
+            let report = prepare_data(input, &args.cache, batch.patch, args.skip_bad, &pre, &[])?;
+            let sampler = SamplerConfig { pairs: batch.pairs, patch: batch.patch, max_voxels: batch.voxels_per_pair, ..SamplerConfig::default() };
+            let vols = CachedVolumes::new(report.entries, 4);
+            // Fixed pairs: the same whatever the training run does, resumed or not.
+            let batches = (0..args.val_batches as u64).map(|i| vox2vec::data::loader::make_batch(&vols, &sampler, args.seed ^ 0x7A11_DA7A, i)).collect::<anyhow::Result<Vec<_>>>()?;
+            data_sources["validation"] = serde_json::json!({"input": input, "files": report.sources, "batches": args.val_batches});
+            Some(vox2vec::train::Validation { batches: Arc::new(batches), every: args.val_every })
+        }
     };
     use vox2vec::eval::recorded;
     let mut metadata: Vec<(String, String)> = recorded::preprocessing_metadata(args.spacing, batch.patch).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let train_config = serde_json::json!({
         "pairs": batch.pairs, "patch": batch.patch, "voxels_per_pair": batch.voxels_per_pair, "steps": args.steps, "lr": args.lr,
         "seed": args.seed, "device": args.device, "precision": args.precision, "nonfinite": format!("{:?}", args.nonfinite),
-        "probe_dataset": args.probe_dataset, "probe_every": args.probe_every,
+        "probe_dataset": args.probe_dataset, "probe_every": args.probe_every, "val_data": args.val_data, "val_every": args.val_every,
+        "base_channels": args.base_channels, "num_scales": args.num_scales,
     });
     metadata.push((recorded::COMMAND_LINE.to_string(), recorded::command_line()));
     metadata.push((recorded::DATA_SOURCES.to_string(), data_sources.to_string()));
@@ -325,6 +355,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             (None, false) => Resume::No,
         },
         online_probe,
+        validation,
+        dump_batches: args.dump_batches.clone(),
         device,
         activation_dtype: precision,
         skip_nonfinite: args.skip_nonfinite,

@@ -936,7 +936,10 @@ fn main() -> ExitCode {
     // Die quietly on a closed pipe (`vox2vec inspect --all | head`) as other Unix tools do,
     // instead of panicking inside println!.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    match run(Cli::parse()) {
+    let r = run(Cli::parse());
+    // VOX2VEC_PROFILE=1: time per op and shape on the CPU backend (empty otherwise).
+    eprint!("{}", vox2vec::profile::report());
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -90,6 +90,8 @@ kernels! {
     InfonceLoss => "infonce_loss",
     InfonceBackwardD128 => "infonce_backward_d128",
     InfonceBackwardD512 => "infonce_backward_d512",
+    InfonceSignalHits => "infonce_signal_hits",
+    InfonceSignalFinalize => "infonce_signal_finalize",
     // infonce_tc.cu (tensor cores, bf16x3)
     InfonceSplitBf16 => "infonce_split_bf16",
     InfonceTcRowLse => "infonce_tc_row_lse",

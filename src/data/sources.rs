@@ -148,8 +148,17 @@ impl PrepareReport {
 
 /// `discover` + `prepare_all` with a progress bar (rate and ETA) on standard error.
 pub fn prepare_input(input: &Path, cache: &Path, cfg: &PreprocessConfig, min_shape: [usize; 3]) -> Result<PrepareReport> {
+    prepare_input_excluding(input, cache, cfg, min_shape, &[])
+}
+
+/// `prepare_input` without the files whose path contains one of `exclude` (held-out CTs: the
+/// patients a probe evaluates on must not be pretrained on). Excluding everything is an error.
+pub fn prepare_input_excluding(input: &Path, cache: &Path, cfg: &PreprocessConfig, min_shape: [usize; 3], exclude: &[String]) -> Result<PrepareReport> {
     use indicatif::{ProgressBar, ProgressStyle};
-    let files = discover(input)?;
+    let mut files = discover(input)?;
+    let before = files.len();
+    files.retain(|f| !exclude.iter().any(|x| !x.is_empty() && f.to_string_lossy().contains(x.as_str())));
+    anyhow::ensure!(!files.is_empty(), "{}: all {before} files are excluded ({})", input.display(), exclude.join(", "));
     let stale = crate::checkpoint::remove_stale_temp_files(cache).with_context(|| format!("cache folder {}", cache.display()))?;
     if stale > 0 {
         eprintln!("removed {stale} temporary file(s) left in {} by an interrupted run", cache.display());

@@ -69,3 +69,11 @@ pub fn write_f16(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
     }
     crate::checkpoint::write_atomic(path, &out)
 }
+
+/// Write an int64 array (index tables for PyTorch: `benches/trajectory.py` reads the pairs).
+pub fn write_i64(path: &Path, shape: &[usize], values: &[i64]) -> Result<()> {
+    ensure!(shape.iter().product::<usize>() == values.len(), "{}: {} values for shape {shape:?}", path.display(), values.len());
+    let mut out = header("<i8", shape);
+    out.extend_from_slice(bytemuck::cast_slice(values));
+    crate::checkpoint::write_atomic(path, &out)
+}

@@ -156,3 +156,115 @@ pub fn infonce_with(g: &Graph, e1: &Var, e2: &Var, temperature: f64, math: Matmu
         Ok(vec![Some(Tensor::from_f32(&[n, d], a)), Some(Tensor::from_f32(&[n, d], b))])
     }))
 }
+
+/// Anchors per view whose nearest neighbour the learning signal checks (all N when fewer).
+pub const SIGNAL_ANCHORS: usize = 1024;
+
+/// How well a batch's embeddings already do what InfoNCE asks, besides the loss: logged every
+/// step (`metrics.jsonl`) and on validation pairs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Signal {
+    /// Contrastive top-1 accuracy: for the first min(N, SIGNAL_ANCHORS) voxels of each view,
+    /// the fraction whose most similar embedding in the other view is its own pair (strictly
+    /// more similar than every other voxel's: a collapsed embedding scores 0, not 1).
+    pub top1: f64,
+    /// Mean cosine similarity of positive pairs, e1_i · e2_i over all N.
+    pub pos_sim: f64,
+    /// Mean cosine similarity across views of non-pairs, e1_i · e2_j over all i ≠ j.
+    pub neg_sim: f64,
+}
+
+/// The signal of unit rows e1, e2 [n, d] on the host. The sums are f64: pos = Σ e1_i·e2_i,
+/// neg = ((Σ_i e1_i)·(Σ_j e2_j) − pos) / (n (n − 1)), an O(n d) form of the mean over i ≠ j.
+pub fn signal_cpu(e1: &[f32], e2: &[f32], n: usize, d: usize) -> Signal {
+    let a = n.min(SIGNAL_ANCHORS);
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(&p, &q)| p as f64 * q as f64).sum::<f64>();
+    let pos: f64 = (0..n).map(|i| dot(&e1[i * d..(i + 1) * d], &e2[i * d..(i + 1) * d])).sum();
+    let col_sum = |e: &[f32]| -> Vec<f64> {
+        let mut s = vec![0.0f64; d];
+        for row in e.chunks_exact(d) {
+            s.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+        }
+        s
+    };
+    let (s1, s2) = (col_sum(e1), col_sum(e2));
+    let total: f64 = s1.iter().zip(&s2).map(|(a, b)| a * b).sum();
+    // Anchors of one view against every voxel of the other: [a, n] similarities in f32 (as
+    // the loss's), the anchor correct when its own pair beats every other strictly.
+    let correct = |anchors: &[f32], others: &[f32]| -> usize {
+        let mut s = vec![0.0f32; a * n];
+        par_gemm(a, d, n, Mat::rows(&anchors[..a * d], d), Mat::rows_t(others, d), 0.0, &mut s);
+        s.par_chunks(n).enumerate().filter(|(i, row)| row.iter().enumerate().all(|(j, &v)| j == *i || v < row[*i])).count()
+    };
+    let hits = correct(e1, e2) + correct(e2, e1);
+    let pairs = n as f64 * (n as f64 - 1.0);
+    Signal { top1: hits as f64 / (2 * a) as f64, pos_sim: pos / n as f64, neg_sim: if n > 1 { (total - pos) / pairs } else { f64::NAN } }
+}
+
+/// The signal of e1, e2 where they live (on a CUDA device: `cuda::ops::infonce::signal`, one
+/// small read). Unit rows expected.
+pub fn signal(e1: &Tensor, e2: &Tensor) -> Result<Signal> {
+    ensure!(e1.shape().len() == 2 && e1.shape() == e2.shape(), "signal: embeddings {:?} and {:?} must be equal [N, D]", e1.shape(), e2.shape());
+    let (n, d) = (e1.shape()[0], e1.shape()[1]);
+    if e1.is_cuda() {
+        return crate::cuda::ops::infonce::signal(e1, e2, n, d)?.read();
+    }
+    Ok(signal_cpu(e1.f32s(), e2.f32s(), n, d))
+}
+
+#[cfg(test)]
+mod signal_tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The definition, literally: nearest neighbour by brute force, means over all pairs.
+    fn brute(e1: &[f32], e2: &[f32], n: usize, d: usize) -> Signal {
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x * y).sum::<f32>();
+        let row = |e: &[f32], i: usize| e[i * d..(i + 1) * d].to_vec();
+        let a = n.min(SIGNAL_ANCHORS);
+        let mut hits = 0;
+        for (p, q) in [(e1, e2), (e2, e1)] {
+            for i in 0..a {
+                let own = dot(&row(p, i), &row(q, i));
+                hits += (0..n).filter(|&j| j != i).all(|j| dot(&row(p, i), &row(q, j)) < own) as usize;
+            }
+        }
+        let (mut pos, mut neg) = (0.0f64, 0.0f64);
+        for i in 0..n {
+            for j in 0..n {
+                let s = dot(&row(e1, i), &row(e2, j)) as f64;
+                if i == j { pos += s } else { neg += s }
+            }
+        }
+        Signal { top1: hits as f64 / (2 * a) as f64, pos_sim: pos / n as f64, neg_sim: neg / (n * (n - 1)) as f64 }
+    }
+
+    fn unit_rows(rng: &mut rand::rngs::StdRng, base: Option<&[f32]>, n: usize, d: usize, noise: f32) -> Vec<f32> {
+        let mut v: Vec<f32> = (0..n * d).map(|k| base.map_or(0.0, |b| b[k]) + noise * rng.random_range(-1.0..1.0f32)).collect();
+        for r in v.chunks_mut(d) {
+            let s = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+            r.iter_mut().for_each(|x| *x /= s);
+        }
+        v
+    }
+
+    #[test]
+    fn signal_matches_its_definition() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for (n, d, noise) in [(7usize, 4usize, 0.3f32), (40, 16, 0.8), (130, 8, 1.5), (2, 3, 0.1)] {
+            let e1 = unit_rows(&mut rng, None, n, d, 1.0);
+            let e2 = unit_rows(&mut rng, Some(&e1), n, d, noise);
+            let (got, want) = (signal_cpu(&e1, &e2, n, d), brute(&e1, &e2, n, d));
+            assert!((got.top1 - want.top1).abs() < 1e-12, "n {n}: top-1 {} vs {}", got.top1, want.top1);
+            assert!((got.pos_sim - want.pos_sim).abs() < 1e-5 && (got.neg_sim - want.neg_sim).abs() < 1e-5, "n {n}: {got:?} vs {want:?}");
+        }
+        // Identical pairs: every anchor finds itself; a collapsed embedding (all rows equal)
+        // finds nothing (ties are not hits).
+        let e = unit_rows(&mut rng, None, 50, 8, 1.0);
+        assert_eq!(signal_cpu(&e, &e, 50, 8).top1, 1.0);
+        let same: Vec<f32> = (0..50).flat_map(|_| e[..8].to_vec()).collect();
+        let s = signal_cpu(&same, &same, 50, 8);
+        assert_eq!(s.top1, 0.0);
+        assert!((s.pos_sim - 1.0).abs() < 1e-6 && (s.neg_sim - 1.0).abs() < 1e-6);
+    }
+}

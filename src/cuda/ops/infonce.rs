@@ -107,3 +107,47 @@ pub fn backward(e1: &Tensor, e2: &Tensor, saved: &InfonceSaved, dloss: &Tensor, 
     }
     Ok((de1, de2))
 }
+
+/// The learning signal (`ops::infonce::Signal`) on the device: [top1, pos_sim, neg_sim] as
+/// f64 in a device buffer, read when the caller reads (`read`), so that a training step can
+/// queue it and read it with its loss.
+pub struct DeviceSignal {
+    pub buf: CudaBuf,
+}
+
+impl DeviceSignal {
+    pub fn read(&self) -> Result<crate::ops::infonce::Signal> {
+        let v = self.buf.device().download::<f64>(self.buf.ptr(), 3)?;
+        Ok(crate::ops::infonce::Signal { top1: v[0], pos_sim: v[1], neg_sim: v[2] })
+    }
+}
+
+/// Queue the signal of unit rows e1, e2 [n, d]: top-1 over the first min(n,
+/// SIGNAL_ANCHORS) anchors of each view (fp32 dot tiles as the loss's), similarities in f64.
+pub fn signal(e1: &Tensor, e2: &Tensor, n: usize, d: usize) -> Result<DeviceSignal> {
+    ensure_f32(e1, "signal")?;
+    ensure_f32(e2, "signal")?;
+    ensure!(n >= 1, "signal: no pairs");
+    let dev = dev_of(e1);
+    let anchors = n.min(crate::ops::infonce::SIGNAL_ANCHORS);
+    let blocks = anchors.div_ceil(ROWS);
+    let hits = dev.alloc(2 * blocks * 8)?;
+    dev.launch(
+        K::InfonceSignalHits,
+        (blocks as u32, 2, 1),
+        (256, 1, 1),
+        0,
+        &[Arg::Ptr(e1.ptr()), Arg::Ptr(e2.ptr()), Arg::I32(n as i32), Arg::I32(d as i32), Arg::I32(anchors as i32), Arg::Ptr(hits.ptr())],
+        Cost::fp32(2.0 * 2.0 * (anchors * n * d) as f64, 2 * n * d * 4 + 2 * blocks * 8),
+    )?;
+    let out = dev.alloc(3 * 8)?;
+    dev.launch(
+        K::InfonceSignalFinalize,
+        (1, 1, 1),
+        (256, 1, 1),
+        0,
+        &[Arg::Ptr(e1.ptr()), Arg::Ptr(e2.ptr()), Arg::I32(n as i32), Arg::I32(d as i32), Arg::I32(anchors as i32), Arg::Ptr(hits.ptr()), Arg::I32((2 * blocks) as i32), Arg::Ptr(out.ptr())],
+        Cost::mem(2 * n * d * 4 + 2 * blocks * 8 + 24),
+    )?;
+    Ok(DeviceSignal { buf: out })
+}
