@@ -16,18 +16,28 @@
 //   blend_normalize: acc[v, c] /= weight[v]                                       (=)
 #include "common.cuh"
 
+// Thread i's (x entry, y entry, z entry, channel) of a window's nx x ny x nz x C entries.
+struct StitchEntry {
+    int ex, ey, ez, c;
+};
+__device__ __forceinline__ StitchEntry stitch_entry(i64 i, int ny, int nz, int C) {
+    StitchEntry s;
+    s.c = (int)(i % C);
+    i /= C;
+    s.ez = (int)(i % nz);
+    i /= nz;
+    s.ey = (int)(i % ny);
+    s.ex = (int)(i / ny);
+    return s;
+}
+
 template <typename T>
 __device__ void stitch_window(const T* src, float* dst, const int* xo, const int* xi, int nx, const int* yo, const int* yi, int ny, const int* zo, const int* zi, int nz, int PY, int PZ,
                               int OY, int OZ, int C) {
     GRID_STRIDE(i, (i64)nx * ny * nz * C) {
-        const int c = (int)(i % C);
-        i64 r = i / C;
-        const int a = (int)(r % nz);
-        r /= nz;
-        const int b = (int)(r % ny);
-        const int e = (int)(r / ny);
-        const i64 in = (((i64)xi[e] * PY + yi[b]) * PZ + zi[a]) * C + c;
-        const i64 out = (((i64)xo[e] * OY + yo[b]) * OZ + zo[a]) * C + c;
+        const StitchEntry s = stitch_entry(i, ny, nz, C);
+        const i64 in = (((i64)xi[s.ex] * PY + yi[s.ey]) * PZ + zi[s.ez]) * C + s.c;
+        const i64 out = (((i64)xo[s.ex] * OY + yo[s.ey]) * OZ + zo[s.ez]) * C + s.c;
         dst[out] = ld(src, in);
     }
 }
@@ -44,18 +54,13 @@ template <typename T>
 __device__ void blend_window(const T* src, float* acc, float* weight, const int* xo, const int* xi, const float* xw, int nx, const int* yo, const int* yi, const float* yw, int ny,
                              const int* zo, const int* zi, const float* zw, int nz, int PY, int PZ, int OY, int OZ, int C) {
     GRID_STRIDE(i, (i64)nx * ny * nz * C) {
-        const int c = (int)(i % C);
-        i64 r = i / C;
-        const int a = (int)(r % nz);
-        r /= nz;
-        const int b = (int)(r % ny);
-        const int e = (int)(r / ny);
+        const StitchEntry s = stitch_entry(i, ny, nz, C);
         // The same product, in the same order, as the host's (wx wy) wz.
-        const float w = xw[e] * yw[b] * zw[a];
-        const i64 in = (((i64)xi[e] * PY + yi[b]) * PZ + zi[a]) * C + c;
-        const i64 v = ((i64)xo[e] * OY + yo[b]) * OZ + zo[a];
-        acc[v * C + c] += w * ld(src, in);
-        if (c == 0) weight[v] += w;
+        const float w = xw[s.ex] * yw[s.ey] * zw[s.ez];
+        const i64 in = (((i64)xi[s.ex] * PY + yi[s.ey]) * PZ + zi[s.ez]) * C + s.c;
+        const i64 v = ((i64)xo[s.ex] * OY + yo[s.ey]) * OZ + zo[s.ez];
+        acc[v * C + s.c] += w * ld(src, in);
+        if (s.c == 0) weight[v] += w;
     }
 }
 extern "C" __global__ void blend_window_f32(const float* src, float* acc, float* weight, const int* xo, const int* xi, const float* xw, int nx, const int* yo, const int* yi, const float* yw,

@@ -3,6 +3,8 @@
 //! trip, image/label alignment through preprocessing, HU ranges, body-mask sanity, sampler
 //! invariants and loader determinism.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,13 +19,7 @@ use vox2vec::data::sampler::{AugmentConfig, SampleSource, SamplerConfig, sample_
 use vox2vec::data::sources::{Verdict, discover, prepare_all};
 
 fn data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("VOX2VEC_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    if d.join("pretrain").is_dir() {
-        Some(d)
-    } else {
-        println!("skipped: no shared data at {} (set VOX2VEC_DATA)", d.display());
-        None
-    }
+    common::shared_data_dir()
 }
 
 fn tmpdir(name: &str) -> PathBuf {

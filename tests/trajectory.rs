@@ -16,17 +16,13 @@
 //! times it, gradient norm 0.4-1.9 times. A wrong op, gradient, clip or Adam shows at step 1;
 //! a systematic difference in the dynamics, as a drift beyond the fp32 one.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
 fn data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("VOX2VEC_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    if d.join("pretrain").is_dir() {
-        Some(d)
-    } else {
-        println!("skipped: no shared data at {} (set VOX2VEC_DATA)", d.display());
-        None
-    }
+    common::shared_data_dir()
 }
 
 fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {

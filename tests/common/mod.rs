@@ -123,3 +123,15 @@ pub fn rel_err(a: &[f32], b: &[f32], floor: f64) -> f64 {
     let d = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>().sqrt();
     d / norm(b).max(floor).max(f64::MIN_POSITIVE)
 }
+
+/// ../shared/data (or $VOX2VEC_DATA) when it holds the pretraining CTs; None, with a line
+/// saying the test is skipped, where it does not.
+pub fn shared_data_dir() -> Option<PathBuf> {
+    let d = std::env::var_os("VOX2VEC_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    if d.join("pretrain").is_dir() {
+        Some(d)
+    } else {
+        println!("skipped: no shared data at {} (set VOX2VEC_DATA)", d.display());
+        None
+    }
+}

@@ -64,39 +64,36 @@ fn window_of(out: &Tensor, b: usize, t: &[AxisTable; 3], map: &Tensor) -> Result
     Ok((out.ptr() + (b * per_window * out.dtype().size_in_bytes()) as u64, s[4]))
 }
 
+/// The kernels' arguments after their map pointers: per axis the entries' output and window
+/// coordinates (and Gaussian weights when `weights`) and count, then the extents; and the
+/// number of threads (entries x channels).
+fn entry_args(t: &[AxisTable; 3], which: [usize; 3], c: usize, weights: bool) -> (Vec<Arg>, usize) {
+    let mut args = Vec::new();
+    let mut n = c;
+    for (table, &w) in t.iter().zip(&which) {
+        let (out, window, weight, count) = table.run(w);
+        args.extend([Arg::Ptr(out), Arg::Ptr(window)]);
+        if weights {
+            args.push(Arg::Ptr(weight));
+        }
+        args.push(Arg::I32(count as i32));
+        n *= count;
+    }
+    args.extend([t[1].window_len, t[2].window_len, t[1].out_len, t[2].out_len, c].map(|v| Arg::I32(v as i32)));
+    (args, n)
+}
+
 /// map[voxels box `which` owns] = window b of `out` (the central-region rule).
 pub fn stitch_window(out: &Tensor, b: usize, t: &[AxisTable; 3], which: [usize; 3], map: &Tensor) -> Result<()> {
     let (src, c) = window_of(out, b, t, map)?;
-    let [(xo, xi, _, nx), (yo, yi, _, ny), (zo, zi, _, nz)] = [t[0].run(which[0]), t[1].run(which[1]), t[2].run(which[2])];
-    let n = nx * ny * nz * c;
+    let (tail, n) = entry_args(t, which, c, false);
     if n == 0 {
         return Ok(());
     }
     let k = K::typed(out.dtype(), K::StitchWindowF32, K::StitchWindowBf16);
-    let bytes = n * (out.dtype().size_in_bytes() + 4);
-    dev_of(map).launch_1d(
-        k,
-        n,
-        &[
-            Arg::Ptr(src),
-            Arg::Ptr(map.ptr()),
-            Arg::Ptr(xo),
-            Arg::Ptr(xi),
-            Arg::I32(nx as i32),
-            Arg::Ptr(yo),
-            Arg::Ptr(yi),
-            Arg::I32(ny as i32),
-            Arg::Ptr(zo),
-            Arg::Ptr(zi),
-            Arg::I32(nz as i32),
-            Arg::I32(t[1].window_len as i32),
-            Arg::I32(t[2].window_len as i32),
-            Arg::I32(t[1].out_len as i32),
-            Arg::I32(t[2].out_len as i32),
-            Arg::I32(c as i32),
-        ],
-        Cost::mem(bytes),
-    )
+    let mut args = vec![Arg::Ptr(src), Arg::Ptr(map.ptr())];
+    args.extend(tail);
+    dev_of(map).launch_1d(k, n, &args, Cost::mem(n * (out.dtype().size_in_bytes() + 4)))
 }
 
 /// acc += w · window b of `out` over every voxel box `which` covers, weight += w (Gaussian).
@@ -104,41 +101,15 @@ pub fn blend_window(out: &Tensor, b: usize, t: &[AxisTable; 3], which: [usize; 3
     let (src, c) = window_of(out, b, t, acc)?;
     ensure_f32(weight, "blend weights")?;
     ensure!(weight.numel() * c == acc.numel(), "blend: weights {:?} for a map {:?}", weight.shape(), acc.shape());
-    let [(xo, xi, xw, nx), (yo, yi, yw, ny), (zo, zi, zw, nz)] = [t[0].run(which[0]), t[1].run(which[1]), t[2].run(which[2])];
-    let n = nx * ny * nz * c;
+    let (tail, n) = entry_args(t, which, c, true);
     if n == 0 {
         return Ok(());
     }
     let k = K::typed(out.dtype(), K::BlendWindowF32, K::BlendWindowBf16);
+    let mut args = vec![Arg::Ptr(src), Arg::Ptr(acc.ptr()), Arg::Ptr(weight.ptr())];
+    args.extend(tail);
     // The window read once; the map's covered voxels read and written, their weights too.
-    let bytes = n * (out.dtype().size_in_bytes() + 8) + nx * ny * nz * 8;
-    dev_of(acc).launch_1d(
-        k,
-        n,
-        &[
-            Arg::Ptr(src),
-            Arg::Ptr(acc.ptr()),
-            Arg::Ptr(weight.ptr()),
-            Arg::Ptr(xo),
-            Arg::Ptr(xi),
-            Arg::Ptr(xw),
-            Arg::I32(nx as i32),
-            Arg::Ptr(yo),
-            Arg::Ptr(yi),
-            Arg::Ptr(yw),
-            Arg::I32(ny as i32),
-            Arg::Ptr(zo),
-            Arg::Ptr(zi),
-            Arg::Ptr(zw),
-            Arg::I32(nz as i32),
-            Arg::I32(t[1].window_len as i32),
-            Arg::I32(t[2].window_len as i32),
-            Arg::I32(t[1].out_len as i32),
-            Arg::I32(t[2].out_len as i32),
-            Arg::I32(c as i32),
-        ],
-        Cost::mem(bytes),
-    )
+    dev_of(acc).launch_1d(k, n, &args, Cost::mem(n * (out.dtype().size_in_bytes() + 8) + n / c * 8))
 }
 
 /// acc[v, c] /= weight[v]: the blended map from the Gaussian sums.
