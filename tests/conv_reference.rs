@@ -4,7 +4,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use vox2vec::ops::conv3d::{conv3d_backward_input_cpu_with, conv3d_backward_weight_cpu_with, conv3d_forward_cpu_with, simd_available};
+use vox2vec::ops::conv3d::{conv3d_backward_input_cpu_with, conv3d_backward_weight_cpu_with, conv3d_forward_cpu_with, CpuKernels};
 use vox2vec::tensor::Vol;
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
@@ -71,6 +71,10 @@ fn fast_paths_match_naive_convolution() {
         (Vol { n: 1, x: 33, y: 35, z: 9, c: 1 }, 2, 3), // several row blocks, one input channel
         (Vol { n: 1, x: 6, y: 5, z: 7, c: 5 }, 20, 3),  // output channels 16 + 4 (padded to 24)
         (Vol { n: 2, x: 4, y: 3, z: 6, c: 2 }, 1, 3),   // one output channel
+        (Vol { n: 1, x: 6, y: 5, z: 7, c: 16 }, 32, 3), // a 32-channel AVX-512 block
+        (Vol { n: 2, x: 3, y: 4, z: 5, c: 8 }, 40, 3),  // 32 + a masked 8
+        (Vol { n: 1, x: 5, y: 5, z: 4, c: 4 }, 48, 3),  // 32 + 16
+        (Vol { n: 1, x: 4, y: 4, z: 2, c: 24 }, 64, 1), // 1×1×1, two 32-channel blocks
     ];
     for (v, co, k) in cases {
         let x = rand_vec(&mut rng, v.voxels() * v.c);
@@ -79,18 +83,15 @@ fn fast_paths_match_naive_convolution() {
         let dy = rand_vec(&mut rng, v.voxels() * co);
         let (y_ref, dx_ref, dw_ref) = naive(&x, v, &w, &b, co, k, &dy);
         let db_ref: Vec<f64> = (0..co).map(|o| dy.iter().skip(o).step_by(co).map(|&g| g as f64).sum()).collect();
-        // Every kernel: the portable GEMM and, where the processor has them, AVX2/FMA.
-        let mut kernels = vec![false];
-        if simd_available() {
-            kernels.push(true);
-        }
-        for simd in kernels {
+        // Every kernel set: the portable GEMM and, where the processor has them, AVX2/FMA and
+        // AVX-512 (which of them ran is printed: a machine without AVX-512 tests only the rest).
+        for simd in CpuKernels::available() {
             let y = conv3d_forward_cpu_with(&x, v, &w, Some(&b), co, k, simd);
             let dx = conv3d_backward_input_cpu_with(&dy, v.with_c(co), &w, v.c, k, simd);
             let (dw, db) = conv3d_backward_weight_cpu_with(&x, v, &dy, co, k, simd);
             let errs = [rel(&y, &y_ref), rel(&dx, &dx_ref), rel(&dw, &dw_ref), rel(&db, &db_ref)];
-            println!("conv {v:?} co {co} k {k} simd {simd}: rel err y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}", errs[0], errs[1], errs[2], errs[3]);
-            assert!(errs.iter().all(|&e| e < 1e-5), "{v:?} co {co} k {k} simd {simd}: {errs:?}");
+            println!("conv {v:?} co {co} k {k} kernels {simd:?}: rel err y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}", errs[0], errs[1], errs[2], errs[3]);
+            assert!(errs.iter().all(|&e| e < 1e-5), "{v:?} co {co} k {k} kernels {simd:?}: {errs:?}");
         }
     }
 }

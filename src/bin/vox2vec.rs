@@ -936,6 +936,8 @@ fn main() -> ExitCode {
     // Die quietly on a closed pipe (`vox2vec inspect --all | head`) as other Unix tools do,
     // instead of panicking inside println!.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // Sliding windows free and re-allocate the same large buffers window after window.
+    vox2vec::cpu::retain_freed_memory();
     let r = run(Cli::parse());
     // VOX2VEC_PROFILE=1: time per op and shape on the CPU backend (empty otherwise).
     eprint!("{}", vox2vec::profile::report());

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use super::avx2;
 use crate::cpu::{Mat, gemm, row_groups, sum_in_order, transpose_padded};
 
+use super::CpuKernels;
 use crate::tensor::Vol;
 
 /// Rows per block: about 256 Ki floats of im2col per block, at least 32 rows.
@@ -105,7 +106,7 @@ pub fn pack_weight(w: &[f32], co: usize, ci: usize, k: usize, taps: &[usize], fl
 
 /// y = conv(x) with a packed weight `wp` [co, taps·Ci].
 #[allow(clippy::too_many_arguments)]
-pub fn forward(x: &[f32], v: Vol, wp: &[f32], taps: &[usize], bias: Option<&[f32]>, co: usize, k: usize, simd: bool) -> Vec<f32> {
+pub fn forward(x: &[f32], v: Vol, wp: &[f32], taps: &[usize], bias: Option<&[f32]>, co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
     let kdim = taps.len() * v.c;
     let m = v.voxels();
     if m == 0 || co == 0 {
@@ -115,7 +116,7 @@ pub fn forward(x: &[f32], v: Vol, wp: &[f32], taps: &[usize], bias: Option<&[f32
     let direct = taps.len() == 1 && taps[0] == (k * k * k) / 2;
     let rows = block_rows(kdim);
     #[cfg(target_arch = "x86_64")]
-    if simd {
+    if kernels.simd() {
         let cop = co.next_multiple_of(8);
         let bt = transpose_padded(wp, co, kdim, kdim, cop); // [K, cop]
         let mut bias_p = vec![0.0f32; cop];
@@ -130,22 +131,22 @@ pub fn forward(x: &[f32], v: Vol, wp: &[f32], taps: &[usize], bias: Option<&[f32
             || vec![0.0f32; if direct { 0 } else { rows * kdim }],
             |cols, (bi, yb)| {
                 let nr = yb.len() / cop;
-                // SAFETY: AVX2/FMA checked by the caller (`simd`); operand bounds checked above
+                // SAFETY: AVX2/FMA checked by the caller (`kernels`); operand bounds checked above
                 // (direct) or by construction (the block's own im2col buffer).
                 unsafe {
                     if direct {
-                        avx2::forward_rows(x, kdim, &[0], kdim, &bt, cop, &bias_p, bi * rows, yb);
+                        kernels.forward_rows(x, kdim, &[0], kdim, &bt, cop, &bias_p, bi * rows, yb);
                     } else {
                         im2col(x, v, k, taps, bi * rows, nr, cols);
                         avx2::check_rows(cols.len(), kdim, &[0], kdim, 0, nr);
-                        avx2::forward_rows(cols, kdim, &[0], kdim, &bt, cop, &bias_p, 0, yb);
+                        kernels.forward_rows(cols, kdim, &[0], kdim, &bt, cop, &bias_p, 0, yb);
                     }
                 }
             },
         );
         return strip_columns(yp, cop, co);
     }
-    let _ = simd;
+    let _ = kernels;
     let mut y = vec![0.0f32; m * co];
     let wt = Mat::rows_t(wp, kdim); // [K, Co] view of the [Co, K] weight
     y.par_chunks_mut(rows * co).enumerate().for_each_init(
@@ -181,7 +182,7 @@ fn strip_columns(m: Vec<f32>, width: usize, c: usize) -> Vec<f32> {
 }
 
 /// dw [Co, k, k, k, Ci] from x and dy.
-pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, simd: bool) -> Vec<f32> {
+pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
     let taps = valid_taps(v, k);
     let k3 = k * k * k;
     let kdim = taps.len() * v.c;
@@ -190,7 +191,7 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, simd: boo
     let rows = block_rows(kdim);
     let groups = row_groups(m.div_ceil(rows), 1);
     #[cfg(target_arch = "x86_64")]
-    let dwc = if simd {
+    let dwc = if kernels.simd() {
         let cop = co.next_multiple_of(8);
         // dy with its channels padded to cop (a copy only when co is not a multiple of 8).
         let dyp_owned;
@@ -219,11 +220,11 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, simd: boo
                     // here (the block's im2col buffer); dyp holds m·cop values.
                     unsafe {
                         if direct {
-                            avx2::weight_grad_rows(x, kdim, &[0], kdim, dyp, cop, r0, r0 + nr, &mut dwt);
+                            kernels.weight_grad_rows(x, kdim, &[0], kdim, dyp, cop, r0, r0 + nr, &mut dwt);
                         } else {
                             im2col(x, v, k, &taps, r0, nr, &mut cols);
                             avx2::check_rows(cols.len(), kdim, &[0], kdim, 0, nr);
-                            avx2::weight_grad_rows(&cols, kdim, &[0], kdim, &dyp[r0 * cop..], cop, 0, nr, &mut dwt);
+                            kernels.weight_grad_rows(&cols, kdim, &[0], kdim, &dyp[r0 * cop..], cop, 0, nr, &mut dwt);
                         }
                     }
                 }
@@ -236,7 +237,7 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, simd: boo
     };
     #[cfg(not(target_arch = "x86_64"))]
     let dwc = {
-        let _ = simd;
+        let _ = kernels;
         portable_weight_grad(x, v, dy, co, k, &taps, groups)
     };
     if taps.len() == k3 {

@@ -9,8 +9,10 @@
 //! - `im2col.rs`: everything else — blocks of im2col rows over the kernel taps that can reach
 //!   the volume (`valid_taps`: coarse levels with an axis of extent 1 or 2 skip taps that
 //!   only read padding), times the packed weight; a 1×1×1 kernel reads x directly.
-//! - `avx2.rs`: the register-tiled AVX2/FMA micro-kernels both paths use on x86-64; elsewhere
-//!   (or with `simd = false`) they run through matrixmultiply's GEMM.
+//! - `avx2.rs`, `avx512.rs`: the register-tiled micro-kernels both paths use on x86-64, chosen
+//!   at run time by the processor's features (`CpuKernels::best`: AVX-512 where present, else
+//!   AVX2/FMA); elsewhere (or `CpuKernels::Portable`) the same decomposition runs through
+//!   matrixmultiply's GEMM. Every set is tested against a naive f64 convolution.
 //!
 //! Backward:
 //! - dx = conv(dy, w_flip) with w_flip[ci, a, b, c, co] = w[co, k-1-a, k-1-b, k-1-c, ci]
@@ -26,6 +28,8 @@ use anyhow::{Result, ensure};
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod im2col;
 pub mod shifted;
 
@@ -37,59 +41,125 @@ use crate::tensor::{Tensor, Vol};
 
 pub use im2col::{pack_weight, valid_taps};
 
-/// Whether the AVX2/FMA micro-kernels can run here (checked once).
-pub fn simd_available() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
+/// Which CPU micro-kernels a convolution runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuKernels {
+    /// matrixmultiply's GEMM on the same decomposition (any processor).
+    Portable,
+    /// AVX2 + FMA register tiles (`avx2.rs`).
+    Avx2,
+    /// AVX-512F register tiles (`avx512.rs`).
+    Avx512,
+}
+
+impl CpuKernels {
+    /// The sets this processor can run, portable first.
+    pub fn available() -> Vec<CpuKernels> {
+        let mut v = vec![CpuKernels::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            avx2::available()
+            if avx2::available() {
+                v.push(CpuKernels::Avx2);
+            }
+            if avx512::available() {
+                v.push(CpuKernels::Avx512);
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
+        v
+    }
+
+    /// The fastest available set (detected once); `VOX2VEC_CPU_KERNELS=portable|avx2|avx512`
+    /// picks another available one (for comparisons).
+    pub fn best() -> CpuKernels {
+        static BEST: OnceLock<CpuKernels> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let avail = CpuKernels::available();
+            let wanted = std::env::var("VOX2VEC_CPU_KERNELS").ok().and_then(|v| match v.to_ascii_lowercase().as_str() {
+                "portable" => Some(CpuKernels::Portable),
+                "avx2" => Some(CpuKernels::Avx2),
+                "avx512" => Some(CpuKernels::Avx512),
+                _ => None,
+            });
+            wanted.filter(|w| avail.contains(w)).unwrap_or(*avail.last().expect("portable is always available"))
+        })
+    }
+
+    /// Whether this set uses the x86-64 micro-kernels (padded channel layouts).
+    pub fn simd(self) -> bool {
+        self != CpuKernels::Portable
+    }
+
+    /// `avx2::forward_rows` / `avx512::forward_rows` of this set.
+    ///
+    /// # Safety
+    /// As the chosen kernel's: the set must be available and the operands in bounds.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn forward_rows(self, a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: &[f32], cop: usize, bias: &[f32], r0: usize, out: &mut [f32]) {
+        // SAFETY: the caller's contract is the kernels'.
+        unsafe {
+            match self {
+                CpuKernels::Avx512 => avx512::forward_rows(a, rs, offs, kk, bt, cop, bias, r0, out),
+                _ => avx2::forward_rows(a, rs, offs, kk, bt, cop, bias, r0, out),
+            }
         }
-    })
+    }
+
+    /// `avx2::weight_grad_rows` / `avx512::weight_grad_rows` of this set.
+    ///
+    /// # Safety
+    /// As the chosen kernel's: the set must be available and the operands in bounds.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn weight_grad_rows(self, a: &[f32], rs: usize, offs: &[usize], kk: usize, dyp: &[f32], cop: usize, r0: usize, r1: usize, dwt: &mut [f32]) {
+        // SAFETY: the caller's contract is the kernels'.
+        unsafe {
+            match self {
+                CpuKernels::Avx512 => avx512::weight_grad_rows(a, rs, offs, kk, dyp, cop, r0, r1, dwt),
+                _ => avx2::weight_grad_rows(a, rs, offs, kk, dyp, cop, r0, r1, dwt),
+            }
+        }
+    }
 }
 
 /// Forward on the CPU: returns y [N, X, Y, Z, Co].
 pub fn conv3d_forward_cpu(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize) -> Vec<f32> {
-    conv3d_forward_cpu_with(x, v, w, bias, co, k, simd_available())
+    conv3d_forward_cpu_with(x, v, w, bias, co, k, CpuKernels::best())
 }
 
 /// dx [N, X, Y, Z, Ci] from dy [N, X, Y, Z, Co]: the forward with the flipped, transposed weight.
 pub fn conv3d_backward_input_cpu(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize) -> Vec<f32> {
-    conv3d_backward_input_cpu_with(dy, v_out, w, ci, k, simd_available())
+    conv3d_backward_input_cpu_with(dy, v_out, w, ci, k, CpuKernels::best())
 }
 
 /// (dw [Co, k, k, k, Ci], db [Co]) from the input x and dy.
 pub fn conv3d_backward_weight_cpu(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
-    conv3d_backward_weight_cpu_with(x, v, dy, co, k, simd_available())
+    conv3d_backward_weight_cpu_with(x, v, dy, co, k, CpuKernels::best())
 }
 
-fn check_simd(simd: bool) {
-    assert!(!simd || simd_available(), "AVX2/FMA kernels requested on a processor without them");
+fn check_kernels(kernels: CpuKernels) {
+    assert!(CpuKernels::available().contains(&kernels), "{kernels:?} kernels requested on a processor without them");
 }
 
-/// `conv3d_forward_cpu` with the kernel choice explicit (`simd = false`: portable GEMM).
-pub fn conv3d_forward_cpu_with(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, simd: bool) -> Vec<f32> {
-    check_simd(simd);
+/// `conv3d_forward_cpu` with the kernel set explicit.
+pub fn conv3d_forward_cpu_with(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+    check_kernels(kernels);
     assert_eq!(x.len(), v.voxels() * v.c, "conv3d: input size");
     assert_eq!(w.len(), co * k * k * k * v.c, "conv3d: weight size");
     if shifted::applicable(v, k) {
-        return shifted::forward(x, v, w, bias, co, simd);
+        return shifted::forward(x, v, w, bias, co, kernels);
     }
     let taps = valid_taps(v, k);
     if taps.len() == k * k * k {
-        im2col::forward(x, v, w, &taps, bias, co, k, simd)
+        im2col::forward(x, v, w, &taps, bias, co, k, kernels)
     } else {
-        im2col::forward(x, v, &pack_weight(w, co, v.c, k, &taps, false), &taps, bias, co, k, simd)
+        im2col::forward(x, v, &pack_weight(w, co, v.c, k, &taps, false), &taps, bias, co, k, kernels)
     }
 }
 
 /// `conv3d_backward_input_cpu` with the kernel choice explicit.
-pub fn conv3d_backward_input_cpu_with(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, simd: bool) -> Vec<f32> {
-    check_simd(simd);
+pub fn conv3d_backward_input_cpu_with(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+    check_kernels(kernels);
     let co = v_out.c;
     assert_eq!(w.len(), co * k * k * k * ci, "conv3d backward: weight size");
     if k == 1 {
@@ -101,16 +171,16 @@ pub fn conv3d_backward_input_cpu_with(dy: &[f32], v_out: Vol, w: &[f32], ci: usi
     let taps = valid_taps(v_out, k);
     let wp = pack_weight(w, co, ci, k, &taps, true);
     if shifted::applicable(v_out, k) {
-        return shifted::forward(dy, v_out, &wp, None, ci, simd);
+        return shifted::forward(dy, v_out, &wp, None, ci, kernels);
     }
-    im2col::forward(dy, v_out, &wp, &taps, None, ci, k, simd)
+    im2col::forward(dy, v_out, &wp, &taps, None, ci, k, kernels)
 }
 
 /// `conv3d_backward_weight_cpu` with the kernel choice explicit.
-pub fn conv3d_backward_weight_cpu_with(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, simd: bool) -> (Vec<f32>, Vec<f32>) {
-    check_simd(simd);
+pub fn conv3d_backward_weight_cpu_with(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: CpuKernels) -> (Vec<f32>, Vec<f32>) {
+    check_kernels(kernels);
     assert_eq!(dy.len(), v.voxels() * co, "conv3d backward: dy size");
-    let dw = if shifted::applicable(v, k) { shifted::weight_grad(x, v, dy, co, simd) } else { im2col::weight_grad(x, v, dy, co, k, simd) };
+    let dw = if shifted::applicable(v, k) { shifted::weight_grad(x, v, dy, co, kernels) } else { im2col::weight_grad(x, v, dy, co, k, kernels) };
     (dw, sum_rows(dy, co))
 }
 

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
 use crate::cpu::{Mat, SyncPtr, gemm, row_groups, sum_in_order, transpose_padded};
+use super::CpuKernels;
 use crate::tensor::Vol;
 
 /// True when this path should run: 3×3×3 kernel, every axis ≥ 2, padding overhead < 3×.
@@ -34,31 +35,31 @@ pub fn applicable(v: Vol, k: usize) -> bool {
 }
 
 /// y [N, X, Y, Z, Co] = conv3×3×3(x) + bias, `w` [Co, 27·Ci] (taps in (a, b, c) order);
-/// `simd` selects the AVX2 micro-kernels (the caller checked they are available).
-pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, simd: bool) -> Vec<f32> {
+/// `kernels` selects the micro-kernels (the caller checked they are available).
+pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels) -> Vec<f32> {
     assert!(applicable(v, 3), "shifted conv on {v:?}");
     assert_eq!(w.len(), co * 27 * v.c);
     let xp = pad_volume(x, v);
     let g = Geometry::of(v);
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        return avx2_forward(&xp, &g, w, bias, co);
+    if kernels.simd() {
+        return simd_forward(&xp, &g, w, bias, co, kernels);
     }
-    let _ = simd;
+    let _ = kernels;
     portable_forward(&xp, &g, w, bias, co)
 }
 
 /// dW [Co, 27·Ci] from x [N, X, Y, Z, Ci] and dy [N, X, Y, Z, Co].
-pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, simd: bool) -> Vec<f32> {
+pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, kernels: CpuKernels) -> Vec<f32> {
     assert!(applicable(v, 3), "shifted conv on {v:?}");
     assert_eq!(dy.len(), v.voxels() * co);
     let xp = pad_volume(x, v);
     let g = Geometry::of(v);
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        return avx2_weight_grad(&xp, &g, dy, co);
+    if kernels.simd() {
+        return simd_weight_grad(&xp, &g, dy, co, kernels);
     }
-    let _ = simd;
+    let _ = kernels;
     portable_weight_grad(&xp, &g, dy, co)
 }
 
@@ -200,9 +201,9 @@ fn portable_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize) -> Vec<
     sum_in_order(partials, co * kdim)
 }
 
-// ---- AVX2 + FMA path -----------------------------------------------------------------------
+// ---- x86-64 SIMD path (AVX2 or AVX-512 micro-kernels) -----------------------------------------------------------------------
 #[cfg(target_arch = "x86_64")]
-fn avx2_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize) -> Vec<f32> {
+fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels) -> Vec<f32> {
     let ci = g.v.c;
     let cop = co.next_multiple_of(8);
     let bt = transpose_padded(w, co, 27 * ci, 27 * ci, cop); // [27·Ci, cop]
@@ -214,13 +215,13 @@ fn avx2_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
     let mut ypad = vec![0.0f32; g.rows * cop];
     ypad.par_chunks_mut(ROW_BLOCK * cop).enumerate().for_each(|(bi, yb)| {
         // SAFETY: AVX2/FMA availability was checked by the caller; the bounds by the assert.
-        unsafe { avx2::forward_rows(xp, ci, &g.offs, 3 * ci, &bt, cop, &bias_p, bi * ROW_BLOCK, yb) }
+        unsafe { kernels.forward_rows(xp, ci, &g.offs, 3 * ci, &bt, cop, &bias_p, bi * ROW_BLOCK, yb) }
     });
     gather_rows(g, &ypad, cop, co)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize) -> Vec<f32> {
+fn simd_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize, kernels: CpuKernels) -> Vec<f32> {
     let ci = g.v.c;
     let cop = co.next_multiple_of(8);
     let kdim = 27 * ci;
@@ -232,7 +233,7 @@ fn avx2_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize) -> Vec<f32>
             let mut dwt = vec![0.0f32; kdim * cop];
             let (r0, r1) = (group.start * ROW_BLOCK, (group.end * ROW_BLOCK).min(g.rows));
             // SAFETY: AVX2/FMA checked by the caller; rows r0..r1 are in bounds (assert above).
-            unsafe { avx2::weight_grad_rows(xp, ci, &g.offs, 3 * ci, &dyp, cop, r0, r1, &mut dwt) };
+            unsafe { kernels.weight_grad_rows(xp, ci, &g.offs, 3 * ci, &dyp, cop, r0, r1, &mut dwt) };
             dwt
         })
         .collect();

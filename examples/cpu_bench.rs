@@ -1,0 +1,105 @@
+//! Our side of benches/cpu_side_by_side.py: times one benchmark row on the CPU backend and
+//! prints `<row> <median ms> <min ms>` (after one warm-up run, `--reps` timed runs).
+//!
+//!   cargo run --release --example cpu_bench -- ROW [--reps N] [--kernels portable|avx2|avx512]
+//!
+//! Rows (shapes as PyTorch's N, C, X, Y, Z):
+//!   conv_fwd:N,C,X,Y,Z         conv3d 3x3x3 C -> C with bias, forward
+//!   conv_fwd_bwd:N,C,X,Y,Z     forward + backward (input, weight and bias gradients)
+//!   conv_fwd_bwd_w:N,C,X,Y,Z   forward + backward (weight and bias gradients only: a first layer)
+//!   step_small                 pretraining step: 2 pairs of 32x32x16, base 16, 6 scales, 64 voxels/pair
+//!   eval_pyramid               the eval-mode pyramid of one 128x128x32 window (base 16, 6 scales)
+//! `--kernels` sets VOX2VEC_CPU_KERNELS for the run (which micro-kernels the convolutions use).
+
+use std::time::Instant;
+
+// As the binaries: mimalloc, keeping freed memory (`cpu::retain_freed_memory`).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use anyhow::{Context, Result, bail};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vox2vec::autograd::{Graph, Var};
+use vox2vec::model::{ModelConfig, Vox2Vec};
+use vox2vec::ops;
+use vox2vec::optim::{Adam, AdamConfig};
+use vox2vec::tensor::Tensor;
+use vox2vec::train::{BatchShape, pretrain_step, synthetic_batch};
+
+fn random(shape: &[usize], rng: &mut StdRng) -> Tensor {
+    Tensor::from_f32(shape, (0..shape.iter().product::<usize>()).map(|_| rng.random_range(-1.0..1.0f32)).collect())
+}
+
+fn main() -> Result<()> {
+    vox2vec::cpu::retain_freed_memory();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let row = args.first().context("usage: cpu_bench ROW [--reps N] [--kernels SET]")?.clone();
+    let mut reps = 5;
+    let mut i = 1;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--reps" => reps = args.get(i + 1).context("--reps N")?.parse()?,
+            // SAFETY (set_var): single-threaded here, before any kernel choice is made.
+            "--kernels" => unsafe { std::env::set_var("VOX2VEC_CPU_KERNELS", args.get(i + 1).context("--kernels SET")?) },
+            a => bail!("unknown argument {a}"),
+        }
+        i += 2;
+    }
+    let mut rng = StdRng::seed_from_u64(1);
+    let (name, dims) = row.split_once(':').unwrap_or((row.as_str(), ""));
+    let d: Vec<usize> = if dims.is_empty() { Vec::new() } else { dims.split(',').map(|t| t.parse()).collect::<Result<_, _>>().context("shape")? };
+    let mut run: Box<dyn FnMut() -> Result<()>> = match name {
+        "conv_fwd" | "conv_fwd_bwd" | "conv_fwd_bwd_w" => {
+            anyhow::ensure!(d.len() == 5, "{name}: N,C,X,Y,Z");
+            let (n, c, x, y, z) = (d[0], d[1], d[2], d[3], d[4]);
+            let xs = random(&[n, x, y, z, c], &mut rng);
+            let w = random(&[c, 3, 3, 3, c], &mut rng);
+            let b = random(&[c], &mut rng);
+            let dy = random(&[n, x, y, z, c], &mut rng);
+            let name = name.to_string();
+            Box::new(move || {
+                if name == "conv_fwd" {
+                    let g = Graph::inference();
+                    std::hint::black_box(ops::conv3d(&g, &Var::constant(xs.clone()), &Var::constant(w.clone()), Some(&Var::constant(b.clone())))?);
+                    return Ok(());
+                }
+                let g = Graph::train();
+                let xv = if name == "conv_fwd_bwd" { g.leaf(xs.clone()) } else { Var::constant(xs.clone()) };
+                let (wv, bv) = (g.leaf(w.clone()), g.leaf(b.clone()));
+                let y = ops::conv3d(&g, &xv, &wv, Some(&bv))?;
+                std::hint::black_box(g.backward_with(&y, dy.clone())?);
+                Ok(())
+            })
+        }
+        "step_small" => {
+            let mut model = Vox2Vec::new(ModelConfig::default(), 0);
+            let mut adam = Adam::new(AdamConfig::default(), &model.store);
+            let batch = synthetic_batch(BatchShape { pairs: 2, patch: [32, 32, 16], voxels_per_pair: 64 }, 0, 0);
+            Box::new(move || {
+                pretrain_step(&mut model, &mut adam, &batch)?;
+                Ok(())
+            })
+        }
+        "eval_pyramid" => {
+            let mut model = Vox2Vec::new(ModelConfig::default(), 0);
+            let x = Tensor::from_f32(&[1, 128, 128, 32, 1], (0..128 * 128 * 32).map(|_| rng.random::<f32>()).collect());
+            Box::new(move || {
+                let g = Graph::inference();
+                std::hint::black_box(model.pyramid(&g, &Var::constant(x.clone()))?);
+                Ok(())
+            })
+        }
+        _ => bail!("unknown row {row:?}"),
+    };
+    run()?;
+    let mut ms = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        run()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    println!("{row} {:.2} {:.2}", ms[ms.len() / 2], ms[0]);
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! AVX-512 register-tiled micro-kernels of the CPU convolutions: the same two operations, on
+//! the same operands and with the same results up to summation order, as `avx2.rs` (see its
+//! header for the operand layout), with 16-lane zmm registers and twice the register file.
+//!
+//! - `forward_rows`: out[i, :] = bias + Σ_t Σ_k a[(r0 + i + offs[t])·rs + k] · bt[(t·kk + k)·cop + :]
+//!   (written =). Tiles of up to 14 rows × 16 channels (14 accumulators) or 14 rows × 32
+//!   channels (28 accumulators) over the whole reduction: per reduction index, one or two
+//!   loads of the weight row and one broadcast per row feed 14 or 28 FMAs, so the FMA ports,
+//!   not the loads, bound the loop (oneDNN's direct-convolution blocking for channels-last
+//!   data with few channels: rows of output voxels × a 16-wide channel block).
+//! - `weight_grad_rows`: dwt[(t·kk + k)·cop + :] += Σ_{r0 ≤ r < r1} a[(r + offs[t])·rs + k] ·
+//!   dyp[r·cop + :] (accumulated +=), tiles of up to 14 reduction indices × 16 or 32 channels
+//!   over blocks of 256 rows.
+//!
+//! `cop` (padded output channels) is a multiple of 8: a last block of 8 channels runs with
+//! masked loads and stores. Callers check AVX-512F support (`available`) and the bounds
+//! (`avx2::check_rows`); the kernels are pointer arithmetic over those buffers.
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use std::arch::x86_64::*;
+
+/// Rows (forward) or reduction indices (weight gradient) of the register tile.
+const R: usize = 14;
+/// Rows per cache block of the weight-gradient loop.
+const WG_ROWS: usize = 256;
+
+/// Whether these kernels can run on this processor.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
+}
+
+/// The channel blocks of a row of `cop` channels: (first channel, zmm registers, lane mask of
+/// the last register). 32-channel blocks while they fit, then 16, then a masked 8.
+fn channel_blocks(cop: usize) -> Vec<(usize, usize, u16)> {
+    let mut out = Vec::new();
+    let mut cb = 0;
+    while cb < cop {
+        let rem = cop - cb;
+        let (v, mask, width) = if rem >= 32 {
+            (2, 0xFFFF, 32)
+        } else if rem >= 16 {
+            (1, 0xFFFF, 16)
+        } else {
+            (1, 0x00FF, 8)
+        };
+        out.push((cb, v, mask));
+        cb += width;
+    }
+    out
+}
+
+/// out[i, :] = bias + Σ_t Σ_{k<kk} a[(r0 + i + offs[t])·rs + k] · bt[(t·kk + k)·cop + :]
+/// for the rows of `out` ([nr, cop], cop a multiple of 8).
+///
+/// # Safety
+/// AVX-512F and FMA must be available; `avx2::check_rows(a.len(), rs, offs, kk, r0, r0 + nr)`
+/// must hold, `bt` must hold offs.len()·kk·cop values and `bias` cop values.
+#[target_feature(enable = "avx512f,fma")]
+pub unsafe fn forward_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: &[f32], cop: usize, bias: &[f32], r0: usize, out: &mut [f32]) {
+    let nr = out.len() / cop;
+    debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop % 8 == 0);
+    let (xp, bt, bias, o) = (a.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
+    for (cb, v, mask) in channel_blocks(cop) {
+        let mut i = 0;
+        while i < nr {
+            let rows = (nr - i).min(R);
+            let args = FwdArgs { xp, ci: rs, offs, kk, bt, cop, bias, r: r0 + i, cb, out: o.add(i * cop), mask };
+            macro_rules! tile {
+                ($($n:literal),*) => {
+                    match (rows, v) {
+                        $(($n, 2) => fwd_tile::<$n, 2>(&args), ($n, _) => fwd_tile::<$n, 1>(&args),)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            tile!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+            i += rows;
+        }
+    }
+}
+
+struct FwdArgs<'a> {
+    xp: *const f32,
+    ci: usize,
+    offs: &'a [usize],
+    kk: usize,
+    bt: *const f32,
+    cop: usize,
+    bias: *const f32,
+    r: usize,
+    cb: usize,
+    out: *mut f32,
+    mask: u16,
+}
+
+/// The lane mask of register `v` of `V` (only the last one may be partial).
+#[inline(always)]
+fn lanes(v: usize, last: usize, mask: u16) -> u16 {
+    if v == last { mask } else { 0xFFFF }
+}
+
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn fwd_tile<const N: usize, const V: usize>(p: &FwdArgs) {
+    let mut acc = [[_mm512_setzero_ps(); V]; N];
+    for v in 0..V {
+        let b = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.bias.add(p.cb + 16 * v));
+        for a in acc.iter_mut() {
+            a[v] = b;
+        }
+    }
+    for (t, &off) in p.offs.iter().enumerate() {
+        let a_base = p.xp.add((p.r + off) * p.ci);
+        let b_base = p.bt.add(t * p.kk * p.cop + p.cb);
+        for k in 0..p.kk {
+            let mut bv = [_mm512_setzero_ps(); V];
+            for v in 0..V {
+                bv[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), b_base.add(k * p.cop + 16 * v));
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a_base.add(i * p.ci + k));
+                for v in 0..V {
+                    a[v] = _mm512_fmadd_ps(x, bv[v], a[v]);
+                }
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        for v in 0..V {
+            _mm512_mask_storeu_ps(p.out.add(i * p.cop + p.cb + 16 * v), lanes(v, V - 1, p.mask), a[v]);
+        }
+    }
+}
+
+/// dwt[(t·kk + k)·cop + :] += Σ_{r0 ≤ r < r1} a[(r + offs[t])·rs + k] · dyp[r·cop + :].
+///
+/// # Safety
+/// AVX-512F and FMA must be available; `avx2::check_rows(a.len(), rs, offs, kk, r0, r1)` must
+/// hold, `dyp` must hold r1·cop values and `dwt` offs.len()·kk·cop.
+#[target_feature(enable = "avx512f,fma")]
+pub unsafe fn weight_grad_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, dyp: &[f32], cop: usize, r0: usize, r1: usize, dwt: &mut [f32]) {
+    debug_assert!(dyp.len() >= r1 * cop && dwt.len() >= offs.len() * kk * cop && cop % 8 == 0);
+    let (xp, dy, d) = (a.as_ptr(), dyp.as_ptr(), dwt.as_mut_ptr());
+    let blocks = channel_blocks(cop);
+    let mut rs_ = r0;
+    while rs_ < r1 {
+        let re = (rs_ + WG_ROWS).min(r1);
+        for &(cb, v, mask) in &blocks {
+            for (t, &off) in offs.iter().enumerate() {
+                let mut k = 0;
+                while k < kk {
+                    let n = (kk - k).min(R);
+                    let args = WgArgs { xa: xp.add(off * rs + k), ci: rs, dy: dy.add(cb), cop, rs: rs_, re, acc: d.add((t * kk + k) * cop + cb), mask };
+                    macro_rules! tile {
+                        ($($n:literal),*) => {
+                            match (n, v) {
+                                $(($n, 2) => wg_tile::<$n, 2>(&args), ($n, _) => wg_tile::<$n, 1>(&args),)*
+                                _ => unreachable!(),
+                            }
+                        };
+                    }
+                    tile!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+                    k += n;
+                }
+            }
+        }
+        rs_ = re;
+    }
+}
+
+struct WgArgs {
+    xa: *const f32,
+    ci: usize,
+    dy: *const f32,
+    cop: usize,
+    rs: usize,
+    re: usize,
+    acc: *mut f32,
+    mask: u16,
+}
+
+/// acc[i, :] += Σ_r xa[r·C + i] · dy[r·cop + :] for r in rs..re, i < N; acc rows at stride cop.
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn wg_tile<const N: usize, const V: usize>(p: &WgArgs) {
+    let mut acc = [[_mm512_setzero_ps(); V]; N];
+    for (i, a) in acc.iter_mut().enumerate() {
+        for v in 0..V {
+            a[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.acc.add(i * p.cop + 16 * v));
+        }
+    }
+    for r in p.rs..p.re {
+        let mut g = [_mm512_setzero_ps(); V];
+        for v in 0..V {
+            g[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.dy.add(r * p.cop + 16 * v));
+        }
+        let xr = p.xa.add(r * p.ci);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(*xr.add(i));
+            for v in 0..V {
+                a[v] = _mm512_fmadd_ps(x, g[v], a[v]);
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        for v in 0..V {
+            _mm512_mask_storeu_ps(p.acc.add(i * p.cop + 16 * v), lanes(v, V - 1, p.mask), a[v]);
+        }
+    }
+}
