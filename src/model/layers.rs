@@ -126,8 +126,8 @@ impl ResBlock3d {
         if g.is_training() && g.is_recording() && x.value.is_cuda() {
             return self.forward_recomputing(g, store, x);
         }
-        if !g.is_recording() && !g.is_training() && x.value.is_cuda() {
-            return Ok(Var::constant(self.forward_eval_cuda(store, &x.value)?));
+        if !g.is_recording() && !g.is_training() {
+            return Ok(Var::constant(if x.value.is_cuda() { self.forward_eval_cuda(store, &x.value)? } else { self.forward_eval_cpu(store, &x.value)? }));
         }
         let h = self.bn0.forward(g, store, x)?;
         let h = ops::relu(g, &h)?;
@@ -161,6 +161,30 @@ impl ResBlock3d {
             running3: (store.get(self.bn3.running_mean), store.get(self.bn3.running_var)),
         };
         crate::ops::resblock::resblock_eval_cuda(x, p)
+    }
+
+    /// Inference on the CPU (eval mode, nothing recorded): BN → ReLU applied while each
+    /// convolution pads its input and the skip added while conv5 writes its output
+    /// (`conv3d_forward_cpu_fused`): a1, a3 and the sum are never separate passes. The same
+    /// values as the composition above.
+    fn forward_eval_cpu(&self, store: &ParamStore, x: &Tensor) -> Result<Tensor> {
+        use crate::ops::batchnorm::BnReluEval;
+        use crate::ops::conv3d::{CpuKernels, conv3d_forward_cpu_fused};
+        use crate::tensor::Vol;
+        let v = Vol::of(x);
+        let bn = |b: &BatchNorm| BnReluEval::new(store.get(b.running_mean).f32s(), store.get(b.running_var).f32s(), store.get(b.weight).f32s(), store.get(b.bias).f32s());
+        let (w2, w5) = (store.get(self.conv2.weight), store.get(self.conv5.weight));
+        let (mid, cout, k) = (w2.shape()[0], w5.shape()[0], w2.shape()[1]);
+        let bias = |c: &Conv3d| c.bias.map(|b| store.get(b).f32s());
+        let kernels = CpuKernels::best();
+        let detail = || format!("{}x{}x{}x{} {}->{}", v.n, v.x, v.y, v.z, v.c, cout);
+        crate::profile::time("resblock eval (fused)", detail, || {
+            let h1 = conv3d_forward_cpu_fused(x.f32s(), v, w2.f32s(), bias(&self.conv2), mid, k, Some(&bn(&self.bn0)), None, kernels);
+            let skip = self.skip.as_ref().map(|c| crate::ops::conv3d::conv3d_forward_cpu_with(x.f32s(), v, store.get(c.weight).f32s(), bias(c), cout, 1, kernels));
+            let residual = skip.as_deref().unwrap_or(x.f32s());
+            let y = conv3d_forward_cpu_fused(&h1, v.with_c(mid), w5.f32s(), bias(&self.conv5), cout, k, Some(&bn(&self.bn3)), Some(residual), kernels);
+            Ok(Tensor::from_f32(&v.with_c(cout).shape(), y))
+        })
     }
 
     /// The training forward on the device as one op that saves x and the first conv's output

@@ -74,6 +74,46 @@ pub fn bn_apply_cpu(x: &[f32], c: usize, st: &BnStats, gamma: &[f32], beta: &[f3
     y
 }
 
+/// BN → ReLU of eval mode as per-channel f32 constants, applied element by element exactly as
+/// `bn_apply_cpu` and then ReLU would be (the same f32 operations in the same order), so that
+/// a fused consumer produces bit-identical values to the composition.
+#[derive(Clone, Debug)]
+pub struct BnReluEval {
+    pub mean: Vec<f32>,
+    pub scale: Vec<f32>,
+    pub beta: Vec<f32>,
+}
+
+impl BnReluEval {
+    /// From the running statistics and γ, β (host tensors).
+    pub fn new(running_mean: &[f32], running_var: &[f32], gamma: &[f32], beta: &[f32]) -> BnReluEval {
+        let mean = running_mean.to_vec();
+        let scale = running_var.iter().zip(gamma).map(|(&v, &g)| ((1.0 / (v as f64 + BN_EPS).sqrt()) * g as f64) as f32).collect();
+        BnReluEval { mean, scale, beta: beta.to_vec() }
+    }
+
+    /// max((x − mean) · scale + β, 0) for one row of channels.
+    #[inline]
+    pub fn apply_row(&self, src: &[f32], dst: &mut [f32]) {
+        for (j, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
+            *d = ((x - self.mean[j]) * self.scale[j] + self.beta[j]).max(0.0);
+        }
+    }
+
+    /// The whole [M, C] tensor (C = the number of channels).
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let c = self.mean.len();
+        let mut y = vec![0.0f32; x.len()];
+        let rows = (1usize << 14).div_ceil(c).max(1) * c;
+        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yb, xb)| {
+            for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+                self.apply_row(xr, yr);
+            }
+        });
+        y
+    }
+}
+
 /// (dx, dγ, dβ). `train` selects the batch-statistics backward.
 pub fn bn_backward_cpu(
     x: &[f32],

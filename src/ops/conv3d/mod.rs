@@ -157,6 +157,33 @@ pub fn conv3d_forward_cpu_with(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]
     }
 }
 
+/// conv(relu(bn(x))) + residual on the CPU, BatchNorm in eval mode (`input`'s constants): the
+/// inference ResBlock's convolutions. On the shifted path BN → ReLU happens while the input is
+/// padded and the residual is added while the output is copied out (no pass of their own);
+/// elsewhere (coarse levels, 1×1×1) they are separate passes over small tensors. Equal to the
+/// composition bn → relu → conv → add (the oracle, `tests/conv_reference.rs`).
+#[allow(clippy::too_many_arguments)]
+pub fn conv3d_forward_cpu_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, input: Option<&crate::ops::batchnorm::BnReluEval>, residual: Option<&[f32]>, kernels: CpuKernels) -> Vec<f32> {
+    check_kernels(kernels);
+    assert!(residual.is_none_or(|r| r.len() == v.voxels() * co), "conv3d: residual size");
+    if shifted::applicable(v, k) {
+        return shifted::forward_fused(x, v, w, bias, co, kernels, input, residual);
+    }
+    let activated;
+    let x = match input {
+        Some(bn) => {
+            activated = bn.apply(x);
+            &activated[..]
+        }
+        None => x,
+    };
+    let mut y = conv3d_forward_cpu_with(x, v, w, bias, co, k, kernels);
+    if let Some(r) = residual {
+        y.iter_mut().zip(r).for_each(|(y, &r)| *y += r);
+    }
+    y
+}
+
 /// `conv3d_backward_input_cpu` with the kernel choice explicit.
 pub fn conv3d_backward_input_cpu_with(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
     check_kernels(kernels);

@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use super::avx2;
 use crate::cpu::{Mat, SyncPtr, gemm, row_groups, sum_in_order, transpose_padded};
 use super::CpuKernels;
+use crate::ops::batchnorm::BnReluEval;
 use crate::tensor::Vol;
 
 /// True when this path should run: 3×3×3 kernel, every axis ≥ 2, padding overhead < 3×.
@@ -37,23 +38,34 @@ pub fn applicable(v: Vol, k: usize) -> bool {
 /// y [N, X, Y, Z, Co] = conv3×3×3(x) + bias, `w` [Co, 27·Ci] (taps in (a, b, c) order);
 /// `kernels` selects the micro-kernels (the caller checked they are available).
 pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels) -> Vec<f32> {
+    forward_fused(x, v, w, bias, co, kernels, None, None)
+}
+
+/// `forward` of relu(bn(x)) (eval-mode BatchNorm constants `input`) plus `residual`
+/// [N, X, Y, Z, Co]: BN → ReLU is applied while the input is copied into its padded buffer
+/// (which the algorithm makes anyway) and the residual added while the output rows are copied
+/// out, so neither costs a pass of its own. Bit-identical to the composition for the input;
+/// the residual is added to the rounded convolution output, as the composition's add.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, input: Option<&BnReluEval>, residual: Option<&[f32]>) -> Vec<f32> {
     assert!(applicable(v, 3), "shifted conv on {v:?}");
     assert_eq!(w.len(), co * 27 * v.c);
-    let xp = pad_volume(x, v);
+    assert!(residual.is_none_or(|r| r.len() == v.voxels() * co), "shifted conv: residual size");
+    let xp = pad_volume(x, v, input);
     let g = Geometry::of(v);
     #[cfg(target_arch = "x86_64")]
     if kernels.simd() {
-        return simd_forward(&xp, &g, w, bias, co, kernels);
+        return simd_forward(&xp, &g, w, bias, co, kernels, residual);
     }
     let _ = kernels;
-    portable_forward(&xp, &g, w, bias, co)
+    portable_forward(&xp, &g, w, bias, co, residual)
 }
 
 /// dW [Co, 27·Ci] from x [N, X, Y, Z, Ci] and dy [N, X, Y, Z, Co].
 pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, kernels: CpuKernels) -> Vec<f32> {
     assert!(applicable(v, 3), "shifted conv on {v:?}");
     assert_eq!(dy.len(), v.voxels() * co);
-    let xp = pad_volume(x, v);
+    let xp = pad_volume(x, v, None);
     let g = Geometry::of(v);
     #[cfg(target_arch = "x86_64")]
     if kernels.simd() {
@@ -105,8 +117,9 @@ fn virtual_rows(v: Vol) -> usize {
     ((((v.n - 1) * (v.x + 2) + v.x - 1) * (v.y + 2) + v.y - 1) * (v.z + 2)) + v.z
 }
 
-/// The input zero-padded by one voxel on each side of X, Y and Z.
-fn pad_volume(x: &[f32], v: Vol) -> Vec<f32> {
+/// The input zero-padded by one voxel on each side of X, Y and Z; relu(bn(x)) with `input`
+/// (the padding stays zero, as the composition's padding of relu(bn(x)) is).
+fn pad_volume(x: &[f32], v: Vol, input: Option<&BnReluEval>) -> Vec<f32> {
     let (px, py, pz, c) = (v.x + 2, v.y + 2, v.z + 2, v.c);
     let mut out = vec![0.0f32; v.n * px * py * pz * c];
     out.par_chunks_mut(py * pz * c).enumerate().for_each(|(plane, dst)| {
@@ -117,14 +130,22 @@ fn pad_volume(x: &[f32], v: Vol) -> Vec<f32> {
         for yi in 0..v.y {
             let src = ((nb * v.x + xp - 1) * v.y + yi) * v.z * c;
             let d = ((yi + 1) * pz + 1) * c;
-            dst[d..d + v.z * c].copy_from_slice(&x[src..src + v.z * c]);
+            match input {
+                None => dst[d..d + v.z * c].copy_from_slice(&x[src..src + v.z * c]),
+                Some(bn) => {
+                    for (o, i) in dst[d..d + v.z * c].chunks_exact_mut(c).zip(x[src..src + v.z * c].chunks_exact(c)) {
+                        bn.apply_row(i, o);
+                    }
+                }
+            }
         }
     });
     out
 }
 
-/// Copy the real voxels' rows out of a [rows, width] virtual-row buffer (first `c` columns).
-fn gather_rows(g: &Geometry, ypad: &[f32], width: usize, c: usize) -> Vec<f32> {
+/// Copy the real voxels' rows out of a [rows, width] virtual-row buffer (first `c` columns),
+/// plus `residual` ([voxels, c]) when given.
+fn gather_rows(g: &Geometry, ypad: &[f32], width: usize, c: usize, residual: Option<&[f32]>) -> Vec<f32> {
     let z = g.v.z;
     let mut y = vec![0.0f32; g.v.voxels() * c];
     y.par_chunks_mut(z * c).enumerate().for_each(|(line, dst)| {
@@ -135,6 +156,9 @@ fn gather_rows(g: &Geometry, ypad: &[f32], width: usize, c: usize) -> Vec<f32> {
             for (d, s) in dst.chunks_exact_mut(c).zip(ypad[r * width..(r + z) * width].chunks_exact(width)) {
                 d.copy_from_slice(&s[..c]);
             }
+        }
+        if let Some(res) = residual {
+            dst.iter_mut().zip(&res[line * z * c..(line + 1) * z * c]).for_each(|(d, &s)| *d += s);
         }
     });
     y
@@ -161,7 +185,7 @@ const ROW_BLOCK: usize = 1024;
 
 // ---- portable path (matrixmultiply) ------------------------------------------------------
 
-fn portable_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize) -> Vec<f32> {
+fn portable_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize, residual: Option<&[f32]>) -> Vec<f32> {
     let ci = g.v.c;
     let mut ypad = vec![0.0f32; g.rows * co];
     ypad.par_chunks_mut(ROW_BLOCK * co).enumerate().for_each(|(bi, yb)| {
@@ -175,7 +199,7 @@ fn portable_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, c
             beta = 1.0;
         }
     });
-    gather_rows(g, &ypad, co, co)
+    gather_rows(g, &ypad, co, co, residual)
 }
 
 fn portable_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize) -> Vec<f32> {
@@ -203,7 +227,7 @@ fn portable_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize) -> Vec<
 
 // ---- x86-64 SIMD path (AVX2 or AVX-512 micro-kernels) -----------------------------------------------------------------------
 #[cfg(target_arch = "x86_64")]
-fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels) -> Vec<f32> {
+fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, residual: Option<&[f32]>) -> Vec<f32> {
     let ci = g.v.c;
     let cop = co.next_multiple_of(8);
     let bt = transpose_padded(w, co, 27 * ci, 27 * ci, cop); // [27·Ci, cop]
@@ -217,7 +241,7 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
         // SAFETY: AVX2/FMA availability was checked by the caller; the bounds by the assert.
         unsafe { kernels.forward_rows(xp, ci, &g.offs, 3 * ci, &bt, cop, &bias_p, bi * ROW_BLOCK, yb) }
     });
-    gather_rows(g, &ypad, cop, co)
+    gather_rows(g, &ypad, cop, co, residual)
 }
 
 #[cfg(target_arch = "x86_64")]
