@@ -3,6 +3,7 @@
 # git-ignored folder gpu-bundle/ for a GPU machine that has the CUDA driver but no Rust:
 #   gpu-bundle/bin/gpu-tests       the GPU test binary (tests/gpu.rs)
 #   gpu-bundle/bin/vox2vec-train   the trainer, for --bench and real-data runs
+#   gpu-bundle/bin/vox2vec         the tools, for bench-infer (patches/s of the eval pyramid)
 #   gpu-bundle/bin/kernel_lab      the kernel lab (examples/kernel_lab.rs): each kernel version
 #                                  validated and timed with TFLOP/s, GB/s and % of floor
 #   gpu-bundle/tests/data/fixtures the reference fixtures the parity test reads
@@ -19,7 +20,7 @@ scripts/install-cuda.sh >/dev/null
 out=gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/tests/data"
-cargo build --release --bin vox2vec-train --example kernel_lab
+cargo build --release --bin vox2vec-train --bin vox2vec --example kernel_lab
 gpu_test=$(cargo test --release --test gpu --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys
 for l in sys.stdin:
@@ -29,6 +30,7 @@ for l in sys.stdin:
 [[ -x "$gpu_test" ]] || { echo "gpu-bundle: the GPU test binary was not built" >&2; exit 1; }
 strip --strip-debug -o "$out/bin/gpu-tests" "$gpu_test"
 strip --strip-debug -o "$out/bin/vox2vec-train" target/release/vox2vec-train
+strip --strip-debug -o "$out/bin/vox2vec" target/release/vox2vec
 strip --strip-debug -o "$out/bin/kernel_lab" target/release/examples/kernel_lab
 cp -r tests/data/fixtures "$out/tests/data/"
 cp benches/pytorch_reference.py "$out/"
@@ -41,6 +43,8 @@ cat > "$out/run.sh" <<'RUN'
 #   probe     the mma/ldmatrix fragment-layout probe (if it fails, every tensor-core result does)
 #   tests     every GPU test against the CPU oracle (bin/gpu-tests)
 #   bench     --bench-plan and --bench N in bf16 and fp32 (measured ms beside the plan's floor)
+#   infer     bench-infer: patches/s of the eval pyramid at 1 and 8 windows, fp32 and bf16,
+#             and PyTorch's at the same sizes when torch with CUDA is installed
 #   lab       the kernel lab: every version of each hot kernel, checked and timed
 #   sanitize  compute-sanitizer memcheck (exact-size allocations), racecheck and synccheck
 #             on the per-op GPU tests
@@ -54,7 +58,7 @@ cd "$here"
 results=${OUT:-$here/results}
 mkdir -p "$results"
 phases=("$@")
-[[ ${#phases[@]} -gt 0 ]] || phases=(probe tests bench lab sanitize train pytorch)
+[[ ${#phases[@]} -gt 0 ]] || phases=(probe tests bench infer lab sanitize train pytorch)
 want() { [[ " ${phases[*]} " == *" $1 "* ]]; }
 # cuBLAS: the system's, or the one in a pip wheel (PyTorch's dependencies).
 if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.1[23]'; then
@@ -77,21 +81,27 @@ step() {
   [[ $rc -eq 0 ]] || status=1
 }
 want probe && step probe 20 bin/gpu-tests mma_layout_probe dynamic_shared
-want tests && step gpu-tests 90 bin/gpu-tests
+want tests && step gpu-tests 80 bin/gpu-tests
 if want bench; then
-  step bench-plan-bf16 10 bin/vox2vec-train --bench-plan --precision bf16 --report "$results/plan-bf16.json"
+  step bench-plan-bf16 5 bin/vox2vec-train --bench-plan --precision bf16 --report "$results/plan-bf16.json"
   for p in bf16 fp32; do
-    step "bench-$p" 60 bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p"
+    step "bench-$p" 45 bin/vox2vec-train --device cuda --bench "${BENCH_STEPS:-20}" --precision "$p"
   done
 fi
-want lab && step kernel-lab 30 bin/kernel_lab --reps 10
+if want infer; then
+  step infer 30 bin/vox2vec bench-infer --device cuda --batches 1,8 --precisions fp32,bf16 --iters 10 --report "$results/infer.json"
+  if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    step pytorch-infer 40 python3 pytorch_reference.py --device cuda --only infer --batches 1,8
+  fi
+fi
+want lab && step kernel-lab 25 bin/kernel_lab --reps 10
 if want sanitize; then
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -x "$sanitizer" ]]; then
     # Exact-size allocations, so that memcheck sees one element past a tensor (the caching
     # pool's size classes would hide it).
-    VOX2VEC_EXACT_ALLOC=1 step sanitize-memcheck 60 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 3 bin/gpu-tests mma_layout ops_
-    step sanitize-racecheck 45 "$sanitizer" --tool racecheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_resblock ops_head
+    VOX2VEC_EXACT_ALLOC=1 step sanitize-memcheck 50 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 3 bin/gpu-tests mma_layout ops_
+    step sanitize-racecheck 40 "$sanitizer" --tool racecheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_resblock ops_head
     step sanitize-synccheck 30 "$sanitizer" --tool synccheck --error-exitcode 3 bin/gpu-tests mma_layout ops_conv3d ops_batchnorm ops_resblock ops_head
   else
     echo "sanitize: compute-sanitizer not found" | tee "$results/sanitize.txt"
@@ -107,7 +117,7 @@ if want train; then
   cp "$run_dir/metrics.jsonl" "$run_dir/loss.png" "$results/" 2>/dev/null || true
 fi
 if want pytorch && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-  step pytorch-step 45 python3 pytorch_reference.py --device cuda --only step --size reference
+  step pytorch-step 40 python3 pytorch_reference.py --device cuda --only step --size reference
 fi
 echo "run.sh: done in $SECONDS s, status $status"
 exit $status
