@@ -126,6 +126,14 @@ fn main() -> Result<()> {
     }
     std::fs::write(json.join("v1.json"), r#"{"labels": {"0": "background", "1": "liver", "2": "spleen"}, "modality": {"0": "CT"}, "numTraining": 2}"#)?;
     std::fs::write(json.join("regions.json"), r#"{"labels": {"background": 0, "organ": [1, 2], "tumour": 2}, "file_ending": ".nii.gz"}"#)?;
-    println!("seeds in {}: {n} NIfTI blocks from {} files, 2 checkpoints, 3 .npy, dataset.json files", corpus.display(), files.len());
+    // PyTorch files as published (tests/data/weights: zip, legacy and Lightning), the small ones.
+    let torch = dir("torch_weights")?;
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/weights");
+    for f in std::fs::read_dir(&weights).with_context(|| weights.display().to_string())?.filter_map(|e| e.ok().map(|e| e.path())) {
+        if f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fpn_tiny")) {
+            std::fs::copy(&f, torch.join(f.file_name().unwrap()))?;
+        }
+    }
+    println!("seeds in {}: {n} NIfTI blocks from {} files, 2 checkpoints, 3 .npy, dataset.json files, PyTorch weights", corpus.display(), files.len());
     Ok(())
 }

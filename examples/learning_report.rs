@@ -3,9 +3,10 @@
 //! writes a Markdown table of the best validation Dice per class (one column per run, the mean
 //! last) and a PNG of the mean validation Dice against the training steps of each run.
 //!
-//!   cargo run --release --example learning_report -- OUT_DIR LABEL=RESULTS.json [LABEL=RESULTS.json ...]
+//!   cargo run --release --example learning_report -- OUT_DIR [--pretrain RUN_DIR] LABEL=RESULTS.json [LABEL=RESULTS.json ...]
 //!
-//! Writes OUT_DIR/table.md and OUT_DIR/dice_vs_steps.png.
+//! Writes OUT_DIR/table.md and OUT_DIR/dice_vs_steps.png; with --pretrain, also redraws the
+//! pretraining run's loss.png from its metrics.jsonl and copies it to OUT_DIR/pretraining.png.
 
 use std::path::PathBuf;
 
@@ -47,8 +48,14 @@ fn main() -> Result<()> {
         bail!("usage: learning_report OUT_DIR LABEL=RESULTS.json [LABEL=RESULTS.json ...]");
     }
     let out = PathBuf::from(&args[0]);
+    let mut rest = &args[1..];
+    let mut pretrain = None;
+    if rest.first().map(String::as_str) == Some("--pretrain") {
+        pretrain = Some(PathBuf::from(rest.get(1).context("--pretrain needs a run folder")?));
+        rest = &rest[2..];
+    }
     let mut runs = Vec::new();
-    for a in &args[1..] {
+    for a in rest {
         let (label, path) = a.split_once('=').with_context(|| format!("{a:?}: expected LABEL=RESULTS.json"))?;
         runs.push(read(label, &PathBuf::from(path))?);
     }
@@ -67,6 +74,10 @@ fn main() -> Result<()> {
     std::fs::write(out.join("table.md"), &md).with_context(|| format!("writing {}", out.join("table.md").display()))?;
     let series: Vec<(&str, &[(f64, f64)])> = runs.iter().map(|r| (r.label.as_str(), r.curve.as_slice())).collect();
     vox2vec::plot::write_curve_png(&out.join("dice_vs_steps.png"), "mean validation Dice vs training steps", &series)?;
+    if let Some(dir) = &pretrain {
+        vox2vec::train::write_loss_curve(dir).with_context(|| format!("drawing {}'s loss curve", dir.display()))?;
+        std::fs::copy(dir.join(vox2vec::train::LOSS_CURVE_FILE), out.join("pretraining.png")).with_context(|| format!("copying {}'s loss curve", dir.display()))?;
+    }
     print!("{md}");
     println!("wrote {} and {}", out.join("table.md").display(), out.join("dice_vs_steps.png").display());
     Ok(())

@@ -4,7 +4,8 @@
 # OpenKBP (fold 0 of 4: 12 training, 4 validation patients) with the same seeds and budget
 # from a random backbone and from the pretrained one: linear and non-linear probes, and
 # fine-tuning against training from scratch. Writes OUT/report/table.md (best validation Dice
-# per organ, one column per run) and OUT/report/dice_vs_steps.png.
+# per organ, one column per run), OUT/report/dice_vs_steps.png and OUT/report/pretraining.png
+# (the pretraining loss, top-1 accuracy and similarities, with the held-out validation pairs).
 #
 #   scripts/does-it-learn.sh                                  # CPU scale (2 cores: ~1 h pretraining, ~1.5 h probes)
 #   scripts/does-it-learn.sh --device cuda --scale reference  # the reference's sizes, on a GPU
@@ -75,7 +76,7 @@ run nonlinear_pretrained probe --head nonlinear "${weights[@]}"
 run scratch scratch "${model[@]}"
 run finetune finetune "${weights[@]}" --unfreeze-after $((probe_steps / 3))
 
-"$bin/examples/learning_report" "$out/report" \
+"$bin/examples/learning_report" "$out/report" --pretrain "$out/pretrain" \
   "linear random=$out/linear_random/results.json" "linear pretrained=$out/linear_pretrained/results.json" \
   "non-linear random=$out/nonlinear_random/results.json" "non-linear pretrained=$out/nonlinear_pretrained/results.json" \
   "from scratch=$out/scratch/results.json" "fine-tuned=$out/finetune/results.json"

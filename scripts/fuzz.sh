@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(nifti checkpoint npy dataset_json)
+[ ${#targets[@]} -gt 0 ] || targets=(nifti checkpoint npy dataset_json torch_weights)
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     echo "fuzz: no nightly toolchain (rustup toolchain list); fuzzing skipped, not run"
     exit 0

@@ -6,8 +6,8 @@
 //! `optim.exp_avg_sq.<key>`. Metadata: `format`, `step` (optimiser steps), `model_config`
 //! (JSON) and any caller-provided extras.
 //!
-//! Loading also accepts a bare FPN3d state_dict converted from PyTorch (keys without
-//! `backbone.`): those keys are read as backbone keys.
+//! Loading reads every format `weights::read` accepts: also bare FPN3d state_dicts (safetensors
+//! or PyTorch `.pt`) and Lightning checkpoints, whose module prefixes map to `backbone.` / `head.`.
 //!
 //! Writing is atomic: a temporary file in the same folder, fsync, then rename.
 
@@ -17,9 +17,9 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, TensorView};
 
-use crate::model::{BACKBONE_PREFIX, HEAD_PREFIX, ModelConfig};
+use crate::model::ModelConfig;
 use crate::optim::Adam;
 use crate::params::{ParamStore, SlotKind};
 
@@ -260,38 +260,45 @@ pub fn load_exact(path: &Path, store: &mut ParamStore) -> Result<Loaded> {
 }
 
 fn load_impl(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>, bare_keys_are_backbone: bool) -> Result<Loaded> {
-    let bytes = fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
-    load_bytes(path, &bytes, store, adam, bare_keys_are_backbone)
+    let file = crate::weights::read(path, naming(bare_keys_are_backbone))?;
+    load_file(file, store, adam)
 }
 
-/// `load` (`bare_keys_are_backbone`) or `load_exact` on a file's bytes; `path` only names it in
-/// errors. The fuzz target's entry point (fuzz/fuzz_targets/checkpoint.rs).
+fn naming(bare_keys_are_backbone: bool) -> crate::weights::Naming {
+    if bare_keys_are_backbone { crate::weights::Naming::Model } else { crate::weights::Naming::Literal }
+}
+
+/// `load` (`bare_keys_are_backbone`) or `load_exact` on a safetensors file's bytes; `path` only
+/// names it in errors. The fuzz target's entry point (fuzz/fuzz_targets/checkpoint.rs).
 pub fn load_bytes(path: &Path, bytes: &[u8], store: &mut ParamStore, adam: Option<&mut Adam>, bare_keys_are_backbone: bool) -> Result<Loaded> {
-    let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
-    let metadata = header.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let file = crate::weights::from_safetensors(path, bytes, naming(bare_keys_are_backbone))?;
+    load_file(file, store, adam)
+}
+
+/// Load an already read weights file (any format `weights::read` accepts) into `store`.
+pub fn load_file(file: crate::weights::WeightsFile, store: &mut ParamStore, adam: Option<&mut Adam>) -> Result<Loaded> {
+    use crate::weights::Values;
+    let path = file.path.as_path();
+    let metadata = file.metadata;
     // Validate and convert everything first, then commit.
     let mut params: Vec<(usize, Vec<usize>, Option<Vec<f32>>, Option<Vec<i64>>)> = Vec::new();
     let mut moments: Vec<(bool, usize, Vec<f32>)> = Vec::new();
-    for (key, view) in st.tensors() {
-        let (is_moment, first, name) = if let Some(k) = key.strip_prefix("optim.exp_avg_sq.") {
+    for e in file.entries {
+        let key = &e.source_name;
+        let (is_moment, first, name) = if let Some(k) = e.name.strip_prefix("optim.exp_avg_sq.") {
             (true, false, k.to_string())
-        } else if let Some(k) = key.strip_prefix("optim.exp_avg.") {
+        } else if let Some(k) = e.name.strip_prefix("optim.exp_avg.") {
             (true, true, k.to_string())
-        } else if !bare_keys_are_backbone || key.starts_with(BACKBONE_PREFIX) || key.starts_with(HEAD_PREFIX) {
-            (false, false, key.clone())
         } else {
-            (false, false, format!("{BACKBONE_PREFIX}{key}"))
+            (false, false, e.name.clone())
         };
         let Some(slot) = store.find(&name) else {
             bail!("{}: key {key} does not belong to this model (configuration {:?})", path.display(), metadata.get("model_config"));
         };
-        let shape = view.shape().to_vec();
-        let (f, i) = match view.dtype() {
-            Dtype::F32 => (Some(bytemuck::pod_collect_to_vec::<u8, f32>(view.data())), None),
-            Dtype::F64 => (Some(bytemuck::pod_collect_to_vec::<u8, f64>(view.data()).into_iter().map(|v| v as f32).collect()), None),
-            Dtype::I64 => (None, Some(bytemuck::pod_collect_to_vec::<u8, i64>(view.data()))),
-            d => bail!("{}: key {key} has dtype {d:?}; expected F32, F64 or I64", path.display()),
+        let shape = e.shape;
+        let (f, i) = match e.values {
+            Values::F32(v) => (Some(v), None),
+            Values::I64(v) => (None, Some(v)),
         };
         if let Some(bad) = f.as_ref().and_then(|v| v.iter().position(|x| !x.is_finite())) {
             // A diverged run's weights: loading them would only train or predict NaN.

@@ -7,7 +7,9 @@
 //! - `cpu`: GEMM and deterministic parallel reductions used by the CPU ops.
 //! - `ops::*`: one module per op, with its CPU forward, backward and autograd wrapper.
 //! - `model`: FPN3d, ResBlock3d, the projection head, the contrastive forward.
-//! - `params`: the named parameter store; `checkpoint`: safetensors I/O; `optim`: Adam, clipping.
+//! - `params`: the named parameter store; `checkpoint`: safetensors I/O; `weights`: every
+//!   weights format read into one form (PyTorch .pt / Lightning .ckpt, config inference);
+//!   `optim`: Adam, clipping.
 //! - `train`: the pretraining step and synthetic batches; `bench`: `vox2vec-train --bench`.
 //! - `kernels`: the embedded CUDA fatbin; `cuda`: the device, allocator, kernel registry and
 //!   the host-side launcher of every kernel (`cuda::ops::*`).
@@ -28,3 +30,4 @@ pub mod plot;
 pub mod profile;
 pub mod tensor;
 pub mod train;
+pub mod weights;

@@ -1,30 +1,23 @@
-//! Loss-curve pictures: draws one or more (x, y) series as coloured polylines on a white
-//! 800x500 PNG with axes, ticks, numeric tick labels, a title and a legend.
+//! Pictures: line plots (loss, learning signal, Dice against steps) and grids of images with
+//! captions (the PCA view of features, similarity maps), as PNG.
 //!
-//! Drawn by hand on an RGB buffer and encoded with the `png` crate, so that a training run can
-//! leave a picture of its loss behind without a plotting library (and without fonts on the
-//! machine: text uses a tiny embedded 5x7 bitmap font, upper case only, drawn at 2x).
-//! Bad data never makes it fail: non-finite (and absurdly large) values are skipped and break the
-//! line, empty input gives empty axes, a single point is drawn as a dot, constant data gets a
-//! range around it. The file is written to a temporary name in the same folder and renamed, so a
+//! Drawn with plotters into an RGB buffer (text in DejaVu Sans, embedded through the `dejavu`
+//! crate: no fonts needed on the machine) and encoded with the `png` crate. Bad data never
+//! makes a plot fail: non-finite (and absurdly large) values are skipped and break the line,
+//! empty input gives empty axes, a single point is drawn as a dot, constant data gets a range
+//! around it. Files are written to a temporary name in the same folder and renamed, so a
 //! reader (or a crash mid-write) never sees a half-written picture.
 
 use anyhow::{Context, Result};
+use plotters::prelude::*;
 use std::io::Write;
 use std::path::Path;
 
 const WIDTH: usize = 800;
 const HEIGHT: usize = 500;
-/// Plot area, in pixels: room on the left for y labels, below for x labels, above for the title.
-const LEFT: i64 = 100;
-const RIGHT: i64 = 780;
-const TOP: i64 = 40;
-const BOTTOM: i64 = 450;
-/// Text scale: 5x7 glyphs drawn as 10x14 with a 12-pixel advance.
-const SCALE: i64 = 2;
-const ADVANCE: i64 = 6 * SCALE;
 /// Values beyond this are treated like infinities: they would overflow the range arithmetic.
 const MAX_ABS: f64 = 1e100;
+const FONT: &str = "sans-serif";
 
 type Rgb = [u8; 3];
 const WHITE: Rgb = [255, 255, 255];
@@ -42,13 +35,25 @@ pub const PALETTE: [Rgb; 8] = [
     [127, 127, 127],
 ];
 
+fn colour(c: Rgb) -> RGBColor {
+    RGBColor(c[0], c[1], c[2])
+}
+
+/// DejaVu Sans as plotters' "sans-serif", registered once per process.
+fn fonts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The embedded font is valid; a failure would only leave text undrawn.
+        let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
+    });
+}
+
 /// Writes `series` (name, points) as a line plot to `path` (PNG, 800x500), atomically.
 ///
 /// Points need not be sorted; they are joined in the given order. Non-finite values are skipped
 /// and break the line. Errors only come from the file system or the encoder.
 pub fn write_curve_png(path: &Path, title: &str, series: &[(&str, &[(f64, f64)])]) -> Result<()> {
-    let img = render(title, series);
-    write_png_atomic(path, HEIGHT, &img.px)
+    write_panels_png(path, &[(title, series)])
 }
 
 /// One panel of `write_panels_png`: a title and its series.
@@ -57,119 +62,161 @@ pub type Panel<'a> = (&'a str, &'a [(&'a str, &'a [(f64, f64)])]);
 /// Several line plots stacked top to bottom in one PNG (800 wide, 500 per panel), each drawn
 /// as `write_curve_png` draws one, written atomically.
 pub fn write_panels_png(path: &Path, panels: &[Panel]) -> Result<()> {
-    let mut px = Vec::with_capacity(panels.len() * WIDTH * HEIGHT * 3);
-    for (title, series) in panels {
-        px.extend_from_slice(&render(title, series).px);
-    }
-    write_png_atomic(path, HEIGHT * panels.len().max(1), &px)
-}
-
-struct Canvas {
-    px: Vec<u8>,
-}
-
-impl Canvas {
-    fn new() -> Canvas {
-        Canvas { px: vec![255; WIDTH * HEIGHT * 3] }
-    }
-
-    #[inline]
-    fn set(&mut self, x: i64, y: i64, c: Rgb) {
-        if x >= 0 && y >= 0 && (x as usize) < WIDTH && (y as usize) < HEIGHT {
-            let i = (y as usize * WIDTH + x as usize) * 3;
-            self.px[i..i + 3].copy_from_slice(&c);
-        }
-    }
-
-    fn rect(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb) {
-        for y in y0.max(0)..=y1.min(HEIGHT as i64 - 1) {
-            for x in x0.max(0)..=x1.min(WIDTH as i64 - 1) {
-                self.set(x, y, c);
+    fonts();
+    let height = HEIGHT * panels.len().max(1);
+    let mut px = vec![255u8; WIDTH * height * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut px, (WIDTH as u32, height as u32)).into_drawing_area();
+        if !panels.is_empty() {
+            for (area, (title, series)) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
+                draw_panel(area, title, series)?;
             }
         }
+        root.present().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
     }
+    write_rgb_png(path, WIDTH, height, &px)
+}
 
-    /// A 2-pixel-thick line (Bresenham, each step stamps a 2x2 square), clipped to the plot
-    /// area so that nothing a series does can draw over the labels.
-    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        loop {
-            for (ox, oy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
-                let (qx, qy) = (x + ox, y + oy);
-                if (LEFT..=RIGHT).contains(&qx) && (TOP..=BOTTOM).contains(&qy) {
-                    self.set(qx, qy, c);
-                }
-            }
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
+/// One line plot into `area`.
+fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, title: &str, series: &[(&str, &[(f64, f64)])]) -> Result<()> {
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("drawing the plot {title:?}: {e}");
+    // Data range over all usable points.
+    let (mut xlo, mut xhi, mut ylo, mut yhi) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    for (_, pts) in series {
+        for &(x, y) in pts.iter() {
+            if usable(x) && usable(y) {
+                xlo = xlo.min(x);
+                xhi = xhi.max(x);
+                ylo = ylo.min(y);
+                yhi = yhi.max(y);
             }
         }
     }
-
-    /// Text with its top-left corner at (x, y); characters outside the image are clipped.
-    fn text(&mut self, x: i64, y: i64, s: &str, c: Rgb) {
-        for (k, ch) in s.chars().enumerate() {
-            let g = glyph(ch);
-            let ox = x + k as i64 * ADVANCE;
-            for (row, bits) in g.iter().enumerate() {
-                for col in 0..5 {
-                    if bits & (0x10 >> col) != 0 {
-                        let (gx, gy) = (ox + col * SCALE, y + row as i64 * SCALE);
-                        self.rect(gx, gy, gx + SCALE - 1, gy + SCALE - 1, c);
-                    }
-                }
+    if xlo > xhi {
+        (xlo, xhi, ylo, yhi) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let (xlo, xhi) = widen(xlo, xhi);
+    let (ylo, yhi) = widen(ylo, yhi);
+    // A little headroom in y so the curve does not run along the frame.
+    let pad = 0.05 * (yhi - ylo);
+    let (ylo, yhi) = (ylo - pad, yhi + pad);
+    let title: String = title.chars().take(90).collect();
+    let mut chart = ChartBuilder::on(area)
+        .caption(&title, (FONT, 20).into_font().color(&BLACK.to_rgba()))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(xlo..xhi, ylo..yhi)
+        .map_err(err)?;
+    let (xstep, ystep) = (nice_step((xhi - xlo) / 8.0), nice_step((yhi - ylo) / 8.0));
+    let (xmag, ymag) = (xlo.abs().max(xhi.abs()), ylo.abs().max(yhi.abs()));
+    let xfmt = |v: &f64| tick_label(*v, xstep, xmag);
+    let yfmt = |v: &f64| tick_label(*v, ystep, ymag);
+    chart
+        .configure_mesh()
+        .light_line_style(colour(WHITE))
+        .bold_line_style(colour(GRID))
+        .axis_style(BLACK.to_rgba())
+        .label_style((FONT, 14))
+        .x_labels(9)
+        .y_labels(9)
+        .x_label_formatter(&xfmt)
+        .y_label_formatter(&yfmt)
+        .draw()
+        .map_err(err)?;
+    // Series: polylines broken at unusable points; isolated points become dots.
+    for (k, (name, pts)) in series.iter().enumerate() {
+        let c = colour(PALETTE[k % PALETTE.len()]);
+        let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+        for &(x, y) in pts.iter() {
+            if usable(x) && usable(y) {
+                runs.last_mut().expect("one run at least").push((x, y));
+            } else if !runs.last().expect("one run at least").is_empty() {
+                runs.push(Vec::new());
+            }
+        }
+        let mut labelled = false;
+        for run in runs.into_iter().filter(|r| !r.is_empty()) {
+            let drawn = if run.len() == 1 {
+                chart.draw_series(std::iter::once(Circle::new(run[0], 3, c.filled()))).map_err(err)?
+            } else {
+                chart.draw_series(LineSeries::new(run, c.stroke_width(2))).map_err(err)?
+            };
+            if !labelled {
+                let name: String = name.chars().take(28).collect();
+                drawn.label(name).legend(move |(x, y)| Rectangle::new([(x, y - 2), (x + 22, y + 1)], c.filled()));
+                labelled = true;
             }
         }
     }
-}
-
-fn text_width(s: &str) -> i64 {
-    let n = s.chars().count() as i64;
-    if n == 0 { 0 } else { n * ADVANCE - SCALE }
-}
-
-/// A linear axis: data range [lo, hi] onto pixels [p0, p1].
-struct Axis {
-    lo: f64,
-    hi: f64,
-    p0: f64,
-    p1: f64,
-}
-
-impl Axis {
-    fn map(&self, v: f64) -> i64 {
-        let p = self.p0 + (v - self.lo) / (self.hi - self.lo) * (self.p1 - self.p0);
-        // Clamp before the cast: the mapping is inside the plot for data in range, and this keeps
-        // Bresenham's loop short even if it is not.
-        p.round().clamp(-10_000.0, 10_000.0) as i64
+    if !series.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.to_rgba())
+            .border_style(BLACK.to_rgba())
+            .label_font((FONT, 14))
+            .draw()
+            .map_err(err)?;
     }
+    Ok(())
+}
 
-    /// Tick values: multiples of a "nice" step (1, 2 or 5 times a power of ten), about 5 of them.
-    fn ticks(&self) -> (Vec<f64>, f64) {
-        let step = nice_step((self.hi - self.lo) / 5.0);
-        let first = (self.lo / step).ceil() * step;
-        let mut out = Vec::new();
-        for i in 0..25 {
-            let v = first + i as f64 * step;
-            if v > self.hi + step * 1e-9 {
-                break;
-            }
-            // Snap values like 1e-17 to an exact zero so the label reads "0".
-            out.push(if v.abs() < step * 1e-9 { 0.0 } else { v });
+trait ToRgba {
+    fn to_rgba(&self) -> RGBAColor;
+}
+
+impl ToRgba for Rgb {
+    fn to_rgba(&self) -> RGBAColor {
+        colour(*self).to_rgba()
+    }
+}
+
+/// One image of `write_image_grid_png`: a caption and `width` x `height` RGB pixels (row-major).
+pub struct Tile {
+    pub caption: String,
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+/// Images in a grid of `columns`, each under its caption, with a title on top: a PNG written
+/// atomically (the PCA view of features, similarity maps beside the CT).
+pub fn write_image_grid_png(path: &Path, title: &str, tiles: &[Tile], columns: usize) -> Result<()> {
+    fonts();
+    let columns = columns.max(1);
+    let rows = tiles.len().div_ceil(columns).max(1);
+    let (gap, caption_h, title_h) = (8usize, 22usize, 34usize);
+    let col_w: Vec<usize> = (0..columns).map(|c| tiles.iter().skip(c).step_by(columns).map(|t| t.width).max().unwrap_or(0)).collect();
+    let row_h: Vec<usize> = (0..rows).map(|r| tiles.iter().skip(r * columns).take(columns).map(|t| t.height).max().unwrap_or(0)).collect();
+    // Wide enough for the title (DejaVu Sans at 18 px: about 9 px a character).
+    let width = (col_w.iter().sum::<usize>() + gap * (columns + 1)).max(title.chars().take(120).count() * 9 + 2 * gap).max(200);
+    let height = title_h + row_h.iter().map(|h| h + caption_h + gap).sum::<usize>() + gap;
+    let mut px = vec![255u8; width * height * 3];
+    let mut origins = Vec::with_capacity(tiles.len());
+    for (i, t) in tiles.iter().enumerate() {
+        anyhow::ensure!(t.rgb.len() == t.width * t.height * 3, "image {:?}: {} bytes for {}x{} RGB", t.caption, t.rgb.len(), t.width, t.height);
+        let (r, c) = (i / columns, i % columns);
+        let x0 = gap + col_w[..c].iter().map(|w| w + gap).sum::<usize>();
+        let y0 = title_h + row_h[..r].iter().map(|h| h + caption_h + gap).sum::<usize>() + caption_h;
+        origins.push((x0, y0));
+    }
+    {
+        let root = BitMapBackend::with_buffer(&mut px, (width as u32, height as u32)).into_drawing_area();
+        let text = |s: &str, x: usize, y: usize, size: u32| root.draw(&Text::new(s.to_string(), (x as i32, y as i32), (FONT, size).into_font().color(&BLACK.to_rgba())));
+        text(&title.chars().take(120).collect::<String>(), gap, 8, 18).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+        for (t, &(x0, y0)) in tiles.iter().zip(&origins) {
+            text(&t.caption.chars().take(60).collect::<String>(), x0, y0 - caption_h + 3, 14).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
         }
-        (out, step)
+        root.present().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
     }
+    for (t, &(x0, y0)) in tiles.iter().zip(&origins) {
+        for y in 0..t.height {
+            let dst = ((y0 + y) * width + x0) * 3;
+            px[dst..dst + t.width * 3].copy_from_slice(&t.rgb[y * t.width * 3..(y + 1) * t.width * 3]);
+        }
+    }
+    write_rgb_png(path, width, height, &px)
 }
 
 fn nice_step(raw: f64) -> f64 {
@@ -215,131 +262,19 @@ fn usable(v: f64) -> bool {
     v.is_finite() && v.abs() <= MAX_ABS
 }
 
-fn render(title: &str, series: &[(&str, &[(f64, f64)])]) -> Canvas {
-    let mut cv = Canvas::new();
 
-    // Data range over all usable points.
-    let (mut xlo, mut xhi, mut ylo, mut yhi) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
-    for (_, pts) in series {
-        for &(x, y) in pts.iter() {
-            if usable(x) && usable(y) {
-                xlo = xlo.min(x);
-                xhi = xhi.max(x);
-                ylo = ylo.min(y);
-                yhi = yhi.max(y);
-            }
-        }
-    }
-    if xlo > xhi {
-        (xlo, xhi, ylo, yhi) = (0.0, 1.0, 0.0, 1.0);
-    }
-    let (xlo, xhi) = widen(xlo, xhi);
-    let (ylo, yhi) = widen(ylo, yhi);
-    // A little headroom in y so the curve does not run along the frame.
-    let pad = 0.05 * (yhi - ylo);
-    let xa = Axis { lo: xlo, hi: xhi, p0: LEFT as f64, p1: RIGHT as f64 };
-    let ya = Axis { lo: ylo - pad, hi: yhi + pad, p0: BOTTOM as f64, p1: TOP as f64 };
-
-    // Grid, ticks and labels.
-    let (xt, xstep) = xa.ticks();
-    let xmag = xa.lo.abs().max(xa.hi.abs());
-    for &v in &xt {
-        let p = xa.map(v);
-        cv.rect(p, TOP, p, BOTTOM - 1, GRID);
-        cv.rect(p, BOTTOM, p, BOTTOM + 5, BLACK);
-        let s = tick_label(v, xstep, xmag);
-        let w = text_width(&s);
-        cv.text((p - w / 2).clamp(0, WIDTH as i64 - w), BOTTOM + 10, &s, BLACK);
-    }
-    let (yt, ystep) = ya.ticks();
-    let ymag = ya.lo.abs().max(ya.hi.abs());
-    for &v in &yt {
-        let p = ya.map(v);
-        cv.rect(LEFT + 1, p, RIGHT, p, GRID);
-        cv.rect(LEFT - 5, p, LEFT, p, BLACK);
-        let s = tick_label(v, ystep, ymag);
-        let w = text_width(&s);
-        cv.text((LEFT - 9 - w).max(0), p - 7, &s, BLACK);
-    }
-    // Axes on top of the grid.
-    cv.rect(LEFT, TOP, LEFT, BOTTOM, BLACK);
-    cv.rect(LEFT, BOTTOM, RIGHT, BOTTOM, BLACK);
-
-    // Series: polylines broken at unusable points; isolated points become dots.
-    for (k, (_, pts)) in series.iter().enumerate() {
-        let c = PALETTE[k % PALETTE.len()];
-        let mut prev: Option<(i64, i64)> = None;
-        let mut run = 0usize;
-        for i in 0..=pts.len() {
-            let cur = pts.get(i).filter(|(x, y)| usable(*x) && usable(*y)).map(|&(x, y)| (xa.map(x), ya.map(y)));
-            match (prev, cur) {
-                (Some(a), Some(b)) => {
-                    cv.line(a, b, c);
-                    run += 1;
-                }
-                (Some(a), None) => {
-                    if run == 0 {
-                        // A lone point: a 5x5 dot so it is visible.
-                        for oy in -2..=2 {
-                            cv.line((a.0 - 2, a.1 + oy), (a.0 + 2, a.1 + oy), c);
-                        }
-                    }
-                    run = 0;
-                }
-                _ => run = 0,
-            }
-            prev = cur;
-        }
-    }
-
-    // Title, centred above the plot.
-    let tw = text_width(title);
-    cv.text(((WIDTH as i64 - tw) / 2).max(0), 12, title, BLACK);
-
-    // Legend, top right inside the plot: as many entries as fit, names cut to 28 characters.
-    let names: Vec<String> = series.iter().map(|(n, _)| n.chars().take(28).collect()).collect();
-    if !names.is_empty() {
-        let row_h = 20;
-        let max_rows = ((BOTTOM - TOP - 20) / row_h).max(1) as usize;
-        let rows = names.len().min(max_rows);
-        let lw = names.iter().map(|n| text_width(n)).max().unwrap_or(0) + 44;
-        let (x0, y0) = (RIGHT - lw - 10, TOP + 10);
-        let (x1, y1) = (RIGHT - 10, y0 + rows as i64 * row_h + 8);
-        cv.rect(x0, y0, x1, y1, WHITE);
-        cv.rect(x0, y0, x1, y0, BLACK);
-        cv.rect(x0, y1, x1, y1, BLACK);
-        cv.rect(x0, y0, x0, y1, BLACK);
-        cv.rect(x1, y0, x1, y1, BLACK);
-        for (k, name) in names.iter().take(rows).enumerate() {
-            let c = PALETTE[k % PALETTE.len()];
-            let ry = y0 + 6 + k as i64 * row_h;
-            cv.rect(x0 + 8, ry + 6, x0 + 32, ry + 8, c);
-            cv.text(x0 + 38, ry, name, BLACK);
-        }
-    }
-    cv
-}
-
-/// The PNG written through `checkpoint::write_atomic_with`: a temporary in a recognisable
+/// An RGB picture written through `checkpoint::write_atomic_with`: a temporary in a recognisable
 /// folder beside `path` (removed on error, and by `remove_stale_temp_files` after a kill),
-/// synced and renamed over `path`.
-fn write_png_atomic(path: &Path, height: usize, px: &[u8]) -> Result<()> {
-    // No panel: one blank picture rather than an empty one.
-    let blank;
-    let px = if px.is_empty() {
-        blank = vec![255u8; WIDTH * HEIGHT * 3];
-        &blank[..]
-    } else {
-        px
-    };
-    // A plot goes into an existing folder (a run's): a missing one is an error, not created.
+/// synced and renamed over `path`. The folder must exist (a run's): it is not created.
+pub fn write_rgb_png(path: &Path, width: usize, height: usize, px: &[u8]) -> Result<()> {
+    anyhow::ensure!(px.len() == width * height * 3, "{}: {} bytes for a {width}x{height} RGB picture", path.display(), px.len());
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     anyhow::ensure!(dir.is_dir(), "cannot write {}: the folder {} does not exist", path.display(), dir.display());
     crate::checkpoint::write_atomic_with(path, |tmp| {
         let file = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);
         {
-            let mut enc = png::Encoder::new(&mut w, WIDTH as u32, height as u32);
+            let mut enc = png::Encoder::new(&mut w, width as u32, height as u32);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
             let mut writer = enc.write_header().with_context(|| format!("writing the PNG header of {}", path.display()))?;
@@ -348,62 +283,6 @@ fn write_png_atomic(path: &Path, height: usize, px: &[u8]) -> Result<()> {
         }
         w.flush().with_context(|| format!("writing {}", path.display()))
     })
-}
-
-/// 5x7 glyphs, one byte per row, bit 4 = leftmost column. Lower case maps to upper case;
-/// anything else unknown is drawn as '?'.
-fn glyph(c: char) -> [u8; 7] {
-    match c.to_ascii_uppercase() {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x11, 0x1F, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
-        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
-        '+' => [0x00, 0x04, 0x04, 0x1F, 0x04, 0x04, 0x00],
-        ' ' => [0x00; 7],
-        ':' => [0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00],
-        ',' => [0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '/' => [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00],
-        '_' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1F],
-        '=' => [0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        _ => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x00, 0x04],
-    }
 }
 
 #[cfg(test)]

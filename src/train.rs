@@ -480,10 +480,18 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
                 }
             }
         }
-        if !loaded.missing.is_empty() {
+        // A published backbone alone (a PyTorch FPN3d state_dict, no step): pretraining goes on
+        // from it with a new projection head, as the reference's head is discarded after training.
+        let backbone_only = loaded.step.is_none() && !loaded.missing.is_empty() && loaded.missing.iter().all(|k| k.starts_with(crate::model::HEAD_PREFIX));
+        if backbone_only {
+            progress.message(&format!("initialised the backbone from {}; its projection head is not in the file and starts from random weights (seed {}), Adam from step 0", path.display(), opts.seed));
+        } else if !loaded.missing.is_empty() {
             bail!("{}: checkpoint lacks {} model tensors (first: {})", path.display(), loaded.missing.len(), loaded.missing[0]);
+        } else if loaded.step.is_none() {
+            progress.message(&format!("initialised the model from {} (a file without optimiser state): Adam from step 0", path.display()));
+        } else {
+            progress.message(&format!("resumed from {} at step {}", path.display(), adam.step));
         }
-        progress.message(&format!("resumed from {} at step {}", path.display(), adam.step));
     }
     // Loaded on the host (checkpoints are host data), then moved.
     if opts.device != Device::Cpu {

@@ -200,3 +200,27 @@ fn non_finite_weights_never_replace_a_checkpoint() {
     let left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n != "checkpoint.safetensors").collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// `vox2vec-train --resume-from` a published PyTorch file: the backbone's configuration comes
+/// from the file (no flags), a bare FPN3d starts a new projection head, a Lightning checkpoint
+/// brings its own, and a contradicting flag is refused naming both values.
+#[test]
+fn pretraining_continues_from_published_pytorch_weights() {
+    let dir = tmpdir("published-resume");
+    let weights = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/weights");
+    let bin = env!("CARGO_BIN_EXE_vox2vec-train");
+    // A bare backbone gets the default projection width (128); the Lightning file's head maps to 16.
+    for (file, says, proj_dim) in [("fpn_tiny.pt", "projection head is not in the file", 128), ("fpn_tiny_model.ckpt", "without optimiser state", 16)] {
+        let out = dir.join(file);
+        let res = std::process::Command::new(bin).args(["--small", "--steps", "1", "--device", "cpu", "--resume-from"]).arg(weights.join(file)).arg("--out").arg(&out).output().unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(res.status.success(), "{file}: {err}");
+        assert!(err.contains("base 4 x 3 scales") && err.contains(says), "{file}: {err}");
+        let mut m = Vox2Vec::new(vox2vec::model::ModelConfig { fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim, temperature: 0.1 }, 0);
+        let loaded = checkpoint::load(&out.join("checkpoint.safetensors"), &mut m.store, None).unwrap();
+        assert_eq!(loaded.step, Some(1), "{file}");
+    }
+    let res = std::process::Command::new(bin).args(["--small", "--steps", "1", "--device", "cpu", "--num-scales", "6", "--resume-from"]).arg(weights.join("fpn_tiny.pt")).arg("--out").arg(dir.join("bad")).output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("--num-scales 6") && err.contains("base 4 x 3 scales"), "{err}");
+}

@@ -97,12 +97,16 @@ struct Args {
     /// Positive voxel pairs per view pair (at most).
     #[arg(long)]
     voxels: Option<usize>,
-    #[arg(long, default_value_t = 16)]
-    base_channels: usize,
-    #[arg(long, default_value_t = 6)]
-    num_scales: usize,
-    #[arg(long, default_value_t = 128)]
-    proj_dim: usize,
+    /// FPN3d base width [default: the resumed checkpoint's (recorded, or inferred from its
+    /// tensors), else 16]; a value that contradicts the checkpoint is an error.
+    #[arg(long)]
+    base_channels: Option<usize>,
+    /// FPN3d scales [default: the resumed checkpoint's, else 6].
+    #[arg(long)]
+    num_scales: Option<usize>,
+    /// Projection head width [default: the resumed checkpoint's, else 128].
+    #[arg(long)]
+    proj_dim: Option<usize>,
     #[arg(long, default_value_t = 0.1)]
     temperature: f64,
     #[arg(long, default_value_t = 3e-4)]
@@ -228,6 +232,29 @@ impl Progress for Bar {
     }
 }
 
+/// The model to train: a resumed checkpoint's configuration (any format `weights::read` takes:
+/// our checkpoints, PyTorch .pt, Lightning .ckpt), which the flags must agree with; else the
+/// flags, else the reference's.
+fn model_config(args: &Args) -> anyhow::Result<ModelConfig> {
+    let resumed = match (&args.resume_from, args.resume) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => Some(args.out.join(vox2vec::train::CHECKPOINT_FILE)).filter(|p| p.exists()),
+        (None, false) => None,
+    };
+    let Some(path) = resumed else {
+        let fpn = FpnConfig { in_channels: 1, base_channels: args.base_channels.unwrap_or(16), num_scales: args.num_scales.unwrap_or(6) };
+        return Ok(ModelConfig { fpn, proj_dim: args.proj_dim.unwrap_or(128), temperature: args.temperature });
+    };
+    use vox2vec::weights::{Naming, read, resolve_backbone};
+    let file = read(&path, Naming::Model)?;
+    let fpn = resolve_backbone(&file, args.base_channels, args.num_scales)?;
+    let proj_dim = match (args.proj_dim, file.infer_proj_dim()) {
+        (Some(a), Some(b)) if a != b => anyhow::bail!("--proj-dim {a} contradicts {}: its projection head maps to {b}; leave --proj-dim out to use the file's", path.display()),
+        (a, b) => a.or(b).unwrap_or(128),
+    };
+    Ok(ModelConfig { fpn, proj_dim, temperature: args.temperature })
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     vox2vec::cpu::retain_freed_memory();
     if args.bench_plan {
@@ -253,11 +280,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     anyhow::ensure!(batch.pairs >= 1 && batch.voxels_per_pair >= 1, "need at least one pair and one voxel per pair");
     anyhow::ensure!(batch.pairs * batch.voxels_per_pair >= 2, "InfoNCE needs at least 2 positive pairs per batch");
-    let model = ModelConfig {
-        fpn: FpnConfig { in_channels: 1, base_channels: args.base_channels, num_scales: args.num_scales },
-        proj_dim: args.proj_dim,
-        temperature: args.temperature,
-    };
+    let model = model_config(&args)?;
     model.validate()?;
     vox2vec::model::check_patch(batch.patch).context("--patch")?;
     anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0 && args.lr <= 1.0, "--lr must be in (0, 1], got {}", args.lr);
@@ -317,7 +340,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         "pairs": batch.pairs, "patch": batch.patch, "voxels_per_pair": batch.voxels_per_pair, "steps": args.steps, "lr": args.lr,
         "seed": args.seed, "device": args.device, "precision": args.precision, "nonfinite": format!("{:?}", args.nonfinite),
         "probe_dataset": args.probe_dataset, "probe_every": args.probe_every, "val_data": args.val_data, "val_every": args.val_every,
-        "base_channels": args.base_channels, "num_scales": args.num_scales,
+        "base_channels": model.fpn.base_channels, "num_scales": model.fpn.num_scales,
     });
     metadata.push((recorded::COMMAND_LINE.to_string(), recorded::command_line()));
     metadata.push((recorded::DATA_SOURCES.to_string(), data_sources.to_string()));
@@ -374,8 +397,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         batch.pairs,
         batch.patch,
         batch.voxels_per_pair,
-        args.base_channels,
-        args.num_scales,
+        model.fpn.base_channels,
+        model.fpn.num_scales,
         args.out.display()
     );
     if let Some(note) = cpu_note {

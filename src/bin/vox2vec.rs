@@ -10,7 +10,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use safetensors::tensor::SafeTensors;
 
 #[derive(Parser)]
 #[command(version, about = "vox2vec feature tools")]
@@ -21,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Print a checkpoint's metadata, parameter counts and tensors.
+    /// Print what a weights file is (our checkpoint, a head, a PyTorch .pt / Lightning .ckpt, a
+    /// bare state_dict), the model it holds (recorded or inferred), its metadata and tensors.
     Inspect {
         checkpoint: PathBuf,
         /// List every tensor.
@@ -30,6 +30,10 @@ enum Cmd {
     },
     /// Write the backbone alone with bare FPN3d keys (loadable by PyTorch's FPN3d.load_state_dict).
     ExportBackbone { checkpoint: PathBuf, out: PathBuf },
+    /// Write the backbone of any weights file as a bare FPN3d state_dict in safetensors: our
+    /// checkpoints, PyTorch .pt/.pth (torch.save, zip or legacy), Lightning .ckpt (module
+    /// prefixes such as backbone. or model.backbone. recognised), safetensors state_dicts.
+    Convert { input: PathBuf, out: PathBuf },
     /// Backbone features of a CT (NIfTI: preprocessing, sliding window 128×128×32 with overlap
     /// 0.5 and the reference's central-region stitching; level_<i>.npy as [C, X, Y, Z] in the
     /// preprocessed grid, described by geometry.json) or of an already preprocessed patch
@@ -39,25 +43,41 @@ enum Cmd {
         /// nnU-Net dataset (its imagesTr) or a text file of paths; then each CT goes into
         /// <out>/<name>/, and the next CT is read while this one is embedded.
         input: PathBuf,
-        /// A vox2vec-rs checkpoint or a bare FPN3d state_dict in safetensors.
+        /// Weights: a vox2vec-rs checkpoint, a bare FPN3d state_dict (safetensors or PyTorch
+        /// .pt/.pth), or a Lightning .ckpt; the model's size comes from the file.
         #[arg(long)]
         weights: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        /// Pyramid levels to write for a CT.
-        #[arg(long, value_delimiter = ',', default_value = "0")]
-        levels: Vec<usize>,
-        /// Write float16 instead of float32.
+        #[command(flatten)]
+        output: EmbedOutput,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Voxel similarity search: the embedding of one voxel of --query (every pyramid level at
+    /// that voxel, concatenated and normalised) against every voxel of each --target. Writes
+    /// per target <name>_similarity.nii.gz (cosine similarity on the target's own grid),
+    /// <name>_match.png (slices through the query point and the best match, heat map over the
+    /// CT) and matches.json (the best match in voxel and world coordinates).
+    Similar {
+        /// Weights (as for embed).
         #[arg(long)]
-        f16: bool,
-        /// Combine windows with MONAI-style Gaussian weights instead of the reference's
-        /// central regions.
+        weights: PathBuf,
+        /// The CT the point is in (NIfTI).
         #[arg(long)]
-        gaussian: bool,
-        /// Also write each level resampled (nearest) onto the input file's own grid and axis
-        /// order: level_<i>_original.npy [C, file X, file Y, file Z].
+        query: PathBuf,
+        /// The query point: X,Y,Z voxel indices of the query file (0-based, the file's own
+        /// axes, as nibabel or 3D Slicer's IJK show them), or world millimetres with --world.
+        #[arg(long, allow_hyphen_values = true)]
+        point: String,
+        /// --point is in world coordinates (NIfTI's RAS, mm), not voxel indices.
         #[arg(long)]
-        original_grid: bool,
+        world: bool,
+        /// CTs to search (NIfTI), one or more.
+        #[arg(long, num_args = 1.., required = true)]
+        target: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -97,10 +117,12 @@ enum Cmd {
         /// Weights (checkpoint or bare FPN3d) [default: a random backbone of --base-channels x --num-scales].
         #[arg(long)]
         weights: Option<PathBuf>,
-        #[arg(long, default_value_t = 16)]
-        base_channels: usize,
-        #[arg(long, default_value_t = 6)]
-        num_scales: usize,
+        /// FPN3d base width [default: the weights', else 16].
+        #[arg(long)]
+        base_channels: Option<usize>,
+        /// FPN3d scales [default: the weights', else 6].
+        #[arg(long)]
+        num_scales: Option<usize>,
         /// Window X,Y,Z.
         #[arg(long, default_value = "128,128,32")]
         patch: String,
@@ -151,10 +173,13 @@ enum Cmd {
 /// resampling spacing (by default those the weights or head record: `eval::recorded`).
 #[derive(clap::Args, Debug, Clone)]
 struct NetArgs {
-    #[arg(long, default_value_t = 16)]
-    base_channels: usize,
-    #[arg(long, default_value_t = 6)]
-    num_scales: usize,
+    /// FPN3d base width [default: the weights' (recorded, or inferred from their tensors), 16
+    /// for a random backbone]; a value that contradicts the weights is an error.
+    #[arg(long)]
+    base_channels: Option<usize>,
+    /// FPN3d scales [default: the weights', 6 for a random backbone].
+    #[arg(long)]
+    num_scales: Option<usize>,
     /// Sliding-window patch X,Y,Z [default: the one the head or weights record, else 128,128,32].
     #[arg(long)]
     patch: Option<String>,
@@ -179,6 +204,54 @@ struct NetArgs {
     /// 1 on the CPU]. More windows per pass use more memory, not more work.
     #[arg(long)]
     sw_batch: Option<usize>,
+}
+
+/// What `embed` writes for a CT.
+#[derive(clap::Args, Debug, Clone)]
+struct EmbedOutput {
+    /// Pyramid levels to write for a CT.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    levels: Vec<usize>,
+    /// File formats, comma-separated: npy (level_<i>.npy, [C, X, Y, Z]) and/or nifti
+    /// (level_<i>.nii.gz, 4-D float32 with channels on the 4th axis and the grid's affine, for
+    /// 3D Slicer, ITK-SNAP, nibabel).
+    #[arg(long, value_delimiter = ',', default_value = "npy")]
+    format: Vec<String>,
+    /// Write float16 instead of float32 (.npy only: NIfTI has no float16 type).
+    #[arg(long)]
+    f16: bool,
+    /// Combine windows with MONAI-style Gaussian weights instead of the reference's
+    /// central regions.
+    #[arg(long)]
+    gaussian: bool,
+    /// Also write each level resampled (nearest) onto the input file's own grid and axis
+    /// order: level_<i>_original.npy [C, file X, file Y, file Z] / level_<i>_original.nii.gz
+    /// with the input's affine.
+    #[arg(long)]
+    original_grid: bool,
+    /// A picture of what the model learned: the first three principal components of the
+    /// --rgb-level features inside the body as colours, rgb_level<L>.nii.gz (RGB) and
+    /// rgb_level<L>.png (central axial, coronal and sagittal slices under the CT's own).
+    #[arg(long)]
+    rgb: bool,
+    #[arg(long, default_value_t = 0)]
+    rgb_level: usize,
+}
+
+impl EmbedOutput {
+    fn npy(&self) -> bool {
+        self.format.iter().any(|f| f == "npy")
+    }
+    fn nifti(&self) -> bool {
+        self.format.iter().any(|f| f == "nifti")
+    }
+    fn check(&self) -> Result<()> {
+        for f in &self.format {
+            anyhow::ensure!(f == "npy" || f == "nifti", "--format {f:?}: npy or nifti (comma-separated for both)");
+        }
+        anyhow::ensure!(!(self.f16 && self.nifti()), "--f16 with --format nifti: NIfTI has no float16 type (nibabel and ITK cannot store one); write float32 NIfTI, or --f16 with --format npy");
+        Ok(())
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -221,10 +294,13 @@ struct SegArgs {
     validate_every: u64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value_t = 16)]
-    base_channels: usize,
-    #[arg(long, default_value_t = 6)]
-    num_scales: usize,
+    /// FPN3d base width [default: the weights' (recorded, or inferred from their tensors), 16
+    /// for a random backbone]; a value that contradicts the weights is an error.
+    #[arg(long)]
+    base_channels: Option<usize>,
+    /// FPN3d scales [default: the weights', 6 for a random backbone].
+    #[arg(long)]
+    num_scales: Option<usize>,
     /// Resampling spacing in mm (x,y,z) [default: the spacing --weights records, else the
     /// reference's 1,1,2]; coarser for quick CPU runs.
     #[arg(long)]
@@ -335,7 +411,7 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     let (mut model, recorded) = match (&a.weights, mode) {
         (Some(w), _) => load_backbone(w, a.base_channels, a.num_scales)?,
         (None, Mode::Scratch) | (None, Mode::Probe) => {
-            let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: a.base_channels, num_scales: a.num_scales }, ..ModelConfig::default() };
+            let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: a.base_channels.unwrap_or(16), num_scales: a.num_scales.unwrap_or(6) }, ..ModelConfig::default() };
             cfg.validate()?;
             (Vox2Vec::new(cfg, a.seed), Recorded::nothing())
         }
@@ -475,22 +551,38 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     several_inputs(ct)?;
     let (mut model, _) = load_backbone(backbone, net.base_channels, net.num_scales)?;
     net.device()?;
-    let recorded = Recorded::read(head_path)?;
+    // The head's kind and classes: what it records (heads of probe / finetune / scratch), else
+    // what its tensors show (a PyTorch FPNLinearHead / FPNNonLinearHead state_dict); both must agree.
+    let head_file = vox2vec::weights::read(head_path, vox2vec::weights::Naming::Literal)?;
+    let inferred = head_file.infer_head();
+    let recorded = Recorded::from_metadata(head_path, head_file.metadata.clone())?;
     let meta = &recorded.metadata;
-    let kind = match meta.get("head_kind").map(String::as_str) {
-        Some("linear") => HeadKind::Linear,
-        Some("nonlinear") | Some("non-linear") => HeadKind::NonLinear,
-        other => anyhow::bail!("{}: unknown head kind {other:?} (a head written by probe / finetune / scratch is needed)", head_path.display()),
+    let kind = match (meta.get("head_kind").map(String::as_str), &inferred) {
+        (Some("linear"), _) => HeadKind::Linear,
+        (Some("nonlinear") | Some("non-linear"), _) => HeadKind::NonLinear,
+        (None, Some((k, _))) => *k,
+        (other, _) => anyhow::bail!("{}: not a segmentation head (head kind {other:?}, and no layers.0.weight or final_block.weight); a head written by probe / finetune / scratch, or a PyTorch FPNLinearHead / FPNNonLinearHead state_dict, is needed", head_path.display()),
     };
-    let k: usize = meta.get("num_classes").and_then(|v| v.parse().ok()).with_context(|| format!("{}: no num_classes", head_path.display()))?;
+    let k: usize = match (meta.get("num_classes"), &inferred) {
+        (Some(v), _) => v.parse().with_context(|| format!("{}: metadata num_classes {v:?} is not a number", head_path.display()))?,
+        (None, Some((_, k))) => *k,
+        (None, None) => anyhow::bail!("{}: no num_classes", head_path.display()),
+    };
+    if let Some((ik, ic)) = inferred {
+        anyhow::ensure!(ik == kind && ic == k, "{}: records a {kind:?} head of {k} classes, but its tensors are a {ik:?} head of {ic} classes", head_path.display());
+    }
+    let kind_name = match kind {
+        HeadKind::Linear => "linear",
+        HeadKind::NonLinear => "non-linear",
+    };
     check_head_backbone(&recorded, &model, backbone, net.override_recorded)?;
     let (pre, patch) = net.settings(&recorded)?;
     let mut hs = vox2vec::params::ParamStore::new();
     let head = Head::new(kind, &mut hs, 0, model.config.fpn, k);
-    let loaded = vox2vec::checkpoint::load_exact(head_path, &mut hs)?;
+    let loaded = vox2vec::checkpoint::load_file(head_file, &mut hs, None)?;
     anyhow::ensure!(loaded.missing.is_empty(), "{}: head tensors missing: {:?}", head_path.display(), loaded.missing);
     let device = net.place("predict", ct, &mut model)?;
-    eprintln!("predict: {} head, {k} classes, spacing {} mm, patch {}", meta["head_kind"], vox2vec::eval::recorded::xyz(&pre.spacing), vox2vec::eval::recorded::xyz(&patch));
+    eprintln!("predict: {kind_name} head, {k} classes, spacing {} mm, patch {}", vox2vec::eval::recorded::xyz(&pre.spacing), vox2vec::eval::recorded::xyz(&patch));
     if device != vox2vec::tensor::Device::Cpu {
         hs.to_device(device)?;
     }
@@ -543,13 +635,10 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     })
 }
 
-fn read(path: &PathBuf) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Embed { input, weights, out, levels, f16, gaussian, original_grid, net } => embed(&input, &weights, &out, &levels, f16, gaussian, original_grid, &net)?,
+        Cmd::Embed { input, weights, out, output, net } => embed(&input, &weights, &out, &output, &net)?,
+        Cmd::Similar { weights, query, point, world, target, out, net } => similar(&weights, &query, &point, world, &target, &out, &net)?,
         Cmd::Probe(a) => segment(&a, vox2vec::eval::segment::Mode::Probe)?,
         Cmd::Finetune { seg, unfreeze_after } => segment(&seg, vox2vec::eval::segment::Mode::FineTune { unfreeze_after })?,
         Cmd::Scratch(a) => segment(&a, vox2vec::eval::segment::Mode::Scratch)?,
@@ -563,53 +652,96 @@ fn run(cli: Cli) -> Result<()> {
             }
             preprocess(&input, &cache, skip_bad, nonfinite)?;
         }
-        Cmd::Inspect { checkpoint, all } => {
-            let bytes = read(&checkpoint)?;
-            let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", checkpoint.display()))?;
-            let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a safetensors file", checkpoint.display()))?;
-            if let Some(meta) = header.metadata() {
-                let mut keys: Vec<_> = meta.keys().collect();
-                keys.sort();
-                for k in keys {
-                    println!("{k}: {}", metadata_line(k, &meta[k], all));
-                }
-            }
-            let mut names = st.names();
-            names.sort();
-            let mut groups: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-            for n in &names {
-                let t = st.tensor(n)?;
-                // A segmentation head's file (probe / finetune / scratch) has bare keys that are
-                // all the head's; in a checkpoint bare keys are a PyTorch FPN3d's.
-                let is_head_file = header.metadata().as_ref().is_some_and(|m| m.contains_key("head_kind"));
-                let group = if n.starts_with("optim.") { "optim" } else if n.starts_with("head.") || is_head_file { "head" } else { "backbone" };
-                let e = groups.entry(group.to_string()).or_default();
-                e.0 += 1;
-                e.1 += t.shape().iter().product::<usize>();
-                if all {
-                    println!("  {n} {:?} {:?}", t.dtype(), t.shape());
-                }
-            }
-            for (g, (n, v)) in groups {
-                println!("{g}: {n} tensors, {v} values");
-            }
-        }
-        Cmd::ExportBackbone { checkpoint, out } => {
-            let bytes = read(&checkpoint)?;
-            let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a safetensors file", checkpoint.display()))?;
-            let mut views = Vec::new();
-            for (name, view) in st.tensors() {
-                if let Some(k) = name.strip_prefix(vox2vec::model::BACKBONE_PREFIX) {
-                    views.push((k.to_string(), view));
-                }
-            }
-            anyhow::ensure!(!views.is_empty(), "{}: no backbone tensors", checkpoint.display());
-            let n = views.len();
-            let bytes = safetensors::serialize(views, None)?;
-            vox2vec::checkpoint::write_atomic(&out, &bytes)?;
-            println!("wrote {n} backbone tensors to {}", out.display());
+        Cmd::Inspect { checkpoint, all } => inspect(&checkpoint, all)?,
+        Cmd::ExportBackbone { checkpoint, out } => convert(&checkpoint, &out)?,
+        Cmd::Convert { input, out } => convert(&input, &out)?,
+    }
+    Ok(())
+}
+
+/// `inspect`: what a weights file is (container, Lightning, module prefixes), the model it
+/// holds (recorded or inferred), its metadata, and its tensors by group.
+fn inspect(path: &std::path::Path, all: bool) -> Result<()> {
+    use vox2vec::weights::{ConfigSource, Naming, Values, read};
+    // A segmentation head's file (probe / finetune / scratch) has bare keys that are all the
+    // head's; elsewhere bare keys are a PyTorch FPN3d's.
+    let literal = read(path, Naming::Literal)?;
+    let is_head = literal.metadata.contains_key("head_kind");
+    let file = if is_head { literal } else { read(path, Naming::Model)? };
+    println!("file: {}", file.describe());
+    if !is_head {
+        match file.backbone_config()? {
+            Some((f, source)) => println!(
+                "model: FPN3d in {} base {} x {} scales{} ({})",
+                f.in_channels,
+                f.base_channels,
+                f.num_scales,
+                file.infer_proj_dim().map(|p| format!(", projection head to {p}")).unwrap_or_default(),
+                if source == ConfigSource::Recorded { "recorded in the metadata" } else { "inferred from the tensors" }
+            ),
+            None => println!("model: no FPN3d backbone (no first_conv.weight)"),
         }
     }
+    let mut keys: Vec<_> = file.metadata.keys().collect();
+    keys.sort();
+    for k in keys {
+        println!("{k}: {}", metadata_line(k, &file.metadata[k], all));
+    }
+    let mut entries: Vec<&vox2vec::weights::Entry> = file.entries.iter().collect();
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut groups: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for e in entries {
+        let group = if e.name.starts_with("optim.") { "optim" } else if e.name.starts_with(vox2vec::model::HEAD_PREFIX) || is_head { "head" } else { "backbone" };
+        let g = groups.entry(group).or_default();
+        g.0 += 1;
+        g.1 += e.shape.iter().product::<usize>();
+        if all {
+            let dtype = if matches!(e.values, Values::I64(_)) { "int" } else { "float" };
+            let renamed = if e.name != e.source_name { format!("  (in the file: {})", e.source_name) } else { String::new() };
+            println!("  {} {dtype} {:?}{renamed}", e.name, e.shape);
+        }
+    }
+    for (g, (n, v)) in groups {
+        println!("{g}: {n} tensors, {v} values");
+    }
+    if !file.ignored.is_empty() {
+        println!("left out: {} tensors outside the model{}", file.ignored.len(), if all { format!(": {}", file.ignored.join(", ")) } else { " (--all lists them)".to_string() });
+    }
+    Ok(())
+}
+
+/// `convert` and `export-backbone`: the backbone of any weights file `weights::read` takes,
+/// written as a bare FPN3d state_dict in safetensors (PyTorch's key names and layouts, loadable
+/// by `FPN3d.load_state_dict`), with the model configuration and the source's recorded
+/// settings in the metadata.
+fn convert(input: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    use vox2vec::weights::{Naming, Values, read, resolve_backbone};
+    let file = read(input, Naming::Model)?;
+    let fpn = resolve_backbone(&file, None, None)?;
+    let backbone: Vec<(String, &vox2vec::weights::Entry)> =
+        file.entries.iter().filter_map(|e| e.name.strip_prefix(vox2vec::model::BACKBONE_PREFIX).map(|k| (k.to_string(), e))).collect();
+    anyhow::ensure!(!backbone.is_empty(), "{}: no backbone tensors", input.display());
+    // Check the tensors against the model they claim to be before writing anything.
+    let cfg = file.model_config(fpn);
+    cfg.validate().with_context(|| format!("{}: model configuration", input.display()))?;
+    let mut model = vox2vec::model::Vox2Vec::new(cfg, 0);
+    vox2vec::checkpoint::load_file(file.clone(), &mut model.store, None)?;
+    let mut views = Vec::with_capacity(backbone.len());
+    for (k, e) in &backbone {
+        let view = match &e.values {
+            Values::F32(v) => TensorView::new(Dtype::F32, e.shape.clone(), bytemuck::cast_slice(v)),
+            Values::I64(v) => TensorView::new(Dtype::I64, e.shape.clone(), bytemuck::cast_slice(v)),
+        }?;
+        views.push((k.clone(), view));
+    }
+    let mut meta: std::collections::HashMap<String, String> = file.metadata.iter().filter(|(k, _)| !matches!(k.as_str(), "step" | "format")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    meta.insert("model_config".into(), vox2vec::checkpoint::config_to_json(&model.config));
+    meta.insert("converted_from".into(), format!("{} ({})", input.display(), file.describe()));
+    let n = views.len();
+    let bytes = safetensors::serialize(views, Some(meta))?;
+    vox2vec::checkpoint::write_atomic(out, &bytes)?;
+    println!("wrote {n} backbone tensors (FPN3d base {} x {} scales) to {}", fpn.base_channels, fpn.num_scales, out.display());
     Ok(())
 }
 
@@ -633,23 +765,24 @@ fn metadata_line(key: &str, value: &str, all: bool) -> String {
     v.to_string()
 }
 
-/// The backbone described by (and loaded from) `weights`, and what the file records.
-fn load_backbone(weights: &std::path::Path, base: usize, scales: usize) -> Result<(vox2vec::model::Vox2Vec, Recorded)> {
-    use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
-    let bytes = std::fs::read(weights).with_context(|| format!("reading {}", weights.display()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", weights.display()))?;
-    let mut cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base, num_scales: scales }, ..ModelConfig::default() };
-    if let Some(mc) = header.metadata().as_ref().and_then(|m| m.get("model_config")) {
-        let v: serde_json::Value = serde_json::from_str(mc).with_context(|| format!("{}: bad model_config", weights.display()))?;
-        let get = |k: &str| v[k].as_u64().map(|x| x as usize).with_context(|| format!("{}: model_config lacks {k}", weights.display()));
-        cfg.fpn = FpnConfig { in_channels: get("in_channels")?, base_channels: get("base_channels")?, num_scales: get("num_scales")? };
-        cfg.proj_dim = get("proj_dim")?;
+/// The backbone described by (and loaded from) `weights` (any format `weights::read` takes:
+/// our checkpoints, bare FPN3d state_dicts, PyTorch .pt/.pth, Lightning .ckpt), and what the
+/// file records. The configuration is the file's (recorded, else inferred from its tensors);
+/// `--base-channels` / `--num-scales` must agree with it.
+fn load_backbone(weights: &std::path::Path, base: Option<usize>, scales: Option<usize>) -> Result<(vox2vec::model::Vox2Vec, Recorded)> {
+    use vox2vec::model::Vox2Vec;
+    use vox2vec::weights::{Naming, read, resolve_backbone};
+    let file = read(weights, Naming::Model)?;
+    let fpn = resolve_backbone(&file, base, scales)?;
+    let cfg = file.model_config(fpn);
+    cfg.validate().with_context(|| format!("{}: model configuration", weights.display()))?;
+    if file.container != vox2vec::weights::Container::Safetensors || !file.ignored.is_empty() || file.renamed.iter().any(|(from, _)| !from.is_empty()) {
+        eprintln!("note: {}: {}; FPN3d base {} x {} scales", weights.display(), file.describe(), fpn.base_channels, fpn.num_scales);
     }
-    cfg.validate().with_context(|| format!("{}: model_config", weights.display()))?;
     let mut model = Vox2Vec::new(cfg, 0);
-    let loaded = vox2vec::checkpoint::load(weights, &mut model.store, None)?;
+    let loaded = vox2vec::checkpoint::load_file(file, &mut model.store, None)?;
     let missing: Vec<&String> = loaded.missing.iter().filter(|k| k.starts_with(vox2vec::model::BACKBONE_PREFIX)).collect();
-    anyhow::ensure!(missing.is_empty(), "{}: {} backbone tensors missing (first: {}); wrong --base-channels / --num-scales?", weights.display(), missing.len(), missing[0]);
+    anyhow::ensure!(missing.is_empty(), "{}: {} backbone tensors missing (first: {})", weights.display(), missing.len(), missing[0]);
     let recorded = Recorded::from_metadata(weights, loaded.metadata)?;
     Ok((model, recorded))
 }
@@ -685,10 +818,9 @@ fn check_head_backbone(head: &Recorded, model: &vox2vec::model::Vox2Vec, backbon
     Ok(())
 }
 
-/// What `embed` writes and how: levels, f16, blending, windows per pass, window.
+/// What `embed` writes and how: outputs, blending, windows per pass, window.
 struct EmbedOptions<'a> {
-    levels: &'a [usize],
-    f16: bool,
+    output: &'a EmbedOutput,
     blend: vox2vec::eval::embed::Blend,
     sw_batch: usize,
     patch: [usize; 3],
@@ -720,18 +852,18 @@ fn several_inputs(input: &std::path::Path) -> Result<Option<Vec<(PathBuf, String
 /// `embed_into`, with no partial output left behind: an output folder that this run created is
 /// removed again when the run fails (for several CTs, only the failing CT's folder, and the
 /// output folder when nothing was completed in it).
-fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
+fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, output: &EmbedOutput, net: &NetArgs) -> Result<()> {
+    output.check()?;
     let several = several_inputs(input)?.is_some();
     let created = !out.exists();
-    let r = embed_into(input, weights, out, levels, f16, gaussian, original_grid, net);
+    let r = embed_into(input, weights, out, output, net);
     if r.is_err() && created {
         let _ = if several { std::fs::remove_dir(out) } else { std::fs::remove_dir_all(out) };
     }
     r
 }
 
-#[allow(clippy::too_many_arguments)]
-fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, levels: &[usize], f16: bool, gaussian: bool, original_grid: bool, net: &NetArgs) -> Result<()> {
+fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, output: &EmbedOutput, net: &NetArgs) -> Result<()> {
     use vox2vec::eval::{embed, npy};
     let inputs = several_inputs(input)?;
     let (mut model, recorded) = load_backbone(weights, net.base_channels, net.num_scales)?;
@@ -744,17 +876,17 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
         let pyr = embed::patch_pyramid(&mut model, &x, [shape[0], shape[1], shape[2]])?;
         for (i, (s, v)) in pyr.iter().enumerate() {
             let path = out.join(format!("pyramid_{i}.npy"));
-            if f16 { npy::write_f16(&path, s, v)? } else { npy::write_f32(&path, s, v)? }
+            if output.f16 { npy::write_f16(&path, s, v)? } else { npy::write_f32(&path, s, v)? }
         }
         println!("wrote {} pyramid levels to {}", pyr.len(), out.display());
         return Ok(());
     }
     let (pre, patch) = net.settings(&recorded)?;
-    let blend = if gaussian { embed::Blend::Gaussian } else { embed::Blend::Central };
-    let opts = EmbedOptions { levels, f16, blend, sw_batch, patch };
+    let blend = if output.gaussian { embed::Blend::Gaussian } else { embed::Blend::Central };
+    let opts = EmbedOptions { output, blend, sw_batch, patch };
     let load = |f: &std::path::Path| -> Result<(vox2vec::data::cache::CachedCt, Option<vox2vec::data::nifti_io::Volume>)> {
         let e = vox2vec::data::cache::build(f, &pre)?;
-        let source = if original_grid { Some(vox2vec::data::nifti_io::read_volume_with(f, net.nonfinite)?) } else { None };
+        let source = if output.original_grid { Some(vox2vec::data::nifti_io::read_volume_with(f, net.nonfinite)?) } else { None };
         Ok((e, source))
     };
     let Some(files) = inputs else {
@@ -781,24 +913,37 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
     Ok(())
 }
 
-/// Embed one preprocessed CT into the folder `out`: level_<i>.npy (and level_<i>_original.npy
-/// on the source grid when `source` is given) and geometry.json.
+/// Embed one preprocessed CT into the folder `out`: level_<i>.npy / .nii.gz (and
+/// level_<i>_original.* on the source grid when `source` is given), the PCA picture with
+/// --rgb, and geometry.json.
 fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::CachedCt, source: Option<&vox2vec::data::nifti_io::Volume>, out: &std::path::Path, o: &EmbedOptions) -> Result<()> {
+    use vox2vec::data::nifti_io::{write_features, write_features_channels_first};
     use vox2vec::eval::{embed, npy};
-    let write = |path: &std::path::Path, shape: &[usize], v: &[f32]| if o.f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) };
+    let oo = o.output;
+    let write_npy = |path: &std::path::Path, shape: &[usize], v: &[f32]| if oo.f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) };
     let ct = &e.ct;
     let x = embed::scale_hu(&ct.hu);
+    let mut levels: Vec<usize> = oo.levels.clone();
+    if oo.rgb && !levels.contains(&oo.rgb_level) {
+        levels.push(oo.rgb_level);
+    }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}")?);
     bar.set_message(e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let maps = embed::embed_volume(model, &x, ct.shape, o.patch, o.levels, o.blend, o.sw_batch, &|n, total| {
+    let maps = embed::embed_volume(model, &x, ct.shape, o.patch, &levels, o.blend, o.sw_batch, &|n, total| {
         bar.set_length(total as u64);
         bar.set_position(n as u64);
     })?;
     bar.finish_and_clear();
-    for m in &maps {
-        let v = vox2vec::tensor::nxyzc_to_ncxyz(&m.values, 1, m.channels, m.shape.iter().product());
-        write(&out.join(format!("level_{}.npy", m.level)), &[m.channels, m.shape[0], m.shape[1], m.shape[2]], &v)?;
+    for m in maps.iter().filter(|m| oo.levels.contains(&m.level)) {
+        let [sx, sy, sz] = m.shape;
+        if oo.npy() {
+            let v = vox2vec::tensor::nxyzc_to_ncxyz(&m.values, 1, m.channels, m.shape.iter().product());
+            write_npy(&out.join(format!("level_{}.npy", m.level)), &[m.channels, sx, sy, sz], &v)?;
+        }
+        if oo.nifti() {
+            write_features(&out.join(format!("level_{}.nii.gz", m.level)), &m.values, m.shape, m.channels, &embed::level_affine(e, m.level))?;
+        }
         if let Some(vol) = source {
             // Level i → the level-0 preprocessed grid (nearest) → the canonical source grid → file order.
             let f = 1usize << m.level;
@@ -823,10 +968,17 @@ fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::Cache
             }
             let fs = vol.geometry.file_shape;
             let file_order = vox2vec::data::nifti_io::to_file_order(&src_grid, &vol.geometry, c);
-            write(&out.join(format!("level_{}_original.npy", m.level)), &[c, fs[0], fs[1], fs[2]], &file_order)?;
+            if oo.npy() {
+                write_npy(&out.join(format!("level_{}_original.npy", m.level)), &[c, fs[0], fs[1], fs[2]], &file_order)?;
+            }
+            if oo.nifti() {
+                write_features_channels_first(&out.join(format!("level_{}_original.nii.gz", m.level)), &file_order, fs, c, &vol.geometry.affine)?;
+            }
         }
     }
+    let rgb_note = if oo.rgb { Some(write_rgb_view(e, &maps, oo.rgb_level, out)?) } else { None };
     // The preprocessed grid in world coordinates: canonical index → file grid → world.
+    let affines: serde_json::Map<String, serde_json::Value> = oo.levels.iter().map(|&l| (l.to_string(), serde_json::json!(embed::level_affine(e, l)))).collect();
     let geo = serde_json::json!({
         "source": e.source,
         "shape": ct.shape,
@@ -836,16 +988,178 @@ fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::Cache
         "source_spacing_mm": ct.source_spacing,
         "file_affine": e.file_affine,
         "orientation": {"perm": e.orientation.perm, "flip": e.orientation.flip},
-        "levels": o.levels,
-        "layout": "level_<i>.npy: [C, X, Y, Z], canonical axes (x, y, z world-increasing), level i = preprocessed grid / 2^i (ceil)",
+        "levels": oo.levels,
+        "level_affines": affines,
+        "rgb": rgb_note,
+        "layout": "level_<i>.npy: [C, X, Y, Z], canonical axes (x, y, z world-increasing), level i = preprocessed grid / 2^i (ceil); level_<i>.nii.gz: the same as X x Y x Z x C with level_affines[i]",
     });
     vox2vec::checkpoint::write_atomic(&out.join("geometry.json"), serde_json::to_string_pretty(&geo)?.as_bytes())?;
-    println!("wrote levels {:?} of {} ({:?} voxels at {} mm) to {}", o.levels, e.source.display(), ct.shape, vox2vec::eval::recorded::xyz(&ct.spacing), out.display());
+    println!("wrote levels {:?} of {} ({:?} voxels at {} mm) to {}", oo.levels, e.source.display(), ct.shape, vox2vec::eval::recorded::xyz(&ct.spacing), out.display());
     Ok(())
 }
 
+/// `embed --rgb`: the PCA colours of level `level` inside the body as rgb_level<L>.nii.gz
+/// (RGB24 on the level's grid and affine) and rgb_level<L>.png (the CT's central axial,
+/// coronal and sagittal slices above the same slices in PCA colours). Returns what the
+/// components explain, for geometry.json.
+fn write_rgb_view(e: &vox2vec::data::cache::CachedCt, maps: &[vox2vec::eval::sliding::LevelMap], level: usize, out: &std::path::Path) -> Result<serde_json::Value> {
+    use vox2vec::eval::pca::{grey, level_mask, orthogonal_slices, pca_rgb};
+    let ct = &e.ct;
+    let m = maps.iter().find(|m| m.level == level).with_context(|| format!("--rgb-level {level}: the model has no such level"))?;
+    let (body, shape) = level_mask(&ct.body_mask(), ct.shape, level);
+    anyhow::ensure!(shape == m.shape, "level {level}: body mask {shape:?} and features {:?} differ", m.shape);
+    let pca = pca_rgb(&m.values, m.shape, m.channels, &body).with_context(|| format!("{}: PCA of level {level}", e.source.display()))?;
+    let affine = vox2vec::eval::embed::level_affine(e, level);
+    let rgb_path = out.join(format!("rgb_level{level}.nii.gz"));
+    vox2vec::data::nifti_io::write_rgb(&rgb_path, &pca.rgb, m.shape, &affine)?;
+    let s0 = ct.shape;
+    let centre = [s0[0] / 2, s0[1] / 2, s0[2] / 2];
+    let f = 1usize << level;
+    let hu = |x: usize, y: usize, z: usize| ct.hu[(x * s0[1] + y) * s0[2] + z] as f32;
+    let colour = |x: usize, y: usize, z: usize| pca.rgb[((x / f) * m.shape[1] + y / f) * m.shape[2] + z / f];
+    let window = (-160.0, 240.0);
+    let mut tiles = Vec::new();
+    for (name, w, h, img) in orthogonal_slices(s0, ct.spacing, centre, &|x, y, z| grey(hu(x, y, z), window)) {
+        tiles.push(vox2vec::plot::Tile { caption: format!("CT, {name} (W400 L40)"), width: w, height: h, rgb: img });
+    }
+    for (name, w, h, img) in orthogonal_slices(s0, ct.spacing, centre, &colour) {
+        tiles.push(vox2vec::plot::Tile { caption: format!("level {level} PCA, {name}"), width: w, height: h, rgb: img });
+    }
+    let ex = pca.explained;
+    let name = e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let title = format!("{name}: level-{level} features, first 3 principal components as RGB ({:.0}%, {:.0}%, {:.0}% of the variance)", ex[0] * 100.0, ex[1] * 100.0, ex[2] * 100.0);
+    vox2vec::plot::write_image_grid_png(&out.join(format!("rgb_level{level}.png")), &title, &tiles, 3)?;
+    Ok(serde_json::json!({"level": level, "explained_variance": ex, "files": [format!("rgb_level{level}.nii.gz"), format!("rgb_level{level}.png")]}))
+}
+
+/// `similar`: see the subcommand's help. Nothing is left in `out` when it fails.
+fn similar(weights: &std::path::Path, query: &std::path::Path, point: &str, world: bool, targets: &[PathBuf], out: &std::path::Path, net: &NetArgs) -> Result<()> {
+    let created = !out.exists();
+    let r = similar_into(weights, query, point, world, targets, out, net);
+    if r.is_err() && created {
+        let _ = std::fs::remove_dir_all(out);
+    }
+    r
+}
+
 #[allow(clippy::too_many_arguments)]
-fn bench_infer(weights: Option<&std::path::Path>, base: usize, scales: usize, patch: &str, batches: &[usize], precisions: &[String], iters: usize, warmup: usize, device: &str, plan: bool, report: Option<&std::path::Path>) -> Result<()> {
+fn similar_into(weights: &std::path::Path, query: &std::path::Path, point: &str, world: bool, targets: &[PathBuf], out: &std::path::Path, net: &NetArgs) -> Result<()> {
+    use vox2vec::eval::embed::{Blend, embed_volume, scale_hu};
+    use vox2vec::eval::similar::{apply, best, embedding_at, invert, level0_to_world, similarity_map, world_to_level0};
+    let p: Vec<f64> = point.split(',').map(|t| t.trim().parse::<f64>()).collect::<std::result::Result<_, _>>().with_context(|| format!("--point {point:?}: expected X,Y,Z numbers"))?;
+    anyhow::ensure!(p.len() == 3 && p.iter().all(|v| v.is_finite()), "--point {point:?}: expected X,Y,Z numbers");
+    let p = [p[0], p[1], p[2]];
+    let mut names: Vec<String> = Vec::new();
+    for t in targets {
+        anyhow::ensure!(t.is_file(), "--target {}: no such file", t.display());
+        let file = t.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = file.strip_suffix(".nii.gz").or_else(|| file.strip_suffix(".nii")).unwrap_or(&file).to_string();
+        anyhow::ensure!(!names.contains(&name), "two targets are named {name:?}: their outputs would collide; search them separately");
+        names.push(name);
+    }
+    let (mut model, recorded) = load_backbone(weights, net.base_channels, net.num_scales)?;
+    let device = net.place("similar", query, &mut model)?;
+    let sw_batch = net.sw_batch(device)?;
+    let (pre, patch) = net.settings(&recorded)?;
+    let levels: Vec<usize> = (0..model.config.fpn.num_scales).collect();
+    let mut embed_all = |e: &vox2vec::data::cache::CachedCt| -> Result<Vec<vox2vec::eval::sliding::LevelMap>> {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}")?);
+        bar.set_message(e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let maps = embed_volume(&mut model, &scale_hu(&e.ct.hu), e.ct.shape, patch, &levels, Blend::Central, sw_batch, &|n, total| {
+            bar.set_length(total as u64);
+            bar.set_position(n as u64);
+        })?;
+        bar.finish_and_clear();
+        Ok(maps)
+    };
+    let q = vox2vec::data::cache::build(query, &pre)?;
+    let q_world = if world { p } else { apply(&q.file_affine, p) };
+    let qi = world_to_level0(&q, q_world).with_context(|| {
+        format!("{}: the point {} ({} mm in the world) lies outside the part of the CT that is embedded (the body's bounding box)", query.display(), fmt3(&p), fmt3(&q_world))
+    })?;
+    let q_maps = embed_all(&q)?;
+    let qv = embedding_at(&q_maps, qi)?;
+    drop(q_maps);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let q_file = apply(&invert(&q.file_affine).context("the query's affine is singular")?, q_world);
+    eprintln!("query: {} voxel {} = world {} mm (the preprocessed voxel nearest to it)", query.display(), fmt3(&q_file), fmt3(&q_world));
+    let mut matches = Vec::new();
+    for (t, name) in targets.iter().zip(&names) {
+        let e = vox2vec::data::cache::build(t, &pre)?;
+        let vol = vox2vec::data::nifti_io::read_volume_with(t, net.nonfinite)?;
+        let maps = embed_all(&e)?;
+        let sim = similarity_map(&maps, &qv)?;
+        drop(maps);
+        let body = e.ct.body_mask();
+        let (b, score) = best(&sim, &body, e.ct.shape).with_context(|| format!("{}: no body voxel to match", t.display()))?;
+        let b_world = level0_to_world(&e, b);
+        let b_file = apply(&invert(&e.file_affine).context("the target's affine is singular")?, b_world).map(|v| v.round());
+        // The map on the target's own grid; voxels outside the embedded box get -1 (no match).
+        let on_source = vox2vec::data::preprocess::to_source_grid(&sim, &e.ct, -1.0f32);
+        vox2vec::data::nifti_io::write_volume(&out.join(format!("{name}_similarity.nii.gz")), &on_source, &vol.geometry)?;
+        write_match_png(&out.join(format!("{name}_match.png")), &q, qi, &e, b, &sim, &body, score)?;
+        println!("{}: best match voxel {} = world {} mm, similarity {score:.4}", t.display(), fmt3(&b_file), fmt3(&b_world));
+        matches.push(serde_json::json!({"target": t, "best_voxel": b_file, "best_world_mm": b_world, "similarity": score, "files": [format!("{name}_similarity.nii.gz"), format!("{name}_match.png")]}));
+    }
+    let json = serde_json::json!({
+        "query": query, "point": p, "point_is_world": world, "query_voxel": q_file, "query_world_mm": q_world,
+        "weights": weights, "spacing_mm": pre.spacing, "patch": patch, "matches": matches,
+        "note": "voxels are the files' own 0-based indices; world is NIfTI's RAS in mm",
+    });
+    vox2vec::checkpoint::write_atomic(&out.join("matches.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    Ok(())
+}
+
+fn fmt3(v: &[f64; 3]) -> String {
+    format!("({:.1}, {:.1}, {:.1})", v[0], v[1], v[2])
+}
+
+/// The picture of one match: the query CT's three slices through the query point (a green
+/// cross) above the target's slices through its best match, the similarity as a heat map over
+/// the target's CT (from its 90th percentile in the body, transparent, to the best, opaque).
+#[allow(clippy::too_many_arguments)]
+fn write_match_png(path: &std::path::Path, q: &vox2vec::data::cache::CachedCt, qi: [usize; 3], t: &vox2vec::data::cache::CachedCt, ti: [usize; 3], sim: &[f32], body: &[bool], score: f32) -> Result<()> {
+    use vox2vec::eval::pca::{grey, orthogonal_slices};
+    let window = (-160.0f32, 240.0f32);
+    let cross = |v: [usize; 3], m: [usize; 3]| {
+        let d: Vec<usize> = (0..3).map(|a| v[a].abs_diff(m[a])).collect();
+        d.iter().filter(|&&x| x == 0).count() == 2 && d.iter().any(|&x| (2..=5).contains(&x))
+    };
+    let mut inside: Vec<f32> = sim.iter().zip(body).filter(|(_, b)| **b).map(|(s, _)| *s).collect();
+    inside.sort_by(f32::total_cmp);
+    let lo = inside.get(inside.len() * 9 / 10).copied().unwrap_or(0.0);
+    let span = (score - lo).max(1e-6);
+    let hot = |u: f32| -> [f32; 3] { [(3.0 * u).clamp(0.0, 1.0), (3.0 * u - 1.0).clamp(0.0, 1.0), (3.0 * u - 2.0).clamp(0.0, 1.0)] };
+    let mut tiles = Vec::new();
+    let (qs, ts) = (q.ct.shape, t.ct.shape);
+    let q_px = |x: usize, y: usize, z: usize| if cross([x, y, z], qi) { [0, 255, 0] } else { grey(q.ct.hu[(x * qs[1] + y) * qs[2] + z] as f32, window) };
+    let t_px = |x: usize, y: usize, z: usize| {
+        if cross([x, y, z], ti) {
+            return [0, 255, 0];
+        }
+        let i = (x * ts[1] + y) * ts[2] + z;
+        let g = grey(t.ct.hu[i] as f32, window);
+        let u = ((sim[i] - lo) / span).clamp(0.0, 1.0);
+        if u <= 0.0 || !body[i] {
+            return g;
+        }
+        let (h, a) = (hot(0.35 + 0.65 * u), 0.25 + 0.6 * u);
+        std::array::from_fn(|k| (g[k] as f32 * (1.0 - a) + h[k] * 255.0 * a).round() as u8)
+    };
+    let name = |e: &vox2vec::data::cache::CachedCt| e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for (view, w, h, img) in orthogonal_slices(qs, q.ct.spacing, qi, &q_px) {
+        tiles.push(vox2vec::plot::Tile { caption: format!("query {}, {view}", name(q)), width: w, height: h, rgb: img });
+    }
+    for (view, w, h, img) in orthogonal_slices(ts, t.ct.spacing, ti, &t_px) {
+        tiles.push(vox2vec::plot::Tile { caption: format!("{} similarity, {view}", name(t)), width: w, height: h, rgb: img });
+    }
+    let title = format!("best match in {}: cosine similarity {score:.3} (heat: from the body's 90th percentile {lo:.3} up)", name(t));
+    vox2vec::plot::write_image_grid_png(path, &title, &tiles, 3)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_infer(weights: Option<&std::path::Path>, base: Option<usize>, scales: Option<usize>, patch: &str, batches: &[usize], precisions: &[String], iters: usize, warmup: usize, device: &str, plan: bool, report: Option<&std::path::Path>) -> Result<()> {
     use vox2vec::bench::{bench_inference, plan_inference, render_cost_table};
     use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
     use vox2vec::tensor::{DType, Device};
@@ -857,7 +1171,7 @@ fn bench_infer(weights: Option<&std::path::Path>, base: usize, scales: usize, pa
         vox2vec::cuda::enable_plan_mode()?;
         let cfg = match weights {
             Some(w) => load_backbone(w, base, scales)?.0.config,
-            None => ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base, num_scales: scales }, ..ModelConfig::default() },
+            None => ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base.unwrap_or(16), num_scales: scales.unwrap_or(6) }, ..ModelConfig::default() },
         };
         cfg.validate()?;
         println!("bench-infer --plan: eval pyramid of {} windows, FPN3d base {} x {} scales, priced on {} (nothing executes; a floor is not a time)", vox2vec::eval::recorded::xyz(&patch), cfg.fpn.base_channels, cfg.fpn.num_scales, vox2vec::cuda::cost::H200.name);
@@ -884,7 +1198,7 @@ fn bench_infer(weights: Option<&std::path::Path>, base: usize, scales: usize, pa
         let mut model = match weights {
             Some(w) => load_backbone(w, base, scales)?.0,
             None => {
-                let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base, num_scales: scales }, ..ModelConfig::default() };
+                let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base.unwrap_or(16), num_scales: scales.unwrap_or(6) }, ..ModelConfig::default() };
                 cfg.validate()?;
                 Vox2Vec::new(cfg, 0)
             }

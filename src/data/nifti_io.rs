@@ -96,21 +96,89 @@ impl Geometry {
 
     /// The affine of the canonical array: world = A_c · (i, j, k, 1).
     pub fn canonical_affine(&self) -> [[f64; 4]; 4] {
-        let cs = self.canonical_shape();
-        // file index o = T · c: o[perm[i]] = flip ? n-1-c_i : c_i.
-        let mut t = [[0.0f64; 4]; 4];
-        t[3][3] = 1.0;
-        for i in 0..3 {
-            let a = self.orientation.perm[i];
-            if self.orientation.flip[i] {
-                t[a][i] = -1.0;
-                t[a][3] = (cs[i] - 1) as f64;
-            } else {
-                t[a][i] = 1.0;
-            }
-        }
-        matmul4(&self.affine, &t)
+        canonical_affine_of(&self.affine, self.orientation, self.canonical_shape())
     }
+}
+
+/// The affine of a canonical array of shape `canonical_shape`, from its file's affine and
+/// orientation: world = A_c · (i, j, k, 1).
+pub fn canonical_affine_of(file_affine: &[[f64; 4]; 4], orientation: Orientation, canonical_shape: [usize; 3]) -> [[f64; 4]; 4] {
+    // file index o = T · c: o[perm[i]] = flip ? n-1-c_i : c_i.
+    let mut t = [[0.0f64; 4]; 4];
+    t[3][3] = 1.0;
+    for i in 0..3 {
+        let a = orientation.perm[i];
+        if orientation.flip[i] {
+            t[a][i] = -1.0;
+            t[a][3] = (canonical_shape[i] - 1) as f64;
+        } else {
+            t[a][i] = 1.0;
+        }
+    }
+    matmul4(file_affine, &t)
+}
+
+/// The affine of a regular grid laid over an array whose affine is `base`: grid voxel i sits
+/// at array coordinate origin + i · step (per axis).
+pub fn grid_affine(base: &[[f64; 4]; 4], origin: [f64; 3], step: [f64; 3]) -> [[f64; 4]; 4] {
+    let mut t = [[0.0f64; 4]; 4];
+    for a in 0..3 {
+        t[a][a] = step[a];
+        t[a][3] = origin[a];
+    }
+    t[3][3] = 1.0;
+    matmul4(base, &t)
+}
+
+/// Write a multi-channel map as a 4-D float32 NIfTI (channels on the 4th axis), atomically.
+/// `values` is [X, Y, Z, C] (channels last, C order) on a grid whose voxel-to-world affine is
+/// `affine`; it goes into both sform and qform (scanner coordinates, mm), so that 3D Slicer,
+/// ITK-SNAP and nibabel place it in the same world as the CT.
+pub fn write_features(path: &Path, values: &[f32], shape: [usize; 3], channels: usize, affine: &[[f64; 4]; 4]) -> Result<()> {
+    let n: usize = shape.iter().product();
+    ensure!(values.len() == n * channels, "{}: {} values for {shape:?} x {channels} channels", path.display(), values.len());
+    let array = ndarray::ArrayView4::from_shape((shape[0], shape[1], shape[2], channels), values).context("feature map shape")?;
+    write_features_view(path, array, affine)
+}
+
+/// `write_features` for a [c, X, Y, Z] (channels first, C order) array, as `to_file_order` returns.
+pub fn write_features_channels_first(path: &Path, values: &[f32], shape: [usize; 3], channels: usize, affine: &[[f64; 4]; 4]) -> Result<()> {
+    let array = ndarray::ArrayView4::from_shape((channels, shape[0], shape[1], shape[2]), values).context("feature map shape")?;
+    // The writer needs standard (C-order) slices: materialise the permuted view.
+    let standard = array.permuted_axes([1, 2, 3, 0]).as_standard_layout().into_owned();
+    write_features_view(path, standard.view(), affine)
+}
+
+/// Write an RGB map ([X, Y, Z] colours, C order) as an RGB24 NIfTI with `affine`, atomically.
+pub fn write_rgb(path: &Path, rgb: &[[u8; 3]], shape: [usize; 3], affine: &[[f64; 4]; 4]) -> Result<()> {
+    ensure!(rgb.len() == shape.iter().product::<usize>(), "{}: {} colours for {shape:?}", path.display(), rgb.len());
+    let array = ndarray::ArrayView3::from_shape((shape[0], shape[1], shape[2]), rgb).context("RGB map shape")?;
+    let header = header_for(affine, 0);
+    crate::checkpoint::write_atomic_with(path, |tmp| {
+        nifti::writer::WriterOptions::new(tmp).reference_header(&header).write_rgb_nifti(&array).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    })
+}
+
+/// A header whose sform and qform are `affine` (scanner coordinates, mm).
+fn header_for(affine: &[[f64; 4]; 4], intent_code: i16) -> NiftiHeader {
+    let m = nalgebra::Matrix4::from_fn(|r, c| affine[r][c]);
+    let mut header = NiftiHeader::default();
+    header.set_sform(&m, nifti::XForm::ScannerAnat);
+    header.set_qform(&m, nifti::XForm::ScannerAnat);
+    header.xyzt_units = 2; // mm
+    header.intent_code = intent_code;
+    header
+}
+
+fn write_features_view(path: &Path, array: ndarray::ArrayView4<f32>, affine: &[[f64; 4]; 4]) -> Result<()> {
+    let name = path.file_name().context("output path has no file name")?.to_string_lossy().into_owned();
+    ensure!(name.ends_with(".nii") || name.ends_with(".nii.gz"), "{}: output must end in .nii or .nii.gz", path.display());
+    // No intent code: NIFTI_INTENT_VECTOR would put the channels on the 5th axis, and viewers
+    // show a 4th axis as frames, one channel at a time.
+    let header = header_for(affine, 0);
+    crate::checkpoint::write_atomic_with(path, |tmp| {
+        nifti::writer::WriterOptions::new(tmp).reference_header(&header).write_nifti(&array).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    })
 }
 
 fn matmul4(a: &[[f64; 4]; 4], b: &[[f64; 4]; 4]) -> [[f64; 4]; 4] {

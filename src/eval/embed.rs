@@ -51,3 +51,24 @@ pub fn embed_volume(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3], patch: [u
         Ok(levels.iter().map(|&l| pyr[l].value.clone()).collect())
     }, tick)
 }
+
+/// The voxel-to-world affine of pyramid level `level` of a preprocessed CT (NIfTI world, mm).
+/// Level-0 voxel i along axis a sits at source canonical coordinate
+/// crop_start + i · (crop_len − 1) / (n − 1) (the zoom's end-aligned map, as
+/// `preprocess::to_source_grid` inverts it); level-l voxel j at level-0 coordinate
+/// j · 2^l + (2^l − 1) / 2, the centre of the voxels it pools.
+pub fn level_affine(e: &crate::data::cache::CachedCt, level: usize) -> [[f64; 4]; 4] {
+    use crate::data::nifti_io::{canonical_affine_of, grid_affine};
+    let ct = &e.ct;
+    let canonical = canonical_affine_of(&e.file_affine, e.orientation, ct.source_shape);
+    let f = (1usize << level) as f64;
+    let mut origin = [0.0; 3];
+    let mut step = [1.0; 3];
+    for a in 0..3 {
+        let len = (ct.crop_box[a][1] - ct.crop_box[a][0]) as f64;
+        let s = if ct.shape[a] > 1 { (len - 1.0) / (ct.shape[a] - 1) as f64 } else { len.max(1.0) };
+        origin[a] = ct.crop_box[a][0] as f64 + s * (f - 1.0) / 2.0;
+        step[a] = s * f;
+    }
+    grid_affine(&canonical, origin, step)
+}
