@@ -140,7 +140,10 @@ fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>
             let drawn = if run.len() == 1 {
                 chart.draw_series(std::iter::once(Circle::new(run[0], 3, c.filled()))).map_err(err)?
             } else {
-                chart.draw_series(LineSeries::new(run, c.stroke_width(2))).map_err(err)?
+                // Wide polylines get mitred spikes at sharp turns (plotters joins segments with
+                // miters): long, noisy series are drawn 1 pixel wide.
+                let width = if run.len() > 100 { 1 } else { 2 };
+                chart.draw_series(LineSeries::new(run, c.stroke_width(width))).map_err(err)?
             };
             if !labelled {
                 let name: String = name.chars().take(28).collect();
@@ -323,7 +326,7 @@ mod tests {
         assert!(non_white > 5_000, "non-white pixels: {non_white}");
         let c0 = count_colour(&rgb, PALETTE[0]);
         let c1 = count_colour(&rgb, PALETTE[1]);
-        assert!(c0 > 1_000, "series 0 pixels: {c0}");
+        assert!(c0 > 500, "series 0 pixels: {c0}"); // 500 points, drawn 1 px wide across ~680 px
         assert!(c1 > 500, "series 1 pixels: {c1}");
         // The curve falls: series-0 pixels in the left tenth of the plot sit higher (smaller
         // row) than those in the right tenth.
@@ -340,7 +343,8 @@ mod tests {
             }
             sum as f64 / n.max(1) as f64
         };
-        assert!(mean_row(102, 170) + 100.0 < mean_row(710, 775));
+        // (The right-hand columns stop short of the legend, whose swatch has the series colour.)
+        assert!(mean_row(102, 170) + 100.0 < mean_row(560, 650));
         // No temporary files left next to it.
         let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
