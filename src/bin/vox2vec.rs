@@ -826,12 +826,13 @@ struct EmbedOptions<'a> {
     patch: [usize; 3],
 }
 
-/// The CTs of a command's input: `None` for one file (NIfTI or .npy), else every NIfTI of a
+/// The CTs of a command's input: `None` for one CT (a NIfTI, a .npy, a DICOM series), else every CT of a
 /// folder, an nnU-Net dataset or a list file (`data::sources::discover`), each with the
 /// name its outputs take (the file name without .nii / .nii.gz; two inputs of one name are
 /// an error naming both).
 fn several_inputs(input: &std::path::Path) -> Result<Option<Vec<(PathBuf, String)>>> {
-    let single = input.is_file() && (vox2vec::data::sources::is_nifti(input) || input.extension().is_some_and(|e| e == "npy"));
+    // One CT: a NIfTI, a .npy patch, or a DICOM series (its folder, or a DICOMDIR).
+    let single = (input.is_file() && (vox2vec::data::sources::is_nifti(input) || input.extension().is_some_and(|e| e == "npy"))) || vox2vec::data::dicom::is_dicom_input(input);
     if single || !input.exists() {
         anyhow::ensure!(input.exists(), "{}: no such file or folder", input.display());
         return Ok(None);

@@ -316,8 +316,12 @@ pub fn read_volume(path: &Path) -> Result<Volume> {
     read_volume_with(path, NonFinitePolicy::Error)
 }
 
-/// `read_volume`, with non-finite voxels handled by `policy`.
+/// `read_volume`, with non-finite voxels handled by `policy`. A folder of DICOM files (or a
+/// DICOMDIR) is read as its CT series (`data::dicom`).
 pub fn read_volume_with(path: &Path, policy: NonFinitePolicy) -> Result<Volume> {
+    if super::dicom::is_dicom_input(path) {
+        return super::dicom::read_series(path, policy);
+    }
     volume_from_header_and_data(path, read_header_and_data(path)?, policy)
 }
 
@@ -354,13 +358,33 @@ fn volume_from_header_and_data(path: &Path, (h, bytes, data_start): (NiftiHeader
         if h.sform_code > 0 { "sform" } else if h.qform_code > 0 { "qform" } else { "pixdim" }
     );
     let dtype = h.data_type().map_err(|e| anyhow::anyhow!("{}: unknown data type {}: {e}", ctx(), h.datatype))?;
-    let values = decode(raw, dtype, h.endianness, n).with_context(ctx)?;
+    let mut values = decode(raw, dtype, h.endianness, n).with_context(ctx)?;
     let (slope, inter) = (h.scl_slope as f64, h.scl_inter as f64);
     // nibabel's rules: a slope of 0, NaN or ±inf means no scaling; with a valid slope a NaN
     // intercept is 0 and an infinite one is an error (every voxel would be infinite).
     let scale = slope != 0.0 && slope.is_finite();
     ensure!(!(scale && inter.is_infinite()), "{}: scl_inter is {inter} with scl_slope {slope}: every voxel would be infinite", ctx());
     let inter = if inter.is_finite() { inter } else { 0.0 };
+    if scale {
+        values.iter_mut().for_each(|v| *v = *v * slope + inter);
+    }
+    volume_from_values(path, h, values, file_shape, affine, policy)
+}
+
+/// A volume from voxel values in file order (Fortran: axis 0 fastest) on a grid of
+/// `file_shape` with the voxel-to-world `affine` (NIfTI's RAS): the DICOM reader's way in.
+/// Outputs on this grid are written as NIfTI with that affine.
+pub fn volume_from_file_values(path: &Path, values: Vec<f64>, file_shape: [usize; 3], affine: [[f64; 4]; 4], policy: NonFinitePolicy) -> Result<Volume> {
+    ensure!(values.len() == file_shape.iter().product::<usize>(), "{}: {} values for {file_shape:?}", path.display(), values.len());
+    ensure!(affine.iter().flatten().all(|v| v.is_finite()), "{}: the voxel-to-world affine has non-finite entries: {affine:?}", path.display());
+    let mut header = header_for(&affine, 0);
+    header.dim = [3, file_shape[0] as u16, file_shape[1] as u16, file_shape[2] as u16, 1, 1, 1, 1];
+    volume_from_values(path, header, values, file_shape, affine, policy)
+}
+
+fn volume_from_values(path: &Path, h: NiftiHeader, values: Vec<f64>, file_shape: [usize; 3], affine: [[f64; 4]; 4], policy: NonFinitePolicy) -> Result<Volume> {
+    let ctx = || path.display().to_string();
+    let n = values.len();
     let (orientation, spacing) = orientation_of(&affine).with_context(ctx)?;
     let geometry = Geometry { header: h, affine, file_shape, orientation };
     let shape = geometry.canonical_shape();
@@ -369,8 +393,7 @@ fn volume_from_header_and_data(path: &Path, (h, bytes, data_start): (NiftiHeader
     for x in 0..shape[0] {
         for y in 0..shape[1] {
             for z in 0..shape[2] {
-                let v = values[geometry.file_index([x, y, z])];
-                data[idx] = if scale { (v * slope + inter) as f32 } else { v as f32 };
+                data[idx] = values[geometry.file_index([x, y, z])] as f32;
                 idx += 1;
             }
         }

@@ -1,4 +1,5 @@
-//! Which files a run reads: a NIfTI file, a folder of NIfTI files (searched recursively), an
+//! Which files a run reads: a NIfTI file, a DICOM series (a folder of DICOM files, or a
+//! DICOMDIR: one CT), a folder of NIfTI files or series (searched recursively), an
 //! nnU-Net raw dataset folder (its imagesTr), or a text file with one path per line
 //! (relative paths are relative to the text file; blank lines and # comments ignored).
 //! Then preprocessing into the cache, in parallel, with a per-file verdict.
@@ -31,6 +32,11 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 fn walk_all(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    // A folder of DICOM files is one CT (its series), not a folder to search.
+    if super::dicom::is_dicom_input(dir) {
+        out.push(dir.to_path_buf());
+        return Ok(());
+    }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
     for p in entries {
@@ -51,6 +57,9 @@ pub fn discover(input: &Path) -> Result<Vec<PathBuf>> {
     } else if input.is_file() {
         if is_nifti(input) {
             out.push(input.to_path_buf());
+        } else if super::dicom::is_dicom_input(input) {
+            // A DICOMDIR: its folder's series.
+            out.push(input.parent().unwrap_or(Path::new(".")).to_path_buf());
         } else {
             let text = std::fs::read_to_string(input).with_context(|| format!("reading list {}", input.display()))?;
             let base = input.parent().unwrap_or(Path::new("."));
