@@ -247,26 +247,15 @@ fn whole_volume_embedding_stitches_window_features() {
 /// whose NIfTI carries the input's affine).
 #[test]
 fn features_as_nifti_sit_in_the_inputs_world() {
-    use vox2vec::data::nifti_io::{Geometry, header_affine, orientation_of, write_volume};
+    use vox2vec::data::nifti_io::header_affine;
     let dir = tmpdir("nifti");
     // Canonical phantom (x, y, z world-increasing) at 1 x 1.5 x 2 mm.
     let shape = [40usize, 36, 14];
     let hu = vox2vec::data::phantom::phantom_ct(3, shape, [1.0, 1.5, 2.0]);
     let affine = [[0.0, 1.0, 0.0, 10.0], [-1.5, 0.0, 0.0, -20.0], [0.0, 0.0, 2.0, 30.0], [0.0, 0.0, 0.0, 1.0]];
-    let (orientation, _) = orientation_of(&affine).unwrap();
-    let header = nifti::NiftiHeader {
-        sform_code: 1,
-        srow_x: affine[0].map(|v| v as f32),
-        srow_y: affine[1].map(|v| v as f32),
-        srow_z: affine[2].map(|v| v as f32),
-        pixdim: [1.0, 1.5, 1.0, 2.0, 1.0, 0.0, 0.0, 0.0],
-        ..nifti::NiftiHeader::default()
-    };
-    let file_shape = [shape[1], shape[0], shape[2]];
-    let g = Geometry { header, affine, file_shape, orientation };
-    assert_eq!(g.canonical_shape(), shape);
     let ct = dir.join("ct.nii.gz");
-    write_volume(&ct, &hu, &g).unwrap();
+    let file_shape = common::write_ct_with_affine(&ct, &hu, shape, affine);
+    assert_eq!(file_shape, [shape[1], shape[0], shape[2]]);
     let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 }, proj_dim: 4, temperature: 0.1 };
     let m = Vox2Vec::new(cfg, 5);
     let w = dir.join("w.safetensors");

@@ -3,10 +3,12 @@
 //! with the affine unchanged: the anatomy moved in the world), the best match of each query
 //! point is its known image, within one voxel, in file indices and in world millimetres.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
-use vox2vec::data::nifti_io::{Geometry, orientation_of, write_volume};
+use common::write_ct_with_affine as write_ct;
 use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
 
 fn tmpdir(name: &str) -> std::path::PathBuf {
@@ -14,26 +16,6 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Write canonical `hu` ([X, Y, Z]) under the file affine `affine` (its orientation decides
-/// the file's axis order).
-fn write_ct(path: &Path, hu: &[i16], shape: [usize; 3], affine: [[f64; 4]; 4]) {
-    let (orientation, spacing) = orientation_of(&affine).unwrap();
-    let header = nifti::NiftiHeader {
-        sform_code: 1,
-        srow_x: affine[0].map(|v| v as f32),
-        srow_y: affine[1].map(|v| v as f32),
-        srow_z: affine[2].map(|v| v as f32),
-        pixdim: [1.0, spacing[0] as f32, spacing[1] as f32, spacing[2] as f32, 1.0, 0.0, 0.0, 0.0],
-        ..nifti::NiftiHeader::default()
-    };
-    let mut file_shape = [0; 3];
-    for i in 0..3 {
-        file_shape[orientation.perm[i]] = shape[i];
-    }
-    let g = Geometry { header, affine, file_shape, orientation };
-    write_volume(path, hu, &g).unwrap();
 }
 
 fn matches(out: &Path) -> serde_json::Value {

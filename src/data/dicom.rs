@@ -8,7 +8,8 @@
 //! normal (row direction × column direction of ImageOrientationPatient) by the projection of
 //! ImagePositionPatient; duplicated positions, gaps (a missing slice) and uneven spacing are
 //! errors naming the files and positions; a gantry tilt (slices not stacked along their
-//! normal) is refused, as an oblique NIfTI is. Stored values go through RescaleSlope /
+//! normal) is refused, as an oblique NIfTI is; a non-axial (sagittal, coronal) series is read
+//! with its own orientation, with a note. Stored values go through RescaleSlope /
 //! RescaleIntercept into HU. DICOM's patient coordinates (LPS) become NIfTI's world (RAS) by
 //! negating x and y; the volume then follows exactly the NIfTI path (canonical axes, outputs
 //! on the series' own grid, written as NIfTI).
@@ -168,6 +169,11 @@ pub fn read_series(input: &Path, policy: NonFinitePolicy) -> Result<Volume> {
     let col_dir = [orient[3], orient[4], orient[5]];
     let normal = cross(row_dir, col_dir);
     ensure!((dot(normal, normal) - 1.0).abs() < 1e-3, "{name}: ImageOrientationPatient {orient:?} is not two orthonormal directions");
+    if normal[2].abs() < 0.9 {
+        // Sagittal or coronal slices: an axis-aligned grid all the same, read with its own orientation.
+        let plane = if normal[0].abs() > normal[1].abs() { "sagittal" } else { "coronal" };
+        eprintln!("note: {name}: a non-axial ({plane}) series; read with its own orientation");
+    }
     ct.sort_by(|a, b| dot(a.position, normal).total_cmp(&dot(b.position, normal)));
     let n = ct.len();
     let along: Vec<f64> = ct.iter().map(|s| dot(s.position, normal)).collect();

@@ -135,3 +135,27 @@ pub fn shared_data_dir() -> Option<PathBuf> {
         None
     }
 }
+
+/// Write canonical `hu` ([X, Y, Z]) as a NIfTI whose file affine is `affine` (its orientation
+/// decides the file's axis order and flips); returns the file's shape.
+pub fn write_ct_with_affine(path: &Path, hu: &[i16], shape: [usize; 3], affine: [[f64; 4]; 4]) -> [usize; 3] {
+    use vox2vec::data::nifti_io::{Geometry, orientation_of, write_volume};
+    let (orientation, _) = orientation_of(&affine).unwrap();
+    let zoom = |j: usize| (0..3).map(|r| affine[r][j] * affine[r][j]).sum::<f64>().sqrt() as f32;
+    let header = nifti::NiftiHeader {
+        sform_code: 1,
+        srow_x: affine[0].map(|v| v as f32),
+        srow_y: affine[1].map(|v| v as f32),
+        srow_z: affine[2].map(|v| v as f32),
+        pixdim: [1.0, zoom(0), zoom(1), zoom(2), 1.0, 0.0, 0.0, 0.0],
+        ..nifti::NiftiHeader::default()
+    };
+    let mut file_shape = [0; 3];
+    for i in 0..3 {
+        file_shape[orientation.perm[i]] = shape[i];
+    }
+    let g = Geometry { header, affine, file_shape, orientation };
+    assert_eq!(g.canonical_shape(), shape);
+    write_volume(path, hu, &g).unwrap();
+    file_shape
+}
