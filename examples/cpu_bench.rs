@@ -101,5 +101,9 @@ fn main() -> Result<()> {
     }
     ms.sort_by(f64::total_cmp);
     println!("{row} {:.2} {:.2}", ms[ms.len() / 2], ms[0]);
+    // VOX2VEC_PROFILE=1: where the time went, per op and shape (all runs, warm-up included).
+    if std::env::var_os("VOX2VEC_PROFILE").is_some_and(|v| v != "0") {
+        eprint!("{}", vox2vec::profile::report());
+    }
     Ok(())
 }

@@ -95,8 +95,11 @@ impl BnReluEval {
     /// max((x − mean) · scale + β, 0) for one row of channels.
     #[inline]
     pub fn apply_row(&self, src: &[f32], dst: &mut [f32]) {
-        for (j, (d, &x)) in dst.iter_mut().zip(src).enumerate() {
-            *d = ((x - self.mean[j]) * self.scale[j] + self.beta[j]).max(0.0);
+        // Zipped slices of one length (no indexing, no bounds checks): the loop vectorises.
+        let n = src.len().min(dst.len()).min(self.mean.len());
+        let params = self.mean[..n].iter().zip(&self.scale[..n]).zip(&self.beta[..n]);
+        for ((d, &x), ((&m, &s), &b)) in dst[..n].iter_mut().zip(&src[..n]).zip(params) {
+            *d = ((x - m) * s + b).max(0.0);
         }
     }
 

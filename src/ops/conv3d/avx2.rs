@@ -50,7 +50,8 @@ pub unsafe fn forward_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: 
         let two = cop - cb >= 16;
         let mut i = 0;
         while i < nr {
-            let rows = (nr - i).min(R);
+            // Balanced tiles (a run of 16 rows as 8 + 8, not 14 + 2): each row's sum is the same.
+            let rows = (nr - i).div_ceil((nr - i).div_ceil(R));
             let args = (xp, ci, offs, kk, bt, cop, bias, r0 + i, cb, o.add(i * cop));
             macro_rules! tile {
                 ($($n:literal),*) => {
