@@ -72,6 +72,8 @@ fn fast_paths_match_naive_convolution() {
         (Vol { n: 1, x: 6, y: 5, z: 7, c: 5 }, 20, 3),  // output channels 16 + 4 (padded to 24)
         (Vol { n: 2, x: 4, y: 3, z: 6, c: 2 }, 1, 3),   // one output channel
         (Vol { n: 1, x: 6, y: 5, z: 7, c: 16 }, 32, 3), // a 32-channel AVX-512 block
+        (Vol { n: 1, x: 6, y: 5, z: 7, c: 80 }, 40, 3), // shifted, a long reduction (9 x 240)
+        (Vol { n: 1, x: 4, y: 4, z: 2, c: 80 }, 40, 3), // im2col, a long reduction (27 x 80)
         (Vol { n: 2, x: 3, y: 4, z: 5, c: 8 }, 40, 3),  // 32 + a masked 8
         (Vol { n: 1, x: 5, y: 5, z: 4, c: 4 }, 48, 3),  // 32 + 16
         (Vol { n: 1, x: 4, y: 4, z: 2, c: 24 }, 64, 1), // 1×1×1, two 32-channel blocks
@@ -85,6 +87,7 @@ fn fast_paths_match_naive_convolution() {
         let db_ref: Vec<f64> = (0..co).map(|o| dy.iter().skip(o).step_by(co).map(|&g| g as f64).sum()).collect();
         // Every kernel set: the portable GEMM and, where the processor has them, AVX2/FMA and
         // AVX-512 (which of them ran is printed: a machine without AVX-512 tests only the rest).
+        let mut simd_results: Vec<(CpuKernels, [Vec<f32>; 3])> = Vec::new();
         for simd in CpuKernels::available() {
             let y = conv3d_forward_cpu_with(&x, v, &w, Some(&b), co, k, simd);
             let dx = conv3d_backward_input_cpu_with(&dy, v.with_c(co), &w, v.c, k, simd);
@@ -92,6 +95,17 @@ fn fast_paths_match_naive_convolution() {
             let errs = [rel(&y, &y_ref), rel(&dx, &dx_ref), rel(&dw, &dw_ref), rel(&db, &db_ref)];
             println!("conv {v:?} co {co} k {k} kernels {simd:?}: rel err y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}", errs[0], errs[1], errs[2], errs[3]);
             assert!(errs.iter().all(|&e| e < 1e-5), "{v:?} co {co} k {k} kernels {simd:?}: {errs:?}");
+            if simd != CpuKernels::Portable {
+                simd_results.push((simd, [y, dx, dw]));
+            }
+        }
+        // AVX2 and AVX-512 take the same FMAs in the same order for every output (whatever
+        // their tiles and reduction blocks): the same bits, so results do not depend on the
+        // machine's vector width.
+        if let [(_, a), (_, b)] = simd_results.as_slice() {
+            for (name, (x, y)) in ["y", "dx", "dw"].iter().zip(a.iter().zip(b)) {
+                assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{v:?} co {co} k {k}: AVX2 and AVX-512 {name} differ");
+            }
         }
     }
 }
