@@ -60,25 +60,40 @@ pub unsafe fn forward_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: 
     let nr = out.len() / cop;
     debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop % 8 == 0);
     let (xp, bt, bias, o) = (a.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
+    let total = offs.len() * kk;
     for (cb, v, mask) in channel_blocks(cop) {
-        let mut i = 0;
-        while i < nr {
-            // Balanced tiles (a run of 16 rows as 8 + 8, not 14 + 2): each row's sum is the same.
-            let rows = (nr - i).div_ceil((nr - i).div_ceil(R));
-            let args = FwdArgs { xp, ci: rs, offs, kk, bt, cop, bias, r: r0 + i, cb, out: o.add(i * cop), mask };
-            macro_rules! tile {
-                ($($n:literal),*) => {
-                    match (rows, v) {
-                        $(($n, 2) => fwd_tile::<$n, 2>(&args), ($n, _) => fwd_tile::<$n, 1>(&args),)*
-                        _ => unreachable!(),
-                    }
-                };
+        // The reduction in blocks of KB indices, each applied to every row tile before the
+        // next: a block's weight rows stay in cache for all tiles instead of every tile
+        // streaming the whole weight matrix (coarse levels: 7 MB of weights). Tiles keep their
+        // partial sums in `out` between blocks; each sum takes the same FMAs in the same
+        // order, so the results are those of one pass (and of `avx2.rs`).
+        let mut j0 = 0;
+        while j0 < total.max(1) {
+            let j1 = (j0 + KB).min(total);
+            let mut i = 0;
+            while i < nr {
+                // Balanced tiles (a run of 16 rows as 8 + 8, not 14 + 2): each row's sum is the same.
+                let rows = (nr - i).div_ceil((nr - i).div_ceil(R));
+                let args = FwdArgs { xp, ci: rs, offs, kk, bt, cop, bias, r: r0 + i, cb, out: o.add(i * cop), mask, j0, j1 };
+                macro_rules! tile {
+                    ($($n:literal),*) => {
+                        match (rows, v) {
+                            $(($n, 2) => fwd_tile::<$n, 2>(&args), ($n, _) => fwd_tile::<$n, 1>(&args),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                tile!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+                i += rows;
             }
-            tile!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
-            i += rows;
+            j0 = j1.max(j0 + 1);
         }
     }
 }
+
+/// Reduction indices per block of `forward_rows`: 2048 weight rows of a 32-channel block are
+/// 256 KiB, an L2-resident block.
+pub const KB: usize = 2048;
 
 struct FwdArgs<'a> {
     xp: *const f32,
@@ -92,6 +107,10 @@ struct FwdArgs<'a> {
     cb: usize,
     out: *mut f32,
     mask: u16,
+    /// Reduction indices j0..j1 (j = t·kk + k) of this pass; the first starts from the bias,
+    /// later ones from the partial sums in `out`.
+    j0: usize,
+    j1: usize,
 }
 
 /// The lane mask of register `v` of `V` (only the last one may be partial).
@@ -103,16 +122,28 @@ fn lanes(v: usize, last: usize, mask: u16) -> u16 {
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn fwd_tile<const N: usize, const V: usize>(p: &FwdArgs) {
     let mut acc = [[_mm512_setzero_ps(); V]; N];
-    for v in 0..V {
-        let b = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.bias.add(p.cb + 16 * v));
-        for a in acc.iter_mut() {
-            a[v] = b;
+    if p.j0 == 0 {
+        for v in 0..V {
+            let b = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.bias.add(p.cb + 16 * v));
+            for a in acc.iter_mut() {
+                a[v] = b;
+            }
+        }
+    } else {
+        for (i, a) in acc.iter_mut().enumerate() {
+            for v in 0..V {
+                a[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.out.add(i * p.cop + p.cb + 16 * v));
+            }
         }
     }
-    for (t, &off) in p.offs.iter().enumerate() {
-        let a_base = p.xp.add((p.r + off) * p.ci);
+    let mut j = p.j0;
+    while j < p.j1 {
+        let t = j / p.kk;
+        let (k0, k1) = (j - t * p.kk, p.kk.min(j - t * p.kk + (p.j1 - j)));
+        j += k1 - k0;
+        let a_base = p.xp.add((p.r + p.offs[t]) * p.ci);
         let b_base = p.bt.add(t * p.kk * p.cop + p.cb);
-        for k in 0..p.kk {
+        for k in k0..k1 {
             let mut bv = [_mm512_setzero_ps(); V];
             for v in 0..V {
                 bv[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), b_base.add(k * p.cop + 16 * v));

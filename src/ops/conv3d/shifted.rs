@@ -242,18 +242,34 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
     // Only the real voxels' rows: line (n, x, y) of Z voxels is the run of Z consecutive
     // virtual rows from `line_row`, computed straight into the output (the padding rows, 13 %
     // of the work at 64×64×16 and 41 % at 32×32×8, are never computed, and no gather pass).
+    // Short lines (Z < 8: coarse levels) would make register tiles of Z rows, each streaming
+    // the whole weight matrix: there a plane's lines are computed as one run of virtual rows
+    // (the z padding between lines included) and their real rows copied out.
     let z = g.v.z;
-    // About ROW_BLOCK rows per task, but at least 8 tasks: a coarse level (16×16×4 is 256
-    // lines) must still spread over every core.
-    let lines_per_task = (ROW_BLOCK / z).min(g.lines().div_ceil(8)).max(1);
     let mut y = vec![0.0f32; g.lines() * z * cop];
-    y.par_chunks_mut(lines_per_task * z * cop).enumerate().for_each(|(task, yb)| {
-        for (j, out) in yb.chunks_mut(z * cop).enumerate() {
-            // SAFETY: AVX2/FMA availability was checked by the caller; the bounds by the assert
-            // (every line's rows lie below g.rows).
-            unsafe { kernels.forward_rows(xp, ci, &g.offs, 3 * ci, &bt, cop, &bias_p, g.line_row(task * lines_per_task + j), out) }
-        }
-    });
+    if z >= 8 {
+        let lines_per_task = (ROW_BLOCK / z).min(g.lines().div_ceil(8)).max(1);
+        y.par_chunks_mut(lines_per_task * z * cop).enumerate().for_each(|(task, yb)| {
+            for (j, out) in yb.chunks_mut(z * cop).enumerate() {
+                // SAFETY: AVX2/FMA availability was checked by the caller; the bounds by the
+                // assert (every line's rows lie below g.rows).
+                unsafe { kernels.forward_rows(xp, ci, &g.offs, 3 * ci, &bt, cop, &bias_p, g.line_row(task * lines_per_task + j), out) }
+            }
+        });
+    } else {
+        let (vy, pz) = (g.v.y, z + 2);
+        let run = (vy - 1) * pz + z; // virtual rows from a plane's first real row to its last
+        y.par_chunks_mut(vy * z * cop).enumerate().for_each_init(
+            || vec![0.0f32; run * cop],
+            |tmp, (plane, yb)| {
+                // SAFETY: as above; the plane's rows lie below g.rows.
+                unsafe { kernels.forward_rows(xp, ci, &g.offs, 3 * ci, &bt, cop, &bias_p, g.line_row(plane * vy), tmp) };
+                for (yi, dst) in yb.chunks_mut(z * cop).enumerate() {
+                    dst.copy_from_slice(&tmp[yi * pz * cop..(yi * pz + z) * cop]);
+                }
+            },
+        );
+    }
     if cop == co && residual.is_none() {
         return y;
     }
