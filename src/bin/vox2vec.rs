@@ -34,12 +34,12 @@ enum Cmd {
     /// checkpoints, PyTorch .pt/.pth (torch.save, zip or legacy), Lightning .ckpt (module
     /// prefixes such as backbone. or model.backbone. recognised), safetensors state_dicts.
     Convert { input: PathBuf, out: PathBuf },
-    /// Backbone features of a CT (NIfTI: preprocessing, sliding window 128×128×32 with overlap
+    /// Backbone features of a CT (NIfTI or DICOM series: preprocessing, sliding window 128×128×32 with overlap
     /// 0.5 and the reference's central-region stitching; level_<i>.npy as [C, X, Y, Z] in the
     /// preprocessed grid, described by geometry.json) or of an already preprocessed patch
     /// (.npy float32 X×Y×Z: every level of the raw pyramid, eval mode, pyramid_<i>.npy).
     Embed {
-        /// A NIfTI CT, a .npy patch, or several CTs: a folder (searched recursively), an
+        /// A NIfTI CT, a DICOM series (folder or DICOMDIR), a .npy patch, or several CTs: a folder (searched recursively), an
         /// nnU-Net dataset (its imagesTr) or a text file of paths; then each CT goes into
         /// <out>/<name>/, and the next CT is read while this one is embedded.
         input: PathBuf,
@@ -63,7 +63,7 @@ enum Cmd {
         /// Weights (as for embed).
         #[arg(long)]
         weights: PathBuf,
-        /// The CT the point is in (NIfTI).
+        /// The CT the point is in (NIfTI, or a DICOM series folder).
         #[arg(long)]
         query: PathBuf,
         /// The query point: X,Y,Z voxel indices of the query file (0-based, the file's own
@@ -73,7 +73,7 @@ enum Cmd {
         /// --point is in world coordinates (NIfTI's RAS, mm), not voxel indices.
         #[arg(long)]
         world: bool,
-        /// CTs to search (NIfTI), one or more.
+        /// CTs to search (NIfTI or DICOM series folders), one or more.
         #[arg(long, num_args = 1.., required = true)]
         target: Vec<PathBuf>,
         #[arg(long)]
@@ -94,7 +94,7 @@ enum Cmd {
     Scratch(SegArgs),
     /// Segment a CT with a backbone and a trained head: a label map on the input's own grid.
     Predict {
-        /// A NIfTI CT, or several: a folder, an nnU-Net dataset (its imagesTr) or a text file
+        /// A NIfTI CT or DICOM series, or several: a folder, an nnU-Net dataset (its imagesTr) or a text file
         /// of paths; then --out is a folder of <name>.nii.gz masks (--probabilities <dir>/<name>/),
         /// and the next CT is read while this one is segmented.
         ct: PathBuf,
@@ -1052,7 +1052,7 @@ fn similar_into(weights: &std::path::Path, query: &std::path::Path, point: &str,
     let p = [p[0], p[1], p[2]];
     let mut names: Vec<String> = Vec::new();
     for t in targets {
-        anyhow::ensure!(t.is_file(), "--target {}: no such file", t.display());
+        anyhow::ensure!(t.is_file() || vox2vec::data::dicom::is_dicom_input(t), "--target {}: no such file (a NIfTI, or a DICOM series folder)", t.display());
         let file = t.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let name = file.strip_suffix(".nii.gz").or_else(|| file.strip_suffix(".nii")).unwrap_or(&file).to_string();
         anyhow::ensure!(!names.contains(&name), "two targets are named {name:?}: their outputs would collide; search them separately");
