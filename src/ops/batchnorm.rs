@@ -92,6 +92,13 @@ impl BnReluEval {
         BnReluEval { mean, scale, beta: beta.to_vec() }
     }
 
+    /// The same constants repeated `times` times: `apply_row` then takes `times` voxels (a
+    /// line of channels-last data) in one vectorised loop, with the same values per element.
+    pub fn tiled(&self, times: usize) -> BnReluEval {
+        let rep = |v: &Vec<f32>| v.iter().copied().cycle().take(v.len() * times).collect();
+        BnReluEval { mean: rep(&self.mean), scale: rep(&self.scale), beta: rep(&self.beta) }
+    }
+
     /// max((x − mean) · scale + β, 0) for one row of channels.
     #[inline]
     pub fn apply_row(&self, src: &[f32], dst: &mut [f32]) {

@@ -124,6 +124,8 @@ fn virtual_rows(v: Vol) -> usize {
 /// (the padding stays zero, as the composition's padding of relu(bn(x)) is).
 fn pad_volume(x: &[f32], v: Vol, input: Option<&BnReluEval>) -> Vec<f32> {
     let (px, py, pz, c) = (v.x + 2, v.y + 2, v.z + 2, v.c);
+    // BN → ReLU a whole line of Z voxels at a time (constants tiled along the line).
+    let line_bn = input.map(|bn| bn.tiled(v.z));
     let mut out = vec![0.0f32; v.n * px * py * pz * c];
     out.par_chunks_mut(py * pz * c).enumerate().for_each(|(plane, dst)| {
         let (nb, xp) = (plane / px, plane % px);
@@ -133,13 +135,9 @@ fn pad_volume(x: &[f32], v: Vol, input: Option<&BnReluEval>) -> Vec<f32> {
         for yi in 0..v.y {
             let src = ((nb * v.x + xp - 1) * v.y + yi) * v.z * c;
             let d = ((yi + 1) * pz + 1) * c;
-            match input {
+            match &line_bn {
                 None => dst[d..d + v.z * c].copy_from_slice(&x[src..src + v.z * c]),
-                Some(bn) => {
-                    for (o, i) in dst[d..d + v.z * c].chunks_exact_mut(c).zip(x[src..src + v.z * c].chunks_exact(c)) {
-                        bn.apply_row(i, o);
-                    }
-                }
+                Some(bn) => bn.apply_row(&x[src..src + v.z * c], &mut dst[d..d + v.z * c]),
             }
         }
     });
@@ -270,7 +268,11 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
             },
         );
     }
-    if cop == co && residual.is_none() {
+    if cop == co {
+        // The residual added in place (to the rounded output, as the composition's add).
+        if let Some(res) = residual {
+            y.par_chunks_mut(1 << 16).zip(res.par_chunks(1 << 16)).for_each(|(d, r)| d.iter_mut().zip(r).for_each(|(d, &s)| *d += s));
+        }
         return y;
     }
     // Drop the padded channels, add the residual (to the rounded output, as the composition).
