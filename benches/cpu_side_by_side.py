@@ -27,10 +27,9 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_reference import FPN3d, gather_embeddings, info_nce, projection_head  # noqa: E402
+from pytorch_reference import FPN3d, projection_head, reference_step  # noqa: E402
 
 CONV_SHAPES = [(2, 16, 64, 64, 32), (1, 16, 128, 128, 32), (1, 32, 64, 64, 16), (1, 64, 32, 32, 8)]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,13 +78,7 @@ def torch_runner(row):
         v2 = (torch.rand(128, 3) * torch.tensor([32, 32, 16])).long()
 
         def run():
-            opt.zero_grad(set_to_none=True)
-            e1 = F.normalize(head(gather_embeddings(backbone(x1), b, v1)), dim=1)
-            e2 = F.normalize(head(gather_embeddings(backbone(x2), b, v2)), dim=1)
-            loss = info_nce(e1, e2, 0.1)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            reference_step(backbone, head, opt, params, x1, x2, b, v1, v2)
         return run
     if name == "eval_pyramid":
         backbone = FPN3d(1, 16, 6).eval()

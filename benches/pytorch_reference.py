@@ -168,6 +168,19 @@ def info_nce(e1, e2, t=0.1):
 # ---------------------------------------------------------------------------
 
 
+def reference_step(backbone, head, opt, params, x1, x2, b, v1, v2):
+    """One reference pretraining step (REFERENCE.md §4): both views' embeddings, InfoNCE at
+    0.1, backward, global-norm clip at 1.0, Adam. Returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    e1 = F.normalize(head(gather_embeddings(backbone(x1), b, v1)), dim=1)
+    e2 = F.normalize(head(gather_embeddings(backbone(x2), b, v2)), dim=1)
+    loss = info_nce(e1, e2, 0.1)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -243,14 +256,7 @@ def bench_pretrain_step(warmup, runs, device="cpu", size="small"):
           f"{pairs} pairs of {patch}, {n} positive voxel pairs", flush=True)
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        e1 = F.normalize(head(gather_embeddings(backbone(x1), b, v1)), dim=1)
-        e2 = F.normalize(head(gather_embeddings(backbone(x2), b, v2)), dim=1)
-        loss = info_nce(e1, e2, 0.1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return loss
+        return reference_step(backbone, head, opt, params, x1, x2, b, v1, v2)
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -34,6 +34,31 @@ pub enum Values {
     I64(Vec<i64>),
 }
 
+/// The element types read from either container (little-endian bytes).
+#[derive(Clone, Copy)]
+enum Elem {
+    F32,
+    F64,
+    F16,
+    BF16,
+    I64,
+    I32,
+}
+
+impl Elem {
+    /// Floats as f32 (widened or narrowed), integers as i64.
+    fn decode(self, d: &[u8]) -> Values {
+        match self {
+            Elem::F32 => Values::F32(bytemuck::pod_collect_to_vec::<u8, f32>(d)),
+            Elem::F64 => Values::F32(bytemuck::pod_collect_to_vec::<u8, f64>(d).into_iter().map(|v| v as f32).collect()),
+            Elem::F16 => Values::F32(bytemuck::pod_collect_to_vec::<u8, u16>(d).into_iter().map(|v| half::f16::from_bits(v).to_f32()).collect()),
+            Elem::BF16 => Values::F32(bytemuck::pod_collect_to_vec::<u8, u16>(d).into_iter().map(|v| half::bf16::from_bits(v).to_f32()).collect()),
+            Elem::I64 => Values::I64(bytemuck::pod_collect_to_vec::<u8, i64>(d)),
+            Elem::I32 => Values::I64(bytemuck::pod_collect_to_vec::<u8, i32>(d).into_iter().map(i64::from).collect()),
+        }
+    }
+}
+
 /// One tensor of a weights file.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -115,6 +140,15 @@ fn is_torch(head: &[u8; 8]) -> bool {
     head.starts_with(b"PK\x03\x04") || (head[0] == 0x80 && (2..=5).contains(&head[1]))
 }
 
+impl WeightsFile {
+    /// The same tensors named per `naming` (a file read `Literal` turned into a model file
+    /// without reading it again).
+    pub fn renamed(self, naming: Naming) -> Result<WeightsFile> {
+        let raw = self.entries.into_iter().map(|e| (e.source_name, e.shape, e.values)).collect();
+        finish(&self.path, self.container, self.metadata, raw, naming)
+    }
+}
+
 /// A safetensors file's bytes (`path` names it in errors): every float dtype as f32, integers as i64.
 pub fn from_safetensors(path: &Path, bytes: &[u8], naming: Naming) -> Result<WeightsFile> {
     let what = || format!("{}: not a weights file (neither safetensors nor a PyTorch torch.save file)", path.display());
@@ -123,17 +157,16 @@ pub fn from_safetensors(path: &Path, bytes: &[u8], naming: Naming) -> Result<Wei
     let st = SafeTensors::deserialize(bytes).with_context(what)?;
     let mut raw = Vec::new();
     for (key, view) in st.tensors() {
-        let d = view.data();
-        let values = match view.dtype() {
-            Dtype::F32 => Values::F32(bytemuck::pod_collect_to_vec::<u8, f32>(d)),
-            Dtype::F64 => Values::F32(bytemuck::pod_collect_to_vec::<u8, f64>(d).into_iter().map(|v| v as f32).collect()),
-            Dtype::F16 => Values::F32(bytemuck::pod_collect_to_vec::<u8, u16>(d).into_iter().map(|v| half::f16::from_bits(v).to_f32()).collect()),
-            Dtype::BF16 => Values::F32(bytemuck::pod_collect_to_vec::<u8, u16>(d).into_iter().map(|v| half::bf16::from_bits(v).to_f32()).collect()),
-            Dtype::I64 => Values::I64(bytemuck::pod_collect_to_vec::<u8, i64>(d)),
-            Dtype::I32 => Values::I64(bytemuck::pod_collect_to_vec::<u8, i32>(d).into_iter().map(i64::from).collect()),
+        let elem = match view.dtype() {
+            Dtype::F32 => Elem::F32,
+            Dtype::F64 => Elem::F64,
+            Dtype::F16 => Elem::F16,
+            Dtype::BF16 => Elem::BF16,
+            Dtype::I64 => Elem::I64,
+            Dtype::I32 => Elem::I32,
             t => bail!("{}: key {key} has dtype {t:?}; expected a float or integer tensor", path.display()),
         };
-        raw.push((key, view.shape().to_vec(), values));
+        raw.push((key, view.shape().to_vec(), elem.decode(view.data())));
     }
     finish(path, Container::Safetensors, metadata, raw, naming)
 }
@@ -150,17 +183,17 @@ fn read_torch(path: &Path, naming: Naming) -> Result<WeightsFile> {
     names.sort();
     for name in names {
         let t = &reader.tensors()[name];
-        let bytes = t.read().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let values = match t.dtype() {
-            DType::F32 => Values::F32(bytemuck::pod_collect_to_vec::<u8, f32>(&bytes)),
-            DType::F64 => Values::F32(bytemuck::pod_collect_to_vec::<u8, f64>(&bytes).into_iter().map(|v| v as f32).collect()),
-            DType::F16 => Values::F32(bytemuck::pod_collect_to_vec::<u8, u16>(&bytes).into_iter().map(|v| half::f16::from_bits(v).to_f32()).collect()),
-            DType::BF16 => Values::F32(bytemuck::pod_collect_to_vec::<u8, u16>(&bytes).into_iter().map(|v| half::bf16::from_bits(v).to_f32()).collect()),
-            DType::I64 => Values::I64(bytemuck::pod_collect_to_vec::<u8, i64>(&bytes)),
-            DType::I32 => Values::I64(bytemuck::pod_collect_to_vec::<u8, i32>(&bytes).into_iter().map(i64::from).collect()),
+        let elem = match t.dtype() {
+            DType::F32 => Elem::F32,
+            DType::F64 => Elem::F64,
+            DType::F16 => Elem::F16,
+            DType::BF16 => Elem::BF16,
+            DType::I64 => Elem::I64,
+            DType::I32 => Elem::I32,
             d => bail!("{}: {name} has dtype {d:?}; expected a float or integer tensor", path.display()),
         };
-        raw.push((name.clone(), t.shape().to_vec(), values));
+        let bytes = t.read().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        raw.push((name.clone(), t.shape().to_vec(), elem.decode(&bytes)));
     }
     finish(path, container, HashMap::new(), raw, naming)
 }

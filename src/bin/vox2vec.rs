@@ -667,7 +667,7 @@ fn inspect(path: &std::path::Path, all: bool) -> Result<()> {
     // head's; elsewhere bare keys are a PyTorch FPN3d's.
     let literal = read(path, Naming::Literal)?;
     let is_head = literal.metadata.contains_key("head_kind");
-    let file = if is_head { literal } else { read(path, Naming::Model)? };
+    let file = if is_head { literal } else { literal.renamed(Naming::Model)? };
     println!("file: {}", file.describe());
     if !is_head {
         match file.backbone_config()? {

@@ -27,28 +27,14 @@ fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
     h
 }
 
-/// Every file below a folder, sorted (a DICOM series' identity for the cache key).
-fn dicom_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("reading folder {}", d.display()))? {
-            let p = e?.path();
-            if p.is_dir() { stack.push(p) } else { out.push(p) }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 /// The cache file name for `source` under `settings`.
 pub fn cache_key(source: &Path, cfg: &PreprocessConfig) -> Result<String> {
     let abs = std::fs::canonicalize(source).with_context(|| format!("{}: cannot resolve path", source.display()))?;
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     h = fnv1a(CACHE_FORMAT.as_bytes(), h);
     h = fnv1a(abs.to_string_lossy().as_bytes(), h);
-    // A file by its size and time; a DICOM folder by every file's name, size and time.
-    let files = if abs.is_dir() { dicom_files(&abs)? } else { vec![abs.clone()] };
+    // A file by its size and time; a DICOM folder by every DICOM file's name, size and time.
+    let files = if abs.is_dir() { super::dicom::files_of(&abs)?.1 } else { vec![abs.clone()] };
     for f in &files {
         let meta = std::fs::metadata(f).with_context(|| format!("{}: cannot stat", f.display()))?;
         let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);

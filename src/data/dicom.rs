@@ -106,7 +106,7 @@ fn header(file: &Path) -> Result<Slice> {
 
 /// The files of a series input: every regular file below the folder (a DICOMDIR file stands
 /// for its folder), the DICOMDIR itself and non-DICOM files left out.
-fn files_of(input: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
+pub fn files_of(input: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
     let dir = if input.is_file() { input.parent().unwrap_or(Path::new(".")).to_path_buf() } else { input.to_path_buf() };
     let mut out = Vec::new();
     let mut stack = vec![dir.clone()];
