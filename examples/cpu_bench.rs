@@ -7,6 +7,7 @@
 //!   conv_fwd:N,C,X,Y,Z         conv3d 3x3x3 C -> C with bias, forward
 //!   conv_fwd_bwd:N,C,X,Y,Z     forward + backward (input, weight and bias gradients)
 //!   conv_fwd_bwd_w:N,C,X,Y,Z   forward + backward (weight and bias gradients only: a first layer)
+//!   conv_wgrad:N,C,X,Y,Z       the weight gradient alone (`conv3d_backward_weight_cpu`)
 //!   conv_fwd_fused:N,C,X,Y,Z   the eval ResBlock's conv: BN -> ReLU fused into the padding, + residual
 //!   step_small                 pretraining step: 2 pairs of 32x32x16, base 16, 6 scales, 64 voxels/pair
 //!   eval_pyramid               the eval-mode pyramid of one 128x128x32 window (base 16, 6 scales)
@@ -70,6 +71,17 @@ fn main() -> Result<()> {
                 let (wv, bv) = (g.leaf(w.clone()), g.leaf(b.clone()));
                 let y = ops::conv3d(&g, &xv, &wv, Some(&bv))?;
                 std::hint::black_box(g.backward_with(&y, dy.clone())?);
+                Ok(())
+            })
+        }
+        "conv_wgrad" => {
+            anyhow::ensure!(d.len() == 5, "{name}: N,C,X,Y,Z");
+            let (n, c, x, y, z) = (d[0], d[1], d[2], d[3], d[4]);
+            let v = vox2vec::tensor::Vol { n, x, y, z, c };
+            let xs = random(&[n, x, y, z, c], &mut rng);
+            let dy = random(&[n, x, y, z, c], &mut rng);
+            Box::new(move || {
+                std::hint::black_box(ops::conv3d::conv3d_backward_weight_cpu(xs.f32s(), v, dy.f32s(), c, 3));
                 Ok(())
             })
         }

@@ -77,6 +77,7 @@ fn fast_paths_match_naive_convolution() {
         (Vol { n: 2, x: 3, y: 4, z: 5, c: 8 }, 40, 3),  // 32 + a masked 8
         (Vol { n: 1, x: 5, y: 5, z: 4, c: 4 }, 48, 3),  // 32 + 16
         (Vol { n: 1, x: 4, y: 4, z: 2, c: 24 }, 64, 1), // 1×1×1, two 32-channel blocks
+        (Vol { n: 1, x: 5, y: 4, z: 6, c: 64 }, 64, 3), // shifted, weight-gradient tiles of 4 vectors × 6 (and 5) channels
     ];
     for (v, co, k) in cases {
         let x = rand_vec(&mut rng, v.voxels() * v.c);

@@ -8,9 +8,9 @@
 //! - `forward_rows`: out[i, :] = bias + Σ_t Σ_k a[(r0 + i + offs[t])·rs + k] · bt[(t·kk + k)·cop + :]
 //!   (written =), tiles of 6 rows × 16 channels held in 12 ymm registers over the whole
 //!   reduction, so each output is stored once.
-//! - `weight_grad_rows`: dwt[(t·kk + k)·cop + :] += Σ_{r0 ≤ r < r1} a[(r + offs[t])·rs + k] ·
-//!   dyp[r·cop + :] (accumulated +=), tiles of 6 reduction indices × 16 channels over blocks of
-//!   256 rows.
+//! - `weight_grad_runs`: dW[o, t·kk + k] += Σ_runs a[(row + offs[t])·rs + k] · dy[voxel·co + o]
+//!   (accumulated +=) on `WgPlan`'s tiles (see `wg_plan.rs`): up to 3 vectors of 8 reduction
+//!   indices × up to 8 output channels, ≤ 12 accumulators.
 //!
 //! Callers check AVX2/FMA support (`simd_available`) and that every index is in bounds; the
 //! kernels are pointer arithmetic over those buffers, so per-operation unsafe blocks would
@@ -18,6 +18,8 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use std::arch::x86_64::*;
+
+use super::wg_plan::WgPlan;
 
 /// Rows of the register tile.
 const R: usize = 6;
@@ -101,74 +103,105 @@ unsafe fn fwd_tile<const N: usize, const V: usize>(args: (*const f32, usize, &[u
     }
 }
 
-/// Rows per cache block of the weight-gradient loop.
-const WG_ROWS: usize = 256;
+/// The most output channels a tile of 1, 2, 3 vectors holds (A·B accumulators + A + 1 of the
+/// 16 ymm registers).
+pub const WG_MAX_B: [usize; 3] = [8, 6, 4];
 
-/// dwt[(t·kk + k)·cop + :] += Σ_{r0 ≤ r < r1} a[(r + offs[t])·rs + k] · dyp[r·cop + :].
+/// dw[o·ldw + t·kk + k] += Σ_{(row, voxel, len) ∈ runs} Σ_{j < len} a[(row + j + offs[t])·rs + k] ·
+/// dy[(voxel + j)·co + o] (accumulated +=), ldw = offs.len()·kk: `WgPlan`'s tiles (built with
+/// 8 lanes and `WG_MAX_B`), each a register tile over a block of runs.
 ///
 /// # Safety
-/// AVX2 and FMA must be available; `check_rows(a.len(), rs, offs, kk, r0, r1)` must hold,
-/// `dyp` must hold r1·cop values and `dwt` offs.len()·kk·cop.
+/// AVX2 and FMA must be available and `plan.check(a.len(), dy.len(), dw.len())` must hold.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn weight_grad_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, dyp: &[f32], cop: usize, r0: usize, r1: usize, dwt: &mut [f32]) {
-    debug_assert!(dyp.len() >= r1 * cop && dwt.len() >= offs.len() * kk * cop && cop % 8 == 0);
-    let ci = rs;
-    let (xp, dy, d) = (a.as_ptr(), dyp.as_ptr(), dwt.as_mut_ptr());
-    let mut rs = r0;
-    while rs < r1 {
-        let re = (rs + WG_ROWS).min(r1);
-        let mut cb = 0;
-        while cb < cop {
-            let two = cop - cb >= 16;
-            for (t, &off) in offs.iter().enumerate() {
-                let mut k = 0;
-                while k < kk {
-                    let n = (kk - k).min(R);
-                    let args = (xp.add(off * ci + k), ci, dy.add(cb), cop, rs, re, d.add((t * kk + k) * cop + cb));
+pub unsafe fn weight_grad_runs(a: &[f32], dy: &[f32], dw: &mut [f32], plan: &WgPlan) {
+    let (ap, dyp, dwp) = (a.as_ptr(), dy.as_ptr(), dw.as_mut_ptr());
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for block in plan.blocks() {
+        for (t, &off) in plan.offs.iter().enumerate() {
+            for &(v0, nv, tail) in &plan.k_chunks {
+                for &(o0, no) in &plan.o_chunks[nv - 1] {
+                    let args = WgArgs {
+                        a: ap.add(off * plan.rs + 8 * v0),
+                        rs: plan.rs,
+                        runs: block,
+                        dy: dyp.add(o0),
+                        co: plan.co,
+                        dw: dwp.add(o0 * plan.ldw() + t * plan.kk + 8 * v0),
+                        ldw: plan.ldw(),
+                        tail,
+                        mask: _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), lane),
+                    };
                     macro_rules! tile {
-                        ($($n:literal),*) => {
-                            match (n, two) {
-                                $(($n, true) => wg_tile::<$n, 2>(args), ($n, false) => wg_tile::<$n, 1>(args),)*
-                                _ => unreachable!(),
+                        ($($a:literal => [$($b:literal),*]),*) => {
+                            match (nv, no) {
+                                $($(($a, $b) => wg_tile::<$a, $b>(&args),)*)*
+                                _ => unreachable!("weight-gradient tile {nv}x{no}"),
                             }
                         };
                     }
-                    tile!(1, 2, 3, 4, 5, 6);
-                    k += n;
+                    tile!(1 => [1, 2, 3, 4, 5, 6, 7, 8], 2 => [1, 2, 3, 4, 5, 6], 3 => [1, 2, 3, 4]);
                 }
             }
-            cb += if two { 16 } else { 8 };
         }
-        rs = re;
     }
 }
 
-/// acc[i, :] += Σ_r xa[r·C + i] · dy[r·cop + :] for r in rs..re, i < N; acc rows at stride cop.
+struct WgArgs<'r> {
+    a: *const f32,
+    rs: usize,
+    runs: &'r [(usize, usize, usize)],
+    dy: *const f32,
+    co: usize,
+    dw: *mut f32,
+    ldw: usize,
+    /// Valid lanes of the last vector, and their mask.
+    tail: usize,
+    mask: __m256i,
+}
+
+/// Load 8 values at `p`, only the masked lanes when `i` is the tile's last vector and it is
+/// partial (the others read as 0 and are never touched in memory).
+#[inline(always)]
+unsafe fn load(p: *const f32, last: bool, args: &WgArgs) -> __m256 {
+    if last && args.tail < 8 { _mm256_maskload_ps(p, args.mask) } else { _mm256_loadu_ps(p) }
+}
+
+/// dw[j·ldw + 8·i + :8] += Σ_runs Σ_l a[(row + l)·rs + 8·i + :8] · dy[(voxel + l)·co + j]
+/// for i < A, j < B: A·B accumulators, A loads and B broadcasts per row.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn wg_tile<const N: usize, const V: usize>(args: (*const f32, usize, *const f32, usize, usize, usize, *mut f32)) {
-    let (xa, ci, dy, cop, rs, re, acc_ptr) = args;
-    let mut acc = [[_mm256_setzero_ps(); V]; N];
-    for (i, a) in acc.iter_mut().enumerate() {
-        for v in 0..V {
-            a[v] = _mm256_loadu_ps(acc_ptr.add(i * cop + 8 * v));
+unsafe fn wg_tile<const A: usize, const B: usize>(p: &WgArgs) {
+    let mut acc = [[_mm256_setzero_ps(); A]; B];
+    for (j, row) in acc.iter_mut().enumerate() {
+        for (i, a) in row.iter_mut().enumerate() {
+            *a = load(p.dw.add(j * p.ldw + 8 * i), i + 1 == A, p);
         }
     }
-    for r in rs..re {
-        let mut g = [_mm256_setzero_ps(); V];
-        for v in 0..V {
-            g[v] = _mm256_loadu_ps(dy.add(r * cop + 8 * v));
-        }
-        let xr = xa.add(r * ci);
-        for (i, a) in acc.iter_mut().enumerate() {
-            let x = _mm256_broadcast_ss(&*xr.add(i));
-            for v in 0..V {
-                a[v] = _mm256_fmadd_ps(x, g[v], a[v]);
+    for &(row, voxel, len) in p.runs {
+        let (mut x, mut g) = (p.a.add(row * p.rs), p.dy.add(voxel * p.co));
+        for _ in 0..len {
+            let mut xv = [_mm256_setzero_ps(); A];
+            for (i, v) in xv.iter_mut().enumerate() {
+                *v = load(x.add(8 * i), i + 1 == A, p);
             }
+            for (j, row) in acc.iter_mut().enumerate() {
+                let b = _mm256_broadcast_ss(&*g.add(j));
+                for (a, v) in row.iter_mut().zip(&xv) {
+                    *a = _mm256_fmadd_ps(*v, b, *a);
+                }
+            }
+            x = x.add(p.rs);
+            g = g.add(p.co);
         }
     }
-    for (i, a) in acc.iter().enumerate() {
-        for v in 0..V {
-            _mm256_storeu_ps(acc_ptr.add(i * cop + 8 * v), a[v]);
+    for (j, row) in acc.iter().enumerate() {
+        for (i, a) in row.iter().enumerate() {
+            let d = p.dw.add(j * p.ldw + 8 * i);
+            if i + 1 == A && p.tail < 8 {
+                _mm256_maskstore_ps(d, p.mask, *a);
+            } else {
+                _mm256_storeu_ps(d, *a);
+            }
         }
     }
 }

@@ -8,9 +8,9 @@
 //!   loads of the weight row and one broadcast per row feed 14 or 28 FMAs, so the FMA ports,
 //!   not the loads, bound the loop (oneDNN's direct-convolution blocking for channels-last
 //!   data with few channels: rows of output voxels × a 16-wide channel block).
-//! - `weight_grad_rows`: dwt[(t·kk + k)·cop + :] += Σ_{r0 ≤ r < r1} a[(r + offs[t])·rs + k] ·
-//!   dyp[r·cop + :] (accumulated +=), tiles of up to 14 reduction indices × 16 or 32 channels
-//!   over blocks of 256 rows.
+//! - `weight_grad_runs`: dW[o, t·kk + k] += Σ_runs a[(row + offs[t])·rs + k] · dy[voxel·co + o]
+//!   (accumulated +=) on `WgPlan`'s tiles: up to 4 vectors of 16 reduction indices × up to 16
+//!   output channels (6 to 16 at 4 to 1 vectors), ≤ 24 accumulators.
 //!
 //! `cop` (padded output channels) is a multiple of 8: a last block of 8 channels runs with
 //! masked loads and stores. Callers check AVX-512F support (`available`) and the bounds
@@ -19,10 +19,10 @@
 
 use std::arch::x86_64::*;
 
-/// Rows (forward) or reduction indices (weight gradient) of the register tile.
+use super::wg_plan::WgPlan;
+
+/// Rows of the forward's register tile.
 const R: usize = 14;
-/// Rows per cache block of the weight-gradient loop.
-const WG_ROWS: usize = 256;
 
 /// Whether these kernels can run on this processor.
 pub fn available() -> bool {
@@ -163,78 +163,89 @@ unsafe fn fwd_tile<const N: usize, const V: usize>(p: &FwdArgs) {
     }
 }
 
-/// dwt[(t·kk + k)·cop + :] += Σ_{r0 ≤ r < r1} a[(r + offs[t])·rs + k] · dyp[r·cop + :].
+/// The most output channels a tile of 1, 2, 3, 4 vectors holds (≤ 24 accumulators + A + 1 of
+/// the 32 zmm registers).
+pub const WG_MAX_B: [usize; 4] = [16, 12, 8, 6];
+
+/// dw[o·ldw + t·kk + k] += Σ_{(row, voxel, len) ∈ runs} Σ_{j < len} a[(row + j + offs[t])·rs + k] ·
+/// dy[(voxel + j)·co + o] (accumulated +=), ldw = offs.len()·kk: `WgPlan`'s tiles (built with
+/// 16 lanes and `WG_MAX_B`), each a register tile over a block of runs.
 ///
 /// # Safety
-/// AVX-512F and FMA must be available; `avx2::check_rows(a.len(), rs, offs, kk, r0, r1)` must
-/// hold, `dyp` must hold r1·cop values and `dwt` offs.len()·kk·cop.
+/// AVX-512F and FMA must be available and `plan.check(a.len(), dy.len(), dw.len())` must hold.
 #[target_feature(enable = "avx512f,fma")]
-pub unsafe fn weight_grad_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, dyp: &[f32], cop: usize, r0: usize, r1: usize, dwt: &mut [f32]) {
-    debug_assert!(dyp.len() >= r1 * cop && dwt.len() >= offs.len() * kk * cop && cop % 8 == 0);
-    let (xp, dy, d) = (a.as_ptr(), dyp.as_ptr(), dwt.as_mut_ptr());
-    let blocks = channel_blocks(cop);
-    let mut rs_ = r0;
-    while rs_ < r1 {
-        let re = (rs_ + WG_ROWS).min(r1);
-        for &(cb, v, mask) in &blocks {
-            for (t, &off) in offs.iter().enumerate() {
-                let mut k = 0;
-                while k < kk {
-                    let n = (kk - k).min(R);
-                    let args = WgArgs { xa: xp.add(off * rs + k), ci: rs, dy: dy.add(cb), cop, rs: rs_, re, acc: d.add((t * kk + k) * cop + cb), mask };
+pub unsafe fn weight_grad_runs(a: &[f32], dy: &[f32], dw: &mut [f32], plan: &WgPlan) {
+    let (ap, dyp, dwp) = (a.as_ptr(), dy.as_ptr(), dw.as_mut_ptr());
+    for block in plan.blocks() {
+        for (t, &off) in plan.offs.iter().enumerate() {
+            for &(v0, nv, tail) in &plan.k_chunks {
+                for &(o0, no) in &plan.o_chunks[nv - 1] {
+                    let args = WgArgs {
+                        a: ap.add(off * plan.rs + 16 * v0),
+                        rs: plan.rs,
+                        runs: block,
+                        dy: dyp.add(o0),
+                        co: plan.co,
+                        dw: dwp.add(o0 * plan.ldw() + t * plan.kk + 16 * v0),
+                        ldw: plan.ldw(),
+                        mask: (((1u32 << tail) - 1) & 0xFFFF) as u16,
+                    };
                     macro_rules! tile {
-                        ($($n:literal),*) => {
-                            match (n, v) {
-                                $(($n, 2) => wg_tile::<$n, 2>(&args), ($n, _) => wg_tile::<$n, 1>(&args),)*
-                                _ => unreachable!(),
+                        ($($a:literal => [$($b:literal),*]),*) => {
+                            match (nv, no) {
+                                $($(($a, $b) => wg_tile::<$a, $b>(&args),)*)*
+                                _ => unreachable!("weight-gradient tile {nv}x{no}"),
                             }
                         };
                     }
-                    tile!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
-                    k += n;
+                    tile!(1 => [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], 2 => [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 3 => [1, 2, 3, 4, 5, 6, 7, 8], 4 => [1, 2, 3, 4, 5, 6]);
                 }
             }
         }
-        rs_ = re;
     }
 }
 
-struct WgArgs {
-    xa: *const f32,
-    ci: usize,
-    dy: *const f32,
-    cop: usize,
+struct WgArgs<'r> {
+    a: *const f32,
     rs: usize,
-    re: usize,
-    acc: *mut f32,
+    runs: &'r [(usize, usize, usize)],
+    dy: *const f32,
+    co: usize,
+    dw: *mut f32,
+    ldw: usize,
     mask: u16,
 }
 
-/// acc[i, :] += Σ_r xa[r·C + i] · dy[r·cop + :] for r in rs..re, i < N; acc rows at stride cop.
+/// dw[j·ldw + 16·i + :16] += Σ_runs Σ_l a[(row + l)·rs + 16·i + :16] · dy[(voxel + l)·co + j]
+/// for i < A, j < B: A·B accumulators, A loads and B broadcasts per row.
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn wg_tile<const N: usize, const V: usize>(p: &WgArgs) {
-    let mut acc = [[_mm512_setzero_ps(); V]; N];
-    for (i, a) in acc.iter_mut().enumerate() {
-        for v in 0..V {
-            a[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.acc.add(i * p.cop + 16 * v));
+unsafe fn wg_tile<const A: usize, const B: usize>(p: &WgArgs) {
+    let mut acc = [[_mm512_setzero_ps(); A]; B];
+    for (j, row) in acc.iter_mut().enumerate() {
+        for (i, a) in row.iter_mut().enumerate() {
+            *a = _mm512_maskz_loadu_ps(lanes(i, A - 1, p.mask), p.dw.add(j * p.ldw + 16 * i));
         }
     }
-    for r in p.rs..p.re {
-        let mut g = [_mm512_setzero_ps(); V];
-        for v in 0..V {
-            g[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.dy.add(r * p.cop + 16 * v));
-        }
-        let xr = p.xa.add(r * p.ci);
-        for (i, a) in acc.iter_mut().enumerate() {
-            let x = _mm512_set1_ps(*xr.add(i));
-            for v in 0..V {
-                a[v] = _mm512_fmadd_ps(x, g[v], a[v]);
+    for &(row, voxel, len) in p.runs {
+        let (mut x, mut g) = (p.a.add(row * p.rs), p.dy.add(voxel * p.co));
+        for _ in 0..len {
+            let mut xv = [_mm512_setzero_ps(); A];
+            for (i, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(lanes(i, A - 1, p.mask), x.add(16 * i));
             }
+            for (j, row) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*g.add(j));
+                for (a, v) in row.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(*v, b, *a);
+                }
+            }
+            x = x.add(p.rs);
+            g = g.add(p.co);
         }
     }
-    for (i, a) in acc.iter().enumerate() {
-        for v in 0..V {
-            _mm512_mask_storeu_ps(p.acc.add(i * p.cop + 16 * v), lanes(v, V - 1, p.mask), a[v]);
+    for (j, row) in acc.iter().enumerate() {
+        for (i, a) in row.iter().enumerate() {
+            _mm512_mask_storeu_ps(p.dw.add(j * p.ldw + 16 * i), lanes(i, A - 1, p.mask), *a);
         }
     }
 }

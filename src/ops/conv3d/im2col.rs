@@ -192,46 +192,28 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: 
     let groups = row_groups(m.div_ceil(rows), 1);
     #[cfg(target_arch = "x86_64")]
     let dwc = if kernels.simd() {
-        let cop = co.next_multiple_of(8);
-        // dy with its channels padded to cop (a copy only when co is not a multiple of 8).
-        let dyp_owned;
-        let dyp: &[f32] = if cop == co {
-            dy
-        } else {
-            let mut p = vec![0.0f32; m * cop];
-            for (d, s) in p.chunks_exact_mut(cop).zip(dy.chunks_exact(co)) {
-                d[..co].copy_from_slice(s);
-            }
-            dyp_owned = p;
-            &dyp_owned
-        };
-        if direct {
-            avx2::check_rows(x.len(), kdim, &[0], kdim, 0, m);
-        }
+        // Runs of at most 64 rows (cache blocks of the kernel); `a` is x itself (the centre tap
+        // alone) or the block's im2col buffer.
+        let runs = |row0: usize, voxel0: usize, nr: usize| -> Vec<(usize, usize, usize)> { (0..nr).step_by(64).map(|s| (row0 + s, voxel0 + s, (nr - s).min(64))).collect() };
         let partials: Vec<Vec<f32>> = groups
             .into_par_iter()
             .map(|group| {
-                let mut dwt = vec![0.0f32; kdim * cop];
+                let mut dw = vec![0.0f32; co * kdim];
                 let mut cols = vec![0.0f32; if direct { 0 } else { rows * kdim }];
                 for bi in group {
                     let r0 = bi * rows;
                     let nr = rows.min(m - r0);
-                    // SAFETY: AVX2/FMA checked by the caller; bounds checked above (direct) or
-                    // here (the block's im2col buffer); dyp holds m·cop values.
-                    unsafe {
-                        if direct {
-                            kernels.weight_grad_rows(x, kdim, &[0], kdim, dyp, cop, r0, r0 + nr, &mut dwt);
-                        } else {
-                            im2col(x, v, k, &taps, r0, nr, &mut cols);
-                            avx2::check_rows(cols.len(), kdim, &[0], kdim, 0, nr);
-                            kernels.weight_grad_rows(&cols, kdim, &[0], kdim, &dyp[r0 * cop..], cop, 0, nr, &mut dwt);
-                        }
+                    if direct {
+                        kernels.weight_grad_runs(x, dy, &mut dw, &kernels.wg_plan(kdim, &[0], kdim, co, runs(r0, r0, nr)));
+                    } else {
+                        im2col(x, v, k, &taps, r0, nr, &mut cols);
+                        kernels.weight_grad_runs(&cols, dy, &mut dw, &kernels.wg_plan(kdim, &[0], kdim, co, runs(0, r0, nr)));
                     }
                 }
-                dwt
+                dw
             })
             .collect();
-        transpose_padded(&sum_in_order(partials, kdim * cop), kdim, co, cop, kdim)
+        sum_in_order(partials, co * kdim)
     } else {
         portable_weight_grad(x, v, dy, co, k, &taps, groups)
     };

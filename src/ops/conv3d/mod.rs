@@ -32,6 +32,8 @@ pub mod avx2;
 pub mod avx512;
 pub mod im2col;
 pub mod shifted;
+#[cfg(target_arch = "x86_64")]
+pub mod wg_plan;
 
 use crate::autograd::{Graph, Var};
 use crate::cpu::{Mat, par_gemm, sum_rows};
@@ -105,18 +107,29 @@ impl CpuKernels {
         }
     }
 
-    /// `avx2::weight_grad_rows` / `avx512::weight_grad_rows` of this set.
-    ///
-    /// # Safety
-    /// As the chosen kernel's: the set must be available and the operands in bounds.
+    /// The weight-gradient plan this set's kernels take (lanes and tile sizes).
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn weight_grad_rows(self, a: &[f32], rs: usize, offs: &[usize], kk: usize, dyp: &[f32], cop: usize, r0: usize, r1: usize, dwt: &mut [f32]) {
-        // SAFETY: the caller's contract is the kernels'.
+    pub(crate) fn wg_plan(self, rs: usize, offs: &[usize], kk: usize, co: usize, runs: Vec<(usize, usize, usize)>) -> wg_plan::WgPlan {
+        match self {
+            CpuKernels::Avx512 => wg_plan::WgPlan::new(16, &avx512::WG_MAX_B, rs, offs, kk, co, runs),
+            _ => wg_plan::WgPlan::new(8, &avx2::WG_MAX_B, rs, offs, kk, co, runs),
+        }
+    }
+
+    /// dw [co, offs.len()·kk] += the plan's weight gradient, with `avx2::weight_grad_runs` or
+    /// `avx512::weight_grad_runs`. Panics when a SIMD set is not available or an operand is too
+    /// short for the plan.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn weight_grad_runs(self, a: &[f32], dy: &[f32], dw: &mut [f32], plan: &wg_plan::WgPlan) {
+        check_kernels(self);
+        assert!(self.simd(), "weight_grad_runs: the portable set has no micro-kernels");
+        plan.check(a.len(), dy.len(), dw.len());
+        // SAFETY: the set is available (check_kernels) and every access is in bounds (plan.check).
         unsafe {
             match self {
-                CpuKernels::Avx512 => avx512::weight_grad_rows(a, rs, offs, kk, dyp, cop, r0, r1, dwt),
-                _ => avx2::weight_grad_rows(a, rs, offs, kk, dyp, cop, r0, r1, dwt),
+                CpuKernels::Avx512 => avx512::weight_grad_runs(a, dy, dw, plan),
+                _ => avx2::weight_grad_runs(a, dy, dw, plan),
             }
         }
     }

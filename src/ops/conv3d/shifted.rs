@@ -12,14 +12,15 @@
 //! dropped (≈10 % extra at 64×64×32, 41 % at 32×32×8); `applicable` keeps the path for
 //! volumes where that stays < 3×.
 //!
-//! Weight gradient: dWᵀ[(ab, k), :] = Σ_r x_pad[(r + off_ab)·C + k] · dy_pad[r, :], dy_pad
-//! being dy placed on its virtual rows with zeros elsewhere; rows are split into groups fixed
-//! by the problem size and the partials summed in order (deterministic).
+//! Weight gradient: dW[:, (ab, k)] = Σ_r x_pad[(r + off_ab)·C + k] · dy[r, :] over the real
+//! voxels' rows only (SIMD: one run per line, see `wg_plan.rs`; portable: dy placed on its
+//! virtual rows with zeros elsewhere); rows are split into groups fixed by the problem size
+//! and the partials summed in order (deterministic).
 //!
 //! Kernels. On x86-64 with AVX2+FMA, register-tiled micro-kernels: forward tiles 6 rows × 16
 //! output channels (12 ymm accumulators) over the whole 27·C reduction, so each output is
-//! stored once; the weight gradient tiles 6 reduction indices × 16 output channels over blocks
-//! of rows. Channel counts are padded to a multiple of 8 inside the packed buffers. Elsewhere
+//! stored once; the weight gradient tiles reduction indices × output channels over blocks of
+//! lines (`wg_plan.rs`). Channel counts are padded to a multiple of 8 inside the packed buffers. Elsewhere
 //! a portable path runs the same decomposition through matrixmultiply's GEMM.
 //!
 //! Outputs are written (=).
@@ -288,24 +289,28 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
     out
 }
 
+/// Parallel groups of lines of the SIMD weight gradient: fixed by the shape (never by the
+/// thread count), so the partial sums, and the result, are the same on every machine.
+fn line_groups(g: &Geometry) -> Vec<std::ops::Range<usize>> {
+    let lines = g.lines();
+    let n = (lines * g.v.z / 2048).clamp(1, 16).min(lines.max(1));
+    (0..n).map(|i| (i * lines / n)..((i + 1) * lines / n)).collect()
+}
+
 #[cfg(target_arch = "x86_64")]
 fn simd_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize, kernels: CpuKernels) -> Vec<f32> {
-    let ci = g.v.c;
-    let cop = co.next_multiple_of(8);
+    let (ci, z) = (g.v.c, g.v.z);
     let kdim = 27 * ci;
-    let dyp = scatter_rows(g, dy, co, cop);
-    avx2::check_rows(xp.len(), ci, &g.offs, 3 * ci, 0, g.rows);
-    let partials: Vec<Vec<f32>> = row_groups(g.rows.div_ceil(ROW_BLOCK), 1)
+    // Only the real voxels' rows: one run per line of Z voxels, dy read in place.
+    let partials: Vec<Vec<f32>> = line_groups(g)
         .into_par_iter()
-        .map(|group| {
-            let mut dwt = vec![0.0f32; kdim * cop];
-            let (r0, r1) = (group.start * ROW_BLOCK, (group.end * ROW_BLOCK).min(g.rows));
-            // SAFETY: AVX2/FMA checked by the caller; rows r0..r1 are in bounds (assert above).
-            unsafe { kernels.weight_grad_rows(xp, ci, &g.offs, 3 * ci, &dyp, cop, r0, r1, &mut dwt) };
-            dwt
+        .map(|lines| {
+            let runs = lines.map(|l| (g.line_row(l), l * z, z)).collect();
+            let plan = kernels.wg_plan(ci, &g.offs, 3 * ci, co, runs);
+            let mut dw = vec![0.0f32; co * kdim];
+            kernels.weight_grad_runs(xp, dy, &mut dw, &plan);
+            dw
         })
         .collect();
-    let dwt = sum_in_order(partials, kdim * cop);
-    // dW[o, k] = dWᵀ[k, o]
-    transpose_padded(&dwt, kdim, co, cop, kdim)
+    sum_in_order(partials, co * kdim)
 }
