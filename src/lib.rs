@@ -10,6 +10,7 @@
 //! - `params`: the named parameter store; `checkpoint`: safetensors I/O; `weights`: every
 //!   weights format read into one form (PyTorch .pt / Lightning .ckpt, config inference);
 //!   `optim`: Adam, clipping.
+//! - `dist`: data-parallel ranks (communicators: in-process, TCP, NCCL; rendezvous; launch).
 //! - `train`: the pretraining step and synthetic batches; `bench`: `vox2vec-train --bench`.
 //! - `kernels`: the embedded CUDA fatbin; `cuda`: the device, allocator, kernel registry and
 //!   the host-side launcher of every kernel (`cuda::ops::*`).
@@ -20,6 +21,7 @@ pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod kernels;
 pub mod model;

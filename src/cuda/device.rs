@@ -347,7 +347,7 @@ impl CudaDevice {
         Ok(())
     }
 
-    fn cu_stream(&self) -> sys::CUstream {
+    pub(crate) fn cu_stream(&self) -> sys::CUstream {
         self.driver().map_or(std::ptr::null_mut(), |d| d.stream.cu_stream())
     }
 
