@@ -49,6 +49,9 @@ cat > "$out/run.sh" <<'RUN'
 #   sanitize  compute-sanitizer memcheck (exact-size allocations), racecheck and synccheck
 #             on the per-op GPU tests
 #   train     5 pretraining steps on CT phantoms through the real pipeline
+#   nccl      3 steps as a one-rank NCCL group (RANK=0 WORLD_SIZE=1): the data-parallel path,
+#             its rendezvous and the gradient all-reduce on the device (libnccl.so from the
+#             system, or PyTorch's nvidia-nccl package linked into a temporary folder)
 #   pytorch   PyTorch's step at the same size, when torch with CUDA is installed
 #   bash run.sh                 # all phases
 #   bash run.sh probe bench     # some
@@ -115,6 +118,19 @@ if want train; then
   rm -rf "$run_dir"
   step train 30 bin/vox2vec-train --device cuda --precision bf16 --steps "${TRAIN_STEPS:-5}" --out "$run_dir"
   cp "$run_dir/metrics.jsonl" "$run_dir/loss.png" "$results/" 2>/dev/null || true
+fi
+if want nccl; then
+  if ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so '; then
+    # pip's nvidia-nccl ships libnccl.so.2 only; cudarc loads libnccl.so.
+    lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+    if [[ -n "$lib" && -e "$lib/libnccl.so.2" ]]; then
+      mkdir -p "$here/nccl-lib" && ln -sf "$lib/libnccl.so.2" "$here/nccl-lib/libnccl.so"
+      export LD_LIBRARY_PATH="$here/nccl-lib:${LD_LIBRARY_PATH:-}"
+    fi
+  fi
+  nccl_dir=${TMPDIR:-/tmp}/vox2vec-train-nccl
+  rm -rf "$nccl_dir"
+  RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 step nccl-one-rank 30 bin/vox2vec-train --device cuda --synthetic-pairs --steps 3 --out "$nccl_dir"
 fi
 if want pytorch && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   step pytorch-step 40 python3 pytorch_reference.py --device cuda --only step --size reference

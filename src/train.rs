@@ -6,6 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::autograd::Graph;
+use crate::dist::Communicator;
 use crate::model::{PairBatch, Vox2Vec};
 use crate::ops::infonce::Signal;
 use crate::optim::{Adam, clip_coefficient, global_norm};
@@ -36,8 +37,19 @@ impl StepStats {
 /// running statistics its forward computed are put back. Adam's step count still advances
 /// (the batch was consumed), so a resumed run stays aligned with the batch sequence.
 pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) -> Result<StepStats> {
+    pretrain_step_ranked(model, adam, batch, &mut crate::dist::Single)
+}
+
+/// `pretrain_step` as one rank of a data-parallel run (`dist`): rank 0's BatchNorm running
+/// statistics copied to this rank first, the gradients averaged over the ranks before the
+/// clip and Adam, and the logged loss and signal averaged too (so every rank takes the same
+/// skip decision on a non-finite step). With one rank it is `pretrain_step`, bit for bit.
+pub fn pretrain_step_ranked(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, comm: &mut dyn Communicator) -> Result<StepStats> {
+    if comm.world() > 1 {
+        broadcast_slots(model, comm, |k| k == crate::params::SlotKind::RunningStat)?;
+    }
     let state: Vec<(usize, Tensor)> = model.store.slots().iter().enumerate().filter(|(_, s)| s.kind != crate::params::SlotKind::Trainable).map(|(i, s)| (i, s.value.clone())).collect();
-    let stats = pretrain_step_unguarded(model, adam, batch)?;
+    let stats = pretrain_step_unguarded(model, adam, batch, comm)?;
     if !stats.finite() {
         for (i, t) in state {
             model.store.set(i, t);
@@ -46,13 +58,13 @@ pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) ->
     Ok(stats)
 }
 
-fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) -> Result<StepStats> {
+fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, comm: &mut dyn Communicator) -> Result<StepStats> {
     if let Device::Cuda(ordinal) = model.device() {
-        let stats = pretrain_step_cuda(model, adam, batch, ordinal)?;
+        let stats = pretrain_step_cuda_ranked(model, adam, batch, ordinal, comm)?;
         // The one read of the step, once all its work is queued: loss and gradient norm.
         let loss = stats.loss.to_f32_vec()?[0] as f64;
         let norm = crate::cuda::dev_of(&stats.loss).download::<f32>(stats.clip.norm_ptr(), 1)?[0] as f64;
-        return Ok(StepStats { loss, grad_norm: norm, signal: stats.signal.read()? });
+        return average_stats(comm, StepStats { loss, grad_norm: norm, signal: stats.signal.read()? });
     }
     let g = Graph::train();
     let out = crate::profile::time("step: forward (both views)", String::new, || model.forward_pairs(&g, batch, false))?;
@@ -60,8 +72,10 @@ fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBat
     let signal = crate::profile::time("step: learning signal", String::new, || crate::ops::infonce::signal(&out.embeds_1.value, &out.embeds_2.value))?;
     drop(out.pyramid_1);
     let grads = crate::profile::time("step: backward", String::new, || g.backward(&out.loss))?;
-    let per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
+    let mut per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
     drop(grads);
+    average_gradients(comm, &mut per_slot)?;
+    let StepStats { loss, signal, .. } = average_stats(comm, StepStats { loss, grad_norm: 0.0, signal })?;
     // clip_grad_norm_ fused into Adam: the norm here, the scaling inside the update.
     let grad_norm = crate::profile::time("step: gradient norm", String::new, || global_norm(&per_slot));
     if !(loss.is_finite() && grad_norm.is_finite()) {
@@ -84,6 +98,12 @@ pub struct DeviceStepStats {
 /// global norm and clip coefficient, and the fused Adam update are all queued on the
 /// device's stream. Adam's moments must be on the device (`Adam::to_device`).
 pub fn pretrain_step_cuda(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, ordinal: usize) -> Result<DeviceStepStats> {
+    pretrain_step_cuda_ranked(model, adam, batch, ordinal, &mut crate::dist::Single)
+}
+
+/// `pretrain_step_cuda` as one rank: the gradients averaged by the communicator (NCCL) on
+/// the device's stream between the backward and the clip.
+pub fn pretrain_step_cuda_ranked(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, ordinal: usize, comm: &mut dyn Communicator) -> Result<DeviceStepStats> {
     use crate::cuda::nvtx_range;
     let dev = crate::cuda::device(ordinal)?;
     anyhow::ensure!(adam.device.is_some(), "the model is on cuda:{ordinal} but Adam's moments are not (Adam::to_device)");
@@ -98,8 +118,12 @@ pub fn pretrain_step_cuda(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatc
     let range = nvtx_range("backward");
     let grads = g.backward(&out.loss)?;
     drop(range);
-    let per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
+    let mut per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
     drop(grads);
+    if comm.name() != "single" {
+        let _range = nvtx_range("gradient all-reduce");
+        average_gradients(comm, &mut per_slot)?;
+    }
     let _range = nvtx_range("clip + adam");
     // A non-finite loss or norm marks the clip coefficient NaN, and the Adam kernel skips.
     let clip = crate::cuda::optim::clip_stats(&dev, &per_slot, MAX_GRAD_NORM, Some(&loss))?;
@@ -107,6 +131,69 @@ pub fn pretrain_step_cuda(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatc
     let moments = adam.device.as_ref().expect("checked above");
     crate::cuda::optim::adam_update(&model.store, &per_slot, moments, adam.config, adam.step, Some(clip.coef_ptr()))?;
     Ok(DeviceStepStats { loss, clip, signal })
+}
+
+/// The ranks' mean gradient in place of each rank's: host gradients through the
+/// communicator's rank-order sum, then divided by the rank count; device gradients by its
+/// device all-reduce (NCCL's average). Nothing to do for one rank.
+pub fn average_gradients(comm: &mut dyn Communicator, grads: &mut [Option<Tensor>]) -> Result<()> {
+    let world = comm.world();
+    // A one-rank NCCL or TCP group still runs its all-reduce (the GPU bundle's check of the
+    // NCCL path); only `Single` skips it.
+    if comm.name() == "single" {
+        return Ok(());
+    }
+    if grads.iter().flatten().any(Tensor::is_cuda) {
+        let mut bufs = Vec::new();
+        for t in grads.iter().flatten() {
+            anyhow::ensure!(t.is_cuda() && t.dtype() == crate::tensor::DType::F32, "data-parallel step: a {:?} gradient on {:?} (all must be f32 on the device)", t.dtype(), t.device());
+            bufs.push((t.ptr(), t.numel()));
+        }
+        return comm.all_reduce_mean_device(&bufs);
+    }
+    let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().flatten().map(Tensor::numel).sum());
+    for t in grads.iter().flatten() {
+        flat.extend_from_slice(t.f32s());
+    }
+    comm.all_reduce_sum(&mut flat)?;
+    let mut at = 0;
+    for t in grads.iter_mut().flatten() {
+        let n = t.numel();
+        *t = Tensor::from_f32(t.shape(), flat[at..at + n].iter().map(|v| v / world as f32).collect());
+        at += n;
+    }
+    Ok(())
+}
+
+/// The ranks' mean loss and learning signal (what the log shows); one rank's as they are.
+fn average_stats(comm: &mut dyn Communicator, s: StepStats) -> Result<StepStats> {
+    let world = comm.world();
+    if world == 1 {
+        return Ok(s);
+    }
+    let mut v = [s.loss as f32, s.signal.top1 as f32, s.signal.pos_sim as f32, s.signal.neg_sim as f32];
+    comm.all_reduce_sum(&mut v)?;
+    let m = |x: f32| (x / world as f32) as f64;
+    Ok(StepStats { loss: m(v[0]), grad_norm: s.grad_norm, signal: Signal { top1: m(v[1]), pos_sim: m(v[2]), neg_sim: m(v[3]) } })
+}
+
+/// Rank 0's values of the f32 slots of the kinds `which` accepts, copied to every rank.
+pub fn broadcast_slots(model: &mut Vox2Vec, comm: &mut dyn Communicator, which: impl Fn(crate::params::SlotKind) -> bool) -> Result<()> {
+    let slots: Vec<usize> = model.store.slots().iter().enumerate().filter(|(_, s)| which(s.kind) && s.value.dtype() == crate::tensor::DType::F32).map(|(i, _)| i).collect();
+    if model.store.device() != Device::Cpu {
+        let bufs: Vec<(u64, usize)> = slots.iter().map(|&i| (model.store.get(i).ptr(), model.store.get(i).numel())).collect();
+        return comm.broadcast_device(&bufs, 0);
+    }
+    let mut flat: Vec<f32> = slots.iter().flat_map(|&i| model.store.get(i).f32s().to_vec()).collect();
+    comm.broadcast(&mut flat, 0)?;
+    let mut at = 0;
+    for i in slots {
+        let shape = model.store.get(i).shape().to_vec();
+        let n = model.store.get(i).numel();
+        model.store.set(i, Tensor::from_f32(&shape, flat[at..at + n].to_vec()));
+        at += n;
+    }
+    Ok(())
 }
 
 /// Shape of a pretraining batch.
@@ -418,9 +505,11 @@ pub fn write_loss_curve(out_dir: &std::path::Path) -> Result<()> {
 }
 
 /// One line of `metrics.jsonl` (appended and flushed; a failed write names the file).
-fn append_metric(metrics: &mut std::fs::File, out_dir: &std::path::Path, line: &serde_json::Value) -> Result<()> {
+/// Appends `line` to metrics.jsonl (rank 0; other ranks hold no file and log nothing).
+fn append_metric(metrics: &mut Option<std::fs::File>, out_dir: &std::path::Path, line: &serde_json::Value) -> Result<()> {
     use anyhow::Context;
     use std::io::Write;
+    let Some(metrics) = metrics else { return Ok(()) };
     let path = out_dir.join(METRICS_FILE);
     crate::checkpoint::injected_write_error(&path)?;
     writeln!(metrics, "{line}").and_then(|_| metrics.flush()).with_context(|| format!("writing {}", path.display()))
@@ -450,8 +539,19 @@ pub static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::At
 /// steps `start..opts.steps`, where `start` is 0 or the resumed checkpoint's step. Batch `i`
 /// depends only on (seed, i), so a resumed run continues exactly where the first stopped.
 pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Result<Vox2Vec> {
+    run_pretraining_ranked(opts, progress, &mut crate::dist::Single)
+}
+
+/// `run_pretraining` as one rank of a data-parallel run (`dist`): batches drawn with
+/// `dist::rank_seed`, every rank starting from rank 0's weights, gradients averaged every
+/// step; rank 0 alone writes the checkpoint, metrics and pictures into `out_dir`, and a stop
+/// signal on any rank stops all of them after the same step.
+pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, comm: &mut dyn Communicator) -> Result<Vox2Vec> {
     use anyhow::{Context, bail};
     use crate::checkpoint;
+    let (rank, world) = (comm.rank(), comm.world());
+    let lead = rank == 0;
+    let data_seed = crate::dist::rank_seed(opts.seed, rank);
 
     let mut model = Vox2Vec::new(opts.model, opts.seed);
     let mut adam = Adam::new(opts.adam, &model.store);
@@ -499,21 +599,36 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
         adam.to_device(opts.device)?;
         model.activation_dtype = opts.activation_dtype;
     }
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    let stale = checkpoint::remove_stale_temp_files(&opts.out_dir)?;
-    if stale > 0 {
-        progress.message(&format!("removed {stale} temporary file(s) left in {} by an interrupted run", opts.out_dir.display()));
+    if world > 1 {
+        // Every rank resumes from the same step (the checkpoint must be on a file system all
+        // ranks see) and holds rank 0's weights, as DDP broadcasts them at the start.
+        let mut steps = [adam.step as f32];
+        comm.all_reduce_sum(&mut steps).context("comparing the ranks' starting steps")?;
+        if steps[0] != adam.step as f32 * world as f32 {
+            bail!("rank {rank} starts at step {} but the ranks' steps sum to {}: every rank must see the same checkpoint in {} (a shared file system) or none", adam.step, steps[0], opts.out_dir.display());
+        }
+        broadcast_slots(&mut model, comm, |_| true).context("copying rank 0's weights to every rank")?;
     }
-    // The metrics of steps after the checkpoint (a run killed after its last checkpoint) are
-    // dropped, so that no step appears twice once this run writes them again.
-    truncate_metrics(&opts.out_dir.join(METRICS_FILE), adam.step)?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(opts.out_dir.join(METRICS_FILE))
-        .with_context(|| format!("opening {}", opts.out_dir.join(METRICS_FILE).display()))?;
+    let mut metrics = None;
+    if lead {
+        std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+        let stale = checkpoint::remove_stale_temp_files(&opts.out_dir)?;
+        if stale > 0 {
+            progress.message(&format!("removed {stale} temporary file(s) left in {} by an interrupted run", opts.out_dir.display()));
+        }
+        // The metrics of steps after the checkpoint (a run killed after its last checkpoint) are
+        // dropped, so that no step appears twice once this run writes them again.
+        truncate_metrics(&opts.out_dir.join(METRICS_FILE), adam.step)?;
+        metrics = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(opts.out_dir.join(METRICS_FILE))
+                .with_context(|| format!("opening {}", opts.out_dir.join(METRICS_FILE).display()))?,
+        );
+    }
     let start = adam.step;
-    if let Some(dir) = &opts.dump_batches {
+    if let Some(dir) = opts.dump_batches.as_ref().filter(|_| lead) {
         // The weights the dumped batches start from (PyTorch state_dict keys and layouts).
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         checkpoint::save(&dir.join(format!("weights_step_{start:06}.safetensors")), &model.config, &model.store, Some(&adam), &[])?;
@@ -522,16 +637,16 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
     progress.start(start, opts.steps);
     let mut meta: Vec<(&str, String)> = vec![("seed", opts.seed.to_string())];
     meta.extend(opts.metadata.iter().map(|(k, v)| (k.as_str(), v.clone())));
-    let save = |model: &Vox2Vec, adam: &Adam| checkpoint::save(&ckpt_path, &model.config, &model.store, Some(adam), &meta);
+    let save = |model: &Vox2Vec, adam: &Adam| if lead { checkpoint::save(&ckpt_path, &model.config, &model.store, Some(adam), &meta) } else { Ok(()) };
     let mut loader = match &opts.data {
         BatchSource::Volumes { volumes, sampler, workers } => {
-            Some(crate::data::loader::Loader::new(volumes.clone(), *sampler, opts.seed, start, *workers, 2 * workers)?)
+            Some(crate::data::loader::Loader::new(volumes.clone(), *sampler, data_seed, start, *workers, 2 * workers)?)
         }
         BatchSource::SyntheticPairs(_) => None,
     };
     for step in start..opts.steps {
         let batch = match (&opts.data, loader.as_mut()) {
-            (BatchSource::SyntheticPairs(shape), _) => synthetic_batch(*shape, opts.seed, step),
+            (BatchSource::SyntheticPairs(shape), _) => synthetic_batch(*shape, data_seed, step),
             (_, Some(l)) => l.next_batch().with_context(|| format!("making batch {}", step + 1))?,
             _ => unreachable!("a volume source always has a loader"),
         };
@@ -541,11 +656,11 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
             x[0] = f32::NAN;
             batch.x1 = Tensor::from_f32(batch.x1.shape(), x);
         }
-        if let Some(dir) = &opts.dump_batches {
+        if let Some(dir) = opts.dump_batches.as_ref().filter(|_| lead) {
             dump_batch(dir, step + 1, &batch)?;
         }
         let t0 = std::time::Instant::now();
-        let stats = pretrain_step(&mut model, &mut adam, &batch).with_context(|| format!("step {}", step + 1))?;
+        let stats = pretrain_step_ranked(&mut model, &mut adam, &batch, comm).with_context(|| format!("step {}", step + 1))?;
         if stats.finite() {
             let line = serde_json::json!({
                 "step": step + 1,
@@ -574,12 +689,12 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
                 if skipped > 0 { format!("{skipped} earlier step(s) were skipped already. ") } else { String::new() }
             );
         }
-        if let Some(v) = opts.validation.as_ref().filter(|v| v.every > 0 && ((step + 1) % v.every == 0 || step + 1 == opts.steps)) {
+        if let Some(v) = opts.validation.as_ref().filter(|v| lead && v.every > 0 && ((step + 1) % v.every == 0 || step + 1 == opts.steps)) {
             let (loss, sig) = validate(&mut model, &v.batches).with_context(|| format!("validation after step {}", step + 1))?;
             append_metric(&mut metrics, &opts.out_dir, &serde_json::json!({"step": step + 1, "val_loss": loss, "val_top1": sig.top1, "val_pos_sim": sig.pos_sim, "val_neg_sim": sig.neg_sim}))?;
             progress.message(&format!("step {:>6}  validation: loss {loss:.5}  top-1 {:.3}  similarity pos {:.3} neg {:.3}", step + 1, sig.top1, sig.pos_sim, sig.neg_sim));
         }
-        if let Some(p) = opts.online_probe.as_ref().filter(|p| p.every > 0 && (step + 1) % p.every == 0) {
+        if let Some(p) = opts.online_probe.as_ref().filter(|p| lead && p.every > 0 && (step + 1) % p.every == 0) {
             // The probe runs where the backbone is (on a CUDA device: head, loss, Adam and
             // validation there too), reading the backbone without copying or changing it.
             let dice = online_probe(&mut model, p, step + 1)?;
@@ -587,10 +702,20 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
             append_metric(&mut metrics, &opts.out_dir, &serde_json::json!({"step": step + 1, "probe_mean_dice": mean, "probe_dice": dice, "probe_classes": p.dataset.classes}))?;
             progress.message(&format!("step {:>6}  online linear probe: mean Dice {mean:.4}", step + 1));
         }
-        if STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) && step + 1 < opts.steps {
+        let mut stop = [f32::from(u8::from(STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)))];
+        if world > 1 {
+            // Any rank's signal stops every rank after this same step.
+            comm.all_reduce_sum(&mut stop)?;
+        }
+        if stop[0] > 0.0 && step + 1 < opts.steps {
             drop(metrics);
+            if world > 1 {
+                broadcast_slots(&mut model, comm, |k| k == crate::params::SlotKind::RunningStat)?;
+            }
             save(&model, &adam)?;
-            write_loss_curve(&opts.out_dir)?;
+            if lead {
+                write_loss_curve(&opts.out_dir)?;
+            }
             bail!(
                 "interrupted by a signal after step {}: checkpoint written to {}; continue with --resume",
                 step + 1,
@@ -601,8 +726,15 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
             save(&model, &adam)?;
         }
     }
+    if world > 1 {
+        // Each rank's last forward moved its own running statistics: all end with rank 0's
+        // (the checkpoint's), as they would at the next step.
+        broadcast_slots(&mut model, comm, |k| k == crate::params::SlotKind::RunningStat)?;
+    }
     save(&model, &adam)?;
-    write_loss_curve(&opts.out_dir)?;
+    if lead {
+        write_loss_curve(&opts.out_dir)?;
+    }
     progress.finish();
     Ok(model)
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use vox2vec::data::loader::{CachedVolumes, PhantomVolumes, VolumeSet};
 use vox2vec::data::preprocess::PreprocessConfig;
 use vox2vec::data::sampler::SamplerConfig;
-use vox2vec::train::{BatchShape, BatchSource, Progress, Resume, StepStats, TrainOptions, run_pretraining};
+use vox2vec::train::{BatchShape, BatchSource, Progress, Resume, StepStats, TrainOptions};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Pretrain a vox2vec FPN3d backbone (contrastive, voxel-level)")]
@@ -133,6 +133,17 @@ struct Args {
     /// Resume from this checkpoint file (results still go to --out).
     #[arg(long, value_name = "CHECKPOINT")]
     resume_from: Option<PathBuf>,
+    /// Data-parallel on N GPUs of this machine: starts N ranks (processes) of this command,
+    /// rank r on cuda:r, gradients averaged by NCCL every step (each rank draws its own
+    /// batches: N × --pairs pairs per step). Multi-node runs start one process per GPU with
+    /// torchrun's or SLURM's variables instead (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    /// MASTER_PORT, or SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
+    #[arg(long, value_name = "N", conflicts_with = "cpu_ranks")]
+    gpus: Option<usize>,
+    /// Data-parallel on the CPU: N ranks (processes) averaging gradients over TCP (for trying
+    /// and testing a data-parallel setup without GPUs).
+    #[arg(long, value_name = "N")]
+    cpu_ranks: Option<usize>,
     /// Compute device: auto (a CUDA GPU when one is present, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -256,11 +267,47 @@ fn model_config(args: &Args) -> anyhow::Result<ModelConfig> {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    use vox2vec::dist::{Communicator, Single, launch};
     vox2vec::cpu::retain_freed_memory();
+    // RANK=0 WORLD_SIZE=1 still makes a one-rank group (its collectives run): the GPU
+    // bundle's check of the NCCL path.
+    let rank_env = launch::RankEnv::from_env()?;
+    if rank_env.is_none() {
+        let n = args.gpus.or(args.cpu_ranks).unwrap_or(1);
+        if n > 1 {
+            anyhow::ensure!(args.bench.is_none() && !args.bench_plan, "--bench times one device; run it without --gpus / --cpu-ranks");
+            if args.gpus.is_some() {
+                let have = vox2vec::cuda::device_count();
+                anyhow::ensure!(have >= n, "--gpus {n}, but this machine has {have} CUDA device(s){}", vox2vec::cuda::unavailable_reason().map(|r| format!(" ({r})")).unwrap_or_default());
+                if let Some(why) = vox2vec::dist::nccl::unavailable_reason() {
+                    anyhow::bail!("--gpus {n}: {why}");
+                }
+            }
+            eprintln!("vox2vec-train: starting {n} ranks (processes) on this machine; rank 0 writes {}", args.out.display());
+            return launch::run_local_ranks(n, &std::env::args_os().skip(1).collect::<Vec<_>>());
+        }
+    }
     if args.bench_plan {
         vox2vec::cuda::enable_plan_mode()?;
     }
     let (device, precision) = vox2vec::cuda::parse_device_and_precision(if args.bench_plan { "cuda" } else { &args.device }, &args.precision)?;
+    // A rank takes its own GPU (LOCAL_RANK), or the CPU with --cpu-ranks / --device cpu.
+    let device = match &rank_env {
+        Some(e) if args.cpu_ranks.is_none() && device != vox2vec::tensor::Device::Cpu => vox2vec::tensor::Device::Cuda(e.local_rank),
+        Some(_) if args.cpu_ranks.is_some() => vox2vec::tensor::Device::Cpu,
+        _ => device,
+    };
+    let mut comm: Box<dyn Communicator> = match &rank_env {
+        None => Box::new(Single),
+        Some(e) => {
+            let timeout = vox2vec::dist::timeout();
+            match device {
+                vox2vec::tensor::Device::Cpu => Box::new(vox2vec::dist::tcp::TcpComm::connect(&e.master_addr, e.master_port, e.rank, e.world, b"", timeout)?.0),
+                vox2vec::tensor::Device::Cuda(k) => Box::new(vox2vec::dist::nccl::NcclComm::connect(&e.master_addr, e.master_port, e.rank, e.world, vox2vec::cuda::device(k)?, timeout)?),
+            }
+        }
+    };
+    let lead = comm.rank() == 0;
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
@@ -392,8 +439,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         (None, _) => format!("{} CT phantoms", args.phantoms),
     };
     let on = vox2vec::cuda::describe(device, precision)?;
+    if !lead {
+        // The other ranks train quietly; rank 0 reports for the run.
+        vox2vec::train::run_pretraining_ranked(&opts, &mut vox2vec::train::Silent, comm.as_mut()).with_context(|| format!("rank {}", comm.rank()))?;
+        return Ok(());
+    }
+    let ranks = if comm.world() > 1 { format!(", rank 0 of {} ({} communicator)", comm.world(), comm.name()) } else { String::new() };
     eprintln!(
-        "vox2vec-train: {source}, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {on}, out {}",
+        "vox2vec-train: {source}, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {on}{ranks}, out {}",
         batch.pairs,
         batch.patch,
         batch.voxels_per_pair,
@@ -407,7 +460,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let bar = ProgressBar::new(args.steps);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")?);
     let mut progress = Bar { bar };
-    run_pretraining(&opts, &mut progress)?;
+    vox2vec::train::run_pretraining_ranked(&opts, &mut progress, comm.as_mut())?;
     eprint!("{}", vox2vec::profile::report());
     eprintln!("checkpoint: {}", args.out.join(vox2vec::train::CHECKPOINT_FILE).display());
     Ok(())

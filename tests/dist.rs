@@ -1,0 +1,182 @@
+//! Data-parallel pretraining on the CPU: N ranks of an in-process group give, step by step,
+//! the parameters of one process that computes the N ranks' gradients itself and averages
+//! them; a rank that stops makes the others fail with its name; `vox2vec-train --cpu-ranks 2`
+//! runs as two processes over TCP and equals the in-process group bit for bit.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vox2vec::autograd::Graph;
+use vox2vec::dist::local::LocalGroup;
+use vox2vec::dist::{Communicator, rank_seed};
+use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
+use vox2vec::optim::{Adam, AdamConfig, clip_coefficient, global_norm};
+use vox2vec::params::SlotKind;
+use vox2vec::tensor::Tensor;
+use vox2vec::train::{BatchShape, BatchSource, MAX_GRAD_NORM, Resume, Silent, TrainOptions, run_pretraining_ranked, synthetic_batch};
+
+const SHAPE: BatchShape = BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 };
+
+fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
+    TrainOptions {
+        model: ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 },
+        adam: AdamConfig { lr: 1e-3, ..AdamConfig::default() },
+        data: BatchSource::SyntheticPairs(SHAPE),
+        steps,
+        seed: 5,
+        out_dir: dir.to_path_buf(),
+        checkpoint_every: 0,
+        resume: Resume::No,
+        online_probe: None,
+        validation: None,
+        dump_batches: None,
+        device: vox2vec::tensor::Device::Cpu,
+        activation_dtype: vox2vec::tensor::DType::F32,
+        skip_nonfinite: 0,
+        inject_nan_steps: Vec::new(),
+        metadata: Vec::new(),
+    }
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vox2vec-dist-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// The group's run: `world` threads, each a rank; returns every rank's final model.
+fn group_run(o: &TrainOptions, world: usize) -> Vec<anyhow::Result<Vox2Vec>> {
+    let comms = LocalGroup::new(world, Duration::from_secs(120));
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms.into_iter().map(|mut c| s.spawn(move || run_pretraining_ranked(o, &mut Silent, &mut c))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// One process doing what the ranks do together: each rank's forward and backward from the
+/// same weights and BatchNorm state, its gradients summed in rank order and divided by the
+/// rank count, rank 0's running statistics kept, then the clip and Adam.
+fn averaging_run(o: &TrainOptions, world: usize) -> Vox2Vec {
+    let mut model = Vox2Vec::new(o.model, o.seed);
+    let mut adam = Adam::new(o.adam, &model.store);
+    let state = |m: &Vox2Vec| -> Vec<(usize, Tensor)> { m.store.slots().iter().enumerate().filter(|(_, s)| s.kind != SlotKind::Trainable).map(|(i, s)| (i, s.value.clone())).collect() };
+    for step in 0..o.steps {
+        let before = state(&model);
+        let mut sum: Vec<Option<Vec<f32>>> = vec![None; model.store.len()];
+        let mut rank0_state = Vec::new();
+        for r in 0..world {
+            for (i, t) in &before {
+                model.store.set(*i, t.clone());
+            }
+            let batch = synthetic_batch(SHAPE, rank_seed(o.seed, r), step);
+            let g = Graph::train();
+            let out = model.forward_pairs(&g, &batch, false).unwrap();
+            let grads = g.backward(&out.loss).unwrap();
+            for (s, acc) in sum.iter_mut().enumerate() {
+                if let Some(gr) = grads.param(&model.store, s) {
+                    match acc {
+                        None => *acc = Some(gr.f32s().to_vec()),
+                        Some(a) => a.iter_mut().zip(gr.f32s()).for_each(|(a, v)| *a += v),
+                    }
+                }
+            }
+            if r == 0 {
+                rank0_state = state(&model);
+            }
+        }
+        for (i, t) in rank0_state {
+            model.store.set(i, t);
+        }
+        let avg: Vec<Option<Tensor>> = sum
+            .into_iter()
+            .enumerate()
+            .map(|(s, a)| a.map(|a| Tensor::from_f32(model.store.get(s).shape(), a.into_iter().map(|v| v / world as f32).collect())))
+            .collect();
+        let scale = clip_coefficient(global_norm(&avg), MAX_GRAD_NORM);
+        adam.update_scaled(&mut model.store, &avg, scale).unwrap();
+    }
+    model
+}
+
+fn assert_same_params(a: &Vox2Vec, b: &Vox2Vec, what: &str) {
+    for (sa, sb) in a.store.slots().iter().zip(b.store.slots()) {
+        if sa.value.dtype() != vox2vec::tensor::DType::F32 {
+            continue;
+        }
+        let (x, y) = (sa.value.f32s(), sb.value.f32s());
+        let differ = x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+        assert_eq!(differ, 0, "{what}: {} differs in {differ} of {} values", sa.name, x.len());
+    }
+}
+
+#[test]
+fn ranks_equal_one_process_averaging_their_gradients() {
+    for world in [2, 3] {
+        for steps in [1, 3] {
+            let dir = tmpdir(&format!("parity{world}-{steps}"));
+            let o = opts(&dir, steps);
+            let models: Vec<Vox2Vec> = group_run(&o, world).into_iter().map(|m| m.unwrap()).collect();
+            let reference = averaging_run(&o, world);
+            for (r, m) in models.iter().enumerate() {
+                assert_same_params(m, &reference, &format!("{world} ranks, {steps} steps, rank {r} vs the averaging process"));
+            }
+            // The ranks really drew different batches: one rank alone ends elsewhere.
+            let alone = averaging_run(&o, 1);
+            assert!(alone.store.slots().iter().zip(reference.store.slots()).any(|(a, b)| a.value.f32s() != b.value.f32s()));
+            // Rank 0 alone wrote the run's files.
+            let lines = std::fs::read_to_string(dir.join(vox2vec::train::METRICS_FILE)).unwrap().lines().count();
+            assert_eq!(lines as u64, steps);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+#[test]
+fn a_rank_that_stops_stops_the_others_with_its_name() {
+    let dir = tmpdir("dead");
+    let comms = LocalGroup::new(2, Duration::from_secs(60));
+    let (o3, o1) = (opts(&dir, 3), opts(&dir, 1));
+    let t0 = std::time::Instant::now();
+    let results: Vec<anyhow::Result<Vox2Vec>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| {
+                // Rank 1 leaves after its first step (as a failing rank would).
+                let o = if c.rank() == 1 { &o1 } else { &o3 };
+                s.spawn(move || run_pretraining_ranked(o, &mut Silent, &mut c))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let err = format!("{:#}", results[0].as_ref().err().expect("rank 0 must fail once rank 1 is gone"));
+    assert!(err.contains("rank 1 of 2 stopped"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(50), "rank 0 waited {:?} instead of failing at once", t0.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cpu_ranks_as_processes_equal_the_in_process_group() {
+    let dir = tmpdir("procs");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vox2vec-train"))
+        .args(["--cpu-ranks", "2", "--synthetic-pairs", "--small", "--steps", "2", "--device", "cpu", "--seed", "3", "--out"])
+        .arg(&dir)
+        .env("VOX2VEC_DIST_TIMEOUT", "120")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 0 of 2 (tcp communicator)"), "{stderr}");
+    let metrics = std::fs::read_to_string(dir.join(vox2vec::train::METRICS_FILE)).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    // The same run as two threads: the checkpoint's weights are the group's, bit for bit.
+    let mut o = opts(&dir.join("threads"), 2);
+    o.model = ModelConfig::default();
+    o.adam = AdamConfig::default();
+    o.data = BatchSource::SyntheticPairs(BatchShape { pairs: 2, patch: [32, 32, 16], voxels_per_pair: 64 });
+    o.seed = 3;
+    let group = group_run(&o, 2).remove(0).unwrap();
+    let mut from_file = Vox2Vec::new(o.model, 0);
+    vox2vec::checkpoint::load(&dir.join(vox2vec::train::CHECKPOINT_FILE), &mut from_file.store, None).unwrap();
+    assert_same_params(&from_file, &group, "2 processes over TCP vs 2 threads");
+    let _ = std::fs::remove_dir_all(&dir);
+}
