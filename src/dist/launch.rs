@@ -4,7 +4,8 @@
 //! RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's SLURM_PROCID,
 //! SLURM_NTASKS, SLURM_LOCALID (with MASTER_ADDR from the environment, else the node srun
 //! was launched from, SLURM_LAUNCH_NODE_IPADDR; MASTER_PORT 29500 when unset, torchrun's
-//! default). `vox2vec-train --gpus N` (or `--cpu-ranks N`) on one machine starts N copies of
+//! default). Under torchrun (TORCHELASTIC_RUN_ID set) rank 0 listens on MASTER_PORT + 1, as
+//! torchrun's agent serves its own store on MASTER_PORT; VOX2VEC_MASTER_PORT overrides both. `vox2vec-train --gpus N` (or `--cpu-ranks N`) on one machine starts N copies of
 //! itself with those variables set, waits for them, and stops them all when one fails.
 
 use std::ffi::OsString;
@@ -52,9 +53,13 @@ impl RankEnv {
             _ if world == 1 => "127.0.0.1".to_string(),
             _ => bail!("{source} name rank {rank} of {world}, but MASTER_ADDR (rank 0's host) is not set"),
         };
-        let master_port = match get("MASTER_PORT") {
-            Some(p) => p.trim().parse::<u16>().with_context(|| format!("MASTER_PORT={p:?} is not a port number"))?,
-            None => 29500,
+        let port = |k: &str, p: String| p.trim().parse::<u16>().with_context(|| format!("{k}={p:?} is not a port number"));
+        let master_port = match (get("VOX2VEC_MASTER_PORT"), get("MASTER_PORT")) {
+            (Some(p), _) => port("VOX2VEC_MASTER_PORT", p)?,
+            // torchrun's agent already serves its own store on MASTER_PORT: the next port is ours.
+            (None, Some(p)) if get("TORCHELASTIC_RUN_ID").is_some() => port("MASTER_PORT", p)?.checked_add(1).context("MASTER_PORT 65535 leaves no port for the rendezvous")?,
+            (None, Some(p)) => port("MASTER_PORT", p)?,
+            (None, None) => 29500,
         };
         Ok(Some(RankEnv { rank, world, local_rank: local, master_addr, master_port }))
     }
@@ -133,6 +138,8 @@ mod tests {
         assert_eq!(t, RankEnv { rank: 3, world: 8, local_rank: 1, master_addr: "node7".into(), master_port: 1234 });
         let s = RankEnv::from_vars(env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "5"), ("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.2")])).unwrap().unwrap();
         assert_eq!(s, RankEnv { rank: 5, world: 16, local_rank: 5, master_addr: "10.0.0.2".into(), master_port: 29500 });
+        let tr = RankEnv::from_vars(env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "29500"), ("TORCHELASTIC_RUN_ID", "x")])).unwrap().unwrap();
+        assert_eq!(tr.master_port, 29501);
         // torchrun's variables win over SLURM's (torchrun launched under SLURM).
         let both = RankEnv::from_vars(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2")])).unwrap().unwrap();
         assert_eq!((both.rank, both.world), (0, 2));
