@@ -45,7 +45,7 @@ pub fn valid_taps(v: Vol, k: usize) -> Vec<usize> {
 }
 
 /// Fill `cols` ([rows, taps·Ci]) with the im2col rows of output voxels `r0..r0+rows`.
-fn im2col(x: &[f32], v: Vol, k: usize, taps: &[usize], r0: usize, rows: usize, cols: &mut [f32]) {
+pub(super) fn im2col(x: &[f32], v: Vol, k: usize, taps: &[usize], r0: usize, rows: usize, cols: &mut [f32]) {
     let ci = v.c;
     let p = (k / 2) as isize;
     let kdim = taps.len() * ci;

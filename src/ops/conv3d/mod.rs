@@ -9,6 +9,9 @@
 //! - `im2col.rs`: everything else — blocks of im2col rows over the kernel taps that can reach
 //!   the volume (`valid_taps`: coarse levels with an axis of extent 1 or 2 skip taps that
 //!   only read padding), times the packed weight; a 1×1×1 kernel reads x directly.
+//! - `channel_split.rs`: few voxels and many output channels (the coarse levels) on the SIMD
+//!   kernels — one im2col of all voxels, threads split the output channels, so each weight
+//!   is read once instead of once per row block.
 //! - `avx2.rs`, `avx512.rs`: the register-tiled micro-kernels both paths use on x86-64, chosen
 //!   at run time by the processor's features (`CpuKernels::best`: AVX-512 where present, else
 //!   AVX2/FMA); elsewhere (or `CpuKernels::Portable`) the same decomposition runs through
@@ -30,6 +33,7 @@ use anyhow::{Result, ensure};
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+pub mod channel_split;
 pub mod im2col;
 pub mod shifted;
 #[cfg(target_arch = "x86_64")]
@@ -159,6 +163,10 @@ pub fn conv3d_forward_cpu_with(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]
     check_kernels(kernels);
     assert_eq!(x.len(), v.voxels() * v.c, "conv3d: input size");
     assert_eq!(w.len(), co * k * k * k * v.c, "conv3d: weight size");
+    #[cfg(target_arch = "x86_64")]
+    if channel_split::applicable(v, co, k, kernels) {
+        return channel_split::forward(x, v, w, bias, co, k, kernels);
+    }
     if shifted::applicable(v, k) {
         return shifted::forward(x, v, w, bias, co, kernels);
     }
@@ -179,7 +187,7 @@ pub fn conv3d_forward_cpu_with(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]
 pub fn conv3d_forward_cpu_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, input: Option<&crate::ops::batchnorm::BnReluEval>, residual: Option<&[f32]>, kernels: CpuKernels) -> Vec<f32> {
     check_kernels(kernels);
     assert!(residual.is_none_or(|r| r.len() == v.voxels() * co), "conv3d: residual size");
-    if shifted::applicable(v, k) {
+    if shifted::applicable(v, k) && !channel_split::applicable(v, co, k, kernels) {
         return shifted::forward_fused(x, v, w, bias, co, kernels, input, residual);
     }
     let activated;

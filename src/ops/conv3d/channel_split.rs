@@ -1,0 +1,95 @@
+//! Forward convolution for few voxels and many channels (the pyramid's coarse levels: 8×8×2
+//! at 256 channels, 4×4×1 at 512), on the SIMD kernels.
+//!
+//! The row-parallel paths give each thread a block of rows, and each block streams the whole
+//! weight matrix (7 MB at 256 channels): with 100 voxels the weights are read many times
+//! and the arithmetic is a small part of the time. Here the im2col matrix of *all* voxels is
+//! built once (over the taps that can reach the volume, `valid_taps`), and the threads split
+//! the output channels instead: each packs and transposes its own 32 columns of the weight
+//! (no shared transpose pass) and runs `forward_rows` over every row, so every weight is
+//! read once. Per output the FMAs are bias, then the reduction in tap-then-channel order, as
+//! in every other forward path: the same bits.
+//!
+//! Layout: x [N, X, Y, Z, Ci], w [Co, k, k, k, Ci], y [N, X, Y, Z, Co] (written =).
+
+use rayon::prelude::*;
+
+use super::CpuKernels;
+use super::im2col::{im2col, valid_taps};
+use crate::cpu::SyncPtr;
+use crate::tensor::Vol;
+
+/// Output channels per task.
+const CHANNELS: usize = 32;
+/// Largest im2col matrix (bytes) this path builds.
+const MAX_COLS_BYTES: usize = 16 << 20;
+
+/// Whether this path should run: a SIMD kernel set, at least 64 output channels, and an im2col
+/// matrix of all voxels of at most 16 MiB.
+pub fn applicable(v: Vol, co: usize, k: usize, kernels: CpuKernels) -> bool {
+    cfg!(target_arch = "x86_64") && kernels.simd() && co >= 2 * CHANNELS && v.voxels() * valid_taps(v, k).len() * v.c * 4 <= MAX_COLS_BYTES
+}
+
+/// y = conv(x, w) + bias.
+#[cfg(target_arch = "x86_64")]
+pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+    let (ci, m, k3) = (v.c, v.voxels(), k * k * k);
+    let taps = valid_taps(v, k);
+    let kdim = taps.len() * ci;
+    assert_eq!(w.len(), co * k3 * ci, "conv3d: weight size");
+    // The im2col matrix of every voxel, rows built in parallel.
+    let mut cols = vec![0.0f32; m * kdim];
+    const ROWS: usize = 64;
+    cols.par_chunks_mut(ROWS * kdim).enumerate().for_each(|(b, chunk)| im2col(x, v, k, &taps, b * ROWS, chunk.len() / kdim, chunk));
+    super::avx2::check_rows(cols.len(), kdim, &[0], kdim, 0, m);
+    let mut y = vec![0.0f32; m * co];
+    let yp = SyncPtr(y.as_mut_ptr());
+    (0..co.div_ceil(CHANNELS)).into_par_iter().for_each(|task| {
+        let (c0, c1) = (task * CHANNELS, ((task + 1) * CHANNELS).min(co));
+        let (n, width) = (c1 - c0, (c1 - c0).next_multiple_of(8));
+        // This task's columns of Wᵀ: bt[(j·Ci + i)·width + o] = w[c0 + o, taps[j], i].
+        let mut bt = vec![0.0f32; kdim * width];
+        for o in 0..n {
+            for (j, &tap) in taps.iter().enumerate() {
+                let src = &w[((c0 + o) * k3 + tap) * ci..((c0 + o) * k3 + tap + 1) * ci];
+                for (i, &val) in src.iter().enumerate() {
+                    bt[(j * ci + i) * width + o] = val;
+                }
+            }
+        }
+        let mut b = vec![0.0f32; width];
+        if let Some(bias) = bias {
+            b[..n].copy_from_slice(&bias[c0..c1]);
+        }
+        let mut out = vec![0.0f32; m * width];
+        // SAFETY: the kernel set is available (the caller checked); rows 0..m of `cols` are in
+        // bounds (assert above); bt holds kdim·width values and b width.
+        unsafe { kernels.forward_rows(&cols, kdim, &[0], kdim, &bt, width, &b, 0, &mut out) };
+        for (r, row) in out.chunks_exact(width).enumerate() {
+            // SAFETY: tasks write disjoint columns c0..c1 of y's rows.
+            let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r * co + c0), n) };
+            dst.copy_from_slice(&row[..n]);
+        }
+    });
+    y
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The same FMAs in the same order as the shifted path: the same bits (all 27 taps valid).
+    #[test]
+    fn same_bits_as_the_shifted_path() {
+        let Some(&kernels) = CpuKernels::available().iter().find(|k| k.simd()) else { return };
+        let v = Vol { n: 1, x: 5, y: 4, z: 3, c: 12 };
+        let co = 72;
+        let x: Vec<f32> = (0..v.voxels() * v.c).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let w: Vec<f32> = (0..co * 27 * v.c).map(|i| ((i * 53 % 97) as f32 - 48.0) / 29.0).collect();
+        let b: Vec<f32> = (0..co).map(|i| i as f32 / 7.0).collect();
+        assert!(super::super::shifted::applicable(v, 3) && applicable(v, co, 3, kernels));
+        let a = forward(&x, v, &w, Some(&b), co, 3, kernels);
+        let s = super::super::shifted::forward(&x, v, &w, Some(&b), co, kernels);
+        assert!(a.iter().zip(&s).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+}
