@@ -80,6 +80,7 @@ fn fast_paths_match_naive_convolution() {
         (Vol { n: 1, x: 5, y: 4, z: 6, c: 64 }, 64, 3), // shifted, weight-gradient tiles of 4 vectors × 6 (and 5) channels
         (Vol { n: 2, x: 3, y: 4, z: 2, c: 24 }, 72, 3), // channel split (SIMD): 32 + 32 + 8 channels
         (Vol { n: 1, x: 3, y: 3, z: 1, c: 8 }, 64, 3),  // channel split over the 9 taps that reach a one-slice volume
+        (Vol { n: 1, x: 3, y: 4, z: 2, c: 64 }, 16, 3), // input gradient (64 channels) through the channel split
     ];
     for (v, co, k) in cases {
         let x = rand_vec(&mut rng, v.voxels() * v.c);

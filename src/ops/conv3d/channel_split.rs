@@ -30,13 +30,31 @@ pub fn applicable(v: Vol, co: usize, k: usize, kernels: CpuKernels) -> bool {
     cfg!(target_arch = "x86_64") && kernels.simd() && co >= 2 * CHANNELS && v.voxels() * valid_taps(v, k).len() * v.c * 4 <= MAX_COLS_BYTES
 }
 
-/// y = conv(x, w) + bias.
+/// y = conv(x, w) + bias, `w` [Co, k, k, k, Ci].
 #[cfg(target_arch = "x86_64")]
 pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
-    let (ci, m, k3) = (v.c, v.voxels(), k * k * k);
+    let k3 = k * k * k;
+    assert_eq!(w.len(), co * k3 * v.c, "conv3d: weight size");
+    let taps = valid_taps(v, k);
+    run(x, v, w, k3 * v.c, &taps, bias, co, k, kernels)
+}
+
+/// `forward` with the weight already packed over `valid_taps(v, k)`: `wp` [Co, taps, Ci]
+/// (`im2col::pack_weight`, the input gradient's flipped kernel).
+#[cfg(target_arch = "x86_64")]
+pub fn forward_packed(x: &[f32], v: Vol, wp: &[f32], bias: Option<&[f32]>, co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+    let t = valid_taps(v, k).len();
+    assert_eq!(wp.len(), co * t * v.c, "conv3d: packed weight size");
+    run(x, v, wp, t * v.c, &(0..t).collect::<Vec<_>>(), bias, co, k, kernels)
+}
+
+/// The path, with output channel o's weights for valid tap j at w[o·o_stride + tap_at[j]·Ci + :Ci].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn run(x: &[f32], v: Vol, w: &[f32], o_stride: usize, tap_at: &[usize], bias: Option<&[f32]>, co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+    let (ci, m) = (v.c, v.voxels());
     let taps = valid_taps(v, k);
     let kdim = taps.len() * ci;
-    assert_eq!(w.len(), co * k3 * ci, "conv3d: weight size");
     // The im2col matrix of every voxel, rows built in parallel.
     let mut cols = vec![0.0f32; m * kdim];
     const ROWS: usize = 64;
@@ -50,8 +68,8 @@ pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k:
         // This task's columns of Wᵀ: bt[(j·Ci + i)·width + o] = w[c0 + o, taps[j], i].
         let mut bt = vec![0.0f32; kdim * width];
         for o in 0..n {
-            for (j, &tap) in taps.iter().enumerate() {
-                let src = &w[((c0 + o) * k3 + tap) * ci..((c0 + o) * k3 + tap + 1) * ci];
+            for (j, &tap) in tap_at.iter().enumerate() {
+                let src = &w[(c0 + o) * o_stride + tap * ci..(c0 + o) * o_stride + (tap + 1) * ci];
                 for (i, &val) in src.iter().enumerate() {
                     bt[(j * ci + i) * width + o] = val;
                 }

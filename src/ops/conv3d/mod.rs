@@ -218,6 +218,10 @@ pub fn conv3d_backward_input_cpu_with(dy: &[f32], v_out: Vol, w: &[f32], ci: usi
     }
     let taps = valid_taps(v_out, k);
     let wp = pack_weight(w, co, ci, k, &taps, true);
+    #[cfg(target_arch = "x86_64")]
+    if channel_split::applicable(v_out, ci, k, kernels) {
+        return channel_split::forward_packed(dy, v_out, &wp, None, ci, k, kernels);
+    }
     if shifted::applicable(v_out, k) {
         return shifted::forward(dy, v_out, &wp, None, ci, kernels);
     }
