@@ -194,9 +194,28 @@ impl Graph {
         self.backward_with(loss, seed)
     }
 
+    /// `backward`, calling `ready` as soon as each parameter's gradient is final (every op
+    /// that uses the parameter has added its part; both views' uses, for instance), in the
+    /// order they become final: what a data-parallel step needs to start reducing gradients
+    /// while the rest of the backward runs. Parameters that get no gradient are never ready.
+    pub fn backward_hooked(&self, loss: &Var, ready: &mut ParamReady<'_>) -> Result<Gradients> {
+        if loss.value.numel() != 1 {
+            bail!("backward needs a scalar, found shape {:?}", loss.shape());
+        }
+        let seed = match loss.value.device() {
+            crate::tensor::Device::Cpu => Tensor::full(loss.shape(), 1.0),
+            crate::tensor::Device::Cuda(o) => crate::cuda::full(&crate::cuda::device(o)?, loss.shape(), 1.0)?,
+        };
+        self.reverse(loss, seed, Some(ready))
+    }
+
     /// Reverse pass seeded with `grad_output` = d L / d `output` for any output shape
     /// (vector-Jacobian product). Consumes the tape.
     pub fn backward_with(&self, output: &Var, grad_output: Tensor) -> Result<Gradients> {
+        self.reverse(output, grad_output, None)
+    }
+
+    fn reverse(&self, output: &Var, grad_output: Tensor, mut ready: Option<&mut ParamReady<'_>>) -> Result<Gradients> {
         let Some(loss_id) = output.id else { bail!("backward from a value that does not depend on any tracked input") };
         if grad_output.shape() != output.shape() {
             bail!("backward seed of shape {:?} for an output of shape {:?}", grad_output.shape(), output.shape());
@@ -208,41 +227,72 @@ impl Graph {
             let mut inner = self.inner.borrow_mut();
             (std::mem::take(&mut inner.tape), std::mem::take(&mut inner.param_leaves))
         };
-        let mut grads: HashMap<VarId, Tensor> = HashMap::new();
-        grads.insert(loss_id, grad_output);
-        for entry in tape.into_iter().rev() {
-            let Some(gout) = grads.remove(&entry.output) else { continue };
-            let (gins, mut leftover) = match entry.backward {
-                BackwardFn::Plain(f) => (crate::profile::time(entry.op, || "backward".to_string(), || f(gout))?, Vec::new()),
-                BackwardFn::Accumulating(f) => {
-                    // Each input's gradient so far, at its first position only.
-                    let mut acc: Vec<Option<Tensor>> = entry.inputs.iter().map(|id| id.and_then(|id| grads.remove(&id))).collect();
-                    let gins = crate::profile::time(entry.op, || "backward".to_string(), || f(gout, &mut acc))?;
-                    (gins, acc)
-                }
-            };
-            debug_assert_eq!(gins.len(), entry.inputs.len());
-            if check_finite_enabled() {
-                for (i, g) in gins.iter().enumerate() {
-                    if let Some(e) = g.as_ref().and_then(|g| nonfinite(entry.op, &format!("backward, gradient of input {i}"), g)) {
-                        bail!("{e}");
+        // Where each parameter's gradient becomes final: after the backward of its first
+        // consumer in tape order (the last one the reverse pass reaches).
+        let mut final_after: HashMap<usize, Vec<(VarId, (u64, usize))>> = HashMap::new();
+        if ready.is_some() {
+            let key_of: HashMap<VarId, (u64, usize)> = param_leaves.iter().map(|(k, id)| (*id, *k)).collect();
+            let mut seen: std::collections::HashSet<VarId> = std::collections::HashSet::new();
+            for (i, entry) in tape.iter().enumerate() {
+                for id in entry.inputs.iter().flatten() {
+                    if let Some(key) = key_of.get(id).filter(|_| seen.insert(*id)) {
+                        final_after.entry(i).or_default().push((*id, *key));
                     }
                 }
             }
-            for (i, (input, g)) in entry.inputs.iter().zip(gins).enumerate() {
-                let Some(id) = *input else { continue };
-                // What the op did not fold in goes back first, so sums keep their order.
-                if let Some(prev) = leftover.get_mut(i).and_then(Option::take) {
-                    accumulate(&mut grads, id, prev)?;
-                }
-                if let Some(g) = g {
-                    accumulate(&mut grads, id, g)?;
+        }
+        let mut grads: HashMap<VarId, Tensor> = HashMap::new();
+        grads.insert(loss_id, grad_output);
+        for (index, entry) in tape.into_iter().enumerate().rev() {
+            let done = final_after.remove(&index).unwrap_or_default();
+            self.reverse_entry(entry, &mut grads)?;
+            if let Some(ready) = ready.as_mut() {
+                for (id, key) in done {
+                    if let Some(g) = grads.get(&id) {
+                        ready(key, g)?;
+                    }
                 }
             }
         }
         Ok(Gradients { grads, param_leaves })
     }
+
+    /// One tape entry's backward: its output gradient to its inputs' (accumulated).
+    fn reverse_entry(&self, entry: Entry, grads: &mut HashMap<VarId, Tensor>) -> Result<()> {
+        let Some(gout) = grads.remove(&entry.output) else { return Ok(()) };
+        let (gins, mut leftover) = match entry.backward {
+            BackwardFn::Plain(f) => (crate::profile::time(entry.op, || "backward".to_string(), || f(gout))?, Vec::new()),
+            BackwardFn::Accumulating(f) => {
+                // Each input's gradient so far, at its first position only.
+                let mut acc: Vec<Option<Tensor>> = entry.inputs.iter().map(|id| id.and_then(|id| grads.remove(&id))).collect();
+                let gins = crate::profile::time(entry.op, || "backward".to_string(), || f(gout, &mut acc))?;
+                (gins, acc)
+            }
+        };
+        debug_assert_eq!(gins.len(), entry.inputs.len());
+        if check_finite_enabled() {
+            for (i, g) in gins.iter().enumerate() {
+                if let Some(e) = g.as_ref().and_then(|g| nonfinite(entry.op, &format!("backward, gradient of input {i}"), g)) {
+                    bail!("{e}");
+                }
+            }
+        }
+        for (i, (input, g)) in entry.inputs.iter().zip(gins).enumerate() {
+            let Some(id) = *input else { continue };
+            // What the op did not fold in goes back first, so sums keep their order.
+            if let Some(prev) = leftover.get_mut(i).and_then(Option::take) {
+                accumulate(grads, id, prev)?;
+            }
+            if let Some(g) = g {
+                accumulate(grads, id, g)?;
+            }
+        }
+        Ok(())
+    }
 }
+
+/// `Graph::backward_hooked`'s callback: (parameter store id, slot) and the final gradient.
+pub type ParamReady<'a> = dyn FnMut((u64, usize), &Tensor) -> Result<()> + 'a;
 
 /// VOX2VEC_CHECK_FINITE=1: every recorded op's output and every gradient a backward returns
 /// is read back and checked, and the first non-finite one is reported by op (slow: a
@@ -326,5 +376,38 @@ mod tests {
             assert_eq!(grads.get(&x).unwrap().f32s(), &[8.0, 80.0], "fold {fold}");
             assert_eq!(*seen.borrow(), vec![None, Some(vec![5.0, 50.0])], "fold {fold}");
         }
+    }
+
+    /// A parameter is ready once, after its last contribution (here: two uses), with the final
+    /// gradient; one used only near the loss is ready first.
+    #[test]
+    fn parameters_are_ready_after_their_last_use() {
+        use crate::params::{Layout, ParamStore, SlotKind};
+        let mut store = ParamStore::new();
+        let a = store.add("a", t(&[2.0]), SlotKind::Trainable, Layout::Plain);
+        let b = store.add("b", t(&[3.0]), SlotKind::Trainable, Layout::Plain);
+        let g = Graph::train();
+        let x = g.leaf(t(&[5.0]));
+        let (pa, pb) = (g.param(&store, a), g.param(&store, b));
+        let mul = |g: &Graph, p: &Var, q: &Var| {
+            let (pv, qv) = (p.value.clone(), q.value.clone());
+            let y = Tensor::from_f32(&[1], vec![p.value.f32s()[0] * q.value.f32s()[0]]);
+            g.record("mul", y, &[p, q], move |d| {
+                let d = d.f32s()[0];
+                Ok(vec![Some(Tensor::from_f32(&[1], vec![d * qv.f32s()[0]])), Some(Tensor::from_f32(&[1], vec![d * pv.f32s()[0]]))])
+            })
+        };
+        // y = b · (a · x) · a: a is used twice (first and last), b once in between.
+        let h = mul(&g, &pa, &x);
+        let h = mul(&g, &pb, &h);
+        let y = mul(&g, &h, &pa);
+        let mut seen: Vec<(usize, f32)> = Vec::new();
+        let grads = g.backward_hooked(&y, &mut |key, grad| {
+            seen.push((key.1, grad.f32s()[0]));
+            Ok(())
+        }).unwrap();
+        // dy/db = a²x = 20, dy/da = 2abx = 60: b is final before a's first use is reached.
+        assert_eq!(seen, vec![(b, 20.0), (a, 60.0)]);
+        assert_eq!(grads.param(&store, a).unwrap().f32s(), &[60.0]);
     }
 }

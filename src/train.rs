@@ -71,10 +71,8 @@ fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBat
     let loss = out.loss.value.to_scalar() as f64;
     let signal = crate::profile::time("step: learning signal", String::new, || crate::ops::infonce::signal(&out.embeds_1.value, &out.embeds_2.value))?;
     drop(out.pyramid_1);
-    let grads = crate::profile::time("step: backward", String::new, || g.backward(&out.loss))?;
-    let mut per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
-    drop(grads);
-    average_gradients(comm, &mut per_slot)?;
+    // The gradients, averaged over the ranks bucket by bucket during the backward.
+    let per_slot = crate::dist::buckets::backward_averaged(&g, &out.loss, &model.store, comm)?;
     let StepStats { loss, signal, .. } = average_stats(comm, StepStats { loss, grad_norm: 0.0, signal })?;
     // clip_grad_norm_ fused into Adam: the norm here, the scaling inside the update.
     let grad_norm = crate::profile::time("step: gradient norm", String::new, || global_norm(&per_slot));
@@ -116,14 +114,10 @@ pub fn pretrain_step_cuda_ranked(model: &mut Vox2Vec, adam: &mut Adam, batch: &P
     let signal = crate::cuda::ops::infonce::signal(&out.embeds_1.value, &out.embeds_2.value, n, d)?;
     drop(out.pyramid_1);
     let range = nvtx_range("backward");
-    let grads = g.backward(&out.loss)?;
+    // With several ranks, each bucket of final gradients is all-reduced on NCCL's stream while
+    // the backward goes on; the compute stream waits for them before the clip.
+    let per_slot = crate::dist::buckets::backward_averaged(&g, &out.loss, &model.store, comm)?;
     drop(range);
-    let mut per_slot: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
-    drop(grads);
-    if comm.name() != "single" {
-        let _range = nvtx_range("gradient all-reduce");
-        average_gradients(comm, &mut per_slot)?;
-    }
     let _range = nvtx_range("clip + adam");
     // A non-finite loss or norm marks the clip coefficient NaN, and the Adam kernel skips.
     let clip = crate::cuda::optim::clip_stats(&dev, &per_slot, MAX_GRAD_NORM, Some(&loss))?;
@@ -131,38 +125,6 @@ pub fn pretrain_step_cuda_ranked(model: &mut Vox2Vec, adam: &mut Adam, batch: &P
     let moments = adam.device.as_ref().expect("checked above");
     crate::cuda::optim::adam_update(&model.store, &per_slot, moments, adam.config, adam.step, Some(clip.coef_ptr()))?;
     Ok(DeviceStepStats { loss, clip, signal })
-}
-
-/// The ranks' mean gradient in place of each rank's: host gradients through the
-/// communicator's rank-order sum, then divided by the rank count; device gradients by its
-/// device all-reduce (NCCL's average). Nothing to do for one rank.
-pub fn average_gradients(comm: &mut dyn Communicator, grads: &mut [Option<Tensor>]) -> Result<()> {
-    let world = comm.world();
-    // A one-rank NCCL or TCP group still runs its all-reduce (the GPU bundle's check of the
-    // NCCL path); only `Single` skips it.
-    if comm.name() == "single" {
-        return Ok(());
-    }
-    if grads.iter().flatten().any(Tensor::is_cuda) {
-        let mut bufs = Vec::new();
-        for t in grads.iter().flatten() {
-            anyhow::ensure!(t.is_cuda() && t.dtype() == crate::tensor::DType::F32, "data-parallel step: a {:?} gradient on {:?} (all must be f32 on the device)", t.dtype(), t.device());
-            bufs.push((t.ptr(), t.numel()));
-        }
-        return comm.all_reduce_mean_device(&bufs);
-    }
-    let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().flatten().map(Tensor::numel).sum());
-    for t in grads.iter().flatten() {
-        flat.extend_from_slice(t.f32s());
-    }
-    comm.all_reduce_sum(&mut flat)?;
-    let mut at = 0;
-    for t in grads.iter_mut().flatten() {
-        let n = t.numel();
-        *t = Tensor::from_f32(t.shape(), flat[at..at + n].iter().map(|v| v / world as f32).collect());
-        at += n;
-    }
-    Ok(())
 }
 
 /// The ranks' mean loss and learning signal (what the log shows); one rank's as they are.

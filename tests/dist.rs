@@ -46,7 +46,7 @@ fn tmpdir(name: &str) -> PathBuf {
 
 /// The group's run: `world` threads, each a rank; returns every rank's final model.
 fn group_run(o: &TrainOptions, world: usize) -> Vec<anyhow::Result<Vox2Vec>> {
-    let comms = LocalGroup::new(world, Duration::from_secs(120));
+    let comms = LocalGroup::ranks(world, Duration::from_secs(120));
     std::thread::scope(|s| {
         let hs: Vec<_> = comms.into_iter().map(|mut c| s.spawn(move || run_pretraining_ranked(o, &mut Silent, &mut c))).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -134,7 +134,7 @@ fn ranks_equal_one_process_averaging_their_gradients() {
 #[test]
 fn a_rank_that_stops_stops_the_others_with_its_name() {
     let dir = tmpdir("dead");
-    let comms = LocalGroup::new(2, Duration::from_secs(60));
+    let comms = LocalGroup::ranks(2, Duration::from_secs(60));
     let (o3, o1) = (opts(&dir, 3), opts(&dir, 1));
     let t0 = std::time::Instant::now();
     let results: Vec<anyhow::Result<Vox2Vec>> = std::thread::scope(|s| {
@@ -179,4 +179,60 @@ fn cpu_ranks_as_processes_equal_the_in_process_group() {
     vox2vec::checkpoint::load(&dir.join(vox2vec::train::CHECKPOINT_FILE), &mut from_file.store, None).unwrap();
     assert_same_params(&from_file, &group, "2 processes over TCP vs 2 threads");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One backward per rank, its gradients averaged in buckets of any size (many of 4 KB, DDP's
+/// 1 MiB + 25 MiB, odd sizes): always the bits of summing the ranks' plain gradients in rank
+/// order and dividing, as the buckets only decide when each part is sent.
+#[test]
+fn buckets_of_any_size_give_the_same_average() {
+    use vox2vec::dist::buckets::{BucketSizes, backward_averaged_with};
+    let o = opts(&tmpdir("buckets"), 1);
+    let world = 3;
+    let grads_of = |rank: usize| -> (Vox2Vec, Vec<Option<Vec<f32>>>) {
+        let mut model = Vox2Vec::new(o.model, o.seed);
+        let batch = synthetic_batch(SHAPE, rank_seed(o.seed, rank), 0);
+        let g = Graph::train();
+        let out = model.forward_pairs(&g, &batch, false).unwrap();
+        let grads = g.backward(&out.loss).unwrap();
+        let v = (0..model.store.len()).map(|s| grads.param(&model.store, s).map(|t| t.f32s().to_vec())).collect();
+        (model, v)
+    };
+    let mut reference: Vec<Option<Vec<f32>>> = grads_of(0).1;
+    for r in 1..world {
+        for (acc, g) in reference.iter_mut().zip(grads_of(r).1) {
+            if let (Some(a), Some(g)) = (acc.as_mut(), g) {
+                a.iter_mut().zip(g).for_each(|(a, v)| *a += v);
+            }
+        }
+    }
+    reference.iter_mut().flatten().for_each(|a| a.iter_mut().for_each(|v| *v /= world as f32));
+    let total: usize = reference.iter().flatten().map(Vec::len).sum();
+    for sizes in [BucketSizes { first: 4096, rest: 4096 }, BucketSizes { first: 1 << 20, rest: 25 << 20 }, BucketSizes { first: 100, rest: 4 * total / 3 }] {
+        let comms = LocalGroup::ranks(world, Duration::from_secs(60));
+        let results: Vec<Vec<Option<Tensor>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|mut c| {
+                    s.spawn(move || {
+                        let mut model = Vox2Vec::new(o.model, o.seed);
+                        let batch = synthetic_batch(SHAPE, rank_seed(o.seed, c.rank()), 0);
+                        let g = Graph::train();
+                        let out = model.forward_pairs(&g, &batch, false).unwrap();
+                        backward_averaged_with(&g, &out.loss, &model.store, &mut c, sizes).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, per_slot) in results.iter().enumerate() {
+            for (slot, (got, want)) in per_slot.iter().zip(&reference).enumerate() {
+                match (got, want) {
+                    (Some(t), Some(w)) => assert!(t.f32s().iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()), "{sizes:?}: rank {r} slot {slot} differs"),
+                    (None, None) => {}
+                    _ => panic!("{sizes:?}: rank {r} slot {slot}: gradient present on one side only"),
+                }
+            }
+        }
+    }
 }

@@ -38,7 +38,7 @@ pub struct LocalGroup;
 
 impl LocalGroup {
     /// `world` communicators, rank i at index i, each to be moved to its own thread.
-    pub fn new(world: usize, timeout: Duration) -> Vec<LocalComm> {
+    pub fn ranks(world: usize, timeout: Duration) -> Vec<LocalComm> {
         assert!(world > 0, "a group needs a rank");
         let shared = Arc::new(Shared {
             world,
@@ -146,7 +146,7 @@ mod tests {
 
     #[test]
     fn sums_in_rank_order_and_broadcasts() {
-        let comms = LocalGroup::new(3, Duration::from_secs(10));
+        let comms = LocalGroup::ranks(3, Duration::from_secs(10));
         let out: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
                 .into_iter()
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_rank_that_stops_fails_the_others_and_a_missing_rank_times_out() {
-        let mut comms = LocalGroup::new(2, Duration::from_secs(30));
+        let mut comms = LocalGroup::ranks(2, Duration::from_secs(30));
         let c1 = comms.pop().unwrap();
         let mut c0 = comms.pop().unwrap();
         let t = std::thread::spawn(move || {
@@ -184,7 +184,7 @@ mod tests {
         assert!(err.contains("rank 1 of 2 stopped"), "{err}");
         assert!(t0.elapsed() < Duration::from_secs(10), "waited {:?}", t0.elapsed());
 
-        let mut comms = LocalGroup::new(2, Duration::from_millis(200));
+        let mut comms = LocalGroup::ranks(2, Duration::from_millis(200));
         let err = comms[0].all_reduce_sum(&mut [1.0]).unwrap_err().to_string();
         assert!(err.contains("timed out") && err.contains("[1]"), "{err}");
     }

@@ -20,6 +20,7 @@
 //! has a timeout, and a rank that stops makes the others fail with a message naming it
 //! instead of hanging.
 
+pub mod buckets;
 pub mod launch;
 pub mod local;
 pub mod nccl;
@@ -42,6 +43,17 @@ pub trait Communicator: Send {
     fn all_reduce_mean_device(&mut self, bufs: &[(u64, usize)]) -> Result<()> {
         let _ = bufs;
         bail!("the {} communicator works on host memory; device tensors need NCCL (vox2vec-train --gpus N)", self.name())
+    }
+    /// `all_reduce_mean_device` queued behind the work already on the device's stream but run
+    /// beside the work queued after it (NCCL: on its own stream, after an event), so that a
+    /// bucket's reduction overlaps the rest of the backward; `wait_device` makes the device's
+    /// stream wait for every such reduction. By default, in stream order.
+    fn all_reduce_mean_device_overlapped(&mut self, bufs: &[(u64, usize)]) -> Result<()> {
+        self.all_reduce_mean_device(bufs)
+    }
+    /// The device's stream waits (on the device) for the overlapped reductions queued so far.
+    fn wait_device(&mut self) -> Result<()> {
+        Ok(())
     }
     /// Rank `root`'s device f32 buffers copied to every rank.
     fn broadcast_device(&mut self, bufs: &[(u64, usize)], root: usize) -> Result<()> {

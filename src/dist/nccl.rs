@@ -17,6 +17,10 @@ pub struct NcclComm {
     host: TcpComm,
     comm: sys::ncclComm_t,
     dev: Arc<CudaDevice>,
+    /// The stream overlapped reductions run on, beside the device's compute stream.
+    side: cudarc::driver::sys::CUstream,
+    /// Whether reductions were queued on `side` since the compute stream last waited for it.
+    side_busy: bool,
 }
 
 // SAFETY: the NCCL communicator is used by one thread at a time (`&mut self`), as NCCL requires.
@@ -53,12 +57,39 @@ impl NcclComm {
         let mut comm = std::mem::MaybeUninit::uninit();
         // SAFETY: `comm` is written by NCCL on success; the id is rank 0's.
         nccl("ncclCommInitRank", unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, sys::ncclUniqueId { internal }, rank as i32) })?;
+        let side = cudarc::driver::result::stream::create(cudarc::driver::result::stream::StreamKind::NonBlocking).map_err(|e| anyhow!("creating the gradient reduction stream: {e:?}"))?;
         // SAFETY: initialised by the successful call above.
-        Ok(NcclComm { host, comm: unsafe { comm.assume_init() }, dev })
+        Ok(NcclComm { host, comm: unsafe { comm.assume_init() }, dev, side, side_busy: false })
     }
 
     fn stream(&self) -> sys::cudaStream_t {
         self.dev.cu_stream() as sys::cudaStream_t
+    }
+
+    /// `to` waits (on the device) for the work queued on `from` so far.
+    fn order(from: cudarc::driver::sys::CUstream, to: cudarc::driver::sys::CUstream) -> Result<()> {
+        use cudarc::driver::{result, sys as drv};
+        let ev = result::event::create(drv::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| anyhow!("cuEventCreate: {e:?}"))?;
+        // SAFETY: both streams belong to this device's context; an event may be destroyed once
+        // recorded and waited on (its resources go when it completes).
+        unsafe {
+            let r = result::event::record(ev, from).and_then(|_| result::stream::wait_event(to, ev, drv::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
+            let _ = result::event::destroy(ev);
+            r.map_err(|e| anyhow!("ordering the reduction stream: {e:?}"))
+        }
+    }
+
+    fn all_reduce_avg_on(&mut self, bufs: &[(u64, usize)], stream: sys::cudaStream_t) -> Result<()> {
+        nccl("ncclGroupStart", result::group_start())?;
+        for &(ptr, n) in bufs {
+            // SAFETY: each buffer holds n f32 values on this communicator's device.
+            let r = unsafe { result::all_reduce(ptr as *const _, ptr as *mut _, n, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclAvg, self.comm, stream) };
+            if let Err(e) = r {
+                let _ = result::group_end();
+                return nccl("ncclAllReduce", Err(e));
+            }
+        }
+        nccl("ncclGroupEnd", result::group_end()).map(|_| ())
     }
 }
 
@@ -77,16 +108,21 @@ impl Communicator for NcclComm {
     }
     /// One NCCL group of in-place ncclAvg all-reduces, queued on the device's stream.
     fn all_reduce_mean_device(&mut self, bufs: &[(u64, usize)]) -> Result<()> {
-        nccl("ncclGroupStart", result::group_start())?;
-        for &(ptr, n) in bufs {
-            // SAFETY: each buffer holds n f32 values on this communicator's device.
-            let r = unsafe { result::all_reduce(ptr as *const _, ptr as *mut _, n, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclAvg, self.comm, self.stream()) };
-            if let Err(e) = r {
-                let _ = result::group_end();
-                return nccl("ncclAllReduce", Err(e));
-            }
+        self.all_reduce_avg_on(bufs, self.stream())
+    }
+    /// The same on the side stream, after the compute stream's work so far: the kernels queued
+    /// next on the compute stream (the rest of the backward) run beside it.
+    fn all_reduce_mean_device_overlapped(&mut self, bufs: &[(u64, usize)]) -> Result<()> {
+        Self::order(self.dev.cu_stream(), self.side)?;
+        self.all_reduce_avg_on(bufs, self.side as sys::cudaStream_t)?;
+        self.side_busy = true;
+        Ok(())
+    }
+    fn wait_device(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.side_busy) {
+            Self::order(self.side, self.dev.cu_stream())?;
         }
-        nccl("ncclGroupEnd", result::group_end()).map(|_| ())
+        Ok(())
     }
     fn broadcast_device(&mut self, bufs: &[(u64, usize)], root: usize) -> Result<()> {
         nccl("ncclGroupStart", result::group_start())?;
@@ -111,6 +147,8 @@ impl Drop for NcclComm {
         // unwinding: a peer may be gone, and destroy would wait for it.
         unsafe {
             let _ = if std::thread::panicking() { result::comm_abort(self.comm) } else { result::comm_destroy(self.comm) };
+            let _ = cudarc::driver::result::stream::synchronize(self.side);
+            let _ = cudarc::driver::result::stream::destroy(self.side);
         }
     }
 }

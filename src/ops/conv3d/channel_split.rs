@@ -66,12 +66,14 @@ fn run(x: &[f32], v: Vol, w: &[f32], o_stride: usize, tap_at: &[usize], bias: Op
         let (c0, c1) = (task * CHANNELS, ((task + 1) * CHANNELS).min(co));
         let (n, width) = (c1 - c0, (c1 - c0).next_multiple_of(8));
         // This task's columns of Wᵀ: bt[(j·Ci + i)·width + o] = w[c0 + o, taps[j], i].
+        // Written row by row (contiguous), read from n weight rows at once (n cache lines
+        // that stay in L1 while i advances): column-wise writes were a cache miss each.
         let mut bt = vec![0.0f32; kdim * width];
-        for o in 0..n {
-            for (j, &tap) in tap_at.iter().enumerate() {
-                let src = &w[(c0 + o) * o_stride + tap * ci..(c0 + o) * o_stride + (tap + 1) * ci];
-                for (i, &val) in src.iter().enumerate() {
-                    bt[(j * ci + i) * width + o] = val;
+        for (j, &tap) in tap_at.iter().enumerate() {
+            for i in 0..ci {
+                let dst = &mut bt[(j * ci + i) * width..(j * ci + i) * width + n];
+                for (o, d) in dst.iter_mut().enumerate() {
+                    *d = w[(c0 + o) * o_stride + tap * ci + i];
                 }
             }
         }
