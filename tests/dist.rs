@@ -236,3 +236,22 @@ fn buckets_of_any_size_give_the_same_average() {
         }
     }
 }
+
+/// Two ranks stopped after 2 steps (checkpoint) and resumed for 2 more end where 4 steps
+/// straight end, on every rank, bit for bit.
+#[test]
+fn a_resumed_group_continues_exactly() {
+    let (straight_dir, split_dir) = (tmpdir("straight"), tmpdir("split"));
+    let straight: Vec<Vox2Vec> = group_run(&opts(&straight_dir, 4), 2).into_iter().map(|m| m.unwrap()).collect();
+    group_run(&opts(&split_dir, 2), 2).into_iter().for_each(|m| drop(m.unwrap()));
+    let mut resumed = opts(&split_dir, 4);
+    resumed.resume = Resume::Latest;
+    let split: Vec<Vox2Vec> = group_run(&resumed, 2).into_iter().map(|m| m.unwrap()).collect();
+    for r in 0..2 {
+        assert_same_params(&split[r], &straight[r], &format!("rank {r}: 2 + 2 steps vs 4 steps"));
+    }
+    let lines = std::fs::read_to_string(split_dir.join(vox2vec::train::METRICS_FILE)).unwrap().lines().count();
+    assert_eq!(lines, 4);
+    let _ = std::fs::remove_dir_all(&straight_dir);
+    let _ = std::fs::remove_dir_all(&split_dir);
+}
