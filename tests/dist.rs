@@ -3,13 +3,15 @@
 //! them; a rank that stops makes the others fail with its name; `vox2vec-train --cpu-ranks 2`
 //! runs as two processes over TCP and equals the in-process group bit for bit.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
 use vox2vec::autograd::Graph;
 use vox2vec::dist::local::LocalGroup;
 use vox2vec::dist::{Communicator, rank_seed};
-use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
+use vox2vec::model::{ModelConfig, Vox2Vec};
 use vox2vec::optim::{Adam, AdamConfig, clip_coefficient, global_norm};
 use vox2vec::params::SlotKind;
 use vox2vec::tensor::Tensor;
@@ -18,24 +20,7 @@ use vox2vec::train::{BatchShape, BatchSource, MAX_GRAD_NORM, Resume, Silent, Tra
 const SHAPE: BatchShape = BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 };
 
 fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
-    TrainOptions {
-        model: ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 },
-        adam: AdamConfig { lr: 1e-3, ..AdamConfig::default() },
-        data: BatchSource::SyntheticPairs(SHAPE),
-        steps,
-        seed: 5,
-        out_dir: dir.to_path_buf(),
-        checkpoint_every: 0,
-        resume: Resume::No,
-        online_probe: None,
-        validation: None,
-        dump_batches: None,
-        device: vox2vec::tensor::Device::Cpu,
-        activation_dtype: vox2vec::tensor::DType::F32,
-        skip_nonfinite: 0,
-        inject_nan_steps: Vec::new(),
-        metadata: Vec::new(),
-    }
+    common::tiny_run(dir, steps, 5)
 }
 
 fn tmpdir(name: &str) -> PathBuf {

@@ -8,27 +8,10 @@ use std::process::Command;
 
 use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
 use vox2vec::optim::AdamConfig;
-use vox2vec::train::{BatchShape, BatchSource, CHECKPOINT_FILE, METRICS_FILE, Resume, Silent, TrainOptions, run_pretraining};
+use vox2vec::train::{CHECKPOINT_FILE, METRICS_FILE, Resume, Silent, TrainOptions, run_pretraining};
 
 fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
-    TrainOptions {
-        model: ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 },
-        adam: AdamConfig { lr: 1e-3, ..AdamConfig::default() },
-        data: BatchSource::SyntheticPairs(BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 }),
-        steps,
-        seed: 11,
-        out_dir: dir.to_path_buf(),
-        checkpoint_every: 0,
-        resume: Resume::No,
-        online_probe: None,
-        validation: None,
-        dump_batches: None,
-        device: vox2vec::tensor::Device::Cpu,
-        activation_dtype: vox2vec::tensor::DType::F32,
-        skip_nonfinite: 0,
-        inject_nan_steps: Vec::new(),
-        metadata: Vec::new(),
-    }
+    common::tiny_run(dir, steps, 11)
 }
 
 fn tmpdir(name: &str) -> PathBuf {

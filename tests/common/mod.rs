@@ -159,3 +159,27 @@ pub fn write_ct_with_affine(path: &Path, hu: &[i16], shape: [usize; 3], affine: 
     write_volume(path, hu, &g).unwrap();
     file_shape
 }
+
+/// A tiny pretraining run on the CPU (base 4, 3 scales, 2 synthetic pairs of 16×16×8, 32
+/// voxels per pair), nothing optional: what the loop tests start from.
+pub fn tiny_run(dir: &Path, steps: u64, seed: u64) -> vox2vec::train::TrainOptions {
+    use vox2vec::train::{BatchShape, BatchSource, Resume, TrainOptions};
+    TrainOptions {
+        model: ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 },
+        adam: vox2vec::optim::AdamConfig { lr: 1e-3, ..vox2vec::optim::AdamConfig::default() },
+        data: BatchSource::SyntheticPairs(BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 }),
+        steps,
+        seed,
+        out_dir: dir.to_path_buf(),
+        checkpoint_every: 0,
+        resume: Resume::No,
+        online_probe: None,
+        validation: None,
+        dump_batches: None,
+        device: vox2vec::tensor::Device::Cpu,
+        activation_dtype: vox2vec::tensor::DType::F32,
+        skip_nonfinite: 0,
+        inject_nan_steps: Vec::new(),
+        metadata: Vec::new(),
+    }
+}

@@ -117,33 +117,27 @@ pub const WG_MAX_B: [usize; 3] = [8, 6, 4];
 pub unsafe fn weight_grad_runs(a: &[f32], dy: &[f32], dw: &mut [f32], plan: &WgPlan) {
     let (ap, dyp, dwp) = (a.as_ptr(), dy.as_ptr(), dw.as_mut_ptr());
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for block in plan.blocks() {
-        for (t, &off) in plan.offs.iter().enumerate() {
-            for &(v0, nv, tail) in &plan.k_chunks {
-                for &(o0, no) in &plan.o_chunks[nv - 1] {
-                    let args = WgArgs {
-                        a: ap.add(off * plan.rs + 8 * v0),
-                        rs: plan.rs,
-                        runs: block,
-                        dy: dyp.add(o0),
-                        co: plan.co,
-                        dw: dwp.add(o0 * plan.ldw() + t * plan.kk + 8 * v0),
-                        ldw: plan.ldw(),
-                        tail,
-                        mask: _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), lane),
-                    };
-                    macro_rules! tile {
-                        ($($a:literal => [$($b:literal),*]),*) => {
-                            match (nv, no) {
-                                $($(($a, $b) => wg_tile::<$a, $b>(&args),)*)*
-                                _ => unreachable!("weight-gradient tile {nv}x{no}"),
-                            }
-                        };
-                    }
-                    tile!(1 => [1, 2, 3, 4, 5, 6, 7, 8], 2 => [1, 2, 3, 4, 5, 6], 3 => [1, 2, 3, 4]);
+    for tile in plan.tiles(8) {
+        let args = WgArgs {
+            a: ap.add(tile.a),
+            rs: plan.rs,
+            runs: tile.runs,
+            dy: dyp.add(tile.dy),
+            co: plan.co,
+            dw: dwp.add(tile.dw),
+            ldw: plan.ldw(),
+            tail: tile.tail,
+            mask: _mm256_cmpgt_epi32(_mm256_set1_epi32(tile.tail as i32), lane),
+        };
+        macro_rules! tile {
+            ($($a:literal => [$($b:literal),*]),*) => {
+                match (tile.vectors, tile.channels) {
+                    $($(($a, $b) => wg_tile::<$a, $b>(&args),)*)*
+                    (a, b) => unreachable!("weight-gradient tile {a}x{b}"),
                 }
-            }
+            };
         }
+        tile!(1 => [1, 2, 3, 4, 5, 6, 7, 8], 2 => [1, 2, 3, 4, 5, 6], 3 => [1, 2, 3, 4]);
     }
 }
 

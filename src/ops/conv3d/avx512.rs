@@ -176,32 +176,26 @@ pub const WG_MAX_B: [usize; 4] = [16, 12, 8, 6];
 #[target_feature(enable = "avx512f,fma")]
 pub unsafe fn weight_grad_runs(a: &[f32], dy: &[f32], dw: &mut [f32], plan: &WgPlan) {
     let (ap, dyp, dwp) = (a.as_ptr(), dy.as_ptr(), dw.as_mut_ptr());
-    for block in plan.blocks() {
-        for (t, &off) in plan.offs.iter().enumerate() {
-            for &(v0, nv, tail) in &plan.k_chunks {
-                for &(o0, no) in &plan.o_chunks[nv - 1] {
-                    let args = WgArgs {
-                        a: ap.add(off * plan.rs + 16 * v0),
-                        rs: plan.rs,
-                        runs: block,
-                        dy: dyp.add(o0),
-                        co: plan.co,
-                        dw: dwp.add(o0 * plan.ldw() + t * plan.kk + 16 * v0),
-                        ldw: plan.ldw(),
-                        mask: (((1u32 << tail) - 1) & 0xFFFF) as u16,
-                    };
-                    macro_rules! tile {
-                        ($($a:literal => [$($b:literal),*]),*) => {
-                            match (nv, no) {
-                                $($(($a, $b) => wg_tile::<$a, $b>(&args),)*)*
-                                _ => unreachable!("weight-gradient tile {nv}x{no}"),
-                            }
-                        };
-                    }
-                    tile!(1 => [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], 2 => [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 3 => [1, 2, 3, 4, 5, 6, 7, 8], 4 => [1, 2, 3, 4, 5, 6]);
+    for tile in plan.tiles(16) {
+        let args = WgArgs {
+            a: ap.add(tile.a),
+            rs: plan.rs,
+            runs: tile.runs,
+            dy: dyp.add(tile.dy),
+            co: plan.co,
+            dw: dwp.add(tile.dw),
+            ldw: plan.ldw(),
+            mask: (((1u32 << tile.tail) - 1) & 0xFFFF) as u16,
+        };
+        macro_rules! tile {
+            ($($a:literal => [$($b:literal),*]),*) => {
+                match (tile.vectors, tile.channels) {
+                    $($(($a, $b) => wg_tile::<$a, $b>(&args),)*)*
+                    (a, b) => unreachable!("weight-gradient tile {a}x{b}"),
                 }
-            }
+            };
         }
+        tile!(1 => [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], 2 => [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 3 => [1, 2, 3, 4, 5, 6, 7, 8], 4 => [1, 2, 3, 4, 5, 6]);
     }
 }
 

@@ -60,6 +60,26 @@ impl WgPlan {
         self.runs.chunks(self.block_runs)
     }
 
+    /// Every register tile, in the order both kernel sets run them (cache block, tap group,
+    /// reduction chunk, output-channel chunk), with its offsets for vectors of `lanes` values.
+    pub fn tiles(&self, lanes: usize) -> impl Iterator<Item = Tile<'_>> + '_ {
+        self.blocks().flat_map(move |runs| {
+            self.offs.iter().enumerate().flat_map(move |(t, &off)| {
+                self.k_chunks.iter().flat_map(move |&(v0, vectors, tail)| {
+                    self.o_chunks[vectors - 1].iter().map(move |&(o0, channels)| Tile {
+                        runs,
+                        a: off * self.rs + lanes * v0,
+                        dy: o0,
+                        dw: o0 * self.ldw() + t * self.kk + lanes * v0,
+                        vectors,
+                        channels,
+                        tail,
+                    })
+                })
+            })
+        })
+    }
+
     /// Panics unless every read and write the kernels make stays inside buffers of these
     /// lengths.
     pub fn check(&self, a_len: usize, dy_len: usize, dw_len: usize) {
@@ -73,6 +93,19 @@ impl WgPlan {
             assert!((voxel + len) * self.co <= dy_len, "weight gradient: run at voxel {voxel} reads past dy");
         }
     }
+}
+
+/// One register tile: A = `vectors` vectors of reduction indices × B = `channels` output
+/// channels over a block of runs; offsets (in values) into `a`, dy and dW.
+pub struct Tile<'p> {
+    pub runs: &'p [(usize, usize, usize)],
+    pub a: usize,
+    pub dy: usize,
+    pub dw: usize,
+    pub vectors: usize,
+    pub channels: usize,
+    /// Valid lanes of the last vector.
+    pub tail: usize,
 }
 
 /// 0..n in ⌈n / max⌉ chunks of near-equal size: (start, size).
