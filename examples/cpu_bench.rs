@@ -33,6 +33,12 @@ fn random(shape: &[usize], rng: &mut StdRng) -> Tensor {
     Tensor::from_f32(shape, (0..shape.iter().product::<usize>()).map(|_| rng.random_range(-1.0..1.0f32)).collect())
 }
 
+/// A row's N,C,X,Y,Z (PyTorch's order) as our volume.
+fn conv_shape(name: &str, d: &[usize]) -> Result<vox2vec::tensor::Vol> {
+    anyhow::ensure!(d.len() == 5, "{name}: N,C,X,Y,Z");
+    Ok(vox2vec::tensor::Vol { n: d[0], c: d[1], x: d[2], y: d[3], z: d[4] })
+}
+
 fn main() -> Result<()> {
     vox2vec::cpu::retain_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -53,8 +59,7 @@ fn main() -> Result<()> {
     let d: Vec<usize> = if dims.is_empty() { Vec::new() } else { dims.split(',').map(|t| t.parse()).collect::<Result<_, _>>().context("shape")? };
     let mut run: Box<dyn FnMut() -> Result<()>> = match name {
         "conv_fwd" | "conv_fwd_bwd" | "conv_fwd_bwd_w" => {
-            anyhow::ensure!(d.len() == 5, "{name}: N,C,X,Y,Z");
-            let (n, c, x, y, z) = (d[0], d[1], d[2], d[3], d[4]);
+            let vox2vec::tensor::Vol { n, x, y, z, c } = conv_shape(name, &d)?;
             let xs = random(&[n, x, y, z, c], &mut rng);
             let w = random(&[c, 3, 3, 3, c], &mut rng);
             let b = random(&[c], &mut rng);
@@ -75,9 +80,8 @@ fn main() -> Result<()> {
             })
         }
         "conv_wgrad" => {
-            anyhow::ensure!(d.len() == 5, "{name}: N,C,X,Y,Z");
-            let (n, c, x, y, z) = (d[0], d[1], d[2], d[3], d[4]);
-            let v = vox2vec::tensor::Vol { n, x, y, z, c };
+            let v = conv_shape(name, &d)?;
+            let vox2vec::tensor::Vol { n, x, y, z, c } = v;
             let xs = random(&[n, x, y, z, c], &mut rng);
             let dy = random(&[n, x, y, z, c], &mut rng);
             Box::new(move || {
@@ -88,9 +92,8 @@ fn main() -> Result<()> {
         "conv_fwd_fused" => {
             // The eval-mode ResBlock's second convolution: relu(bn(x)) fused into the padding,
             // the residual added on the way out (`conv3d_forward_cpu_fused`).
-            anyhow::ensure!(d.len() == 5, "{name}: N,C,X,Y,Z");
-            let (n, c, x, y, z) = (d[0], d[1], d[2], d[3], d[4]);
-            let v = vox2vec::tensor::Vol { n, x, y, z, c };
+            let v = conv_shape(name, &d)?;
+            let vox2vec::tensor::Vol { n, x, y, z, c } = v;
             let xs = random(&[n, x, y, z, c], &mut rng);
             let w = random(&[c, 3, 3, 3, c], &mut rng);
             let b = random(&[c], &mut rng);

@@ -192,9 +192,8 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: 
     let groups = row_groups(m.div_ceil(rows), 1);
     #[cfg(target_arch = "x86_64")]
     let dwc = if kernels.simd() {
-        // Runs of at most 64 rows (cache blocks of the kernel); `a` is x itself (the centre tap
-        // alone) or the block's im2col buffer.
-        let runs = |row0: usize, voxel0: usize, nr: usize| -> Vec<(usize, usize, usize)> { (0..nr).step_by(64).map(|s| (row0 + s, voxel0 + s, (nr - s).min(64))).collect() };
+        // One run per block of rows (the plan cuts it into cache blocks); `a` is x itself (the
+        // centre tap alone) or the block's im2col buffer.
         let partials: Vec<Vec<f32>> = groups
             .into_par_iter()
             .map(|group| {
@@ -204,10 +203,10 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: 
                     let r0 = bi * rows;
                     let nr = rows.min(m - r0);
                     if direct {
-                        kernels.weight_grad_runs(x, dy, &mut dw, &kernels.wg_plan(kdim, &[0], kdim, co, runs(r0, r0, nr)));
+                        kernels.weight_grad_runs(x, dy, &mut dw, &kernels.wg_plan(kdim, &[0], kdim, co, vec![(r0, r0, nr)]));
                     } else {
                         im2col(x, v, k, &taps, r0, nr, &mut cols);
-                        kernels.weight_grad_runs(&cols, dy, &mut dw, &kernels.wg_plan(kdim, &[0], kdim, co, runs(0, r0, nr)));
+                        kernels.weight_grad_runs(&cols, dy, &mut dw, &kernels.wg_plan(kdim, &[0], kdim, co, vec![(0, r0, nr)]));
                     }
                 }
                 dw

@@ -155,7 +155,9 @@ pub fn conv3d_backward_weight_cpu(x: &[f32], v: Vol, dy: &[f32], co: usize, k: u
 }
 
 fn check_kernels(kernels: CpuKernels) {
-    assert!(CpuKernels::available().contains(&kernels), "{kernels:?} kernels requested on a processor without them");
+    // Detected once: this runs before every kernel call.
+    static AVAILABLE: OnceLock<Vec<CpuKernels>> = OnceLock::new();
+    assert!(AVAILABLE.get_or_init(CpuKernels::available).contains(&kernels), "{kernels:?} kernels requested on a processor without them");
 }
 
 /// `conv3d_forward_cpu` with the kernel set explicit.

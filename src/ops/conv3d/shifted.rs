@@ -6,11 +6,10 @@
 //! x_pad[(r + off_ab)·C], off_ab = a·(Y+2)(Z+2) + b·(Z+2). So the im2col matrix of the (a, b)
 //! slice already exists in memory as rows of stride C, and
 //!     y_pad[r, :] = bias + Σ_ab Σ_{k<3C} x_pad[(r + off_ab)·C + k] · Wᵀ[(ab, k), :]
-//! needs no im2col copy. The SIMD forward computes only the real voxels' rows (line by line,
-//! Z consecutive virtual rows each, straight into the output); the portable forward and the
-//! weight gradient run over every virtual row, those with x ≥ X, y ≥ Y or z ≥ Z computed and
-//! dropped (≈10 % extra at 64×64×32, 41 % at 32×32×8); `applicable` keeps the path for
-//! volumes where that stays < 3×.
+//! needs no im2col copy. The SIMD forward and weight gradient visit only the real voxels' rows
+//! (line by line, Z consecutive virtual rows each); the portable paths run over every virtual
+//! row, those with x ≥ X, y ≥ Y or z ≥ Z computed and dropped (≈10 % extra at 64×64×32, 41 % at
+//! 32×32×8); `applicable` keeps the path for volumes where that stays < 3×.
 //!
 //! Weight gradient: dW[:, (ab, k)] = Σ_r x_pad[(r + off_ab)·C + k] · dy[r, :] over the real
 //! voxels' rows only (SIMD: one run per line, see `wg_plan.rs`; portable: dy placed on its
@@ -20,8 +19,8 @@
 //! Kernels. On x86-64 with AVX2+FMA, register-tiled micro-kernels: forward tiles 6 rows × 16
 //! output channels (12 ymm accumulators) over the whole 27·C reduction, so each output is
 //! stored once; the weight gradient tiles reduction indices × output channels over blocks of
-//! lines (`wg_plan.rs`). Channel counts are padded to a multiple of 8 inside the packed buffers. Elsewhere
-//! a portable path runs the same decomposition through matrixmultiply's GEMM.
+//! lines (`wg_plan.rs`). The forward pads channel counts to a multiple of 8 inside its packed
+//! buffers. Elsewhere a portable path runs the same decomposition through matrixmultiply's GEMM.
 //!
 //! Outputs are written (=).
 

@@ -47,6 +47,9 @@ impl WgPlan {
         let k_chunks = even_chunks(vectors, max_b.len()).into_iter().map(|(v0, n)| (v0, n, if v0 + n == vectors { tail } else { lanes })).collect();
         let o_chunks = max_b.iter().map(|&b| even_chunks(co, b)).collect();
         let block_rows = (BLOCK_BYTES / (4 * (rs + co).max(1))).clamp(16, 512);
+        // Runs longer than a cache block are cut into consecutive pieces (the same rows in the
+        // same order, so the same sums).
+        let runs: Vec<(usize, usize, usize)> = runs.into_iter().flat_map(|(row, voxel, len)| (0..len).step_by(block_rows).map(move |s| (row + s, voxel + s, (len - s).min(block_rows)))).collect();
         let longest = runs.iter().map(|r| r.2).max().unwrap_or(1).max(1);
         WgPlan { rs, offs: offs.to_vec(), kk, co, runs, block_runs: (block_rows / longest).max(1), k_chunks, o_chunks }
     }
@@ -133,6 +136,9 @@ mod tests {
         assert!(even_chunks(0, 4).is_empty());
         let p = WgPlan::new(16, &[16, 12, 8, 6], 5, &[0], 15, 20, vec![(0, 0, 3)]);
         assert_eq!(p.k_chunks, vec![(0, 1, 15)]);
+        // A run longer than a cache block (here 512 rows) is cut in order.
+        let p = WgPlan::new(16, &[16, 12, 8, 6], 1, &[0], 3, 1, vec![(7, 3, 1100)]);
+        assert_eq!(p.runs, vec![(7, 3, 512), (519, 515, 512), (1031, 1027, 76)]);
         let p = WgPlan::new(8, &[8, 6, 4], 32, &[0, 3], 96, 32, vec![(0, 0, 3)]);
         assert_eq!(p.k_chunks, vec![(0, 3, 8), (3, 3, 8), (6, 3, 8), (9, 3, 8)]);
     }
