@@ -170,10 +170,13 @@ fn cli_export_backbone_round_trips() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.safetensors"));
 
     // `inspect --all | head`: the reader goes away before anything is written; the tool dies of
-    // SIGPIPE like other Unix tools instead of panicking in println!.
+    // SIGPIPE like other Unix tools instead of panicking in println!. The read end is closed
+    // before the tool starts (closing it after spawn raced with a fast tool on a loaded machine,
+    // which could write all its output into the pipe's buffer first and exit 0).
     use std::os::unix::process::ExitStatusExt;
-    let mut child = std::process::Command::new(bin).args(["inspect", "--all"]).arg(&ckpt).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    drop(child.stdout.take());
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let child = std::process::Command::new(bin).args(["inspect", "--all"]).arg(&ckpt).stdout(writer).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");

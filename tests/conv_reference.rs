@@ -81,6 +81,10 @@ fn fast_paths_match_naive_convolution() {
         (Vol { n: 2, x: 3, y: 4, z: 2, c: 24 }, 72, 3), // channel split (SIMD): 32 + 32 + 8 channels
         (Vol { n: 1, x: 3, y: 3, z: 1, c: 8 }, 64, 3),  // channel split over the 9 taps that reach a one-slice volume
         (Vol { n: 1, x: 3, y: 4, z: 2, c: 64 }, 16, 3), // input gradient (64 channels) through the channel split
+        (Vol { n: 1, x: 3, y: 4, z: 29, c: 16 }, 16, 3), // shifted forward: lines of 29 rows cut into several z-tap tiles
+        (Vol { n: 1, x: 3, y: 3, z: 26, c: 5 }, 40, 3), // z-tap tiles of 2 vectors over 26-row lines, a masked 8
+        (Vol { n: 2, x: 4, y: 3, z: 17, c: 33 }, 32, 3), // 32-channel block, reduction blocks cutting tap groups
+        (Vol { n: 1, x: 20, y: 5, z: 3, c: 6 }, 24, 3), // short lines: several planes per task, the last task partial
     ];
     for (v, co, k) in cases {
         let x = rand_vec(&mut rng, v.voxels() * v.c);

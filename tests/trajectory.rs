@@ -5,7 +5,8 @@
 //! same in float64; both made by scripts/trajectory.sh with benches/trajectory.py).
 //!
 //! Step 1 is the same computation in another summation order: the loss, learning signal and
-//! gradient norm agree to rounding. From step 2 on, any two fp32 runs drift apart: Adam's
+//! gradient norm agree to rounding (the gradient norm, whose fp32 rounding error is 5e-4 here,
+//! judged against the float64 run). From step 2 on, any two fp32 runs drift apart: Adam's
 //! first update moves every weight by about ±lr whatever its gradient's size, so the weights
 //! whose gradient is rounding noise (measured: 161 of 788,848 here) step in opposite
 //! directions, and training amplifies that. PyTorch drifts from itself just as much: on one
@@ -59,7 +60,12 @@ fn training_follows_pytorch_on_the_same_batches() {
     // Step 1: the same numbers up to summation order.
     let (o, t) = (&ours[0], &torch[0]);
     assert_eq!((o["step"].as_u64(), get(o, "top1")), (Some(1), get(t, "top1")), "step 1's top-1 accuracy");
-    assert!(rel(o, t, "loss") < 1e-6 && rel(o, t, "grad_norm") < 1e-4, "step 1: loss {} vs {}, gradient norm {} vs {}", o["loss"], t["loss"], o["grad_norm"], t["grad_norm"]);
+    assert!(rel(o, t, "loss") < 1e-6, "step 1: loss {} vs {}", o["loss"], t["loss"]);
+    // The gradient norm at step 1 is rounding-sensitive: PyTorch fp32 is 4.8e-4 from its own
+    // float64 run. So ours is held to float64, within PyTorch fp32's distance from it plus
+    // 1e-4 (a wrong gradient is off by far more).
+    let torch_fp32_err = rel(t, &exact[0], "grad_norm");
+    assert!(rel(o, &exact[0], "grad_norm") <= torch_fp32_err + 1e-4, "step 1: gradient norm {} vs float64 {} (PyTorch fp32 {})", o["grad_norm"], exact[0]["grad_norm"], t["grad_norm"]);
     for k in ["pos_sim", "neg_sim"] {
         assert!((get(o, k) - get(t, k)).abs() < 1e-5, "step 1 {k}: {} vs {}", o[k], t[k]);
     }

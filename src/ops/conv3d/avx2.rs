@@ -5,7 +5,10 @@
 //! (rs = C, 9 tap groups of 3·C contiguous values), for the im2col path `a` is an im2col
 //! block (rs = K, one group, offs = [0]). Output channels are padded to `cop`, a multiple of 8.
 //!
-//! - `forward_rows`: out[i, :] = bias + Σ_t Σ_k a[(r0 + i + offs[t])·rs + k] · bt[(t·kk + k)·cop + :]
+//! - `forward_ztaps`: the shifted 3×3×3 forward over runs of virtual rows of the padded input,
+//!   tiles of up to 11 rows × 8 channels, each broadcast input value used for its three z-taps
+//!   (see `shifted.rs`); the same FMAs in the same order as `avx512::forward_ztaps`.
+//! - `forward_rows` (im2col and channel-split paths): out[i, :] = bias + Σ_t Σ_k a[(r0 + i + offs[t])·rs + k] · bt[(t·kk + k)·cop + :]
 //!   (written =), tiles of 6 rows × 16 channels held in 12 ymm registers over the whole
 //!   reduction, so each output is stored once.
 //! - `weight_grad_runs`: dW[o, t·kk + k] += Σ_runs a[(row + offs[t])·rs + k] · dy[voxel·co + o]
@@ -197,5 +200,82 @@ unsafe fn wg_tile<const A: usize, const B: usize>(p: &WgArgs) {
                 _mm256_storeu_ps(d, *a);
             }
         }
+    }
+}
+
+/// Rows of the shifted forward's register tile: 11 accumulators, 3 weight registers and the
+/// broadcast input value within the 16 ymm registers.
+pub const ZT_ROWS: usize = 11;
+
+/// The shifted 3×3×3 forward with z-tap reuse over `runs` of consecutive virtual rows, in
+/// 8-channel blocks: the same operation, FMAs and order as `avx512::forward_ztaps` (see its
+/// contract), so the same bits.
+///
+/// # Safety
+/// As `avx512::forward_ztaps`, with AVX2 and FMA instead of AVX-512F.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [f32]) {
+    debug_assert!(bt.len() >= 27 * ci * cop && bias.len() >= cop && cop % 8 == 0);
+    debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
+    let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
+    for cb in (0..cop).step_by(8) {
+        for tile in super::shifted::ztap_tiles(runs, ci, 8, ZT_ROWS) {
+            let args = (xp, ci, offs, bt, cop, bias, tile.row, cb, o.add(tile.out_row * cop), tile.u0, tile.u1);
+            macro_rules! tile {
+                ($($n:literal),*) => {
+                    match tile.rows {
+                        $($n => zt_tile::<$n>(args),)*
+                        n => unreachable!("z-tap tile of {n} rows"),
+                    }
+                };
+            }
+            tile!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11);
+        }
+    }
+}
+
+/// N rows × 8 channels: per reduction step (t, ci'), the 3 weight vectors of the z-taps and
+/// N + 2 broadcasts; input row q feeds output rows q, q − 1, q − 2 (as `avx512::zt_tile`).
+#[allow(clippy::type_complexity)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn zt_tile<const N: usize>(args: (*const f32, usize, &[usize; 9], *const f32, usize, *const f32, usize, usize, *mut f32, usize, usize)) {
+    let (xp, ci, offs, bt, cop, bias, r, cb, out, u0, u1) = args;
+    let mut acc = [_mm256_setzero_ps(); N];
+    if u0 == 0 {
+        let b = _mm256_loadu_ps(bias.add(cb));
+        acc = [b; N];
+    } else {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(out.add(i * cop + cb));
+        }
+    }
+    let mut u = u0;
+    while u < u1 {
+        let t = u / ci;
+        let k1 = ci.min(u - t * ci + (u1 - u));
+        let a_base = xp.add((r + offs[t]) * ci);
+        let b_base = bt.add(t * 3 * ci * cop + cb);
+        for k in u - t * ci..k1 {
+            let w = [0, 1, 2].map(|c| _mm256_loadu_ps(b_base.add((c * ci + k) * cop)));
+            let a = a_base.add(k);
+            // Input rows q = 0..N + 2, unrolled by hand (as `avx512::zt_tile`).
+            macro_rules! row {
+                ($($q:literal)*) => {$(
+                    if $q < N + 2 {
+                        let x = _mm256_broadcast_ss(&*a.add($q * ci));
+                        for (c, wc) in w.iter().enumerate() {
+                            if $q >= c && $q - c < N {
+                                acc[$q - c] = _mm256_fmadd_ps(x, *wc, acc[$q - c]);
+                            }
+                        }
+                    }
+                )*};
+            }
+            row!(0 1 2 3 4 5 6 7 8 9 10 11 12);
+        }
+        u += k1 - (u - t * ci);
+    }
+    for (i, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(i * cop + cb), *a);
     }
 }

@@ -111,6 +111,22 @@ impl CpuKernels {
         }
     }
 
+    /// `avx2::forward_ztaps` / `avx512::forward_ztaps` of this set (the shifted forward).
+    ///
+    /// # Safety
+    /// As the chosen kernel's: the set must be available and the operands in bounds.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn forward_ztaps(self, xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [f32]) {
+        // SAFETY: the caller's contract is the kernels'.
+        unsafe {
+            match self {
+                CpuKernels::Avx512 => avx512::forward_ztaps(xp, ci, offs, bt, cop, bias, runs, out),
+                _ => avx2::forward_ztaps(xp, ci, offs, bt, cop, bias, runs, out),
+            }
+        }
+    }
+
     /// The weight-gradient plan this set's kernels take (lanes and tile sizes).
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]

@@ -16,11 +16,15 @@
 //! virtual rows with zeros elsewhere); rows are split into groups fixed by the problem size
 //! and the partials summed in order (deterministic).
 //!
-//! Kernels. On x86-64 with AVX2+FMA, register-tiled micro-kernels: forward tiles 6 rows × 16
-//! output channels (12 ymm accumulators) over the whole 27·C reduction, so each output is
-//! stored once; the weight gradient tiles reduction indices × output channels over blocks of
-//! lines (`wg_plan.rs`). The forward pads channel counts to a multiple of 8 inside its packed
-//! buffers. Elsewhere a portable path runs the same decomposition through matrixmultiply's GEMM.
+//! Kernels. On x86-64 with AVX2+FMA or AVX-512, register-tiled micro-kernels. The forward
+//! (`forward_ztaps`) reuses each broadcast input value for its three z-taps: per reduction
+//! step (tap group t = (a, b), input channel ci') the tile loads the three weight rows of
+//! c = 0, 1, 2 and broadcasts input rows q = 0..N+2 once each, row q feeding output rows q,
+//! q − 1 and q − 2; the reduction is cut into L1-sized blocks applied to a whole group of lines
+//! before the next (`ztap_tiles`). The weight gradient tiles reduction indices × output
+//! channels over blocks of lines (`wg_plan.rs`). The forward pads channel counts to a
+//! multiple of 8 inside its packed buffers. Elsewhere a portable path runs the same
+//! decomposition through matrixmultiply's GEMM.
 //!
 //! Outputs are written (=).
 
@@ -226,6 +230,52 @@ fn portable_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize) -> Vec<
     sum_in_order(partials, co * kdim)
 }
 
+/// One register tile of the SIMD forward (`forward_ztaps`): `rows` consecutive virtual rows
+/// from `row`, written to rows `out_row`.. of the runs' output, reduction steps u0..u1.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ZtapTile {
+    pub row: usize,
+    pub out_row: usize,
+    pub rows: usize,
+    pub u0: usize,
+    pub u1: usize,
+}
+
+/// Bytes of weight rows one reduction block of the SIMD forward reads: an L1-resident block.
+#[cfg(target_arch = "x86_64")]
+const ZTAP_BLOCK_BYTES: usize = 24 << 10;
+
+/// The tiles of the SIMD forward over `runs` ((first virtual row, rows)) for one block of
+/// `width` output channels, in execution order. The reduction, u = t·ci + ci' (9·ci steps, each
+/// the three z-taps c of input channel ci' in tap group t), is cut into balanced blocks whose
+/// weight rows (3·width values per step) stay in L1; each block is applied to every tile of
+/// every run before the next, tiles keeping their partial sums in the output between blocks.
+/// Runs are cut into balanced tiles of at most `max_rows` rows. Each output takes its FMAs in
+/// the order (t, ci', c) whatever the tiling and block sizes, so the AVX2 and AVX-512 kernels,
+/// which tile differently, give the same bits.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn ztap_tiles(runs: &[(usize, usize)], ci: usize, width: usize, max_rows: usize) -> Vec<ZtapTile> {
+    let total = 9 * ci;
+    let blocks = total.div_ceil((ZTAP_BLOCK_BYTES / (3 * width * 4)).max(1));
+    let mut tiles = Vec::new();
+    for b in 0..blocks {
+        let (u0, u1) = (b * total / blocks, (b + 1) * total / blocks);
+        let mut out_row = 0;
+        for &(row, len) in runs {
+            let mut i = 0;
+            while i < len {
+                // Balanced: a run of 26 rows as 13 + 13, not 24 + 2.
+                let rows = (len - i).div_ceil((len - i).div_ceil(max_rows));
+                tiles.push(ZtapTile { row: row + i, out_row: out_row + i, rows, u0, u1 });
+                i += rows;
+            }
+            out_row += len;
+        }
+    }
+    tiles
+}
+
 // ---- x86-64 SIMD path (AVX2 or AVX-512 micro-kernels) -----------------------------------------------------------------------
 #[cfg(target_arch = "x86_64")]
 fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, residual: Option<&[f32]>) -> Vec<f32> {
@@ -240,33 +290,39 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
     // Only the real voxels' rows: line (n, x, y) of Z voxels is the run of Z consecutive
     // virtual rows from `line_row`, computed straight into the output (the padding rows, 13 %
     // of the work at 64×64×16 and 41 % at 32×32×8, are never computed, and no gather pass).
-    // Short lines (Z < 8: coarse levels) would make register tiles of Z rows, each streaming
-    // the whole weight matrix: there a plane's lines are computed as one run of virtual rows
-    // (the z padding between lines included) and their real rows copied out.
+    // Each task takes a group of lines, so a reduction block's weights serve all their tiles.
+    // Short lines (Z < 8: coarse levels) would make register tiles of Z rows: there a plane's
+    // lines are computed as one run of virtual rows (the z padding between lines included)
+    // and their real rows copied out.
     let z = g.v.z;
     let mut y = vec![0.0f32; g.lines() * z * cop];
     if z >= 8 {
         let lines_per_task = (ROW_BLOCK / z).min(g.lines().div_ceil(8)).max(1);
         y.par_chunks_mut(lines_per_task * z * cop).enumerate().for_each(|(task, yb)| {
-            for (j, out) in yb.chunks_mut(z * cop).enumerate() {
-                // SAFETY: AVX2/FMA availability was checked by the caller; the bounds by the
-                // assert (every line's rows lie below g.rows).
-                unsafe { kernels.forward_rows(xp, ci, &g.offs, 3 * ci, &bt, cop, &bias_p, g.line_row(task * lines_per_task + j), out) }
-            }
+            let first = task * lines_per_task;
+            let runs: Vec<(usize, usize)> = (first..first + yb.len() / (z * cop)).map(|l| (g.line_row(l), z)).collect();
+            // SAFETY: the kernels are available (caller); every line's rows lie below g.rows,
+            // checked by the assert above; yb holds the runs' rows.
+            unsafe { kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, yb) }
         });
     } else {
         let (vy, pz) = (g.v.y, z + 2);
         let run = (vy - 1) * pz + z; // virtual rows from a plane's first real row to its last
-        y.par_chunks_mut(vy * z * cop).enumerate().for_each_init(
-            || vec![0.0f32; run * cop],
-            |tmp, (plane, yb)| {
-                // SAFETY: as above; the plane's rows lie below g.rows.
-                unsafe { kernels.forward_rows(xp, ci, &g.offs, 3 * ci, &bt, cop, &bias_p, g.line_row(plane * vy), tmp) };
-                for (yi, dst) in yb.chunks_mut(z * cop).enumerate() {
-                    dst.copy_from_slice(&tmp[yi * pz * cop..(yi * pz + z) * cop]);
+        let planes = g.v.n * g.v.x;
+        let planes_per_task = (ROW_BLOCK / run).min(planes.div_ceil(8)).max(1);
+        y.par_chunks_mut(planes_per_task * vy * z * cop).enumerate().for_each_init(Vec::new, |tmp: &mut Vec<f32>, (task, yb)| {
+            let first = task * planes_per_task;
+            let runs: Vec<(usize, usize)> = (first..first + yb.len() / (vy * z * cop)).map(|p| (g.line_row(p * vy), run)).collect();
+            tmp.resize(runs.len() * run * cop, 0.0);
+            // SAFETY: as above; the planes' rows lie below g.rows.
+            unsafe { kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, tmp) };
+            for (p, yp) in yb.chunks_mut(vy * z * cop).enumerate() {
+                for (yi, dst) in yp.chunks_mut(z * cop).enumerate() {
+                    let s = (p * run + yi * pz) * cop;
+                    dst.copy_from_slice(&tmp[s..s + z * cop]);
                 }
-            },
-        );
+            }
+        });
     }
     if cop == co {
         // The residual added in place (to the rounded output, as the composition's add).
@@ -312,4 +368,34 @@ fn simd_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize, kernels: Cp
         })
         .collect();
     sum_in_order(partials, co * kdim)
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Every (output row, reduction step) is covered by exactly one tile, and an output row's
+    /// steps come in increasing order (the summation order the bits depend on); tiles respect
+    /// the row limit, stay inside their run and read the virtual rows their run maps them to.
+    #[test]
+    fn ztap_tiles_cover_each_output_and_step_once_in_order() {
+        for (runs, ci, width, max_rows) in [(vec![(0, 32), (40, 32)], 16, 16, 24), (vec![(5, 26)], 64, 32, 12), (vec![(3, 7), (20, 1), (30, 13)], 33, 8, 11), (vec![(0, 1)], 1, 16, 24)] {
+            let tiles = ztap_tiles(&runs, ci, width, max_rows);
+            let starts: Vec<usize> = runs.iter().scan(0, |o, r| { let s = *o; *o += r.1; Some(s) }).collect();
+            let total_rows: usize = runs.iter().map(|r| r.1).sum();
+            let mut next_u = vec![0usize; total_rows];
+            for t in &tiles {
+                assert!(t.rows >= 1 && t.rows <= max_rows && t.u0 < t.u1, "{t:?}");
+                let r = starts.iter().rposition(|&s| s <= t.out_row).unwrap();
+                let ((row0, len), start) = (runs[r], starts[r]);
+                assert_eq!(t.row, row0 + t.out_row - start, "{t:?}");
+                assert!(t.out_row + t.rows <= start + len, "{t:?} crosses its run's end");
+                for o in t.out_row..t.out_row + t.rows {
+                    assert_eq!(next_u[o], t.u0, "row {o}: steps out of order at {t:?}");
+                    next_u[o] = t.u1;
+                }
+            }
+            assert!(next_u.iter().all(|&u| u == 9 * ci), "{runs:?}: every row takes all 9·ci steps");
+        }
+    }
 }
