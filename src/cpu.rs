@@ -151,29 +151,52 @@ pub fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     acc
 }
 
+/// A new vector of `n` f32 built in parallel chunks: `f(i, chunk)` fills chunk i (elements
+/// i·chunk.., the last one shorter), which it receives zeroed. Each chunk is zeroed just before
+/// `f` writes it, while it is in cache, so an output costs one pass over memory instead of the
+/// two of `vec![0.0; n]` followed by the writes (a 33 MB activation: ~2 ms less per tensor).
+pub fn par_build(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+    par_build_init(n, chunk, || (), |_, i, c| f(i, c))
+}
+
+/// `par_build` with per-thread scratch state made by `init` (as rayon's `for_each_init`).
+pub fn par_build_init<T>(n: usize, chunk: usize, init: impl Fn() -> T + Sync + Send, f: impl Fn(&mut T, usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    if n > 0 {
+        v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(init, |state, (i, c)| {
+            // SAFETY: zero bytes are the f32 0.0, so after write_bytes the chunk is initialised
+            // and may be viewed as &mut [f32] (same layout as MaybeUninit<f32>).
+            let c = unsafe {
+                std::ptr::write_bytes(c.as_mut_ptr(), 0, c.len());
+                &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
+            };
+            f(state, i, c)
+        });
+    }
+    // SAFETY: every element of 0..n was initialised by its chunk above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Elementwise map of one slice into a new vector, in parallel.
-pub fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(o, i)| {
-        for (o, &i) in o.iter_mut().zip(i) {
+pub fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    par_build(x.len(), CHUNK, |i, o| {
+        for (o, &i) in o.iter_mut().zip(&x[i * CHUNK..]) {
             *o = f(i);
         }
-    });
-    out
+    })
 }
 
 /// Elementwise map of two slices into a new vector, in parallel.
-pub fn par_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+pub fn par_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
     assert_eq!(a.len(), b.len());
-    let mut out = vec![0.0f32; a.len()];
-    out.par_chunks_mut(1 << 14)
-        .zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14)))
-        .for_each(|(o, (a, b))| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
-            }
-        });
-    out
+    const CHUNK: usize = 1 << 14;
+    par_build(a.len(), CHUNK, |i, o| {
+        for ((o, &a), &b) in o.iter_mut().zip(&a[i * CHUNK..]).zip(&b[i * CHUNK..]) {
+            *o = f(a, b);
+        }
+    })
 }
 
 /// Sum of the rows of a row-major [rows, width] matrix, deterministic.

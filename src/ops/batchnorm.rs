@@ -62,16 +62,14 @@ const F32_BLOCK_ROWS: usize = 256;
 pub fn bn_apply_cpu(x: &[f32], c: usize, st: &BnStats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
     let scale: Vec<f32> = (0..c).map(|j| (st.invstd[j] * gamma[j] as f64) as f32).collect();
     let mean: Vec<f32> = st.mean.iter().map(|&m| m as f32).collect();
-    let mut y = vec![0.0f32; x.len()];
     let rows = (1usize << 14).div_ceil(c).max(1) * c;
-    y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yb, xb)| {
-        for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+    crate::cpu::par_build(x.len(), rows, |i, yb| {
+        for (yr, xr) in yb.chunks_exact_mut(c).zip(x[i * rows..].chunks_exact(c)) {
             for j in 0..c {
                 yr[j] = (xr[j] - mean[j]) * scale[j] + beta[j];
             }
         }
-    });
-    y
+    })
 }
 
 /// BN → ReLU of eval mode as per-channel f32 constants, applied element by element exactly as
@@ -113,14 +111,12 @@ impl BnReluEval {
     /// The whole [M, C] tensor (C = the number of channels).
     pub fn apply(&self, x: &[f32]) -> Vec<f32> {
         let c = self.mean.len();
-        let mut y = vec![0.0f32; x.len()];
         let rows = (1usize << 14).div_ceil(c).max(1) * c;
-        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yb, xb)| {
-            for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+        crate::cpu::par_build(x.len(), rows, |i, yb| {
+            for (yr, xr) in yb.chunks_exact_mut(c).zip(x[i * rows..].chunks_exact(c)) {
                 self.apply_row(xr, yr);
             }
-        });
-        y
+        })
     }
 }
 

@@ -12,9 +12,8 @@ use crate::tensor::{Tensor, Vol};
 
 pub fn upsample2_crop_forward_cpu(x: &[f32], v: Vol, tx: usize, ty: usize, tz: usize) -> Vec<f32> {
     let c = v.c;
-    let mut y = vec![0.0f32; v.n * tx * ty * tz * c];
     let row = tz * c;
-    y.par_chunks_mut(row.max(1)).enumerate().for_each(|(r, yr)| {
+    crate::cpu::par_build(v.n * tx * ty * tz * c, row, |r, yr| {
         let yi = r % ty;
         let xi = (r / ty) % tx;
         let nb = r / (ty * tx);
@@ -22,8 +21,7 @@ pub fn upsample2_crop_forward_cpu(x: &[f32], v: Vol, tx: usize, ty: usize, tz: u
             let src = (((nb * v.x + xi / 2) * v.y + yi / 2) * v.z + zi / 2) * c;
             yr[zi * c..(zi + 1) * c].copy_from_slice(&x[src..src + c]);
         }
-    });
-    y
+    })
 }
 
 pub fn upsample2_crop_backward_cpu(dy: &[f32], v: Vol, tx: usize, ty: usize, tz: usize) -> Vec<f32> {

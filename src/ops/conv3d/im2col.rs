@@ -126,10 +126,11 @@ pub fn forward(x: &[f32], v: Vol, wp: &[f32], taps: &[usize], bias: Option<&[f32
         if direct {
             avx2::check_rows(x.len(), kdim, &[0], kdim, 0, m);
         }
-        let mut yp = vec![0.0f32; m * cop];
-        yp.par_chunks_mut(rows * cop).enumerate().for_each_init(
+        let yp = crate::cpu::par_build_init(
+            m * cop,
+            rows * cop,
             || vec![0.0f32; if direct { 0 } else { rows * kdim }],
-            |cols, (bi, yb)| {
+            |cols, bi, yb| {
                 let nr = yb.len() / cop;
                 // SAFETY: AVX2/FMA checked by the caller (`kernels`); operand bounds checked above
                 // (direct) or by construction (the block's own im2col buffer).
@@ -172,13 +173,11 @@ fn strip_columns(m: Vec<f32>, width: usize, c: usize) -> Vec<f32> {
         return m;
     }
     let rows = m.len() / width;
-    let mut out = vec![0.0f32; rows * c];
-    out.par_chunks_mut(c * 1024).zip(m.par_chunks(width * 1024)).for_each(|(d, s)| {
-        for (d, s) in d.chunks_exact_mut(c).zip(s.chunks_exact(width)) {
+    crate::cpu::par_build(rows * c, c * 1024, |i, d| {
+        for (d, s) in d.chunks_exact_mut(c).zip(m[i * width * 1024..].chunks_exact(width)) {
             d.copy_from_slice(&s[..c]);
         }
-    });
-    out
+    })
 }
 
 /// dw [Co, k, k, k, Ci] from x and dy.

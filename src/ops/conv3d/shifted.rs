@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
-use crate::cpu::{Mat, SyncPtr, gemm, row_groups, sum_in_order, transpose_padded};
+use crate::cpu::{Mat, SyncPtr, gemm, par_build, row_groups, sum_in_order, transpose_padded};
 use super::CpuKernels;
 use crate::ops::batchnorm::BnReluEval;
 use crate::tensor::Vol;
@@ -130,8 +130,8 @@ fn pad_volume(x: &[f32], v: Vol, input: Option<&BnReluEval>) -> Vec<f32> {
     let (px, py, pz, c) = (v.x + 2, v.y + 2, v.z + 2, v.c);
     // BN → ReLU a whole line of Z voxels at a time (constants tiled along the line).
     let line_bn = input.map(|bn| bn.tiled(v.z));
-    let mut out = vec![0.0f32; v.n * px * py * pz * c];
-    out.par_chunks_mut(py * pz * c).enumerate().for_each(|(plane, dst)| {
+    // Planes arrive zeroed (`par_build`, in cache): the padding stays, the lines are written.
+    par_build(v.n * px * py * pz * c, py * pz * c, |plane, dst| {
         let (nb, xp) = (plane / px, plane % px);
         if xp == 0 || xp == px - 1 {
             return;
@@ -144,8 +144,7 @@ fn pad_volume(x: &[f32], v: Vol, input: Option<&BnReluEval>) -> Vec<f32> {
                 Some(bn) => bn.apply_row(&x[src..src + v.z * c], &mut dst[d..d + v.z * c]),
             }
         }
-    });
-    out
+    })
 }
 
 /// Copy the real voxels' rows out of a [rows, width] virtual-row buffer (first `c` columns),
@@ -295,35 +294,34 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
     // lines are computed as one run of virtual rows (the z padding between lines included)
     // and their real rows copied out.
     let z = g.v.z;
-    let mut y = vec![0.0f32; g.lines() * z * cop];
-    if z >= 8 {
+    let mut y = if z >= 8 {
         let lines_per_task = (ROW_BLOCK / z).min(g.lines().div_ceil(8)).max(1);
-        y.par_chunks_mut(lines_per_task * z * cop).enumerate().for_each(|(task, yb)| {
+        par_build(g.lines() * z * cop, lines_per_task * z * cop, |task, yb| {
             let first = task * lines_per_task;
             let runs: Vec<(usize, usize)> = (first..first + yb.len() / (z * cop)).map(|l| (g.line_row(l), z)).collect();
             // SAFETY: the kernels are available (caller); every line's rows lie below g.rows,
             // checked by the assert above; yb holds the runs' rows.
             unsafe { kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, yb) }
-        });
+        })
     } else {
         let (vy, pz) = (g.v.y, z + 2);
         let run = (vy - 1) * pz + z; // virtual rows from a plane's first real row to its last
         let planes = g.v.n * g.v.x;
         let planes_per_task = (ROW_BLOCK / run).min(planes.div_ceil(8)).max(1);
-        y.par_chunks_mut(planes_per_task * vy * z * cop).enumerate().for_each_init(Vec::new, |tmp: &mut Vec<f32>, (task, yb)| {
+        par_build(g.lines() * z * cop, planes_per_task * vy * z * cop, |task, yb| {
             let first = task * planes_per_task;
             let runs: Vec<(usize, usize)> = (first..first + yb.len() / (vy * z * cop)).map(|p| (g.line_row(p * vy), run)).collect();
-            tmp.resize(runs.len() * run * cop, 0.0);
+            let mut tmp = vec![0.0f32; runs.len() * run * cop];
             // SAFETY: as above; the planes' rows lie below g.rows.
-            unsafe { kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, tmp) };
+            unsafe { kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, &mut tmp) };
             for (p, yp) in yb.chunks_mut(vy * z * cop).enumerate() {
                 for (yi, dst) in yp.chunks_mut(z * cop).enumerate() {
                     let s = (p * run + yi * pz) * cop;
                     dst.copy_from_slice(&tmp[s..s + z * cop]);
                 }
             }
-        });
-    }
+        })
+    };
     if cop == co {
         // The residual added in place (to the rounded output, as the composition's add).
         if let Some(res) = residual {
@@ -332,16 +330,14 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
         return y;
     }
     // Drop the padded channels, add the residual (to the rounded output, as the composition).
-    let mut out = vec![0.0f32; g.v.voxels() * co];
-    out.par_chunks_mut(z * co).zip(y.par_chunks(z * cop)).enumerate().for_each(|(line, (dst, src))| {
-        for (d, s) in dst.chunks_exact_mut(co).zip(src.chunks_exact(cop)) {
+    par_build(g.v.voxels() * co, z * co, |line, dst| {
+        for (d, s) in dst.chunks_exact_mut(co).zip(y[line * z * cop..].chunks_exact(cop)) {
             d.copy_from_slice(&s[..co]);
         }
         if let Some(res) = residual {
             dst.iter_mut().zip(&res[line * z * co..(line + 1) * z * co]).for_each(|(d, &s)| *d += s);
         }
-    });
-    out
+    })
 }
 
 /// Parallel groups of lines of the SIMD weight gradient: fixed by the shape (never by the
