@@ -159,6 +159,21 @@ pub fn par_build(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + 
     par_build_init(n, chunk, || (), |_, i, c| f(i, c))
 }
 
+/// `par_build` without the zeroing, for producers that write every element themselves (the
+/// convolution kernels, copies): `f(i, chunk)` gets chunk i uninitialised.
+///
+/// # Safety
+/// `f` must initialise every element of its chunk before returning.
+pub unsafe fn par_build_uninit(n: usize, chunk: usize, f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    if n > 0 {
+        v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| f(i, c));
+    }
+    // SAFETY: the caller's `f` initialised every chunk.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `par_build` with per-thread scratch state made by `init` (as rayon's `for_each_init`).
 pub fn par_build_init<T>(n: usize, chunk: usize, init: impl Fn() -> T + Sync + Send, f: impl Fn(&mut T, usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(n);

@@ -214,10 +214,10 @@ pub const ZT_ROWS: usize = 11;
 /// # Safety
 /// As `avx512::forward_ztaps`, with AVX2 and FMA instead of AVX-512F.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [f32]) {
+pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
     debug_assert!(bt.len() >= 27 * ci * cop && bias.len() >= cop && cop % 8 == 0);
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
-    let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
+    let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
     for cb in (0..cop).step_by(8) {
         for tile in super::shifted::ztap_tiles(runs, ci, 8, ZT_ROWS) {
             let args = (xp, ci, offs, bt, cop, bias, tile.row, cb, o.add(tile.out_row * cop), tile.u0, tile.u1);

@@ -254,17 +254,18 @@ pub const ZT_ROWS: [usize; 2] = [24, 12];
 /// The shifted 3×3×3 forward with z-tap reuse over `runs` of consecutive virtual rows (see
 /// `shifted::ztap_tiles` for the order): out[o, :] = bias + Σ_t Σ_ci Σ_c
 /// xp[(r + c + offs[t])·ci + ci'] · bt[(t·3ci + c·ci + ci')·cop + :] (written =), out holding
-/// the runs' rows one after another ([Σ len, cop], cop a multiple of 8).
+/// the runs' rows one after another ([Σ len, cop], cop a multiple of 8; every element is
+/// written, so `out` may start uninitialised).
 ///
 /// # Safety
 /// AVX-512F and FMA must be available; for every run, `avx2::check_rows(xp.len(), ci, offs,
 /// 3·ci, row, row + len)` must hold; `bt` must hold 27·ci·cop values, `bias` cop values and
 /// `out` Σ len · cop.
 #[target_feature(enable = "avx512f,fma")]
-pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [f32]) {
+pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
     debug_assert!(bt.len() >= 27 * ci * cop && bias.len() >= cop && cop % 8 == 0);
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
-    let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
+    let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
     for (cb, v, mask) in channel_blocks(cop) {
         for tile in super::shifted::ztap_tiles(runs, ci, 16 * v, ZT_ROWS[v - 1]) {
             let args = ZtArgs { xp, ci, offs, bt, cop, bias, r: tile.row, cb, out: o.add(tile.out_row * cop), mask, u0: tile.u0, u1: tile.u1 };

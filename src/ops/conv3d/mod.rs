@@ -117,7 +117,7 @@ impl CpuKernels {
     /// As the chosen kernel's: the set must be available and the operands in bounds.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn forward_ztaps(self, xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [f32]) {
+    pub(crate) unsafe fn forward_ztaps(self, xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
         // SAFETY: the caller's contract is the kernels'.
         unsafe {
             match self {

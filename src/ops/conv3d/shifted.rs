@@ -28,11 +28,14 @@
 //!
 //! Outputs are written (=).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
-use crate::cpu::{Mat, SyncPtr, gemm, par_build, row_groups, sum_in_order, transpose_padded};
+
+use crate::cpu::{Mat, SyncPtr, gemm, par_build, par_build_uninit, row_groups, sum_in_order, transpose_padded};
 use super::CpuKernels;
 use crate::ops::batchnorm::BnReluEval;
 use crate::tensor::Vol;
@@ -130,21 +133,34 @@ fn pad_volume(x: &[f32], v: Vol, input: Option<&BnReluEval>) -> Vec<f32> {
     let (px, py, pz, c) = (v.x + 2, v.y + 2, v.z + 2, v.c);
     // BN → ReLU a whole line of Z voxels at a time (constants tiled along the line).
     let line_bn = input.map(|bn| bn.tiled(v.z));
-    // Planes arrive zeroed (`par_build`, in cache): the padding stays, the lines are written.
-    par_build(v.n * px * py * pz * c, py * pz * c, |plane, dst| {
-        let (nb, xp) = (plane / px, plane % px);
-        if xp == 0 || xp == px - 1 {
-            return;
-        }
-        for yi in 0..v.y {
-            let src = ((nb * v.x + xp - 1) * v.y + yi) * v.z * c;
-            let d = ((yi + 1) * pz + 1) * c;
-            match &line_bn {
-                None => dst[d..d + v.z * c].copy_from_slice(&x[src..src + v.z * c]),
-                Some(bn) => bn.apply_row(&x[src..src + v.z * c], &mut dst[d..d + v.z * c]),
+    let zero = |d: &mut [MaybeUninit<f32>]| d.iter_mut().for_each(|e| _ = e.write(0.0));
+    // SAFETY: each plane is written in full: border planes zeroed, in the others the border
+    // lines (y = 0, Y + 1) and cells (z = 0, Z + 1) zeroed and every line's Z·C values written.
+    unsafe {
+        par_build_uninit(v.n * px * py * pz * c, py * pz * c, |plane, dst| {
+            let (nb, xp) = (plane / px, plane % px);
+            if xp == 0 || xp == px - 1 {
+                return zero(dst);
             }
-        }
-    })
+            zero(&mut dst[..pz * c]);
+            zero(&mut dst[(py - 1) * pz * c..]);
+            for yi in 0..v.y {
+                let src = &x[((nb * v.x + xp - 1) * v.y + yi) * v.z * c..][..v.z * c];
+                let line = &mut dst[(yi + 1) * pz * c..(yi + 2) * pz * c];
+                zero(&mut line[..c]);
+                zero(&mut line[(pz - 1) * c..]);
+                let d = &mut line[c..(pz - 1) * c];
+                match &line_bn {
+                    None => d.iter_mut().zip(src).for_each(|(d, &s)| _ = d.write(s)),
+                    Some(bn) => {
+                        zero(d);
+                        // SAFETY: just initialised; MaybeUninit<f32> has f32's layout.
+                        bn.apply_row(src, &mut *(d as *mut [MaybeUninit<f32>] as *mut [f32]))
+                    }
+                }
+            }
+        })
+    }
 }
 
 /// Copy the real voxels' rows out of a [rows, width] virtual-row buffer (first `c` columns),
@@ -294,39 +310,53 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
     // lines are computed as one run of virtual rows (the z padding between lines included)
     // and their real rows copied out.
     let z = g.v.z;
-    let mut y = if z >= 8 {
+    // The residual is added to each task's rows right after the kernel wrote them (in cache;
+    // to the rounded output, as the composition's add), unless padded channels are dropped
+    // first (below).
+    let add_residual = |first_voxel: usize, yb: &mut [MaybeUninit<f32>]| {
+        if let (Some(res), true) = (residual, cop == co) {
+            // SAFETY: the kernel initialised the whole chunk; same layout.
+            let yb = unsafe { &mut *(yb as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            yb.iter_mut().zip(&res[first_voxel * co..]).for_each(|(d, &s)| *d += s);
+        }
+    };
+    let n = g.lines() * z * cop;
+    // SAFETY (both branches): the kernels are available (caller); every line's rows lie below
+    // g.rows (assert above); `forward_ztaps` writes every row of its runs, which are exactly
+    // the task's chunk (z ≥ 8), or the copy below writes every real row of the task's planes.
+    let y = if z >= 8 {
         let lines_per_task = (ROW_BLOCK / z).min(g.lines().div_ceil(8)).max(1);
-        par_build(g.lines() * z * cop, lines_per_task * z * cop, |task, yb| {
-            let first = task * lines_per_task;
-            let runs: Vec<(usize, usize)> = (first..first + yb.len() / (z * cop)).map(|l| (g.line_row(l), z)).collect();
-            // SAFETY: the kernels are available (caller); every line's rows lie below g.rows,
-            // checked by the assert above; yb holds the runs' rows.
-            unsafe { kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, yb) }
-        })
+        unsafe {
+            par_build_uninit(n, lines_per_task * z * cop, |task, yb| {
+                let first = task * lines_per_task;
+                let runs: Vec<(usize, usize)> = (first..first + yb.len() / (z * cop)).map(|l| (g.line_row(l), z)).collect();
+                kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, yb);
+                add_residual(first * z, yb);
+            })
+        }
     } else {
         let (vy, pz) = (g.v.y, z + 2);
         let run = (vy - 1) * pz + z; // virtual rows from a plane's first real row to its last
         let planes = g.v.n * g.v.x;
         let planes_per_task = (ROW_BLOCK / run).min(planes.div_ceil(8)).max(1);
-        par_build(g.lines() * z * cop, planes_per_task * vy * z * cop, |task, yb| {
-            let first = task * planes_per_task;
-            let runs: Vec<(usize, usize)> = (first..first + yb.len() / (vy * z * cop)).map(|p| (g.line_row(p * vy), run)).collect();
-            let mut tmp = vec![0.0f32; runs.len() * run * cop];
-            // SAFETY: as above; the planes' rows lie below g.rows.
-            unsafe { kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, &mut tmp) };
-            for (p, yp) in yb.chunks_mut(vy * z * cop).enumerate() {
-                for (yi, dst) in yp.chunks_mut(z * cop).enumerate() {
-                    let s = (p * run + yi * pz) * cop;
-                    dst.copy_from_slice(&tmp[s..s + z * cop]);
+        unsafe {
+            par_build_uninit(n, planes_per_task * vy * z * cop, |task, yb| {
+                let first = task * planes_per_task;
+                let runs: Vec<(usize, usize)> = (first..first + yb.len() / (vy * z * cop)).map(|p| (g.line_row(p * vy), run)).collect();
+                let mut tmp = Vec::with_capacity(runs.len() * run * cop);
+                kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, tmp.spare_capacity_mut());
+                tmp.set_len(runs.len() * run * cop);
+                for (p, yp) in yb.chunks_mut(vy * z * cop).enumerate() {
+                    for (yi, dst) in yp.chunks_mut(z * cop).enumerate() {
+                        let s = (p * run + yi * pz) * cop;
+                        dst.iter_mut().zip(&tmp[s..s + z * cop]).for_each(|(d, &s)| _ = d.write(s));
+                    }
                 }
-            }
-        })
+                add_residual(first * vy * z, yb);
+            })
+        }
     };
     if cop == co {
-        // The residual added in place (to the rounded output, as the composition's add).
-        if let Some(res) = residual {
-            y.par_chunks_mut(1 << 16).zip(res.par_chunks(1 << 16)).for_each(|(d, r)| d.iter_mut().zip(r).for_each(|(d, &s)| *d += s));
-        }
         return y;
     }
     // Drop the padded channels, add the residual (to the rounded output, as the composition).
