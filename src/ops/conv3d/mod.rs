@@ -234,15 +234,15 @@ pub fn conv3d_backward_input_cpu_with(dy: &[f32], v_out: Vol, w: &[f32], ci: usi
         par_gemm(v_out.voxels(), co, ci, Mat::rows(dy, co), Mat::rows(w, ci), 0.0, &mut dx);
         return dx;
     }
-    let taps = valid_taps(v_out, k);
-    let wp = pack_weight(w, co, ci, k, &taps, true);
     #[cfg(target_arch = "x86_64")]
     if channel_split::applicable(v_out, ci, k, kernels) {
-        return channel_split::forward_packed(dy, v_out, &wp, None, ci, k, kernels);
+        return channel_split::input_grad(dy, v_out, w, ci, k, kernels);
     }
     if shifted::applicable(v_out, k) {
-        return shifted::forward(dy, v_out, &wp, None, ci, kernels);
+        return shifted::input_grad(dy, v_out, w, ci, kernels);
     }
+    let taps = valid_taps(v_out, k);
+    let wp = pack_weight(w, co, ci, k, &taps, true);
     im2col::forward(dy, v_out, &wp, &taps, None, ci, k, kernels)
 }
 

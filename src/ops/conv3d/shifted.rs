@@ -65,10 +65,34 @@ pub fn forward_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usi
     let g = Geometry::of(v);
     #[cfg(target_arch = "x86_64")]
     if kernels.simd() {
-        return simd_forward(&xp, &g, w, bias, co, kernels, residual);
+        let bt = transpose_padded(w, co, 27 * v.c, 27 * v.c, co.next_multiple_of(8)); // [27·Ci, cop]
+        return simd_forward(&xp, &g, &bt, bias, co, kernels, residual);
     }
     let _ = kernels;
     portable_forward(&xp, &g, w, bias, co, residual)
+}
+
+/// The input gradient dx [N, X, Y, Z, Ci] = conv(dy, w_flip) of the convolution with weight `w`
+/// [Co, 27·Ci], from dy [N, X, Y, Z, Co] (v_out.c = Co). On the SIMD path the kernels' [27·Co,
+/// Ci] operand, w_flip transposed, is w's rows in flipped tap order: built by copies, without
+/// the flipped kernel.
+pub fn input_grad(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, kernels: CpuKernels) -> Vec<f32> {
+    assert!(applicable(v_out, 3), "shifted conv on {v_out:?}");
+    let co = v_out.c;
+    assert_eq!(w.len(), co * 27 * ci, "conv3d backward: weight size");
+    #[cfg(target_arch = "x86_64")]
+    if kernels.simd() {
+        let cip = ci.next_multiple_of(8);
+        let mut bt = vec![0.0f32; 27 * co * cip];
+        // bt[(t·Co + o)·cip + i] = w_flip[i, t, o] = w[o, 26 − t, i].
+        for (row, dst) in bt.chunks_exact_mut(cip).enumerate() {
+            let (t, o) = (row / co, row % co);
+            dst[..ci].copy_from_slice(&w[(o * 27 + 26 - t) * ci..][..ci]);
+        }
+        return simd_forward(&pad_volume(dy, v_out, None), &Geometry::of(v_out), &bt, None, ci, kernels, None);
+    }
+    let wp = super::pack_weight(w, co, ci, 3, &(0..27).collect::<Vec<_>>(), true);
+    forward(dy, v_out, &wp, None, ci, kernels)
 }
 
 /// dW [Co, 27·Ci] from x [N, X, Y, Z, Ci] and dy [N, X, Y, Z, Co].
@@ -292,11 +316,13 @@ pub(super) fn ztap_tiles(runs: &[(usize, usize)], ci: usize, width: usize, max_r
 }
 
 // ---- x86-64 SIMD path (AVX2 or AVX-512 micro-kernels) -----------------------------------------------------------------------
+/// The SIMD forward with the transposed weight `bt` [27·Ci, cop] (cop = Co rounded up to 8,
+/// padded columns zero).
 #[cfg(target_arch = "x86_64")]
-fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, residual: Option<&[f32]>) -> Vec<f32> {
+fn simd_forward(xp: &[f32], g: &Geometry, bt: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, residual: Option<&[f32]>) -> Vec<f32> {
     let ci = g.v.c;
     let cop = co.next_multiple_of(8);
-    let bt = transpose_padded(w, co, 27 * ci, 27 * ci, cop); // [27·Ci, cop]
+    assert_eq!(bt.len(), 27 * ci * cop, "shifted conv: transposed weight size");
     let mut bias_p = vec![0.0f32; cop];
     if let Some(b) = bias {
         bias_p[..co].copy_from_slice(b);
@@ -330,7 +356,7 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
             par_build_uninit(n, lines_per_task * z * cop, |task, yb| {
                 let first = task * lines_per_task;
                 let runs: Vec<(usize, usize)> = (first..first + yb.len() / (z * cop)).map(|l| (g.line_row(l), z)).collect();
-                kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, yb);
+                kernels.forward_ztaps(xp, ci, &g.offs, bt, cop, &bias_p, &runs, yb);
                 add_residual(first * z, yb);
             })
         }
@@ -344,7 +370,7 @@ fn simd_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: u
                 let first = task * planes_per_task;
                 let runs: Vec<(usize, usize)> = (first..first + yb.len() / (vy * z * cop)).map(|p| (g.line_row(p * vy), run)).collect();
                 let mut tmp = Vec::with_capacity(runs.len() * run * cop);
-                kernels.forward_ztaps(xp, ci, &g.offs, &bt, cop, &bias_p, &runs, tmp.spare_capacity_mut());
+                kernels.forward_ztaps(xp, ci, &g.offs, bt, cop, &bias_p, &runs, tmp.spare_capacity_mut());
                 tmp.set_len(runs.len() * run * cop);
                 for (p, yp) in yb.chunks_mut(vy * z * cop).enumerate() {
                     for (yi, dst) in yp.chunks_mut(z * cop).enumerate() {
