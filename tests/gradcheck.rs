@@ -113,6 +113,49 @@ fn batchnorm_gradients() {
     }
 }
 
+fn bn_relu(g: &Graph, v: &[Var]) -> Var {
+    let c = *v[0].shape().last().unwrap();
+    let rm = Tensor::from_f32(&[c], (0..c).map(|i| 0.1 * i as f32).collect());
+    let rv = Tensor::from_f32(&[c], (0..c).map(|i| 0.5 + 0.2 * i as f32).collect());
+    ops::batchnorm::batch_norm_relu(g, &v[0], &v[1], &v[2], &rm, &rv).unwrap().0
+}
+
+/// The fused relu(batch_norm(x)) against its oracle, the composition of the two ops: the same
+/// bits forward and backward (train and eval), and finite differences.
+#[test]
+fn batchnorm_relu_is_the_composition() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for shape in [vec![2, 3, 4, 2, 5], vec![7, 6], vec![300, 3]] {
+        let c = *shape.last().unwrap();
+        let inputs = vec![rand_tensor(&mut rng, &shape, -2.0, 2.0), rand_tensor(&mut rng, &[c], 0.5, 1.5), rand_tensor(&mut rng, &[c], -0.5, 0.5)];
+        let dy = rand_tensor(&mut rng, &shape, -1.0, 1.0);
+        for make in [Graph::train as fn() -> Graph, Graph::eval_with_grad] {
+            let run = |f: fn(&Graph, &[Var]) -> Var| {
+                let g = make();
+                let vars: Vec<Var> = inputs.iter().map(|t| g.leaf(t.clone())).collect();
+                let y = f(&g, &vars);
+                let grads = g.backward_with(&y, dy.clone()).unwrap();
+                let mut out = vec![y.value.f32s().to_vec()];
+                out.extend(vars.iter().map(|v| grads.get(v).unwrap().f32s().to_vec()));
+                out
+            };
+            let fused = run(bn_relu);
+            let composed = run(|g, v| ops::relu(g, &bn(g, v)).unwrap());
+            for (name, (a, b)) in ["y", "dx", "dgamma", "dbeta"].iter().zip(fused.iter().zip(&composed)) {
+                assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "{shape:?} {name}: fused and composed differ");
+            }
+        }
+    }
+    // Finite differences where no BatchNorm output is near ReLU's kink (β ≥ 3.5 > 1.5 · |x̂|):
+    // a step across the kink makes the quotient meaningless. The masked side is the
+    // composition's bits above, and relu's own finite differences below.
+    for shape in [vec![2, 3, 4, 2, 5], vec![7, 6]] {
+        let c = *shape.last().unwrap();
+        let inputs = vec![rand_tensor(&mut rng, &shape, -2.0, 2.0), rand_tensor(&mut rng, &[c], 0.5, 1.5), rand_tensor(&mut rng, &[c], 3.5, 4.0)];
+        check("batchnorm_relu train", Graph::train, inputs, &[0, 1, 2], bn_relu);
+    }
+}
+
 #[test]
 fn relu_and_add_gradients() {
     let mut rng = StdRng::seed_from_u64(4);

@@ -33,11 +33,9 @@ impl ProjectionHead {
     /// `math` says.
     pub fn forward(&self, g: &Graph, store: &mut ParamStore, x: &Var, math: MatmulMath) -> Result<Var> {
         let h = self.l0.forward(g, store, x, math)?;
-        let h = self.bn1.forward(g, store, &h)?;
-        let h = ops::relu(g, &h)?;
+        let h = self.bn1.forward_relu(g, store, &h)?;
         let h = self.l3.forward(g, store, &h, math)?;
-        let h = self.bn4.forward(g, store, &h)?;
-        let h = ops::relu(g, &h)?;
+        let h = self.bn4.forward_relu(g, store, &h)?;
         let h = self.l6.forward(g, store, &h, math)?;
         ops::l2_normalize_rows(g, &h)
     }

@@ -93,6 +93,17 @@ impl BatchNorm {
         Ok(y)
     }
 
+    /// relu(self.forward(x)), as one op (`ops::batchnorm::batch_norm_relu`).
+    pub fn forward_relu(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {
+        let w = g.param(store, self.weight);
+        let b = g.param(store, self.bias);
+        let (y, update) = ops::batchnorm::batch_norm_relu(g, x, &w, &b, store.get(self.running_mean), store.get(self.running_var))?;
+        if let Some(u) = update {
+            self.store_update(store, u);
+        }
+        Ok(y)
+    }
+
     /// Store a training forward's running statistics and count the batch.
     pub fn store_update(&self, store: &mut ParamStore, u: crate::ops::batchnorm::BnUpdate) {
         store.set(self.running_mean, u.running_mean);
@@ -129,11 +140,9 @@ impl ResBlock3d {
         if !g.is_recording() && !g.is_training() {
             return Ok(Var::constant(if x.value.is_cuda() { self.forward_eval_cuda(store, &x.value)? } else { self.forward_eval_cpu(store, &x.value)? }));
         }
-        let h = self.bn0.forward(g, store, x)?;
-        let h = ops::relu(g, &h)?;
+        let h = self.bn0.forward_relu(g, store, x)?;
         let h = self.conv2.forward(g, store, &h)?;
-        let h = self.bn3.forward(g, store, &h)?;
-        let h = ops::relu(g, &h)?;
+        let h = self.bn3.forward_relu(g, store, &h)?;
         let h = self.conv5.forward(g, store, &h)?;
         let s = match &self.skip {
             Some(c) => c.forward(g, store, x)?,

@@ -13,7 +13,6 @@
 //! on mean-centred values. Outputs are written (=).
 
 use anyhow::{Result, ensure};
-use rayon::prelude::*;
 
 use crate::autograd::{Graph, Var};
 use crate::cpu::par_reduce_rows;
@@ -129,14 +128,34 @@ pub fn bn_backward_cpu(
     gamma: &[f32],
     train: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    bn_backward_masked_cpu(x, dy, None, c, st, gamma, train)
+}
+
+/// `bn_backward_cpu` of dy·[relu_out > 0] (`relu_out` the output of relu(bn(x)), as
+/// `relu_backward_cpu` masks): the gradient of relu(bn(x)) without a masked copy of dy, the
+/// same values as the composition.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward_masked_cpu(x: &[f32], dy: &[f32], relu_out: Option<&[f32]>, c: usize, st: &BnStats, gamma: &[f32], train: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let m = x.len() / c;
+    // dy of rows r0.., masked as relu's backward does, into `buf` (or dy itself unmasked).
+    let rows_of = |r0: usize, n: usize, buf: &'_ mut Vec<f32>| -> Option<()> {
+        let y = relu_out?;
+        buf.clear();
+        buf.extend(dy[r0 * c..(r0 + n) * c].iter().zip(&y[r0 * c..(r0 + n) * c]).map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }));
+        Some(())
+    };
     let mean: Vec<f32> = st.mean.iter().map(|&v| v as f32).collect();
     // acc[0..c] = Σ dy, acc[c..2c] = Σ dy · (x − mean); f32 within blocks of rows, f64 across.
     let acc = par_reduce_rows(m, 2 * c, |r, acc| {
         let mut part = vec![0.0f32; 2 * c];
-        for (bx, bg) in x[r.start * c..r.end * c].chunks(F32_BLOCK_ROWS * c).zip(dy[r.start * c..r.end * c].chunks(F32_BLOCK_ROWS * c)) {
+        let mut gm = Vec::new();
+        for (b, (bx, bg)) in x[r.start * c..r.end * c].chunks(F32_BLOCK_ROWS * c).zip(dy[r.start * c..r.end * c].chunks(F32_BLOCK_ROWS * c)).enumerate() {
             part.fill(0.0);
             let (sg, sgx) = part.split_at_mut(c);
+            let bg = match rows_of(r.start + b * F32_BLOCK_ROWS, bx.len() / c, &mut gm) {
+                Some(()) => &gm[..],
+                None => bg,
+            };
             for (xr, gr) in bx.chunks_exact(c).zip(bg.chunks_exact(c)) {
                 for j in 0..c {
                     sg[j] += gr[j];
@@ -156,10 +175,14 @@ pub fn bn_backward_cpu(
     let k: Vec<f32> = (0..c).map(|j| (gamma[j] as f64 * st.invstd[j]) as f32).collect();
     let u: Vec<f32> = (0..c).map(|j| if train { (-(gamma[j] as f64) * st.invstd[j] * st.invstd[j] * dgamma[j] / mf) as f32 } else { 0.0 }).collect();
     let w: Vec<f32> = (0..c).map(|j| if train { (-(gamma[j] as f64) * st.invstd[j] * dbeta[j] / mf) as f32 } else { 0.0 }).collect();
-    let mut dx = vec![0.0f32; x.len()];
     let rows = (1usize << 14).div_ceil(c).max(1) * c;
-    dx.par_chunks_mut(rows).zip(x.par_chunks(rows).zip(dy.par_chunks(rows))).for_each(|(db, (xb, gb))| {
-        for ((dr, xr), gr) in db.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(gb.chunks_exact(c)) {
+    let dx = crate::cpu::par_build_init(x.len(), rows, Vec::new, |gm, bi, db| {
+        let i0 = bi * rows;
+        let gb = match rows_of(i0 / c, db.len() / c, gm) {
+            Some(()) => &gm[..],
+            None => &dy[i0..i0 + db.len()],
+        };
+        for ((dr, xr), gr) in db.chunks_exact_mut(c).zip(x[i0..].chunks_exact(c)).zip(gb.chunks_exact(c)) {
             for j in 0..c {
                 dr[j] = k[j] * gr[j] + u[j] * (xr[j] - mean[j]) + w[j];
             }
@@ -192,18 +215,7 @@ pub fn batch_norm(
     let xs = x.value.f32s();
     let m = xs.len() / c;
     let train = g.is_training();
-    let (st, update) = if train {
-        ensure!(m > 1, "batch_norm: training needs more than one value per channel, input shape {:?}", x.shape());
-        let st = crate::profile::time("batch_norm stats", || format!("{m}x{c}"), || batch_stats_cpu(xs, c, BN_EPS));
-        let unbias = m as f64 / (m as f64 - 1.0);
-        let rm = running_mean.f32s().iter().zip(&st.mean).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b) as f32).collect();
-        let rv = running_var.f32s().iter().zip(&st.var).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b * unbias) as f32).collect();
-        (st, Some(BnUpdate { running_mean: Tensor::from_f32(&[c], rm), running_var: Tensor::from_f32(&[c], rv) }))
-    } else {
-        let mean = running_mean.f32s().iter().map(|&v| v as f64).collect();
-        let invstd = running_var.f32s().iter().map(|&v| 1.0 / (v as f64 + BN_EPS).sqrt()).collect();
-        (BnStats { mean, invstd, var: vec![] }, None)
-    };
+    let (st, update) = batch_stats_or_running(xs, c, m, train, running_mean, running_var, x.shape())?;
     let y = crate::profile::time("batch_norm forward", || format!("{m}x{c}"), || bn_apply_cpu(xs, c, &st, gamma.value.f32s(), beta.value.f32s()));
     let out = Tensor::from_f32(x.shape(), y);
     let (xv, gv) = (x.value.clone(), gamma.value.clone());
@@ -214,6 +226,63 @@ pub fn batch_norm(
             Some(Tensor::from_f32(&[c], dg)),
             Some(Tensor::from_f32(&[c], db)),
         ])
+    });
+    Ok((var, update))
+}
+
+/// Training: the batch's statistics and the updated running statistics; eval: the running
+/// statistics as `BnStats`.
+fn batch_stats_or_running(xs: &[f32], c: usize, m: usize, train: bool, running_mean: &Tensor, running_var: &Tensor, shape: &[usize]) -> Result<(BnStats, Option<BnUpdate>)> {
+    Ok(if train {
+        ensure!(m > 1, "batch_norm: training needs more than one value per channel, input shape {shape:?}");
+        let st = crate::profile::time("batch_norm stats", || format!("{m}x{c}"), || batch_stats_cpu(xs, c, BN_EPS));
+        let unbias = m as f64 / (m as f64 - 1.0);
+        let rm = running_mean.f32s().iter().zip(&st.mean).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b) as f32).collect();
+        let rv = running_var.f32s().iter().zip(&st.var).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b * unbias) as f32).collect();
+        (st, Some(BnUpdate { running_mean: Tensor::from_f32(&[c], rm), running_var: Tensor::from_f32(&[c], rv) }))
+    } else {
+        let mean = running_mean.f32s().iter().map(|&v| v as f64).collect();
+        let invstd = running_var.f32s().iter().map(|&v| 1.0 / (v as f64 + BN_EPS).sqrt()).collect();
+        (BnStats { mean, invstd, var: vec![] }, None)
+    })
+}
+
+/// relu(batch_norm(x)) as one op on the CPU: BatchNorm's output is never stored, the ReLU
+/// applied as it is written (the same f32 operations as `bn_apply_cpu` then
+/// `relu_forward_cpu`), and the backward masks dy inside BatchNorm's backward
+/// (`bn_backward_masked_cpu`): two passes over the activation fewer than the composition,
+/// with its bits. On the device: the composition.
+pub fn batch_norm_relu(g: &Graph, x: &Var, gamma: &Var, beta: &Var, running_mean: &Tensor, running_var: &Tensor) -> Result<(Var, Option<BnUpdate>)> {
+    if x.value.is_cuda() {
+        let (y, update) = batch_norm(g, x, gamma, beta, running_mean, running_var)?;
+        return Ok((crate::ops::relu(g, &y)?, update));
+    }
+    let c = *x.shape().last().unwrap_or(&0);
+    ensure!(c > 0 && gamma.shape() == [c] && beta.shape() == [c], "batch_norm: {} channels but γ {:?}, β {:?}", c, gamma.shape(), beta.shape());
+    let xs = x.value.f32s();
+    let m = xs.len() / c;
+    let train = g.is_training();
+    let (st, update) = batch_stats_or_running(xs, c, m, train, running_mean, running_var, x.shape())?;
+    let scale: Vec<f32> = (0..c).map(|j| (st.invstd[j] * gamma.value.f32s()[j] as f64) as f32).collect();
+    let mean: Vec<f32> = st.mean.iter().map(|&m| m as f32).collect();
+    let bv = beta.value.f32s();
+    let rows = (1usize << 14).div_ceil(c).max(1) * c;
+    let y = crate::profile::time("batch_norm_relu forward", || format!("{m}x{c}"), || {
+        crate::cpu::par_build(xs.len(), rows, |i, yb| {
+            for (yr, xr) in yb.chunks_exact_mut(c).zip(xs[i * rows..].chunks_exact(c)) {
+                for j in 0..c {
+                    let v = (xr[j] - mean[j]) * scale[j] + bv[j];
+                    yr[j] = if v > 0.0 { v } else { 0.0 };
+                }
+            }
+        })
+    });
+    let out = Tensor::from_f32(x.shape(), y);
+    let (xv, gv, yv) = (x.value.clone(), gamma.value.clone(), g.needs_grad(&[x, gamma, beta]).then(|| out.clone()));
+    let var = g.record("batch_norm_relu", out, &[x, gamma, beta], move |dy| {
+        let y = yv.expect("saved output");
+        let (dx, dg, db) = crate::profile::time("batch_norm_relu backward", String::new, || bn_backward_masked_cpu(xv.f32s(), dy.f32s(), Some(y.f32s()), c, &st, gv.f32s(), train));
+        Ok(vec![Some(Tensor::from_f32(xv.shape(), dx)), Some(Tensor::from_f32(&[c], dg)), Some(Tensor::from_f32(&[c], db))])
     });
     Ok((var, update))
 }
