@@ -9,6 +9,7 @@
 //!   conv_fwd_bwd_w:N,C,X,Y,Z   forward + backward (weight and bias gradients only: a first layer)
 //!   conv_wgrad:N,C,X,Y,Z       the weight gradient alone (`conv3d_backward_weight_cpu`)
 //!   conv_fwd_fused:N,C,X,Y,Z   the eval ResBlock's conv: BN -> ReLU fused into the padding, + residual
+//!   linear_fwd_bwd:N,IN,OUT    linear layer forward + backward (x, weight and bias gradients)
 //!   step_small                 pretraining step: 2 pairs of 32x32x16, base 16, 6 scales, 64 voxels/pair
 //!   eval_pyramid               the eval-mode pyramid of one 128x128x32 window (base 16, 6 scales)
 //! `--kernels` sets VOX2VEC_CPU_KERNELS for the run (which micro-kernels the convolutions use).
@@ -104,6 +105,18 @@ fn main() -> Result<()> {
             let kernels = ops::conv3d::CpuKernels::best();
             Box::new(move || {
                 std::hint::black_box(ops::conv3d::conv3d_forward_cpu_fused(xs.f32s(), v, w.f32s(), Some(b.f32s()), c, 3, Some(&bn), Some(res.f32s()), kernels));
+                Ok(())
+            })
+        }
+        "linear_fwd_bwd" => {
+            // The projection head's layers: x [N, in] · Wᵀ + b and its three gradients.
+            let [n, fin, fout] = d[..] else { bail!("linear_fwd_bwd:N,IN,OUT") };
+            let (xs, w, b, dy) = (random(&[n, fin], &mut rng), random(&[fout, fin], &mut rng), random(&[fout], &mut rng), random(&[n, fout], &mut rng));
+            Box::new(move || {
+                let g = Graph::train();
+                let (xv, wv, bv) = (g.leaf(xs.clone()), g.leaf(w.clone()), g.leaf(b.clone()));
+                let y = ops::linear(&g, &xv, &wv, Some(&bv))?;
+                std::hint::black_box(g.backward_with(&y, dy.clone())?);
                 Ok(())
             })
         }
