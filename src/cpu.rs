@@ -122,6 +122,14 @@ where
     F: Fn(Range<usize>, &mut [f64]) + Sync,
 {
     let groups = row_groups(rows, 2048);
+    if groups.len() <= 1 {
+        // One group: no fork (a rayon dispatch costs more than a small tensor's work).
+        let mut acc = vec![0.0f64; width];
+        if let Some(r) = groups.into_iter().next() {
+            f(r, &mut acc);
+        }
+        return acc;
+    }
     let partials: Vec<Vec<f64>> = groups
         .into_par_iter()
         .map(|r| {
@@ -166,7 +174,9 @@ pub fn par_build(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + 
 /// `f` must initialise every element of its chunk before returning.
 pub unsafe fn par_build_uninit(n: usize, chunk: usize, f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(n);
-    if n > 0 {
+    if n > 0 && n <= chunk {
+        f(0, &mut v.spare_capacity_mut()[..n]); // one chunk: no fork
+    } else if n > 0 {
         v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| f(i, c));
     }
     // SAFETY: the caller's `f` initialised every chunk.
@@ -177,7 +187,16 @@ pub unsafe fn par_build_uninit(n: usize, chunk: usize, f: impl Fn(usize, &mut [s
 /// `par_build` with per-thread scratch state made by `init` (as rayon's `for_each_init`).
 pub fn par_build_init<T>(n: usize, chunk: usize, init: impl Fn() -> T + Sync + Send, f: impl Fn(&mut T, usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(n);
-    if n > 0 {
+    if n > 0 && n <= chunk {
+        // One chunk: no fork (a rayon dispatch costs more than a small tensor's work).
+        let c = &mut v.spare_capacity_mut()[..n];
+        // SAFETY: as below.
+        let c = unsafe {
+            std::ptr::write_bytes(c.as_mut_ptr(), 0, n);
+            &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
+        };
+        f(&mut init(), 0, c);
+    } else if n > 0 {
         v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(init, |state, (i, c)| {
             // SAFETY: zero bytes are the f32 0.0, so after write_bytes the chunk is initialised
             // and may be viewed as &mut [f32] (same layout as MaybeUninit<f32>).
