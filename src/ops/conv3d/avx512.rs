@@ -122,12 +122,16 @@ fn lanes(v: usize, last: usize, mask: u16) -> u16 {
     if v == last { mask } else { 0xFFFF }
 }
 
+/// A forward tile's N × V accumulators at the start of a reduction block: the bias in every
+/// row for the first block (`first`), else the partial sums the previous block left in `out`
+/// (rows of `cop` values, channels cb..).
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn fwd_tile<const N: usize, const V: usize>(p: &FwdArgs) {
+#[inline]
+unsafe fn tile_start<const N: usize, const V: usize>(first: bool, bias: *const f32, out: *const f32, cop: usize, cb: usize, mask: u16) -> [[__m512; V]; N] {
     let mut acc = [[_mm512_setzero_ps(); V]; N];
-    if p.j0 == 0 {
+    if first {
         for v in 0..V {
-            let b = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.bias.add(p.cb + 16 * v));
+            let b = _mm512_maskz_loadu_ps(lanes(v, V - 1, mask), bias.add(cb + 16 * v));
             for a in acc.iter_mut() {
                 a[v] = b;
             }
@@ -135,10 +139,27 @@ unsafe fn fwd_tile<const N: usize, const V: usize>(p: &FwdArgs) {
     } else {
         for (i, a) in acc.iter_mut().enumerate() {
             for v in 0..V {
-                a[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.out.add(i * p.cop + p.cb + 16 * v));
+                a[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, mask), out.add(i * cop + cb + 16 * v));
             }
         }
     }
+    acc
+}
+
+/// Store a forward tile's accumulators to its rows of `out` (the last vector masked).
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn tile_store<const N: usize, const V: usize>(acc: &[[__m512; V]; N], out: *mut f32, cop: usize, cb: usize, mask: u16) {
+    for (i, a) in acc.iter().enumerate() {
+        for v in 0..V {
+            _mm512_mask_storeu_ps(out.add(i * cop + cb + 16 * v), lanes(v, V - 1, mask), a[v]);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn fwd_tile<const N: usize, const V: usize>(p: &FwdArgs) {
+    let mut acc = tile_start::<N, V>(p.j0 == 0, p.bias, p.out, p.cop, p.cb, p.mask);
     let mut j = p.j0;
     while j < p.j1 {
         let t = j / p.kk;
@@ -159,11 +180,7 @@ unsafe fn fwd_tile<const N: usize, const V: usize>(p: &FwdArgs) {
             }
         }
     }
-    for (i, a) in acc.iter().enumerate() {
-        for v in 0..V {
-            _mm512_mask_storeu_ps(p.out.add(i * p.cop + p.cb + 16 * v), lanes(v, V - 1, p.mask), a[v]);
-        }
-    }
+    tile_store(&acc, p.out, p.cop, p.cb, p.mask);
 }
 
 /// The most output channels a tile of 1, 2, 3, 4 vectors holds (≤ 24 accumulators + A + 1 of
@@ -308,21 +325,7 @@ struct ZtArgs<'a> {
 /// at 16 channels).
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn zt_tile<const N: usize, const V: usize>(p: &ZtArgs) {
-    let mut acc = [[_mm512_setzero_ps(); V]; N];
-    if p.u0 == 0 {
-        for v in 0..V {
-            let b = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.bias.add(p.cb + 16 * v));
-            for a in acc.iter_mut() {
-                a[v] = b;
-            }
-        }
-    } else {
-        for (i, a) in acc.iter_mut().enumerate() {
-            for v in 0..V {
-                a[v] = _mm512_maskz_loadu_ps(lanes(v, V - 1, p.mask), p.out.add(i * p.cop + p.cb + 16 * v));
-            }
-        }
-    }
+    let mut acc = tile_start::<N, V>(p.u0 == 0, p.bias, p.out, p.cop, p.cb, p.mask);
     let ci = p.ci;
     let mut u = p.u0;
     while u < p.u1 {
@@ -358,9 +361,5 @@ unsafe fn zt_tile<const N: usize, const V: usize>(p: &ZtArgs) {
         }
         u += k1 - (u - t * ci);
     }
-    for (i, a) in acc.iter().enumerate() {
-        for v in 0..V {
-            _mm512_mask_storeu_ps(p.out.add(i * p.cop + p.cb + 16 * v), lanes(v, V - 1, p.mask), a[v]);
-        }
-    }
+    tile_store(&acc, p.out, p.cop, p.cb, p.mask);
 }
