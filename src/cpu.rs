@@ -186,26 +186,21 @@ pub unsafe fn par_build_uninit(n: usize, chunk: usize, f: impl Fn(usize, &mut [s
 
 /// `par_build` with per-thread scratch state made by `init` (as rayon's `for_each_init`).
 pub fn par_build_init<T>(n: usize, chunk: usize, init: impl Fn() -> T + Sync + Send, f: impl Fn(&mut T, usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+    // Zero bytes are the f32 0.0, so after write_bytes the chunk is initialised and may be
+    // viewed as &mut [f32] (MaybeUninit<f32> has f32's layout).
+    fn zeroed(c: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+        // SAFETY: as said above.
+        unsafe {
+            std::ptr::write_bytes(c.as_mut_ptr(), 0, c.len());
+            &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
+        }
+    }
     let mut v: Vec<f32> = Vec::with_capacity(n);
     if n > 0 && n <= chunk {
         // One chunk: no fork (a rayon dispatch costs more than a small tensor's work).
-        let c = &mut v.spare_capacity_mut()[..n];
-        // SAFETY: as below.
-        let c = unsafe {
-            std::ptr::write_bytes(c.as_mut_ptr(), 0, n);
-            &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
-        };
-        f(&mut init(), 0, c);
+        f(&mut init(), 0, zeroed(&mut v.spare_capacity_mut()[..n]));
     } else if n > 0 {
-        v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(init, |state, (i, c)| {
-            // SAFETY: zero bytes are the f32 0.0, so after write_bytes the chunk is initialised
-            // and may be viewed as &mut [f32] (same layout as MaybeUninit<f32>).
-            let c = unsafe {
-                std::ptr::write_bytes(c.as_mut_ptr(), 0, c.len());
-                &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
-            };
-            f(state, i, c)
-        });
+        v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(init, |state, (i, c)| f(state, i, zeroed(c)));
     }
     // SAFETY: every element of 0..n was initialised by its chunk above.
     unsafe { v.set_len(n) };

@@ -218,8 +218,9 @@ pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32]
     debug_assert!(bt.len() >= 27 * ci * cop && bias.len() >= cop && cop % 8 == 0);
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
     let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
+    let tiles = super::shifted::ztap_tiles(runs, ci, 8, ZT_ROWS); // every block is 8 wide
     for cb in (0..cop).step_by(8) {
-        for tile in super::shifted::ztap_tiles(runs, ci, 8, ZT_ROWS) {
+        for &tile in &tiles {
             let args = (xp, ci, offs, bt, cop, bias, tile.row, cb, o.add(tile.out_row * cop), tile.u0, tile.u1);
             macro_rules! tile {
                 ($($n:literal),*) => {

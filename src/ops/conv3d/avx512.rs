@@ -283,8 +283,10 @@ pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32]
     debug_assert!(bt.len() >= 27 * ci * cop && bias.len() >= cop && cop % 8 == 0);
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
     let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
+    // The tiles depend on the block's width only (1 or 2 vectors): planned once per width.
+    let mut plans: [Option<Vec<super::shifted::ZtapTile>>; 2] = [None, None];
     for (cb, v, mask) in channel_blocks(cop) {
-        for tile in super::shifted::ztap_tiles(runs, ci, 16 * v, ZT_ROWS[v - 1]) {
+        for &tile in plans[v - 1].get_or_insert_with(|| super::shifted::ztap_tiles(runs, ci, 16 * v, ZT_ROWS[v - 1])).iter() {
             let args = ZtArgs { xp, ci, offs, bt, cop, bias, r: tile.row, cb, out: o.add(tile.out_row * cop), mask, u0: tile.u0, u1: tile.u1 };
             macro_rules! tile {
                 ([$($one:literal),*], [$($two:literal),*]) => {

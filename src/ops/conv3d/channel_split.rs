@@ -55,8 +55,8 @@ pub fn input_grad(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, kernel
 enum Weight<'a> {
     /// The convolution's own w [Co, k³, Ci].
     Natural(&'a [f32]),
-    /// The input gradient's flipped kernel, read from the forward weight w [Ci', k³, Co']
-    /// (Co' = this convolution's input channels, Ci' its output channels).
+    /// The input gradient's flipped kernel, read from the forward weight w [Co_f, k³, Ci_f]:
+    /// this convolution's input channels are Co_f (dy's), its output channels Ci_f (dx's).
     Flipped(&'a [f32]),
 }
 
@@ -88,10 +88,10 @@ impl Weight<'_> {
             // W[c0 + o, j, i] = w[i, k³−1−taps[j], c0 + o]: each row of bt is n contiguous
             // values of w, a copy.
             Weight::Flipped(w) => {
-                let co_fwd = w.len() / (k3 * ci);
+                let ci_f = w.len() / (k3 * ci); // dx's channels, w's last axis
                 for (j, &tap) in taps.iter().enumerate() {
                     for i in 0..ci {
-                        let src = &w[(i * k3 + k3 - 1 - tap) * co_fwd + c0..][..n];
+                        let src = &w[(i * k3 + k3 - 1 - tap) * ci_f + c0..][..n];
                         bt[(j * ci + i) * width..][..n].copy_from_slice(src);
                     }
                 }

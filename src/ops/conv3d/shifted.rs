@@ -34,7 +34,6 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
-
 use crate::cpu::{Mat, SyncPtr, gemm, par_build, par_build_uninit, row_groups, sum_in_order, transpose_padded};
 use super::CpuKernels;
 use crate::ops::batchnorm::BnReluEval;
