@@ -325,14 +325,13 @@ fn accumulate(grads: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) -> Resul
             grads.insert(id, crate::ops::elementwise::add_tensors(&prev, &g)?);
         }
         Some(prev) => {
-            use rayon::prelude::*;
-            let mut acc = prev.into_f32_vec();
-            acc.par_chunks_mut(1 << 14).zip(g.f32s().par_chunks(1 << 14)).for_each(|(a, b)| {
-                for (a, b) in a.iter_mut().zip(b) {
-                    *a += *b;
-                }
-            });
-            grads.insert(id, Tensor::from_f32(g.shape(), acc));
+            // prev + g, added onto whichever of the two is held here alone (no copy): an add's
+            // backward hands the same dy to both its inputs.
+            let shape = g.shape().to_vec();
+            let (base, other) = if prev.is_sole_owner() || !g.is_sole_owner() { (prev, g) } else { (g, prev) };
+            let mut acc = base.into_f32_vec();
+            crate::cpu::add_onto(&mut acc, other.f32s());
+            grads.insert(id, Tensor::from_f32(&shape, acc));
         }
     }
     Ok(())

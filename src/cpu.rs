@@ -159,6 +159,19 @@ pub fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     acc
 }
 
+/// acc[i] += g[i], in parallel: a gradient added onto the one accumulated so far, in
+/// autograd's order (`prev + g`; IEEE addition commutes, so also `g + prev`).
+pub fn add_onto(acc: &mut [f32], g: &[f32]) {
+    assert_eq!(acc.len(), g.len(), "add_onto: lengths differ");
+    const CHUNK: usize = 1 << 14;
+    let add = |(a, b): (&mut [f32], &[f32])| a.iter_mut().zip(b).for_each(|(a, b)| *a += *b);
+    if acc.len() <= CHUNK {
+        add((acc, g));
+    } else {
+        acc.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(add);
+    }
+}
+
 /// A new vector of `n` f32 built in parallel chunks: `f(i, chunk)` fills chunk i (elements
 /// i·chunk.., the last one shorter), which it receives zeroed. Each chunk is zeroed just before
 /// `f` writes it, while it is in cache, so an output costs one pass over memory instead of the

@@ -216,6 +216,11 @@ impl Tensor {
         }
     }
 
+    /// Whether no other tensor shares this one's storage (`into_f32_vec` will not copy).
+    pub fn is_sole_owner(&self) -> bool {
+        Arc::strong_count(&self.storage) == 1
+    }
+
     /// Owned copy of the f32 values (no copy if this is the only reference).
     pub fn into_f32_vec(self) -> Vec<f32> {
         match Arc::try_unwrap(self.storage) {

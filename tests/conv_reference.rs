@@ -4,7 +4,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use vox2vec::ops::conv3d::{conv3d_backward_input_cpu_with, conv3d_backward_weight_cpu_with, conv3d_forward_cpu_with, CpuKernels};
+use vox2vec::ops::conv3d::{conv3d_backward_input_cpu_onto, conv3d_backward_input_cpu_with, conv3d_backward_weight_cpu_onto, conv3d_backward_weight_cpu_with, conv3d_forward_cpu_with, CpuKernels};
 use vox2vec::tensor::Vol;
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
@@ -103,6 +103,16 @@ fn fast_paths_match_naive_convolution() {
             let errs = [rel(&y, &y_ref), rel(&dx, &dx_ref), rel(&dw, &dw_ref), rel(&db, &db_ref)];
             println!("conv {v:?} co {co} k {k} kernels {simd:?}: rel err y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}", errs[0], errs[1], errs[2], errs[3]);
             assert!(errs.iter().all(|&e| e < 1e-5), "{v:?} co {co} k {k} kernels {simd:?}: {errs:?}");
+            // Accumulating onto a gradient already held (x's other consumer, w's other view):
+            // the bits of adding it afterwards, whichever path ran.
+            let (prev_dx, prev_dw) = (rand_vec(&mut rng, dx.len()), rand_vec(&mut rng, dw.len()));
+            let dx_onto = conv3d_backward_input_cpu_onto(&dy, v.with_c(co), &w, v.c, k, Some(&prev_dx), simd);
+            let dw_onto = conv3d_backward_weight_cpu_onto(&x, v, &dy, co, k, Some(prev_dw.clone()), simd);
+            for (name, onto, prev, g) in [("dx", &dx_onto, &prev_dx, &dx), ("dw", &dw_onto, &prev_dw, &dw)] {
+                assert_eq!(onto.len(), g.len());
+                let same = onto.iter().zip(prev.iter().zip(g.iter())).all(|(o, (p, g))| o.to_bits() == (p + g).to_bits());
+                assert!(same, "{v:?} co {co} k {k} kernels {simd:?}: {name} added onto a previous gradient is not prev + {name}");
+            }
             if simd != CpuKernels::Portable {
                 simd_results.push((simd, [y, dx, dw]));
             }

@@ -181,7 +181,7 @@ fn strip_columns(m: Vec<f32>, width: usize, c: usize) -> Vec<f32> {
 }
 
 /// dw [Co, k, k, k, Ci] from x and dy.
-pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: CpuKernels, prev: Option<Vec<f32>>) -> Vec<f32> {
     let taps = valid_taps(v, k);
     let k3 = k * k * k;
     let kdim = taps.len() * v.c;
@@ -221,15 +221,31 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: 
         portable_weight_grad(x, v, dy, co, k, &taps, groups)
     };
     if taps.len() == k3 {
-        return dwc;
+        return match prev {
+            Some(mut p) => {
+                crate::cpu::add_onto(&mut p, &dwc);
+                p
+            }
+            None => dwc,
+        };
     }
-    // Scatter the valid taps into the full kernel; the others only ever saw padding.
+    // Scatter the valid taps into the full kernel (the others only ever saw padding: zero), or
+    // add them onto prev's, leaving its other taps as they are (prev + 0).
     let ci = v.c;
     let t = taps.len();
-    let mut dw = vec![0.0f32; co * k3 * ci];
+    let (mut dw, onto) = match prev {
+        Some(p) => (p, true),
+        None => (vec![0.0f32; co * k3 * ci], false),
+    };
+    assert_eq!(dw.len(), co * k3 * ci, "conv3d backward: accumulated weight gradient size");
     dw.par_chunks_mut(k3 * ci).zip(dwc.par_chunks(t * ci)).for_each(|(row, src)| {
         for (j, &tap) in taps.iter().enumerate() {
-            row[tap * ci..(tap + 1) * ci].copy_from_slice(&src[j * ci..(j + 1) * ci]);
+            let (dst, src) = (&mut row[tap * ci..(tap + 1) * ci], &src[j * ci..(j + 1) * ci]);
+            if onto {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += *s);
+            } else {
+                dst.copy_from_slice(src);
+            }
         }
     });
     dw

@@ -225,33 +225,62 @@ pub fn conv3d_forward_cpu_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32
 
 /// `conv3d_backward_input_cpu` with the kernel choice explicit.
 pub fn conv3d_backward_input_cpu_with(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+    conv3d_backward_input_cpu_onto(dy, v_out, w, ci, k, None, kernels)
+}
+
+/// The input gradient added onto `prev`, the gradient x already holds (x's other consumer:
+/// a ResBlock's skip): prev + dx, the bits of autograd's accumulation. On the shifted path prev
+/// is added while each task's rows are written (in cache); elsewhere in one pass after.
+pub fn conv3d_backward_input_cpu_onto(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, prev: Option<&[f32]>, kernels: CpuKernels) -> Vec<f32> {
     check_kernels(kernels);
     let co = v_out.c;
     assert_eq!(w.len(), co * k * k * k * ci, "conv3d backward: weight size");
-    if k == 1 {
+    assert!(prev.is_none_or(|p| p.len() == v_out.voxels() * ci), "conv3d backward: accumulated gradient size");
+    if shifted::applicable(v_out, k) && !channel_split::applicable(v_out, ci, k, kernels) {
+        return shifted::input_grad(dy, v_out, w, ci, kernels, prev);
+    }
+    let mut dx = if k == 1 {
         // 1×1×1: dx = dy · w, with w [Co, Ci] read as the [K = Co, N = Ci] matrix directly.
         let mut dx = vec![0.0f32; v_out.voxels() * ci];
         par_gemm(v_out.voxels(), co, ci, Mat::rows(dy, co), Mat::rows(w, ci), 0.0, &mut dx);
-        return dx;
+        dx
+    } else if channel_split::applicable(v_out, ci, k, kernels) {
+        channel_split::input_grad(dy, v_out, w, ci, k, kernels)
+    } else {
+        let taps = valid_taps(v_out, k);
+        let wp = pack_weight(w, co, ci, k, &taps, true);
+        im2col::forward(dy, v_out, &wp, &taps, None, ci, k, kernels)
+    };
+    if let Some(p) = prev {
+        crate::cpu::add_onto(&mut dx, p);
     }
-    #[cfg(target_arch = "x86_64")]
-    if channel_split::applicable(v_out, ci, k, kernels) {
-        return channel_split::input_grad(dy, v_out, w, ci, k, kernels);
-    }
-    if shifted::applicable(v_out, k) {
-        return shifted::input_grad(dy, v_out, w, ci, kernels);
-    }
-    let taps = valid_taps(v_out, k);
-    let wp = pack_weight(w, co, ci, k, &taps, true);
-    im2col::forward(dy, v_out, &wp, &taps, None, ci, k, kernels)
+    dx
 }
 
 /// `conv3d_backward_weight_cpu` with the kernel choice explicit.
 pub fn conv3d_backward_weight_cpu_with(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: CpuKernels) -> (Vec<f32>, Vec<f32>) {
+    (conv3d_backward_weight_cpu_onto(x, v, dy, co, k, None, kernels), sum_rows(dy, co))
+}
+
+/// The weight gradient dw [Co, k, k, k, Ci] added onto `prev`, the gradient w already holds
+/// (the other view's pass): prev + dw, the bits of autograd's accumulation. Taps that only
+/// ever see padding (all but the centre at 1×1×1) are zero in dw and left as they are in
+/// prev, so the coarse levels' large, mostly-zero weight gradients are written once per step.
+pub fn conv3d_backward_weight_cpu_onto(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, prev: Option<Vec<f32>>, kernels: CpuKernels) -> Vec<f32> {
     check_kernels(kernels);
     assert_eq!(dy.len(), v.voxels() * co, "conv3d backward: dy size");
-    let dw = if shifted::applicable(v, k) { shifted::weight_grad(x, v, dy, co, kernels) } else { im2col::weight_grad(x, v, dy, co, k, kernels) };
-    (dw, sum_rows(dy, co))
+    assert!(prev.as_ref().is_none_or(|p| p.len() == co * k * k * k * v.c), "conv3d backward: accumulated weight gradient size");
+    if !shifted::applicable(v, k) {
+        return im2col::weight_grad(x, v, dy, co, k, kernels, prev);
+    }
+    let dw = shifted::weight_grad(x, v, dy, co, kernels);
+    match prev {
+        Some(mut p) => {
+            crate::cpu::add_onto(&mut p, &dw);
+            p
+        }
+        None => dw,
+    }
 }
 
 /// Autograd op. `w` is [Co, k, k, k, Ci].
@@ -290,15 +319,19 @@ pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
             Ok(grads)
         }));
     }
-    Ok(g.record("conv3d", out, &inputs, move |dy| {
-        let vo = v.with_c(co);
+    // Accumulating: the gradients x and w already hold (x's other consumer, the other view's
+    // pass) are added by the backward as it writes (`_onto`) instead of in a pass of their own.
+    Ok(g.record_accumulating("conv3d", out, &inputs, move |dy, acc| {
+        let (vo, kernels) = (v.with_c(co), CpuKernels::best());
         let dx = need_dx.then(|| {
-            let dx = profile::time("conv3d backward input", detail, || conv3d_backward_input_cpu(dy.f32s(), vo, ws_t.f32s(), v.c, k));
+            let prev = acc[0].take();
+            let dx = profile::time("conv3d backward input", detail, || conv3d_backward_input_cpu_onto(dy.f32s(), vo, ws_t.f32s(), v.c, k, prev.as_ref().map(|p| p.f32s()), kernels));
             Tensor::from_f32(&v.shape(), dx)
         });
         let (dw, db) = if need_dw {
-            let (dw, db) = profile::time("conv3d backward weight", detail, || conv3d_backward_weight_cpu(xs.f32s(), v, dy.f32s(), co, k));
-            (Some(Tensor::from_f32(ws_t.shape(), dw)), Some(Tensor::from_f32(&[co], db)))
+            let prev = acc[1].take().map(Tensor::into_f32_vec);
+            let dw = profile::time("conv3d backward weight", detail, || conv3d_backward_weight_cpu_onto(xs.f32s(), v, dy.f32s(), co, k, prev, kernels));
+            (Some(Tensor::from_f32(ws_t.shape(), dw)), Some(Tensor::from_f32(&[co], sum_rows(dy.f32s(), co))))
         } else {
             (None, None)
         };

@@ -74,8 +74,9 @@ pub fn forward_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usi
 /// The input gradient dx [N, X, Y, Z, Ci] = conv(dy, w_flip) of the convolution with weight `w`
 /// [Co, 27·Ci], from dy [N, X, Y, Z, Co] (v_out.c = Co). On the SIMD path the kernels' [27·Co,
 /// Ci] operand, w_flip transposed, is w's rows in flipped tap order: built by copies, without
-/// the flipped kernel.
-pub fn input_grad(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, kernels: CpuKernels) -> Vec<f32> {
+/// the flipped kernel. With `prev` (x's gradient so far, [N, X, Y, Z, Ci]) it returns prev + dx,
+/// prev added as the output rows are written.
+pub fn input_grad(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, kernels: CpuKernels, prev: Option<&[f32]>) -> Vec<f32> {
     assert!(applicable(v_out, 3), "shifted conv on {v_out:?}");
     let co = v_out.c;
     assert_eq!(w.len(), co * 27 * ci, "conv3d backward: weight size");
@@ -88,10 +89,10 @@ pub fn input_grad(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, kernels: CpuKern
             let (t, o) = (row / co, row % co);
             dst[..ci].copy_from_slice(&w[(o * 27 + 26 - t) * ci..][..ci]);
         }
-        return simd_forward(&pad_volume(dy, v_out, None), &Geometry::of(v_out), &bt, None, ci, kernels, None);
+        return simd_forward(&pad_volume(dy, v_out, None), &Geometry::of(v_out), &bt, None, ci, kernels, prev);
     }
     let wp = super::pack_weight(w, co, ci, 3, &(0..27).collect::<Vec<_>>(), true);
-    forward(dy, v_out, &wp, None, ci, kernels)
+    forward_fused(dy, v_out, &wp, None, ci, kernels, None, prev)
 }
 
 /// dW [Co, 27·Ci] from x [N, X, Y, Z, Ci] and dy [N, X, Y, Z, Co].
