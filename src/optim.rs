@@ -111,22 +111,42 @@ impl Adam {
             // f32 arithmetic, as PyTorch's Adam on f32 tensors (and vectorisable).
             let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
             let (step_size, bc2_sqrt) = (step_size as f32, bc2_sqrt as f32);
+            let skip_idle = grad_scale.is_finite();
             store.update_f32(slot, |p| {
                 p.par_chunks_mut(4096)
                     .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
                     .zip(g.f32s().par_chunks(4096))
                     .for_each(|((p, (m, v)), g)| {
-                        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                            let g = if grad_scale == 1.0 { g } else { g * grad_scale };
-                            *m += (1.0 - b1) * (g - *m);
-                            *v = b2 * *v + (1.0 - b2) * g * g;
-                            *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                        for (((p, m), v), g) in p.chunks_mut(IDLE_RUN).zip(m.chunks_mut(IDLE_RUN)).zip(v.chunks_mut(IDLE_RUN)).zip(g.chunks(IDLE_RUN)) {
+                            if skip_idle && idle(g, m, v) {
+                                continue;
+                            }
+                            for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                                let g = if grad_scale == 1.0 { g } else { g * grad_scale };
+                                *m += (1.0 - b1) * (g - *m);
+                                *v = b2 * *v + (1.0 - b2) * g * g;
+                                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                            }
                         }
                     });
             });
         }
         Ok(())
     }
+}
+
+/// Values per idleness check in Adam's update: a run of a 3×3×3 weight's taps at 256 or 512
+/// input channels (the coarse levels, whose volumes of 1×1×1 and 2×2×1 voxels leave 26 and 18
+/// of the 27 taps a zero gradient forever).
+const IDLE_RUN: usize = 256;
+
+/// Whether Adam's update of a run is the identity: every gradient ±0 and both moments +0 (as
+/// they start). Then m' = 0 + (1-β1)·(±0 - 0) = +0, v' = β2·0 + (1-β2)·0 = +0 and p moves by
+/// step·0 / (0 + ε) = 0 (with a finite gradient scale): the run is left as it is, unread and
+/// unwritten past this check. Written as OR-reductions so that it vectorises.
+fn idle(g: &[f32], m: &[f32], v: &[f32]) -> bool {
+    let or = |x: &[f32], mask: u32| x.iter().fold(0u32, |a, &x| a | (x.to_bits() & mask));
+    or(g, 0x7fff_ffff) == 0 && or(m, u32::MAX) == 0 && or(v, u32::MAX) == 0
 }
 
 /// Global L2 norm of all gradients (norm of the per-tensor norms). Squares are summed in

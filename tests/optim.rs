@@ -71,3 +71,45 @@ fn fused_clip_equals_clip_then_update() {
         assert_eq!(s1.get(slot).f32s(), s2.get(slot).f32s());
     }
 }
+
+/// Adam leaves runs whose gradient is zero and whose moments are still zero unread (the
+/// coarse levels' padding-only taps): the result must be the plain per-element update's, bit
+/// for bit, including runs that turn non-zero later, ±0 gradients and a clipping scale.
+#[test]
+fn idle_runs_update_as_every_element() {
+    let n = 3000; // runs of 256: several idle, one partly non-zero, a short last one
+    let mut store = ParamStore::new();
+    let init: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
+    store.add("w", Tensor::from_f32(&[n], init.clone()), SlotKind::Trainable, Layout::Plain);
+    let mut adam = Adam::new(AdamConfig::default(), &store);
+    let c = AdamConfig::default();
+    let (mut p, mut m, mut v) = (init, vec![0.0f32; n], vec![0.0f32; n]);
+    for step in 1..=4 {
+        // Non-zero in [300, 700) for two steps (then zero with moments that are not), and
+        // from step 3 on at 2999; -0.0 in run [1024, 1280).
+        let g: Vec<f32> = (0..n)
+            .map(|i| match i {
+                300..700 if step <= 2 => ((i + step) as f32).sin(),
+                1024..1280 => -0.0,
+                2999 if step >= 3 => 0.25,
+                _ => 0.0,
+            })
+            .collect();
+        let scale = if step == 2 { 0.5f32 } else { 1.0 };
+        adam.update_scaled(&mut store, &[Some(Tensor::from_f32(&[n], g.clone()))], scale).unwrap();
+        let t = step as i32;
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let step_size = (c.lr / (1.0 - c.beta1.powi(t))) as f32;
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
+        for i in 0..n {
+            let g = if scale == 1.0 { g[i] } else { g[i] * scale };
+            m[i] += (1.0 - b1) * (g - m[i]);
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            p[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
+        }
+        let got = store.get(0).f32s();
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same(got, &p), "step {step}: parameters differ from the per-element update");
+        assert!(same(adam.exp_avg[0].as_ref().unwrap(), &m) && same(adam.exp_avg_sq[0].as_ref().unwrap(), &v), "step {step}: moments differ");
+    }
+}
