@@ -229,26 +229,31 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: 
             None => dwc,
         };
     }
-    // Scatter the valid taps into the full kernel (the others only ever saw padding: zero), or
-    // add them onto prev's, leaving its other taps as they are (prev + 0).
-    let ci = v.c;
-    let t = taps.len();
-    let (mut dw, onto) = match prev {
-        Some(p) => (p, true),
-        None => (vec![0.0f32; co * k3 * ci], false),
-    };
-    assert_eq!(dw.len(), co * k3 * ci, "conv3d backward: accumulated weight gradient size");
-    dw.par_chunks_mut(k3 * ci).zip(dwc.par_chunks(t * ci)).for_each(|(row, src)| {
+    // Scatter the valid taps into the full kernel (the others only ever saw padding: zero;
+    // each block of rows zeroed in cache just before, by both threads), or add them onto
+    // prev's, leaving its other taps as they are (prev + 0) and unwritten.
+    let (ci, t, row) = (v.c, taps.len(), k3 * v.c);
+    let tap_runs = |dst_row: &mut [f32], src: &[f32], f: &dyn Fn(&mut [f32], &[f32])| {
         for (j, &tap) in taps.iter().enumerate() {
-            let (dst, src) = (&mut row[tap * ci..(tap + 1) * ci], &src[j * ci..(j + 1) * ci]);
-            if onto {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d += *s);
-            } else {
-                dst.copy_from_slice(src);
-            }
+            f(&mut dst_row[tap * ci..(tap + 1) * ci], &src[j * ci..(j + 1) * ci]);
         }
-    });
-    dw
+    };
+    match prev {
+        Some(mut dw) => {
+            assert_eq!(dw.len(), co * row, "conv3d backward: accumulated weight gradient size");
+            dw.par_chunks_mut(row).zip(dwc.par_chunks(t * ci)).for_each(|(r, src)| tap_runs(r, src, &|d, s| d.iter_mut().zip(s).for_each(|(d, s)| *d += *s)));
+            dw
+        }
+        None => {
+            let rows_per_chunk = (1usize << 16).div_ceil(row).max(1);
+            crate::cpu::par_build(co * row, rows_per_chunk * row, |i, chunk| {
+                for (r, dst) in chunk.chunks_exact_mut(row).enumerate() {
+                    let o = i * rows_per_chunk + r;
+                    tap_runs(dst, &dwc[o * t * ci..(o + 1) * t * ci], &|d, s| d.copy_from_slice(s));
+                }
+            })
+        }
+    }
 }
 
 fn portable_weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, taps: &[usize], groups: Vec<std::ops::Range<usize>>) -> Vec<f32> {
