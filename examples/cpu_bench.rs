@@ -5,10 +5,12 @@
 //!
 //! Rows (shapes as PyTorch's N, C, X, Y, Z):
 //!   conv_fwd:N,C,X,Y,Z         conv3d 3x3x3 C -> C with bias, forward
+//!                              (the three conv_fwd* rows take N,C,X,Y,Z,CO[,K] for C -> CO, K in {1, 3})
 //!   conv_fwd_bwd:N,C,X,Y,Z     forward + backward (input, weight and bias gradients)
 //!   conv_fwd_bwd_w:N,C,X,Y,Z   forward + backward (weight and bias gradients only: a first layer)
 //!   conv_wgrad:N,C,X,Y,Z       the weight gradient alone (`conv3d_backward_weight_cpu`)
 //!   conv_fwd_fused:N,C,X,Y,Z   the eval ResBlock's conv: BN -> ReLU fused into the padding, + residual
+//!   resblock_eval:N,C,X,Y,Z    the inference ResBlock C -> C (both convolutions, BN -> ReLU, skip)
 //!   linear_fwd_bwd:N,IN,OUT    linear layer forward + backward (x, weight and bias gradients)
 //!   step_small                 pretraining step: 2 pairs of 32x32x16, base 16, 6 scales, 64 voxels/pair
 //!   eval_pyramid               the eval-mode pyramid of one 128x128x32 window (base 16, 6 scales)
@@ -40,6 +42,14 @@ fn conv_shape(name: &str, d: &[usize]) -> Result<vox2vec::tensor::Vol> {
     Ok(vox2vec::tensor::Vol { n: d[0], c: d[1], x: d[2], y: d[3], z: d[4] })
 }
 
+/// The conv rows' N,C,X,Y,Z[,CO[,K]] (CO defaults to C, K to 3).
+fn conv_problem(name: &str, d: &[usize]) -> Result<(vox2vec::tensor::Vol, usize, usize)> {
+    anyhow::ensure!((5..=7).contains(&d.len()), "{name}: N,C,X,Y,Z[,CO[,K]]");
+    let (co, k) = (d.get(5).copied().unwrap_or(d[1]), d.get(6).copied().unwrap_or(3));
+    anyhow::ensure!(k == 1 || k == 3, "{name}: K is 1 or 3");
+    Ok((conv_shape(name, &d[..5])?, co, k))
+}
+
 fn main() -> Result<()> {
     vox2vec::cpu::retain_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,11 +70,11 @@ fn main() -> Result<()> {
     let d: Vec<usize> = if dims.is_empty() { Vec::new() } else { dims.split(',').map(|t| t.parse()).collect::<Result<_, _>>().context("shape")? };
     let mut run: Box<dyn FnMut() -> Result<()>> = match name {
         "conv_fwd" | "conv_fwd_bwd" | "conv_fwd_bwd_w" => {
-            let vox2vec::tensor::Vol { n, x, y, z, c } = conv_shape(name, &d)?;
+            let (vox2vec::tensor::Vol { n, x, y, z, c }, co, k) = conv_problem(name, &d)?;
             let xs = random(&[n, x, y, z, c], &mut rng);
-            let w = random(&[c, 3, 3, 3, c], &mut rng);
-            let b = random(&[c], &mut rng);
-            let dy = random(&[n, x, y, z, c], &mut rng);
+            let w = random(&[co, k, k, k, c], &mut rng);
+            let b = random(&[co], &mut rng);
+            let dy = random(&[n, x, y, z, co], &mut rng);
             let name = name.to_string();
             Box::new(move || {
                 if name == "conv_fwd" {
@@ -105,6 +115,17 @@ fn main() -> Result<()> {
             let kernels = ops::conv3d::CpuKernels::best();
             Box::new(move || {
                 std::hint::black_box(ops::conv3d::conv3d_forward_cpu_fused(xs.f32s(), v, w.f32s(), Some(b.f32s()), c, 3, Some(&bn), Some(res.f32s()), kernels));
+                Ok(())
+            })
+        }
+        "resblock_eval" => {
+            // The inference ResBlock C -> C (two convolutions, BN -> ReLU before each, the skip).
+            let (v, _, _) = conv_problem(name, &d)?;
+            let mut store = vox2vec::params::ParamStore::new();
+            let block = vox2vec::model::layers::ResBlock3d::new(&mut store, &mut rng, "b", v.c, v.c, 3);
+            let xs = random(&v.shape(), &mut rng);
+            Box::new(move || {
+                std::hint::black_box(block.forward(&Graph::inference(), &mut store, &Var::constant(xs.clone()))?);
                 Ok(())
             })
         }
