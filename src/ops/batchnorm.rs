@@ -157,9 +157,10 @@ pub fn bn_backward_masked_cpu(x: &[f32], dy: &[f32], relu_out: Option<&[f32]>, c
                 None => bg,
             };
             for (xr, gr) in bx.chunks_exact(c).zip(bg.chunks_exact(c)) {
-                for j in 0..c {
-                    sg[j] += gr[j];
-                    sgx[j] += gr[j] * (xr[j] - mean[j]);
+                // Zipped slices of one length: no bounds checks, the loop vectorises.
+                for (((s, sx), (&g, &x)), &mu) in sg.iter_mut().zip(sgx.iter_mut()).zip(gr.iter().zip(xr)).zip(&mean) {
+                    *s += g;
+                    *sx += g * (x - mu);
                 }
             }
             for (a, &p) in acc.iter_mut().zip(part.iter()) {
@@ -183,8 +184,9 @@ pub fn bn_backward_masked_cpu(x: &[f32], dy: &[f32], relu_out: Option<&[f32]>, c
             None => &dy[i0..i0 + db.len()],
         };
         for ((dr, xr), gr) in db.chunks_exact_mut(c).zip(x[i0..].chunks_exact(c)).zip(gb.chunks_exact(c)) {
-            for j in 0..c {
-                dr[j] = k[j] * gr[j] + u[j] * (xr[j] - mean[j]) + w[j];
+            let coef = k.iter().zip(&u).zip(w.iter().zip(&mean));
+            for ((d, (&g, &x)), ((&k, &u), (&w, &mu))) in dr.iter_mut().zip(gr.iter().zip(xr)).zip(coef) {
+                *d = k * g + u * (x - mu) + w;
             }
         }
     });
