@@ -64,8 +64,8 @@ pub fn bn_apply_cpu(x: &[f32], c: usize, st: &BnStats, gamma: &[f32], beta: &[f3
     let rows = (1usize << 14).div_ceil(c).max(1) * c;
     crate::cpu::par_build(x.len(), rows, |i, yb| {
         for (yr, xr) in yb.chunks_exact_mut(c).zip(x[i * rows..].chunks_exact(c)) {
-            for j in 0..c {
-                yr[j] = (xr[j] - mean[j]) * scale[j] + beta[j];
+            for ((y, &x), ((&mu, &s), &b)) in yr.iter_mut().zip(xr).zip(mean.iter().zip(&scale).zip(beta)) {
+                *y = (x - mu) * s + b;
             }
         }
     })
@@ -272,9 +272,9 @@ pub fn batch_norm_relu(g: &Graph, x: &Var, gamma: &Var, beta: &Var, running_mean
     let y = crate::profile::time("batch_norm_relu forward", || format!("{m}x{c}"), || {
         crate::cpu::par_build(xs.len(), rows, |i, yb| {
             for (yr, xr) in yb.chunks_exact_mut(c).zip(xs[i * rows..].chunks_exact(c)) {
-                for j in 0..c {
-                    let v = (xr[j] - mean[j]) * scale[j] + bv[j];
-                    yr[j] = if v > 0.0 { v } else { 0.0 };
+                for ((y, &x), ((&mu, &s), &b)) in yr.iter_mut().zip(xr).zip(mean.iter().zip(&scale).zip(bv)) {
+                    let v = (x - mu) * s + b;
+                    *y = if v > 0.0 { v } else { 0.0 };
                 }
             }
         })
