@@ -172,6 +172,17 @@ pub fn add_onto(acc: &mut [f32], g: &[f32]) {
     }
 }
 
+/// `g` added onto `prev` when there is one (`add_onto`), else `g` itself.
+pub fn added_onto(prev: Option<Vec<f32>>, g: Vec<f32>) -> Vec<f32> {
+    match prev {
+        Some(mut p) => {
+            add_onto(&mut p, &g);
+            p
+        }
+        None => g,
+    }
+}
+
 /// A new vector of `n` f32 built in parallel chunks: `f(i, chunk)` fills chunk i (elements
 /// i·chunk.., the last one shorter), which it receives zeroed. Each chunk is zeroed just before
 /// `f` writes it, while it is in cache, so an output costs one pass over memory instead of the

@@ -221,13 +221,7 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: 
         portable_weight_grad(x, v, dy, co, k, &taps, groups)
     };
     if taps.len() == k3 {
-        return match prev {
-            Some(mut p) => {
-                crate::cpu::add_onto(&mut p, &dwc);
-                p
-            }
-            None => dwc,
-        };
+        return crate::cpu::added_onto(prev, dwc);
     }
     // Scatter the valid taps into the full kernel (the others only ever saw padding: zero;
     // each block of rows zeroed in cache just before, by both threads), or add them onto

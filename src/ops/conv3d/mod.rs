@@ -239,22 +239,30 @@ pub fn conv3d_backward_input_cpu_onto(dy: &[f32], v_out: Vol, w: &[f32], ci: usi
     if shifted::applicable(v_out, k) && !channel_split::applicable(v_out, ci, k, kernels) {
         return shifted::input_grad(dy, v_out, w, ci, kernels, prev);
     }
-    let mut dx = if k == 1 {
-        // 1×1×1: dx = dy · w, with w [Co, Ci] read as the [K = Co, N = Ci] matrix directly.
-        let mut dx = vec![0.0f32; v_out.voxels() * ci];
-        par_gemm(v_out.voxels(), co, ci, Mat::rows(dy, co), Mat::rows(w, ci), 0.0, &mut dx);
-        dx
-    } else if channel_split::applicable(v_out, ci, k, kernels) {
-        channel_split::input_grad(dy, v_out, w, ci, k, kernels)
-    } else {
-        let taps = valid_taps(v_out, k);
-        let wp = pack_weight(w, co, ci, k, &taps, true);
-        im2col::forward(dy, v_out, &wp, &taps, None, ci, k, kernels)
-    };
+    let mut dx = input_grad_off_shifted(dy, v_out, w, ci, k, kernels);
     if let Some(p) = prev {
         crate::cpu::add_onto(&mut dx, p);
     }
     dx
+}
+
+/// The input gradient on the paths other than the shifted one: 1×1×1 GEMM, channel split,
+/// im2col with the flipped weight.
+fn input_grad_off_shifted(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+    let co = v_out.c;
+    if k == 1 {
+        // 1×1×1: dx = dy · w, with w [Co, Ci] read as the [K = Co, N = Ci] matrix directly.
+        let mut dx = vec![0.0f32; v_out.voxels() * ci];
+        par_gemm(v_out.voxels(), co, ci, Mat::rows(dy, co), Mat::rows(w, ci), 0.0, &mut dx);
+        return dx;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if channel_split::applicable(v_out, ci, k, kernels) {
+        return channel_split::input_grad(dy, v_out, w, ci, k, kernels);
+    }
+    let taps = valid_taps(v_out, k);
+    let wp = pack_weight(w, co, ci, k, &taps, true);
+    im2col::forward(dy, v_out, &wp, &taps, None, ci, k, kernels)
 }
 
 /// `conv3d_backward_weight_cpu` with the kernel choice explicit.
@@ -273,14 +281,7 @@ pub fn conv3d_backward_weight_cpu_onto(x: &[f32], v: Vol, dy: &[f32], co: usize,
     if !shifted::applicable(v, k) {
         return im2col::weight_grad(x, v, dy, co, k, kernels, prev);
     }
-    let dw = shifted::weight_grad(x, v, dy, co, kernels);
-    match prev {
-        Some(mut p) => {
-            crate::cpu::add_onto(&mut p, &dw);
-            p
-        }
-        None => dw,
-    }
+    crate::cpu::added_onto(prev, shifted::weight_grad(x, v, dy, co, kernels))
 }
 
 /// Autograd op. `w` is [Co, k, k, k, Ci].
