@@ -59,13 +59,19 @@ const F32_BLOCK_ROWS: usize = 256;
 
 /// y = (x - mean) · (invstd · γ) + β, rows of width c; elementwise in f32 (as PyTorch).
 pub fn bn_apply_cpu(x: &[f32], c: usize, st: &BnStats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+    bn_apply_then(x, c, st, gamma, beta, |v| v)
+}
+
+/// `bn_apply_cpu` with `post` applied to each value as it is written (ReLU for
+/// `batch_norm_relu`): the same f32 operations, then `post`.
+fn bn_apply_then(x: &[f32], c: usize, st: &BnStats, gamma: &[f32], beta: &[f32], post: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
     let scale: Vec<f32> = (0..c).map(|j| (st.invstd[j] * gamma[j] as f64) as f32).collect();
     let mean: Vec<f32> = st.mean.iter().map(|&m| m as f32).collect();
     let rows = (1usize << 14).div_ceil(c).max(1) * c;
     crate::cpu::par_build(x.len(), rows, |i, yb| {
         for (yr, xr) in yb.chunks_exact_mut(c).zip(x[i * rows..].chunks_exact(c)) {
             for ((y, &x), ((&mu, &s), &b)) in yr.iter_mut().zip(xr).zip(mean.iter().zip(&scale).zip(beta)) {
-                *y = (x - mu) * s + b;
+                *y = post((x - mu) * s + b);
             }
         }
     })
@@ -132,8 +138,9 @@ pub fn bn_backward_cpu(
 }
 
 /// `bn_backward_cpu` of dy·[relu_out > 0] (`relu_out` the output of relu(bn(x)), as
-/// `relu_backward_cpu` masks): the gradient of relu(bn(x)) without a masked copy of dy, the
-/// same values as the composition.
+/// `relu_backward_cpu` masks): the gradient of relu(bn(x)) without a masked copy of the whole
+/// dy (each block of rows is masked into a block-local buffer, in cache, just before use),
+/// the same values as the composition.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_backward_masked_cpu(x: &[f32], dy: &[f32], relu_out: Option<&[f32]>, c: usize, st: &BnStats, gamma: &[f32], train: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let m = x.len() / c;
@@ -265,20 +272,9 @@ pub fn batch_norm_relu(g: &Graph, x: &Var, gamma: &Var, beta: &Var, running_mean
     let m = xs.len() / c;
     let train = g.is_training();
     let (st, update) = batch_stats_or_running(xs, c, m, train, running_mean, running_var, x.shape())?;
-    let scale: Vec<f32> = (0..c).map(|j| (st.invstd[j] * gamma.value.f32s()[j] as f64) as f32).collect();
-    let mean: Vec<f32> = st.mean.iter().map(|&m| m as f32).collect();
-    let bv = beta.value.f32s();
-    let rows = (1usize << 14).div_ceil(c).max(1) * c;
-    let y = crate::profile::time("batch_norm_relu forward", || format!("{m}x{c}"), || {
-        crate::cpu::par_build(xs.len(), rows, |i, yb| {
-            for (yr, xr) in yb.chunks_exact_mut(c).zip(xs[i * rows..].chunks_exact(c)) {
-                for ((y, &x), ((&mu, &s), &b)) in yr.iter_mut().zip(xr).zip(mean.iter().zip(&scale).zip(bv)) {
-                    let v = (x - mu) * s + b;
-                    *y = if v > 0.0 { v } else { 0.0 };
-                }
-            }
-        })
-    });
+    // ReLU as `relu_forward_cpu` writes it.
+    let relu = |v: f32| if v > 0.0 { v } else { 0.0 };
+    let y = crate::profile::time("batch_norm_relu forward", || format!("{m}x{c}"), || bn_apply_then(xs, c, &st, gamma.value.f32s(), beta.value.f32s(), relu));
     let out = Tensor::from_f32(x.shape(), y);
     let (xv, gv, yv) = (x.value.clone(), gamma.value.clone(), g.needs_grad(&[x, gamma, beta]).then(|| out.clone()));
     let var = g.record("batch_norm_relu", out, &[x, gamma, beta], move |dy| {

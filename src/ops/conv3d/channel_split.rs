@@ -50,9 +50,9 @@ pub fn input_grad(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, kernel
     run(dy, v_out, Weight::Flipped(w), None, ci, k, kernels)
 }
 
-/// Where the path reads its weights.
+/// Where the path reads its weights (also the shifted input gradient's flipped operand).
 #[derive(Clone, Copy)]
-enum Weight<'a> {
+pub(super) enum Weight<'a> {
     /// The convolution's own w [Co, k³, Ci].
     Natural(&'a [f32]),
     /// The input gradient's flipped kernel, read from the forward weight w [Co_f, k³, Ci_f]:
@@ -63,7 +63,7 @@ enum Weight<'a> {
 impl Weight<'_> {
     /// Output channels c0..c0 + n of Wᵀ over `taps`, padded to `width`:
     /// bt[(j·Ci + i)·width + o] = W[c0 + o, taps[j], i] (zero for o ≥ n).
-    fn transposed_columns(self, taps: &[usize], k3: usize, ci: usize, c0: usize, n: usize, width: usize) -> Vec<f32> {
+    pub(super) fn transposed_columns(self, taps: &[usize], k3: usize, ci: usize, c0: usize, n: usize, width: usize) -> Vec<f32> {
         let mut bt = vec![0.0f32; taps.len() * ci * width];
         match self {
             // Blocks of 16 reduction indices: per output channel o, one contiguous read of 16

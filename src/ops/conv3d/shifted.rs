@@ -82,13 +82,10 @@ pub fn input_grad(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, kernels: CpuKern
     assert_eq!(w.len(), co * 27 * ci, "conv3d backward: weight size");
     #[cfg(target_arch = "x86_64")]
     if kernels.simd() {
-        let cip = ci.next_multiple_of(8);
-        let mut bt = vec![0.0f32; 27 * co * cip];
-        // bt[(t·Co + o)·cip + i] = w_flip[i, t, o] = w[o, 26 − t, i].
-        for (row, dst) in bt.chunks_exact_mut(cip).enumerate() {
-            let (t, o) = (row / co, row % co);
-            dst[..ci].copy_from_slice(&w[(o * 27 + 26 - t) * ci..][..ci]);
-        }
+        // bt[(t·Co + o)·cip + i] = w_flip[i, t, o] = w[o, 26 − t, i]: the channel split's
+        // flipped columns over all 27 taps, every output channel.
+        let all_taps: Vec<usize> = (0..27).collect();
+        let bt = super::channel_split::Weight::Flipped(w).transposed_columns(&all_taps, 27, co, 0, ci, ci.next_multiple_of(8));
         return simd_forward(&pad_volume(dy, v_out, None), &Geometry::of(v_out), &bt, None, ci, kernels, prev);
     }
     let wp = super::pack_weight(w, co, ci, 3, &(0..27).collect::<Vec<_>>(), true);
