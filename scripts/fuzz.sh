@@ -10,6 +10,7 @@
 # corpus in fuzz/corpus/<target> between runs. A crash leaves its input in
 # fuzz/artifacts/<target>/ and makes the script exit non-zero; turn it into a test in
 # tests/fuzz_regressions.rs. Prints one line per target: executions, coverage, corpus size.
+# Exit status: 0 all ran clean, 1 a target crashed, 2 the targets did not build.
 # Without a nightly toolchain it says so and exits 0 (CI machines have one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,11 @@ shared=${VOX2VEC_SHARED:-../shared}
 # only the fuzz build, in fuzz/target, is CPU-only.
 cargo run --release -q --example fuzz_seeds -- "$shared/data" fuzz/corpus
 export NVCC=none
-cargo +nightly fuzz build -O -a >/dev/null
+# A build that fails (a compile error, a full disk) is not a crash found by fuzzing: exit 2.
+if ! cargo +nightly fuzz build -O -a >/dev/null; then
+    echo "fuzz: the fuzz targets did not build (error above); nothing was fuzzed"
+    exit 2
+fi
 status=0
 for t in "${targets[@]}"; do
     log=$(mktemp)
