@@ -127,3 +127,55 @@ fn fast_paths_match_naive_convolution() {
         }
     }
 }
+
+/// Winograd F(2, 3) and F(4, 3) along y (the inference forward, `winograd.rs`) against the
+/// naive f64 convolution, through BN → ReLU and plus a residual as the inference ResBlock runs
+/// it: y extents that are and are not multiples of m, lines of 8 and more z rows, padded and
+/// masked channel blocks. Its error is reported beside the direct kernels' on the same case;
+/// AVX2 and AVX-512 give the same bits (the z-tap kernel's order, the transforms in scalar code).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn winograd_forward_matches_naive_convolution() {
+    use vox2vec::ops::batchnorm::BnReluEval;
+    use vox2vec::ops::conv3d::winograd::{self, F2, F4};
+    let mut rng = StdRng::seed_from_u64(7);
+    let cases = [
+        (Vol { n: 1, x: 4, y: 8, z: 8, c: 16 }, 16),  // F(4, 3), whole tiles
+        (Vol { n: 2, x: 3, y: 9, z: 9, c: 5 }, 20),   // a last tile of one row, odd z, 16 + 4 channels
+        (Vol { n: 1, x: 2, y: 13, z: 17, c: 33 }, 40), // reduction blocks cutting tap groups, 32 + a masked 8
+        (Vol { n: 1, x: 5, y: 6, z: 8, c: 3 }, 1),    // F(2, 3), one output channel
+        (Vol { n: 2, x: 3, y: 7, z: 12, c: 8 }, 32),  // an odd y with F(2, 3)
+        (Vol { n: 1, x: 3, y: 16, z: 30, c: 64 }, 24), // lines cut into several z-tap tiles
+    ];
+    for (v, co) in cases {
+        let x = rand_vec(&mut rng, v.voxels() * v.c);
+        let w = rand_vec(&mut rng, co * 27 * v.c);
+        let b = rand_vec(&mut rng, co);
+        let res = rand_vec(&mut rng, v.voxels() * co);
+        let stat = |rng: &mut StdRng, lo: f32, hi: f32| (0..v.c).map(|_| rng.random_range(lo..hi)).collect::<Vec<f32>>();
+        let bn = BnReluEval::new(&stat(&mut rng, -0.2, 0.2), &stat(&mut rng, 0.5, 2.0), &stat(&mut rng, 0.5, 1.5), &stat(&mut rng, -0.3, 0.3));
+        let a = bn.apply(&x);
+        let (y_ref, _, _) = naive(&a, v, &w, &b, co, 3, &vec![0.0; v.voxels() * co]);
+        let y_ref: Vec<f64> = y_ref.iter().zip(&res).map(|(y, &r)| y + r as f64).collect();
+        let scale = y_ref.iter().fold(0.0f64, |m, y| m.max(y.abs()));
+        let max_err = |y: &[f32]| y.iter().zip(&y_ref).fold(0.0f64, |m, (&p, q)| m.max((p as f64 - q).abs())) / scale;
+        let mut by_set: Vec<Vec<f32>> = Vec::new();
+        for kernels in CpuKernels::available().into_iter().filter(|k| *k != CpuKernels::Portable) {
+            let chosen = winograd::transform_for(v, 3, kernels).expect("every case is one Winograd takes");
+            for f in [&F2, &F4] {
+                let y = winograd::forward_fused(f, &x, v, &w, Some(&b), co, kernels, Some(&bn), Some(&res));
+                let direct = vox2vec::ops::conv3d::shifted::forward_fused(&x, v, &w, Some(&b), co, kernels, Some(&bn), Some(&res));
+                let (e, ed) = (max_err(&y), max_err(&direct));
+                println!("winograd F({}, 3) {v:?} co {co} {kernels:?}: max error {e:.1e} of the largest output (direct {ed:.1e}, rel {:.1e})", f.m, rel(&y, &y_ref));
+                assert_eq!(y.len(), y_ref.len());
+                assert!(e < if f.m == 2 { 2e-6 } else { 1e-5 } && rel(&y, &y_ref) < 1e-5, "F({}, 3) {v:?} co {co} {kernels:?}: error {e:.1e}", f.m);
+                if std::ptr::eq(f, chosen) {
+                    by_set.push(y);
+                }
+            }
+        }
+        if let [p, q] = by_set.as_slice() {
+            assert!(p.iter().zip(q).all(|(p, q)| p.to_bits() == q.to_bits()), "{v:?} co {co}: AVX2 and AVX-512 Winograd outputs differ");
+        }
+    }
+}

@@ -214,11 +214,11 @@ pub const ZT_ROWS: usize = 11;
 /// # Safety
 /// As `avx512::forward_ztaps`, with AVX2 and FMA instead of AVX-512F.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
-    debug_assert!(bt.len() >= 27 * ci * cop && bias.len() >= cop && cop % 8 == 0);
+pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
+    debug_assert!(bt.len() >= offs.len() * 3 * ci * cop && bias.len() >= cop && cop % 8 == 0);
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
     let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
-    let tiles = super::shifted::ztap_tiles(runs, ci, 8, ZT_ROWS); // every block is 8 wide
+    let tiles = super::shifted::ztap_tiles(runs, offs.len(), ci, 8, ZT_ROWS); // every block is 8 wide
     for cb in (0..cop).step_by(8) {
         for &tile in &tiles {
             let args = (xp, ci, offs, bt, cop, bias, tile.row, cb, o.add(tile.out_row * cop), tile.u0, tile.u1);
@@ -239,7 +239,7 @@ pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32]
 /// N + 2 broadcasts; input row q feeds output rows q, q − 1, q − 2 (as `avx512::zt_tile`).
 #[allow(clippy::type_complexity)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn zt_tile<const N: usize>(args: (*const f32, usize, &[usize; 9], *const f32, usize, *const f32, usize, usize, *mut f32, usize, usize)) {
+unsafe fn zt_tile<const N: usize>(args: (*const f32, usize, &[usize], *const f32, usize, *const f32, usize, usize, *mut f32, usize, usize)) {
     let (xp, ci, offs, bt, cop, bias, r, cb, out, u0, u1) = args;
     let mut acc = [_mm256_setzero_ps(); N];
     if u0 == 0 {

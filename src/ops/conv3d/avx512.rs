@@ -276,17 +276,18 @@ pub const ZT_ROWS: [usize; 2] = [24, 12];
 ///
 /// # Safety
 /// AVX-512F and FMA must be available; for every run, `avx2::check_rows(xp.len(), ci, offs,
-/// 3·ci, row, row + len)` must hold; `bt` must hold 27·ci·cop values, `bias` cop values and
-/// `out` Σ len · cop.
+/// 3·ci, row, row + len)` must hold; `bt` must hold offs.len()·3·ci·cop values (one [3·ci,
+/// cop] block per tap group t: 9 for the shifted forward, 3 for the Winograd one), `bias` cop
+/// values and `out` Σ len · cop.
 #[target_feature(enable = "avx512f,fma")]
-pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
-    debug_assert!(bt.len() >= 27 * ci * cop && bias.len() >= cop && cop % 8 == 0);
+pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
+    debug_assert!(bt.len() >= offs.len() * 3 * ci * cop && bias.len() >= cop && cop % 8 == 0);
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
     let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
     // The tiles depend on the block's width only (1 or 2 vectors): planned once per width.
     let mut plans: [Option<Vec<super::shifted::ZtapTile>>; 2] = [None, None];
     for (cb, v, mask) in channel_blocks(cop) {
-        for &tile in plans[v - 1].get_or_insert_with(|| super::shifted::ztap_tiles(runs, ci, 16 * v, ZT_ROWS[v - 1])).iter() {
+        for &tile in plans[v - 1].get_or_insert_with(|| super::shifted::ztap_tiles(runs, offs.len(), ci, 16 * v, ZT_ROWS[v - 1])).iter() {
             let args = ZtArgs { xp, ci, offs, bt, cop, bias, r: tile.row, cb, out: o.add(tile.out_row * cop), mask, u0: tile.u0, u1: tile.u1 };
             macro_rules! tile {
                 ([$($one:literal),*], [$($two:literal),*]) => {
@@ -305,7 +306,7 @@ pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32]
 struct ZtArgs<'a> {
     xp: *const f32,
     ci: usize,
-    offs: &'a [usize; 9],
+    offs: &'a [usize],
     bt: *const f32,
     cop: usize,
     bias: *const f32,

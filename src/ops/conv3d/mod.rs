@@ -38,6 +38,8 @@ pub mod im2col;
 pub mod shifted;
 #[cfg(target_arch = "x86_64")]
 pub mod wg_plan;
+#[cfg(target_arch = "x86_64")]
+pub mod winograd;
 
 use crate::autograd::{Graph, Var};
 use crate::cpu::{Mat, par_gemm, sum_rows};
@@ -117,7 +119,7 @@ impl CpuKernels {
     /// As the chosen kernel's: the set must be available and the operands in bounds.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn forward_ztaps(self, xp: &[f32], ci: usize, offs: &[usize; 9], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
+    pub(crate) unsafe fn forward_ztaps(self, xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
         // SAFETY: the caller's contract is the kernels'.
         unsafe {
             match self {
@@ -196,15 +198,36 @@ pub fn conv3d_forward_cpu_with(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]
     }
 }
 
+thread_local! {
+    /// Set inside `direct_inference`.
+    static DIRECT_INFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `f()` with this thread's inference convolutions (`conv3d_forward_cpu_fused`) on the direct
+/// kernels instead of Winograd: the bits of the primitive ops' composition, for the tests that
+/// compare the fused inference ops with it. (`VOX2VEC_CPU_WINOGRAD=0` does so for a process.)
+pub fn direct_inference<R>(f: impl FnOnce() -> R) -> R {
+    let before = DIRECT_INFERENCE.replace(true);
+    let r = f();
+    DIRECT_INFERENCE.set(before);
+    r
+}
+
 /// conv(relu(bn(x))) + residual on the CPU, BatchNorm in eval mode (`input`'s constants): the
 /// inference ResBlock's convolutions. On the shifted path BN → ReLU happens while the input is
 /// padded and the residual is added while the output is copied out (no pass of their own);
 /// elsewhere (coarse levels, 1×1×1) they are separate passes over small tensors. Equal to the
-/// composition bn → relu → conv → add (the oracle, `tests/conv_reference.rs`).
+/// composition bn → relu → conv → add (the oracle, `tests/conv_reference.rs`), except where
+/// Winograd F(m, 3) runs (`winograd.rs`: 3×3×3 on volumes with Z ≥ 8 and Y ≥ 4, SIMD kernels;
+/// the same values up to ~1e-6 of the largest output, fewer multiplications).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d_forward_cpu_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, input: Option<&crate::ops::batchnorm::BnReluEval>, residual: Option<&[f32]>, kernels: CpuKernels) -> Vec<f32> {
     check_kernels(kernels);
     assert!(residual.is_none_or(|r| r.len() == v.voxels() * co), "conv3d: residual size");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(f) = winograd::transform_for(v, k, kernels).filter(|_| winograd::enabled() && !channel_split::applicable(v, co, k, kernels)) {
+        return winograd::forward_fused(f, x, v, w, bias, co, kernels, input, residual);
+    }
     if shifted::applicable(v, k) && !channel_split::applicable(v, co, k, kernels) {
         return shifted::forward_fused(x, v, w, bias, co, kernels, input, residual);
     }

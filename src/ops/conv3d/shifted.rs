@@ -283,16 +283,17 @@ pub(super) struct ZtapTile {
 const ZTAP_BLOCK_BYTES: usize = 24 << 10;
 
 /// The tiles of the SIMD forward over `runs` ((first virtual row, rows)) for one block of
-/// `width` output channels, in execution order. The reduction, u = t·ci + ci' (9·ci steps, each
-/// the three z-taps c of input channel ci' in tap group t), is cut into balanced blocks whose
+/// `width` output channels, in execution order. The reduction, u = t·ci + ci' (groups·ci steps,
+/// each the three z-taps c of input channel ci' in tap group t: 9 (a, b) groups here, 3 x-offsets
+/// in the Winograd forward), is cut into balanced blocks whose
 /// weight rows (3·width values per step) stay in L1; each block is applied to every tile of
 /// every run before the next, tiles keeping their partial sums in the output between blocks.
 /// Runs are cut into balanced tiles of at most `max_rows` rows. Each output takes its FMAs in
 /// the order (t, ci', c) whatever the tiling and block sizes, so the AVX2 and AVX-512 kernels,
 /// which tile differently, give the same bits.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn ztap_tiles(runs: &[(usize, usize)], ci: usize, width: usize, max_rows: usize) -> Vec<ZtapTile> {
-    let total = 9 * ci;
+pub(super) fn ztap_tiles(runs: &[(usize, usize)], groups: usize, ci: usize, width: usize, max_rows: usize) -> Vec<ZtapTile> {
+    let total = groups * ci;
     let blocks = total.div_ceil((ZTAP_BLOCK_BYTES / (3 * width * 4)).max(1));
     let mut tiles = Vec::new();
     for b in 0..blocks {
@@ -428,8 +429,8 @@ mod tests {
     /// the row limit, stay inside their run and read the virtual rows their run maps them to.
     #[test]
     fn ztap_tiles_cover_each_output_and_step_once_in_order() {
-        for (runs, ci, width, max_rows) in [(vec![(0, 32), (40, 32)], 16, 16, 24), (vec![(5, 26)], 64, 32, 12), (vec![(3, 7), (20, 1), (30, 13)], 33, 8, 11), (vec![(0, 1)], 1, 16, 24)] {
-            let tiles = ztap_tiles(&runs, ci, width, max_rows);
+        for (runs, groups, ci, width, max_rows) in [(vec![(0, 32), (40, 32)], 9, 16, 16, 24), (vec![(5, 26)], 9, 64, 32, 12), (vec![(3, 7), (20, 1), (30, 13)], 9, 33, 8, 11), (vec![(0, 1)], 9, 1, 16, 24), (vec![(0, 32), (34, 32)], 3, 64, 16, 24)] {
+            let tiles = ztap_tiles(&runs, groups, ci, width, max_rows);
             let starts: Vec<usize> = runs.iter().scan(0, |o, r| { let s = *o; *o += r.1; Some(s) }).collect();
             let total_rows: usize = runs.iter().map(|r| r.1).sum();
             let mut next_u = vec![0usize; total_rows];
@@ -444,7 +445,7 @@ mod tests {
                     next_u[o] = t.u1;
                 }
             }
-            assert!(next_u.iter().all(|&u| u == 9 * ci), "{runs:?}: every row takes all 9·ci steps");
+            assert!(next_u.iter().all(|&u| u == groups * ci), "{runs:?}: every row takes all groups·ci steps");
         }
     }
 }

@@ -1,0 +1,325 @@
+//! Winograd F(m, 3) along y: the inference forward of 3×3×3 convolutions (stride 1, padding 1,
+//! channels-last) on the shifted path's SIMD z-tap kernel, with fewer multiplications.
+//!
+//! Algorithm (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"). A 3-tap
+//! correlation y[s] = Σ_b g[b]·d[s + b], s < m, from α = m + 2 inputs d is
+//!     y = Aᵀ [(G g) ⊙ (Bᵀ d)]
+//! α products instead of 3m. Along the y axis of the 3-D convolution, x and z left direct:
+//!     T_i[n, x', j, z', :]  = Σ_k Bᵀ[i][k] · x_pad[n, x', m·j + k, z', :]      (input transform)
+//!     U_i[o, a, c, :]       = Σ_b G[i][b] · w[o, a, b, c, :]                    (weights, in f64)
+//!     M_i[n, x, j, z, o]    = Σ_{a, c, ci} T_i[n, x + a, j, z + c, ci] · U_i[o, a, c, ci]
+//!     y[n, x, m·j + s, z, o] = (Σ_i Aᵀ[s][i] · M_i[n, x, j, z, o]) + bias[o] (+ residual)
+//! x_pad is the input padded by one voxel on every side (and past Y + 1 up to the last tile's
+//! end), J = ⌈Y / m⌉ tiles. Each M_i is a 3×1×3 convolution of T_i, which is exactly the shifted
+//! path's z-tap kernel (`forward_ztaps`, each broadcast input reused by its 3 z-taps) with 3 tap
+//! groups (the x offsets a) instead of 9. FMAs per output: α·9·Ci / m instead of 27·Ci, i.e.
+//! 18·Ci with F(2, 3) and 13.5·Ci with F(4, 3) (half); the transforms are O(α) adds per input
+//! and output value, done in cache.
+//!
+//! Layout. T holds, for each padded x-plane (n, x') in order, α blocks [J, Z + 2, Ci] (z padding
+//! rows zero): virtual row (((n·(X+2) + x')·α + i)·J + j)·(Z+2) + z', so the x-tap offsets are
+//! a·α·J·(Z+2) rows and line (n, x, j) of transform i is Z consecutive rows. Tasks are runs of
+//! output x-planes, cut into chunks of ~1024 output rows: for each chunk the task transforms
+//! the T planes it reads that are not built yet (just before use, so in cache; a task builds
+//! its planes + 2, the 2 also built by the next task), puts the α products M_i of the chunk's
+//! lines in a scratch [α][lines·Z, cop] and writes the chunk's y lines from it (the output
+//! transform). No pass over memory besides reading x and writing y.
+//!
+//! Accuracy. Not the bits of the direct convolution: the transforms round (inputs combined with
+//! weights up to 5 before the products, outputs with weights up to 8 after). Measured against a
+//! float64 convolution on random data, relative to the largest output (tests/conv_reference.rs):
+//! a few 1e-7 with F(2, 3), ~1e-6 with F(4, 3); the direct kernels ~1e-7. Training never runs
+//! it (its gradients are those of the direct convolution); `VOX2VEC_CPU_WINOGRAD=0` turns it off
+//! for inference too.
+//!
+//! Outputs are written (=).
+
+use std::mem::MaybeUninit;
+
+use super::CpuKernels;
+use crate::cpu::par_build_uninit;
+use crate::ops::batchnorm::BnReluEval;
+use crate::tensor::Vol;
+
+/// One F(m, 3) algorithm: α = m + 2 points, Bᵀ [α][α], G [α][3], Aᵀ [m][α].
+#[derive(Debug)]
+pub struct Transform {
+    pub m: usize,
+    bt: &'static [&'static [f32]],
+    g: &'static [[f64; 3]],
+    at: &'static [&'static [f32]],
+}
+
+impl Transform {
+    pub fn alpha(&self) -> usize {
+        self.m + 2
+    }
+}
+
+/// F(2, 3), points 0, ±1, ∞.
+pub const F2: Transform = Transform {
+    m: 2,
+    bt: &[&[1.0, 0.0, -1.0, 0.0], &[0.0, 1.0, 1.0, 0.0], &[0.0, -1.0, 1.0, 0.0], &[0.0, 1.0, 0.0, -1.0]],
+    g: &[[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]],
+    at: &[&[1.0, 1.0, 1.0, 0.0], &[0.0, 1.0, -1.0, -1.0]],
+};
+
+/// F(4, 3), points 0, ±1, ±2, ∞.
+pub const F4: Transform = Transform {
+    m: 4,
+    bt: &[
+        &[4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+        &[0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+        &[0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+        &[0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+        &[0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+        &[0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+    ],
+    g: &[
+        [1.0 / 4.0, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ],
+    at: &[&[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], &[0.0, 1.0, -1.0, 2.0, -2.0, 0.0], &[0.0, 1.0, 1.0, 4.0, 4.0, 0.0], &[0.0, 1.0, -1.0, 8.0, -8.0, 1.0]],
+};
+
+/// Whether inference convolutions may use this path: not when `VOX2VEC_CPU_WINOGRAD=0` (read
+/// once) nor inside `super::direct_inference` on this thread.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("VOX2VEC_CPU_WINOGRAD").map_or(true, |v| v.trim() != "0")) && !super::DIRECT_INFERENCE.get()
+}
+
+/// The transform this shape runs with, if any: the SIMD kernels, a 3×3×3 kernel, lines of at
+/// least 8 voxels along z (the z-tap tiles' rows) and at least 2 along x, and a y extent whose
+/// last tile wastes little (F(4, 3) where Y ≥ 8 and at most 1/8 of the tiles' rows are padding,
+/// else F(2, 3) where Y ≥ 4).
+pub fn transform_for(v: Vol, k: usize, kernels: CpuKernels) -> Option<&'static Transform> {
+    if !kernels.simd() || k != 3 || v.z < 8 || v.x < 2 || v.voxels() == 0 {
+        return None;
+    }
+    if v.y >= 8 && v.y.next_multiple_of(4) * 8 <= v.y * 9 {
+        Some(&F4)
+    } else if v.y >= 4 {
+        Some(&F2)
+    } else {
+        None
+    }
+}
+
+/// Output tiles' rows per parallel task (as the shifted forward's).
+const ROW_BLOCK: usize = 1024;
+
+/// `$name(kernels, args)`: `$body(args)` compiled for the kernels' vector width. The transforms
+/// are plain loops that LLVM vectorises, which in code built for baseline x86-64 means SSE2 (4
+/// lanes): there they cost as much as the z-tap kernel at 16 channels. `$body` must be
+/// `#[inline(always)]`, so that the wrappers' target features apply to it. No FMA contraction
+/// either way (Rust never contracts), so the bits do not depend on the set.
+macro_rules! vectorised {
+    ($name:ident => $body:ident($($p:ident: $t:ty),*)) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name(kernels: CpuKernels, $($p: $t),*) {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn wide($($p: $t),*) { $body($($p),*) }
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx2($($p: $t),*) { $body($($p),*) }
+            // SAFETY: the set's features are present (forward_fused's caller checked them).
+            match kernels {
+                CpuKernels::Avx512 => unsafe { wide($($p),*) },
+                _ => unsafe { avx2($($p),*) },
+            }
+        }
+    };
+}
+
+vectorised!(transform_plane_simd => transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval>, pp: usize, dst: &mut [f32], act: &mut Vec<f32>));
+vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, jt: usize, co: usize, cop: usize, bias: Option<&[f32]>, yb: &mut [f32]));
+
+/// y [N, X, Y, Z, Co] = conv3×3×3(relu(bn(x)) with `input`, else x) + bias (+ `residual`) by
+/// F(m, 3) along y; `w` [Co, 27·Ci] (taps in (a, b, c) order). BN → ReLU is applied while the
+/// input is transformed; the residual is added to the rounded convolution output, as the
+/// composition's add.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, input: Option<&BnReluEval>, residual: Option<&[f32]>) -> Vec<f32> {
+    assert!(kernels.simd() && v.z >= 1 && v.x >= 1 && v.y >= 1, "winograd conv on {v:?} with {kernels:?}");
+    assert_eq!(x.len(), v.voxels() * v.c, "winograd conv: input size");
+    assert_eq!(w.len(), co * 27 * v.c, "winograd conv: weight size");
+    assert!(residual.is_none_or(|r| r.len() == v.voxels() * co), "winograd conv: residual size");
+    assert!(bias.is_none_or(|b| b.len() == co), "winograd conv: bias size");
+    let (ci, cop, alpha, m) = (v.c, co.next_multiple_of(8), f.alpha(), f.m);
+    let (jt, pz) = (v.y.div_ceil(m), v.z + 2);
+    let plane_rows = alpha * jt * pz; // T rows per padded x-plane
+    let u = weight_transform(f, w, co, ci, cop);
+    let line_bn = input.map(|bn| bn.tiled(v.z));
+    let offs = [0, plane_rows, 2 * plane_rows];
+    let zero_bias = vec![0.0f32; cop];
+    let planes = v.n * v.x;
+    // Output planes per kernel call (about ROW_BLOCK rows, so that a reduction block's weights
+    // serve many tiles) and per task (at least that, and 16 tasks where there are planes for
+    // them: each task's T is built plane by plane just before the chunk that first reads it,
+    // so a task transforms its planes + 2; longer tasks recompute fewer).
+    let chunk_planes = (ROW_BLOCK / (jt * v.z)).clamp(1, planes.div_ceil(8).max(1));
+    let planes_per_task = planes.div_ceil(16).max(chunk_planes);
+    let plane_out = v.y * v.z * co;
+    let padded = |p: usize| (p / v.x) * (v.x + 2) + p % v.x; // output plane (n, x) ↦ padded (n, x)
+    let plane_len = plane_rows * ci;
+    // SAFETY: the task's T planes pp0..built are written in full by `transform_plane` before a
+    // chunk reads them (its runs read padded planes up to its last + 2, check_rows); a chunk's
+    // M blocks are written in full by the kernel (its runs are the chunk's lines, one after
+    // another); the output transform writes every value of the chunk's planes (every y < Y of
+    // every line (n, x), every z and channel), and the chunks cover the task.
+    unsafe {
+        par_build_uninit(planes * plane_out, planes_per_task * plane_out, |task, yb| {
+            let first = task * planes_per_task;
+            let task_planes = yb.len() / plane_out;
+            // T of the padded planes the task's outputs read (a task crossing into the next
+            // batch item also builds the two zero planes between them), in cache.
+            let (pp0, pp1) = (padded(first), padded(first + task_planes - 1) + 3);
+            let mut t: Vec<f32> = Vec::with_capacity((pp1 - pp0) * plane_len);
+            t.set_len((pp1 - pp0) * plane_len);
+            let mut built = pp0;
+            let mut act = Vec::new();
+            let yb = &mut *(yb as *mut [MaybeUninit<f32>] as *mut [f32]);
+            let mut mbuf: Vec<MaybeUninit<f32>> = Vec::with_capacity(alpha * chunk_planes * jt * v.z * cop);
+            for q0 in (0..task_planes).step_by(chunk_planes) {
+                let cp = chunk_planes.min(task_planes - q0);
+                let (c0, c1) = (first + q0, first + q0 + cp);
+                for pp in built..padded(c1 - 1) + 3 {
+                    transform_plane_simd(kernels, f, x, v, line_bn.as_ref(), pp, &mut t[(pp - pp0) * plane_len..][..plane_len], &mut act);
+                }
+                built = padded(c1 - 1) + 3;
+                let block = cp * jt * v.z * cop;
+                mbuf.set_len(alpha * block);
+                let tb = &t[..(built - pp0) * plane_len]; // the planes built so far
+                for (i, mi) in mbuf.chunks_mut(block).enumerate() {
+                    let runs: Vec<(usize, usize)> = (c0..c1).flat_map(|p| (0..jt).map(move |j| ((((padded(p) - pp0) * alpha + i) * jt + j) * pz, v.z))).collect();
+                    for &(row, len) in &runs {
+                        super::avx2::check_rows(tb.len(), ci, &offs, 3 * ci, row, row + len);
+                    }
+                    kernels.forward_ztaps(tb, ci, &offs, &u[i * 9 * ci * cop..(i + 1) * 9 * ci * cop], cop, &zero_bias, &runs, mi);
+                }
+                // SAFETY: initialised above; MaybeUninit<f32> has f32's layout.
+                let mk = &*(&mbuf[..] as *const [MaybeUninit<f32>] as *const [f32]);
+                let yc = &mut yb[q0 * plane_out..(q0 + cp) * plane_out];
+                output_transform_simd(kernels, f, mk, block, v, jt, co, cop, bias, yc);
+                if let Some(res) = residual {
+                    yc.iter_mut().zip(&res[c0 * plane_out..]).for_each(|(d, &r)| *d += r);
+                }
+            }
+        })
+    }
+}
+
+/// Padded x-plane `pp` (= n·(X + 2) + x') of T (layout in the module comment), α blocks [J,
+/// Z + 2, Ci], from x through relu(bn(·)) with `line_bn` (constants tiled over a line of Z
+/// voxels; `act` is scratch for the activated plane). Writes every value of `dst`: border
+/// planes and z-padding rows zero, each block's Z·Ci values from its first term, or zero when
+/// every input line it combines is padding.
+#[inline(always)]
+fn transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval>, pp: usize, dst: &mut [f32], act: &mut Vec<f32>) {
+    let (c, m) = (v.c, f.m);
+    let (jt, pz, line, px) = (v.y.div_ceil(m), v.z + 2, v.z * v.c, v.x + 2);
+    let (n, xp) = (pp / px, pp % px);
+    if xp == 0 || xp == px - 1 {
+        dst.fill(0.0);
+        return;
+    }
+    let src_plane = &x[(n * v.x + xp - 1) * v.y * line..][..v.y * line];
+    let src_plane = match line_bn {
+        None => src_plane,
+        Some(bn) => {
+            act.resize(src_plane.len(), 0.0); // zeroed once per task: the same size every plane
+            for (d, s) in act.chunks_exact_mut(line).zip(src_plane.chunks_exact(line)) {
+                bn.apply_row(s, d);
+            }
+            &act[..]
+        }
+    };
+    // Padded y index yp reads real line yp − 1 when 1 ≤ yp ≤ Y, else zeros.
+    let src = |yp: usize| (yp >= 1 && yp <= v.y).then(|| &src_plane[(yp - 1) * line..yp * line]);
+    for (i, bt) in f.bt.iter().enumerate() {
+        for j in 0..jt {
+            let blk = &mut dst[((i * jt + j) * pz) * c..((i * jt + j + 1) * pz) * c];
+            blk[..c].fill(0.0);
+            blk[(pz - 1) * c..].fill(0.0);
+            let body = &mut blk[c..(pz - 1) * c];
+            let mut first = true;
+            for (k, &coef) in bt.iter().enumerate() {
+                let Some(s) = (coef != 0.0).then(|| src(m * j + k)).flatten() else { continue };
+                if first {
+                    body.iter_mut().zip(s).for_each(|(d, &s)| *d = coef * s);
+                    first = false;
+                } else {
+                    body.iter_mut().zip(s).for_each(|(d, &s)| *d += coef * s);
+                }
+            }
+            if first {
+                body.fill(0.0);
+            }
+        }
+    }
+}
+
+/// U_i as the z-tap kernel's operand: α blocks [9·Ci, cop], row (a·3 + c)·Ci + ci', column o
+/// (columns ≥ Co zero), each value Σ_b G[i][b]·w[o, a, b, c, ci'] computed in f64.
+fn weight_transform(f: &Transform, w: &[f32], co: usize, ci: usize, cop: usize) -> Vec<f32> {
+    let alpha = f.alpha();
+    let mut u = vec![0.0f32; alpha * 9 * ci * cop];
+    for (i, g) in f.g.iter().enumerate() {
+        for o in 0..co {
+            for a in 0..3 {
+                for c in 0..3 {
+                    for k in 0..ci {
+                        let tap = |b: usize| w[(o * 27 + a * 9 + b * 3 + c) * ci + k] as f64;
+                        let s = g[0] * tap(0) + g[1] * tap(1) + g[2] * tap(2);
+                        u[((i * 9 + a * 3 + c) * ci + k) * cop + o] = s as f32;
+                    }
+                }
+            }
+        }
+    }
+    u
+}
+
+/// The task's output planes from its products: `mk` holds α blocks of `block` values, block i
+/// [lines·Z, cop] with lines (plane, j) in order; `yb` the task's planes [planes, Y, Z, Co].
+/// Each output line is (Σ_i Aᵀ[s][i]·M_i) + bias, terms in i order (zero weights skipped), over
+/// the whole line at once when no channel is padded (cop = Co), else row by row.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, jt: usize, co: usize, cop: usize, bias: Option<&[f32]>, yb: &mut [f32]) {
+    let (m, line_out) = (f.m, v.z * co);
+    let bias_line = bias.map(|b| b.iter().copied().cycle().take(line_out).collect::<Vec<f32>>());
+    for (p, yp) in yb.chunks_exact_mut(v.y * line_out).enumerate() {
+        for (yi, dst) in yp.chunks_exact_mut(line_out).enumerate() {
+            let (j, s) = (yi / m, yi % m);
+            let mrow = (p * jt + j) * v.z * cop; // first M row of line (plane, j), in each block
+            let mut terms = f.at[s].iter().enumerate().filter(|t| *t.1 != 0.0);
+            let (i0, &c0) = terms.next().expect("every output row combines some product");
+            let src = |i: usize| &mk[i * block + mrow..][..v.z * cop];
+            if cop == co {
+                dst.iter_mut().zip(src(i0)).for_each(|(d, &m)| *d = c0 * m);
+                for (i, &c) in terms {
+                    dst.iter_mut().zip(src(i)).for_each(|(d, &m)| *d += c * m);
+                }
+            } else {
+                for (z, d) in dst.chunks_exact_mut(co).enumerate() {
+                    d.iter_mut().zip(&src(i0)[z * cop..]).for_each(|(d, &m)| *d = c0 * m);
+                }
+                for (i, &c) in terms {
+                    for (z, d) in dst.chunks_exact_mut(co).enumerate() {
+                        d.iter_mut().zip(&src(i)[z * cop..]).for_each(|(d, &m)| *d += c * m);
+                    }
+                }
+            }
+            if let Some(b) = &bias_line {
+                dst.iter_mut().zip(b).for_each(|(d, &b)| *d += b);
+            }
+        }
+    }
+}
