@@ -146,6 +146,8 @@ fn winograd_forward_matches_naive_convolution() {
         (Vol { n: 1, x: 5, y: 6, z: 8, c: 3 }, 1),    // F(2, 3), one output channel
         (Vol { n: 2, x: 3, y: 7, z: 12, c: 8 }, 32),  // an odd y with F(2, 3)
         (Vol { n: 1, x: 3, y: 16, z: 30, c: 64 }, 24), // lines cut into several z-tap tiles
+        (Vol { n: 2, x: 3, y: 8, z: 4, c: 12 }, 16),  // short lines: one run per plane, z padding dropped
+        (Vol { n: 1, x: 4, y: 11, z: 7, c: 24 }, 40), // short lines and a partial last tile
     ];
     for (v, co) in cases {
         let x = rand_vec(&mut rng, v.voxels() * v.c);

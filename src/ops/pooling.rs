@@ -29,36 +29,42 @@ pub fn maxpool2_forward_cpu(x: &[f32], v: Vol) -> (Vec<f32>, Vec<u8>) {
         let ox = (r / o.y) % o.x;
         let nb = r / (o.y * o.x);
         for oz in 0..o.z {
-            for ch in 0..c {
-                let mut best = f32::NEG_INFINITY;
-                let mut besto = 0u8;
-                let mut first = true;
-                for a in 0..2 {
-                    let xi = 2 * ox + a;
-                    if xi >= v.x {
+            // The window's voxels in (x, y, z) order, then per channel the first strictly
+            // greater value (or a NaN) wins: channels innermost, so the loop runs over
+            // contiguous rows and vectorises (the same comparisons per channel, same order).
+            let (best, besto) = (&mut yr[oz * c..(oz + 1) * c], &mut ar[oz * c..(oz + 1) * c]);
+            let mut first = true;
+            for a in 0..2 {
+                let xi = 2 * ox + a;
+                if xi >= v.x {
+                    continue;
+                }
+                for b in 0..2 {
+                    let yi = 2 * oy + b;
+                    if yi >= v.y {
                         continue;
                     }
-                    for b in 0..2 {
-                        let yi = 2 * oy + b;
-                        if yi >= v.y {
+                    for cc in 0..2 {
+                        let zi = 2 * oz + cc;
+                        if zi >= v.z {
                             continue;
                         }
-                        for cc in 0..2 {
-                            let zi = 2 * oz + cc;
-                            if zi >= v.z {
-                                continue;
-                            }
-                            let val = x[(((nb * v.x + xi) * v.y + yi) * v.z + zi) * c + ch];
-                            if first || val > best || val.is_nan() {
-                                best = val;
-                                besto = (a * 4 + b * 2 + cc) as u8;
-                                first = false;
+                        let src = &x[(((nb * v.x + xi) * v.y + yi) * v.z + zi) * c..][..c];
+                        let off = (a * 4 + b * 2 + cc) as u8;
+                        if first {
+                            best.copy_from_slice(src);
+                            besto.fill(off);
+                            first = false;
+                        } else {
+                            for ((bv, bo), &val) in best.iter_mut().zip(besto.iter_mut()).zip(src) {
+                                if val > *bv || val.is_nan() {
+                                    *bv = val;
+                                    *bo = off;
+                                }
                             }
                         }
                     }
                 }
-                yr[oz * c + ch] = best;
-                ar[oz * c + ch] = besto;
             }
         }
     });
@@ -104,4 +110,43 @@ pub fn maxpool2(g: &Graph, x: &Var) -> Result<Var> {
     Ok(g.record("maxpool2", Tensor::from_f32(&shape, y), &[x], move |dy| {
         Ok(vec![Some(Tensor::from_f32(&v.shape(), maxpool2_backward_cpu(dy.f32s(), &arg, v)))])
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The forward against the definition, one output element at a time (window in (x, y, z)
+    /// order, first strictly greater value or a NaN wins): odd extents (clipped windows),
+    /// values drawn from a small set (ties) with NaNs among them; the same bits and offsets.
+    #[test]
+    fn forward_matches_the_elementwise_definition_with_ties_and_nans() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for v in [Vol { n: 2, x: 5, y: 4, z: 3, c: 7 }, Vol { n: 1, x: 1, y: 3, z: 6, c: 16 }, Vol { n: 1, x: 4, y: 4, z: 4, c: 1 }] {
+            let x: Vec<f32> = (0..v.voxels() * v.c).map(|_| if rng.random_range(0..20) == 0 { f32::NAN } else { rng.random_range(-2..3) as f32 }).collect();
+            let (y, arg) = maxpool2_forward_cpu(&x, v);
+            let o = Vol { x: pooled_extent(v.x), y: pooled_extent(v.y), z: pooled_extent(v.z), ..v };
+            for n in 0..v.n {
+                for (ox, oy, oz) in (0..o.x).flat_map(|a| (0..o.y).flat_map(move |b| (0..o.z).map(move |c| (a, b, c)))) {
+                    for ch in 0..v.c {
+                        let mut best: Option<(f32, u8)> = None;
+                        for off in 0..8u8 {
+                            let (xi, yi, zi) = (2 * ox + (off as usize >> 2), 2 * oy + ((off as usize >> 1) & 1), 2 * oz + (off as usize & 1));
+                            if xi >= v.x || yi >= v.y || zi >= v.z {
+                                continue;
+                            }
+                            let val = x[(((n * v.x + xi) * v.y + yi) * v.z + zi) * v.c + ch];
+                            if best.is_none_or(|(b, _)| val > b || val.is_nan()) {
+                                best = Some((val, off));
+                            }
+                        }
+                        let (b, off) = best.unwrap();
+                        let i = (((n * o.x + ox) * o.y + oy) * o.z + oz) * v.c + ch;
+                        assert_eq!((y[i].to_bits(), arg[i]), (b.to_bits(), off), "{v:?} output ({n}, {ox}, {oy}, {oz}, {ch})");
+                    }
+                }
+            }
+        }
+    }
 }

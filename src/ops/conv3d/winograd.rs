@@ -94,11 +94,12 @@ pub fn enabled() -> bool {
 }
 
 /// The transform this shape runs with, if any: the SIMD kernels, a 3×3×3 kernel, lines of at
-/// least 8 voxels along z (the z-tap tiles' rows) and at least 2 along x, and a y extent whose
+/// least 4 voxels along z (shorter ones make z-tap tiles of mostly padding) and at least 2
+/// along x, and a y extent whose
 /// last tile wastes little (F(4, 3) where Y ≥ 8 and at most 1/8 of the tiles' rows are padding,
 /// else F(2, 3) where Y ≥ 4).
 pub fn transform_for(v: Vol, k: usize, kernels: CpuKernels) -> Option<&'static Transform> {
-    if !kernels.simd() || k != 3 || v.z < 8 || v.x < 2 || v.voxels() == 0 {
+    if !kernels.simd() || k != 3 || v.z < 4 || v.x < 2 || v.voxels() == 0 {
         return None;
     }
     if v.y >= 8 && v.y.next_multiple_of(4) * 8 <= v.y * 9 {
@@ -138,7 +139,7 @@ macro_rules! vectorised {
 }
 
 vectorised!(transform_plane_simd => transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval>, pp: usize, dst: &mut [f32], act: &mut Vec<f32>));
-vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, jt: usize, co: usize, cop: usize, bias: Option<&[f32]>, yb: &mut [f32]));
+vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, rows: (usize, usize), co: usize, cop: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, yb: &mut [f32]));
 
 /// y [N, X, Y, Z, Co] = conv3×3×3(relu(bn(x)) with `input`, else x) + bias (+ `residual`) by
 /// F(m, 3) along y; `w` [Co, 27·Ci] (taps in (a, b, c) order). BN → ReLU is applied while the
@@ -163,7 +164,11 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
     // serve many tiles) and per task (at least that, and 16 tasks where there are planes for
     // them: each task's T is built plane by plane just before the chunk that first reads it,
     // so a task transforms its planes + 2; longer tasks recompute fewer).
-    let chunk_planes = (ROW_BLOCK / (jt * v.z)).clamp(1, planes.div_ceil(8).max(1));
+    // M rows per plane and transform: a run of Z rows per line (n, x, j), or, for short lines
+    // (Z < 8, which would make register tiles of Z rows), one run over the plane's J lines with
+    // the z padding between them computed and dropped.
+    let (plane_run, line_stride) = if v.z >= 8 { (jt * v.z, v.z) } else { (jt * pz - 2, pz) };
+    let chunk_planes = (ROW_BLOCK / plane_run).clamp(1, planes.div_ceil(8).max(1));
     let planes_per_task = planes.div_ceil(16).max(chunk_planes);
     let plane_out = v.y * v.z * co;
     let padded = |p: usize| (p / v.x) * (v.x + 2) + p % v.x; // output plane (n, x) ↦ padded (n, x)
@@ -185,7 +190,7 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
             let mut built = pp0;
             let mut act = Vec::new();
             let yb = &mut *(yb as *mut [MaybeUninit<f32>] as *mut [f32]);
-            let mut mbuf: Vec<MaybeUninit<f32>> = Vec::with_capacity(alpha * chunk_planes * jt * v.z * cop);
+            let mut mbuf: Vec<MaybeUninit<f32>> = Vec::with_capacity(alpha * chunk_planes * plane_run * cop);
             for q0 in (0..task_planes).step_by(chunk_planes) {
                 let cp = chunk_planes.min(task_planes - q0);
                 let (c0, c1) = (first + q0, first + q0 + cp);
@@ -193,11 +198,15 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
                     transform_plane_simd(kernels, f, x, v, line_bn.as_ref(), pp, &mut t[(pp - pp0) * plane_len..][..plane_len], &mut act);
                 }
                 built = padded(c1 - 1) + 3;
-                let block = cp * jt * v.z * cop;
+                let block = cp * plane_run * cop;
                 mbuf.set_len(alpha * block);
                 let tb = &t[..(built - pp0) * plane_len]; // the planes built so far
                 for (i, mi) in mbuf.chunks_mut(block).enumerate() {
-                    let runs: Vec<(usize, usize)> = (c0..c1).flat_map(|p| (0..jt).map(move |j| ((((padded(p) - pp0) * alpha + i) * jt + j) * pz, v.z))).collect();
+                    let block_row = |p: usize| ((padded(p) - pp0) * alpha + i) * jt * pz; // T block i of plane p
+                    let runs: Vec<(usize, usize)> = match v.z >= 8 {
+                        true => (c0..c1).flat_map(|p| (0..jt).map(move |j| (block_row(p) + j * pz, v.z))).collect(),
+                        false => (c0..c1).map(|p| (block_row(p), plane_run)).collect(),
+                    };
                     for &(row, len) in &runs {
                         super::avx2::check_rows(tb.len(), ci, &offs, 3 * ci, row, row + len);
                     }
@@ -206,10 +215,8 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
                 // SAFETY: initialised above; MaybeUninit<f32> has f32's layout.
                 let mk = &*(&mbuf[..] as *const [MaybeUninit<f32>] as *const [f32]);
                 let yc = &mut yb[q0 * plane_out..(q0 + cp) * plane_out];
-                output_transform_simd(kernels, f, mk, block, v, jt, co, cop, bias, yc);
-                if let Some(res) = residual {
-                    yc.iter_mut().zip(&res[c0 * plane_out..]).for_each(|(d, &r)| *d += r);
-                }
+                let res = residual.map(|r| &r[c0 * plane_out..c1 * plane_out]);
+                output_transform_simd(kernels, f, mk, block, v, (plane_run, line_stride), co, cop, bias, res, yc);
             }
         })
     }
@@ -286,19 +293,23 @@ fn weight_transform(f: &Transform, w: &[f32], co: usize, ci: usize, cop: usize) 
     u
 }
 
-/// The task's output planes from its products: `mk` holds α blocks of `block` values, block i
-/// [lines·Z, cop] with lines (plane, j) in order; `yb` the task's planes [planes, Y, Z, Co].
+/// The chunk's output planes from its products: `mk` holds α blocks of `block` values, block i
+/// [planes · plane_run, cop], line (plane, j) from row plane·plane_run + j·line_stride (`rows`);
+/// `yb` the chunk's planes [planes, Y, Z, Co], `residual` the same part of the residual.
+/// y = ((Σ_i Aᵀ[s][i]·M_i) + bias) + residual: the composition's add of the residual to the
+/// rounded convolution output, here while the line is in cache.
 /// Each output line is (Σ_i Aᵀ[s][i]·M_i) + bias, terms in i order (zero weights skipped), over
 /// the whole line at once when no channel is padded (cop = Co), else row by row.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, jt: usize, co: usize, cop: usize, bias: Option<&[f32]>, yb: &mut [f32]) {
+fn output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, rows: (usize, usize), co: usize, cop: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, yb: &mut [f32]) {
+    let (plane_run, line_stride) = rows;
     let (m, line_out) = (f.m, v.z * co);
     let bias_line = bias.map(|b| b.iter().copied().cycle().take(line_out).collect::<Vec<f32>>());
     for (p, yp) in yb.chunks_exact_mut(v.y * line_out).enumerate() {
         for (yi, dst) in yp.chunks_exact_mut(line_out).enumerate() {
             let (j, s) = (yi / m, yi % m);
-            let mrow = (p * jt + j) * v.z * cop; // first M row of line (plane, j), in each block
+            let mrow = (p * plane_run + j * line_stride) * cop; // line (plane, j)'s first M value, in each block
             let mut terms = f.at[s].iter().enumerate().filter(|t| *t.1 != 0.0);
             let (i0, &c0) = terms.next().expect("every output row combines some product");
             let src = |i: usize| &mk[i * block + mrow..][..v.z * cop];
@@ -319,6 +330,10 @@ fn output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, jt: usize, 
             }
             if let Some(b) = &bias_line {
                 dst.iter_mut().zip(b).for_each(|(d, &b)| *d += b);
+            }
+            if let Some(r) = residual {
+                let at = (p * v.y + yi) * line_out;
+                dst.iter_mut().zip(&r[at..at + line_out]).for_each(|(d, &r)| *d += r);
             }
         }
     }
