@@ -172,7 +172,7 @@ pub fn conv3d_backward_weight_cpu(x: &[f32], v: Vol, dy: &[f32], co: usize, k: u
     conv3d_backward_weight_cpu_with(x, v, dy, co, k, CpuKernels::best())
 }
 
-fn check_kernels(kernels: CpuKernels) {
+pub(super) fn check_kernels(kernels: CpuKernels) {
     // Detected once: this runs before every kernel call.
     static AVAILABLE: OnceLock<Vec<CpuKernels>> = OnceLock::new();
     assert!(AVAILABLE.get_or_init(CpuKernels::available).contains(&kernels), "{kernels:?} kernels requested on a processor without them");

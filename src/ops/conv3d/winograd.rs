@@ -23,14 +23,17 @@
 //! the T planes it reads that are not built yet (just before use, so in cache; a task builds
 //! its planes + 2, the 2 also built by the next task), puts the α products M_i of the chunk's
 //! lines in a scratch [α][lines·Z, cop] and writes the chunk's y lines from it (the output
-//! transform). No pass over memory besides reading x and writing y.
+//! transform, adding bias and residual). No pass over memory besides reading x and writing y.
+//! Lines shorter than 8 (4 ≤ Z < 8) are computed as one run per (plane, i) block, the z padding
+//! rows between lines computed and dropped, as the shifted path does.
 //!
 //! Accuracy. Not the bits of the direct convolution: the transforms round (inputs combined with
 //! weights up to 5 before the products, outputs with weights up to 8 after). Measured against a
-//! float64 convolution on random data, relative to the largest output (tests/conv_reference.rs):
-//! a few 1e-7 with F(2, 3), ~1e-6 with F(4, 3); the direct kernels ~1e-7. Training never runs
-//! it (its gradients are those of the direct convolution); `VOX2VEC_CPU_WINOGRAD=0` turns it off
-//! for inference too.
+//! float64 convolution on random data, largest error relative to the largest output
+//! (tests/conv_reference.rs, 8 shapes): 0.9–8e-7 with F(2, 3), as the direct kernels (1.3e-7 to
+//! 1.1e-6); 2.5e-7–3.2e-6 with F(4, 3), about 3× theirs. Training never runs it (its gradients
+//! are those of the direct convolution); `VOX2VEC_CPU_WINOGRAD=0` turns it off for inference
+//! too, `conv3d::direct_inference` for a thread.
 //!
 //! Outputs are written (=).
 
@@ -94,10 +97,9 @@ pub fn enabled() -> bool {
 }
 
 /// The transform this shape runs with, if any: the SIMD kernels, a 3×3×3 kernel, lines of at
-/// least 4 voxels along z (shorter ones make z-tap tiles of mostly padding) and at least 2
-/// along x, and a y extent whose
-/// last tile wastes little (F(4, 3) where Y ≥ 8 and at most 1/8 of the tiles' rows are padding,
-/// else F(2, 3) where Y ≥ 4).
+/// least 4 voxels along z (shorter ones make z-tap tiles of mostly padding), at least 2 along
+/// x, and a y extent whose last tile wastes little: F(4, 3) where Y ≥ 8 and at most 1/8 of the
+/// tiles' rows are padding, else F(2, 3) where Y ≥ 4.
 pub fn transform_for(v: Vol, k: usize, kernels: CpuKernels) -> Option<&'static Transform> {
     if !kernels.simd() || k != 3 || v.z < 4 || v.x < 2 || v.voxels() == 0 {
         return None;
@@ -114,6 +116,12 @@ pub fn transform_for(v: Vol, k: usize, kernels: CpuKernels) -> Option<&'static T
 /// Output tiles' rows per parallel task (as the shifted forward's).
 const ROW_BLOCK: usize = 1024;
 
+thread_local! {
+    /// Per worker thread, kept between tasks and calls: the task's T planes and the activated
+    /// input plane (initialised memory, grown and zeroed only when a larger level needs more).
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
 /// `$name(kernels, args)`: `$body(args)` compiled for the kernels' vector width. The transforms
 /// are plain loops that LLVM vectorises, which in code built for baseline x86-64 means SSE2 (4
 /// lanes): there they cost as much as the z-tap kernel at 16 channels. `$body` must be
@@ -129,7 +137,7 @@ macro_rules! vectorised {
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
             fn avx2($($p: $t),*) { $body($($p),*) }
-            // SAFETY: the set's features are present (forward_fused's caller checked them).
+            // SAFETY: the set's features are present (forward_fused checked them).
             match kernels {
                 CpuKernels::Avx512 => unsafe { wide($($p),*) },
                 _ => unsafe { avx2($($p),*) },
@@ -139,7 +147,7 @@ macro_rules! vectorised {
 }
 
 vectorised!(transform_plane_simd => transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval>, pp: usize, dst: &mut [f32], act: &mut Vec<f32>));
-vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, rows: (usize, usize), co: usize, cop: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, yb: &mut [f32]));
+vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, rows: (usize, usize), co: usize, cop: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, yb: &mut [MaybeUninit<f32>]));
 
 /// y [N, X, Y, Z, Co] = conv3×3×3(relu(bn(x)) with `input`, else x) + bias (+ `residual`) by
 /// F(m, 3) along y; `w` [Co, 27·Ci] (taps in (a, b, c) order). BN → ReLU is applied while the
@@ -147,6 +155,7 @@ vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32],
 /// composition's add.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, input: Option<&BnReluEval>, residual: Option<&[f32]>) -> Vec<f32> {
+    super::check_kernels(kernels); // the vectorised transforms and the kernels need the set
     assert!(kernels.simd() && v.z >= 1 && v.x >= 1 && v.y >= 1, "winograd conv on {v:?} with {kernels:?}");
     assert_eq!(x.len(), v.voxels() * v.c, "winograd conv: input size");
     assert_eq!(w.len(), co * 27 * v.c, "winograd conv: weight size");
@@ -160,24 +169,23 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
     let offs = [0, plane_rows, 2 * plane_rows];
     let zero_bias = vec![0.0f32; cop];
     let planes = v.n * v.x;
-    // Output planes per kernel call (about ROW_BLOCK rows, so that a reduction block's weights
-    // serve many tiles) and per task (at least that, and 16 tasks where there are planes for
-    // them: each task's T is built plane by plane just before the chunk that first reads it,
-    // so a task transforms its planes + 2; longer tasks recompute fewer).
     // M rows per plane and transform: a run of Z rows per line (n, x, j), or, for short lines
     // (Z < 8, which would make register tiles of Z rows), one run over the plane's J lines with
     // the z padding between them computed and dropped.
     let (plane_run, line_stride) = if v.z >= 8 { (jt * v.z, v.z) } else { (jt * pz - 2, pz) };
+    // Output planes per kernel call (about ROW_BLOCK rows, so that a reduction block's weights
+    // serve many tiles) and per task (at least that, and 16 tasks where there are planes for
+    // them: each task's T is built plane by plane just before the chunk that first reads it,
+    // so a task transforms its planes + 2; longer tasks recompute fewer).
     let chunk_planes = (ROW_BLOCK / plane_run).clamp(1, planes.div_ceil(8).max(1));
     let planes_per_task = planes.div_ceil(16).max(chunk_planes);
     let plane_out = v.y * v.z * co;
     let padded = |p: usize| (p / v.x) * (v.x + 2) + p % v.x; // output plane (n, x) ↦ padded (n, x)
     let plane_len = plane_rows * ci;
-    // SAFETY: the task's T planes pp0..built are written in full by `transform_plane` before a
-    // chunk reads them (its runs read padded planes up to its last + 2, check_rows); a chunk's
-    // M blocks are written in full by the kernel (its runs are the chunk's lines, one after
-    // another); the output transform writes every value of the chunk's planes (every y < Y of
-    // every line (n, x), every z and channel), and the chunks cover the task.
+    // SAFETY: a chunk's M blocks are written in full by the kernel (its runs are the chunk's
+    // lines, one after another) before they are read; the kernel reads only T planes already
+    // built for this task (check_rows on them); the output transform writes every value of the
+    // chunk's planes, and the chunks cover the task.
     unsafe {
         par_build_uninit(planes * plane_out, planes_per_task * plane_out, |task, yb| {
             let first = task * planes_per_task;
@@ -185,11 +193,12 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
             // T of the padded planes the task's outputs read (a task crossing into the next
             // batch item also builds the two zero planes between them), in cache.
             let (pp0, pp1) = (padded(first), padded(first + task_planes - 1) + 3);
-            let mut t: Vec<f32> = Vec::with_capacity((pp1 - pp0) * plane_len);
-            t.set_len((pp1 - pp0) * plane_len);
+            let (mut t_scratch, mut act) = SCRATCH.take();
+            if t_scratch.len() < (pp1 - pp0) * plane_len {
+                t_scratch.resize((pp1 - pp0) * plane_len, 0.0); // zeroed once per thread and size
+            }
+            let t = &mut t_scratch[..(pp1 - pp0) * plane_len];
             let mut built = pp0;
-            let mut act = Vec::new();
-            let yb = &mut *(yb as *mut [MaybeUninit<f32>] as *mut [f32]);
             let mut mbuf: Vec<MaybeUninit<f32>> = Vec::with_capacity(alpha * chunk_planes * plane_run * cop);
             for q0 in (0..task_planes).step_by(chunk_planes) {
                 let cp = chunk_planes.min(task_planes - q0);
@@ -218,6 +227,7 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
                 let res = residual.map(|r| &r[c0 * plane_out..c1 * plane_out]);
                 output_transform_simd(kernels, f, mk, block, v, (plane_run, line_stride), co, cop, bias, res, yc);
             }
+            SCRATCH.set((t_scratch, act));
         })
     }
 }
@@ -295,33 +305,39 @@ fn weight_transform(f: &Transform, w: &[f32], co: usize, ci: usize, cop: usize) 
 
 /// The chunk's output planes from its products: `mk` holds α blocks of `block` values, block i
 /// [planes · plane_run, cop], line (plane, j) from row plane·plane_run + j·line_stride (`rows`);
-/// `yb` the chunk's planes [planes, Y, Z, Co], `residual` the same part of the residual.
-/// y = ((Σ_i Aᵀ[s][i]·M_i) + bias) + residual: the composition's add of the residual to the
-/// rounded convolution output, here while the line is in cache.
-/// Each output line is (Σ_i Aᵀ[s][i]·M_i) + bias, terms in i order (zero weights skipped), over
-/// the whole line at once when no channel is padded (cop = Co), else row by row.
+/// `yb` the chunk's planes [planes, Y, Z, Co] (written in full), `residual` the same part of
+/// the residual. y = ((Σ_i Aᵀ[s][i]·M_i) + bias) + residual, terms in i order (zero weights
+/// skipped): the residual added to the rounded convolution output as the composition's add,
+/// here while the line is in cache. Whole lines at a time when no channel is padded (cop =
+/// Co), else row by row.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, rows: (usize, usize), co: usize, cop: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, yb: &mut [f32]) {
+fn output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, rows: (usize, usize), co: usize, cop: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, yb: &mut [MaybeUninit<f32>]) {
     let (plane_run, line_stride) = rows;
     let (m, line_out) = (f.m, v.z * co);
     let bias_line = bias.map(|b| b.iter().copied().cycle().take(line_out).collect::<Vec<f32>>());
     for (p, yp) in yb.chunks_exact_mut(v.y * line_out).enumerate() {
-        for (yi, dst) in yp.chunks_exact_mut(line_out).enumerate() {
+        for (yi, line) in yp.chunks_exact_mut(line_out).enumerate() {
             let (j, s) = (yi / m, yi % m);
             let mrow = (p * plane_run + j * line_stride) * cop; // line (plane, j)'s first M value, in each block
             let mut terms = f.at[s].iter().enumerate().filter(|t| *t.1 != 0.0);
             let (i0, &c0) = terms.next().expect("every output row combines some product");
             let src = |i: usize| &mk[i * block + mrow..][..v.z * cop];
+            // The first term writes every value of the line; the others add.
             if cop == co {
-                dst.iter_mut().zip(src(i0)).for_each(|(d, &m)| *d = c0 * m);
+                line.iter_mut().zip(src(i0)).for_each(|(d, &m)| _ = d.write(c0 * m));
+            } else {
+                for (z, d) in line.chunks_exact_mut(co).enumerate() {
+                    d.iter_mut().zip(&src(i0)[z * cop..]).for_each(|(d, &m)| _ = d.write(c0 * m));
+                }
+            }
+            // SAFETY: initialised just above; MaybeUninit<f32> has f32's layout.
+            let dst = unsafe { &mut *(line as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            if cop == co {
                 for (i, &c) in terms {
                     dst.iter_mut().zip(src(i)).for_each(|(d, &m)| *d += c * m);
                 }
             } else {
-                for (z, d) in dst.chunks_exact_mut(co).enumerate() {
-                    d.iter_mut().zip(&src(i0)[z * cop..]).for_each(|(d, &m)| *d = c0 * m);
-                }
                 for (i, &c) in terms {
                     for (z, d) in dst.chunks_exact_mut(co).enumerate() {
                         d.iter_mut().zip(&src(i)[z * cop..]).for_each(|(d, &m)| *d += c * m);
