@@ -179,5 +179,16 @@ fn winograd_forward_matches_naive_convolution() {
         if let [p, q] = by_set.as_slice() {
             assert!(p.iter().zip(q).all(|(p, q)| p.to_bits() == q.to_bits()), "{v:?} co {co}: AVX2 and AVX-512 Winograd outputs differ");
         }
+        // Transformed weights are cached between calls: new values in the same buffer (one
+        // changed value, far from the sampled ones) must be transformed anew.
+        let mut w = w;
+        let i = w.len() / 16 + 1;
+        w[i] += 0.5;
+        let (y_ref2, _, _) = naive(&a, v, &w, &b, co, 3, &vec![0.0; v.voxels() * co]);
+        let y_ref2: Vec<f64> = y_ref2.iter().zip(&res).map(|(y, &r)| y + r as f64).collect();
+        let kernels = CpuKernels::best();
+        let f = winograd::transform_for(v, 3, kernels).unwrap();
+        let y2 = winograd::forward_fused(f, &x, v, &w, Some(&b), co, kernels, Some(&bn), Some(&res));
+        assert!(rel(&y2, &y_ref2) < 1e-5, "{v:?} co {co}: weights changed in place gave {:.1e}: a stale transform", rel(&y2, &y_ref2));
     }
 }

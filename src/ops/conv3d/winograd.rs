@@ -164,7 +164,7 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
     let (ci, cop, alpha, m) = (v.c, co.next_multiple_of(8), f.alpha(), f.m);
     let (jt, pz) = (v.y.div_ceil(m), v.z + 2);
     let plane_rows = alpha * jt * pz; // T rows per padded x-plane
-    let u = weight_transform(f, w, co, ci, cop);
+    let u = transformed_weights(f, w, co, ci, cop);
     let line_bn = input.map(|bn| bn.tiled(v.z));
     let offs = [0, plane_rows, 2 * plane_rows];
     let zero_bias = vec![0.0f32; cop];
@@ -250,7 +250,7 @@ fn transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval
     let src_plane = match line_bn {
         None => src_plane,
         Some(bn) => {
-            act.resize(src_plane.len(), 0.0); // zeroed once per task: the same size every plane
+            act.resize(src_plane.len(), 0.0); // zeroed only where it grows (thread-local scratch)
             for (d, s) in act.chunks_exact_mut(line).zip(src_plane.chunks_exact(line)) {
                 bn.apply_row(s, d);
             }
@@ -280,6 +280,56 @@ fn transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval
             }
         }
     }
+}
+
+/// Transformed weights of recent calls, most recent last. Inference runs the same layers once
+/// per sliding window (7,920 times for one CT in 32×32×16 windows), and transforming a
+/// 64-channel kernel costs ~0.5 ms, as much as the convolution of an 8×8×4 window.
+static WEIGHT_CACHE: std::sync::Mutex<Vec<CachedWeights>> = std::sync::Mutex::new(Vec::new());
+
+/// Entries kept: a pyramid's 24 Winograd convolutions (8 per level, levels 0–2) with room.
+const WEIGHT_CACHE_ENTRIES: usize = 64;
+
+struct CachedWeights {
+    m: usize,
+    co: usize,
+    /// A few of w's values and its length: a cheap first test before comparing all of it.
+    fingerprint: [u32; 9],
+    /// The weights it was computed from, compared bit for bit before it is reused, so a reused
+    /// buffer with other weights in it can never get a stale transform.
+    w: Vec<f32>,
+    u: std::sync::Arc<Vec<f32>>,
+}
+
+fn fingerprint(w: &[f32]) -> [u32; 9] {
+    let mut fp = [w.len() as u32; 9];
+    for (i, f) in fp.iter_mut().enumerate().skip(1) {
+        *f = w.get((i - 1) * w.len() / 8).map_or(0, |v| v.to_bits());
+    }
+    fp
+}
+
+/// `weight_transform`, from the cache when these exact weights (bit for bit) were transformed
+/// by the same algorithm recently.
+fn transformed_weights(f: &Transform, w: &[f32], co: usize, ci: usize, cop: usize) -> std::sync::Arc<Vec<f32>> {
+    let fp = fingerprint(w);
+    let same = |e: &CachedWeights| e.m == f.m && e.co == co && e.fingerprint == fp && bytemuck::cast_slice::<f32, u32>(&e.w) == bytemuck::cast_slice::<f32, u32>(w);
+    {
+        let mut cache = WEIGHT_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pos) = cache.iter().position(same) {
+            let e = cache.remove(pos);
+            let u = e.u.clone();
+            cache.push(e);
+            return u;
+        }
+    }
+    let u = std::sync::Arc::new(crate::profile::time("winograd weight transform", || format!("F({}, 3) {ci}->{co}", f.m), || weight_transform(f, w, co, ci, cop)));
+    let mut cache = WEIGHT_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= WEIGHT_CACHE_ENTRIES {
+        cache.remove(0);
+    }
+    cache.push(CachedWeights { m: f.m, co, fingerprint: fp, w: w.to_vec(), u: u.clone() });
+    u
 }
 
 /// U_i as the z-tap kernel's operand: α blocks [9·Ci, cop], row (a·3 + c)·Ci + ci', column o
