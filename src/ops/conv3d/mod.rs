@@ -218,7 +218,7 @@ pub fn direct_inference<R>(f: impl FnOnce() -> R) -> R {
 /// padded and the residual is added while the output is copied out (no pass of their own);
 /// elsewhere (coarse levels, 1×1×1) they are separate passes over small tensors. Equal to the
 /// composition bn → relu → conv → add (the oracle, `tests/conv_reference.rs`), except where
-/// Winograd F(m, 3) runs (`winograd.rs`: 3×3×3 on volumes with Z ≥ 8 and Y ≥ 4, SIMD kernels;
+/// Winograd F(m, 3) runs (`winograd.rs`: 3×3×3 on volumes with Z ≥ 4 and Y ≥ 4, SIMD kernels;
 /// the same values up to ~1e-6 of the largest output, fewer multiplications).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3d_forward_cpu_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, input: Option<&crate::ops::batchnorm::BnReluEval>, residual: Option<&[f32]>, kernels: CpuKernels) -> Vec<f32> {
