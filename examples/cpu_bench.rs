@@ -8,6 +8,8 @@
 //!                              (the three conv_fwd* rows take N,C,X,Y,Z,CO[,K] for C -> CO, K in {1, 3})
 //!   conv_fwd_bwd:N,C,X,Y,Z     forward + backward (input, weight and bias gradients)
 //!   conv_fwd_bwd_w:N,C,X,Y,Z   forward + backward (weight and bias gradients only: a first layer)
+//!                              (the three conv_fwd* rows change the weights before every call, as
+//!                              training does, so the Winograd weight transform is paid each time)
 //!   conv_wgrad:N,C,X,Y,Z       the weight gradient alone (`conv3d_backward_weight_cpu`)
 //!   conv_fwd_fused:N,C,X,Y,Z   the eval ResBlock's conv: BN -> ReLU fused into the padding, + residual
 //!   resblock_eval:N,C,X,Y,Z    the inference ResBlock C -> C (both convolutions, BN -> ReLU, skip)
@@ -72,11 +74,17 @@ fn main() -> Result<()> {
         "conv_fwd" | "conv_fwd_bwd" | "conv_fwd_bwd_w" => {
             let (vox2vec::tensor::Vol { n, x, y, z, c }, co, k) = conv_problem(name, &d)?;
             let xs = random(&[n, x, y, z, c], &mut rng);
-            let w = random(&[co, k, k, k, c], &mut rng);
+            let mut w = Some(random(&[co, k, k, k, c], &mut rng));
             let b = random(&[co], &mut rng);
             let dy = random(&[n, x, y, z, co], &mut rng);
             let name = name.to_string();
             Box::new(move || {
+                // New weights every call, as after each optimiser step: one value
+                // moved to the next float (in place), so nothing computed from the last call's weights (the
+                // Winograd weight transform's cache) can be reused, as it could not in training.
+                let mut data = w.take().expect("the weights are put back after each call").into_f32_vec();
+                data[0] = f32::from_bits(data[0].to_bits() + 1);
+                let w = w.insert(Tensor::from_f32(&[co, k, k, k, c], data));
                 if name == "conv_fwd" {
                     let g = Graph::inference();
                     std::hint::black_box(ops::conv3d(&g, &Var::constant(xs.clone()), &Var::constant(w.clone()), Some(&Var::constant(b.clone())))?);

@@ -4,7 +4,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use vox2vec::ops::conv3d::{conv3d_backward_input_cpu_onto, conv3d_backward_input_cpu_with, conv3d_backward_weight_cpu_onto, conv3d_backward_weight_cpu_with, conv3d_forward_cpu_with, CpuKernels};
+use vox2vec::ops::conv3d::{conv3d_backward_input_cpu_onto, conv3d_backward_input_cpu_with, conv3d_backward_weight_cpu_onto, conv3d_backward_weight_cpu_with, conv3d_forward_cpu_with, direct_convolutions, CpuKernels};
 use vox2vec::tensor::Vol;
 
 fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
@@ -85,6 +85,8 @@ fn fast_paths_match_naive_convolution() {
         (Vol { n: 1, x: 3, y: 3, z: 26, c: 5 }, 40, 3), // z-tap tiles of 2 vectors over 26-row lines, a masked 8
         (Vol { n: 2, x: 4, y: 3, z: 17, c: 33 }, 32, 3), // 32-channel block, reduction blocks cutting tap groups
         (Vol { n: 1, x: 20, y: 5, z: 3, c: 6 }, 24, 3), // short lines: several planes per task, the last task partial
+        (Vol { n: 1, x: 3, y: 8, z: 9, c: 8 }, 16, 3),  // training's Winograd F(2, 3): forward and flipped input gradient
+        (Vol { n: 2, x: 3, y: 13, z: 4, c: 5 }, 7, 3),  // F(2, 3) with a partial last tile, short lines, odd channels both ways
     ];
     for (v, co, k) in cases {
         let x = rand_vec(&mut rng, v.voxels() * v.c);
@@ -95,34 +97,43 @@ fn fast_paths_match_naive_convolution() {
         let db_ref: Vec<f64> = (0..co).map(|o| dy.iter().skip(o).step_by(co).map(|&g| g as f64).sum()).collect();
         // Every kernel set: the portable GEMM and, where the processor has them, AVX2/FMA and
         // AVX-512 (which of them ran is printed: a machine without AVX-512 tests only the rest).
-        let mut simd_results: Vec<(CpuKernels, [Vec<f32>; 3])> = Vec::new();
-        for simd in CpuKernels::available() {
-            let y = conv3d_forward_cpu_with(&x, v, &w, Some(&b), co, k, simd);
-            let dx = conv3d_backward_input_cpu_with(&dy, v.with_c(co), &w, v.c, k, simd);
-            let (dw, db) = conv3d_backward_weight_cpu_with(&x, v, &dy, co, k, simd);
-            let errs = [rel(&y, &y_ref), rel(&dx, &dx_ref), rel(&dw, &dw_ref), rel(&db, &db_ref)];
-            println!("conv {v:?} co {co} k {k} kernels {simd:?}: rel err y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}", errs[0], errs[1], errs[2], errs[3]);
-            assert!(errs.iter().all(|&e| e < 1e-5), "{v:?} co {co} k {k} kernels {simd:?}: {errs:?}");
-            // Accumulating onto a gradient already held (x's other consumer, w's other view):
-            // the bits of adding it afterwards, whichever path ran.
-            let (prev_dx, prev_dw) = (rand_vec(&mut rng, dx.len()), rand_vec(&mut rng, dw.len()));
-            let dx_onto = conv3d_backward_input_cpu_onto(&dy, v.with_c(co), &w, v.c, k, Some(&prev_dx), simd);
-            let dw_onto = conv3d_backward_weight_cpu_onto(&x, v, &dy, co, k, Some(prev_dw.clone()), simd);
-            for (name, onto, prev, g) in [("dx", &dx_onto, &prev_dx, &dx), ("dw", &dw_onto, &prev_dw, &dw)] {
-                assert_eq!(onto.len(), g.len());
-                let same = onto.iter().zip(prev.iter().zip(g.iter())).all(|(o, (p, g))| o.to_bits() == (p + g).to_bits());
-                assert!(same, "{v:?} co {co} k {k} kernels {simd:?}: {name} added onto a previous gradient is not prev + {name}");
-            }
+        // The SIMD sets run twice: by default (3×3×3 with Y, Z ≥ 4 forward and input gradient
+        // by Winograd F(m, 3)) and on the direct kernels alone (`direct_convolutions`, the
+        // shifted path those shapes take otherwise).
+        let mut simd_results: Vec<(CpuKernels, bool, [Vec<f32>; 3])> = Vec::new();
+        for (simd, direct) in CpuKernels::available().into_iter().flat_map(|s| [(s, false), (s, true)]).filter(|&(s, d)| s.simd() || !d) {
+            let mut check = || {
+                let y = conv3d_forward_cpu_with(&x, v, &w, Some(&b), co, k, simd);
+                let dx = conv3d_backward_input_cpu_with(&dy, v.with_c(co), &w, v.c, k, simd);
+                let (dw, db) = conv3d_backward_weight_cpu_with(&x, v, &dy, co, k, simd);
+                let errs = [rel(&y, &y_ref), rel(&dx, &dx_ref), rel(&dw, &dw_ref), rel(&db, &db_ref)];
+                println!("conv {v:?} co {co} k {k} kernels {simd:?} direct {direct}: rel err y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}", errs[0], errs[1], errs[2], errs[3]);
+                assert!(errs.iter().all(|&e| e < 1e-5), "{v:?} co {co} k {k} kernels {simd:?} direct {direct}: {errs:?}");
+                // Accumulating onto a gradient already held (x's other consumer, w's other view):
+                // the bits of adding it afterwards, whichever path ran.
+                let (prev_dx, prev_dw) = (rand_vec(&mut rng, dx.len()), rand_vec(&mut rng, dw.len()));
+                let dx_onto = conv3d_backward_input_cpu_onto(&dy, v.with_c(co), &w, v.c, k, Some(&prev_dx), simd);
+                let dw_onto = conv3d_backward_weight_cpu_onto(&x, v, &dy, co, k, Some(prev_dw.clone()), simd);
+                for (name, onto, prev, g) in [("dx", &dx_onto, &prev_dx, &dx), ("dw", &dw_onto, &prev_dw, &dw)] {
+                    assert_eq!(onto.len(), g.len());
+                    let same = onto.iter().zip(prev.iter().zip(g.iter())).all(|(o, (p, g))| o.to_bits() == (p + g).to_bits());
+                    assert!(same, "{v:?} co {co} k {k} kernels {simd:?} direct {direct}: {name} added onto a previous gradient is not prev + {name}");
+                }
+                [y, dx, dw]
+            };
+            let results = if direct { direct_convolutions(check) } else { check() };
             if simd != CpuKernels::Portable {
-                simd_results.push((simd, [y, dx, dw]));
+                simd_results.push((simd, direct, results));
             }
         }
         // AVX2 and AVX-512 take the same FMAs in the same order for every output (whatever
         // their tiles and reduction blocks): the same bits, so results do not depend on the
         // machine's vector width.
-        if let [(_, a), (_, b)] = simd_results.as_slice() {
-            for (name, (x, y)) in ["y", "dx", "dw"].iter().zip(a.iter().zip(b)) {
-                assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{v:?} co {co} k {k}: AVX2 and AVX-512 {name} differ");
+        for direct in [false, true] {
+            if let [(_, _, a), (_, _, b)] = simd_results.iter().filter(|r| r.1 == direct).collect::<Vec<_>>().as_slice() {
+                for (name, (x, y)) in ["y", "dx", "dw"].iter().zip(a.iter().zip(b)) {
+                    assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{v:?} co {co} k {k} direct {direct}: AVX2 and AVX-512 {name} differ");
+                }
             }
         }
     }

@@ -99,16 +99,16 @@ fn segmentation_heads_have_reference_names_and_sizes() {
 /// Inference on the CPU runs each ResBlock as one fused op (BN → ReLU while the convolution
 /// pads its input, the skip added while it writes its output); a graph that records
 /// (`eval_with_grad`) runs the composition of the primitive ops. On the direct kernels
-/// (`direct_inference`) the two must agree bit for bit: the same f32 operations in the same
+/// (`direct_convolutions`) the two must agree bit for bit: the same f32 operations in the same
 /// order. Checked on a whole pyramid (levels on the shifted and the im2col paths) and on
 /// ResBlocks with a skip convolution, k = 3 and k = 1, with non-trivial running statistics.
-/// By default level 0 runs Winograd F(2, 3) (SIMD kernels): other bits, the same values to
-/// ~1e-6.
+/// By default level 0 runs Winograd F(2, 3) (SIMD kernels) in both, fused or not: they agree
+/// bit for bit with each other too, and with the direct kernels' values to ~1e-6.
 #[test]
 fn fused_eval_resblocks_equal_the_composition_bit_for_bit() {
     use rand::{Rng, SeedableRng};
     use vox2vec::model::layers::ResBlock3d;
-    use vox2vec::ops::conv3d::direct_inference;
+    use vox2vec::ops::conv3d::direct_convolutions;
     use vox2vec::params::ParamStore;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut m = Vox2Vec::new(ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 4 }, ..ModelConfig::default() }, 3);
@@ -122,11 +122,13 @@ fn fused_eval_resblocks_equal_the_composition_bit_for_bit() {
         }
     }
     let x = Tensor::from_f32(&[2, 13, 10, 9, 1], (0..2 * 13 * 10 * 9).map(|_| rng.random::<f32>()).collect());
-    let fused = direct_inference(|| m.pyramid(&Graph::inference(), &Var::constant(x.clone()))).unwrap();
+    let fused = direct_convolutions(|| m.pyramid(&Graph::inference(), &Var::constant(x.clone()))).unwrap();
     let winograd = m.pyramid(&Graph::inference(), &Var::constant(x.clone())).unwrap();
-    let composed = m.pyramid(&Graph::eval_with_grad(), &Var::constant(x)).unwrap();
-    for (i, ((a, w), b)) in fused.iter().zip(&winograd).zip(&composed).enumerate() {
+    let composed = direct_convolutions(|| m.pyramid(&Graph::eval_with_grad(), &Var::constant(x.clone()))).unwrap();
+    let composed_winograd = m.pyramid(&Graph::eval_with_grad(), &Var::constant(x)).unwrap();
+    for (i, (((a, w), b), cw)) in fused.iter().zip(&winograd).zip(&composed).zip(&composed_winograd).enumerate() {
         assert_eq!(a.value.f32s(), b.value.f32s(), "pyramid level {i} differs between the fused and the composed eval ResBlocks");
+        assert_eq!(w.value.f32s(), cw.value.f32s(), "pyramid level {i} differs between the fused and the composed eval ResBlocks with Winograd");
         let (w, b) = (w.value.f32s(), b.value.f32s());
         let d = w.iter().zip(b).map(|(&p, &q)| ((p - q) as f64).powi(2)).sum::<f64>().sqrt();
         let norm = b.iter().map(|&q| (q as f64).powi(2)).sum::<f64>().sqrt();
@@ -144,8 +146,8 @@ fn fused_eval_resblocks_equal_the_composition_bit_for_bit() {
             }
         }
         let x = Tensor::from_f32(&[shape[0], shape[1], shape[2], shape[3], cin], (0..shape.iter().product::<usize>() * cin).map(|_| rng.random_range(-1.0..1.0f32)).collect());
-        let a = direct_inference(|| block.forward(&Graph::inference(), &mut store, &Var::constant(x.clone()))).unwrap();
-        let b = block.forward(&Graph::eval_with_grad(), &mut store, &Var::constant(x)).unwrap();
+        let a = direct_convolutions(|| block.forward(&Graph::inference(), &mut store, &Var::constant(x.clone()))).unwrap();
+        let b = direct_convolutions(|| block.forward(&Graph::eval_with_grad(), &mut store, &Var::constant(x))).unwrap();
         assert_eq!(a.value.f32s(), b.value.f32s(), "ResBlock {cin}->{cout} k{k} on {shape:?}");
     }
 }

@@ -1,5 +1,6 @@
-//! Winograd F(m, 3) along y: the inference forward of 3×3×3 convolutions (stride 1, padding 1,
-//! channels-last) on the shifted path's SIMD z-tap kernel, with fewer multiplications.
+//! Winograd F(m, 3) along y: 3×3×3 convolutions (stride 1, padding 1, channels-last) on the
+//! shifted path's SIMD z-tap kernel, with fewer multiplications: inference's forward (F(4, 3)
+//! where it fits) and training's forward and input gradient (F(2, 3); `super::Use`).
 //!
 //! Algorithm (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"). A 3-tap
 //! correlation y[s] = Σ_b g[b]·d[s + b], s < m, from α = m + 2 inputs d is
@@ -31,9 +32,11 @@
 //! weights up to 5 before the products, outputs with weights up to 8 after). Measured against a
 //! float64 convolution on random data, largest error relative to the largest output
 //! (tests/conv_reference.rs, 8 shapes): 0.9–8e-7 with F(2, 3), as the direct kernels (1.3e-7 to
-//! 1.1e-6); 2.5e-7–3.2e-6 with F(4, 3), about 3× theirs. Training never runs it (its gradients
-//! are those of the direct convolution); `VOX2VEC_CPU_WINOGRAD=0` turns it off for inference
-//! too, `conv3d::direct_inference` for a thread.
+//! 1.1e-6); 2.5e-7–3.2e-6 with F(4, 3), about 3× theirs, which is why training takes F(2, 3)
+//! only. Its backward is the direct convolution's (the weight gradient on the direct kernels,
+//! the input gradient as this path's convolution of dy with the flipped kernel), so gradients
+//! are exact for the convolution up to that rounding. `VOX2VEC_CPU_WINOGRAD=0` turns it off
+//! for a process, `conv3d::direct_convolutions` for a thread.
 //!
 //! Outputs are written (=).
 
@@ -89,11 +92,11 @@ pub const F4: Transform = Transform {
     at: &[&[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], &[0.0, 1.0, -1.0, 2.0, -2.0, 0.0], &[0.0, 1.0, 1.0, 4.0, 4.0, 0.0], &[0.0, 1.0, -1.0, 8.0, -8.0, 1.0]],
 };
 
-/// Whether inference convolutions may use this path: not when `VOX2VEC_CPU_WINOGRAD=0` (read
-/// once) nor inside `super::direct_inference` on this thread.
+/// Whether CPU convolutions may use this path: not when `VOX2VEC_CPU_WINOGRAD=0` (read
+/// once) nor inside `super::direct_convolutions` on this thread.
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("VOX2VEC_CPU_WINOGRAD").map_or(true, |v| v.trim() != "0")) && !super::DIRECT_INFERENCE.get()
+    *ON.get_or_init(|| std::env::var("VOX2VEC_CPU_WINOGRAD").map_or(true, |v| v.trim() != "0")) && !super::DIRECT_CONVOLUTIONS.get()
 }
 
 /// The transform this shape runs with, if any: the SIMD kernels, a 3×3×3 kernel, lines of at
@@ -147,6 +150,7 @@ macro_rules! vectorised {
 }
 
 vectorised!(transform_plane_simd => transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval>, pp: usize, dst: &mut [f32], act: &mut Vec<f32>));
+vectorised!(weight_transform_simd => weight_transform(f: &Transform, w: &[f32], co: usize, ci: usize, flipped: bool, u: &mut Vec<f32>));
 vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, rows: (usize, usize), co: usize, cop: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, yb: &mut [MaybeUninit<f32>]));
 
 /// y [N, X, Y, Z, Co] = conv3×3×3(relu(bn(x)) with `input`, else x) + bias (+ `residual`) by
@@ -155,16 +159,36 @@ vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32],
 /// composition's add.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, input: Option<&BnReluEval>, residual: Option<&[f32]>) -> Vec<f32> {
+    super::check_kernels(kernels); // before any code compiled for the set runs
+    assert_eq!(w.len(), co * 27 * v.c, "winograd conv: weight size");
+    let u = transformed_weights(f, w, co, v.c, false, kernels);
+    convolve(f, x, v, &u, bias, co, kernels, input, residual)
+}
+
+/// dx [N, X, Y, Z, Ci] (+ `prev`, the gradient x already holds, added to the rounded dx as
+/// autograd's accumulation) = conv(dy, w_flip) by F(m, 3) along y, from dy [N, X, Y, Z, Co]
+/// (`v_out`) and the forward's weight w [Co, 27·Ci]: w_flip[ci, a, b, c, co] = w[co, 2 − a,
+/// 2 − b, 2 − c, ci] is read in place by the weight transform, never built.
+pub fn input_grad(f: &Transform, dy: &[f32], v_out: Vol, w: &[f32], ci: usize, kernels: CpuKernels, prev: Option<&[f32]>) -> Vec<f32> {
+    super::check_kernels(kernels); // before any code compiled for the set runs
+    assert_eq!(w.len(), v_out.c * 27 * ci, "winograd input gradient: weight size");
+    let u = transformed_weights(f, w, v_out.c, ci, true, kernels);
+    convolve(f, dy, v_out, &u, None, ci, kernels, None, prev)
+}
+
+/// The convolution of x [N, X, Y, Z, Ci] with transformed weights `u` (`weight_transform`'s
+/// layout, `co` output channels): `forward_fused` without the weight transform.
+#[allow(clippy::too_many_arguments)]
+fn convolve(f: &Transform, x: &[f32], v: Vol, u: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, input: Option<&BnReluEval>, residual: Option<&[f32]>) -> Vec<f32> {
     super::check_kernels(kernels); // the vectorised transforms and the kernels need the set
     assert!(kernels.simd() && v.z >= 1 && v.x >= 1 && v.y >= 1, "winograd conv on {v:?} with {kernels:?}");
     assert_eq!(x.len(), v.voxels() * v.c, "winograd conv: input size");
-    assert_eq!(w.len(), co * 27 * v.c, "winograd conv: weight size");
     assert!(residual.is_none_or(|r| r.len() == v.voxels() * co), "winograd conv: residual size");
     assert!(bias.is_none_or(|b| b.len() == co), "winograd conv: bias size");
     let (ci, cop, alpha, m) = (v.c, co.next_multiple_of(8), f.alpha(), f.m);
+    assert_eq!(u.len(), alpha * 9 * ci * cop, "winograd conv: transformed weight size");
     let (jt, pz) = (v.y.div_ceil(m), v.z + 2);
     let plane_rows = alpha * jt * pz; // T rows per padded x-plane
-    let u = transformed_weights(f, w, co, ci, cop);
     let line_bn = input.map(|bn| bn.tiled(v.z));
     let offs = [0, plane_rows, 2 * plane_rows];
     let zero_bias = vec![0.0f32; cop];
@@ -283,16 +307,21 @@ fn transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval
 }
 
 /// Transformed weights of recent calls, most recent last. Inference runs the same layers once
-/// per sliding window (7,920 times for one CT in 32×32×16 windows), and transforming a
-/// 64-channel kernel costs ~0.5 ms, as much as the convolution of an 8×8×4 window.
+/// per sliding window (7,920 times for one CT in 32×32×16 windows), and a training step runs
+/// each layer's forward for both views (its input gradient too): transforming a 64-channel
+/// kernel costs about a tenth of its 32×32×8 convolution.
 static WEIGHT_CACHE: std::sync::Mutex<Vec<CachedWeights>> = std::sync::Mutex::new(Vec::new());
 
-/// Entries kept: a pyramid's 24 Winograd convolutions (8 per level, levels 0–2) with room.
+/// Entries kept: a training pyramid's Winograd convolutions at levels 0–2 (forward and input
+/// gradient) with room; at most ~2 MB each at 64 channels.
 const WEIGHT_CACHE_ENTRIES: usize = 64;
 
 struct CachedWeights {
     m: usize,
+    /// The forward weight's output channels (Co of w [Co, 27·Ci]).
     co: usize,
+    /// Transformed for the input gradient (flipped taps, channels swapped).
+    flipped: bool,
     /// A few of w's values and its length: a cheap first test before comparing all of it.
     fingerprint: [u32; 9],
     /// The weights it was computed from, compared bit for bit before it is reused, so a reused
@@ -310,11 +339,11 @@ fn fingerprint(w: &[f32]) -> [u32; 9] {
 }
 
 /// `weight_transform`, from the cache when these exact weights (bit for bit) were transformed
-/// by the same algorithm recently.
-fn transformed_weights(f: &Transform, w: &[f32], co: usize, ci: usize, cop: usize) -> std::sync::Arc<Vec<f32>> {
+/// by the same algorithm, for the same direction, recently.
+fn transformed_weights(f: &Transform, w: &[f32], co: usize, ci: usize, flipped: bool, kernels: CpuKernels) -> std::sync::Arc<Vec<f32>> {
     let fp = fingerprint(w);
-    let same = |e: &CachedWeights| e.m == f.m && e.co == co && e.fingerprint == fp && bytemuck::cast_slice::<f32, u32>(&e.w) == bytemuck::cast_slice::<f32, u32>(w);
-    {
+    let same = |e: &CachedWeights| e.m == f.m && e.co == co && e.flipped == flipped && e.fingerprint == fp && bytemuck::cast_slice::<f32, u32>(&e.w) == bytemuck::cast_slice::<f32, u32>(w);
+    let evicted = {
         let mut cache = WEIGHT_CACHE.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pos) = cache.iter().position(same) {
             let e = cache.remove(pos);
@@ -322,35 +351,73 @@ fn transformed_weights(f: &Transform, w: &[f32], co: usize, ci: usize, cop: usiz
             cache.push(e);
             return u;
         }
-    }
-    let u = std::sync::Arc::new(crate::profile::time("winograd weight transform", || format!("F({}, 3) {ci}->{co}", f.m), || weight_transform(f, w, co, ci, cop)));
+        (cache.len() >= WEIGHT_CACHE_ENTRIES).then(|| cache.remove(0))
+    };
+    // The evicted entry's buffers hold the new one: in training every step's weights are new,
+    // and fresh buffers each time were a page fault per 4 KiB (a quarter of a 64-channel
+    // forward + backward's time, measured with perf).
+    let (mut kept, mut u) = evicted.map_or((Vec::new(), Vec::new()), |e| (e.w, std::sync::Arc::try_unwrap(e.u).unwrap_or_default()));
+    let label = || format!("F({}, 3) {ci}->{co}{}", f.m, if flipped { " flipped" } else { "" });
+    crate::profile::time("winograd weight transform", label, || weight_transform_simd(kernels, f, w, co, ci, flipped, &mut u));
+    let u = std::sync::Arc::new(u);
+    kept.clear();
+    kept.extend_from_slice(w);
     let mut cache = WEIGHT_CACHE.lock().unwrap_or_else(|p| p.into_inner());
     if cache.len() >= WEIGHT_CACHE_ENTRIES {
-        cache.remove(0);
+        cache.remove(0); // another thread filled it meanwhile
     }
-    cache.push(CachedWeights { m: f.m, co, fingerprint: fp, w: w.to_vec(), u: u.clone() });
+    cache.push(CachedWeights { m: f.m, co, flipped, fingerprint: fp, w: kept, u: u.clone() });
     u
 }
 
-/// U_i as the z-tap kernel's operand: α blocks [9·Ci, cop], row (a·3 + c)·Ci + ci', column o
-/// (columns ≥ Co zero), each value Σ_b G[i][b]·w[o, a, b, c, ci'] computed in f64.
-fn weight_transform(f: &Transform, w: &[f32], co: usize, ci: usize, cop: usize) -> Vec<f32> {
-    let alpha = f.alpha();
-    let mut u = vec![0.0f32; alpha * 9 * ci * cop];
-    for (i, g) in f.g.iter().enumerate() {
-        for o in 0..co {
-            for a in 0..3 {
-                for c in 0..3 {
-                    for k in 0..ci {
-                        let tap = |b: usize| w[(o * 27 + a * 9 + b * 3 + c) * ci + k] as f64;
-                        let s = g[0] * tap(0) + g[1] * tap(1) + g[2] * tap(2);
-                        u[((i * 9 + a * 3 + c) * ci + k) * cop + o] = s as f32;
+/// U_i as the z-tap kernel's operand from w [Co, 3, 3, 3, Ci]: α blocks [9·K, P] with row
+/// (a·3 + c)·K + k, column o (columns past O zero), each value Σ_b G[i][b]·g[o, a, b, c, k]
+/// computed in f64 from the convolution's kernel g: the forward's (g = w; K = Ci reduced, O =
+/// Co out) or, `flipped`, the input gradient's (g[ci, a, b, c, co] = w[co, 2 − a, 2 − b,
+/// 2 − c, ci]; K = Co, O = Ci); P = O rounded up to 8. Rows are built whole over o: the
+/// flipped kernel's rows are w's rows as they lie, the forward's come from one transpose of w.
+/// Built into `u` (resized); compiled for the kernels' width (`weight_transform_simd`), where
+/// it vectorises over o in f64.
+#[inline(always)]
+fn weight_transform(f: &Transform, w: &[f32], co: usize, ci: usize, flipped: bool, u: &mut Vec<f32>) {
+    let (kin, kout) = if flipped { (co, ci) } else { (ci, co) };
+    let cop = kout.next_multiple_of(8);
+    // g's row (tap, k) over o, tap = a·9 + b·3 + c.
+    let wt: Vec<f32> = if flipped {
+        Vec::new()
+    } else {
+        // [27·Ci, Co], written row by row: a row gathers one value from each of w's Co rows,
+        // and the next rows read the same cache lines (writing column by column instead,
+        // each store to another line, measured ~1 ms at 64 channels).
+        let mut t = vec![0.0f32; w.len()];
+        for (tk, row) in t.chunks_exact_mut(co).enumerate() {
+            for (o, d) in row.iter_mut().enumerate() {
+                *d = w[o * 27 * ci + tk];
+            }
+        }
+        t
+    };
+    let row = |tap: usize, k: usize| -> &[f32] {
+        match flipped {
+            true => &w[(k * 27 + 26 - tap) * ci..][..ci],
+            false => &wt[(tap * ci + k) * co..][..co],
+        }
+    };
+    u.clear();
+    u.resize(f.alpha() * 9 * kin * cop, 0.0);
+    for a in 0..3 {
+        for c in 0..3 {
+            for k in 0..kin {
+                let (t0, t1, t2) = (row(a * 9 + c, k), row(a * 9 + 3 + c, k), row(a * 9 + 6 + c, k));
+                for (i, g) in f.g.iter().enumerate() {
+                    let dst = &mut u[((i * 9 + a * 3 + c) * kin + k) * cop..][..kout];
+                    for (o, d) in dst.iter_mut().enumerate() {
+                        *d = (g[0] * t0[o] as f64 + g[1] * t1[o] as f64 + g[2] * t2[o] as f64) as f32;
                     }
                 }
             }
         }
     }
-    u
 }
 
 /// The chunk's output planes from its products: `mk` holds α blocks of `block` values, block i
