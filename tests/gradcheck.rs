@@ -230,10 +230,11 @@ fn gather_rejects_out_of_range_voxels() {
     assert!(ops::gather_voxels(&g, &f, &[1], &[0, 0, 0], 0).is_err());
 }
 
-/// The CPU oracle must not depend on the thread count (fixed reduction groups).
+/// The CPU oracle must not depend on the thread count (fixed reduction groups). This shape
+/// runs Winograd F(2, 3) on the SIMD kernels (3 tasks of x-planes in the weight gradient).
 #[test]
 fn conv_backward_is_thread_count_independent() {
-    use vox2vec::ops::conv3d::{conv3d_backward_weight_cpu, conv3d_forward_cpu};
+    use vox2vec::ops::conv3d::{conv3d_backward_input_cpu, conv3d_backward_weight_cpu, conv3d_forward_cpu};
     use vox2vec::tensor::Vol;
     let mut rng = StdRng::seed_from_u64(12);
     let v = Vol { n: 2, x: 9, y: 7, z: 5, c: 3 };
@@ -242,7 +243,7 @@ fn conv_backward_is_thread_count_independent() {
     let dy = rand_tensor(&mut rng, &[2, 9, 7, 5, 4], -1.0, 1.0);
     let run = |threads| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| (conv3d_forward_cpu(x.f32s(), v, w.f32s(), None, 4, 3), conv3d_backward_weight_cpu(x.f32s(), v, dy.f32s(), 4, 3)))
+        pool.install(|| (conv3d_forward_cpu(x.f32s(), v, w.f32s(), None, 4, 3), conv3d_backward_weight_cpu(x.f32s(), v, dy.f32s(), 4, 3), conv3d_backward_input_cpu(dy.f32s(), v.with_c(4), w.f32s(), 3, 3)))
     };
     assert_eq!(run(1), run(3));
 }

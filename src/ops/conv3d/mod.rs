@@ -12,9 +12,10 @@
 //! - `channel_split.rs`: few voxels and many output channels (the coarse levels) on the SIMD
 //!   kernels — one im2col of all voxels, threads split the output channels, so each weight
 //!   is read once instead of once per row block.
-//! - `winograd.rs`: 3×3×3 on volumes with Y, Z ≥ 4 on the SIMD kernels, forward and input
-//!   gradient (not the weight gradient): Winograd F(m, 3) along y on the shifted path's z-tap
-//!   kernel, 13.5 or 18 multiplications per output and input channel instead of 27.
+//! - `winograd.rs`: 3×3×3 on volumes with Y, Z ≥ 4 on the SIMD kernels: Winograd F(m, 3)
+//!   along y, 13.5 or 18 multiplications per output and input channel instead of 27 — the
+//!   forward and input gradient on the shifted path's z-tap kernel, the weight gradient (F(m,
+//!   3)'s dual) on its weight-gradient kernel.
 //!   Inference takes F(4, 3) where it fits, training F(2, 3) (`Use`); `VOX2VEC_CPU_WINOGRAD=0`
 //!   or `direct_convolutions` leave the direct kernels.
 //! - `avx2.rs`, `avx512.rs`: the register-tiled micro-kernels both paths use on x86-64, chosen
@@ -27,7 +28,8 @@
 //!   (stride 1, same padding): the forward code again, with Ci and Co swapped (Winograd's
 //!   weight transform reads w's rows in flipped order; the shifted path's kernel likewise).
 //! - dw = Σ_rows im2col(x)ᵀ · dy, accumulated per fixed group of row blocks and summed in
-//!   order (deterministic); taps never reached get an exact 0; db = Σ_rows dy.
+//!   order (deterministic); taps never reached get an exact 0; db = Σ_rows dy. Winograd's
+//!   dual computes it from transformed x and dy (`winograd::weight_grad`).
 //!
 //! All outputs are written (=), never accumulated into caller memory.
 
@@ -235,7 +237,7 @@ pub fn direct_convolutions<R>(f: impl FnOnce() -> R) -> R {
 enum Use {
     /// Inference (nothing recorded): Winograd F(4, 3) where it fits.
     Inference,
-    /// Training's forward and input gradient: F(2, 3) only, whose error is the direct
+    /// Training's forward, input and weight gradients: F(2, 3) only, whose error is the direct
     /// kernels' (≤ 1e-6 of the largest output). F(4, 3)'s, about 3× that, measured as 2–2.5×
     /// the direct kernels' distance from the parity fixtures' gradients (3.7e-5 against
     /// 1.4e-5) and twice their drift from PyTorch over tests/trajectory.rs's first 10 steps,
@@ -347,6 +349,10 @@ pub fn conv3d_backward_weight_cpu_onto(x: &[f32], v: Vol, dy: &[f32], co: usize,
     assert!(prev.as_ref().is_none_or(|p| p.len() == co * k * k * k * v.c), "conv3d backward: accumulated weight gradient size");
     if !shifted::applicable(v, k) {
         return im2col::weight_grad(x, v, dy, co, k, kernels, prev);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(f) = winograd_for(v, co, k, kernels, Use::Training) {
+        return crate::cpu::added_onto(prev, winograd::weight_grad(f, x, v, dy, co, kernels));
     }
     crate::cpu::added_onto(prev, shifted::weight_grad(x, v, dy, co, kernels))
 }

@@ -1,6 +1,8 @@
 //! Winograd F(m, 3) along y: 3×3×3 convolutions (stride 1, padding 1, channels-last) on the
 //! shifted path's SIMD z-tap kernel, with fewer multiplications: inference's forward (F(4, 3)
-//! where it fits) and training's forward and input gradient (F(2, 3); `super::Use`).
+//! where it fits) and training's forward and input gradient (F(2, 3); `super::Use`), and
+//! training's weight gradient by the dual algorithm (`weight_grad`) on the direct path's
+//! weight-gradient kernel.
 //!
 //! Algorithm (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"). A 3-tap
 //! correlation y[s] = Σ_b g[b]·d[s + b], s < m, from α = m + 2 inputs d is
@@ -33,14 +35,16 @@
 //! float64 convolution on random data, largest error relative to the largest output
 //! (tests/conv_reference.rs, 8 shapes): 0.9–8e-7 with F(2, 3), as the direct kernels (1.3e-7 to
 //! 1.1e-6); 2.5e-7–3.2e-6 with F(4, 3), about 3× theirs, which is why training takes F(2, 3)
-//! only. Its backward is the direct convolution's (the weight gradient on the direct kernels,
-//! the input gradient as this path's convolution of dy with the flipped kernel), so gradients
-//! are exact for the convolution up to that rounding. `VOX2VEC_CPU_WINOGRAD=0` turns it off
+//! only. Its backward is the convolution's exact gradient up to such rounding: the input
+//! gradient as this path's convolution of dy with the flipped kernel, the weight gradient by
+//! the dual of the same algorithm (the direct kernels' error again, tests/conv_reference.rs). `VOX2VEC_CPU_WINOGRAD=0` turns it off
 //! for a process, `conv3d::direct_convolutions` for a thread.
 //!
 //! Outputs are written (=).
 
 use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
 
 use super::CpuKernels;
 use crate::cpu::par_build_uninit;
@@ -151,6 +155,7 @@ macro_rules! vectorised {
 
 vectorised!(transform_plane_simd => transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval>, pp: usize, dst: &mut [f32], act: &mut Vec<f32>));
 vectorised!(weight_transform_simd => weight_transform(f: &Transform, w: &[f32], co: usize, ci: usize, flipped: bool, u: &mut Vec<f32>));
+vectorised!(dy_transform_simd => dy_transform(f: &Transform, dy_plane: &[f32], v: Vol, co: usize, d: &mut [f32], dblock: usize));
 vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, rows: (usize, usize), co: usize, cop: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, yb: &mut [MaybeUninit<f32>]));
 
 /// y [N, X, Y, Z, Co] = conv3×3×3(relu(bn(x)) with `input`, else x) + bias (+ `residual`) by
@@ -253,6 +258,112 @@ fn convolve(f: &Transform, x: &[f32], v: Vol, u: &[f32], bias: Option<&[f32]>, c
             }
             SCRATCH.set((t_scratch, act));
         })
+    }
+}
+
+/// The weight gradient of y = conv3×3×3(x, w) (no BN, no residual), dw [Co, 27·Ci], from x
+/// [N, X, Y, Z, Ci] and dy [N, X, Y, Z, Co] by F(m, 3)'s dual along y. The forward computes
+/// y = Aᵀ[(G g) ⊙ (Bᵀ d)] per tile, so for the weight row g of each (o, a, c, k):
+///     dU_i[o, a, c, k] = Σ_{n, x, j, z} D_i[n, x, j, z, o] · T_i[n, x + a, j, z + c, k],
+///     D_i = Σ_s Aᵀ[s][i] · dy[n, x, m·j + s, z, :]            (rows past Y: dy is zero there)
+///     dw[o, a, b, c, k] = Σ_i G[i][b] · dU_i[o, a, c, k]       (in f64, rounded once)
+/// with T the forward's input transform (same layout). Each dU_i is a weight gradient with 3
+/// tap groups (a) of 3·Ci (c, k) over rows (n, x, j, z): the direct path's kernel
+/// (`weight_grad_runs`) on T and D_i, α·9·Ci·Co / m multiply-adds per voxel instead of 27·Ci·Co
+/// (F(2, 3): 18 instead of 27). Tasks are fixed runs of output x-planes (at most 16 tasks), each
+/// building its T planes and its D lines chunk by chunk just before use, in thread-local
+/// scratch (as the forward: no pass over memory, no fresh pages); their partial dU are added
+/// in task order, so the bits do not depend on the thread count. Written (=).
+pub fn weight_grad(f: &Transform, x: &[f32], v: Vol, dy: &[f32], co: usize, kernels: CpuKernels) -> Vec<f32> {
+    super::check_kernels(kernels); // the vectorised transforms and the kernels need the set
+    assert!(kernels.simd() && v.voxels() > 0, "winograd weight gradient on {v:?} with {kernels:?}");
+    assert_eq!(x.len(), v.voxels() * v.c, "winograd weight gradient: input size");
+    assert_eq!(dy.len(), v.voxels() * co, "winograd weight gradient: dy size");
+    let (ci, alpha, m) = (v.c, f.alpha(), f.m);
+    let (jt, pz) = (v.y.div_ceil(m), v.z + 2);
+    let plane_rows = alpha * jt * pz; // T rows per padded x-plane
+    let plane_len = plane_rows * ci;
+    let (planes, plane_d) = (v.n * v.x, jt * v.z * co); // D values per output plane and i
+    // At least 8 planes per task: a task transforms its planes + 2 (measured at 64 channels,
+    // 32×32×8: 6.5 ms with 2 planes per task, 5.3 with 8, against 6.8 direct).
+    let planes_per_task = planes.div_ceil(16).max(8);
+    let chunk_planes = (ROW_BLOCK / (jt * v.z)).clamp(1, planes_per_task);
+    let padded = |p: usize| (p / v.x) * (v.x + 2) + p % v.x; // output plane (n, x) ↦ padded (n, x)
+    let (kdim, offs) = (9 * ci, [0, plane_rows, 2 * plane_rows]); // dU_i rows: (a, c, k)
+    let partials: Vec<Vec<f32>> = (0..planes.div_ceil(planes_per_task))
+        .into_par_iter()
+        .map(|task| {
+            let (first, last) = (task * planes_per_task, ((task + 1) * planes_per_task).min(planes));
+            let (pp0, pp1) = (padded(first), padded(last - 1) + 3);
+            let (mut t, mut d) = WG_SCRATCH.take();
+            if t.len() < (pp1 - pp0) * plane_len {
+                t.resize((pp1 - pp0) * plane_len, 0.0); // zeroed once per thread and size
+            }
+            let mut du = vec![0.0f32; alpha * co * kdim];
+            let (mut built, mut act) = (pp0, Vec::new());
+            for c0 in (first..last).step_by(chunk_planes) {
+                let c1 = (c0 + chunk_planes).min(last);
+                for pp in built..padded(c1 - 1) + 3 {
+                    transform_plane_simd(kernels, f, x, v, None, pp, &mut t[(pp - pp0) * plane_len..][..plane_len], &mut act);
+                }
+                built = padded(c1 - 1) + 3;
+                let dblock = (c1 - c0) * plane_d; // D_i of the chunk: [(c1 − c0)·J·Z, Co]
+                if d.len() < alpha * dblock {
+                    d.resize(alpha * dblock, 0.0);
+                }
+                for p in c0..c1 {
+                    dy_transform_simd(kernels, f, &dy[p * v.y * v.z * co..][..v.y * v.z * co], v, co, &mut d[(p - c0) * plane_d..], dblock);
+                }
+                let tb = &t[..(built - pp0) * plane_len];
+                for (i, dui) in du.chunks_exact_mut(co * kdim).enumerate() {
+                    let runs = (c0..c1).flat_map(|p| (0..jt).map(move |j| ((((padded(p) - pp0) * alpha + i) * jt + j) * pz, ((p - c0) * jt + j) * v.z, v.z))).collect();
+                    let plan = kernels.wg_plan(ci, &offs, 3 * ci, co, runs);
+                    kernels.weight_grad_runs(tb, &d[i * dblock..(i + 1) * dblock], dui, &plan);
+                }
+            }
+            WG_SCRATCH.set((t, d));
+            du
+        })
+        .collect();
+    let du = crate::cpu::sum_in_order(partials, alpha * co * kdim);
+    // dw[o, a, b, c, k] = Σ_i G[i][b] · dU_i[o, a, c, k].
+    let mut dw = vec![0.0f32; co * 27 * ci];
+    dw.par_chunks_mut(27 * ci).enumerate().for_each(|(o, dwo)| {
+        for a in 0..3 {
+            for b in 0..3 {
+                let dst = &mut dwo[(a * 3 + b) * 3 * ci..][..3 * ci];
+                for (e, dv) in dst.iter_mut().enumerate() {
+                    let at = o * kdim + a * 3 * ci + e; // e = (c, k)
+                    *dv = f.g.iter().enumerate().map(|(i, g)| g[b] * du[i * co * kdim + at] as f64).sum::<f64>() as f32;
+                }
+            }
+        }
+    });
+    dw
+}
+
+thread_local! {
+    /// Per worker thread, kept between tasks and calls: the weight gradient's T planes and D
+    /// lines (initialised memory, grown only when a larger level needs more).
+    static WG_SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// D_i's lines of one (n, x) plane from `dy_plane` [Y, Z, Co]: block i of `d` (at i·`dblock`)
+/// starts with [J, Z, Co] = Σ_s Aᵀ[s][i] · dy_plane[m·j + s] (rows m·j + s ≥ Y are zero).
+/// Writes every value of those lines.
+#[inline(always)]
+fn dy_transform(f: &Transform, dy_plane: &[f32], v: Vol, co: usize, d: &mut [f32], dblock: usize) {
+    let (line, jt) = (v.z * co, v.y.div_ceil(f.m));
+    for i in 0..f.alpha() {
+        for (j, out) in d[i * dblock..][..jt * line].chunks_exact_mut(line).enumerate() {
+            out.fill(0.0);
+            for (s, at) in f.at.iter().enumerate() {
+                let (coef, yi) = (at[i], f.m * j + s);
+                if coef != 0.0 && yi < v.y {
+                    out.iter_mut().zip(&dy_plane[yi * line..(yi + 1) * line]).for_each(|(d, &g)| *d += coef * g);
+                }
+            }
+        }
     }
 }
 
