@@ -97,9 +97,10 @@ fn fast_paths_match_naive_convolution() {
         let db_ref: Vec<f64> = (0..co).map(|o| dy.iter().skip(o).step_by(co).map(|&g| g as f64).sum()).collect();
         // Every kernel set: the portable GEMM and, where the processor has them, AVX2/FMA and
         // AVX-512 (which of them ran is printed: a machine without AVX-512 tests only the rest).
-        // The SIMD sets run twice: by default (3×3×3 with Y, Z ≥ 4 forward and input gradient
-        // by Winograd F(m, 3)) and on the direct kernels alone (`direct_convolutions`, the
-        // shifted path those shapes take otherwise).
+        // The SIMD sets run twice: by default (3×3×3 with X ≥ 2 and Y, Z ≥ 4 outside the
+        // channel split by Winograd F(2, 3): forward, input and weight gradients) and on the
+        // direct kernels alone (`direct_convolutions`; the per-case comments name the direct
+        // paths).
         let mut simd_results: Vec<(CpuKernels, bool, [Vec<f32>; 3])> = Vec::new();
         for (simd, direct) in CpuKernels::available().into_iter().flat_map(|s| [(s, false), (s, true)]).filter(|&(s, d)| s.simd() || !d) {
             let mut check = || {
@@ -129,6 +130,20 @@ fn fast_paths_match_naive_convolution() {
         // AVX2 and AVX-512 take the same FMAs in the same order for every output (whatever
         // their tiles and reduction blocks): the same bits, so results do not depend on the
         // machine's vector width.
+        // Winograd ran exactly where it should: other bits than the direct kernels' where it
+        // applies (for y and dw on v into co channels, for dx on dy's volume into Ci), the
+        // same bits elsewhere.
+        #[cfg(target_arch = "x86_64")]
+        for simd in CpuKernels::available().into_iter().filter(|s| s.simd()) {
+            use vox2vec::ops::conv3d::{channel_split, winograd};
+            let applies = |vol: Vol, cout: usize| winograd::transform_for(vol, k, simd).is_some() && !channel_split::applicable(vol, cout, k, simd);
+            let expected = [applies(v, co), applies(v.with_c(co), v.c), applies(v, co)];
+            let [(_, _, by_default), (_, _, by_direct)] = [false, true].map(|d| simd_results.iter().find(|r| r.0 == simd && r.1 == d).unwrap());
+            for (((name, a), b), winograd) in ["y", "dx", "dw"].iter().zip(by_default).zip(by_direct).zip(expected) {
+                let same = a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert_eq!(same, !winograd, "{v:?} co {co} k {k} kernels {simd:?}: Winograd expected for {name}: {winograd}, but the default and the direct kernels' bits are {}", if same { "the same" } else { "different" });
+            }
+        }
         for direct in [false, true] {
             if let [(_, _, a), (_, _, b)] = simd_results.iter().filter(|r| r.1 == direct).collect::<Vec<_>>().as_slice() {
                 for (name, (x, y)) in ["y", "dx", "dw"].iter().zip(a.iter().zip(b)) {
@@ -146,7 +161,7 @@ fn fast_paths_match_naive_convolution() {
 /// AVX2 and AVX-512 give the same bits (the z-tap kernel's order, the transforms in scalar code).
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn winograd_forward_matches_naive_convolution() {
+fn winograd_matches_naive_convolution() {
     use vox2vec::ops::batchnorm::BnReluEval;
     use vox2vec::ops::conv3d::winograd::{self, F2, F4};
     let mut rng = StdRng::seed_from_u64(7);
@@ -189,6 +204,19 @@ fn winograd_forward_matches_naive_convolution() {
         }
         if let [p, q] = by_set.as_slice() {
             assert!(p.iter().zip(q).all(|(p, q)| p.to_bits() == q.to_bits()), "{v:?} co {co}: AVX2 and AVX-512 Winograd outputs differ");
+        }
+        // The primitive op's gradients by both transforms (it takes F(2, 3)): the input
+        // gradient (the flipped kernel) and the weight gradient (the dual algorithm).
+        let dy = rand_vec(&mut rng, v.voxels() * co);
+        let (_, dx_ref, dw_ref) = naive(&x, v, &w, &b, co, 3, &dy);
+        for kernels in CpuKernels::available().into_iter().filter(|k| *k != CpuKernels::Portable) {
+            for f in [&F2, &F4] {
+                let dx = winograd::input_grad(f, &dy, v.with_c(co), &w, v.c, kernels, None);
+                let dw = winograd::weight_grad(f, &x, v, &dy, co, kernels);
+                let (ex, ew) = (rel(&dx, &dx_ref), rel(&dw, &dw_ref));
+                println!("winograd F({}, 3) {v:?} co {co} {kernels:?}: rel err dx {ex:.1e} dw {ew:.1e}", f.m);
+                assert!(ex < 1e-5 && ew < 1e-5, "F({}, 3) {v:?} co {co} {kernels:?}: gradient errors dx {ex:.1e} dw {ew:.1e}", f.m);
+            }
         }
         // Transformed weights are cached between calls: new values in the same buffer (one
         // changed value, far from the sampled ones) must be transformed anew.

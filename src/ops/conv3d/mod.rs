@@ -16,8 +16,9 @@
 //!   along y, 13.5 or 18 multiplications per output and input channel instead of 27 — the
 //!   forward and input gradient on the shifted path's z-tap kernel, the weight gradient (F(m,
 //!   3)'s dual) on its weight-gradient kernel.
-//!   Inference takes F(4, 3) where it fits, training F(2, 3) (`Use`); `VOX2VEC_CPU_WINOGRAD=0`
-//!   or `direct_convolutions` leave the direct kernels.
+//!   The fused inference ResBlock takes F(4, 3) where it fits, the primitive op (training,
+//!   and any convolution outside that ResBlock) F(2, 3) (`Use`); `VOX2VEC_CPU_WINOGRAD=0` or
+//!   `direct_convolutions` leave the direct kernels.
 //! - `avx2.rs`, `avx512.rs`: the register-tiled micro-kernels both paths use on x86-64, chosen
 //!   at run time by the processor's features (`CpuKernels::best`: AVX-512 where present, else
 //!   AVX2/FMA); elsewhere (or `CpuKernels::Portable`) the same decomposition runs through
@@ -196,7 +197,7 @@ pub fn conv3d_forward_cpu_with(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]
         return channel_split::forward(x, v, w, bias, co, k, kernels);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(f) = winograd_for(v, co, k, kernels, Use::Training) {
+    if let Some(f) = winograd_for(v, co, k, kernels, Use::Primitive) {
         return winograd::forward_fused(f, x, v, w, bias, co, kernels, None, None);
     }
     if shifted::applicable(v, k) {
@@ -235,24 +236,25 @@ pub fn direct_convolutions<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Use {
-    /// Inference (nothing recorded): Winograd F(4, 3) where it fits.
+    /// The fused inference ResBlock (`conv3d_forward_cpu_fused`): Winograd F(4, 3) where it fits.
     Inference,
-    /// Training's forward, input and weight gradients: F(2, 3) only, whose error is the direct
+    /// The primitive op, `conv3d_forward_cpu*` and its gradients (training, and any convolution
+    /// outside the fused inference ResBlock): F(2, 3) only, whose error is the direct
     /// kernels' (≤ 1e-6 of the largest output). F(4, 3)'s, about 3× that, measured as 2–2.5×
     /// the direct kernels' distance from the parity fixtures' gradients (3.7e-5 against
     /// 1.4e-5) and twice their drift from PyTorch over tests/trajectory.rs's first 10 steps,
     /// for 10–15 % more speed on the 32- and 64-channel rows.
-    Training,
+    Primitive,
 }
 
 /// The Winograd transform a 3×3×3 convolution of `v` into `co` channels runs with on these
-/// kernels, if any (`winograd::transform_for`, F(2, 3) instead of F(4, 3) for training): not
-/// where the channel split takes the shape (the coarse levels, where it measured no slower),
-/// nor when Winograd is turned off.
+/// kernels, if any (`winograd::transform_for`; F(2, 3) instead of F(4, 3) for the primitive
+/// op): not where the channel split takes the shape (the coarse levels, where it measured no
+/// slower), nor when Winograd is turned off.
 #[cfg(target_arch = "x86_64")]
 fn winograd_for(v: Vol, co: usize, k: usize, kernels: CpuKernels, purpose: Use) -> Option<&'static winograd::Transform> {
     let f = winograd::transform_for(v, k, kernels).filter(|_| winograd::enabled() && !channel_split::applicable(v, co, k, kernels))?;
-    Some(if purpose == Use::Training { &winograd::F2 } else { f })
+    Some(if purpose == Use::Primitive { &winograd::F2 } else { f })
 }
 
 /// conv(relu(bn(x))) + residual on the CPU, BatchNorm in eval mode (`input`'s constants): the
@@ -302,7 +304,7 @@ pub fn conv3d_backward_input_cpu_onto(dy: &[f32], v_out: Vol, w: &[f32], ci: usi
     assert_eq!(w.len(), co * k * k * k * ci, "conv3d backward: weight size");
     assert!(prev.is_none_or(|p| p.len() == v_out.voxels() * ci), "conv3d backward: accumulated gradient size");
     #[cfg(target_arch = "x86_64")]
-    if let Some(f) = winograd_for(v_out, ci, k, kernels, Use::Training) {
+    if let Some(f) = winograd_for(v_out, ci, k, kernels, Use::Primitive) {
         return winograd::input_grad(f, dy, v_out, w, ci, kernels, prev);
     }
     if shifted::applicable(v_out, k) && !channel_split::applicable(v_out, ci, k, kernels) {
@@ -347,12 +349,12 @@ pub fn conv3d_backward_weight_cpu_onto(x: &[f32], v: Vol, dy: &[f32], co: usize,
     check_kernels(kernels);
     assert_eq!(dy.len(), v.voxels() * co, "conv3d backward: dy size");
     assert!(prev.as_ref().is_none_or(|p| p.len() == co * k * k * k * v.c), "conv3d backward: accumulated weight gradient size");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(f) = winograd_for(v, co, k, kernels, Use::Primitive) {
+        return crate::cpu::added_onto(prev, winograd::weight_grad(f, x, v, dy, co, kernels));
+    }
     if !shifted::applicable(v, k) {
         return im2col::weight_grad(x, v, dy, co, k, kernels, prev);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(f) = winograd_for(v, co, k, kernels, Use::Training) {
-        return crate::cpu::added_onto(prev, winograd::weight_grad(f, x, v, dy, co, kernels));
     }
     crate::cpu::added_onto(prev, shifted::weight_grad(x, v, dy, co, kernels))
 }

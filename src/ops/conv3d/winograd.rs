@@ -1,8 +1,8 @@
 //! Winograd F(m, 3) along y: 3×3×3 convolutions (stride 1, padding 1, channels-last) on the
 //! shifted path's SIMD z-tap kernel, with fewer multiplications: inference's forward (F(4, 3)
-//! where it fits) and training's forward and input gradient (F(2, 3); `super::Use`), and
-//! training's weight gradient by the dual algorithm (`weight_grad`) on the direct path's
-//! weight-gradient kernel.
+//! where it fits) and the primitive op's (training's) forward and input gradient (F(2, 3);
+//! `super::Use`), and its weight gradient by the dual algorithm (`weight_grad`) on the direct
+//! path's weight-gradient kernel.
 //!
 //! Algorithm (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"). A 3-tap
 //! correlation y[s] = Σ_b g[b]·d[s + b], s < m, from α = m + 2 inputs d is
@@ -34,11 +34,12 @@
 //! weights up to 5 before the products, outputs with weights up to 8 after). Measured against a
 //! float64 convolution on random data, largest error relative to the largest output
 //! (tests/conv_reference.rs, 8 shapes): 0.9–8e-7 with F(2, 3), as the direct kernels (1.3e-7 to
-//! 1.1e-6); 2.5e-7–3.2e-6 with F(4, 3), about 3× theirs, which is why training takes F(2, 3)
-//! only. Its backward is the convolution's exact gradient up to such rounding: the input
-//! gradient as this path's convolution of dy with the flipped kernel, the weight gradient by
-//! the dual of the same algorithm (the direct kernels' error again, tests/conv_reference.rs). `VOX2VEC_CPU_WINOGRAD=0` turns it off
-//! for a process, `conv3d::direct_convolutions` for a thread.
+//! 1.1e-6); 2.5e-7–3.2e-6 with F(4, 3), about 3× theirs, which is why the primitive op
+//! (training) takes F(2, 3) only. Its backward is the convolution's exact gradient up to such
+//! rounding: the input gradient as this path's convolution of dy with the flipped kernel, the
+//! weight gradient by the dual of the same algorithm (the direct kernels' error again,
+//! tests/conv_reference.rs). `VOX2VEC_CPU_WINOGRAD=0` turns it off for a process,
+//! `conv3d::direct_convolutions` for a thread.
 //!
 //! Outputs are written (=).
 
@@ -124,9 +125,49 @@ pub fn transform_for(v: Vol, k: usize, kernels: CpuKernels) -> Option<&'static T
 const ROW_BLOCK: usize = 1024;
 
 thread_local! {
-    /// Per worker thread, kept between tasks and calls: the task's T planes and the activated
-    /// input plane (initialised memory, grown and zeroed only when a larger level needs more).
-    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// Per worker thread, kept between tasks and calls (see `Scratch`).
+    static SCRATCH: std::cell::Cell<Scratch> = const { std::cell::Cell::new(Scratch { t: Vec::new(), act: Vec::new(), d: Vec::new() }) };
+}
+
+/// A worker thread's buffers: initialised memory, grown (and zeroed) only when a larger level
+/// needs more, every value a task reads written by that task first.
+#[derive(Default)]
+struct Scratch {
+    /// The task's T planes (`TaskPlanes`).
+    t: Vec<f32>,
+    /// One activated input plane (inference's BN → ReLU).
+    act: Vec<f32>,
+    /// The weight gradient's D lines of a chunk.
+    d: Vec<f32>,
+}
+
+/// The T planes of one task (padded x-planes pp0.., layout in the module comment), built in
+/// order just before the first chunk that reads them, so in cache.
+struct TaskPlanes {
+    pp0: usize,
+    built: usize,
+    plane_len: usize,
+}
+
+impl TaskPlanes {
+    /// A task reading padded planes pp0..pp1; grows `t` to hold them.
+    fn new(pp0: usize, pp1: usize, plane_len: usize, t: &mut Vec<f32>) -> TaskPlanes {
+        if t.len() < (pp1 - pp0) * plane_len {
+            t.resize((pp1 - pp0) * plane_len, 0.0); // zeroed once per thread and size
+        }
+        TaskPlanes { pp0, built: pp0, plane_len }
+    }
+
+    /// Builds the planes before `upto` not built yet (from x through relu(bn(·)) with
+    /// `line_bn`); returns every plane built so far.
+    #[allow(clippy::too_many_arguments)]
+    fn build_to<'t>(&mut self, upto: usize, kernels: CpuKernels, f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval>, t: &'t mut [f32], act: &mut Vec<f32>) -> &'t [f32] {
+        for pp in self.built..upto {
+            transform_plane_simd(kernels, f, x, v, line_bn, pp, &mut t[(pp - self.pp0) * self.plane_len..][..self.plane_len], act);
+        }
+        self.built = self.built.max(upto);
+        &t[..(self.built - self.pp0) * self.plane_len]
+    }
 }
 
 /// `$name(kernels, args)`: `$body(args)` compiled for the kernels' vector width. The transforms
@@ -144,10 +185,12 @@ macro_rules! vectorised {
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
             fn avx2($($p: $t),*) { $body($($p),*) }
-            // SAFETY: the set's features are present (forward_fused checked them).
+            super::check_kernels(kernels);
+            // SAFETY: the set's features are present on this processor (check_kernels).
             match kernels {
                 CpuKernels::Avx512 => unsafe { wide($($p),*) },
-                _ => unsafe { avx2($($p),*) },
+                CpuKernels::Avx2 => unsafe { avx2($($p),*) },
+                CpuKernels::Portable => panic!("{}: Winograd runs on the SIMD kernel sets only", stringify!($name)),
             }
         }
     };
@@ -164,7 +207,7 @@ vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32],
 /// composition's add.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, input: Option<&BnReluEval>, residual: Option<&[f32]>) -> Vec<f32> {
-    super::check_kernels(kernels); // before any code compiled for the set runs
+    assert!(kernels.simd(), "winograd conv with {kernels:?}");
     assert_eq!(w.len(), co * 27 * v.c, "winograd conv: weight size");
     let u = transformed_weights(f, w, co, v.c, false, kernels);
     convolve(f, x, v, &u, bias, co, kernels, input, residual)
@@ -175,7 +218,7 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
 /// (`v_out`) and the forward's weight w [Co, 27·Ci]: w_flip[ci, a, b, c, co] = w[co, 2 − a,
 /// 2 − b, 2 − c, ci] is read in place by the weight transform, never built.
 pub fn input_grad(f: &Transform, dy: &[f32], v_out: Vol, w: &[f32], ci: usize, kernels: CpuKernels, prev: Option<&[f32]>) -> Vec<f32> {
-    super::check_kernels(kernels); // before any code compiled for the set runs
+    assert!(kernels.simd(), "winograd input gradient with {kernels:?}");
     assert_eq!(w.len(), v_out.c * 27 * ci, "winograd input gradient: weight size");
     let u = transformed_weights(f, w, v_out.c, ci, true, kernels);
     convolve(f, dy, v_out, &u, None, ci, kernels, None, prev)
@@ -222,23 +265,15 @@ fn convolve(f: &Transform, x: &[f32], v: Vol, u: &[f32], bias: Option<&[f32]>, c
             // T of the padded planes the task's outputs read (a task crossing into the next
             // batch item also builds the two zero planes between them), in cache.
             let (pp0, pp1) = (padded(first), padded(first + task_planes - 1) + 3);
-            let (mut t_scratch, mut act) = SCRATCH.take();
-            if t_scratch.len() < (pp1 - pp0) * plane_len {
-                t_scratch.resize((pp1 - pp0) * plane_len, 0.0); // zeroed once per thread and size
-            }
-            let t = &mut t_scratch[..(pp1 - pp0) * plane_len];
-            let mut built = pp0;
+            let mut scratch = SCRATCH.take();
+            let mut planes = TaskPlanes::new(pp0, pp1, plane_len, &mut scratch.t);
             let mut mbuf: Vec<MaybeUninit<f32>> = Vec::with_capacity(alpha * chunk_planes * plane_run * cop);
             for q0 in (0..task_planes).step_by(chunk_planes) {
                 let cp = chunk_planes.min(task_planes - q0);
                 let (c0, c1) = (first + q0, first + q0 + cp);
-                for pp in built..padded(c1 - 1) + 3 {
-                    transform_plane_simd(kernels, f, x, v, line_bn.as_ref(), pp, &mut t[(pp - pp0) * plane_len..][..plane_len], &mut act);
-                }
-                built = padded(c1 - 1) + 3;
+                let tb = planes.build_to(padded(c1 - 1) + 3, kernels, f, x, v, line_bn.as_ref(), &mut scratch.t, &mut scratch.act);
                 let block = cp * plane_run * cop;
                 mbuf.set_len(alpha * block);
-                let tb = &t[..(built - pp0) * plane_len]; // the planes built so far
                 for (i, mi) in mbuf.chunks_mut(block).enumerate() {
                     let block_row = |p: usize| ((padded(p) - pp0) * alpha + i) * jt * pz; // T block i of plane p
                     let runs: Vec<(usize, usize)> = match v.z >= 8 {
@@ -256,7 +291,7 @@ fn convolve(f: &Transform, x: &[f32], v: Vol, u: &[f32], bias: Option<&[f32]>, c
                 let res = residual.map(|r| &r[c0 * plane_out..c1 * plane_out]);
                 output_transform_simd(kernels, f, mk, block, v, (plane_run, line_stride), co, cop, bias, res, yc);
             }
-            SCRATCH.set((t_scratch, act));
+            SCRATCH.set(scratch);
         })
     }
 }
@@ -272,8 +307,8 @@ fn convolve(f: &Transform, x: &[f32], v: Vol, u: &[f32], bias: Option<&[f32]>, c
 /// (`weight_grad_runs`) on T and D_i, α·9·Ci·Co / m multiply-adds per voxel instead of 27·Ci·Co
 /// (F(2, 3): 18 instead of 27). Tasks are fixed runs of output x-planes (at most 16 tasks), each
 /// building its T planes and its D lines chunk by chunk just before use, in thread-local
-/// scratch (as the forward: no pass over memory, no fresh pages); their partial dU are added
-/// in task order, so the bits do not depend on the thread count. Written (=).
+/// scratch (as the forward: neither is a pass over memory); their partial dU (α·Co·9·Ci each)
+/// are added in task order, so the bits do not depend on the thread count. Written (=).
 pub fn weight_grad(f: &Transform, x: &[f32], v: Vol, dy: &[f32], co: usize, kernels: CpuKernels) -> Vec<f32> {
     super::check_kernels(kernels); // the vectorised transforms and the kernels need the set
     assert!(kernels.simd() && v.voxels() > 0, "winograd weight gradient on {v:?} with {kernels:?}");
@@ -295,18 +330,13 @@ pub fn weight_grad(f: &Transform, x: &[f32], v: Vol, dy: &[f32], co: usize, kern
         .map(|task| {
             let (first, last) = (task * planes_per_task, ((task + 1) * planes_per_task).min(planes));
             let (pp0, pp1) = (padded(first), padded(last - 1) + 3);
-            let (mut t, mut d) = WG_SCRATCH.take();
-            if t.len() < (pp1 - pp0) * plane_len {
-                t.resize((pp1 - pp0) * plane_len, 0.0); // zeroed once per thread and size
-            }
+            let mut scratch = SCRATCH.take();
+            let mut planes = TaskPlanes::new(pp0, pp1, plane_len, &mut scratch.t);
+            let d = &mut scratch.d;
             let mut du = vec![0.0f32; alpha * co * kdim];
-            let (mut built, mut act) = (pp0, Vec::new());
             for c0 in (first..last).step_by(chunk_planes) {
                 let c1 = (c0 + chunk_planes).min(last);
-                for pp in built..padded(c1 - 1) + 3 {
-                    transform_plane_simd(kernels, f, x, v, None, pp, &mut t[(pp - pp0) * plane_len..][..plane_len], &mut act);
-                }
-                built = padded(c1 - 1) + 3;
+                let tb = planes.build_to(padded(c1 - 1) + 3, kernels, f, x, v, None, &mut scratch.t, &mut scratch.act);
                 let dblock = (c1 - c0) * plane_d; // D_i of the chunk: [(c1 − c0)·J·Z, Co]
                 if d.len() < alpha * dblock {
                     d.resize(alpha * dblock, 0.0);
@@ -314,14 +344,13 @@ pub fn weight_grad(f: &Transform, x: &[f32], v: Vol, dy: &[f32], co: usize, kern
                 for p in c0..c1 {
                     dy_transform_simd(kernels, f, &dy[p * v.y * v.z * co..][..v.y * v.z * co], v, co, &mut d[(p - c0) * plane_d..], dblock);
                 }
-                let tb = &t[..(built - pp0) * plane_len];
                 for (i, dui) in du.chunks_exact_mut(co * kdim).enumerate() {
                     let runs = (c0..c1).flat_map(|p| (0..jt).map(move |j| ((((padded(p) - pp0) * alpha + i) * jt + j) * pz, ((p - c0) * jt + j) * v.z, v.z))).collect();
                     let plan = kernels.wg_plan(ci, &offs, 3 * ci, co, runs);
                     kernels.weight_grad_runs(tb, &d[i * dblock..(i + 1) * dblock], dui, &plan);
                 }
             }
-            WG_SCRATCH.set((t, d));
+            SCRATCH.set(scratch);
             du
         })
         .collect();
@@ -340,12 +369,6 @@ pub fn weight_grad(f: &Transform, x: &[f32], v: Vol, dy: &[f32], co: usize, kern
         }
     });
     dw
-}
-
-thread_local! {
-    /// Per worker thread, kept between tasks and calls: the weight gradient's T planes and D
-    /// lines (initialised memory, grown only when a larger level needs more).
-    static WG_SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// D_i's lines of one (n, x) plane from `dy_plane` [Y, Z, Co]: block i of `d` (at i·`dblock`)
