@@ -351,8 +351,8 @@ impl NetArgs {
     /// Windows per forward pass on `device` for windows of `patch` voxels (--sw-batch, else 8 on
     /// a CUDA device; on the CPU as many windows as hold one 128×128×32 window's voxels, 1 to
     /// 8: a pass of small windows keeps the coarse levels' volumes from being a few voxels
-    /// each — one CT in 32×32×16 windows embeds in 2 min 3 s with 8 per pass against 3 min
-    /// 19 s with 1 — and uses no more memory than one window of the default patch).
+    /// each — one CT in 32×32×16 windows embeds in 2 min 13 s with 8 per pass against 3 min
+    /// 32 s with 1 — and uses no more memory than one window of the default patch).
     fn sw_batch(&self, device: vox2vec::tensor::Device, patch: [usize; 3]) -> Result<usize> {
         let cpu_default = || (128 * 128 * 32 / patch.iter().product::<usize>().max(1)).clamp(1, 8);
         let k = self.sw_batch.unwrap_or_else(|| if device == vox2vec::tensor::Device::Cpu { cpu_default() } else { 8 });
