@@ -266,12 +266,12 @@ fn convolve(f: &Transform, x: &[f32], v: Vol, u: &[f32], bias: Option<&[f32]>, c
             // batch item also builds the two zero planes between them), in cache.
             let (pp0, pp1) = (padded(first), padded(first + task_planes - 1) + 3);
             let mut scratch = SCRATCH.take();
-            let mut planes = TaskPlanes::new(pp0, pp1, plane_len, &mut scratch.t);
+            let mut task_t = TaskPlanes::new(pp0, pp1, plane_len, &mut scratch.t);
             let mut mbuf: Vec<MaybeUninit<f32>> = Vec::with_capacity(alpha * chunk_planes * plane_run * cop);
             for q0 in (0..task_planes).step_by(chunk_planes) {
                 let cp = chunk_planes.min(task_planes - q0);
                 let (c0, c1) = (first + q0, first + q0 + cp);
-                let tb = planes.build_to(padded(c1 - 1) + 3, kernels, f, x, v, line_bn.as_ref(), &mut scratch.t, &mut scratch.act);
+                let tb = task_t.build_to(padded(c1 - 1) + 3, kernels, f, x, v, line_bn.as_ref(), &mut scratch.t, &mut scratch.act);
                 let block = cp * plane_run * cop;
                 mbuf.set_len(alpha * block);
                 for (i, mi) in mbuf.chunks_mut(block).enumerate() {
@@ -331,12 +331,12 @@ pub fn weight_grad(f: &Transform, x: &[f32], v: Vol, dy: &[f32], co: usize, kern
             let (first, last) = (task * planes_per_task, ((task + 1) * planes_per_task).min(planes));
             let (pp0, pp1) = (padded(first), padded(last - 1) + 3);
             let mut scratch = SCRATCH.take();
-            let mut planes = TaskPlanes::new(pp0, pp1, plane_len, &mut scratch.t);
+            let mut task_t = TaskPlanes::new(pp0, pp1, plane_len, &mut scratch.t);
             let d = &mut scratch.d;
             let mut du = vec![0.0f32; alpha * co * kdim];
             for c0 in (first..last).step_by(chunk_planes) {
                 let c1 = (c0 + chunk_planes).min(last);
-                let tb = planes.build_to(padded(c1 - 1) + 3, kernels, f, x, v, None, &mut scratch.t, &mut scratch.act);
+                let tb = task_t.build_to(padded(c1 - 1) + 3, kernels, f, x, v, None, &mut scratch.t, &mut scratch.act);
                 let dblock = (c1 - c0) * plane_d; // D_i of the chunk: [(c1 − c0)·J·Z, Co]
                 if d.len() < alpha * dblock {
                     d.resize(alpha * dblock, 0.0);
