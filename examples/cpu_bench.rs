@@ -79,8 +79,8 @@ fn main() -> Result<()> {
             let dy = random(&[n, x, y, z, co], &mut rng);
             let name = name.to_string();
             Box::new(move || {
-                // New weights every call, as after each optimiser step: one value
-                // moved to the next float (in place), so nothing computed from the last call's weights (the
+                // New weights every call, as after each optimiser step: one value moved to the
+                // next float (in place), so nothing computed from the last call's weights (the
                 // Winograd weight transform's cache) can be reused, as it could not in training.
                 let mut data = w.take().expect("the weights are put back after each call").into_f32_vec();
                 data[0] = f32::from_bits(data[0].to_bits() + 1);

@@ -340,26 +340,30 @@ fn place_model(command: &str, what: &std::path::Path, model: &mut vox2vec::model
     Ok(())
 }
 
+/// The sliding-window patch where neither `--patch` nor the weights say another (the reference's
+/// 128×128×32).
+const DEFAULT_PATCH: [usize; 3] = [128, 128, 32];
+
 impl NetArgs {
     /// The device and activation dtype asked for (bf16 on the CPU is refused, as by vox2vec-train).
     fn device(&self) -> Result<(vox2vec::tensor::Device, vox2vec::tensor::DType)> {
         vox2vec::cuda::parse_device_and_precision(&self.device, &self.precision)
     }
 
-    /// Move `model` to the device asked for and print the first line of the command's output
-    /// (what runs where, as vox2vec-train's first line).
     /// Windows per forward pass on `device` for windows of `patch` voxels (--sw-batch, else 8 on
-    /// a CUDA device; on the CPU as many windows as hold one 128×128×32 window's voxels, 1 to
-    /// 8: a pass of small windows keeps the coarse levels' volumes from being a few voxels
+    /// a CUDA device; on the CPU as many windows as hold one `DEFAULT_PATCH` window's voxels, 1
+    /// to 8: a pass of small windows keeps the coarse levels' volumes from being a few voxels
     /// each — one CT in 32×32×16 windows embeds in 2 min 13 s with 8 per pass against 3 min
     /// 32 s with 1 — and uses no more memory than one window of the default patch).
     fn sw_batch(&self, device: vox2vec::tensor::Device, patch: [usize; 3]) -> Result<usize> {
-        let cpu_default = || (128 * 128 * 32 / patch.iter().product::<usize>().max(1)).clamp(1, 8);
+        let cpu_default = || (DEFAULT_PATCH.iter().product::<usize>() / patch.iter().product::<usize>().max(1)).clamp(1, 8);
         let k = self.sw_batch.unwrap_or_else(|| if device == vox2vec::tensor::Device::Cpu { cpu_default() } else { 8 });
         anyhow::ensure!((1..=1024).contains(&k), "--sw-batch must be between 1 and 1024, got {k}");
         Ok(k)
     }
 
+    /// Move `model` to the device asked for and print the first line of the command's output
+    /// (what runs where, as vox2vec-train's first line).
     fn place(&self, command: &str, what: &std::path::Path, model: &mut vox2vec::model::Vox2Vec) -> Result<vox2vec::tensor::Device> {
         let (device, precision) = self.device()?;
         place_model(command, what, model, device, precision)?;
@@ -385,7 +389,7 @@ fn resolve_settings(spacing: Option<&str>, patch: Option<&str>, rec: &Recorded, 
     let (sp, pa) = (spacing.map(parse_spacing).transpose()?, patch.map(parse_patch).transpose()?);
     let reference = vox2vec::data::preprocess::PreprocessConfig::default().spacing;
     let s = choose("spacing", "--spacing", sp, rec.spacing, &rec.file, reference, on, xyz)?;
-    let p = choose("patch", "--patch", pa, rec.patch, &rec.file, [128, 128, 32], on, xyz)?;
+    let p = choose("patch", "--patch", pa, rec.patch, &rec.file, DEFAULT_PATCH, on, xyz)?;
     if rec.spacing.is_none() && sp.is_none() && rec.is_a_file() {
         eprintln!("note: {} records no spacing (a file from before vox2vec-rs recorded it, or from PyTorch); using {} mm", rec.file.display(), xyz(&s));
     }

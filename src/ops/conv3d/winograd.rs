@@ -489,7 +489,7 @@ fn transformed_weights(f: &Transform, w: &[f32], co: usize, ci: usize, flipped: 
     };
     // The evicted entry's buffers hold the new one: in training every step's weights are new,
     // and fresh buffers each time were a page fault per 4 KiB (a quarter of a 64-channel
-    // forward + backward's time, measured with perf).
+    // forward + backward's time while the cache filled, measured with perf).
     let (mut kept, mut u) = evicted.map_or((Vec::new(), Vec::new()), |e| (e.w, std::sync::Arc::try_unwrap(e.u).unwrap_or_default()));
     let label = || format!("F({}, 3) {ci}->{co}{}", f.m, if flipped { " flipped" } else { "" });
     crate::profile::time("winograd weight transform", label, || weight_transform_simd(kernels, f, w, co, ci, flipped, &mut u));
