@@ -10,7 +10,31 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+// The SASS summariser, shared with the crate (std only).
+#[allow(dead_code)]
+#[path = "src/cuda/sass.rs"]
+mod sass;
+
+/// The machine code built by default, plus compute_90 PTX for newer GPUs to JIT.
 const ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90"];
+
+/// The architectures to build: `VOX2VEC_CUDA_ARCHS` (comma-separated, e.g. `sm_90`: machine
+/// code for those alone, no PTX; the GPU bundle uses it to stay small) or the default set.
+fn archs() -> (Vec<String>, bool) {
+    match env::var("VOX2VEC_CUDA_ARCHS") {
+        Ok(list) if !list.trim().is_empty() => {
+            let archs: Vec<String> = list.split(',').map(|a| a.trim().to_string()).collect();
+            for a in &archs {
+                let digits = a.strip_prefix("sm_").unwrap_or("");
+                if digits.len() < 2 || !digits.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    panic!("VOX2VEC_CUDA_ARCHS: {a:?} is not an architecture such as sm_90");
+                }
+            }
+            (archs, false)
+        }
+        _ => (ARCHS.iter().map(|a| a.to_string()).collect(), true),
+    }
+}
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
     let mut candidates = Vec::new();
@@ -35,9 +59,12 @@ fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=VOX2VEC_PTXAS_VERBOSE");
+    println!("cargo:rerun-if-env-changed=VOX2VEC_CUDA_ARCHS");
     println!("cargo:rerun-if-changed=kernels");
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("kernels.fatbin");
+    let sass_table = PathBuf::from(env::var("OUT_DIR").unwrap()).join("sass_sm90.txt");
+    fs::write(&sass_table, "").expect("writing the SASS table");
     let mut sources: Vec<PathBuf> = fs::read_dir(root.join("kernels"))
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
@@ -71,10 +98,13 @@ fn main() {
     fs::write(&unit, includes).expect("writing the kernels' translation unit");
     let mut cmd = Command::new(&nvcc);
     cmd.arg("--fatbin").arg("-O3").arg("-std=c++17").arg("-o").arg(&out);
-    for a in ARCHS {
+    let (archs, with_ptx) = archs();
+    for a in &archs {
         cmd.arg(format!("-gencode=arch=compute_{},code={a}", &a[3..]));
     }
-    cmd.arg("-gencode=arch=compute_90,code=compute_90");
+    if with_ptx {
+        cmd.arg("-gencode=arch=compute_90,code=compute_90");
+    }
     if env::var_os("VOX2VEC_PTXAS_VERBOSE").is_some() {
         cmd.arg("-Xptxas=-v");
     }
@@ -84,12 +114,32 @@ fn main() {
             for line in String::from_utf8_lossy(&o.stderr).lines() {
                 println!("cargo:warning={line}");
             }
+            if archs.iter().any(|a| a == "sm_90") {
+                summarise_sass(&nvcc, &out, &sass_table);
+            }
         }
         Ok(o) => panic!("nvcc failed on kernels/*.cu:\n{}", String::from_utf8_lossy(&o.stderr)),
         Err(e) => {
             println!("cargo:warning=could not run {}: {e}; building the CPU-only engine", nvcc.display());
             write_empty();
         }
+    }
+}
+
+/// The sm_90 machine code of the fatbin, summarised per kernel and loop (src/cuda/sass.rs)
+/// into `table`, which the crate embeds for the plan's issue time. cuobjdump is looked up
+/// beside nvcc, then on PATH; without it the table stays empty (the plan then says so).
+fn summarise_sass(nvcc: &Path, fatbin: &Path, table: &Path) {
+    let beside = nvcc.parent().map(|d| d.join("cuobjdump")).filter(|p| p.is_file());
+    let cuobjdump = beside.unwrap_or_else(|| PathBuf::from("cuobjdump"));
+    match Command::new(&cuobjdump).arg("-sass").arg("-arch").arg("sm_90").arg(fatbin).output() {
+        Ok(o) if o.status.success() => {
+            let kernels = sass::parse_cuobjdump(&String::from_utf8_lossy(&o.stdout));
+            let text: String = kernels.iter().map(|k| k.to_line() + "\n").collect();
+            fs::write(table, text).expect("writing the SASS table");
+        }
+        Ok(o) => println!("cargo:warning=cuobjdump -sass failed ({}): the plan will have no issue times", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => println!("cargo:warning=cuobjdump not found ({e}; scripts/install-cuda.sh installs it): the plan will have no issue times"),
     }
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the pinned CUDA 13.0 compiler (nvcc, its front end, NVVM, the CCCL headers and the
-# runtime headers) from NVIDIA's pip wheels into the git-ignored `.cuda/` folder of this
+# runtime headers, and the SASS readers) from NVIDIA's pip wheels into the git-ignored `.cuda/` folder of this
 # checkout, so that build.rs compiles kernels/*.cu on any x86-64 Linux machine, GPU or not.
 # 13.0 matches the GPU machines' driver (580, CUDA 13.0): a fatbin from a newer nvcc could
 # carry PTX that driver cannot JIT. Idempotent: does nothing when the pinned nvcc is there.
@@ -15,6 +15,11 @@ pins=(
   nvidia-nvvm==13.0.88
   nvidia-cuda-cccl==13.0.85
   nvidia-cuda-runtime==13.0.96
+  # The SASS readers (cuobjdump -sass, nvdisasm): build.rs reads the kernels' sm_90 machine
+  # code with them for the plan's issue time. 13.2.51 is the oldest the registry has; it
+  # reads 13.0's cubins (a disassembler does not change the code it reads).
+  nvidia-cuda-cuobjdump==13.2.51
+  nvidia-cuda-nvdisasm==13.2.51
 )
 stamp="$root/.installed"
 if [[ -x "$root/bin/nvcc" && -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" ]]; then

@@ -28,6 +28,8 @@ pub struct BenchReport {
     pub kernels: Vec<(&'static str, f64, f64)>,
     /// The profiled steps' declared costs per step (CUDA only), for the floor table.
     pub costs: Option<crate::cuda::cost::CostLog>,
+    /// The card the costs are priced on.
+    pub card: &'static str,
 }
 
 impl BenchReport {
@@ -78,7 +80,7 @@ impl BenchReport {
                     None => measured.push((fam.to_string(), *ms)),
                 }
             }
-            s += &format!("bench: measured against the floor of each family's declared work on {}:\n", crate::cuda::cost::H200.name);
+            s += &format!("bench: measured against the estimate of each family's declared work and code on {}:\n", self.card);
             s += &render_cost_table(costs, &measured);
         }
         s
@@ -138,7 +140,8 @@ pub fn bench_pretraining(device: Device, activation_dtype: DType, shape: BatchSh
         Some(d) => format!("cuda:{} ({})", d.ordinal(), d.name()),
         None => format!("cpu ({} threads)", rayon::current_num_threads()),
     };
-    Ok(BenchReport { device: name, activation_dtype: if device == Device::Cpu { DType::F32 } else { activation_dtype }, shape, step_ms, losses, peak_in_use, peak_reserved, kernels, costs })
+    let card = dev.as_ref().map_or("", |d| d.machine().name);
+    Ok(BenchReport { device: name, activation_dtype: if device == Device::Cpu { DType::F32 } else { activation_dtype }, shape, step_ms, losses, peak_in_use, peak_reserved, kernels, costs, card })
 }
 
 /// `vox2vec-train --bench-plan`: one pretraining step run on the plan device (nothing
@@ -155,6 +158,8 @@ pub struct PlanReport {
     pub largest_allocation: usize,
     /// The step's launches by kernel family.
     pub costs: crate::cuda::cost::CostLog,
+    /// The card the plan is priced on.
+    pub card: &'static str,
 }
 
 /// Run `warmup` steps (they fill the allocator's cache as on a GPU), then one step whose
@@ -185,29 +190,53 @@ pub fn plan_pretraining(model_config: ModelConfig, activation_dtype: DType, shap
         peak_reserved: st.peak_reserved,
         largest_allocation: st.largest_alloc,
         costs,
+        card: dev.machine().name,
     })
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The per-family table of a cost log: launches, GFLOP, GB, floor ms, share of the floor
-/// and, when `measured` has the family (ms per step from CUDA events), the measured ms and
-/// measured / floor.
+/// The per-family table of a cost log: launches, GFLOP, GB, floor ms, the estimate's parts
+/// (memory, tensor, issue, launch ms), the estimate, its share and what bounds it, the
+/// kernel's instructions per HMMA in its innermost HMMA loop, and, when `measured` has the
+/// family (ms per step from CUDA events), the measured ms and measured / estimate.
 pub fn render_cost_table(costs: &crate::cuda::cost::CostLog, measured: &[(String, f64)]) -> String {
-    let total = costs.floor_s().max(1e-15);
+    let total = costs.estimate_s().max(1e-15);
     let mut rows: Vec<_> = costs.families.iter().collect();
-    rows.sort_by(|a, b| b.1.floor_s.total_cmp(&a.1.floor_s));
+    rows.sort_by(|a, b| b.1.estimate_s.total_cmp(&a.1.estimate_s));
     let with_measured = !measured.is_empty();
-    let mut s = format!("  {:<30} {:>8} {:>10} {:>9} {:>10} {:>7}", "kernel family", "launches", "GFLOP", "GB", "floor ms", "share");
+    let mut s = format!(
+        "  {:<30} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>6} {:>7} {:>7}",
+        "kernel family", "launches", "GFLOP", "GB", "floor ms", "memory", "tensor", "issue", "launch", "estimate", "share", "bound", "ins/mma"
+    );
     if with_measured {
-        s += &format!(" {:>11} {:>7}", "measured ms", "x floor");
+        s += &format!(" {:>11} {:>7}", "measured ms", "x est.");
     }
     s += "\n";
-    let line = |name: &str, launches: u64, flops: f64, bytes: f64, floor: f64, meas: Option<f64>| {
-        let mut l = format!("  {:<30} {:>8} {:>10.2} {:>9.3} {:>10.3} {:>6.1}%", name, launches, flops / 1e9, bytes / 1e9, floor * 1e3, 100.0 * floor / total);
+    let ms = |v: f64| v * 1e3;
+    let line = |name: &str, f: &crate::cuda::cost::FamilyCost, bound: &str, meas: Option<f64>| {
+        let e = &f.estimate;
+        let ipm = family_sass(name).and_then(|k| k.instructions_per_hmma()).map_or("-".to_string(), |v| format!("{v:.1}"));
+        let issue = if f.has_sass || name == "total" { format!("{:.3}", ms(e.issue_s)) } else { "n/a".to_string() };
+        let mut l = format!(
+            "  {:<30} {:>8} {:>9.2} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9} {:>9.3} {:>10.3} {:>5.1}% {:>7} {:>7}",
+            name,
+            f.launches,
+            f.flops / 1e9,
+            f.bytes / 1e9,
+            ms(f.floor_s),
+            ms(e.memory_s),
+            ms(e.tensor_s),
+            issue,
+            ms(e.launch_s),
+            ms(f.estimate_s),
+            100.0 * f.estimate_s / total,
+            bound,
+            ipm
+        );
         if with_measured {
             match meas {
-                Some(ms) => l += &format!(" {:>11.3} {:>7.1}", ms, ms / (floor * 1e3).max(1e-12)),
+                Some(m) => l += &format!(" {:>11.3} {:>7.1}", m, m / ms(f.estimate_s).max(1e-12)),
                 None => l += &format!(" {:>11} {:>7}", "-", "-"),
             }
         }
@@ -215,12 +244,28 @@ pub fn render_cost_table(costs: &crate::cuda::cost::CostLog, measured: &[(String
     };
     for (name, f) in rows {
         let meas = measured.iter().find(|(n, _)| n == name).map(|m| m.1);
-        s += &line(name, f.launches, f.flops, f.bytes, f.floor_s, meas);
+        s += &line(name, f, f.bound(), meas);
     }
-    let (fl, by): (f64, f64) = costs.families.values().fold((0.0, 0.0), |a, f| (a.0 + f.flops, a.1 + f.bytes));
+    let mut sum = crate::cuda::cost::FamilyCost::default();
+    for f in costs.families.values() {
+        sum.launches += f.launches;
+        sum.flops += f.flops;
+        sum.bytes += f.bytes;
+        sum.floor_s += f.floor_s;
+        sum.estimate.memory_s += f.estimate.memory_s;
+        sum.estimate.tensor_s += f.estimate.tensor_s;
+        sum.estimate.issue_s += f.estimate.issue_s;
+        sum.estimate.launch_s += f.estimate.launch_s;
+        sum.estimate_s += f.estimate_s;
+    }
     let meas_total = with_measured.then(|| measured.iter().map(|m| m.1).sum());
-    s += &line("total", costs.launches(), fl, by, costs.floor_s(), meas_total);
+    s += &line("total", &sum, "", meas_total);
     s
+}
+
+/// The SASS summary of a kernel family's kernel (the family name, or its bf16 or f32 variant).
+pub fn family_sass(family: &str) -> Option<&'static crate::cuda::sass::Kernel> {
+    [family.to_string(), format!("{family}_bf16"), format!("{family}_f32")].iter().find_map(|n| crate::kernels::sass_of(n))
 }
 
 impl PlanReport {
@@ -231,6 +276,11 @@ impl PlanReport {
     /// The floor if every FLOP ran on bf16 tensor cores (bytes unchanged).
     pub fn tensor_floor_ms(&self) -> f64 {
         self.costs.families.values().map(|f| f.tensor_floor_s).sum::<f64>() * 1e3
+    }
+
+    /// The estimate: every launch's `max(memory, tensor, issue) + launch` (cuda::cost).
+    pub fn estimate_ms(&self) -> f64 {
+        self.costs.estimate_s() * 1e3
     }
 
     pub fn render(&self) -> String {
@@ -251,6 +301,8 @@ impl PlanReport {
             self.floor_ms(),
             self.tensor_floor_ms()
         );
+        let sass = if crate::kernels::sass().is_empty() { " (no SASS in this build: issue times not counted; scripts/install-cuda.sh installs cuobjdump)" } else { "" };
+        s += &format!("bench-plan: estimate {:.2} ms/step on {} with issue time and launches counted{sass} (an estimate, not a measurement)\n", self.estimate_ms(), self.card);
         s += &render_cost_table(&self.costs, &[]);
         s
     }
@@ -261,7 +313,24 @@ impl PlanReport {
             .families
             .iter()
             .map(|(name, f)| {
-                serde_json::json!({"name": name, "launches": f.launches, "flops": f.flops, "bytes": f.bytes, "floor_ms": f.floor_s * 1e3, "tensor_core_floor_ms": f.tensor_floor_s * 1e3})
+                let code = family_sass(name);
+                serde_json::json!({
+                    "name": name,
+                    "launches": f.launches,
+                    "flops": f.flops,
+                    "bytes": f.bytes,
+                    "floor_ms": f.floor_s * 1e3,
+                    "tensor_core_floor_ms": f.tensor_floor_s * 1e3,
+                    "memory_ms": f.estimate.memory_s * 1e3,
+                    "tensor_ms": f.estimate.tensor_s * 1e3,
+                    "issue_ms": if f.has_sass { serde_json::json!(f.estimate.issue_s * 1e3) } else { serde_json::Value::Null },
+                    "launch_ms": f.estimate.launch_s * 1e3,
+                    "estimate_ms": f.estimate_s * 1e3,
+                    "bound": f.bound(),
+                    "instructions_issued": f.estimate.instructions,
+                    "instructions_per_hmma": code.and_then(|k| k.instructions_per_hmma()),
+                    "local_memory_instructions": code.map(|k| k.local),
+                })
             })
             .collect();
         serde_json::json!({
@@ -276,8 +345,11 @@ impl PlanReport {
             "peak_in_use_bytes": self.peak_in_use,
             "peak_reserved_bytes": self.peak_reserved,
             "largest_allocation_bytes": self.largest_allocation,
+            "card": self.card,
             "floor_ms": self.floor_ms(),
             "tensor_core_floor_ms": self.tensor_floor_ms(),
+            "estimate_ms": self.estimate_ms(),
+            "sass_available": !crate::kernels::sass().is_empty(),
             "launches": self.costs.launches(),
             "kernels": kernels,
         })
@@ -435,5 +507,6 @@ pub fn plan_inference(model_config: ModelConfig, activation_dtype: DType, batch:
         peak_reserved: st.peak_reserved,
         largest_allocation: st.largest_alloc,
         costs,
+        card: dev.machine().name,
     })
 }

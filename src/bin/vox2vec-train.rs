@@ -158,9 +158,13 @@ struct Args {
     /// Performance model without a GPU: run one step of the configured batch and model on the
     /// plan device (every allocation through the caching allocator's bookkeeping, every
     /// launch recorded with its declared FLOPs and bytes, nothing executed) and print the peak
-    /// memory and a per-kernel-family table of floors on an H200.
+    /// memory and a per-kernel-family table of floors and estimates (memory, tensor, issue
+    /// from the kernels' SASS, launch) on the --card.
     #[arg(long)]
     bench_plan: bool,
+    /// With --bench-plan: the card whose rates price the plan (h100 or h200).
+    #[arg(long, default_value = "h100", value_parser = ["h100", "h200"])]
+    card: String,
     /// With --bench-plan: also write the report as JSON to this file.
     #[arg(long, value_name = "FILE.json", requires = "bench_plan")]
     report: Option<PathBuf>,
@@ -288,7 +292,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if args.bench_plan {
-        vox2vec::cuda::enable_plan_mode()?;
+        let card = vox2vec::cuda::cost::card(&args.card).ok_or_else(|| anyhow::anyhow!("--card {}: h100 or h200", args.card))?;
+        vox2vec::cuda::enable_plan_mode_for(card)?;
     }
     let (device, precision) = vox2vec::cuda::parse_device_and_precision(if args.bench_plan { "cuda" } else { &args.device }, &args.precision)?;
     // A rank takes its own GPU (LOCAL_RANK), or the CPU with --cpu-ranks / --device cpu.

@@ -1185,17 +1185,19 @@ fn bench_infer(weights: Option<&std::path::Path>, base: Option<usize>, scales: O
             None => ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base.unwrap_or(16), num_scales: scales.unwrap_or(6) }, ..ModelConfig::default() },
         };
         cfg.validate()?;
-        println!("bench-infer --plan: eval pyramid of {} windows, FPN3d base {} x {} scales, priced on {} (nothing executes; a floor is not a time)", vox2vec::eval::recorded::xyz(&patch), cfg.fpn.base_channels, cfg.fpn.num_scales, vox2vec::cuda::cost::H200.name);
+        println!("bench-infer --plan: eval pyramid of {} windows, FPN3d base {} x {} scales, priced on {} (nothing executes; a floor is not a time)", vox2vec::eval::recorded::xyz(&patch), cfg.fpn.base_channels, cfg.fpn.num_scales, vox2vec::cuda::device(0)?.machine().name);
         for &dt in &dts {
             for &b in batches {
                 let r = plan_inference(cfg, dt, b, patch)?;
                 let floor = r.floor_ms();
                 println!(
-                    "\n{dt:?}, {b} windows per pass: peak device memory {:.2} GiB in use ({:.2} GiB reserved), {} launches, floor {floor:.2} ms per pass = at most {:.0} patches/s",
+                    "\n{dt:?}, {b} windows per pass: peak device memory {:.2} GiB in use ({:.2} GiB reserved), {} launches, floor {floor:.2} ms per pass = at most {:.0} patches/s; estimate {:.2} ms = about {:.0} patches/s",
                     r.peak_in_use as f64 / (1u64 << 30) as f64,
                     r.peak_reserved as f64 / (1u64 << 30) as f64,
                     r.costs.launches(),
-                    b as f64 / (floor / 1e3)
+                    b as f64 / (floor / 1e3),
+                    r.estimate_ms(),
+                    b as f64 / (r.estimate_ms() / 1e3)
                 );
                 print!("{}", render_cost_table(&r.costs, &[]));
                 let mut j = r.to_json();

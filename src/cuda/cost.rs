@@ -1,5 +1,6 @@
-//! The performance model: what each launch must compute and move, and the floor time that
-//! follows on a given GPU.
+//! The performance model: what each launch must compute and move, the floor time that
+//! follows on a given GPU, and an estimate that also prices what the kernel's machine code
+//! issues.
 //!
 //! Every launcher declares a [`Cost`] for its kernel from the shapes alone: the FLOPs it must
 //! execute, the unit they run on (CUDA cores in fp32, bf16 tensor cores, ...) and the bytes it
@@ -7,11 +8,26 @@
 //! compulsory traffic, not what a given kernel happens to re-read). The floor of a launch is
 //! `max(flops / unit rate, bytes / bandwidth)`: no kernel doing that work can beat it.
 //!
+//! The estimate ([`Estimate`]) of a launch is `max(memory, tensor, issue) + launch`:
+//! - memory: the declared bytes over the card's achievable bandwidth;
+//! - tensor: the declared FLOPs over the rate of the unit that runs them — mma.sync's for
+//!   our tensor-core kernels (their SASS has HMMA), the wgmma rate for cuBLAS — scaled down
+//!   when the grid has fewer warps than the card has SM sub-partitions;
+//! - issue: the warp instructions the kernel's sm_90 code issues (`crate::cuda::sass`) over
+//!   the schedulers' rate (one per clock per sub-partition, at most one per warp): the
+//!   innermost loops of the kernel's arithmetic (HMMA, else FFMA) run as often as the
+//!   declared FLOPs need, other loops that move global memory as often as the declared bytes
+//!   need, the rest once per warp, straight-line code once per warp ([`issue_instructions`];
+//!   a lower bound where a loop's real trip count exceeds these);
+//! - launch: a fixed cost per launch (no CUDA graph).
+//!
 //! The device keeps a [`CostLog`] of every launch when asked (`vox2vec-train --bench-plan`
 //! runs a whole step in plan mode, where nothing executes, and `--bench N` on a GPU prints the
 //! measured time beside each floor).
 
 use std::collections::BTreeMap;
+
+use super::sass::{Kernel, Loop};
 
 /// Where a kernel's arithmetic runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,28 +86,156 @@ impl Cost {
     }
 }
 
-/// Sustained rates of one GPU.
-#[derive(Clone, Copy, Debug)]
-pub struct Machine {
-    pub name: &'static str,
-    pub hbm_bytes_per_s: f64,
-    pub fp32_flops: f64,
-    pub bf16_tensor_flops: f64,
-    pub tf32_tensor_flops: f64,
-    pub pcie_bytes_per_s: f64,
+/// FLOPs of one warp-wide HMMA.16816 (m16n8k16: 16 x 8 x 16 multiply-adds).
+pub const HMMA_FLOPS: f64 = 2.0 * 16.0 * 8.0 * 16.0;
+/// FLOPs of one warp-wide FFMA (32 lanes, one multiply-add each).
+pub const FFMA_FLOPS: f64 = 2.0 * 32.0;
+
+/// Warp instructions a launch of `k` issues for the declared work `c` with `warps` warps in
+/// its grid (the model of the module doc). Loops are taken outermost first; each instruction
+/// is counted in one place.
+pub fn issue_instructions(k: &Kernel, c: &Cost, warps: u64) -> f64 {
+    let warps = warps as f64;
+    let (hot, per_pass_ops, total_ops) = if k.hmma > 0 {
+        let hot = k.innermost_hmma_loops();
+        let ops: u32 = hot.iter().map(|l| l.hmma).sum();
+        (hot, ops, c.flops / HMMA_FLOPS)
+    } else if k.ffma > 0 && c.flops > 0.0 {
+        let hot = k.innermost_ffma_loops();
+        let ops: u32 = hot.iter().map(|l| l.ffma).sum();
+        (hot, ops, c.flops / FFMA_FLOPS)
+    } else {
+        (Vec::new(), 0, 0.0)
+    };
+    let mut n = warps * k.straight as f64;
+    // The hot loops, together, pass as often as the declared FLOPs need.
+    if per_pass_ops > 0 {
+        let per_pass: u32 = hot.iter().map(|l| l.instructions).sum();
+        n += (total_ops / per_pass_ops as f64).max(warps) * per_pass as f64;
+    }
+    let in_hot = |l: &Loop| hot.iter().any(|h| *h == l || h.contains(l));
+    let holds_hot = |l: &Loop| hot.iter().any(|h| l.contains(h));
+    // Loops around hot ones: their own instructions (not the hot loops') once per warp.
+    for l in k.loops.iter().filter(|l| holds_hot(l)) {
+        let inner: u32 = k.loops.iter().filter(|m| l.contains(m) && !k.loops.iter().any(|o| l.contains(o) && o.contains(m))).map(|m| m.instructions).sum();
+        n += warps * l.instructions.saturating_sub(inner) as f64;
+    }
+    // The other loops, outermost only: as often as the declared bytes need when they move
+    // global memory (together), else once per warp.
+    let others: Vec<&Loop> = k.loops.iter().filter(|l| !in_hot(l) && !holds_hot(l)).collect();
+    let outermost: Vec<&&Loop> = others.iter().filter(|l| !others.iter().any(|o| o.contains(l))).collect();
+    let bytes_per_pass: u32 = outermost.iter().map(|l| l.global_bytes).sum();
+    for l in &outermost {
+        let passes = if bytes_per_pass > 0 && l.global_bytes > 0 { (c.bytes / bytes_per_pass as f64).max(warps) } else { warps };
+        n += passes * l.instructions as f64;
+    }
+    n
 }
 
-/// One H200 SXM at about 80 % of its data-sheet rates (4.8 TB/s HBM3e, 989 TFLOP/s dense
-/// bf16, 494 TF32, 67 fp32 on CUDA cores; PCIe 5 x16 at 64 GB/s): the sustained figures
-/// (~4.3 TB/s, ~790 TFLOP/s bf16) that the step's targets are stated against.
-pub const H200: Machine = Machine {
-    name: "H200 SXM (sustained: 4.3 TB/s, 790 TFLOP/s bf16, 395 TF32, 54 fp32)",
-    hbm_bytes_per_s: 4.3e12,
+/// One launch priced on a card: the parts of [`Estimate::seconds`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Estimate {
+    pub memory_s: f64,
+    pub tensor_s: f64,
+    pub issue_s: f64,
+    pub launch_s: f64,
+    /// Warp instructions issued (0 without the kernel's SASS).
+    pub instructions: f64,
+}
+
+impl Estimate {
+    /// `max(memory, tensor, issue) + launch`.
+    pub fn seconds(&self) -> f64 {
+        self.memory_s.max(self.tensor_s).max(self.issue_s) + self.launch_s
+    }
+}
+
+/// The estimate of one launch of `code` (None: no SASS, e.g. cuBLAS) over `warps` warps (None:
+/// unknown, e.g. cuBLAS) doing the declared work `c` on `m`.
+pub fn estimate(c: &Cost, m: &Machine, code: Option<&Kernel>, warps: Option<u64>) -> Estimate {
+    let slots = 4.0 * m.sms as f64;
+    let occupancy = warps.map_or(1.0, |w| (w as f64 / slots).min(1.0));
+    let memory_s = match c.unit {
+        Unit::Pcie => c.bytes / m.pcie_bytes_per_s,
+        _ => c.bytes / m.hbm_bytes_per_s,
+    };
+    let rate = match c.unit {
+        Unit::Memory | Unit::Pcie => f64::INFINITY,
+        Unit::Fp32 => m.fp32_flops,
+        Unit::TensorBf16 if code.is_some_and(|k| k.hmma > 0) => m.mma_sync_flops,
+        Unit::TensorBf16 => m.bf16_tensor_flops,
+        Unit::TensorTf32 => m.tf32_tensor_flops,
+    };
+    let tensor_s = c.flops / (rate * occupancy);
+    let (instructions, issue_s) = match (code, warps) {
+        (Some(k), Some(w)) if w > 0 => {
+            let n = issue_instructions(k, c, w);
+            (n, n / ((w as f64).min(slots) * m.clock_hz))
+        }
+        _ => (0.0, 0.0),
+    };
+    let launch_s = if c.unit == Unit::Pcie { 0.0 } else { m.launch_s };
+    Estimate { memory_s, tensor_s, issue_s, launch_s, instructions }
+}
+
+/// Sustained rates of one GPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Machine {
+    pub name: &'static str,
+    /// `--card` name.
+    pub card: &'static str,
+    pub hbm_bytes_per_s: f64,
+    pub fp32_flops: f64,
+    /// bf16 tensor-core rate of cuBLAS (wgmma on Hopper).
+    pub bf16_tensor_flops: f64,
+    /// bf16 rate of mma.sync m16n8k16 (our tensor-core kernels).
+    pub mma_sync_flops: f64,
+    pub tf32_tensor_flops: f64,
+    pub pcie_bytes_per_s: f64,
+    pub sms: u32,
+    /// SM clock under load.
+    pub clock_hz: f64,
+    /// The cost of one kernel launch in a stream (no CUDA graph).
+    pub launch_s: f64,
+}
+
+/// One H100 SXM: HBM3 at the ~3.0 TB/s a device-to-device copy reaches (read + written),
+/// cuBLAS bf16 at the ~790 TFLOP/s measured on such a machine here, mma.sync at ~550 (its
+/// sustained rate on Hopper, below wgmma's), fp32 at 80 % of 67 TFLOP/s, 132 SMs at
+/// 1.755 GHz, 2.5 µs per launch.
+pub const H100: Machine = Machine {
+    name: "H100 SXM (sustained: 3.0 TB/s, 790 TFLOP/s bf16 cuBLAS, 550 mma.sync, 395 TF32, 54 fp32; 132 SMs at 1.755 GHz, 2.5 us per launch)",
+    card: "h100",
+    hbm_bytes_per_s: 3.0e12,
     fp32_flops: 54e12,
     bf16_tensor_flops: 790e12,
+    mma_sync_flops: 550e12,
     tf32_tensor_flops: 395e12,
     pcie_bytes_per_s: 50e9,
+    sms: 132,
+    clock_hz: 1.755e9,
+    launch_s: 2.5e-6,
 };
+
+/// One H200 SXM at about 80 % of its data-sheet rates (4.8 TB/s HBM3e, 989 TFLOP/s dense
+/// bf16, 494 TF32, 67 fp32 on CUDA cores; PCIe 5 x16 at 64 GB/s): ~4.3 TB/s (what a copy
+/// reaches here), ~790 TFLOP/s bf16 through cuBLAS; the same chip as the H100 otherwise.
+pub const H200: Machine = Machine {
+    name: "H200 SXM (sustained: 4.3 TB/s, 790 TFLOP/s bf16 cuBLAS, 550 mma.sync, 395 TF32, 54 fp32; 132 SMs at 1.755 GHz, 2.5 us per launch)",
+    card: "h200",
+    hbm_bytes_per_s: 4.3e12,
+    ..H100
+};
+
+/// The card of a `--card` name.
+pub fn card(name: &str) -> Option<Machine> {
+    [H100, H200].into_iter().find(|m| m.card.eq_ignore_ascii_case(name))
+}
+
+/// The card that prices a real GPU's measurements, from its name (H100 unless it says H200).
+pub fn card_of_gpu(name: &str) -> Machine {
+    if name.contains("H200") { H200 } else { H100 }
+}
 
 /// Per kernel family: launches and summed costs.
 #[derive(Clone, Copy, Debug, Default)]
@@ -102,6 +246,19 @@ pub struct FamilyCost {
     pub floor_s: f64,
     /// The floor if every FLOP ran on bf16 tensor cores (the target engine's floor).
     pub tensor_floor_s: f64,
+    /// The estimate's parts, summed over the launches, and its total.
+    pub estimate: Estimate,
+    pub estimate_s: f64,
+    /// Whether the family's kernel had SASS to price its issue time.
+    pub has_sass: bool,
+}
+
+impl FamilyCost {
+    /// What bounds the family: the largest of its summed memory, tensor, issue and launch times.
+    pub fn bound(&self) -> &'static str {
+        let e = &self.estimate;
+        [("memory", e.memory_s), ("tensor", e.tensor_s), ("issue", e.issue_s), ("launch", e.launch_s)].into_iter().fold(("memory", -1.0), |a, b| if b.1 > a.1 { b } else { a }).0
+    }
 }
 
 /// Every launch's cost since logging began, by kernel family.
@@ -120,8 +277,23 @@ pub fn family(kernel: &str) -> &str {
 }
 
 impl CostLog {
+    /// Record a launch without its grid or code (cuBLAS, copies): floor, memory, tensor and
+    /// launch times only.
     pub fn record(&mut self, kernel: &str, c: Cost, m: &Machine) {
+        self.record_launch(kernel, c, m, None, None)
+    }
+
+    /// Record one launch of `kernel` with `warps` warps in its grid and `code` its SASS summary.
+    pub fn record_launch(&mut self, kernel: &str, c: Cost, m: &Machine, warps: Option<u64>, code: Option<&Kernel>) {
+        let e = estimate(&c, m, code, warps);
         let f = self.families.entry(family(kernel).to_string()).or_default();
+        f.estimate.memory_s += e.memory_s;
+        f.estimate.tensor_s += e.tensor_s;
+        f.estimate.issue_s += e.issue_s;
+        f.estimate.launch_s += e.launch_s;
+        f.estimate.instructions += e.instructions;
+        f.estimate_s += e.seconds();
+        f.has_sass |= code.is_some();
         f.launches += 1;
         f.flops += c.flops;
         f.bytes += c.bytes;
@@ -141,6 +313,11 @@ impl CostLog {
         self.families.values().map(|f| f.floor_s).sum()
     }
 
+    /// The estimate of the whole log (each launch's `max(memory, tensor, issue) + launch`).
+    pub fn estimate_s(&self) -> f64 {
+        self.families.values().map(|f| f.estimate_s).sum()
+    }
+
     /// The log scaled by 1 / n (per step, over n steps).
     pub fn per_step(&self, n: usize) -> CostLog {
         let k = 1.0 / n.max(1) as f64;
@@ -148,7 +325,18 @@ impl CostLog {
             .families
             .iter()
             .map(|(name, f)| {
-                let g = FamilyCost { launches: f.launches / n.max(1) as u64, flops: f.flops * k, bytes: f.bytes * k, floor_s: f.floor_s * k, tensor_floor_s: f.tensor_floor_s * k };
+                let e = &f.estimate;
+                let estimate = Estimate { memory_s: e.memory_s * k, tensor_s: e.tensor_s * k, issue_s: e.issue_s * k, launch_s: e.launch_s * k, instructions: e.instructions * k };
+                let g = FamilyCost {
+                    launches: f.launches / n.max(1) as u64,
+                    flops: f.flops * k,
+                    bytes: f.bytes * k,
+                    floor_s: f.floor_s * k,
+                    tensor_floor_s: f.tensor_floor_s * k,
+                    estimate,
+                    estimate_s: f.estimate_s * k,
+                    has_sass: f.has_sass,
+                };
                 (name.clone(), g)
             })
             .collect();

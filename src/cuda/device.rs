@@ -13,7 +13,7 @@ use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaStream, result, sys};
 
 use super::alloc::{Pool, PoolStats, size_class};
-use super::cost::{Cost, CostLog, H200, Machine};
+use super::cost::{Cost, CostLog, H100, Machine};
 use super::registry::K;
 
 /// A CUfunction handle. Plain data owned by the module, which lives as long as the device.
@@ -91,10 +91,19 @@ static PLAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(
 /// bookkeeping, every launch recorded with its declared cost — without executing anything.
 /// Must be called before any device is opened (`vox2vec-train --bench-plan`).
 pub fn enable_plan_mode() -> Result<()> {
+    enable_plan_mode_for(H100)
+}
+
+/// `enable_plan_mode`, pricing the plan on `card` (`cost::H100`, `cost::H200`).
+pub fn enable_plan_mode_for(card: Machine) -> Result<()> {
     ensure!(DEVICES.lock().unwrap().is_empty(), "plan mode must be chosen before a CUDA device is opened");
+    *PLAN_CARD.lock().unwrap() = card;
     PLAN.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
+
+/// The card the plan device prices its launches on.
+static PLAN_CARD: Mutex<Machine> = Mutex::new(H100);
 
 /// Whether the plan device stands in for a GPU in this process.
 pub fn planned() -> bool {
@@ -249,6 +258,7 @@ impl CudaDevice {
     }
 
     fn assemble(ordinal: usize, name: String, driver: Option<Driver>, plan: bool, functions: Vec<RawFn>) -> CudaDevice {
+        let machine = if plan { *PLAN_CARD.lock().unwrap() } else { super::cost::card_of_gpu(&name) };
         CudaDevice {
             ordinal,
             name,
@@ -261,13 +271,13 @@ impl CudaDevice {
             memory_limit: None,
             timer: Mutex::new(None),
             costs: Mutex::new(None),
-            machine: H200,
+            machine,
         }
     }
 
     fn open_plan(ordinal: usize) -> Result<CudaDevice> {
         ensure!(ordinal == 0, "the plan device is cuda:0, cuda:{ordinal} requested");
-        let name = format!("plan mode: nothing executes; costs priced on {}", H200.name);
+        let name = format!("plan mode: nothing executes; costs priced on {}", PLAN_CARD.lock().unwrap().name);
         // No function handles: a plan launch is only recorded.
         Ok(CudaDevice::assemble(ordinal, name, None, true, Vec::new()))
     }
@@ -319,13 +329,20 @@ impl CudaDevice {
     }
 
     fn note_cost(&self, kernel: &str, cost: Cost) {
+        self.note_launch(kernel, cost, None);
+    }
+
+    /// Record a launch in the cost log; `warps` (the grid's) lets the estimate price the
+    /// kernel's issue time from its SASS.
+    fn note_launch(&self, kernel: &str, cost: Cost, warps: Option<u64>) {
         static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if *TRACE.get_or_init(|| std::env::var_os("VOX2VEC_TRACE_LAUNCHES").is_some_and(|v| v != "0" && !v.is_empty())) {
             // One line per launch (kernel, declared bytes and FLOPs): where a family's bytes go.
             eprintln!("launch {kernel} bytes {} flops {}", cost.bytes, cost.flops);
         }
         if let Some(log) = self.costs.lock().unwrap().as_mut() {
-            log.record(kernel, cost, &self.machine);
+            let code = warps.and_then(|_| crate::kernels::sass_of(kernel));
+            log.record_launch(kernel, cost, &self.machine, warps, code);
         }
     }
 
@@ -527,7 +544,8 @@ impl CudaDevice {
     /// FLOPs and compulsory bytes, from the shapes): recorded in the cost log, the only thing
     /// a launch does on the plan device.
     pub fn launch(&self, k: K, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, args: &[Arg], cost: Cost) -> Result<()> {
-        self.note_cost(k.name(), cost);
+        let warps = (grid.0 as u64 * grid.1 as u64 * grid.2 as u64) * (block.0 as u64 * block.1 as u64 * block.2 as u64).div_ceil(32);
+        self.note_launch(k.name(), cost, Some(warps));
         if self.plan {
             ensure!(grid.0 * grid.1 * grid.2 > 0 && block.0 * block.1 * block.2 > 0, "{}: empty launch grid {grid:?} block {block:?}", k.name());
             return Ok(());

@@ -16,13 +16,14 @@ pub mod lab;
 pub mod ops;
 pub mod optim;
 pub mod registry;
+pub mod sass;
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 
 pub use cost::{Cost, Unit};
-pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, emulated, enable_plan_mode, nvtx_range, planned, unavailable_reason};
+pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, emulated, enable_plan_mode, enable_plan_mode_for, nvtx_range, planned, unavailable_reason};
 pub use registry::K;
 
 use crate::tensor::{DType, Tensor, numel};
