@@ -23,7 +23,9 @@ Measures, on the CPU with torch.set_num_threads(2), the median wall time
      --size small (d's batch) or --size reference (10 pairs of 128x128x32,
      1024 voxels per pair: the batch of `vox2vec-train --bench`), timed with
      torch.cuda.synchronize() around each step; also prints the peak memory
-     (torch.cuda.max_memory_allocated).
+     (torch.cuda.max_memory_allocated). --precision bf16 runs it as PyTorch runs
+     fastest: bf16 autocast, channels_last_3d inputs and weights, cudnn.benchmark
+     (the comparison for `vox2vec-train --bench --precision bf16`).
 
   f. --only infer: the eval-mode pyramid of [B, 1, 128, 128, 32] windows (what `vox2vec
      embed` runs per window, `vox2vec bench-infer` times), patches/s per batch (--batches);
@@ -35,6 +37,7 @@ Run (needs torch; a CPU-only machine is fine):
     python3 benches/pytorch_reference.py --quick    # 1 warm-up, 2 timed runs (smoke test)
     python3 benches/pytorch_reference.py --only step   # one group (conv3d or step)
     python3 benches/pytorch_reference.py --device cuda --only step --size reference
+    python3 benches/pytorch_reference.py --device cuda --only step --size reference --precision bf16
     python3 benches/pytorch_reference.py --only infer --batches 1,2
 
 Output: the torch version, the thread count, then one line per measurement,
@@ -168,13 +171,16 @@ def info_nce(e1, e2, t=0.1):
 # ---------------------------------------------------------------------------
 
 
-def reference_step(backbone, head, opt, params, x1, x2, b, v1, v2):
+def reference_step(backbone, head, opt, params, x1, x2, b, v1, v2, bf16=False):
     """One reference pretraining step (REFERENCE.md §4): both views' embeddings, InfoNCE at
-    0.1, backward, global-norm clip at 1.0, Adam. Returns the loss."""
+    0.1, backward, global-norm clip at 1.0, Adam. Returns the loss. bf16: the whole forward,
+    loss included, under CUDA bf16 autocast, as a PyTorch user writes it (autocast itself
+    keeps normalisation and logsumexp in fp32)."""
     opt.zero_grad(set_to_none=True)
-    e1 = F.normalize(head(gather_embeddings(backbone(x1), b, v1)), dim=1)
-    e2 = F.normalize(head(gather_embeddings(backbone(x2), b, v2)), dim=1)
-    loss = info_nce(e1, e2, 0.1)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        e1 = F.normalize(head(gather_embeddings(backbone(x1), b, v1)), dim=1)
+        e2 = F.normalize(head(gather_embeddings(backbone(x2), b, v2)), dim=1)
+        loss = info_nce(e1, e2, 0.1)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -228,7 +234,7 @@ def bench_conv3d(warmup, runs):
     report("conv3d fwd+bwd(weights+input)", median_ms(fwd_bwd_full, warmup, runs))
 
 
-def bench_pretrain_step(warmup, runs, device="cpu", size="small"):
+def bench_pretrain_step(warmup, runs, device="cpu", size="small", precision="fp32"):
     if size == "reference":
         pairs, patch, voxels_per_pair = 10, (128, 128, 32), 1024
     else:
@@ -237,6 +243,12 @@ def bench_pretrain_step(warmup, runs, device="cpu", size="small"):
     backbone = FPN3d(1, base, scales).to(device)
     emb_dim = base * (2**scales - 1)  # 1008
     head = projection_head(emb_dim, emb_dim, 128).to(device)
+    bf16 = precision == "bf16"
+    if bf16:
+        if device != "cuda":
+            raise SystemExit("--precision bf16 needs --device cuda")
+        torch.backends.cudnn.benchmark = True
+        backbone = backbone.to(memory_format=torch.channels_last_3d)
     backbone.train()
     head.train()
     params = list(backbone.parameters()) + list(head.parameters())
@@ -249,6 +261,9 @@ def bench_pretrain_step(warmup, runs, device="cpu", size="small"):
     hi = torch.tensor(patch, device=device)
     v1 = (torch.rand(n, 3, device=device) * hi).long()
     v2 = (torch.rand(n, 3, device=device) * hi).long()
+    if bf16:
+        x1 = x1.contiguous(memory_format=torch.channels_last_3d)
+        x2 = x2.contiguous(memory_format=torch.channels_last_3d)
 
     n_backbone = sum(p.numel() for p in backbone.parameters())
     n_head = sum(p.numel() for p in head.parameters())
@@ -256,13 +271,14 @@ def bench_pretrain_step(warmup, runs, device="cpu", size="small"):
           f"{pairs} pairs of {patch}, {n} positive voxel pairs", flush=True)
 
     def step():
-        return reference_step(backbone, head, opt, params, x1, x2, b, v1, v2)
+        return reference_step(backbone, head, opt, params, x1, x2, b, v1, v2, bf16)
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ms = median_ms(step, warmup, runs)
     where = f" on {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    report(f"pretrain step ({pairs}x{patch[0]}x{patch[1]}x{patch[2]}, {voxels_per_pair} voxels/pair, base 16, 6 scales){where}", ms)
+    mode = ", bf16 autocast + channels_last_3d + cudnn.benchmark" if bf16 else ", fp32"
+    report(f"pretrain step ({pairs}x{patch[0]}x{patch[1]}x{patch[2]}, {voxels_per_pair} voxels/pair, base 16, 6 scales{mode}){where}", ms)
     if device == "cuda":
         print(f"pytorch peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
 
@@ -312,6 +328,8 @@ def main():
     ap.add_argument("--runs", type=int, help="timed runs per measurement (default: 20 conv3d, 10 step, 5 infer)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the step runs (conv3d is CPU only)")
     ap.add_argument("--size", choices=["small", "reference"], default="small", help="the step's batch")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="the step's arithmetic: fp32, or bf16 autocast with channels_last_3d (CUDA only)")
     args = ap.parse_args()
 
     if args.device == "cpu":
@@ -327,7 +345,7 @@ def main():
     if args.only in (None, "conv3d") and args.device == "cpu":
         bench_conv3d(conv_warmup, conv_runs)
     if args.only in (None, "step"):
-        bench_pretrain_step(step_warmup, args.runs or step_runs, args.device, args.size)
+        bench_pretrain_step(step_warmup, args.runs or step_runs, args.device, args.size, args.precision)
     if args.only in (None, "infer"):
         batches = [int(b) for b in args.batches.split(",")]
         precisions = ("fp32", "bf16") if args.device == "cuda" else ("fp32",)

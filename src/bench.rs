@@ -144,6 +144,130 @@ pub fn bench_pretraining(device: Device, activation_dtype: DType, shape: BatchSh
     Ok(BenchReport { device: name, activation_dtype: if device == Device::Cpu { DType::F32 } else { activation_dtype }, shape, step_ms, losses, peak_in_use, peak_reserved, kernels, costs, card })
 }
 
+/// `vox2vec-train --compare-precisions`: one pretraining step's loss and gradients with bf16
+/// activation storage against fp32 storage, on one device, from the same weights and batch
+/// (forward and backward only, no optimiser update): what bf16 costs in exactness at the size
+/// that is benchmarked, where the GPU tests can only afford small shapes.
+#[derive(Clone, Debug)]
+pub struct PrecisionReport {
+    pub device: String,
+    pub shape: BatchShape,
+    pub model: ModelConfig,
+    /// The loss with fp32 and with bf16 activations.
+    pub loss: [f64; 2],
+    /// The global gradient norm (every trainable parameter) with fp32 and with bf16 activations.
+    pub grad_norm: [f64; 2],
+    /// Every trainable parameter in store order: (name, ‖g_bf16 − g_fp32‖ / max(‖g_fp32‖, floor),
+    /// ‖g_fp32‖), the floor being 1e-2 of the largest parameter's gradient norm (a conv bias
+    /// that feeds a train-mode BatchNorm has an exactly zero gradient in exact arithmetic:
+    /// its error is rounding noise on both sides, compared with the gradients that matter).
+    pub grads: Vec<(String, f64, f64)>,
+}
+
+/// Run the comparison on `device` (a CUDA device: bf16 storage exists there only).
+pub fn compare_precisions(device: Device, model_config: ModelConfig, shape: BatchShape, seed: u64) -> Result<PrecisionReport> {
+    ensure!(matches!(device, Device::Cuda(_)), "--compare-precisions needs a CUDA device (bf16 activation storage exists there only)");
+    let batch = synthetic_batch(shape, seed, 0);
+    let step = |dt: DType| -> Result<(f64, Vec<(String, Vec<f32>)>)> {
+        let mut model = Vox2Vec::new(model_config, seed);
+        model.to_device(device)?;
+        model.activation_dtype = dt;
+        let g = crate::autograd::Graph::train();
+        let out = model.forward_pairs(&g, &batch, false)?;
+        let loss = out.loss.value.to_f32_vec()?[0] as f64;
+        let grads = g.backward(&out.loss)?;
+        let mut items = Vec::new();
+        for slot in model.store.trainable().collect::<Vec<_>>() {
+            let name = model.store.slots()[slot].name.clone();
+            let gr = grads.param(&model.store, slot).ok_or_else(|| anyhow::anyhow!("no gradient for {name}"))?;
+            items.push((name, gr.to_f32_vec()?));
+        }
+        Ok((loss, items))
+    };
+    let (loss_32, g32) = step(DType::F32)?;
+    let (loss_16, g16) = step(DType::BF16)?;
+    let norm = |v: &[f32]| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    let global = |gs: &[(String, Vec<f32>)]| gs.iter().map(|(_, v)| norm(v).powi(2)).sum::<f64>().sqrt();
+    let floor = 1e-2 * g32.iter().map(|(_, v)| norm(v)).fold(0.0, f64::max);
+    let grads = g32
+        .iter()
+        .zip(&g16)
+        .map(|((name, a), (_, b))| {
+            let d = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>().sqrt();
+            (name.clone(), d / norm(a).max(floor).max(1e-30), norm(a))
+        })
+        .collect();
+    let name = match device {
+        Device::Cuda(o) => {
+            let d = crate::cuda::device(o)?;
+            format!("cuda:{o} ({})", d.name())
+        }
+        Device::Cpu => unreachable!(),
+    };
+    Ok(PrecisionReport { device: name, shape, model: model_config, loss: [loss_32, loss_16], grad_norm: [global(&g32), global(&g16)], grads })
+}
+
+impl PrecisionReport {
+    fn rel(a: f64, b: f64) -> f64 {
+        (b - a).abs() / a.abs().max(1e-30)
+    }
+
+    /// The largest relative gradient error and its parameter.
+    pub fn worst(&self) -> (&str, f64) {
+        self.grads.iter().map(|(n, e, _)| (n.as_str(), *e)).fold(("", 0.0), |w, x| if x.1 > w.1 || x.1.is_nan() { x } else { w })
+    }
+
+    /// The median relative gradient error over the parameters.
+    pub fn median(&self) -> f64 {
+        let mut e: Vec<f64> = self.grads.iter().map(|g| g.1).collect();
+        e.sort_by(f64::total_cmp);
+        if e.is_empty() { f64::NAN } else { e[e.len() / 2] }
+    }
+
+    /// A few parameters worth naming: the first layer, the middle one and the last.
+    pub fn samples(&self) -> Vec<&(String, f64, f64)> {
+        let n = self.grads.len();
+        let mut idx = vec![0, n / 2, n.saturating_sub(1)];
+        idx.dedup();
+        idx.into_iter().filter_map(|i| self.grads.get(i)).collect()
+    }
+
+    /// Lines starting `precision: ` (the GPU bundle's summary collects them).
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "precision: {} | {} pairs of {:?}, {} voxels/pair | FPN3d base {} x {} scales | one step's forward and backward, same weights and batch\n",
+            self.device, self.shape.pairs, self.shape.patch, self.shape.voxels_per_pair, self.model.fpn.base_channels, self.model.fpn.num_scales
+        );
+        s += &format!("precision: loss fp32 {:.6} bf16 {:.6} (rel {:.2e})\n", self.loss[0], self.loss[1], Self::rel(self.loss[0], self.loss[1]));
+        s += &format!("precision: gradient norm fp32 {:.6e} bf16 {:.6e} (rel {:.2e})\n", self.grad_norm[0], self.grad_norm[1], Self::rel(self.grad_norm[0], self.grad_norm[1]));
+        let (wn, we) = self.worst();
+        s += &format!("precision: gradient rel err over {} parameters: median {:.2e}, largest {:.2e} ({wn})\n", self.grads.len(), self.median(), we);
+        for (name, e, n) in self.samples() {
+            s += &format!("precision: gradient of {name}: rel err {e:.2e} (norm {n:.3e})\n");
+        }
+        s
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let grads: Vec<serde_json::Value> = self.grads.iter().map(|(n, e, g)| serde_json::json!({"name": n, "rel_err": e, "fp32_norm": g})).collect();
+        serde_json::json!({
+            "device": self.device,
+            "pairs": self.shape.pairs,
+            "patch": self.shape.patch,
+            "voxels_per_pair": self.shape.voxels_per_pair,
+            "base_channels": self.model.fpn.base_channels,
+            "num_scales": self.model.fpn.num_scales,
+            "loss_fp32": self.loss[0],
+            "loss_bf16": self.loss[1],
+            "grad_norm_fp32": self.grad_norm[0],
+            "grad_norm_bf16": self.grad_norm[1],
+            "grad_rel_err_median": self.median(),
+            "grad_rel_err_max": self.worst().1,
+            "grads": grads,
+        })
+    }
+}
+
 /// `vox2vec-train --bench-plan`: one pretraining step run on the plan device (nothing
 /// executes): the peak device memory the caching allocator would see and every launch with
 /// its declared cost, priced on an H200.

@@ -165,8 +165,13 @@ struct Args {
     /// With --bench-plan: the card whose rates price the plan (h100 or h200).
     #[arg(long, default_value = "h100", value_parser = ["h100", "h200"])]
     card: String,
-    /// With --bench-plan: also write the report as JSON to this file.
-    #[arg(long, value_name = "FILE.json", requires = "bench_plan")]
+    /// Exactness of bf16 at the benchmarked size: one step's forward and backward with bf16
+    /// activations against fp32 on the same device, weights and batch (no update); prints the
+    /// loss, the gradient norm and the gradients' relative errors.
+    #[arg(long, conflicts_with_all = ["bench", "bench_plan"])]
+    compare_precisions: bool,
+    /// With --bench-plan or --compare-precisions: also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
     /// Worker threads for the CPU backend (default: all cores).
     #[arg(long)]
@@ -348,6 +353,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if args.compare_precisions {
+        let report = vox2vec::bench::compare_precisions(device, model, batch, args.seed)?;
+        print!("{}", report.render());
+        if let Some(path) = &args.report {
+            let text = serde_json::to_string_pretty(&report.to_json())?;
+            vox2vec::checkpoint::write_atomic(path, text.as_bytes())?;
+            eprintln!("compare-precisions: report written to {}", path.display());
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(args.report.is_none() || args.bench_plan, "--report goes with --bench-plan or --compare-precisions");
     let cpu_note = if device == vox2vec::tensor::Device::Cpu { check_cpu_budget(batch, model.fpn)? } else { None };
     if let Some(steps) = args.bench {
         let report = vox2vec::bench::bench_pretraining(device, precision, batch, steps, 2, 2, args.seed)?;
