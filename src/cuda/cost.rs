@@ -14,11 +14,11 @@
 //!   our tensor-core kernels (their SASS has HMMA), the wgmma rate for cuBLAS — scaled down
 //!   when the grid has fewer warps than the card has SM sub-partitions;
 //! - issue: the warp instructions the kernel's sm_90 code issues (`crate::cuda::sass`) over
-//!   the schedulers' rate (one per clock per sub-partition, at most one per warp): the
-//!   innermost loops of the kernel's arithmetic (HMMA, else FFMA) run as often as the
-//!   declared FLOPs need, other loops that move global memory as often as the declared bytes
-//!   need, the rest once per warp, straight-line code once per warp ([`issue_instructions`];
-//!   a lower bound where a loop's real trip count exceeds these);
+//!   the schedulers' rate (one per clock per sub-partition, at most one per warp): the loop
+//!   parts that issue the kernel's arithmetic (HMMA, else FFMA) run as often as the declared
+//!   FLOPs need, parts that move global memory as often as the declared bytes need, the rest
+//!   and straight-line code once per warp ([`issue_instructions`]; a lower bound where a
+//!   loop's real trip count exceeds these);
 //! - launch: a fixed cost per launch (no CUDA graph).
 //!
 //! The device keeps a [`CostLog`] of every launch when asked (`vox2vec-train --bench-plan`
@@ -92,41 +92,31 @@ pub const HMMA_FLOPS: f64 = 2.0 * 16.0 * 8.0 * 16.0;
 pub const FFMA_FLOPS: f64 = 2.0 * 32.0;
 
 /// Warp instructions a launch of `k` issues for the declared work `c` with `warps` warps in
-/// its grid (the model of the module doc). Loops are taken outermost first; each instruction
-/// is counted in one place.
+/// its grid (the model of the module doc), over the own parts of its loops (`Kernel::own_part`:
+/// each instruction counted once): the parts that issue the kernel's arithmetic (HMMA, else
+/// FFMA) pass together as often as the declared FLOPs need, the parts that move global
+/// memory together as often as the declared bytes need, every other part and the straight-line
+/// code once per warp.
 pub fn issue_instructions(k: &Kernel, c: &Cost, warps: u64) -> f64 {
     let warps = warps as f64;
-    let (hot, per_pass_ops, total_ops) = if k.hmma > 0 {
-        let hot = k.innermost_hmma_loops();
-        let ops: u32 = hot.iter().map(|l| l.hmma).sum();
-        (hot, ops, c.flops / HMMA_FLOPS)
+    let own: Vec<Loop> = (0..k.loops.len()).map(|i| k.own_part(i)).collect();
+    let (ops_of, total_ops): (fn(&Loop) -> u32, f64) = if k.hmma > 0 {
+        (|l| l.hmma, c.flops / HMMA_FLOPS)
     } else if k.ffma > 0 && c.flops > 0.0 {
-        let hot = k.innermost_ffma_loops();
-        let ops: u32 = hot.iter().map(|l| l.ffma).sum();
-        (hot, ops, c.flops / FFMA_FLOPS)
+        (|l| l.ffma, c.flops / FFMA_FLOPS)
     } else {
-        (Vec::new(), 0, 0.0)
+        (|_| 0, 0.0)
     };
+    let (hot, rest): (Vec<&Loop>, Vec<&Loop>) = own.iter().partition(|l| ops_of(l) > 0);
     let mut n = warps * k.straight as f64;
-    // The hot loops, together, pass as often as the declared FLOPs need.
+    let per_pass_ops: u32 = hot.iter().map(|l| ops_of(l)).sum();
     if per_pass_ops > 0 {
         let per_pass: u32 = hot.iter().map(|l| l.instructions).sum();
         n += (total_ops / per_pass_ops as f64).max(warps) * per_pass as f64;
     }
-    let in_hot = |l: &Loop| hot.iter().any(|h| *h == l || h.contains(l));
-    let holds_hot = |l: &Loop| hot.iter().any(|h| l.contains(h));
-    // Loops around hot ones: their own instructions (not the hot loops') once per warp.
-    for l in k.loops.iter().filter(|l| holds_hot(l)) {
-        let inner: u32 = k.loops.iter().filter(|m| l.contains(m) && !k.loops.iter().any(|o| l.contains(o) && o.contains(m))).map(|m| m.instructions).sum();
-        n += warps * l.instructions.saturating_sub(inner) as f64;
-    }
-    // The other loops, outermost only: as often as the declared bytes need when they move
-    // global memory (together), else once per warp.
-    let others: Vec<&Loop> = k.loops.iter().filter(|l| !in_hot(l) && !holds_hot(l)).collect();
-    let outermost: Vec<&&Loop> = others.iter().filter(|l| !others.iter().any(|o| o.contains(l))).collect();
-    let bytes_per_pass: u32 = outermost.iter().map(|l| l.global_bytes).sum();
-    for l in &outermost {
-        let passes = if bytes_per_pass > 0 && l.global_bytes > 0 { (c.bytes / bytes_per_pass as f64).max(warps) } else { warps };
+    let bytes_per_pass: u32 = rest.iter().map(|l| l.global_bytes).sum();
+    for l in rest {
+        let passes = if l.global_bytes > 0 { (c.bytes / bytes_per_pass as f64).max(warps) } else { warps };
         n += passes * l.instructions as f64;
     }
     n

@@ -158,6 +158,34 @@ impl Kernel {
         self.loops.iter().filter(|l| count(l) > 0 && !self.loops.iter().any(|m| l.contains(m) && count(m) > 0)).collect()
     }
 
+    /// The loops directly inside loop `i` (no loop between).
+    pub fn children(&self, i: usize) -> Vec<&Loop> {
+        let l = &self.loops[i];
+        self.loops.iter().filter(|m| l.contains(m) && !self.loops.iter().any(|o| l.contains(o) && o.contains(m))).collect()
+    }
+
+    /// Loop `i`'s own part: its counts less those of the loops directly inside it (each
+    /// instruction of the kernel belongs to the own part of exactly one loop, or to none).
+    pub fn own_part(&self, i: usize) -> Loop {
+        let mut l = self.loops[i].clone();
+        for c in self.children(i) {
+            l.instructions -= c.instructions;
+            l.hmma -= c.hmma;
+            l.ffma -= c.ffma;
+            l.global_bytes -= c.global_bytes;
+        }
+        l
+    }
+
+    /// Instructions per HMMA over every loop whose own part issues HMMAs, each passing once:
+    /// what the issue model charges per HMMA (None without HMMA in a loop). Unlike
+    /// `instructions_per_hmma` it sees HMMAs peeled or unrolled into an outer loop.
+    pub fn nest_instructions_per_hmma(&self) -> Option<f64> {
+        let own: Vec<Loop> = (0..self.loops.len()).map(|i| self.own_part(i)).filter(|l| l.hmma > 0).collect();
+        let h: u32 = own.iter().map(|l| l.hmma).sum();
+        (h > 0).then(|| own.iter().map(|l| l.instructions).sum::<u32>() as f64 / h as f64)
+    }
+
     /// The largest instructions-per-HMMA ratio among the innermost HMMA loops (None without
     /// one): at about 6 or more, mma.sync cannot keep the tensor cores busy.
     pub fn instructions_per_hmma(&self) -> Option<f64> {
@@ -245,6 +273,11 @@ mod tests {
         assert_eq!(k.innermost_hmma_loops(), vec![inner]);
         assert_eq!(k.innermost_ffma_loops(), vec![outer]);
         assert_eq!(k.instructions_per_hmma(), Some(3.0));
+        // The outer loop's own part: 0x40 and 0x80-0x90 (3 instructions, the FFMA, 512 bytes).
+        let own = k.own_part(0);
+        assert_eq!((own.instructions, own.hmma, own.ffma, own.global_bytes), (3, 0, 1, 512));
+        assert_eq!(k.own_part(1), *inner);
+        assert_eq!(k.nest_instructions_per_hmma(), Some(3.0));
         assert_eq!(ks[1].instructions_per_hmma(), None);
         assert_eq!((ks[1].instructions, ks[1].straight), (1, 1));
     }
