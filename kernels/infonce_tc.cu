@@ -177,7 +177,9 @@ extern "C" __global__ void __launch_bounds__(NTC_THREADS) infonce_tc_backward(co
                     }
                     acc[nt][e] = w;
                 }
-            // out += W (16 x 64) . P_tile (64 x d), k-steps of 16 tile columns.
+            // out += W (16 x 64) . P_tile (64 x d), k-steps of 16 tile columns. Unrolled: acc
+            // is indexed by q, and a run-time index would put acc on the stack.
+#pragma unroll
             for (int q = 0; q < 4; ++q) {
                 uint32_t wh[4], wl[4];
                 ntc_split_pair(acc[2 * q][0], acc[2 * q][1], &wh[0], &wl[0]);
