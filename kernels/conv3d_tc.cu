@@ -15,9 +15,13 @@
 //     once per chunk of 16 or 32 input channels with cp.async (zero-filled outside the
 //     volume: that is the padding); the 27 taps are then shifted views of it: for tap
 //     (a, b, c) a lane's ldmatrix row address is its row's halo voxel plus a constant offset.
-//     No integer division after the block's setup.
+//   - The kernel size k (1 or 3) and the chunk width (16 or 32 channels) are template
+//     parameters, so the 27 taps unroll with compile-time shared-memory offsets: a tap is one
+//     ldmatrix and, per n-tile, one address and two loads per k-step around its HMMAs. No
+//     integer division after the block's setup.
 //   - B fragments (weights) are read from global memory (L1/L2-resident: the whole weight is
-//     at most a few MiB and every block reads the same) as 32-bit pairs of channels.
+//     at most a few MiB and every block reads the same) as 32-bit pairs of channels, from
+//     per-lane row pointers set up once and a 32-bit tap offset.
 //   - Epilogue: + bias, round to bf16 once, store the voxels and channels inside the volume.
 //
 // Fusions of the ResBlock (REFERENCE.md §3; each off when its pointer is null). `bn` tables are
@@ -53,7 +57,10 @@
 //     channels, two n-tiles). Warp w owns taps w, w + 4, ... (at most 7 of 27, 56 f32
 //     accumulators per lane). For k = 1 (one tap) warp w owns k-step w instead, and the four
 //     warps' sums are added in warp order through shared memory.
-//   - Every lane's fragment offsets into the brick are fixed: computed once, before the loop.
+//   - Both operands are stored with the GEMM's k (voxels) along their rows, so each fragment
+//     is one ldmatrix .trans: A once per k-step and brick, B (both n-tiles) once per tap and
+//     k-step, from row addresses fixed per lane; k is a template parameter (one entry per
+//     kernel size), the warp's tap offsets are computed once, before the loop.
 #include "mma.cuh"
 
 #define TC_BX 2
@@ -109,13 +116,22 @@ __device__ __forceinline__ void bn_table_load(float* tab, const float* src, int 
 }
 
 
+// The block's shared memory, declared once in the kernel entry (each template instantiation
+// of a __shared__ variable would be an array of its own).
 template <int CO_TILE>
-__device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn,
-                                  const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) bf16 halo[TC_HALO * TC_STRIDE];
-    __shared__ float bn_tab[3 * TC_CK];
-    const int r = (k - 1) / 2, T = k * k * k;
-    const int HY = TC_BY + 2 * r, HZ = TC_BZ + 2 * r, HV = (TC_BX + 2 * r) * HY * HZ;
+struct TcForwardShared {
+    bf16 halo[TC_HALO * TC_STRIDE];
+    float bn_tab[3 * TC_CK];
+    float red[4][CO_TILE][2];
+};
+
+template <int CO_TILE, int K, int CK>
+__device__ void conv3d_tc_forward_kc(TcForwardShared<CO_TILE>& sh, const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co,
+                                     const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    bf16* halo = sh.halo;
+    float* bn_tab = sh.bn_tab;
+    constexpr int r = (K - 1) / 2, T = K * K * K;
+    constexpr int HY = TC_BY + 2 * r, HZ = TC_BZ + 2 * r, HV = (TC_BX + 2 * r) * HY * HZ;
     // The block's brick: patch n, corner (x0, y0, z0); channels co0 ...
     const int bxn = (X + TC_BX - 1) / TC_BX, byn = (Y + TC_BY - 1) / TC_BY, bzn = (Z + TC_BZ - 1) / TC_BZ;
     i64 b = blockIdx.x;
@@ -131,8 +147,17 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
     const int row = lane % 16;
     const int lane_voxel = ((row / 8) * HY + warp) * HZ + (row % 8);
     const int lane_half = (lane / 16) * 8;
-    const int CK = (Ci % TC_CK == 0) ? TC_CK : 16;
     const int g = lane >> 2, tg = lane & 3;
+    // This lane's weight rows (column co0 + 8 j + g of B, channel pair 2 tg); a column past Co
+    // reads row 0 and is zeroed.
+    const bf16* wrow[CO_TILE / 8];
+    bool wok[CO_TILE / 8];
+#pragma unroll
+    for (int j = 0; j < CO_TILE / 8; ++j) {
+        const int co = co0 + 8 * j + g;
+        wok[j] = co < Co;
+        wrow[j] = w + (i64)(wok[j] ? co : 0) * T * Ci + 2 * tg;
+    }
     float acc[CO_TILE / 8][4];
 #pragma unroll
     for (int j = 0; j < CO_TILE / 8; ++j)
@@ -144,23 +169,28 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
-        for (int t = 0; t < T; ++t) {
-            const int ta = t / (k * k), tb = (t / k) % k, tc = t % k;
-            const int tap_voxel = lane_voxel + (ta * HY + tb) * HZ + tc;
-            const bf16* wt = w + (i64)t * Ci + ci0 + 2 * tg;
-            for (int kk = 0; kk < CK; kk += 16) {
-                uint32_t a[4];
-                ldmatrix_x4(a, &halo[tap_voxel * TC_STRIDE + kk + lane_half]);
+        const bf16* hrow = &halo[lane_voxel * TC_STRIDE + lane_half];
+        // Rows (a, b) of taps, each row's K taps unrolled; the 16-channel tile unrolls all
+        // rows too (wider tiles would run out of registers holding the loads in flight).
+        constexpr int ROWS_UNROLLED = CO_TILE == 16 ? K * K : 1;
+#pragma unroll ROWS_UNROLLED
+        for (int ab = 0; ab < K * K; ++ab) {
+            const int row_tap = ((ab / K) * HY + ab % K) * HZ;
 #pragma unroll
-                for (int j = 0; j < CO_TILE / 8; ++j) {
-                    const int co = co0 + 8 * j + g;
-                    uint32_t bb[2] = {0u, 0u};
-                    if (co < Co) {
-                        const bf16* p = wt + (i64)co * T * Ci + kk;
-                        bb[0] = *(const uint32_t*)p;
-                        bb[1] = *(const uint32_t*)(p + 8);
+            for (int c = 0; c < K; ++c) {
+                const int wo = (ab * K + c) * Ci + ci0;
+#pragma unroll
+                for (int kk = 0; kk < CK; kk += 16) {
+                    uint32_t a[4];
+                    ldmatrix_x4(a, hrow + (row_tap + c) * TC_STRIDE + kk);
+#pragma unroll
+                    for (int j = 0; j < CO_TILE / 8; ++j) {
+                        const bf16* p = wrow[j] + wo + kk;
+                        uint32_t bb[2];
+                        bb[0] = wok[j] ? *(const uint32_t*)p : 0u;
+                        bb[1] = wok[j] ? *(const uint32_t*)(p + 8) : 0u;
+                        mma_bf16_16816(acc[j], a, bb, acc[j]);
                     }
-                    mma_bf16_16816(acc[j], a, bb, acc[j]);
                 }
             }
         }
@@ -170,7 +200,9 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
     float s1[CO_TILE / 8][2], s2[CO_TILE / 8][2];
 #pragma unroll
     for (int j = 0; j < CO_TILE / 8; ++j) {
+#pragma unroll
         for (int h = 0; h < 2; ++h) s1[j][h] = s2[j][h] = 0.f;
+#pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int m = mma_c_row(lane, e), co = co0 + 8 * j + mma_c_col(lane, e);
             const int vx = x0 + m / 8, vy = y0 + warp, vz = z0 + m % 8;
@@ -196,9 +228,10 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
     }
     if (!part) return;
     // Columns 8 j + 2 tg + h are shared by the lanes with the same tg: sum over g (lane bits 2-4).
-    __shared__ float red[4][CO_TILE][2];
+    auto& red = sh.red;
 #pragma unroll
     for (int j = 0; j < CO_TILE / 8; ++j)
+#pragma unroll
         for (int h = 0; h < 2; ++h) {
             for (int off = 4; off < 32; off <<= 1) {
                 s1[j][h] += __shfl_xor_sync(0xffffffffu, s1[j][h], off);
@@ -218,59 +251,112 @@ __device__ void conv3d_tc_forward(const bf16* x, const bf16* w, const float* bia
     }
 }
 
-// grid (N * ceil(X / 2) * ceil(Y / 4) * ceil(Z / 8), ceil(Co / CO_TILE)), block 128.
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k,
-                                                                               const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    conv3d_tc_forward<16>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+// Entry points, one per (output tile, k, chunk width), so that each launch's machine code is
+// its own (the plan reads it per kernel): conv3d_tc_forward_co{16,32,64}_k{1,3}_c{16,32}.
+// grid (N * ceil(X / 2) * ceil(Y / 4) * ceil(Z / 8), ceil(Co / CO_TILE)), block 128; k is
+// the entry's (the argument is kept for one launch signature); c32 needs Ci % 32 == 0.
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<16> sh;
+    conv3d_tc_forward_kc<16, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k,
-                                                                               const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    conv3d_tc_forward<32>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<16> sh;
+    conv3d_tc_forward_kc<16, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k,
-                                                                               const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    conv3d_tc_forward<64>(x, w, bias, y, nb, X, Y, Z, Ci, Co, k, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<16> sh;
+    conv3d_tc_forward_kc<16, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<16> sh;
+    conv3d_tc_forward_kc<16, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<32> sh;
+    conv3d_tc_forward_kc<32, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<32> sh;
+    conv3d_tc_forward_kc<32, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<32> sh;
+    conv3d_tc_forward_kc<32, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<32> sh;
+    conv3d_tc_forward_kc<32, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<64> sh;
+    conv3d_tc_forward_kc<64, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<64> sh;
+    conv3d_tc_forward_kc<64, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<64> sh;
+    conv3d_tc_forward_kc<64, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<64> sh;
+    conv3d_tc_forward_kc<64, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
 
 #define TCW_STRIDE 24  // a halo voxel's 16 channels, padded to 48 bytes (16-byte aligned)
 #define TCW_TAPS 7      // taps per warp: ceil(27 / 4)
 
-// grid (splits, ceil(Co / 16), Ci / 16), block 128; `per_split` consecutive bricks per split.
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, int k, i64 per_split,
-                                                                                  const float* in_bn, double* db_part) {
+// VEC: dy is loaded as 16-byte pieces (Co a multiple of 8), else value by value.
+template <int K, bool VEC>
+__device__ void conv3d_tc_backward_weight_k(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, i64 per_split, const float* in_bn,
+                                            double* db_part) {
     __shared__ __align__(16) bf16 halo[TC_HALO * TCW_STRIDE];
     __shared__ float bn_tab[3 * 16];
-    __shared__ bf16 dys[64][16];
+    __shared__ __align__(16) bf16 dys[64][16];
     __shared__ float red[4][16][16];
-    const int r = (k - 1) / 2, T = k * k * k;
-    const int HY = TC_BY + 2 * r, HZ = TC_BZ + 2 * r, HV = (TC_BX + 2 * r) * HY * HZ;
+    constexpr int r = (K - 1) / 2, T = K * K * K;
+    constexpr int HY = TC_BY + 2 * r, HZ = TC_BZ + 2 * r, HV = (TC_BX + 2 * r) * HY * HZ;
+    constexpr bool one_tap = T == 1;
     const int bxn = (X + TC_BX - 1) / TC_BX, byn = (Y + TC_BY - 1) / TC_BY, bzn = (Z + TC_BZ - 1) / TC_BZ;
     const i64 bricks = (i64)nb * bxn * byn * bzn;
     const i64 b_begin = (i64)blockIdx.x * per_split, b_end = min(bricks, b_begin + per_split);
     const int co0 = blockIdx.y * 16, ci0 = blockIdx.z * 16;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const bool one_tap = T == 1;
     if (in_bn) bn_table_load(bn_tab, in_bn, Ci, ci0, 16);
     // The bias gradient rides along: blocks of the first input-channel tile sum their dy tiles
     // (thread c < 16: channel co0 + c; f32 per brick, f64 across bricks).
     const bool bias_sums = db_part && blockIdx.z == 0;
     double db_acc = 0.0;
-    // Brick voxel p = (vx * 4 + vy) * 8 + vz, k-step s = voxels [16 s, 16 s + 16). This lane's
-    // B elements: halo voxel (unshifted) and channel; A elements: brick voxel and channel.
-    int b_voxel[4][4], b_chan[4], a_voxel[4][8], a_chan[8];
-    for (int e = 0; e < 4; ++e) b_chan[e] = mma_b_n(lane, e);
-    for (int e = 0; e < 8; ++e) a_chan[e] = mma_a_row(lane, e);
+    // Fragments by ldmatrix .trans, row addresses fixed per lane (brick voxel p = (vx * 4 + vy)
+    // * 8 + vz, k-step s = voxels [16 s, 16 s + 16)). Matrix m = lane / 8, row lane % 8:
+    //   A (dy^T, 16 channels x 16 voxels): matrix m holds voxels 16 s + 8 (m >> 1) + row,
+    //     channels 8 (m & 1) ...: dys[voxel][channel] has the voxels (A's k) along its rows;
+    //   B (the halo at a tap's shift, 16 voxels x 2 n-tiles of 8 channels): matrix m holds
+    //     voxels 16 s + 8 (m & 1) + row, channels 8 (m >> 1) ...; registers (0, 1) are n-tile
+    //     0's B fragment, (2, 3) n-tile 1's.
+    const int m = lane >> 3, mrow = lane & 7;
+    int a_row[4], b_row[4];
+#pragma unroll
     for (int s = 0; s < 4; ++s) {
-        for (int e = 0; e < 4; ++e) {
-            const int p = 16 * s + mma_b_k(lane, e);
-            b_voxel[s][e] = ((p / 32) * HY + (p / 8) % 4) * HZ + p % 8;
-        }
-        for (int e = 0; e < 8; ++e) a_voxel[s][e] = 16 * s + mma_a_col(lane, e);
+        a_row[s] = (16 * s + 8 * (m >> 1) + mrow) * 16 + 8 * (m & 1);
+        const int p = 16 * s + 8 * (m & 1) + mrow;
+        b_row[s] = (((p / 32) * HY + (p / 8) % 4) * HZ + p % 8) * TCW_STRIDE + 8 * (m >> 1);
+    }
+    // This warp's taps w, w + 4, ... as halo offsets (k = 1: the one tap, and k-step w).
+    int tap_off[TCW_TAPS];
+#pragma unroll
+    for (int i = 0; i < TCW_TAPS; ++i) {
+        const int t = one_tap ? 0 : warp + 4 * i;
+        tap_off[i] = t < T ? ((t / (K * K)) * HY + (t / K) % K) * HZ + t % K : 0;
+        tap_off[i] *= TCW_STRIDE;
     }
     float acc[TCW_TAPS][2][4];
 #pragma unroll
     for (int i = 0; i < TCW_TAPS; ++i)
+#pragma unroll
         for (int j = 0; j < 2; ++j)
+#pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
     for (i64 b = b_begin; b < b_end; ++b) {
         i64 q = b;
@@ -283,11 +369,21 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
         const int x0 = bx * TC_BX, y0 = by * TC_BY, z0 = bz * TC_BZ;
         halo_load(halo, TCW_STRIDE, 2, x, n, x0, y0, z0, r, HY, HZ, HV, X, Y, Z, Ci, ci0, in_bn ? bn_tab : nullptr, 16);
         cp_async_commit();
-        for (int e = tid; e < 64 * 16; e += TC_THREADS) {
-            const int p = e / 16, m = e % 16;
-            const int vx = x0 + p / 32, vy = y0 + (p / 8) % 4, vz = z0 + p % 8, co = co0 + m;
+        if (VEC) {
+            // dy's 64 voxels x 16 channels as 128 16-byte pieces, one per thread (zero outside
+            // the volume and past Co).
+            const int p = tid / 2, piece = tid % 2;
+            const int vx = x0 + p / 32, vy = y0 + (p / 8) % 4, vz = z0 + p % 8, co = co0 + 8 * piece;
             const bool inside = vx < X && vy < Y && vz < Z && co < Co;
-            dys[p][m] = inside ? dy[voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co)] : __float2bfloat16_rn(0.f);
+            cp_async_16(&dys[p][8 * piece], inside ? dy + voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co) : dy, inside ? 16 : 0);
+            cp_async_commit();
+        } else {
+            for (int e = tid; e < 64 * 16; e += TC_THREADS) {
+                const int p = e / 16, mm = e % 16;
+                const int vx = x0 + p / 32, vy = y0 + (p / 8) % 4, vz = z0 + p % 8, co = co0 + mm;
+                const bool inside = vx < X && vy < Y && vz < Z && co < Co;
+                dys[p][mm] = inside ? dy[voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co)] : __float2bfloat16_rn(0.f);
+            }
         }
         cp_async_wait_all();
         __syncthreads();
@@ -297,26 +393,18 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
             db_acc += (double)sb;
         }
         uint32_t a[4][4];
-        for (int s = 0; s < 4; ++s)
-            for (int h = 0; h < 4; ++h) a[s][h] = pack_bf16x2(dys[a_voxel[s][2 * h]][a_chan[2 * h]], dys[a_voxel[s][2 * h + 1]][a_chan[2 * h + 1]]);
+#pragma unroll
+        for (int s = 0; s < 4; ++s) ldmatrix_x4_trans(a[s], &dys[0][0] + a_row[s]);
 #pragma unroll
         for (int i = 0; i < TCW_TAPS; ++i) {
-            const int t = one_tap ? 0 : warp + 4 * i;
-            if (one_tap ? i > 0 : t >= T) break;
-            const int ta = t / (k * k), tb = (t / k) % k, tc = t % k;
-            const int shift = (ta * HY + tb) * HZ + tc;
+            if (one_tap ? i > 0 : warp + 4 * i >= T) break;
+#pragma unroll
             for (int s = 0; s < 4; ++s) {
                 if (one_tap && s != warp) continue;
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    uint32_t bb[2];
-                    for (int h = 0; h < 2; ++h) {
-                        const bf16 lo = halo[(b_voxel[s][2 * h] + shift) * TCW_STRIDE + 8 * j + b_chan[2 * h]];
-                        const bf16 hi = halo[(b_voxel[s][2 * h + 1] + shift) * TCW_STRIDE + 8 * j + b_chan[2 * h + 1]];
-                        bb[h] = pack_bf16x2(lo, hi);
-                    }
-                    mma_bf16_16816(acc[i][j], a[s], bb, acc[i][j]);
-                }
+                uint32_t bb[4];
+                ldmatrix_x4_trans(bb, halo + b_row[s] + tap_off[i]);
+                mma_bf16_16816(acc[i][0], a[s], &bb[0], acc[i][0]);
+                mma_bf16_16816(acc[i][1], a[s], &bb[2], acc[i][1]);
             }
         }
         __syncthreads();  // the halo and dy tiles are overwritten by the next brick
@@ -328,22 +416,46 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
         for (int i = 0; i < TCW_TAPS; ++i) {
             const int t = warp + 4 * i;
             if (t >= T) break;
+#pragma unroll
             for (int j = 0; j < 2; ++j)
+#pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int co = co0 + mma_c_row(lane, e), ci = ci0 + 8 * j + mma_c_col(lane, e);
                     if (co < Co) out[((i64)co * T + t) * Ci + ci] = acc[i][j][e];
                 }
         }
     } else {
+#pragma unroll
         for (int j = 0; j < 2; ++j)
+#pragma unroll
             for (int e = 0; e < 4; ++e) red[warp][mma_c_row(lane, e)][8 * j + mma_c_col(lane, e)] = acc[0][j][e];
         __syncthreads();
         for (int e = tid; e < 256; e += TC_THREADS) {
-            const int m = e / 16, c = e % 16;
-            const float v = ((red[0][m][c] + red[1][m][c]) + red[2][m][c]) + red[3][m][c];
-            if (co0 + m < Co) out[(i64)(co0 + m) * Ci + ci0 + c] = v;
+            const int mm = e / 16, c = e % 16;
+            const float v = ((red[0][mm][c] + red[1][mm][c]) + red[2][mm][c]) + red[3][mm][c];
+            if (co0 + mm < Co) out[(i64)(co0 + mm) * Ci + ci0 + c] = v;
         }
     }
+}
+
+// grid (splits, ceil(Co / 16), Ci / 16), block 128; `per_split` consecutive bricks per split.
+// One entry per kernel size (k is the entry's; the argument keeps one launch signature) and
+// dy load: _k1, _k3 need Co % 8 == 0 (16-byte pieces), _k1_any, _k3_any take any Co.
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k1(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
+                                                                                     int k, i64 per_split, const float* in_bn, double* db_part) {
+    conv3d_tc_backward_weight_k<1, true>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k1_any(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
+                                                                                     int k, i64 per_split, const float* in_bn, double* db_part) {
+    conv3d_tc_backward_weight_k<1, false>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k3(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
+                                                                                     int k, i64 per_split, const float* in_bn, double* db_part) {
+    conv3d_tc_backward_weight_k<3, true>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
+}
+extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k3_any(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
+                                                                                     int k, i64 per_split, const float* in_bn, double* db_part) {
+    conv3d_tc_backward_weight_k<3, false>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
 }
 
 // The f32 weight [Co, T, Ci] as bf16, in the forward layout (flip = 0: out[co, t, ci]) or

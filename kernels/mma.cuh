@@ -16,6 +16,10 @@
 //   ldmatrix .x4 (non-transposed): lane 8 j + r gives the address of row r of 8 x 8 matrix j
 //     (16 contiguous bytes); register j of lane l receives matrix j's row l >> 2, columns
 //     2 (l & 3) and 2 (l & 3) + 1 (low half first).
+//   ldmatrix .x4 .trans: the same row addresses; register j of lane l receives the transpose's
+//     row l >> 2: matrix j's rows 2 (l & 3) and 2 (l & 3) + 1 at column l >> 2 (low half first).
+//     So a matrix stored with k along its rows (x[k][m], m contiguous) loads as an A or B
+//     fragment in k: A's (row l >> 2, cols 2 t, 2 t + 1) and B's (k = 2 t, 2 t + 1, n = g).
 #pragma once
 #include "common.cuh"
 
@@ -51,6 +55,12 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const uint32_t a[4], 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
     unsigned addr = (unsigned)__cvta_generic_to_shared(row);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// ldmatrix .x4 .trans (see the header): four transposed 8 x 8 b16 matrices.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* row) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
 // 16 bytes global -> shared, asynchronously; bytes beyond src_bytes (0 or 16) are zero-filled.
@@ -111,6 +121,24 @@ inline void ldmatrix_x4(uint32_t r[4], const void* row) {
         memcpy(&src, emu_warp_slots[w][8 * j + ldsm_row(l)], sizeof(src));
         const uint16_t* m = (const uint16_t*)src;
         r[j] = (uint32_t)m[ldsm_col(l, 0)] | ((uint32_t)m[ldsm_col(l, 1)] << 16);
+    }
+    emu_syncwarp();
+}
+
+inline void ldmatrix_x4_trans(uint32_t r[4], const void* row) {
+    emu_check_align(row, 16, "ldmatrix row");
+    const unsigned t = emu_linear_tid(), w = t / 32, l = t % 32;
+    uintptr_t p = (uintptr_t)row;
+    memcpy(emu_warp_slots[w][l], &p, sizeof(p));
+    emu_syncwarp();
+    for (int j = 0; j < 4; ++j) {
+        uint16_t half[2];
+        for (int h = 0; h < 2; ++h) {
+            uintptr_t src;
+            memcpy(&src, emu_warp_slots[w][8 * j + ldsm_col(l, h)], sizeof(src));
+            half[h] = ((const uint16_t*)src)[ldsm_row(l)];
+        }
+        r[j] = (uint32_t)half[0] | ((uint32_t)half[1] << 16);
     }
     emu_syncwarp();
 }

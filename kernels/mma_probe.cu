@@ -9,14 +9,15 @@
 //   [4, 12)  the four registers of an ldmatrix .x4 of A's quadrants from shared memory
 //            (matrix j = rows 8 (j & 1), cols 8 (j >> 1)), two bf16 each, as floats;
 //   [12, 28) the mapping's A coordinates (row, col) of elements e = 0..8;
-//   [28, 36) B coordinates (k, n) of e = 0..4;  [36, 44) C coordinates (row, col) of e = 0..4.
+//   [28, 36) B coordinates (k, n) of e = 0..4;  [36, 44) C coordinates (row, col) of e = 0..4;
+//   [44, 52) the four registers of an ldmatrix .x4 .trans of the same quadrants, as floats.
 // A is staged through 512 bytes of dynamic shared memory (the launch's shared_bytes; at least
 // 512), so the probe also exercises DYNAMIC_SHARED and the emulator's model of it.
 // On the emulator the D values only show self-consistency (its mma model uses the same
 // mappings); the coordinate tables are what the test checks against CuTe's layouts there.
 #include "mma.cuh"
 
-#define PROBE_STRIDE 44
+#define PROBE_STRIDE 52
 
 extern "C" __global__ void mma_layout_probe(float* out) {
     DYNAMIC_SHARED(bf16, As);  // [16][16]
@@ -51,6 +52,16 @@ extern "C" __global__ void mma_layout_probe(float* out) {
         memcpy(&hi, &bh, 2);
         o[4 + 2 * q] = __bfloat162float(lo);
         o[5 + 2 * q] = __bfloat162float(hi);
+    }
+    uint32_t tregs[4];
+    ldmatrix_x4_trans(tregs, &As[(8 * (j & 1) + r) * 16 + 8 * (j >> 1)]);
+    for (int q = 0; q < 4; ++q) {
+        bf16 lo, hi;
+        uint16_t bl = (uint16_t)(tregs[q] & 0xffffu), bh = (uint16_t)(tregs[q] >> 16);
+        memcpy(&lo, &bl, 2);
+        memcpy(&hi, &bh, 2);
+        o[44 + 2 * q] = __bfloat162float(lo);
+        o[45 + 2 * q] = __bfloat162float(hi);
     }
     for (int e = 0; e < 8; ++e) {
         o[12 + 2 * e] = (float)mma_a_row(l, e);

@@ -73,16 +73,39 @@ fn tc_bricks(v: Vol) -> usize {
     v.n * v.x.div_ceil(2) * v.y.div_ceil(4) * v.z.div_ceil(8)
 }
 
+/// The forward kernel for `co` output channels (its tile width), kernel size `k` and `ci` input
+/// channels (32-channel chunks when they divide `ci`).
+fn tc_forward_kernel(co: usize, k: usize, ci: usize) -> Result<(K, usize)> {
+    use K::*;
+    let wide = ci % 32 == 0;
+    let kern = match (co, k, wide) {
+        (0..=16, 1, false) => Conv3dTcForwardCo16K1C16,
+        (0..=16, 1, true) => Conv3dTcForwardCo16K1C32,
+        (0..=16, 3, false) => Conv3dTcForwardCo16K3C16,
+        (0..=16, 3, true) => Conv3dTcForwardCo16K3C32,
+        (17..=32, 1, false) => Conv3dTcForwardCo32K1C16,
+        (17..=32, 1, true) => Conv3dTcForwardCo32K1C32,
+        (17..=32, 3, false) => Conv3dTcForwardCo32K3C16,
+        (17..=32, 3, true) => Conv3dTcForwardCo32K3C32,
+        (_, 1, false) => Conv3dTcForwardCo64K1C16,
+        (_, 1, true) => Conv3dTcForwardCo64K1C32,
+        (_, 3, false) => Conv3dTcForwardCo64K3C16,
+        (_, 3, true) => Conv3dTcForwardCo64K3C32,
+        _ => anyhow::bail!("tensor-core conv3d: kernel size {k} (1 or 3 only)"),
+    };
+    Ok((kern, match co {
+        0..=16 => 16,
+        17..=32 => 32,
+        _ => 64,
+    }))
+}
+
 /// The tensor-core convolution: y [N, X, Y, Z, co] bf16 from x (v, bf16) and a bf16 weight
 /// [co, T, v.c], with `fu`'s fusions; the partials when asked for.
 fn tc_forward(x: &Tensor, v: Vol, wb: &CudaBuf, bias: Option<&Tensor>, co: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
     let dev = dev_of(x);
     let y = empty(dev, &v.with_c(co).shape(), DType::BF16)?;
-    let (kern, tile) = match co {
-        0..=16 => (K::Conv3dTcForwardCo16, 16),
-        17..=32 => (K::Conv3dTcForwardCo32, 32),
-        _ => (K::Conv3dTcForwardCo64, 64),
-    };
+    let (kern, tile) = tc_forward_kernel(co, k, v.c)?;
     let bricks = tc_bricks(v);
     let part = if fu.partials { Some(empty(dev, &[bricks, 2 * co], DType::F32)?) } else { None };
     ensure!(fu.residual.is_none() || fu.upsampled_residual.is_none(), "conv3d: a residual and an upsampled residual at once");
@@ -213,7 +236,15 @@ fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, inpu
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32), Arg::I64(per as i64), Arg::Ptr(input_bn_relu.map_or(0, |t| t.ptr())), Arg::Ptr(db_part.ptr())]);
     // x once per output-channel tile, dy once per input-channel tile, the partials written.
     let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * kdim) as f64, co_tiles * nbytes(x) + ci_tiles * nbytes(dy) + splits * co * (kdim * 4 + 8));
-    dev.launch(K::Conv3dTcBackwardWeight, (splits as u32, co_tiles as u32, ci_tiles as u32), (128, 1, 1), 0, &args, cost)?;
+    // dy as 16-byte pieces where its channel count allows.
+    let kern = match (k, co % 8 == 0) {
+        (1, true) => K::Conv3dTcBackwardWeightK1,
+        (3, true) => K::Conv3dTcBackwardWeightK3,
+        (1, false) => K::Conv3dTcBackwardWeightK1Any,
+        (3, false) => K::Conv3dTcBackwardWeightK3Any,
+        _ => anyhow::bail!("tensor-core conv3d weight gradient: kernel size {k} (1 or 3 only)"),
+    };
+    dev.launch(kern, (splits as u32, co_tiles as u32, ci_tiles as u32), (128, 1, 1), 0, &args, cost)?;
     Ok((part, splits, db_part))
 }
 

@@ -7,7 +7,7 @@ use anyhow::Result;
 use crate::cuda::{Arg, CudaDevice, Cost, K};
 
 /// Floats per lane in the probe's output (the layout is documented in the kernel file).
-pub const PROBE_STRIDE: usize = 44;
+pub const PROBE_STRIDE: usize = 52;
 
 /// One lane's report.
 #[derive(Debug, Clone)]
@@ -16,6 +16,8 @@ pub struct LaneReport {
     pub d: [f32; 4],
     /// The ldmatrix .x4 registers as 8 bf16 values (register q: halves 2q, 2q + 1).
     pub ldmatrix: [f32; 8],
+    /// The ldmatrix .x4 .trans registers of the same matrices, likewise.
+    pub ldmatrix_trans: [f32; 8],
     /// (row, col) of A element e = 0..8, (k, n) of B element e = 0..4, (row, col) of C/D e = 0..4.
     pub a: [(usize, usize); 8],
     pub b: [(usize, usize); 4],
@@ -41,6 +43,7 @@ pub fn mma_layout_with_shared(dev: &std::sync::Arc<CudaDevice>, shared_bytes: u3
         .map(|o| LaneReport {
             d: std::array::from_fn(|e| o[e]),
             ldmatrix: std::array::from_fn(|e| o[4 + e]),
+            ldmatrix_trans: std::array::from_fn(|e| o[44 + e]),
             a: std::array::from_fn(|e| pair(o, 12 + 2 * e)),
             b: std::array::from_fn(|e| pair(o, 28 + 2 * e)),
             c: std::array::from_fn(|e| pair(o, 36 + 2 * e)),
