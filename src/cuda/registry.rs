@@ -76,6 +76,7 @@ kernels! {
     BnBackwardFinalize => "bn_backward_finalize",
     BnBackwardApplyF32 => "bn_backward_apply_f32",
     BnBackwardApplyBf16 => "bn_backward_apply_bf16",
+    BnBackwardApplyBf16x8 => "bn_backward_apply_bf16x8",
     // pooling.cu
     Maxpool2ForwardF32 => "maxpool2_forward_f32",
     Maxpool2ForwardBf16 => "maxpool2_forward_bf16",
