@@ -176,7 +176,7 @@ key_numbers() {
       { grep -E '^test result:' "$log" | tail -1; grep -E 'FAILED$|\.\.\. FAILED' "$log" | sed 's/^test //; s/ \.\.\. FAILED//' | tr '\n' ' ' | sed 's/^./failed: &/'; grep -E 'ERROR SUMMARY' "$log" | tr '\n' ' '; } | tr '\n' ' ' ;;
     bench-bf16 | bench-fp32)
       { grep -oE 'median [0-9.]+ ms/step' "$log" | head -1; grep -oE 'peak device memory [0-9.]+ GiB in use' "$log" | head -1; } | tr '\n' ';' ;;
-    plan) grep -E '^bench-plan: (peak|[0-9]+ launches|estimate)' "$log" | sed 's/^bench-plan: //' | tr '\n' ';' ;;
+    plan) grep -oE 'peak device memory [0-9.]+ GiB in use|[0-9]+ launches|floor [0-9.]+ ms/step|estimate [0-9.]+ ms/step' "$log" | tr '\n' ';' ;;
     pytorch-bf16) { grep -oE 'median [0-9.]+ ms' "$log" | head -1; grep -oE 'peak memory: [0-9.]+ GiB' "$log"; } | tr '\n' ';' ;;
     precision) grep -E '^precision: ' "$log" | sed 's/^precision: //' | tr '\n' ';' ;;
     infer) grep -E '^(fp32|bf16) ' "$log" | awk '{printf "%s b%s %s/s; ", $1, $2, $4}' ;;
