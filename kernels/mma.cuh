@@ -110,22 +110,9 @@ inline void mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2],
     for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
-inline void ldmatrix_x4(uint32_t r[4], const void* row) {
-    emu_check_align(row, 16, "ldmatrix row");
-    const unsigned t = emu_linear_tid(), w = t / 32, l = t % 32;
-    uintptr_t p = (uintptr_t)row;
-    memcpy(emu_warp_slots[w][l], &p, sizeof(p));
-    emu_syncwarp();
-    for (int j = 0; j < 4; ++j) {
-        uintptr_t src;
-        memcpy(&src, emu_warp_slots[w][8 * j + ldsm_row(l)], sizeof(src));
-        const uint16_t* m = (const uint16_t*)src;
-        r[j] = (uint32_t)m[ldsm_col(l, 0)] | ((uint32_t)m[ldsm_col(l, 1)] << 16);
-    }
-    emu_syncwarp();
-}
-
-inline void ldmatrix_x4_trans(uint32_t r[4], const void* row) {
+// ldmatrix .x4 (trans false) or .x4.trans: every lane posts its row address; after the
+// rendezvous register j of lane l takes its two halves from matrix j's rows (lanes 8 j + row).
+inline void emu_ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
     emu_check_align(row, 16, "ldmatrix row");
     const unsigned t = emu_linear_tid(), w = t / 32, l = t % 32;
     uintptr_t p = (uintptr_t)row;
@@ -134,14 +121,18 @@ inline void ldmatrix_x4_trans(uint32_t r[4], const void* row) {
     for (int j = 0; j < 4; ++j) {
         uint16_t half[2];
         for (int h = 0; h < 2; ++h) {
+            // Plain: row l >> 2, column 2 (l & 3) + h. Transposed: row 2 (l & 3) + h, column l >> 2.
+            const int mrow = trans ? ldsm_col(l, h) : ldsm_row(l), mcol = trans ? ldsm_row(l) : ldsm_col(l, h);
             uintptr_t src;
-            memcpy(&src, emu_warp_slots[w][8 * j + ldsm_col(l, h)], sizeof(src));
-            half[h] = ((const uint16_t*)src)[ldsm_row(l)];
+            memcpy(&src, emu_warp_slots[w][8 * j + mrow], sizeof(src));
+            half[h] = ((const uint16_t*)src)[mcol];
         }
         r[j] = (uint32_t)half[0] | ((uint32_t)half[1] << 16);
     }
     emu_syncwarp();
 }
+inline void ldmatrix_x4(uint32_t r[4], const void* row) { emu_ldmatrix_x4(r, row, false); }
+inline void ldmatrix_x4_trans(uint32_t r[4], const void* row) { emu_ldmatrix_x4(r, row, true); }
 
 inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
     emu_check_align(smem, 16, "cp.async shared");

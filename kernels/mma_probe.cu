@@ -19,6 +19,18 @@
 
 #define PROBE_STRIDE 52
 
+// Four ldmatrix registers as 8 floats (low half first).
+__device__ __forceinline__ void probe_store_regs(float* o, const uint32_t regs[4]) {
+    for (int q = 0; q < 4; ++q) {
+        bf16 lo, hi;
+        uint16_t bl = (uint16_t)(regs[q] & 0xffffu), bh = (uint16_t)(regs[q] >> 16);
+        memcpy(&lo, &bl, 2);
+        memcpy(&hi, &bh, 2);
+        o[2 * q] = __bfloat162float(lo);
+        o[2 * q + 1] = __bfloat162float(hi);
+    }
+}
+
 extern "C" __global__ void mma_layout_probe(float* out) {
     DYNAMIC_SHARED(bf16, As);  // [16][16]
     const int l = (int)lane_id();
@@ -45,24 +57,9 @@ extern "C" __global__ void mma_layout_probe(float* out) {
     const int j = l / 8, r = l % 8;
     uint32_t regs[4];
     ldmatrix_x4(regs, &As[(8 * (j & 1) + r) * 16 + 8 * (j >> 1)]);
-    for (int q = 0; q < 4; ++q) {
-        bf16 lo, hi;
-        uint16_t bl = (uint16_t)(regs[q] & 0xffffu), bh = (uint16_t)(regs[q] >> 16);
-        memcpy(&lo, &bl, 2);
-        memcpy(&hi, &bh, 2);
-        o[4 + 2 * q] = __bfloat162float(lo);
-        o[5 + 2 * q] = __bfloat162float(hi);
-    }
-    uint32_t tregs[4];
-    ldmatrix_x4_trans(tregs, &As[(8 * (j & 1) + r) * 16 + 8 * (j >> 1)]);
-    for (int q = 0; q < 4; ++q) {
-        bf16 lo, hi;
-        uint16_t bl = (uint16_t)(tregs[q] & 0xffffu), bh = (uint16_t)(tregs[q] >> 16);
-        memcpy(&lo, &bl, 2);
-        memcpy(&hi, &bh, 2);
-        o[44 + 2 * q] = __bfloat162float(lo);
-        o[45 + 2 * q] = __bfloat162float(hi);
-    }
+    probe_store_regs(o + 4, regs);
+    ldmatrix_x4_trans(regs, &As[(8 * (j & 1) + r) * 16 + 8 * (j >> 1)]);
+    probe_store_regs(o + 44, regs);
     for (int e = 0; e < 8; ++e) {
         o[12 + 2 * e] = (float)mma_a_row(l, e);
         o[13 + 2 * e] = (float)mma_a_col(l, e);

@@ -343,25 +343,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0 && args.lr <= 1.0, "--lr must be in (0, 1], got {}", args.lr);
     anyhow::ensure!(args.probe_lr.is_finite() && args.probe_lr > 0.0 && args.probe_lr <= 1.0, "--probe-lr must be in (0, 1], got {}", args.probe_lr);
     anyhow::ensure!(args.probe_every >= 1 && args.probe_folds >= 1 && args.probe_batch >= 1, "--probe-every, --probe-folds and --probe-batch must be at least 1");
+    // A report printed, and written as JSON to --report when given.
+    let emit = |what: &str, text: String, json: serde_json::Value| -> anyhow::Result<()> {
+        print!("{text}");
+        if let Some(path) = &args.report {
+            vox2vec::checkpoint::write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+            eprintln!("{what}: report written to {}", path.display());
+        }
+        Ok(())
+    };
     if args.bench_plan {
         let report = vox2vec::bench::plan_pretraining(model, precision, batch, args.seed)?;
-        print!("{}", report.render());
-        if let Some(path) = &args.report {
-            let text = serde_json::to_string_pretty(&report.to_json())?;
-            vox2vec::checkpoint::write_atomic(path, text.as_bytes())?;
-            eprintln!("bench-plan: report written to {}", path.display());
-        }
-        return Ok(());
+        return emit("bench-plan", report.render(), report.to_json());
     }
     if args.compare_precisions {
         let report = vox2vec::bench::compare_precisions(device, model, batch, args.seed)?;
-        print!("{}", report.render());
-        if let Some(path) = &args.report {
-            let text = serde_json::to_string_pretty(&report.to_json())?;
-            vox2vec::checkpoint::write_atomic(path, text.as_bytes())?;
-            eprintln!("compare-precisions: report written to {}", path.display());
-        }
-        return Ok(());
+        return emit("compare-precisions", report.render(), report.to_json());
     }
     anyhow::ensure!(args.report.is_none() || args.bench_plan, "--report goes with --bench-plan or --compare-precisions");
     let cpu_note = if device == vox2vec::tensor::Device::Cpu { check_cpu_budget(batch, model.fpn)? } else { None };
