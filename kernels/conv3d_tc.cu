@@ -460,10 +460,12 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
 
 // The f32 weight [Co, T, Ci] as bf16, in the forward layout (flip = 0: out[co, t, ci]) or
 // flipped and transposed for the input gradient (flip = 1: out[ci, t, co] = w[co, T-1-t, ci]).
+// 32-bit index math: a weight has fewer than 2^31 values (the launcher checks).
 extern "C" __global__ void conv3d_weight_to_bf16(const float* w, bf16* out, int Co, int T, int Ci, int flip) {
-    GRID_STRIDE(i, (i64)Co * T * Ci) {
-        const int ci = (int)(i % Ci), t = (int)((i / Ci) % T), co = (int)(i / ((i64)Ci * T));
-        const i64 dst = flip ? ((i64)ci * T + (T - 1 - t)) * Co + co : i;
+    const int n = Co * T * Ci;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const int ci = i % Ci, rest = i / Ci, t = rest % T, co = rest / T;
+        const int dst = flip ? (ci * T + (T - 1 - t)) * Co + co : i;
         out[dst] = __float2bfloat16_rn(w[i]);
     }
 }

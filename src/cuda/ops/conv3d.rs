@@ -39,6 +39,7 @@ pub fn tensor_cores_for(dtype: DType, ci: usize) -> bool {
 fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool) -> Result<CudaBuf> {
     let dev = dev_of(w);
     let n = co * k * k * k * ci;
+    ensure!(n < i32::MAX as usize, "conv3d weight of {n} values: the bf16 conversion indexes in 32 bits");
     let out = dev.alloc(n * 2)?;
     dev.launch_1d(
         K::Conv3dWeightToBf16,
