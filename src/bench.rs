@@ -453,6 +453,7 @@ impl PlanReport {
                     "bound": f.bound(),
                     "instructions_issued": f.estimate.instructions,
                     "instructions_per_hmma": code.and_then(|k| k.instructions_per_hmma()),
+                    "nest_instructions_per_hmma": code.and_then(|k| k.nest_instructions_per_hmma()),
                     "local_memory_instructions": code.map(|k| k.local),
                 })
             })

@@ -99,7 +99,6 @@ pub const FFMA_FLOPS: f64 = 2.0 * 32.0;
 /// code once per warp.
 pub fn issue_instructions(k: &Kernel, c: &Cost, warps: u64) -> f64 {
     let warps = warps as f64;
-    let own: Vec<Loop> = (0..k.loops.len()).map(|i| k.own_part(i)).collect();
     let (ops_of, total_ops): (fn(&Loop) -> u32, f64) = if k.hmma > 0 {
         (|l| l.hmma, c.flops / HMMA_FLOPS)
     } else if k.ffma > 0 && c.flops > 0.0 {
@@ -107,7 +106,7 @@ pub fn issue_instructions(k: &Kernel, c: &Cost, warps: u64) -> f64 {
     } else {
         (|_| 0, 0.0)
     };
-    let (hot, rest): (Vec<&Loop>, Vec<&Loop>) = own.iter().partition(|l| ops_of(l) > 0);
+    let (hot, rest): (Vec<&Loop>, Vec<&Loop>) = k.own_parts().iter().partition(|l| ops_of(l) > 0);
     let mut n = warps * k.straight as f64;
     let per_pass_ops: u32 = hot.iter().map(|l| ops_of(l)).sum();
     if per_pass_ops > 0 {

@@ -329,19 +329,18 @@ impl CudaDevice {
     }
 
     fn note_cost(&self, kernel: &str, cost: Cost) {
-        self.note_launch(kernel, cost, None);
+        self.note_launch(kernel, cost, None, None);
     }
 
-    /// Record a launch in the cost log; `warps` (the grid's) lets the estimate price the
-    /// kernel's issue time from its SASS.
-    fn note_launch(&self, kernel: &str, cost: Cost, warps: Option<u64>) {
+    /// Record a launch in the cost log; `warps` (the grid's) and `code` (the kernel's SASS
+    /// summary) let the estimate price its issue time.
+    fn note_launch(&self, kernel: &str, cost: Cost, warps: Option<u64>, code: Option<&super::sass::Kernel>) {
         static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if *TRACE.get_or_init(|| std::env::var_os("VOX2VEC_TRACE_LAUNCHES").is_some_and(|v| v != "0" && !v.is_empty())) {
             // One line per launch (kernel, declared bytes and FLOPs): where a family's bytes go.
             eprintln!("launch {kernel} bytes {} flops {}", cost.bytes, cost.flops);
         }
         if let Some(log) = self.costs.lock().unwrap().as_mut() {
-            let code = warps.and_then(|_| crate::kernels::sass_of(kernel));
             log.record_launch(kernel, cost, &self.machine, warps, code);
         }
     }
@@ -545,7 +544,7 @@ impl CudaDevice {
     /// a launch does on the plan device.
     pub fn launch(&self, k: K, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, args: &[Arg], cost: Cost) -> Result<()> {
         let warps = (grid.0 as u64 * grid.1 as u64 * grid.2 as u64) * (block.0 as u64 * block.1 as u64 * block.2 as u64).div_ceil(32);
-        self.note_launch(k.name(), cost, Some(warps));
+        self.note_launch(k.name(), cost, Some(warps), k.sass());
         if self.plan {
             ensure!(grid.0 * grid.1 * grid.2 > 0 && block.0 * block.1 * block.2 > 0, "{}: empty launch grid {grid:?} block {block:?}", k.name());
             return Ok(());

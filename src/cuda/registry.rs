@@ -19,6 +19,13 @@ macro_rules! kernels {
                 const NAMES: &[&str] = &[$($name),*];
                 NAMES[self as usize]
             }
+
+            /// The kernel's sm_90 machine code summary (`crate::kernels::sass`), looked up by
+            /// name once for every kernel.
+            pub fn sass(self) -> Option<&'static crate::cuda::sass::Kernel> {
+                static TABLE: std::sync::OnceLock<Vec<Option<&'static crate::cuda::sass::Kernel>>> = std::sync::OnceLock::new();
+                TABLE.get_or_init(|| K::ALL.iter().map(|k| crate::kernels::sass_of(k.name())).collect())[self as usize]
+            }
         }
     };
 }

@@ -43,6 +43,8 @@ pub struct Kernel {
     pub loops: Vec<Loop>,
     /// Instructions outside every loop.
     pub straight: u32,
+    /// Each loop's own part (`own_part`), derived from `loops` once, when the kernel is built.
+    own: Vec<Loop>,
 }
 
 /// An instruction: its offset, opcode (with modifiers) and, for a direct branch, its target.
@@ -111,15 +113,17 @@ fn summarise(name: &str, code: &[Instr]) -> Kernel {
         }
     }
     loops.sort_by_key(|l| (l.start, std::cmp::Reverse(l.end)));
-    Kernel {
-        name: name.to_string(),
-        instructions: real.len() as u32,
-        hmma: real.iter().filter(|i| is(i, "HMMA")).count() as u32,
-        ffma: real.iter().filter(|i| is(i, "FFMA")).count() as u32,
-        local: real.iter().filter(|i| is(i, "STL") || is(i, "LDL")).count() as u32,
-        straight: real.iter().filter(|i| !loops.iter().any(|l| l.holds(i.addr))).count() as u32,
+    Kernel::new(
+        name.to_string(),
+        [
+            real.len() as u32,
+            real.iter().filter(|i| is(i, "HMMA")).count() as u32,
+            real.iter().filter(|i| is(i, "FFMA")).count() as u32,
+            real.iter().filter(|i| is(i, "STL") || is(i, "LDL")).count() as u32,
+            real.iter().filter(|i| !loops.iter().any(|l| l.holds(i.addr))).count() as u32,
+        ],
         loops,
-    }
+    )
 }
 
 /// Every kernel in `cuobjdump -sass` output (of one architecture).
@@ -143,45 +147,49 @@ pub fn parse_cuobjdump(text: &str) -> Vec<Kernel> {
 }
 
 impl Kernel {
+    /// A kernel from its counts `[instructions, hmma, ffma, local, straight]` and loops; the
+    /// loops' own parts are derived here, once.
+    fn new(name: String, counts: [u32; 5], loops: Vec<Loop>) -> Kernel {
+        let [instructions, hmma, ffma, local, straight] = counts;
+        let own = (0..loops.len())
+            .map(|i| {
+                let mut l = loops[i].clone();
+                // Less the loops directly inside it (no loop between).
+                let outer = &loops[i];
+                for c in loops.iter().filter(|m| outer.contains(m) && !loops.iter().any(|o| outer.contains(o) && o.contains(m))) {
+                    l.instructions -= c.instructions;
+                    l.hmma -= c.hmma;
+                    l.ffma -= c.ffma;
+                    l.global_bytes -= c.global_bytes;
+                }
+                l
+            })
+            .collect();
+        Kernel { name, instructions, hmma, ffma, local, loops, straight, own }
+    }
+
     /// The loops that hold an HMMA with no smaller loop around it: where a tensor-core
     /// kernel spends its issue slots.
     pub fn innermost_hmma_loops(&self) -> Vec<&Loop> {
-        self.innermost_with(|l| l.hmma)
-    }
-
-    /// Likewise for FFMA (a CUDA-core arithmetic kernel's hot loops).
-    pub fn innermost_ffma_loops(&self) -> Vec<&Loop> {
-        self.innermost_with(|l| l.ffma)
-    }
-
-    fn innermost_with(&self, count: impl Fn(&Loop) -> u32) -> Vec<&Loop> {
-        self.loops.iter().filter(|l| count(l) > 0 && !self.loops.iter().any(|m| l.contains(m) && count(m) > 0)).collect()
-    }
-
-    /// The loops directly inside loop `i` (no loop between).
-    pub fn children(&self, i: usize) -> Vec<&Loop> {
-        let l = &self.loops[i];
-        self.loops.iter().filter(|m| l.contains(m) && !self.loops.iter().any(|o| l.contains(o) && o.contains(m))).collect()
+        self.loops.iter().filter(|l| l.hmma > 0 && !self.loops.iter().any(|m| l.contains(m) && m.hmma > 0)).collect()
     }
 
     /// Loop `i`'s own part: its counts less those of the loops directly inside it (each
     /// instruction of the kernel belongs to the own part of exactly one loop, or to none).
-    pub fn own_part(&self, i: usize) -> Loop {
-        let mut l = self.loops[i].clone();
-        for c in self.children(i) {
-            l.instructions -= c.instructions;
-            l.hmma -= c.hmma;
-            l.ffma -= c.ffma;
-            l.global_bytes -= c.global_bytes;
-        }
-        l
+    pub fn own_part(&self, i: usize) -> &Loop {
+        &self.own[i]
+    }
+
+    /// Every loop's own part, in the order of `loops`.
+    pub fn own_parts(&self) -> &[Loop] {
+        &self.own
     }
 
     /// Instructions per HMMA over every loop whose own part issues HMMAs, each passing once:
     /// what the issue model charges per HMMA (None without HMMA in a loop). Unlike
     /// `instructions_per_hmma` it sees HMMAs peeled or unrolled into an outer loop.
     pub fn nest_instructions_per_hmma(&self) -> Option<f64> {
-        let own: Vec<Loop> = (0..self.loops.len()).map(|i| self.own_part(i)).filter(|l| l.hmma > 0).collect();
+        let own: Vec<&Loop> = self.own.iter().filter(|l| l.hmma > 0).collect();
         let h: u32 = own.iter().map(|l| l.hmma).sum();
         (h > 0).then(|| own.iter().map(|l| l.instructions).sum::<u32>() as f64 / h as f64)
     }
@@ -221,7 +229,7 @@ pub fn parse_table(text: &str) -> Vec<Kernel> {
                     Some(Loop { start: num(t.next())?, end: num(t.next())?, instructions: num(t.next())?, hmma: num(t.next())?, ffma: num(t.next())?, global_bytes: num(t.next())? })
                 })
                 .collect::<Option<Vec<_>>>()?;
-            Some(Kernel { name, instructions, hmma, ffma, local, loops, straight })
+            Some(Kernel::new(name, [instructions, hmma, ffma, local, straight], loops))
         })
         .collect()
 }
@@ -271,12 +279,11 @@ mod tests {
         // 0x00-0x30 and 0xa0-0xd0 lie outside both loops: 8 instructions.
         assert_eq!(k.straight, 8);
         assert_eq!(k.innermost_hmma_loops(), vec![inner]);
-        assert_eq!(k.innermost_ffma_loops(), vec![outer]);
         assert_eq!(k.instructions_per_hmma(), Some(3.0));
         // The outer loop's own part: 0x40 and 0x80-0x90 (3 instructions, the FFMA, 512 bytes).
         let own = k.own_part(0);
         assert_eq!((own.instructions, own.hmma, own.ffma, own.global_bytes), (3, 0, 1, 512));
-        assert_eq!(k.own_part(1), *inner);
+        assert_eq!(*k.own_part(1), *inner);
         assert_eq!(k.nest_instructions_per_hmma(), Some(3.0));
         assert_eq!(ks[1].instructions_per_hmma(), None);
         assert_eq!((ks[1].instructions, ks[1].straight), (1, 1));
