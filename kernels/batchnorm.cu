@@ -13,6 +13,9 @@
 //     of bn_apply, for the fused convolutions that apply BatchNorm while loading      (=)
 //   bn_apply: y = (x - mean) * (invstd * gamma) + beta (per element in f32, bn_affine_value),
 //     then max(y, 0) when relu != 0 (BN -> ReLU in one pass)                          (=)
+//   bn_table_relu_bf16: y = max(bn_affine_value(x, tab[0][c], tab[1][c], tab[2][c]), 0) from an
+//     affine table, bf16 (the value a fused convolution's loader computes; the 1x1x1 tensor-core
+//     convolutions take their BN -> ReLU input from it)                             (=)
 //   bn_backward_finalize: from part0 = sum dy, part1 = sum dy (x - mean) ([chunks] rows of
 //     `stride` values):
 //     dbeta = sum dy, dgamma = invstd * sum dy (x - mean), and per-channel coefficients
@@ -70,6 +73,13 @@ extern "C" __global__ void bn_apply_f32(const float* x, float* y, const double* 
 }
 extern "C" __global__ void bn_apply_bf16(const bf16* x, bf16* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
     bn_apply(x, y, mean, invstd, gamma, beta, M, C, relu);
+}
+
+extern "C" __global__ void bn_table_relu_bf16(const bf16* x, bf16* y, const float* tab, int M, int C) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < M * C; i += gridDim.x * blockDim.x) {
+        const int c = i % C;
+        y[i] = __float2bfloat16_rn(bn_relu_value(__bfloat162float(x[i]), tab[c], tab[C + c], tab[2 * C + c]));
+    }
 }
 
 // coef [3, C]: k, u, w.

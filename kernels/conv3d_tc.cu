@@ -9,27 +9,32 @@
 // flipped, transposed weight wf[ci, t, co] = w[co, T - 1 - t, ci] (conv3d_weight_to_bf16).
 //
 // Algorithm: implicit GEMM (M = voxels, N = Co, K = T Ci) on mma.sync m16n8k16.
-//   - A block of 128 threads (4 warps) owns a brick of 2 x 4 x 8 output voxels of one patch
-//     and CO_TILE output channels. Warp w owns the 16 voxels with y = w (rows r = 8 x + z).
-//   - The brick's halo ((2 + 2r) x (4 + 2r) x (8 + 2r) voxels) is brought into shared memory
-//     once per chunk of 16 or 32 input channels with cp.async (zero-filled outside the
-//     volume: that is the padding); the 27 taps are then shifted views of it: for tap
-//     (a, b, c) a lane's ldmatrix row address is its row's halo voxel plus a constant offset.
-//   - The kernel size k (1 or 3) and the chunk width (16 or 32 channels) are template
-//     parameters, so the 27 taps unroll with compile-time shared-memory offsets: a tap is one
-//     ldmatrix and, per n-tile, one address and two loads per k-step around its HMMAs. No
-//     integer division after the block's setup.
-//   - B fragments (weights) are read from global memory (L1/L2-resident: the whole weight is
-//     at most a few MiB and every block reads the same) as 32-bit pairs of channels, from
-//     per-lane row pointers set up once and a 32-bit tap offset.
-//   - Epilogue: + bias, round to bf16 once, store the voxels and channels inside the volume.
+//   - A block of 128 threads (4 warps) owns a brick of (2 MT) x 4 x 8 output voxels of one patch
+//     and CO_TILE output channels, MT = 4, 2, 1 for CO_TILE = 16, 32, 64 (the entry fixes both).
+//     Warp w owns y = w; its m-tile m holds the 16 voxels x = 2 m, 2 m + 1 (rows 8 x + z), so
+//     each B fragment feeds MT HMMAs.
+//   - The brick's halo ((2 MT + 2r) x (4 + 2r) x (8 + 2r) voxels) is brought into shared memory
+//     once per chunk of 16 or 32 input channels with cp.async (zero-filled outside the volume:
+//     that is the padding), from 32-bit offsets each thread computes once; the taps are then
+//     shifted views of it: a lane's ldmatrix row address is its row's halo voxel plus a
+//     compile-time offset per tap and m-tile.
+//   - The kernel size k (1 or 3), the chunk width and MT are template parameters: no integer
+//     division after the block's setup. Per tap and 16 channels a warp issues MT ldmatrix, 2
+//     CO_TILE / 8 weight loads and MT CO_TILE / 8 HMMAs.
+//   - B fragments (weights) come from the packed weight (conv3d_weight_to_bf16:
+//     [Co tile][Ci / 16][T][CO_TILE][16], zero past Co), L1/L2-resident, as 32-bit pairs of
+//     channels at compile-time offsets from one pointer per chunk.
+//   - Epilogue through shared memory (the halo's bytes): the accumulators are staged, then each
+//     thread takes one channel pair of every (128 / (CO_TILE / 2))-th voxel: + bias, the
+//     fusions, round to bf16 once, 4-byte stores of whole voxel runs.
 //
 // Fusions of the ResBlock (REFERENCE.md §3; each off when its pointer is null). `bn` tables are
 // f32 [3, C] (mean, invstd gamma, beta: bn_affine_table), applied by common.cuh's bn_relu_value
 // exactly as bn_apply does, so a fused value is bit-identical to the unfused one.
-//   - in_bn [3, Ci]: the convolution reads relu(bn(x)) instead of x. The halo is loaded with
-//     16-byte loads, transformed in registers and stored; voxels outside the volume stay zero
-//     (the padding of relu(bn(x)), not of x).
+//   - in_bn [3, Ci] (k = 3 only; the launcher applies it first for k = 1): the convolution
+//     reads relu(bn(x)) instead of x. The halo is loaded with 16-byte loads, transformed in
+//     registers and stored; voxels outside the volume stay zero (the padding of relu(bn(x)),
+//     not of x).
 //   - residual [.., Co] bf16: y = conv + bias + residual, rounded once (the skip connection).
 //     With rX > 0 the residual lives on the half-resolution grid [N, rX, rY, rZ, Co] and is
 //     read at (x / 2, y / 2, z / 2): y = conv + bias + upsample2(residual), the FPN decoder's
@@ -40,8 +45,8 @@
 //     written by exactly one block: with mask_h, part = (sum g, sum g (h - mean)) of the
 //     stored g (BatchNorm's backward sums); otherwise part = (sum (y - s), sum (y - s)^2) of
 //     the stored y with the shift s = bias[co] (0 without bias): BatchNorm's statistics of y.
-//     Per brick: lanes' values, then a fixed xor-shuffle tree over the 8 lanes that share
-//     columns, then the 4 warps in warp order. col_partials mode 0 reduces the rows in f64.
+//     Per brick: each thread's voxels in order, then the threads sharing a channel in thread
+//     order. col_partials mode 0 reduces the rows in f64.
 //
 // The weight gradient (conv3d_tc_backward_weight) is a second GEMM, M = Co, N = T Ci,
 // K = voxels, split over K deterministically:
@@ -63,15 +68,13 @@
 //     kernel size), the warp's tap offsets are computed once, before the loop.
 #include "mma.cuh"
 
+// The weight gradient's brick is TC_BX x TC_BY x TC_BZ; the forward's (2 MT) x TC_BY x TC_BZ.
 #define TC_BX 2
 #define TC_BY 4
 #define TC_BZ 8
 #define TC_THREADS 128
-// Halo of a 3x3x3 brick, and the padded channel stride of a halo voxel (16-byte rows,
-// offset by 16 bytes per voxel so that ldmatrix rows fall in different banks).
+// Halo of the weight gradient's brick for a 3x3x3 kernel.
 #define TC_HALO ((TC_BX + 2) * (TC_BY + 2) * (TC_BZ + 2))
-#define TC_CK 32
-#define TC_STRIDE (TC_CK + 8)
 
 // Loads a brick's halo: voxel hv of the (TC_BX + 2r) x HY x HZ box whose corner is
 // (x0 - r, y0 - r, z0 - r) of patch n gets `pieces` 16-byte runs of 8 channels from ci0 at
@@ -116,24 +119,43 @@ __device__ __forceinline__ void bn_table_load(float* tab, const float* src, int 
 }
 
 
-// The block's shared memory, declared once in the kernel entry (each template instantiation
-// of a __shared__ variable would be an array of its own).
-template <int CO_TILE>
-struct TcForwardShared {
-    bf16 halo[TC_HALO * TC_STRIDE];
-    float bn_tab[3 * TC_CK];
-    float red[4][CO_TILE][2];
+// The forward's geometry: a brick of (2 MT) x 4 x 8 output voxels; a halo voxel holds CK
+// channels padded by 8 (16-byte rows whose 8 consecutive voxels fall in different banks).
+template <int MT, int K, int CK>
+struct TcForwardGeom {
+    static constexpr int r = (K - 1) / 2, T = K * K * K;
+    static constexpr int BX = 2 * MT, HY = TC_BY + 2 * r, HZ = TC_BZ + 2 * r, HV = (BX + 2 * r) * HY * HZ;
+    static constexpr int STRIDE = CK + 8, PIECES = CK / 8;
+    // 16-byte halo pieces per thread per chunk.
+    static constexpr int LOADS = (HV * PIECES + TC_THREADS - 1) / TC_THREADS;
 };
 
-template <int CO_TILE, int K, int CK>
-__device__ void conv3d_tc_forward_kc(TcForwardShared<CO_TILE>& sh, const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co,
-                                     const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    bf16* halo = sh.halo;
+// The block's shared memory, declared once in the kernel entry (each template instantiation
+// of a __shared__ variable would be an array of its own). The halo's bytes are reused once the
+// GEMM is done: the accumulators acc[brick voxel][ACC_STRIDE] f32, then each thread's partial
+// sums red[thread][2][2] f32.
+template <int CO_TILE, int MT, int K, int CK>
+struct TcForwardShared {
+    using G = TcForwardGeom<MT, K, CK>;
+    static constexpr int ACC_STRIDE = CO_TILE + 4, VOXELS = G::BX * TC_BY * TC_BZ;
+    static constexpr int HALO_BYTES = G::HV * G::STRIDE * 2, ACC_BYTES = VOXELS * ACC_STRIDE * 4, RED_BYTES = TC_THREADS * 4 * 4;
+    alignas(16) unsigned char buf[HALO_BYTES > ACC_BYTES + RED_BYTES ? HALO_BYTES : ACC_BYTES + RED_BYTES];
+    float bn_tab[3 * CK];
+};
+
+__device__ __forceinline__ uint32_t ld_u32(const bf16* p) { return *(const uint32_t*)p; }
+
+template <int CO_TILE, int MT, int K, int CK>
+__device__ void conv3d_tc_forward_kc(TcForwardShared<CO_TILE, MT, K, CK>& sh, const bf16* x, const bf16* wp, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci,
+                                     int Co, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    using G = TcForwardGeom<MT, K, CK>;
+    constexpr int r = G::r, T = G::T, HY = G::HY, HZ = G::HZ, HV = G::HV, STRIDE = G::STRIDE, PIECES = G::PIECES, LOADS = G::LOADS;
+    constexpr int NT = CO_TILE / 8;
+    using S = TcForwardShared<CO_TILE, MT, K, CK>;
+    bf16* halo = reinterpret_cast<bf16*>(sh.buf);
     float* bn_tab = sh.bn_tab;
-    constexpr int r = (K - 1) / 2, T = K * K * K;
-    constexpr int HY = TC_BY + 2 * r, HZ = TC_BZ + 2 * r, HV = (TC_BX + 2 * r) * HY * HZ;
     // The block's brick: patch n, corner (x0, y0, z0); channels co0 ...
-    const int bxn = (X + TC_BX - 1) / TC_BX, byn = (Y + TC_BY - 1) / TC_BY, bzn = (Z + TC_BZ - 1) / TC_BZ;
+    const int bxn = (X + G::BX - 1) / G::BX, byn = (Y + TC_BY - 1) / TC_BY, bzn = (Z + TC_BZ - 1) / TC_BZ;
     i64 b = blockIdx.x;
     const int bz = (int)(b % bzn);
     b /= bzn;
@@ -141,167 +163,258 @@ __device__ void conv3d_tc_forward_kc(TcForwardShared<CO_TILE>& sh, const bf16* x
     b /= byn;
     const int bx = (int)(b % bxn);
     const i64 n = b / bxn;
-    const int x0 = bx * TC_BX, y0 = by * TC_BY, z0 = bz * TC_BZ, co0 = blockIdx.y * CO_TILE;
+    const int x0 = bx * G::BX, y0 = by * TC_BY, z0 = bz * TC_BZ, co0 = blockIdx.y * CO_TILE;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    // This lane's ldmatrix row: voxel row (lane % 16) of the warp, channel half lane / 16.
-    const int row = lane % 16;
-    const int lane_voxel = ((row / 8) * HY + warp) * HZ + (row % 8);
-    const int lane_half = (lane / 16) * 8;
-    const int g = lane >> 2, tg = lane & 3;
-    // This lane's weight rows (column co0 + 8 j + g of B, channel pair 2 tg); a column past Co
-    // reads row 0 and is zeroed.
-    const bf16* wrow[CO_TILE / 8];
-    bool wok[CO_TILE / 8];
+    // This thread's halo pieces e = tid + 128 i (voxel e / PIECES, piece e % PIECES) as 32-bit
+    // offsets from the halo's corner (x0 - r, y0 - r, z0 - r) of patch n: -1 outside the
+    // volume (zeros: the padding), -2 past the halo. Set once; each chunk adds its channels.
+    // (The launcher checks that the offsets fit: (2 MT + 3) Y Z Ci < 2^31.)
+    int off[LOADS];
 #pragma unroll
-    for (int j = 0; j < CO_TILE / 8; ++j) {
-        const int co = co0 + 8 * j + g;
-        wok[j] = co < Co;
-        wrow[j] = w + (i64)(wok[j] ? co : 0) * T * Ci + 2 * tg;
+    for (int i = 0; i < LOADS; ++i) {
+        const int e = tid + TC_THREADS * i, hv = e / PIECES;
+        const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
+        const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
+        const bool inside = gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z;
+        off[i] = e >= HV * PIECES ? -2 : inside ? ((hx * Y + hy) * Z + hz) * Ci + (e % PIECES) * 8 : -1;
     }
-    float acc[CO_TILE / 8][4];
+    // The corner's address as an integer offset (it may lie before the patch: never read there).
+    const i64 corner = voxel_offset(n, x0 - r, y0 - r, z0 - r, X, Y, Z, Ci, 0);
+    // This lane's ldmatrix row in m-tile 0: voxel row (lane % 16) of the warp, channel half
+    // lane / 16; m-tile m is 2 m halo planes further.
+    const int row = lane % 16;
+    const bf16* hrow = &halo[(((row / 8) * HY + warp) * HZ + (row % 8)) * STRIDE + (lane / 16) * 8];
+    constexpr int M_STEP = 2 * HY * HZ * STRIDE;
+    const int g = lane >> 2, tg = lane & 3;
+    // B fragments from the packed weight (conv3d_weight_to_bf16): [tile][Ci / 16][T][CO_TILE][16],
+    // zero past Co; this lane reads column g of each n-tile, channel pairs 2 tg and 2 tg + 8,
+    // at compile-time offsets from one pointer per chunk.
+    const bf16* wl = wp + (i64)blockIdx.y * (Ci / 16) * T * CO_TILE * 16 + g * 16 + 2 * tg;
+    float acc[MT][NT][4];
 #pragma unroll
-    for (int j = 0; j < CO_TILE / 8; ++j)
-        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+    // BN -> ReLU is fused into the 3x3x3 convolutions' loader only: for k = 1 the transform per
+    // input value would cost more than the GEMM (the launcher applies it first, with
+    // bn_table_relu_bf16, and passes no table).
+    const bool fuse_bn = K == 3 && in_bn != nullptr;
     for (int ci0 = 0; ci0 < Ci; ci0 += CK) {
-        // Halo of channels [ci0, ci0 + CK): 16-byte pieces, zero outside the volume.
-        if (in_bn) bn_table_load(bn_tab, in_bn, Ci, ci0, CK);
-        halo_load(halo, TC_STRIDE, CK / 8, x, n, x0, y0, z0, r, HY, HZ, HV, X, Y, Z, Ci, ci0, in_bn ? bn_tab : nullptr, CK);
+        // This thread's pieces all hold channels ci0 + 8 (tid % PIECES) ... (128 % PIECES == 0):
+        // their BN constants, once per chunk.
+        float bn_c[3][8];
+        if (fuse_bn) {
+            bn_table_load(bn_tab, in_bn, Ci, ci0, CK);
+#pragma unroll
+            for (int q = 0; q < 8; ++q)
+#pragma unroll
+                for (int u = 0; u < 3; ++u) bn_c[u][q] = bn_tab[u * CK + (tid % PIECES) * 8 + q];
+        }
+        // Halo of channels [ci0, ci0 + CK).
+        const bf16* xc = x + (corner + ci0);
+        if (!fuse_bn) {
+#pragma unroll
+            for (int i = 0; i < LOADS; ++i) {
+                // Only the last piece can lie past the halo, and only when 128 does not divide it.
+                if ((HV * PIECES) % TC_THREADS != 0 && i == LOADS - 1 && off[i] == -2) continue;
+                const int e = tid + TC_THREADS * i;
+                cp_async_16(&halo[(e / PIECES) * STRIDE + (e % PIECES) * 8], xc + max(off[i], 0), off[i] >= 0 ? 16 : 0);
+            }
+        } else {
+            // relu(bn(x)) in registers, piece by piece in a loop that is not unrolled (the
+            // piece's place is recomputed: off[] is indexed at compile time only).
+#pragma unroll 1
+            for (int e = tid; e < HV * PIECES; e += TC_THREADS) {
+                const int hv = e / PIECES;
+                const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
+                const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
+                uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                if (gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z) {
+                    v = ld_vec16(xc + ((hx * Y + hy) * Z + hz) * Ci + (e % PIECES) * 8);
+                    // Through memcpy, not a bf16 pointer into the uint4: no strict-aliasing hazard.
+                    bf16 h[8];
+                    memcpy(h, &v, 16);
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) h[q] = __float2bfloat16_rn(bn_relu_value(__bfloat162float(h[q]), bn_c[0][q], bn_c[1][q], bn_c[2][q]));
+                    memcpy(&v, h, 16);
+                }
+                st_vec16(&halo[hv * STRIDE + (e % PIECES) * 8], v);
+            }
+        }
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
-        const bf16* hrow = &halo[lane_voxel * TC_STRIDE + lane_half];
-        // Rows (a, b) of taps, each row's K taps unrolled; the 16-channel tile unrolls all
-        // rows too (wider tiles would run out of registers holding the loads in flight).
-        constexpr int ROWS_UNROLLED = CO_TILE == 16 ? K * K : 1;
-#pragma unroll ROWS_UNROLLED
+        const bf16* wc = wl + (i64)(ci0 / 16) * T * CO_TILE * 16;
+        // Rows (a, b) of taps, each row's K taps unrolled (all rows unrolled would hold too
+        // many loads in flight: spills).
+#pragma unroll 1
         for (int ab = 0; ab < K * K; ++ab) {
             const int row_tap = ((ab / K) * HY + ab % K) * HZ;
 #pragma unroll
             for (int c = 0; c < K; ++c) {
-                const int wo = (ab * K + c) * Ci + ci0;
+                const int t = ab * K + c;
 #pragma unroll
-                for (int kk = 0; kk < CK; kk += 16) {
-                    uint32_t a[4];
-                    ldmatrix_x4(a, hrow + (row_tap + c) * TC_STRIDE + kk);
+                for (int s = 0; s < CK / 16; ++s) {
+                    uint32_t bb[NT][2];
 #pragma unroll
-                    for (int j = 0; j < CO_TILE / 8; ++j) {
-                        const bf16* p = wrow[j] + wo + kk;
-                        uint32_t bb[2];
-                        bb[0] = wok[j] ? *(const uint32_t*)p : 0u;
-                        bb[1] = wok[j] ? *(const uint32_t*)(p + 8) : 0u;
-                        mma_bf16_16816(acc[j], a, bb, acc[j]);
+                    for (int j = 0; j < NT; ++j) {
+                        const bf16* p = wc + ((s * T + t) * CO_TILE + 8 * j) * 16;
+                        bb[j][0] = ld_u32(p);
+                        bb[j][1] = ld_u32(p + 8);
+                    }
+#pragma unroll
+                    for (int m = 0; m < MT; ++m) {
+                        uint32_t a[4];
+                        ldmatrix_x4(a, hrow + m * M_STEP + (row_tap + c) * STRIDE + 16 * s);
+#pragma unroll
+                        for (int j = 0; j < NT; ++j) mma_bf16_16816(acc[m][j], a, bb[j], acc[m][j]);
                     }
                 }
             }
         }
         __syncthreads();  // the halo is overwritten by the next chunk
     }
-    // Epilogue; s1/s2: this lane's partial sums of its two columns of each n-tile.
-    float s1[CO_TILE / 8][2], s2[CO_TILE / 8][2];
+    // Epilogue, through shared memory (the halo is free: the loop ended with a barrier).
+    // Accumulator e of (m, j) is brick voxel p = ((2 m + e / 2) * 4 + warp) * 8 + g, channel
+    // 8 j + 2 tg + e % 2.
+    float* acc_s = reinterpret_cast<float*>(sh.buf);
 #pragma unroll
-    for (int j = 0; j < CO_TILE / 8; ++j) {
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) s1[j][h] = s2[j][h] = 0.f;
+        for (int hx = 0; hx < 2; ++hx)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int m = mma_c_row(lane, e), co = co0 + 8 * j + mma_c_col(lane, e);
-            const int vx = x0 + m / 8, vy = y0 + warp, vz = z0 + m % 8;
-            if (co < Co && vx < X && vy < Y && vz < Z) {
-                const i64 o = voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co);
-                float v = acc[j][e] + (bias ? bias[co] : 0.f);
-                if (residual) v += __bfloat162float(residual[rX ? voxel_offset(n, vx / 2, vy / 2, vz / 2, rX, rY, rZ, Co, co) : o]);
-                bf16 out = __float2bfloat16_rn(v);
+            for (int j = 0; j < NT; ++j) {
+                float2* dst = reinterpret_cast<float2*>(&acc_s[(((2 * m + hx) * TC_BY + warp) * TC_BZ + g) * S::ACC_STRIDE + 8 * j + 2 * tg]);
+                *dst = make_float2(acc[m][j][2 * hx], acc[m][j][2 * hx + 1]);
+            }
+    __syncthreads();
+    // Thread tid owns the channel pair (cb, cb + 1), cb = co0 + 2 (tid % PAIRS), of every
+    // VSTEP-th voxel from tid / PAIRS: a warp stores runs of whole voxels (coalesced). With Co
+    // odd the pair's second channel may lie past Co: it is then computed from clamped reads
+    // and neither stored nor summed into a written partial. s1/s2: the thread's sums for its
+    // pair (BatchNorm's statistics or backward sums, as the header says).
+    constexpr int PAIRS = CO_TILE / 2, VSTEP = TC_THREADS / PAIRS;
+    const int pair = tid % PAIRS, cb = co0 + 2 * pair;
+    const int cc[2] = {min(cb, Co - 1), min(cb + 1, Co - 1)};
+    float s1[2] = {0.f, 0.f}, s2[2] = {0.f, 0.f}, cbias[2], mb[3][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        cbias[h] = bias ? bias[cc[h]] : 0.f;
+        if (mask_h)
+#pragma unroll
+            for (int u = 0; u < 3; ++u) mb[u][h] = mask_bn[u * Co + cc[h]];
+    }
+    if (cb < Co) {
+#pragma unroll 1
+        for (int p = tid / PAIRS; p < S::VOXELS; p += VSTEP) {
+            const int vx = x0 + p / (TC_BY * TC_BZ), vy = y0 + (p / TC_BZ) % TC_BY, vz = z0 + p % TC_BZ;
+            if (vx >= X || vy >= Y || vz >= Z) continue;
+            const i64 o = voxel_offset(n, vx, vy, vz, X, Y, Z, Co, 0);
+            const i64 ro = residual ? (rX ? voxel_offset(n, vx / 2, vy / 2, vz / 2, rX, rY, rZ, Co, 0) : o) : 0;
+            bf16 out[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float v = acc_s[p * S::ACC_STRIDE + 2 * pair + h] + cbias[h];
+                if (residual) v += __bfloat162float(residual[ro + cc[h]]);
+                out[h] = __float2bfloat16_rn(v);
                 if (mask_h) {
-                    const float h = __bfloat162float(mask_h[o]);
-                    if (!(bn_affine_value(h, mask_bn[co], mask_bn[Co + co], mask_bn[2 * Co + co]) > 0.f)) out = __float2bfloat16_rn(0.f);
-                    const float gv = __bfloat162float(out);
-                    s1[j][e & 1] += gv;
-                    s2[j][e & 1] += gv * (h - mask_bn[co]);
+                    const float hv = __bfloat162float(mask_h[o + cc[h]]);
+                    if (!(bn_affine_value(hv, mb[0][h], mb[1][h], mb[2][h]) > 0.f)) out[h] = __float2bfloat16_rn(0.f);
+                    const float gval = __bfloat162float(out[h]);
+                    s1[h] += gval;
+                    s2[h] += gval * (hv - mb[0][h]);
                 } else {
-                    const float d = __bfloat162float(out) - (bias ? bias[co] : 0.f);
-                    s1[j][e & 1] += d;
-                    s2[j][e & 1] += d * d;
+                    const float d = __bfloat162float(out[h]) - cbias[h];
+                    s1[h] += d;
+                    s2[h] += d * d;
                 }
-                y[o] = out;
+            }
+            // Both channels in one 4-byte store where they are (Co even: aligned).
+            if ((Co & 1) == 0) {
+                *(uint32_t*)&y[o + cb] = pack_bf16x2(out[0], out[1]);
+            } else {
+                y[o + cb] = out[0];
+                if (cb + 1 < Co) y[o + cb + 1] = out[1];
             }
         }
     }
     if (!part) return;
-    // Columns 8 j + 2 tg + h are shared by the lanes with the same tg: sum over g (lane bits 2-4).
-    auto& red = sh.red;
+    // Per channel: the VSTEP threads that share it, in thread order.
+    auto red = reinterpret_cast<float (*)[2][2]>(sh.buf + S::ACC_BYTES);
 #pragma unroll
-    for (int j = 0; j < CO_TILE / 8; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            for (int off = 4; off < 32; off <<= 1) {
-                s1[j][h] += __shfl_xor_sync(0xffffffffu, s1[j][h], off);
-                s2[j][h] += __shfl_xor_sync(0xffffffffu, s2[j][h], off);
-            }
-            if (g == 0) {
-                red[warp][8 * j + 2 * tg + h][0] = s1[j][h];
-                red[warp][8 * j + 2 * tg + h][1] = s2[j][h];
-            }
-        }
+    for (int h = 0; h < 2; ++h) {
+        red[tid][h][0] = s1[h];
+        red[tid][h][1] = s2[h];
+    }
     __syncthreads();
     for (int c = tid; c < CO_TILE; c += TC_THREADS) {
         if (co0 + c >= Co) continue;
+        float t1 = 0.f, t2 = 0.f;
+        for (int q = 0; q < VSTEP; ++q) {
+            t1 += red[q * PAIRS + c / 2][c % 2][0];
+            t2 += red[q * PAIRS + c / 2][c % 2][1];
+        }
         float* row_out = part + (i64)blockIdx.x * 2 * Co + co0 + c;
-        row_out[0] = ((red[0][c][0] + red[1][c][0]) + red[2][c][0]) + red[3][c][0];
-        row_out[Co] = ((red[0][c][1] + red[1][c][1]) + red[2][c][1]) + red[3][c][1];
+        row_out[0] = t1;
+        row_out[Co] = t2;
     }
 }
 
 // Entry points, one per (output tile, k, chunk width), so that each launch's machine code is
 // its own (the plan reads it per kernel): conv3d_tc_forward_co{16,32,64}_k{1,3}_c{16,32}.
-// grid (N * ceil(X / 2) * ceil(Y / 4) * ceil(Z / 8), ceil(Co / CO_TILE)), block 128; k is
-// the entry's (the argument is kept for one launch signature); c32 needs Ci % 32 == 0.
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<16> sh;
-    conv3d_tc_forward_kc<16, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+// The tile fixes the brick: m-tiles per warp MT = 4, 2, 1 for 16, 32, 64 output channels
+// (each B fragment feeds MT HMMAs). grid (N * ceil(X / (2 MT)) * ceil(Y / 4) * ceil(Z / 8),
+// ceil(Co / CO_TILE)), block 128; w packed for CO_TILE; k is the entry's (the argument keeps
+// one launch signature); c32 needs Ci % 32 == 0.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<16, 4, 1, 16> sh;
+    conv3d_tc_forward_kc<16, 4, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<16> sh;
-    conv3d_tc_forward_kc<16, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<16, 4, 1, 32> sh;
+    conv3d_tc_forward_kc<16, 4, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<16> sh;
-    conv3d_tc_forward_kc<16, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<16, 4, 3, 16> sh;
+    conv3d_tc_forward_kc<16, 4, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co16_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<16> sh;
-    conv3d_tc_forward_kc<16, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<16, 4, 3, 32> sh;
+    conv3d_tc_forward_kc<16, 4, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<32> sh;
-    conv3d_tc_forward_kc<32, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<32, 2, 1, 16> sh;
+    conv3d_tc_forward_kc<32, 2, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<32> sh;
-    conv3d_tc_forward_kc<32, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<32, 2, 1, 32> sh;
+    conv3d_tc_forward_kc<32, 2, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<32> sh;
-    conv3d_tc_forward_kc<32, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<32, 2, 3, 16> sh;
+    conv3d_tc_forward_kc<32, 2, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co32_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<32> sh;
-    conv3d_tc_forward_kc<32, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<32, 2, 3, 32> sh;
+    conv3d_tc_forward_kc<32, 2, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<64> sh;
-    conv3d_tc_forward_kc<64, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<64, 1, 1, 16> sh;
+    conv3d_tc_forward_kc<64, 1, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<64> sh;
-    conv3d_tc_forward_kc<64, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<64, 1, 1, 32> sh;
+    conv3d_tc_forward_kc<64, 1, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<64> sh;
-    conv3d_tc_forward_kc<64, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<64, 1, 3, 16> sh;
+    conv3d_tc_forward_kc<64, 1, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_forward_co64_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
-    __shared__ __align__(16) TcForwardShared<64> sh;
-    conv3d_tc_forward_kc<64, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+    __shared__ __align__(16) TcForwardShared<64, 1, 3, 32> sh;
+    conv3d_tc_forward_kc<64, 1, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
 }
 
 #define TCW_STRIDE 24  // a halo voxel's 16 channels, padded to 48 bytes (16-byte aligned)
@@ -458,14 +571,25 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
     conv3d_tc_backward_weight_k<3, false>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
 }
 
-// The f32 weight [Co, T, Ci] as bf16, in the forward layout (flip = 0: out[co, t, ci]) or
-// flipped and transposed for the input gradient (flip = 1: out[ci, t, co] = w[co, T-1-t, ci]).
-// 32-bit index math: a weight has fewer than 2^31 values (the launcher checks).
-extern "C" __global__ void conv3d_weight_to_bf16(const float* w, bf16* out, int Co, int T, int Ci, int flip) {
-    const int n = Co * T * Ci;
+// The f32 weight w [Co, T, Ci] as the forward kernel's B operand, packed for output tiles of
+// `tile` channels (16, 32 or 64):                                                        (=)
+//   out[((tl * (Kc / 16) + c16) * T + t) * tile + nl) * 16 + kk] = B[tl * tile + nl, t, 16 c16 + kk]
+// where B[nn, t, kc] is w[nn, t, kc] (flip = 0: Nn = Co, Kc = Ci) or, for the input gradient,
+// the flipped transpose w[kc, T - 1 - t, nn] (flip = 1: Nn = Ci, Kc = Co); columns nn >= Nn
+// are 0. Kc is a multiple of 16; out has ceil(Nn / tile) * tile * T * Kc values. Every output
+// is written once; 32-bit index math (the launcher checks the size).
+extern "C" __global__ void conv3d_weight_to_bf16(const float* w, bf16* out, int Co, int T, int Ci, int flip, int tile) {
+    const int Nn = flip ? Ci : Co, Kc = flip ? Co : Ci, kc16 = Kc / 16;
+    const int n = (Nn + tile - 1) / tile * tile * T * Kc;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        const int ci = i % Ci, rest = i / Ci, t = rest % T, co = rest / T;
-        const int dst = flip ? (ci * T + (T - 1 - t)) * Co + co : i;
-        out[dst] = __float2bfloat16_rn(w[i]);
+        int rest = i / 16;
+        const int nl = rest % tile;
+        rest /= tile;
+        const int t = rest % T;
+        rest /= T;
+        const int kc = (rest % kc16) * 16 + i % 16, nn = (rest / kc16) * tile + nl;
+        float v = 0.f;
+        if (nn < Nn) v = flip ? w[((i64)kc * T + (T - 1 - t)) * Ci + nn] : w[((i64)nn * T + t) * Ci + kc];
+        out[i] = __float2bfloat16_rn(v);
     }
 }

@@ -80,6 +80,10 @@ struct __attribute__((aligned(16))) uint4 {
     unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+struct __attribute__((aligned(8))) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 // A misaligned vector access faults on the GPU; here it stops the process with its address.
 inline void emu_check_align(const void* p, unsigned bytes, const char* what) {

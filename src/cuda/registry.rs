@@ -80,6 +80,7 @@ kernels! {
     BnAffineTable => "bn_affine_table",
     BnApplyF32 => "bn_apply_f32",
     BnApplyBf16 => "bn_apply_bf16",
+    BnTableReluBf16 => "bn_table_relu_bf16",
     BnBackwardFinalize => "bn_backward_finalize",
     BnBackwardApplyF32 => "bn_backward_apply_f32",
     BnBackwardApplyBf16 => "bn_backward_apply_bf16",

@@ -34,18 +34,20 @@ pub fn tensor_cores_for(dtype: DType, ci: usize) -> bool {
     dtype == DType::BF16 && ci % 16 == 0 && ci > 0 && !off
 }
 
-/// The f32 weight [Co, k, k, k, Ci] as bf16 [Co, T, Ci] (or flipped and transposed to
-/// [Ci, T, Co] for the input gradient).
-fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool) -> Result<CudaBuf> {
+/// The f32 weight [Co, k, k, k, Ci] as the tensor-core forward's bf16 B operand, packed for
+/// output tiles of `tile` channels (`conv3d_weight_to_bf16`); flipped and transposed for the
+/// input gradient (whose output has Ci channels) when `flip`.
+fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool, tile: usize) -> Result<CudaBuf> {
     let dev = dev_of(w);
-    let n = co * k * k * k * ci;
-    ensure!(n < i32::MAX as usize, "conv3d weight of {n} values: the bf16 conversion indexes in 32 bits");
+    let (nn, kc) = if flip { (ci, co) } else { (co, ci) };
+    let n = nn.div_ceil(tile) * tile * k * k * k * kc;
+    ensure!(n < i32::MAX as usize, "conv3d weight of {n} packed values: the bf16 conversion indexes in 32 bits");
     let out = dev.alloc(n * 2)?;
     dev.launch_1d(
         K::Conv3dWeightToBf16,
         n,
-        &[Arg::Ptr(w.ptr()), Arg::Ptr(out.ptr()), Arg::I32(co as i32), Arg::I32((k * k * k) as i32), Arg::I32(ci as i32), Arg::I32(flip as i32)],
-        Cost::mem(n * 6),
+        &[Arg::Ptr(w.ptr()), Arg::Ptr(out.ptr()), Arg::I32(co as i32), Arg::I32((k * k * k) as i32), Arg::I32(ci as i32), Arg::I32(flip as i32), Arg::I32(tile as i32)],
+        Cost::mem(co * k * k * k * ci * 4 + n * 2),
     )?;
     Ok(out)
 }
@@ -69,9 +71,16 @@ pub struct Fusion<'a> {
     pub partials: bool,
 }
 
-/// Bricks (2 x 4 x 8 voxels, one tensor-core block each) of a volume.
+/// Bricks (2 x 4 x 8 voxels, one weight-gradient block each) of a volume.
 fn tc_bricks(v: Vol) -> usize {
     v.n * v.x.div_ceil(2) * v.y.div_ceil(4) * v.z.div_ceil(8)
+}
+
+/// Bricks of the forward kernel for output tile `tile`: (2 MT) x 4 x 8 voxels with MT = 4, 2,
+/// 1 m-tiles per warp for tiles of 16, 32, 64 channels (`kernels/conv3d_tc.cu`).
+fn tc_forward_bricks(v: Vol, tile: usize) -> usize {
+    let bx = 2 * (64 / tile);
+    v.n * v.x.div_ceil(bx) * v.y.div_ceil(4) * v.z.div_ceil(8)
 }
 
 /// The forward kernel for `co` output channels (its tile width), kernel size `k` and `ci` input
@@ -101,13 +110,25 @@ fn tc_forward_kernel(co: usize, k: usize, ci: usize) -> Result<(K, usize)> {
     }))
 }
 
-/// The tensor-core convolution: y [N, X, Y, Z, co] bf16 from x (v, bf16) and a bf16 weight
-/// [co, T, v.c], with `fu`'s fusions; the partials when asked for.
-fn tc_forward(x: &Tensor, v: Vol, wb: &CudaBuf, bias: Option<&Tensor>, co: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
+/// A convolution's f32 weight [co, k, k, k, ci] as a tensor-core forward reads it: as is, or
+/// flipped and transposed (the input gradient's operand, whose output has `ci` channels).
+struct TcWeight<'a> {
+    w: &'a Tensor,
+    co: usize,
+    ci: usize,
+    flip: bool,
+}
+
+/// The tensor-core convolution: y [N, X, Y, Z, co] bf16 from x (v, bf16) and the f32 weight
+/// `w` (packed by `weight_bf16`, flipped when `flip`), with `fu`'s fusions; the partials when
+/// asked for.
+fn tc_forward(x: &Tensor, v: Vol, w: TcWeight, bias: Option<&Tensor>, co: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
     let dev = dev_of(x);
     let y = empty(dev, &v.with_c(co).shape(), DType::BF16)?;
     let (kern, tile) = tc_forward_kernel(co, k, v.c)?;
-    let bricks = tc_bricks(v);
+    let wb = weight_bf16(w.w, w.co, k, w.ci, w.flip, tile)?;
+    ensure!(v.x * v.y * v.z < i32::MAX as usize, "tensor-core conv3d: a patch of {} x {} x {} voxels (the kernel indexes a patch's voxels in 32 bits)", v.x, v.y, v.z);
+    let bricks = tc_forward_bricks(v, tile);
     let part = if fu.partials { Some(empty(dev, &[bricks, 2 * co], DType::F32)?) } else { None };
     ensure!(fu.residual.is_none() || fu.upsampled_residual.is_none(), "conv3d: a residual and an upsampled residual at once");
     let r_grid = match fu.upsampled_residual {
@@ -126,11 +147,21 @@ fn tc_forward(x: &Tensor, v: Vol, wb: &CudaBuf, bias: Option<&Tensor>, co: usize
         }
         None => [0; 3],
     };
+    // The 1x1x1 kernels take no BN table (kernels/conv3d_tc.cu): their input is relu(bn(x))
+    // computed first, the same values the 3x3x3 loader computes.
+    let bn_input = match (k, fu.input_bn_relu) {
+        (1, Some(tab)) => Some(bn_table_relu(x, v, tab)?),
+        _ => None,
+    };
+    let (x, in_bn) = match &bn_input {
+        Some(a) => (a, None),
+        None => (x, fu.input_bn_relu),
+    };
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(wb.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
     args.extend(dims(v));
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
     args.extend([
-        Arg::Ptr(fu.input_bn_relu.map_or(0, |t| t.ptr())),
+        Arg::Ptr(in_bn.map_or(0, |t| t.ptr())),
         Arg::Ptr(fu.residual.or(fu.upsampled_residual).map_or(0, |r| r.ptr())),
         Arg::I32(r_grid[0] as i32),
         Arg::I32(r_grid[1] as i32),
@@ -140,23 +171,33 @@ fn tc_forward(x: &Tensor, v: Vol, wb: &CudaBuf, bias: Option<&Tensor>, co: usize
         Arg::Ptr(part.as_ref().map_or(0, |p| p.ptr())),
     ]);
     let extra = fu.residual.map_or(0, nbytes) + fu.upsampled_residual.map_or(0, nbytes) + fu.relu_mask.map_or(0, |(h, _)| nbytes(h)) + part.as_ref().map_or(0, nbytes);
-    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + co * k * k * k * v.c * 2 + co * 4 + nbytes(&y) + extra);
+    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + co.div_ceil(tile) * tile * k * k * k * v.c * 2 + co * 4 + nbytes(&y) + extra);
     dev.launch(kern, (bricks as u32, co.div_ceil(tile) as u32, 1), (128, 1, 1), 0, &args, cost)?;
     Ok((y, part))
+}
+
+/// relu(bn(x)) in bf16 from BatchNorm's [3, v.c] affine table (`bn_table_relu_bf16`).
+fn bn_table_relu(x: &Tensor, v: Vol, tab: &CudaBuf) -> Result<Tensor> {
+    let dev = dev_of(x);
+    let n = x.numel();
+    ensure!(n < i32::MAX as usize, "BN -> ReLU of {n} values: the kernel indexes in 32 bits");
+    let y = empty(dev, x.shape(), DType::BF16)?;
+    dev.launch_1d(K::BnTableReluBf16, n, &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(tab.ptr()), Arg::I32((n / v.c) as i32), Arg::I32(v.c as i32)], Cost::mem(2 * nbytes(x)))?;
+    Ok(y)
 }
 
 /// The tensor-core forward with fusions: x bf16 (v), v.c a multiple of 16.
 pub fn forward_fused(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
     ensure!(tensor_cores_for(x.dtype(), v.c), "fused conv3d needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
     ensure_f32(w, "conv3d weight")?;
-    tc_forward(x, v, &weight_bf16(w, co, k, v.c, false)?, bias, co, k, fu)
+    tc_forward(x, v, TcWeight { w, co, ci: v.c, flip: false }, bias, co, k, fu)
 }
 
 /// The tensor-core input gradient with fusions: dx [.., ci] bf16 from bf16 dy (v_out, its
 /// channel count a multiple of 16).
 pub fn backward_input_fused(dy: &Tensor, v_out: Vol, w: &Tensor, ci: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
     ensure!(tensor_cores_for(dy.dtype(), v_out.c), "fused conv3d backward needs bf16 gradients over a multiple of 16 channels, got {:?} x {}", dy.dtype(), v_out.c);
-    tc_forward(dy, v_out, &weight_bf16(w, v_out.c, k, ci, true)?, None, ci, k, fu)
+    tc_forward(dy, v_out, TcWeight { w, co: v_out.c, ci, flip: true }, None, ci, k, fu)
 }
 
 /// y [N, X, Y, Z, Co] in x's dtype; w [Co, k, k, k, Ci] f32, bias [Co] f32.
@@ -164,7 +205,7 @@ pub fn forward(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize,
     ensure_float(x, "conv3d")?;
     ensure_f32(w, "conv3d weight")?;
     if tensor_cores_for(x.dtype(), v.c) {
-        return Ok(tc_forward(x, v, &weight_bf16(w, co, k, v.c, false)?, bias, co, k, Fusion::default())?.0);
+        return Ok(tc_forward(x, v, TcWeight { w, co, ci: v.c, flip: false }, bias, co, k, Fusion::default())?.0);
     }
     forward_cuda_cores(x, v, w, bias, co, k)
 }
@@ -190,7 +231,7 @@ pub fn backward_input(dy: &Tensor, v_out: Vol, w: &Tensor, ci: usize, k: usize, 
     let dy = cast(dy, dtype)?;
     if tensor_cores_for(dtype, v_out.c) {
         // The forward kernel with the flipped, transposed weight: Co input channels, Ci out.
-        return Ok(tc_forward(&dy, v_out, &weight_bf16(w, v_out.c, k, ci, true)?, None, ci, k, Fusion::default())?.0);
+        return Ok(tc_forward(&dy, v_out, TcWeight { w, co: v_out.c, ci, flip: true }, None, ci, k, Fusion::default())?.0);
     }
     let dev = dev_of(&dy);
     let dx = empty(dev, &v_out.with_c(ci).shape(), dtype)?;
