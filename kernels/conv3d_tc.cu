@@ -76,41 +76,6 @@
 // Halo of the weight gradient's brick for a 3x3x3 kernel.
 #define TC_HALO ((TC_BX + 2) * (TC_BY + 2) * (TC_BZ + 2))
 
-// Loads a brick's halo: voxel hv of the (TC_BX + 2r) x HY x HZ box whose corner is
-// (x0 - r, y0 - r, z0 - r) of patch n gets `pieces` 16-byte runs of 8 channels from ci0 at
-// halo[hv * stride + 8 piece]; voxels outside the volume get zeros (the convolution's
-// padding). Without `bn` the copies are queued (cp.async, not yet committed); with `bn` (a
-// shared [3][bn_width] table for channels ci0 ...) they are loaded, mapped through
-// bn_relu_value and stored at once.
-__device__ __forceinline__ void halo_load(bf16* halo, int stride, int pieces, const bf16* x, int n, int x0, int y0, int z0, int r, int HY, int HZ, int HV, int X,
-                                          int Y, int Z, int Ci, int ci0, const float* bn, int bn_width) {
-    for (int e = threadIdx.x; e < HV * pieces; e += TC_THREADS) {
-        const int hv = e / pieces, piece = e % pieces;
-        const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
-        const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
-        const bool inside = gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z;
-        const bf16* src = inside ? x + voxel_offset(n, gx, gy, gz, X, Y, Z, Ci, ci0 + piece * 8) : x;
-        bf16* dst = &halo[hv * stride + piece * 8];
-        if (!bn) {
-            cp_async_16(dst, src, inside ? 16 : 0);
-            continue;
-        }
-        // Through memcpy, not a bf16 pointer into the uint4: no strict-aliasing hazard.
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (inside) {
-            v = ld_vec16(src);
-            bf16 h[8];
-            memcpy(h, &v, 16);
-            for (int j = 0; j < 8; ++j) {
-                const int c = piece * 8 + j;
-                h[j] = __float2bfloat16_rn(bn_relu_value(__bfloat162float(h[j]), bn[c], bn[bn_width + c], bn[2 * bn_width + c]));
-            }
-            memcpy(&v, h, 16);
-        }
-        st_vec16(dst, v);
-    }
-}
-
 // tab[3][width] (shared) = channels c0 ... c0 + width of the [3, C] table src (all threads
 // call it; followed by a barrier).
 __device__ __forceinline__ void bn_table_load(float* tab, const float* src, int C, int c0, int width) {
@@ -436,11 +401,20 @@ __device__ void conv3d_tc_backward_weight_k(const bf16* x, const bf16* dy, float
     const i64 b_begin = (i64)blockIdx.x * per_split, b_end = min(bricks, b_begin + per_split);
     const int co0 = blockIdx.y * 16, ci0 = blockIdx.z * 16;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    if (in_bn) bn_table_load(bn_tab, in_bn, Ci, ci0, 16);
+    // With in_bn, this thread's halo pieces all hold channels ci0 + 8 (tid % 2) ...: their BN
+    // constants, once.
+    float bn_c[3][8];
+    if (in_bn) {
+        bn_table_load(bn_tab, in_bn, Ci, ci0, 16);
+#pragma unroll
+        for (int q = 0; q < 8; ++q)
+#pragma unroll
+            for (int u = 0; u < 3; ++u) bn_c[u][q] = bn_tab[u * 16 + (tid % 2) * 8 + q];
+    }
     // The bias gradient rides along: blocks of the first input-channel tile sum their dy tiles
-    // (thread c < 16: channel co0 + c; f32 per brick, f64 across bricks).
+    // (per brick in f32 by warp 0's HMMAs of dy^T with ones, f64 across bricks).
     const bool bias_sums = db_part && blockIdx.z == 0;
-    double db_acc = 0.0;
+    double db_acc[2] = {0.0, 0.0};  // warp 0, lanes with tg = 0: channels co0 + g, co0 + g + 8
     // Fragments by ldmatrix .trans, row addresses fixed per lane (brick voxel p = (vx * 4 + vy)
     // * 8 + vz, k-step s = voxels [16 s, 16 s + 16)). Matrix m = lane / 8, row lane % 8:
     //   A (dy^T, 16 channels x 16 voxels): matrix m holds voxels 16 s + 8 (m >> 1) + row,
@@ -471,16 +445,63 @@ __device__ void conv3d_tc_backward_weight_k(const bf16* x, const bf16* dy, float
         for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-    for (i64 b = b_begin; b < b_end; ++b) {
-        i64 q = b;
-        const int bz = (int)(q % bzn);
+    // This thread's halo pieces e = tid + 128 i: the place (hx, hy, hz) packed 8 bits each
+    // (-1 past the halo) and the 32-bit offset from the halo's corner; the brick's corner
+    // moves, these do not. (The launcher checks (TC_BX + 3) Y Z Ci < 2^31.)
+    constexpr int LOADS = (HV * 2 + TC_THREADS - 1) / TC_THREADS;
+    int place[LOADS], off[LOADS];
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+        const int e = tid + TC_THREADS * i, hv = e / 2;
+        const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
+        place[i] = e < HV * 2 ? (hx << 16) | (hy << 8) | hz : -1;
+        off[i] = ((hx * Y + hy) * Z + hz) * Ci + (e % 2) * 8;
+    }
+    // The first brick's coordinates (one division); later bricks step z, then y, x, n.
+    int bz, by, bx;
+    i64 n;
+    {
+        i64 q = b_begin;
+        bz = (int)(q % bzn);
         q /= bzn;
-        const int by = (int)(q % byn);
+        by = (int)(q % byn);
         q /= byn;
-        const int bx = (int)(q % bxn);
-        const i64 n = q / bxn;
+        bx = (int)(q % bxn);
+        n = q / bxn;
+    }
+    for (i64 b = b_begin; b < b_end; ++b) {
         const int x0 = bx * TC_BX, y0 = by * TC_BY, z0 = bz * TC_BZ;
-        halo_load(halo, TCW_STRIDE, 2, x, n, x0, y0, z0, r, HY, HZ, HV, X, Y, Z, Ci, ci0, in_bn ? bn_tab : nullptr, 16);
+        if (!in_bn) {
+            const bf16* xc = x + (voxel_offset(n, x0 - r, y0 - r, z0 - r, X, Y, Z, Ci, 0) + ci0);
+#pragma unroll
+            for (int i = 0; i < LOADS; ++i) {
+                if ((HV * 2) % TC_THREADS != 0 && i == LOADS - 1 && place[i] < 0) continue;
+                const int gx = x0 - r + (place[i] >> 16), gy = y0 - r + ((place[i] >> 8) & 255), gz = z0 - r + (place[i] & 255);
+                const bool inside = gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z;
+                const int e = tid + TC_THREADS * i;
+                cp_async_16(&halo[(e / 2) * TCW_STRIDE + (e % 2) * 8], inside ? xc + off[i] : x, inside ? 16 : 0);
+            }
+        } else {
+            // relu(bn(x)) in registers, in a loop that is not unrolled (places recomputed).
+            const bf16* xc = x + (voxel_offset(n, x0 - r, y0 - r, z0 - r, X, Y, Z, Ci, 0) + ci0);
+#pragma unroll 1
+            for (int e = tid; e < HV * 2; e += TC_THREADS) {
+                const int hv = e / 2;
+                const int hz = hv % HZ, hy = (hv / HZ) % HY, hx = hv / (HZ * HY);
+                const int gx = x0 + hx - r, gy = y0 + hy - r, gz = z0 + hz - r;
+                uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                if (gx >= 0 && gx < X && gy >= 0 && gy < Y && gz >= 0 && gz < Z) {
+                    v = ld_vec16(xc + ((hx * Y + hy) * Z + hz) * Ci + (e % 2) * 8);
+                    // Through memcpy, not a bf16 pointer into the uint4: no strict-aliasing hazard.
+                    bf16 h[8];
+                    memcpy(h, &v, 16);
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) h[q] = __float2bfloat16_rn(bn_relu_value(__bfloat162float(h[q]), bn_c[0][q], bn_c[1][q], bn_c[2][q]));
+                    memcpy(&v, h, 16);
+                }
+                st_vec16(&halo[hv * TCW_STRIDE + (e % 2) * 8], v);
+            }
+        }
         cp_async_commit();
         if (VEC) {
             // dy's 64 voxels x 16 channels as 128 16-byte pieces, one per thread (zero outside
@@ -491,6 +512,7 @@ __device__ void conv3d_tc_backward_weight_k(const bf16* x, const bf16* dy, float
             cp_async_16(&dys[p][8 * piece], inside ? dy + voxel_offset(n, vx, vy, vz, X, Y, Z, Co, co) : dy, inside ? 16 : 0);
             cp_async_commit();
         } else {
+#pragma unroll 1
             for (int e = tid; e < 64 * 16; e += TC_THREADS) {
                 const int p = e / 16, mm = e % 16;
                 const int vx = x0 + p / 32, vy = y0 + (p / 8) % 4, vz = z0 + p % 8, co = co0 + mm;
@@ -500,14 +522,29 @@ __device__ void conv3d_tc_backward_weight_k(const bf16* x, const bf16* dy, float
         }
         cp_async_wait_all();
         __syncthreads();
-        if (bias_sums && tid < 16) {
-            float sb = 0.f;
-            for (int p = 0; p < 64; ++p) sb += __bfloat162float(dys[p][tid]);
-            db_acc += (double)sb;
+        // The next brick.
+        if (++bz == bzn) {
+            bz = 0;
+            if (++by == byn) {
+                by = 0;
+                if (++bx == bxn) {
+                    bx = 0;
+                    ++n;
+                }
+            }
         }
         uint32_t a[4][4];
 #pragma unroll
         for (int s = 0; s < 4; ++s) ldmatrix_x4_trans(a[s], &dys[0][0] + a_row[s]);
+        if (bias_sums && warp == 0) {
+            // dy^T times a B of ones: every column of C is the brick's per-channel sum of dy.
+            const uint32_t ones[2] = {0x3f803f80u, 0x3f803f80u};  // bf16 1.0 pairs
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int s = 0; s < 4; ++s) mma_bf16_16816(c, a[s], ones, c);
+            db_acc[0] += (double)c[0];
+            db_acc[1] += (double)c[2];
+        }
 #pragma unroll
         for (int i = 0; i < TCW_TAPS; ++i) {
             if (one_tap ? i > 0 : warp + 4 * i >= T) break;
@@ -522,7 +559,10 @@ __device__ void conv3d_tc_backward_weight_k(const bf16* x, const bf16* dy, float
         }
         __syncthreads();  // the halo and dy tiles are overwritten by the next brick
     }
-    if (bias_sums && tid < 16 && co0 + tid < Co) db_part[(i64)blockIdx.x * Co + co0 + tid] = db_acc;
+    if (bias_sums && warp == 0 && lane % 4 == 0)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            if (co0 + lane / 4 + 8 * h < Co) db_part[(i64)blockIdx.x * Co + co0 + lane / 4 + 8 * h] = db_acc[h];
     float* out = part + (i64)blockIdx.x * Co * T * Ci;
     if (!one_tap) {
 #pragma unroll
@@ -551,16 +591,115 @@ __device__ void conv3d_tc_backward_weight_k(const bf16* x, const bf16* dy, float
     }
 }
 
-// grid (splits, ceil(Co / 16), Ci / 16), block 128; `per_split` consecutive bricks per split.
+// The 1x1x1 weight gradient is a plain GEMM over voxels in any order (and takes no BN table:
+// the launcher applies it first, as for the forward): the volume is read as
+// flat [V, Ci] and [V, Co] matrices (V = N X Y Z), a "brick" is a run of 64 consecutive
+// voxels, and each iteration takes 4 runs, warp w run w (4 k-steps, 2 n-tiles: 8 HMMAs, plus 4
+// of dy^T with ones for the bias sums). The warps' sums are added in warp order at the end.
+template <bool VEC>
+__device__ void conv3d_tc_backward_weight_flat(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, i64 per_split, const float* in_bn,
+                                               double* db_part) {
+    __shared__ __align__(16) bf16 xs[256 * TCW_STRIDE];
+    __shared__ __align__(16) bf16 dys[256 * TCW_STRIDE];
+    __shared__ float red[4][16][16];
+    __shared__ double dbred[4][16];
+    (void)in_bn;  // none for k = 1: the launcher passes relu(bn(x)) itself
+    const i64 V = (i64)nb * X * Y * Z, runs = (V + 63) / 64;
+    const i64 r_begin = (i64)blockIdx.x * per_split, r_end = min(runs, r_begin + per_split);
+    const i64 v_end = min(V, r_end * 64);
+    const int co0 = blockIdx.y * 16, ci0 = blockIdx.z * 16;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const bool bias_sums = db_part && blockIdx.z == 0;
+    double db_acc[2] = {0.0, 0.0};  // lanes with tg = 0: channels co0 + g, co0 + g + 8 of this warp's runs
+    // ldmatrix .trans row addresses in warp w's run (voxels 64 w ...), as in the 3x3x3 kernel.
+    const int m = lane >> 3, mrow = lane & 7;
+    int a_row[4], b_row[4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        a_row[s] = (64 * warp + 16 * s + 8 * (m >> 1) + mrow) * TCW_STRIDE + 8 * (m & 1);
+        b_row[s] = (64 * warp + 16 * s + 8 * (m & 1) + mrow) * TCW_STRIDE + 8 * (m >> 1);
+    }
+    float acc[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    // Piece i of this thread: voxel v0 + tid / 2 + 64 i, channels 8 (tid % 2) ..., from
+    // pointers that step 256 voxels per iteration (64-voxel strides fit in 32 bits: the launcher
+    // checks 64 Ci and 64 Co).
+    const int piece = tid % 2, pv = tid / 2, sx = 64 * Ci, sd = 64 * Co;
+    const bool co_ok = co0 + 8 * piece < Co;
+    const bf16* px = x + (r_begin * 64 + pv) * Ci + ci0 + 8 * piece;
+    const bf16* pd = dy + (r_begin * 64 + pv) * Co + co0 + 8 * piece;
+    for (i64 v0 = r_begin * 64; v0 < v_end; v0 += 256, px += 4 * (i64)sx, pd += 4 * (i64)sd) {
+        const int rem = (int)min(v_end - v0, (i64)256);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const bool inside = pv + 64 * i < rem;
+            cp_async_16(&xs[(pv + 64 * i) * TCW_STRIDE + 8 * piece], inside ? px + i * sx : x, inside ? 16 : 0);
+            if (VEC) cp_async_16(&dys[(pv + 64 * i) * TCW_STRIDE + 8 * piece], inside && co_ok ? pd + i * sd : dy, inside && co_ok ? 16 : 0);
+        }
+        if (!VEC) {
+#pragma unroll 1
+            for (int e = tid; e < 256 * 16; e += TC_THREADS) {
+                const i64 v = v0 + e / 16;
+                const int co = co0 + e % 16;
+                dys[(e / 16) * TCW_STRIDE + e % 16] = v < v_end && co < Co ? dy[v * Co + co] : __float2bfloat16_rn(0.f);
+            }
+        }
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+        uint32_t a[4][4];
+#pragma unroll
+        for (int s = 0; s < 4; ++s) ldmatrix_x4_trans(a[s], dys + a_row[s]);
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            uint32_t bb[4];
+            ldmatrix_x4_trans(bb, xs + b_row[s]);
+            mma_bf16_16816(acc[0], a[s], &bb[0], acc[0]);
+            mma_bf16_16816(acc[1], a[s], &bb[2], acc[1]);
+        }
+        if (bias_sums) {
+            // dy^T times a B of ones: every column of C is the run's per-channel sum of dy.
+            const uint32_t ones[2] = {0x3f803f80u, 0x3f803f80u};  // bf16 1.0 pairs
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int s = 0; s < 4; ++s) mma_bf16_16816(c, a[s], ones, c);
+            db_acc[0] += (double)c[0];
+            db_acc[1] += (double)c[2];
+        }
+        __syncthreads();  // the tiles are overwritten by the next iteration
+    }
+    if (bias_sums && lane % 4 == 0) {
+        dbred[warp][lane / 4] = db_acc[0];
+        dbred[warp][lane / 4 + 8] = db_acc[1];
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[warp][mma_c_row(lane, e)][8 * j + mma_c_col(lane, e)] = acc[j][e];
+    __syncthreads();
+    float* out = part + (i64)blockIdx.x * Co * Ci;
+    for (int e = tid; e < 256; e += TC_THREADS) {
+        const int mm = e / 16, c = e % 16;
+        const float v = ((red[0][mm][c] + red[1][mm][c]) + red[2][mm][c]) + red[3][mm][c];
+        if (co0 + mm < Co) out[(i64)(co0 + mm) * Ci + ci0 + c] = v;
+    }
+    if (bias_sums && tid < 16 && co0 + tid < Co) db_part[(i64)blockIdx.x * Co + co0 + tid] = ((dbred[0][tid] + dbred[1][tid]) + dbred[2][tid]) + dbred[3][tid];
+}
+
+// grid (splits, ceil(Co / 16), Ci / 16), block 128; `per_split` consecutive bricks per split
+// (k = 1: runs of 64 voxels).
 // One entry per kernel size (k is the entry's; the argument keeps one launch signature) and
 // dy load: _k1, _k3 need Co % 8 == 0 (16-byte pieces), _k1_any, _k3_any take any Co.
 extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k1(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
                                                                                      int k, i64 per_split, const float* in_bn, double* db_part) {
-    conv3d_tc_backward_weight_k<1, true>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
+    conv3d_tc_backward_weight_flat<true>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k1_any(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
                                                                                      int k, i64 per_split, const float* in_bn, double* db_part) {
-    conv3d_tc_backward_weight_k<1, false>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
+    conv3d_tc_backward_weight_flat<false>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k3(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
                                                                                      int k, i64 per_split, const float* in_bn, double* db_part) {

@@ -268,7 +268,23 @@ pub fn tc_weight_splits(bricks: usize, tiles: usize, weight_len: usize) -> (usiz
 fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>) -> Result<(CudaBuf, usize, CudaBuf)> {
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
-    let bricks = tc_bricks(v);
+    ensure!(
+        5 * v.y * v.z * v.c < i32::MAX as usize && 64 * v.c.max(co) < i32::MAX as usize,
+        "tensor-core conv3d weight gradient: {} x {} voxels of {} channels per x-plane, {co} output channels (the kernel's offsets are 32-bit)",
+        v.y,
+        v.z,
+        v.c
+    );
+    // k = 1: runs of 64 voxels, and relu(bn(x)) computed first (kernels/conv3d_tc.cu).
+    let bn_input = match (k, input_bn_relu) {
+        (1, Some(tab)) => Some(bn_table_relu(x, v, tab)?),
+        _ => None,
+    };
+    let (x, input_bn_relu) = match &bn_input {
+        Some(a) => (a, None),
+        None => (x, input_bn_relu),
+    };
+    let bricks = if k == 1 { v.voxels().div_ceil(64) } else { tc_bricks(v) };
     let (co_tiles, ci_tiles) = (co.div_ceil(16), v.c / 16);
     let (splits, per) = tc_weight_splits(bricks, co_tiles * ci_tiles, co * kdim);
     let part = dev.alloc(splits * co * kdim * 4)?;
