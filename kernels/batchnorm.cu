@@ -23,7 +23,8 @@
 //     (u = w = 0 in eval mode)                                                   (=)
 //   bn_backward_apply: dx = k dy + u (x - mean) + w (+ add[i] when add is given: the
 //     ResBlock's skip gradient joins the main path's in the same pass)            (=)
-//     (bn_backward_apply_bf16x8: the same, 8 channels of bf16 per 16-byte access)
+//   bn_apply and bn_backward_apply also come as NAME_f32x4 / NAME_bf16x8: the same expression
+//     per element over 16-byte accesses (C a multiple of 4 / 8, pointers 16-byte aligned)
 #include "common.cuh"
 
 extern "C" __global__ void bn_train_finalize(const double* s1_part, const double* s2_part, int chunks, int stride, int C, const float* shift, i64 M, double eps,
@@ -61,8 +62,9 @@ extern "C" __global__ void bn_affine_table(const double* mean, const double* inv
 
 template <typename T>
 __device__ void bn_apply(const T* x, T* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
-    GRID_STRIDE(i, M * C) {
-        int c = (int)(i % C);
+    ChannelCursor cc(GRID_FIRST, GRID_STEP, C);
+    for (i64 i = GRID_FIRST; i < M * C; i += GRID_STEP, cc.advance()) {
+        const int c = cc.c;
         float scale = (float)(invstd[c] * (double)gamma[c]);
         float v = bn_affine_value(ld(x, i), (float)mean[c], scale, beta[c]);
         st(y, i, relu ? fmaxf(v, 0.f) : v);
@@ -74,10 +76,35 @@ extern "C" __global__ void bn_apply_f32(const float* x, float* y, const double* 
 extern "C" __global__ void bn_apply_bf16(const bf16* x, bf16* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
     bn_apply(x, y, mean, invstd, gamma, beta, M, C, relu);
 }
+// bn_apply over 16-byte groups of V channels (C % V == 0): thread-iteration g covers elements
+// [g V, g V + V), whose channel group the cursor keeps.
+template <typename T>
+__device__ void bn_apply_vec(const T* x, T* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
+    constexpr int V = VEC_OF(T);
+    ChannelCursor cg(GRID_FIRST, GRID_STEP, C / V);
+    for (i64 g = GRID_FIRST; g < M * (C / V); g += GRID_STEP, cg.advance()) {
+        float v[V];
+        ld_lanes(x + g * V, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            const int c = cg.c * V + j;
+            const float u = bn_affine_value(v[j], (float)mean[c], (float)(invstd[c] * (double)gamma[c]), beta[c]);
+            v[j] = relu ? fmaxf(u, 0.f) : u;
+        }
+        st_lanes(y + g * V, v);
+    }
+}
+extern "C" __global__ void bn_apply_f32x4(const float* x, float* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
+    bn_apply_vec(x, y, mean, invstd, gamma, beta, M, C, relu);
+}
+extern "C" __global__ void bn_apply_bf16x8(const bf16* x, bf16* y, const double* mean, const double* invstd, const float* gamma, const float* beta, i64 M, int C, int relu) {
+    bn_apply_vec(x, y, mean, invstd, gamma, beta, M, C, relu);
+}
 
 extern "C" __global__ void bn_table_relu_bf16(const bf16* x, bf16* y, const float* tab, int M, int C) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < M * C; i += gridDim.x * blockDim.x) {
-        const int c = i % C;
+    ChannelCursor cc(GRID_FIRST, GRID_STEP, C);
+    for (int i = GRID_FIRST; i < M * C; i += GRID_STEP, cc.advance()) {
+        const int c = cc.c;
         y[i] = __float2bfloat16_rn(bn_relu_value(__bfloat162float(x[i]), tab[c], tab[C + c], tab[2 * C + c]));
     }
 }
@@ -103,8 +130,9 @@ extern "C" __global__ void bn_backward_finalize(const double* part0, const doubl
 
 template <typename T>
 __device__ void bn_backward_apply(const T* x, const T* dy, const T* add, T* dx, const double* mean, const float* coef, i64 M, int C) {
-    GRID_STRIDE(i, M * C) {
-        int c = (int)(i % C);
+    ChannelCursor cc(GRID_FIRST, GRID_STEP, C);
+    for (i64 i = GRID_FIRST; i < M * C; i += GRID_STEP, cc.advance()) {
+        const int c = cc.c;
         const float v = coef[c] * ld(dy, i) + coef[C + c] * (ld(x, i) - (float)mean[c]) + coef[2 * C + c];
         st(dx, i, add ? v + ld(add, i) : v);
     }
@@ -115,30 +143,28 @@ extern "C" __global__ void bn_backward_apply_f32(const float* x, const float* dy
 extern "C" __global__ void bn_backward_apply_bf16(const bf16* x, const bf16* dy, const bf16* add, bf16* dx, const double* mean, const float* coef, i64 M, int C) {
     bn_backward_apply(x, dy, add, dx, mean, coef, M, C);
 }
-// bn_backward_apply_bf16 eight channels at a time: 16-byte loads and stores, 32-bit index
-// math. Needs C % 8 == 0 and M C / 8 < 2^31 (the launcher checks); the same expression per
-// element as bn_backward_apply.
-extern "C" __global__ void bn_backward_apply_bf16x8(const bf16* x, const bf16* dy, const bf16* add, bf16* dx, const double* mean, const float* coef, i64 M, int C) {
-    const int nv = (int)(M * C / 8), cv = C / 8;
-    for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < nv; v += gridDim.x * blockDim.x) {
-        const int c0 = (v % cv) * 8;
-        const i64 o = (i64)v * 8;
-        bf16 xs[8], ds[8], as[8], out[8];
-        uint4 t = ld_vec16(x + o);
-        memcpy(xs, &t, 16);
-        t = ld_vec16(dy + o);
-        memcpy(ds, &t, 16);
-        if (add) {
-            t = ld_vec16(add + o);
-            memcpy(as, &t, 16);
-        }
+// bn_backward_apply over 16-byte groups of V channels (C % V == 0), as bn_apply_vec.
+template <typename T>
+__device__ void bn_backward_apply_vec(const T* x, const T* dy, const T* add, T* dx, const double* mean, const float* coef, i64 M, int C) {
+    constexpr int V = VEC_OF(T);
+    ChannelCursor cg(GRID_FIRST, GRID_STEP, C / V);
+    for (i64 g = GRID_FIRST; g < M * (C / V); g += GRID_STEP, cg.advance()) {
+        float xs[V], ds[V], as[V];
+        ld_lanes(x + g * V, xs);
+        ld_lanes(dy + g * V, ds);
+        if (add) ld_lanes(add + g * V, as);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int c = c0 + j;
-            const float val = coef[c] * __bfloat162float(ds[j]) + coef[C + c] * (__bfloat162float(xs[j]) - (float)mean[c]) + coef[2 * C + c];
-            out[j] = __float2bfloat16_rn(add ? val + __bfloat162float(as[j]) : val);
+        for (int j = 0; j < V; ++j) {
+            const int c = cg.c * V + j;
+            const float v = coef[c] * ds[j] + coef[C + c] * (xs[j] - (float)mean[c]) + coef[2 * C + c];
+            ds[j] = add ? v + as[j] : v;
         }
-        memcpy(&t, out, 16);
-        st_vec16(dx + o, t);
+        st_lanes(dx + g * V, ds);
     }
+}
+extern "C" __global__ void bn_backward_apply_f32x4(const float* x, const float* dy, const float* add, float* dx, const double* mean, const float* coef, i64 M, int C) {
+    bn_backward_apply_vec(x, dy, add, dx, mean, coef, M, C);
+}
+extern "C" __global__ void bn_backward_apply_bf16x8(const bf16* x, const bf16* dy, const bf16* add, bf16* dx, const double* mean, const float* coef, i64 M, int C) {
+    bn_backward_apply_vec(x, dy, add, dx, mean, coef, M, C);
 }

@@ -34,6 +34,66 @@ __device__ __forceinline__ uint4 ld_vec16(const void* p) { return *(const uint4*
 __device__ __forceinline__ void st_vec16(void* p, uint4 v) { *(uint4*)p = v; }
 #endif
 
+// VEC_OF(T) consecutive elements, 16 bytes (4 f32 or 8 bf16), as f32 values: one vector access
+// each (the address 16-byte aligned). The `_f32x4` / `_bf16x8` kernels are built on these.
+#define VEC_OF(T) ((int)(16 / sizeof(T)))
+__device__ __forceinline__ void ld_lanes(const float* p, float* v) {
+    const uint4 t = ld_vec16(p);
+    memcpy(v, &t, 16);
+}
+__device__ __forceinline__ void ld_lanes(const bf16* p, float* v) {
+    const uint4 t = ld_vec16(p);
+    bf16 b[8];
+    memcpy(b, &t, 16);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = __bfloat162float(b[j]);
+}
+__device__ __forceinline__ void st_lanes(float* p, const float* v) {
+    uint4 t;
+    memcpy(&t, v, 16);
+    st_vec16(p, t);
+}
+__device__ __forceinline__ void st_lanes(bf16* p, const float* v) {
+    bf16 b[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) b[j] = __float2bfloat16_rn(v[j]);
+    uint4 t;
+    memcpy(&t, b, 16);
+    st_vec16(p, t);
+}
+
+// The channel of a grid-stride loop's element, kept without a division per iteration: start at
+// (first index) mod C, then each stride adds (stride mod C) with one conditional wrap. Every
+// index involved is a 32-bit quantity at start (thread index, grid size), so no 64-bit
+// division appears anywhere.
+struct ChannelCursor {
+    int c, step, C;
+    __device__ __forceinline__ ChannelCursor(unsigned first, unsigned stride, int C_) : c((int)(first % (unsigned)C_)), step((int)(stride % (unsigned)C_)), C(C_) {}
+    __device__ __forceinline__ void advance() {
+        c += step;
+        if (c >= C) c -= C;
+    }
+};
+// The (row, column) of a grid-stride loop's element of a [rows, W] matrix, kept the same way:
+// one 32-bit division at start, a carry per iteration (W below 2^31).
+struct RowCursor {
+    i64 r, dr;
+    int j, dj, W;
+    __device__ __forceinline__ RowCursor(unsigned first, unsigned stride, int W_) : r(first / (unsigned)W_), dr(stride / (unsigned)W_), j((int)(first % (unsigned)W_)), dj((int)(stride % (unsigned)W_)), W(W_) {}
+    __device__ __forceinline__ void advance() {
+        r += dr;
+        j += dj;
+        if (j >= W) {
+            j -= W;
+            ++r;
+        }
+    }
+};
+// The first index and the stride of a grid-stride loop (both below 2^32: grids of at most
+// 2^16 blocks of 256 threads).
+#define GRID_FIRST ((unsigned)(blockIdx.x * blockDim.x + threadIdx.x))
+#define GRID_STEP ((unsigned)(gridDim.x * blockDim.x))
+
 // The block's dynamic shared memory (the launch's shared_bytes, 16-byte aligned) as a T*.
 // Above 48 KiB a launch needs the kernel's opt-in (CudaDevice::set_max_dynamic_shared, up to
 // 227 KiB on sm_90); the emulator enforces both limits, poisons the buffer with NaN before
@@ -67,6 +127,21 @@ __device__ __forceinline__ VoxelIndex unpack_voxel(i64 i, int X, int Y, int Z, i
     v.y = (int)(i % Y); i /= Y;
     v.x = (int)(i % X);
     v.n = i / X;
+    return v;
+}
+// A flat index g < 2^32 of an [N, X, Y, Z, G] volume (G channel groups), unpacked with 32-bit
+// divisions (the launchers check the bound).
+struct GroupIndex {
+    unsigned n;
+    int x, y, z, g;
+};
+__device__ __forceinline__ GroupIndex unpack_group(unsigned i, int X, int Y, int Z, int G) {
+    GroupIndex v;
+    v.g = (int)(i % (unsigned)G); i /= (unsigned)G;
+    v.z = (int)(i % (unsigned)Z); i /= (unsigned)Z;
+    v.y = (int)(i % (unsigned)Y); i /= (unsigned)Y;
+    v.x = (int)(i % (unsigned)X);
+    v.n = i / (unsigned)X;
     return v;
 }
 // The flat index of (n, x, y, z, c) in an [N, X, Y, Z, C] volume.

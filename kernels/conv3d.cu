@@ -144,6 +144,62 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_forward_bf16(c
     conv3d_forward(x, w, bias, y, nb, X, Y, Z, Ci, Co, k);
 }
 
+// The forward of the first convolution, which reads the CT itself (Ci = 1) and where a 64 x 64
+// GEMM tile would be mostly padding: k = 3, one thread per voxel and 16 output channels
+// (blockIdx.y picks which 16), the 27 taps' weights of those 16 in shared memory as [tap][16],
+// read as 16-byte broadcasts. Each sum runs over the taps in K order, taps outside the volume
+// skipped (conv3d_forward adds their zeros: the same values), bias added last. Needs
+// Co % 16 == 0 and fewer than 2^31 voxels (the launcher checks). grid (ceil(voxels / 256), Co / 16),
+// block 256.
+template <typename T>
+__device__ void conv3d_forward_k3_c1(const T* x, const float* w, const float* bias, T* y, int nb, int X, int Y, int Z, int Co) {
+    __shared__ __align__(16) float ws[27 * 16];
+    const int co0 = blockIdx.y * 16, M = nb * X * Y * Z;
+    for (int e = threadIdx.x; e < 27 * 16; e += blockDim.x) ws[e] = w[(co0 + e % 16) * 27 + e / 16];
+    __syncthreads();
+    // One voxel per thread, no grid-stride loop: across iterations the compiler would hoist
+    // all 432 weights into registers and spill them.
+    const int m = GRID_FIRST;
+    if (m < M) {
+        int q = m;
+        const int zz = q % Z;
+        q /= Z;
+        const int yy = q % Y;
+        q /= Y;
+        const int xx = q % X;
+        float acc[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) acc[j] = 0.f;
+#pragma unroll
+        for (int t = 0; t < 27; ++t) {
+            const int a = t / 9 - 1, b = t / 3 % 3 - 1, c = t % 3 - 1;
+            if (xx + a < 0 || xx + a >= X || yy + b < 0 || yy + b >= Y || zz + c < 0 || zz + c >= Z) continue;
+            const float v = ld(x, m + (a * Y + b) * Z + c);
+#pragma unroll
+            for (int j = 0; j < 16; j += 4) {
+                const float4 w4 = *reinterpret_cast<const float4*>(ws + t * 16 + j);
+                acc[j] = fmaf(v, w4.x, acc[j]);
+                acc[j + 1] = fmaf(v, w4.y, acc[j + 1]);
+                acc[j + 2] = fmaf(v, w4.z, acc[j + 2]);
+                acc[j + 3] = fmaf(v, w4.w, acc[j + 3]);
+            }
+        }
+        if (bias) {
+#pragma unroll
+            for (int j = 0; j < 16; ++j) acc[j] += bias[co0 + j];
+        }
+        T* out = y + (i64)m * Co + co0;
+#pragma unroll
+        for (int j = 0; j < 16; j += VEC_OF(T)) st_lanes(out + j, acc + j);
+    }
+}
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_forward_k3_c1_f32(const float* x, const float* w, const float* bias, float* y, int nb, int X, int Y, int Z, int Co) {
+    conv3d_forward_k3_c1(x, w, bias, y, nb, X, Y, Z, Co);
+}
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_forward_k3_c1_bf16(const bf16* x, const float* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Co) {
+    conv3d_forward_k3_c1(x, w, bias, y, nb, X, Y, Z, Co);
+}
+
 // dy [N, X, Y, Z, Co] -> dx [N, X, Y, Z, Ci]. grid (ceil(M / 64), ceil(Ci / 64)), block 256.
 template <typename T>
 __device__ void conv3d_backward_input(const T* dy, const float* w, T* dx, int nb, int X, int Y, int Z, int Ci, int Co, int k) {
@@ -182,12 +238,49 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv3d_backward_weigh
     conv3d_backward_weight(x, dy, part, nb, X, Y, Z, Ci, Co, k, chunk);
 }
 
-// dw[i] = acc[i] + sum_s part[s * n + i], s in order (=); acc (nullable) is a gradient
-// accumulated before (the other view's), added as autograd's add would.
-extern "C" __global__ void conv3d_reduce_splits(const float* part, const float* acc, float* dw, int splits, i64 n) {
-    GRID_STRIDE(i, n) {
-        float s = 0.f;
-        for (int z = 0; z < splits; ++z) s += part[(i64)z * n + i];
-        dw[i] = acc ? acc[i] + s : s;
+// dw[i] = acc[i] + sum_s part[s * stride + i] for i < n <= stride (=); acc (nullable) is a
+// gradient accumulated before (the other view's), added as autograd's add would. Block (W, S):
+// W threads of V consecutive outputs each (so a warp reads 128 V contiguous bytes per split)
+// and S slices of the splits; slice y sums splits y, y + S, y + 2 S, ... in order, then the S
+// slice sums meet in a fixed tree: deterministic, and a top level with thousands of splits is
+// summed by S threads per output, not one. grid ceil(n / (W V)); S a power of two, W S <= 256.
+// _f32x4: V = 4, 16-byte accesses (n and stride multiples of 4, pointers 16-byte aligned).
+template <int V>
+__device__ void conv3d_reduce_splits_v(const float* part, const float* acc, float* dw, int splits, i64 n, i64 stride) {
+    __shared__ __align__(16) float sums[256 * V];
+    const i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    const int S = blockDim.y, t = threadIdx.y * blockDim.x + threadIdx.x;
+    float s[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) s[j] = 0.f;
+    if (i < n) {
+        const float* p = part + threadIdx.y * stride + i;
+        const i64 step = (i64)S * stride;
+        for (int z = threadIdx.y; z < splits; z += S, p += step) {
+            float v[V];
+            if (V == 4) {
+                ld_lanes(p, v);
+            } else {
+                v[0] = *p;
+            }
+#pragma unroll
+            for (int j = 0; j < V; ++j) s[j] += v[j];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) sums[t * V + j] = s[j];
+    __syncthreads();
+    for (int h = S / 2; h > 0; h >>= 1) {
+        if ((int)threadIdx.y < h) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) sums[t * V + j] += sums[(t + h * blockDim.x) * V + j];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && i < n) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) dw[i + j] = acc ? acc[i + j] + sums[t * V + j] : sums[t * V + j];
     }
 }
+extern "C" __global__ void conv3d_reduce_splits(const float* part, const float* acc, float* dw, int splits, i64 n, i64 stride) { conv3d_reduce_splits_v<1>(part, acc, dw, splits, n, stride); }
+extern "C" __global__ void conv3d_reduce_splits_f32x4(const float* part, const float* acc, float* dw, int splits, i64 n, i64 stride) { conv3d_reduce_splits_v<4>(part, acc, dw, splits, n, stride); }

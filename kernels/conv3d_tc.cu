@@ -596,7 +596,7 @@ __device__ void conv3d_tc_backward_weight_k(const bf16* x, const bf16* dy, float
 // flat [V, Ci] and [V, Co] matrices (V = N X Y Z), a "brick" is a run of 64 consecutive
 // voxels, and each iteration takes 4 runs, warp w run w (4 k-steps, 2 n-tiles: 8 HMMAs, plus 4
 // of dy^T with ones for the bias sums). The warps' sums are added in warp order at the end.
-template <bool VEC>
+// dy is read as 16-byte pieces: Co % 8 == 0.
 __device__ void conv3d_tc_backward_weight_flat(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co, i64 per_split, const float* in_bn,
                                                double* db_part) {
     __shared__ __align__(16) bf16 xs[256 * TCW_STRIDE];
@@ -637,15 +637,7 @@ __device__ void conv3d_tc_backward_weight_flat(const bf16* x, const bf16* dy, fl
         for (int i = 0; i < 4; ++i) {
             const bool inside = pv + 64 * i < rem;
             cp_async_16(&xs[(pv + 64 * i) * TCW_STRIDE + 8 * piece], inside ? px + i * sx : x, inside ? 16 : 0);
-            if (VEC) cp_async_16(&dys[(pv + 64 * i) * TCW_STRIDE + 8 * piece], inside && co_ok ? pd + i * sd : dy, inside && co_ok ? 16 : 0);
-        }
-        if (!VEC) {
-#pragma unroll 1
-            for (int e = tid; e < 256 * 16; e += TC_THREADS) {
-                const i64 v = v0 + e / 16;
-                const int co = co0 + e % 16;
-                dys[(e / 16) * TCW_STRIDE + e % 16] = v < v_end && co < Co ? dy[v * Co + co] : __float2bfloat16_rn(0.f);
-            }
+            cp_async_16(&dys[(pv + 64 * i) * TCW_STRIDE + 8 * piece], inside && co_ok ? pd + i * sd : dy, inside && co_ok ? 16 : 0);
         }
         cp_async_commit();
         cp_async_wait_all();
@@ -692,14 +684,11 @@ __device__ void conv3d_tc_backward_weight_flat(const bf16* x, const bf16* dy, fl
 // grid (splits, ceil(Co / 16), Ci / 16), block 128; `per_split` consecutive bricks per split
 // (k = 1: runs of 64 voxels).
 // One entry per kernel size (k is the entry's; the argument keeps one launch signature) and
-// dy load: _k1, _k3 need Co % 8 == 0 (16-byte pieces), _k1_any, _k3_any take any Co.
+// dy load: _k1, _k3 need Co % 8 == 0 (16-byte pieces), _k3_any takes any Co (for k = 1 the
+// launcher pads dy to a multiple of 8 channels instead).
 extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k1(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
                                                                                      int k, i64 per_split, const float* in_bn, double* db_part) {
-    conv3d_tc_backward_weight_flat<true>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
-}
-extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k1_any(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
-                                                                                     int k, i64 per_split, const float* in_bn, double* db_part) {
-    conv3d_tc_backward_weight_flat<false>(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
+    conv3d_tc_backward_weight_flat(x, dy, part, nb, X, Y, Z, Ci, Co, per_split, in_bn, db_part);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weight_k3(const bf16* x, const bf16* dy, float* part, int nb, int X, int Y, int Z, int Ci, int Co,
                                                                                      int k, i64 per_split, const float* in_bn, double* db_part) {
@@ -716,19 +705,37 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS) conv3d_tc_backward_weig
 // where B[nn, t, kc] is w[nn, t, kc] (flip = 0: Nn = Co, Kc = Ci) or, for the input gradient,
 // the flipped transpose w[kc, T - 1 - t, nn] (flip = 1: Nn = Ci, Kc = Co); columns nn >= Nn
 // are 0. Kc is a multiple of 16; out has ceil(Nn / tile) * tile * T * Kc values. Every output
-// is written once; 32-bit index math (the launcher checks the size).
+// is written once. One thread-iteration per 16 consecutive outputs (one kk run: 32 bytes out,
+// 64 contiguous bytes in when not flipped); 32-bit index math (the launcher checks the size).
 extern "C" __global__ void conv3d_weight_to_bf16(const float* w, bf16* out, int Co, int T, int Ci, int flip, int tile) {
     const int Nn = flip ? Ci : Co, Kc = flip ? Co : Ci, kc16 = Kc / 16;
-    const int n = (Nn + tile - 1) / tile * tile * T * Kc;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        int rest = i / 16;
+    const int runs = (Nn + tile - 1) / tile * tile * T * kc16;
+    const bool w_aligned = ((uintptr_t)w & 15) == 0;
+    for (int g = GRID_FIRST; g < runs; g += GRID_STEP) {
+        int rest = g;
         const int nl = rest % tile;
         rest /= tile;
         const int t = rest % T;
         rest /= T;
-        const int kc = (rest % kc16) * 16 + i % 16, nn = (rest / kc16) * tile + nl;
-        float v = 0.f;
-        if (nn < Nn) v = flip ? w[((i64)kc * T + (T - 1 - t)) * Ci + nn] : w[((i64)nn * T + t) * Ci + kc];
-        out[i] = __float2bfloat16_rn(v);
+        const int kc0 = (rest % kc16) * 16, nn = (rest / kc16) * tile + nl;
+        float v[16];
+        if (nn >= Nn) {
+#pragma unroll
+            for (int q = 0; q < 16; ++q) v[q] = 0.f;
+        } else if (flip) {
+#pragma unroll
+            for (int q = 0; q < 16; ++q) v[q] = w[((i64)(kc0 + q) * T + (T - 1 - t)) * Ci + nn];
+        } else {
+            const float* src = w + ((i64)nn * T + t) * Ci + kc0;
+            if (w_aligned) {
+#pragma unroll
+                for (int q = 0; q < 16; q += 4) ld_lanes(src + q, v + q);
+            } else {
+#pragma unroll
+                for (int q = 0; q < 16; ++q) v[q] = src[q];
+            }
+        }
+        st_lanes(out + (i64)g * 16, v);
+        st_lanes(out + (i64)g * 16 + 8, v + 8);
     }
 }

@@ -6,6 +6,7 @@
 //     df[voxel[u], c] (f32 or bf16, rounded once); df's other voxels are left as they are
 //     (the caller zeroes them).                                                          (=)
 //   copy_cols: dst[r, dst_off + j] = src[r, src_off + j] for j < width (f32)               (=)
+//   pad_channels_bf16: y [rows, W] = x [rows, C] with columns C .. W zero (bf16)           (=)
 #include "common.cuh"
 
 template <typename T>
@@ -37,8 +38,11 @@ extern "C" __global__ void scatter_segments_bf16(const float* dy, const i64* ord
 }
 
 extern "C" __global__ void copy_cols(const float* src, i64 src_ld, i64 src_off, float* dst, i64 dst_ld, i64 dst_off, i64 rows, i64 width) {
-    GRID_STRIDE(i, rows * width) {
-        i64 r = i / width, j = i - r * width;
-        dst[r * dst_ld + dst_off + j] = src[r * src_ld + src_off + j];
-    }
+    RowCursor rc(GRID_FIRST, GRID_STEP, (int)width);
+    for (i64 i = GRID_FIRST; i < rows * width; i += GRID_STEP, rc.advance()) dst[rc.r * dst_ld + dst_off + rc.j] = src[rc.r * src_ld + src_off + rc.j];
+}
+
+extern "C" __global__ void pad_channels_bf16(const bf16* x, bf16* y, int C, int W, i64 rows) {
+    RowCursor rc(GRID_FIRST, GRID_STEP, W);
+    for (i64 i = GRID_FIRST; i < rows * W; i += GRID_STEP, rc.advance()) y[i] = rc.j < C ? x[rc.r * C + rc.j] : __float2bfloat16_rn(0.f);
 }

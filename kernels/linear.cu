@@ -3,5 +3,6 @@
 #include "common.cuh"
 
 extern "C" __global__ void fill_rows(float* y, const float* b, i64 rows, i64 cols) {
-    GRID_STRIDE(i, rows * cols) y[i] = b[i % cols];
+    ChannelCursor cc(GRID_FIRST, GRID_STEP, (int)cols);
+    for (i64 i = GRID_FIRST; i < rows * cols; i += GRID_STEP, cc.advance()) y[i] = b[cc.c];
 }

@@ -176,7 +176,8 @@ const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
 fn test_elementwise() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(1);
     for dt in DTYPES {
-        for shape in [[1usize, 3, 5, 7, 3], [2, 4, 4, 4, 16], [1, 1, 1, 1, 1]] {
+        // 16 and 4 channels take the 16-byte kernels (4 only in f32), the others the scalar ones.
+        for shape in [[1usize, 3, 5, 7, 3], [2, 4, 4, 4, 16], [1, 1, 1, 1, 1], [1, 3, 5, 7, 4]] {
             let x = rand_tensor(&mut rng, &shape);
             check_op(&format!("relu {shape:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::relu(g, &v[0])?, vec![])), 2)?;
             let (a, b) = (rand_tensor(&mut rng, &shape), rand_tensor(&mut rng, &shape));
@@ -201,6 +202,10 @@ fn test_conv3d() -> Result<()> {
         (1, 12, 10, 6, 16, 16, 3, true),
         // 4862 voxels: the weight gradient is split over 3 partials (weight_splits), the last short.
         (2, 17, 13, 11, 3, 5, 3, true),
+        // One input channel and Co a multiple of 16: the direct kernel (the first conv).
+        (2, 5, 3, 6, 1, 16, 3, true),
+        (1, 4, 3, 5, 1, 32, 3, false),
+        (1, 1, 1, 2, 1, 16, 3, true),
         // Tensor-core path in bf16 (multiples of 16 channels): levels of 4x4x1 and 8x8x2,
         // voxel counts that are no multiple of the 2x4x8 brick, Co beyond one 64-wide tile,
         // Co = 1 (its input gradient falls back), 512 channels, k = 1.
@@ -532,7 +537,9 @@ fn test_accumulated_gradients() -> Result<()> {
 fn test_pool_upsample() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(8);
     for dt in DTYPES {
-        for shape in [[1usize, 5, 4, 3, 3], [2, 8, 8, 4, 16], [1, 1, 1, 1, 2], [1, 7, 1, 2, 5]] {
+        // Odd extents with 8 and 12 channels: the 16-byte kernels over clipped windows (12
+        // only in f32).
+        for shape in [[1usize, 5, 4, 3, 3], [2, 8, 8, 4, 16], [1, 1, 1, 1, 2], [1, 7, 1, 2, 5], [1, 5, 3, 7, 8], [2, 3, 5, 1, 12]] {
             let x = rand_tensor(&mut rng, &shape);
             check_op(&format!("maxpool2 {shape:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::maxpool2(g, &v[0])?, vec![])), 9)?;
         }
@@ -541,7 +548,7 @@ fn test_pool_upsample() -> Result<()> {
             let x = Tensor::from_f32(&shape, (0..shape.iter().product::<usize>()).map(|_| rng.random_range(0..3) as f32).collect());
             check_op(&format!("maxpool2 with ties {shape:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::maxpool2(g, &v[0])?, vec![])), 19)?;
         }
-        for (shape, target) in [([1usize, 3, 2, 2, 3], [5usize, 4, 3]), ([2, 4, 4, 2, 8], [8, 8, 4]), ([1, 1, 1, 1, 4], [1, 2, 1]), ([1, 3, 5, 2, 7], [6, 9, 4])] {
+        for (shape, target) in [([1usize, 3, 2, 2, 3], [5usize, 4, 3]), ([2, 4, 4, 2, 8], [8, 8, 4]), ([1, 1, 1, 1, 4], [1, 2, 1]), ([1, 3, 5, 2, 7], [6, 9, 4]), ([1, 3, 5, 3, 16], [5, 10, 6]), ([2, 3, 2, 3, 12], [6, 3, 5])] {
             let x = rand_tensor(&mut rng, &shape);
             check_op(&format!("upsample2_crop {shape:?}->{target:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::upsample2_crop(g, &v[0], target)?, vec![])), 10)?;
         }

@@ -84,6 +84,9 @@ struct __attribute__((aligned(8))) float2 {
     float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct __attribute__((aligned(16))) float4 {
+    float x, y, z, w;
+};
 
 // A misaligned vector access faults on the GPU; here it stops the process with its address.
 inline void emu_check_align(const void* p, unsigned bytes, const char* what) {

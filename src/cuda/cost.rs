@@ -262,7 +262,7 @@ pub fn family(kernel: &str) -> &str {
     if kernel.starts_with("cast_") {
         return "cast";
     }
-    kernel.strip_suffix("_f32").or_else(|| kernel.strip_suffix("_bf16")).unwrap_or(kernel)
+    ["_f32x4", "_bf16x8", "_f32", "_bf16"].iter().find_map(|s| kernel.strip_suffix(s)).unwrap_or(kernel)
 }
 
 impl CostLog {

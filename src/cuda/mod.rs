@@ -75,6 +75,23 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(out)
 }
 
+/// Elements a 16-byte access of `dtype` holds (4 f32, 8 bf16).
+pub fn vec_lanes(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
+/// The 16-byte-access kernel (`[f32x4, bf16x8]`, by `dtype`) and its lane count when every
+/// pointer is 16-byte aligned and `unit` (the channel count, or the element count of a flat
+/// op) is a multiple of the lanes; else the scalar kernel (`[f32, bf16]`) and 1.
+pub fn vec_or_scalar(dtype: DType, scalar: [K; 2], vector: [K; 2], ptrs: &[u64], unit: usize) -> (K, usize) {
+    let lanes = vec_lanes(dtype);
+    if unit.is_multiple_of(lanes) && ptrs.iter().all(|p| p.is_multiple_of(16)) {
+        (K::typed(dtype, vector[0], vector[1]), lanes)
+    } else {
+        (K::typed(dtype, scalar[0], scalar[1]), 1)
+    }
+}
+
 /// Bytes of a tensor's values (the compulsory traffic of reading or writing it once).
 pub fn nbytes(t: &Tensor) -> usize {
     t.numel() * t.dtype().size_in_bytes()

@@ -4,7 +4,7 @@
 use anyhow::{Result, ensure};
 
 use super::reduce::{ColPass, col_partials};
-use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes};
+use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes, vec_or_scalar};
 use crate::tensor::{DType, Tensor};
 
 /// Per-channel mean and 1/std (f64 device buffers of C values).
@@ -116,9 +116,10 @@ fn apply_maybe_relu(x: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, be
     let dev = dev_of(x);
     let y = empty(dev, x.shape(), x.dtype())?;
     let m = x.numel() / c;
+    let (k, lanes) = vec_or_scalar(x.dtype(), [K::BnApplyF32, K::BnApplyBf16], [K::BnApplyF32x4, K::BnApplyBf16x8], &[x.ptr(), y.ptr()], c);
     dev.launch_1d(
-        K::typed(x.dtype(), K::BnApplyF32, K::BnApplyBf16),
-        x.numel(),
+        k,
+        x.numel() / lanes,
         &[
             Arg::Ptr(x.ptr()),
             Arg::Ptr(y.ptr()),
@@ -182,11 +183,11 @@ fn backward_apply(x: &Tensor, dy: &Tensor, part0: &CudaBuf, part1: u64, chunks: 
         Cost::mem(2 * chunks * c * 8 + c * 28),
     )?;
     let dx = empty(dev, x.shape(), x.dtype())?;
-    // bf16 over a multiple of 8 channels: 16-byte accesses, 32-bit indices.
-    let vectorised = x.dtype() == DType::BF16 && c % 8 == 0 && x.numel() / 8 < i32::MAX as usize;
+    let ptrs = [x.ptr(), dy.ptr(), add.map_or(0, |a| a.ptr()), dx.ptr()];
+    let (k, lanes) = vec_or_scalar(x.dtype(), [K::BnBackwardApplyF32, K::BnBackwardApplyBf16], [K::BnBackwardApplyF32x4, K::BnBackwardApplyBf16x8], &ptrs, c);
     dev.launch_1d(
-        if vectorised { K::BnBackwardApplyBf16x8 } else { K::typed(x.dtype(), K::BnBackwardApplyF32, K::BnBackwardApplyBf16) },
-        if vectorised { x.numel() / 8 } else { x.numel() },
+        k,
+        x.numel() / lanes,
         &[
             Arg::Ptr(x.ptr()),
             Arg::Ptr(dy.ptr()),

@@ -45,7 +45,7 @@ fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool, tile: usi
     let out = dev.alloc(n * 2)?;
     dev.launch_1d(
         K::Conv3dWeightToBf16,
-        n,
+        n / 16,
         &[Arg::Ptr(w.ptr()), Arg::Ptr(out.ptr()), Arg::I32(co as i32), Arg::I32((k * k * k) as i32), Arg::I32(ci as i32), Arg::I32(flip as i32), Arg::I32(tile as i32)],
         Cost::mem(co * k * k * k * ci * 4 + n * 2),
     )?;
@@ -219,9 +219,16 @@ pub fn forward_cuda_cores(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>,
     let y = empty(dev, &v.with_c(co).shape(), x.dtype())?;
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
     args.extend(dims(v));
-    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
     // fp32 FMAs on CUDA cores; compulsory bytes: x, w, bias, y once each.
     let cost = Cost::fp32(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + nbytes(w) + co * 4 + nbytes(&y));
+    // One input channel (the first convolution): the direct kernel, see conv3d.cu.
+    if k == 3 && v.c == 1 && co.is_multiple_of(16) && v.voxels() < i32::MAX as usize && y.ptr().is_multiple_of(16) {
+        args.push(Arg::I32(co as i32));
+        let blocks = v.voxels().div_ceil(256) as u32;
+        dev.launch(K::typed(x.dtype(), K::Conv3dForwardK3C1F32, K::Conv3dForwardK3C1Bf16), (blocks, (co / 16) as u32, 1), (256, 1, 1), 0, &args, cost)?;
+        return Ok(y);
+    }
+    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
     dev.launch(K::typed(x.dtype(), K::Conv3dForwardF32, K::Conv3dForwardBf16), (tiles(v.voxels()), tiles(co), 1), (256, 1, 1), 0, &args, cost)?;
     Ok(y)
 }
@@ -298,8 +305,8 @@ fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, inpu
     let kern = match (k, co % 8 == 0) {
         (1, true) => K::Conv3dTcBackwardWeightK1,
         (3, true) => K::Conv3dTcBackwardWeightK3,
-        (1, false) => K::Conv3dTcBackwardWeightK1Any,
         (3, false) => K::Conv3dTcBackwardWeightK3Any,
+        (1, false) => anyhow::bail!("tensor-core conv3d weight gradient: k = 1 needs a multiple of 8 output channels (tc_weight_gradient pads dy)"),
         _ => anyhow::bail!("tensor-core conv3d weight gradient: kernel size {k} (1 or 3 only)"),
     };
     dev.launch(kern, (splits as u32, co_tiles as u32, ci_tiles as u32), (128, 1, 1), 0, &args, cost)?;
@@ -381,27 +388,45 @@ pub fn backward_weight_bn_relu(x: &Tensor, v: Vol, table: &CudaBuf, dy: &Tensor,
 /// (dw, db) on tensor cores: dw from the kernel's split partials, db from its per-split dy sums.
 fn tc_weight_gradient(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
     let dev = dev_of(dy);
+    if k == 1 && !co.is_multiple_of(8) {
+        // The 1x1x1 kernel reads dy as 16-byte pieces: dy padded with zero channels to a
+        // multiple of 8 gives the same sums for the real channels, whose rows lead the padded
+        // gradient [co8, Ci]. db is the column sum of dy itself.
+        let co8 = co.next_multiple_of(8);
+        let dy8 = super::gather::pad_channels_bf16(dy, co, co8)?;
+        let (part, splits, _) = tc_backward_weight(x, v, &dy8, co8, k, input_bn_relu)?;
+        let dw = reduce_weight_splits(&part, splits, co8 * v.c, dy, co, k, v.c, acc.w)?;
+        return Ok((dw, super::reduce::col_sum_acc(dy, co, acc.b)?));
+    }
     let (part, splits, db_part) = tc_backward_weight(x, v, dy, co, k, input_bn_relu)?;
-    let dw = reduce_weight_splits(&part, splits, dy, co, k, v.c, acc.w)?;
+    let dw = reduce_weight_splits(&part, splits, co * k * k * k * v.c, dy, co, k, v.c, acc.w)?;
     let db = empty(dev, &[co], DType::F32)?;
     super::reduce::reduce_chunks_acc(dev, &db_part, splits, co, 1.0, None, Some(db.ptr()), acc.b)?;
     Ok((dw, db))
 }
 
-/// dw [Co, k, k, k, Ci] = acc + the split-K partials [splits, Co, k^3 Ci] summed in split order.
-fn reduce_weight_splits(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize, acc: Option<&Tensor>) -> Result<Tensor> {
+/// dw [Co, k, k, k, Ci] = acc + the split-K partials (`splits` of `stride` values, dw's the first
+/// Co k^3 Ci of each) summed in a fixed order.
+#[allow(clippy::too_many_arguments)]
+fn reduce_weight_splits(part: &CudaBuf, splits: usize, stride: usize, dy: &Tensor, co: usize, k: usize, ci: usize, acc: Option<&Tensor>) -> Result<Tensor> {
     let dev = dev_of(dy);
     let dw = empty(dev, &[co, k, k, k, ci], DType::F32)?;
     let n = co * k * k * k * ci;
-    let args = [Arg::Ptr(part.ptr()), Arg::Ptr(acc.map_or(0, |a| a.ptr())), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64)];
-    dev.launch_1d(K::Conv3dReduceSplits, n, &args, Cost::mem((splits + 1 + acc.is_some() as usize) * n * 4))?;
+    let args = [Arg::Ptr(part.ptr()), Arg::Ptr(acc.map_or(0, |a| a.ptr())), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64), Arg::I64(stride as i64)];
+    // Slices of the splits per output (conv3d_reduce_splits): up to 8, 32 outputs per block at
+    // least.
+    let slices = splits.next_power_of_two().clamp(1, 8);
+    let width = 256 / slices;
+    let vector = n.is_multiple_of(4) && stride.is_multiple_of(4) && [part.ptr(), acc.map_or(0, |a| a.ptr()), dw.ptr()].iter().all(|p| p.is_multiple_of(16));
+    let (kern, per_thread) = if vector { (K::Conv3dReduceSplitsF32x4, 4) } else { (K::Conv3dReduceSplits, 1) };
+    dev.launch(kern, (n.div_ceil(width * per_thread) as u32, 1, 1), (width as u32, slices as u32, 1), 0, &args, Cost::mem((splits + 1 + acc.is_some() as usize) * n * 4))?;
     Ok(dw)
 }
 
 /// dw from its split-K partials [splits, Co, k^3 Ci] (summed in split order), and db = the
 /// column sum of dy, each plus its accumulated gradient in `acc`.
 fn finish_weight_gradient(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
-    let dw = reduce_weight_splits(part, splits, dy, co, k, ci, acc.w)?;
+    let dw = reduce_weight_splits(part, splits, co * k * k * k * ci, dy, co, k, ci, acc.w)?;
     let db = super::reduce::col_sum_acc(dy, co, acc.b)?;
     Ok((dw, db))
 }

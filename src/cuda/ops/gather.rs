@@ -1,8 +1,8 @@
 //! Voxel gather / scatter-add and channel concatenation launchers (`kernels/gather.cu`).
 
-use anyhow::Result;
+use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_f32, ensure_float, zeros};
+use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_f32, ensure_float, nbytes, zeros};
 use crate::tensor::{DType, Tensor, Vol};
 
 /// out [P, C] f32 = rows `offs` (flat voxel indices, i64 on the device) of f [.., C].
@@ -81,6 +81,16 @@ fn copy_cols(src: &Tensor, src_off: usize, dst: &Tensor, dst_off: usize, rows: u
         ],
         Cost::mem(rows * width * 8),
     )
+}
+
+/// x [rows, c] (bf16) widened to [rows, w] with zero columns c .. w.
+pub fn pad_channels_bf16(x: &Tensor, c: usize, w: usize) -> Result<Tensor> {
+    ensure!(x.dtype() == DType::BF16 && c <= w && w < i32::MAX as usize && x.numel().is_multiple_of(c.max(1)), "pad_channels: {:?} {:?} from {c} to {w} channels", x.shape(), x.dtype());
+    let dev = dev_of(x);
+    let rows = x.numel() / c;
+    let y = empty(dev, &[rows, w], DType::BF16)?;
+    dev.launch_1d(K::PadChannelsBf16, rows * w, &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I32(c as i32), Arg::I32(w as i32), Arg::I64(rows as i64)], Cost::mem(nbytes(x) + nbytes(&y)))?;
+    Ok(y)
 }
 
 /// [P, C0] ‖ [P, C1] ‖ … (f32).
