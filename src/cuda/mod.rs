@@ -92,6 +92,16 @@ pub fn vec_or_scalar(dtype: DType, scalar: [K; 2], vector: [K; 2], ptrs: &[u64],
     }
 }
 
+/// For a kernel with one work item per voxel and 16-byte channel group (pooling, upsampling:
+/// a 32-bit group index): the vector kernel and the number of groups over `voxels` voxels of
+/// `c` channels, or None when the scalar kernel (one item per element) must run.
+pub fn vec_groups(dtype: DType, vector: [K; 2], ptrs: &[u64], c: usize, voxels: usize) -> Option<(K, usize)> {
+    let lanes = vec_lanes(dtype);
+    let groups = voxels * c / lanes;
+    let fits = c.is_multiple_of(lanes) && ptrs.iter().all(|p| p.is_multiple_of(16)) && groups < u32::MAX as usize;
+    fits.then(|| (K::typed(dtype, vector[0], vector[1]), groups))
+}
+
 /// Bytes of a tensor's values (the compulsory traffic of reading or writing it once).
 pub fn nbytes(t: &Tensor) -> usize {
     t.numel() * t.dtype().size_in_bytes()

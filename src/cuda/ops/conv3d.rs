@@ -423,7 +423,7 @@ fn reduce_weight_splits(part: &CudaBuf, splits: usize, stride: usize, dy: &Tenso
     Ok(dw)
 }
 
-/// dw from its split-K partials [splits, Co, k^3 Ci] (summed in split order), and db = the
+/// dw from its split-K partials [splits, Co, k^3 Ci] (summed in a fixed order), and db = the
 /// column sum of dy, each plus its accumulated gradient in `acc`.
 fn finish_weight_gradient(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
     let dw = reduce_weight_splits(part, splits, co * k * k * k * ci, dy, co, k, ci, acc.w)?;

@@ -2,20 +2,12 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes, vec_or_scalar};
+use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes, vec_groups};
 use crate::ops::pooling::pooled_extent;
 use crate::tensor::{DType, Tensor, Vol};
 
 fn dims(v: Vol) -> [Arg; 5] {
     [Arg::I32(v.n as i32), Arg::I32(v.x as i32), Arg::I32(v.y as i32), Arg::I32(v.z as i32), Arg::I32(v.c as i32)]
-}
-
-/// The kernel for `dtype` (16-byte channel groups when they fit, see pooling.cu) and, for the
-/// vector kernels, the number of work items: one per pooled voxel and channel group.
-fn pick(dtype: DType, scalar: [K; 2], vector: [K; 2], ptrs: &[u64], v: Vol) -> (K, Option<usize>) {
-    let (k, lanes) = vec_or_scalar(dtype, scalar, vector, ptrs, v.c);
-    let groups = v.n * pooled_extent(v.x) * pooled_extent(v.y) * pooled_extent(v.z) * v.c / lanes;
-    if lanes > 1 && groups < u32::MAX as usize { (k, Some(groups)) } else { (K::typed(dtype, scalar[0], scalar[1]), None) }
 }
 
 /// (y, argmax offsets as u8 per output).
@@ -28,8 +20,9 @@ pub fn forward(x: &Tensor, v: Vol) -> Result<(Tensor, CudaBuf)> {
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(arg.ptr())];
     args.extend(dims(v));
     let cost = Cost::mem(nbytes(x) + nbytes(&y) + y.numel());
-    let (k, groups) = pick(x.dtype(), [K::Maxpool2ForwardF32, K::Maxpool2ForwardBf16], [K::Maxpool2ForwardF32x4, K::Maxpool2ForwardBf16x8], &[x.ptr(), y.ptr(), arg.ptr()], v);
-    dev.launch_1d(k, groups.unwrap_or(y.numel()), &args, cost)?;
+    let (k, items) = vec_groups(x.dtype(), [K::Maxpool2ForwardF32x4, K::Maxpool2ForwardBf16x8], &[x.ptr(), y.ptr(), arg.ptr()], v.c, y.numel() / v.c.max(1))
+        .unwrap_or((K::typed(x.dtype(), K::Maxpool2ForwardF32, K::Maxpool2ForwardBf16), y.numel()));
+    dev.launch_1d(k, items, &args, cost)?;
     Ok((y, arg))
 }
 
@@ -46,7 +39,8 @@ pub fn backward(dy: &Tensor, arg: &CudaBuf, v: Vol, dtype: DType, acc: Option<&T
     args.extend(dims(v));
     let cost = Cost::mem(nbytes(&dy) + dy.numel() + nbytes(&dx) + acc.map_or(0, nbytes));
     let ptrs = [dy.ptr(), arg.ptr(), acc.map_or(0, |a| a.ptr()), dx.ptr()];
-    let (k, groups) = pick(dtype, [K::Maxpool2BackwardF32, K::Maxpool2BackwardBf16], [K::Maxpool2BackwardF32x4, K::Maxpool2BackwardBf16x8], &ptrs, v);
-    dev.launch_1d(k, groups.unwrap_or(dx.numel()), &args, cost)?;
+    let (k, items) = vec_groups(dtype, [K::Maxpool2BackwardF32x4, K::Maxpool2BackwardBf16x8], &ptrs, v.c, dy.numel() / v.c.max(1))
+        .unwrap_or((K::typed(dtype, K::Maxpool2BackwardF32, K::Maxpool2BackwardBf16), dx.numel()));
+    dev.launch_1d(k, items, &args, cost)?;
     Ok(dx)
 }
