@@ -14,7 +14,8 @@
 # whole run's budget (BUNDLE_BUDGET_S, default 540 s) still holds their limit:
 #   probe         the mma/ldmatrix fragment-layout probe: if it fails, every tensor-core result does
 #   tests         every GPU test against the CPU oracle, each printing its actual error
-#   bench-bf16    --bench (20 steps) of the reference step in bf16: ms/step, peak memory, kernels
+#   bench-bf16    --bench (20 steps) of the reference step in bf16: ms/step as a CUDA graph and
+#                 issued one call at a time, peak memory, kernels
 #   plan          --bench-plan for this card: the estimate beside the floor (no GPU work)
 #   pytorch-bf16  PyTorch's reference step on the same card: bf16 autocast, channels_last_3d,
 #                 cudnn.benchmark (skipped, and said so, where torch with CUDA is missing)
@@ -175,7 +176,9 @@ key_numbers() {
     probe | tests | sanitize)
       { grep -E '^test result:' "$log" | tail -1; grep -E 'FAILED$|\.\.\. FAILED' "$log" | sed 's/^test //; s/ \.\.\. FAILED//' | tr '\n' ' ' | sed 's/^./failed: &/'; grep -E 'ERROR SUMMARY' "$log" | tr '\n' ' '; } | tr '\n' ' ' ;;
     bench-bf16 | bench-fp32)
-      { grep -oE 'median [0-9.]+ ms/step' "$log" | head -1; grep -oE 'peak device memory [0-9.]+ GiB in use' "$log" | head -1; } | tr '\n' ';' ;;
+      { grep -oE 'median [0-9.]+ ms/step' "$log" | head -1; grep -oE 'peak device memory [0-9.]+ GiB in use' "$log" | head -1;
+        grep -oE '[0-9]+ steps relaunched a kept graph unchanged' "$log" | head -1 | sed 's/ a kept graph unchanged//';
+        grep -oE 'one by one \(no graph\): median [0-9.]+ ms/step' "$log" | head -1 | sed 's/ (no graph)//'; } | tr '\n' ';' ;;
     plan) grep -oE 'peak device memory [0-9.]+ GiB in use|[0-9]+ launches|floor [0-9.]+ ms/step|estimate [0-9.]+ ms/step' "$log" | tr '\n' ';' ;;
     pytorch-bf16) { grep -oE 'median [0-9.]+ ms' "$log" | head -1; grep -oE 'peak memory: [0-9.]+ GiB' "$log"; } | tr '\n' ';' ;;
     precision) grep -E '^precision: ' "$log" | sed 's/^precision: //' | tr '\n' ';' ;;

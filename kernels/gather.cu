@@ -4,7 +4,9 @@
 //     voxel (stable): segment u covers order[start[u] .. start[u + 1]), all at voxel
 //     voxel[u]; one thread per (u, c) sums its pairs' dy in that fixed order and writes
 //     df[voxel[u], c] (f32 or bf16, rounded once); df's other voxels are left as they are
-//     (the caller zeroes them).                                                          (=)
+//     (the caller zeroes them). Segments with voxel[u] < 0 are padding and write nothing:
+//     U is a bound fixed by the shapes, not the batch's count, so the launch is the same
+//     for every batch.                                                                   (=)
 //   copy_cols: dst[r, dst_off + j] = src[r, src_off + j] for j < width (f32)               (=)
 //   pad_channels_bf16: y [rows, W] = x [rows, C] with columns C .. W zero (bf16)           (=)
 #include "common.cuh"
@@ -25,6 +27,7 @@ __device__ void scatter_segments(const float* dy, const i64* order, const i64* s
     GRID_STRIDE(i, U * C) {
         i64 u = i / C;
         int c = (int)(i - u * C);
+        if (voxel[u] < 0) continue;
         float s = 0.f;
         for (i64 q = start[u]; q < start[u + 1]; ++q) s += dy[order[q] * C + c];
         st(df, voxel[u] * C + c, s);

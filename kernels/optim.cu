@@ -14,7 +14,8 @@
 //   multi_adam: per element of chunk j of tensor k (PyTorch Adam, f32 arithmetic), g scaled
 //     by coef[0] first (a non-finite coef[0]: no update at all, p, m and v untouched):
 //     m += (1 - b1)(g - m); v = b2 v + (1 - b2) g^2; p -= step_size m / (sqrt(v) / bc2 + eps)
-//     (p, m, v updated in place)
+//     (p, m, v updated in place); schedule = [step_size, bc2] in device memory, so that the
+//     launch's arguments do not change from step to step
 #include "common.cuh"
 
 struct MultiTensorEntry {
@@ -64,7 +65,7 @@ extern "C" __global__ void __launch_bounds__(256) clip_finalize(const double* pa
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) multi_adam(const MultiTensorEntry* t, int count, i64 per_block, float step_size, float b1, float b2, float eps, float bc2_sqrt, const float* coef) {
+extern "C" __global__ void __launch_bounds__(256) multi_adam(const MultiTensorEntry* t, int count, i64 per_block, const float* schedule, float b1, float b2, float eps, const float* coef) {
     const int k = multi_tensor_find(t, count, blockIdx.x, true);
     float* p = t[k].p;
     const float* g = t[k].g;
@@ -72,6 +73,7 @@ extern "C" __global__ void __launch_bounds__(256) multi_adam(const MultiTensorEn
     float* v = t[k].v;
     const float c = coef ? coef[0] : 1.f;
     if (!isfinite(c)) return;  // a skipped step (clip_finalize)
+    const float step_size = schedule[0], bc2_sqrt = schedule[1];
     const i64 i0 = ((i64)blockIdx.x - t[k].first_adam) * per_block, i1 = min(t[k].n, i0 + per_block);
     for (i64 i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
         float gi = g[i] * c;

@@ -19,6 +19,10 @@ pub struct BenchReport {
     pub shape: BatchShape,
     /// Wall time of each timed step (the device synchronised at its end), ms.
     pub step_ms: Vec<f64>,
+    /// CUDA only: how the timed steps' CUDA graph ran (`cuda::graph`; None with graphs off),
+    /// and the wall time of steps with every call issued one by one (no graph), ms.
+    pub graph: Option<crate::cuda::GraphStats>,
+    pub unrecorded_ms: Vec<f64>,
     /// Losses of the timed steps.
     pub losses: Vec<f64>,
     /// Peak bytes held by live device buffers, and reserved from the driver (CUDA only).
@@ -34,13 +38,7 @@ pub struct BenchReport {
 
 impl BenchReport {
     pub fn median_ms(&self) -> f64 {
-        let mut v = self.step_ms.clone();
-        v.sort_by(f64::total_cmp);
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        let n = v.len();
-        if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+        median(&self.step_ms)
     }
 
     /// The report as text.
@@ -52,6 +50,18 @@ impl BenchReport {
             self.device, self.activation_dtype, self.shape.pairs, self.shape.patch, self.shape.voxels_per_pair
         );
         s += &format!("bench: {} steps: median {:.1} ms/step, min {:.1} ms\n", self.step_ms.len(), self.median_ms(), min);
+        if let Some(g) = &self.graph {
+            s += &format!(
+                "bench: as one CUDA graph per step ({} nodes): {} steps relaunched a kept graph unchanged, {} updated it, {} instantiated one, {} went on unrecorded\n",
+                g.nodes, g.relaunched, g.updated, g.instantiated, g.unrecorded
+            );
+            if let Some(why) = &g.disabled {
+                s += &format!("bench: the CUDA graph could not be built ({why}): the steps above issued their calls one by one\n");
+            }
+        }
+        if !self.unrecorded_ms.is_empty() {
+            s += &format!("bench: {} steps with every call issued one by one (no graph): median {:.1} ms/step\n", self.unrecorded_ms.len(), median(&self.unrecorded_ms));
+        }
         if self.peak_reserved > 0 {
             s += &format!(
                 "bench: peak device memory {:.2} GiB in use, {:.2} GiB reserved by the caching allocator\n",
@@ -112,6 +122,7 @@ pub fn bench_pretraining(device: Device, activation_dtype: DType, shape: BatchSh
     if let Some(d) = &dev {
         d.reset_peak_memory();
     }
+    let graph_before = dev.as_ref().and_then(|d| d.graph_stats(crate::train::PRETRAIN_GRAPH));
     let (mut step_ms, mut losses) = (Vec::new(), Vec::new());
     for i in 0..steps {
         let t0 = Instant::now();
@@ -122,9 +133,32 @@ pub fn bench_pretraining(device: Device, activation_dtype: DType, shape: BatchSh
         losses.push(s.loss);
     }
     let (mut peak_in_use, mut peak_reserved, mut kernels, mut costs) = (0, 0, Vec::new(), None);
+    let (mut graph, mut unrecorded_ms) = (None, Vec::new());
     if let Some(d) = &dev {
         let st = d.pool_stats();
         (peak_in_use, peak_reserved) = (st.peak_in_use, st.peak_reserved);
+        graph = d.graph_stats(crate::train::PRETRAIN_GRAPH).map(|after| {
+            let b = graph_before.unwrap_or_default();
+            crate::cuda::GraphStats {
+                steps: after.steps - b.steps,
+                relaunched: after.relaunched - b.relaunched,
+                updated: after.updated - b.updated,
+                instantiated: after.instantiated - b.instantiated,
+                unrecorded: after.unrecorded - b.unrecorded,
+                ..after
+            }
+        });
+        if graph.is_some() {
+            // What the graph saves: the same steps with every call issued one by one.
+            d.set_step_graphs(false);
+            for i in 0..steps.min(10) {
+                let t0 = Instant::now();
+                pretrain_step(&mut model, &mut adam, &batches[i % 2])?;
+                sync()?;
+                unrecorded_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            d.set_step_graphs(true);
+        }
         if profile_steps > 0 {
             d.enable_kernel_timing();
             d.start_cost_log();
@@ -141,7 +175,7 @@ pub fn bench_pretraining(device: Device, activation_dtype: DType, shape: BatchSh
         None => format!("cpu ({} threads)", rayon::current_num_threads()),
     };
     let card = dev.as_ref().map_or("", |d| d.machine().name);
-    Ok(BenchReport { device: name, activation_dtype: if device == Device::Cpu { DType::F32 } else { activation_dtype }, shape, step_ms, losses, peak_in_use, peak_reserved, kernels, costs, card })
+    Ok(BenchReport { device: name, activation_dtype: if device == Device::Cpu { DType::F32 } else { activation_dtype }, shape, step_ms, graph, unrecorded_ms, losses, peak_in_use, peak_reserved, kernels, costs, card })
 }
 
 /// `vox2vec-train --compare-precisions`: one pretraining step's loss and gradients with bf16

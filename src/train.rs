@@ -14,6 +14,9 @@ use crate::tensor::{DType, Device, Tensor, Tensor as T};
 
 pub const MAX_GRAD_NORM: f64 = 1.0;
 
+/// The name of the pretraining step's CUDA graph (`CudaDevice::graph_stats`).
+pub const PRETRAIN_GRAPH: &str = "pretrain step";
+
 #[derive(Clone, Copy, Debug)]
 pub struct StepStats {
     pub loss: f64,
@@ -60,7 +63,13 @@ pub fn pretrain_step_ranked(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBa
 
 fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, comm: &mut dyn Communicator) -> Result<StepStats> {
     if let Device::Cuda(ordinal) = model.device() {
-        let stats = pretrain_step_cuda_ranked(model, adam, batch, ordinal, comm)?;
+        let stats = if comm.world() == 1 {
+            // One rank: the step's ~1,700 calls run as one CUDA graph (`cuda::graph`).
+            crate::cuda::device(ordinal)?.graphed(PRETRAIN_GRAPH, || pretrain_step_cuda_ranked(model, adam, batch, ordinal, comm))?
+        } else {
+            // NCCL's all-reduces overlap the backward on a second stream: issued one by one.
+            pretrain_step_cuda_ranked(model, adam, batch, ordinal, comm)?
+        };
         // The one read of the step, once all its work is queued: loss and gradient norm.
         let loss = stats.loss.to_f32_vec()?[0] as f64;
         let norm = crate::cuda::dev_of(&stats.loss).download::<f32>(stats.clip.norm_ptr(), 1)?[0] as f64;

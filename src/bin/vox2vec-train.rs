@@ -363,7 +363,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.report.is_none() || args.bench_plan, "--report goes with --bench-plan or --compare-precisions");
     let cpu_note = if device == vox2vec::tensor::Device::Cpu { check_cpu_budget(batch, model.fpn)? } else { None };
     if let Some(steps) = args.bench {
-        let report = vox2vec::bench::bench_pretraining(device, precision, batch, steps, 2, 2, args.seed)?;
+        // 6 warm-up steps: a step graph's blocks settle within about five (`cuda::graph`).
+        let report = vox2vec::bench::bench_pretraining(device, precision, batch, steps, 6, 2, args.seed)?;
         print!("{}", report.render());
         return Ok(());
     }

@@ -59,6 +59,16 @@ impl Pool {
         Some(ptr)
     }
 
+    /// The cached block at `ptr` of class `class`, if it is free (a step graph asks for the
+    /// blocks its earlier steps had, so that its pointers repeat).
+    pub fn take_exact(&mut self, ptr: u64, class: usize) -> bool {
+        let Some(list) = self.free.get_mut(&class) else { return false };
+        let Some(i) = list.iter().rposition(|&p| p == ptr) else { return false };
+        list.swap_remove(i);
+        self.note_in_use(class);
+        true
+    }
+
     /// Record a fresh driver allocation of `class` bytes, now in use.
     pub fn note_driver_alloc(&mut self, class: usize) {
         self.stats.driver_allocs += 1;
@@ -125,6 +135,10 @@ mod tests {
         assert_eq!(p.take(512), Some(0xABC));
         assert_eq!(p.stats.in_use, 512);
         assert_eq!(p.stats.peak_in_use, 512);
+        p.give_back(0xABC, 512);
+        assert!(!p.take_exact(0xABC, 1024) && !p.take_exact(0xDEF, 512));
+        assert!(p.take_exact(0xABC, 512));
+        assert_eq!((p.take(512), p.stats.in_use), (None, 512));
         p.give_back(0xABC, 512);
         assert_eq!(p.drain(), vec![(0xABC, 512)]);
         assert_eq!(p.stats.reserved, 0);

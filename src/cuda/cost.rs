@@ -19,7 +19,8 @@
 //!   FLOPs need, parts that move global memory as often as the declared bytes need, the rest
 //!   and straight-line code once per warp ([`issue_instructions`]; a lower bound where a
 //!   loop's real trip count exceeds these);
-//! - launch: a fixed cost per launch (no CUDA graph).
+//! - launch: a fixed cost per launch issued on its own, a smaller one per node of a step
+//!   graph (`graph.rs`), plus one launch per graph.
 //!
 //! The device keeps a [`CostLog`] of every launch when asked (`vox2vec-train --bench-plan`
 //! runs a whole step in plan mode, where nothing executes, and `--bench N` on a GPU prints the
@@ -186,14 +187,18 @@ pub struct Machine {
     pub clock_hz: f64,
     /// The cost of one kernel launch in a stream (no CUDA graph).
     pub launch_s: f64,
+    /// The cost of one kernel node of a launched CUDA graph (the gap between dependent
+    /// kernels, with no host call per kernel).
+    pub graph_node_s: f64,
 }
 
 /// One H100 SXM: HBM3 at the ~3.0 TB/s a device-to-device copy reaches (read + written),
 /// cuBLAS bf16 at the ~790 TFLOP/s measured on such a machine here, mma.sync at ~550 (its
 /// sustained rate on Hopper, below wgmma's), fp32 at 80 % of 67 TFLOP/s, 132 SMs at
-/// 1.755 GHz, 2.5 µs per launch.
+/// 1.755 GHz, 2.5 µs per launch and 1 µs per graph node (assumed, to be measured:
+/// `gpu-bundle` times the step with and without graphs).
 pub const H100: Machine = Machine {
-    name: "H100 SXM (sustained: 3.0 TB/s, 790 TFLOP/s bf16 cuBLAS, 550 mma.sync, 395 TF32, 54 fp32; 132 SMs at 1.755 GHz, 2.5 us per launch)",
+    name: "H100 SXM (sustained: 3.0 TB/s, 790 TFLOP/s bf16 cuBLAS, 550 mma.sync, 395 TF32, 54 fp32; 132 SMs at 1.755 GHz, 2.5 us per launch, 1 us per graph node)",
     card: "h100",
     hbm_bytes_per_s: 3.0e12,
     fp32_flops: 54e12,
@@ -204,13 +209,14 @@ pub const H100: Machine = Machine {
     sms: 132,
     clock_hz: 1.755e9,
     launch_s: 2.5e-6,
+    graph_node_s: 1.0e-6,
 };
 
 /// One H200 SXM at about 80 % of its data-sheet rates (4.8 TB/s HBM3e, 989 TFLOP/s dense
 /// bf16, 494 TF32, 67 fp32 on CUDA cores; PCIe 5 x16 at 64 GB/s): ~4.3 TB/s (what a copy
 /// reaches here), ~790 TFLOP/s bf16 through cuBLAS; the same chip as the H100 otherwise.
 pub const H200: Machine = Machine {
-    name: "H200 SXM (sustained: 4.3 TB/s, 790 TFLOP/s bf16 cuBLAS, 550 mma.sync, 395 TF32, 54 fp32; 132 SMs at 1.755 GHz, 2.5 us per launch)",
+    name: "H200 SXM (sustained: 4.3 TB/s, 790 TFLOP/s bf16 cuBLAS, 550 mma.sync, 395 TF32, 54 fp32; 132 SMs at 1.755 GHz, 2.5 us per launch, 1 us per graph node)",
     card: "h200",
     hbm_bytes_per_s: 4.3e12,
     ..H100

@@ -14,6 +14,7 @@ use cudarc::driver::{CudaContext, CudaStream, result, sys};
 
 use super::alloc::{Pool, PoolStats, size_class};
 use super::cost::{Cost, CostLog, H100, Machine};
+use super::graph::{Exec, GraphStats, Node, Recording, Sgemm, StepGraph};
 use super::registry::K;
 
 /// A CUfunction handle. Plain data owned by the module, which lives as long as the device.
@@ -46,6 +47,8 @@ struct Driver {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, ours so that a stream capture never needs cuBLAS to allocate.
+    _blas_workspace: u64,
     /// The module's storage must outlive the module: the fatbin image, 8-byte aligned.
     _image: Vec<u64>,
 }
@@ -73,6 +76,16 @@ pub struct CudaDevice {
     /// The declared cost of every launch since `start_cost_log`, and the GPU it is priced on.
     costs: Mutex<Option<CostLog>>,
     machine: Machine,
+    /// The step being recorded by `graphed`, if any (`graph.rs`).
+    recording: Mutex<Option<Recording>>,
+    /// Signalled when a recording ends (other threads' calls wait for it).
+    recording_ended: std::sync::Condvar,
+    /// The named step graphs and their upload slots.
+    graphs: Mutex<HashMap<&'static str, StepGraph>>,
+    /// Whether `graphed` records (`VOX2VEC_CUDA_GRAPH`, `set_step_graphs`).
+    graphs_on: std::sync::atomic::AtomicBool,
+    /// Plan mode inside `graphed`: launches are priced as graph nodes.
+    plan_in_graph: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the raw event handles in the timer are only touched under its mutex.
@@ -238,6 +251,11 @@ impl CudaDevice {
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("initialising cuBLAS")?;
+        const BLAS_WORKSPACE: usize = 32 << 20;
+        // SAFETY: plain allocation, kept for the device's lifetime; the handle uses it on our stream.
+        let blas_workspace = unsafe { result::malloc_sync(BLAS_WORKSPACE) }.context("allocating cuBLAS's workspace")?;
+        // SAFETY: a live handle and a live allocation of that size.
+        unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), blas_workspace as *mut c_void, BLAS_WORKSPACE) }.result().context("cublasSetWorkspace")?;
         let fatbin = crate::kernels::FATBIN;
         let mut image = vec![0u64; fatbin.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut image)[..fatbin.len()].copy_from_slice(fatbin);
@@ -251,7 +269,7 @@ impl CudaDevice {
             let f = unsafe { result::module::get_function(module, cname) }.with_context(|| format!("kernel {} is missing from the fatbin", k.name()))?;
             functions.push(RawFn(f));
         }
-        let driver = Some(Driver { ctx, stream, blas, _image: image });
+        let driver = Some(Driver { ctx, stream, blas, _blas_workspace: blas_workspace, _image: image });
         let dev = CudaDevice::assemble(ordinal, name, driver, false, functions);
         BOUND.with(|b| b.set(ordinal));
         Ok(dev)
@@ -272,6 +290,11 @@ impl CudaDevice {
             timer: Mutex::new(None),
             costs: Mutex::new(None),
             machine,
+            recording: Mutex::new(None),
+            recording_ended: std::sync::Condvar::new(),
+            graphs: Mutex::default(),
+            graphs_on: std::sync::atomic::AtomicBool::new(super::graph::enabled_by_env()),
+            plan_in_graph: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -341,7 +364,12 @@ impl CudaDevice {
             eprintln!("launch {kernel} bytes {} flops {}", cost.bytes, cost.flops);
         }
         if let Some(log) = self.costs.lock().unwrap().as_mut() {
-            log.record_launch(kernel, cost, &self.machine, warps, code);
+            if self.plan_in_graph.load(std::sync::atomic::Ordering::Relaxed) {
+                let node = Machine { launch_s: self.machine.graph_node_s, ..self.machine };
+                log.record_launch(kernel, cost, &node, warps, code);
+            } else {
+                log.record_launch(kernel, cost, &self.machine, warps, code);
+            }
         }
     }
 
@@ -369,6 +397,7 @@ impl CudaDevice {
 
     /// Wait until every queued kernel and copy has finished.
     pub fn synchronize(&self) -> Result<()> {
+        self.stop_deferring("a synchronisation")?;
         let Some(d) = self.driver() else { return Ok(()) };
         self.bind()?;
         d.stream.synchronize().context("CUDA stream synchronisation (an earlier kernel may have failed)")
@@ -412,7 +441,7 @@ impl CudaDevice {
     /// kernel that reads what nothing wrote fails its test instead of reading zeros.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<CudaBuf> {
         let b = self.alloc_undefined(bytes)?;
-        if self.is_emulator() && !self.plan {
+        if self.is_emulator() && !self.plan && !self.defer(|| Node::Memset { ptr: b.ptr, bytes: b.class, value: 0xff }) {
             // SAFETY: emulator memory is host memory of `class` bytes.
             unsafe { std::ptr::write_bytes(b.ptr as *mut u8, 0xff, b.class) };
         }
@@ -420,24 +449,49 @@ impl CudaDevice {
     }
 
     fn alloc_undefined(self: &Arc<Self>, bytes: usize) -> Result<CudaBuf> {
+        self.alloc_block(bytes, true)
+    }
+
+    /// A block for `bytes`: from the cache when `cached` allows and one is free, else from
+    /// the driver (a block no buffer has used: what an upload slot needs, `graph.rs`).
+    fn alloc_block(self: &Arc<Self>, bytes: usize, cached: bool) -> Result<CudaBuf> {
+        drop(self.wait_for_other_recording());
         let class = if self.exact_alloc { bytes.max(1) } else { size_class(bytes) };
         self.pool.lock().unwrap().note_request(class);
         if !self.exact_alloc
-            && let Some(ptr) = self.pool.lock().unwrap().take(class)
+            && cached
+            && let Some(ptr) = self.take_cached(class)
         {
-            return Ok(CudaBuf { ptr, class, bytes, dev: self.clone() });
+            return Ok(CudaBuf { ptr, class, bytes, dev: self.clone(), owner: None });
         }
         let ptr = match self.raw_malloc(class) {
             Ok(p) => p,
             Err(_) => {
                 // Out of memory: give the cached blocks back to the driver and try once more.
+                self.stop_deferring("memory given back to the driver")?;
                 self.synchronize()?;
                 self.release_cached()?;
                 self.raw_malloc(class).map_err(|e| self.out_of_memory(class, &format!("{e:#}")))?
             }
         };
         self.pool.lock().unwrap().note_driver_alloc(class);
-        Ok(CudaBuf { ptr, class, bytes, dev: self.clone() })
+        Ok(CudaBuf { ptr, class, bytes, dev: self.clone(), owner: None })
+    }
+
+    /// A free cached block of `class`. During a recording, the block this allocation had in
+    /// earlier steps when it is free (so that the step's nodes repeat, `graph.rs`); every
+    /// block handed out is noted in the recording.
+    fn take_cached(&self, class: usize) -> Option<u64> {
+        let mut rec = self.recording.lock().unwrap();
+        let Some(r) = rec.as_mut().filter(|r| r.deferring() && r.thread == std::thread::current().id()) else {
+            return self.pool.lock().unwrap().take(class);
+        };
+        let k = r.blocks.len();
+        let preferred: Vec<u64> = self.graphs.lock().unwrap().get(r.name).map_or(Vec::new(), |g| g.preferred_blocks(k, class).collect());
+        let mut pool = self.pool.lock().unwrap();
+        let ptr = preferred.into_iter().find(|&p| pool.take_exact(p, class)).or_else(|| pool.take(class))?;
+        r.blocks.push((ptr, class));
+        Some(ptr)
     }
 
     /// An allocation filled with zero bytes.
@@ -449,6 +503,7 @@ impl CudaDevice {
 
     /// Return every cached (free) block to the driver.
     pub fn release_cached(&self) -> Result<()> {
+        self.stop_deferring("memory given back to the driver")?;
         let blocks = self.pool.lock().unwrap().drain();
         for (p, class) in blocks {
             self.raw_free(p, class)?;
@@ -469,22 +524,30 @@ impl CudaDevice {
             return Ok(());
         }
         self.note_cost("memset", Cost::mem(bytes));
-        if self.plan {
+        if self.plan || self.defer(|| Node::Memset { ptr, bytes, value: 0 }) {
             return Ok(());
         }
+        self.issue_memset(ptr, bytes, 0)
+    }
+
+    fn issue_memset(&self, ptr: u64, bytes: usize, value: u8) -> Result<()> {
         if self.is_emulator() {
             // SAFETY: emulator memory is host memory of at least `bytes` bytes.
-            unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+            unsafe { std::ptr::write_bytes(ptr as *mut u8, value, bytes) };
             return Ok(());
         }
         self.bind()?;
         // SAFETY: ptr points to at least `bytes` bytes of a live allocation.
-        unsafe { result::memset_d8_async(ptr, 0, bytes, self.cu_stream()) }.context("cuMemsetD8Async")
+        unsafe { result::memset_d8_async(ptr, value, bytes, self.cu_stream()) }.context("cuMemsetD8Async")
     }
 
     /// Copy host values into a new device buffer.
     pub fn upload<T: bytemuck::Pod>(self: &Arc<Self>, data: &[T]) -> Result<CudaBuf> {
         let bytes = std::mem::size_of_val(data);
+        if let Some(buf) = self.upload_to_slot(bytemuck::cast_slice(data))? {
+            self.note_cost("memcpy_htod", Cost::pcie(bytes));
+            return Ok(buf);
+        }
         let buf = self.alloc(bytes)?;
         self.note_cost("memcpy_htod", Cost::pcie(bytes));
         if self.plan {
@@ -505,6 +568,7 @@ impl CudaDevice {
     /// Copy `n` values of type T from device memory at `ptr` to the host (waits for the stream).
     pub fn download<T: bytemuck::Pod + Default>(&self, ptr: u64, n: usize) -> Result<Vec<T>> {
         let mut out = vec![T::default(); n];
+        self.stop_deferring("a read from the device")?;
         if self.plan {
             // Nothing was computed: zeros (the plan only needs the host code to go on).
             return Ok(out);
@@ -526,9 +590,13 @@ impl CudaDevice {
             return Ok(());
         }
         self.note_cost("memcpy_dtod", Cost::mem(2 * bytes));
-        if self.plan {
+        if self.plan || self.defer(|| Node::Copy { dst, src, bytes }) {
             return Ok(());
         }
+        self.issue_copy(dst, src, bytes)
+    }
+
+    fn issue_copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         if self.is_emulator() {
             // SAFETY: distinct live host allocations in the emulator.
             unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
@@ -549,6 +617,13 @@ impl CudaDevice {
             ensure!(grid.0 * grid.1 * grid.2 > 0 && block.0 * block.1 * block.2 > 0, "{}: empty launch grid {grid:?} block {block:?}", k.name());
             return Ok(());
         }
+        if self.defer(|| Node::Kernel { k, grid, block, shared: shared_bytes, args: args.to_vec() }) {
+            return Ok(());
+        }
+        self.issue_kernel(k, grid, block, shared_bytes, args)
+    }
+
+    fn issue_kernel(&self, k: K, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, args: &[Arg]) -> Result<()> {
         self.bind()?;
         let mut vals: Vec<Arg> = args.to_vec();
         let mut params: Vec<*mut c_void> = vals
@@ -605,7 +680,6 @@ impl CudaDevice {
     /// `tf32`: let cuBLAS round the inputs to TF32 and use tensor cores (fp32 accumulation);
     /// otherwise exact fp32 on CUDA cores.
     pub fn sgemm(&self, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64, tf32: bool) -> Result<()> {
-        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -613,9 +687,16 @@ impl CudaDevice {
         let (flops, bytes) = (2.0 * (m * n * k) as f64, 4 * (m * k + k * n) + c_bytes);
         let (family, cost) = if tf32 { ("cublas_sgemm_tf32", Cost::tensor_tf32(flops, bytes)) } else { ("cublas_sgemm", Cost::fp32(flops, bytes)) };
         self.note_cost(family, cost);
-        if self.plan {
+        let call = Sgemm { trans_a, trans_b, m, n, k, alpha, a, b, beta, c, tf32 };
+        if self.plan || self.defer(|| Node::Sgemm(call)) {
             return Ok(());
         }
+        self.issue_sgemm(family, call)
+    }
+
+    fn issue_sgemm(&self, family: &'static str, s: Sgemm) -> Result<()> {
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let Sgemm { trans_a, trans_b, m, n, k, alpha, a, b, beta, c, tf32 } = s;
         if self.is_emulator() {
             #[cfg(vox2vec_emulator)]
             super::emulator::sgemm(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, tf32);
@@ -651,6 +732,279 @@ impl CudaDevice {
         }
         .with_context(|| format!("cuBLAS SGEMM {m}x{n}x{k}"))?;
         self.timer_end(family, timing)
+    }
+
+    /// Run `f`, the host code of one step, with its device work recorded and then run as the
+    /// step graph `name` (`graph.rs`): the same results as running `f` unrecorded. Without
+    /// step graphs here (timing, `VOX2VEC_EXACT_ALLOC`, `VOX2VEC_CUDA_GRAPH=0`, inside another
+    /// recording) `f` runs as it is; on the plan device its launches are priced as nodes.
+    pub fn graphed<R>(self: &Arc<Self>, name: &'static str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.plan {
+            if !self.graphs_on.load(Relaxed) || self.plan_in_graph.load(Relaxed) {
+                return f();
+            }
+            self.note_cost("cuda_graph_launch", Cost::mem(0));
+            self.plan_in_graph.store(true, Relaxed);
+            let r = f();
+            self.plan_in_graph.store(false, Relaxed);
+            return r;
+        }
+        let timing = self.timer.lock().unwrap().is_some();
+        if timing || self.exact_alloc || !self.graphs_on.load(Relaxed) {
+            return f();
+        }
+        if self.graphs.lock().unwrap().get(name).is_some_and(|g| g.stats.disabled.is_some()) {
+            return f();
+        }
+        {
+            let mut rec = self.wait_for_other_recording();
+            if rec.is_some() {
+                drop(rec);
+                return f();
+            }
+            *rec = Some(Recording::new(name));
+        }
+        // Ends the recording however `f` returns, a panic included, so other threads go on.
+        struct End<'a>(&'a CudaDevice);
+        impl Drop for End<'_> {
+            fn drop(&mut self) {
+                if let Ok(mut r) = self.0.recording.lock() {
+                    r.take();
+                }
+                self.0.recording_ended.notify_all();
+            }
+        }
+        let end = End(self);
+        let r = f();
+        let rec = self.recording.lock().unwrap().take().expect("the recording began above");
+        drop(end);
+        // What `f` queued runs even when it failed part of the way, as unrecorded calls would have.
+        let ran = self.run_recording(rec);
+        let r = r?;
+        ran?;
+        Ok(r)
+    }
+
+    /// Turn step graphs on or off (on unless `VOX2VEC_CUDA_GRAPH=0`): off, `graphed` runs its
+    /// step's calls one by one.
+    pub fn set_step_graphs(&self, on: bool) {
+        self.graphs_on.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How the step graph `name` has run so far (None before its first step).
+    pub fn graph_stats(&self, name: &str) -> Option<GraphStats> {
+        self.graphs.lock().unwrap().get(name).map(|g| g.stats.clone())
+    }
+
+    /// The recording lock, once no other thread records (this thread's recording, if any).
+    fn wait_for_other_recording(&self) -> std::sync::MutexGuard<'_, Option<Recording>> {
+        let me = std::thread::current().id();
+        let mut rec = self.recording.lock().unwrap();
+        while rec.as_ref().is_some_and(|r| r.thread != me) {
+            rec = self.recording_ended.wait(rec).unwrap();
+        }
+        rec
+    }
+
+    /// Keep `node` in the recording instead of issuing it; false when nothing is recorded.
+    fn defer(&self, node: impl FnOnce() -> Node) -> bool {
+        let mut rec = self.wait_for_other_recording();
+        match rec.as_mut() {
+            Some(r) if r.deferring() => {
+                r.nodes.push(node());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// During a recording: `data` staged for the next upload slot, and a view of that slot.
+    fn upload_to_slot(self: &Arc<Self>, data: &[u8]) -> Result<Option<CudaBuf>> {
+        let (name, i) = {
+            let mut rec = self.wait_for_other_recording();
+            let Some(r) = rec.as_mut().filter(|r| r.deferring()) else { return Ok(None) };
+            r.next_slot += 1;
+            (r.name, r.next_slot - 1)
+        };
+        let class = size_class(data.len());
+        let mut graphs = self.graphs.lock().unwrap();
+        let g = graphs.entry(name).or_default();
+        let slot = match g.reusable_slot(i, class) {
+            Some(s) => s,
+            None => {
+                // Not from the cache: a cached block may be one that nodes recorded earlier
+                // in this step still use, and they run after the staged bytes are written.
+                let s = Arc::new(self.alloc_block(data.len(), false)?);
+                g.set_slot(i, s.clone());
+                s
+            }
+        };
+        drop(graphs);
+        let mut rec = self.recording.lock().unwrap();
+        let Some(r) = rec.as_mut().filter(|r| r.deferring()) else {
+            // The allocation ended the recording (memory given back to the driver): write now.
+            drop(rec);
+            self.write_staged(&[(slot.ptr, data.to_vec())])?;
+            return Ok(Some(CudaBuf { ptr: slot.ptr, class: slot.class, bytes: data.len(), dev: self.clone(), owner: Some(slot) }));
+        };
+        r.staged.push((slot.ptr, data.to_vec()));
+        Ok(Some(CudaBuf { ptr: slot.ptr, class: slot.class, bytes: data.len(), dev: self.clone(), owner: Some(slot) }))
+    }
+
+    /// During a recording: issue what was recorded so far, one call at a time, and let the
+    /// rest of the step run unrecorded (`why` is kept in the graph's stats).
+    fn stop_deferring(&self, why: &'static str) -> Result<()> {
+        let (nodes, staged) = {
+            let mut rec = self.wait_for_other_recording();
+            let Some(r) = rec.as_mut().filter(|r| r.deferring()) else { return Ok(()) };
+            r.unrecorded = Some(why);
+            (std::mem::take(&mut r.nodes), std::mem::take(&mut r.staged))
+        };
+        self.write_staged(&staged)?;
+        nodes.iter().try_for_each(|n| self.issue(n))
+    }
+
+    fn write_staged(&self, staged: &[(u64, Vec<u8>)]) -> Result<()> {
+        for (ptr, data) in staged.iter().filter(|(_, d)| !d.is_empty()) {
+            if self.is_emulator() {
+                // SAFETY: the slot is host memory of at least `data.len()` bytes in the emulator.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), *ptr as *mut u8, data.len()) };
+            } else {
+                self.bind()?;
+                // SAFETY: the slot holds `data.len()` bytes; a pageable source is staged by the
+                // driver before the call returns.
+                unsafe { result::memcpy_htod_async(*ptr, data.as_slice(), self.cu_stream()) }.context("copying to the device")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Issue one recorded call now.
+    fn issue(&self, n: &Node) -> Result<()> {
+        match n {
+            Node::Kernel { k, grid, block, shared, args } => self.issue_kernel(*k, *grid, *block, *shared, args),
+            Node::Memset { ptr, bytes, value } => self.issue_memset(*ptr, *bytes, *value),
+            Node::Copy { dst, src, bytes } => self.issue_copy(*dst, *src, *bytes),
+            Node::Sgemm(s) => self.issue_sgemm(if s.tf32 { "cublas_sgemm_tf32" } else { "cublas_sgemm" }, *s),
+        }
+    }
+
+    /// The end of a recording: the staged uploads written, then the nodes run as the graph.
+    fn run_recording(&self, rec: Recording) -> Result<()> {
+        self.write_staged(&rec.staged)?;
+        let mut graphs = self.graphs.lock().unwrap();
+        let g = graphs.entry(rec.name).or_default();
+        g.stats.steps += 1;
+        let step = g.stats.steps;
+        g.history.swap(0, 1);
+        g.history[0] = rec.blocks;
+        if let Some(why) = rec.unrecorded {
+            g.stats.unrecorded += 1;
+            g.stats.last_unrecorded = Some(why);
+            // The nodes before the stop were issued then, and the rest of the step unrecorded.
+            return Ok(());
+        }
+        g.stats.nodes = rec.nodes.len();
+        let i = match g.variants.iter().position(|v| super::graph::same_nodes(&v.nodes, &rec.nodes)) {
+            Some(i) => {
+                g.stats.relaunched += 1;
+                i
+            }
+            None => match self.capture_into(g, &rec.nodes) {
+                Ok(i) => i,
+                Err(e) => {
+                    // A driver that cannot capture or instantiate this graph costs the run
+                    // nothing: the calls run one by one, now and in later steps.
+                    eprintln!("warning: the step graph {:?} could not be built ({e:#}); its calls are issued one by one from now on", rec.name);
+                    g.stats.disabled = Some(format!("{e:#}"));
+                    return rec.nodes.iter().try_for_each(|n| self.issue(n));
+                }
+            },
+        };
+        let v = &mut g.variants[i];
+        v.used = step;
+        match v.exec {
+            // The emulator's graph is its node list, kept from the step that captured it.
+            Exec::Emulated => v.nodes.iter().try_for_each(|n| self.issue(n)),
+            Exec::Driver(exec) => {
+                self.bind()?;
+                // SAFETY: an instantiated graph of this context, launched on our stream.
+                unsafe { sys::cuGraphLaunch(exec, self.cu_stream()) }.result().with_context(|| format!("launching the step graph {} ({} nodes)", rec.name, v.nodes.len()))
+            }
+        }
+    }
+
+    /// Make a kept graph run `nodes`: the least recently used one updated in place when there
+    /// are `VARIANTS` already and the driver accepts the update, a new one otherwise. Returns
+    /// its index in `g.variants`.
+    fn capture_into(&self, g: &mut StepGraph, nodes: &[Node]) -> Result<usize> {
+        let nodes = nodes.to_vec();
+        let lru = g.variants.iter().enumerate().min_by_key(|(_, v)| v.used).map(|(i, _)| i);
+        let reuse = lru.filter(|_| g.variants.len() >= super::graph::VARIANTS);
+        let Some(_) = self.driver() else {
+            let v = super::graph::Variant { nodes, exec: Exec::Emulated, used: 0 };
+            return Ok(match reuse {
+                Some(i) => {
+                    g.stats.updated += 1;
+                    g.variants[i] = v;
+                    i
+                }
+                None => {
+                    g.stats.instantiated += 1;
+                    g.variants.push(v);
+                    g.variants.len() - 1
+                }
+            });
+        };
+        self.bind()?;
+        let stream = self.cu_stream();
+        // SAFETY: our stream, not capturing; relaxed mode, as nothing between begin and end
+        // allocates or synchronises (the nodes are launches, memsets, copies and cuBLAS calls).
+        unsafe { sys::cuStreamBeginCapture_v2(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }.result().context("beginning a stream capture")?;
+        let issued = nodes.iter().try_for_each(|n| self.issue(n));
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: ends the capture begun above (also after a failed call, to leave the stream usable).
+        let ended = unsafe { sys::cuStreamEndCapture(stream, &mut graph) }.result();
+        issued.context("issuing the step's calls into a stream capture")?;
+        ended.context("ending the stream capture")?;
+        let mut slot = None;
+        if let Some(i) = reuse
+            && let Exec::Driver(exec) = g.variants[i].exec
+        {
+            // SAFETY: zeroed result info is a valid out-parameter.
+            let mut info: sys::CUgraphExecUpdateResultInfo = unsafe { std::mem::zeroed() };
+            // SAFETY: a live exec and the graph just captured; launches in flight keep what
+            // they were launched with.
+            if unsafe { sys::cuGraphExecUpdate_v2(exec, graph, &mut info) }.result().is_ok() {
+                g.stats.updated += 1;
+                g.variants[i].nodes = nodes.clone();
+                slot = Some(i);
+            } else {
+                // SAFETY: ours; an exec still running is freed when it completes.
+                unsafe { sys::cuGraphExecDestroy(exec) }.result().ok();
+                g.variants.swap_remove(i);
+            }
+        }
+        let i = match slot {
+            Some(i) => i,
+            None => {
+                let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+                // SAFETY: a complete captured graph.
+                let inst = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result();
+                if let Err(e) = inst {
+                    // SAFETY: ours.
+                    unsafe { sys::cuGraphDestroy(graph) }.result().ok();
+                    return Err(e).context("instantiating the step graph");
+                }
+                g.stats.instantiated += 1;
+                g.variants.push(super::graph::Variant { nodes, exec: Exec::Driver(exec), used: 0 });
+                g.variants.len() - 1
+            }
+        };
+        // SAFETY: the exec holds what it needs; the graph itself is no longer used.
+        unsafe { sys::cuGraphDestroy(graph) }.result().context("destroying a captured graph")?;
+        Ok(i)
     }
 
     /// Start collecting per-kernel times (CUDA events around every launch).
@@ -733,6 +1087,8 @@ pub struct CudaBuf {
     class: usize,
     bytes: usize,
     dev: Arc<CudaDevice>,
+    /// A step graph's upload slot that this buffer is a view of (the slot holds the block).
+    owner: Option<Arc<CudaBuf>>,
 }
 
 impl CudaBuf {
@@ -743,6 +1099,10 @@ impl CudaBuf {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+    /// The block's size class.
+    pub(crate) fn class(&self) -> usize {
+        self.class
+    }
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev
     }
@@ -750,6 +1110,10 @@ impl CudaBuf {
 
 impl Drop for CudaBuf {
     fn drop(&mut self) {
+        if self.owner.is_some() {
+            // A view of an upload slot: the slot gives the block back.
+            return;
+        }
         if self.dev.exact_alloc {
             if let Ok(mut p) = self.dev.pool.lock() {
                 p.note_driver_free(self.class);

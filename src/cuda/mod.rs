@@ -10,6 +10,7 @@
 pub mod alloc;
 pub mod cost;
 pub mod device;
+pub mod graph;
 #[cfg(vox2vec_emulator)]
 pub mod emulator;
 pub mod lab;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, ensure};
 
 pub use cost::{Cost, Unit};
+pub use graph::GraphStats;
 pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, emulated, enable_plan_mode, enable_plan_mode_for, nvtx_range, planned, unavailable_reason};
 pub use registry::K;
 

@@ -131,6 +131,9 @@ pub fn adam_update(store: &ParamStore, grads: &[Option<Tensor>], moments: &Devic
     let (_, blocks) = number_blocks(&mut table);
     let elems: usize = table.iter().map(|e| e.n as usize).sum();
     let tb = dev.upload(&table)?;
+    // The step's scalars travel in device memory, so that a step graph's kernel arguments
+    // are the same from step to step.
+    let schedule = dev.upload(&[step_size, bc2_sqrt])?;
     dev.launch(
         K::MultiAdam,
         (blocks as u32, 1, 1),
@@ -140,11 +143,10 @@ pub fn adam_update(store: &ParamStore, grads: &[Option<Tensor>], moments: &Devic
             Arg::Ptr(tb.ptr()),
             Arg::I32(table.len() as i32),
             Arg::I64(ADAM_BLOCK as i64),
-            Arg::F32(step_size),
+            Arg::Ptr(schedule.ptr()),
             Arg::F32(c.beta1 as f32),
             Arg::F32(c.beta2 as f32),
             Arg::F32(c.eps as f32),
-            Arg::F32(bc2_sqrt),
             Arg::Ptr(coef.unwrap_or(0)),
         ],
         // p, g, m, v read; p, m, v written.

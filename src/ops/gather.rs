@@ -40,7 +40,7 @@ pub fn gather_voxels(g: &Graph, f: &Var, batch: &[i64], voxels: &[i64], shift: u
         let p = batch.len();
         let out = gpu::gather_rows(&f.value, &offs, p, c)?;
         let dt = f.value.dtype();
-        let seg = g.needs_grad(&[f]).then(|| gpu::segments(&dev, &offs_host)).transpose()?;
+        let seg = g.needs_grad(&[f]).then(|| gpu::segments(&dev, &offs_host, batch.len().min(v.voxels()))).transpose()?;
         return Ok(g.record("gather_voxels", out, &[f], move |dy| {
             let seg = seg.expect("segments kept for backward");
             Ok(vec![Some(gpu::scatter_segments(&crate::cuda::cast(&dy, crate::tensor::DType::F32)?, &seg, v, dt)?)])

@@ -26,11 +26,16 @@ pub struct Segments {
     voxel: CudaBuf,
     pairs: usize,
     count: usize,
+    /// Segments as launched: `count` padded to a bound fixed by the shapes.
+    padded: usize,
 }
 
 /// Group the pairs of `offs` (flat voxel index per pair) by voxel: a stable sort, so each
-/// voxel sums its pairs in pair order.
-pub fn segments(dev: &std::sync::Arc<crate::cuda::CudaDevice>, offs: &[usize]) -> Result<Segments> {
+/// voxel sums its pairs in pair order. Padded (voxel -1: empty) to `bound` segments, at least
+/// as many as there can be (the fewer of the pairs and the level's voxels), so that the
+/// backward's launch is the same for every batch of these shapes (a step graph's nodes then
+/// repeat, `cuda::graph`).
+pub fn segments(dev: &std::sync::Arc<crate::cuda::CudaDevice>, offs: &[usize], bound: usize) -> Result<Segments> {
     let mut order: Vec<i64> = (0..offs.len() as i64).collect();
     order.sort_by_key(|&p| offs[p as usize]);
     let (mut start, mut voxel) = (Vec::new(), Vec::new());
@@ -41,9 +46,11 @@ pub fn segments(dev: &std::sync::Arc<crate::cuda::CudaDevice>, offs: &[usize]) -
             voxel.push(o);
         }
     }
-    start.push(order.len() as i64);
     let count = voxel.len();
-    Ok(Segments { order: dev.upload(&order)?, start: dev.upload(&start)?, voxel: dev.upload(&voxel)?, pairs: offs.len(), count })
+    ensure!(count <= bound, "gather_voxels: {count} distinct voxels, more than the bound {bound}");
+    start.resize(bound + 1, order.len() as i64);
+    voxel.resize(bound, -1);
+    Ok(Segments { order: dev.upload(&order)?, start: dev.upload(&start)?, voxel: dev.upload(&voxel)?, pairs: offs.len(), count, padded: bound })
 }
 
 /// df of shape `v` in `dtype`: dy's rows summed per voxel (fixed order, no atomics), zeros
@@ -55,8 +62,8 @@ pub fn scatter_segments(dy: &Tensor, seg: &Segments, v: Vol, dtype: DType) -> Re
     let c = v.c;
     dev.launch_1d(
         K::typed(dtype, K::ScatterSegmentsF32, K::ScatterSegmentsBf16),
-        seg.count * c,
-        &[Arg::Ptr(dy.ptr()), Arg::Ptr(seg.order.ptr()), Arg::Ptr(seg.start.ptr()), Arg::Ptr(seg.voxel.ptr()), Arg::Ptr(df.ptr()), Arg::I64(seg.count as i64), Arg::I32(c as i32)],
+        seg.padded.max(1) * c,
+        &[Arg::Ptr(dy.ptr()), Arg::Ptr(seg.order.ptr()), Arg::Ptr(seg.start.ptr()), Arg::Ptr(seg.voxel.ptr()), Arg::Ptr(df.ptr()), Arg::I64(seg.padded as i64), Arg::I32(c as i32)],
         Cost::mem(seg.pairs * c * 4 + seg.count * c * dtype.size_in_bytes() + 8 * (2 * seg.count + seg.pairs)),
     )?;
     Ok(df)
