@@ -63,11 +63,12 @@ pub fn pretrain_step_ranked(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBa
 
 fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, comm: &mut dyn Communicator) -> Result<StepStats> {
     if let Device::Cuda(ordinal) = model.device() {
-        let stats = if comm.world() == 1 {
+        let stats = if comm.name() == "single" {
             // One rank: the step's ~1,700 calls run as one CUDA graph (`cuda::graph`).
             crate::cuda::device(ordinal)?.graphed(PRETRAIN_GRAPH, || pretrain_step_cuda_ranked(model, adam, batch, ordinal, comm))?
         } else {
-            // NCCL's all-reduces overlap the backward on a second stream: issued one by one.
+            // NCCL's all-reduces overlap the backward on a second stream (even with one rank):
+            // issued one by one.
             pretrain_step_cuda_ranked(model, adam, batch, ordinal, comm)?
         };
         // The one read of the step, once all its work is queued: loss and gradient norm.

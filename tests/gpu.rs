@@ -1006,8 +1006,9 @@ fn test_training_steps() -> Result<()> {
 /// bit for bit the same losses, gradient norms, weights, Adam moments and BatchNorm running
 /// statistics, in fp32 on a small network and in bf16 on the fused tensor-core path (base 16,
 /// cuBLAS in the head); over 8 fp32 steps, the later ones relaunch a kept graph unchanged.
-/// Then a recorded step that reads from the device part of the way: it goes on unrecorded,
-/// says why, and computes the same.
+/// Meanwhile another thread computes on the same device, right. Then an upload slot held
+/// across steps keeps its bytes, and a recorded step that reads from the device part of the
+/// way goes on unrecorded, says why, and computes the same.
 fn test_step_graph_vs_unrecorded() -> Result<()> {
     let dev = vox2vec::cuda::device(0)?;
     let cases = [
@@ -1042,7 +1043,24 @@ fn test_step_graph_vs_unrecorded() -> Result<()> {
             Ok((stats, state))
         };
         let before = dev.graph_stats(vox2vec::train::PRETRAIN_GRAPH).unwrap_or_default();
-        let graphed = run(true);
+        // Meanwhile another thread uses the device: its calls wait while a step records and
+        // until the step's work is issued, and both compute what they would alone.
+        let (graphed, other) = std::thread::scope(|sc| {
+            let other = sc.spawn(|| -> Result<usize> {
+                let mut n = 0;
+                for i in 0..40 {
+                    let v: Vec<f32> = (0..300).map(|j| ((i * 7 + j) % 11) as f32 - 5.0).collect();
+                    let x = Tensor::from_f32(&[300], v.clone()).to_device(GPU)?;
+                    let y = vox2vec::cuda::ops::elementwise::add(&vox2vec::cuda::ops::elementwise::relu_forward(&x)?, &x)?;
+                    let want: Vec<f32> = v.iter().map(|a| a.max(0.0) + a).collect();
+                    ensure!(host(&y) == want, "the other thread's relu + x, pass {i}, went wrong");
+                    n += 1;
+                }
+                Ok(n)
+            });
+            (run(true), other.join().expect("the other thread panicked"))
+        });
+        ensure!(other? == 40, "the other thread did not finish its passes");
         let after = dev.graph_stats(vox2vec::train::PRETRAIN_GRAPH).unwrap_or_default();
         let plain = run(false);
         dev.set_step_graphs(true);
@@ -1069,6 +1087,17 @@ fn test_step_graph_vs_unrecorded() -> Result<()> {
         }
         println!("  step graph {what}: losses, norms and {} state tensors bit for bit equal to the one-by-one steps", gw.len());
     }
+    // An upload slot still held by a tensor when a step begins takes no new bytes in that
+    // step: a node of the step may read the tensor after the step dropped it.
+    let a: Vec<f32> = (0..64).map(|i| i as f32 - 30.0).collect();
+    let keep = dev.graphed("slots", || Tensor::from_f32(&[64], a.clone()).to_device(GPU))?;
+    let (y, z) = dev.graphed("slots", move || -> Result<(Tensor, Tensor)> {
+        let y = vox2vec::cuda::ops::elementwise::relu_forward(&keep)?;
+        drop(keep);
+        let z = Tensor::from_f32(&[64], vec![7.0; 64]).to_device(GPU)?;
+        Ok((y, z))
+    })?;
+    ensure!(host(&y) == a.iter().map(|v| v.max(0.0)).collect::<Vec<_>>() && host(&z) == vec![7.0; 64], "an upload slot held across steps was overwritten: relu {:?}", host(&y));
     // A read inside a recording: the calls so far are issued, the rest runs unrecorded.
     let x = Tensor::from_f32(&[3, 5], (0..15).map(|i| i as f32 - 7.0).collect()).to_device(GPU)?;
     let (mid, out) = dev.graphed("read inside", || -> Result<(Vec<f32>, Vec<f32>)> {

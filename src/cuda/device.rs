@@ -455,14 +455,15 @@ impl CudaDevice {
     /// A block for `bytes`: from the cache when `cached` allows and one is free, else from
     /// the driver (a block no buffer has used: what an upload slot needs, `graph.rs`).
     fn alloc_block(self: &Arc<Self>, bytes: usize, cached: bool) -> Result<CudaBuf> {
-        drop(self.wait_for_other_recording());
         let class = if self.exact_alloc { bytes.max(1) } else { size_class(bytes) };
         self.pool.lock().unwrap().note_request(class);
-        if !self.exact_alloc
-            && cached
-            && let Some(ptr) = self.take_cached(class)
-        {
-            return Ok(CudaBuf { ptr, class, bytes, dev: self.clone(), owner: None });
+        if !self.exact_alloc && cached {
+            // Held across the take: a block that another thread's recording freed while its
+            // deferred nodes still use it must not be handed out before those nodes are issued.
+            let mut rec = self.wait_for_other_recording();
+            if let Some(ptr) = self.take_cached(rec.as_mut(), class) {
+                return Ok(CudaBuf { ptr, class, bytes, dev: self.clone(), owner: None });
+            }
         }
         let ptr = match self.raw_malloc(class) {
             Ok(p) => p,
@@ -475,15 +476,18 @@ impl CudaDevice {
             }
         };
         self.pool.lock().unwrap().note_driver_alloc(class);
+        if cached && let Some(r) = self.recording.lock().unwrap().as_mut().filter(|r| r.deferring() && r.thread == std::thread::current().id()) {
+            // Keeps allocation k of a step the same allocation from step to step.
+            r.blocks.push((ptr, class));
+        }
         Ok(CudaBuf { ptr, class, bytes, dev: self.clone(), owner: None })
     }
 
     /// A free cached block of `class`. During a recording, the block this allocation had in
     /// earlier steps when it is free (so that the step's nodes repeat, `graph.rs`); every
     /// block handed out is noted in the recording.
-    fn take_cached(&self, class: usize) -> Option<u64> {
-        let mut rec = self.recording.lock().unwrap();
-        let Some(r) = rec.as_mut().filter(|r| r.deferring() && r.thread == std::thread::current().id()) else {
+    fn take_cached(&self, rec: Option<&mut Recording>, class: usize) -> Option<u64> {
+        let Some(r) = rec.filter(|r| r.deferring()) else {
             return self.pool.lock().unwrap().take(class);
         };
         let k = r.blocks.len();
@@ -763,24 +767,38 @@ impl CudaDevice {
                 drop(rec);
                 return f();
             }
-            *rec = Some(Recording::new(name));
+            // Slots no tensor holds now; only these may take this step's uploads.
+            let free = self.graphs.lock().unwrap().get(name).map_or(Vec::new(), |g| g.slots.iter().map(|s| Arc::strong_count(s) == 1).collect());
+            *rec = Some(Recording::new(name, free));
         }
-        // Ends the recording however `f` returns, a panic included, so other threads go on.
+        // Ends the recording however `f` returns. After a panic, what was recorded is issued
+        // (as it would have been, unrecorded) before other threads go on.
         struct End<'a>(&'a CudaDevice);
         impl Drop for End<'_> {
             fn drop(&mut self) {
-                if let Ok(mut r) = self.0.recording.lock() {
-                    r.take();
+                let mut r = self.0.recording.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(rec) = r.as_mut().filter(|r| r.deferring()) {
+                    let work = rec.take_work("a panic");
+                    drop(r);
+                    let _ = self.0.write_staged(&work.staged);
+                    for n in &work.nodes {
+                        let _ = self.0.issue(n);
+                    }
+                    r = self.0.recording.lock().unwrap_or_else(|e| e.into_inner());
                 }
+                r.take();
+                drop(r);
                 self.0.recording_ended.notify_all();
             }
         }
         let end = End(self);
         let r = f();
-        let rec = self.recording.lock().unwrap().take().expect("the recording began above");
-        drop(end);
+        // The recorded work, taken out while the recording stays in place (no longer deferring),
+        // so that other threads wait until it is issued.
+        let work = self.recording.lock().unwrap().as_mut().expect("the recording began above").take_work("the end of the step");
         // What `f` queued runs even when it failed part of the way, as unrecorded calls would have.
-        let ran = self.run_recording(rec);
+        let ran = self.run_recording(work);
+        drop(end);
         let r = r?;
         ran?;
         Ok(r)
@@ -830,7 +848,8 @@ impl CudaDevice {
         let class = size_class(data.len());
         let mut graphs = self.graphs.lock().unwrap();
         let g = graphs.entry(name).or_default();
-        let slot = match g.reusable_slot(i, class) {
+        let free_at_start = self.recording.lock().unwrap().as_ref().is_some_and(|r| r.free_slots.get(i).copied().unwrap_or(false));
+        let slot = match g.reusable_slot(i, class).filter(|_| free_at_start) {
             Some(s) => s,
             None => {
                 // Not from the cache: a cached block may be one that nodes recorded earlier
@@ -918,6 +937,12 @@ impl CudaDevice {
                     // nothing: the calls run one by one, now and in later steps.
                     eprintln!("warning: the step graph {:?} could not be built ({e:#}); its calls are issued one by one from now on", rec.name);
                     g.stats.disabled = Some(format!("{e:#}"));
+                    for v in g.variants.drain(..) {
+                        if let Exec::Driver(exec) = v.exec {
+                            // SAFETY: ours; an exec still running is freed when it completes.
+                            unsafe { sys::cuGraphExecDestroy(exec) }.result().ok();
+                        }
+                    }
                     return rec.nodes.iter().try_for_each(|n| self.issue(n));
                 }
             },
@@ -966,6 +991,10 @@ impl CudaDevice {
         let mut graph: sys::CUgraph = std::ptr::null_mut();
         // SAFETY: ends the capture begun above (also after a failed call, to leave the stream usable).
         let ended = unsafe { sys::cuStreamEndCapture(stream, &mut graph) }.result();
+        if issued.is_err() && ended.is_ok() {
+            // SAFETY: the graph just captured, not instantiated.
+            unsafe { sys::cuGraphDestroy(graph) }.result().ok();
+        }
         issued.context("issuing the step's calls into a stream capture")?;
         ended.context("ending the stream capture")?;
         let mut slot = None;

@@ -35,6 +35,10 @@ pub const MAX_DYNAMIC_SHARED: u32 = 227 * 1024;
 
 /// Run a launch to completion on this thread.
 pub fn launch(kernel: *const c_void, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, params: &mut [*mut c_void]) -> Result<()> {
+    // One launch at a time, as on the device's one stream: the fiber scheduler is not
+    // reentrant, and two host threads may launch at once.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: `kernel` comes from `lookup`; `params` point to the kernel's arguments in order.
     let rc = unsafe { vox2vec_emu_launch(kernel, grid.0, grid.1, grid.2, block.0, block.1, block.2, shared_bytes, params.as_mut_ptr()) };
     match rc {

@@ -26,7 +26,7 @@
 //! slot is therefore never a block that another buffer of the step uses: slots are held by
 //! the graph, not by the pool, a new slot comes from the driver (a cached block may be one
 //! that nodes recorded earlier in the step still use), and a slot is written again only when
-//! no tensor of an earlier step still holds it.
+//! no tensor held it as the step began.
 //!
 //! What cannot be deferred ends the recording for the rest of the step: a read from the
 //! device (a download, a synchronisation) or cached memory given back to the driver first
@@ -37,8 +37,9 @@
 //! list of nodes; the plan device prices each node at `Machine::graph_node_s` instead of a
 //! launch.
 //!
-//! One thread records at a time. While it does, the device calls of other threads (which
-//! could otherwise be handed a block that a deferred node still uses) wait for it to end.
+//! One thread records at a time. While it does, and until its recorded work is issued, the
+//! device calls of other threads (which could otherwise be handed a block that a deferred
+//! node still uses, or land inside the stream capture) wait.
 
 use std::sync::Arc;
 
@@ -119,13 +120,33 @@ pub(crate) struct Recording {
     pub next_slot: usize,
     /// The blocks handed to this step's allocations, in order (pointer, size class).
     pub blocks: Vec<(u64, usize)>,
+    /// Per kept upload slot: whether no tensor held it when the step began (a slot that one
+    /// held then may still be read by this step's nodes, so it must not take new bytes).
+    pub free_slots: Vec<bool>,
     /// Set when the rest of the step runs unrecorded, with the reason.
     pub unrecorded: Option<&'static str>,
 }
 
 impl Recording {
-    pub fn new(name: &'static str) -> Recording {
-        Recording { name, thread: std::thread::current().id(), nodes: Vec::new(), staged: Vec::new(), next_slot: 0, blocks: Vec::new(), unrecorded: None }
+    pub fn new(name: &'static str, free_slots: Vec<bool>) -> Recording {
+        Recording { name, thread: std::thread::current().id(), nodes: Vec::new(), staged: Vec::new(), next_slot: 0, blocks: Vec::new(), free_slots, unrecorded: None }
+    }
+
+    /// The recorded work, taken out; the recording stays (no longer deferring, `why`) so that
+    /// other threads keep waiting until the work is issued.
+    pub fn take_work(&mut self, why: &'static str) -> Recording {
+        let work = Recording {
+            name: self.name,
+            thread: self.thread,
+            nodes: std::mem::take(&mut self.nodes),
+            staged: std::mem::take(&mut self.staged),
+            next_slot: self.next_slot,
+            blocks: std::mem::take(&mut self.blocks),
+            free_slots: Vec::new(),
+            unrecorded: self.unrecorded,
+        };
+        self.unrecorded.get_or_insert(why);
+        work
     }
 
     /// Whether calls are deferred now (false once the step went on unrecorded).
