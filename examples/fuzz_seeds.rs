@@ -7,6 +7,9 @@
 //! - checkpoint/: checkpoints of the tiny model the target loads (with and without Adam).
 //! - npy/: small float32 arrays, format 1.0 and 2.0.
 //! - dataset_json/: the shared datasets' dataset.json, and a v1-style and a region-based one.
+//! - torch_weights/: the small PyTorch files of tests/data/weights.
+//! - dicom/: 1, 2 and 4 slices of the test series (tests/data/dicom), joined by the dicom
+//!   target's separator.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -134,6 +137,24 @@ fn main() -> Result<()> {
             std::fs::copy(&f, torch.join(f.file_name().unwrap()))?;
         }
     }
-    println!("seeds in {}: {n} NIfTI blocks from {} files, 2 checkpoints, 3 .npy, dataset.json files, PyTorch weights", corpus.display(), files.len());
+    // DICOM series (tests/data/dicom): 1, 2 and 4 neighbouring slices, uncompressed and RLE,
+    // joined by the separator the dicom target cuts at.
+    let dicom = dir("dicom")?;
+    let series_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom");
+    for (kind, counts) in [("series", &[1usize, 2, 4][..]), ("rle", &[2][..])] {
+        let mut slices: Vec<PathBuf> = std::fs::read_dir(series_dir.join(kind))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        slices.sort();
+        for &k in counts {
+            let mut seed = Vec::new();
+            for (i, f) in slices.iter().take(k).enumerate() {
+                if i > 0 {
+                    seed.extend_from_slice(b"--VOX2VEC-SLICE--");
+                }
+                seed.extend(std::fs::read(f)?);
+            }
+            std::fs::write(dicom.join(format!("{kind}-{k}.bin")), seed)?;
+        }
+    }
+    println!("seeds in {}: {n} NIfTI blocks from {} files, 2 checkpoints, 3 .npy, dataset.json files, PyTorch weights, 4 DICOM series", corpus.display(), files.len());
     Ok(())
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every reader of a user's file (fuzz/: nifti, checkpoint, npy,
-# dataset_json) with cargo fuzz (libFuzzer), on the nightly toolchain.
+# dataset_json, torch_weights, dicom) with cargo fuzz (libFuzzer), on the nightly toolchain.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default 60 s, all targets)
 #
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(nifti checkpoint npy dataset_json torch_weights)
+[ ${#targets[@]} -gt 0 ] || targets=(nifti checkpoint npy dataset_json torch_weights dicom)
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     echo "fuzz: no nightly toolchain (rustup toolchain list); fuzzing skipped, not run"
     exit 0

@@ -78,7 +78,7 @@ fn discovery_of_folders_datasets_and_lists() {
     std::fs::copy(d.join("good.nii.gz"), parent.join("loose.nii.gz")).unwrap();
     assert_eq!(discover(&parent).unwrap(), vec![inner.join("imagesTr/case_0000.nii.gz"), parent.join("loose.nii.gz")]);
     assert!(discover(&d.join("missing")).is_err());
-    assert!(discover(&tmpdir("empty")).unwrap_err().to_string().contains("no NIfTI"));
+    assert!(discover(&tmpdir("empty")).unwrap_err().to_string().contains("no CT found"));
 }
 
 #[test]

@@ -104,3 +104,76 @@ fn embed_takes_a_series_folder_as_a_ct() {
         assert!(std::fs::read(dir.join("a").join(f)).unwrap() == std::fs::read(dir.join("b").join(f)).unwrap(), "{f}");
     }
 }
+
+/// A copy of the test series with `edit` applied to the slices `which` picks (by sorted file
+/// name index), in a fresh folder; returns the folder and the edited files' names.
+fn damaged_copy(name: &str, which: impl Fn(usize) -> bool, edit: impl Fn(&mut dicom_object::DefaultDicomObject)) -> (PathBuf, Vec<String>) {
+    let dir = tmpdir(name);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data("series")).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut edited = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let to = dir.join(f.file_name().unwrap());
+        if which(i) {
+            let mut obj = dicom_object::open_file(f).unwrap();
+            edit(&mut obj);
+            obj.write_to_file(&to).unwrap();
+            edited.push(f.file_name().unwrap().to_string_lossy().into_owned());
+        } else {
+            std::fs::copy(f, &to).unwrap();
+        }
+    }
+    (dir, edited)
+}
+
+fn put_str(obj: &mut dicom_object::DefaultDicomObject, tag: dicom_object::Tag, vr: dicom_core::VR, v: &str) {
+    obj.put(dicom_core::DataElement::new(tag, vr, dicom_core::PrimitiveValue::from(v)));
+}
+
+fn put_u16(obj: &mut dicom_object::DefaultDicomObject, tag: dicom_object::Tag, v: u16) {
+    obj.put(dicom_core::DataElement::new(tag, dicom_core::VR::US, dicom_core::PrimitiveValue::from(v)));
+}
+
+/// Damage that a reader could take silently (each a misread) is refused, naming the file and
+/// the tag: an absurd RescaleSlope in one slice or in all, BitsAllocated that does not match
+/// the pixel data, a colour photometric interpretation on a single-sample slice, and the rest
+/// of the pixel module's rules (MONOCHROME1, HighBit, PixelRepresentation, NumberOfFrames,
+/// SamplesPerPixel, a RescaleIntercept far out, a slope that pushes voxels out of int16 HU).
+#[test]
+fn a_damaged_pixel_module_is_refused_naming_the_file_and_the_tag() {
+    use dicom_core::VR;
+    use dicom_dictionary_std::tags;
+    type Edit = Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>;
+    let cases: Vec<(&str, bool, Edit, &str)> = vec![
+        ("slope_one", false, Box::new(|o| put_str(o, tags::RESCALE_SLOPE, VR::DS, "1e30")), "RescaleSlope 1"),
+        ("slope_all", true, Box::new(|o| put_str(o, tags::RESCALE_SLOPE, VR::DS, "1e30")), "RescaleSlope 1"),
+        ("slope_range", false, Box::new(|o| put_str(o, tags::RESCALE_SLOPE, VR::DS, "900")), "outside [-32768, 32767]"),
+        ("intercept", false, Box::new(|o| put_str(o, tags::RESCALE_INTERCEPT, VR::DS, "-1e9")), "RescaleIntercept"),
+        ("bits8", false, Box::new(|o| {
+            put_u16(o, tags::BITS_ALLOCATED, 8);
+            put_u16(o, tags::BITS_STORED, 8);
+            put_u16(o, tags::HIGH_BIT, 7);
+        }), "PixelData holds"),
+        ("rgb", false, Box::new(|o| put_str(o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB")), "PhotometricInterpretation RGB"),
+        ("monochrome1", false, Box::new(|o| put_str(o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME1")), "MONOCHROME1"),
+        ("samples", false, Box::new(|o| put_u16(o, tags::SAMPLES_PER_PIXEL, 3)), "SamplesPerPixel 3"),
+        ("high_bit", false, Box::new(|o| put_u16(o, tags::HIGH_BIT, 3)), "HighBit 3"),
+        ("representation", false, Box::new(|o| put_u16(o, tags::PIXEL_REPRESENTATION, 2)), "PixelRepresentation 2"),
+        ("frames", false, Box::new(|o| put_str(o, tags::NUMBER_OF_FRAMES, VR::IS, "2")), "NumberOfFrames 2"),
+        ("no_bits", false, Box::new(|o| {
+            o.remove_element(tags::BITS_STORED);
+        }), "no BitsStored"),
+    ];
+    for (name, all, edit, want) in cases {
+        let (dir, edited) = damaged_copy(name, |i| all || i == 3, edit);
+        let e = format!("{:#}", read_volume(&dir).expect_err(name));
+        assert!(e.contains(want), "{name}: {e}");
+        assert!(edited.iter().any(|f| e.contains(f.as_str())), "{name}: the message names none of the edited files {edited:?}: {e}");
+    }
+    // The checks pass the untouched series, and a slope and intercept a scanner might write.
+    let (dir, _) = damaged_copy("plausible", |i| i == 3, |o| {
+        put_str(o, tags::RESCALE_SLOPE, VR::DS, "1");
+        put_str(o, tags::RESCALE_INTERCEPT, VR::DS, "-1024");
+    });
+    read_volume(&dir).unwrap();
+}

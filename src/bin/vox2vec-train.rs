@@ -23,8 +23,9 @@ use vox2vec::train::{BatchShape, BatchSource, Progress, Resume, StepStats, Train
 #[derive(Parser, Debug)]
 #[command(version, about = "Pretrain a vox2vec FPN3d backbone (contrastive, voxel-level)")]
 struct Args {
-    /// CT data: a NIfTI file, a folder of them (searched recursively), an nnU-Net raw dataset
-    /// folder (imagesTr), or a text file of paths. Without it: generated CT phantoms.
+    /// CT data: a NIfTI file, a DICOM series (a folder of its files, or its DICOMDIR), a folder
+    /// of either (searched recursively), an nnU-Net raw dataset folder (imagesTr), or a text
+    /// file of such paths. Without it: generated CT phantoms.
     data: Option<PathBuf>,
     /// Preprocessing cache folder (reused across runs; entries are keyed by file and settings).
     #[arg(long, default_value = "runs/cache")]
@@ -65,7 +66,8 @@ struct Args {
     /// Validation cases of the probe: every --probe-folds-th case.
     #[arg(long, default_value_t = 4)]
     probe_folds: usize,
-    /// Validation pairs: CTs held out of training (a NIfTI file, folder, nnU-Net dataset or list),
+    /// Validation pairs: CTs held out of training (as for the data: NIfTI, DICOM series, folder,
+    /// nnU-Net dataset or list),
     /// from which --val-batches fixed batches are drawn once; every --val-every steps (and at
     /// the end) their loss, top-1 accuracy and similarities (eval mode) go into metrics.jsonl.
     #[arg(long, value_name = "DATA")]

@@ -152,7 +152,9 @@ enum Cmd {
     /// Preprocess CT into the cache (crop to body, resample to 1×1×2 mm, body mask):
     /// multi-threaded and resumable (finished entries are kept; a killed run continues).
     Preprocess {
-        /// A NIfTI file, a folder of them, an nnU-Net raw dataset folder, or a text file of paths.
+        /// CTs: a NIfTI file, a DICOM series (a folder of its files, or its DICOMDIR), a folder
+        /// of either (searched recursively), an nnU-Net raw dataset folder (imagesTr), or a
+        /// text file of such paths, one per line.
         input: PathBuf,
         #[arg(long, default_value = "runs/cache")]
         cache: PathBuf,

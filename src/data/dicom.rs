@@ -69,6 +69,8 @@ fn floats(obj: &DefaultDicomObject, tag: dicom_object::Tag) -> Option<Vec<f64>> 
 }
 
 fn header(file: &Path) -> Result<Slice> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    check_lengths(&bytes).with_context(|| format!("{}: not a readable DICOM file", file.display()))?;
     let obj = OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(file).map_err(|e| anyhow::anyhow!("{}: not a readable DICOM file: {e}", file.display()))?;
     let need = |what: &str, v: Option<Vec<f64>>, n: usize| -> Result<Vec<f64>> {
         let v = v.with_context(|| format!("{}: no {what}", file.display()))?;
@@ -229,15 +231,199 @@ pub fn read_series(input: &Path, policy: NonFinitePolicy) -> Result<Volume> {
     super::nifti_io::volume_from_file_values(&geometry_name, values, [cols, rows, n], affine, policy)
 }
 
-/// One slice's values in HU (RescaleSlope / RescaleIntercept applied), column fastest.
+/// The most |RescaleSlope| and |RescaleIntercept| a CT slice may carry (scanners write slopes
+/// of 1 or a small fraction and intercepts near -1024; anything far larger is a damaged file).
+const MAX_RESCALE_SLOPE: f64 = 1e3;
+const MAX_RESCALE_INTERCEPT: f64 = 1e5;
+/// The HU range every voxel must fall in after rescaling: int16's, the range CT scanners and
+/// NIfTI CTs use.
+const HU_RANGE: [f64; 2] = [-32768.0, 32767.0];
+
+/// One slice's values in HU (RescaleSlope / RescaleIntercept applied), column fastest, after
+/// its pixel module is checked (`check_pixel_module`).
 fn pixels(file: &Path) -> Result<Vec<f64>> {
     use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
+    check_lengths(&std::fs::read(file)?).context("not a readable DICOM file")?;
     let obj = dicom_object::open_file(file).map_err(|e| anyhow::anyhow!("not a readable DICOM file: {e}"))?;
-    let slope = floats(&obj, tags::RESCALE_SLOPE).and_then(|v| v.first().copied()).unwrap_or(1.0);
-    let intercept = floats(&obj, tags::RESCALE_INTERCEPT).and_then(|v| v.first().copied()).unwrap_or(0.0);
-    ensure!(slope.is_finite() && slope != 0.0 && intercept.is_finite(), "RescaleSlope {slope} / RescaleIntercept {intercept} cannot give HU");
+    let (slope, intercept) = rescale(&obj)?;
+    let module = check_pixel_module(&obj)?;
     let decoded = obj.decode_pixel_data().map_err(|e| anyhow::anyhow!("{e}"))?;
     ensure!(decoded.samples_per_pixel() == 1, "{} samples per pixel; a CT has 1", decoded.samples_per_pixel());
+    ensure!(
+        decoded.bits_allocated() == module.bits_allocated && decoded.number_of_frames() == 1,
+        "the decoded pixel data has {} bits per sample in {} frame(s), BitsAllocated says {}",
+        decoded.bits_allocated(),
+        decoded.number_of_frames(),
+        module.bits_allocated
+    );
+    let frame = module.rows * module.cols * (module.bits_allocated as usize / 8);
+    ensure!(decoded.data().len() == frame, "the decoded pixel data has {} bytes, Rows x Columns x BitsAllocated / 8 = {frame}", decoded.data().len());
     let raw: Vec<f64> = decoded.to_vec_with_options(&ConvertOptions::new().with_modality_lut(ModalityLutOption::None)).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(raw.into_iter().map(|v| v * slope + intercept).collect())
+    let hu: Vec<f64> = raw.into_iter().map(|v| v * slope + intercept).collect();
+    if let Some(v) = hu.iter().find(|v| !(HU_RANGE[0]..=HU_RANGE[1]).contains(*v)) {
+        bail!("RescaleSlope {slope} / RescaleIntercept {intercept} give {v} HU, outside [{}, {}]", HU_RANGE[0], HU_RANGE[1]);
+    }
+    Ok(hu)
+}
+
+/// RescaleSlope and RescaleIntercept (1 and 0 when absent), finite and plausible.
+fn rescale(obj: &DefaultDicomObject) -> Result<(f64, f64)> {
+    let slope = floats(obj, tags::RESCALE_SLOPE).and_then(|v| v.first().copied()).unwrap_or(1.0);
+    let intercept = floats(obj, tags::RESCALE_INTERCEPT).and_then(|v| v.first().copied()).unwrap_or(0.0);
+    ensure!(slope.is_finite() && slope != 0.0 && slope.abs() <= MAX_RESCALE_SLOPE, "RescaleSlope {slope} is not a CT's (finite, non-zero, at most {MAX_RESCALE_SLOPE} in magnitude)");
+    ensure!(intercept.is_finite() && intercept.abs() <= MAX_RESCALE_INTERCEPT, "RescaleIntercept {intercept} is not a CT's (finite, at most {MAX_RESCALE_INTERCEPT} in magnitude)");
+    Ok((slope, intercept))
+}
+
+/// The image pixel module as this reader needs it.
+struct PixelModule {
+    rows: usize,
+    cols: usize,
+    bits_allocated: u16,
+}
+
+/// The image pixel module of a CT slice, checked before a voxel is used: one sample per pixel,
+/// MONOCHROME2 (MONOCHROME1 is refused: it asks for an inverted display, and a CT written so
+/// is rare enough that guessing is worse than saying), BitsAllocated 8, 16 or 32, BitsStored
+/// within it and HighBit = BitsStored - 1, PixelRepresentation 0 or 1, one frame, and for an
+/// uncompressed transfer syntax pixel data of exactly Rows x Columns x BitsAllocated / 8 bytes
+/// (one byte of padding to an even length allowed). Each error names the tag.
+fn check_pixel_module(obj: &DefaultDicomObject) -> Result<PixelModule> {
+    let int = |tag: dicom_object::Tag, name: &str| -> Result<i64> {
+        let e = obj.element_opt(tag).ok().flatten().with_context(|| format!("no {name} (a required tag of the image pixel module)"))?;
+        e.to_int::<i64>().map_err(|_| anyhow::anyhow!("{name} {:?} is not an integer", e.to_str().unwrap_or_default()))
+    };
+    let spp = int(tags::SAMPLES_PER_PIXEL, "SamplesPerPixel")?;
+    ensure!(spp == 1, "SamplesPerPixel {spp}: a CT has 1 sample per pixel");
+    let pi = text(obj, tags::PHOTOMETRIC_INTERPRETATION).context("no PhotometricInterpretation (a required tag of the image pixel module)")?;
+    match pi.as_str() {
+        "MONOCHROME2" => {}
+        "MONOCHROME1" => bail!("PhotometricInterpretation MONOCHROME1 (inverted grey scale) is not read; convert the series to MONOCHROME2"),
+        other => bail!("PhotometricInterpretation {other}: a CT is MONOCHROME2"),
+    }
+    let (rows, cols) = (int(tags::ROWS, "Rows")?, int(tags::COLUMNS, "Columns")?);
+    ensure!(rows > 0 && cols > 0, "Rows {rows} x Columns {cols} is not an image");
+    let ba = int(tags::BITS_ALLOCATED, "BitsAllocated")?;
+    ensure!(matches!(ba, 8 | 16 | 32), "BitsAllocated {ba}: a CT has 8, 16 or 32");
+    let bs = int(tags::BITS_STORED, "BitsStored")?;
+    ensure!((1..=ba).contains(&bs), "BitsStored {bs} with BitsAllocated {ba}");
+    let hb = int(tags::HIGH_BIT, "HighBit")?;
+    ensure!(hb == bs - 1, "HighBit {hb} with BitsStored {bs} (the standard has HighBit = BitsStored - 1)");
+    let pr = int(tags::PIXEL_REPRESENTATION, "PixelRepresentation")?;
+    ensure!(pr == 0 || pr == 1, "PixelRepresentation {pr}: 0 (unsigned) or 1 (two's complement)");
+    if let Some(e) = obj.element_opt(tags::NUMBER_OF_FRAMES).ok().flatten() {
+        let n = e.to_int::<i64>().map_err(|_| anyhow::anyhow!("NumberOfFrames {:?} is not an integer", e.to_str().unwrap_or_default()))?;
+        ensure!(n == 1, "NumberOfFrames {n}: multi-frame (enhanced) CT objects are not read; export the series as one slice per file");
+    }
+    let (rows, cols) = (rows as usize, cols as usize);
+    let pixel_data = obj.element_opt(tags::PIXEL_DATA).ok().flatten().context("no PixelData")?;
+    if let dicom_core::value::Value::Primitive(p) = pixel_data.value() {
+        let expected = rows * cols * (ba as usize / 8);
+        let got = p.to_bytes().len();
+        ensure!(
+            got == expected || got == expected + 1,
+            "PixelData holds {got} bytes, but Rows {rows} x Columns {cols} x BitsAllocated {ba} / 8 = {expected}: the pixel module does not describe the pixel data"
+        );
+    }
+    Ok(PixelModule { rows, cols, bits_allocated: ba as u16 })
+}
+
+/// Every element's declared length fits in what is left of the file. dicom-rs sizes a value's
+/// buffer by its declared length before reading it, so a damaged length field of 3 GB in a
+/// 5 KB slice would cost 3 GB of memory; this walk refuses such a file first. It follows the
+/// file meta group (explicit VR little endian) and a data set in explicit or implicit VR
+/// little endian or explicit big endian, descending into sequences, items and encapsulated
+/// pixel data; a deflated data set is left to dicom-rs (its lengths are those of the inflated
+/// stream). In implicit VR a sequence of defined length is stepped over, not entered.
+fn check_lengths(bytes: &[u8]) -> Result<()> {
+    ensure!(bytes.len() >= 132 && &bytes[128..132] == b"DICM", "no DICM magic at byte 128");
+    let long_vr = |vr: &[u8]| matches!(vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"UC" | b"UN" | b"UR" | b"UT" | b"SV" | b"UV");
+    let (mut p, mut explicit, mut big) = (132usize, true, false);
+    let mut in_meta = true;
+    let mut fragments = false;
+    let mut syntax = String::new();
+    while p < bytes.len() {
+        let u16_at = |q: usize, be: bool| -> Result<u16> {
+            let b: [u8; 2] = bytes.get(q..q + 2).context("the file ends inside an element's header")?.try_into()?;
+            Ok(if be { u16::from_be_bytes(b) } else { u16::from_le_bytes(b) })
+        };
+        let u32_at = |q: usize, be: bool| -> Result<u32> {
+            let b: [u8; 4] = bytes.get(q..q + 4).context("the file ends inside an element's header")?.try_into()?;
+            Ok(if be { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) })
+        };
+        let group_le = u16_at(p, false)?;
+        if in_meta && group_le != 0x0002 {
+            // The data set begins: its encoding is the transfer syntax's.
+            in_meta = false;
+            match syntax.trim_end_matches(['\0', ' ']) {
+                "1.2.840.10008.1.2" => explicit = false,
+                "1.2.840.10008.1.2.2" => big = true,
+                "1.2.840.10008.1.2.1.99" => return Ok(()),
+                _ => {}
+            }
+        }
+        let (group, elem) = (u16_at(p, big)?, u16_at(p + 2, big)?);
+        let tag = format!("({group:04X},{elem:04X})");
+        if group == 0xFFFE {
+            // Item, item delimiter or sequence delimiter: a 4-byte length, no VR.
+            let len = u32_at(p + 4, big)?;
+            p += 8;
+            if elem == 0xE0DD {
+                fragments = false;
+            } else if elem == 0xE000 && len != u32::MAX {
+                ensure!(len as usize <= bytes.len() - p, "item {tag} at byte {} declares {len} bytes, the file has {} left", p - 8, bytes.len() - p);
+                if fragments {
+                    p += len as usize;
+                }
+            }
+            continue;
+        }
+        let (len, vr_sq, header) = if explicit {
+            let vr = bytes.get(p + 4..p + 6).context("the file ends inside an element's header")?;
+            if long_vr(vr) { (u32_at(p + 8, big)?, vr == b"SQ", 12) } else { (u16_at(p + 6, big)? as u32, false, 8) }
+        } else {
+            (u32_at(p + 4, big)?, false, 8)
+        };
+        p += header;
+        if len == u32::MAX {
+            // Undefined length: a sequence, or encapsulated pixel data (fragments follow).
+            fragments = (group, elem) == (0x7FE0, 0x0010);
+            continue;
+        }
+        ensure!(len as usize <= bytes.len() - p, "element {tag} at byte {} declares {len} bytes, the file has {} left", p - header, bytes.len() - p);
+        if in_meta && (group, elem) == (0x0002, 0x0010) {
+            syntax = String::from_utf8_lossy(&bytes[p..p + len as usize]).into_owned();
+        }
+        if !vr_sq {
+            p += len as usize;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_lengths;
+
+    #[test]
+    fn the_test_series_pass_the_length_walk_and_a_damaged_length_is_refused() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom");
+        let mut n = 0;
+        for kind in ["series", "rle", "with_localizer", "mr"] {
+            for f in std::fs::read_dir(root.join(kind)).unwrap() {
+                let f = f.unwrap().path();
+                let bytes = std::fs::read(&f).unwrap();
+                check_lengths(&bytes).unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
+                n += 1;
+                // The pixel data's length (4 bytes before its value, in explicit VR LE) made
+                // to claim 3 GB: refused, not allocated.
+                let at = bytes.windows(4).rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00]).unwrap();
+                let mut bad = bytes.clone();
+                bad[at + 8..at + 12].copy_from_slice(&0xC000_0000u32.to_le_bytes());
+                let e = format!("{:#}", check_lengths(&bad).unwrap_err());
+                assert!(e.contains("(7FE0,0010)") && e.contains("3221225472"), "{}: {e}", f.display());
+            }
+        }
+        assert!(n >= 20, "{n} files");
+    }
 }

@@ -72,7 +72,7 @@ pub fn discover(input: &Path) -> Result<Vec<PathBuf>> {
         bail!("{}: no such file or folder", input.display());
     }
     if out.is_empty() {
-        bail!("{}: no NIfTI files (.nii, .nii.gz) found", input.display());
+        bail!("{}: no CT found (NIfTI files .nii / .nii.gz, or DICOM series folders)", input.display());
     }
     Ok(out)
 }
