@@ -47,9 +47,12 @@ impl Var {
 /// A backward closure: the output gradient to one gradient per input. The accumulating kind
 /// also gets, per input, the gradient accumulated so far (`Some` where there is one, for the
 /// first occurrence of each input); it `take`s those it includes in its results.
+/// The gradients of an op's inputs (None for an input that gets none).
+type InputGrads = Result<Vec<Option<Tensor>>>;
+
 enum BackwardFn {
-    Plain(Box<dyn FnOnce(Tensor) -> Result<Vec<Option<Tensor>>>>),
-    Accumulating(Box<dyn FnOnce(Tensor, &mut [Option<Tensor>]) -> Result<Vec<Option<Tensor>>>>),
+    Plain(Box<dyn FnOnce(Tensor) -> InputGrads>),
+    Accumulating(Box<dyn FnOnce(Tensor, &mut [Option<Tensor>]) -> InputGrads>),
 }
 
 struct Entry {
@@ -166,11 +169,10 @@ impl Graph {
     }
 
     fn push(&self, op: &'static str, output: Tensor, inputs: &[&Var], backward: BackwardFn) -> Var {
-        if check_finite_enabled() && self.inner.borrow().first_nonfinite.is_none() {
-            if let Some(e) = nonfinite(op, "forward output", &output) {
+        if check_finite_enabled() && self.inner.borrow().first_nonfinite.is_none()
+            && let Some(e) = nonfinite(op, "forward output", &output) {
                 self.inner.borrow_mut().first_nonfinite = Some(e);
             }
-        }
         let id = self.fresh_id();
         let entry = Entry { op, output: id, inputs: inputs.iter().map(|v| v.id).collect(), backward };
         self.inner.borrow_mut().tape.push(entry);

@@ -42,12 +42,11 @@ pub fn save(path: &Path, config: &ModelConfig, store: &ParamStore, adam: Option<
             _ => Data::F32(store.to_pytorch_f32(i, s.value.f32s())),
         };
         owned.push((s.name.clone(), shape, data));
-        if let Some(adam) = adam {
-            if let Some((m, v)) = adam.moments_on_host(i)? {
+        if let Some(adam) = adam
+            && let Some((m, v)) = adam.moments_on_host(i)? {
                 owned.push((format!("optim.exp_avg.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, &m))));
                 owned.push((format!("optim.exp_avg_sq.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, &v))));
             }
-        }
     }
     // A diverged run must not replace a good checkpoint with NaN weights.
     for (name, _, data) in &owned {

@@ -254,7 +254,7 @@ pub fn par_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) 
 
 /// Sum of the rows of a row-major [rows, width] matrix, deterministic.
 pub fn sum_rows(x: &[f32], width: usize) -> Vec<f32> {
-    let rows = if width == 0 { 0 } else { x.len() / width };
+    let rows = x.len().checked_div(width).unwrap_or(0);
     par_reduce_rows(rows, width, |r, acc| {
         for row in x[r.start * width..r.end * width].chunks_exact(width) {
             for (a, &v) in acc.iter_mut().zip(row) {

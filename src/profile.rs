@@ -41,7 +41,7 @@ pub fn report() -> String {
     }
     let t = table().lock().unwrap();
     let mut rows: Vec<_> = t.iter().collect();
-    rows.sort_by(|a, b| b.1.1.cmp(&a.1.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1.1));
     let total: Duration = rows.iter().map(|r| r.1.1).sum();
     let mut s = format!("{:<28} {:<34} {:>7} {:>10} {:>6}\n", "op", "shape", "calls", "total ms", "%");
     for ((op, detail), (n, d)) in rows {

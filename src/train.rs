@@ -546,11 +546,10 @@ pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, 
         // Resuming with another preprocessing would train one backbone on two kinds of input.
         for key in [crate::eval::recorded::SPACING, crate::eval::recorded::WINDOW] {
             let want = opts.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v);
-            if let (Some(had), Some(want)) = (loaded.metadata.get(key), want) {
-                if had != want {
+            if let (Some(had), Some(want)) = (loaded.metadata.get(key), want)
+                && had != want {
                     bail!("{}: checkpoint was trained with {key} {had}, this run asks for {want}; resume with the same setting or start a new run in another --out", path.display());
                 }
-            }
         }
         // A published backbone alone (a PyTorch FPN3d state_dict, no step): pretraining goes on
         // from it with a new projection head, as the reference's head is discarded after training.

@@ -183,7 +183,7 @@ fn preprocess_skip_bad_names_every_malformed_class_and_caches_every_good_file() 
         ("negative-dim.nii", patched(&good, 42, &(-5i16).to_le_bytes()), "dimensions"),
         ("complex.nii", patched(&good, 70, &32i16.to_le_bytes()), "data type"),
         ("not-nifti.nii", b"nope".to_vec(), "NIfTI"),
-        ("air.nii.gz", gzip(&patched(&good, 112, &f32s(0.0))[..352].iter().chain(&vec![0x18u8, 0xfc].repeat(shape.iter().product())).copied().collect::<Vec<u8>>()), "no body"),
+        ("air.nii.gz", gzip(&patched(&good, 112, &f32s(0.0))[..352].iter().chain(&[0x18u8, 0xfc].repeat(shape.iter().product())).copied().collect::<Vec<u8>>()), "no body"),
         ("gz-bad-crc.nii.gz", { let mut g = gzip(&good); let n = g.len(); g[n - 8] ^= 0xff; g }, "gzip"),
         ("gz-bad-isize.nii.gz", { let mut g = gzip(&good); let n = g.len(); g[n - 1] ^= 0x01; g }, "gzip"),
         ("gz-cut-trailer.nii.gz", { let g = gzip(&good); g[..g.len() - 4].to_vec() }, "gzip"),

@@ -153,7 +153,7 @@ fn sampler_pairs_are_the_same_voxel_in_both_views() {
         assert!(p.mask[(w[0] * s[1] + w[1]) * s[2] + w[2]], "pair {i} is not a body voxel");
     }
     assert!(per_pair.iter().all(|&n| n <= 1024), "{per_pair:?}");
-    assert!(per_pair.iter().any(|&n| n == 1024), "no pair reached 1024 voxels on a large chest CT: {per_pair:?}");
+    assert!(per_pair.contains(&1024), "no pair reached 1024 voxels on a large chest CT: {per_pair:?}");
     // Same seed, same batch; another seed, another batch.
     let (again, _) = sample_batch_with_boxes(&src, &cfg, &mut StdRng::seed_from_u64(3)).unwrap();
     assert_eq!(batch.x1.f32s(), again.x1.f32s());
@@ -164,8 +164,8 @@ fn sampler_pairs_are_the_same_voxel_in_both_views() {
     let plain = SamplerConfig { augment: AugmentConfig { p_blur_or_sharpen: 0.0, p_noise: 0.0, p_random_window: 0.0, ..AugmentConfig::default() }, pairs: 2, ..cfg };
     let (b, boxes) = sample_batch_with_boxes(&src, &plain, &mut StdRng::seed_from_u64(5)).unwrap();
     let pp = plain.patch;
-    for pair in 0..2 {
-        let st = boxes[pair][0];
+    for (pair, pair_boxes) in boxes.iter().enumerate().take(2) {
+        let st = pair_boxes[0];
         for (x, y, z) in [(0, 0, 0), (5, 77, 31), (127, 127, 31), (64, 3, 9)] {
             let h = p.ct.hu[((st[0] + x) * s[1] + st[1] + y) * s[2] + st[2] + z] as f32;
             let want = ((h + 1350.0) / 2350.0).clamp(0.0, 1.0);

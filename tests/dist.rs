@@ -133,7 +133,7 @@ fn a_rank_that_stops_stops_the_others_with_its_name() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let err = format!("{:#}", results[0].as_ref().err().expect("rank 0 must fail once rank 1 is gone"));
+    let err = format!("{:#}", results[0].as_ref().expect_err("rank 0 must fail once rank 1 is gone"));
     assert!(err.contains("rank 1 of 2 stopped"), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(50), "rank 0 waited {:?} instead of failing at once", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dir);

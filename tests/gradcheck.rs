@@ -127,7 +127,7 @@ fn batchnorm_relu_is_the_composition() {
     let mut rng = StdRng::seed_from_u64(5);
     for shape in [vec![2, 3, 4, 2, 5], vec![7, 6], vec![300, 3]] {
         let c = *shape.last().unwrap();
-        let inputs = vec![rand_tensor(&mut rng, &shape, -2.0, 2.0), rand_tensor(&mut rng, &[c], 0.5, 1.5), rand_tensor(&mut rng, &[c], -0.5, 0.5)];
+        let inputs = [rand_tensor(&mut rng, &shape, -2.0, 2.0), rand_tensor(&mut rng, &[c], 0.5, 1.5), rand_tensor(&mut rng, &[c], -0.5, 0.5)];
         let dy = rand_tensor(&mut rng, &shape, -1.0, 1.0);
         for make in [Graph::train as fn() -> Graph, Graph::eval_with_grad] {
             let run = |f: fn(&Graph, &[Var]) -> Var| {

@@ -69,7 +69,9 @@ fn checkpoints_with_non_finite_values_or_misplaced_moments_are_refused_untouched
     let conv = st.names().into_iter().find(|n| n.ends_with("weight") && st.tensor(n).unwrap().shape().len() == 5).unwrap().to_string();
     let mean = st.names().into_iter().find(|n| n.ends_with("running_mean")).unwrap().to_string();
     // Rewrite the file with one tensor replaced or one added.
-    let rewrite = |name: &str, f: &dyn Fn(&str, Vec<f32>) -> Vec<(String, Vec<usize>, Vec<f32>)>| {
+    // (name, shape, values) of the tensors written in place of one.
+    type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+    let rewrite = |name: &str, f: &dyn Fn(&str, Vec<f32>) -> Tensors| {
         let mut owned: Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> = Vec::new();
         for n in st.names() {
             let t = st.tensor(n).unwrap();

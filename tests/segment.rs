@@ -282,11 +282,11 @@ fn a_head_records_its_settings_and_predict_uses_them() {
     let res = predict(&d.join("o.nii.gz"), &other, &["--override-recorded"]);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     // Fine-tuning from a checkpoint that records a spacing refuses another one...
-    let res = Command::new(bin).arg("finetune").arg(&ds).arg("--weights").arg(&head_backbone_checkpoint(&d, &backbone)).arg("--out").arg(d.join("ft")).args(["--spacing", "1,1,2", "--patch", "16,16,8", "--steps", "2", "--val", "c1"]).output().unwrap();
+    let res = Command::new(bin).arg("finetune").arg(&ds).arg("--weights").arg(head_backbone_checkpoint(&d, &backbone)).arg("--out").arg(d.join("ft")).args(["--spacing", "1,1,2", "--patch", "16,16,8", "--steps", "2", "--val", "c1"]).output().unwrap();
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success() && err.contains("--spacing 1,1,2") && err.contains("3,3,3"), "{err}");
     // ...while a probe warns and goes on.
-    let res = Command::new(bin).arg("probe").arg(&ds).arg("--weights").arg(&head_backbone_checkpoint(&d, &backbone)).arg("--out").arg(d.join("pr")).args(["--spacing", "4,4,4", "--patch", "16,16,8", "--steps", "2", "--validate-every", "2", "--val", "c1"]).output().unwrap();
+    let res = Command::new(bin).arg("probe").arg(&ds).arg("--weights").arg(head_backbone_checkpoint(&d, &backbone)).arg("--out").arg(d.join("pr")).args(["--spacing", "4,4,4", "--patch", "16,16,8", "--steps", "2", "--validate-every", "2", "--val", "c1"]).output().unwrap();
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success() && err.contains("warning: --spacing 4,4,4 differs from the spacing 3,3,3"), "{err}");
 }

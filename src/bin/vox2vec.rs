@@ -766,13 +766,12 @@ fn metadata_line(key: &str, value: &str, all: bool) -> String {
     }
     let Ok(mut v) = serde_json::from_str::<serde_json::Value>(value) else { return value.to_string() };
     for list in ["files", "train_cases"] {
-        if let Some(files) = v.get_mut(list).and_then(|f| f.as_array_mut()) {
-            if files.len() > SHOWN {
+        if let Some(files) = v.get_mut(list).and_then(|f| f.as_array_mut())
+            && files.len() > SHOWN {
                 let more = files.len() - SHOWN;
                 files.truncate(SHOWN);
                 files.push(serde_json::json!(format!("... {more} more (--all lists them)")));
             }
-        }
     }
     v.to_string()
 }

@@ -34,7 +34,7 @@ pub const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
 pub const MAX_DYNAMIC_SHARED: u32 = 227 * 1024;
 
 /// Run a launch to completion on this thread.
-pub fn launch(kernel: *const c_void, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, params: &mut [*mut c_void]) -> Result<()> {
+pub(crate) fn launch(kernel: *const c_void, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, params: &mut [*mut c_void]) -> Result<()> {
     // One launch at a time, as on the device's one stream: the fiber scheduler is not
     // reentrant, and two host threads may launch at once.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -52,7 +52,7 @@ pub fn launch(kernel: *const c_void, grid: (u32, u32, u32), block: (u32, u32, u3
 }
 
 /// cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) for the emulator.
-pub fn set_max_dynamic_shared(kernel: *const c_void, bytes: u32) -> Result<()> {
+pub(crate) fn set_max_dynamic_shared(kernel: *const c_void, bytes: u32) -> Result<()> {
     // SAFETY: `kernel` comes from `lookup`.
     let rc = unsafe { vox2vec_emu_set_max_dynamic_shared(kernel, bytes) };
     anyhow::ensure!(rc == 0, "{bytes} bytes of dynamic shared memory exceed the device's limit ({MAX_DYNAMIC_SHARED})");

@@ -85,6 +85,7 @@ impl Geometry {
     }
 
     /// File linear index (Fortran order, x fastest) of canonical voxel c.
+    #[allow(clippy::needless_range_loop)] // i indexes perm, flip and c alike
     fn file_index(&self, c: [usize; 3]) -> usize {
         let mut o = [0usize; 3];
         for i in 0..3 {
@@ -220,14 +221,15 @@ pub fn header_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
         a[1][3] = h.quatern_y as f64;
         a[2][3] = h.quatern_z as f64;
     } else {
-        for i in 0..3 {
-            a[i][i] = h.pixdim[i + 1] as f64;
+        for (i, row) in a.iter_mut().take(3).enumerate() {
+            row[i] = h.pixdim[i + 1] as f64;
         }
     }
     a
 }
 
 /// Axis permutation and flips that make an affine's array axes world-aligned and increasing.
+#[allow(clippy::needless_range_loop)] // j is the affine's column, indexing several arrays
 pub fn orientation_of(affine: &[[f64; 4]; 4]) -> Result<(Orientation, [f64; 3])> {
     let mut perm = [usize::MAX; 3];
     let mut flip = [false; 3];

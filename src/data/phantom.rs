@@ -99,6 +99,7 @@ impl Blob {
     fn section(&self, zz: f64, bcx: f64, bcy: f64) -> Option<Ell> {
         let t = if zz < self.cz { (self.cz - zz) / self.rz_lo } else { (zz - self.cz) / self.rz_hi };
         // `!(t < 1)` also rejects NaN from a zero half-axis.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(t < 1.0) {
             return None;
         }
@@ -508,11 +509,10 @@ fn voxel(g: &Global, sl: &Slice, px: f64, py: f64, texture: f64) -> (f64, f64) {
     if sl.layer_q(px, py, d_fat) >= 1.0 {
         return (g.hu_fat, 12.0);
     }
-    if sl.thorax {
-        if let Some(hu) = rib(g, sl, px, py, d_fat + 0.5 * g.muscle) {
+    if sl.thorax
+        && let Some(hu) = rib(g, sl, px, py, d_fat + 0.5 * g.muscle) {
             return (hu, 20.0);
         }
-    }
     if sl.layer_q(px, py, d_fat + g.muscle) >= 1.0 {
         return (g.hu_muscle, 12.0);
     }
@@ -594,7 +594,7 @@ fn rib(g: &Global, sl: &Slice, px: f64, py: f64, d_outer: f64) -> Option<f64> {
     if d > std::f64::consts::PI {
         d = std::f64::consts::TAU - d;
     }
-    if d < 0.35 || d > std::f64::consts::PI - 0.45 {
+    if !(0.35..=std::f64::consts::PI - 0.45).contains(&d) {
         return None;
     }
     let zb = (sl.zz + g.rib_slope * d - g.rib_phase).rem_euclid(g.rib_period.max(1e-3)) / g.rib_width.max(1e-3);

@@ -204,7 +204,7 @@ mod tests {
         let (m, s) = level_mask(&b, [5, 3, 2], 1);
         assert_eq!(s, [3, 2, 1]);
         assert_eq!(m.iter().filter(|&&x| x).count(), 1);
-        assert!(m[(2 * 2 + 1) * 1]);
+        assert!(m[2 * 2 + 1]);
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub enum HeadKind {
     NonLinear,
 }
 
+// One head per run: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Head {
     Linear(FpnLinearHead),
     NonLinear(FpnNonLinearHead),

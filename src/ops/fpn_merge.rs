@@ -78,7 +78,7 @@ pub fn merge_inference_cpu(f: &[f32], v: Vol, w: &[f32], b: &[f32], up: &[f32], 
             let (yi, xi, nb) = (r % v.y, (r / v.y) % v.x, r / (v.y * v.x));
             let src = &up[((nb * vu.x + xi / 2) * vu.y + yi / 2) * vu.z * co..][..vu.z * co];
             for (zi, d) in line.chunks_exact_mut(co).enumerate() {
-                d.iter_mut().zip(&src[(zi / 2) * co..(zi / 2 + 1) * co]).for_each(|(d, &u)| *d = u + *d);
+                d.iter_mut().zip(&src[(zi / 2) * co..(zi / 2 + 1) * co]).for_each(|(d, &u)| *d += u);
             }
         })
     });

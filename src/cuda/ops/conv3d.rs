@@ -31,7 +31,7 @@ fn tiles(n: usize) -> u32 {
 pub fn tensor_cores_for(dtype: DType, ci: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off = *OFF.get_or_init(|| std::env::var_os("VOX2VEC_NO_TENSOR_CORES").is_some_and(|v| v != "0" && !v.is_empty()));
-    dtype == DType::BF16 && ci % 16 == 0 && ci > 0 && !off
+    dtype == DType::BF16 && ci.is_multiple_of(16) && ci > 0 && !off
 }
 
 /// The f32 weight [Co, k, k, k, Ci] as the tensor-core forward's bf16 B operand, packed for
@@ -87,7 +87,7 @@ fn tc_forward_bricks(v: Vol, tile: usize) -> usize {
 /// channels (32-channel chunks when they divide `ci`).
 fn tc_forward_kernel(co: usize, k: usize, ci: usize) -> Result<(K, usize)> {
     use K::*;
-    let wide = ci % 32 == 0;
+    let wide = ci.is_multiple_of(32);
     let kern = match (co, k, wide) {
         (0..=16, 1, false) => Conv3dTcForwardCo16K1C16,
         (0..=16, 1, true) => Conv3dTcForwardCo16K1C32,
@@ -302,7 +302,7 @@ fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, inpu
     // x once per output-channel tile, dy once per input-channel tile, the partials written.
     let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * kdim) as f64, co_tiles * nbytes(x) + ci_tiles * nbytes(dy) + splits * co * (kdim * 4 + 8));
     // dy as 16-byte pieces where its channel count allows.
-    let kern = match (k, co % 8 == 0) {
+    let kern = match (k, co.is_multiple_of(8)) {
         (1, true) => K::Conv3dTcBackwardWeightK1,
         (3, true) => K::Conv3dTcBackwardWeightK3,
         (3, false) => K::Conv3dTcBackwardWeightK3Any,
@@ -352,7 +352,7 @@ pub fn backward_weight_acc(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize,
 /// `backward_weight` on the tensor cores (x and dy bf16, v.c a multiple of 16): version 2 in
 /// the kernel lab.
 pub fn backward_weight_tensor_cores(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
-    ensure!(x.dtype() == DType::BF16 && v.c % 16 == 0, "tensor-core conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
+    ensure!(x.dtype() == DType::BF16 && v.c.is_multiple_of(16), "tensor-core conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
     tc_weight_gradient(x, v, &cast(dy, DType::BF16)?, co, k, None, WeightAcc::default())
 }
 

@@ -29,7 +29,7 @@ pub struct InfonceSaved {
 
 /// Whether the tensor-core kernels take embeddings d wide.
 pub fn tensor_cores_for(d: usize) -> bool {
-    d % 16 == 0 && d > 0 && d <= TC_MAX_DIM
+    d.is_multiple_of(16) && d > 0 && d <= TC_MAX_DIM
 }
 
 /// (loss [1] f32, saved) for unit rows e1, e2 [n, d] at temperature t; on tensor cores (bf16x3)

@@ -117,7 +117,7 @@ pub fn blend_normalize(acc: &Tensor, weight: &Tensor) -> Result<()> {
     ensure_f32(acc, "blend")?;
     ensure_f32(weight, "blend weights")?;
     let voxels = weight.numel();
-    ensure!(voxels > 0 && acc.numel() % voxels == 0, "blend: weights {:?} for a map {:?}", weight.shape(), acc.shape());
+    ensure!(voxels > 0 && acc.numel().is_multiple_of(voxels), "blend: weights {:?} for a map {:?}", weight.shape(), acc.shape());
     let c = acc.numel() / voxels;
     dev_of(acc).launch_1d(K::BlendNormalize, acc.numel(), &[Arg::Ptr(acc.ptr()), Arg::Ptr(weight.ptr()), Arg::I64(voxels as i64), Arg::I32(c as i32)], Cost::mem(2 * nbytes(acc) + nbytes(weight)))
 }

@@ -18,6 +18,10 @@
 //! Callers check AVX2/FMA support (`simd_available`) and that every index is in bounds; the
 //! kernels are pointer arithmetic over those buffers, so per-operation unsafe blocks would
 //! only add noise.
+
+// Register tiles and lanes are indexed by position on purpose: the indices are the tile's
+// coordinates, shared across several arrays.
+#![allow(clippy::needless_range_loop)]
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use std::arch::x86_64::*;
@@ -47,7 +51,7 @@ pub fn check_rows(a_len: usize, rs: usize, offs: &[usize], kk: usize, r0: usize,
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn forward_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: &[f32], cop: usize, bias: &[f32], r0: usize, out: &mut [f32]) {
     let nr = out.len() / cop;
-    debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop % 8 == 0);
+    debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop.is_multiple_of(8));
     let (xp, ci) = (a, rs);
     let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
     let mut cb = 0;
@@ -215,7 +219,7 @@ pub const ZT_ROWS: usize = 11;
 /// As `avx512::forward_ztaps`, with AVX2 and FMA instead of AVX-512F.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
-    debug_assert!(bt.len() >= offs.len() * 3 * ci * cop && bias.len() >= cop && cop % 8 == 0);
+    debug_assert!(bt.len() >= offs.len() * 3 * ci * cop && bias.len() >= cop && cop.is_multiple_of(8));
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
     let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
     let tiles = super::shifted::ztap_tiles(runs, offs.len(), ci, 8, ZT_ROWS); // every block is 8 wide

@@ -18,6 +18,10 @@
 //! `cop` (padded output channels) is a multiple of 8: a last block of 8 channels runs with
 //! masked loads and stores. Callers check AVX-512F support (`available`) and the bounds
 //! (`avx2::check_rows`); the kernels are pointer arithmetic over those buffers.
+
+// Register tiles and lanes are indexed by position on purpose: the indices are the tile's
+// coordinates, shared across several arrays.
+#![allow(clippy::needless_range_loop)]
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use std::arch::x86_64::*;
@@ -61,7 +65,7 @@ fn channel_blocks(cop: usize) -> Vec<(usize, usize, u16)> {
 #[target_feature(enable = "avx512f,fma")]
 pub unsafe fn forward_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: &[f32], cop: usize, bias: &[f32], r0: usize, out: &mut [f32]) {
     let nr = out.len() / cop;
-    debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop % 8 == 0);
+    debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop.is_multiple_of(8));
     let (xp, bt, bias, o) = (a.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
     let total = offs.len() * kk;
     for (cb, v, mask) in channel_blocks(cop) {
@@ -281,7 +285,7 @@ pub const ZT_ROWS: [usize; 2] = [24, 12];
 /// values and `out` Σ len · cop.
 #[target_feature(enable = "avx512f,fma")]
 pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
-    debug_assert!(bt.len() >= offs.len() * 3 * ci * cop && bias.len() >= cop && cop % 8 == 0);
+    debug_assert!(bt.len() >= offs.len() * 3 * ci * cop && bias.len() >= cop && cop.is_multiple_of(8));
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
     let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
     // The tiles depend on the block's width only (1 or 2 vectors): planned once per width.

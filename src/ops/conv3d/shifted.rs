@@ -28,6 +28,10 @@
 //!
 //! Outputs are written (=).
 
+// Register tiles and lanes are indexed by position on purpose: the indices are the tile's
+// coordinates, shared across several arrays.
+#![allow(clippy::needless_range_loop)]
+
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
