@@ -85,7 +85,9 @@ fn main() {
     }
     let Some(nvcc) = find_nvcc(&root) else {
         if env::var("NVCC").as_deref() != Ok("none") {
-            println!("cargo:warning=nvcc not found (set NVCC or CUDA_HOME, or run scripts/install-cuda.sh): building the CPU-only engine");
+            println!(
+                "cargo:warning=nvcc not found (set NVCC or CUDA_HOME, or run scripts/install-cuda.sh): building the CPU-only engine"
+            );
         }
         write_empty();
         return;
@@ -138,8 +140,13 @@ fn summarise_sass(nvcc: &Path, fatbin: &Path, table: &Path) {
             let text: String = kernels.iter().map(|k| k.to_line() + "\n").collect();
             fs::write(table, text).expect("writing the SASS table");
         }
-        Ok(o) => println!("cargo:warning=cuobjdump -sass failed ({}): the plan will have no issue times", String::from_utf8_lossy(&o.stderr).trim()),
-        Err(e) => println!("cargo:warning=cuobjdump not found ({e}; scripts/install-cuda.sh installs it): the plan will have no issue times"),
+        Ok(o) => println!(
+            "cargo:warning=cuobjdump -sass failed ({}): the plan will have no issue times",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => println!(
+            "cargo:warning=cuobjdump not found ({e}; scripts/install-cuda.sh installs it): the plan will have no issue times"
+        ),
     }
 }
 

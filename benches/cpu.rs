@@ -59,14 +59,17 @@ fn conv3d(c: &mut Criterion) {
 /// A whole pretraining step: 2 pairs of 32×32×16, base 16, 6 scales, 64 voxels per pair.
 fn pretrain_step_small(c: &mut Criterion) {
     vox2vec::cpu::retain_freed_memory();
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 16, num_scales: 6 }, ..ModelConfig::default() };
+    let cfg =
+        ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 16, num_scales: 6 }, ..ModelConfig::default() };
     let shape = BatchShape { pairs: 2, patch: [32, 32, 16], voxels_per_pair: 64 };
     let mut model = Vox2Vec::new(cfg, 0);
     let mut adam = Adam::new(AdamConfig::default(), &model.store);
     let batch = synthetic_batch(shape, 0, 0);
     let mut g = c.benchmark_group("pretrain_step");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
-    g.bench_function("small_2x32x32x16_base16_6scales", |bch| bch.iter(|| black_box(pretrain_step(&mut model, &mut adam, &batch).unwrap())));
+    g.bench_function("small_2x32x32x16_base16_6scales", |bch| {
+        bch.iter(|| black_box(pretrain_step(&mut model, &mut adam, &batch).unwrap()))
+    });
     g.finish();
 }
 

@@ -24,7 +24,11 @@ fn main() {
     }
     println!("gpu benches on {}", dev.name());
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let mut c = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3)).configure_from_args();
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
     for case in lab::timing_cases(&dev, &lab::FAMILIES).expect("preparing the lab's inputs") {
         for var in &case.variants {
             let name = format!("{}/{}/{}", case.family, case.shape, var.version);

@@ -62,14 +62,20 @@ fn main() -> Result<()> {
         match args[i].as_str() {
             "--reps" => reps = args.get(i + 1).context("--reps N")?.parse()?,
             // SAFETY (set_var): single-threaded here, before any kernel choice is made.
-            "--kernels" => unsafe { std::env::set_var("VOX2VEC_CPU_KERNELS", args.get(i + 1).context("--kernels SET")?) },
+            "--kernels" => unsafe {
+                std::env::set_var("VOX2VEC_CPU_KERNELS", args.get(i + 1).context("--kernels SET")?)
+            },
             a => bail!("unknown argument {a}"),
         }
         i += 2;
     }
     let mut rng = StdRng::seed_from_u64(1);
     let (name, dims) = row.split_once(':').unwrap_or((row.as_str(), ""));
-    let d: Vec<usize> = if dims.is_empty() { Vec::new() } else { dims.split(',').map(|t| t.parse()).collect::<Result<_, _>>().context("shape")? };
+    let d: Vec<usize> = if dims.is_empty() {
+        Vec::new()
+    } else {
+        dims.split(',').map(|t| t.parse()).collect::<Result<_, _>>().context("shape")?
+    };
     let mut run: Box<dyn FnMut() -> Result<()>> = match name {
         "conv_fwd" | "conv_fwd_bwd" | "conv_fwd_bwd_w" => {
             let (vox2vec::tensor::Vol { n, x, y, z, c }, co, k) = conv_problem(name, &d)?;
@@ -87,7 +93,12 @@ fn main() -> Result<()> {
                 let w = w.insert(Tensor::from_f32(&[co, k, k, k, c], data));
                 if name == "conv_fwd" {
                     let g = Graph::inference();
-                    std::hint::black_box(ops::conv3d(&g, &Var::constant(xs.clone()), &Var::constant(w.clone()), Some(&Var::constant(b.clone())))?);
+                    std::hint::black_box(ops::conv3d(
+                        &g,
+                        &Var::constant(xs.clone()),
+                        &Var::constant(w.clone()),
+                        Some(&Var::constant(b.clone())),
+                    )?);
                     return Ok(());
                 }
                 let g = Graph::train();
@@ -122,7 +133,17 @@ fn main() -> Result<()> {
             let bn = ops::batchnorm::BnReluEval::new(&zeros, &ones, &ones, &zeros);
             let kernels = ops::conv3d::CpuKernels::best();
             Box::new(move || {
-                std::hint::black_box(ops::conv3d::conv3d_forward_cpu_fused(xs.f32s(), v, w.f32s(), Some(b.f32s()), c, 3, Some(&bn), Some(res.f32s()), kernels));
+                std::hint::black_box(ops::conv3d::conv3d_forward_cpu_fused(
+                    xs.f32s(),
+                    v,
+                    w.f32s(),
+                    Some(b.f32s()),
+                    c,
+                    3,
+                    Some(&bn),
+                    Some(res.f32s()),
+                    kernels,
+                ));
                 Ok(())
             })
         }
@@ -140,7 +161,12 @@ fn main() -> Result<()> {
         "linear_fwd_bwd" => {
             // The projection head's layers: x [N, in] · Wᵀ + b and its three gradients.
             let [n, fin, fout] = d[..] else { bail!("linear_fwd_bwd:N,IN,OUT") };
-            let (xs, w, b, dy) = (random(&[n, fin], &mut rng), random(&[fout, fin], &mut rng), random(&[fout], &mut rng), random(&[n, fout], &mut rng));
+            let (xs, w, b, dy) = (
+                random(&[n, fin], &mut rng),
+                random(&[fout, fin], &mut rng),
+                random(&[fout], &mut rng),
+                random(&[n, fout], &mut rng),
+            );
             Box::new(move || {
                 let g = Graph::train();
                 let (xv, wv, bv) = (g.leaf(xs.clone()), g.leaf(w.clone()), g.leaf(b.clone()));

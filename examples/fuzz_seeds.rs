@@ -51,7 +51,9 @@ fn small_nifti(file: &[u8], block: [usize; 3], offset: usize) -> Result<Vec<u8>>
         for y in 0..b[1] {
             for x in 0..b[0] {
                 let i = (lo[0] + x) + shape[0] * ((lo[1] + y) + shape[1] * (lo[2] + z));
-                out.extend_from_slice(file.get(start + i * bytes_per..start + (i + 1) * bytes_per).context("voxel past the end")?);
+                out.extend_from_slice(
+                    file.get(start + i * bytes_per..start + (i + 1) * bytes_per).context("voxel past the end")?,
+                );
             }
         }
     }
@@ -103,14 +105,28 @@ fn main() -> Result<()> {
     }
 
     let ckpt = dir("checkpoint")?;
-    let config = vox2vec::model::ModelConfig { fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 2, num_scales: 2 }, proj_dim: 4, ..Default::default() };
+    let config = vox2vec::model::ModelConfig {
+        fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 2, num_scales: 2 },
+        proj_dim: 4,
+        ..Default::default()
+    };
     let model = vox2vec::model::Vox2Vec::new(config, 1);
     let adam = vox2vec::optim::Adam::new(vox2vec::optim::AdamConfig::default(), &model.store);
-    vox2vec::checkpoint::save(&ckpt.join("with-adam.safetensors"), &config, &model.store, Some(&adam), &[("step", "3".into())])?;
+    vox2vec::checkpoint::save(
+        &ckpt.join("with-adam.safetensors"),
+        &config,
+        &model.store,
+        Some(&adam),
+        &[("step", "3".into())],
+    )?;
     vox2vec::checkpoint::save(&ckpt.join("weights.safetensors"), &config, &model.store, None, &[])?;
 
     let npy = dir("npy")?;
-    vox2vec::eval::npy::write_f32(&npy.join("a.npy"), &[2, 3, 4], &(0..24).map(|i| i as f32 * 0.5 - 3.0).collect::<Vec<_>>())?;
+    vox2vec::eval::npy::write_f32(
+        &npy.join("a.npy"),
+        &[2, 3, 4],
+        &(0..24).map(|i| i as f32 * 0.5 - 3.0).collect::<Vec<_>>(),
+    )?;
     vox2vec::eval::npy::write_f32(&npy.join("one.npy"), &[1], &[1.0])?;
     let v1 = std::fs::read(npy.join("a.npy"))?;
     // The same array in format 2.0 (4-byte header length).
@@ -127,12 +143,21 @@ fn main() -> Result<()> {
             std::fs::copy(&p, json.join(format!("{}.json", ds.file_name().unwrap().to_string_lossy())))?;
         }
     }
-    std::fs::write(json.join("v1.json"), r#"{"labels": {"0": "background", "1": "liver", "2": "spleen"}, "modality": {"0": "CT"}, "numTraining": 2}"#)?;
-    std::fs::write(json.join("regions.json"), r#"{"labels": {"background": 0, "organ": [1, 2], "tumour": 2}, "file_ending": ".nii.gz"}"#)?;
+    std::fs::write(
+        json.join("v1.json"),
+        r#"{"labels": {"0": "background", "1": "liver", "2": "spleen"}, "modality": {"0": "CT"}, "numTraining": 2}"#,
+    )?;
+    std::fs::write(
+        json.join("regions.json"),
+        r#"{"labels": {"background": 0, "organ": [1, 2], "tumour": 2}, "file_ending": ".nii.gz"}"#,
+    )?;
     // PyTorch files as published (tests/data/weights: zip, legacy and Lightning), the small ones.
     let torch = dir("torch_weights")?;
     let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/weights");
-    for f in std::fs::read_dir(&weights).with_context(|| weights.display().to_string())?.filter_map(|e| e.ok().map(|e| e.path())) {
+    for f in std::fs::read_dir(&weights)
+        .with_context(|| weights.display().to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+    {
         if f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fpn_tiny")) {
             std::fs::copy(&f, torch.join(f.file_name().unwrap()))?;
         }
@@ -142,7 +167,8 @@ fn main() -> Result<()> {
     let dicom = dir("dicom")?;
     let series_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom");
     for (kind, counts) in [("series", &[1usize, 2, 4][..]), ("rle", &[2][..])] {
-        let mut slices: Vec<PathBuf> = std::fs::read_dir(series_dir.join(kind))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut slices: Vec<PathBuf> =
+            std::fs::read_dir(series_dir.join(kind))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         slices.sort();
         for &k in counts {
             let mut seed = Vec::new();
@@ -155,6 +181,10 @@ fn main() -> Result<()> {
             std::fs::write(dicom.join(format!("{kind}-{k}.bin")), seed)?;
         }
     }
-    println!("seeds in {}: {n} NIfTI blocks from {} files, 2 checkpoints, 3 .npy, dataset.json files, PyTorch weights, 4 DICOM series", corpus.display(), files.len());
+    println!(
+        "seeds in {}: {n} NIfTI blocks from {} files, 2 checkpoints, 3 .npy, dataset.json files, PyTorch weights, 4 DICOM series",
+        corpus.display(),
+        files.len()
+    );
     Ok(())
 }

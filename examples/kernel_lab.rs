@@ -32,7 +32,10 @@ fn run() -> Result<bool> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--reps" => reps = args.next().and_then(|v| v.parse().ok()).ok_or_else(|| anyhow::anyhow!("--reps needs a number"))?,
+            "--reps" => {
+                reps =
+                    args.next().and_then(|v| v.parse().ok()).ok_or_else(|| anyhow::anyhow!("--reps needs a number"))?
+            }
             "-h" | "--help" => {
                 println!("kernel_lab [FAMILY...] [--reps N]; families: {}", FAMILIES.join(", "));
                 return Ok(true);
@@ -41,7 +44,8 @@ fn run() -> Result<bool> {
             f => families.push(f.to_string()),
         }
     }
-    let families: Vec<&str> = if families.is_empty() { FAMILIES.to_vec() } else { families.iter().map(String::as_str).collect() };
+    let families: Vec<&str> =
+        if families.is_empty() { FAMILIES.to_vec() } else { families.iter().map(String::as_str).collect() };
     let plan = vox2vec::cuda::unavailable_reason();
     if let Some(why) = &plan {
         println!("kernel_lab: no CUDA device ({why})");
@@ -65,7 +69,8 @@ fn run() -> Result<bool> {
         }
     }
     print!("{}", lab::render(&rows));
-    let failed: Vec<String> = rows.iter().filter(|r| !r.ok).map(|r| format!("{} {} {}", r.family, r.shape, r.version)).collect();
+    let failed: Vec<String> =
+        rows.iter().filter(|r| !r.ok).map(|r| format!("{} {} {}", r.family, r.shape, r.version)).collect();
     if !failed.is_empty() {
         println!("kernel_lab: outside their bounds: {}", failed.join("; "));
     }

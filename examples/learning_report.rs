@@ -24,8 +24,13 @@ struct Run {
 fn read(label: &str, path: &PathBuf) -> Result<Run> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-    let floats = |x: &serde_json::Value| -> Vec<f64> { x.as_array().map(|a| a.iter().filter_map(|d| d.as_f64()).collect()).unwrap_or_default() };
-    let classes: Vec<String> = v["classes"].as_array().map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    let floats = |x: &serde_json::Value| -> Vec<f64> {
+        x.as_array().map(|a| a.iter().filter_map(|d| d.as_f64()).collect()).unwrap_or_default()
+    };
+    let classes: Vec<String> = v["classes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
     let best = floats(&v["best_dice"]);
     ensure!(!classes.is_empty() && best.len() == classes.len(), "{}: no classes or best_dice", path.display());
     let curve = v["history"]
@@ -61,22 +66,43 @@ fn main() -> Result<()> {
     }
     let classes = runs[0].classes.clone();
     for r in &runs {
-        ensure!(r.classes == classes, "{} has classes {:?}, {} has {:?}: not the same dataset", r.label, r.classes, runs[0].label, classes);
+        ensure!(
+            r.classes == classes,
+            "{} has classes {:?}, {} has {:?}: not the same dataset",
+            r.label,
+            r.classes,
+            runs[0].label,
+            classes
+        );
     }
-    let mut md = format!("| class | {} |\n|---|{}\n", runs.iter().map(|r| r.label.as_str()).collect::<Vec<_>>().join(" | "), "---:|".repeat(runs.len()));
+    let mut md = format!(
+        "| class | {} |\n|---|{}\n",
+        runs.iter().map(|r| r.label.as_str()).collect::<Vec<_>>().join(" | "),
+        "---:|".repeat(runs.len())
+    );
     for (c, name) in classes.iter().enumerate() {
-        md += &format!("| {name} | {} |\n", runs.iter().map(|r| format!("{:.3}", r.best[c])).collect::<Vec<_>>().join(" | "));
+        md += &format!(
+            "| {name} | {} |\n",
+            runs.iter().map(|r| format!("{:.3}", r.best[c])).collect::<Vec<_>>().join(" | ")
+        );
     }
     let mean = |r: &Run| r.best.iter().sum::<f64>() / r.best.len() as f64;
-    md += &format!("| **mean** | {} |\n", runs.iter().map(|r| format!("**{:.3}**", mean(r))).collect::<Vec<_>>().join(" | "));
-    md += &format!("| best at step | {} |\n", runs.iter().map(|r| r.best_step.to_string()).collect::<Vec<_>>().join(" | "));
+    md += &format!(
+        "| **mean** | {} |\n",
+        runs.iter().map(|r| format!("**{:.3}**", mean(r))).collect::<Vec<_>>().join(" | ")
+    );
+    md += &format!(
+        "| best at step | {} |\n",
+        runs.iter().map(|r| r.best_step.to_string()).collect::<Vec<_>>().join(" | ")
+    );
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("table.md"), &md).with_context(|| format!("writing {}", out.join("table.md").display()))?;
     let series: Vec<(&str, &[(f64, f64)])> = runs.iter().map(|r| (r.label.as_str(), r.curve.as_slice())).collect();
     vox2vec::plot::write_curve_png(&out.join("dice_vs_steps.png"), "mean validation Dice vs training steps", &series)?;
     if let Some(dir) = &pretrain {
         vox2vec::train::write_loss_curve(dir).with_context(|| format!("drawing {}'s loss curve", dir.display()))?;
-        std::fs::copy(dir.join(vox2vec::train::LOSS_CURVE_FILE), out.join("pretraining.png")).with_context(|| format!("copying {}'s loss curve", dir.display()))?;
+        std::fs::copy(dir.join(vox2vec::train::LOSS_CURVE_FILE), out.join("pretraining.png"))
+            .with_context(|| format!("copying {}'s loss curve", dir.display()))?;
     }
     print!("{md}");
     println!("wrote {} and {}", out.join("table.md").display(), out.join("dice_vs_steps.png").display());

@@ -169,10 +169,12 @@ impl Graph {
     }
 
     fn push(&self, op: &'static str, output: Tensor, inputs: &[&Var], backward: BackwardFn) -> Var {
-        if check_finite_enabled() && self.inner.borrow().first_nonfinite.is_none()
-            && let Some(e) = nonfinite(op, "forward output", &output) {
-                self.inner.borrow_mut().first_nonfinite = Some(e);
-            }
+        if check_finite_enabled()
+            && self.inner.borrow().first_nonfinite.is_none()
+            && let Some(e) = nonfinite(op, "forward output", &output)
+        {
+            self.inner.borrow_mut().first_nonfinite = Some(e);
+        }
         let id = self.fresh_id();
         let entry = Entry { op, output: id, inputs: inputs.iter().map(|v| v.id).collect(), backward };
         self.inner.borrow_mut().tape.push(entry);
@@ -263,10 +265,13 @@ impl Graph {
     fn reverse_entry(&self, entry: Entry, grads: &mut HashMap<VarId, Tensor>) -> Result<()> {
         let Some(gout) = grads.remove(&entry.output) else { return Ok(()) };
         let (gins, mut leftover) = match entry.backward {
-            BackwardFn::Plain(f) => (crate::profile::time(entry.op, || "backward".to_string(), || f(gout))?, Vec::new()),
+            BackwardFn::Plain(f) => {
+                (crate::profile::time(entry.op, || "backward".to_string(), || f(gout))?, Vec::new())
+            }
             BackwardFn::Accumulating(f) => {
                 // Each input's gradient so far, at its first position only.
-                let mut acc: Vec<Option<Tensor>> = entry.inputs.iter().map(|id| id.and_then(|id| grads.remove(&id))).collect();
+                let mut acc: Vec<Option<Tensor>> =
+                    entry.inputs.iter().map(|id| id.and_then(|id| grads.remove(&id))).collect();
                 let gins = crate::profile::time(entry.op, || "backward".to_string(), || f(gout, &mut acc))?;
                 (gins, acc)
             }
@@ -274,7 +279,9 @@ impl Graph {
         debug_assert_eq!(gins.len(), entry.inputs.len());
         if check_finite_enabled() {
             for (i, g) in gins.iter().enumerate() {
-                if let Some(e) = g.as_ref().and_then(|g| nonfinite(entry.op, &format!("backward, gradient of input {i}"), g)) {
+                if let Some(e) =
+                    g.as_ref().and_then(|g| nonfinite(entry.op, &format!("backward, gradient of input {i}"), g))
+                {
                     bail!("{e}");
                 }
             }
@@ -315,7 +322,12 @@ fn nonfinite(op: &str, what: &str, t: &Tensor) -> Option<String> {
     };
     let i = v.iter().position(|x| !x.is_finite())?;
     let count = v.iter().filter(|x| !x.is_finite()).count();
-    Some(format!("VOX2VEC_CHECK_FINITE: the first non-finite value comes from op '{op}' ({what}, shape {:?}): {count} of {} values are not finite, the first {} at element {i}", t.shape(), v.len(), v[i]))
+    Some(format!(
+        "VOX2VEC_CHECK_FINITE: the first non-finite value comes from op '{op}' ({what}, shape {:?}): {count} of {} values are not finite, the first {} at element {i}",
+        t.shape(),
+        v.len(),
+        v[i]
+    ))
 }
 
 fn accumulate(grads: &mut HashMap<VarId, Tensor>, id: VarId, g: Tensor) -> Result<()> {
@@ -395,7 +407,10 @@ mod tests {
             let y = Tensor::from_f32(&[1], vec![p.value.f32s()[0] * q.value.f32s()[0]]);
             g.record("mul", y, &[p, q], move |d| {
                 let d = d.f32s()[0];
-                Ok(vec![Some(Tensor::from_f32(&[1], vec![d * qv.f32s()[0]])), Some(Tensor::from_f32(&[1], vec![d * pv.f32s()[0]]))])
+                Ok(vec![
+                    Some(Tensor::from_f32(&[1], vec![d * qv.f32s()[0]])),
+                    Some(Tensor::from_f32(&[1], vec![d * pv.f32s()[0]])),
+                ])
             })
         };
         // y = b · (a · x) · a: a is used twice (first and last), b once in between.
@@ -403,10 +418,12 @@ mod tests {
         let h = mul(&g, &pb, &h);
         let y = mul(&g, &h, &pa);
         let mut seen: Vec<(usize, f32)> = Vec::new();
-        let grads = g.backward_hooked(&y, &mut |key, grad| {
-            seen.push((key.1, grad.f32s()[0]));
-            Ok(())
-        }).unwrap();
+        let grads = g
+            .backward_hooked(&y, &mut |key, grad| {
+                seen.push((key.1, grad.f32s()[0]));
+                Ok(())
+            })
+            .unwrap();
         // dy/db = a²x = 20, dy/da = 2abx = 60: b is final before a's first use is reached.
         assert_eq!(seen, vec![(b, 20.0), (a, 60.0)]);
         assert_eq!(grads.param(&store, a).unwrap().f32s(), &[60.0]);

@@ -49,18 +49,29 @@ impl BenchReport {
             "bench: {} | {:?} activations | {} pairs of {:?}, {} voxels/pair\n",
             self.device, self.activation_dtype, self.shape.pairs, self.shape.patch, self.shape.voxels_per_pair
         );
-        s += &format!("bench: {} steps: median {:.1} ms/step, min {:.1} ms\n", self.step_ms.len(), self.median_ms(), min);
+        s += &format!(
+            "bench: {} steps: median {:.1} ms/step, min {:.1} ms\n",
+            self.step_ms.len(),
+            self.median_ms(),
+            min
+        );
         if let Some(g) = &self.graph {
             s += &format!(
                 "bench: as one CUDA graph per step ({} nodes): {} steps relaunched a kept graph unchanged, {} updated it, {} instantiated one, {} went on unrecorded\n",
                 g.nodes, g.relaunched, g.updated, g.instantiated, g.unrecorded
             );
             if let Some(why) = &g.disabled {
-                s += &format!("bench: the CUDA graph could not be built ({why}): the steps above issued their calls one by one\n");
+                s += &format!(
+                    "bench: the CUDA graph could not be built ({why}): the steps above issued their calls one by one\n"
+                );
             }
         }
         if !self.unrecorded_ms.is_empty() {
-            s += &format!("bench: {} steps with every call issued one by one (no graph): median {:.1} ms/step\n", self.unrecorded_ms.len(), median(&self.unrecorded_ms));
+            s += &format!(
+                "bench: {} steps with every call issued one by one (no graph): median {:.1} ms/step\n",
+                self.unrecorded_ms.len(),
+                median(&self.unrecorded_ms)
+            );
         }
         if self.peak_reserved > 0 {
             s += &format!(
@@ -90,7 +101,10 @@ impl BenchReport {
                     None => measured.push((fam.to_string(), *ms)),
                 }
             }
-            s += &format!("bench: measured against the estimate of each family's declared work and code on {}:\n", self.card);
+            s += &format!(
+                "bench: measured against the estimate of each family's declared work and code on {}:\n",
+                self.card
+            );
             s += &render_cost_table(costs, &measured);
         }
         s
@@ -99,7 +113,15 @@ impl BenchReport {
 
 /// Run `warmup` untimed steps, `steps` timed steps and (on CUDA) `profile_steps` steps with
 /// per-kernel events, at the default model size and `shape`, on synthetic batches.
-pub fn bench_pretraining(device: Device, activation_dtype: DType, shape: BatchShape, steps: usize, warmup: usize, profile_steps: usize, seed: u64) -> Result<BenchReport> {
+pub fn bench_pretraining(
+    device: Device,
+    activation_dtype: DType,
+    shape: BatchShape,
+    steps: usize,
+    warmup: usize,
+    profile_steps: usize,
+    seed: u64,
+) -> Result<BenchReport> {
     ensure!(steps >= 1, "--bench needs at least one step");
     let mut model = Vox2Vec::new(ModelConfig::default(), seed);
     let mut adam = Adam::new(AdamConfig::default(), &model.store);
@@ -175,7 +197,20 @@ pub fn bench_pretraining(device: Device, activation_dtype: DType, shape: BatchSh
         None => format!("cpu ({} threads)", rayon::current_num_threads()),
     };
     let card = dev.as_ref().map_or("", |d| d.machine().name);
-    Ok(BenchReport { device: name, activation_dtype: if device == Device::Cpu { DType::F32 } else { activation_dtype }, shape, step_ms, graph, unrecorded_ms, losses, peak_in_use, peak_reserved, kernels, costs, card })
+    Ok(BenchReport {
+        device: name,
+        activation_dtype: if device == Device::Cpu { DType::F32 } else { activation_dtype },
+        shape,
+        step_ms,
+        graph,
+        unrecorded_ms,
+        losses,
+        peak_in_use,
+        peak_reserved,
+        kernels,
+        costs,
+        card,
+    })
 }
 
 /// `vox2vec-train --compare-precisions`: one pretraining step's loss and gradients with bf16
@@ -199,8 +234,16 @@ pub struct PrecisionReport {
 }
 
 /// Run the comparison on `device` (a CUDA device: bf16 storage exists there only).
-pub fn compare_precisions(device: Device, model_config: ModelConfig, shape: BatchShape, seed: u64) -> Result<PrecisionReport> {
-    ensure!(matches!(device, Device::Cuda(_)), "--compare-precisions needs a CUDA device (bf16 activation storage exists there only)");
+pub fn compare_precisions(
+    device: Device,
+    model_config: ModelConfig,
+    shape: BatchShape,
+    seed: u64,
+) -> Result<PrecisionReport> {
+    ensure!(
+        matches!(device, Device::Cuda(_)),
+        "--compare-precisions needs a CUDA device (bf16 activation storage exists there only)"
+    );
     let batch = synthetic_batch(shape, seed, 0);
     let step = |dt: DType| -> Result<(f64, Vec<(String, Vec<f32>)>)> {
         let mut model = Vox2Vec::new(model_config, seed);
@@ -238,7 +281,14 @@ pub fn compare_precisions(device: Device, model_config: ModelConfig, shape: Batc
         }
         Device::Cpu => unreachable!(),
     };
-    Ok(PrecisionReport { device: name, shape, model: model_config, loss: [loss_32, loss_16], grad_norm: [global(&g32), global(&g16)], grads })
+    Ok(PrecisionReport {
+        device: name,
+        shape,
+        model: model_config,
+        loss: [loss_32, loss_16],
+        grad_norm: [global(&g32), global(&g16)],
+        grads,
+    })
 }
 
 impl PrecisionReport {
@@ -248,7 +298,10 @@ impl PrecisionReport {
 
     /// The largest relative gradient error and its parameter.
     pub fn worst(&self) -> (&str, f64) {
-        self.grads.iter().map(|(n, e, _)| (n.as_str(), *e)).fold(("", 0.0), |w, x| if x.1 > w.1 || x.1.is_nan() { x } else { w })
+        self.grads
+            .iter()
+            .map(|(n, e, _)| (n.as_str(), *e))
+            .fold(("", 0.0), |w, x| if x.1 > w.1 || x.1.is_nan() { x } else { w })
     }
 
     /// The median relative gradient error over the parameters.
@@ -270,12 +323,32 @@ impl PrecisionReport {
     pub fn render(&self) -> String {
         let mut s = format!(
             "precision: {} | {} pairs of {:?}, {} voxels/pair | FPN3d base {} x {} scales | one step's forward and backward, same weights and batch\n",
-            self.device, self.shape.pairs, self.shape.patch, self.shape.voxels_per_pair, self.model.fpn.base_channels, self.model.fpn.num_scales
+            self.device,
+            self.shape.pairs,
+            self.shape.patch,
+            self.shape.voxels_per_pair,
+            self.model.fpn.base_channels,
+            self.model.fpn.num_scales
         );
-        s += &format!("precision: loss fp32 {:.6} bf16 {:.6} (rel {:.2e})\n", self.loss[0], self.loss[1], Self::rel(self.loss[0], self.loss[1]));
-        s += &format!("precision: gradient norm fp32 {:.6e} bf16 {:.6e} (rel {:.2e})\n", self.grad_norm[0], self.grad_norm[1], Self::rel(self.grad_norm[0], self.grad_norm[1]));
+        s += &format!(
+            "precision: loss fp32 {:.6} bf16 {:.6} (rel {:.2e})\n",
+            self.loss[0],
+            self.loss[1],
+            Self::rel(self.loss[0], self.loss[1])
+        );
+        s += &format!(
+            "precision: gradient norm fp32 {:.6e} bf16 {:.6e} (rel {:.2e})\n",
+            self.grad_norm[0],
+            self.grad_norm[1],
+            Self::rel(self.grad_norm[0], self.grad_norm[1])
+        );
         let (wn, we) = self.worst();
-        s += &format!("precision: gradient rel err over {} parameters: median {:.2e}, largest {:.2e} ({wn})\n", self.grads.len(), self.median(), we);
+        s += &format!(
+            "precision: gradient rel err over {} parameters: median {:.2e}, largest {:.2e} ({wn})\n",
+            self.grads.len(),
+            self.median(),
+            we
+        );
         for (name, e, n) in self.samples() {
             s += &format!("precision: gradient of {name}: rel err {e:.2e} (norm {n:.3e})\n");
         }
@@ -283,7 +356,8 @@ impl PrecisionReport {
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        let grads: Vec<serde_json::Value> = self.grads.iter().map(|(n, e, g)| serde_json::json!({"name": n, "rel_err": e, "fp32_norm": g})).collect();
+        let grads: Vec<serde_json::Value> =
+            self.grads.iter().map(|(n, e, g)| serde_json::json!({"name": n, "rel_err": e, "fp32_norm": g})).collect();
         serde_json::json!({
             "device": self.device,
             "pairs": self.shape.pairs,
@@ -323,7 +397,12 @@ pub struct PlanReport {
 /// Run `warmup` steps (they fill the allocator's cache as on a GPU), then one step whose
 /// memory peaks and launch costs are reported. Must run in a process where
 /// `crate::cuda::enable_plan_mode` was called first.
-pub fn plan_pretraining(model_config: ModelConfig, activation_dtype: DType, shape: BatchShape, seed: u64) -> Result<PlanReport> {
+pub fn plan_pretraining(
+    model_config: ModelConfig,
+    activation_dtype: DType,
+    shape: BatchShape,
+    seed: u64,
+) -> Result<PlanReport> {
     ensure!(crate::cuda::planned(), "plan_pretraining needs the plan device (crate::cuda::enable_plan_mode)");
     let device = Device::Cuda(0);
     let dev = crate::cuda::device(0)?;
@@ -365,7 +444,19 @@ pub fn render_cost_table(costs: &crate::cuda::cost::CostLog, measured: &[(String
     let with_measured = !measured.is_empty();
     let mut s = format!(
         "  {:<30} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>6} {:>7} {:>7}",
-        "kernel family", "launches", "GFLOP", "GB", "floor ms", "memory", "tensor", "issue", "launch", "estimate", "share", "bound", "ins/mma"
+        "kernel family",
+        "launches",
+        "GFLOP",
+        "GB",
+        "floor ms",
+        "memory",
+        "tensor",
+        "issue",
+        "launch",
+        "estimate",
+        "share",
+        "bound",
+        "ins/mma"
     );
     if with_measured {
         s += &format!(" {:>11} {:>7}", "measured ms", "x est.");
@@ -374,7 +465,8 @@ pub fn render_cost_table(costs: &crate::cuda::cost::CostLog, measured: &[(String
     let ms = |v: f64| v * 1e3;
     let line = |name: &str, f: &crate::cuda::cost::FamilyCost, bound: &str, meas: Option<f64>| {
         let e = &f.estimate;
-        let ipm = family_sass(name).and_then(|k| k.instructions_per_hmma()).map_or("-".to_string(), |v| format!("{v:.1}"));
+        let ipm =
+            family_sass(name).and_then(|k| k.instructions_per_hmma()).map_or("-".to_string(), |v| format!("{v:.1}"));
         let issue = if f.has_sass || name == "total" { format!("{:.3}", ms(e.issue_s)) } else { "n/a".to_string() };
         let mut l = format!(
             "  {:<30} {:>8} {:>9.2} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9} {:>9.3} {:>10.3} {:>5.1}% {:>7} {:>7}",
@@ -423,7 +515,9 @@ pub fn render_cost_table(costs: &crate::cuda::cost::CostLog, measured: &[(String
 
 /// The SASS summary of a kernel family's kernel (the family name, or its bf16 or f32 variant).
 pub fn family_sass(family: &str) -> Option<&'static crate::cuda::sass::Kernel> {
-    [family.to_string(), format!("{family}_bf16"), format!("{family}_f32")].iter().find_map(|n| crate::kernels::sass_of(n))
+    [family.to_string(), format!("{family}_bf16"), format!("{family}_f32")]
+        .iter()
+        .find_map(|n| crate::kernels::sass_of(n))
 }
 
 impl PlanReport {
@@ -445,7 +539,13 @@ impl PlanReport {
         let mut s = format!("bench-plan: {}\n", self.device);
         s += &format!(
             "bench-plan: {:?} activations | {} pairs of {:?}, {} voxels/pair | FPN3d base {} x {} scales, projection {}\n",
-            self.activation_dtype, self.shape.pairs, self.shape.patch, self.shape.voxels_per_pair, self.model.fpn.base_channels, self.model.fpn.num_scales, self.model.proj_dim
+            self.activation_dtype,
+            self.shape.pairs,
+            self.shape.patch,
+            self.shape.voxels_per_pair,
+            self.model.fpn.base_channels,
+            self.model.fpn.num_scales,
+            self.model.proj_dim
         );
         s += &format!(
             "bench-plan: peak device memory {:.2} GiB in use, {:.2} GiB reserved; largest allocation {:.1} MiB\n",
@@ -459,8 +559,16 @@ impl PlanReport {
             self.floor_ms(),
             self.tensor_floor_ms()
         );
-        let sass = if crate::kernels::sass().is_empty() { " (no SASS in this build: issue times not counted; scripts/install-cuda.sh installs cuobjdump)" } else { "" };
-        s += &format!("bench-plan: estimate {:.2} ms/step on {} with issue time and launches counted{sass} (an estimate, not a measurement)\n", self.estimate_ms(), self.card);
+        let sass = if crate::kernels::sass().is_empty() {
+            " (no SASS in this build: issue times not counted; scripts/install-cuda.sh installs cuobjdump)"
+        } else {
+            ""
+        };
+        s += &format!(
+            "bench-plan: estimate {:.2} ms/step on {} with issue time and launches counted{sass} (an estimate, not a measurement)\n",
+            self.estimate_ms(),
+            self.card
+        );
         s += &render_cost_table(&self.costs, &[]);
         s
     }
@@ -584,7 +692,10 @@ fn infer_input(batch: usize, patch: [usize; 3], seed: u64) -> crate::tensor::Ten
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n = batch * patch.iter().product::<usize>();
-    crate::tensor::Tensor::from_f32(&[batch, patch[0], patch[1], patch[2], 1], (0..n).map(|_| rng.random::<f32>()).collect())
+    crate::tensor::Tensor::from_f32(
+        &[batch, patch[0], patch[1], patch[2], 1],
+        (0..n).map(|_| rng.random::<f32>()).collect(),
+    )
 }
 
 /// One eval-mode pyramid pass over `input`; returns once its results exist on the host side
@@ -600,7 +711,14 @@ fn infer_pass(model: &mut Vox2Vec, input: &crate::tensor::Tensor) -> Result<()> 
 
 /// Time `iters` eval-mode pyramid passes of `batch` windows of `patch` (after `warmup`
 /// untimed ones) with `model` where it lives, its activations stored as `activation_dtype`.
-pub fn bench_inference(model: &mut Vox2Vec, activation_dtype: DType, batch: usize, patch: [usize; 3], iters: usize, warmup: usize) -> Result<InferReport> {
+pub fn bench_inference(
+    model: &mut Vox2Vec,
+    activation_dtype: DType,
+    batch: usize,
+    patch: [usize; 3],
+    iters: usize,
+    warmup: usize,
+) -> Result<InferReport> {
     ensure!(iters >= 1 && batch >= 1, "bench-infer needs at least one pass of at least one window");
     let device = model.device();
     let dev = match device {
@@ -630,7 +748,14 @@ pub fn bench_inference(model: &mut Vox2Vec, activation_dtype: DType, batch: usiz
     }
     let (peak_bytes, peak_kind) = match &dev {
         Some(d) => (d.pool_stats().peak_in_use, "device memory in use (weights included)"),
-        None => (host_peak_memory().unwrap_or(0), if host_reset { "peak resident memory of the process during the passes" } else { "peak resident memory of the process since it started" }),
+        None => (
+            host_peak_memory().unwrap_or(0),
+            if host_reset {
+                "peak resident memory of the process during the passes"
+            } else {
+                "peak resident memory of the process since it started"
+            },
+        ),
     };
     let name = match &dev {
         Some(d) => format!("cuda:{} ({})", d.ordinal(), d.name()),
@@ -642,7 +767,12 @@ pub fn bench_inference(model: &mut Vox2Vec, activation_dtype: DType, batch: usiz
 /// `bench-infer --plan`: one eval-mode pyramid pass of `batch` windows on the plan device
 /// (nothing executes): peak device memory and every launch's declared cost, priced on an
 /// H200. Needs `crate::cuda::enable_plan_mode` first.
-pub fn plan_inference(model_config: ModelConfig, activation_dtype: DType, batch: usize, patch: [usize; 3]) -> Result<PlanReport> {
+pub fn plan_inference(
+    model_config: ModelConfig,
+    activation_dtype: DType,
+    batch: usize,
+    patch: [usize; 3],
+) -> Result<PlanReport> {
     ensure!(crate::cuda::planned(), "plan_inference needs the plan device (crate::cuda::enable_plan_mode)");
     let dev = crate::cuda::device(0)?;
     let mut model = Vox2Vec::new(model_config, 0);

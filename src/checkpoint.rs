@@ -31,7 +31,13 @@ enum Data {
 }
 
 /// Serialize `store` (and optionally the optimiser) to `path`, atomically.
-pub fn save(path: &Path, config: &ModelConfig, store: &ParamStore, adam: Option<&Adam>, extra: &[(&str, String)]) -> Result<()> {
+pub fn save(
+    path: &Path,
+    config: &ModelConfig,
+    store: &ParamStore,
+    adam: Option<&Adam>,
+    extra: &[(&str, String)],
+) -> Result<()> {
     let mut owned: Vec<(String, Vec<usize>, Data)> = Vec::new();
     for (i, s) in store.slots().iter().enumerate() {
         let shape = store.pytorch_shape(i);
@@ -43,10 +49,19 @@ pub fn save(path: &Path, config: &ModelConfig, store: &ParamStore, adam: Option<
         };
         owned.push((s.name.clone(), shape, data));
         if let Some(adam) = adam
-            && let Some((m, v)) = adam.moments_on_host(i)? {
-                owned.push((format!("optim.exp_avg.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, &m))));
-                owned.push((format!("optim.exp_avg_sq.{}", s.name), store.pytorch_shape(i), Data::F32(store.to_pytorch_f32(i, &v))));
-            }
+            && let Some((m, v)) = adam.moments_on_host(i)?
+        {
+            owned.push((
+                format!("optim.exp_avg.{}", s.name),
+                store.pytorch_shape(i),
+                Data::F32(store.to_pytorch_f32(i, &m)),
+            ));
+            owned.push((
+                format!("optim.exp_avg_sq.{}", s.name),
+                store.pytorch_shape(i),
+                Data::F32(store.to_pytorch_f32(i, &v)),
+            ));
+        }
     }
     // A diverged run must not replace a good checkpoint with NaN weights.
     for (name, _, data) in &owned {
@@ -91,7 +106,11 @@ pub fn save(path: &Path, config: &ModelConfig, store: &ParamStore, adam: Option<
 /// so nothing else in the file moves, and identical runs give identical files.
 fn sort_metadata_in_place(file: &Path) -> Result<()> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = fs::OpenOptions::new().read(true).write(true).open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .with_context(|| format!("opening {}", file.display()))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).with_context(|| format!("reading {}", file.display()))?;
     let n = u64::from_le_bytes(len) as usize;
@@ -100,7 +119,8 @@ fn sort_metadata_in_place(file: &Path) -> Result<()> {
     const KEY: &[u8] = b"\"__metadata__\":";
     let Some(at) = header.windows(KEY.len()).position(|w| w == KEY) else { return Ok(()) };
     let start = at + KEY.len();
-    let mut it = serde_json::Deserializer::from_slice(&header[start..]).into_iter::<std::collections::BTreeMap<String, String>>();
+    let mut it = serde_json::Deserializer::from_slice(&header[start..])
+        .into_iter::<std::collections::BTreeMap<String, String>>();
     let Some(Ok(sorted)) = it.next() else { return Ok(()) };
     let end = start + it.byte_offset();
     let text = serde_json::to_vec(&sorted)?;
@@ -136,10 +156,15 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     // The temporary name keeps the extension (writers such as NIfTI's choose gzip from it and
     // rewrite names with extra dots) and is unique per process and call.
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let ext = if name.ends_with(".nii.gz") { ".nii.gz".to_string() } else { path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default() };
+    let ext = if name.ends_with(".nii.gz") {
+        ".nii.gz".to_string()
+    } else {
+        path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default()
+    };
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp_dir = dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()));
-    fs::create_dir(&tmp_dir).with_context(|| format!("creating temporary folder {} (is {} writable?)", tmp_dir.display(), dir.display()))?;
+    fs::create_dir(&tmp_dir)
+        .with_context(|| format!("creating temporary folder {} (is {} writable?)", tmp_dir.display(), dir.display()))?;
     let tmp = tmp_dir.join(format!("file{ext}"));
     let result = (|| -> Result<()> {
         write(&tmp)?;
@@ -149,7 +174,8 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o666 & !process_umask())).with_context(|| format!("setting the permissions of {}", tmp.display()))?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o666 & !process_umask()))
+                .with_context(|| format!("setting the permissions of {}", tmp.display()))?;
         }
         let f = fs::File::open(&tmp).with_context(|| format!("opening {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
@@ -167,7 +193,9 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
 fn process_umask() -> u32 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok()))
+        })
         .unwrap_or(0o022)
 }
 
@@ -177,7 +205,8 @@ fn process_umask() -> u32 {
 pub fn injected_write_error(path: &Path) -> Result<()> {
     match std::env::var_os("VOX2VEC_INJECT_WRITE_ERROR") {
         Some(t) if !t.is_empty() && path.to_string_lossy().contains(&*t.to_string_lossy()) => {
-            Err(std::io::Error::from_raw_os_error(28)).with_context(|| format!("writing {} (injected by VOX2VEC_INJECT_WRITE_ERROR)", path.display()))
+            Err(std::io::Error::from_raw_os_error(28))
+                .with_context(|| format!("writing {} (injected by VOX2VEC_INJECT_WRITE_ERROR)", path.display()))
         }
         _ => Ok(()),
     }
@@ -258,7 +287,12 @@ pub fn load_exact(path: &Path, store: &mut ParamStore) -> Result<Loaded> {
     load_impl(path, store, None, false)
 }
 
-fn load_impl(path: &Path, store: &mut ParamStore, adam: Option<&mut Adam>, bare_keys_are_backbone: bool) -> Result<Loaded> {
+fn load_impl(
+    path: &Path,
+    store: &mut ParamStore,
+    adam: Option<&mut Adam>,
+    bare_keys_are_backbone: bool,
+) -> Result<Loaded> {
     let file = crate::weights::read(path, naming(bare_keys_are_backbone))?;
     load_file(file, store, adam)
 }
@@ -269,7 +303,13 @@ fn naming(bare_keys_are_backbone: bool) -> crate::weights::Naming {
 
 /// `load` (`bare_keys_are_backbone`) or `load_exact` on a safetensors file's bytes; `path` only
 /// names it in errors. The fuzz target's entry point (fuzz/fuzz_targets/checkpoint.rs).
-pub fn load_bytes(path: &Path, bytes: &[u8], store: &mut ParamStore, adam: Option<&mut Adam>, bare_keys_are_backbone: bool) -> Result<Loaded> {
+pub fn load_bytes(
+    path: &Path,
+    bytes: &[u8],
+    store: &mut ParamStore,
+    adam: Option<&mut Adam>,
+    bare_keys_are_backbone: bool,
+) -> Result<Loaded> {
     let file = crate::weights::from_safetensors(path, bytes, naming(bare_keys_are_backbone))?;
     load_file(file, store, adam)
 }
@@ -292,7 +332,11 @@ pub fn load_file(file: crate::weights::WeightsFile, store: &mut ParamStore, adam
             (false, false, e.name.clone())
         };
         let Some(slot) = store.find(&name) else {
-            bail!("{}: key {key} does not belong to this model (configuration {:?})", path.display(), metadata.get("model_config"));
+            bail!(
+                "{}: key {key} does not belong to this model (configuration {:?})",
+                path.display(),
+                metadata.get("model_config")
+            );
         };
         let shape = e.shape;
         let (f, i) = match e.values {
@@ -301,7 +345,11 @@ pub fn load_file(file: crate::weights::WeightsFile, store: &mut ParamStore, adam
         };
         if let Some(bad) = f.as_ref().and_then(|v| v.iter().position(|x| !x.is_finite())) {
             // A diverged run's weights: loading them would only train or predict NaN.
-            bail!("{}: {key} holds a non-finite value ({} at element {bad}); the checkpoint is refused", path.display(), f.as_ref().unwrap()[bad]);
+            bail!(
+                "{}: {key} holds a non-finite value ({} at element {bad}); the checkpoint is refused",
+                path.display(),
+                f.as_ref().unwrap()[bad]
+            );
         }
         if is_moment {
             if store.slots()[slot].kind != SlotKind::Trainable {
@@ -322,7 +370,11 @@ pub fn load_file(file: crate::weights::WeightsFile, store: &mut ParamStore, adam
         // Check shape and dtype before touching the store.
         let expect = store.pytorch_shape(*slot);
         if shape != &expect && !(shape.iter().product::<usize>() == 1 && expect.iter().product::<usize>() == 1) {
-            bail!("{}: {} has shape {shape:?}, this model expects {expect:?}", path.display(), store.slots()[*slot].name);
+            bail!(
+                "{}: {} has shape {shape:?}, this model expects {expect:?}",
+                path.display(),
+                store.slots()[*slot].name
+            );
         }
         if f.is_none() && store.slots()[*slot].kind != SlotKind::Counter {
             bail!("{}: {} must be floating point", path.display(), store.slots()[*slot].name);
@@ -331,7 +383,9 @@ pub fn load_file(file: crate::weights::WeightsFile, store: &mut ParamStore, adam
     }
     let loaded_keys = params.len();
     for (slot, shape, f, i) in params {
-        store.load_pytorch(slot, &shape, f.as_deref(), i.as_deref()).with_context(|| format!("loading {}", path.display()))?;
+        store
+            .load_pytorch(slot, &shape, f.as_deref(), i.as_deref())
+            .with_context(|| format!("loading {}", path.display()))?;
     }
     let step = metadata.get("step").and_then(|s| s.parse().ok());
     if let Some(adam) = adam {

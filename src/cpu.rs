@@ -196,7 +196,11 @@ pub fn par_build(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + 
 ///
 /// # Safety
 /// `f` must initialise every element of its chunk before returning.
-pub unsafe fn par_build_uninit(n: usize, chunk: usize, f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send) -> Vec<f32> {
+pub unsafe fn par_build_uninit(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(n);
     if n > 0 && n <= chunk {
         f(0, &mut v.spare_capacity_mut()[..n]); // one chunk: no fork
@@ -209,7 +213,12 @@ pub unsafe fn par_build_uninit(n: usize, chunk: usize, f: impl Fn(usize, &mut [s
 }
 
 /// `par_build` with per-thread scratch state made by `init` (as rayon's `for_each_init`).
-pub fn par_build_init<T>(n: usize, chunk: usize, init: impl Fn() -> T + Sync + Send, f: impl Fn(&mut T, usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+pub fn par_build_init<T>(
+    n: usize,
+    chunk: usize,
+    init: impl Fn() -> T + Sync + Send,
+    f: impl Fn(&mut T, usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
     // Zero bytes are the f32 0.0, so after write_bytes the chunk is initialised and may be
     // viewed as &mut [f32] (MaybeUninit<f32> has f32's layout).
     fn zeroed(c: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
@@ -224,7 +233,10 @@ pub fn par_build_init<T>(n: usize, chunk: usize, init: impl Fn() -> T + Sync + S
         // One chunk: no fork (a rayon dispatch costs more than a small tensor's work).
         f(&mut init(), 0, zeroed(&mut v.spare_capacity_mut()[..n]));
     } else if n > 0 {
-        v.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)).enumerate().for_each_init(init, |state, (i, c)| f(state, i, zeroed(c)));
+        v.spare_capacity_mut()[..n]
+            .par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each_init(init, |state, (i, c)| f(state, i, zeroed(c)));
     }
     // SAFETY: every element of 0..n was initialised by its chunk above.
     unsafe { v.set_len(n) };
@@ -282,7 +294,10 @@ pub fn retain_freed_memory() {
 /// for r < rows (≤ width) and c < cols; columns rows..width of the result are zero.
 pub fn transpose_padded(src: &[f32], rows: usize, cols: usize, stride: usize, width: usize) -> Vec<f32> {
     const T: usize = 16;
-    assert!(rows <= width && (rows == 0 || cols == 0 || (rows - 1) * stride + cols <= src.len()), "transpose_padded: bad sizes");
+    assert!(
+        rows <= width && (rows == 0 || cols == 0 || (rows - 1) * stride + cols <= src.len()),
+        "transpose_padded: bad sizes"
+    );
     let mut out = vec![0.0f32; cols * width];
     if width == 0 {
         return out;

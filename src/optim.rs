@@ -61,7 +61,9 @@ impl Adam {
             self.device = None;
             return Ok(());
         }
-        let up = |m: &Option<Vec<f32>>| -> Result<Option<Tensor>> { m.as_ref().map(|m| Tensor::from_f32(&[m.len()], m.clone()).to_device(device)).transpose() };
+        let up = |m: &Option<Vec<f32>>| -> Result<Option<Tensor>> {
+            m.as_ref().map(|m| Tensor::from_f32(&[m.len()], m.clone()).to_device(device)).transpose()
+        };
         let exp_avg = self.exp_avg.iter().map(up).collect::<Result<Vec<_>>>()?;
         let exp_avg_sq = self.exp_avg_sq.iter().map(up).collect::<Result<Vec<_>>>()?;
         self.device = Some(crate::cuda::optim::DeviceMoments { exp_avg, exp_avg_sq });
@@ -117,7 +119,12 @@ impl Adam {
                     .zip(m.par_chunks_mut(4096).zip(v.par_chunks_mut(4096)))
                     .zip(g.f32s().par_chunks(4096))
                     .for_each(|((p, (m, v)), g)| {
-                        for (((p, m), v), g) in p.chunks_mut(IDLE_RUN).zip(m.chunks_mut(IDLE_RUN)).zip(v.chunks_mut(IDLE_RUN)).zip(g.chunks(IDLE_RUN)) {
+                        for (((p, m), v), g) in p
+                            .chunks_mut(IDLE_RUN)
+                            .zip(m.chunks_mut(IDLE_RUN))
+                            .zip(v.chunks_mut(IDLE_RUN))
+                            .zip(g.chunks(IDLE_RUN))
+                        {
                             if skip_idle && idle(g, m, v) {
                                 continue;
                             }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use anyhow::{Result, bail, ensure};
 use rand::Rng;
 
-use crate::tensor::{Tensor, ncxyz_to_nxyzc, nxyzc_to_ncxyz, numel};
+use crate::tensor::{Tensor, ncxyz_to_nxyzc, numel, nxyzc_to_ncxyz};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotKind {
@@ -48,7 +48,11 @@ pub struct ParamStore {
 impl Default for ParamStore {
     fn default() -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        ParamStore { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), slots: Vec::new(), index: HashMap::new() }
+        ParamStore {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            slots: Vec::new(),
+            index: HashMap::new(),
+        }
     }
 }
 
@@ -127,7 +131,11 @@ impl ParamStore {
 
     /// Number of trainable values whose name starts with `prefix`.
     pub fn count_trainable(&self, prefix: &str) -> usize {
-        self.slots.iter().filter(|s| s.kind == SlotKind::Trainable && s.name.starts_with(prefix)).map(|s| s.value.numel()).sum()
+        self.slots
+            .iter()
+            .filter(|s| s.kind == SlotKind::Trainable && s.name.starts_with(prefix))
+            .map(|s| s.value.numel())
+            .sum()
     }
 
     /// The slot's shape as PyTorch sees it.
@@ -165,10 +173,19 @@ impl ParamStore {
     }
 
     /// Replace a slot's value from PyTorch-layout data, checking the shape.
-    pub fn load_pytorch(&mut self, slot: usize, shape: &[usize], f32s: Option<&[f32]>, i64s: Option<&[i64]>) -> Result<()> {
+    pub fn load_pytorch(
+        &mut self,
+        slot: usize,
+        shape: &[usize],
+        f32s: Option<&[f32]>,
+        i64s: Option<&[i64]>,
+    ) -> Result<()> {
         let expect = self.pytorch_shape(slot);
         let name = &self.slots[slot].name;
-        ensure!(shape == expect.as_slice() || (numel(shape) == 1 && numel(&expect) == 1), "{name}: shape {shape:?}, this model expects {expect:?}");
+        ensure!(
+            shape == expect.as_slice() || (numel(shape) == 1 && numel(&expect) == 1),
+            "{name}: shape {shape:?}, this model expects {expect:?}"
+        );
         let kind = self.slots[slot].kind;
         let internal = self.slots[slot].value.shape().to_vec();
         let value = match (kind, f32s, i64s) {

@@ -78,7 +78,11 @@ pub fn write_panels_png(path: &Path, panels: &[Panel]) -> Result<()> {
 }
 
 /// One line plot into `area`.
-fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, title: &str, series: &[(&str, &[(f64, f64)])]) -> Result<()> {
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    series: &[(&str, &[(f64, f64)])],
+) -> Result<()> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("drawing the plot {title:?}: {e}");
     // Data range over all usable points.
     let (mut xlo, mut xhi, mut ylo, mut yhi) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
@@ -190,15 +194,25 @@ pub fn write_image_grid_png(path: &Path, title: &str, tiles: &[Tile], columns: u
     let columns = columns.max(1);
     let rows = tiles.len().div_ceil(columns).max(1);
     let (gap, caption_h, title_h) = (8usize, 22usize, 34usize);
-    let col_w: Vec<usize> = (0..columns).map(|c| tiles.iter().skip(c).step_by(columns).map(|t| t.width).max().unwrap_or(0)).collect();
-    let row_h: Vec<usize> = (0..rows).map(|r| tiles.iter().skip(r * columns).take(columns).map(|t| t.height).max().unwrap_or(0)).collect();
+    let col_w: Vec<usize> =
+        (0..columns).map(|c| tiles.iter().skip(c).step_by(columns).map(|t| t.width).max().unwrap_or(0)).collect();
+    let row_h: Vec<usize> =
+        (0..rows).map(|r| tiles.iter().skip(r * columns).take(columns).map(|t| t.height).max().unwrap_or(0)).collect();
     // Wide enough for the title (DejaVu Sans at 18 px: about 9 px a character).
-    let width = (col_w.iter().sum::<usize>() + gap * (columns + 1)).max(title.chars().take(120).count() * 9 + 2 * gap).max(200);
+    let width =
+        (col_w.iter().sum::<usize>() + gap * (columns + 1)).max(title.chars().take(120).count() * 9 + 2 * gap).max(200);
     let height = title_h + row_h.iter().map(|h| h + caption_h + gap).sum::<usize>() + gap;
     let mut px = vec![255u8; width * height * 3];
     let mut origins = Vec::with_capacity(tiles.len());
     for (i, t) in tiles.iter().enumerate() {
-        anyhow::ensure!(t.rgb.len() == t.width * t.height * 3, "image {:?}: {} bytes for {}x{} RGB", t.caption, t.rgb.len(), t.width, t.height);
+        anyhow::ensure!(
+            t.rgb.len() == t.width * t.height * 3,
+            "image {:?}: {} bytes for {}x{} RGB",
+            t.caption,
+            t.rgb.len(),
+            t.width,
+            t.height
+        );
         let (r, c) = (i / columns, i % columns);
         let x0 = gap + col_w[..c].iter().map(|w| w + gap).sum::<usize>();
         let y0 = title_h + row_h[..r].iter().map(|h| h + caption_h + gap).sum::<usize>() + caption_h;
@@ -206,10 +220,14 @@ pub fn write_image_grid_png(path: &Path, title: &str, tiles: &[Tile], columns: u
     }
     {
         let root = BitMapBackend::with_buffer(&mut px, (width as u32, height as u32)).into_drawing_area();
-        let text = |s: &str, x: usize, y: usize, size: u32| root.draw(&Text::new(s.to_string(), (x as i32, y as i32), (FONT, size).into_font().color(&BLACK.to_rgba())));
-        text(&title.chars().take(120).collect::<String>(), gap, 8, 18).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+        let text = |s: &str, x: usize, y: usize, size: u32| {
+            root.draw(&Text::new(s.to_string(), (x as i32, y as i32), (FONT, size).into_font().color(&BLACK.to_rgba())))
+        };
+        text(&title.chars().take(120).collect::<String>(), gap, 8, 18)
+            .map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
         for (t, &(x0, y0)) in tiles.iter().zip(&origins) {
-            text(&t.caption.chars().take(60).collect::<String>(), x0, y0 - caption_h + 3, 14).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+            text(&t.caption.chars().take(60).collect::<String>(), x0, y0 - caption_h + 3, 14)
+                .map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
         }
         root.present().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
     }
@@ -265,12 +283,16 @@ fn usable(v: f64) -> bool {
     v.is_finite() && v.abs() <= MAX_ABS
 }
 
-
 /// An RGB picture written through `checkpoint::write_atomic_with`: a temporary in a recognisable
 /// folder beside `path` (removed on error, and by `remove_stale_temp_files` after a kill),
 /// synced and renamed over `path`. The folder must exist (a run's): it is not created.
 pub fn write_rgb_png(path: &Path, width: usize, height: usize, px: &[u8]) -> Result<()> {
-    anyhow::ensure!(px.len() == width * height * 3, "{}: {} bytes for a {width}x{height} RGB picture", path.display(), px.len());
+    anyhow::ensure!(
+        px.len() == width * height * 3,
+        "{}: {} bytes for a {width}x{height} RGB picture",
+        path.display(),
+        px.len()
+    );
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     anyhow::ensure!(dir.is_dir(), "cannot write {}: the folder {} does not exist", path.display(), dir.display());
     crate::checkpoint::write_atomic_with(path, |tmp| {
@@ -280,7 +302,8 @@ pub fn write_rgb_png(path: &Path, width: usize, height: usize, px: &[u8]) -> Res
             let mut enc = png::Encoder::new(&mut w, width as u32, height as u32);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
-            let mut writer = enc.write_header().with_context(|| format!("writing the PNG header of {}", path.display()))?;
+            let mut writer =
+                enc.write_header().with_context(|| format!("writing the PNG header of {}", path.display()))?;
             writer.write_image_data(px).with_context(|| format!("writing {}", path.display()))?;
             writer.finish().with_context(|| format!("writing {}", path.display()))?;
         }
@@ -317,7 +340,8 @@ mod tests {
         let dir = temp_dir("falling");
         let path = dir.join("loss.png");
         let train: Vec<(f64, f64)> = (0..500).map(|i| (i as f64, 6.0 * (-(i as f64) / 120.0).exp() + 0.3)).collect();
-        let val: Vec<(f64, f64)> = (0..10).map(|i| (i as f64 * 50.0, 6.5 * (-(i as f64) * 50.0 / 140.0).exp() + 0.5)).collect();
+        let val: Vec<(f64, f64)> =
+            (0..10).map(|i| (i as f64 * 50.0, 6.5 * (-(i as f64) * 50.0 / 140.0).exp() + 0.5)).collect();
         write_curve_png(&path, "vox2vec pretraining loss", &[("train", &train), ("val", &val)]).unwrap();
         let (w, h, ct, rgb) = read_png(&path);
         assert_eq!((w, h, ct), (800, 500, png::ColorType::Rgb));
@@ -365,7 +389,10 @@ mod tests {
             ("single point", vec![vec![(3.0, 2.5)]]),
             ("constant y", vec![(0..50).map(|i| (i as f64, 1.0)).collect()]),
             ("constant zero", vec![vec![(0.0, 0.0), (0.0, 0.0)]]),
-            ("nan and inf", vec![vec![(0.0, 1.0), (1.0, nan), (2.0, inf), (nan, 0.5), (4.0, 0.4), (5.0, 0.3), (6.0, -inf)]]),
+            (
+                "nan and inf",
+                vec![vec![(0.0, 1.0), (1.0, nan), (2.0, inf), (nan, 0.5), (4.0, 0.4), (5.0, 0.3), (6.0, -inf)]],
+            ),
             ("all nan", vec![vec![(nan, nan), (inf, -inf)]]),
             ("huge", vec![vec![(0.0, 1e300), (1.0, -1e300), (2.0, 1e90), (3.0, -1e90)]]),
             ("tiny", vec![vec![(0.0, 1e-12), (1e-9, 3e-12)]]),
@@ -373,8 +400,10 @@ mod tests {
             ("many", (0..12).map(|k| vec![(0.0, k as f64), (1.0, k as f64 * 0.5)]).collect()),
         ];
         for (k, (title, data)) in cases.iter().enumerate() {
-            let names: Vec<String> = (0..data.len()).map(|i| format!("series {i} with a rather long name ~{{}}")).collect();
-            let series: Vec<(&str, &[(f64, f64)])> = names.iter().map(|n| n.as_str()).zip(data.iter().map(|d| d.as_slice())).collect();
+            let names: Vec<String> =
+                (0..data.len()).map(|i| format!("series {i} with a rather long name ~{{}}")).collect();
+            let series: Vec<(&str, &[(f64, f64)])> =
+                names.iter().map(|n| n.as_str()).zip(data.iter().map(|d| d.as_slice())).collect();
             let path = dir.join(format!("case{k}.png"));
             write_curve_png(&path, title, &series).unwrap();
             let (w, h, _, rgb) = read_png(&path);

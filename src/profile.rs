@@ -45,7 +45,14 @@ pub fn report() -> String {
     let total: Duration = rows.iter().map(|r| r.1.1).sum();
     let mut s = format!("{:<28} {:<34} {:>7} {:>10} {:>6}\n", "op", "shape", "calls", "total ms", "%");
     for ((op, detail), (n, d)) in rows {
-        s += &format!("{:<28} {:<34} {:>7} {:>10.1} {:>6.1}\n", op, detail, n, d.as_secs_f64() * 1e3, 100.0 * d.as_secs_f64() / total.as_secs_f64().max(1e-12));
+        s += &format!(
+            "{:<28} {:<34} {:>7} {:>10.1} {:>6.1}\n",
+            op,
+            detail,
+            n,
+            d.as_secs_f64() * 1e3,
+            100.0 * d.as_secs_f64() / total.as_secs_f64().max(1e-12)
+        );
     }
     s
 }

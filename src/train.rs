@@ -47,11 +47,23 @@ pub fn pretrain_step(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch) ->
 /// statistics copied to this rank first, the gradients averaged over the ranks before the
 /// clip and Adam, and the logged loss and signal averaged too (so every rank takes the same
 /// skip decision on a non-finite step). With one rank it is `pretrain_step`, bit for bit.
-pub fn pretrain_step_ranked(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, comm: &mut dyn Communicator) -> Result<StepStats> {
+pub fn pretrain_step_ranked(
+    model: &mut Vox2Vec,
+    adam: &mut Adam,
+    batch: &PairBatch,
+    comm: &mut dyn Communicator,
+) -> Result<StepStats> {
     if comm.world() > 1 {
         broadcast_slots(model, comm, |k| k == crate::params::SlotKind::RunningStat)?;
     }
-    let state: Vec<(usize, Tensor)> = model.store.slots().iter().enumerate().filter(|(_, s)| s.kind != crate::params::SlotKind::Trainable).map(|(i, s)| (i, s.value.clone())).collect();
+    let state: Vec<(usize, Tensor)> = model
+        .store
+        .slots()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.kind != crate::params::SlotKind::Trainable)
+        .map(|(i, s)| (i, s.value.clone()))
+        .collect();
     let stats = pretrain_step_unguarded(model, adam, batch, comm)?;
     if !stats.finite() {
         for (i, t) in state {
@@ -61,11 +73,17 @@ pub fn pretrain_step_ranked(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBa
     Ok(stats)
 }
 
-fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, comm: &mut dyn Communicator) -> Result<StepStats> {
+fn pretrain_step_unguarded(
+    model: &mut Vox2Vec,
+    adam: &mut Adam,
+    batch: &PairBatch,
+    comm: &mut dyn Communicator,
+) -> Result<StepStats> {
     if let Device::Cuda(ordinal) = model.device() {
         let stats = if comm.name() == "single" {
             // One rank: the step's ~1,700 calls run as one CUDA graph (`cuda::graph`).
-            crate::cuda::device(ordinal)?.graphed(PRETRAIN_GRAPH, || pretrain_step_cuda_ranked(model, adam, batch, ordinal, comm))?
+            crate::cuda::device(ordinal)?
+                .graphed(PRETRAIN_GRAPH, || pretrain_step_cuda_ranked(model, adam, batch, ordinal, comm))?
         } else {
             // NCCL's all-reduces overlap the backward on a second stream (even with one rank):
             // issued one by one.
@@ -77,9 +95,12 @@ fn pretrain_step_unguarded(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBat
         return average_stats(comm, StepStats { loss, grad_norm: norm, signal: stats.signal.read()? });
     }
     let g = Graph::train();
-    let out = crate::profile::time("step: forward (both views)", String::new, || model.forward_pairs(&g, batch, false))?;
+    let out =
+        crate::profile::time("step: forward (both views)", String::new, || model.forward_pairs(&g, batch, false))?;
     let loss = out.loss.value.to_scalar() as f64;
-    let signal = crate::profile::time("step: learning signal", String::new, || crate::ops::infonce::signal(&out.embeds_1.value, &out.embeds_2.value))?;
+    let signal = crate::profile::time("step: learning signal", String::new, || {
+        crate::ops::infonce::signal(&out.embeds_1.value, &out.embeds_2.value)
+    })?;
     drop(out.pyramid_1);
     // The gradients, averaged over the ranks bucket by bucket during the backward.
     let per_slot = crate::dist::buckets::backward_averaged(&g, &out.loss, &model.store, comm)?;
@@ -105,16 +126,30 @@ pub struct DeviceStepStats {
 /// `pretrain_step` on a CUDA device, without reading anything back: forward, backward, the
 /// global norm and clip coefficient, and the fused Adam update are all queued on the
 /// device's stream. Adam's moments must be on the device (`Adam::to_device`).
-pub fn pretrain_step_cuda(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, ordinal: usize) -> Result<DeviceStepStats> {
+pub fn pretrain_step_cuda(
+    model: &mut Vox2Vec,
+    adam: &mut Adam,
+    batch: &PairBatch,
+    ordinal: usize,
+) -> Result<DeviceStepStats> {
     pretrain_step_cuda_ranked(model, adam, batch, ordinal, &mut crate::dist::Single)
 }
 
 /// `pretrain_step_cuda` as one rank: the gradients averaged by the communicator (NCCL) on
 /// the device's stream between the backward and the clip.
-pub fn pretrain_step_cuda_ranked(model: &mut Vox2Vec, adam: &mut Adam, batch: &PairBatch, ordinal: usize, comm: &mut dyn Communicator) -> Result<DeviceStepStats> {
+pub fn pretrain_step_cuda_ranked(
+    model: &mut Vox2Vec,
+    adam: &mut Adam,
+    batch: &PairBatch,
+    ordinal: usize,
+    comm: &mut dyn Communicator,
+) -> Result<DeviceStepStats> {
     use crate::cuda::nvtx_range;
     let dev = crate::cuda::device(ordinal)?;
-    anyhow::ensure!(adam.device.is_some(), "the model is on cuda:{ordinal} but Adam's moments are not (Adam::to_device)");
+    anyhow::ensure!(
+        adam.device.is_some(),
+        "the model is on cuda:{ordinal} but Adam's moments are not (Adam::to_device)"
+    );
     let g = Graph::train();
     let range = nvtx_range("forward");
     let out = model.forward_pairs(&g, batch, false)?;
@@ -146,14 +181,30 @@ fn average_stats(comm: &mut dyn Communicator, s: StepStats) -> Result<StepStats>
     let mut v = [s.loss as f32, s.signal.top1 as f32, s.signal.pos_sim as f32, s.signal.neg_sim as f32];
     comm.all_reduce_sum(&mut v)?;
     let m = |x: f32| (x / world as f32) as f64;
-    Ok(StepStats { loss: m(v[0]), grad_norm: s.grad_norm, signal: Signal { top1: m(v[1]), pos_sim: m(v[2]), neg_sim: m(v[3]) } })
+    Ok(StepStats {
+        loss: m(v[0]),
+        grad_norm: s.grad_norm,
+        signal: Signal { top1: m(v[1]), pos_sim: m(v[2]), neg_sim: m(v[3]) },
+    })
 }
 
 /// Rank 0's values of the f32 slots of the kinds `which` accepts, copied to every rank.
-pub fn broadcast_slots(model: &mut Vox2Vec, comm: &mut dyn Communicator, which: impl Fn(crate::params::SlotKind) -> bool) -> Result<()> {
-    let slots: Vec<usize> = model.store.slots().iter().enumerate().filter(|(_, s)| which(s.kind) && s.value.dtype() == crate::tensor::DType::F32).map(|(i, _)| i).collect();
+pub fn broadcast_slots(
+    model: &mut Vox2Vec,
+    comm: &mut dyn Communicator,
+    which: impl Fn(crate::params::SlotKind) -> bool,
+) -> Result<()> {
+    let slots: Vec<usize> = model
+        .store
+        .slots()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| which(s.kind) && s.value.dtype() == crate::tensor::DType::F32)
+        .map(|(i, _)| i)
+        .collect();
     if model.store.device() != Device::Cpu {
-        let bufs: Vec<(u64, usize)> = slots.iter().map(|&i| (model.store.get(i).ptr(), model.store.get(i).numel())).collect();
+        let bufs: Vec<(u64, usize)> =
+            slots.iter().map(|&i| (model.store.get(i).ptr(), model.store.get(i).numel())).collect();
         return comm.broadcast_device(&bufs, 0);
     }
     let mut flat: Vec<f32> = slots.iter().flat_map(|&i| model.store.get(i).f32s().to_vec()).collect();
@@ -201,7 +252,10 @@ pub const CPU_FIXED_BYTES: f64 = 0.95e9;
 pub fn estimate_cpu_step(batch: BatchShape, fpn: crate::model::FpnConfig, threads: usize) -> CpuStepEstimate {
     let voxels = 2.0 * batch.pairs as f64 * batch.patch.iter().product::<usize>() as f64;
     let width = fpn.base_channels as f64 / 16.0;
-    CpuStepEstimate { bytes: CPU_FIXED_BYTES + 2050.0 * width * voxels, seconds: 10.0 * (voxels / 1e6) * width * 2.0 / threads.max(1) as f64 }
+    CpuStepEstimate {
+        bytes: CPU_FIXED_BYTES + 2050.0 * width * voxels,
+        seconds: 10.0 * (voxels / 1e6) * width * 2.0 / threads.max(1) as f64,
+    }
 }
 
 /// MemAvailable of /proc/meminfo in bytes (None where there is no such file).
@@ -249,22 +303,26 @@ pub fn synthetic_batch(shape: BatchShape, seed: u64, index: u64) -> PairBatch {
             }
             s
         };
-        let o1: [usize; 3] = [rng.random_range(0..=shift[0]), rng.random_range(0..=shift[1]), rng.random_range(0..=shift[2])];
-        let o2: [usize; 3] = [rng.random_range(0..=shift[0]), rng.random_range(0..=shift[1]), rng.random_range(0..=shift[2])];
+        let o1: [usize; 3] =
+            [rng.random_range(0..=shift[0]), rng.random_range(0..=shift[1]), rng.random_range(0..=shift[2])];
+        let o2: [usize; 3] =
+            [rng.random_range(0..=shift[0]), rng.random_range(0..=shift[1]), rng.random_range(0..=shift[2])];
         for (dst, o) in [(&mut x1, o1), (&mut x2, o2)] {
             let gain = rng.random_range(0.8..1.2f32);
             for x in 0..px {
                 for y in 0..py {
                     for z in 0..pz {
                         let noise = rng.random_range(-0.02..0.02f32);
-                        dst[p * sp + (x * py + y) * pz + z] = (value(x + o[0], y + o[1], z + o[2]) * gain + noise).clamp(0.0, 1.0);
+                        dst[p * sp + (x * py + y) * pz + z] =
+                            (value(x + o[0], y + o[1], z + o[2]) * gain + noise).clamp(0.0, 1.0);
                     }
                 }
             }
         }
         for _ in 0..shape.voxels_per_pair {
             // A volume voxel inside both crops.
-            let w: Vec<usize> = (0..3).map(|a| rng.random_range(o1[a].max(o2[a])..(o1[a].min(o2[a]) + shape.patch[a]))).collect();
+            let w: Vec<usize> =
+                (0..3).map(|a| rng.random_range(o1[a].max(o2[a])..(o1[a].min(o2[a]) + shape.patch[a]))).collect();
             batch_index.push(p as i64);
             voxels_1.extend((0..3).map(|a| (w[a] - o1[a]) as i64));
             voxels_2.extend((0..3).map(|a| (w[a] - o2[a]) as i64));
@@ -385,7 +443,8 @@ pub fn online_probe(model: &mut Vox2Vec, p: &OnlineProbe, step: u64) -> Result<V
     let mut store = crate::params::ParamStore::new();
     let head = Head::new(HeadKind::Linear, &mut store, step, model.config.fpn, k);
     let cfg = crate::eval::segment::SegConfig { validate_every: p.config.steps, ..p.config.clone() };
-    let res = train_segmentation(model, &head, &mut store, &train, &val, k, Mode::Probe, &cfg, &|_| {}, &mut |_, _| Ok(()))?;
+    let res =
+        train_segmentation(model, &head, &mut store, &train, &val, k, Mode::Probe, &cfg, &|_| {}, &mut |_, _| Ok(()))?;
     Ok(res.best_dice)
 }
 
@@ -395,14 +454,20 @@ pub enum BatchSource {
     /// `synthetic_batch`: smooth random blobs, no CT (tests, benchmarks).
     SyntheticPairs(BatchShape),
     /// Volumes (cached CTs or phantoms) through the sampler and a threaded loader.
-    Volumes { volumes: std::sync::Arc<dyn crate::data::loader::VolumeSet>, sampler: crate::data::sampler::SamplerConfig, workers: usize },
+    Volumes {
+        volumes: std::sync::Arc<dyn crate::data::loader::VolumeSet>,
+        sampler: crate::data::sampler::SamplerConfig,
+        workers: usize,
+    },
 }
 
 impl std::fmt::Debug for BatchSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BatchSource::SyntheticPairs(s) => write!(f, "SyntheticPairs({s:?})"),
-            BatchSource::Volumes { volumes, sampler, workers } => write!(f, "Volumes({} volumes, {sampler:?}, {workers} workers)", volumes.len()),
+            BatchSource::Volumes { volumes, sampler, workers } => {
+                write!(f, "Volumes({} volumes, {sampler:?}, {workers} workers)", volumes.len())
+            }
         }
     }
 }
@@ -430,7 +495,12 @@ pub fn truncate_metrics(path: &std::path::Path, through: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let keep: Vec<&str> = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= through))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= through)
+        })
         .collect();
     if keep.len() == text.lines().count() && (text.is_empty() || text.ends_with('\n')) {
         return Ok(());
@@ -439,7 +509,8 @@ pub fn truncate_metrics(path: &std::path::Path, through: u64) -> Result<()> {
     if !out.is_empty() {
         out.push('\n');
     }
-    crate::checkpoint::write_atomic(path, out.as_bytes()).with_context(|| format!("truncating {} to step {through}", path.display()))
+    crate::checkpoint::write_atomic(path, out.as_bytes())
+        .with_context(|| format!("truncating {} to step {through}", path.display()))
 }
 
 /// Draw `out_dir/loss.png` from the run's whole `metrics.jsonl` (resumed parts included),
@@ -449,8 +520,11 @@ pub fn truncate_metrics(path: &std::path::Path, through: u64) -> Result<()> {
 pub fn write_loss_curve(out_dir: &std::path::Path) -> Result<()> {
     use anyhow::Context;
     let text = std::fs::read_to_string(out_dir.join(METRICS_FILE)).context("reading metrics")?;
-    let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect();
-    let series = |key: &str| -> Vec<(f64, f64)> { lines.iter().filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?))).collect() };
+    let lines: Vec<serde_json::Value> =
+        text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect();
+    let series = |key: &str| -> Vec<(f64, f64)> {
+        lines.iter().filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?))).collect()
+    };
     let moving = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
         (0..pts.len())
             .map(|i| {
@@ -460,7 +534,8 @@ pub fn write_loss_curve(out_dir: &std::path::Path) -> Result<()> {
             .collect()
     };
     let (loss, top1, pos, neg) = (series("loss"), series("top1"), series("pos_sim"), series("neg_sim"));
-    let (vloss, vtop1, vpos, vneg) = (series("val_loss"), series("val_top1"), series("val_pos_sim"), series("val_neg_sim"));
+    let (vloss, vtop1, vpos, vneg) =
+        (series("val_loss"), series("val_top1"), series("val_pos_sim"), series("val_neg_sim"));
     let (loss_avg, top1_avg) = (moving(&loss), moving(&top1));
     let mut p_loss: Vec<(&str, &[(f64, f64)])> = vec![("loss", &loss), ("mean of 20", &loss_avg)];
     let mut p_top1: Vec<(&str, &[(f64, f64)])> = vec![("top-1", &top1), ("mean of 20", &top1_avg)];
@@ -472,13 +547,21 @@ pub fn write_loss_curve(out_dir: &std::path::Path) -> Result<()> {
     }
     crate::plot::write_panels_png(
         &out_dir.join(LOSS_CURVE_FILE),
-        &[("InfoNCE loss", &p_loss), ("contrastive top-1 accuracy", &p_top1), ("mean cosine similarity of pairs", &p_sim)],
+        &[
+            ("InfoNCE loss", &p_loss),
+            ("contrastive top-1 accuracy", &p_top1),
+            ("mean cosine similarity of pairs", &p_sim),
+        ],
     )
 }
 
 /// One line of `metrics.jsonl` (appended and flushed; a failed write names the file).
 /// Appends `line` to metrics.jsonl (rank 0; other ranks hold no file and log nothing).
-fn append_metric(metrics: &mut Option<std::fs::File>, out_dir: &std::path::Path, line: &serde_json::Value) -> Result<()> {
+fn append_metric(
+    metrics: &mut Option<std::fs::File>,
+    out_dir: &std::path::Path,
+    line: &serde_json::Value,
+) -> Result<()> {
     use anyhow::Context;
     use std::io::Write;
     let Some(metrics) = metrics else { return Ok(()) };
@@ -518,9 +601,13 @@ pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Resu
 /// `dist::rank_seed`, every rank starting from rank 0's weights, gradients averaged every
 /// step; rank 0 alone writes the checkpoint, metrics and pictures into `out_dir`, and a stop
 /// signal on any rank stops all of them after the same step.
-pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, comm: &mut dyn Communicator) -> Result<Vox2Vec> {
-    use anyhow::{Context, bail};
+pub fn run_pretraining_ranked(
+    opts: &TrainOptions,
+    progress: &mut dyn Progress,
+    comm: &mut dyn Communicator,
+) -> Result<Vox2Vec> {
     use crate::checkpoint;
+    use anyhow::{Context, bail};
     let (rank, world) = (comm.rank(), comm.world());
     let lead = rank == 0;
     let data_seed = crate::dist::rank_seed(opts.seed, rank);
@@ -537,7 +624,8 @@ pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, 
         let loaded = checkpoint::load(&path, &mut model.store, Some(&mut adam))?;
         if let Some(cfg) = loaded.metadata.get("model_config") {
             let want = checkpoint::config_to_json(&opts.model);
-            let a: serde_json::Value = serde_json::from_str(cfg).with_context(|| format!("{}: bad model_config", path.display()))?;
+            let a: serde_json::Value =
+                serde_json::from_str(cfg).with_context(|| format!("{}: bad model_config", path.display()))?;
             let b: serde_json::Value = serde_json::from_str(&want)?;
             if a != b {
                 bail!("{}: checkpoint model {a} differs from the requested model {b}", path.display());
@@ -547,19 +635,33 @@ pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, 
         for key in [crate::eval::recorded::SPACING, crate::eval::recorded::WINDOW] {
             let want = opts.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v);
             if let (Some(had), Some(want)) = (loaded.metadata.get(key), want)
-                && had != want {
-                    bail!("{}: checkpoint was trained with {key} {had}, this run asks for {want}; resume with the same setting or start a new run in another --out", path.display());
-                }
+                && had != want
+            {
+                bail!(
+                    "{}: checkpoint was trained with {key} {had}, this run asks for {want}; resume with the same setting or start a new run in another --out",
+                    path.display()
+                );
+            }
         }
         // A published backbone alone (a PyTorch FPN3d state_dict, no step): pretraining goes on
         // from it with a new projection head, as the reference's head is discarded after training.
-        let backbone_only = loaded.step.is_none() && !loaded.missing.is_empty() && loaded.missing.iter().all(|k| k.starts_with(crate::model::HEAD_PREFIX));
+        let backbone_only = loaded.step.is_none()
+            && !loaded.missing.is_empty()
+            && loaded.missing.iter().all(|k| k.starts_with(crate::model::HEAD_PREFIX));
         if backbone_only {
             progress.message(&format!("initialised the backbone from {}; its projection head is not in the file and starts from random weights (seed {}), Adam from step 0", path.display(), opts.seed));
         } else if !loaded.missing.is_empty() {
-            bail!("{}: checkpoint lacks {} model tensors (first: {})", path.display(), loaded.missing.len(), loaded.missing[0]);
+            bail!(
+                "{}: checkpoint lacks {} model tensors (first: {})",
+                path.display(),
+                loaded.missing.len(),
+                loaded.missing[0]
+            );
         } else if loaded.step.is_none() {
-            progress.message(&format!("initialised the model from {} (a file without optimiser state): Adam from step 0", path.display()));
+            progress.message(&format!(
+                "initialised the model from {} (a file without optimiser state): Adam from step 0",
+                path.display()
+            ));
         } else {
             progress.message(&format!("resumed from {} at step {}", path.display(), adam.step));
         }
@@ -576,7 +678,12 @@ pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, 
         let mut steps = [adam.step as f32];
         comm.all_reduce_sum(&mut steps).context("comparing the ranks' starting steps")?;
         if steps[0] != adam.step as f32 * world as f32 {
-            bail!("rank {rank} starts at step {} but the ranks' steps sum to {}: every rank must see the same checkpoint in {} (a shared file system) or none", adam.step, steps[0], opts.out_dir.display());
+            bail!(
+                "rank {rank} starts at step {} but the ranks' steps sum to {}: every rank must see the same checkpoint in {} (a shared file system) or none",
+                adam.step,
+                steps[0],
+                opts.out_dir.display()
+            );
         }
         broadcast_slots(&mut model, comm, |_| true).context("copying rank 0's weights to every rank")?;
     }
@@ -585,7 +692,10 @@ pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, 
         std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
         let stale = checkpoint::remove_stale_temp_files(&opts.out_dir)?;
         if stale > 0 {
-            progress.message(&format!("removed {stale} temporary file(s) left in {} by an interrupted run", opts.out_dir.display()));
+            progress.message(&format!(
+                "removed {stale} temporary file(s) left in {} by an interrupted run",
+                opts.out_dir.display()
+            ));
         }
         // The metrics of steps after the checkpoint (a run killed after its last checkpoint) are
         // dropped, so that no step appears twice once this run writes them again.
@@ -602,13 +712,21 @@ pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, 
     if let Some(dir) = opts.dump_batches.as_ref().filter(|_| lead) {
         // The weights the dumped batches start from (PyTorch state_dict keys and layouts).
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        checkpoint::save(&dir.join(format!("weights_step_{start:06}.safetensors")), &model.config, &model.store, Some(&adam), &[])?;
+        checkpoint::save(
+            &dir.join(format!("weights_step_{start:06}.safetensors")),
+            &model.config,
+            &model.store,
+            Some(&adam),
+            &[],
+        )?;
     }
     let mut skipped = 0u64;
     progress.start(start, opts.steps);
     let mut meta: Vec<(&str, String)> = vec![("seed", opts.seed.to_string())];
     meta.extend(opts.metadata.iter().map(|(k, v)| (k.as_str(), v.clone())));
-    let save = |model: &Vox2Vec, adam: &Adam| if lead { checkpoint::save(&ckpt_path, &model.config, &model.store, Some(adam), &meta) } else { Ok(()) };
+    let save = |model: &Vox2Vec, adam: &Adam| {
+        if lead { checkpoint::save(&ckpt_path, &model.config, &model.store, Some(adam), &meta) } else { Ok(()) }
+    };
     let mut loader = match &opts.data {
         BatchSource::Volumes { volumes, sampler, workers } => {
             Some(crate::data::loader::Loader::new(volumes.clone(), *sampler, data_seed, start, *workers, 2 * workers)?)
@@ -631,7 +749,8 @@ pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, 
             dump_batch(dir, step + 1, &batch)?;
         }
         let t0 = std::time::Instant::now();
-        let stats = pretrain_step_ranked(&mut model, &mut adam, &batch, comm).with_context(|| format!("step {}", step + 1))?;
+        let stats =
+            pretrain_step_ranked(&mut model, &mut adam, &batch, comm).with_context(|| format!("step {}", step + 1))?;
         if stats.finite() {
             let line = serde_json::json!({
                 "step": step + 1,
@@ -649,7 +768,11 @@ pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, 
             let why = format!("loss {} and gradient norm {}", stats.loss, stats.grad_norm);
             let line = serde_json::json!({"step": step + 1, "skipped": true, "reason": why});
             append_metric(&mut metrics, &opts.out_dir, &line)?;
-            progress.message(&format!("step {}: {why}: update skipped ({skipped} of --skip-nonfinite {})", step + 1, opts.skip_nonfinite));
+            progress.message(&format!(
+                "step {}: {why}: update skipped ({skipped} of --skip-nonfinite {})",
+                step + 1,
+                opts.skip_nonfinite
+            ));
         } else {
             bail!(
                 "step {}: the loss is {} and the gradient norm {}: the update was not applied and nothing was written; the last checkpoint ({}) is kept. {}Lower --lr, check the data, or pass --skip-nonfinite K to skip up to K such steps (VOX2VEC_CHECK_FINITE=1 names the first op that produced a non-finite value)",
@@ -660,17 +783,36 @@ pub fn run_pretraining_ranked(opts: &TrainOptions, progress: &mut dyn Progress, 
                 if skipped > 0 { format!("{skipped} earlier step(s) were skipped already. ") } else { String::new() }
             );
         }
-        if let Some(v) = opts.validation.as_ref().filter(|v| lead && v.every > 0 && ((step + 1) % v.every == 0 || step + 1 == opts.steps)) {
-            let (loss, sig) = validate(&mut model, &v.batches).with_context(|| format!("validation after step {}", step + 1))?;
-            append_metric(&mut metrics, &opts.out_dir, &serde_json::json!({"step": step + 1, "val_loss": loss, "val_top1": sig.top1, "val_pos_sim": sig.pos_sim, "val_neg_sim": sig.neg_sim}))?;
-            progress.message(&format!("step {:>6}  validation: loss {loss:.5}  top-1 {:.3}  similarity pos {:.3} neg {:.3}", step + 1, sig.top1, sig.pos_sim, sig.neg_sim));
+        if let Some(v) = opts
+            .validation
+            .as_ref()
+            .filter(|v| lead && v.every > 0 && ((step + 1) % v.every == 0 || step + 1 == opts.steps))
+        {
+            let (loss, sig) =
+                validate(&mut model, &v.batches).with_context(|| format!("validation after step {}", step + 1))?;
+            append_metric(
+                &mut metrics,
+                &opts.out_dir,
+                &serde_json::json!({"step": step + 1, "val_loss": loss, "val_top1": sig.top1, "val_pos_sim": sig.pos_sim, "val_neg_sim": sig.neg_sim}),
+            )?;
+            progress.message(&format!(
+                "step {:>6}  validation: loss {loss:.5}  top-1 {:.3}  similarity pos {:.3} neg {:.3}",
+                step + 1,
+                sig.top1,
+                sig.pos_sim,
+                sig.neg_sim
+            ));
         }
         if let Some(p) = opts.online_probe.as_ref().filter(|p| lead && p.every > 0 && (step + 1) % p.every == 0) {
             // The probe runs where the backbone is (on a CUDA device: head, loss, Adam and
             // validation there too), reading the backbone without copying or changing it.
             let dice = online_probe(&mut model, p, step + 1)?;
             let mean = dice.iter().sum::<f64>() / dice.len().max(1) as f64;
-            append_metric(&mut metrics, &opts.out_dir, &serde_json::json!({"step": step + 1, "probe_mean_dice": mean, "probe_dice": dice, "probe_classes": p.dataset.classes}))?;
+            append_metric(
+                &mut metrics,
+                &opts.out_dir,
+                &serde_json::json!({"step": step + 1, "probe_mean_dice": mean, "probe_dice": dice, "probe_classes": p.dataset.classes}),
+            )?;
             progress.message(&format!("step {:>6}  online linear probe: mean Dice {mean:.4}", step + 1));
         }
         let mut stop = [f32::from(u8::from(STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)))];

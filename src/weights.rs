@@ -50,9 +50,21 @@ impl Elem {
     fn decode(self, d: &[u8]) -> Values {
         match self {
             Elem::F32 => Values::F32(bytemuck::pod_collect_to_vec::<u8, f32>(d)),
-            Elem::F64 => Values::F32(bytemuck::pod_collect_to_vec::<u8, f64>(d).into_iter().map(|v| v as f32).collect()),
-            Elem::F16 => Values::F32(bytemuck::pod_collect_to_vec::<u8, u16>(d).into_iter().map(|v| half::f16::from_bits(v).to_f32()).collect()),
-            Elem::BF16 => Values::F32(bytemuck::pod_collect_to_vec::<u8, u16>(d).into_iter().map(|v| half::bf16::from_bits(v).to_f32()).collect()),
+            Elem::F64 => {
+                Values::F32(bytemuck::pod_collect_to_vec::<u8, f64>(d).into_iter().map(|v| v as f32).collect())
+            }
+            Elem::F16 => Values::F32(
+                bytemuck::pod_collect_to_vec::<u8, u16>(d)
+                    .into_iter()
+                    .map(|v| half::f16::from_bits(v).to_f32())
+                    .collect(),
+            ),
+            Elem::BF16 => Values::F32(
+                bytemuck::pod_collect_to_vec::<u8, u16>(d)
+                    .into_iter()
+                    .map(|v| half::bf16::from_bits(v).to_f32())
+                    .collect(),
+            ),
             Elem::I64 => Values::I64(bytemuck::pod_collect_to_vec::<u8, i64>(d)),
             Elem::I32 => Values::I64(bytemuck::pod_collect_to_vec::<u8, i32>(d).into_iter().map(i64::from).collect()),
         }
@@ -173,7 +185,8 @@ pub fn from_safetensors(path: &Path, bytes: &[u8], naming: Naming) -> Result<Wei
 
 fn read_torch(path: &Path, naming: Naming) -> Result<WeightsFile> {
     use pytorch_reader::{DType, FileFormat, PytorchReader};
-    let reader = PytorchReader::new(path).map_err(|e| anyhow::anyhow!("{}: not a readable PyTorch file: {e}", path.display()))?;
+    let reader = PytorchReader::new(path)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable PyTorch file: {e}", path.display()))?;
     let container = match reader.metadata().format_type {
         FileFormat::Zip => Container::TorchZip,
         _ => Container::TorchLegacy,
@@ -199,7 +212,13 @@ fn read_torch(path: &Path, naming: Naming) -> Result<WeightsFile> {
 }
 
 /// Rename (per `naming`) and check sizes.
-fn finish(path: &Path, container: Container, metadata: HashMap<String, String>, raw: Vec<(String, Vec<usize>, Values)>, naming: Naming) -> Result<WeightsFile> {
+fn finish(
+    path: &Path,
+    container: Container,
+    metadata: HashMap<String, String>,
+    raw: Vec<(String, Vec<usize>, Values)>,
+    naming: Naming,
+) -> Result<WeightsFile> {
     for (key, shape, values) in &raw {
         let n = match values {
             Values::F32(v) => v.len(),
@@ -220,7 +239,13 @@ fn finish(path: &Path, container: Container, metadata: HashMap<String, String>, 
             None => ignored.push(key),
         }
     }
-    ensure!(!entries.is_empty(), "{}: no model weights found ({} tensors, none under a recognised module: {})", path.display(), ignored.len(), ignored.iter().take(5).cloned().collect::<Vec<_>>().join(", "));
+    ensure!(
+        !entries.is_empty(),
+        "{}: no model weights found ({} tensors, none under a recognised module: {})",
+        path.display(),
+        ignored.len(),
+        ignored.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+    );
     Ok(WeightsFile { path: path.to_path_buf(), container, lightning, metadata, entries, renamed: map.renamed, ignored })
 }
 
@@ -248,19 +273,36 @@ impl Mapping {
         // weights are `state_dict.<module key>`.
         let lightning = keys.iter().any(|k| k.starts_with("state_dict."));
         let outer = if lightning { "state_dict." } else { "" };
-        let mut backbones: Vec<&str> = keys.iter().filter(|k| k.starts_with(outer)).filter_map(|k| k.strip_suffix("first_conv.weight")).filter(|p| p.is_empty() || p.ends_with('.')).collect();
+        let mut backbones: Vec<&str> = keys
+            .iter()
+            .filter(|k| k.starts_with(outer))
+            .filter_map(|k| k.strip_suffix("first_conv.weight"))
+            .filter(|p| p.is_empty() || p.ends_with('.'))
+            .collect();
         backbones.sort_by_key(|p| p.len());
         let backbone = match backbones.as_slice() {
             [] => {
                 // No FPN3d: a bare safetensors state_dict is read as a backbone (its keys then
                 // fail to match by name, with the model's configuration in the message).
-                ensure!(!lightning, "{}: a Lightning checkpoint without an FPN3d backbone (no key ends in first_conv.weight)", path.display());
-                return Ok((false, Mapping { renamed: vec![(String::new(), BACKBONE_PREFIX.to_string())], keep_rest: false }));
+                ensure!(
+                    !lightning,
+                    "{}: a Lightning checkpoint without an FPN3d backbone (no key ends in first_conv.weight)",
+                    path.display()
+                );
+                return Ok((
+                    false,
+                    Mapping { renamed: vec![(String::new(), BACKBONE_PREFIX.to_string())], keep_rest: false },
+                ));
             }
             [one] => one.to_string(),
             several => {
                 let want = format!("{outer}backbone.");
-                ensure!(several.contains(&want.as_str()), "{}: several FPN3d backbones in one file (under {}); convert the one you want first", path.display(), several.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", "));
+                ensure!(
+                    several.contains(&want.as_str()),
+                    "{}: several FPN3d backbones in one file (under {}); convert the one you want first",
+                    path.display(),
+                    several.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+                );
                 want
             }
         };
@@ -278,7 +320,8 @@ impl Mapping {
 
     fn rename(&self, key: &str) -> Option<String> {
         // The longest matching prefix wins (a bare backbone's "" matches everything).
-        let best = self.renamed.iter().filter(|(from, _)| key.starts_with(from.as_str())).max_by_key(|(from, _)| from.len());
+        let best =
+            self.renamed.iter().filter(|(from, _)| key.starts_with(from.as_str())).max_by_key(|(from, _)| from.len());
         match best {
             Some((from, to)) => Some(format!("{to}{}", &key[from.len()..])),
             None if self.keep_rest => Some(key.to_string()),
@@ -307,8 +350,16 @@ impl WeightsFile {
             return None;
         }
         let lb = format!("{BACKBONE_PREFIX}left_blocks.");
-        let left = self.entries.iter().filter_map(|e| e.name.strip_prefix(&lb)?.split('.').next()?.parse::<usize>().ok()).max();
-        Some(FpnConfig { in_channels: first.shape[1], base_channels: first.shape[0], num_scales: left.map_or(1, |i| i + 2) })
+        let left = self
+            .entries
+            .iter()
+            .filter_map(|e| e.name.strip_prefix(&lb)?.split('.').next()?.parse::<usize>().ok())
+            .max();
+        Some(FpnConfig {
+            in_channels: first.shape[1],
+            base_channels: first.shape[0],
+            num_scales: left.map_or(1, |i| i + 2),
+        })
     }
 
     /// The projection head's output width (`head.6.weight` [proj_dim, dim]), where present.
@@ -334,7 +385,12 @@ impl WeightsFile {
         if let Some(p) = self.infer_proj_dim() {
             cfg.proj_dim = p;
         }
-        if let Some(t) = self.metadata.get("model_config").and_then(|mc| serde_json::from_str::<serde_json::Value>(mc).ok()).and_then(|v| v["temperature"].as_f64()) {
+        if let Some(t) = self
+            .metadata
+            .get("model_config")
+            .and_then(|mc| serde_json::from_str::<serde_json::Value>(mc).ok())
+            .and_then(|v| v["temperature"].as_f64())
+        {
             cfg.temperature = t;
         }
         cfg
@@ -344,9 +400,18 @@ impl WeightsFile {
     /// inferred from the tensors.
     pub fn backbone_config(&self) -> Result<Option<(FpnConfig, ConfigSource)>> {
         if let Some(mc) = self.metadata.get("model_config") {
-            let v: serde_json::Value = serde_json::from_str(mc).with_context(|| format!("{}: metadata model_config is not JSON", self.path.display()))?;
-            let get = |k: &str| v[k].as_u64().map(|x| x as usize).with_context(|| format!("{}: metadata model_config lacks {k}", self.path.display()));
-            let fpn = FpnConfig { in_channels: get("in_channels")?, base_channels: get("base_channels")?, num_scales: get("num_scales")? };
+            let v: serde_json::Value = serde_json::from_str(mc)
+                .with_context(|| format!("{}: metadata model_config is not JSON", self.path.display()))?;
+            let get = |k: &str| {
+                v[k].as_u64()
+                    .map(|x| x as usize)
+                    .with_context(|| format!("{}: metadata model_config lacks {k}", self.path.display()))
+            };
+            let fpn = FpnConfig {
+                in_channels: get("in_channels")?,
+                base_channels: get("base_channels")?,
+                num_scales: get("num_scales")?,
+            };
             return Ok(Some((fpn, ConfigSource::Recorded)));
         }
         Ok(self.infer_backbone().map(|f| (f, ConfigSource::Inferred)))
@@ -354,12 +419,20 @@ impl WeightsFile {
 
     /// One line on what the file is: container, Lightning, renamed prefixes, ignored tensors.
     pub fn describe(&self) -> String {
-        let mut s = format!("{}{}", self.container, if self.lightning { ", a Lightning checkpoint (weights under state_dict)" } else { "" });
+        let mut s = format!(
+            "{}{}",
+            self.container,
+            if self.lightning { ", a Lightning checkpoint (weights under state_dict)" } else { "" }
+        );
         let mapped: Vec<String> = self
             .renamed
             .iter()
             .filter(|(from, to)| from != to)
-            .map(|(from, to)| if from.is_empty() { format!("bare FPN3d keys -> {to:?}") } else { format!("{from:?} -> {to:?}") })
+            .map(
+                |(from, to)| {
+                    if from.is_empty() { format!("bare FPN3d keys -> {to:?}") } else { format!("{from:?} -> {to:?}") }
+                },
+            )
             .collect();
         if !mapped.is_empty() {
             s += &format!("; module prefixes {}", mapped.join(", "));
@@ -382,7 +455,8 @@ pub fn resolve_backbone(file: &WeightsFile, base: Option<usize>, scales: Option<
         ConfigSource::Recorded => "as its metadata records",
         ConfigSource::Inferred => "as its tensors' names and shapes show",
     };
-    for (flag, given, have) in [("--base-channels", base, fpn.base_channels), ("--num-scales", scales, fpn.num_scales)] {
+    for (flag, given, have) in [("--base-channels", base, fpn.base_channels), ("--num-scales", scales, fpn.num_scales)]
+    {
         if let Some(g) = given {
             ensure!(
                 g == have,

@@ -80,7 +80,8 @@ fn pytorch_state_dict_loads_unchanged() {
             };
             owned.push((k["param.backbone.".len()..].to_string(), dtype, shape.clone(), bytes));
         }
-        let views: Vec<_> = owned.iter().map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        let views: Vec<_> =
+            owned.iter().map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
         let file = dir.join(format!("torch_{}", f.name));
         std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
 
@@ -104,9 +105,21 @@ fn pytorch_state_dict_loads_unchanged() {
 fn bad_files_are_clear_errors_and_change_nothing() {
     let dir = tmpdir("bad");
     let mut m = Vox2Vec::new(tiny(), 3);
-    let before: Vec<Vec<f32>> = m.store.slots().iter().filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32).map(|s| s.value.f32s().to_vec()).collect();
+    let before: Vec<Vec<f32>> = m
+        .store
+        .slots()
+        .iter()
+        .filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32)
+        .map(|s| s.value.f32s().to_vec())
+        .collect();
     let unchanged = |m: &Vox2Vec| {
-        let now: Vec<Vec<f32>> = m.store.slots().iter().filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32).map(|s| s.value.f32s().to_vec()).collect();
+        let now: Vec<Vec<f32>> = m
+            .store
+            .slots()
+            .iter()
+            .filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32)
+            .map(|s| s.value.f32s().to_vec())
+            .collect();
         now == before
     };
 
@@ -176,7 +189,13 @@ fn cli_export_backbone_round_trips() {
     use std::os::unix::process::ExitStatusExt;
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let child = std::process::Command::new(bin).args(["inspect", "--all"]).arg(&ckpt).stdout(writer).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = std::process::Command::new(bin)
+        .args(["inspect", "--all"])
+        .arg(&ckpt)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
@@ -200,7 +219,11 @@ fn non_finite_weights_never_replace_a_checkpoint() {
     let e = format!("{:#}", checkpoint::save(&path, &m.config, &m.store, Some(&adam), &[]).unwrap_err());
     assert!(e.contains(&name) && e.contains("2 non-finite"), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), good, "the good checkpoint was changed");
-    let left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n != "checkpoint.safetensors").collect();
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "checkpoint.safetensors")
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -213,17 +236,39 @@ fn pretraining_continues_from_published_pytorch_weights() {
     let weights = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/weights");
     let bin = env!("CARGO_BIN_EXE_vox2vec-train");
     // A bare backbone gets the default projection width (128); the Lightning file's head maps to 16.
-    for (file, says, proj_dim) in [("fpn_tiny.pt", "projection head is not in the file", 128), ("fpn_tiny_model.ckpt", "without optimiser state", 16)] {
+    for (file, says, proj_dim) in [
+        ("fpn_tiny.pt", "projection head is not in the file", 128),
+        ("fpn_tiny_model.ckpt", "without optimiser state", 16),
+    ] {
         let out = dir.join(file);
-        let res = std::process::Command::new(bin).args(["--small", "--steps", "1", "--device", "cpu", "--resume-from"]).arg(weights.join(file)).arg("--out").arg(&out).output().unwrap();
+        let res = std::process::Command::new(bin)
+            .args(["--small", "--steps", "1", "--device", "cpu", "--resume-from"])
+            .arg(weights.join(file))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&res.stderr);
         assert!(res.status.success(), "{file}: {err}");
         assert!(err.contains("base 4 x 3 scales") && err.contains(says), "{file}: {err}");
-        let mut m = Vox2Vec::new(vox2vec::model::ModelConfig { fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim, temperature: 0.1 }, 0);
+        let mut m = Vox2Vec::new(
+            vox2vec::model::ModelConfig {
+                fpn: vox2vec::model::FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 },
+                proj_dim,
+                temperature: 0.1,
+            },
+            0,
+        );
         let loaded = checkpoint::load(&out.join("checkpoint.safetensors"), &mut m.store, None).unwrap();
         assert_eq!(loaded.step, Some(1), "{file}");
     }
-    let res = std::process::Command::new(bin).args(["--small", "--steps", "1", "--device", "cpu", "--num-scales", "6", "--resume-from"]).arg(weights.join("fpn_tiny.pt")).arg("--out").arg(dir.join("bad")).output().unwrap();
+    let res = std::process::Command::new(bin)
+        .args(["--small", "--steps", "1", "--device", "cpu", "--num-scales", "6", "--resume-from"])
+        .arg(weights.join("fpn_tiny.pt"))
+        .arg("--out")
+        .arg(dir.join("bad"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success() && err.contains("--num-scales 6") && err.contains("base 4 x 3 scales"), "{err}");
 }

@@ -26,7 +26,12 @@ fn write_ct(path: &Path, hu: &[i16], shape: [usize; 3], spacing: [f32; 3]) {
         pixdim: [1.0, spacing[0], spacing[1], spacing[2], 1.0, 0.0, 0.0, 0.0],
         ..nifti::NiftiHeader::default()
     };
-    let g = Geometry { header, affine: [[0.0; 4]; 4], file_shape: shape, orientation: Orientation { perm: [0, 1, 2], flip: [false; 3] } };
+    let g = Geometry {
+        header,
+        affine: [[0.0; 4]; 4],
+        file_shape: shape,
+        orientation: Orientation { perm: [0, 1, 2], flip: [false; 3] },
+    };
     write_volume(path, hu, &g).unwrap();
 }
 
@@ -49,7 +54,22 @@ fn mixed_folder(name: &str) -> PathBuf {
     d
 }
 
-const TINY: &[&str] = &["--base-channels", "4", "--num-scales", "3", "--proj-dim", "16", "--pairs", "2", "--patch", "16,16,8", "--voxels", "16", "--steps", "2"];
+const TINY: &[&str] = &[
+    "--base-channels",
+    "4",
+    "--num-scales",
+    "3",
+    "--proj-dim",
+    "16",
+    "--pairs",
+    "2",
+    "--patch",
+    "16,16,8",
+    "--voxels",
+    "16",
+    "--steps",
+    "2",
+];
 
 #[test]
 fn discovery_of_folders_datasets_and_lists() {
@@ -104,12 +124,29 @@ fn train_stops_on_bad_files_unless_asked_to_skip() {
     let d = mixed_folder("train");
     let bin = env!("CARGO_BIN_EXE_vox2vec-train");
     let out_dir = d.join("run");
-    let out = Command::new(bin).arg(&d).arg("--cache").arg(d.join("cache")).arg("--out").arg(&out_dir).args(TINY).output().unwrap();
+    let out = Command::new(bin)
+        .arg(&d)
+        .arg("--cache")
+        .arg(d.join("cache"))
+        .arg("--out")
+        .arg(&out_dir)
+        .args(TINY)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("unusable") && err.contains("corrupt.nii.gz") && err.contains("--skip-bad"), "{err}");
     assert!(!out_dir.join("checkpoint.safetensors").exists());
-    let out = Command::new(bin).arg(&d).arg("--skip-bad").arg("--cache").arg(d.join("cache")).arg("--out").arg(&out_dir).args(TINY).output().unwrap();
+    let out = Command::new(bin)
+        .arg(&d)
+        .arg("--skip-bad")
+        .arg("--cache")
+        .arg(d.join("cache"))
+        .arg("--out")
+        .arg(&out_dir)
+        .args(TINY)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("1 usable") && err.contains("3 unusable") && err.contains("smaller than the patch"), "{err}");
@@ -117,7 +154,16 @@ fn train_stops_on_bad_files_unless_asked_to_skip() {
     // Nothing usable: non-zero exit.
     let bad = tmpdir("allbad");
     std::fs::write(bad.join("x.nii"), b"nope").unwrap();
-    let out = Command::new(bin).arg(&bad).arg("--skip-bad").arg("--cache").arg(bad.join("cache")).arg("--out").arg(bad.join("run")).args(TINY).output().unwrap();
+    let out = Command::new(bin)
+        .arg(&bad)
+        .arg("--skip-bad")
+        .arg("--cache")
+        .arg(bad.join("cache"))
+        .arg("--out")
+        .arg(bad.join("run"))
+        .args(TINY)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usable volume"));
 }
@@ -183,12 +229,64 @@ fn preprocess_skip_bad_names_every_malformed_class_and_caches_every_good_file() 
         ("negative-dim.nii", patched(&good, 42, &(-5i16).to_le_bytes()), "dimensions"),
         ("complex.nii", patched(&good, 70, &32i16.to_le_bytes()), "data type"),
         ("not-nifti.nii", b"nope".to_vec(), "NIfTI"),
-        ("air.nii.gz", gzip(&patched(&good, 112, &f32s(0.0))[..352].iter().chain(&[0x18u8, 0xfc].repeat(shape.iter().product())).copied().collect::<Vec<u8>>()), "no body"),
-        ("gz-bad-crc.nii.gz", { let mut g = gzip(&good); let n = g.len(); g[n - 8] ^= 0xff; g }, "gzip"),
-        ("gz-bad-isize.nii.gz", { let mut g = gzip(&good); let n = g.len(); g[n - 1] ^= 0x01; g }, "gzip"),
-        ("gz-cut-trailer.nii.gz", { let g = gzip(&good); g[..g.len() - 4].to_vec() }, "gzip"),
-        ("gz-body-flip.nii.gz", { let mut g = gzip(&good); let n = g.len(); g[n / 2] ^= 0x55; g }, "gzip"),
-        ("gz-trailing-garbage.nii.gz", { let mut g = gzip(&good); g.extend_from_slice(b"trailing bytes"); g }, "gzip"),
+        (
+            "air.nii.gz",
+            gzip(
+                &patched(&good, 112, &f32s(0.0))[..352]
+                    .iter()
+                    .chain(&[0x18u8, 0xfc].repeat(shape.iter().product()))
+                    .copied()
+                    .collect::<Vec<u8>>(),
+            ),
+            "no body",
+        ),
+        (
+            "gz-bad-crc.nii.gz",
+            {
+                let mut g = gzip(&good);
+                let n = g.len();
+                g[n - 8] ^= 0xff;
+                g
+            },
+            "gzip",
+        ),
+        (
+            "gz-bad-isize.nii.gz",
+            {
+                let mut g = gzip(&good);
+                let n = g.len();
+                g[n - 1] ^= 0x01;
+                g
+            },
+            "gzip",
+        ),
+        (
+            "gz-cut-trailer.nii.gz",
+            {
+                let g = gzip(&good);
+                g[..g.len() - 4].to_vec()
+            },
+            "gzip",
+        ),
+        (
+            "gz-body-flip.nii.gz",
+            {
+                let mut g = gzip(&good);
+                let n = g.len();
+                g[n / 2] ^= 0x55;
+                g
+            },
+            "gzip",
+        ),
+        (
+            "gz-trailing-garbage.nii.gz",
+            {
+                let mut g = gzip(&good);
+                g.extend_from_slice(b"trailing bytes");
+                g
+            },
+            "gzip",
+        ),
     ];
     for (name, bytes, _) in &bad {
         std::fs::write(d.join(name), bytes).unwrap();
@@ -222,31 +320,63 @@ fn preprocess_skip_bad_names_every_malformed_class_and_caches_every_good_file() 
     let total = 4 + bad.len() + 1;
     assert!(text.contains(&format!("{total} files: 4 usable (4 preprocessed now")), "{text}");
     for (name, _, why) in &bad {
-        let line = text.lines().find(|l| l.contains(&format!("unusable {}", d.join(name).display()))).unwrap_or_else(|| panic!("{name} not reported:\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("unusable {}", d.join(name).display())))
+            .unwrap_or_else(|| panic!("{name} not reported:\n{text}"));
         assert!(line.contains(why), "{name}: expected {why:?} in {line:?}");
     }
-    let line = text.lines().find(|l| l.contains("unusable") && l.contains("nan-voxels.nii")).unwrap_or_else(|| panic!("NaN file not refused:\n{text}"));
+    let line = text
+        .lines()
+        .find(|l| l.contains("unusable") && l.contains("nan-voxels.nii"))
+        .unwrap_or_else(|| panic!("NaN file not refused:\n{text}"));
     assert!(line.contains("5 of") && line.contains("--nonfinite minimum"), "{line}");
     assert!(!text.contains("labelsTr"), "{text}");
     // The gap file and the plain one give the same cache content.
-    let entry = |f: &str| vox2vec::data::cache::load_entry(&cache.join(vox2vec::data::cache::cache_key(&d.join(f), &Default::default()).unwrap())).unwrap();
+    let entry = |f: &str| {
+        vox2vec::data::cache::load_entry(
+            &cache.join(vox2vec::data::cache::cache_key(&d.join(f), &Default::default()).unwrap()),
+        )
+        .unwrap()
+    };
     let (a, b, c) = (entry("good.nii"), entry("gap.nii"), entry("good-gz.nii.gz"));
     assert!(a.ct.hu == b.ct.hu && a.ct.hu == c.ct.hu && a.ct.body == b.ct.body && a.ct.shape == b.ct.shape);
-    assert!(std::fs::read_dir(&cache).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')), "temporary files left");
+    assert!(
+        std::fs::read_dir(&cache).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')),
+        "temporary files left"
+    );
 
     // --nonfinite minimum: the NaN file is now usable, reported with its count, and read as
     // the float file with those voxels at the image minimum.
-    let out = Command::new(bin).args(["preprocess", "--skip-bad", "--nonfinite", "minimum"]).arg(&d).arg("--cache").arg(&cache).output().unwrap();
+    let out = Command::new(bin)
+        .args(["preprocess", "--skip-bad", "--nonfinite", "minimum"])
+        .arg(&d)
+        .arg("--cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("5 usable") && text.contains(&format!("repaired {}: 5 NaN or infinite voxels", d.join("nan-voxels.nii").display())), "{text}");
+    assert!(
+        text.contains("5 usable")
+            && text.contains(&format!("repaired {}: 5 NaN or infinite voxels", d.join("nan-voxels.nii").display())),
+        "{text}"
+    );
     let min = nan_hu.iter().copied().filter(|v| v.is_finite()).fold(f32::INFINITY, f32::min);
-    let v = vox2vec::data::nifti_io::read_volume_with(&d.join("nan-voxels.nii"), vox2vec::data::nifti_io::NonFinitePolicy::ReplaceWithMinimum).unwrap();
+    let v = vox2vec::data::nifti_io::read_volume_with(
+        &d.join("nan-voxels.nii"),
+        vox2vec::data::nifti_io::NonFinitePolicy::ReplaceWithMinimum,
+    )
+    .unwrap();
     assert_eq!(v.replaced_nonfinite, 5);
     for (i, (&got, &want)) in v.data.iter().zip(&nan_hu).enumerate() {
         assert_eq!(got, if want.is_finite() { want } else { min }, "voxel {i}");
     }
-    assert!(Command::new(bin).args(["preprocess", "--nonfinite", "zero"]).arg(&d).output().unwrap().status.code() == Some(2), "a bad policy must be a usage error");
+    assert!(
+        Command::new(bin).args(["preprocess", "--nonfinite", "zero"]).arg(&d).output().unwrap().status.code()
+            == Some(2),
+        "a bad policy must be a usage error"
+    );
 }
 
 #[test]
@@ -256,30 +386,91 @@ fn checkpoints_record_how_they_were_made_and_embed_follows_them() {
     write_ct(&d.join("good.nii.gz"), &phantom_ct(1, shape, [1.0, 1.0, 2.0]), shape, [1.0, 1.0, 2.0]);
     let (train, tool) = (env!("CARGO_BIN_EXE_vox2vec-train"), env!("CARGO_BIN_EXE_vox2vec"));
     let run = d.join("run");
-    let out = Command::new(train).arg(&d).arg("--cache").arg(d.join("cache")).arg("--out").arg(&run).args(TINY).args(["--spacing", "1.5,1.5,2"]).output().unwrap();
+    let out = Command::new(train)
+        .arg(&d)
+        .arg("--cache")
+        .arg(d.join("cache"))
+        .arg("--out")
+        .arg(&run)
+        .args(TINY)
+        .args(["--spacing", "1.5,1.5,2"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ckpt = run.join("checkpoint.safetensors");
     let out = Command::new(tool).arg("inspect").arg(&ckpt).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    for want in ["spacing_mm: [1.5,1.5,2.0]", "patch: [16,16,8]", "intensity_window_hu: [-1350.0,1000.0]", "command_line: ", "--spacing 1.5,1.5,2", "good.nii.gz", "\"volumes\":1", "train_config: "] {
+    for want in [
+        "spacing_mm: [1.5,1.5,2.0]",
+        "patch: [16,16,8]",
+        "intensity_window_hu: [-1350.0,1000.0]",
+        "command_line: ",
+        "--spacing 1.5,1.5,2",
+        "good.nii.gz",
+        "\"volumes\":1",
+        "train_config: ",
+    ] {
         assert!(text.contains(want), "inspect lacks {want:?}:\n{text}");
     }
     // embed resamples as the backbone was trained...
     let feats = d.join("feats");
-    let out = Command::new(tool).arg("embed").arg(d.join("good.nii.gz")).arg("--weights").arg(&ckpt).arg("--out").arg(&feats).output().unwrap();
+    let out = Command::new(tool)
+        .arg("embed")
+        .arg(d.join("good.nii.gz"))
+        .arg("--weights")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&feats)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let geo: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(feats.join("geometry.json")).unwrap()).unwrap();
+    let geo: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(feats.join("geometry.json")).unwrap()).unwrap();
     assert_eq!(geo["spacing_mm"], serde_json::json!([1.5, 1.5, 2.0]));
     // ...and a contradicting flag is an error naming both values, no output left behind.
     let other = d.join("feats-other");
-    let out = Command::new(tool).arg("embed").arg(d.join("good.nii.gz")).arg("--weights").arg(&ckpt).arg("--out").arg(&other).args(["--spacing", "1,1,2"]).output().unwrap();
+    let out = Command::new(tool)
+        .arg("embed")
+        .arg(d.join("good.nii.gz"))
+        .arg("--weights")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&other)
+        .args(["--spacing", "1,1,2"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--spacing 1,1,2") && err.contains("1.5,1.5,2") && err.contains("--override-recorded") && !other.exists(), "{err}");
-    let out = Command::new(tool).arg("embed").arg(d.join("good.nii.gz")).arg("--weights").arg(&ckpt).arg("--out").arg(&other).args(["--spacing", "2,2,2", "--override-recorded"]).output().unwrap();
+    assert!(
+        !out.status.success()
+            && err.contains("--spacing 1,1,2")
+            && err.contains("1.5,1.5,2")
+            && err.contains("--override-recorded")
+            && !other.exists(),
+        "{err}"
+    );
+    let out = Command::new(tool)
+        .arg("embed")
+        .arg(d.join("good.nii.gz"))
+        .arg("--weights")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&other)
+        .args(["--spacing", "2,2,2", "--override-recorded"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Resuming with another spacing would mix two kinds of input: refused.
-    let out = Command::new(train).arg(&d).arg("--cache").arg(d.join("cache")).arg("--out").arg(&run).args(TINY).arg("--resume").output().unwrap();
+    let out = Command::new(train)
+        .arg(&d)
+        .arg("--cache")
+        .arg(d.join("cache"))
+        .arg("--out")
+        .arg(&run)
+        .args(TINY)
+        .arg("--resume")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("spacing_mm"), "{err}");
 }

@@ -33,7 +33,11 @@ fn tmpdir(name: &str) -> PathBuf {
 fn orientation_and_affine_round_trip_on_real_files() {
     let Some(d) = data_dir() else { return };
     let dir = tmpdir("roundtrip");
-    for (rel, flips) in [("Dataset001_OpenKBP/labelsTr/pt_4.nii.gz", [true, true, true]), ("Dataset002_TotalSegAbdomen/labelsTr/abdomen.nii.gz", [false, false, false]), ("pretrain/lung1.nii.gz", [true, true, false])] {
+    for (rel, flips) in [
+        ("Dataset001_OpenKBP/labelsTr/pt_4.nii.gz", [true, true, true]),
+        ("Dataset002_TotalSegAbdomen/labelsTr/abdomen.nii.gz", [false, false, false]),
+        ("pretrain/lung1.nii.gz", [true, true, false]),
+    ] {
         let path = d.join(rel);
         let v = read_volume(&path).unwrap();
         assert_eq!(v.geometry.orientation.flip, flips, "{rel}: axcodes");
@@ -49,7 +53,11 @@ fn orientation_and_affine_round_trip_on_real_files() {
         let a = ReaderOptions::new().read_file(&path).unwrap();
         let b = ReaderOptions::new().read_file(&out).unwrap();
         assert_eq!(a.volume().raw_data(), b.volume().raw_data(), "{rel}: voxels moved");
-        for (x, y) in [(a.header().srow_x, b.header().srow_x), (a.header().srow_y, b.header().srow_y), (a.header().srow_z, b.header().srow_z)] {
+        for (x, y) in [
+            (a.header().srow_x, b.header().srow_x),
+            (a.header().srow_y, b.header().srow_y),
+            (a.header().srow_z, b.header().srow_z),
+        ] {
             assert_eq!(x, y, "{rel}: affine changed");
         }
         assert_eq!(a.header().quatern_d, b.header().quatern_d);
@@ -120,7 +128,10 @@ fn hu_ranges_and_body_masks_are_sane() {
         let body = ct.body.len();
         println!("{rel}: shape {s:?}, HU {lo}..{hi}, body {body} voxels, air inside the body {inner_air}");
         if rel.contains("lung") || rel.contains("thorax") {
-            assert!(inner_air as f64 > 0.05 * body as f64, "{rel}: lungs are not inside the body ({inner_air} of {body})");
+            assert!(
+                inner_air as f64 > 0.05 * body as f64,
+                "{rel}: lungs are not inside the body ({inner_air} of {body})"
+            );
         }
         // The body mask contains all the tissue.
         let tissue = ct.hu.iter().filter(|h| **h >= -500).count();
@@ -161,7 +172,16 @@ fn sampler_pairs_are_the_same_voxel_in_both_views() {
     let (other, _) = sample_batch_with_boxes(&src, &cfg, &mut StdRng::seed_from_u64(4)).unwrap();
     assert_ne!(batch.voxels_1, other.voxels_1);
     // Without augmentation, view 1 is the fixed-window crop of the volume at its box.
-    let plain = SamplerConfig { augment: AugmentConfig { p_blur_or_sharpen: 0.0, p_noise: 0.0, p_random_window: 0.0, ..AugmentConfig::default() }, pairs: 2, ..cfg };
+    let plain = SamplerConfig {
+        augment: AugmentConfig {
+            p_blur_or_sharpen: 0.0,
+            p_noise: 0.0,
+            p_random_window: 0.0,
+            ..AugmentConfig::default()
+        },
+        pairs: 2,
+        ..cfg
+    };
     let (b, boxes) = sample_batch_with_boxes(&src, &plain, &mut StdRng::seed_from_u64(5)).unwrap();
     let pp = plain.patch;
     for (pair, pair_boxes) in boxes.iter().enumerate().take(2) {
@@ -184,7 +204,10 @@ fn loader_sequence_is_independent_of_worker_count() {
     let files = &files[..3];
     let cfg = SamplerConfig { pairs: 2, patch: [64, 64, 16], max_voxels: 64, ..SamplerConfig::default() };
     let verdicts = prepare_all(files, &cache, &PreprocessConfig::default(), cfg.patch, &|_| {});
-    let entries: Vec<PathBuf> = verdicts.into_iter().filter_map(|(_, v)| if let Verdict::Ready { entry, .. } = v { Some(entry) } else { None }).collect();
+    let entries: Vec<PathBuf> = verdicts
+        .into_iter()
+        .filter_map(|(_, v)| if let Verdict::Ready { entry, .. } = v { Some(entry) } else { None })
+        .collect();
     assert_eq!(entries.len(), 3);
     // The second preparation finds everything in the cache.
     let again = prepare_all(files, &cache, &PreprocessConfig::default(), cfg.patch, &|_| {});
@@ -214,8 +237,20 @@ fn linear_probe_on_openkbp_finds_the_mandible() {
     let mut model = Vox2Vec::new(ModelConfig::default(), 0);
     let mut store = vox2vec::params::ParamStore::new();
     let head = Head::new(HeadKind::Linear, &mut store, 0x5eed, model.config.fpn, 7);
-    let cfg = SegConfig { patch: [32, 32, 16], batch: 4, steps: 300, lr: 3e-2, validate_every: 300, seed: 0, ..SegConfig::default() };
-    let res = train_segmentation(&mut model, &head, &mut store, &train, &val, 7, Mode::Probe, &cfg, &|_| {}, &mut |_, _| Ok(())).unwrap();
+    let cfg = SegConfig {
+        patch: [32, 32, 16],
+        batch: 4,
+        steps: 300,
+        lr: 3e-2,
+        validate_every: 300,
+        seed: 0,
+        ..SegConfig::default()
+    };
+    let res =
+        train_segmentation(&mut model, &head, &mut store, &train, &val, 7, Mode::Probe, &cfg, &|_| {}, &mut |_, _| {
+            Ok(())
+        })
+        .unwrap();
     let mandible = res.best_dice[6];
     println!("OpenKBP linear probe (random backbone): Dice per class {:?}", res.best_dice);
     assert!(mandible > 0.1, "mandible Dice {mandible}");

@@ -58,7 +58,9 @@ fn a_series_reads_back_to_the_same_voxels_and_world() {
 
 #[test]
 fn bad_series_are_refused_with_the_reason() {
-    for (d, want) in [("missing_slice", "1 slice(s) missing"), ("two_series", "2 CT series in one folder"), ("mr", "no CT series")] {
+    for (d, want) in
+        [("missing_slice", "1 slice(s) missing"), ("two_series", "2 CT series in one folder"), ("mr", "no CT series")]
+    {
         let e = format!("{:#}", read_volume(&data(d)).unwrap_err());
         assert!(e.contains(want) && e.contains(d), "{d}: {e}");
     }
@@ -81,7 +83,11 @@ fn bad_series_are_refused_with_the_reason() {
 fn embed_takes_a_series_folder_as_a_ct() {
     use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
     let dir = tmpdir("embed");
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 }, proj_dim: 4, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 },
+        proj_dim: 4,
+        temperature: 0.1,
+    };
     let m = Vox2Vec::new(cfg, 3);
     let w = dir.join("w.safetensors");
     vox2vec::checkpoint::save(&w, &m.config, &m.store, None, &[]).unwrap();
@@ -107,7 +113,11 @@ fn embed_takes_a_series_folder_as_a_ct() {
 
 /// A copy of the test series with `edit` applied to the slices `which` picks (by sorted file
 /// name index), in a fresh folder; returns the folder and the edited files' names.
-fn damaged_copy(name: &str, which: impl Fn(usize) -> bool, edit: impl Fn(&mut dicom_object::DefaultDicomObject)) -> (PathBuf, Vec<String>) {
+fn damaged_copy(
+    name: &str,
+    which: impl Fn(usize) -> bool,
+    edit: impl Fn(&mut dicom_object::DefaultDicomObject),
+) -> (PathBuf, Vec<String>) {
     let dir = tmpdir(name);
     let mut files: Vec<PathBuf> = std::fs::read_dir(data("series")).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
@@ -149,31 +159,58 @@ fn a_damaged_pixel_module_is_refused_naming_the_file_and_the_tag() {
         ("slope_all", true, Box::new(|o| put_str(o, tags::RESCALE_SLOPE, VR::DS, "1e30")), "RescaleSlope 1"),
         ("slope_range", false, Box::new(|o| put_str(o, tags::RESCALE_SLOPE, VR::DS, "900")), "outside [-32768, 32767]"),
         ("intercept", false, Box::new(|o| put_str(o, tags::RESCALE_INTERCEPT, VR::DS, "-1e9")), "RescaleIntercept"),
-        ("bits8", false, Box::new(|o| {
-            put_u16(o, tags::BITS_ALLOCATED, 8);
-            put_u16(o, tags::BITS_STORED, 8);
-            put_u16(o, tags::HIGH_BIT, 7);
-        }), "PixelData holds"),
-        ("rgb", false, Box::new(|o| put_str(o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB")), "PhotometricInterpretation RGB"),
-        ("monochrome1", false, Box::new(|o| put_str(o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME1")), "MONOCHROME1"),
+        (
+            "bits8",
+            false,
+            Box::new(|o| {
+                put_u16(o, tags::BITS_ALLOCATED, 8);
+                put_u16(o, tags::BITS_STORED, 8);
+                put_u16(o, tags::HIGH_BIT, 7);
+            }),
+            "PixelData holds",
+        ),
+        (
+            "rgb",
+            false,
+            Box::new(|o| put_str(o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "RGB")),
+            "PhotometricInterpretation RGB",
+        ),
+        (
+            "monochrome1",
+            false,
+            Box::new(|o| put_str(o, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME1")),
+            "MONOCHROME1",
+        ),
         ("samples", false, Box::new(|o| put_u16(o, tags::SAMPLES_PER_PIXEL, 3)), "SamplesPerPixel 3"),
         ("high_bit", false, Box::new(|o| put_u16(o, tags::HIGH_BIT, 3)), "HighBit 3"),
         ("representation", false, Box::new(|o| put_u16(o, tags::PIXEL_REPRESENTATION, 2)), "PixelRepresentation 2"),
         ("frames", false, Box::new(|o| put_str(o, tags::NUMBER_OF_FRAMES, VR::IS, "2")), "NumberOfFrames 2"),
-        ("no_bits", false, Box::new(|o| {
-            o.remove_element(tags::BITS_STORED);
-        }), "no BitsStored"),
+        (
+            "no_bits",
+            false,
+            Box::new(|o| {
+                o.remove_element(tags::BITS_STORED);
+            }),
+            "no BitsStored",
+        ),
     ];
     for (name, all, edit, want) in cases {
         let (dir, edited) = damaged_copy(name, |i| all || i == 3, edit);
         let e = format!("{:#}", read_volume(&dir).expect_err(name));
         assert!(e.contains(want), "{name}: {e}");
-        assert!(edited.iter().any(|f| e.contains(f.as_str())), "{name}: the message names none of the edited files {edited:?}: {e}");
+        assert!(
+            edited.iter().any(|f| e.contains(f.as_str())),
+            "{name}: the message names none of the edited files {edited:?}: {e}"
+        );
     }
     // The checks pass the untouched series, and a slope and intercept a scanner might write.
-    let (dir, _) = damaged_copy("plausible", |i| i == 3, |o| {
-        put_str(o, tags::RESCALE_SLOPE, VR::DS, "1");
-        put_str(o, tags::RESCALE_INTERCEPT, VR::DS, "-1024");
-    });
+    let (dir, _) = damaged_copy(
+        "plausible",
+        |i| i == 3,
+        |o| {
+            put_str(o, tags::RESCALE_SLOPE, VR::DS, "1");
+            put_str(o, tags::RESCALE_INTERCEPT, VR::DS, "-1024");
+        },
+    );
     read_volume(&dir).unwrap();
 }

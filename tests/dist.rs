@@ -15,7 +15,9 @@ use vox2vec::model::{ModelConfig, Vox2Vec};
 use vox2vec::optim::{Adam, AdamConfig, clip_coefficient, global_norm};
 use vox2vec::params::SlotKind;
 use vox2vec::tensor::Tensor;
-use vox2vec::train::{BatchShape, BatchSource, MAX_GRAD_NORM, Resume, Silent, TrainOptions, run_pretraining_ranked, synthetic_batch};
+use vox2vec::train::{
+    BatchShape, BatchSource, MAX_GRAD_NORM, Resume, Silent, TrainOptions, run_pretraining_ranked, synthetic_batch,
+};
 
 const SHAPE: BatchShape = BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 };
 
@@ -33,7 +35,8 @@ fn tmpdir(name: &str) -> PathBuf {
 fn group_run(o: &TrainOptions, world: usize) -> Vec<anyhow::Result<Vox2Vec>> {
     let comms = LocalGroup::ranks(world, Duration::from_secs(120));
     std::thread::scope(|s| {
-        let hs: Vec<_> = comms.into_iter().map(|mut c| s.spawn(move || run_pretraining_ranked(o, &mut Silent, &mut c))).collect();
+        let hs: Vec<_> =
+            comms.into_iter().map(|mut c| s.spawn(move || run_pretraining_ranked(o, &mut Silent, &mut c))).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
@@ -44,7 +47,15 @@ fn group_run(o: &TrainOptions, world: usize) -> Vec<anyhow::Result<Vox2Vec>> {
 fn averaging_run(o: &TrainOptions, world: usize) -> Vox2Vec {
     let mut model = Vox2Vec::new(o.model, o.seed);
     let mut adam = Adam::new(o.adam, &model.store);
-    let state = |m: &Vox2Vec| -> Vec<(usize, Tensor)> { m.store.slots().iter().enumerate().filter(|(_, s)| s.kind != SlotKind::Trainable).map(|(i, s)| (i, s.value.clone())).collect() };
+    let state = |m: &Vox2Vec| -> Vec<(usize, Tensor)> {
+        m.store
+            .slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.kind != SlotKind::Trainable)
+            .map(|(i, s)| (i, s.value.clone()))
+            .collect()
+    };
     for step in 0..o.steps {
         let before = state(&model);
         let mut sum: Vec<Option<Vec<f32>>> = vec![None; model.store.len()];
@@ -75,7 +86,11 @@ fn averaging_run(o: &TrainOptions, world: usize) -> Vox2Vec {
         let avg: Vec<Option<Tensor>> = sum
             .into_iter()
             .enumerate()
-            .map(|(s, a)| a.map(|a| Tensor::from_f32(model.store.get(s).shape(), a.into_iter().map(|v| v / world as f32).collect())))
+            .map(|(s, a)| {
+                a.map(|a| {
+                    Tensor::from_f32(model.store.get(s).shape(), a.into_iter().map(|v| v / world as f32).collect())
+                })
+            })
             .collect();
         let scale = clip_coefficient(global_norm(&avg), MAX_GRAD_NORM);
         adam.update_scaled(&mut model.store, &avg, scale).unwrap();
@@ -103,11 +118,17 @@ fn ranks_equal_one_process_averaging_their_gradients() {
             let models: Vec<Vox2Vec> = group_run(&o, world).into_iter().map(|m| m.unwrap()).collect();
             let reference = averaging_run(&o, world);
             for (r, m) in models.iter().enumerate() {
-                assert_same_params(m, &reference, &format!("{world} ranks, {steps} steps, rank {r} vs the averaging process"));
+                assert_same_params(
+                    m,
+                    &reference,
+                    &format!("{world} ranks, {steps} steps, rank {r} vs the averaging process"),
+                );
             }
             // The ranks really drew different batches: one rank alone ends elsewhere.
             let alone = averaging_run(&o, 1);
-            assert!(alone.store.slots().iter().zip(reference.store.slots()).any(|(a, b)| a.value.f32s() != b.value.f32s()));
+            assert!(
+                alone.store.slots().iter().zip(reference.store.slots()).any(|(a, b)| a.value.f32s() != b.value.f32s())
+            );
             // Rank 0 alone wrote the run's files.
             let lines = std::fs::read_to_string(dir.join(vox2vec::train::METRICS_FILE)).unwrap().lines().count();
             assert_eq!(lines as u64, steps);
@@ -143,7 +164,19 @@ fn a_rank_that_stops_stops_the_others_with_its_name() {
 fn cpu_ranks_as_processes_equal_the_in_process_group() {
     let dir = tmpdir("procs");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vox2vec-train"))
-        .args(["--cpu-ranks", "2", "--synthetic-pairs", "--small", "--steps", "2", "--device", "cpu", "--seed", "3", "--out"])
+        .args([
+            "--cpu-ranks",
+            "2",
+            "--synthetic-pairs",
+            "--small",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--seed",
+            "3",
+            "--out",
+        ])
         .arg(&dir)
         .env("VOX2VEC_DIST_TIMEOUT", "120")
         .output()
@@ -193,7 +226,11 @@ fn buckets_of_any_size_give_the_same_average() {
     }
     reference.iter_mut().flatten().for_each(|a| a.iter_mut().for_each(|v| *v /= world as f32));
     let total: usize = reference.iter().flatten().map(Vec::len).sum();
-    for sizes in [BucketSizes { first: 4096, rest: 4096 }, BucketSizes { first: 1 << 20, rest: 25 << 20 }, BucketSizes { first: 100, rest: 4 * total / 3 }] {
+    for sizes in [
+        BucketSizes { first: 4096, rest: 4096 },
+        BucketSizes { first: 1 << 20, rest: 25 << 20 },
+        BucketSizes { first: 100, rest: 4 * total / 3 },
+    ] {
         let comms = LocalGroup::ranks(world, Duration::from_secs(60));
         let results: Vec<Vec<Option<Tensor>>> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
@@ -213,7 +250,10 @@ fn buckets_of_any_size_give_the_same_average() {
         for (r, per_slot) in results.iter().enumerate() {
             for (slot, (got, want)) in per_slot.iter().zip(&reference).enumerate() {
                 match (got, want) {
-                    (Some(t), Some(w)) => assert!(t.f32s().iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()), "{sizes:?}: rank {r} slot {slot} differs"),
+                    (Some(t), Some(w)) => assert!(
+                        t.f32s().iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{sizes:?}: rank {r} slot {slot} differs"
+                    ),
                     (None, None) => {}
                     _ => panic!("{sizes:?}: rank {r} slot {slot}: gradient present on one side only"),
                 }

@@ -35,7 +35,8 @@ fn npy_patch_gives_the_reference_eval_pyramid() {
                 (k["param.backbone.".len()..].to_string(), d, shape.clone(), b)
             })
             .collect();
-        let views: Vec<_> = owned.iter().map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        let views: Vec<_> =
+            owned.iter().map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
         let weights = dir.join(format!("w_{}", f.name));
         std::fs::write(&weights, safetensors::serialize(views, None).unwrap()).unwrap();
         // Patch 0 of x1, [X, Y, Z].
@@ -64,7 +65,8 @@ fn npy_patch_gives_the_reference_eval_pyramid() {
 fn assert_pyramid_is_the_fixtures(f: &Fixture, out: &std::path::Path, what: &str) {
     let scales = f.config().fpn.num_scales;
     for i in 0..scales {
-        let (shape, ours) = npy::read_f32(&out.join(format!("pyramid_{i}.npy"))).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        let (shape, ours) =
+            npy::read_f32(&out.join(format!("pyramid_{i}.npy"))).unwrap_or_else(|e| panic!("{what}: {e:#}"));
         let (es, expect) = f.f32(&format!("expect.eval.pyramid.{i}"));
         assert_eq!(shape, es[1..].to_vec(), "{what} level {i}");
         let n: usize = es[1..].iter().product();
@@ -104,14 +106,30 @@ fn published_weight_files_embed_without_configuration_flags() {
     for w in &files {
         let file = w.file_name().unwrap().to_string_lossy().into_owned();
         let stem = |f: &Fixture| f.name.trim_end_matches(".safetensors").to_string();
-        let f = fixtures.iter().find(|f| file.starts_with(&format!("{}.", stem(f))) || file.starts_with(&format!("{}_", stem(f)))).unwrap_or_else(|| panic!("{file}: no fixture of that name"));
-        seen.insert(w.extension().unwrap().to_string_lossy().into_owned() + if file.contains("legacy") { " legacy" } else { "" });
+        let f = fixtures
+            .iter()
+            .find(|f| file.starts_with(&format!("{}.", stem(f))) || file.starts_with(&format!("{}_", stem(f))))
+            .unwrap_or_else(|| panic!("{file}: no fixture of that name"));
+        seen.insert(
+            w.extension().unwrap().to_string_lossy().into_owned()
+                + if file.contains("legacy") { " legacy" } else { "" },
+        );
         let patch = fixture_patch(f, &dir);
         let out = dir.join(format!("out_{file}"));
-        let res = vox2vec(&[ "embed".as_ref(), patch.as_os_str(), "--weights".as_ref(), w.as_os_str(), "--out".as_ref(), out.as_os_str()]);
+        let res = vox2vec(&[
+            "embed".as_ref(),
+            patch.as_os_str(),
+            "--weights".as_ref(),
+            w.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ]);
         assert!(res.status.success(), "{file}: {}", String::from_utf8_lossy(&res.stderr));
         let note = String::from_utf8_lossy(&res.stderr);
-        assert!(note.contains(&format!("base {} x {} scales", f.config().fpn.base_channels, f.config().fpn.num_scales)), "{file}: {note}");
+        assert!(
+            note.contains(&format!("base {} x {} scales", f.config().fpn.base_channels, f.config().fpn.num_scales)),
+            "{file}: {note}"
+        );
         assert_pyramid_is_the_fixtures(f, &out, &file);
 
         // convert: a bare safetensors state_dict that records the configuration.
@@ -120,10 +138,20 @@ fn published_weight_files_embed_without_configuration_flags() {
         assert!(res.status.success(), "convert {file}: {}", String::from_utf8_lossy(&res.stderr));
         let bytes = std::fs::read(&converted).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        assert!(st.names().iter().all(|n| !n.starts_with("backbone.") && !n.contains("proj_head")), "{file}: converted keys are bare FPN3d keys");
+        assert!(
+            st.names().iter().all(|n| !n.starts_with("backbone.") && !n.contains("proj_head")),
+            "{file}: converted keys are bare FPN3d keys"
+        );
         assert_eq!(st.tensor("first_conv.weight").unwrap().shape()[0], f.config().fpn.base_channels);
         let out2 = dir.join(format!("out2_{file}"));
-        let res = vox2vec(&["embed".as_ref(), patch.as_os_str(), "--weights".as_ref(), converted.as_os_str(), "--out".as_ref(), out2.as_os_str()]);
+        let res = vox2vec(&[
+            "embed".as_ref(),
+            patch.as_os_str(),
+            "--weights".as_ref(),
+            converted.as_os_str(),
+            "--out".as_ref(),
+            out2.as_os_str(),
+        ]);
         assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
         for i in 0..f.config().fpn.num_scales {
             let a = std::fs::read(out.join(format!("pyramid_{i}.npy"))).unwrap();
@@ -134,13 +162,30 @@ fn published_weight_files_embed_without_configuration_flags() {
         // A flag that contradicts the file: refused, naming both values, nothing written.
         let wrong = f.config().fpn.base_channels * 2;
         let out3 = dir.join(format!("out3_{file}"));
-        let res = vox2vec(&["embed".as_ref(), patch.as_os_str(), "--weights".as_ref(), w.as_os_str(), "--out".as_ref(), out3.as_os_str(), "--base-channels".as_ref(), wrong.to_string().as_ref()]);
+        let res = vox2vec(&[
+            "embed".as_ref(),
+            patch.as_os_str(),
+            "--weights".as_ref(),
+            w.as_os_str(),
+            "--out".as_ref(),
+            out3.as_os_str(),
+            "--base-channels".as_ref(),
+            wrong.to_string().as_ref(),
+        ]);
         let err = String::from_utf8_lossy(&res.stderr);
-        assert!(!res.status.success() && err.contains(&format!("--base-channels {wrong}")) && err.contains(&format!("base {} x", f.config().fpn.base_channels)), "{file}: {err}");
+        assert!(
+            !res.status.success()
+                && err.contains(&format!("--base-channels {wrong}"))
+                && err.contains(&format!("base {} x", f.config().fpn.base_channels)),
+            "{file}: {err}"
+        );
         assert!(!out3.exists(), "{file}: a refused run leaves no output");
     }
     let want: std::collections::BTreeSet<String> = ["pt", "pt legacy", "ckpt"].iter().map(|s| s.to_string()).collect();
-    assert_eq!(seen, want, "tests/data/weights must hold zip .pt, legacy .pt and .ckpt files (scripts/make-weights-fixtures.py)");
+    assert_eq!(
+        seen, want,
+        "tests/data/weights must hold zip .pt, legacy .pt and .ckpt files (scripts/make-weights-fixtures.py)"
+    );
 }
 
 /// A Lightning checkpoint's projection head (`proj_head.`) loads into our head, its
@@ -151,7 +196,11 @@ fn lightning_checkpoint_maps_backbone_and_projection_head() {
     let w = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/weights/fpn_tiny_model.ckpt");
     let file = read(&w, Naming::Model).unwrap();
     assert!(file.lightning);
-    assert!(file.ignored.iter().all(|k| k.starts_with("optimizer_states.")) && !file.ignored.is_empty(), "{:?}", file.ignored);
+    assert!(
+        file.ignored.iter().all(|k| k.starts_with("optimizer_states.")) && !file.ignored.is_empty(),
+        "{:?}",
+        file.ignored
+    );
     let fixture = fixture_files().into_iter().find(|p| p.ends_with("fpn_tiny.safetensors")).unwrap();
     let f = Fixture::load(&fixture);
     assert_eq!(file.infer_backbone().unwrap(), f.config().fpn);
@@ -170,12 +219,23 @@ fn lightning_checkpoint_maps_backbone_and_projection_head() {
     }
     let res = vox2vec(&["inspect".as_ref(), w.as_os_str()]);
     let text = String::from_utf8_lossy(&res.stdout);
-    assert!(res.status.success() && text.contains("Lightning") && text.contains("model.backbone.") && text.contains("inferred from the tensors") && text.contains("head: 16 tensors"), "{text}");
+    assert!(
+        res.status.success()
+            && text.contains("Lightning")
+            && text.contains("model.backbone.")
+            && text.contains("inferred from the tensors")
+            && text.contains("head: 16 tensors"),
+        "{text}"
+    );
 }
 
 #[test]
 fn whole_volume_embedding_stitches_window_features() {
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 }, proj_dim: 4, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 },
+        proj_dim: 4,
+        temperature: 0.1,
+    };
     let mut m = Vox2Vec::new(cfg, 4);
     let patch = [8usize, 8, 4];
     // One window exactly: the stitched map is the window's pyramid.
@@ -183,7 +243,10 @@ fn whole_volume_embedding_stitches_window_features() {
     let maps = embed_volume(&mut m, &x1, patch, patch, &[0, 1], Blend::Central, 1, &|_, _| {}).unwrap();
     let gauss = embed_volume(&mut m, &x1, patch, patch, &[0, 1], Blend::Gaussian, 1, &|_, _| {}).unwrap();
     for (a, b) in maps.iter().zip(&gauss) {
-        assert!(rel_err(&b.values, &a.values, 0.0) < 1e-6, "one window: Gaussian blending must return the window itself");
+        assert!(
+            rel_err(&b.values, &a.values, 0.0) < 1e-6,
+            "one window: Gaussian blending must return the window itself"
+        );
     }
     let direct = patch_pyramid(&mut m, &x1, patch).unwrap();
     for (map, level) in maps.iter().zip([0usize, 1]) {
@@ -226,7 +289,10 @@ fn whole_volume_embedding_stitches_window_features() {
         for gx in 0..13 {
             for gy in 0..11 {
                 for gz in 0..3 {
-                    if plan.axes[0].owner[gx] == which[0] && plan.axes[1].owner[gy] == which[1] && plan.axes[2].owner[gz] == which[2] {
+                    if plan.axes[0].owner[gx] == which[0]
+                        && plan.axes[1].owner[gy] == which[1]
+                        && plan.axes[2].owner[gz] == which[2]
+                    {
                         for ch in 0..c {
                             let want = level0[((ch * 8 + gx - start[0]) * 8 + gy - start[1]) * 4 + gz - start[2]];
                             let got = maps[0].values[((gx * 11 + gy) * 3 + gz) * c + ch];
@@ -256,15 +322,31 @@ fn features_as_nifti_sit_in_the_inputs_world() {
     let ct = dir.join("ct.nii.gz");
     let file_shape = common::write_ct_with_affine(&ct, &hu, shape, affine);
     assert_eq!(file_shape, [shape[1], shape[0], shape[2]]);
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 }, proj_dim: 4, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 },
+        proj_dim: 4,
+        temperature: 0.1,
+    };
     let m = Vox2Vec::new(cfg, 5);
     let w = dir.join("w.safetensors");
     vox2vec::checkpoint::save(&w, &m.config, &m.store, None, &[]).unwrap();
     let out = dir.join("out");
     let res = vox2vec(&[
-        "embed".as_ref(), ct.as_os_str(), "--weights".as_ref(), w.as_os_str(), "--out".as_ref(), out.as_os_str(),
-        "--format".as_ref(), "npy,nifti".as_ref(), "--levels".as_ref(), "0,1".as_ref(), "--original-grid".as_ref(),
-        "--spacing".as_ref(), "2,2,2".as_ref(), "--patch".as_ref(), "16,16,8".as_ref(),
+        "embed".as_ref(),
+        ct.as_os_str(),
+        "--weights".as_ref(),
+        w.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--format".as_ref(),
+        "npy,nifti".as_ref(),
+        "--levels".as_ref(),
+        "0,1".as_ref(),
+        "--original-grid".as_ref(),
+        "--spacing".as_ref(),
+        "2,2,2".as_ref(),
+        "--patch".as_ref(),
+        "16,16,8".as_ref(),
     ]);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let read = |p: &std::path::Path| {
@@ -279,7 +361,9 @@ fn features_as_nifti_sit_in_the_inputs_world() {
         let m = nalgebra::Matrix4::from_fn(|r, c| a[r][c]).try_inverse().unwrap();
         std::array::from_fn(|r| std::array::from_fn(|c| m[(r, c)]))
     };
-    let apply = |a: &[[f64; 4]; 4], p: [f64; 3]| -> [f64; 3] { std::array::from_fn(|r| a[r][0] * p[0] + a[r][1] * p[1] + a[r][2] * p[2] + a[r][3]) };
+    let apply = |a: &[[f64; 4]; 4], p: [f64; 3]| -> [f64; 3] {
+        std::array::from_fn(|r| a[r][0] * p[0] + a[r][1] * p[1] + a[r][2] * p[2] + a[r][3])
+    };
     for level in [0usize, 1] {
         let (h, feat) = read(&out.join(format!("level_{level}.nii.gz")));
         let (ns, npy_v) = npy::read_f32(&out.join(format!("level_{level}.npy"))).unwrap();
@@ -309,7 +393,8 @@ fn features_as_nifti_sit_in_the_inputs_world() {
                         continue; // outside the crop box
                     }
                     let p = apply(&to_level, [fx as f64, fy as f64, fz as f64]);
-                    let q: Vec<usize> = (0..3).map(|a| p[a].round().clamp(0.0, (feat.shape()[a] - 1) as f64) as usize).collect();
+                    let q: Vec<usize> =
+                        (0..3).map(|a| p[a].round().clamp(0.0, (feat.shape()[a] - 1) as f64) as usize).collect();
                     let got: Vec<f32> = (0..c).map(|ch| feat[[q[0], q[1], q[2], ch]]).collect();
                     checked += 1;
                     agree += (got == want) as usize;

@@ -56,7 +56,12 @@ fn stitching_writes_every_voxel_once_like_the_reference() {
                 *c += o;
             }
         }
-        assert!(count.iter().all(|&c| c == 1.0), "level {level}: some voxel written {} or {} times", count.iter().cloned().fold(f32::INFINITY, f32::min), count.iter().cloned().fold(0.0, f32::max));
+        assert!(
+            count.iter().all(|&c| c == 1.0),
+            "level {level}: some voxel written {} or {} times",
+            count.iter().cloned().fold(f32::INFINITY, f32::min),
+            count.iter().cloned().fold(0.0, f32::max)
+        );
     }
 }
 

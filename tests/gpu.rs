@@ -121,7 +121,15 @@ fn check_op(name: &str, dt: DType, inputs: Vec<Input>, train: bool, op: OpFn, se
 }
 
 /// `check_op` with an explicit bound.
-fn check_op_within(name: &str, dt: DType, inputs: Vec<Input>, train: bool, op: OpFn, seed: u64, tol: f64) -> Result<()> {
+fn check_op_within(
+    name: &str,
+    dt: DType,
+    inputs: Vec<Input>,
+    train: bool,
+    op: OpFn,
+    seed: u64,
+    tol: f64,
+) -> Result<()> {
     let inputs: Vec<Input> = inputs
         .into_iter()
         .map(|i| if dt == DType::BF16 && i.activation { Input { value: round_bf16(&i.value), ..i } } else { i })
@@ -179,16 +187,34 @@ fn test_elementwise() -> Result<()> {
         // 16 and 4 channels take the 16-byte kernels (4 only in f32), the others the scalar ones.
         for shape in [[1usize, 3, 5, 7, 3], [2, 4, 4, 4, 16], [1, 1, 1, 1, 1], [1, 3, 5, 7, 4]] {
             let x = rand_tensor(&mut rng, &shape);
-            check_op(&format!("relu {shape:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::relu(g, &v[0])?, vec![])), 2)?;
+            check_op(
+                &format!("relu {shape:?} {dt:?}"),
+                dt,
+                vec![act(x)],
+                true,
+                &|g, v, _| Ok((ops::relu(g, &v[0])?, vec![])),
+                2,
+            )?;
             let (a, b) = (rand_tensor(&mut rng, &shape), rand_tensor(&mut rng, &shape));
-            check_op(&format!("add {shape:?} {dt:?}"), dt, vec![act(a), act(b)], true, &|g, v, _| Ok((ops::add(g, &v[0], &v[1])?, vec![])), 3)?;
+            check_op(
+                &format!("add {shape:?} {dt:?}"),
+                dt,
+                vec![act(a), act(b)],
+                true,
+                &|g, v, _| Ok((ops::add(g, &v[0], &v[1])?, vec![])),
+                3,
+            )?;
         }
     }
     Ok(())
 }
 
 fn test_conv3d() -> Result<()> {
-    assert_eq!(vox2vec::cuda::ops::conv3d::weight_splits(2 * 17 * 13 * 11, 5, 27 * 3).0, 3, "the split-K case below must use several splits");
+    assert_eq!(
+        vox2vec::cuda::ops::conv3d::weight_splits(2 * 17 * 13 * 11, 5, 27 * 3).0,
+        3,
+        "the split-K case below must use several splits"
+    );
     let mut rng = StdRng::seed_from_u64(4);
     // (n, x, y, z, ci, co, k, bias)
     let cases = [
@@ -244,9 +270,15 @@ fn test_conv3d() -> Result<()> {
         let out = ops::conv3d(&g, &xv, &w, Some(&b))?;
         let dy = round_bf16(&rand_tensor(&mut rng, out.shape()));
         let grads = g.backward_with(&out, dy.to_device(GPU)?)?;
-        let want: Vec<f32> = (0..co).map(|c| dy.f32s().iter().skip(c).step_by(co).map(|&v| v as f64).sum::<f64>() as f32).collect();
+        let want: Vec<f32> =
+            (0..co).map(|c| dy.f32s().iter().skip(c).step_by(co).map(|&v| v as f64).sum::<f64>() as f32).collect();
         let db = grads.get(&b).ok_or_else(|| anyhow!("no bias gradient"))?;
-        close(&format!("conv3d bias gradient [{n},{x},{y},{z},{ci}]->{co} bf16"), db, &Tensor::from_f32(&[co], want), 1e-5)?;
+        close(
+            &format!("conv3d bias gradient [{n},{x},{y},{z},{ci}]->{co} bf16"),
+            db,
+            &Tensor::from_f32(&[co], want),
+            1e-5,
+        )?;
     }
     Ok(())
 }
@@ -255,16 +287,30 @@ fn test_batchnorm() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(6);
     for dt in DTYPES {
         // [.., 24] and [.., 16] in bf16: the 8-channel vectorised backward.
-        for shape in [vec![2usize, 5, 4, 3, 6], vec![1, 3, 3, 3, 17], vec![37, 16], vec![1, 8, 8, 4, 300], vec![2, 3, 4, 5, 24], vec![1, 4, 4, 2, 16]] {
+        for shape in [
+            vec![2usize, 5, 4, 3, 6],
+            vec![1, 3, 3, 3, 17],
+            vec![37, 16],
+            vec![1, 8, 8, 4, 300],
+            vec![2, 3, 4, 5, 24],
+            vec![1, 4, 4, 2, 16],
+        ] {
             let c = *shape.last().unwrap();
             for train in [true, false] {
-                let x = Tensor::from_f32(&shape, rand_vec(&mut rng, shape.iter().product()).into_iter().map(|v| 3.0 * v + 0.5).collect());
+                let x = Tensor::from_f32(
+                    &shape,
+                    rand_vec(&mut rng, shape.iter().product()).into_iter().map(|v| 3.0 * v + 0.5).collect(),
+                );
                 let gamma = Tensor::from_f32(&[c], (0..c).map(|_| rng.random_range(0.5..1.5f32)).collect());
                 let beta = rand_tensor(&mut rng, &[c]);
                 let rm = rand_tensor(&mut rng, &[c]);
                 let rv = Tensor::from_f32(&[c], (0..c).map(|_| rng.random_range(0.5..2.0f32)).collect());
                 // Activations go in as a 1-D [M, C] view when the shape is 2-D.
-                let inputs = vec![if dt == DType::BF16 && shape.len() == 2 { param(x) } else { act(x) }, param(gamma), param(beta)];
+                let inputs = vec![
+                    if dt == DType::BF16 && shape.len() == 2 { param(x) } else { act(x) },
+                    param(gamma),
+                    param(beta),
+                ];
                 let op = |g: &Graph, v: &[Var], d: Device| -> Result<(Var, Vec<Tensor>)> {
                     let (y, up) = ops::batch_norm(g, &v[0], &v[1], &v[2], &rm.to_device(d)?, &rv.to_device(d)?)?;
                     Ok((y, up.map(|u| vec![u.running_mean, u.running_var]).unwrap_or_default()))
@@ -281,12 +327,17 @@ fn test_batchnorm() -> Result<()> {
 fn resblock_inputs(rng: &mut StdRng, shape: [usize; 5], cout: usize, k: usize, dt: DType) -> (Vec<Input>, Vec<Tensor>) {
     let cin = shape[4];
     let mid = cin.min(cout);
-    let x = Tensor::from_f32(&shape, rand_vec(rng, shape.iter().product()).into_iter().map(|v| 2.0 * v + 0.3).collect());
-    let pos = |rng: &mut StdRng, c: usize| Tensor::from_f32(&[c], (0..c).map(|_| rng.random_range(0.5..1.5f32)).collect());
+    let x =
+        Tensor::from_f32(&shape, rand_vec(rng, shape.iter().product()).into_iter().map(|v| 2.0 * v + 0.3).collect());
+    let pos =
+        |rng: &mut StdRng, c: usize| Tensor::from_f32(&[c], (0..c).map(|_| rng.random_range(0.5..1.5f32)).collect());
     // Conv weights as bf16 values in the bf16 run: the tensor-core convolutions round them,
     // and the oracle must multiply the same weights.
     let scaled = |rng: &mut StdRng, sh: &[usize], fan: usize| {
-        let t = Tensor::from_f32(sh, rand_vec(rng, sh.iter().product()).into_iter().map(|v| v / (fan as f32).sqrt()).collect());
+        let t = Tensor::from_f32(
+            sh,
+            rand_vec(rng, sh.iter().product()).into_iter().map(|v| v / (fan as f32).sqrt()).collect(),
+        );
         if dt == DType::BF16 { round_bf16(&t) } else { t }
     };
     let mut inputs = vec![act(x), param(pos(rng, cin)), param(rand_tensor(rng, &[cin]))];
@@ -328,7 +379,8 @@ fn resblock_on_device(g: &Graph, v: &[Var], r: &[Tensor], fused: bool) -> Result
 /// Channels that are multiples of 16, which take the fused tensor-core ResBlock in bf16: a
 /// 4x4x1 level with batch 1, an 8x8x2 level with a skip conv (16 -> 32), 32 -> 16 over a voxel
 /// count that is no multiple of the 2x4x8 brick, and k = 1.
-const FUSED_RESBLOCKS: [([usize; 5], usize, usize); 4] = [([1, 4, 4, 1, 16], 16, 3), ([2, 8, 8, 2, 16], 32, 3), ([1, 3, 5, 9, 32], 16, 3), ([2, 3, 5, 3, 16], 16, 1)];
+const FUSED_RESBLOCKS: [([usize; 5], usize, usize); 4] =
+    [([1, 4, 4, 1, 16], 16, 3), ([2, 8, 8, 2, 16], 32, 3), ([1, 3, 5, 9, 32], 16, 3), ([2, 3, 5, 3, 16], 16, 1)];
 
 /// The device's recomputing ResBlock op (saves x and h1 only) against the composition of the
 /// primitive ops on the CPU: output, running statistics, and the gradients of x and of every
@@ -337,7 +389,16 @@ const FUSED_RESBLOCKS: [([usize; 5], usize, usize); 4] = [([1, 4, 4, 1, 16], 16,
 /// list keeps its values), which take the fused path in bf16.
 fn test_resblock() -> Result<()> {
     let lists: [(u64, Vec<([usize; 5], usize, usize)>); 2] = [
-        (21, vec![([2, 5, 4, 3, 4], 4, 3), ([1, 4, 4, 1, 3], 5, 3), ([2, 3, 2, 2, 6], 3, 3), ([1, 6, 5, 4, 16], 16, 3), ([2, 3, 3, 2, 5], 7, 1)]),
+        (
+            21,
+            vec![
+                ([2, 5, 4, 3, 4], 4, 3),
+                ([1, 4, 4, 1, 3], 5, 3),
+                ([2, 3, 2, 2, 6], 3, 3),
+                ([1, 6, 5, 4, 16], 16, 3),
+                ([2, 3, 3, 2, 5], 7, 1),
+            ],
+        ),
         (23, FUSED_RESBLOCKS.to_vec()),
     ];
     for (seed, cases) in lists {
@@ -348,7 +409,12 @@ fn test_resblock() -> Result<()> {
                 let op = |g: &Graph, v: &[Var], d: Device| -> Result<(Var, Vec<Tensor>)> {
                     let r: Vec<Tensor> = running.iter().map(|t| t.to_device(d)).collect::<Result<_>>()?;
                     if d != Device::Cpu {
-                        return resblock_on_device(g, v, &r, vox2vec::ops::resblock::fusion_for(dt, shape[4], shape[4].min(cout)));
+                        return resblock_on_device(
+                            g,
+                            v,
+                            &r,
+                            vox2vec::ops::resblock::fusion_for(dt, shape[4], shape[4].min(cout)),
+                        );
                     }
                     // The oracle: the primitive ops composed, as model::layers::ResBlock3d does.
                     let (h, u0) = ops::batch_norm(g, &v[0], &v[1], &v[2], &r[0], &r[1])?;
@@ -383,7 +449,10 @@ fn test_resblock_fused_vs_composed() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(29);
     for &(shape, cout, k) in &FUSED_RESBLOCKS {
         let name = format!("fused resblock {shape:?}->{cout} k{k}");
-        ensure!(vox2vec::ops::resblock::fusion_for(DType::BF16, shape[4], shape[4].min(cout)), "{name}: the fused path is switched off (VOX2VEC_NO_FUSION)");
+        ensure!(
+            vox2vec::ops::resblock::fusion_for(DType::BF16, shape[4], shape[4].min(cout)),
+            "{name}: the fused path is switched off (VOX2VEC_NO_FUSION)"
+        );
         let (inputs, running) = resblock_inputs(&mut rng, shape, cout, k, DType::BF16);
         let run = |fused: bool| -> Result<(Tensor, Vec<Tensor>, Vec<Tensor>)> {
             let g = Graph::train();
@@ -398,7 +467,10 @@ fn test_resblock_fused_vs_composed() -> Result<()> {
             let (y, stats) = resblock_on_device(&g, &vars, &r, fused)?;
             let seed_grad = round_bf16(&rand_tensor(&mut StdRng::seed_from_u64(31), y.shape()));
             let grads = g.backward_with(&y, seed_grad.to_device(GPU)?)?;
-            let gs = vars.iter().map(|v| grads.get(v).cloned().ok_or_else(|| anyhow!("{name}: no gradient"))).collect::<Result<_>>()?;
+            let gs = vars
+                .iter()
+                .map(|v| grads.get(v).cloned().ok_or_else(|| anyhow!("{name}: no gradient")))
+                .collect::<Result<_>>()?;
             Ok((y.value, stats, gs))
         };
         let (fy, fstats, fgrads) = run(true)?;
@@ -483,18 +555,38 @@ fn test_resblock_eval() -> Result<()> {
 fn test_fpn_merge() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(41);
     // (f shape, up grid)
-    let cases = [([2usize, 8, 6, 4, 16], [4usize, 3, 2]), ([1, 5, 3, 7, 32], [3, 2, 4]), ([1, 4, 4, 1, 16], [2, 2, 1]), ([2, 3, 5, 9, 16], [2, 3, 5])];
+    let cases = [
+        ([2usize, 8, 6, 4, 16], [4usize, 3, 2]),
+        ([1, 5, 3, 7, 32], [3, 2, 4]),
+        ([1, 4, 4, 1, 16], [2, 2, 1]),
+        ([2, 3, 5, 9, 16], [2, 3, 5]),
+    ];
     for dt in DTYPES {
         for &(fs, ug) in &cases {
             let c = fs[4];
             let w = rand_tensor(&mut rng, &[c, 1, 1, 1, c]);
             let w = if dt == DType::BF16 { round_bf16(&w) } else { w };
-            let inputs = vec![act(rand_tensor(&mut rng, &fs)), param(w), param(rand_tensor(&mut rng, &[c])), act(rand_tensor(&mut rng, &[fs[0], ug[0], ug[1], ug[2], c]))];
+            let inputs = vec![
+                act(rand_tensor(&mut rng, &fs)),
+                param(w),
+                param(rand_tensor(&mut rng, &[c])),
+                act(rand_tensor(&mut rng, &[fs[0], ug[0], ug[1], ug[2], c])),
+            ];
             let name = format!("fpn_merge {fs:?} + up {ug:?} {dt:?}");
             if dt == DType::BF16 {
-                ensure!(ops::fpn_merge::fused_for(dt, c), "{name}: the fused merge is switched off (VOX2VEC_NO_FUSION)");
+                ensure!(
+                    ops::fpn_merge::fused_for(dt, c),
+                    "{name}: the fused merge is switched off (VOX2VEC_NO_FUSION)"
+                );
             }
-            check_op(&name, dt, inputs, true, &|g, v, _| Ok((ops::fpn_merge(g, &v[0], &v[1], &v[2], &v[3])?, vec![])), 43)?;
+            check_op(
+                &name,
+                dt,
+                inputs,
+                true,
+                &|g, v, _| Ok((ops::fpn_merge(g, &v[0], &v[1], &v[2], &v[3])?, vec![])),
+                43,
+            )?;
         }
     }
     Ok(())
@@ -513,7 +605,13 @@ fn test_accumulated_gradients() -> Result<()> {
             let w = rand_tensor(&mut rng, &[c, 3, 3, 3, c]);
             let w1 = rand_tensor(&mut rng, &[c, 1, 1, 1, c]);
             let (w, w1) = if dt == DType::BF16 { (round_bf16(&w), round_bf16(&w1)) } else { (w, w1) };
-            let inputs = vec![act(rand_tensor(&mut rng, &shape)), param(w), param(rand_tensor(&mut rng, &[c])), param(w1), param(rand_tensor(&mut rng, &[c]))];
+            let inputs = vec![
+                act(rand_tensor(&mut rng, &shape)),
+                param(w),
+                param(rand_tensor(&mut rng, &[c])),
+                param(w1),
+                param(rand_tensor(&mut rng, &[c])),
+            ];
             let name = format!("accumulated gradients {shape:?} {dt:?}");
             check_op(
                 &name,
@@ -524,7 +622,11 @@ fn test_accumulated_gradients() -> Result<()> {
                     let a = ops::conv3d(g, &v[0], &v[1], Some(&v[2]))?;
                     let b = ops::conv3d(g, &v[0], &v[3], Some(&v[4]))?;
                     let c2 = ops::conv3d(g, &a, &v[1], Some(&v[2]))?;
-                    let p = ops::upsample2_crop(g, &ops::maxpool2(g, &v[0])?, [v[0].shape()[1], v[0].shape()[2], v[0].shape()[3]])?;
+                    let p = ops::upsample2_crop(
+                        g,
+                        &ops::maxpool2(g, &v[0])?,
+                        [v[0].shape()[1], v[0].shape()[2], v[0].shape()[3]],
+                    )?;
                     Ok((ops::add(g, &ops::add(g, &c2, &b)?, &p)?, vec![]))
                 },
                 48,
@@ -539,18 +641,56 @@ fn test_pool_upsample() -> Result<()> {
     for dt in DTYPES {
         // Odd extents with 8 and 12 channels: the 16-byte kernels over clipped windows (12
         // only in f32).
-        for shape in [[1usize, 5, 4, 3, 3], [2, 8, 8, 4, 16], [1, 1, 1, 1, 2], [1, 7, 1, 2, 5], [1, 5, 3, 7, 8], [2, 3, 5, 1, 12]] {
+        for shape in [
+            [1usize, 5, 4, 3, 3],
+            [2, 8, 8, 4, 16],
+            [1, 1, 1, 1, 2],
+            [1, 7, 1, 2, 5],
+            [1, 5, 3, 7, 8],
+            [2, 3, 5, 1, 12],
+        ] {
             let x = rand_tensor(&mut rng, &shape);
-            check_op(&format!("maxpool2 {shape:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::maxpool2(g, &v[0])?, vec![])), 9)?;
+            check_op(
+                &format!("maxpool2 {shape:?} {dt:?}"),
+                dt,
+                vec![act(x)],
+                true,
+                &|g, v, _| Ok((ops::maxpool2(g, &v[0])?, vec![])),
+                9,
+            )?;
         }
         // Ties: small integers repeat within windows; the first maximum in scan order wins.
         for shape in [[2usize, 6, 5, 4, 3], [1, 3, 3, 3, 8]] {
-            let x = Tensor::from_f32(&shape, (0..shape.iter().product::<usize>()).map(|_| rng.random_range(0..3) as f32).collect());
-            check_op(&format!("maxpool2 with ties {shape:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::maxpool2(g, &v[0])?, vec![])), 19)?;
+            let x = Tensor::from_f32(
+                &shape,
+                (0..shape.iter().product::<usize>()).map(|_| rng.random_range(0..3) as f32).collect(),
+            );
+            check_op(
+                &format!("maxpool2 with ties {shape:?} {dt:?}"),
+                dt,
+                vec![act(x)],
+                true,
+                &|g, v, _| Ok((ops::maxpool2(g, &v[0])?, vec![])),
+                19,
+            )?;
         }
-        for (shape, target) in [([1usize, 3, 2, 2, 3], [5usize, 4, 3]), ([2, 4, 4, 2, 8], [8, 8, 4]), ([1, 1, 1, 1, 4], [1, 2, 1]), ([1, 3, 5, 2, 7], [6, 9, 4]), ([1, 3, 5, 3, 16], [5, 10, 6]), ([2, 3, 2, 3, 12], [6, 3, 5])] {
+        for (shape, target) in [
+            ([1usize, 3, 2, 2, 3], [5usize, 4, 3]),
+            ([2, 4, 4, 2, 8], [8, 8, 4]),
+            ([1, 1, 1, 1, 4], [1, 2, 1]),
+            ([1, 3, 5, 2, 7], [6, 9, 4]),
+            ([1, 3, 5, 3, 16], [5, 10, 6]),
+            ([2, 3, 2, 3, 12], [6, 3, 5]),
+        ] {
             let x = rand_tensor(&mut rng, &shape);
-            check_op(&format!("upsample2_crop {shape:?}->{target:?} {dt:?}"), dt, vec![act(x)], true, &|g, v, _| Ok((ops::upsample2_crop(g, &v[0], target)?, vec![])), 10)?;
+            check_op(
+                &format!("upsample2_crop {shape:?}->{target:?} {dt:?}"),
+                dt,
+                vec![act(x)],
+                true,
+                &|g, v, _| Ok((ops::upsample2_crop(g, &v[0], target)?, vec![])),
+                10,
+            )?;
         }
     }
     Ok(())
@@ -559,7 +699,9 @@ fn test_pool_upsample() -> Result<()> {
 fn test_gather_concat() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(11);
     for dt in DTYPES {
-        for (shape, shift, pairs) in [([2usize, 4, 4, 2, 5], 1u32, 40usize), ([1, 3, 5, 7, 3], 0, 9), ([3, 1, 1, 1, 16], 3, 12)] {
+        for (shape, shift, pairs) in
+            [([2usize, 4, 4, 2, 5], 1u32, 40usize), ([1, 3, 5, 7, 3], 0, 9), ([3, 1, 1, 1, 16], 3, 12)]
+        {
             let f = rand_tensor(&mut rng, &shape);
             let mut batch = Vec::new();
             let mut voxels = Vec::new();
@@ -579,12 +721,24 @@ fn test_gather_concat() -> Result<()> {
                 batch.push(b);
                 voxels.extend([cx, cy, cz]);
             }
-            let op = |g: &Graph, v: &[Var], _: Device| Ok((ops::gather_voxels(g, &v[0], &batch, &voxels, shift)?, vec![]));
+            let op =
+                |g: &Graph, v: &[Var], _: Device| Ok((ops::gather_voxels(g, &v[0], &batch, &voxels, shift)?, vec![]));
             check_op(&format!("gather_voxels {shape:?} shift {shift} {dt:?}"), dt, vec![act(f)], true, &op, 12)?;
         }
     }
-    let parts = vec![param(rand_tensor(&mut rng, &[7, 3])), param(rand_tensor(&mut rng, &[7, 5])), param(rand_tensor(&mut rng, &[7, 1]))];
-    check_op("concat_channels [7,3|5|1]", DType::F32, parts, true, &|g, v, _| Ok((ops::concat_channels(g, v)?, vec![])), 13)
+    let parts = vec![
+        param(rand_tensor(&mut rng, &[7, 3])),
+        param(rand_tensor(&mut rng, &[7, 5])),
+        param(rand_tensor(&mut rng, &[7, 1])),
+    ];
+    check_op(
+        "concat_channels [7,3|5|1]",
+        DType::F32,
+        parts,
+        true,
+        &|g, v, _| Ok((ops::concat_channels(g, v)?, vec![])),
+        13,
+    )
 }
 
 fn test_head_ops() -> Result<()> {
@@ -593,21 +747,41 @@ fn test_head_ops() -> Result<()> {
         let mut x = rand_vec(&mut rng, n * d);
         x[..d].iter_mut().for_each(|v| *v = 0.0); // a zero row: the eps branch
         let x = Tensor::from_f32(&[n, d], x);
-        check_op(&format!("l2_normalize_rows [{n},{d}]"), DType::F32, vec![param(x)], true, &|g, v, _| Ok((ops::l2_normalize_rows(g, &v[0])?, vec![])), 15)?;
+        check_op(
+            &format!("l2_normalize_rows [{n},{d}]"),
+            DType::F32,
+            vec![param(x)],
+            true,
+            &|g, v, _| Ok((ops::l2_normalize_rows(g, &v[0])?, vec![])),
+            15,
+        )?;
     }
     for (n, fin, fout, bias) in [(7usize, 5usize, 3usize, true), (33, 128, 128, true), (1, 4, 9, false)] {
         let mut inputs = vec![param(rand_tensor(&mut rng, &[n, fin])), param(rand_tensor(&mut rng, &[fout, fin]))];
         if bias {
             inputs.push(param(rand_tensor(&mut rng, &[fout])));
         }
-        check_op(&format!("linear [{n},{fin}]->{fout} bias {bias}"), DType::F32, inputs, true, &|g, v, _| Ok((ops::linear(g, &v[0], &v[1], v.get(2))?, vec![])), 16)?;
+        check_op(
+            &format!("linear [{n},{fin}]->{fout} bias {bias}"),
+            DType::F32,
+            inputs,
+            true,
+            &|g, v, _| Ok((ops::linear(g, &v[0], &v[1], v.get(2))?, vec![])),
+            16,
+        )?;
     }
     // TF32 (the head under --precision bf16): inputs rounded to 10 mantissa bits (2^-11
     // relative), fp32 sums; the emulator rounds the same way. Bound 5e-3: a few roundings
     // of 5e-4, the products' errors adding in quadrature.
     for (n, fin, fout) in [(33usize, 128usize, 128usize), (1, 4, 9), (70, 1008, 128)] {
-        let inputs = vec![param(rand_tensor(&mut rng, &[n, fin])), param(rand_tensor(&mut rng, &[fout, fin])), param(rand_tensor(&mut rng, &[fout]))];
-        let op = |g: &Graph, v: &[Var], _: Device| Ok((ops::linear::linear_with(g, &v[0], &v[1], v.get(2), ops::linear::MatmulMath::Tf32)?, vec![]));
+        let inputs = vec![
+            param(rand_tensor(&mut rng, &[n, fin])),
+            param(rand_tensor(&mut rng, &[fout, fin])),
+            param(rand_tensor(&mut rng, &[fout])),
+        ];
+        let op = |g: &Graph, v: &[Var], _: Device| {
+            Ok((ops::linear::linear_with(g, &v[0], &v[1], v.get(2), ops::linear::MatmulMath::Tf32)?, vec![]))
+        };
         check_op_within(&format!("linear tf32 [{n},{fin}]->{fout}"), DType::F32, inputs, true, &op, 16, 5e-3)?;
     }
     // Row and column tiles of 32 x 64: counts that are not multiples, d beyond one 32-wide
@@ -630,8 +804,18 @@ fn test_head_ops() -> Result<()> {
         // split products (1e-5 of a logit at t = 0.1, summed over the tiles): 1e-4.
         if vox2vec::cuda::ops::infonce::tensor_cores_for(d) {
             let (e1, e2) = (unit(&mut rng), unit(&mut rng));
-            let op = |g: &Graph, v: &[Var], _: Device| Ok((ops::infonce::infonce_with(g, &v[0], &v[1], 0.1, ops::linear::MatmulMath::Tf32)?, vec![]));
-            check_op_within(&format!("infonce tensor cores [{n},{d}]"), DType::F32, vec![param(e1), param(e2)], true, &op, 17, 1e-4)?;
+            let op = |g: &Graph, v: &[Var], _: Device| {
+                Ok((ops::infonce::infonce_with(g, &v[0], &v[1], 0.1, ops::linear::MatmulMath::Tf32)?, vec![]))
+            };
+            check_op_within(
+                &format!("infonce tensor cores [{n},{d}]"),
+                DType::F32,
+                vec![param(e1), param(e2)],
+                true,
+                &op,
+                17,
+                1e-4,
+            )?;
         }
     }
     Ok(())
@@ -647,7 +831,8 @@ fn test_learning_signal() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(19);
     for (n, d) in [(6usize, 8usize), (37, 16), (300, 33), (1100, 128), (2, 1)] {
         let unit = |rng: &mut StdRng, base: Option<&[f32]>| {
-            let mut v: Vec<f32> = (0..n * d).map(|k| base.map_or(0.0, |b| b[k]) + 0.6 * rng.random_range(-1.0..1.0f32)).collect();
+            let mut v: Vec<f32> =
+                (0..n * d).map(|k| base.map_or(0.0, |b| b[k]) + 0.6 * rng.random_range(-1.0..1.0f32)).collect();
             for r in v.chunks_mut(d) {
                 let s = r.iter().map(|x| x * x).sum::<f32>().sqrt();
                 r.iter_mut().for_each(|x| *x /= s);
@@ -657,11 +842,26 @@ fn test_learning_signal() -> Result<()> {
         let e1 = unit(&mut rng, None);
         let e2 = unit(&mut rng, Some(&e1));
         let want = signal_cpu(&e1, &e2, n, d);
-        let got = signal(&Tensor::from_f32(&[n, d], e1).to_device(GPU)?, &Tensor::from_f32(&[n, d], e2).to_device(GPU)?)?;
+        let got =
+            signal(&Tensor::from_f32(&[n, d], e1).to_device(GPU)?, &Tensor::from_f32(&[n, d], e2).to_device(GPU)?)?;
         let anchors = 2 * n.min(SIGNAL_ANCHORS);
-        ensure!((got.top1 - want.top1).abs() * anchors as f64 <= 2.0 + 1e-9, "[{n},{d}]: top-1 {} on the GPU, {} on the CPU", got.top1, want.top1);
-        println!("    learning signal [{n},{d}]: top-1 {:.4} vs {:.4}, positive similarity off by {:.1e}, negative by {:.1e}", got.top1, want.top1, (got.pos_sim - want.pos_sim).abs(), (got.neg_sim - want.neg_sim).abs());
-        ensure!((got.pos_sim - want.pos_sim).abs() < 1e-6 && (got.neg_sim - want.neg_sim).abs() < 1e-6, "[{n},{d}]: {got:?} on the GPU, {want:?} on the CPU");
+        ensure!(
+            (got.top1 - want.top1).abs() * anchors as f64 <= 2.0 + 1e-9,
+            "[{n},{d}]: top-1 {} on the GPU, {} on the CPU",
+            got.top1,
+            want.top1
+        );
+        println!(
+            "    learning signal [{n},{d}]: top-1 {:.4} vs {:.4}, positive similarity off by {:.1e}, negative by {:.1e}",
+            got.top1,
+            want.top1,
+            (got.pos_sim - want.pos_sim).abs(),
+            (got.neg_sim - want.neg_sim).abs()
+        );
+        ensure!(
+            (got.pos_sim - want.pos_sim).abs() < 1e-6 && (got.neg_sim - want.neg_sim).abs() < 1e-6,
+            "[{n},{d}]: {got:?} on the GPU, {want:?} on the CPU"
+        );
     }
     Ok(())
 }
@@ -674,25 +874,47 @@ fn test_learning_signal() -> Result<()> {
 fn test_segloss() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(21);
     for dt in DTYPES {
-        for (shape, with_roi) in [([1usize, 3, 5, 7, 1], true), ([2, 4, 4, 4, 3], false), ([1, 17, 9, 5, 20], true), ([2, 2, 3, 2, 260], true)] {
-            let logits: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| rng.random_range(-4.0..4.0f32)).collect();
+        for (shape, with_roi) in [
+            ([1usize, 3, 5, 7, 1], true),
+            ([2, 4, 4, 4, 3], false),
+            ([1, 17, 9, 5, 20], true),
+            ([2, 2, 3, 2, 260], true),
+        ] {
+            let logits: Vec<f32> =
+                (0..shape.iter().product::<usize>()).map(|_| rng.random_range(-4.0..4.0f32)).collect();
             let logits = Tensor::from_f32(&shape, logits);
-            let targets = Tensor::from_f32(&shape, (0..logits.numel()).map(|_| if rng.random_bool(0.3) { 1.0 } else { 0.0 }).collect());
+            let targets = Tensor::from_f32(
+                &shape,
+                (0..logits.numel()).map(|_| if rng.random_bool(0.3) { 1.0 } else { 0.0 }).collect(),
+            );
             let voxels = logits.numel() / shape[4];
-            let roi = with_roi.then(|| vox2vec::ops::segloss::roi_tensor(&shape[..4], &(0..voxels).map(|i| i % 7 != 3).collect::<Vec<_>>()));
+            let roi = with_roi.then(|| {
+                vox2vec::ops::segloss::roi_tensor(&shape[..4], &(0..voxels).map(|i| i % 7 != 3).collect::<Vec<_>>())
+            });
             let op = |g: &Graph, v: &[Var], device: Device| {
                 let t = targets.to_device(device)?;
                 let r = roi.as_ref().map(|r| r.to_device(device)).transpose()?;
                 Ok((ops::segmentation_loss(g, &v[0], &t, r.as_ref())?, vec![]))
             };
-            check_op(&format!("segmentation_loss {shape:?} roi {with_roi} {dt:?}"), dt, vec![act(logits)], true, &op, 22)?;
+            check_op(
+                &format!("segmentation_loss {shape:?} roi {with_roi} {dt:?}"),
+                dt,
+                vec![act(logits)],
+                true,
+                &op,
+                22,
+            )?;
         }
     }
     let shape = [1usize, 2, 2, 2, 2];
     let logits = Var::constant(Tensor::zeros(&shape).to_device(GPU)?);
     let empty = vox2vec::ops::segloss::roi_tensor(&shape[..4], &[false; 8]).to_device(GPU)?;
     let loss = ops::segmentation_loss(&Graph::train(), &logits, &Tensor::zeros(&shape).to_device(GPU)?, Some(&empty))?;
-    ensure!(loss.value.to_scalar().is_nan(), "an empty ROI gave the loss {} on the device, expected NaN", loss.value.to_scalar());
+    ensure!(
+        loss.value.to_scalar().is_nan(),
+        "an empty ROI gave the loss {} on the device, expected NaN",
+        loss.value.to_scalar()
+    );
     Ok(())
 }
 
@@ -718,17 +940,45 @@ fn test_clip_and_adam() -> Result<()> {
     for step in 0..4 {
         // Large gradients on even steps (clipping active), small on odd ones (coefficient 1).
         let scale = if step % 2 == 0 { 10.0 } else { 1e-3 };
-        let grads: Vec<Option<Tensor>> = shapes.iter().map(|s| Some(Tensor::from_f32(s, rand_vec(&mut rng, s.iter().product()).into_iter().map(|v| v * scale).collect()))).collect();
+        let grads: Vec<Option<Tensor>> = shapes
+            .iter()
+            .map(|s| {
+                Some(Tensor::from_f32(
+                    s,
+                    rand_vec(&mut rng, s.iter().product()).into_iter().map(|v| v * scale).collect(),
+                ))
+            })
+            .collect();
         let norm = global_norm(&grads);
         cpu_adam.update_scaled(&mut store, &grads, clip_coefficient(norm, 1.0))?;
-        let dgrads: Vec<Option<Tensor>> = grads.iter().map(|g| g.as_ref().map(|g| g.to_device(GPU)).transpose()).collect::<Result<_>>()?;
+        let dgrads: Vec<Option<Tensor>> =
+            grads.iter().map(|g| g.as_ref().map(|g| g.to_device(GPU)).transpose()).collect::<Result<_>>()?;
         let stats = vox2vec::cuda::optim::clip_stats(&dev, &dgrads, 1.0, None)?;
         gpu_adam.step += 1;
-        vox2vec::cuda::optim::adam_update(&gpu_store, &dgrads, gpu_adam.device.as_ref().unwrap(), cfg, gpu_adam.step, Some(stats.coef_ptr()))?;
+        vox2vec::cuda::optim::adam_update(
+            &gpu_store,
+            &dgrads,
+            gpu_adam.device.as_ref().unwrap(),
+            cfg,
+            gpu_adam.step,
+            Some(stats.coef_ptr()),
+        )?;
         let st = dev.download::<f32>(stats.norm_ptr(), 2)?;
-        println!("    clip step {step}: gradient norm relative error {:.2e} (bound 1e-5)", ((st[0] as f64 - norm) / norm).abs());
-        ensure!(((st[0] as f64 - norm) / norm).abs() < 1e-5, "step {step}: gradient norm {} on the GPU, {norm} on the CPU", st[0]);
-        ensure!((st[1] - clip_coefficient(norm, 1.0)).abs() <= 1e-6 * st[1].abs().max(1.0), "step {step}: clip coefficient {} vs {}", st[1], clip_coefficient(norm, 1.0));
+        println!(
+            "    clip step {step}: gradient norm relative error {:.2e} (bound 1e-5)",
+            ((st[0] as f64 - norm) / norm).abs()
+        );
+        ensure!(
+            ((st[0] as f64 - norm) / norm).abs() < 1e-5,
+            "step {step}: gradient norm {} on the GPU, {norm} on the CPU",
+            st[0]
+        );
+        ensure!(
+            (st[1] - clip_coefficient(norm, 1.0)).abs() <= 1e-6 * st[1].abs().max(1.0),
+            "step {step}: clip coefficient {} vs {}",
+            st[1],
+            clip_coefficient(norm, 1.0)
+        );
     }
     // Two steps the device must not apply (the CPU takes neither): a gradient with a NaN, and
     // finite gradients with a non-finite loss. The coefficient comes back NaN and the Adam
@@ -742,10 +992,18 @@ fn test_clip_and_adam() -> Result<()> {
             grads[2] = Some(Tensor::from_f32(g.shape(), v));
         }
         let loss = Tensor::from_f32(&[1], vec![if nan_grad { 1.0 } else { f32::INFINITY }]).to_device(GPU)?;
-        let dgrads: Vec<Option<Tensor>> = grads.iter().map(|g| g.as_ref().map(|g| g.to_device(GPU)).transpose()).collect::<Result<_>>()?;
+        let dgrads: Vec<Option<Tensor>> =
+            grads.iter().map(|g| g.as_ref().map(|g| g.to_device(GPU)).transpose()).collect::<Result<_>>()?;
         let stats = vox2vec::cuda::optim::clip_stats(&dev, &dgrads, 1.0, Some(&loss))?;
         gpu_adam.step += 1;
-        vox2vec::cuda::optim::adam_update(&gpu_store, &dgrads, gpu_adam.device.as_ref().unwrap(), cfg, gpu_adam.step, Some(stats.coef_ptr()))?;
+        vox2vec::cuda::optim::adam_update(
+            &gpu_store,
+            &dgrads,
+            gpu_adam.device.as_ref().unwrap(),
+            cfg,
+            gpu_adam.step,
+            Some(stats.coef_ptr()),
+        )?;
         let st = dev.download::<f32>(stats.norm_ptr(), 2)?;
         ensure!(st[1].is_nan(), "{case}: clip coefficient {} (norm {}), expected the skip mark NaN", st[1], st[0]);
     }
@@ -753,7 +1011,11 @@ fn test_clip_and_adam() -> Result<()> {
         close(&format!("parameter {slot} after 4 Adam steps"), gpu_store.get(slot), store.get(slot), 1e-5)?;
         let (gm, gv) = gpu_adam.moments_on_host(slot)?.unwrap();
         let (cm, cv) = cpu_adam.moments_on_host(slot)?.unwrap();
-        println!("    Adam moments of slot {slot}: relative errors {:.2e}, {:.2e} (bound 1e-5)", rel(&gm, &cm), rel(&gv, &cv));
+        println!(
+            "    Adam moments of slot {slot}: relative errors {:.2e}, {:.2e} (bound 1e-5)",
+            rel(&gm, &cm),
+            rel(&gv, &cv)
+        );
         ensure!(rel(&gm, &cm) < 1e-5 && rel(&gv, &cv) < 1e-5, "Adam moments of slot {slot} differ");
     }
     Ok(())
@@ -766,7 +1028,11 @@ fn test_clip_and_adam() -> Result<()> {
 fn test_inference_on_gpu() -> Result<()> {
     use vox2vec::eval::embed::{Blend, embed_volume, patch_pyramid};
     use vox2vec::eval::segment::{Head, HeadKind};
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 },
+        proj_dim: 16,
+        temperature: 0.1,
+    };
     let mut rng = StdRng::seed_from_u64(77);
     let shape = [20, 18, 12];
     let x: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| rng.random::<f32>()).collect();
@@ -778,7 +1044,11 @@ fn test_inference_on_gpu() -> Result<()> {
     for (blend, want) in [(Blend::Central, &cpu_maps), (Blend::Gaussian, &cpu_gauss)] {
         for (a, b) in embed_volume(&mut cpu, &x, shape, patch, &[0, 2], blend, 4, &|_, _| {})?.iter().zip(want) {
             let e = rel(&a.values, &b.values);
-            ensure!(e < 1e-6, "CPU {blend:?} with 4 windows per pass, level {}: relative error {e:.2e} against one per pass", a.level);
+            ensure!(
+                e < 1e-6,
+                "CPU {blend:?} with 4 windows per pass, level {}: relative error {e:.2e} against one per pass",
+                a.level
+            );
         }
     }
     let cpu_pyr = patch_pyramid(&mut cpu, &x[..16 * 16 * 8], patch)?;
@@ -798,16 +1068,32 @@ fn test_inference_on_gpu() -> Result<()> {
         gpu.activation_dtype = dt;
         // Stitched on the device (kernels/stitch.cu), one window per pass and three (the last
         // batch short), central regions and Gaussian blending.
-        for (blend, sw_batch, want) in [(Blend::Central, 1, &cpu_maps), (Blend::Central, 3, &cpu_maps), (Blend::Gaussian, 3, &cpu_gauss)] {
+        for (blend, sw_batch, want) in
+            [(Blend::Central, 1, &cpu_maps), (Blend::Central, 3, &cpu_maps), (Blend::Gaussian, 3, &cpu_gauss)]
+        {
             let maps = embed_volume(&mut gpu, &x, shape, patch, &[0, 2], blend, sw_batch, &|_, _| {})?;
             for (a, b) in maps.iter().zip(want) {
-                ensure!(a.shape == b.shape && a.channels == b.channels, "level {}: {:?} x {} vs {:?} x {}", a.level, a.shape, a.channels, b.shape, b.channels);
+                ensure!(
+                    a.shape == b.shape && a.channels == b.channels,
+                    "level {}: {:?} x {} vs {:?} x {}",
+                    a.level,
+                    a.shape,
+                    a.channels,
+                    b.shape,
+                    b.channels
+                );
                 let e = rel(&a.values, &b.values);
                 worst = worst.max(e);
-                ensure!(e < bound, "{dt:?} embed {blend:?} sw-batch {sw_batch} level {}: relative error {e:.2e} (bound {bound:.0e})", a.level);
+                ensure!(
+                    e < bound,
+                    "{dt:?} embed {blend:?} sw-batch {sw_batch} level {}: relative error {e:.2e} (bound {bound:.0e})",
+                    a.level
+                );
             }
         }
-        for (i, ((sa, a), (sb, b))) in patch_pyramid(&mut gpu, &x[..16 * 16 * 8], patch)?.iter().zip(&cpu_pyr).enumerate() {
+        for (i, ((sa, a), (sb, b))) in
+            patch_pyramid(&mut gpu, &x[..16 * 16 * 8], patch)?.iter().zip(&cpu_pyr).enumerate()
+        {
             let e = rel(a, b);
             worst = worst.max(e);
             ensure!(sa == sb && e < bound, "{dt:?} patch pyramid level {i}: {sa:?} vs {sb:?}, relative error {e:.2e}");
@@ -817,7 +1103,9 @@ fn test_inference_on_gpu() -> Result<()> {
         hs.to_device(GPU)?;
         let e = rel(&logits(&mut gpu, &mut hs)?, &cpu_logits);
         ensure!(e < bound, "{dt:?} head logits: relative error {e:.2e}");
-        println!("  inference {dt:?}: embed, patch pyramid and head logits within {bound:.0e} of the CPU (largest embed/pyramid error {worst:.2e}, head {e:.2e})");
+        println!(
+            "  inference {dt:?}: embed, patch pyramid and head logits within {bound:.0e} of the CPU (largest embed/pyramid error {worst:.2e}, head {e:.2e})"
+        );
     }
     Ok(())
 }
@@ -846,7 +1134,11 @@ fn test_segmentation_on_gpu() -> Result<()> {
     let ds = load_dataset(&common::blocks::blocks_dataset(&dir), &PreprocessConfig::default(), &|_| {})?;
     let _ = std::fs::remove_dir_all(&dir);
     let (train, val): (Vec<_>, Vec<_>) = ds.cases.iter().partition(|c| c.name != "c1");
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 },
+        proj_dim: 16,
+        temperature: 0.1,
+    };
     let run = |device: Device, dt: DType, mode: Mode, steps: u64, lr: f64| -> Result<(Vec<f64>, f64)> {
         let mut model = Vox2Vec::new(cfg, 5);
         if device != Device::Cpu {
@@ -855,8 +1147,17 @@ fn test_segmentation_on_gpu() -> Result<()> {
         }
         let mut store = ParamStore::new();
         let head = Head::new(HeadKind::Linear, &mut store, 6, cfg.fpn, 1);
-        let sc = SegConfig { patch: [16, 16, 8], batch: 2, steps, lr, validate_every: steps, seed: 2, ..SegConfig::default() };
-        let res = train_segmentation(&mut model, &head, &mut store, &train, &val, 1, mode, &sc, &|_| {}, &mut |_, _| Ok(()))?;
+        let sc = SegConfig {
+            patch: [16, 16, 8],
+            batch: 2,
+            steps,
+            lr,
+            validate_every: steps,
+            seed: 2,
+            ..SegConfig::default()
+        };
+        let res =
+            train_segmentation(&mut model, &head, &mut store, &train, &val, 1, mode, &sc, &|_| {}, &mut |_, _| Ok(()))?;
         if device != Device::Cpu {
             ensure!(store.device() == device, "the head was not trained on {device:?}");
         }
@@ -865,7 +1166,12 @@ fn test_segmentation_on_gpu() -> Result<()> {
     // Per step: the GPU's loss against the CPU's direct-kernel run, within the like-for-like
     // 1e-3 re-based on the drift of the CPU's Winograd run from it (DRIFT_FACTOR).
     let compare = |what: &str, cpu: &[f64], winograd: &[f64], gpu: &[f64]| -> Result<()> {
-        ensure!(cpu.len() == gpu.len() && cpu.len() == winograd.len() && !cpu.is_empty(), "{what}: {} CPU steps, {} GPU steps", cpu.len(), gpu.len());
+        ensure!(
+            cpu.len() == gpu.len() && cpu.len() == winograd.len() && !cpu.is_empty(),
+            "{what}: {} CPU steps, {} GPU steps",
+            cpu.len(),
+            gpu.len()
+        );
         let (mut drift, mut worst) = (0.0f64, (0.0f64, 0usize, 0.0f64));
         for (i, ((c, w), g)) in cpu.iter().zip(winograd).zip(gpu).enumerate() {
             drift = drift.max(((c - w) / c).abs());
@@ -873,9 +1179,16 @@ fn test_segmentation_on_gpu() -> Result<()> {
             if e / b > worst.0 / worst.2.max(1e-30) {
                 worst = (e, i + 1, b);
             }
-            ensure!(e < b, "{what}: step {} loss {g} on the GPU, {c} on the CPU (relative {e:.2e}, bound {b:.1e}, CPU drift {drift:.1e})", i + 1);
+            ensure!(
+                e < b,
+                "{what}: step {} loss {g} on the GPU, {c} on the CPU (relative {e:.2e}, bound {b:.1e}, CPU drift {drift:.1e})",
+                i + 1
+            );
         }
-        println!("    {what}: largest loss gap {:.2e} at step {} (bound there {:.1e}); CPU Winograd drift up to {drift:.1e}", worst.0, worst.1, worst.2);
+        println!(
+            "    {what}: largest loss gap {:.2e} at step {} (bound there {:.1e}); CPU Winograd drift up to {drift:.1e}",
+            worst.0, worst.1, worst.2
+        );
         Ok(())
     };
     // 20 steps at 1e-1 reach Dice 0.80 on the CPU (measured): few enough for the emulator.
@@ -885,7 +1198,10 @@ fn test_segmentation_on_gpu() -> Result<()> {
     compare("probe", &cpu_losses, &wino_losses, &gpu_losses)?;
     let dice_bound = rebased(0.02, (cpu_dice - wino_dice).abs());
     println!("    probe Dice gap {:.2e} (bound {dice_bound:.2e})", (cpu_dice - gpu_dice).abs());
-    ensure!(cpu_dice > 0.5 && (cpu_dice - gpu_dice).abs() < dice_bound, "probe Dice {gpu_dice:.4} on the GPU, {cpu_dice:.4} on the CPU (both must be > 0.5 and within {dice_bound:.2e})");
+    ensure!(
+        cpu_dice > 0.5 && (cpu_dice - gpu_dice).abs() < dice_bound,
+        "probe Dice {gpu_dice:.4} on the GPU, {cpu_dice:.4} on the CPU (both must be > 0.5 and within {dice_bound:.2e})"
+    );
     let ft = Mode::FineTune { unfreeze_after: 2 };
     let (cpu_ft, _) = direct_convolutions(|| run(Device::Cpu, DType::F32, ft, 6, 1e-3))?;
     let (wino_ft, _) = run(Device::Cpu, DType::F32, ft, 6, 1e-3)?;
@@ -893,7 +1209,11 @@ fn test_segmentation_on_gpu() -> Result<()> {
     compare("finetune", &cpu_ft, &wino_ft, &gpu_ft)?;
     let (_, bf16_dice) = run(GPU, DType::BF16, Mode::Probe, 20, 1e-1)?;
     ensure!(bf16_dice > 0.5, "a bf16 probe on the GPU reached Dice {bf16_dice:.4} only");
-    println!("  probe Dice: cpu {cpu_dice:.4}, gpu f32 {gpu_dice:.4}, gpu bf16 {bf16_dice:.4}; final losses {:.4} / {:.4}", cpu_losses.last().unwrap(), gpu_losses.last().unwrap());
+    println!(
+        "  probe Dice: cpu {cpu_dice:.4}, gpu f32 {gpu_dice:.4}, gpu bf16 {bf16_dice:.4}; final losses {:.4} / {:.4}",
+        cpu_losses.last().unwrap(),
+        gpu_losses.last().unwrap()
+    );
     Ok(())
 }
 
@@ -906,9 +1226,13 @@ fn test_fixture_parity() -> Result<()> {
         let (sf, sg) = common::parity::check_fixture_with(&f, Device::Cpu, DType::F32, true);
         for (dt, fb, gb) in [(DType::F32, 1e-4, 1e-2), (DType::BF16, 5.0 * sf, 5.0 * sg)] {
             let (ef, eg) = common::parity::check_fixture(&f, GPU, dt);
-            println!("    parity {} {dt:?}: forward {ef:.2e} (bound {fb:.2e}), gradients {eg:.2e} (bound {gb:.2e})", f.name);
+            println!(
+                "    parity {} {dt:?}: forward {ef:.2e} (bound {fb:.2e}), gradients {eg:.2e} (bound {gb:.2e})",
+                f.name
+            );
             if !(ef < fb && eg < gb) {
-                failures.push(format!("{} {dt:?}: fwd {ef:.3e} (bound {fb:.3e}), grad {eg:.3e} (bound {gb:.3e})", f.name));
+                failures
+                    .push(format!("{} {dt:?}: fwd {ef:.3e} (bound {fb:.3e}), grad {eg:.3e} (bound {gb:.3e})", f.name));
             }
         }
     }
@@ -918,7 +1242,11 @@ fn test_fixture_parity() -> Result<()> {
 
 fn test_training_steps() -> Result<()> {
     // Small enough for the CUDA emulator (CPU fibers) to get through in a minute or two.
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 },
+        proj_dim: 16,
+        temperature: 0.1,
+    };
     let shape = BatchShape { pairs: 2, patch: [12, 10, 8], voxels_per_pair: 48 };
     // A small learning rate: Adam moves every parameter by about lr whatever its gradient's
     // size, so gradients that are rounding noise on both devices (a conv bias before a
@@ -967,9 +1295,17 @@ fn test_training_steps() -> Result<()> {
                 norm_drift = norm_drift.max((cn - dn).abs() / cn.abs().max(1e-3));
                 let (el, en) = ((cl - gl).abs() / cl.abs().max(1.0), (cn - gn).abs() / cn.abs().max(1e-3));
                 let (bl, bn) = (rebased(1e-5, loss_drift), rebased(1e-4, norm_drift));
-                println!("    step {i}: loss off by {el:.2e} (bound {bl:.1e}, CPU drift {loss_drift:.1e}), gradient norm by {en:.2e} (bound {bn:.1e}, CPU drift {norm_drift:.1e})");
-                ensure!(el <= bl, "step {i}: loss {gl} on the GPU, {cl} on the CPU (relative {el:.2e}, bound {bl:.1e})");
-                ensure!(en <= bn, "step {i}: gradient norm {gn} on the GPU, {cn} on the CPU (relative {en:.2e}, bound {bn:.1e})");
+                println!(
+                    "    step {i}: loss off by {el:.2e} (bound {bl:.1e}, CPU drift {loss_drift:.1e}), gradient norm by {en:.2e} (bound {bn:.1e}, CPU drift {norm_drift:.1e})"
+                );
+                ensure!(
+                    el <= bl,
+                    "step {i}: loss {gl} on the GPU, {cl} on the CPU (relative {el:.2e}, bound {bl:.1e})"
+                );
+                ensure!(
+                    en <= bn,
+                    "step {i}: gradient norm {gn} on the GPU, {cn} on the CPU (relative {en:.2e}, bound {bn:.1e})"
+                );
             }
         }
         if dt == DType::F32 {
@@ -993,8 +1329,14 @@ fn test_training_steps() -> Result<()> {
             // 0.9 %, 0.4 % over the four steps).
             for (i, (l, f)) in losses.iter().map(|l| l.1).zip(&fp32_gpu_losses).enumerate() {
                 let tol = 3e-2;
-                println!("    bf16 step {i}: loss off the fp32 run by {:.2e} relative (bound {tol:.0e})", (l - f).abs() / f.abs());
-                ensure!((l - f).abs() <= tol * f.abs(), "bf16 step {i}: loss {l}, fp32 run {f} (bound {tol:e} relative)");
+                println!(
+                    "    bf16 step {i}: loss off the fp32 run by {:.2e} relative (bound {tol:.0e})",
+                    (l - f).abs() / f.abs()
+                );
+                ensure!(
+                    (l - f).abs() <= tol * f.abs(),
+                    "bf16 step {i}: loss {l}, fp32 run {f} (bound {tol:e} relative)"
+                );
             }
         }
     }
@@ -1012,8 +1354,28 @@ fn test_training_steps() -> Result<()> {
 fn test_step_graph_vs_unrecorded() -> Result<()> {
     let dev = vox2vec::cuda::device(0)?;
     let cases = [
-        ("fp32", DType::F32, ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 }, BatchShape { pairs: 2, patch: [12, 10, 8], voxels_per_pair: 48 }, 8),
-        ("bf16", DType::BF16, ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 16, num_scales: 3 }, proj_dim: 16, temperature: 0.1 }, BatchShape { pairs: 1, patch: [16, 12, 8], voxels_per_pair: 40 }, 3),
+        (
+            "fp32",
+            DType::F32,
+            ModelConfig {
+                fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 },
+                proj_dim: 16,
+                temperature: 0.1,
+            },
+            BatchShape { pairs: 2, patch: [12, 10, 8], voxels_per_pair: 48 },
+            8,
+        ),
+        (
+            "bf16",
+            DType::BF16,
+            ModelConfig {
+                fpn: FpnConfig { in_channels: 1, base_channels: 16, num_scales: 3 },
+                proj_dim: 16,
+                temperature: 0.1,
+            },
+            BatchShape { pairs: 1, patch: [16, 12, 8], voxels_per_pair: 40 },
+            3,
+        ),
     ];
     for (what, dt, cfg, shape, steps) in cases {
         // ((loss, norm) bits per step, every state tensor's bits).
@@ -1033,7 +1395,11 @@ fn test_step_graph_vs_unrecorded() -> Result<()> {
             // Every slot as bits (step counters are i64), then the moments.
             let bits = |t: &Tensor| -> Result<Vec<u64>> {
                 let h = t.to_host()?;
-                Ok(if h.dtype() == DType::I64 { h.i64s().iter().map(|&v| v as u64).collect() } else { h.f32s().iter().map(|v| v.to_bits() as u64).collect() })
+                Ok(if h.dtype() == DType::I64 {
+                    h.i64s().iter().map(|&v| v as u64).collect()
+                } else {
+                    h.f32s().iter().map(|v| v.to_bits() as u64).collect()
+                })
             };
             let mut state: Vec<Vec<u64>> = m.store.slots().iter().map(|s| bits(&s.value)).collect::<Result<_>>()?;
             let moments = a.device.as_ref().ok_or_else(|| anyhow!("Adam's moments are not on the device"))?;
@@ -1051,7 +1417,8 @@ fn test_step_graph_vs_unrecorded() -> Result<()> {
                 for i in 0..40 {
                     let v: Vec<f32> = (0..300).map(|j| ((i * 7 + j) % 11) as f32 - 5.0).collect();
                     let x = Tensor::from_f32(&[300], v.clone()).to_device(GPU)?;
-                    let y = vox2vec::cuda::ops::elementwise::add(&vox2vec::cuda::ops::elementwise::relu_forward(&x)?, &x)?;
+                    let y =
+                        vox2vec::cuda::ops::elementwise::add(&vox2vec::cuda::ops::elementwise::relu_forward(&x)?, &x)?;
                     let want: Vec<f32> = v.iter().map(|a| a.max(0.0) + a).collect();
                     ensure!(host(&y) == want, "the other thread's relu + x, pass {i}, went wrong");
                     n += 1;
@@ -1074,18 +1441,33 @@ fn test_step_graph_vs_unrecorded() -> Result<()> {
             after.unrecorded - before.unrecorded,
             after.nodes
         );
-        ensure!(steps_run == steps && after.unrecorded == before.unrecorded, "{what}: {steps_run} graphed steps of {steps}, {} went on unrecorded ({:?})", after.unrecorded - before.unrecorded, after.last_unrecorded);
+        ensure!(
+            steps_run == steps && after.unrecorded == before.unrecorded,
+            "{what}: {steps_run} graphed steps of {steps}, {} went on unrecorded ({:?})",
+            after.unrecorded - before.unrecorded,
+            after.last_unrecorded
+        );
         ensure!(after.nodes > 50, "{what}: the graph has {} nodes; a step issues hundreds of calls", after.nodes);
         // The blocks settle within about four steps (measured here: the last 4 of 8 relaunch
         // a kept graph unchanged); the short bf16 run checks the results only.
         let relaunched = after.relaunched - before.relaunched;
-        ensure!(steps < 8 || relaunched >= 2, "{what}: {relaunched} of {steps} steps relaunched a kept graph unchanged; the pointers do not settle");
+        ensure!(
+            steps < 8 || relaunched >= 2,
+            "{what}: {relaunched} of {steps} steps relaunched a kept graph unchanged; the pointers do not settle"
+        );
         ensure!(gs == ps, "{what}: (loss, norm) bits per step differ: graphed {gs:?}, one by one {ps:?}");
         for (i, (g, p)) in gw.iter().zip(&pw).enumerate() {
             let differ = g.iter().zip(p).filter(|(a, b)| a != b).count();
-            ensure!(g.len() == p.len() && differ == 0, "{what}: state tensor {i}: {differ} of {} values differ between the graphed and the one-by-one steps", g.len());
+            ensure!(
+                g.len() == p.len() && differ == 0,
+                "{what}: state tensor {i}: {differ} of {} values differ between the graphed and the one-by-one steps",
+                g.len()
+            );
         }
-        println!("  step graph {what}: losses, norms and {} state tensors bit for bit equal to the one-by-one steps", gw.len());
+        println!(
+            "  step graph {what}: losses, norms and {} state tensors bit for bit equal to the one-by-one steps",
+            gw.len()
+        );
     }
     // An upload slot still held by a tensor when a step begins takes no new bytes in that
     // step: a node of the step may read the tensor after the step dropped it.
@@ -1097,7 +1479,11 @@ fn test_step_graph_vs_unrecorded() -> Result<()> {
         let z = Tensor::from_f32(&[64], vec![7.0; 64]).to_device(GPU)?;
         Ok((y, z))
     })?;
-    ensure!(host(&y) == a.iter().map(|v| v.max(0.0)).collect::<Vec<_>>() && host(&z) == vec![7.0; 64], "an upload slot held across steps was overwritten: relu {:?}", host(&y));
+    ensure!(
+        host(&y) == a.iter().map(|v| v.max(0.0)).collect::<Vec<_>>() && host(&z) == vec![7.0; 64],
+        "an upload slot held across steps was overwritten: relu {:?}",
+        host(&y)
+    );
     // A read inside a recording: the calls so far are issued, the rest runs unrecorded.
     let x = Tensor::from_f32(&[3, 5], (0..15).map(|i| i as f32 - 7.0).collect()).to_device(GPU)?;
     let (mid, out) = dev.graphed("read inside", || -> Result<(Vec<f32>, Vec<f32>)> {
@@ -1137,10 +1523,15 @@ fn test_step_graph_vs_unrecorded() -> Result<()> {
 /// So this test checks the integration — the fused path is taken end to end, the loss and
 /// gradients are those of the network — and the op tests hold the tight bounds.
 fn test_bf16_fused_step() -> Result<()> {
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 16, num_scales: 3 }, proj_dim: 16, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 16, num_scales: 3 },
+        proj_dim: 16,
+        temperature: 0.1,
+    };
     let shape = BatchShape { pairs: 1, patch: [16, 12, 8], voxels_per_pair: 40 };
     let batch = synthetic_batch(shape, 31, 0);
-    let round = |t: &Tensor| Tensor::from_f32(t.shape(), t.f32s().iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect());
+    let round =
+        |t: &Tensor| Tensor::from_f32(t.shape(), t.f32s().iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect());
     // (loss, [(name, gradient)]) of one step, the input gradient first.
     let step = |device: Device, dt: DType, b: &vox2vec::model::PairBatch| -> Result<(f64, Vec<(String, Vec<f32>)>)> {
         let mut m = Vox2Vec::new(cfg, 5);
@@ -1150,9 +1541,11 @@ fn test_bf16_fused_step() -> Result<()> {
         let out = m.forward_pairs(&g, b, true)?;
         let loss = host(&out.loss.value)[0] as f64;
         let grads = g.backward(&out.loss)?;
-        let mut items = vec![("input_1".to_string(), host(grads.get(&out.input_1).ok_or_else(|| anyhow!("no input gradient"))?))];
+        let mut items =
+            vec![("input_1".to_string(), host(grads.get(&out.input_1).ok_or_else(|| anyhow!("no input gradient"))?))];
         for slot in m.store.trainable().collect::<Vec<_>>() {
-            let gr = grads.param(&m.store, slot).ok_or_else(|| anyhow!("no gradient for {}", m.store.slots()[slot].name))?;
+            let gr =
+                grads.param(&m.store, slot).ok_or_else(|| anyhow!("no gradient for {}", m.store.slots()[slot].name))?;
             items.push((m.store.slots()[slot].name.clone(), host(gr)));
         }
         Ok((loss, items))
@@ -1164,12 +1557,23 @@ fn test_bf16_fused_step() -> Result<()> {
     dev.start_cost_log();
     let (gpu_loss, gpu) = step(GPU, DType::BF16, &batch)?;
     let log = dev.take_cost_log().ok_or_else(|| anyhow!("cost log missing"))?;
-    for family in ["conv3d_tc_forward_co16", "conv3d_tc_backward_weight", "bn_affine_table", "infonce_tc_row_lse", "infonce_tc_backward"] {
-        ensure!(log.families.keys().any(|k| k.starts_with(family)), "the bf16 step did not take the fused tensor-core path: no {family} launch");
+    for family in [
+        "conv3d_tc_forward_co16",
+        "conv3d_tc_backward_weight",
+        "bn_affine_table",
+        "infonce_tc_row_lse",
+        "infonce_tc_backward",
+    ] {
+        ensure!(
+            log.families.keys().any(|k| k.starts_with(family)),
+            "the bf16 step did not take the fused tensor-core path: no {family} launch"
+        );
     }
     let loss_s = (sens_loss - cpu_loss).abs() / cpu_loss.abs();
     let loss_e = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
-    println!("  bf16 fused step: loss cpu {cpu_loss:.6} gpu {gpu_loss:.6} (rel {loss_e:.2e}; input-rounding sensitivity {loss_s:.2e})");
+    println!(
+        "  bf16 fused step: loss cpu {cpu_loss:.6} gpu {gpu_loss:.6} (rel {loss_e:.2e}; input-rounding sensitivity {loss_s:.2e})"
+    );
     ensure!(loss_e <= (8.0 * loss_s).max(5e-3), "loss {gpu_loss} in bf16 on the GPU, {cpu_loss} on the CPU");
     let floor = 1e-2 * cpu.iter().map(|(_, v)| common::norm(v)).fold(0.0, f64::max);
     let (mut worst_ratio, mut worst_zero) = ((0.0f64, String::new()), 0.0f64);
@@ -1186,7 +1590,10 @@ fn test_bf16_fused_step() -> Result<()> {
             worst_ratio = (e / es.max(2e-2 / 3.0), name.clone());
         }
     }
-    println!("  bf16 fused step: largest gradient error / sensitivity {:.2} ({}); zero-gradient biases within {worst_zero:.2e} of the floor", worst_ratio.0, worst_ratio.1);
+    println!(
+        "  bf16 fused step: largest gradient error / sensitivity {:.2} ({}); zero-gradient biases within {worst_zero:.2e} of the floor",
+        worst_ratio.0, worst_ratio.1
+    );
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
@@ -1197,20 +1604,41 @@ fn test_bf16_fused_step() -> Result<()> {
 /// differ), and the loss stays near fp32's (5e-2 relative). The bf16 fused step's own test
 /// holds the tight, sensitivity-based bounds; this one checks what the bundle will print.
 fn test_precision_report() -> Result<()> {
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 16, num_scales: 3 }, proj_dim: 16, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 16, num_scales: 3 },
+        proj_dim: 16,
+        temperature: 0.1,
+    };
     let shape = BatchShape { pairs: 1, patch: [16, 12, 8], voxels_per_pair: 40 };
     let r = vox2vec::bench::compare_precisions(GPU, cfg, shape, 3)?;
     let n = Vox2Vec::new(cfg, 3).store.trainable().count();
     ensure!(r.grads.len() == n, "the report has {} gradients, the model {n} trainable parameters", r.grads.len());
-    ensure!(r.loss.iter().chain(&r.grad_norm).all(|v| v.is_finite() && *v > 0.0), "loss {:?}, gradient norm {:?}", r.loss, r.grad_norm);
-    ensure!(r.grads.iter().all(|g| g.1.is_finite() && g.2.is_finite()), "a non-finite gradient error: {:?}", r.grads.iter().find(|g| !g.1.is_finite()));
+    ensure!(
+        r.loss.iter().chain(&r.grad_norm).all(|v| v.is_finite() && *v > 0.0),
+        "loss {:?}, gradient norm {:?}",
+        r.loss,
+        r.grad_norm
+    );
+    ensure!(
+        r.grads.iter().all(|g| g.1.is_finite() && g.2.is_finite()),
+        "a non-finite gradient error: {:?}",
+        r.grads.iter().find(|g| !g.1.is_finite())
+    );
     ensure!(r.worst().1 > 0.0, "bf16 and fp32 gave the same gradients: bf16 storage did not take effect");
     let loss_rel = (r.loss[1] - r.loss[0]).abs() / r.loss[0];
-    println!("    bf16 against fp32: loss {loss_rel:.2e} relative (bound 5e-2), median gradient error {:.2e}, largest {:.2e} ({})", r.median(), r.worst().1, r.worst().0);
+    println!(
+        "    bf16 against fp32: loss {loss_rel:.2e} relative (bound 5e-2), median gradient error {:.2e}, largest {:.2e} ({})",
+        r.median(),
+        r.worst().1,
+        r.worst().0
+    );
     ensure!(loss_rel < 5e-2, "loss {} in bf16, {} in fp32", r.loss[1], r.loss[0]);
     let lines = r.render().lines().filter(|l| l.starts_with("precision: ")).count();
     ensure!(lines >= 5, "the report renders {lines} 'precision: ' lines");
-    ensure!(vox2vec::bench::compare_precisions(Device::Cpu, cfg, shape, 3).is_err(), "the CPU was accepted for a bf16 comparison");
+    ensure!(
+        vox2vec::bench::compare_precisions(Device::Cpu, cfg, shape, 3).is_err(),
+        "the CPU was accepted for a bf16 comparison"
+    );
     Ok(())
 }
 
@@ -1229,12 +1657,23 @@ fn test_dynamic_shared_limits() -> Result<()> {
     ensure!(over.is_err(), "a launch with 48 KiB + 16 bytes of dynamic shared memory succeeded without opting in");
     dev.set_max_dynamic_shared(K::MmaLayoutProbe, 96 * 1024)?;
     let big = mma_layout_with_shared(&dev, 96 * 1024)?;
-    ensure!(big.iter().zip(&reference).all(|(a, b)| a.d == b.d && a.ldmatrix == b.ldmatrix), "the probe's results changed with 96 KiB of dynamic shared memory");
-    ensure!(mma_layout_with_shared(&dev, 96 * 1024 + 16).is_err(), "a launch above the kernel's opted-in 96 KiB succeeded");
-    ensure!(dev.set_max_dynamic_shared(K::MmaLayoutProbe, 228 * 1024).is_err(), "opting in to 228 KiB of dynamic shared memory succeeded (no NVIDIA GPU has that much per block)");
+    ensure!(
+        big.iter().zip(&reference).all(|(a, b)| a.d == b.d && a.ldmatrix == b.ldmatrix),
+        "the probe's results changed with 96 KiB of dynamic shared memory"
+    );
+    ensure!(
+        mma_layout_with_shared(&dev, 96 * 1024 + 16).is_err(),
+        "a launch above the kernel's opted-in 96 KiB succeeded"
+    );
+    ensure!(
+        dev.set_max_dynamic_shared(K::MmaLayoutProbe, 228 * 1024).is_err(),
+        "opting in to 228 KiB of dynamic shared memory succeeded (no NVIDIA GPU has that much per block)"
+    );
     dev.set_max_dynamic_shared(K::MmaLayoutProbe, 48 * 1024)?;
     if dev.is_emulator() {
-        let e = mma_layout_with_shared(&dev, PROBE_SHARED_BYTES - 64).err().ok_or_else(|| anyhow!("a block writing 64 bytes past its dynamic shared memory went unnoticed"))?;
+        let e = mma_layout_with_shared(&dev, PROBE_SHARED_BYTES - 64)
+            .err()
+            .ok_or_else(|| anyhow!("a block writing 64 bytes past its dynamic shared memory went unnoticed"))?;
         ensure!(format!("{e:#}").contains("past the end"), "unexpected error for an overrun: {e:#}");
     } else {
         println!("  (the overrun case runs on the emulator only)");
@@ -1290,13 +1729,28 @@ fn test_mma_layout() -> Result<()> {
         let thr = |stride: [usize; 2]| cute_offset(&[4, 8], &stride, l);
         for e in 0..8 {
             let idx = thr([32, 1]) + cute_offset(&[2, 2, 2], &[16, 8, 128], e);
-            ensure!(r.a[e] == (idx % 16, idx / 16), "lane {l}: A element {e} at (row, col) {:?}, CuTe says {:?}", r.a[e], (idx % 16, idx / 16));
+            ensure!(
+                r.a[e] == (idx % 16, idx / 16),
+                "lane {l}: A element {e} at (row, col) {:?}, CuTe says {:?}",
+                r.a[e],
+                (idx % 16, idx / 16)
+            );
         }
         for e in 0..4 {
             let idx = thr([16, 1]) + cute_offset(&[2, 2], &[8, 64], e);
-            ensure!(r.b[e] == (idx / 8, idx % 8), "lane {l}: B element {e} at (k, n) {:?}, CuTe says {:?}", r.b[e], (idx / 8, idx % 8));
+            ensure!(
+                r.b[e] == (idx / 8, idx % 8),
+                "lane {l}: B element {e} at (k, n) {:?}, CuTe says {:?}",
+                r.b[e],
+                (idx / 8, idx % 8)
+            );
             let idx = thr([32, 1]) + cute_offset(&[2, 2], &[16, 8], e);
-            ensure!(r.c[e] == (idx % 16, idx / 16), "lane {l}: C element {e} at (row, col) {:?}, CuTe says {:?}", r.c[e], (idx % 16, idx / 16));
+            ensure!(
+                r.c[e] == (idx % 16, idx / 16),
+                "lane {l}: C element {e} at (row, col) {:?}, CuTe says {:?}",
+                r.c[e],
+                (idx % 16, idx / 16)
+            );
         }
         // A[m][k] = 16 m + k, B picks columns n and n + 8 (weight 2).
         for e in 0..4 {
@@ -1311,14 +1765,24 @@ fn test_mma_layout() -> Result<()> {
             for h in 0..2 {
                 let (row, col) = (8 * (q & 1) + l / 4, 8 * (q >> 1) + 2 * (l % 4) + h);
                 let got = r.ldmatrix[2 * q + h];
-                ensure!(got == (16 * row + col) as f32, "lane {l}: ldmatrix register {q} half {h} = {got}, expected A[{row}][{col}]");
+                ensure!(
+                    got == (16 * row + col) as f32,
+                    "lane {l}: ldmatrix register {q} half {h} = {got}, expected A[{row}][{col}]"
+                );
                 let (fr, fc) = r.a[2 * q + h];
-                ensure!(got == (16 * fr + fc) as f32, "lane {l}: ldmatrix register {q} half {h} is not A's fragment element {}", 2 * q + h);
+                ensure!(
+                    got == (16 * fr + fc) as f32,
+                    "lane {l}: ldmatrix register {q} half {h} is not A's fragment element {}",
+                    2 * q + h
+                );
                 // .trans: register q of lane l holds the transposed quadrant's row l / 4, i.e.
                 // the quadrant's rows 2 (l % 4) and 2 (l % 4) + 1 at column l / 4.
                 let (trow, tcol) = (8 * (q & 1) + 2 * (l % 4) + h, 8 * (q >> 1) + l / 4);
                 let got = r.ldmatrix_trans[2 * q + h];
-                ensure!(got == (16 * trow + tcol) as f32, "lane {l}: ldmatrix.trans register {q} half {h} = {got}, expected A[{trow}][{tcol}]");
+                ensure!(
+                    got == (16 * trow + tcol) as f32,
+                    "lane {l}: ldmatrix.trans register {q} half {h} = {got}, expected A[{trow}][{tcol}]"
+                );
             }
         }
     }
@@ -1357,7 +1821,8 @@ fn main() -> ExitCode {
         ("kernel_lab_versions_vs_cpu", test_kernel_lab),
     ];
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let selected: Vec<_> = cases.iter().filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str()))).collect();
+    let selected: Vec<_> =
+        cases.iter().filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str()))).collect();
     let filtered_out = cases.len() - selected.len();
     if let Some(why) = vox2vec::cuda::unavailable_reason() {
         println!("\nrunning {} GPU tests", selected.len());
@@ -1365,7 +1830,10 @@ fn main() -> ExitCode {
             println!("test {name} ... SKIPPED (no CUDA device)");
         }
         println!("GPU tests SKIPPED for lack of a CUDA device: {why}");
-        println!("gpu test result: skipped. 0 passed; 0 failed; {} skipped; {filtered_out} filtered out\n", selected.len());
+        println!(
+            "gpu test result: skipped. 0 passed; 0 failed; {} skipped; {filtered_out} filtered out\n",
+            selected.len()
+        );
         return ExitCode::SUCCESS;
     }
     let dev = vox2vec::cuda::device(0).expect("opening CUDA device 0");
@@ -1377,7 +1845,12 @@ fn main() -> ExitCode {
         let outcome = match r {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(p) => Some(p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panicked".into())),
+            Err(p) => Some(
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panicked".into()),
+            ),
         };
         match outcome {
             None => {
@@ -1391,8 +1864,15 @@ fn main() -> ExitCode {
         }
     }
     let st = dev.pool_stats();
-    println!("device memory: peak {:.1} MiB in use, {} driver allocations", st.peak_in_use as f64 / (1 << 20) as f64, st.driver_allocs);
+    println!(
+        "device memory: peak {:.1} MiB in use, {} driver allocations",
+        st.peak_in_use as f64 / (1 << 20) as f64,
+        st.driver_allocs
+    );
     let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
-    println!("\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; {filtered_out} filtered out\n", failed.len());
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; {filtered_out} filtered out\n",
+        failed.len()
+    );
     if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

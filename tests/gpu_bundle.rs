@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const ESSENTIAL: [&str; 8] = ["probe", "tests", "bench-bf16", "plan", "pytorch-bf16", "precision", "bench-fp32", "infer"];
+const ESSENTIAL: [&str; 8] =
+    ["probe", "tests", "bench-bf16", "plan", "pytorch-bf16", "precision", "bench-fp32", "infer"];
 const OPTIONAL: [&str; 4] = ["lab", "sanitize", "train", "nccl"];
 
 fn runner() -> PathBuf {
@@ -55,7 +56,10 @@ fn run(script: &Path, out: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, 
         cmd.env(k, v);
     }
     let o = cmd.output().expect("running bash");
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+    )
 }
 
 fn tar_list(path: &Path) -> String {
@@ -130,7 +134,10 @@ echo "test result: FAILED. 21 passed; 1 failed; 0 ignored; 0 measured; 0 filtere
 *" --bench "*) echo "bench: 20 steps: median 42.5 ms/step, min 41.0 ms"; echo "bench: as one CUDA graph per step (1951 nodes): 18 steps relaunched a kept graph unchanged, 2 updated it, 0 instantiated one, 0 went on unrecorded"; echo "bench: 10 steps with every call issued one by one (no graph): median 47.0 ms/step"; echo "bench: peak device memory 5.10 GiB in use, 6.00 GiB reserved by the caching allocator" ;;
 esac"#,
         ),
-        ("vox2vec", "echo 'precision   batch    ms / pass   patches/s   ms / patch  peak memory'; echo 'fp32          1        1.50      666.67         1.50  0.1 GiB'; echo 'bf16          8        8.00     1000.00         1.00  0.5 GiB'"),
+        (
+            "vox2vec",
+            "echo 'precision   batch    ms / pass   patches/s   ms / patch  peak memory'; echo 'fp32          1        1.50      666.67         1.50  0.1 GiB'; echo 'bf16          8        8.00     1000.00         1.00  0.5 GiB'",
+        ),
         ("kernel_lab", "echo 'conv3d_forward v1 FAIL error 1e-1'; exit 1"),
     ];
     for (name, body) in scripts {
@@ -159,10 +166,21 @@ fn a_run_brings_every_phases_numbers_into_the_summary() {
     assert_eq!(get("probe").status, "ok");
     assert!(get("probe").numbers.contains("2 passed; 0 failed"), "{summary}");
     assert_eq!(get("tests").status, "FAILED (rc 1)");
-    assert!(get("tests").numbers.contains("1 failed") && get("tests").numbers.contains("failed: ops_conv3d_vs_cpu"), "{summary}");
+    assert!(
+        get("tests").numbers.contains("1 failed") && get("tests").numbers.contains("failed: ops_conv3d_vs_cpu"),
+        "{summary}"
+    );
     assert_eq!(get("bench-bf16").status, "ok");
-    assert!(get("bench-bf16").numbers.contains("median 42.5 ms/step") && get("bench-bf16").numbers.contains("5.10 GiB in use"), "{summary}");
-    assert!(get("bench-bf16").numbers.contains("18 steps relaunched") && get("bench-bf16").numbers.contains("one by one: median 47.0 ms/step"), "{summary}");
+    assert!(
+        get("bench-bf16").numbers.contains("median 42.5 ms/step")
+            && get("bench-bf16").numbers.contains("5.10 GiB in use"),
+        "{summary}"
+    );
+    assert!(
+        get("bench-bf16").numbers.contains("18 steps relaunched")
+            && get("bench-bf16").numbers.contains("one by one: median 47.0 ms/step"),
+        "{summary}"
+    );
     assert!(get("plan").numbers.contains("floor 20.20 ms/step"), "{summary}");
     assert!(get("precision").numbers.contains("loss fp32 6.1 bf16 6.2"), "{summary}");
     assert!(get("infer").numbers.contains("bf16 b8 1000.00/s"), "{summary}");

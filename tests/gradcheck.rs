@@ -22,7 +22,15 @@ fn rand_tensor(rng: &mut StdRng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
 /// Values bounded away from 0 (for ReLU's kink).
 fn away_from_zero(rng: &mut StdRng, shape: &[usize]) -> Tensor {
     let n = shape.iter().product();
-    Tensor::from_f32(shape, (0..n).map(|_| { let v = rng.random_range(0.1..1.0f32); if rng.random_bool(0.5) { v } else { -v } }).collect())
+    Tensor::from_f32(
+        shape,
+        (0..n)
+            .map(|_| {
+                let v = rng.random_range(0.1..1.0f32);
+                if rng.random_bool(0.5) { v } else { -v }
+            })
+            .collect(),
+    )
 }
 
 /// Distinct values at least 0.05 apart, shuffled (so max-pool winners are stable under ±EPS).
@@ -42,7 +50,11 @@ type Mode = fn() -> Graph;
 fn check(name: &str, mode: Mode, inputs: Vec<Tensor>, wrt: &[usize], f: impl Fn(&Graph, &[Var]) -> Var) {
     let mut rng = StdRng::seed_from_u64(7);
     let g = mode();
-    let vars: Vec<Var> = inputs.iter().enumerate().map(|(i, t)| if wrt.contains(&i) { g.leaf(t.clone()) } else { Var::constant(t.clone()) }).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| if wrt.contains(&i) { g.leaf(t.clone()) } else { Var::constant(t.clone()) })
+        .collect();
     let out = f(&g, &vars);
     let r = rand_tensor(&mut rng, out.shape(), -1.0, 1.0);
     let grads = g.backward_with(&out, r.clone()).unwrap();
@@ -53,9 +65,11 @@ fn check(name: &str, mode: Mode, inputs: Vec<Tensor>, wrt: &[usize], f: impl Fn(
         y.value.f32s().iter().zip(r.f32s()).map(|(&a, &b)| a as f64 * b as f64).sum()
     };
     for &k in wrt {
-        let analytic = grads.get(&vars[k]).unwrap_or_else(|| panic!("{name}: no gradient for input {k}")).f32s().to_vec();
+        let analytic =
+            grads.get(&vars[k]).unwrap_or_else(|| panic!("{name}: no gradient for input {k}")).f32s().to_vec();
         let n = inputs[k].numel();
-        let coords: Vec<usize> = if n <= 300 { (0..n).collect() } else { (0..300).map(|_| rng.random_range(0..n)).collect() };
+        let coords: Vec<usize> =
+            if n <= 300 { (0..n).collect() } else { (0..300).map(|_| rng.random_range(0..n)).collect() };
         let (mut dn, mut nn) = (0.0f64, 0.0f64);
         for &j in &coords {
             let mut xs = inputs.clone();
@@ -82,7 +96,11 @@ fn conv3d_k3_gradients() {
     let mut rng = StdRng::seed_from_u64(1);
     for (x, co) in [([2, 5, 4, 3, 3], 4), ([1, 3, 4, 5, 1], 2), ([1, 1, 2, 1, 2], 3), ([2, 2, 1, 3, 2], 2)] {
         let ci = x[4];
-        let inputs = vec![rand_tensor(&mut rng, &x, -1.0, 1.0), rand_tensor(&mut rng, &[co, 3, 3, 3, ci], -0.5, 0.5), rand_tensor(&mut rng, &[co], -0.5, 0.5)];
+        let inputs = vec![
+            rand_tensor(&mut rng, &x, -1.0, 1.0),
+            rand_tensor(&mut rng, &[co, 3, 3, 3, ci], -0.5, 0.5),
+            rand_tensor(&mut rng, &[co], -0.5, 0.5),
+        ];
         check("conv3d k3", Graph::train, inputs, &[0, 1, 2], |g, v| ops::conv3d(g, &v[0], &v[1], Some(&v[2])).unwrap());
     }
 }
@@ -90,9 +108,17 @@ fn conv3d_k3_gradients() {
 #[test]
 fn conv3d_k1_gradients() {
     let mut rng = StdRng::seed_from_u64(2);
-    let inputs = vec![rand_tensor(&mut rng, &[2, 3, 2, 5, 4], -1.0, 1.0), rand_tensor(&mut rng, &[3, 1, 1, 1, 4], -0.5, 0.5), rand_tensor(&mut rng, &[3], -0.5, 0.5)];
-    check("conv3d k1", Graph::train, inputs.clone(), &[0, 1, 2], |g, v| ops::conv3d(g, &v[0], &v[1], Some(&v[2])).unwrap());
-    check("conv3d k1 no bias", Graph::train, inputs[..2].to_vec(), &[0, 1], |g, v| ops::conv3d(g, &v[0], &v[1], None).unwrap());
+    let inputs = vec![
+        rand_tensor(&mut rng, &[2, 3, 2, 5, 4], -1.0, 1.0),
+        rand_tensor(&mut rng, &[3, 1, 1, 1, 4], -0.5, 0.5),
+        rand_tensor(&mut rng, &[3], -0.5, 0.5),
+    ];
+    check("conv3d k1", Graph::train, inputs.clone(), &[0, 1, 2], |g, v| {
+        ops::conv3d(g, &v[0], &v[1], Some(&v[2])).unwrap()
+    });
+    check("conv3d k1 no bias", Graph::train, inputs[..2].to_vec(), &[0, 1], |g, v| {
+        ops::conv3d(g, &v[0], &v[1], None).unwrap()
+    });
 }
 
 fn bn(g: &Graph, v: &[Var]) -> Var {
@@ -107,7 +133,11 @@ fn batchnorm_gradients() {
     let mut rng = StdRng::seed_from_u64(3);
     for shape in [vec![2, 3, 4, 2, 5], vec![7, 6], vec![1, 3, 1, 1, 2]] {
         let c = *shape.last().unwrap();
-        let inputs = vec![rand_tensor(&mut rng, &shape, -2.0, 2.0), rand_tensor(&mut rng, &[c], 0.5, 1.5), rand_tensor(&mut rng, &[c], -0.5, 0.5)];
+        let inputs = vec![
+            rand_tensor(&mut rng, &shape, -2.0, 2.0),
+            rand_tensor(&mut rng, &[c], 0.5, 1.5),
+            rand_tensor(&mut rng, &[c], -0.5, 0.5),
+        ];
         check("batchnorm train", Graph::train, inputs.clone(), &[0, 1, 2], bn);
         check("batchnorm eval", Graph::eval_with_grad, inputs, &[0, 1, 2], bn);
     }
@@ -127,7 +157,11 @@ fn batchnorm_relu_is_the_composition() {
     let mut rng = StdRng::seed_from_u64(5);
     for shape in [vec![2, 3, 4, 2, 5], vec![7, 6], vec![300, 3]] {
         let c = *shape.last().unwrap();
-        let inputs = [rand_tensor(&mut rng, &shape, -2.0, 2.0), rand_tensor(&mut rng, &[c], 0.5, 1.5), rand_tensor(&mut rng, &[c], -0.5, 0.5)];
+        let inputs = [
+            rand_tensor(&mut rng, &shape, -2.0, 2.0),
+            rand_tensor(&mut rng, &[c], 0.5, 1.5),
+            rand_tensor(&mut rng, &[c], -0.5, 0.5),
+        ];
         let dy = rand_tensor(&mut rng, &shape, -1.0, 1.0);
         for make in [Graph::train as fn() -> Graph, Graph::eval_with_grad] {
             let run = |f: fn(&Graph, &[Var]) -> Var| {
@@ -142,7 +176,10 @@ fn batchnorm_relu_is_the_composition() {
             let fused = run(bn_relu);
             let composed = run(|g, v| ops::relu(g, &bn(g, v)).unwrap());
             for (name, (a, b)) in ["y", "dx", "dgamma", "dbeta"].iter().zip(fused.iter().zip(&composed)) {
-                assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()), "{shape:?} {name}: fused and composed differ");
+                assert!(
+                    a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{shape:?} {name}: fused and composed differ"
+                );
             }
         }
     }
@@ -151,7 +188,11 @@ fn batchnorm_relu_is_the_composition() {
     // composition's bits above, and relu's own finite differences below.
     for shape in [vec![2, 3, 4, 2, 5], vec![7, 6]] {
         let c = *shape.last().unwrap();
-        let inputs = vec![rand_tensor(&mut rng, &shape, -2.0, 2.0), rand_tensor(&mut rng, &[c], 0.5, 1.5), rand_tensor(&mut rng, &[c], 3.5, 4.0)];
+        let inputs = vec![
+            rand_tensor(&mut rng, &shape, -2.0, 2.0),
+            rand_tensor(&mut rng, &[c], 0.5, 1.5),
+            rand_tensor(&mut rng, &[c], 3.5, 4.0),
+        ];
         check("batchnorm_relu train", Graph::train, inputs, &[0, 1, 2], bn_relu);
     }
 }
@@ -161,7 +202,8 @@ fn relu_and_add_gradients() {
     let mut rng = StdRng::seed_from_u64(4);
     let x = away_from_zero(&mut rng, &[3, 7]);
     check("relu", Graph::train, vec![x], &[0], |g, v| ops::relu(g, &v[0]).unwrap());
-    let inputs = vec![rand_tensor(&mut rng, &[2, 3, 1, 2, 4], -1.0, 1.0), rand_tensor(&mut rng, &[2, 3, 1, 2, 4], -1.0, 1.0)];
+    let inputs =
+        vec![rand_tensor(&mut rng, &[2, 3, 1, 2, 4], -1.0, 1.0), rand_tensor(&mut rng, &[2, 3, 1, 2, 4], -1.0, 1.0)];
     check("add", Graph::train, inputs, &[0, 1], |g, v| ops::add(g, &v[0], &v[1]).unwrap());
 }
 
@@ -169,7 +211,9 @@ fn relu_and_add_gradients() {
 fn maxpool_gradients() {
     let mut rng = StdRng::seed_from_u64(5);
     for shape in [[2, 5, 4, 3, 2], [1, 2, 2, 2, 3], [1, 3, 1, 5, 1]] {
-        check("maxpool2", Graph::train, vec![distinct(&mut rng, &shape)], &[0], |g, v| ops::maxpool2(g, &v[0]).unwrap());
+        check("maxpool2", Graph::train, vec![distinct(&mut rng, &shape)], &[0], |g, v| {
+            ops::maxpool2(g, &v[0]).unwrap()
+        });
     }
 }
 
@@ -178,14 +222,20 @@ fn upsample_crop_gradients() {
     let mut rng = StdRng::seed_from_u64(6);
     for target in [[5, 4, 6], [6, 3, 5], [1, 1, 1]] {
         let x = rand_tensor(&mut rng, &[2, 3, 2, 3, 2], -1.0, 1.0);
-        check("upsample2_crop", Graph::train, vec![x], &[0], move |g, v| ops::upsample2_crop(g, &v[0], target).unwrap());
+        check("upsample2_crop", Graph::train, vec![x], &[0], move |g, v| {
+            ops::upsample2_crop(g, &v[0], target).unwrap()
+        });
     }
 }
 
 #[test]
 fn linear_gradients() {
     let mut rng = StdRng::seed_from_u64(8);
-    let inputs = vec![rand_tensor(&mut rng, &[5, 7], -1.0, 1.0), rand_tensor(&mut rng, &[4, 7], -1.0, 1.0), rand_tensor(&mut rng, &[4], -1.0, 1.0)];
+    let inputs = vec![
+        rand_tensor(&mut rng, &[5, 7], -1.0, 1.0),
+        rand_tensor(&mut rng, &[4, 7], -1.0, 1.0),
+        rand_tensor(&mut rng, &[4], -1.0, 1.0),
+    ];
     check("linear", Graph::train, inputs, &[0, 1, 2], |g, v| ops::linear(g, &v[0], &v[1], Some(&v[2])).unwrap());
 }
 
@@ -206,7 +256,9 @@ fn gather_and_concat_gradients() {
     for shift in [0u32, 1] {
         let (b, v) = (batch.clone(), vox.clone());
         let f2 = if shift == 0 { f.clone() } else { rand_tensor(&mut rng, &[2, 2, 2, 3, 3], -1.0, 1.0) };
-        check("gather_voxels", Graph::train, vec![f2], &[0], move |g, x| ops::gather_voxels(g, &x[0], &b, &v, shift).unwrap());
+        check("gather_voxels", Graph::train, vec![f2], &[0], move |g, x| {
+            ops::gather_voxels(g, &x[0], &b, &v, shift).unwrap()
+        });
     }
     let inputs = vec![rand_tensor(&mut rng, &[4, 2], -1.0, 1.0), rand_tensor(&mut rng, &[4, 3], -1.0, 1.0)];
     check("concat_channels", Graph::train, inputs, &[0, 1], |g, v| ops::concat_channels(g, v).unwrap());
@@ -243,7 +295,13 @@ fn conv_backward_is_thread_count_independent() {
     let dy = rand_tensor(&mut rng, &[2, 9, 7, 5, 4], -1.0, 1.0);
     let run = |threads| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| (conv3d_forward_cpu(x.f32s(), v, w.f32s(), None, 4, 3), conv3d_backward_weight_cpu(x.f32s(), v, dy.f32s(), 4, 3), conv3d_backward_input_cpu(dy.f32s(), v.with_c(4), w.f32s(), 3, 3)))
+        pool.install(|| {
+            (
+                conv3d_forward_cpu(x.f32s(), v, w.f32s(), None, 4, 3),
+                conv3d_backward_weight_cpu(x.f32s(), v, dy.f32s(), 4, 3),
+                conv3d_backward_input_cpu(dy.f32s(), v.with_c(4), w.f32s(), 3, 3),
+            )
+        })
     };
     assert_eq!(run(1), run(3));
 }
@@ -256,16 +314,35 @@ fn segmentation_loss_gradients_and_values() {
     let targets = Tensor::from_f32(&shape, (0..72).map(|_| if rng.random_bool(0.3) { 1.0 } else { 0.0 }).collect());
     let roi: Vec<bool> = (0..24).map(|i| i % 5 != 0).collect();
     let (t1, r1) = (targets.clone(), ops::segloss::roi_tensor(&shape[..4], &roi));
-    check("segmentation_loss", Graph::train, vec![logits.clone()], &[0], move |g, v| ops::segmentation_loss(g, &v[0], &t1, Some(&r1)).unwrap());
+    check("segmentation_loss", Graph::train, vec![logits.clone()], &[0], move |g, v| {
+        ops::segmentation_loss(g, &v[0], &t1, Some(&r1)).unwrap()
+    });
     let t2 = targets.clone();
-    check("segmentation_loss no roi", Graph::train, vec![logits.clone()], &[0], move |g, v| ops::segmentation_loss(g, &v[0], &t2, None).unwrap());
+    check("segmentation_loss no roi", Graph::train, vec![logits.clone()], &[0], move |g, v| {
+        ops::segmentation_loss(g, &v[0], &t2, None).unwrap()
+    });
     // Perfect, confident predictions: BCE ~ 0 and Dice loss ~ 1 − 2G/(2G + 1) per (n, c).
     let confident: Vec<f32> = targets.f32s().iter().map(|&t| if t > 0.5 { 30.0 } else { -30.0 }).collect();
     let (_, bce, per_class, _) = ops::segloss::segmentation_loss_cpu(&confident, targets.f32s(), None, 2, 3);
     assert!(bce < 1e-10, "{bce}");
     for (k, d) in per_class.iter().enumerate() {
-        let want: f64 = (0..2).map(|b| { let gsum: f64 = (0..12).map(|v| targets.f32s()[(b * 12 + v) * 3 + k] as f64).sum(); 1.0 - 2.0 * gsum / (2.0 * gsum + 1.0) }).sum::<f64>() / 2.0;
+        let want: f64 = (0..2)
+            .map(|b| {
+                let gsum: f64 = (0..12).map(|v| targets.f32s()[(b * 12 + v) * 3 + k] as f64).sum();
+                1.0 - 2.0 * gsum / (2.0 * gsum + 1.0)
+            })
+            .sum::<f64>()
+            / 2.0;
         assert!((d - want).abs() < 1e-9, "class {k}: {d} vs {want}");
     }
-    assert!(ops::segmentation_loss(&Graph::train(), &Var::constant(logits), &targets, Some(&ops::segloss::roi_tensor(&shape[..4], &[false; 24]))).is_err(), "empty ROI must be an error");
+    assert!(
+        ops::segmentation_loss(
+            &Graph::train(),
+            &Var::constant(logits),
+            &targets,
+            Some(&ops::segloss::roi_tensor(&shape[..4], &[false; 24]))
+        )
+        .is_err(),
+        "empty ROI must be an error"
+    );
 }

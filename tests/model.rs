@@ -53,7 +53,11 @@ fn init_follows_pytorch_defaults() {
 
 #[test]
 fn pyramid_levels_have_ceil_shapes() {
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 4 }, proj_dim: 4, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 4 },
+        proj_dim: 4,
+        temperature: 0.1,
+    };
     let mut m = Vox2Vec::new(cfg, 1);
     let pyr = m.pyramid(&Graph::inference(), &Var::constant(Tensor::full(&[1, 13, 11, 9, 1], 0.5))).unwrap();
     let shapes: Vec<Vec<usize>> = pyr.iter().map(|p| p.shape().to_vec()).collect();
@@ -71,12 +75,23 @@ fn segmentation_heads_have_reference_names_and_sizes() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut store = ParamStore::new();
     FpnLinearHead::new(&mut store, &mut rng, "", fpn, 13);
-    assert!(store.find("layers.0.bias").is_some() && store.find("layers.1.bias").is_none() && store.find("layers.5.weight").is_some());
+    assert!(
+        store.find("layers.0.bias").is_some()
+            && store.find("layers.1.bias").is_none()
+            && store.find("layers.5.weight").is_some()
+    );
     assert_eq!(store.pytorch_shape(store.find("layers.5.weight").unwrap()), vec![13, 512, 1, 1, 1]);
     assert_eq!(store.count_trainable(""), 1008 * 13 + 13);
     let mut ns = ParamStore::new();
     FpnNonLinearHead::new(&mut ns, &mut rng, "", fpn, 13);
-    for key in ["bottom_block.layers.0.weight", "bottom_block.layers.5.bias", "up_blocks.0.0.weight", "skip_blocks.4.weight", "right_blocks.4.layers.3.running_var", "final_block.weight"] {
+    for key in [
+        "bottom_block.layers.0.weight",
+        "bottom_block.layers.5.bias",
+        "up_blocks.0.0.weight",
+        "skip_blocks.4.weight",
+        "right_blocks.4.layers.3.running_var",
+        "final_block.weight",
+    ] {
         assert!(ns.find(key).is_some(), "missing {key}");
     }
     let n = ns.count_trainable("");
@@ -84,7 +99,11 @@ fn segmentation_heads_have_reference_names_and_sizes() {
     assert!((500_000..2_000_000).contains(&n), "the reference's non-linear head has about 1 M parameters, got {n}");
 
     // Both produce level-0 logits for a pyramid.
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 }, proj_dim: 4, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 3 },
+        proj_dim: 4,
+        temperature: 0.1,
+    };
     let mut m = Vox2Vec::new(cfg, 1);
     let g = Graph::inference();
     let pyr = m.pyramid(&g, &Var::constant(Tensor::full(&[1, 9, 7, 5, 1], 0.3))).unwrap();
@@ -112,13 +131,18 @@ fn fused_eval_resblocks_equal_the_composition_bit_for_bit() {
     use vox2vec::ops::conv3d::direct_convolutions;
     use vox2vec::params::ParamStore;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mut m = Vox2Vec::new(ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 4 }, ..ModelConfig::default() }, 3);
+    let mut m = Vox2Vec::new(
+        ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 4 }, ..ModelConfig::default() },
+        3,
+    );
     // Running statistics away from (0, 1), as after training.
     for slot in 0..m.store.len() {
         let name = m.store.slots()[slot].name.clone();
         if name.ends_with("running_mean") || name.ends_with("running_var") {
             let n = m.store.get(slot).numel();
-            let v: Vec<f32> = (0..n).map(|_| if name.ends_with("mean") { rng.random_range(-0.5..0.5) } else { rng.random_range(0.3..2.0) }).collect();
+            let v: Vec<f32> = (0..n)
+                .map(|_| if name.ends_with("mean") { rng.random_range(-0.5..0.5) } else { rng.random_range(0.3..2.0) })
+                .collect();
             m.store.set(slot, Tensor::from_f32(&[n], v));
         }
     }
@@ -128,15 +152,28 @@ fn fused_eval_resblocks_equal_the_composition_bit_for_bit() {
     let composed = direct_convolutions(|| m.pyramid(&Graph::eval_with_grad(), &Var::constant(x.clone()))).unwrap();
     let composed_winograd = m.pyramid(&Graph::eval_with_grad(), &Var::constant(x)).unwrap();
     for (i, (((a, w), b), cw)) in fused.iter().zip(&winograd).zip(&composed).zip(&composed_winograd).enumerate() {
-        assert_eq!(a.value.f32s(), b.value.f32s(), "pyramid level {i} differs between the fused and the composed eval ResBlocks");
-        assert_eq!(w.value.f32s(), cw.value.f32s(), "pyramid level {i} differs between the fused and the composed eval ResBlocks with Winograd");
+        assert_eq!(
+            a.value.f32s(),
+            b.value.f32s(),
+            "pyramid level {i} differs between the fused and the composed eval ResBlocks"
+        );
+        assert_eq!(
+            w.value.f32s(),
+            cw.value.f32s(),
+            "pyramid level {i} differs between the fused and the composed eval ResBlocks with Winograd"
+        );
         let (w, b) = (w.value.f32s(), b.value.f32s());
         let d = w.iter().zip(b).map(|(&p, &q)| ((p - q) as f64).powi(2)).sum::<f64>().sqrt();
         let norm = b.iter().map(|&q| (q as f64).powi(2)).sum::<f64>().sqrt();
-        println!("pyramid level {i}: default inference (Winograd where it applies) vs composition: rel err {:.1e}", d / norm);
+        println!(
+            "pyramid level {i}: default inference (Winograd where it applies) vs composition: rel err {:.1e}",
+            d / norm
+        );
         assert!(d <= 1e-5 * norm, "pyramid level {i}: default inference is {:.1e} from the composition", d / norm);
     }
-    for (cin, cout, k, shape) in [(6usize, 10usize, 3usize, [1usize, 7, 6, 5]), (8, 8, 1, [2, 5, 4, 3]), (5, 3, 3, [1, 2, 1, 3])] {
+    for (cin, cout, k, shape) in
+        [(6usize, 10usize, 3usize, [1usize, 7, 6, 5]), (8, 8, 1, [2, 5, 4, 3]), (5, 3, 3, [1, 2, 1, 3])]
+    {
         let mut store = ParamStore::new();
         let block = ResBlock3d::new(&mut store, &mut rng, "b", cin, cout, k);
         for slot in 0..store.len() {
@@ -146,8 +183,12 @@ fn fused_eval_resblocks_equal_the_composition_bit_for_bit() {
                 store.set(slot, Tensor::from_f32(&[n], (0..n).map(|_| rng.random_range(0.3..2.0)).collect()));
             }
         }
-        let x = Tensor::from_f32(&[shape[0], shape[1], shape[2], shape[3], cin], (0..shape.iter().product::<usize>() * cin).map(|_| rng.random_range(-1.0..1.0f32)).collect());
-        let a = direct_convolutions(|| block.forward(&Graph::inference(), &mut store, &Var::constant(x.clone()))).unwrap();
+        let x = Tensor::from_f32(
+            &[shape[0], shape[1], shape[2], shape[3], cin],
+            (0..shape.iter().product::<usize>() * cin).map(|_| rng.random_range(-1.0..1.0f32)).collect(),
+        );
+        let a =
+            direct_convolutions(|| block.forward(&Graph::inference(), &mut store, &Var::constant(x.clone()))).unwrap();
         let b = direct_convolutions(|| block.forward(&Graph::eval_with_grad(), &mut store, &Var::constant(x))).unwrap();
         assert_eq!(a.value.f32s(), b.value.f32s(), "ResBlock {cin}->{cout} k{k} on {shape:?}");
     }

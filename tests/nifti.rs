@@ -17,10 +17,23 @@ fn tmpdir(name: &str) -> PathBuf {
 
 /// Header with an sform (code 1) equal to `affine` rows.
 fn header_with_sform(affine: [[f32; 4]; 3]) -> NiftiHeader {
-    NiftiHeader { sform_code: 1, qform_code: 0, srow_x: affine[0], srow_y: affine[1], srow_z: affine[2], pixdim: [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], ..NiftiHeader::default() }
+    NiftiHeader {
+        sform_code: 1,
+        qform_code: 0,
+        srow_x: affine[0],
+        srow_y: affine[1],
+        srow_z: affine[2],
+        pixdim: [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+        ..NiftiHeader::default()
+    }
 }
 
-fn write_file<T: nifti::DataElement + bytemuck::Pod + Copy>(path: &Path, data: &ndarray::ArrayD<T>, h: &NiftiHeader, ty: NiftiType) {
+fn write_file<T: nifti::DataElement + bytemuck::Pod + Copy>(
+    path: &Path,
+    data: &ndarray::ArrayD<T>,
+    h: &NiftiHeader,
+    ty: NiftiType,
+) {
     nifti::writer::WriterOptions::new(path).reference_header(h).write_nifti_with_type(data, ty).unwrap();
 }
 
@@ -99,7 +112,9 @@ fn scaling_and_data_types() {
     sorted.sort_by(f32::total_cmp);
     assert_eq!(sorted, vals.iter().map(|&x| x as f32).collect::<Vec<_>>());
 
-    let arr = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 3, 4]), (0..24).map(|i| i as f64 * 0.5 - 3.0).collect()).unwrap();
+    let arr =
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 3, 4]), (0..24).map(|i| i as f64 * 0.5 - 3.0).collect())
+            .unwrap();
     let p = dir.join("f64.nii");
     write_file(&p, &arr, &h, NiftiType::Float64);
     assert!((read_volume(&p).unwrap().data[23] - 8.5).abs() < 1e-6);
@@ -137,7 +152,15 @@ fn qform_and_pixdim_affines() {
     let dir = tmpdir("qform");
     let arr = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 2, 2]), (0..12i16).collect()).unwrap();
     // qform: 180° about z (quaternion b = c = 0, d = 1) flips x and y.
-    let h = NiftiHeader { sform_code: 0, qform_code: 1, quatern_b: 0.0, quatern_c: 0.0, quatern_d: 1.0, pixdim: [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0], ..NiftiHeader::default() };
+    let h = NiftiHeader {
+        sform_code: 0,
+        qform_code: 1,
+        quatern_b: 0.0,
+        quatern_c: 0.0,
+        quatern_d: 1.0,
+        pixdim: [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0],
+        ..NiftiHeader::default()
+    };
     let p = dir.join("q.nii");
     write_file(&p, &arr, &h, NiftiType::Int16);
     let v = read_volume(&p).unwrap();
@@ -146,7 +169,12 @@ fn qform_and_pixdim_affines() {
     // Canonical (0, 0, 0) is file voxel (2, 1, 0), which holds arr[[2, 1, 0]] = 2·4 + 1·2.
     assert_eq!(v.data[0], 10.0);
     // Neither form: pixdim.
-    let h = NiftiHeader { sform_code: 0, qform_code: 0, pixdim: [1.0, 0.5, 0.7, 2.5, 0.0, 0.0, 0.0, 0.0], ..NiftiHeader::default() };
+    let h = NiftiHeader {
+        sform_code: 0,
+        qform_code: 0,
+        pixdim: [1.0, 0.5, 0.7, 2.5, 0.0, 0.0, 0.0, 0.0],
+        ..NiftiHeader::default()
+    };
     let p = dir.join("pixdim.nii.gz");
     write_file(&p, &arr, &h, NiftiType::Int16);
     let v = read_volume(&p).unwrap();
@@ -303,7 +331,9 @@ fn non_finite_voxels_and_affines_are_refused() {
     let p = small_float_file(&dir, "good.nii", &values);
     let bytes = std::fs::read(&p).unwrap();
     // srow_x[3] (x translation) at byte 292, srow_z[2] (z voxel size) at byte 320.
-    for (name, at, v) in [("nan-translation", 292usize, f32::NAN), ("inf-translation", 292, f32::INFINITY), ("nan-size", 320, f32::NAN)] {
+    for (name, at, v) in
+        [("nan-translation", 292usize, f32::NAN), ("inf-translation", 292, f32::INFINITY), ("nan-size", 320, f32::NAN)]
+    {
         let mut b = bytes.clone();
         b[at..at + 4].copy_from_slice(&v.to_le_bytes());
         let q = dir.join(format!("{name}.nii"));

@@ -55,7 +55,8 @@ fn fused_clip_equals_clip_then_update() {
         s.add("b", Tensor::from_f32(&[2], vec![5.0, 0.1]), SlotKind::Trainable, Layout::Plain);
         s
     };
-    let grads = || vec![Some(Tensor::from_f32(&[3], vec![3.0, -0.5, 7.0])), Some(Tensor::from_f32(&[2], vec![-2.0, 1.5]))];
+    let grads =
+        || vec![Some(Tensor::from_f32(&[3], vec![3.0, -0.5, 7.0])), Some(Tensor::from_f32(&[2], vec![-2.0, 1.5]))];
     let (mut s1, mut s2) = (make(), make());
     let (mut a1, mut a2) = (Adam::new(AdamConfig::default(), &s1), Adam::new(AdamConfig::default(), &s2));
     for _ in 0..3 {
@@ -110,6 +111,9 @@ fn idle_runs_update_as_every_element() {
         let got = store.get(0).f32s();
         let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same(got, &p), "step {step}: parameters differ from the per-element update");
-        assert!(same(adam.exp_avg[0].as_ref().unwrap(), &m) && same(adam.exp_avg_sq[0].as_ref().unwrap(), &v), "step {step}: moments differ");
+        assert!(
+            same(adam.exp_avg[0].as_ref().unwrap(), &m) && same(adam.exp_avg_sq[0].as_ref().unwrap(), &v),
+            "step {step}: moments differ"
+        );
     }
 }

@@ -22,7 +22,8 @@ fn parity_with_reference_fixtures() {
         let f = Fixture::load(path);
         let (ef, eg) = check_fixture(&f, Device::Cpu, DType::F32);
         if !(ef < FWD_BOUND && eg < GRAD_BOUND) {
-            failures.push(format!("{}: fwd {ef:.3e} (bound {FWD_BOUND:e}), grad {eg:.3e} (bound {GRAD_BOUND:e})", f.name));
+            failures
+                .push(format!("{}: fwd {ef:.3e} (bound {FWD_BOUND:e}), grad {eg:.3e} (bound {GRAD_BOUND:e})", f.name));
         }
     }
     assert!(failures.is_empty(), "parity bounds missed:\n{}", failures.join("\n"));

@@ -31,19 +31,26 @@ fn plan_counts_launches_and_memory_consistently() {
         assert_eq!(launches, r.costs.launches());
         assert!(launches > 100, "a whole step launches hundreds of kernels, got {launches}");
         for name in ["conv3d_forward", "conv3d_backward_input", "conv3d_backward_weight", "multi_adam"] {
-            assert!(r.costs.families.contains_key(name), "{name} missing from {:?}", r.costs.families.keys().collect::<Vec<_>>());
+            assert!(
+                r.costs.families.contains_key(name),
+                "{name} missing from {:?}",
+                r.costs.families.keys().collect::<Vec<_>>()
+            );
         }
         // The norm and Adam are multi-tensor: one launch each per step, whatever the parameter count.
         for name in ["multi_sumsq", "clip_finalize", "multi_adam"] {
             assert_eq!(r.costs.families[name].launches, 1, "{name}");
         }
         // The step holds at least the parameters, their gradients and Adam's two moments.
-        let params: usize = vox2vec::model::Vox2Vec::new(small_model(), 0).store.slots().iter().map(|s| s.value.numel() * 4).sum();
+        let params: usize =
+            vox2vec::model::Vox2Vec::new(small_model(), 0).store.slots().iter().map(|s| s.value.numel() * 4).sum();
         assert!(r.peak_in_use >= 3 * params, "peak {} < 3 x parameters {}", r.peak_in_use, params);
         assert!(r.peak_reserved >= r.peak_in_use && r.largest_allocation <= r.peak_in_use);
         assert!(r.floor_ms() > 0.0 && r.tensor_floor_ms() <= r.floor_ms() + 1e-12);
         let j = r.to_json();
-        for key in ["peak_in_use_bytes", "peak_reserved_bytes", "largest_allocation_bytes", "floor_ms", "launches", "kernels"] {
+        for key in
+            ["peak_in_use_bytes", "peak_reserved_bytes", "largest_allocation_bytes", "floor_ms", "launches", "kernels"]
+        {
             assert!(j.get(key).is_some(), "JSON lacks {key}");
         }
         let sum: f64 = j["kernels"].as_array().unwrap().iter().map(|k| k["floor_ms"].as_f64().unwrap()).sum();
@@ -89,7 +96,12 @@ fn infonce_allocates_nothing_of_n_by_n_size() {
     let shape = BatchShape { pairs: 4, patch: [16, 16, 8], voxels_per_pair: 1024 };
     let r = plan_pretraining(small_model(), DType::BF16, shape, 0).unwrap();
     let n = shape.pairs * shape.voxels_per_pair;
-    assert!(r.largest_allocation < n * n, "largest allocation {} B; N x N f32 is {} B", r.largest_allocation, n * n * 4);
+    assert!(
+        r.largest_allocation < n * n,
+        "largest allocation {} B; N x N f32 is {} B",
+        r.largest_allocation,
+        n * n * 4
+    );
 }
 
 /// The bf16 plan of a report written by `vox2vec-train --bench-plan` (base 16: every ResBlock
@@ -116,7 +128,9 @@ fn fused_resblocks_move_fewer_bytes_and_store_no_activations() {
     std::fs::create_dir_all(&dir).unwrap();
     let (fused, composed) = (bf16_plan_report(&dir, false), bf16_plan_report(&dir, true));
     std::fs::remove_dir_all(&dir).ok();
-    let total = |j: &serde_json::Value, f: &str| j["kernels"].as_array().unwrap().iter().map(|k| k[f].as_f64().unwrap()).sum::<f64>();
+    let total = |j: &serde_json::Value, f: &str| {
+        j["kernels"].as_array().unwrap().iter().map(|k| k[f].as_f64().unwrap()).sum::<f64>()
+    };
     // The composed ResBlock writes relu(bn(x)) and relu(bn(h1)) in the forward and again in
     // the backward, and takes ReLU masks and BatchNorm sums in passes of their own.
     for name in ["bn_apply", "relu_backward"] {
@@ -155,7 +169,15 @@ fn out_of_memory_names_the_request_the_use_and_the_flags_to_lower() {
     let out = run("64MiB");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a 64 MiB device ran the step:\n{err}");
-    for want in ["CUDA out of memory", "MiB failed", "MiB in use", "--pairs", "--precision bf16", "--bench-plan", "LIMIT of 64.0 MiB"] {
+    for want in [
+        "CUDA out of memory",
+        "MiB failed",
+        "MiB in use",
+        "--pairs",
+        "--precision bf16",
+        "--bench-plan",
+        "LIMIT of 64.0 MiB",
+    ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
     let out = run("8GiB");

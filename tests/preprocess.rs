@@ -2,7 +2,9 @@
 //! (enclosed air is body, air reaching the outside is not, 26-connectivity), label alignment,
 //! input discovery and the cache key.
 
-use vox2vec::data::preprocess::{PreprocessConfig, body_bbox, body_mask, preprocess_ct, preprocess_labels, zoom_linear, zoom_nearest, zoomed_shape};
+use vox2vec::data::preprocess::{
+    PreprocessConfig, body_bbox, body_mask, preprocess_ct, preprocess_labels, zoom_linear, zoom_nearest, zoomed_shape,
+};
 
 #[test]
 fn zoom_follows_scipy() {
@@ -17,7 +19,12 @@ fn zoom_follows_scipy() {
     assert_eq!(zoom_nearest(&[0u8, 1, 2], [1, 1, 3], [1, 1, 5]), vec![0, 1, 1, 2, 2]);
     // Separable 3-D: a linear ramp stays a linear ramp.
     let shape = [3, 4, 5];
-    let ramp: Vec<f32> = (0..60).map(|i| { let (x, y, z) = (i / 20, (i / 5) % 4, i % 5); (x + 2 * y + 3 * z) as f32 }).collect();
+    let ramp: Vec<f32> = (0..60)
+        .map(|i| {
+            let (x, y, z) = (i / 20, (i / 5) % 4, i % 5);
+            (x + 2 * y + 3 * z) as f32
+        })
+        .collect();
     let out = zoom_linear(&ramp, shape, [5, 7, 9], 0.0);
     let v = out[((4 * 7) + 6) * 9 + 8]; // last voxel = ramp's last value
     assert!((v - (2 + 6 + 12) as f32).abs() < 1e-4, "{v}");
@@ -92,7 +99,9 @@ fn absurd_voxel_sizes_are_refused_before_allocating() {
     let shape = [16usize, 16, 8];
     let hu = vec![0.0f32; shape.iter().product()];
     // A voxel size of metres (a damaged pixdim) asks for a grid of terabytes: an error, no abort.
-    for spacing in [[1e30, 1.0, 1.0], [300.0, 300.0, 300.0], [f64::INFINITY, 1.0, 1.0], [0.0, 1.0, 1.0], [f64::NAN, 1.0, 1.0]] {
+    for spacing in
+        [[1e30, 1.0, 1.0], [300.0, 300.0, 300.0], [f64::INFINITY, 1.0, 1.0], [0.0, 1.0, 1.0], [f64::NAN, 1.0, 1.0]]
+    {
         let e = format!("{:#}", preprocess_ct(&hu, shape, spacing, &cfg).unwrap_err());
         assert!(e.contains("limit") || e.contains("positive"), "{spacing:?}: {e}");
     }
@@ -100,5 +109,8 @@ fn absurd_voxel_sizes_are_refused_before_allocating() {
     let e = format!("{:#}", checked_zoomed_shape([128, 128, 128], [20.0, 20.0, 20.0], [1.0, 1.0, 2.0]).unwrap_err());
     assert!(e.contains("voxels, more than the limit"), "{e}");
     // A real CT's grid passes.
-    assert_eq!(checked_zoomed_shape([512, 512, 300], [0.8, 0.8, 2.5], [1.0, 1.0, 2.0]).unwrap(), zoomed_shape([512, 512, 300], [0.8, 0.8, 2.5], [1.0, 1.0, 2.0]));
+    assert_eq!(
+        checked_zoomed_shape([512, 512, 300], [0.8, 0.8, 2.5], [1.0, 1.0, 2.0]).unwrap(),
+        zoomed_shape([512, 512, 300], [0.8, 0.8, 2.5], [1.0, 1.0, 2.0])
+    );
 }

@@ -29,7 +29,12 @@ fn losses(dir: &std::path::Path) -> Vec<f64> {
 }
 
 fn values(m: &Vox2Vec) -> Vec<Vec<f32>> {
-    m.store.slots().iter().filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32).map(|s| s.value.f32s().to_vec()).collect()
+    m.store
+        .slots()
+        .iter()
+        .filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32)
+        .map(|s| s.value.f32s().to_vec())
+        .collect()
 }
 
 #[test]
@@ -72,12 +77,26 @@ fn train_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vox2vec-train"))
 }
 
-const TINY: &[&str] = &["--base-channels", "4", "--num-scales", "3", "--proj-dim", "16", "--pairs", "2", "--patch", "16,16,8", "--voxels", "16"];
+const TINY: &[&str] = &[
+    "--base-channels",
+    "4",
+    "--num-scales",
+    "3",
+    "--proj-dim",
+    "16",
+    "--pairs",
+    "2",
+    "--patch",
+    "16,16,8",
+    "--voxels",
+    "16",
+];
 
 #[test]
 fn cli_trains_checkpoints_and_resumes() {
     let dir = tmpdir("cli");
-    let out = train_bin().args(TINY).args(["--steps", "2", "--checkpoint-every", "1", "--out"]).arg(&dir).output().unwrap();
+    let out =
+        train_bin().args(TINY).args(["--steps", "2", "--checkpoint-every", "1", "--out"]).arg(&dir).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("step      1  loss"), "loss not printed each step:\n{err}");
@@ -103,11 +122,19 @@ fn cli_trains_checkpoints_and_resumes() {
     assert!(err.contains("resumed from") && err.contains("at step 2"), "{err}");
     assert!(err.contains("removed 2 temporary"), "{err}");
     assert!(!stale_file.exists() && !stale_dir.exists(), "stale temporaries of a dead process were left");
-    let steps: Vec<u64> = std::fs::read_to_string(&metrics).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, vec![1, 2, 3], "each step once after a resume");
     assert!(losses(&dir).iter().all(|&l| l != 99.0), "the step past the checkpoint was kept");
     // Nothing of ours is left in the folder after a clean run.
-    let left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect();
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
     assert!(left.is_empty(), "temporaries left: {left:?}");
 }
 
@@ -117,7 +144,14 @@ fn cli_bad_input_fails_clearly() {
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("broken.safetensors");
     std::fs::write(&bad, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
-    let out = train_bin().args(TINY).args(["--steps", "1", "--resume-from"]).arg(&bad).arg("--out").arg(&dir).output().unwrap();
+    let out = train_bin()
+        .args(TINY)
+        .args(["--steps", "1", "--resume-from"])
+        .arg(&bad)
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken.safetensors"), "{err}");
@@ -155,7 +189,11 @@ fn cli_refuses_out_of_range_flags_without_panicking() {
         let base: Vec<&str> = TINY.chunks(2).filter(|kv| kv[0] != name).flatten().copied().collect();
         let out = train_bin().args(&base).args(*flags).args(["--steps", "1", "--out"]).arg(&dir).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{flags:?} must fail with exit code 1 (not a panic or an abort):\n{err}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{flags:?} must fail with exit code 1 (not a panic or an abort):\n{err}"
+        );
         assert!(err.contains(expect) && !err.contains("panicked"), "{flags:?}: {err}");
     }
     assert!(!dir.join(CHECKPOINT_FILE).exists(), "a refused run left a checkpoint");
@@ -190,12 +228,26 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_fails() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(1), "an interrupted run must fail:\n{text}");
     assert!(text.contains("interrupted by a signal after step"), "{text}");
-    let step: u64 = text.split("interrupted by a signal after step ").nth(1).unwrap().split(':').next().unwrap().trim().parse().unwrap();
+    let step: u64 = text
+        .split("interrupted by a signal after step ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(step >= 2);
     assert!(dir.join(CHECKPOINT_FILE).is_file(), "no checkpoint written on SIGTERM");
     assert_eq!(losses(&dir).len() as u64, step, "metrics of every finished step");
     // It resumes where it stopped.
-    let out = train_bin().args(TINY).args(["--steps", &(step + 1).to_string(), "--resume", "--out"]).arg(&dir).output().unwrap();
+    let out = train_bin()
+        .args(TINY)
+        .args(["--steps", &(step + 1).to_string(), "--resume", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && e.contains(&format!("at step {step}")), "{e}");
     assert_eq!(losses(&dir).len() as u64, step + 1);
@@ -258,13 +310,21 @@ fn check_finite_names_the_first_op() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("step 1") && err.contains("VOX2VEC_CHECK_FINITE: the first non-finite value comes from op 'conv3d' (forward output"), "{err}");
+    assert!(
+        err.contains("step 1")
+            && err.contains("VOX2VEC_CHECK_FINITE: the first non-finite value comes from op 'conv3d' (forward output"),
+        "{err}"
+    );
     assert!(!dir.join(CHECKPOINT_FILE).exists(), "a checkpoint was written");
 }
 
 /// Temporary files of ours left in `dir`.
 fn temporaries(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
 }
 
 #[test]
@@ -278,7 +338,9 @@ fn full_disk_while_writing_stops_cleanly_and_keeps_the_last_checkpoint() {
     };
     // (file whose writes fail, the step of the checkpoint left): the checkpoint of step 3
     // fails; metrics fail at step 3 before its checkpoint; the plot at the end, after step 4's.
-    for (i, (target, ckpt_step)) in [(CHECKPOINT_FILE, 2u64), (METRICS_FILE, 2), ("loss.png", 4)].into_iter().enumerate() {
+    for (i, (target, ckpt_step)) in
+        [(CHECKPOINT_FILE, 2u64), (METRICS_FILE, 2), ("loss.png", 4)].into_iter().enumerate()
+    {
         // (The folder's name must not contain the target's.)
         let dir = tmpdir(&format!("fulldisk{i}"));
         let out = base(&dir, "2").output().unwrap();
@@ -287,10 +349,20 @@ fn full_disk_while_writing_stops_cleanly_and_keeps_the_last_checkpoint() {
         let out = base(&dir, "4").arg("--resume").env("VOX2VEC_INJECT_WRITE_ERROR", target).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{target}: the run succeeded with a full disk:\n{err}");
-        assert!(err.contains(&dir.join(target).display().to_string()) && err.contains("No space left on device"), "{target}: the error does not name the file and the cause:\n{err}");
+        assert!(
+            err.contains(&dir.join(target).display().to_string()) && err.contains("No space left on device"),
+            "{target}: the error does not name the file and the cause:\n{err}"
+        );
         assert!(temporaries(&dir).is_empty(), "{target}: temporaries left: {:?}", temporaries(&dir));
         let after = std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap();
-        let mut m = Vox2Vec::new(ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 }, 1);
+        let mut m = Vox2Vec::new(
+            ModelConfig {
+                fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 },
+                proj_dim: 16,
+                temperature: 0.1,
+            },
+            1,
+        );
         let mut adam = vox2vec::optim::Adam::new(AdamConfig::default(), &m.store);
         vox2vec::checkpoint::load(&dir.join(CHECKPOINT_FILE), &mut m.store, Some(&mut adam)).unwrap();
         assert_eq!(adam.step, ckpt_step, "{target}: the checkpoint left");
@@ -304,7 +376,9 @@ fn full_disk_while_writing_stops_cleanly_and_keeps_the_last_checkpoint() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("vox2vec-pretrain-fulldisk0-{}", std::process::id()));
         let mode = std::fs::metadata(dir.join(CHECKPOINT_FILE)).unwrap().permissions().mode() & 0o777;
-        let umask = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())));
+        let umask = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok()))
+        });
         if let Some(u) = umask {
             assert_eq!(mode, 0o666 & !u, "checkpoint mode {mode:o} under umask {u:o}");
         }
@@ -313,7 +387,11 @@ fn full_disk_while_writing_stops_cleanly_and_keeps_the_last_checkpoint() {
     // checkpoint (~0.6 MB) fits, the second's temporary does not.
     let mnt = tmpdir("tmpfs");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).output().is_ok_and(|o| o.status.success());
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !mounted {
         println!("real full-disk case not run: cannot mount a tmpfs here (the injected cases above ran)");
         return;
@@ -325,7 +403,11 @@ fn full_disk_while_writing_stops_cleanly_and_keeps_the_last_checkpoint() {
     let step1 = std::fs::read(dir.join(CHECKPOINT_FILE)).map(|b| b.len());
     Command::new("umount").arg(&mnt).status().unwrap();
     assert!(!out.status.success(), "a full tmpfs did not stop the run:\n{err}");
-    assert!(err.contains(&format!("could not write {}", dir.join(CHECKPOINT_FILE).display())) && err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains(&format!("could not write {}", dir.join(CHECKPOINT_FILE).display()))
+            && err.contains("No space left on device"),
+        "{err}"
+    );
     assert!(left.is_empty(), "temporaries left on the full disk: {left:?}");
     assert!(step1.as_ref().is_ok_and(|&n| n > 0), "the step-1 checkpoint is gone: {step1:?}");
 }
@@ -360,17 +442,26 @@ fn kill_9_at_several_moments_then_resume_is_bit_identical() {
     child.kill().unwrap();
     child.wait().unwrap();
     // Moment 2: inside a checkpoint write (temporary complete, not yet renamed).
-    let mut child = run(&dir, true).env("VOX2VEC_PAUSE_WRITE", CHECKPOINT_FILE).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = run(&dir, true)
+        .env("VOX2VEC_PAUSE_WRITE", CHECKPOINT_FILE)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let (t0, mine) = (std::time::Instant::now(), format!(".vox2vec-tmp-{}-", child.id()));
     let in_write = loop {
         // This process's temporary folder of a checkpoint (one left by the first kill is
         // removed at start; a metrics truncation at start uses one too, with file.jsonl).
-        let tmp = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).find(|e| e.file_name().to_string_lossy().starts_with(&mine));
+        let tmp = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with(&mine));
         let checkpoint_inside = |p: &std::path::Path| {
-            std::fs::read_dir(p).is_ok_and(|d| d.filter_map(|e| e.ok()).any(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                n.ends_with(".safetensors") || n.starts_with(".tmp")
-            }))
+            std::fs::read_dir(p).is_ok_and(|d| {
+                d.filter_map(|e| e.ok()).any(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.ends_with(".safetensors") || n.starts_with(".tmp")
+                })
+            })
         };
         if let Some(t) = tmp
             && checkpoint_inside(&t.path())
@@ -388,8 +479,13 @@ fn kill_9_at_several_moments_then_resume_is_bit_identical() {
     assert!(in_write, "the resumed run never started a checkpoint write");
     assert!(!temporaries(&dir).is_empty(), "the kill inside the write left no temporary (was it inside?)");
     // What is on disk is a whole checkpoint of an earlier step.
-    let out = Command::new(env!("CARGO_BIN_EXE_vox2vec")).arg("inspect").arg(dir.join(CHECKPOINT_FILE)).output().unwrap();
-    assert!(out.status.success(), "the checkpoint left by the kill does not load: {}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_vox2vec")).arg("inspect").arg(dir.join(CHECKPOINT_FILE)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the checkpoint left by the kill does not load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Resume to the end: the stale temporary is removed, and the result is the straight run's.
     let out = run(&dir, true).output().unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
@@ -405,13 +501,17 @@ fn kill_9_at_several_moments_then_resume_is_bit_identical() {
 /// command line that wrote them (a resumed run's has --resume and its own --out).
 fn assert_same_checkpoint(a: &std::path::Path, b: &std::path::Path) {
     let (ba, bb) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
-    let (sa, sb) = (safetensors::SafeTensors::deserialize(&ba).unwrap(), safetensors::SafeTensors::deserialize(&bb).unwrap());
+    let (sa, sb) =
+        (safetensors::SafeTensors::deserialize(&ba).unwrap(), safetensors::SafeTensors::deserialize(&bb).unwrap());
     let (mut na, mut nb) = (sa.names(), sb.names());
     na.sort();
     nb.sort();
     assert_eq!(na, nb, "different tensors");
     for n in na {
-        assert!(sa.tensor(n).unwrap().data() == sb.tensor(n).unwrap().data(), "{n} differs from the uninterrupted run's");
+        assert!(
+            sa.tensor(n).unwrap().data() == sb.tensor(n).unwrap().data(),
+            "{n} differs from the uninterrupted run's"
+        );
     }
     let meta = |bytes: &[u8]| {
         let mut m = safetensors::SafeTensors::read_metadata(bytes).unwrap().1.metadata().clone().unwrap_or_default();
@@ -431,7 +531,11 @@ fn learning_signal_validation_dumps_and_exclusion() {
     let data = dir.join("cts");
     std::fs::create_dir_all(&data).unwrap();
     for (name, shift) in [("a", 0), ("b", 5)] {
-        common::blocks::write_case(&data.join(format!("{name}.nii.gz")), &dir.join(format!("{name}_label.nii.gz")), shift);
+        common::blocks::write_case(
+            &data.join(format!("{name}.nii.gz")),
+            &dir.join(format!("{name}_label.nii.gz")),
+            shift,
+        );
     }
     let out = dir.join("run");
     let res = train_bin()
@@ -457,24 +561,33 @@ fn learning_signal_validation_dumps_and_exclusion() {
         let (t, p, n) = (v["top1"].as_f64().unwrap(), v["pos_sim"].as_f64().unwrap(), v["neg_sim"].as_f64().unwrap());
         assert!((0.0..=1.0).contains(&t) && (-1.0..=1.0).contains(&p) && (-1.0..=1.0).contains(&n), "{v}");
     }
-    let val: Vec<u64> = lines.iter().filter(|v| v.get("val_loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
+    let val: Vec<u64> =
+        lines.iter().filter(|v| v.get("val_loss").is_some()).map(|v| v["step"].as_u64().unwrap()).collect();
     assert_eq!(val, vec![2, 4], "validation after steps 2 and 4");
     let v = lines.iter().find(|v| v.get("val_loss").is_some()).unwrap();
-    assert!(v["val_loss"].as_f64().unwrap().is_finite() && (0.0..=1.0).contains(&v["val_top1"].as_f64().unwrap()), "{v}");
+    assert!(
+        v["val_loss"].as_f64().unwrap().is_finite() && (0.0..=1.0).contains(&v["val_top1"].as_f64().unwrap()),
+        "{v}"
+    );
     // loss.png: 800 wide, three 500-pixel panels.
     let png = std::fs::read(out.join(vox2vec::train::LOSS_CURVE_FILE)).unwrap();
-    assert_eq!((u32::from_be_bytes(png[16..20].try_into().unwrap()), u32::from_be_bytes(png[20..24].try_into().unwrap())), (800, 1500));
+    assert_eq!(
+        (u32::from_be_bytes(png[16..20].try_into().unwrap()), u32::from_be_bytes(png[20..24].try_into().unwrap())),
+        (800, 1500)
+    );
     // The dump: initial weights, and per step the views [2, 1, 16, 16, 8] and [N, 7] pairs.
     assert!(dir.join("dump/weights_step_000000.safetensors").is_file());
     let (shape, _) = vox2vec::eval::npy::read_f32(&dir.join("dump/step_000001/x1.npy")).unwrap();
     assert_eq!(shape, vec![2, 1, 16, 16, 8]);
     let pairs = std::fs::read(dir.join("dump/step_000004/pairs.npy")).unwrap();
-    let header = String::from_utf8_lossy(&pairs[10..10 + u16::from_le_bytes([pairs[8], pairs[9]]) as usize]).to_string();
+    let header =
+        String::from_utf8_lossy(&pairs[10..10 + u16::from_le_bytes([pairs[8], pairs[9]]) as usize]).to_string();
     assert!(header.contains("'<i8'") && header.contains(", 7)"), "{header}");
     // b was excluded from training (and is the validation CT).
     let meta = vox2vec::eval::recorded::Recorded::read(&out.join(CHECKPOINT_FILE)).unwrap().metadata;
     let sources: serde_json::Value = serde_json::from_str(&meta[vox2vec::eval::recorded::DATA_SOURCES]).unwrap();
-    let files: Vec<String> = sources["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+    let files: Vec<String> =
+        sources["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
     assert!(files.len() == 1 && files[0].ends_with("a.nii.gz"), "{sources}");
     assert!(sources["validation"]["files"][0].as_str().unwrap().ends_with("b.nii.gz"), "{sources}");
 }

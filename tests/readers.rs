@@ -47,7 +47,8 @@ fn npy_shapes_whose_size_overflows_are_refused() {
     assert_eq!(parse_f32(Path::new("a.npy"), &ok).unwrap(), (vec![2, 1], vec![1.0, 2.0]));
     // 2^62 · 4 values: the element count times 4 bytes wraps to 0 in 64 bits, so an empty data
     // section used to "match" and the array was accepted with a shape it does not have.
-    for shape in ["(4611686018427387904, 4)", "(18446744073709551615, 18446744073709551615)", "(4611686018427387904,)"] {
+    for shape in ["(4611686018427387904, 4)", "(18446744073709551615, 18446744073709551615)", "(4611686018427387904,)"]
+    {
         let b = npy(&format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}"), &[]);
         let e = parse_f32(Path::new("big.npy"), &b).unwrap_err().to_string();
         assert!(e.contains("big.npy") && (e.contains("too large") || e.contains("data bytes")), "{shape}: {e}");
@@ -58,7 +59,11 @@ fn npy_shapes_whose_size_overflows_are_refused() {
 fn checkpoints_with_non_finite_values_or_misplaced_moments_are_refused_untouched() {
     use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
     use vox2vec::optim::{Adam, AdamConfig};
-    let config = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 2 }, proj_dim: 4, ..ModelConfig::default() };
+    let config = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 2 },
+        proj_dim: 4,
+        ..ModelConfig::default()
+    };
     let dir = std::env::temp_dir().join(format!("vox2vec-readers-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let donor = Vox2Vec::new(config, 1);
@@ -66,7 +71,12 @@ fn checkpoints_with_non_finite_values_or_misplaced_moments_are_refused_untouched
     vox2vec::checkpoint::save(&good, &config, &donor.store, None, &[]).unwrap();
     let bytes = std::fs::read(&good).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let conv = st.names().into_iter().find(|n| n.ends_with("weight") && st.tensor(n).unwrap().shape().len() == 5).unwrap().to_string();
+    let conv = st
+        .names()
+        .into_iter()
+        .find(|n| n.ends_with("weight") && st.tensor(n).unwrap().shape().len() == 5)
+        .unwrap()
+        .to_string();
     let mean = st.names().into_iter().find(|n| n.ends_with("running_mean")).unwrap().to_string();
     // Rewrite the file with one tensor replaced or one added.
     // (name, shape, values) of the tensors written in place of one.
@@ -83,7 +93,10 @@ fn checkpoints_with_non_finite_values_or_misplaced_moments_are_refused_untouched
                 owned.push((n.to_string(), t.shape().to_vec(), t.data().to_vec(), t.dtype()));
             }
         }
-        let views: Vec<(String, safetensors::tensor::TensorView)> = owned.iter().map(|(k, s, d, t)| (k.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+            .iter()
+            .map(|(k, s, d, t)| (k.clone(), safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap()))
+            .collect();
         let p = dir.join(name);
         safetensors::serialize_to_file(views, None, &p).unwrap();
         p
@@ -105,10 +118,22 @@ fn checkpoints_with_non_finite_values_or_misplaced_moments_are_refused_untouched
     for (path, why) in [(&nan, "non-finite"), (&moment, "not trained")] {
         let mut model = Vox2Vec::new(config, 2);
         let mut adam = Adam::new(AdamConfig::default(), &model.store);
-        let before: Vec<Vec<f32>> = model.store.slots().iter().filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32).map(|s| s.value.f32s().to_vec()).collect();
+        let before: Vec<Vec<f32>> = model
+            .store
+            .slots()
+            .iter()
+            .filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32)
+            .map(|s| s.value.f32s().to_vec())
+            .collect();
         let e = vox2vec::checkpoint::load(path, &mut model.store, Some(&mut adam)).unwrap_err().to_string();
         assert!(e.contains(why) && e.contains(&path.display().to_string()), "{e}");
-        let after: Vec<Vec<f32>> = model.store.slots().iter().filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32).map(|s| s.value.f32s().to_vec()).collect();
+        let after: Vec<Vec<f32>> = model
+            .store
+            .slots()
+            .iter()
+            .filter(|s| s.value.dtype() == vox2vec::tensor::DType::F32)
+            .map(|s| s.value.f32s().to_vec())
+            .collect();
         assert!(before == after, "a refused checkpoint changed the model");
     }
     let mut model = Vox2Vec::new(config, 2);

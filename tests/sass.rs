@@ -15,7 +15,10 @@ fn table() -> Option<&'static [Kernel]> {
         return None;
     }
     let t = vox2vec::kernels::sass();
-    assert!(!t.is_empty(), "the kernels were compiled but no SASS table was written (cuobjdump missing at build time?)");
+    assert!(
+        !t.is_empty(),
+        "the kernels were compiled but no SASS table was written (cuobjdump missing at build time?)"
+    );
     Some(t)
 }
 
@@ -35,7 +38,8 @@ fn fill_f32_matches_its_hand_count() {
     }
     let k = kernel("fill_f32");
     assert_eq!((k.instructions, k.hmma, k.ffma, k.local, k.straight), (179, 0, 0, 0, 148), "{k:?}");
-    let loops: Vec<(u32, u32, u32, u32)> = k.loops.iter().map(|l| (l.start, l.end, l.instructions, l.global_bytes)).collect();
+    let loops: Vec<(u32, u32, u32, u32)> =
+        k.loops.iter().map(|l| (l.start, l.end, l.instructions, l.global_bytes)).collect();
     assert_eq!(loops, vec![(0x450, 0x500, 12, 128), (0x580, 0x6a0, 19, 512)]);
     // 8 warps filling 6400 bytes: straight-line code once per warp (8 x 148), the two memory
     // loops together as often as the bytes need (6400 / 640 = 10 passes, at least one per
@@ -62,7 +66,8 @@ fn tensor_core_kernels_issue_budget() {
     // (kernel, instructions per HMMA now, local-memory instructions now) of those not yet
     // within budget.
     const NOT_YET: [(&str, f64, u32); 0] = [];
-    let tc: Vec<&Kernel> = vox2vec::kernels::sass().iter().filter(|k| k.hmma > 0 && k.name != "mma_layout_probe").collect();
+    let tc: Vec<&Kernel> =
+        vox2vec::kernels::sass().iter().filter(|k| k.hmma > 0 && k.name != "mma_layout_probe").collect();
     assert!(tc.len() >= 6, "only {} tensor-core kernels in the table", tc.len());
     let mut report = Vec::new();
     for k in tc {
@@ -70,10 +75,24 @@ fn tensor_core_kernels_issue_budget() {
         report.push(format!("{}: {ipm:.2} instructions per HMMA, {} local", k.name, k.local));
         match NOT_YET.iter().find(|n| n.0 == k.name) {
             Some(&(_, was, local)) => {
-                assert!(ipm <= was + 0.01 && k.local <= local, "{} got worse: {ipm:.3} per HMMA (was {was}), {} local (was {local})", k.name, k.local);
-                assert!(ipm > 8.0 || k.local > 0, "{} is within budget now ({ipm:.2} per HMMA, no local memory): take it off the list", k.name);
+                assert!(
+                    ipm <= was + 0.01 && k.local <= local,
+                    "{} got worse: {ipm:.3} per HMMA (was {was}), {} local (was {local})",
+                    k.name,
+                    k.local
+                );
+                assert!(
+                    ipm > 8.0 || k.local > 0,
+                    "{} is within budget now ({ipm:.2} per HMMA, no local memory): take it off the list",
+                    k.name
+                );
             }
-            None => assert!(ipm <= 8.0 && k.local == 0, "{}: {ipm:.2} instructions per HMMA, {} local-memory instructions", k.name, k.local),
+            None => assert!(
+                ipm <= 8.0 && k.local == 0,
+                "{}: {ipm:.2} instructions per HMMA, {} local-memory instructions",
+                k.name,
+                k.local
+            ),
         }
     }
     println!("{}", report.join("\n"));

@@ -50,7 +50,11 @@ fn best_matches_in_flipped_and_shifted_copies_are_the_known_images() {
         }
     }
     write_ct(&dir.join("padded.nii.gz"), &padded, padded_shape, a);
-    let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 8, temperature: 0.1 };
+    let cfg = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 },
+        proj_dim: 8,
+        temperature: 0.1,
+    };
     let m = Vox2Vec::new(cfg, 21);
     let w = dir.join("w.safetensors");
     vox2vec::checkpoint::save(&w, &m.config, &m.store, None, &[]).unwrap();
@@ -79,8 +83,16 @@ fn best_matches_in_flipped_and_shifted_copies_are_the_known_images() {
         for (t, m) in j["matches"].as_array().unwrap().iter().enumerate() {
             let (got, world) = (xyz(&m["best_voxel"]), xyz(&m["best_world_mm"]));
             for a in 0..3 {
-                assert!((got[a] - want_file[t][a] as f64).abs() <= 1.0, "point {p:?}, target {t}: voxel {got:?}, expected {:?}", want_file[t]);
-                assert!((world[a] - want_world[t][a]).abs() <= 2.0 + 1e-6, "point {p:?}, target {t}: world {world:?}, expected {:?}", want_world[t]);
+                assert!(
+                    (got[a] - want_file[t][a] as f64).abs() <= 1.0,
+                    "point {p:?}, target {t}: voxel {got:?}, expected {:?}",
+                    want_file[t]
+                );
+                assert!(
+                    (world[a] - want_world[t][a]).abs() <= 2.0 + 1e-6,
+                    "point {p:?}, target {t}: world {world:?}, expected {:?}",
+                    want_world[t]
+                );
             }
             assert!(m["similarity"].as_f64().unwrap() > 0.999, "{m}");
         }

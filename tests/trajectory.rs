@@ -27,7 +27,11 @@ fn data_dir() -> Option<PathBuf> {
 }
 
 fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -37,9 +41,14 @@ fn training_follows_pytorch_on_the_same_batches() {
     let dir = std::env::temp_dir().join(format!("vox2vec-trajectory-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let list: String = std::fs::read_to_string(here.join("cts.txt")).unwrap().lines().map(|l| format!("{}\n", data.join(l).display())).collect();
+    let list: String = std::fs::read_to_string(here.join("cts.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| format!("{}\n", data.join(l).display()))
+        .collect();
     std::fs::write(dir.join("cts.txt"), list).unwrap();
-    let args: Vec<String> = std::fs::read_to_string(here.join("args.txt")).unwrap().lines().map(str::to_string).collect();
+    let args: Vec<String> =
+        std::fs::read_to_string(here.join("args.txt")).unwrap().lines().map(str::to_string).collect();
     let res = Command::new(env!("CARGO_BIN_EXE_vox2vec-train"))
         .arg(dir.join("cts.txt"))
         .args(&args)
@@ -50,11 +59,17 @@ fn training_follows_pytorch_on_the_same_batches() {
         .output()
         .unwrap();
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
-    let ours: Vec<serde_json::Value> = lines(&dir.join("run/metrics.jsonl")).into_iter().filter(|v| v.get("loss").is_some()).collect();
+    let ours: Vec<serde_json::Value> =
+        lines(&dir.join("run/metrics.jsonl")).into_iter().filter(|v| v.get("loss").is_some()).collect();
     let torch = lines(&here.join("reference.jsonl"));
     let one_thread = lines(&here.join("reference_1thread.jsonl"));
     let exact = lines(&here.join("reference_fp64.jsonl"));
-    assert!(ours.len() == torch.len() && torch.len() == exact.len() && exact.len() == one_thread.len(), "steps: ours {}, PyTorch's {}", ours.len(), torch.len());
+    assert!(
+        ours.len() == torch.len() && torch.len() == exact.len() && exact.len() == one_thread.len(),
+        "steps: ours {}, PyTorch's {}",
+        ours.len(),
+        torch.len()
+    );
     let get = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"));
     let rel = |a: &serde_json::Value, b: &serde_json::Value, k: &str| (get(a, k) - get(b, k)).abs() / get(b, k).abs();
     // Step 1: the same numbers up to summation order.
@@ -65,7 +80,13 @@ fn training_follows_pytorch_on_the_same_batches() {
     // float64 run. So ours is held to float64, within PyTorch fp32's distance from it plus
     // 1e-4 (a wrong gradient is off by far more).
     let torch_fp32_err = rel(t, &exact[0], "grad_norm");
-    assert!(rel(o, &exact[0], "grad_norm") <= torch_fp32_err + 1e-4, "step 1: gradient norm {} vs float64 {} (PyTorch fp32 {})", o["grad_norm"], exact[0]["grad_norm"], t["grad_norm"]);
+    assert!(
+        rel(o, &exact[0], "grad_norm") <= torch_fp32_err + 1e-4,
+        "step 1: gradient norm {} vs float64 {} (PyTorch fp32 {})",
+        o["grad_norm"],
+        exact[0]["grad_norm"],
+        t["grad_norm"]
+    );
     for k in ["pos_sim", "neg_sim"] {
         assert!((get(o, k) - get(t, k)).abs() < 1e-5, "step 1 {k}: {} vs {}", o[k], t[k]);
     }
@@ -82,12 +103,30 @@ fn training_follows_pytorch_on_the_same_batches() {
             let vs_exact = median(r.clone().map(|i| rel(&torch[i], &exact[i], k)).collect());
             let vs_threads = median(r.clone().map(|i| rel(&torch[i], &one_thread[i], k)).collect());
             let fp32_drift = vs_exact.max(vs_threads);
-            println!("steps {:>2}-{:>2} {k:<9}: median drift ours vs PyTorch {ours_drift:.2e}; PyTorch vs float64 {vs_exact:.2e}, vs 1 thread {vs_threads:.2e}", r.start + 1, r.end);
-            assert!(ours_drift <= DRIFT_RATIO * fp32_drift + 1e-4, "steps {}-{}: our {k} drifts {ours_drift:.2e} from PyTorch's, more than {DRIFT_RATIO} x PyTorch fp32's own drift ({fp32_drift:.2e})", r.start + 1, r.end);
+            println!(
+                "steps {:>2}-{:>2} {k:<9}: median drift ours vs PyTorch {ours_drift:.2e}; PyTorch vs float64 {vs_exact:.2e}, vs 1 thread {vs_threads:.2e}",
+                r.start + 1,
+                r.end
+            );
+            assert!(
+                ours_drift <= DRIFT_RATIO * fp32_drift + 1e-4,
+                "steps {}-{}: our {k} drifts {ours_drift:.2e} from PyTorch's, more than {DRIFT_RATIO} x PyTorch fp32's own drift ({fp32_drift:.2e})",
+                r.start + 1,
+                r.end
+            );
         }
     }
     for (i, (o, t)) in ours.iter().zip(&torch).enumerate().filter(|(i, _)| i % 10 == 9) {
-        println!("step {:>2}: loss {:.5} (PyTorch {:.5}), gradient norm {:.3} ({:.3}), top-1 {:.3} ({:.3})", i + 1, get(o, "loss"), get(t, "loss"), get(o, "grad_norm"), get(t, "grad_norm"), get(o, "top1"), get(t, "top1"));
+        println!(
+            "step {:>2}: loss {:.5} (PyTorch {:.5}), gradient norm {:.3} ({:.3}), top-1 {:.3} ({:.3})",
+            i + 1,
+            get(o, "loss"),
+            get(t, "loss"),
+            get(o, "grad_norm"),
+            get(t, "grad_norm"),
+            get(o, "top1"),
+            get(t, "top1")
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,7 +11,10 @@ use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
 use vox2vec::optim::{Adam, AdamConfig};
 use vox2vec::params::ParamStore;
 
-fn snapshot(store: &ParamStore, adam: &Adam) -> (Vec<(Vec<usize>, Vec<u64>)>, Vec<Option<Vec<f32>>>, Vec<Option<Vec<f32>>>, u64) {
+fn snapshot(
+    store: &ParamStore,
+    adam: &Adam,
+) -> (Vec<(Vec<usize>, Vec<u64>)>, Vec<Option<Vec<f32>>>, Vec<Option<Vec<f32>>>, u64) {
     let values = store
         .slots()
         .iter()
@@ -27,13 +30,23 @@ fn snapshot(store: &ParamStore, adam: &Adam) -> (Vec<(Vec<usize>, Vec<u64>)>, Ve
 }
 
 fuzz_target!(|data: &[u8]| {
-    let config = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 2 }, proj_dim: 4, ..ModelConfig::default() };
+    let config = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 2, num_scales: 2 },
+        proj_dim: 4,
+        ..ModelConfig::default()
+    };
     let mut model = Vox2Vec::new(config, 0);
     let mut adam = Adam::new(AdamConfig::default(), &model.store);
     // The first byte picks the key convention: checkpoints (bare keys = backbone) or heads.
     let bare_keys_are_backbone = data.first().is_none_or(|b| b & 1 == 0);
     let before = snapshot(&model.store, &adam);
-    let r = vox2vec::checkpoint::load_bytes(Path::new("fuzz.safetensors"), data, &mut model.store, Some(&mut adam), bare_keys_are_backbone);
+    let r = vox2vec::checkpoint::load_bytes(
+        Path::new("fuzz.safetensors"),
+        data,
+        &mut model.store,
+        Some(&mut adam),
+        bare_keys_are_backbone,
+    );
     let after = snapshot(&model.store, &adam);
     match r {
         Err(_) => assert!(before == after, "a refused checkpoint modified the model or the optimiser"),

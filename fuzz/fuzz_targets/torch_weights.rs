@@ -20,12 +20,28 @@ fuzz_target!(|data: &[u8]| {
     let _ = file.infer_head();
     let _ = resolve_backbone(&file, None, None);
     let _ = resolve_backbone(&file, Some(4), Some(3));
-    let config = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, ..ModelConfig::default() };
+    let config = ModelConfig {
+        fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 },
+        proj_dim: 16,
+        ..ModelConfig::default()
+    };
     let mut model = Vox2Vec::new(config, 0);
-    let before: Vec<Vec<u32>> = model.store.slots().iter().filter(|s| s.value.dtype() != vox2vec::tensor::DType::I64).map(|s| s.value.f32s().iter().map(|v| v.to_bits()).collect()).collect();
+    let before: Vec<Vec<u32>> = model
+        .store
+        .slots()
+        .iter()
+        .filter(|s| s.value.dtype() != vox2vec::tensor::DType::I64)
+        .map(|s| s.value.f32s().iter().map(|v| v.to_bits()).collect())
+        .collect();
     match vox2vec::checkpoint::load_file(file, &mut model.store, None) {
         Err(_) => {
-            let after: Vec<Vec<u32>> = model.store.slots().iter().filter(|s| s.value.dtype() != vox2vec::tensor::DType::I64).map(|s| s.value.f32s().iter().map(|v| v.to_bits()).collect()).collect();
+            let after: Vec<Vec<u32>> = model
+                .store
+                .slots()
+                .iter()
+                .filter(|s| s.value.dtype() != vox2vec::tensor::DType::I64)
+                .map(|s| s.value.f32s().iter().map(|v| v.to_bits()).collect())
+                .collect();
             assert!(before == after, "a refused file modified the model");
         }
         Ok(_) => {

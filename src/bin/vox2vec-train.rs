@@ -11,9 +11,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::Arc;
 use vox2vec::model::{FpnConfig, ModelConfig};
 use vox2vec::optim::AdamConfig;
-use std::sync::Arc;
 
 use vox2vec::data::loader::{CachedVolumes, PhantomVolumes, VolumeSet};
 use vox2vec::data::preprocess::PreprocessConfig;
@@ -186,11 +186,22 @@ struct Args {
 
 /// Preprocess (or find in the cache) every input file; report skipped files; fail when none
 /// is usable or, without --skip-bad, when any file is bad.
-fn prepare_data(input: &std::path::Path, cache: &std::path::Path, patch: [usize; 3], skip_bad: bool, pre: &PreprocessConfig, exclude: &[String]) -> anyhow::Result<vox2vec::data::sources::PrepareReport> {
+fn prepare_data(
+    input: &std::path::Path,
+    cache: &std::path::Path,
+    patch: [usize; 3],
+    skip_bad: bool,
+    pre: &PreprocessConfig,
+    exclude: &[String],
+) -> anyhow::Result<vox2vec::data::sources::PrepareReport> {
     let report = vox2vec::data::sources::prepare_input_excluding(input, cache, pre, patch, exclude)?;
     eprintln!("data: {}", report.summary(cache));
     if !report.skipped.is_empty() && !skip_bad {
-        anyhow::bail!("{} of {} input files are unusable (listed above); fix them or pass --skip-bad", report.skipped.len(), report.files);
+        anyhow::bail!(
+            "{} of {} input files are unusable (listed above); fix them or pass --skip-bad",
+            report.skipped.len(),
+            report.files
+        );
     }
     anyhow::ensure!(!report.entries.is_empty(), "no usable volume in {}", input.display());
     Ok(report)
@@ -207,7 +218,14 @@ fn check_cpu_budget(batch: BatchShape, fpn: FpnConfig) -> anyhow::Result<Option<
     let threads = rayon::current_num_threads();
     let e = vox2vec::train::estimate_cpu_step(batch, fpn, threads);
     let gib = |b: f64| b / (1u64 << 30) as f64;
-    let what = format!("a step of {} pairs of {:?} at base {} on the CPU needs about {:.1} GiB and {:.0} s on {threads} threads (estimated)", batch.pairs, batch.patch, fpn.base_channels, gib(e.bytes), e.seconds);
+    let what = format!(
+        "a step of {} pairs of {:?} at base {} on the CPU needs about {:.1} GiB and {:.0} s on {threads} threads (estimated)",
+        batch.pairs,
+        batch.patch,
+        fpn.base_channels,
+        gib(e.bytes),
+        e.seconds
+    );
     let note = (e.seconds > 10.0).then(|| format!("note: {what}"));
     let Some(avail) = vox2vec::train::available_memory_bytes() else { return Ok(note) };
     if e.bytes > avail && std::env::var_os("VOX2VEC_IGNORE_MEMORY_ESTIMATE").is_none_or(|v| v.is_empty() || v == "0") {
@@ -222,7 +240,8 @@ fn check_cpu_budget(batch: BatchShape, fpn: FpnConfig) -> anyhow::Result<Option<
 }
 
 fn parse_xyz(s: &str) -> Result<[usize; 3], String> {
-    let v: Vec<usize> = s.split(',').map(|t| t.trim().parse::<usize>().map_err(|e| format!("{t:?}: {e}"))).collect::<Result<_, _>>()?;
+    let v: Vec<usize> =
+        s.split(',').map(|t| t.trim().parse::<usize>().map_err(|e| format!("{t:?}: {e}"))).collect::<Result<_, _>>()?;
     <[usize; 3]>::try_from(v).map_err(|v| format!("expected X,Y,Z, got {} values", v.len()))
 }
 
@@ -264,14 +283,21 @@ fn model_config(args: &Args) -> anyhow::Result<ModelConfig> {
         (None, false) => None,
     };
     let Some(path) = resumed else {
-        let fpn = FpnConfig { in_channels: 1, base_channels: args.base_channels.unwrap_or(16), num_scales: args.num_scales.unwrap_or(6) };
+        let fpn = FpnConfig {
+            in_channels: 1,
+            base_channels: args.base_channels.unwrap_or(16),
+            num_scales: args.num_scales.unwrap_or(6),
+        };
         return Ok(ModelConfig { fpn, proj_dim: args.proj_dim.unwrap_or(128), temperature: args.temperature });
     };
     use vox2vec::weights::{Naming, read, resolve_backbone};
     let file = read(&path, Naming::Model)?;
     let fpn = resolve_backbone(&file, args.base_channels, args.num_scales)?;
     let proj_dim = match (args.proj_dim, file.infer_proj_dim()) {
-        (Some(a), Some(b)) if a != b => anyhow::bail!("--proj-dim {a} contradicts {}: its projection head maps to {b}; leave --proj-dim out to use the file's", path.display()),
+        (Some(a), Some(b)) if a != b => anyhow::bail!(
+            "--proj-dim {a} contradicts {}: its projection head maps to {b}; leave --proj-dim out to use the file's",
+            path.display()
+        ),
         (a, b) => a.or(b).unwrap_or(128),
     };
     Ok(ModelConfig { fpn, proj_dim, temperature: args.temperature })
@@ -286,26 +312,42 @@ fn run(args: Args) -> anyhow::Result<()> {
     if rank_env.is_none() {
         let n = args.gpus.or(args.cpu_ranks).unwrap_or(1);
         if n > 1 {
-            anyhow::ensure!(args.bench.is_none() && !args.bench_plan, "--bench times one device; run it without --gpus / --cpu-ranks");
+            anyhow::ensure!(
+                args.bench.is_none() && !args.bench_plan,
+                "--bench times one device; run it without --gpus / --cpu-ranks"
+            );
             if args.gpus.is_some() {
                 let have = vox2vec::cuda::device_count();
-                anyhow::ensure!(have >= n, "--gpus {n}, but this machine has {have} CUDA device(s){}", vox2vec::cuda::unavailable_reason().map(|r| format!(" ({r})")).unwrap_or_default());
+                anyhow::ensure!(
+                    have >= n,
+                    "--gpus {n}, but this machine has {have} CUDA device(s){}",
+                    vox2vec::cuda::unavailable_reason().map(|r| format!(" ({r})")).unwrap_or_default()
+                );
                 if let Some(why) = vox2vec::dist::nccl::unavailable_reason() {
                     anyhow::bail!("--gpus {n}: {why}");
                 }
             }
-            eprintln!("vox2vec-train: starting {n} ranks (processes) on this machine; rank 0 writes {}", args.out.display());
+            eprintln!(
+                "vox2vec-train: starting {n} ranks (processes) on this machine; rank 0 writes {}",
+                args.out.display()
+            );
             return launch::run_local_ranks(n, &std::env::args_os().skip(1).collect::<Vec<_>>());
         }
     }
     if args.bench_plan {
-        let card = vox2vec::cuda::cost::card(&args.card).ok_or_else(|| anyhow::anyhow!("--card {}: h100 or h200", args.card))?;
+        let card = vox2vec::cuda::cost::card(&args.card)
+            .ok_or_else(|| anyhow::anyhow!("--card {}: h100 or h200", args.card))?;
         vox2vec::cuda::enable_plan_mode_for(card)?;
     }
-    let (device, precision) = vox2vec::cuda::parse_device_and_precision(if args.bench_plan { "cuda" } else { &args.device }, &args.precision)?;
+    let (device, precision) = vox2vec::cuda::parse_device_and_precision(
+        if args.bench_plan { "cuda" } else { &args.device },
+        &args.precision,
+    )?;
     // A rank takes its own GPU (LOCAL_RANK), or the CPU with --cpu-ranks / --device cpu.
     let device = match &rank_env {
-        Some(e) if args.cpu_ranks.is_none() && device != vox2vec::tensor::Device::Cpu => vox2vec::tensor::Device::Cuda(e.local_rank),
+        Some(e) if args.cpu_ranks.is_none() && device != vox2vec::tensor::Device::Cpu => {
+            vox2vec::tensor::Device::Cuda(e.local_rank)
+        }
         Some(_) if args.cpu_ranks.is_some() => vox2vec::tensor::Device::Cpu,
         _ => device,
     };
@@ -314,8 +356,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(e) => {
             let timeout = vox2vec::dist::timeout();
             match device {
-                vox2vec::tensor::Device::Cpu => Box::new(vox2vec::dist::tcp::TcpComm::connect(&e.master_addr, e.master_port, e.rank, e.world, b"", timeout)?.0),
-                vox2vec::tensor::Device::Cuda(k) => Box::new(vox2vec::dist::nccl::NcclComm::connect(&e.master_addr, e.master_port, e.rank, e.world, vox2vec::cuda::device(k)?, timeout)?),
+                vox2vec::tensor::Device::Cpu => Box::new(
+                    vox2vec::dist::tcp::TcpComm::connect(&e.master_addr, e.master_port, e.rank, e.world, b"", timeout)?
+                        .0,
+                ),
+                vox2vec::tensor::Device::Cuda(k) => Box::new(vox2vec::dist::nccl::NcclComm::connect(
+                    &e.master_addr,
+                    e.master_port,
+                    e.rank,
+                    e.world,
+                    vox2vec::cuda::device(k)?,
+                    timeout,
+                )?),
             }
         }
     };
@@ -343,8 +395,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     model.validate()?;
     vox2vec::model::check_patch(batch.patch).context("--patch")?;
     anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0 && args.lr <= 1.0, "--lr must be in (0, 1], got {}", args.lr);
-    anyhow::ensure!(args.probe_lr.is_finite() && args.probe_lr > 0.0 && args.probe_lr <= 1.0, "--probe-lr must be in (0, 1], got {}", args.probe_lr);
-    anyhow::ensure!(args.probe_every >= 1 && args.probe_folds >= 1 && args.probe_batch >= 1, "--probe-every, --probe-folds and --probe-batch must be at least 1");
+    anyhow::ensure!(
+        args.probe_lr.is_finite() && args.probe_lr > 0.0 && args.probe_lr <= 1.0,
+        "--probe-lr must be in (0, 1], got {}",
+        args.probe_lr
+    );
+    anyhow::ensure!(
+        args.probe_every >= 1 && args.probe_folds >= 1 && args.probe_batch >= 1,
+        "--probe-every, --probe-folds and --probe-batch must be at least 1"
+    );
     // A report printed, and written as JSON to --report when given.
     let emit = |what: &str, text: String, json: serde_json::Value| -> anyhow::Result<()> {
         print!("{text}");
@@ -362,7 +421,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         let report = vox2vec::bench::compare_precisions(device, model, batch, args.seed)?;
         return emit("compare-precisions", report.render(), report.to_json());
     }
-    anyhow::ensure!(args.report.is_none() || args.bench_plan, "--report goes with --bench-plan or --compare-precisions");
+    anyhow::ensure!(
+        args.report.is_none() || args.bench_plan,
+        "--report goes with --bench-plan or --compare-precisions"
+    );
     let cpu_note = if device == vox2vec::tensor::Device::Cpu { check_cpu_budget(batch, model.fpn)? } else { None };
     if let Some(steps) = args.bench {
         // 6 warm-up steps: a step graph's blocks settle within about five (`cuda::graph`).
@@ -375,7 +437,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     let data = if args.synthetic_pairs {
         BatchSource::SyntheticPairs(batch)
     } else {
-        let sampler = SamplerConfig { pairs: batch.pairs, patch: batch.patch, max_voxels: batch.voxels_per_pair, ..SamplerConfig::default() };
+        let sampler = SamplerConfig {
+            pairs: batch.pairs,
+            patch: batch.patch,
+            max_voxels: batch.voxels_per_pair,
+            ..SamplerConfig::default()
+        };
         let volumes: Arc<dyn VolumeSet> = match &args.data {
             None => {
                 data_sources = serde_json::json!({"phantoms": args.phantoms, "seed": args.seed});
@@ -392,18 +459,32 @@ fn run(args: Args) -> anyhow::Result<()> {
     let validation = match &args.val_data {
         None => None,
         Some(input) => {
-            anyhow::ensure!(args.val_every >= 1 && args.val_batches >= 1, "--val-every and --val-batches must be at least 1");
+            anyhow::ensure!(
+                args.val_every >= 1 && args.val_batches >= 1,
+                "--val-every and --val-batches must be at least 1"
+            );
             let report = prepare_data(input, &args.cache, batch.patch, args.skip_bad, &pre, &[])?;
-            let sampler = SamplerConfig { pairs: batch.pairs, patch: batch.patch, max_voxels: batch.voxels_per_pair, ..SamplerConfig::default() };
+            let sampler = SamplerConfig {
+                pairs: batch.pairs,
+                patch: batch.patch,
+                max_voxels: batch.voxels_per_pair,
+                ..SamplerConfig::default()
+            };
             let vols = CachedVolumes::new(report.entries, 4);
             // Fixed pairs: the same whatever the training run does, resumed or not.
-            let batches = (0..args.val_batches as u64).map(|i| vox2vec::data::loader::make_batch(&vols, &sampler, args.seed ^ 0x7A11_DA7A, i)).collect::<anyhow::Result<Vec<_>>>()?;
-            data_sources["validation"] = serde_json::json!({"input": input, "files": report.sources, "batches": args.val_batches});
+            let batches = (0..args.val_batches as u64)
+                .map(|i| vox2vec::data::loader::make_batch(&vols, &sampler, args.seed ^ 0x7A11_DA7A, i))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            data_sources["validation"] =
+                serde_json::json!({"input": input, "files": report.sources, "batches": args.val_batches});
             Some(vox2vec::train::Validation { batches: Arc::new(batches), every: args.val_every })
         }
     };
     use vox2vec::eval::recorded;
-    let mut metadata: Vec<(String, String)> = recorded::preprocessing_metadata(args.spacing, batch.patch).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut metadata: Vec<(String, String)> = recorded::preprocessing_metadata(args.spacing, batch.patch)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     let train_config = serde_json::json!({
         "pairs": batch.pairs, "patch": batch.patch, "voxels_per_pair": batch.voxels_per_pair, "steps": args.steps, "lr": args.lr,
         "seed": args.seed, "device": args.device, "precision": args.precision, "nonfinite": format!("{:?}", args.nonfinite),
@@ -416,10 +497,20 @@ fn run(args: Args) -> anyhow::Result<()> {
     let online_probe = match &args.probe_dataset {
         None => None,
         Some(dir) => {
-            let sp: Vec<f64> = args.probe_spacing.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!("--probe-spacing: {e}"))?;
+            let sp: Vec<f64> = args
+                .probe_spacing
+                .split(',')
+                .map(|t| t.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("--probe-spacing: {e}"))?;
             anyhow::ensure!(sp.len() == 3 && sp.iter().all(|v| *v > 0.0), "--probe-spacing must be X,Y,Z in mm");
-            let pre = PreprocessConfig { spacing: [sp[0], sp[1], sp[2]], nonfinite: args.nonfinite, ..PreprocessConfig::default() };
-            let ds = vox2vec::eval::segment::load_dataset(dir, &pre, &|c| eprintln!("online probe: preprocessing {c}"))?;
+            let pre = PreprocessConfig {
+                spacing: [sp[0], sp[1], sp[2]],
+                nonfinite: args.nonfinite,
+                ..PreprocessConfig::default()
+            };
+            let ds =
+                vox2vec::eval::segment::load_dataset(dir, &pre, &|c| eprintln!("online probe: preprocessing {c}"))?;
             let n = ds.cases.len();
             let folds = args.probe_folds.max(2);
             let val: Vec<usize> = (0..n).filter(|i| i % folds == 0).collect();
@@ -428,7 +519,14 @@ fn run(args: Args) -> anyhow::Result<()> {
                 dataset: Arc::new(ds),
                 val,
                 every: args.probe_every,
-                config: vox2vec::eval::segment::SegConfig { patch: args.probe_patch, batch: args.probe_batch, steps: args.probe_steps, lr: args.probe_lr, seed: args.seed, ..Default::default() },
+                config: vox2vec::eval::segment::SegConfig {
+                    patch: args.probe_patch,
+                    batch: args.probe_batch,
+                    steps: args.probe_steps,
+                    lr: args.probe_lr,
+                    seed: args.seed,
+                    ..Default::default()
+                },
             })
         }
     };
@@ -462,10 +560,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     let on = vox2vec::cuda::describe(device, precision)?;
     if !lead {
         // The other ranks train quietly; rank 0 reports for the run.
-        vox2vec::train::run_pretraining_ranked(&opts, &mut vox2vec::train::Silent, comm.as_mut()).with_context(|| format!("rank {}", comm.rank()))?;
+        vox2vec::train::run_pretraining_ranked(&opts, &mut vox2vec::train::Silent, comm.as_mut())
+            .with_context(|| format!("rank {}", comm.rank()))?;
         return Ok(());
     }
-    let ranks = if comm.world() > 1 { format!(", rank 0 of {} ({} communicator)", comm.world(), comm.name()) } else { String::new() };
+    let ranks = if comm.world() > 1 {
+        format!(", rank 0 of {} ({} communicator)", comm.world(), comm.name())
+    } else {
+        String::new()
+    };
     eprintln!(
         "vox2vec-train: {source}, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {on}{ranks}, out {}",
         batch.pairs,
@@ -496,7 +599,9 @@ fn install_signal_handler() {
             eprintln!("\nvox2vec-train: second signal, exiting now (the last checkpoint is intact)");
             std::process::exit(130);
         }
-        eprintln!("\nvox2vec-train: signal received: finishing this step and writing a checkpoint (send it again to exit at once)");
+        eprintln!(
+            "\nvox2vec-train: signal received: finishing this step and writing a checkpoint (send it again to exit at once)"
+        );
     });
     if let Err(e) = r {
         eprintln!("vox2vec-train: warning: no signal handler ({e}); an interrupt ends the run without a checkpoint");

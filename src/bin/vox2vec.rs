@@ -252,7 +252,10 @@ impl EmbedOutput {
         for f in &self.format {
             anyhow::ensure!(f == "npy" || f == "nifti", "--format {f:?}: npy or nifti (comma-separated for both)");
         }
-        anyhow::ensure!(!(self.f16 && self.nifti()), "--f16 with --format nifti: NIfTI has no float16 type (nibabel and ITK cannot store one); write float32 NIfTI, or --f16 with --format npy");
+        anyhow::ensure!(
+            !(self.f16 && self.nifti()),
+            "--f16 with --format nifti: NIfTI has no float16 type (nibabel and ITK cannot store one); write float32 NIfTI, or --f16 with --format npy"
+        );
         Ok(())
     }
 }
@@ -332,13 +335,25 @@ struct SegArgs {
 
 /// Move `model` to `device` with `precision` activations and print the first line of a
 /// command's output: what runs where, as vox2vec-train's first line.
-fn place_model(command: &str, what: &std::path::Path, model: &mut vox2vec::model::Vox2Vec, device: vox2vec::tensor::Device, precision: vox2vec::tensor::DType) -> Result<()> {
+fn place_model(
+    command: &str,
+    what: &std::path::Path,
+    model: &mut vox2vec::model::Vox2Vec,
+    device: vox2vec::tensor::Device,
+    precision: vox2vec::tensor::DType,
+) -> Result<()> {
     if device != vox2vec::tensor::Device::Cpu {
         model.to_device(device)?;
         model.activation_dtype = precision;
     }
     let f = model.config.fpn;
-    eprintln!("vox2vec {command}: {}, FPN3d base {} x {} scales, {}", what.display(), f.base_channels, f.num_scales, vox2vec::cuda::describe(device, precision)?);
+    eprintln!(
+        "vox2vec {command}: {}, FPN3d base {} x {} scales, {}",
+        what.display(),
+        f.base_channels,
+        f.num_scales,
+        vox2vec::cuda::describe(device, precision)?
+    );
     Ok(())
 }
 
@@ -358,7 +373,8 @@ impl NetArgs {
     /// each — one CT in 32×32×16 windows embeds in 2 min 13 s with 8 per pass against 3 min
     /// 32 s with 1 — and uses no more memory than one window of the default patch).
     fn sw_batch(&self, device: vox2vec::tensor::Device, patch: [usize; 3]) -> Result<usize> {
-        let cpu_default = || (DEFAULT_PATCH.iter().product::<usize>() / patch.iter().product::<usize>().max(1)).clamp(1, 8);
+        let cpu_default =
+            || (DEFAULT_PATCH.iter().product::<usize>() / patch.iter().product::<usize>().max(1)).clamp(1, 8);
         let k = self.sw_batch.unwrap_or_else(|| if device == vox2vec::tensor::Device::Cpu { cpu_default() } else { 8 });
         anyhow::ensure!((1..=1024).contains(&k), "--sw-batch must be between 1 and 1024, got {k}");
         Ok(k)
@@ -366,7 +382,12 @@ impl NetArgs {
 
     /// Move `model` to the device asked for and print the first line of the command's output
     /// (what runs where, as vox2vec-train's first line).
-    fn place(&self, command: &str, what: &std::path::Path, model: &mut vox2vec::model::Vox2Vec) -> Result<vox2vec::tensor::Device> {
+    fn place(
+        &self,
+        command: &str,
+        what: &std::path::Path,
+        model: &mut vox2vec::model::Vox2Vec,
+    ) -> Result<vox2vec::tensor::Device> {
         let (device, precision) = self.device()?;
         place_model(command, what, model, device, precision)?;
         Ok(device)
@@ -378,14 +399,22 @@ impl NetArgs {
     fn settings(&self, rec: &Recorded) -> Result<(vox2vec::data::preprocess::PreprocessConfig, [usize; 3])> {
         let on = if self.override_recorded { OnContradiction::Override } else { OnContradiction::Error };
         let (spacing, patch) = resolve_settings(self.spacing.as_deref(), self.patch.as_deref(), rec, on)?;
-        Ok((vox2vec::data::preprocess::PreprocessConfig { spacing, nonfinite: self.nonfinite, ..Default::default() }, patch))
+        Ok((
+            vox2vec::data::preprocess::PreprocessConfig { spacing, nonfinite: self.nonfinite, ..Default::default() },
+            patch,
+        ))
     }
 }
 
 /// Spacing and patch for a command that uses a file recording `rec`: each flag checked against
 /// the recorded value per `on`, else the recorded value, else the reference's (with a note
 /// when the file records neither, as files from before this version do).
-fn resolve_settings(spacing: Option<&str>, patch: Option<&str>, rec: &Recorded, on: OnContradiction) -> Result<([f64; 3], [usize; 3])> {
+fn resolve_settings(
+    spacing: Option<&str>,
+    patch: Option<&str>,
+    rec: &Recorded,
+    on: OnContradiction,
+) -> Result<([f64; 3], [usize; 3])> {
     use vox2vec::eval::recorded::{choose, xyz};
     rec.check_window()?;
     let (sp, pa) = (spacing.map(parse_spacing).transpose()?, patch.map(parse_patch).transpose()?);
@@ -393,7 +422,11 @@ fn resolve_settings(spacing: Option<&str>, patch: Option<&str>, rec: &Recorded, 
     let s = choose("spacing", "--spacing", sp, rec.spacing, &rec.file, reference, on, xyz)?;
     let p = choose("patch", "--patch", pa, rec.patch, &rec.file, DEFAULT_PATCH, on, xyz)?;
     if rec.spacing.is_none() && sp.is_none() && rec.is_a_file() {
-        eprintln!("note: {} records no spacing (a file from before vox2vec-rs recorded it, or from PyTorch); using {} mm", rec.file.display(), xyz(&s));
+        eprintln!(
+            "note: {} records no spacing (a file from before vox2vec-rs recorded it, or from PyTorch); using {} mm",
+            rec.file.display(),
+            xyz(&s)
+        );
     }
     Ok((s, p))
 }
@@ -403,7 +436,11 @@ use vox2vec::eval::recorded::{OnContradiction, Recorded};
 use vox2vec::data::preprocess::parse_spacing;
 
 fn parse_patch(s: &str) -> Result<[usize; 3]> {
-    let p: Vec<usize> = s.split(',').map(|t| t.trim().parse()).collect::<std::result::Result<_, _>>().with_context(|| format!("patch {s:?}"))?;
+    let p: Vec<usize> = s
+        .split(',')
+        .map(|t| t.trim().parse())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("patch {s:?}"))?;
     anyhow::ensure!(p.len() == 3, "patch must be X,Y,Z, got {s:?}");
     let p = [p[0], p[1], p[2]];
     vox2vec::model::check_patch(p).with_context(|| format!("patch {s:?}"))?;
@@ -423,11 +460,20 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     let (mut model, recorded) = match (&a.weights, mode) {
         (Some(w), _) => load_backbone(w, a.base_channels, a.num_scales)?,
         (None, Mode::Scratch) | (None, Mode::Probe) => {
-            let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: a.base_channels.unwrap_or(16), num_scales: a.num_scales.unwrap_or(6) }, ..ModelConfig::default() };
+            let cfg = ModelConfig {
+                fpn: FpnConfig {
+                    in_channels: 1,
+                    base_channels: a.base_channels.unwrap_or(16),
+                    num_scales: a.num_scales.unwrap_or(6),
+                },
+                ..ModelConfig::default()
+            };
             cfg.validate()?;
             (Vox2Vec::new(cfg, a.seed), Recorded::nothing())
         }
-        (None, Mode::FineTune { .. }) => anyhow::bail!("finetune needs --weights (use `scratch` for a random backbone)"),
+        (None, Mode::FineTune { .. }) => {
+            anyhow::bail!("finetune needs --weights (use `scratch` for a random backbone)")
+        }
     };
     // A probe at a coarser grid than pretraining is a common shortcut (a warning); fine-tuning
     // at another grid than the backbone's is refused unless asked for.
@@ -450,21 +496,37 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for (i, c) in ds.cases.iter().enumerate() {
         let is_val = if a.val.is_empty() { i % a.folds.max(1) == a.fold } else { a.val.contains(&c.name) };
-        if is_val { val.push(c) } else { train.push(c) }
+        if is_val {
+            val.push(c)
+        } else {
+            train.push(c)
+        }
         if is_val && a.train_on_val {
             train.push(c);
         }
     }
     if let Some(missing) = a.val.iter().find(|v| !ds.cases.iter().any(|c| &c.name == *v)) {
-        anyhow::bail!("--val {missing}: no such case in {} (cases: {})", a.dataset.display(), ds.cases.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "));
+        anyhow::bail!(
+            "--val {missing}: no such case in {} (cases: {})",
+            a.dataset.display(),
+            ds.cases.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
     }
     if train.is_empty() || val.is_empty() {
         let n = ds.cases.len();
         let first = &ds.cases[0].name;
         if n == 1 {
-            anyhow::bail!("{} has 1 labelled case, too few to split into training and validation; pass --val {first} --train-on-val to validate on a case that also trains (an optimistic Dice, labelled so in results.json)", a.dataset.display());
+            anyhow::bail!(
+                "{} has 1 labelled case, too few to split into training and validation; pass --val {first} --train-on-val to validate on a case that also trains (an optimistic Dice, labelled so in results.json)",
+                a.dataset.display()
+            );
         }
-        anyhow::bail!("{}: the split gives {} training and {} validation cases of {n}; choose --folds at most {n} and --fold below it, or name validation cases with --val (or add --train-on-val to let them train too)", a.dataset.display(), train.len(), val.len());
+        anyhow::bail!(
+            "{}: the split gives {} training and {} validation cases of {n}; choose --folds at most {n} and --fold below it, or name validation cases with --val (or add --train-on-val to let them train too)",
+            a.dataset.display(),
+            train.len(),
+            val.len()
+        );
     }
     let optimistic = a.train_on_val;
     eprintln!(
@@ -486,7 +548,15 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     place_model(command, &a.dataset, &mut model, device, precision)?;
     let mut head_store = vox2vec::params::ParamStore::new();
     let head = Head::new(kind, &mut head_store, a.seed ^ 0x5eed, model.config.fpn, k);
-    let cfg = SegConfig { patch, batch: a.batch, steps: a.steps, lr, validate_every: a.validate_every, seed: a.seed, ..SegConfig::default() };
+    let cfg = SegConfig {
+        patch,
+        batch: a.batch,
+        steps: a.steps,
+        lr,
+        validate_every: a.validate_every,
+        seed: a.seed,
+        ..SegConfig::default()
+    };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let bar = indicatif::ProgressBar::new(a.steps);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")?);
@@ -501,42 +571,80 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
         "dataset": a.dataset, "train_cases": train.iter().map(|c| &c.name).collect::<Vec<_>>(), "val_cases": val.iter().map(|c| &c.name).collect::<Vec<_>>(),
     });
     let mut made: Vec<(&str, String)> = rec::preprocessing_metadata(spacing, patch);
-    made.extend([(rec::COMMAND_LINE, rec::command_line()), (rec::DATA_SOURCES, data_sources.to_string()), (rec::TRAIN_CONFIG, train_config.to_string())]);
+    made.extend([
+        (rec::COMMAND_LINE, rec::command_line()),
+        (rec::DATA_SOURCES, data_sources.to_string()),
+        (rec::TRAIN_CONFIG, train_config.to_string()),
+    ]);
     let mut head_meta = made.clone();
-    head_meta.extend([("head_kind", a.head.clone()), ("num_classes", k.to_string()), ("classes", serde_json::to_string(&ds.classes)?)]);
+    head_meta.extend([
+        ("head_kind", a.head.clone()),
+        ("num_classes", k.to_string()),
+        ("classes", serde_json::to_string(&ds.classes)?),
+    ]);
     let trains_backbone = !matches!(mode, Mode::Probe);
     // A frozen backbone's fingerprint is the same at every save.
     let frozen_fingerprint = if trains_backbone { None } else { Some(backbone_fingerprint(&model.store)?) };
-    let res = train_segmentation(&mut model, &head, &mut head_store, &train, &val, k, mode, &cfg, &|event| match event {
-        SegEvent::Step { step, loss } => {
-            bar.set_position(step);
-            bar.set_message(format!("loss {loss:.4}"));
-        }
-        SegEvent::Validating { case, index, cases, window, windows, .. } => bar.set_message(format!("validating {case} ({}/{cases}): window {window}/{windows}", index + 1)),
-    }, &mut |m, hs| {
-        let fp = match &frozen_fingerprint {
-            Some(f) => f.clone(),
-            None => backbone_fingerprint(&m.store)?,
-        };
-        let mut meta = head_meta.clone();
-        meta.push((rec::BACKBONE_FINGERPRINT, fp));
-        vox2vec::checkpoint::save(&head_path, &m.config, hs, None, &meta)?;
-        if trains_backbone {
-            vox2vec::checkpoint::save(&backbone_path, &m.config, &m.store, None, &made)?;
-        }
-        Ok(())
-    })?;
+    let res = train_segmentation(
+        &mut model,
+        &head,
+        &mut head_store,
+        &train,
+        &val,
+        k,
+        mode,
+        &cfg,
+        &|event| match event {
+            SegEvent::Step { step, loss } => {
+                bar.set_position(step);
+                bar.set_message(format!("loss {loss:.4}"));
+            }
+            SegEvent::Validating { case, index, cases, window, windows, .. } => {
+                bar.set_message(format!("validating {case} ({}/{cases}): window {window}/{windows}", index + 1))
+            }
+        },
+        &mut |m, hs| {
+            let fp = match &frozen_fingerprint {
+                Some(f) => f.clone(),
+                None => backbone_fingerprint(&m.store)?,
+            };
+            let mut meta = head_meta.clone();
+            meta.push((rec::BACKBONE_FINGERPRINT, fp));
+            vox2vec::checkpoint::save(&head_path, &m.config, hs, None, &meta)?;
+            if trains_backbone {
+                vox2vec::checkpoint::save(&backbone_path, &m.config, &m.store, None, &made)?;
+            }
+            Ok(())
+        },
+    )?;
     bar.finish_and_clear();
     let mean = res.best_dice.iter().sum::<f64>() / k as f64;
-    println!("best validation Dice at step {} (mean {mean:.4}){}:", res.best_step, if optimistic { ", on cases that also trained (optimistic)" } else { "" });
+    println!(
+        "best validation Dice at step {} (mean {mean:.4}){}:",
+        res.best_step,
+        if optimistic { ", on cases that also trained (optimistic)" } else { "" }
+    );
     for (name, d) in ds.classes.iter().zip(&res.best_dice) {
         println!("  {name:<16} {d:.4}");
     }
     if mean < 0.01 && matches!(mode, Mode::Probe) {
-        let what = if cfg.lr < 1e-2 { "a larger --lr (1e-2, the probe default: at 3e-4 a 200-step probe on OpenKBP stays at 0)" } else { "more --steps, or a pretrained backbone (--weights)" };
-        println!("hint: the mean Dice is near 0 after {} steps at --lr {}; a probe of a frozen backbone usually needs {what}; see README, Using the features", cfg.steps, cfg.lr);
+        let what = if cfg.lr < 1e-2 {
+            "a larger --lr (1e-2, the probe default: at 3e-4 a 200-step probe on OpenKBP stays at 0)"
+        } else {
+            "more --steps, or a pretrained backbone (--weights)"
+        };
+        println!(
+            "hint: the mean Dice is near 0 after {} steps at --lr {}; a probe of a frozen backbone usually needs {what}; see README, Using the features",
+            cfg.steps, cfg.lr
+        );
     }
-    let per_case = |dice: &[Vec<f64>]| -> serde_json::Value { val.iter().zip(dice).map(|(c, d)| (c.name.clone(), serde_json::json!(d))).collect::<serde_json::Map<_, _>>().into() };
+    let per_case = |dice: &[Vec<f64>]| -> serde_json::Value {
+        val.iter()
+            .zip(dice)
+            .map(|(c, d)| (c.name.clone(), serde_json::json!(d)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
     let json = serde_json::json!({
         "mode": format!("{mode:?}"),
         "head": a.head,
@@ -558,7 +666,14 @@ fn segment(a: &SegArgs, mode: vox2vec::eval::segment::Mode) -> Result<()> {
     Ok(())
 }
 
-fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::path::Path, out: &std::path::Path, probabilities: Option<&std::path::Path>, net: &NetArgs) -> Result<()> {
+fn predict(
+    ct: &std::path::Path,
+    backbone: &std::path::Path,
+    head_path: &std::path::Path,
+    out: &std::path::Path,
+    probabilities: Option<&std::path::Path>,
+    net: &NetArgs,
+) -> Result<()> {
     use vox2vec::eval::segment::{Head, HeadKind, predict_case};
     several_inputs(ct)?;
     let (mut model, _) = load_backbone(backbone, net.base_channels, net.num_scales)?;
@@ -573,15 +688,24 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
         (Some("linear"), _) => HeadKind::Linear,
         (Some("nonlinear") | Some("non-linear"), _) => HeadKind::NonLinear,
         (None, Some((k, _))) => *k,
-        (other, _) => anyhow::bail!("{}: not a segmentation head (head kind {other:?}, and no layers.0.weight or final_block.weight); a head written by probe / finetune / scratch, or a PyTorch FPNLinearHead / FPNNonLinearHead state_dict, is needed", head_path.display()),
+        (other, _) => anyhow::bail!(
+            "{}: not a segmentation head (head kind {other:?}, and no layers.0.weight or final_block.weight); a head written by probe / finetune / scratch, or a PyTorch FPNLinearHead / FPNNonLinearHead state_dict, is needed",
+            head_path.display()
+        ),
     };
     let k: usize = match (meta.get("num_classes"), &inferred) {
-        (Some(v), _) => v.parse().with_context(|| format!("{}: metadata num_classes {v:?} is not a number", head_path.display()))?,
+        (Some(v), _) => {
+            v.parse().with_context(|| format!("{}: metadata num_classes {v:?} is not a number", head_path.display()))?
+        }
         (None, Some((_, k))) => *k,
         (None, None) => anyhow::bail!("{}: no num_classes", head_path.display()),
     };
     if let Some((ik, ic)) = inferred {
-        anyhow::ensure!(ik == kind && ic == k, "{}: records a {kind:?} head of {k} classes, but its tensors are a {ik:?} head of {ic} classes", head_path.display());
+        anyhow::ensure!(
+            ik == kind && ic == k,
+            "{}: records a {kind:?} head of {k} classes, but its tensors are a {ik:?} head of {ic} classes",
+            head_path.display()
+        );
     }
     let kind_name = match kind {
         HeadKind::Linear => "linear",
@@ -594,28 +718,46 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     let loaded = vox2vec::checkpoint::load_file(head_file, &mut hs, None)?;
     anyhow::ensure!(loaded.missing.is_empty(), "{}: head tensors missing: {:?}", head_path.display(), loaded.missing);
     let device = net.place("predict", ct, &mut model)?;
-    eprintln!("predict: {kind_name} head, {k} classes, spacing {} mm, patch {}", vox2vec::eval::recorded::xyz(&pre.spacing), vox2vec::eval::recorded::xyz(&patch));
+    eprintln!(
+        "predict: {kind_name} head, {k} classes, spacing {} mm, patch {}",
+        vox2vec::eval::recorded::xyz(&pre.spacing),
+        vox2vec::eval::recorded::xyz(&patch)
+    );
     if device != vox2vec::tensor::Device::Cpu {
         hs.to_device(device)?;
     }
     let sw_batch = net.sw_batch(device, patch)?;
-    let classes: Vec<String> = recorded.classes.clone().unwrap_or_else(|| (1..=k).map(|c| format!("class_{c}")).collect());
+    let classes: Vec<String> =
+        recorded.classes.clone().unwrap_or_else(|| (1..=k).map(|c| format!("class_{c}")).collect());
     let load = |f: &std::path::Path| -> Result<(vox2vec::data::nifti_io::Volume, vox2vec::data::cache::CachedCt)> {
         Ok((vox2vec::data::nifti_io::read_volume_with(f, net.nonfinite)?, vox2vec::data::cache::build(f, &pre)?))
     };
-    let mut one = |vol: vox2vec::data::nifti_io::Volume, e: vox2vec::data::cache::CachedCt, out: &std::path::Path, probabilities: Option<&std::path::Path>| -> Result<()> {
+    let mut one = |vol: vox2vec::data::nifti_io::Volume,
+                   e: vox2vec::data::cache::CachedCt,
+                   out: &std::path::Path,
+                   probabilities: Option<&std::path::Path>|
+     -> Result<()> {
         let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(indicatif::ProgressStyle::with_template("predicting {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}")?);
+        bar.set_style(indicatif::ProgressStyle::with_template(
+            "predicting {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}",
+        )?);
         bar.set_message(e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-        let probs = predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), patch, sw_batch, &|n, total| {
-            bar.set_length(total as u64);
-            bar.set_position(n as u64);
-        })?;
+        let probs =
+            predict_case(&mut model, &head, &mut hs, &e.ct, &e.ct.body_mask(), patch, sw_batch, &|n, total| {
+                bar.set_length(total as u64);
+                bar.set_position(n as u64);
+            })?;
         bar.finish_and_clear();
         // One label per voxel: the most probable class among those above 0.5.
         let labels: Vec<u8> = probs
             .chunks_exact(k)
-            .map(|p| p.iter().enumerate().filter(|(_, v)| **v > 0.5).fold((0u8, 0.5f32), |best, (c, &v)| if v > best.1 { (c as u8 + 1, v) } else { best }).0)
+            .map(|p| {
+                p.iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v > 0.5)
+                    .fold((0u8, 0.5f32), |best, (c, &v)| if v > best.1 { (c as u8 + 1, v) } else { best })
+                    .0
+            })
             .collect();
         let on_source = vox2vec::data::preprocess::to_source_grid(&labels, &e.ct, 0u8);
         vox2vec::data::nifti_io::write_volume(out, &on_source, &vol.geometry)?;
@@ -623,12 +765,23 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             for (c, name) in classes.iter().enumerate().take(k) {
                 let pc: Vec<f32> = probs.iter().skip(c).step_by(k).copied().collect();
-                let file: String = name.chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' { ch } else { '_' }).collect();
-                vox2vec::data::nifti_io::write_volume(&dir.join(format!("{file}.nii.gz")), &vox2vec::data::preprocess::to_source_grid(&pc, &e.ct, 0.0f32), &vol.geometry)?;
+                let file: String = name
+                    .chars()
+                    .map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' { ch } else { '_' })
+                    .collect();
+                vox2vec::data::nifti_io::write_volume(
+                    &dir.join(format!("{file}.nii.gz")),
+                    &vox2vec::data::preprocess::to_source_grid(&pc, &e.ct, 0.0f32),
+                    &vol.geometry,
+                )?;
             }
         }
         let counts: Vec<usize> = (1..=k).map(|c| on_source.iter().filter(|&&l| l as usize == c).count()).collect();
-        println!("wrote {} ({:?} voxels on the input grid; voxels per class {counts:?})", out.display(), vol.geometry.file_shape);
+        println!(
+            "wrote {} ({:?} voxels on the input grid; voxels per class {counts:?})",
+            out.display(),
+            vol.geometry.file_shape
+        );
         Ok(())
     };
     let Some(files) = several_inputs(ct)? else {
@@ -637,27 +790,64 @@ fn predict(ct: &std::path::Path, backbone: &std::path::Path, head_path: &std::pa
     };
     // Several CTs: --out is a folder of <name>.nii.gz masks (probabilities in <dir>/<name>/),
     // and the next CT is read and preprocessed while this one is segmented.
-    anyhow::ensure!(!vox2vec::data::sources::is_nifti(out), "{} holds several CTs: --out must be a folder for their masks, not {}", ct.display(), out.display());
+    anyhow::ensure!(
+        !vox2vec::data::sources::is_nifti(out),
+        "{} holds several CTs: --out must be a folder for their masks, not {}",
+        ct.display(),
+        out.display()
+    );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     eprintln!("predict: {} CTs from {}, masks into {}/<name>.nii.gz", files.len(), ct.display(), out.display());
     let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
-    vox2vec::eval::prefetch::pipelined(&paths, |f| load(f), |f, (vol, e)| {
-        let name = &files.iter().find(|(p, _)| p == f).expect("one of the inputs").1;
-        one(vol, e, &out.join(format!("{name}.nii.gz")), probabilities.map(|d| d.join(name)).as_deref())
-    })
+    vox2vec::eval::prefetch::pipelined(
+        &paths,
+        |f| load(f),
+        |f, (vol, e)| {
+            let name = &files.iter().find(|(p, _)| p == f).expect("one of the inputs").1;
+            one(vol, e, &out.join(format!("{name}.nii.gz")), probabilities.map(|d| d.join(name)).as_deref())
+        },
+    )
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Embed { input, weights, out, output, net } => embed(&input, &weights, &out, &output, &net)?,
-        Cmd::Similar { weights, query, point, world, target, out, net } => similar(&weights, &query, &point, world, &target, &out, &net)?,
-        Cmd::Probe(a) => segment(&a, vox2vec::eval::segment::Mode::Probe)?,
-        Cmd::Finetune { seg, unfreeze_after } => segment(&seg, vox2vec::eval::segment::Mode::FineTune { unfreeze_after })?,
-        Cmd::Scratch(a) => segment(&a, vox2vec::eval::segment::Mode::Scratch)?,
-        Cmd::Predict { ct, backbone, head, out, probabilities, net } => predict(&ct, &backbone, &head, &out, probabilities.as_deref(), &net)?,
-        Cmd::BenchInfer { weights, base_channels, num_scales, patch, batches, precisions, iters, warmup, device, plan, report } => {
-            bench_infer(weights.as_deref(), base_channels, num_scales, &patch, &batches, &precisions, iters, warmup, &device, plan, report.as_deref())?
+        Cmd::Similar { weights, query, point, world, target, out, net } => {
+            similar(&weights, &query, &point, world, &target, &out, &net)?
         }
+        Cmd::Probe(a) => segment(&a, vox2vec::eval::segment::Mode::Probe)?,
+        Cmd::Finetune { seg, unfreeze_after } => {
+            segment(&seg, vox2vec::eval::segment::Mode::FineTune { unfreeze_after })?
+        }
+        Cmd::Scratch(a) => segment(&a, vox2vec::eval::segment::Mode::Scratch)?,
+        Cmd::Predict { ct, backbone, head, out, probabilities, net } => {
+            predict(&ct, &backbone, &head, &out, probabilities.as_deref(), &net)?
+        }
+        Cmd::BenchInfer {
+            weights,
+            base_channels,
+            num_scales,
+            patch,
+            batches,
+            precisions,
+            iters,
+            warmup,
+            device,
+            plan,
+            report,
+        } => bench_infer(
+            weights.as_deref(),
+            base_channels,
+            num_scales,
+            &patch,
+            &batches,
+            &precisions,
+            iters,
+            warmup,
+            &device,
+            plan,
+            report.as_deref(),
+        )?,
         Cmd::Preprocess { input, cache, skip_bad, threads, nonfinite } => {
             if let Some(t) = threads {
                 rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
@@ -703,13 +893,20 @@ fn inspect(path: &std::path::Path, all: bool) -> Result<()> {
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     let mut groups: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
     for e in entries {
-        let group = if e.name.starts_with("optim.") { "optim" } else if e.name.starts_with(vox2vec::model::HEAD_PREFIX) || is_head { "head" } else { "backbone" };
+        let group = if e.name.starts_with("optim.") {
+            "optim"
+        } else if e.name.starts_with(vox2vec::model::HEAD_PREFIX) || is_head {
+            "head"
+        } else {
+            "backbone"
+        };
         let g = groups.entry(group).or_default();
         g.0 += 1;
         g.1 += e.shape.iter().product::<usize>();
         if all {
             let dtype = if matches!(e.values, Values::I64(_)) { "int" } else { "float" };
-            let renamed = if e.name != e.source_name { format!("  (in the file: {})", e.source_name) } else { String::new() };
+            let renamed =
+                if e.name != e.source_name { format!("  (in the file: {})", e.source_name) } else { String::new() };
             println!("  {} {dtype} {:?}{renamed}", e.name, e.shape);
         }
     }
@@ -717,7 +914,11 @@ fn inspect(path: &std::path::Path, all: bool) -> Result<()> {
         println!("{g}: {n} tensors, {v} values");
     }
     if !file.ignored.is_empty() {
-        println!("left out: {} tensors outside the model{}", file.ignored.len(), if all { format!(": {}", file.ignored.join(", ")) } else { " (--all lists them)".to_string() });
+        println!(
+            "left out: {} tensors outside the model{}",
+            file.ignored.len(),
+            if all { format!(": {}", file.ignored.join(", ")) } else { " (--all lists them)".to_string() }
+        );
     }
     Ok(())
 }
@@ -731,8 +932,11 @@ fn convert(input: &std::path::Path, out: &std::path::Path) -> Result<()> {
     use vox2vec::weights::{Naming, Values, read, resolve_backbone};
     let file = read(input, Naming::Model)?;
     let fpn = resolve_backbone(&file, None, None)?;
-    let backbone: Vec<(String, &vox2vec::weights::Entry)> =
-        file.entries.iter().filter_map(|e| e.name.strip_prefix(vox2vec::model::BACKBONE_PREFIX).map(|k| (k.to_string(), e))).collect();
+    let backbone: Vec<(String, &vox2vec::weights::Entry)> = file
+        .entries
+        .iter()
+        .filter_map(|e| e.name.strip_prefix(vox2vec::model::BACKBONE_PREFIX).map(|k| (k.to_string(), e)))
+        .collect();
     anyhow::ensure!(!backbone.is_empty(), "{}: no backbone tensors", input.display());
     // Check the tensors against the model they claim to be before writing anything.
     let cfg = file.model_config(fpn);
@@ -747,13 +951,23 @@ fn convert(input: &std::path::Path, out: &std::path::Path) -> Result<()> {
         }?;
         views.push((k.clone(), view));
     }
-    let mut meta: std::collections::HashMap<String, String> = file.metadata.iter().filter(|(k, _)| !matches!(k.as_str(), "step" | "format")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut meta: std::collections::HashMap<String, String> = file
+        .metadata
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "step" | "format"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     meta.insert("model_config".into(), vox2vec::checkpoint::config_to_json(&model.config));
     meta.insert("converted_from".into(), format!("{} ({})", input.display(), file.describe()));
     let n = views.len();
     let bytes = safetensors::serialize(views, Some(meta))?;
     vox2vec::checkpoint::write_atomic(out, &bytes)?;
-    println!("wrote {n} backbone tensors (FPN3d base {} x {} scales) to {}", fpn.base_channels, fpn.num_scales, out.display());
+    println!(
+        "wrote {n} backbone tensors (FPN3d base {} x {} scales) to {}",
+        fpn.base_channels,
+        fpn.num_scales,
+        out.display()
+    );
     Ok(())
 }
 
@@ -767,11 +981,12 @@ fn metadata_line(key: &str, value: &str, all: bool) -> String {
     let Ok(mut v) = serde_json::from_str::<serde_json::Value>(value) else { return value.to_string() };
     for list in ["files", "train_cases"] {
         if let Some(files) = v.get_mut(list).and_then(|f| f.as_array_mut())
-            && files.len() > SHOWN {
-                let more = files.len() - SHOWN;
-                files.truncate(SHOWN);
-                files.push(serde_json::json!(format!("... {more} more (--all lists them)")));
-            }
+            && files.len() > SHOWN
+        {
+            let more = files.len() - SHOWN;
+            files.truncate(SHOWN);
+            files.push(serde_json::json!(format!("... {more} more (--all lists them)")));
+        }
     }
     v.to_string()
 }
@@ -780,20 +995,40 @@ fn metadata_line(key: &str, value: &str, all: bool) -> String {
 /// our checkpoints, bare FPN3d state_dicts, PyTorch .pt/.pth, Lightning .ckpt), and what the
 /// file records. The configuration is the file's (recorded, else inferred from its tensors);
 /// `--base-channels` / `--num-scales` must agree with it.
-fn load_backbone(weights: &std::path::Path, base: Option<usize>, scales: Option<usize>) -> Result<(vox2vec::model::Vox2Vec, Recorded)> {
+fn load_backbone(
+    weights: &std::path::Path,
+    base: Option<usize>,
+    scales: Option<usize>,
+) -> Result<(vox2vec::model::Vox2Vec, Recorded)> {
     use vox2vec::model::Vox2Vec;
     use vox2vec::weights::{Naming, read, resolve_backbone};
     let file = read(weights, Naming::Model)?;
     let fpn = resolve_backbone(&file, base, scales)?;
     let cfg = file.model_config(fpn);
     cfg.validate().with_context(|| format!("{}: model configuration", weights.display()))?;
-    if file.container != vox2vec::weights::Container::Safetensors || !file.ignored.is_empty() || file.renamed.iter().any(|(from, _)| !from.is_empty()) {
-        eprintln!("note: {}: {}; FPN3d base {} x {} scales", weights.display(), file.describe(), fpn.base_channels, fpn.num_scales);
+    if file.container != vox2vec::weights::Container::Safetensors
+        || !file.ignored.is_empty()
+        || file.renamed.iter().any(|(from, _)| !from.is_empty())
+    {
+        eprintln!(
+            "note: {}: {}; FPN3d base {} x {} scales",
+            weights.display(),
+            file.describe(),
+            fpn.base_channels,
+            fpn.num_scales
+        );
     }
     let mut model = Vox2Vec::new(cfg, 0);
     let loaded = vox2vec::checkpoint::load_file(file, &mut model.store, None)?;
-    let missing: Vec<&String> = loaded.missing.iter().filter(|k| k.starts_with(vox2vec::model::BACKBONE_PREFIX)).collect();
-    anyhow::ensure!(missing.is_empty(), "{}: {} backbone tensors missing (first: {})", weights.display(), missing.len(), missing[0]);
+    let missing: Vec<&String> =
+        loaded.missing.iter().filter(|k| k.starts_with(vox2vec::model::BACKBONE_PREFIX)).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{}: {} backbone tensors missing (first: {})",
+        weights.display(),
+        missing.len(),
+        missing[0]
+    );
     let recorded = Recorded::from_metadata(weights, loaded.metadata)?;
     Ok((model, recorded))
 }
@@ -801,7 +1036,12 @@ fn load_backbone(weights: &std::path::Path, base: Option<usize>, scales: Option<
 /// A head only works on the backbone it was trained on: the same configuration (always
 /// checked) and the same weights (the fingerprint the head records; `--override-recorded`
 /// lets another backbone through, with a note).
-fn check_head_backbone(head: &Recorded, model: &vox2vec::model::Vox2Vec, backbone: &std::path::Path, allow_other: bool) -> Result<()> {
+fn check_head_backbone(
+    head: &Recorded,
+    model: &vox2vec::model::Vox2Vec,
+    backbone: &std::path::Path,
+    allow_other: bool,
+) -> Result<()> {
     let (h, b) = (head.file.display(), backbone.display());
     if let Some(mc) = head.metadata.get("model_config") {
         let v: serde_json::Value = serde_json::from_str(mc).with_context(|| format!("{h}: bad model_config"))?;
@@ -843,7 +1083,9 @@ struct EmbedOptions<'a> {
 /// an error naming both).
 fn several_inputs(input: &std::path::Path) -> Result<Option<Vec<(PathBuf, String)>>> {
     // One CT: a NIfTI, a .npy patch, or a DICOM series (its folder, or a DICOMDIR).
-    let single = (input.is_file() && (vox2vec::data::sources::is_nifti(input) || input.extension().is_some_and(|e| e == "npy"))) || vox2vec::data::dicom::is_dicom_input(input);
+    let single = (input.is_file()
+        && (vox2vec::data::sources::is_nifti(input) || input.extension().is_some_and(|e| e == "npy")))
+        || vox2vec::data::dicom::is_dicom_input(input);
     if single || !input.exists() {
         anyhow::ensure!(input.exists(), "{}: no such file or folder", input.display());
         return Ok(None);
@@ -854,7 +1096,11 @@ fn several_inputs(input: &std::path::Path) -> Result<Option<Vec<(PathBuf, String
         let file = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let name = file.strip_suffix(".nii.gz").or_else(|| file.strip_suffix(".nii")).unwrap_or(&file).to_string();
         if let Some((other, _)) = named.iter().find(|(_, n)| *n == name) {
-            anyhow::bail!("{} and {} would both write outputs named {name:?}; embed or predict them separately", other.display(), f.display());
+            anyhow::bail!(
+                "{} and {} would both write outputs named {name:?}; embed or predict them separately",
+                other.display(),
+                f.display()
+            );
         }
         named.push((f, name));
     }
@@ -864,7 +1110,13 @@ fn several_inputs(input: &std::path::Path) -> Result<Option<Vec<(PathBuf, String
 /// `embed_into`, with no partial output left behind: an output folder that this run created is
 /// removed again when the run fails (for several CTs, only the failing CT's folder, and the
 /// output folder when nothing was completed in it).
-fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, output: &EmbedOutput, net: &NetArgs) -> Result<()> {
+fn embed(
+    input: &std::path::Path,
+    weights: &std::path::Path,
+    out: &std::path::Path,
+    output: &EmbedOutput,
+    net: &NetArgs,
+) -> Result<()> {
     output.check()?;
     let several = several_inputs(input)?.is_some();
     let created = !out.exists();
@@ -875,7 +1127,13 @@ fn embed(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Pa
     r
 }
 
-fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::path::Path, output: &EmbedOutput, net: &NetArgs) -> Result<()> {
+fn embed_into(
+    input: &std::path::Path,
+    weights: &std::path::Path,
+    out: &std::path::Path,
+    output: &EmbedOutput,
+    net: &NetArgs,
+) -> Result<()> {
     use vox2vec::eval::{embed, npy};
     let inputs = several_inputs(input)?;
     let (mut model, recorded) = load_backbone(weights, net.base_channels, net.num_scales)?;
@@ -896,11 +1154,16 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
     let sw_batch = net.sw_batch(device, patch)?;
     let blend = if output.gaussian { embed::Blend::Gaussian } else { embed::Blend::Central };
     let opts = EmbedOptions { output, blend, sw_batch, patch };
-    let load = |f: &std::path::Path| -> Result<(vox2vec::data::cache::CachedCt, Option<vox2vec::data::nifti_io::Volume>)> {
-        let e = vox2vec::data::cache::build(f, &pre)?;
-        let source = if output.original_grid { Some(vox2vec::data::nifti_io::read_volume_with(f, net.nonfinite)?) } else { None };
-        Ok((e, source))
-    };
+    let load =
+        |f: &std::path::Path| -> Result<(vox2vec::data::cache::CachedCt, Option<vox2vec::data::nifti_io::Volume>)> {
+            let e = vox2vec::data::cache::build(f, &pre)?;
+            let source = if output.original_grid {
+                Some(vox2vec::data::nifti_io::read_volume_with(f, net.nonfinite)?)
+            } else {
+                None
+            };
+            Ok((e, source))
+        };
     let Some(files) = inputs else {
         let (e, source) = load(input)?;
         return embed_ct(&mut model, &e, source.as_ref(), out, &opts);
@@ -909,18 +1172,22 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
     eprintln!("embed: {} CTs from {}, each into {}/<name>/", files.len(), input.display(), out.display());
     let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
     let mut done = 0;
-    vox2vec::eval::prefetch::pipelined(&paths, |f| load(f), |f, (e, source)| {
-        let name = &files.iter().find(|(p, _)| p == f).expect("one of the inputs").1;
-        let dir = out.join(name);
-        let created = !dir.exists();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let r = embed_ct(&mut model, &e, source.as_ref(), &dir, &opts);
-        if r.is_err() && created {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        done += 1;
-        r
-    })?;
+    vox2vec::eval::prefetch::pipelined(
+        &paths,
+        |f| load(f),
+        |f, (e, source)| {
+            let name = &files.iter().find(|(p, _)| p == f).expect("one of the inputs").1;
+            let dir = out.join(name);
+            let created = !dir.exists();
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let r = embed_ct(&mut model, &e, source.as_ref(), &dir, &opts);
+            if r.is_err() && created {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            done += 1;
+            r
+        },
+    )?;
     println!("embedded {done} CTs into {}", out.display());
     Ok(())
 }
@@ -928,11 +1195,19 @@ fn embed_into(input: &std::path::Path, weights: &std::path::Path, out: &std::pat
 /// Embed one preprocessed CT into the folder `out`: level_<i>.npy / .nii.gz (and
 /// level_<i>_original.* on the source grid when `source` is given), the PCA picture with
 /// --rgb, and geometry.json.
-fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::CachedCt, source: Option<&vox2vec::data::nifti_io::Volume>, out: &std::path::Path, o: &EmbedOptions) -> Result<()> {
+fn embed_ct(
+    model: &mut vox2vec::model::Vox2Vec,
+    e: &vox2vec::data::cache::CachedCt,
+    source: Option<&vox2vec::data::nifti_io::Volume>,
+    out: &std::path::Path,
+    o: &EmbedOptions,
+) -> Result<()> {
     use vox2vec::data::nifti_io::{write_features, write_features_channels_first};
     use vox2vec::eval::{embed, npy};
     let oo = o.output;
-    let write_npy = |path: &std::path::Path, shape: &[usize], v: &[f32]| if oo.f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) };
+    let write_npy = |path: &std::path::Path, shape: &[usize], v: &[f32]| {
+        if oo.f16 { npy::write_f16(path, shape, v) } else { npy::write_f32(path, shape, v) }
+    };
     let ct = &e.ct;
     let x = embed::scale_hu(&ct.hu);
     let mut levels: Vec<usize> = oo.levels.clone();
@@ -940,7 +1215,9 @@ fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::Cache
         levels.push(oo.rgb_level);
     }
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}")?);
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}",
+    )?);
     bar.set_message(e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
     let maps = embed::embed_volume(model, &x, ct.shape, o.patch, &levels, o.blend, o.sw_batch, &|n, total| {
         bar.set_length(total as u64);
@@ -954,7 +1231,13 @@ fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::Cache
             write_npy(&out.join(format!("level_{}.npy", m.level)), &[m.channels, sx, sy, sz], &v)?;
         }
         if oo.nifti() {
-            write_features(&out.join(format!("level_{}.nii.gz", m.level)), &m.values, m.shape, m.channels, &embed::level_affine(e, m.level))?;
+            write_features(
+                &out.join(format!("level_{}.nii.gz", m.level)),
+                &m.values,
+                m.shape,
+                m.channels,
+                &embed::level_affine(e, m.level),
+            )?;
         }
         if let Some(vol) = source {
             // Level i → the level-0 preprocessed grid (nearest) → the canonical source grid → file order.
@@ -981,16 +1264,27 @@ fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::Cache
             let fs = vol.geometry.file_shape;
             let file_order = vox2vec::data::nifti_io::to_file_order(&src_grid, &vol.geometry, c);
             if oo.npy() {
-                write_npy(&out.join(format!("level_{}_original.npy", m.level)), &[c, fs[0], fs[1], fs[2]], &file_order)?;
+                write_npy(
+                    &out.join(format!("level_{}_original.npy", m.level)),
+                    &[c, fs[0], fs[1], fs[2]],
+                    &file_order,
+                )?;
             }
             if oo.nifti() {
-                write_features_channels_first(&out.join(format!("level_{}_original.nii.gz", m.level)), &file_order, fs, c, &vol.geometry.affine)?;
+                write_features_channels_first(
+                    &out.join(format!("level_{}_original.nii.gz", m.level)),
+                    &file_order,
+                    fs,
+                    c,
+                    &vol.geometry.affine,
+                )?;
             }
         }
     }
     let rgb_note = if oo.rgb { Some(write_rgb_view(e, &maps, oo.rgb_level, out)?) } else { None };
     // The preprocessed grid in world coordinates: canonical index → file grid → world.
-    let affines: serde_json::Map<String, serde_json::Value> = oo.levels.iter().map(|&l| (l.to_string(), serde_json::json!(embed::level_affine(e, l)))).collect();
+    let affines: serde_json::Map<String, serde_json::Value> =
+        oo.levels.iter().map(|&l| (l.to_string(), serde_json::json!(embed::level_affine(e, l)))).collect();
     let geo = serde_json::json!({
         "source": e.source,
         "shape": ct.shape,
@@ -1006,7 +1300,14 @@ fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::Cache
         "layout": "level_<i>.npy: [C, X, Y, Z], canonical axes (x, y, z world-increasing), level i = preprocessed grid / 2^i (ceil); level_<i>.nii.gz: the same as X x Y x Z x C with level_affines[i]",
     });
     vox2vec::checkpoint::write_atomic(&out.join("geometry.json"), serde_json::to_string_pretty(&geo)?.as_bytes())?;
-    println!("wrote levels {:?} of {} ({:?} voxels at {} mm) to {}", oo.levels, e.source.display(), ct.shape, vox2vec::eval::recorded::xyz(&ct.spacing), out.display());
+    println!(
+        "wrote levels {:?} of {} ({:?} voxels at {} mm) to {}",
+        oo.levels,
+        e.source.display(),
+        ct.shape,
+        vox2vec::eval::recorded::xyz(&ct.spacing),
+        out.display()
+    );
     Ok(())
 }
 
@@ -1014,13 +1315,22 @@ fn embed_ct(model: &mut vox2vec::model::Vox2Vec, e: &vox2vec::data::cache::Cache
 /// (RGB24 on the level's grid and affine) and rgb_level<L>.png (the CT's central axial,
 /// coronal and sagittal slices above the same slices in PCA colours). Returns what the
 /// components explain, for geometry.json.
-fn write_rgb_view(e: &vox2vec::data::cache::CachedCt, maps: &[vox2vec::eval::sliding::LevelMap], level: usize, out: &std::path::Path) -> Result<serde_json::Value> {
+fn write_rgb_view(
+    e: &vox2vec::data::cache::CachedCt,
+    maps: &[vox2vec::eval::sliding::LevelMap],
+    level: usize,
+    out: &std::path::Path,
+) -> Result<serde_json::Value> {
     use vox2vec::eval::pca::{grey, level_mask, orthogonal_slices, pca_rgb};
     let ct = &e.ct;
-    let m = maps.iter().find(|m| m.level == level).with_context(|| format!("--rgb-level {level}: the model has no such level"))?;
+    let m = maps
+        .iter()
+        .find(|m| m.level == level)
+        .with_context(|| format!("--rgb-level {level}: the model has no such level"))?;
     let (body, shape) = level_mask(&ct.body_mask(), ct.shape, level);
     anyhow::ensure!(shape == m.shape, "level {level}: body mask {shape:?} and features {:?} differ", m.shape);
-    let pca = pca_rgb(&m.values, m.shape, m.channels, &body).with_context(|| format!("{}: PCA of level {level}", e.source.display()))?;
+    let pca = pca_rgb(&m.values, m.shape, m.channels, &body)
+        .with_context(|| format!("{}: PCA of level {level}", e.source.display()))?;
     let affine = vox2vec::eval::embed::level_affine(e, level);
     let rgb_path = out.join(format!("rgb_level{level}.nii.gz"));
     vox2vec::data::nifti_io::write_rgb(&rgb_path, &pca.rgb, m.shape, &affine)?;
@@ -1035,17 +1345,37 @@ fn write_rgb_view(e: &vox2vec::data::cache::CachedCt, maps: &[vox2vec::eval::sli
         tiles.push(vox2vec::plot::Tile { caption: format!("CT, {name} (W400 L40)"), width: w, height: h, rgb: img });
     }
     for (name, w, h, img) in orthogonal_slices(s0, ct.spacing, centre, &colour) {
-        tiles.push(vox2vec::plot::Tile { caption: format!("level {level} PCA, {name}"), width: w, height: h, rgb: img });
+        tiles.push(vox2vec::plot::Tile {
+            caption: format!("level {level} PCA, {name}"),
+            width: w,
+            height: h,
+            rgb: img,
+        });
     }
     let ex = pca.explained;
     let name = e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let title = format!("{name}: level-{level} features, first 3 principal components as RGB ({:.0}%, {:.0}%, {:.0}% of the variance)", ex[0] * 100.0, ex[1] * 100.0, ex[2] * 100.0);
+    let title = format!(
+        "{name}: level-{level} features, first 3 principal components as RGB ({:.0}%, {:.0}%, {:.0}% of the variance)",
+        ex[0] * 100.0,
+        ex[1] * 100.0,
+        ex[2] * 100.0
+    );
     vox2vec::plot::write_image_grid_png(&out.join(format!("rgb_level{level}.png")), &title, &tiles, 3)?;
-    Ok(serde_json::json!({"level": level, "explained_variance": ex, "files": [format!("rgb_level{level}.nii.gz"), format!("rgb_level{level}.png")]}))
+    Ok(
+        serde_json::json!({"level": level, "explained_variance": ex, "files": [format!("rgb_level{level}.nii.gz"), format!("rgb_level{level}.png")]}),
+    )
 }
 
 /// `similar`: see the subcommand's help. Nothing is left in `out` when it fails.
-fn similar(weights: &std::path::Path, query: &std::path::Path, point: &str, world: bool, targets: &[PathBuf], out: &std::path::Path, net: &NetArgs) -> Result<()> {
+fn similar(
+    weights: &std::path::Path,
+    query: &std::path::Path,
+    point: &str,
+    world: bool,
+    targets: &[PathBuf],
+    out: &std::path::Path,
+    net: &NetArgs,
+) -> Result<()> {
     let created = !out.exists();
     let r = similar_into(weights, query, point, world, targets, out, net);
     if r.is_err() && created {
@@ -1055,18 +1385,37 @@ fn similar(weights: &std::path::Path, query: &std::path::Path, point: &str, worl
 }
 
 #[allow(clippy::too_many_arguments)]
-fn similar_into(weights: &std::path::Path, query: &std::path::Path, point: &str, world: bool, targets: &[PathBuf], out: &std::path::Path, net: &NetArgs) -> Result<()> {
+fn similar_into(
+    weights: &std::path::Path,
+    query: &std::path::Path,
+    point: &str,
+    world: bool,
+    targets: &[PathBuf],
+    out: &std::path::Path,
+    net: &NetArgs,
+) -> Result<()> {
     use vox2vec::eval::embed::{Blend, embed_volume, scale_hu};
     use vox2vec::eval::similar::{apply, best, embedding_at, invert, level0_to_world, similarity_map, world_to_level0};
-    let p: Vec<f64> = point.split(',').map(|t| t.trim().parse::<f64>()).collect::<std::result::Result<_, _>>().with_context(|| format!("--point {point:?}: expected X,Y,Z numbers"))?;
+    let p: Vec<f64> = point
+        .split(',')
+        .map(|t| t.trim().parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("--point {point:?}: expected X,Y,Z numbers"))?;
     anyhow::ensure!(p.len() == 3 && p.iter().all(|v| v.is_finite()), "--point {point:?}: expected X,Y,Z numbers");
     let p = [p[0], p[1], p[2]];
     let mut names: Vec<String> = Vec::new();
     for t in targets {
-        anyhow::ensure!(t.is_file() || vox2vec::data::dicom::is_dicom_input(t), "--target {}: no such file (a NIfTI, or a DICOM series folder)", t.display());
+        anyhow::ensure!(
+            t.is_file() || vox2vec::data::dicom::is_dicom_input(t),
+            "--target {}: no such file (a NIfTI, or a DICOM series folder)",
+            t.display()
+        );
         let file = t.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let name = file.strip_suffix(".nii.gz").or_else(|| file.strip_suffix(".nii")).unwrap_or(&file).to_string();
-        anyhow::ensure!(!names.contains(&name), "two targets are named {name:?}: their outputs would collide; search them separately");
+        anyhow::ensure!(
+            !names.contains(&name),
+            "two targets are named {name:?}: their outputs would collide; search them separately"
+        );
         names.push(name);
     }
     let (mut model, recorded) = load_backbone(weights, net.base_channels, net.num_scales)?;
@@ -1076,12 +1425,23 @@ fn similar_into(weights: &std::path::Path, query: &std::path::Path, point: &str,
     let levels: Vec<usize> = (0..model.config.fpn.num_scales).collect();
     let mut embed_all = |e: &vox2vec::data::cache::CachedCt| -> Result<Vec<vox2vec::eval::sliding::LevelMap>> {
         let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}")?);
+        bar.set_style(indicatif::ProgressStyle::with_template(
+            "embedding {bar:30} {pos}/{len} windows  {per_sec}  ETA {eta}  {msg}",
+        )?);
         bar.set_message(e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-        let maps = embed_volume(&mut model, &scale_hu(&e.ct.hu), e.ct.shape, patch, &levels, Blend::Central, sw_batch, &|n, total| {
-            bar.set_length(total as u64);
-            bar.set_position(n as u64);
-        })?;
+        let maps = embed_volume(
+            &mut model,
+            &scale_hu(&e.ct.hu),
+            e.ct.shape,
+            patch,
+            &levels,
+            Blend::Central,
+            sw_batch,
+            &|n, total| {
+                bar.set_length(total as u64);
+                bar.set_position(n as u64);
+            },
+        )?;
         bar.finish_and_clear();
         Ok(maps)
     };
@@ -1095,7 +1455,12 @@ fn similar_into(weights: &std::path::Path, query: &std::path::Path, point: &str,
     drop(q_maps);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let q_file = apply(&invert(&q.file_affine).context("the query's affine is singular")?, q_world);
-    eprintln!("query: {} voxel {} = world {} mm (the preprocessed voxel nearest to it)", query.display(), fmt3(&q_file), fmt3(&q_world));
+    eprintln!(
+        "query: {} voxel {} = world {} mm (the preprocessed voxel nearest to it)",
+        query.display(),
+        fmt3(&q_file),
+        fmt3(&q_world)
+    );
     let mut matches = Vec::new();
     for (t, name) in targets.iter().zip(&names) {
         let e = vox2vec::data::cache::build(t, &pre)?;
@@ -1104,14 +1469,25 @@ fn similar_into(weights: &std::path::Path, query: &std::path::Path, point: &str,
         let sim = similarity_map(&maps, &qv)?;
         drop(maps);
         let body = e.ct.body_mask();
-        let (b, score) = best(&sim, &body, e.ct.shape).with_context(|| format!("{}: no body voxel to match", t.display()))?;
+        let (b, score) =
+            best(&sim, &body, e.ct.shape).with_context(|| format!("{}: no body voxel to match", t.display()))?;
         let b_world = level0_to_world(&e, b);
-        let b_file = apply(&invert(&e.file_affine).context("the target's affine is singular")?, b_world).map(|v| v.round());
+        let b_file =
+            apply(&invert(&e.file_affine).context("the target's affine is singular")?, b_world).map(|v| v.round());
         // The map on the target's own grid; voxels outside the embedded box get -1 (no match).
         let on_source = vox2vec::data::preprocess::to_source_grid(&sim, &e.ct, -1.0f32);
-        vox2vec::data::nifti_io::write_volume(&out.join(format!("{name}_similarity.nii.gz")), &on_source, &vol.geometry)?;
+        vox2vec::data::nifti_io::write_volume(
+            &out.join(format!("{name}_similarity.nii.gz")),
+            &on_source,
+            &vol.geometry,
+        )?;
         write_match_png(&out.join(format!("{name}_match.png")), &q, qi, &e, b, &sim, &body, score)?;
-        println!("{}: best match voxel {} = world {} mm, similarity {score:.4}", t.display(), fmt3(&b_file), fmt3(&b_world));
+        println!(
+            "{}: best match voxel {} = world {} mm, similarity {score:.4}",
+            t.display(),
+            fmt3(&b_file),
+            fmt3(&b_world)
+        );
         matches.push(serde_json::json!({"target": t, "best_voxel": b_file, "best_world_mm": b_world, "similarity": score, "files": [format!("{name}_similarity.nii.gz"), format!("{name}_match.png")]}));
     }
     let json = serde_json::json!({
@@ -1131,7 +1507,16 @@ fn fmt3(v: &[f64; 3]) -> String {
 /// cross) above the target's slices through its best match, the similarity as a heat map over
 /// the target's CT (from its 90th percentile in the body, transparent, to the best, opaque).
 #[allow(clippy::too_many_arguments)]
-fn write_match_png(path: &std::path::Path, q: &vox2vec::data::cache::CachedCt, qi: [usize; 3], t: &vox2vec::data::cache::CachedCt, ti: [usize; 3], sim: &[f32], body: &[bool], score: f32) -> Result<()> {
+fn write_match_png(
+    path: &std::path::Path,
+    q: &vox2vec::data::cache::CachedCt,
+    qi: [usize; 3],
+    t: &vox2vec::data::cache::CachedCt,
+    ti: [usize; 3],
+    sim: &[f32],
+    body: &[bool],
+    score: f32,
+) -> Result<()> {
     use vox2vec::eval::pca::{grey, orthogonal_slices};
     let window = (-160.0f32, 240.0f32);
     let cross = |v: [usize; 3], m: [usize; 3]| {
@@ -1142,10 +1527,14 @@ fn write_match_png(path: &std::path::Path, q: &vox2vec::data::cache::CachedCt, q
     inside.sort_by(f32::total_cmp);
     let lo = inside.get(inside.len() * 9 / 10).copied().unwrap_or(0.0);
     let span = (score - lo).max(1e-6);
-    let hot = |u: f32| -> [f32; 3] { [(3.0 * u).clamp(0.0, 1.0), (3.0 * u - 1.0).clamp(0.0, 1.0), (3.0 * u - 2.0).clamp(0.0, 1.0)] };
+    let hot = |u: f32| -> [f32; 3] {
+        [(3.0 * u).clamp(0.0, 1.0), (3.0 * u - 1.0).clamp(0.0, 1.0), (3.0 * u - 2.0).clamp(0.0, 1.0)]
+    };
     let mut tiles = Vec::new();
     let (qs, ts) = (q.ct.shape, t.ct.shape);
-    let q_px = |x: usize, y: usize, z: usize| if cross([x, y, z], qi) { [0, 255, 0] } else { grey(q.ct.hu[(x * qs[1] + y) * qs[2] + z] as f32, window) };
+    let q_px = |x: usize, y: usize, z: usize| {
+        if cross([x, y, z], qi) { [0, 255, 0] } else { grey(q.ct.hu[(x * qs[1] + y) * qs[2] + z] as f32, window) }
+    };
     let t_px = |x: usize, y: usize, z: usize| {
         if cross([x, y, z], ti) {
             return [0, 255, 0];
@@ -1159,34 +1548,74 @@ fn write_match_png(path: &std::path::Path, q: &vox2vec::data::cache::CachedCt, q
         let (h, a) = (hot(0.35 + 0.65 * u), 0.25 + 0.6 * u);
         std::array::from_fn(|k| (g[k] as f32 * (1.0 - a) + h[k] * 255.0 * a).round() as u8)
     };
-    let name = |e: &vox2vec::data::cache::CachedCt| e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = |e: &vox2vec::data::cache::CachedCt| {
+        e.source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    };
     for (view, w, h, img) in orthogonal_slices(qs, q.ct.spacing, qi, &q_px) {
-        tiles.push(vox2vec::plot::Tile { caption: format!("query {}, {view}", name(q)), width: w, height: h, rgb: img });
+        tiles.push(vox2vec::plot::Tile {
+            caption: format!("query {}, {view}", name(q)),
+            width: w,
+            height: h,
+            rgb: img,
+        });
     }
     for (view, w, h, img) in orthogonal_slices(ts, t.ct.spacing, ti, &t_px) {
-        tiles.push(vox2vec::plot::Tile { caption: format!("{} similarity, {view}", name(t)), width: w, height: h, rgb: img });
+        tiles.push(vox2vec::plot::Tile {
+            caption: format!("{} similarity, {view}", name(t)),
+            width: w,
+            height: h,
+            rgb: img,
+        });
     }
-    let title = format!("best match in {}: cosine similarity {score:.3} (heat: from the body's 90th percentile {lo:.3} up)", name(t));
+    let title = format!(
+        "best match in {}: cosine similarity {score:.3} (heat: from the body's 90th percentile {lo:.3} up)",
+        name(t)
+    );
     vox2vec::plot::write_image_grid_png(path, &title, &tiles, 3)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench_infer(weights: Option<&std::path::Path>, base: Option<usize>, scales: Option<usize>, patch: &str, batches: &[usize], precisions: &[String], iters: usize, warmup: usize, device: &str, plan: bool, report: Option<&std::path::Path>) -> Result<()> {
+fn bench_infer(
+    weights: Option<&std::path::Path>,
+    base: Option<usize>,
+    scales: Option<usize>,
+    patch: &str,
+    batches: &[usize],
+    precisions: &[String],
+    iters: usize,
+    warmup: usize,
+    device: &str,
+    plan: bool,
+    report: Option<&std::path::Path>,
+) -> Result<()> {
     use vox2vec::bench::{bench_inference, plan_inference, render_cost_table};
     use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
     use vox2vec::tensor::{DType, Device};
     let patch = parse_patch(patch)?;
-    anyhow::ensure!(!batches.is_empty() && batches.iter().all(|&b| (1..=1024).contains(&b)), "--batches must be between 1 and 1024");
-    let dts: Vec<DType> = precisions.iter().map(|p| vox2vec::cuda::parse_precision(p).context("--precisions")).collect::<Result<_>>()?;
+    anyhow::ensure!(
+        !batches.is_empty() && batches.iter().all(|&b| (1..=1024).contains(&b)),
+        "--batches must be between 1 and 1024"
+    );
+    let dts: Vec<DType> =
+        precisions.iter().map(|p| vox2vec::cuda::parse_precision(p).context("--precisions")).collect::<Result<_>>()?;
     let mut json = Vec::new();
     if plan {
         vox2vec::cuda::enable_plan_mode()?;
         let cfg = match weights {
             Some(w) => load_backbone(w, base, scales)?.0.config,
-            None => ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base.unwrap_or(16), num_scales: scales.unwrap_or(6) }, ..ModelConfig::default() },
+            None => ModelConfig {
+                fpn: FpnConfig { in_channels: 1, base_channels: base.unwrap_or(16), num_scales: scales.unwrap_or(6) },
+                ..ModelConfig::default()
+            },
         };
         cfg.validate()?;
-        println!("bench-infer --plan: eval pyramid of {} windows, FPN3d base {} x {} scales, priced on {} (nothing executes; a floor is not a time)", vox2vec::eval::recorded::xyz(&patch), cfg.fpn.base_channels, cfg.fpn.num_scales, vox2vec::cuda::device(0)?.machine().name);
+        println!(
+            "bench-infer --plan: eval pyramid of {} windows, FPN3d base {} x {} scales, priced on {} (nothing executes; a floor is not a time)",
+            vox2vec::eval::recorded::xyz(&patch),
+            cfg.fpn.base_channels,
+            cfg.fpn.num_scales,
+            vox2vec::cuda::device(0)?.machine().name
+        );
         for &dt in &dts {
             for &b in batches {
                 let r = plan_inference(cfg, dt, b, patch)?;
@@ -1212,7 +1641,14 @@ fn bench_infer(weights: Option<&std::path::Path>, base: Option<usize>, scales: O
         let mut model = match weights {
             Some(w) => load_backbone(w, base, scales)?.0,
             None => {
-                let cfg = ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: base.unwrap_or(16), num_scales: scales.unwrap_or(6) }, ..ModelConfig::default() };
+                let cfg = ModelConfig {
+                    fpn: FpnConfig {
+                        in_channels: 1,
+                        base_channels: base.unwrap_or(16),
+                        num_scales: scales.unwrap_or(6),
+                    },
+                    ..ModelConfig::default()
+                };
                 cfg.validate()?;
                 Vox2Vec::new(cfg, 0)
             }
@@ -1221,11 +1657,23 @@ fn bench_infer(weights: Option<&std::path::Path>, base: Option<usize>, scales: O
             model.to_device(device)?;
         }
         let f = model.config.fpn;
-        eprintln!("vox2vec bench-infer: eval pyramid of {} windows, FPN3d base {} x {} scales, {}", vox2vec::eval::recorded::xyz(&patch), f.base_channels, f.num_scales, vox2vec::cuda::describe(device, DType::F32)?);
-        println!("{:<8} {:>7} {:>12} {:>11} {:>12}  peak memory", "precision", "batch", "ms / pass", "patches/s", "ms / patch");
+        eprintln!(
+            "vox2vec bench-infer: eval pyramid of {} windows, FPN3d base {} x {} scales, {}",
+            vox2vec::eval::recorded::xyz(&patch),
+            f.base_channels,
+            f.num_scales,
+            vox2vec::cuda::describe(device, DType::F32)?
+        );
+        println!(
+            "{:<8} {:>7} {:>12} {:>11} {:>12}  peak memory",
+            "precision", "batch", "ms / pass", "patches/s", "ms / patch"
+        );
         for &dt in &dts {
             if device == Device::Cpu && dt == DType::BF16 {
-                println!("{:<8} skipped: bf16 activations need a CUDA device (the CPU computes and stores fp32)", "bf16");
+                println!(
+                    "{:<8} skipped: bf16 activations need a CUDA device (the CPU computes and stores fp32)",
+                    "bf16"
+                );
                 continue;
             }
             for &b in batches {
@@ -1243,17 +1691,33 @@ fn bench_infer(weights: Option<&std::path::Path>, base: Option<usize>, scales: O
                 json.push(r.to_json());
             }
         }
-        println!("({} timed passes per row after {} warm-up; median; a pass = input copied in, the whole eval pyramid, the device synchronised)", iters, warmup);
+        println!(
+            "({} timed passes per row after {} warm-up; median; a pass = input copied in, the whole eval pyramid, the device synchronised)",
+            iters, warmup
+        );
     }
     if let Some(path) = report {
-        vox2vec::checkpoint::write_atomic(path, serde_json::to_string_pretty(&serde_json::json!({"plan": plan, "results": json}))?.as_bytes())?;
+        vox2vec::checkpoint::write_atomic(
+            path,
+            serde_json::to_string_pretty(&serde_json::json!({"plan": plan, "results": json}))?.as_bytes(),
+        )?;
     }
     Ok(())
 }
 
-fn preprocess(input: &std::path::Path, cache: &std::path::Path, skip_bad: bool, nonfinite: vox2vec::data::preprocess::NonFinitePolicy) -> Result<()> {
+fn preprocess(
+    input: &std::path::Path,
+    cache: &std::path::Path,
+    skip_bad: bool,
+    nonfinite: vox2vec::data::preprocess::NonFinitePolicy,
+) -> Result<()> {
     use vox2vec::data::preprocess::PreprocessConfig;
-    let report = vox2vec::data::sources::prepare_input(input, cache, &PreprocessConfig { nonfinite, ..PreprocessConfig::default() }, [1, 1, 1])?;
+    let report = vox2vec::data::sources::prepare_input(
+        input,
+        cache,
+        &PreprocessConfig { nonfinite, ..PreprocessConfig::default() },
+        [1, 1, 1],
+    )?;
     println!("{}", report.summary(cache));
     anyhow::ensure!(!report.entries.is_empty(), "no usable volume in {}", input.display());
     anyhow::ensure!(report.skipped.is_empty() || skip_bad, "{} unusable files (listed above)", report.skipped.len());

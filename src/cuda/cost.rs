@@ -252,7 +252,10 @@ impl FamilyCost {
     /// What bounds the family: the largest of its summed memory, tensor, issue and launch times.
     pub fn bound(&self) -> &'static str {
         let e = &self.estimate;
-        [("memory", e.memory_s), ("tensor", e.tensor_s), ("issue", e.issue_s), ("launch", e.launch_s)].into_iter().fold(("memory", -1.0), |a, b| if b.1 > a.1 { b } else { a }).0
+        [("memory", e.memory_s), ("tensor", e.tensor_s), ("issue", e.issue_s), ("launch", e.launch_s)]
+            .into_iter()
+            .fold(("memory", -1.0), |a, b| if b.1 > a.1 { b } else { a })
+            .0
     }
 }
 
@@ -321,7 +324,13 @@ impl CostLog {
             .iter()
             .map(|(name, f)| {
                 let e = &f.estimate;
-                let estimate = Estimate { memory_s: e.memory_s * k, tensor_s: e.tensor_s * k, issue_s: e.issue_s * k, launch_s: e.launch_s * k, instructions: e.instructions * k };
+                let estimate = Estimate {
+                    memory_s: e.memory_s * k,
+                    tensor_s: e.tensor_s * k,
+                    issue_s: e.issue_s * k,
+                    launch_s: e.launch_s * k,
+                    instructions: e.instructions * k,
+                };
                 let g = FamilyCost {
                     launches: f.launches / n.max(1) as u64,
                     flops: f.flops * k,

@@ -218,7 +218,8 @@ fn memory_limit_from_env() -> Result<Option<usize>> {
         "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
         _ => bail!("VOX2VEC_DEVICE_MEMORY_LIMIT={s}: unknown unit {unit:?} (use bytes, KiB, MiB or GiB)"),
     };
-    let n: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("VOX2VEC_DEVICE_MEMORY_LIMIT={s}: not a number of bytes"))?;
+    let n: f64 =
+        num.trim().parse().map_err(|_| anyhow::anyhow!("VOX2VEC_DEVICE_MEMORY_LIMIT={s}: not a number of bytes"))?;
     ensure!(n.is_finite() && n > 0.0, "VOX2VEC_DEVICE_MEMORY_LIMIT={s}: must be positive");
     Ok(Some((n * scale) as usize))
 }
@@ -255,18 +256,22 @@ impl CudaDevice {
         // SAFETY: plain allocation, kept for the device's lifetime; the handle uses it on our stream.
         let blas_workspace = unsafe { result::malloc_sync(BLAS_WORKSPACE) }.context("allocating cuBLAS's workspace")?;
         // SAFETY: a live handle and a live allocation of that size.
-        unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), blas_workspace as *mut c_void, BLAS_WORKSPACE) }.result().context("cublasSetWorkspace")?;
+        unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), blas_workspace as *mut c_void, BLAS_WORKSPACE) }
+            .result()
+            .context("cublasSetWorkspace")?;
         let fatbin = crate::kernels::FATBIN;
         let mut image = vec![0u64; fatbin.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut image)[..fatbin.len()].copy_from_slice(fatbin);
         // SAFETY: the image is a fatbin produced by build.rs and outlives the module.
-        let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
-            .with_context(|| format!("loading the kernels on {name} (the fatbin has sm_80/86/89/90 code and compute_90 PTX)"))?;
+        let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.with_context(|| {
+            format!("loading the kernels on {name} (the fatbin has sm_80/86/89/90 code and compute_90 PTX)")
+        })?;
         let mut functions = Vec::with_capacity(K::ALL.len());
         for &k in K::ALL {
             let cname = CString::new(k.name()).unwrap();
             // SAFETY: the module is loaded and the name is NUL-terminated.
-            let f = unsafe { result::module::get_function(module, cname) }.with_context(|| format!("kernel {} is missing from the fatbin", k.name()))?;
+            let f = unsafe { result::module::get_function(module, cname) }
+                .with_context(|| format!("kernel {} is missing from the fatbin", k.name()))?;
             functions.push(RawFn(f));
         }
         let driver = Some(Driver { ctx, stream, blas, _blas_workspace: blas_workspace, _image: image });
@@ -310,7 +315,8 @@ impl CudaDevice {
         ensure!(ordinal == 0, "the CUDA emulator has one device (cuda:0), cuda:{ordinal} requested");
         let mut functions = Vec::with_capacity(K::ALL.len());
         for &k in K::ALL {
-            let f = super::emulator::lookup(k.name()).with_context(|| format!("kernel {} is missing from the emulator build", k.name()))?;
+            let f = super::emulator::lookup(k.name())
+                .with_context(|| format!("kernel {} is missing from the emulator build", k.name()))?;
             functions.push(RawFn(f as sys::CUfunction));
         }
         let name = "CUDA emulator (CPU fibers; not a GPU)".to_string();
@@ -359,7 +365,8 @@ impl CudaDevice {
     /// summary) let the estimate price its issue time.
     fn note_launch(&self, kernel: &str, cost: Cost, warps: Option<u64>, code: Option<&super::sass::Kernel>) {
         static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *TRACE.get_or_init(|| std::env::var_os("VOX2VEC_TRACE_LAUNCHES").is_some_and(|v| v != "0" && !v.is_empty())) {
+        if *TRACE.get_or_init(|| std::env::var_os("VOX2VEC_TRACE_LAUNCHES").is_some_and(|v| v != "0" && !v.is_empty()))
+        {
             // One line per launch (kernel, declared bytes and FLOPs): where a family's bytes go.
             eprintln!("launch {kernel} bytes {} flops {}", cost.bytes, cost.flops);
         }
@@ -411,7 +418,9 @@ impl CudaDevice {
         }
         if self.plan {
             // Invented, 256-byte aligned and never reused: nothing dereferences them.
-            return Ok(self.plan_next.fetch_add(bytes.div_ceil(256) as u64 * 256, std::sync::atomic::Ordering::Relaxed));
+            return Ok(self
+                .plan_next
+                .fetch_add(bytes.div_ceil(256) as u64 * 256, std::sync::atomic::Ordering::Relaxed));
         }
         if self.is_emulator() {
             #[cfg(vox2vec_emulator)]
@@ -441,7 +450,8 @@ impl CudaDevice {
     /// kernel that reads what nothing wrote fails its test instead of reading zeros.
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<CudaBuf> {
         let b = self.alloc_undefined(bytes)?;
-        if self.is_emulator() && !self.plan && !self.defer(|| Node::Memset { ptr: b.ptr, bytes: b.class, value: 0xff }) {
+        if self.is_emulator() && !self.plan && !self.defer(|| Node::Memset { ptr: b.ptr, bytes: b.class, value: 0xff })
+        {
             // SAFETY: emulator memory is host memory of `class` bytes.
             unsafe { std::ptr::write_bytes(b.ptr as *mut u8, 0xff, b.class) };
         }
@@ -476,7 +486,14 @@ impl CudaDevice {
             }
         };
         self.pool.lock().unwrap().note_driver_alloc(class);
-        if cached && let Some(r) = self.recording.lock().unwrap().as_mut().filter(|r| r.deferring() && r.thread == std::thread::current().id()) {
+        if cached
+            && let Some(r) = self
+                .recording
+                .lock()
+                .unwrap()
+                .as_mut()
+                .filter(|r| r.deferring() && r.thread == std::thread::current().id())
+        {
             // Keeps allocation k of a step the same allocation from step to step.
             r.blocks.push((ptr, class));
         }
@@ -491,7 +508,8 @@ impl CudaDevice {
             return self.pool.lock().unwrap().take(class);
         };
         let k = r.blocks.len();
-        let preferred: Vec<u64> = self.graphs.lock().unwrap().get(r.name).map_or(Vec::new(), |g| g.preferred_blocks(k, class).collect());
+        let preferred: Vec<u64> =
+            self.graphs.lock().unwrap().get(r.name).map_or(Vec::new(), |g| g.preferred_blocks(k, class).collect());
         let mut pool = self.pool.lock().unwrap();
         let ptr = preferred.into_iter().find(|&p| pool.take_exact(p, class)).or_else(|| pool.take(class))?;
         r.blocks.push((ptr, class));
@@ -614,11 +632,24 @@ impl CudaDevice {
     /// Launch kernel `k` on the device's stream. `cost` is the work the kernel must do (its
     /// FLOPs and compulsory bytes, from the shapes): recorded in the cost log, the only thing
     /// a launch does on the plan device.
-    pub fn launch(&self, k: K, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, args: &[Arg], cost: Cost) -> Result<()> {
-        let warps = (grid.0 as u64 * grid.1 as u64 * grid.2 as u64) * (block.0 as u64 * block.1 as u64 * block.2 as u64).div_ceil(32);
+    pub fn launch(
+        &self,
+        k: K,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[Arg],
+        cost: Cost,
+    ) -> Result<()> {
+        let warps = (grid.0 as u64 * grid.1 as u64 * grid.2 as u64)
+            * (block.0 as u64 * block.1 as u64 * block.2 as u64).div_ceil(32);
         self.note_launch(k.name(), cost, Some(warps), k.sass());
         if self.plan {
-            ensure!(grid.0 * grid.1 * grid.2 > 0 && block.0 * block.1 * block.2 > 0, "{}: empty launch grid {grid:?} block {block:?}", k.name());
+            ensure!(
+                grid.0 * grid.1 * grid.2 > 0 && block.0 * block.1 * block.2 > 0,
+                "{}: empty launch grid {grid:?} block {block:?}",
+                k.name()
+            );
             return Ok(());
         }
         if self.defer(|| Node::Kernel { k, grid, block, shared: shared_bytes, args: args.to_vec() }) {
@@ -627,7 +658,14 @@ impl CudaDevice {
         self.issue_kernel(k, grid, block, shared_bytes, args)
     }
 
-    fn issue_kernel(&self, k: K, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, args: &[Arg]) -> Result<()> {
+    fn issue_kernel(
+        &self,
+        k: K,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         self.bind()?;
         let mut vals: Vec<Arg> = args.to_vec();
         let mut params: Vec<*mut c_void> = vals
@@ -642,14 +680,29 @@ impl CudaDevice {
             .collect();
         if self.is_emulator() {
             #[cfg(vox2vec_emulator)]
-            return super::emulator::launch(self.functions[k as usize].0 as *const c_void, grid, block, shared_bytes, &mut params)
-                .with_context(|| format!("emulating {}", k.name()));
+            return super::emulator::launch(
+                self.functions[k as usize].0 as *const c_void,
+                grid,
+                block,
+                shared_bytes,
+                &mut params,
+            )
+            .with_context(|| format!("emulating {}", k.name()));
         }
         let timing = self.timer_start()?;
         // SAFETY: `params` matches the kernel's parameter list (each launcher passes its
         // kernel's signature in order); the values live until the call returns.
-        unsafe { result::launch_kernel(self.functions[k as usize].0, grid, block, shared_bytes, self.cu_stream(), &mut params) }
-            .with_context(|| format!("launching {} with grid {grid:?}, block {block:?}", k.name()))?;
+        unsafe {
+            result::launch_kernel(
+                self.functions[k as usize].0,
+                grid,
+                block,
+                shared_bytes,
+                self.cu_stream(),
+                &mut params,
+            )
+        }
+        .with_context(|| format!("launching {} with grid {grid:?}, block {block:?}", k.name()))?;
         self.timer_end(k.name(), timing)
     }
 
@@ -662,12 +715,19 @@ impl CudaDevice {
         }
         if self.is_emulator() {
             #[cfg(vox2vec_emulator)]
-            return super::emulator::set_max_dynamic_shared(self.functions[k as usize].0 as *const c_void, bytes).with_context(|| k.name().to_string());
+            return super::emulator::set_max_dynamic_shared(self.functions[k as usize].0 as *const c_void, bytes)
+                .with_context(|| k.name().to_string());
         }
         self.bind()?;
         // SAFETY: a function of our loaded module.
-        unsafe { result::function::set_function_attribute(self.functions[k as usize].0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32) }
-            .with_context(|| format!("{}: allowing {bytes} bytes of dynamic shared memory", k.name()))
+        unsafe {
+            result::function::set_function_attribute(
+                self.functions[k as usize].0,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .with_context(|| format!("{}: allowing {bytes} bytes of dynamic shared memory", k.name()))
     }
 
     /// Launch a grid-stride kernel over `n` elements (256 threads per block).
@@ -683,13 +743,30 @@ impl CudaDevice {
     ///
     /// `tf32`: let cuBLAS round the inputs to TF32 and use tensor cores (fp32 accumulation);
     /// otherwise exact fp32 on CUDA cores.
-    pub fn sgemm(&self, trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64, tf32: bool) -> Result<()> {
+    pub fn sgemm(
+        &self,
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: u64,
+        b: u64,
+        beta: f32,
+        c: u64,
+        tf32: bool,
+    ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
         let c_bytes = if beta == 0.0 { m * n * 4 } else { 2 * m * n * 4 };
         let (flops, bytes) = (2.0 * (m * n * k) as f64, 4 * (m * k + k * n) + c_bytes);
-        let (family, cost) = if tf32 { ("cublas_sgemm_tf32", Cost::tensor_tf32(flops, bytes)) } else { ("cublas_sgemm", Cost::fp32(flops, bytes)) };
+        let (family, cost) = if tf32 {
+            ("cublas_sgemm_tf32", Cost::tensor_tf32(flops, bytes))
+        } else {
+            ("cublas_sgemm", Cost::fp32(flops, bytes))
+        };
         self.note_cost(family, cost);
         let call = Sgemm { trans_a, trans_b, m, n, k, alpha, a, b, beta, c, tf32 };
         if self.plan || self.defer(|| Node::Sgemm(call)) {
@@ -711,7 +788,11 @@ impl CudaDevice {
         // Leading dimensions at least 1 (cuBLAS rejects 0 even when k = 0 makes them unused).
         let (op_b, ldb) = if trans_b { (CUBLAS_OP_T, k.max(1)) } else { (CUBLAS_OP_N, n) };
         let (op_a, lda) = if trans_a { (CUBLAS_OP_T, m) } else { (CUBLAS_OP_N, k.max(1)) };
-        let mode = if tf32 { blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH };
+        let mode = if tf32 {
+            blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
         // SAFETY: a live handle; the mode applies to the calls that follow on it.
         unsafe { blas_sys::cublasSetMathMode(*d.blas.handle(), mode) }.result().context("cublasSetMathMode")?;
         let timing = self.timer_start()?;
@@ -768,7 +849,12 @@ impl CudaDevice {
                 return f();
             }
             // Slots no tensor holds now; only these may take this step's uploads.
-            let free = self.graphs.lock().unwrap().get(name).map_or(Vec::new(), |g| g.slots.iter().map(|s| Arc::strong_count(s) == 1).collect());
+            let free = self
+                .graphs
+                .lock()
+                .unwrap()
+                .get(name)
+                .map_or(Vec::new(), |g| g.slots.iter().map(|s| Arc::strong_count(s) == 1).collect());
             *rec = Some(Recording::new(name, free));
         }
         // Ends the recording however `f` returns. After a panic, what was recorded is issued
@@ -795,7 +881,13 @@ impl CudaDevice {
         let r = f();
         // The recorded work, taken out while the recording stays in place (no longer deferring),
         // so that other threads wait until it is issued.
-        let work = self.recording.lock().unwrap().as_mut().expect("the recording began above").take_work("the end of the step");
+        let work = self
+            .recording
+            .lock()
+            .unwrap()
+            .as_mut()
+            .expect("the recording began above")
+            .take_work("the end of the step");
         // What `f` queued runs even when it failed part of the way, as unrecorded calls would have.
         let ran = self.run_recording(work);
         drop(end);
@@ -848,7 +940,8 @@ impl CudaDevice {
         let class = size_class(data.len());
         let mut graphs = self.graphs.lock().unwrap();
         let g = graphs.entry(name).or_default();
-        let free_at_start = self.recording.lock().unwrap().as_ref().is_some_and(|r| r.free_slots.get(i).copied().unwrap_or(false));
+        let free_at_start =
+            self.recording.lock().unwrap().as_ref().is_some_and(|r| r.free_slots.get(i).copied().unwrap_or(false));
         let slot = match g.reusable_slot(i, class).filter(|_| free_at_start) {
             Some(s) => s,
             None => {
@@ -865,7 +958,13 @@ impl CudaDevice {
             // The allocation ended the recording (memory given back to the driver): write now.
             drop(rec);
             self.write_staged(&[(slot.ptr, data.to_vec())])?;
-            return Ok(Some(CudaBuf { ptr: slot.ptr, class: slot.class, bytes: data.len(), dev: self.clone(), owner: Some(slot) }));
+            return Ok(Some(CudaBuf {
+                ptr: slot.ptr,
+                class: slot.class,
+                bytes: data.len(),
+                dev: self.clone(),
+                owner: Some(slot),
+            }));
         };
         r.staged.push((slot.ptr, data.to_vec()));
         Ok(Some(CudaBuf { ptr: slot.ptr, class: slot.class, bytes: data.len(), dev: self.clone(), owner: Some(slot) }))
@@ -893,7 +992,8 @@ impl CudaDevice {
                 self.bind()?;
                 // SAFETY: the slot holds `data.len()` bytes; a pageable source is staged by the
                 // driver before the call returns.
-                unsafe { result::memcpy_htod_async(*ptr, data.as_slice(), self.cu_stream()) }.context("copying to the device")?;
+                unsafe { result::memcpy_htod_async(*ptr, data.as_slice(), self.cu_stream()) }
+                    .context("copying to the device")?;
             }
         }
         Ok(())
@@ -935,7 +1035,10 @@ impl CudaDevice {
                 Err(e) => {
                     // A driver that cannot capture or instantiate this graph costs the run
                     // nothing: the calls run one by one, now and in later steps.
-                    eprintln!("warning: the step graph {:?} could not be built ({e:#}); its calls are issued one by one from now on", rec.name);
+                    eprintln!(
+                        "warning: the step graph {:?} could not be built ({e:#}); its calls are issued one by one from now on",
+                        rec.name
+                    );
                     g.stats.disabled = Some(format!("{e:#}"));
                     for v in g.variants.drain(..) {
                         if let Exec::Driver(exec) = v.exec {
@@ -955,7 +1058,9 @@ impl CudaDevice {
             Exec::Driver(exec) => {
                 self.bind()?;
                 // SAFETY: an instantiated graph of this context, launched on our stream.
-                unsafe { sys::cuGraphLaunch(exec, self.cu_stream()) }.result().with_context(|| format!("launching the step graph {} ({} nodes)", rec.name, v.nodes.len()))
+                unsafe { sys::cuGraphLaunch(exec, self.cu_stream()) }
+                    .result()
+                    .with_context(|| format!("launching the step graph {} ({} nodes)", rec.name, v.nodes.len()))
             }
         }
     }
@@ -986,7 +1091,9 @@ impl CudaDevice {
         let stream = self.cu_stream();
         // SAFETY: our stream, not capturing; relaxed mode, as nothing between begin and end
         // allocates or synchronises (the nodes are launches, memsets, copies and cuBLAS calls).
-        unsafe { sys::cuStreamBeginCapture_v2(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }.result().context("beginning a stream capture")?;
+        unsafe { sys::cuStreamBeginCapture_v2(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }
+            .result()
+            .context("beginning a stream capture")?;
         let issued = nodes.iter().try_for_each(|n| self.issue(n));
         let mut graph: sys::CUgraph = std::ptr::null_mut();
         // SAFETY: ends the capture begun above (also after a failed call, to leave the stream usable).

@@ -11,7 +11,17 @@ use anyhow::{Result, bail};
 
 unsafe extern "C" {
     fn vox2vec_emu_lookup(name: *const std::ffi::c_char) -> *const c_void;
-    fn vox2vec_emu_launch(kernel: *const c_void, gx: u32, gy: u32, gz: u32, bx: u32, by: u32, bz: u32, shared_bytes: u32, args: *mut *mut c_void) -> i32;
+    fn vox2vec_emu_launch(
+        kernel: *const c_void,
+        gx: u32,
+        gy: u32,
+        gz: u32,
+        bx: u32,
+        by: u32,
+        bz: u32,
+        shared_bytes: u32,
+        args: *mut *mut c_void,
+    ) -> i32;
     fn vox2vec_emu_set_max_dynamic_shared(kernel: *const c_void, bytes: u32) -> i32;
 }
 
@@ -34,17 +44,29 @@ pub const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
 pub const MAX_DYNAMIC_SHARED: u32 = 227 * 1024;
 
 /// Run a launch to completion on this thread.
-pub(crate) fn launch(kernel: *const c_void, grid: (u32, u32, u32), block: (u32, u32, u32), shared_bytes: u32, params: &mut [*mut c_void]) -> Result<()> {
+pub(crate) fn launch(
+    kernel: *const c_void,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared_bytes: u32,
+    params: &mut [*mut c_void],
+) -> Result<()> {
     // One launch at a time, as on the device's one stream: the fiber scheduler is not
     // reentrant, and two host threads may launch at once.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: `kernel` comes from `lookup`; `params` point to the kernel's arguments in order.
-    let rc = unsafe { vox2vec_emu_launch(kernel, grid.0, grid.1, grid.2, block.0, block.1, block.2, shared_bytes, params.as_mut_ptr()) };
+    let rc = unsafe {
+        vox2vec_emu_launch(kernel, grid.0, grid.1, grid.2, block.0, block.1, block.2, shared_bytes, params.as_mut_ptr())
+    };
     match rc {
         0 => {}
-        2 => bail!("barrier divergence (some threads of a block wait at a barrier the others never reach), grid {grid:?} block {block:?}"),
-        3 => bail!("{shared_bytes} bytes of dynamic shared memory exceed the kernel's limit ({DEFAULT_DYNAMIC_SHARED} without opting in, at most {MAX_DYNAMIC_SHARED})"),
+        2 => bail!(
+            "barrier divergence (some threads of a block wait at a barrier the others never reach), grid {grid:?} block {block:?}"
+        ),
+        3 => bail!(
+            "{shared_bytes} bytes of dynamic shared memory exceed the kernel's limit ({DEFAULT_DYNAMIC_SHARED} without opting in, at most {MAX_DYNAMIC_SHARED})"
+        ),
         4 => bail!("a block wrote past the end of its {shared_bytes} bytes of dynamic shared memory"),
         _ => bail!("invalid launch configuration grid {grid:?} block {block:?}"),
     }
@@ -80,7 +102,19 @@ pub fn free(ptr: u64, bytes: usize) {
 /// `tf32` the inputs are first rounded to TF32 (10 explicit mantissa bits, to nearest), as
 /// tensor cores read them.
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm(trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: f32, a: u64, b: u64, beta: f32, c: u64, tf32: bool) {
+pub fn sgemm(
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: u64,
+    b: u64,
+    beta: f32,
+    c: u64,
+    tf32: bool,
+) {
     let (rsa, csa) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
     let rounded = |p: u64, len: usize| -> Vec<f32> {
@@ -91,5 +125,22 @@ pub fn sgemm(trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize, alpha: 
     let (ta, tb) = if tf32 { (rounded(a, m * k), rounded(b, k * n)) } else { (Vec::new(), Vec::new()) };
     let (a, b) = if tf32 { (ta.as_ptr() as u64, tb.as_ptr() as u64) } else { (a, b) };
     // SAFETY: the pointers hold matrices of the stated shapes (host memory in the emulator).
-    unsafe { matrixmultiply::sgemm(m, k, n, alpha, a as *const f32, rsa, csa, b as *const f32, rsb, csb, beta, c as *mut f32, n as isize, 1) }
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a as *const f32,
+            rsa,
+            csa,
+            b as *const f32,
+            rsb,
+            csb,
+            beta,
+            c as *mut f32,
+            n as isize,
+            1,
+        )
+    }
 }

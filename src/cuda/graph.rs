@@ -49,10 +49,24 @@ use super::registry::K;
 /// One deferred call of a recorded step.
 #[derive(Clone, Debug)]
 pub(crate) enum Node {
-    Kernel { k: K, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, args: Vec<Arg> },
+    Kernel {
+        k: K,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared: u32,
+        args: Vec<Arg>,
+    },
     /// `bytes` bytes at `ptr` set to `value`.
-    Memset { ptr: u64, bytes: usize, value: u8 },
-    Copy { dst: u64, src: u64, bytes: usize },
+    Memset {
+        ptr: u64,
+        bytes: usize,
+        value: u8,
+    },
+    Copy {
+        dst: u64,
+        src: u64,
+        bytes: usize,
+    },
     Sgemm(Sgemm),
 }
 
@@ -89,11 +103,23 @@ impl Node {
     /// Whether two nodes make the same call with the same arguments.
     fn same(&self, other: &Node) -> bool {
         match (self, other) {
-            (Node::Kernel { k, grid, block, shared, args }, Node::Kernel { k: k2, grid: g2, block: b2, shared: s2, args: a2 }) => {
-                k == k2 && grid == g2 && block == b2 && shared == s2 && args.len() == a2.len() && args.iter().zip(a2).all(|(a, b)| a.bits() == b.bits())
+            (
+                Node::Kernel { k, grid, block, shared, args },
+                Node::Kernel { k: k2, grid: g2, block: b2, shared: s2, args: a2 },
+            ) => {
+                k == k2
+                    && grid == g2
+                    && block == b2
+                    && shared == s2
+                    && args.len() == a2.len()
+                    && args.iter().zip(a2).all(|(a, b)| a.bits() == b.bits())
             }
-            (Node::Memset { ptr, bytes, value }, Node::Memset { ptr: p2, bytes: b2, value: v2 }) => (ptr, bytes, value) == (p2, b2, v2),
-            (Node::Copy { dst, src, bytes }, Node::Copy { dst: d2, src: s2, bytes: b2 }) => (dst, src, bytes) == (d2, s2, b2),
+            (Node::Memset { ptr, bytes, value }, Node::Memset { ptr: p2, bytes: b2, value: v2 }) => {
+                (ptr, bytes, value) == (p2, b2, v2)
+            }
+            (Node::Copy { dst, src, bytes }, Node::Copy { dst: d2, src: s2, bytes: b2 }) => {
+                (dst, src, bytes) == (d2, s2, b2)
+            }
             (Node::Sgemm(a), Node::Sgemm(b)) => {
                 (a.trans_a, a.trans_b, a.m, a.n, a.k, a.alpha.to_bits(), a.a, a.b, a.beta.to_bits(), a.c, a.tf32)
                     == (b.trans_a, b.trans_b, b.m, b.n, b.k, b.alpha.to_bits(), b.a, b.b, b.beta.to_bits(), b.c, b.tf32)
@@ -129,7 +155,16 @@ pub(crate) struct Recording {
 
 impl Recording {
     pub fn new(name: &'static str, free_slots: Vec<bool>) -> Recording {
-        Recording { name, thread: std::thread::current().id(), nodes: Vec::new(), staged: Vec::new(), next_slot: 0, blocks: Vec::new(), free_slots, unrecorded: None }
+        Recording {
+            name,
+            thread: std::thread::current().id(),
+            nodes: Vec::new(),
+            staged: Vec::new(),
+            next_slot: 0,
+            blocks: Vec::new(),
+            free_slots,
+            unrecorded: None,
+        }
     }
 
     /// The recorded work, taken out; the recording stays (no longer deferring, `why`) so that
@@ -220,7 +255,9 @@ impl StepGraph {
     /// preference: that of the step two back (the one whose graph it may match), then the
     /// step before.
     pub fn preferred_blocks(&self, k: usize, class: usize) -> impl Iterator<Item = u64> + '_ {
-        [&self.history[1], &self.history[0]].into_iter().filter_map(move |h| h.get(k).filter(|b| b.1 == class).map(|b| b.0))
+        [&self.history[1], &self.history[0]]
+            .into_iter()
+            .filter_map(move |h| h.get(k).filter(|b| b.1 == class).map(|b| b.0))
     }
 
     pub fn set_slot(&mut self, i: usize, slot: Arc<CudaBuf>) {

@@ -88,7 +88,14 @@ fn upload(dev: &Arc<CudaDevice>, shape: &[usize], v: &[f32], dtype: DType) -> Re
 
 /// y = conv3d(x, w) + b, bf16 activations: v1 the CUDA-core kernel on bf16 storage, v2 the
 /// tensor-core kernel.
-pub fn conv3d_forward_case(dev: &Arc<CudaDevice>, shape: [usize; 5], co: usize, k: usize, with_reference: bool, seed: u64) -> Result<Case> {
+pub fn conv3d_forward_case(
+    dev: &Arc<CudaDevice>,
+    shape: [usize; 5],
+    co: usize,
+    k: usize,
+    with_reference: bool,
+    seed: u64,
+) -> Result<Case> {
     let mut rng = StdRng::seed_from_u64(seed);
     let v = Vol { n: shape[0], x: shape[1], y: shape[2], z: shape[3], c: shape[4] };
     let xs = round_bf16(&rand_vec(&mut rng, v.voxels() * v.c, 1.0));
@@ -100,7 +107,11 @@ pub fn conv3d_forward_case(dev: &Arc<CudaDevice>, shape: [usize; 5], co: usize, 
     let b = upload(dev, &[co], &bs, DType::F32)?;
     let (x1, w1, b1) = (x.clone(), w.clone(), b.clone());
     let variants = vec![
-        Variant { version: "v1", what: "CUDA cores, 64x64 tiles, fp32 FMA", run: Box::new(move || Ok(vec![conv::forward_cuda_cores(&x1, v, &w1, Some(&b1), co, k)?])) },
+        Variant {
+            version: "v1",
+            what: "CUDA cores, 64x64 tiles, fp32 FMA",
+            run: Box::new(move || Ok(vec![conv::forward_cuda_cores(&x1, v, &w1, Some(&b1), co, k)?])),
+        },
         Variant {
             version: "v2",
             what: "tensor cores mma.sync bf16, halo brick in smem",
@@ -111,7 +122,14 @@ pub fn conv3d_forward_case(dev: &Arc<CudaDevice>, shape: [usize; 5], co: usize, 
 }
 
 /// (dw, db) of a convolution from bf16 x and dy: v1 CUDA-core split-K, v2 tensor cores.
-pub fn conv3d_backward_weight_case(dev: &Arc<CudaDevice>, shape: [usize; 5], co: usize, k: usize, with_reference: bool, seed: u64) -> Result<Case> {
+pub fn conv3d_backward_weight_case(
+    dev: &Arc<CudaDevice>,
+    shape: [usize; 5],
+    co: usize,
+    k: usize,
+    with_reference: bool,
+    seed: u64,
+) -> Result<Case> {
     let mut rng = StdRng::seed_from_u64(seed);
     let v = Vol { n: shape[0], x: shape[1], y: shape[2], z: shape[3], c: shape[4] };
     let xs = round_bf16(&rand_vec(&mut rng, v.voxels() * v.c, 1.0));
@@ -142,7 +160,13 @@ pub fn conv3d_backward_weight_case(dev: &Arc<CudaDevice>, shape: [usize; 5], co:
         },
     ];
     // f32 accumulation of exact bf16 products on both sides: only the summation order differs.
-    Ok(Case { family: "conv3d_backward_weight", shape: format!("{:?}->{co} k{k}", v.shape()), variants, reference, tol: 1e-4 })
+    Ok(Case {
+        family: "conv3d_backward_weight",
+        shape: format!("{:?}->{co} k{k}", v.shape()),
+        variants,
+        reference,
+        tol: 1e-4,
+    })
 }
 
 /// The inputs of a ResBlock (cin = cout = c, k = 3): x, γ0, β0, w2, b2, γ3, β3, w5, b5 and
@@ -192,7 +216,8 @@ fn prepare(inp: &ResBlockInputs, device: Device, seed_grad: &[f32]) -> Result<Pr
             if i == 0 && gpu { cast(&t, DType::BF16) } else { Ok(t) }
         })
         .collect::<Result<_>>()?;
-    let running = inp.running.iter().map(|v| Tensor::from_f32(&[v.len()], v.clone()).to_device(device)).collect::<Result<_>>()?;
+    let running =
+        inp.running.iter().map(|v| Tensor::from_f32(&[v.len()], v.clone()).to_device(device)).collect::<Result<_>>()?;
     let dy = Tensor::from_f32(&inp.shape, seed_grad.to_vec()).to_device(device)?;
     let dy = if gpu { cast(&dy, DType::BF16)? } else { dy };
     Ok(Prepared { device, values, running, dy })
@@ -242,19 +267,38 @@ pub fn resblock_case(dev: &Arc<CudaDevice>, shape: [usize; 5], with_reference: b
     let voxels: usize = shape.iter().product();
     let seed_grad = round_bf16(&rand_vec(&mut StdRng::seed_from_u64(seed ^ 0x5EED), voxels, 1.0));
     let reference = if with_reference {
-        Some(resblock_run(&prepare(&inp, Device::Cpu, &seed_grad)?, false)?.iter().map(|t| t.to_f32_vec()).collect::<Result<_>>()?)
+        Some(
+            resblock_run(&prepare(&inp, Device::Cpu, &seed_grad)?, false)?
+                .iter()
+                .map(|t| t.to_f32_vec())
+                .collect::<Result<_>>()?,
+        )
     } else {
         None
     };
     let p1 = Arc::new(prepare(&inp, Device::Cuda(dev.ordinal()), &seed_grad)?);
     let p2 = p1.clone();
     let variants = vec![
-        Variant { version: "v1", what: "composed device ops (BN, ReLU, convs, add), recomputing", run: Box::new(move || resblock_run(&p1, false)) },
-        Variant { version: "v2", what: "fused: BN+ReLU in conv loads, stats/mask/sums in epilogues", run: Box::new(move || resblock_run(&p2, true)) },
+        Variant {
+            version: "v1",
+            what: "composed device ops (BN, ReLU, convs, add), recomputing",
+            run: Box::new(move || resblock_run(&p1, false)),
+        },
+        Variant {
+            version: "v2",
+            what: "fused: BN+ReLU in conv loads, stats/mask/sums in epilogues",
+            run: Box::new(move || resblock_run(&p2, true)),
+        },
     ];
     // The CPU computes in f32 what the device stores in bf16 (tests/gpu.rs: 8e-2 for the
     // ResBlock op); at timing shapes v2 is held to v1 at the fused-vs-composed test's 1e-2.
-    Ok(Case { family: "resblock_train", shape: format!("{shape:?}"), variants, reference, tol: if with_reference { 8e-2 } else { 1e-2 } })
+    Ok(Case {
+        family: "resblock_train",
+        shape: format!("{shape:?}"),
+        variants,
+        reference,
+        tol: if with_reference { 8e-2 } else { 1e-2 },
+    })
 }
 
 /// InfoNCE loss and gradients of unit rows e1, e2 [n, d]: v1 exact fp32 on CUDA cores, v2
@@ -282,12 +326,24 @@ pub fn infonce_case(dev: &Arc<CudaDevice>, n: usize, d: usize, with_reference: b
         let (v1, v2) = (g.leaf(e1.clone()), g.leaf(e2.clone()));
         let loss = ops::infonce::infonce_with(&g, &v1, &v2, t, math)?;
         let gr = g.backward(&loss)?;
-        Ok(vec![loss.value.clone(), gr.get(&v1).cloned().ok_or_else(|| anyhow!("no gradient"))?, gr.get(&v2).cloned().ok_or_else(|| anyhow!("no gradient"))?])
+        Ok(vec![
+            loss.value.clone(),
+            gr.get(&v1).cloned().ok_or_else(|| anyhow!("no gradient"))?,
+            gr.get(&v2).cloned().ok_or_else(|| anyhow!("no gradient"))?,
+        ])
     };
     let run2 = run.clone();
     let variants = vec![
-        Variant { version: "v1", what: "CUDA cores fp32, flash-style row LSE + recomputing backward", run: Box::new(move || run(MatmulMath::Fp32)) },
-        Variant { version: "v2", what: "tensor cores bf16x3 split products, same tiling", run: Box::new(move || run2(MatmulMath::Tf32)) },
+        Variant {
+            version: "v1",
+            what: "CUDA cores fp32, flash-style row LSE + recomputing backward",
+            run: Box::new(move || run(MatmulMath::Fp32)),
+        },
+        Variant {
+            version: "v2",
+            what: "tensor cores bf16x3 split products, same tiling",
+            run: Box::new(move || run2(MatmulMath::Tf32)),
+        },
     ];
     Ok(Case { family: "infonce", shape: format!("N={n} d={d}"), variants, reference, tol: 1e-4 })
 }
@@ -351,7 +407,10 @@ fn rel_err(a: &[f32], b: &[f32], floor: f64) -> f64 {
 fn worst_error(outs: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
     let scale = want.iter().map(|b| b.iter().map(|&y| y as f64 * y as f64).sum::<f64>().sqrt()).fold(0.0, f64::max);
     // Not f64::max, which drops a NaN: a NaN output (poisoned memory read back) must show.
-    outs.iter().zip(want).map(|(a, b)| rel_err(a, b, 1e-2 * scale)).fold(0.0, |w, e| if e > w || e.is_nan() { e } else { w })
+    outs.iter()
+        .zip(want)
+        .map(|(a, b)| rel_err(a, b, 1e-2 * scale))
+        .fold(0.0, |w, e| if e > w || e.is_nan() { e } else { w })
 }
 
 /// Run every variant of `case`: check it (against the CPU reference, else against v1) and,
@@ -418,10 +477,18 @@ pub fn render(rows: &[Row]) -> String {
             None => "-".into(),
         };
         let (ms, tf, gb, pct) = match r.ms {
-            Some(ms) if ms > 0.0 => (format!("{ms:.3}"), format!("{:.1}", r.flops / ms / 1e9), format!("{:.0}", r.bytes / ms / 1e6), format!("{:.0}%", 100.0 * r.floor_ms / ms)),
+            Some(ms) if ms > 0.0 => (
+                format!("{ms:.3}"),
+                format!("{:.1}", r.flops / ms / 1e9),
+                format!("{:.0}", r.bytes / ms / 1e6),
+                format!("{:.0}%", 100.0 * r.floor_ms / ms),
+            ),
             _ => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
-        s += &format!("{:<23} {:<30} {:<4} {:>12} {:>9} {:>8} {:>8} {:>9.3} {:>7}  {}\n", r.family, r.shape, r.version, err, ms, tf, gb, r.floor_ms, pct, r.what);
+        s += &format!(
+            "{:<23} {:<30} {:<4} {:>12} {:>9} {:>8} {:>8} {:>9.3} {:>7}  {}\n",
+            r.family, r.shape, r.version, err, ms, tf, gb, r.floor_ms, pct, r.what
+        );
     }
     s
 }

@@ -10,9 +10,9 @@
 pub mod alloc;
 pub mod cost;
 pub mod device;
-pub mod graph;
 #[cfg(vox2vec_emulator)]
 pub mod emulator;
+pub mod graph;
 pub mod lab;
 pub mod ops;
 pub mod optim;
@@ -24,8 +24,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result, ensure};
 
 pub use cost::{Cost, Unit};
+pub use device::{
+    Arg, CudaBuf, CudaDevice, device, device_count, emulated, enable_plan_mode, enable_plan_mode_for, nvtx_range,
+    planned, unavailable_reason,
+};
 pub use graph::GraphStats;
-pub use device::{Arg, CudaBuf, CudaDevice, device, device_count, emulated, enable_plan_mode, enable_plan_mode_for, nvtx_range, planned, unavailable_reason};
 pub use registry::K;
 
 use crate::tensor::{DType, Tensor, numel};
@@ -73,7 +76,12 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
         (DType::BF16, DType::F32) => K::CastBf16ToF32,
         (a, b) => anyhow::bail!("no device conversion from {a:?} to {b:?}"),
     };
-    dev.launch_1d(k, n, &[Arg::Ptr(t.ptr()), Arg::Ptr(out.ptr()), Arg::I64(n as i64)], Cost::mem(nbytes(t) + nbytes(&out)))?;
+    dev.launch_1d(
+        k,
+        n,
+        &[Arg::Ptr(t.ptr()), Arg::Ptr(out.ptr()), Arg::I64(n as i64)],
+        Cost::mem(nbytes(t) + nbytes(&out)),
+    )?;
     Ok(out)
 }
 
@@ -111,7 +119,11 @@ pub fn nbytes(t: &Tensor) -> usize {
 
 /// Checks that `t` holds activations a kernel can read (f32 or bf16).
 pub fn ensure_float(t: &Tensor, what: &str) -> Result<()> {
-    ensure!(matches!(t.dtype(), DType::F32 | DType::BF16), "{what}: expected f32 or bf16 device data, found {:?}", t.dtype());
+    ensure!(
+        matches!(t.dtype(), DType::F32 | DType::BF16),
+        "{what}: expected f32 or bf16 device data, found {:?}",
+        t.dtype()
+    );
     Ok(())
 }
 

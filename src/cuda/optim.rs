@@ -66,7 +66,12 @@ impl ClipStats {
 
 /// `clip_grad_norm_(grads, max_norm)`'s norm and coefficient, computed on the device: one
 /// launch for the sums of squares of every gradient, one for the norm.
-pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64, loss: Option<&Tensor>) -> Result<ClipStats> {
+pub fn clip_stats(
+    dev: &Arc<CudaDevice>,
+    grads: &[Option<Tensor>],
+    max_norm: f64,
+    loss: Option<&Tensor>,
+) -> Result<ClipStats> {
     if let Some(l) = loss {
         ensure_f32(l, "loss")?;
     }
@@ -92,7 +97,20 @@ pub fn clip_stats(dev: &Arc<CudaDevice>, grads: &[Option<Tensor>], max_norm: f64
             Cost::mem(elems * 4 + blocks * 8 + std::mem::size_of_val(table.as_slice())),
         )?;
     }
-    dev.launch(K::ClipFinalize, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(part.ptr()), Arg::I64(blocks.max(1) as i64), Arg::F64(max_norm), Arg::Ptr(loss.map_or(0, |l| l.ptr())), Arg::Ptr(stats.ptr())], Cost::mem(blocks * 8 + 8))?;
+    dev.launch(
+        K::ClipFinalize,
+        (1, 1, 1),
+        (256, 1, 1),
+        0,
+        &[
+            Arg::Ptr(part.ptr()),
+            Arg::I64(blocks.max(1) as i64),
+            Arg::F64(max_norm),
+            Arg::Ptr(loss.map_or(0, |l| l.ptr())),
+            Arg::Ptr(stats.ptr()),
+        ],
+        Cost::mem(blocks * 8 + 8),
+    )?;
     Ok(ClipStats { buf: stats })
 }
 
@@ -105,7 +123,14 @@ pub struct DeviceMoments {
 /// One fused Adam update (PyTorch semantics) of every slot with a gradient, at step `step`
 /// (1-based), with every gradient scaled by `coef[0]` first (a device f32; None = 1): one
 /// launch for all slots.
-pub fn adam_update(store: &ParamStore, grads: &[Option<Tensor>], moments: &DeviceMoments, c: AdamConfig, step: u64, coef: Option<u64>) -> Result<()> {
+pub fn adam_update(
+    store: &ParamStore,
+    grads: &[Option<Tensor>],
+    moments: &DeviceMoments,
+    c: AdamConfig,
+    step: u64,
+    coef: Option<u64>,
+) -> Result<()> {
     let t = step as i32;
     let step_size = (c.lr / (1.0 - c.beta1.powi(t))) as f32;
     let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
@@ -125,7 +150,14 @@ pub fn adam_update(store: &ParamStore, grads: &[Option<Tensor>], moments: &Devic
         ensure_f32(g, "gradient")?;
         ensure_f32(p, "parameter")?;
         dev.get_or_insert_with(|| dev_of(p).clone());
-        table.push(MultiTensorEntry { p: p.ptr(), g: g.ptr(), m: m.ptr(), v: v.ptr(), n: p.numel() as i64, ..Default::default() });
+        table.push(MultiTensorEntry {
+            p: p.ptr(),
+            g: g.ptr(),
+            m: m.ptr(),
+            v: v.ptr(),
+            n: p.numel() as i64,
+            ..Default::default()
+        });
     }
     let Some(dev) = dev else { return Ok(()) };
     let (_, blocks) = number_blocks(&mut table);

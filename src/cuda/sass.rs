@@ -66,7 +66,9 @@ fn parse_instr(line: &str) -> Option<Instr> {
     }
     let opcode = tokens.next()?.to_string();
     let target = if opcode == "BRA" || opcode.starts_with("BRA.") {
-        tokens.find(|t| t.starts_with("0x")).and_then(|t| u32::from_str_radix(t.trim_start_matches("0x").trim_end_matches(','), 16).ok())
+        tokens
+            .find(|t| t.starts_with("0x"))
+            .and_then(|t| u32::from_str_radix(t.trim_start_matches("0x").trim_end_matches(','), 16).ok())
     } else {
         None
     };
@@ -75,7 +77,8 @@ fn parse_instr(line: &str) -> Option<Instr> {
 
 /// Bytes one warp moves through global memory with this instruction (0 for anything else).
 fn global_bytes(opcode: &str) -> u32 {
-    let global = ["LDG", "STG", "LDGSTS", "RED", "ATOMG"].iter().any(|p| opcode == *p || opcode.starts_with(&format!("{p}.")));
+    let global =
+        ["LDG", "STG", "LDGSTS", "RED", "ATOMG"].iter().any(|p| opcode == *p || opcode.starts_with(&format!("{p}.")));
     if !global {
         return 0;
     }
@@ -156,7 +159,10 @@ impl Kernel {
                 let mut l = loops[i].clone();
                 // Less the loops directly inside it (no loop between).
                 let outer = &loops[i];
-                for c in loops.iter().filter(|m| outer.contains(m) && !loops.iter().any(|o| outer.contains(o) && o.contains(m))) {
+                for c in loops
+                    .iter()
+                    .filter(|m| outer.contains(m) && !loops.iter().any(|o| outer.contains(o) && o.contains(m)))
+                {
                     l.instructions -= c.instructions;
                     l.hmma -= c.hmma;
                     l.ffma -= c.ffma;
@@ -203,7 +209,10 @@ impl Kernel {
     /// One line of the embedded table: `kernel NAME I H F L S` then `loop START END I H F B`
     /// per loop, `;`-separated.
     pub fn to_line(&self) -> String {
-        let mut s = format!("kernel {} {} {} {} {} {}", self.name, self.instructions, self.hmma, self.ffma, self.local, self.straight);
+        let mut s = format!(
+            "kernel {} {} {} {} {} {}",
+            self.name, self.instructions, self.hmma, self.ffma, self.local, self.straight
+        );
         for l in &self.loops {
             s += &format!(";loop {} {} {} {} {} {}", l.start, l.end, l.instructions, l.hmma, l.ffma, l.global_bytes);
         }
@@ -221,12 +230,20 @@ pub fn parse_table(text: &str) -> Vec<Kernel> {
             let mut h = parts.next()?.split_whitespace();
             (h.next()? == "kernel").then_some(())?;
             let name = h.next()?.to_string();
-            let (instructions, hmma, ffma, local, straight) = (num(h.next())?, num(h.next())?, num(h.next())?, num(h.next())?, num(h.next())?);
+            let (instructions, hmma, ffma, local, straight) =
+                (num(h.next())?, num(h.next())?, num(h.next())?, num(h.next())?, num(h.next())?);
             let loops = parts
                 .map(|p| {
                     let mut t = p.split_whitespace();
                     (t.next()? == "loop").then_some(())?;
-                    Some(Loop { start: num(t.next())?, end: num(t.next())?, instructions: num(t.next())?, hmma: num(t.next())?, ffma: num(t.next())?, global_bytes: num(t.next())? })
+                    Some(Loop {
+                        start: num(t.next())?,
+                        end: num(t.next())?,
+                        instructions: num(t.next())?,
+                        hmma: num(t.next())?,
+                        ffma: num(t.next())?,
+                        global_bytes: num(t.next())?,
+                    })
                 })
                 .collect::<Option<Vec<_>>>()?;
             Some(Kernel::new(name, [instructions, hmma, ffma, local, straight], loops))
@@ -273,7 +290,10 @@ mod tests {
         assert_eq!((k.instructions, k.hmma, k.ffma, k.local), (14, 1, 1, 2));
         assert_eq!(k.loops.len(), 2, "{:?}", k.loops);
         let (outer, inner) = (&k.loops[0], &k.loops[1]);
-        assert_eq!((outer.start, outer.end, outer.instructions, outer.hmma, outer.ffma, outer.global_bytes), (0x40, 0x90, 6, 1, 1, 512));
+        assert_eq!(
+            (outer.start, outer.end, outer.instructions, outer.hmma, outer.ffma, outer.global_bytes),
+            (0x40, 0x90, 6, 1, 1, 512)
+        );
         assert_eq!((inner.start, inner.end, inner.instructions, inner.hmma, inner.global_bytes), (0x50, 0x70, 3, 1, 0));
         assert!(outer.contains(inner) && !inner.contains(outer));
         // 0x00-0x30 and 0xa0-0xd0 lie outside both loops: 8 instructions.

@@ -37,7 +37,12 @@ pub fn cache_key(source: &Path, cfg: &PreprocessConfig) -> Result<String> {
     let files = if abs.is_dir() { super::dicom::files_of(&abs)?.1 } else { vec![abs.clone()] };
     for f in &files {
         let meta = std::fs::metadata(f).with_context(|| format!("{}: cannot stat", f.display()))?;
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         if abs.is_dir() {
             h = fnv1a(f.to_string_lossy().as_bytes(), h);
         }
@@ -46,12 +51,18 @@ pub fn cache_key(source: &Path, cfg: &PreprocessConfig) -> Result<String> {
     }
     // The settings as they were before the non-finite policy existed, so that entries made
     // under the default stay valid; another policy makes another key.
-    h = fnv1a(format!("PreprocessConfig {{ body_threshold_hu: {:?}, spacing: {:?} }}", cfg.body_threshold_hu, cfg.spacing).as_bytes(), h);
+    h = fnv1a(
+        format!("PreprocessConfig {{ body_threshold_hu: {:?}, spacing: {:?} }}", cfg.body_threshold_hu, cfg.spacing)
+            .as_bytes(),
+        h,
+    );
     if cfg.nonfinite != super::nifti_io::NonFinitePolicy::Error {
         h = fnv1a(format!("{:?}", cfg.nonfinite).as_bytes(), h);
     }
-    let stem = abs.file_name().map(|n| n.to_string_lossy().replace(".nii.gz", "").replace(".nii", "")).unwrap_or_default();
-    let stem: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let stem =
+        abs.file_name().map(|n| n.to_string_lossy().replace(".nii.gz", "").replace(".nii", "")).unwrap_or_default();
+    let stem: String =
+        stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     Ok(format!("{stem}-{h:016x}.safetensors"))
 }
 
@@ -80,7 +91,9 @@ pub fn get_or_build(source: &Path, dir: &Path, cfg: &PreprocessConfig) -> Result
         }
     }
     let entry = build(source, cfg)?;
-    let saved = std::fs::create_dir_all(dir).with_context(|| format!("creating cache folder {}", dir.display())).and_then(|()| save_entry(&path, &entry));
+    let saved = std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating cache folder {}", dir.display()))
+        .and_then(|()| save_entry(&path, &entry));
     saved.map_err(|e| anyhow::Error::new(CacheWriteError(format!("{e:#}"))))?;
     Ok((entry, false))
 }
@@ -95,7 +108,13 @@ pub struct CacheWriteError(pub String);
 pub fn build(source: &Path, cfg: &PreprocessConfig) -> Result<CachedCt> {
     let v = read_volume_with(source, cfg.nonfinite)?;
     let ct = preprocess_ct(&v.data, v.shape, v.spacing, cfg).with_context(|| source.display().to_string())?;
-    Ok(CachedCt { ct, source: source.to_path_buf(), file_affine: v.geometry.affine, orientation: v.geometry.orientation, replaced_nonfinite: v.replaced_nonfinite })
+    Ok(CachedCt {
+        ct,
+        source: source.to_path_buf(),
+        file_affine: v.geometry.affine,
+        orientation: v.geometry.orientation,
+        replaced_nonfinite: v.replaced_nonfinite,
+    })
 }
 
 fn save_entry(path: &Path, e: &CachedCt) -> Result<()> {
@@ -122,20 +141,30 @@ fn save_entry(path: &Path, e: &CachedCt) -> Result<()> {
     }
     let body = TensorView::new(Dtype::U8, vec![bits.len()], &bits)?;
     crate::checkpoint::write_atomic_with(path, |tmp| {
-        safetensors::serialize_to_file(vec![("hu", hu), ("body_bits", body)], Some(meta), tmp).with_context(|| format!("writing {}", tmp.display()))
+        safetensors::serialize_to_file(vec![("hu", hu), ("body_bits", body)], Some(meta), tmp)
+            .with_context(|| format!("writing {}", tmp.display()))
     })
 }
 
 /// Load one cache entry.
 pub fn load_entry(path: &Path) -> Result<CachedCt> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a cache entry", path.display()))?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a cache entry", path.display()))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    ensure!(meta.get("format").map(String::as_str) == Some(CACHE_FORMAT), "{}: not a {CACHE_FORMAT} entry", path.display());
+    ensure!(
+        meta.get("format").map(String::as_str) == Some(CACHE_FORMAT),
+        "{}: not a {CACHE_FORMAT} entry",
+        path.display()
+    );
     let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: damaged cache entry", path.display()))?;
     let hu_v = st.tensor("hu")?;
     let body_v = st.tensor("body_bits")?;
-    ensure!(hu_v.dtype() == Dtype::I16 && body_v.dtype() == Dtype::U8 && hu_v.shape().len() == 3, "{}: unexpected tensors", path.display());
+    ensure!(
+        hu_v.dtype() == Dtype::I16 && body_v.dtype() == Dtype::U8 && hu_v.shape().len() == 3,
+        "{}: unexpected tensors",
+        path.display()
+    );
     let shape = [hu_v.shape()[0], hu_v.shape()[1], hu_v.shape()[2]];
     let n: usize = shape.iter().product();
     ensure!(body_v.data().len() == n.div_ceil(8), "{}: body mask of the wrong size", path.display());
@@ -163,7 +192,9 @@ pub fn load_entry(path: &Path) -> Result<CachedCt> {
         orientation: Orientation { perm, flip },
         // Absent in entries written before the setting existed (none were replaced then).
         replaced_nonfinite: match meta.get("replaced_nonfinite") {
-            Some(v) => v.parse().with_context(|| format!("{}: metadata replaced_nonfinite {v:?} is not a count", path.display()))?,
+            Some(v) => v
+                .parse()
+                .with_context(|| format!("{}: metadata replaced_nonfinite {v:?} is not a count", path.display()))?,
             None => 0,
         },
     })

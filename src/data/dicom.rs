@@ -71,22 +71,50 @@ fn floats(obj: &DefaultDicomObject, tag: dicom_object::Tag) -> Option<Vec<f64>> 
 fn header(file: &Path) -> Result<Slice> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     check_lengths(&bytes).with_context(|| format!("{}: not a readable DICOM file", file.display()))?;
-    let obj = OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(file).map_err(|e| anyhow::anyhow!("{}: not a readable DICOM file: {e}", file.display()))?;
+    let obj = OpenFileOptions::new()
+        .read_until(tags::PIXEL_DATA)
+        .open_file(file)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable DICOM file: {e}", file.display()))?;
     let need = |what: &str, v: Option<Vec<f64>>, n: usize| -> Result<Vec<f64>> {
         let v = v.with_context(|| format!("{}: no {what}", file.display()))?;
         ensure!(v.len() == n && v.iter().all(|x| x.is_finite()), "{}: {what} {v:?} is not {n} numbers", file.display());
         Ok(v)
     };
-    let image_type = obj.element_opt(tags::IMAGE_TYPE).ok().flatten().and_then(|e| e.to_multi_str().ok().map(|s| s.to_vec())).unwrap_or_default();
+    let image_type = obj
+        .element_opt(tags::IMAGE_TYPE)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_multi_str().ok().map(|s| s.to_vec()))
+        .unwrap_or_default();
     let localizer = image_type.iter().any(|t| t.trim().eq_ignore_ascii_case("LOCALIZER"));
     let modality = text(&obj, tags::MODALITY).unwrap_or_default();
-    let series = text(&obj, tags::SERIES_INSTANCE_UID).with_context(|| format!("{}: no SeriesInstanceUID", file.display()))?;
+    let series =
+        text(&obj, tags::SERIES_INSTANCE_UID).with_context(|| format!("{}: no SeriesInstanceUID", file.display()))?;
     let description = text(&obj, tags::SERIES_DESCRIPTION).unwrap_or_default();
-    let rows = obj.element(tags::ROWS).ok().and_then(|e| e.to_int::<u32>().ok()).with_context(|| format!("{}: no Rows", file.display()))? as usize;
-    let cols = obj.element(tags::COLUMNS).ok().and_then(|e| e.to_int::<u32>().ok()).with_context(|| format!("{}: no Columns", file.display()))? as usize;
+    let rows = obj
+        .element(tags::ROWS)
+        .ok()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .with_context(|| format!("{}: no Rows", file.display()))? as usize;
+    let cols = obj
+        .element(tags::COLUMNS)
+        .ok()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .with_context(|| format!("{}: no Columns", file.display()))? as usize;
     if localizer || modality != "CT" {
         // Set aside; geometry is not needed to report them.
-        return Ok(Slice { file: file.into(), series, description, modality, localizer, rows, cols, position: [0.0; 3], orientation: [0.0; 6], spacing: [1.0; 2] });
+        return Ok(Slice {
+            file: file.into(),
+            series,
+            description,
+            modality,
+            localizer,
+            rows,
+            cols,
+            position: [0.0; 3],
+            orientation: [0.0; 6],
+            spacing: [1.0; 2],
+        });
     }
     let position = need("ImagePositionPatient", floats(&obj, tags::IMAGE_POSITION_PATIENT), 3)?;
     let orientation = need("ImageOrientationPatient", floats(&obj, tags::IMAGE_ORIENTATION_PATIENT), 6)?;
@@ -109,7 +137,8 @@ fn header(file: &Path) -> Result<Slice> {
 /// The files of a series input: every regular file below the folder (a DICOMDIR file stands
 /// for its folder), the DICOMDIR itself and non-DICOM files left out.
 pub fn files_of(input: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
-    let dir = if input.is_file() { input.parent().unwrap_or(Path::new(".")).to_path_buf() } else { input.to_path_buf() };
+    let dir =
+        if input.is_file() { input.parent().unwrap_or(Path::new(".")).to_path_buf() } else { input.to_path_buf() };
     let mut out = Vec::new();
     let mut stack = vec![dir.clone()];
     while let Some(d) = stack.pop() {
@@ -145,11 +174,23 @@ pub fn read_series(input: &Path, policy: NonFinitePolicy) -> Result<Volume> {
     for s in slices {
         by_series.entry(s.series.clone()).or_default().push(s);
     }
-    let describe = |uid: &str, v: &[Slice]| format!("{uid} ({} {}, {} files{})", v[0].modality, if v[0].description.is_empty() { "-" } else { &v[0].description }, v.len(), if v[0].localizer { ", localizer" } else { "" });
-    let (ct, other): (Vec<_>, Vec<_>) = by_series.into_iter().partition(|(_, v)| v[0].modality == "CT" && !v[0].localizer);
+    let describe = |uid: &str, v: &[Slice]| {
+        format!(
+            "{uid} ({} {}, {} files{})",
+            v[0].modality,
+            if v[0].description.is_empty() { "-" } else { &v[0].description },
+            v.len(),
+            if v[0].localizer { ", localizer" } else { "" }
+        )
+    };
+    let (ct, other): (Vec<_>, Vec<_>) =
+        by_series.into_iter().partition(|(_, v)| v[0].modality == "CT" && !v[0].localizer);
     let set_aside: Vec<String> = other.iter().map(|(u, v)| describe(u, v)).collect();
     let mut ct = match ct.len() {
-        0 => bail!("{name}: no CT series (found {})", if set_aside.is_empty() { "nothing".to_string() } else { set_aside.join("; ") }),
+        0 => bail!(
+            "{name}: no CT series (found {})",
+            if set_aside.is_empty() { "nothing".to_string() } else { set_aside.join("; ") }
+        ),
         1 => ct.into_iter().next().expect("one series").1,
         _ => bail!(
             "{name}: {} CT series in one folder: {}; put each series in its own folder (or pass the folder of the one you want)",
@@ -163,14 +204,34 @@ pub fn read_series(input: &Path, policy: NonFinitePolicy) -> Result<Volume> {
     let first = &ct[0];
     let (rows, cols, orient, spacing) = (first.rows, first.cols, first.orientation, first.spacing);
     for s in &ct {
-        ensure!(s.rows == rows && s.cols == cols, "{}: {}x{} pixels, but {} has {rows}x{cols}; a series must have one slice size", s.file.display(), s.rows, s.cols, first.file.display());
-        ensure!(s.orientation.iter().zip(&orient).all(|(a, b)| (a - b).abs() < 1e-4), "{}: ImageOrientationPatient differs from {}'s", s.file.display(), first.file.display());
-        ensure!(s.spacing.iter().zip(&spacing).all(|(a, b)| (a - b).abs() < 1e-4), "{}: PixelSpacing differs from {}'s", s.file.display(), first.file.display());
+        ensure!(
+            s.rows == rows && s.cols == cols,
+            "{}: {}x{} pixels, but {} has {rows}x{cols}; a series must have one slice size",
+            s.file.display(),
+            s.rows,
+            s.cols,
+            first.file.display()
+        );
+        ensure!(
+            s.orientation.iter().zip(&orient).all(|(a, b)| (a - b).abs() < 1e-4),
+            "{}: ImageOrientationPatient differs from {}'s",
+            s.file.display(),
+            first.file.display()
+        );
+        ensure!(
+            s.spacing.iter().zip(&spacing).all(|(a, b)| (a - b).abs() < 1e-4),
+            "{}: PixelSpacing differs from {}'s",
+            s.file.display(),
+            first.file.display()
+        );
     }
     let row_dir = [orient[0], orient[1], orient[2]];
     let col_dir = [orient[3], orient[4], orient[5]];
     let normal = cross(row_dir, col_dir);
-    ensure!((dot(normal, normal) - 1.0).abs() < 1e-3, "{name}: ImageOrientationPatient {orient:?} is not two orthonormal directions");
+    ensure!(
+        (dot(normal, normal) - 1.0).abs() < 1e-3,
+        "{name}: ImageOrientationPatient {orient:?} is not two orthonormal directions"
+    );
     if normal[2].abs() < 0.9 {
         // Sagittal or coronal slices: an axis-aligned grid all the same, read with its own orientation.
         let plane = if normal[0].abs() > normal[1].abs() { "sagittal" } else { "coronal" };
@@ -201,13 +262,20 @@ pub fn read_series(input: &Path, policy: NonFinitePolicy) -> Result<Volume> {
                 ct[w + 1].file.display(),
                 along[w],
                 along[w + 1],
-                if (g / median - (g / median).round()).abs() < 0.05 && g > 1.5 * median { format!(": {} slice(s) missing", (g / median).round() as usize - 1) } else { String::new() }
+                if (g / median - (g / median).round()).abs() < 0.05 && g > 1.5 * median {
+                    format!(": {} slice(s) missing", (g / median).round() as usize - 1)
+                } else {
+                    String::new()
+                }
             );
         }
         // Slices must stack along their normal: an in-plane drift between them is a gantry tilt.
         let d: [f64; 3] = std::array::from_fn(|a| (ct[n - 1].position[a] - ct[0].position[a]) / (n - 1) as f64);
         let off = (dot(d, d) - dot(d, normal).powi(2)).max(0.0).sqrt();
-        ensure!(off <= 1e-3 * median.max(1.0) + 1e-4, "{name}: the slices are not stacked along their normal (in-plane shift {off:.3} mm per slice): a gantry-tilted series; resample it to an orthogonal grid first");
+        ensure!(
+            off <= 1e-3 * median.max(1.0) + 1e-4,
+            "{name}: the slices are not stacked along their normal (in-plane shift {off:.3} mm per slice): a gantry-tilted series; resample it to an orthogonal grid first"
+        );
         d
     } else {
         std::array::from_fn(|a| normal[a])
@@ -224,7 +292,12 @@ pub fn read_series(input: &Path, policy: NonFinitePolicy) -> Result<Volume> {
     let mut values = vec![0.0f64; plane * n];
     for (k, s) in ct.iter().enumerate() {
         let v = pixels(&s.file).with_context(|| format!("{}: decoding the pixel data", s.file.display()))?;
-        ensure!(v.len() == plane, "{}: {} pixel values for {rows}x{cols} (one frame expected)", s.file.display(), v.len());
+        ensure!(
+            v.len() == plane,
+            "{}: {} pixel values for {rows}x{cols} (one frame expected)",
+            s.file.display(),
+            v.len()
+        );
         values[k * plane..(k + 1) * plane].copy_from_slice(&v);
     }
     let geometry_name = PathBuf::from(&name);
@@ -257,11 +330,21 @@ fn pixels(file: &Path) -> Result<Vec<f64>> {
         module.bits_allocated
     );
     let frame = module.rows * module.cols * (module.bits_allocated as usize / 8);
-    ensure!(decoded.data().len() == frame, "the decoded pixel data has {} bytes, Rows x Columns x BitsAllocated / 8 = {frame}", decoded.data().len());
-    let raw: Vec<f64> = decoded.to_vec_with_options(&ConvertOptions::new().with_modality_lut(ModalityLutOption::None)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(
+        decoded.data().len() == frame,
+        "the decoded pixel data has {} bytes, Rows x Columns x BitsAllocated / 8 = {frame}",
+        decoded.data().len()
+    );
+    let raw: Vec<f64> = decoded
+        .to_vec_with_options(&ConvertOptions::new().with_modality_lut(ModalityLutOption::None))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let hu: Vec<f64> = raw.into_iter().map(|v| v * slope + intercept).collect();
     if let Some(v) = hu.iter().find(|v| !(HU_RANGE[0]..=HU_RANGE[1]).contains(*v)) {
-        bail!("RescaleSlope {slope} / RescaleIntercept {intercept} give {v} HU, outside [{}, {}]", HU_RANGE[0], HU_RANGE[1]);
+        bail!(
+            "RescaleSlope {slope} / RescaleIntercept {intercept} give {v} HU, outside [{}, {}]",
+            HU_RANGE[0],
+            HU_RANGE[1]
+        );
     }
     Ok(hu)
 }
@@ -270,8 +353,14 @@ fn pixels(file: &Path) -> Result<Vec<f64>> {
 fn rescale(obj: &DefaultDicomObject) -> Result<(f64, f64)> {
     let slope = floats(obj, tags::RESCALE_SLOPE).and_then(|v| v.first().copied()).unwrap_or(1.0);
     let intercept = floats(obj, tags::RESCALE_INTERCEPT).and_then(|v| v.first().copied()).unwrap_or(0.0);
-    ensure!(slope.is_finite() && slope != 0.0 && slope.abs() <= MAX_RESCALE_SLOPE, "RescaleSlope {slope} is not a CT's (finite, non-zero, at most {MAX_RESCALE_SLOPE} in magnitude)");
-    ensure!(intercept.is_finite() && intercept.abs() <= MAX_RESCALE_INTERCEPT, "RescaleIntercept {intercept} is not a CT's (finite, at most {MAX_RESCALE_INTERCEPT} in magnitude)");
+    ensure!(
+        slope.is_finite() && slope != 0.0 && slope.abs() <= MAX_RESCALE_SLOPE,
+        "RescaleSlope {slope} is not a CT's (finite, non-zero, at most {MAX_RESCALE_SLOPE} in magnitude)"
+    );
+    ensure!(
+        intercept.is_finite() && intercept.abs() <= MAX_RESCALE_INTERCEPT,
+        "RescaleIntercept {intercept} is not a CT's (finite, at most {MAX_RESCALE_INTERCEPT} in magnitude)"
+    );
     Ok((slope, intercept))
 }
 
@@ -290,15 +379,22 @@ struct PixelModule {
 /// (one byte of padding to an even length allowed). Each error names the tag.
 fn check_pixel_module(obj: &DefaultDicomObject) -> Result<PixelModule> {
     let int = |tag: dicom_object::Tag, name: &str| -> Result<i64> {
-        let e = obj.element_opt(tag).ok().flatten().with_context(|| format!("no {name} (a required tag of the image pixel module)"))?;
+        let e = obj
+            .element_opt(tag)
+            .ok()
+            .flatten()
+            .with_context(|| format!("no {name} (a required tag of the image pixel module)"))?;
         e.to_int::<i64>().map_err(|_| anyhow::anyhow!("{name} {:?} is not an integer", e.to_str().unwrap_or_default()))
     };
     let spp = int(tags::SAMPLES_PER_PIXEL, "SamplesPerPixel")?;
     ensure!(spp == 1, "SamplesPerPixel {spp}: a CT has 1 sample per pixel");
-    let pi = text(obj, tags::PHOTOMETRIC_INTERPRETATION).context("no PhotometricInterpretation (a required tag of the image pixel module)")?;
+    let pi = text(obj, tags::PHOTOMETRIC_INTERPRETATION)
+        .context("no PhotometricInterpretation (a required tag of the image pixel module)")?;
     match pi.as_str() {
         "MONOCHROME2" => {}
-        "MONOCHROME1" => bail!("PhotometricInterpretation MONOCHROME1 (inverted grey scale) is not read; convert the series to MONOCHROME2"),
+        "MONOCHROME1" => bail!(
+            "PhotometricInterpretation MONOCHROME1 (inverted grey scale) is not read; convert the series to MONOCHROME2"
+        ),
         other => bail!("PhotometricInterpretation {other}: a CT is MONOCHROME2"),
     }
     let (rows, cols) = (int(tags::ROWS, "Rows")?, int(tags::COLUMNS, "Columns")?);
@@ -312,8 +408,13 @@ fn check_pixel_module(obj: &DefaultDicomObject) -> Result<PixelModule> {
     let pr = int(tags::PIXEL_REPRESENTATION, "PixelRepresentation")?;
     ensure!(pr == 0 || pr == 1, "PixelRepresentation {pr}: 0 (unsigned) or 1 (two's complement)");
     if let Some(e) = obj.element_opt(tags::NUMBER_OF_FRAMES).ok().flatten() {
-        let n = e.to_int::<i64>().map_err(|_| anyhow::anyhow!("NumberOfFrames {:?} is not an integer", e.to_str().unwrap_or_default()))?;
-        ensure!(n == 1, "NumberOfFrames {n}: multi-frame (enhanced) CT objects are not read; export the series as one slice per file");
+        let n = e
+            .to_int::<i64>()
+            .map_err(|_| anyhow::anyhow!("NumberOfFrames {:?} is not an integer", e.to_str().unwrap_or_default()))?;
+        ensure!(
+            n == 1,
+            "NumberOfFrames {n}: multi-frame (enhanced) CT objects are not read; export the series as one slice per file"
+        );
     }
     let (rows, cols) = (rows as usize, cols as usize);
     let pixel_data = obj.element_opt(tags::PIXEL_DATA).ok().flatten().context("no PixelData")?;
@@ -337,7 +438,12 @@ fn check_pixel_module(obj: &DefaultDicomObject) -> Result<PixelModule> {
 /// stream). In implicit VR a sequence of defined length is stepped over, not entered.
 fn check_lengths(bytes: &[u8]) -> Result<()> {
     ensure!(bytes.len() >= 132 && &bytes[128..132] == b"DICM", "no DICM magic at byte 128");
-    let long_vr = |vr: &[u8]| matches!(vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"UC" | b"UN" | b"UR" | b"UT" | b"SV" | b"UV");
+    let long_vr = |vr: &[u8]| {
+        matches!(
+            vr,
+            b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"UC" | b"UN" | b"UR" | b"UT" | b"SV" | b"UV"
+        )
+    };
     let (mut p, mut explicit, mut big) = (132usize, true, false);
     let mut in_meta = true;
     let mut fragments = false;
@@ -371,7 +477,12 @@ fn check_lengths(bytes: &[u8]) -> Result<()> {
             if elem == 0xE0DD {
                 fragments = false;
             } else if elem == 0xE000 && len != u32::MAX {
-                ensure!(len as usize <= bytes.len() - p, "item {tag} at byte {} declares {len} bytes, the file has {} left", p - 8, bytes.len() - p);
+                ensure!(
+                    len as usize <= bytes.len() - p,
+                    "item {tag} at byte {} declares {len} bytes, the file has {} left",
+                    p - 8,
+                    bytes.len() - p
+                );
                 if fragments {
                     p += len as usize;
                 }
@@ -390,7 +501,12 @@ fn check_lengths(bytes: &[u8]) -> Result<()> {
             fragments = (group, elem) == (0x7FE0, 0x0010);
             continue;
         }
-        ensure!(len as usize <= bytes.len() - p, "element {tag} at byte {} declares {len} bytes, the file has {} left", p - header, bytes.len() - p);
+        ensure!(
+            len as usize <= bytes.len() - p,
+            "element {tag} at byte {} declares {len} bytes, the file has {} left",
+            p - header,
+            bytes.len() - p
+        );
         if in_meta && (group, elem) == (0x0002, 0x0010) {
             syntax = String::from_utf8_lossy(&bytes[p..p + len as usize]).into_owned();
         }

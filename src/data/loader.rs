@@ -103,7 +103,8 @@ impl VolumeSet for PhantomVolumes {
         }
         let shape = phantom::phantom_shape();
         let spacing = phantom::phantom_spacing();
-        let hu: Vec<f32> = phantom::phantom_ct(self.seed + i as u64, shape, spacing).into_iter().map(|v| v as f32).collect();
+        let hu: Vec<f32> =
+            phantom::phantom_ct(self.seed + i as u64, shape, spacing).into_iter().map(|v| v as f32).collect();
         let ct = preprocess_ct(&hu, shape, spacing, &PreprocessConfig::default())?;
         let p = Arc::new(Prepared::new(ct, format!("phantom {}", self.seed + i as u64)));
         self.made.lock().unwrap().insert(i, p.clone());
@@ -113,7 +114,10 @@ impl VolumeSet for PhantomVolumes {
 
 /// The generator of batch `index` for a run seeded with `seed`.
 pub fn batch_rng(seed: u64, index: u64) -> StdRng {
-    StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index.wrapping_add(0x632B_E59B_D9B4_E019).wrapping_mul(0xD1B5_4A32_D192_ED03))
+    StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ index.wrapping_add(0x632B_E59B_D9B4_E019).wrapping_mul(0xD1B5_4A32_D192_ED03),
+    )
 }
 
 /// Batch `index`: a volume chosen uniformly, then the sampler.
@@ -134,7 +138,14 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(volumes: Arc<dyn VolumeSet>, cfg: SamplerConfig, seed: u64, start: u64, workers: usize, queue: usize) -> Result<Loader> {
+    pub fn new(
+        volumes: Arc<dyn VolumeSet>,
+        cfg: SamplerConfig,
+        seed: u64,
+        start: u64,
+        workers: usize,
+        queue: usize,
+    ) -> Result<Loader> {
         if volumes.is_empty() {
             return Err(anyhow!("no usable volume to sample from"));
         }

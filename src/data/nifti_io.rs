@@ -72,7 +72,9 @@ impl std::str::FromStr for NonFinitePolicy {
         match s {
             "error" => Ok(NonFinitePolicy::Error),
             "minimum" => Ok(NonFinitePolicy::ReplaceWithMinimum),
-            other => Err(format!("{other:?}: expected \"error\" (refuse such files) or \"minimum\" (replace non-finite voxels by the image minimum)")),
+            other => Err(format!(
+                "{other:?}: expected \"error\" (refuse such files) or \"minimum\" (replace non-finite voxels by the image minimum)"
+            )),
         }
     }
 }
@@ -103,7 +105,11 @@ impl Geometry {
 
 /// The affine of a canonical array of shape `canonical_shape`, from its file's affine and
 /// orientation: world = A_c · (i, j, k, 1).
-pub fn canonical_affine_of(file_affine: &[[f64; 4]; 4], orientation: Orientation, canonical_shape: [usize; 3]) -> [[f64; 4]; 4] {
+pub fn canonical_affine_of(
+    file_affine: &[[f64; 4]; 4],
+    orientation: Orientation,
+    canonical_shape: [usize; 3],
+) -> [[f64; 4]; 4] {
     // file index o = T · c: o[perm[i]] = flip ? n-1-c_i : c_i.
     let mut t = [[0.0f64; 4]; 4];
     t[3][3] = 1.0;
@@ -135,16 +141,35 @@ pub fn grid_affine(base: &[[f64; 4]; 4], origin: [f64; 3], step: [f64; 3]) -> [[
 /// `values` is [X, Y, Z, C] (channels last, C order) on a grid whose voxel-to-world affine is
 /// `affine`; it goes into both sform and qform (scanner coordinates, mm), so that 3D Slicer,
 /// ITK-SNAP and nibabel place it in the same world as the CT.
-pub fn write_features(path: &Path, values: &[f32], shape: [usize; 3], channels: usize, affine: &[[f64; 4]; 4]) -> Result<()> {
+pub fn write_features(
+    path: &Path,
+    values: &[f32],
+    shape: [usize; 3],
+    channels: usize,
+    affine: &[[f64; 4]; 4],
+) -> Result<()> {
     let n: usize = shape.iter().product();
-    ensure!(values.len() == n * channels, "{}: {} values for {shape:?} x {channels} channels", path.display(), values.len());
-    let array = ndarray::ArrayView4::from_shape((shape[0], shape[1], shape[2], channels), values).context("feature map shape")?;
+    ensure!(
+        values.len() == n * channels,
+        "{}: {} values for {shape:?} x {channels} channels",
+        path.display(),
+        values.len()
+    );
+    let array = ndarray::ArrayView4::from_shape((shape[0], shape[1], shape[2], channels), values)
+        .context("feature map shape")?;
     write_features_view(path, array, affine)
 }
 
 /// `write_features` for a [c, X, Y, Z] (channels first, C order) array, as `to_file_order` returns.
-pub fn write_features_channels_first(path: &Path, values: &[f32], shape: [usize; 3], channels: usize, affine: &[[f64; 4]; 4]) -> Result<()> {
-    let array = ndarray::ArrayView4::from_shape((channels, shape[0], shape[1], shape[2]), values).context("feature map shape")?;
+pub fn write_features_channels_first(
+    path: &Path,
+    values: &[f32],
+    shape: [usize; 3],
+    channels: usize,
+    affine: &[[f64; 4]; 4],
+) -> Result<()> {
+    let array = ndarray::ArrayView4::from_shape((channels, shape[0], shape[1], shape[2]), values)
+        .context("feature map shape")?;
     // The writer needs standard (C-order) slices: materialise the permuted view.
     let standard = array.permuted_axes([1, 2, 3, 0]).as_standard_layout().into_owned();
     write_features_view(path, standard.view(), affine)
@@ -156,7 +181,10 @@ pub fn write_rgb(path: &Path, rgb: &[[u8; 3]], shape: [usize; 3], affine: &[[f64
     let array = ndarray::ArrayView3::from_shape((shape[0], shape[1], shape[2]), rgb).context("RGB map shape")?;
     let header = header_for(affine, 0);
     crate::checkpoint::write_atomic_with(path, |tmp| {
-        nifti::writer::WriterOptions::new(tmp).reference_header(&header).write_rgb_nifti(&array).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+        nifti::writer::WriterOptions::new(tmp)
+            .reference_header(&header)
+            .write_rgb_nifti(&array)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
     })
 }
 
@@ -173,12 +201,19 @@ fn header_for(affine: &[[f64; 4]; 4], intent_code: i16) -> NiftiHeader {
 
 fn write_features_view(path: &Path, array: ndarray::ArrayView4<f32>, affine: &[[f64; 4]; 4]) -> Result<()> {
     let name = path.file_name().context("output path has no file name")?.to_string_lossy().into_owned();
-    ensure!(name.ends_with(".nii") || name.ends_with(".nii.gz"), "{}: output must end in .nii or .nii.gz", path.display());
+    ensure!(
+        name.ends_with(".nii") || name.ends_with(".nii.gz"),
+        "{}: output must end in .nii or .nii.gz",
+        path.display()
+    );
     // No intent code: NIFTI_INTENT_VECTOR would put the channels on the 5th axis, and viewers
     // show a 4th axis as frames, one channel at a time.
     let header = header_for(affine, 0);
     crate::checkpoint::write_atomic_with(path, |tmp| {
-        nifti::writer::WriterOptions::new(tmp).reference_header(&header).write_nifti(&array).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+        nifti::writer::WriterOptions::new(tmp)
+            .reference_header(&header)
+            .write_nifti(&array)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
     })
 }
 
@@ -238,13 +273,20 @@ pub fn orientation_of(affine: &[[f64; 4]; 4]) -> Result<(Orientation, [f64; 3])>
         let col = [affine[0][j], affine[1][j], affine[2][j]];
         let norm = col.iter().map(|v| v * v).sum::<f64>().sqrt();
         ensure!(norm > 0.0 && norm.is_finite(), "array axis {j} has a zero or non-finite voxel size in the affine");
-        let (w, main) = col.iter().enumerate().map(|(i, v)| (i, v.abs())).fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+        let (w, main) =
+            col.iter().enumerate().map(|(i, v)| (i, v.abs())).fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
         let off = col.iter().enumerate().filter(|(i, _)| *i != w).map(|(_, v)| v.abs()).fold(0.0, f64::max);
         if off > 1e-3 * main {
             let deg = (off / main).atan().to_degrees();
-            bail!("oblique affine (array axis {j} is rotated by about {deg:.2}° from the world axes); only axis-aligned grids are supported — resample the image to an axis-aligned grid first");
+            bail!(
+                "oblique affine (array axis {j} is rotated by about {deg:.2}° from the world axes); only axis-aligned grids are supported — resample the image to an axis-aligned grid first"
+            );
         }
-        ensure!(perm[w] == usize::MAX, "array axes {} and {j} both run along world axis {w}: degenerate affine", perm[w]);
+        ensure!(
+            perm[w] == usize::MAX,
+            "array axes {} and {j} both run along world axis {w}: degenerate affine",
+            perm[w]
+        );
         perm[w] = j;
         flip[w] = col[w] < 0.0;
         spacing[w] = norm;
@@ -273,10 +315,9 @@ fn gunzip_if_gzip(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>> {
         return Ok(raw);
     }
     let mut out = Vec::new();
-    MultiGzDecoder::new(raw.as_slice())
-        .take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| anyhow::anyhow!("{}: damaged gzip stream ({e}); the file is refused rather than read wrong", path.display()))?;
+    MultiGzDecoder::new(raw.as_slice()).take(MAX_FILE_BYTES + 1).read_to_end(&mut out).map_err(|e| {
+        anyhow::anyhow!("{}: damaged gzip stream ({e}); the file is refused rather than read wrong", path.display())
+    })?;
     ensure!(out.len() as u64 <= MAX_FILE_BYTES, "{}: decompresses to more than {MAX_FILE_BYTES} bytes", path.display());
     Ok(out)
 }
@@ -290,7 +331,12 @@ fn read_header_and_data(path: &Path) -> Result<(NiftiHeader, Vec<u8>, usize)> {
 /// `read_header_and_data` on a file's bytes, decompressed (`path` only names it in errors).
 fn header_and_data(path: &Path, bytes: Vec<u8>) -> Result<(NiftiHeader, Vec<u8>, usize)> {
     let ctx = || path.display().to_string();
-    ensure!(bytes.len() >= 348, "{}: not a NIfTI-1 file: {} bytes, shorter than the 348-byte header", ctx(), bytes.len());
+    ensure!(
+        bytes.len() >= 348,
+        "{}: not a NIfTI-1 file: {} bytes, shorter than the 348-byte header",
+        ctx(),
+        bytes.len()
+    );
     let h = NiftiHeader::from_reader(std::io::Cursor::new(&bytes)).map_err(|e| {
         // The crate's I/O variant prints as a Debug structure: say it as a sentence.
         let why = match e {
@@ -305,7 +351,11 @@ fn header_and_data(path: &Path, bytes: Vec<u8>) -> Result<(NiftiHeader, Vec<u8>,
         ctx()
     );
     let off = h.vox_offset;
-    ensure!(off.is_finite() && off >= 352.0 && off.fract() == 0.0, "{}: vox_offset {off} is invalid (a single-file NIfTI-1 has its voxels at byte 352 or later)", ctx());
+    ensure!(
+        off.is_finite() && off >= 352.0 && off.fract() == 0.0,
+        "{}: vox_offset {off} is invalid (a single-file NIfTI-1 has its voxels at byte 352 or later)",
+        ctx()
+    );
     let off = off as usize;
     ensure!(off <= bytes.len(), "{}: vox_offset {off} is past the end of the file ({} bytes)", ctx(), bytes.len());
     Ok((h, bytes, off))
@@ -333,7 +383,11 @@ pub fn read_volume_bytes(name: &Path, file: Vec<u8>, policy: NonFinitePolicy) ->
     volume_from_header_and_data(name, header_and_data(name, gunzip_if_gzip(name, file)?)?, policy)
 }
 
-fn volume_from_header_and_data(path: &Path, (h, bytes, data_start): (NiftiHeader, Vec<u8>, usize), policy: NonFinitePolicy) -> Result<Volume> {
+fn volume_from_header_and_data(
+    path: &Path,
+    (h, bytes, data_start): (NiftiHeader, Vec<u8>, usize),
+    policy: NonFinitePolicy,
+) -> Result<Volume> {
     let raw = &bytes[data_start..];
     let ctx = || path.display().to_string();
     // dim is int16 on disk; the nifti crate reads it as u16, so a negative size would read
@@ -346,7 +400,12 @@ fn volume_from_header_and_data(path: &Path, (h, bytes, data_start): (NiftiHeader
     ensure!(dim.len() >= 3, "{}: {}-D image; a 3-D volume is needed", ctx(), dim.len());
     if dim.len() > 3 {
         let extra: usize = dim[3..].iter().map(|&d| d as usize).product();
-        ensure!(extra == 1, "{}: {}-D image with {extra} volumes along the extra axes; only 3-D (or 4-D with one volume) is supported", ctx(), dim.len());
+        ensure!(
+            extra == 1,
+            "{}: {}-D image with {extra} volumes along the extra axes; only 3-D (or 4-D with one volume) is supported",
+            ctx(),
+            dim.len()
+        );
     }
     let file_shape = [dim[0] as usize, dim[1] as usize, dim[2] as usize];
     ensure!(file_shape.iter().all(|&n| n > 0), "{}: empty axis in shape {file_shape:?}", ctx());
@@ -357,7 +416,13 @@ fn volume_from_header_and_data(path: &Path, (h, bytes, data_start): (NiftiHeader
         affine.iter().flatten().all(|v| v.is_finite()),
         "{}: the voxel-to-world affine (from the {}) has non-finite entries: {affine:?}",
         ctx(),
-        if h.sform_code > 0 { "sform" } else if h.qform_code > 0 { "qform" } else { "pixdim" }
+        if h.sform_code > 0 {
+            "sform"
+        } else if h.qform_code > 0 {
+            "qform"
+        } else {
+            "pixdim"
+        }
     );
     let dtype = h.data_type().map_err(|e| anyhow::anyhow!("{}: unknown data type {}: {e}", ctx(), h.datatype))?;
     let mut values = decode(raw, dtype, h.endianness, n).with_context(ctx)?;
@@ -365,7 +430,11 @@ fn volume_from_header_and_data(path: &Path, (h, bytes, data_start): (NiftiHeader
     // nibabel's rules: a slope of 0, NaN or ±inf means no scaling; with a valid slope a NaN
     // intercept is 0 and an infinite one is an error (every voxel would be infinite).
     let scale = slope != 0.0 && slope.is_finite();
-    ensure!(!(scale && inter.is_infinite()), "{}: scl_inter is {inter} with scl_slope {slope}: every voxel would be infinite", ctx());
+    ensure!(
+        !(scale && inter.is_infinite()),
+        "{}: scl_inter is {inter} with scl_slope {slope}: every voxel would be infinite",
+        ctx()
+    );
     let inter = if inter.is_finite() { inter } else { 0.0 };
     if scale {
         values.iter_mut().for_each(|v| *v = *v * slope + inter);
@@ -376,15 +445,37 @@ fn volume_from_header_and_data(path: &Path, (h, bytes, data_start): (NiftiHeader
 /// A volume from voxel values in file order (Fortran: axis 0 fastest) on a grid of
 /// `file_shape` with the voxel-to-world `affine` (NIfTI's RAS): the DICOM reader's way in.
 /// Outputs on this grid are written as NIfTI with that affine.
-pub fn volume_from_file_values(path: &Path, values: Vec<f64>, file_shape: [usize; 3], affine: [[f64; 4]; 4], policy: NonFinitePolicy) -> Result<Volume> {
-    ensure!(values.len() == file_shape.iter().product::<usize>(), "{}: {} values for {file_shape:?}", path.display(), values.len());
-    ensure!(affine.iter().flatten().all(|v| v.is_finite()), "{}: the voxel-to-world affine has non-finite entries: {affine:?}", path.display());
+pub fn volume_from_file_values(
+    path: &Path,
+    values: Vec<f64>,
+    file_shape: [usize; 3],
+    affine: [[f64; 4]; 4],
+    policy: NonFinitePolicy,
+) -> Result<Volume> {
+    ensure!(
+        values.len() == file_shape.iter().product::<usize>(),
+        "{}: {} values for {file_shape:?}",
+        path.display(),
+        values.len()
+    );
+    ensure!(
+        affine.iter().flatten().all(|v| v.is_finite()),
+        "{}: the voxel-to-world affine has non-finite entries: {affine:?}",
+        path.display()
+    );
     let mut header = header_for(&affine, 0);
     header.dim = [3, file_shape[0] as u16, file_shape[1] as u16, file_shape[2] as u16, 1, 1, 1, 1];
     volume_from_values(path, header, values, file_shape, affine, policy)
 }
 
-fn volume_from_values(path: &Path, h: NiftiHeader, values: Vec<f64>, file_shape: [usize; 3], affine: [[f64; 4]; 4], policy: NonFinitePolicy) -> Result<Volume> {
+fn volume_from_values(
+    path: &Path,
+    h: NiftiHeader,
+    values: Vec<f64>,
+    file_shape: [usize; 3],
+    affine: [[f64; 4]; 4],
+    policy: NonFinitePolicy,
+) -> Result<Volume> {
     let ctx = || path.display().to_string();
     let n = values.len();
     let (orientation, spacing) = orientation_of(&affine).with_context(ctx)?;
@@ -423,7 +514,9 @@ fn decode(raw: &[u8], dtype: NiftiType, endian: Endianness, n: usize) -> Result<
         NiftiType::Int16 | NiftiType::Uint16 => 2,
         NiftiType::Int32 | NiftiType::Uint32 | NiftiType::Float32 => 4,
         NiftiType::Float64 => 8,
-        other => bail!("unsupported data type {other:?} (supported: uint8, int8, int16, uint16, int32, uint32, float32, float64)"),
+        other => bail!(
+            "unsupported data type {other:?} (supported: uint8, int8, int16, uint16, int32, uint32, float32, float64)"
+        ),
     };
     ensure!(raw.len() >= n * size, "truncated data: {} bytes for {n} voxels of {size} bytes", raw.len());
     let little = matches!(endian, Endianness::Little);
@@ -495,7 +588,12 @@ impl WriteElement for f32 {
 /// sform and qform), atomically (temporary file, then rename).
 pub fn write_volume<T: WriteElement>(path: &Path, data: &[T], geometry: &Geometry) -> Result<()> {
     let shape = geometry.canonical_shape();
-    ensure!(data.len() == shape.iter().product::<usize>(), "{}: {} values for shape {shape:?}", path.display(), data.len());
+    ensure!(
+        data.len() == shape.iter().product::<usize>(),
+        "{}: {} values for shape {shape:?}",
+        path.display(),
+        data.len()
+    );
     let fs = geometry.file_shape;
     let mut file = ndarray::Array3::<T>::default((fs[0], fs[1], fs[2]));
     let mut idx = 0;
@@ -514,7 +612,11 @@ pub fn write_volume<T: WriteElement>(path: &Path, data: &[T], geometry: &Geometr
     header.scl_slope = 1.0;
     header.scl_inter = 0.0;
     let name = path.file_name().context("output path has no file name")?.to_string_lossy().into_owned();
-    ensure!(name.ends_with(".nii") || name.ends_with(".nii.gz"), "{}: output must end in .nii or .nii.gz", path.display());
+    ensure!(
+        name.ends_with(".nii") || name.ends_with(".nii.gz"),
+        "{}: output must end in .nii or .nii.gz",
+        path.display()
+    );
     crate::checkpoint::write_atomic_with(path, |tmp| {
         nifti::writer::WriterOptions::new(tmp)
             .reference_header(&header)

@@ -87,13 +87,7 @@ struct Blob {
 impl Blob {
     /// The same ellipsoid scaled by `f` and grown by `d` mm on every half-axis.
     fn grown(&self, f: f64, d: f64) -> Blob {
-        Blob {
-            rx: self.rx * f + d,
-            ry: self.ry * f + d,
-            rz_lo: self.rz_lo * f + d,
-            rz_hi: self.rz_hi * f + d,
-            ..*self
-        }
+        Blob { rx: self.rx * f + d, ry: self.ry * f + d, rz_lo: self.rz_lo * f + d, rz_hi: self.rz_hi * f + d, ..*self }
     }
 
     fn section(&self, zz: f64, bcx: f64, bcy: f64) -> Option<Ell> {
@@ -510,9 +504,10 @@ fn voxel(g: &Global, sl: &Slice, px: f64, py: f64, texture: f64) -> (f64, f64) {
         return (g.hu_fat, 12.0);
     }
     if sl.thorax
-        && let Some(hu) = rib(g, sl, px, py, d_fat + 0.5 * g.muscle) {
-            return (hu, 20.0);
-        }
+        && let Some(hu) = rib(g, sl, px, py, d_fat + 0.5 * g.muscle)
+    {
+        return (hu, 20.0);
+    }
     if sl.layer_q(px, py, d_fat + g.muscle) >= 1.0 {
         return (g.hu_muscle, 12.0);
     }
@@ -556,11 +551,7 @@ fn voxel(g: &Global, sl: &Slice, px: f64, py: f64, texture: f64) -> (f64, f64) {
             return (g.hu_lung - (py - e.cy) * grad, 14.0);
         }
     }
-    if texture > g.fat_threshold {
-        (g.hu_fat + 10.0, 12.0)
-    } else {
-        (g.hu_soft, 12.0)
-    }
+    if texture > g.fat_threshold { (g.hu_fat + 10.0, 12.0) } else { (g.hu_soft, 12.0) }
 }
 
 /// Rib bone at (px, py) if any: ribs run in a band just inside the chest wall, descend towards

@@ -27,14 +27,25 @@ pub struct PreprocessConfig {
 
 impl Default for PreprocessConfig {
     fn default() -> Self {
-        PreprocessConfig { body_threshold_hu: BODY_THRESHOLD_HU, spacing: TARGET_SPACING, nonfinite: NonFinitePolicy::Error }
+        PreprocessConfig {
+            body_threshold_hu: BODY_THRESHOLD_HU,
+            spacing: TARGET_SPACING,
+            nonfinite: NonFinitePolicy::Error,
+        }
     }
 }
 
 /// A resampling spacing as the flags take it, "X,Y,Z" in mm (each finite and > 0).
 pub fn parse_spacing(s: &str) -> anyhow::Result<[f64; 3]> {
-    let p: Vec<f64> = s.split(',').map(|t| t.trim().parse()).collect::<std::result::Result<_, _>>().map_err(|e| anyhow::anyhow!("spacing {s:?}: {e}"))?;
-    anyhow::ensure!(p.len() == 3 && p.iter().all(|&v| v > 0.0 && v.is_finite()), "spacing must be X,Y,Z in mm, got {s:?}");
+    let p: Vec<f64> = s
+        .split(',')
+        .map(|t| t.trim().parse())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("spacing {s:?}: {e}"))?;
+    anyhow::ensure!(
+        p.len() == 3 && p.iter().all(|&v| v > 0.0 && v.is_finite()),
+        "spacing must be X,Y,Z in mm, got {s:?}"
+    );
     Ok([p[0], p[1], p[2]])
 }
 
@@ -162,7 +173,11 @@ pub fn zoom_linear(data: &[f32], shape: [usize; 3], new_shape: [usize; 3], cval:
 
 /// Nearest (order 0) zoom, for label maps: source index floor(coord + 0.5).
 pub fn zoom_nearest<T: Copy + Send + Sync + Default>(data: &[T], shape: [usize; 3], new_shape: [usize; 3]) -> Vec<T> {
-    let pick = |a: usize| -> Vec<usize> { (0..new_shape[a]).map(|i| ((source_coord(i, shape[a], new_shape[a]) + 0.5).floor() as usize).min(shape[a] - 1)).collect() };
+    let pick = |a: usize| -> Vec<usize> {
+        (0..new_shape[a])
+            .map(|i| ((source_coord(i, shape[a], new_shape[a]) + 0.5).floor() as usize).min(shape[a] - 1))
+            .collect()
+    };
     let (px, py, pz) = (pick(0), pick(1), pick(2));
     let mut out = vec![T::default(); new_shape.iter().product()];
     out.par_chunks_mut(new_shape[1] * new_shape[2]).enumerate().for_each(|(x, plane)| {
@@ -245,9 +260,15 @@ impl PreprocessedCt {
 }
 
 /// The whole pipeline on a canonical HU volume.
-pub fn preprocess_ct(hu: &[f32], shape: [usize; 3], spacing: [f64; 3], cfg: &PreprocessConfig) -> Result<PreprocessedCt> {
+pub fn preprocess_ct(
+    hu: &[f32],
+    shape: [usize; 3],
+    spacing: [f64; 3],
+    cfg: &PreprocessConfig,
+) -> Result<PreprocessedCt> {
     ensure!(hu.len() == shape.iter().product::<usize>(), "volume size does not match its shape {shape:?}");
-    let bbox = body_bbox(hu, shape, cfg.body_threshold_hu).ok_or_else(|| anyhow::anyhow!("no voxel ≥ {} HU: the volume has no body", cfg.body_threshold_hu))?;
+    let bbox = body_bbox(hu, shape, cfg.body_threshold_hu)
+        .ok_or_else(|| anyhow::anyhow!("no voxel ≥ {} HU: the volume has no body", cfg.body_threshold_hu))?;
     let (cropped, cshape) = crop(hu, shape, bbox);
     let min = cropped.iter().cloned().fold(f32::INFINITY, f32::min);
     let new_shape = checked_zoomed_shape(cshape, spacing, cfg.spacing)?;
@@ -257,13 +278,25 @@ pub fn preprocess_ct(hu: &[f32], shape: [usize; 3], spacing: [f64; 3], cfg: &Pre
     let mask = body_mask(&asf, new_shape, cfg.body_threshold_hu);
     let body: Vec<u32> = mask.iter().enumerate().filter(|(_, b)| **b).map(|(i, _)| i as u32).collect();
     ensure!(!body.is_empty(), "the body mask is empty after resampling");
-    Ok(PreprocessedCt { hu: hu16, shape: new_shape, body, crop_box: bbox, source_shape: shape, source_spacing: spacing, spacing: cfg.spacing })
+    Ok(PreprocessedCt {
+        hu: hu16,
+        shape: new_shape,
+        body,
+        crop_box: bbox,
+        source_shape: shape,
+        source_spacing: spacing,
+        spacing: cfg.spacing,
+    })
 }
 
 /// A label map on the same canonical grid, cropped and resampled (nearest) exactly as its
 /// image was.
 pub fn preprocess_labels(labels: &[u8], ct: &PreprocessedCt) -> Result<Vec<u8>> {
-    ensure!(labels.len() == ct.source_shape.iter().product::<usize>(), "label map shape differs from its image {:?}", ct.source_shape);
+    ensure!(
+        labels.len() == ct.source_shape.iter().product::<usize>(),
+        "label map shape differs from its image {:?}",
+        ct.source_shape
+    );
     let (cropped, cshape) = crop(labels, ct.source_shape, ct.crop_box);
     Ok(zoom_nearest(&cropped, cshape, ct.shape))
 }

@@ -157,7 +157,11 @@ pub fn augment_view(x: &mut [f32], shape: [usize; 3], a: &AugmentConfig, rng: &m
             *v += sigma * z;
         }
     }
-    let (lo, hi) = if rng.random_bool(a.p_random_window) { (uniform(rng, a.window_lo), uniform(rng, a.window_hi)) } else { a.default_window };
+    let (lo, hi) = if rng.random_bool(a.p_random_window) {
+        (uniform(rng, a.window_lo), uniform(rng, a.window_hi))
+    } else {
+        a.default_window
+    };
     let (lo, scale) = (lo as f32, 1.0 / (hi - lo) as f32);
     for v in x.iter_mut() {
         *v = ((*v - lo) * scale).clamp(0.0, 1.0);
@@ -189,7 +193,11 @@ pub fn sample_batch(src: &SampleSource, cfg: &SamplerConfig, rng: &mut StdRng) -
 }
 
 /// `sample_batch`, also returning each pair's two patch starts (volume coordinates).
-pub fn sample_batch_with_boxes(src: &SampleSource, cfg: &SamplerConfig, rng: &mut StdRng) -> Result<(PairBatch, Vec<[[usize; 3]; 2]>)> {
+pub fn sample_batch_with_boxes(
+    src: &SampleSource,
+    cfg: &SamplerConfig,
+    rng: &mut StdRng,
+) -> Result<(PairBatch, Vec<[[usize; 3]; 2]>)> {
     let ct = src.ct;
     let (s, p) = (ct.shape, cfg.patch);
     ensure!(s.iter().zip(&p).all(|(n, p)| n >= p), "volume {s:?} is smaller than the patch {p:?}");
@@ -242,5 +250,14 @@ pub fn sample_batch_with_boxes(src: &SampleSource, cfg: &SamplerConfig, rng: &mu
         }
     }
     let shape = [cfg.pairs, p[0], p[1], p[2], 1];
-    Ok((PairBatch { x1: Tensor::from_f32(&shape, x1), x2: Tensor::from_f32(&shape, x2), batch_index, voxels_1, voxels_2 }, boxes))
+    Ok((
+        PairBatch {
+            x1: Tensor::from_f32(&shape, x1),
+            x2: Tensor::from_f32(&shape, x2),
+            batch_index,
+            voxels_1,
+            voxels_2,
+        },
+        boxes,
+    ))
 }

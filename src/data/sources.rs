@@ -37,7 +37,10 @@ fn walk_all(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         out.push(dir.to_path_buf());
         return Ok(());
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -81,16 +84,31 @@ pub fn discover(input: &Path) -> Result<Vec<PathBuf>> {
 #[derive(Clone, Debug)]
 pub enum Verdict {
     /// Preprocessed now, or found in the cache.
-    Ready { entry: PathBuf, cached: bool, shape: [usize; 3], replaced_nonfinite: usize },
-    Skipped { reason: String },
+    Ready {
+        entry: PathBuf,
+        cached: bool,
+        shape: [usize; 3],
+        replaced_nonfinite: usize,
+    },
+    Skipped {
+        reason: String,
+    },
     /// Its cache entry could not be written (the cache's problem, not the file's).
-    CacheFailed { reason: String },
+    CacheFailed {
+        reason: String,
+    },
 }
 
 /// Preprocess every file into `cache` (multi-threaded). `min_shape`: volumes smaller than this
 /// after resampling are skipped (the patch size, for pretraining). `tick` is called once per
 /// file (for a progress bar). Per-file failures are verdicts, never panics.
-pub fn prepare_all(files: &[PathBuf], cache: &Path, cfg: &PreprocessConfig, min_shape: [usize; 3], tick: &(dyn Fn(&Path) + Sync)) -> Vec<(PathBuf, Verdict)> {
+pub fn prepare_all(
+    files: &[PathBuf],
+    cache: &Path,
+    cfg: &PreprocessConfig,
+    min_shape: [usize; 3],
+    tick: &(dyn Fn(&Path) + Sync),
+) -> Vec<(PathBuf, Verdict)> {
     files
         .par_iter()
         .map(|f| {
@@ -98,12 +116,21 @@ pub fn prepare_all(files: &[PathBuf], cache: &Path, cfg: &PreprocessConfig, min_
                 Ok((e, cached)) => {
                     let s = e.ct.shape;
                     if s.iter().zip(&min_shape).any(|(a, b)| a < b) {
-                        Verdict::Skipped { reason: format!("smaller than the patch after resampling: {s:?} < {min_shape:?}") }
+                        Verdict::Skipped {
+                            reason: format!("smaller than the patch after resampling: {s:?} < {min_shape:?}"),
+                        }
                     } else {
-                        Verdict::Ready { entry: cache.join(cache_key(f, cfg).unwrap_or_default()), cached, shape: s, replaced_nonfinite: e.replaced_nonfinite }
+                        Verdict::Ready {
+                            entry: cache.join(cache_key(f, cfg).unwrap_or_default()),
+                            cached,
+                            shape: s,
+                            replaced_nonfinite: e.replaced_nonfinite,
+                        }
                     }
                 }
-                Err(e) if e.downcast_ref::<super::cache::CacheWriteError>().is_some() => Verdict::CacheFailed { reason: format!("{e:#}") },
+                Err(e) if e.downcast_ref::<super::cache::CacheWriteError>().is_some() => {
+                    Verdict::CacheFailed { reason: format!("{e:#}") }
+                }
                 Err(e) => {
                     // The verdict is reported beside the file name: drop a leading copy of it.
                     let msg = format!("{e:#}");
@@ -146,7 +173,10 @@ impl PrepareReport {
             self.skipped.len()
         );
         for (f, n) in &self.repaired {
-            s += &format!("\n  repaired {}: {n} NaN or infinite voxels replaced by the image minimum (--nonfinite minimum)", f.display());
+            s += &format!(
+                "\n  repaired {}: {n} NaN or infinite voxels replaced by the image minimum (--nonfinite minimum)",
+                f.display()
+            );
         }
         for (f, why) in &self.skipped {
             s += &format!("\n  unusable {}: {why}", f.display());
@@ -156,34 +186,60 @@ impl PrepareReport {
 }
 
 /// `discover` + `prepare_all` with a progress bar (rate and ETA) on standard error.
-pub fn prepare_input(input: &Path, cache: &Path, cfg: &PreprocessConfig, min_shape: [usize; 3]) -> Result<PrepareReport> {
+pub fn prepare_input(
+    input: &Path,
+    cache: &Path,
+    cfg: &PreprocessConfig,
+    min_shape: [usize; 3],
+) -> Result<PrepareReport> {
     prepare_input_excluding(input, cache, cfg, min_shape, &[])
 }
 
 /// `prepare_input` without the files whose path contains one of `exclude` (held-out CTs: the
 /// patients a probe evaluates on must not be pretrained on). Excluding everything is an error.
-pub fn prepare_input_excluding(input: &Path, cache: &Path, cfg: &PreprocessConfig, min_shape: [usize; 3], exclude: &[String]) -> Result<PrepareReport> {
+pub fn prepare_input_excluding(
+    input: &Path,
+    cache: &Path,
+    cfg: &PreprocessConfig,
+    min_shape: [usize; 3],
+    exclude: &[String],
+) -> Result<PrepareReport> {
     use indicatif::{ProgressBar, ProgressStyle};
     let mut files = discover(input)?;
     let before = files.len();
     files.retain(|f| !exclude.iter().any(|x| !x.is_empty() && f.to_string_lossy().contains(x.as_str())));
     anyhow::ensure!(!files.is_empty(), "{}: all {before} files are excluded ({})", input.display(), exclude.join(", "));
-    let stale = crate::checkpoint::remove_stale_temp_files(cache).with_context(|| format!("cache folder {}", cache.display()))?;
+    let stale = crate::checkpoint::remove_stale_temp_files(cache)
+        .with_context(|| format!("cache folder {}", cache.display()))?;
     if stale > 0 {
         eprintln!("removed {stale} temporary file(s) left in {} by an interrupted run", cache.display());
     }
     let bar = ProgressBar::new(files.len() as u64);
-    bar.set_style(ProgressStyle::with_template("preprocessing {bar:30} {pos}/{len} files  {per_sec}  ETA {eta}  {msg}")?);
+    bar.set_style(ProgressStyle::with_template(
+        "preprocessing {bar:30} {pos}/{len} files  {per_sec}  ETA {eta}  {msg}",
+    )?);
     let verdicts = prepare_all(&files, cache, cfg, min_shape, &|f: &Path| {
         bar.set_message(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         bar.inc(1);
     });
     bar.finish_and_clear();
-    let mut r = PrepareReport { files: files.len(), entries: Vec::new(), sources: Vec::new(), fresh: 0, cached: 0, skipped: Vec::new(), repaired: Vec::new() };
+    let mut r = PrepareReport {
+        files: files.len(),
+        entries: Vec::new(),
+        sources: Vec::new(),
+        fresh: 0,
+        cached: 0,
+        skipped: Vec::new(),
+        repaired: Vec::new(),
+    };
     for (f, v) in verdicts {
         match v {
             Verdict::Ready { entry, cached, replaced_nonfinite, .. } => {
-                if cached { r.cached += 1 } else { r.fresh += 1 }
+                if cached {
+                    r.cached += 1
+                } else {
+                    r.fresh += 1
+                }
                 if replaced_nonfinite > 0 {
                     r.repaired.push((f.clone(), replaced_nonfinite));
                 }
@@ -191,7 +247,10 @@ pub fn prepare_input_excluding(input: &Path, cache: &Path, cfg: &PreprocessConfi
                 r.sources.push(f);
             }
             Verdict::Skipped { reason } => r.skipped.push((f, reason)),
-            Verdict::CacheFailed { reason } => bail!("{reason} (while preprocessing {}; free space or choose another folder with --cache)", f.display()),
+            Verdict::CacheFailed { reason } => bail!(
+                "{reason} (while preprocessing {}; free space or choose another folder with --cache)",
+                f.display()
+            ),
         }
     }
     Ok(r)

@@ -35,7 +35,12 @@ pub struct BucketSizes {
 impl BucketSizes {
     /// DDP's, or `VOX2VEC_BUCKET_MB` megabytes (> 0) for all but the first (at most 1 MiB).
     pub fn from_env() -> BucketSizes {
-        let rest = std::env::var("VOX2VEC_BUCKET_MB").ok().and_then(|v| v.parse::<f64>().ok()).filter(|v| *v > 0.0).map(|mb| (mb * (1 << 20) as f64) as usize).unwrap_or(BUCKET_BYTES);
+        let rest = std::env::var("VOX2VEC_BUCKET_MB")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .map(|mb| (mb * (1 << 20) as f64) as usize)
+            .unwrap_or(BUCKET_BYTES);
         BucketSizes { first: FIRST_BUCKET_BYTES.min(rest), rest }
     }
 }
@@ -43,12 +48,23 @@ impl BucketSizes {
 /// The backward of `loss`, with the gradients of `store`'s parameters averaged over the ranks
 /// of `comm` (bucket by bucket, overlapped with the backward): one per slot, None where a
 /// parameter got no gradient.
-pub fn backward_averaged(g: &Graph, loss: &Var, store: &ParamStore, comm: &mut dyn Communicator) -> Result<Vec<Option<Tensor>>> {
+pub fn backward_averaged(
+    g: &Graph,
+    loss: &Var,
+    store: &ParamStore,
+    comm: &mut dyn Communicator,
+) -> Result<Vec<Option<Tensor>>> {
     backward_averaged_with(g, loss, store, comm, BucketSizes::from_env())
 }
 
 /// `backward_averaged` with explicit bucket sizes.
-pub fn backward_averaged_with(g: &Graph, loss: &Var, store: &ParamStore, comm: &mut dyn Communicator, sizes: BucketSizes) -> Result<Vec<Option<Tensor>>> {
+pub fn backward_averaged_with(
+    g: &Graph,
+    loss: &Var,
+    store: &ParamStore,
+    comm: &mut dyn Communicator,
+    sizes: BucketSizes,
+) -> Result<Vec<Option<Tensor>>> {
     if comm.name() == "single" {
         let grads = crate::profile::time("step: backward", String::new, || g.backward(loss))?;
         return Ok((0..store.len()).map(|s| grads.param(store, s).cloned()).collect());
@@ -70,7 +86,13 @@ struct Filler {
 
 impl Filler {
     fn new(store: &ParamStore, sizes: BucketSizes) -> Filler {
-        Filler { store_id: store.id(), cap: sizes.first.max(1), next_cap: sizes.rest.max(1), current: Vec::new(), bytes: 0 }
+        Filler {
+            store_id: store.id(),
+            cap: sizes.first.max(1),
+            next_cap: sizes.rest.max(1),
+            current: Vec::new(),
+            bytes: 0,
+        }
     }
 
     /// Adds a final gradient; returns the bucket when it is full.
@@ -90,7 +112,13 @@ impl Filler {
     }
 }
 
-fn backward_host(g: &Graph, loss: &Var, store: &ParamStore, comm: &mut dyn Communicator, sizes: BucketSizes) -> Result<Vec<Option<Tensor>>> {
+fn backward_host(
+    g: &Graph,
+    loss: &Var,
+    store: &ParamStore,
+    comm: &mut dyn Communicator,
+    sizes: BucketSizes,
+) -> Result<Vec<Option<Tensor>>> {
     let world = comm.world() as f32;
     let mut per_slot: Vec<Option<Tensor>> = vec![None; store.len()];
     std::thread::scope(|s| -> Result<()> {
@@ -98,7 +126,10 @@ fn backward_host(g: &Graph, loss: &Var, store: &ParamStore, comm: &mut dyn Commu
         let (done, results) = mpsc::channel::<Result<Vec<f32>>>();
         let worker = s.spawn(move || {
             for mut buf in queue {
-                let r = crate::profile::time("step: gradient all-reduce (communication thread)", String::new, || comm.all_reduce_sum(&mut buf)).map(|_| buf);
+                let r = crate::profile::time("step: gradient all-reduce (communication thread)", String::new, || {
+                    comm.all_reduce_sum(&mut buf)
+                })
+                .map(|_| buf);
                 let failed = r.is_err();
                 if done.send(r).is_err() || failed {
                     break;
@@ -129,19 +160,24 @@ fn backward_host(g: &Graph, loss: &Var, store: &ParamStore, comm: &mut dyn Commu
         };
         drop(jobs);
         // The reductions still running once the backward is done: what the overlap did not hide.
-        let collected = crate::profile::time("step: waiting for all-reduce after backward", String::new, || -> Result<()> {
-            outcome?;
-            for (i, slots) in buckets.iter().enumerate() {
-                let buf = results.recv().map_err(|_| anyhow!("the gradient communication thread stopped"))?.with_context(|| format!("all-reduce of gradient bucket {}", i + 1))?;
-                let mut at = 0;
-                for (slot, shape) in slots {
-                    let n = crate::tensor::numel(shape);
-                    per_slot[*slot] = Some(Tensor::from_f32(shape, buf[at..at + n].iter().map(|v| v / world).collect()));
-                    at += n;
+        let collected =
+            crate::profile::time("step: waiting for all-reduce after backward", String::new, || -> Result<()> {
+                outcome?;
+                for (i, slots) in buckets.iter().enumerate() {
+                    let buf = results
+                        .recv()
+                        .map_err(|_| anyhow!("the gradient communication thread stopped"))?
+                        .with_context(|| format!("all-reduce of gradient bucket {}", i + 1))?;
+                    let mut at = 0;
+                    for (slot, shape) in slots {
+                        let n = crate::tensor::numel(shape);
+                        per_slot[*slot] =
+                            Some(Tensor::from_f32(shape, buf[at..at + n].iter().map(|v| v / world).collect()));
+                        at += n;
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            });
         // On failure the worker may still hold a bucket: its result is dropped with `results`.
         drop(results);
         worker.join().map_err(|_| anyhow!("the gradient communication thread panicked"))?;
@@ -150,12 +186,23 @@ fn backward_host(g: &Graph, loss: &Var, store: &ParamStore, comm: &mut dyn Commu
     Ok(per_slot)
 }
 
-fn backward_device(g: &Graph, loss: &Var, store: &ParamStore, comm: &mut dyn Communicator, sizes: BucketSizes) -> Result<Vec<Option<Tensor>>> {
+fn backward_device(
+    g: &Graph,
+    loss: &Var,
+    store: &ParamStore,
+    comm: &mut dyn Communicator,
+    sizes: BucketSizes,
+) -> Result<Vec<Option<Tensor>>> {
     let mut filler = Filler::new(store, sizes);
     let reduce = |bucket: Vec<(usize, Tensor)>, comm: &mut dyn Communicator| -> Result<()> {
         let mut bufs = Vec::with_capacity(bucket.len());
         for (_, t) in &bucket {
-            anyhow::ensure!(t.is_cuda() && t.dtype() == crate::tensor::DType::F32, "data-parallel step: a {:?} gradient on {:?} (all must be f32 on the device)", t.dtype(), t.device());
+            anyhow::ensure!(
+                t.is_cuda() && t.dtype() == crate::tensor::DType::F32,
+                "data-parallel step: a {:?} gradient on {:?} (all must be f32 on the device)",
+                t.dtype(),
+                t.device()
+            );
             bufs.push((t.ptr(), t.numel()));
         }
         comm.all_reduce_mean_device_overlapped(&bufs)

@@ -34,7 +34,9 @@ impl RankEnv {
     /// From the variables `get` returns (torchrun's first, else SLURM's).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<RankEnv>> {
         let num = |k: &str| -> Result<Option<usize>> {
-            get(k).map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v:?} is not a non-negative integer"))).transpose()
+            get(k)
+                .map(|v| v.trim().parse::<usize>().with_context(|| format!("{k}={v:?} is not a non-negative integer")))
+                .transpose()
         };
         let (rank, world, local, source) = if let Some(rank) = num("RANK")? {
             let world = num("WORLD_SIZE")?.context("RANK is set but WORLD_SIZE is not (torchrun sets both)")?;
@@ -53,11 +55,14 @@ impl RankEnv {
             _ if world == 1 => "127.0.0.1".to_string(),
             _ => bail!("{source} name rank {rank} of {world}, but MASTER_ADDR (rank 0's host) is not set"),
         };
-        let port = |k: &str, p: String| p.trim().parse::<u16>().with_context(|| format!("{k}={p:?} is not a port number"));
+        let port =
+            |k: &str, p: String| p.trim().parse::<u16>().with_context(|| format!("{k}={p:?} is not a port number"));
         let master_port = match (get("VOX2VEC_MASTER_PORT"), get("MASTER_PORT")) {
             (Some(p), _) => port("VOX2VEC_MASTER_PORT", p)?,
             // torchrun's agent already serves its own store on MASTER_PORT: the next port is ours.
-            (None, Some(p)) if get("TORCHELASTIC_RUN_ID").is_some() => port("MASTER_PORT", p)?.checked_add(1).context("MASTER_PORT 65535 leaves no port for the rendezvous")?,
+            (None, Some(p)) if get("TORCHELASTIC_RUN_ID").is_some() => {
+                port("MASTER_PORT", p)?.checked_add(1).context("MASTER_PORT 65535 leaves no port for the rendezvous")?
+            }
             (None, Some(p)) => port("MASTER_PORT", p)?,
             (None, None) => 29500,
         };
@@ -67,7 +72,10 @@ impl RankEnv {
 
 /// A free TCP port on this machine for rank 0 to listen on.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0)).context("finding a free port for the ranks' rendezvous")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("finding a free port for the ranks' rendezvous")?
+        .local_addr()?
+        .port())
 }
 
 /// Runs `world` copies of this program with `args`, rank r with RANK=r, LOCAL_RANK=r,
@@ -104,7 +112,9 @@ pub fn run_local_ranks(world: usize, args: &[OsString]) -> Result<()> {
                 done[rank] = true;
                 if !status.success() {
                     stop_all(&mut children);
-                    bail!("rank {rank} of {world} failed ({status}); the other ranks were stopped (its error is printed above)");
+                    bail!(
+                        "rank {rank} of {world} failed ({status}); the other ranks were stopped (its error is printed above)"
+                    );
                 }
             }
         }
@@ -127,21 +137,56 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: std::collections::HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: std::collections::HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| m.get(k).cloned()
     }
 
     #[test]
     fn torchrun_and_slurm_variables() {
         assert_eq!(RankEnv::from_vars(env(&[])).unwrap(), None);
-        let t = RankEnv::from_vars(env(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node7"), ("MASTER_PORT", "1234")])).unwrap().unwrap();
+        let t = RankEnv::from_vars(env(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "node7"),
+            ("MASTER_PORT", "1234"),
+        ]))
+        .unwrap()
+        .unwrap();
         assert_eq!(t, RankEnv { rank: 3, world: 8, local_rank: 1, master_addr: "node7".into(), master_port: 1234 });
-        let s = RankEnv::from_vars(env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "5"), ("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.2")])).unwrap().unwrap();
-        assert_eq!(s, RankEnv { rank: 5, world: 16, local_rank: 5, master_addr: "10.0.0.2".into(), master_port: 29500 });
-        let tr = RankEnv::from_vars(env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "29500"), ("TORCHELASTIC_RUN_ID", "x")])).unwrap().unwrap();
+        let s = RankEnv::from_vars(env(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "5"),
+            ("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.2"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            s,
+            RankEnv { rank: 5, world: 16, local_rank: 5, master_addr: "10.0.0.2".into(), master_port: 29500 }
+        );
+        let tr = RankEnv::from_vars(env(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "a"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_RUN_ID", "x"),
+        ]))
+        .unwrap()
+        .unwrap();
         assert_eq!(tr.master_port, 29501);
         // torchrun's variables win over SLURM's (torchrun launched under SLURM).
-        let both = RankEnv::from_vars(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2")])).unwrap().unwrap();
+        let both = RankEnv::from_vars(env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "a"),
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "2"),
+        ]))
+        .unwrap()
+        .unwrap();
         assert_eq!((both.rank, both.world), (0, 2));
         for bad in [
             vec![("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a")],

@@ -43,7 +43,12 @@ impl LocalGroup {
         let shared = Arc::new(Shared {
             world,
             timeout,
-            state: Mutex::new(State { round: 0, deposits: vec![None; world], result: Arc::new(Vec::new()), left: None }),
+            state: Mutex::new(State {
+                round: 0,
+                deposits: vec![None; world],
+                result: Arc::new(Vec::new()),
+                left: None,
+            }),
             wake: Condvar::new(),
         });
         (0..world).map(|rank| LocalComm { rank, shared: shared.clone(), rounds: 0 }).collect()
@@ -69,7 +74,12 @@ impl LocalComm {
         let me = self.rank;
         let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((r, k)) = st.left {
-            bail!("rank {me}: rank {r} of {} stopped (failed or returned) in round {}, before this {what} (round {}); stopping", sh.world, k + 1, self.rounds + 1);
+            bail!(
+                "rank {me}: rank {r} of {} stopped (failed or returned) in round {}, before this {what} (round {}); stopping",
+                sh.world,
+                k + 1,
+                self.rounds + 1
+            );
         }
         st.deposits[me] = Some(buf.to_vec());
         let target = st.round + 1;
@@ -91,13 +101,21 @@ impl LocalComm {
             let deadline = Instant::now() + sh.timeout;
             while st.round < target {
                 if let Some((r, k)) = st.left {
-                    bail!("rank {me}: rank {r} of {} stopped (failed or returned) in round {} while this rank waited in a {what} (round {target}); stopping", sh.world, k + 1);
+                    bail!(
+                        "rank {me}: rank {r} of {} stopped (failed or returned) in round {} while this rank waited in a {what} (round {target}); stopping",
+                        sh.world,
+                        k + 1
+                    );
                 }
                 let now = Instant::now();
                 if now >= deadline {
-                    let missing: Vec<usize> = st.deposits.iter().enumerate().filter(|(_, d)| d.is_none()).map(|(i, _)| i).collect();
+                    let missing: Vec<usize> =
+                        st.deposits.iter().enumerate().filter(|(_, d)| d.is_none()).map(|(i, _)| i).collect();
                     st.deposits[me] = None;
-                    bail!("rank {me}: {what} (round {target}) timed out after {:.0} s waiting for rank(s) {missing:?} (VOX2VEC_DIST_TIMEOUT sets the limit)", sh.timeout.as_secs_f64());
+                    bail!(
+                        "rank {me}: {what} (round {target}) timed out after {:.0} s waiting for rank(s) {missing:?} (VOX2VEC_DIST_TIMEOUT sets the limit)",
+                        sh.timeout.as_secs_f64()
+                    );
                 }
                 st = sh.wake.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
             }

@@ -42,7 +42,10 @@ pub trait Communicator: Send {
     /// the device's stream. Only a device communicator (NCCL) has it.
     fn all_reduce_mean_device(&mut self, bufs: &[(u64, usize)]) -> Result<()> {
         let _ = bufs;
-        bail!("the {} communicator works on host memory; device tensors need NCCL (vox2vec-train --gpus N)", self.name())
+        bail!(
+            "the {} communicator works on host memory; device tensors need NCCL (vox2vec-train --gpus N)",
+            self.name()
+        )
     }
     /// `all_reduce_mean_device` queued behind the work already on the device's stream but run
     /// beside the work queued after it (NCCL: on its own stream, after an event), so that a
@@ -58,7 +61,10 @@ pub trait Communicator: Send {
     /// Rank `root`'s device f32 buffers copied to every rank.
     fn broadcast_device(&mut self, bufs: &[(u64, usize)], root: usize) -> Result<()> {
         let _ = (bufs, root);
-        bail!("the {} communicator works on host memory; device tensors need NCCL (vox2vec-train --gpus N)", self.name())
+        bail!(
+            "the {} communicator works on host memory; device tensors need NCCL (vox2vec-train --gpus N)",
+            self.name()
+        )
     }
     /// For messages: "in-process", "tcp", "nccl".
     fn name(&self) -> &'static str;
@@ -107,7 +113,11 @@ pub fn rank_seed(seed: u64, rank: usize) -> u64 {
 /// `VOX2VEC_DIST_TIMEOUT` seconds, 30 minutes by default (PyTorch's default; rank 0 may spend
 /// minutes on a checkpoint, a validation or an online probe while the others wait).
 pub fn timeout() -> std::time::Duration {
-    let secs = std::env::var("VOX2VEC_DIST_TIMEOUT").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0).unwrap_or(1800.0);
+    let secs = std::env::var("VOX2VEC_DIST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .unwrap_or(1800.0);
     std::time::Duration::from_secs_f64(secs)
 }
 

@@ -43,21 +43,35 @@ fn nccl<T>(what: &str, r: Result<T, result::NcclError>) -> Result<T> {
 impl NcclComm {
     /// Joins the ranks at `addr:port` on device `dev`: rank 0 makes the NCCL id and hands it
     /// out; every rank then initialises its communicator (which waits for all of them).
-    pub fn connect(addr: &str, port: u16, rank: usize, world: usize, dev: Arc<CudaDevice>, timeout: std::time::Duration) -> Result<NcclComm> {
+    pub fn connect(
+        addr: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        dev: Arc<CudaDevice>,
+        timeout: std::time::Duration,
+    ) -> Result<NcclComm> {
         ensure!(!dev.is_emulator() && !dev.is_plan(), "NCCL needs a real GPU, not the emulator or the plan device");
         if let Some(why) = unavailable_reason() {
             bail!(why);
         }
         dev.bind()?;
-        let id: Vec<u8> = if rank == 0 { nccl("ncclGetUniqueId", result::get_uniqueid())?.internal.iter().map(|&c| c as u8).collect() } else { Vec::new() };
+        let id: Vec<u8> = if rank == 0 {
+            nccl("ncclGetUniqueId", result::get_uniqueid())?.internal.iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
         let (host, payload) = TcpComm::connect(addr, port, rank, world, &id, timeout)?;
         ensure!(payload.len() == 128, "rank {rank}: rank 0 sent an NCCL id of {} bytes", payload.len());
         let mut internal = [0 as std::ffi::c_char; 128];
         internal.iter_mut().zip(&payload).for_each(|(d, &s)| *d = s as std::ffi::c_char);
         let mut comm = std::mem::MaybeUninit::uninit();
         // SAFETY: `comm` is written by NCCL on success; the id is rank 0's.
-        nccl("ncclCommInitRank", unsafe { result::comm_init_rank(comm.as_mut_ptr(), world as i32, sys::ncclUniqueId { internal }, rank as i32) })?;
-        let side = cudarc::driver::result::stream::create(cudarc::driver::result::stream::StreamKind::NonBlocking).map_err(|e| anyhow!("creating the gradient reduction stream: {e:?}"))?;
+        nccl("ncclCommInitRank", unsafe {
+            result::comm_init_rank(comm.as_mut_ptr(), world as i32, sys::ncclUniqueId { internal }, rank as i32)
+        })?;
+        let side = cudarc::driver::result::stream::create(cudarc::driver::result::stream::StreamKind::NonBlocking)
+            .map_err(|e| anyhow!("creating the gradient reduction stream: {e:?}"))?;
         // SAFETY: initialised by the successful call above.
         Ok(NcclComm { host, comm: unsafe { comm.assume_init() }, dev, side, side_busy: false })
     }
@@ -69,11 +83,13 @@ impl NcclComm {
     /// `to` waits (on the device) for the work queued on `from` so far.
     fn order(from: cudarc::driver::sys::CUstream, to: cudarc::driver::sys::CUstream) -> Result<()> {
         use cudarc::driver::{result, sys as drv};
-        let ev = result::event::create(drv::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| anyhow!("cuEventCreate: {e:?}"))?;
+        let ev = result::event::create(drv::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| anyhow!("cuEventCreate: {e:?}"))?;
         // SAFETY: both streams belong to this device's context; an event may be destroyed once
         // recorded and waited on (its resources go when it completes).
         unsafe {
-            let r = result::event::record(ev, from).and_then(|_| result::stream::wait_event(to, ev, drv::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
+            let r = result::event::record(ev, from)
+                .and_then(|_| result::stream::wait_event(to, ev, drv::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT));
             let _ = result::event::destroy(ev);
             r.map_err(|e| anyhow!("ordering the reduction stream: {e:?}"))
         }
@@ -83,7 +99,17 @@ impl NcclComm {
         nccl("ncclGroupStart", result::group_start())?;
         for &(ptr, n) in bufs {
             // SAFETY: each buffer holds n f32 values on this communicator's device.
-            let r = unsafe { result::all_reduce(ptr as *const _, ptr as *mut _, n, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclAvg, self.comm, stream) };
+            let r = unsafe {
+                result::all_reduce(
+                    ptr as *const _,
+                    ptr as *mut _,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclAvg,
+                    self.comm,
+                    stream,
+                )
+            };
             if let Err(e) = r {
                 let _ = result::group_end();
                 return nccl("ncclAllReduce", Err(e));
@@ -128,7 +154,17 @@ impl Communicator for NcclComm {
         nccl("ncclGroupStart", result::group_start())?;
         for &(ptr, n) in bufs {
             // SAFETY: each buffer holds n f32 values on this communicator's device.
-            let r = unsafe { result::broadcast(ptr as *const _, ptr as *mut _, n, sys::ncclDataType_t::ncclFloat32, root as i32, self.comm, self.stream()) };
+            let r = unsafe {
+                result::broadcast(
+                    ptr as *const _,
+                    ptr as *mut _,
+                    n,
+                    sys::ncclDataType_t::ncclFloat32,
+                    root as i32,
+                    self.comm,
+                    self.stream(),
+                )
+            };
             if let Err(e) = r {
                 let _ = result::group_end();
                 return nccl("ncclBroadcast", Err(e));
@@ -146,7 +182,8 @@ impl Drop for NcclComm {
         // SAFETY: the communicator is ours and no longer used. Aborting (not destroying) when
         // unwinding: a peer may be gone, and destroy would wait for it.
         unsafe {
-            let _ = if std::thread::panicking() { result::comm_abort(self.comm) } else { result::comm_destroy(self.comm) };
+            let _ =
+                if std::thread::panicking() { result::comm_abort(self.comm) } else { result::comm_destroy(self.comm) };
             let _ = cudarc::driver::result::stream::synchronize(self.side);
             let _ = cudarc::driver::result::stream::destroy(self.side);
         }

@@ -26,11 +26,20 @@ pub enum Links {
 
 /// Meets the other ranks at `addr:port`; rank 0 hands `payload` to each and gets it back.
 /// Returns the links and the payload.
-pub fn meet(addr: &str, port: u16, rank: usize, world: usize, payload: &[u8], timeout: Duration) -> Result<(Links, Vec<u8>)> {
+pub fn meet(
+    addr: &str,
+    port: u16,
+    rank: usize,
+    world: usize,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<(Links, Vec<u8>)> {
     ensure!(rank < world, "rank {rank} is not below the world size {world}");
     let deadline = Instant::now() + timeout;
     if rank == 0 {
-        let listener = TcpListener::bind((addr, port)).with_context(|| format!("rank 0: listening on {addr}:{port} (MASTER_ADDR:MASTER_PORT) for the other ranks"))?;
+        let listener = TcpListener::bind((addr, port)).with_context(|| {
+            format!("rank 0: listening on {addr}:{port} (MASTER_ADDR:MASTER_PORT) for the other ranks")
+        })?;
         listener.set_nonblocking(true)?;
         let mut peers: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
         while peers.iter().any(Option::is_none) {
@@ -42,13 +51,18 @@ pub fn meet(addr: &str, port: u16, rank: usize, world: usize, payload: &[u8], ti
                     if s.read_exact(&mut hello).is_err() || &hello[..8] != MAGIC {
                         continue; // not one of ours (a port scanner, a stale client)
                     }
-                    let (w, r) = (u32::from_le_bytes(hello[8..12].try_into()?) as usize, u32::from_le_bytes(hello[12..16].try_into()?) as usize);
+                    let (w, r) = (
+                        u32::from_le_bytes(hello[8..12].try_into()?) as usize,
+                        u32::from_le_bytes(hello[12..16].try_into()?) as usize,
+                    );
                     let refuse = if w != world {
                         Some(format!("rank 0 runs a world of {world}, rank {r} at {from} says {w}"))
                     } else if r == 0 || r >= world {
                         Some(format!("rank {r} from {from} is not a rank of a world of {world}"))
                     } else if peers[r - 1].is_some() {
-                        Some(format!("rank {r} connected twice (the second from {from}): two processes were given RANK={r}"))
+                        Some(format!(
+                            "rank {r} connected twice (the second from {from}): two processes were given RANK={r}"
+                        ))
                     } else {
                         None
                     };
@@ -63,8 +77,12 @@ pub fn meet(addr: &str, port: u16, rank: usize, world: usize, payload: &[u8], ti
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        let missing: Vec<usize> = peers.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(i, _)| i + 1).collect();
-                        bail!("rank 0: rank(s) {missing:?} did not join at {addr}:{port} within {:.0} s (VOX2VEC_DIST_TIMEOUT sets the limit)", timeout.as_secs_f64());
+                        let missing: Vec<usize> =
+                            peers.iter().enumerate().filter(|(_, p)| p.is_none()).map(|(i, _)| i + 1).collect();
+                        bail!(
+                            "rank 0: rank(s) {missing:?} did not join at {addr}:{port} within {:.0} s (VOX2VEC_DIST_TIMEOUT sets the limit)",
+                            timeout.as_secs_f64()
+                        );
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -73,13 +91,20 @@ pub fn meet(addr: &str, port: u16, rank: usize, world: usize, payload: &[u8], ti
         }
         return Ok((Links::Root(peers.into_iter().map(|p| p.expect("all joined")).collect()), payload.to_vec()));
     }
-    let target = (addr, port).to_socket_addrs().with_context(|| format!("rank {rank}: resolving MASTER_ADDR {addr}"))?.next().with_context(|| format!("rank {rank}: {addr} resolves to no address"))?;
+    let target = (addr, port)
+        .to_socket_addrs()
+        .with_context(|| format!("rank {rank}: resolving MASTER_ADDR {addr}"))?
+        .next()
+        .with_context(|| format!("rank {rank}: {addr} resolves to no address"))?;
     let mut s = loop {
         match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
             Ok(s) => break s,
             Err(e) => {
                 if Instant::now() >= deadline {
-                    bail!("rank {rank}: could not reach rank 0 at {addr}:{port} within {:.0} s: {e}", timeout.as_secs_f64());
+                    bail!(
+                        "rank {rank}: could not reach rank 0 at {addr}:{port} within {:.0} s: {e}",
+                        timeout.as_secs_f64()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -123,7 +148,8 @@ mod tests {
     fn ranks_get_rank_zeros_payload_and_duplicates_are_refused() {
         let port = free_port();
         let t = Duration::from_secs(20);
-        let peers: Vec<_> = (1..3).map(|r| std::thread::spawn(move || meet("127.0.0.1", port, r, 3, b"", t).map(|(_, p)| p))).collect();
+        let peers: Vec<_> =
+            (1..3).map(|r| std::thread::spawn(move || meet("127.0.0.1", port, r, 3, b"", t).map(|(_, p)| p))).collect();
         let (links, _) = meet("127.0.0.1", port, 0, 3, b"the id", t).unwrap();
         assert!(matches!(links, Links::Root(ref v) if v.len() == 2));
         for p in peers {

@@ -26,7 +26,14 @@ pub struct TcpComm {
 impl TcpComm {
     /// Meets the other ranks at `addr:port` (`rendezvous::meet`), rank 0 handing out
     /// `payload`; returns the communicator and the payload.
-    pub fn connect(addr: &str, port: u16, rank: usize, world: usize, payload: &[u8], timeout: std::time::Duration) -> Result<(TcpComm, Vec<u8>)> {
+    pub fn connect(
+        addr: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        payload: &[u8],
+        timeout: std::time::Duration,
+    ) -> Result<(TcpComm, Vec<u8>)> {
         let (links, payload) = rendezvous::meet(addr, port, rank, world, payload, timeout)?;
         Ok((TcpComm { rank, world, links, rounds: 0 }, payload))
     }
@@ -39,20 +46,37 @@ impl TcpComm {
             Links::Root(peers) => {
                 let mut parts = vec![buf.to_vec()];
                 for (i, s) in peers.iter_mut().enumerate() {
-                    let (o, r, v) = read_msg(s).with_context(|| format!("rank 0: {what} #{k}: receiving from rank {}", i + 1))?;
-                    ensure!(o == op && r == root && v.len() == buf.len(), "rank 0: {what} #{k}: rank {} sent op {o} root {r} with {} values, this rank op {op} root {root} with {}: the ranks are not running the same step", i + 1, v.len(), buf.len());
+                    let (o, r, v) =
+                        read_msg(s).with_context(|| format!("rank 0: {what} #{k}: receiving from rank {}", i + 1))?;
+                    ensure!(
+                        o == op && r == root && v.len() == buf.len(),
+                        "rank 0: {what} #{k}: rank {} sent op {o} root {r} with {} values, this rank op {op} root {root} with {}: the ranks are not running the same step",
+                        i + 1,
+                        v.len(),
+                        buf.len()
+                    );
                     parts.push(v);
                 }
-                let out = if op == 1 { super::sum_in_rank_order(parts.iter().map(Vec::as_slice), buf.len()) } else { parts.swap_remove(root) };
+                let out = if op == 1 {
+                    super::sum_in_rank_order(parts.iter().map(Vec::as_slice), buf.len())
+                } else {
+                    parts.swap_remove(root)
+                };
                 for (i, s) in peers.iter_mut().enumerate() {
-                    write_msg(s, op, root, &out).with_context(|| format!("rank 0: {what} #{k}: sending to rank {}", i + 1))?;
+                    write_msg(s, op, root, &out)
+                        .with_context(|| format!("rank 0: {what} #{k}: sending to rank {}", i + 1))?;
                 }
                 buf.copy_from_slice(&out);
             }
             Links::Peer(s) => {
                 write_msg(s, op, root, buf).with_context(|| format!("rank {me}: {what} #{k}: sending to rank 0"))?;
                 let (_, _, v) = read_msg(s).with_context(|| format!("rank {me}: {what} #{k}: waiting for rank 0"))?;
-                ensure!(v.len() == buf.len(), "rank {me}: {what} #{k}: rank 0 sent {} values, expected {}", v.len(), buf.len());
+                ensure!(
+                    v.len() == buf.len(),
+                    "rank {me}: {what} #{k}: rank 0 sent {} values, expected {}",
+                    v.len(),
+                    buf.len()
+                );
                 buf.copy_from_slice(&v);
             }
         }
@@ -76,7 +100,11 @@ fn read_msg(s: &mut TcpStream) -> Result<(u8, usize, Vec<f32>)> {
     ensure!(n <= 1 << 32, "a message of {n} values");
     let mut bytes = vec![0u8; 4 * n];
     s.read_exact(&mut bytes).map_err(explain)?;
-    Ok((head[0], u32::from_le_bytes(head[1..5].try_into()?) as usize, bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()))
+    Ok((
+        head[0],
+        u32::from_le_bytes(head[1..5].try_into()?) as usize,
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
+    ))
 }
 
 /// The two ways a peer goes missing, in words.
@@ -85,7 +113,9 @@ fn explain(e: std::io::Error) -> anyhow::Error {
         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
             anyhow::anyhow!("the connection closed: that rank's process stopped (see its own error)")
         }
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow::anyhow!("timed out (VOX2VEC_DIST_TIMEOUT sets the limit)"),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            anyhow::anyhow!("timed out (VOX2VEC_DIST_TIMEOUT sets the limit)")
+        }
         _ => e.into(),
     }
 }

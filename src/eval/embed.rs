@@ -40,16 +40,36 @@ pub use super::sliding::{Blend, LevelMap};
 /// pyramid over sliding windows, `sw_batch` windows per forward pass, stitched where the
 /// model runs (on a CUDA device only the finished levels come back).
 #[allow(clippy::too_many_arguments)]
-pub fn embed_volume(model: &mut Vox2Vec, x: &[f32], shape: [usize; 3], patch: [usize; 3], levels: &[usize], blend: Blend, sw_batch: usize, tick: &dyn Fn(usize, usize)) -> Result<Vec<LevelMap>> {
+pub fn embed_volume(
+    model: &mut Vox2Vec,
+    x: &[f32],
+    shape: [usize; 3],
+    patch: [usize; 3],
+    levels: &[usize],
+    blend: Blend,
+    sw_batch: usize,
+    tick: &dyn Fn(usize, usize),
+) -> Result<Vec<LevelMap>> {
     let scales = model.config.fpn.num_scales;
     ensure!(levels.iter().all(|&l| l < scales), "levels {levels:?}: the backbone has {scales}");
-    let specs: Vec<MapSpec> = levels.iter().map(|&l| MapSpec { level: l, channels: model.config.fpn.channels(l) }).collect();
+    let specs: Vec<MapSpec> =
+        levels.iter().map(|&l| MapSpec { level: l, channels: model.config.fpn.channels(l) }).collect();
     let device = model.device();
-    slide(x, shape, patch, sw_batch, blend, &specs, device, &mut |input| {
-        let g = Graph::inference();
-        let pyr = model.pyramid(&g, &Var::constant(model.prepare_input(&input)?))?;
-        Ok(levels.iter().map(|&l| pyr[l].value.clone()).collect())
-    }, tick)
+    slide(
+        x,
+        shape,
+        patch,
+        sw_batch,
+        blend,
+        &specs,
+        device,
+        &mut |input| {
+            let g = Graph::inference();
+            let pyr = model.pyramid(&g, &Var::constant(model.prepare_input(&input)?))?;
+            Ok(levels.iter().map(|&l| pyr[l].value.clone()).collect())
+        },
+        tick,
+    )
 }
 
 /// The voxel-to-world affine of pyramid level `level` of a preprocessed CT (NIfTI world, mm).

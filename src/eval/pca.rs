@@ -26,7 +26,12 @@ pub struct RgbMap {
 /// PCA → RGB of `values` ([X, Y, Z, C], channels last) over the voxels where `body` is true.
 pub fn pca_rgb(values: &[f32], shape: [usize; 3], channels: usize, body: &[bool]) -> Result<RgbMap> {
     let n: usize = shape.iter().product();
-    ensure!(values.len() == n * channels && body.len() == n, "PCA: {} values and {} mask voxels for {shape:?} x {channels}", values.len(), body.len());
+    ensure!(
+        values.len() == n * channels && body.len() == n,
+        "PCA: {} values and {} mask voxels for {shape:?} x {channels}",
+        values.len(),
+        body.len()
+    );
     let inside: Vec<usize> = (0..n).filter(|&i| body[i]).collect();
     ensure!(inside.len() >= 2, "PCA: {} body voxels, too few to fit", inside.len());
     let c = channels;
@@ -75,7 +80,8 @@ pub fn pca_rgb(values: &[f32], shape: [usize; 3], channels: usize, body: &[bool]
         explained[k] = if total > 0.0 { eig.eigenvalues[j].max(0.0) / total } else { 0.0 };
     }
     // Project the body, then scale each component between its 1st and 99th percentiles.
-    let project = |i: usize, axis: &[f64]| -> f64 { (0..c).map(|k| (values[i * c + k] as f64 - mean[k]) * axis[k]).sum() };
+    let project =
+        |i: usize, axis: &[f64]| -> f64 { (0..c).map(|k| (values[i * c + k] as f64 - mean[k]) * axis[k]).sum() };
     let comps: Vec<Vec<f64>> = axes.iter().map(|axis| inside.iter().map(|&i| project(i, axis)).collect()).collect();
     let mut rgb = vec![[0u8; 3]; n];
     for (k, comp) in comps.iter().enumerate() {
@@ -115,7 +121,12 @@ pub fn level_mask(body0: &[bool], shape0: [usize; 3], level: usize) -> (Vec<bool
 /// (z = centre; anterior up, the patient's right on the image's left), coronal (y = centre;
 /// superior up, right on the left) and sagittal (x = centre; superior up, anterior on the
 /// left). `pixel(x, y, z)` gives each voxel's colour.
-pub fn orthogonal_slices(shape: [usize; 3], spacing: [f64; 3], centre: [usize; 3], pixel: &dyn Fn(usize, usize, usize) -> [u8; 3]) -> Vec<(String, usize, usize, Vec<u8>)> {
+pub fn orthogonal_slices(
+    shape: [usize; 3],
+    spacing: [f64; 3],
+    centre: [usize; 3],
+    pixel: &dyn Fn(usize, usize, usize) -> [u8; 3],
+) -> Vec<(String, usize, usize, Vec<u8>)> {
     // Square pixels of the finest spacing, magnified so that the longest side of the volume
     // spans about `DISPLAY` pixels (3 mm grids would otherwise give thumbnails).
     const DISPLAY: f64 = 320.0;

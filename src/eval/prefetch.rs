@@ -10,7 +10,11 @@ use anyhow::{Result, anyhow};
 /// loaded)` on this thread. Item i + 1 loads while item i is consumed (one item ahead: at most
 /// two are held at a time). The first error, of either, ends the run: nothing after it is
 /// consumed, and the loader stops after the item it is on.
-pub fn pipelined<T: Send>(items: &[PathBuf], load: impl Fn(&Path) -> Result<T> + Sync, mut consume: impl FnMut(&Path, T) -> Result<()>) -> Result<()> {
+pub fn pipelined<T: Send>(
+    items: &[PathBuf],
+    load: impl Fn(&Path) -> Result<T> + Sync,
+    mut consume: impl FnMut(&Path, T) -> Result<()>,
+) -> Result<()> {
     std::thread::scope(|scope| {
         // A rendezvous channel: the loader hands item i + 1 over only when item i is done, so at
         // most two items are held (the one consumed, the one loaded ahead).
@@ -27,7 +31,8 @@ pub fn pipelined<T: Send>(items: &[PathBuf], load: impl Fn(&Path) -> Result<T> +
             }
         });
         for item in items {
-            let loaded = rx.recv().map_err(|_| anyhow!("the reader of {} stopped without a result", item.display()))??;
+            let loaded =
+                rx.recv().map_err(|_| anyhow!("the reader of {} stopped without a result", item.display()))??;
             consume(item, loaded)?;
         }
         Ok(())
@@ -66,14 +71,23 @@ mod tests {
     fn the_first_error_stops_the_run() {
         let items: Vec<PathBuf> = (0..6).map(|i| PathBuf::from(format!("ct{i}"))).collect();
         let mut consumed = Vec::new();
-        let e = pipelined(&items, |p| if p.ends_with("ct2") { Err(anyhow!("{}: bad file", p.display())) } else { Ok(()) }, |p, ()| {
-            consumed.push(p.to_path_buf());
-            Ok(())
-        })
+        let e = pipelined(
+            &items,
+            |p| if p.ends_with("ct2") { Err(anyhow!("{}: bad file", p.display())) } else { Ok(()) },
+            |p, ()| {
+                consumed.push(p.to_path_buf());
+                Ok(())
+            },
+        )
         .unwrap_err();
         assert!(e.to_string().contains("ct2: bad file"), "{e}");
         assert_eq!(consumed, items[..2].to_vec());
-        let e = pipelined(&items, |_| Ok(()), |p, ()| if p.ends_with("ct1") { Err(anyhow!("device failed")) } else { Ok(()) }).unwrap_err();
+        let e = pipelined(
+            &items,
+            |_| Ok(()),
+            |p, ()| if p.ends_with("ct1") { Err(anyhow!("device failed")) } else { Ok(()) },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("device failed"));
     }
 }

@@ -49,7 +49,15 @@ pub struct Recorded {
 impl Recorded {
     /// No file, nothing recorded (a random backbone): every setting from the flags or defaults.
     pub fn nothing() -> Recorded {
-        Recorded { file: PathBuf::new(), spacing: None, patch: None, window: None, classes: None, backbone_fingerprint: None, metadata: HashMap::new() }
+        Recorded {
+            file: PathBuf::new(),
+            spacing: None,
+            patch: None,
+            window: None,
+            classes: None,
+            backbone_fingerprint: None,
+            metadata: HashMap::new(),
+        }
     }
 
     /// Whether these settings come from a file (not `nothing`).
@@ -60,19 +68,33 @@ impl Recorded {
     /// The recorded settings of the safetensors file `path` (its header only).
     pub fn read(path: &Path) -> Result<Recorded> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
         Recorded::from_metadata(path, header.metadata().clone().unwrap_or_default())
     }
 
     /// Parse the recorded settings out of `path`'s metadata; a key that is present but
     /// malformed is an error naming the file and the key (never read as absent).
     pub fn from_metadata(path: &Path, metadata: HashMap<String, String>) -> Result<Recorded> {
-        fn get<T: serde::de::DeserializeOwned>(path: &Path, m: &HashMap<String, String>, key: &str) -> Result<Option<T>> {
-            m.get(key).map(|v| serde_json::from_str(v).with_context(|| format!("{}: metadata {key} = {v:?} is malformed", path.display()))).transpose()
+        fn get<T: serde::de::DeserializeOwned>(
+            path: &Path,
+            m: &HashMap<String, String>,
+            key: &str,
+        ) -> Result<Option<T>> {
+            m.get(key)
+                .map(|v| {
+                    serde_json::from_str(v)
+                        .with_context(|| format!("{}: metadata {key} = {v:?} is malformed", path.display()))
+                })
+                .transpose()
         }
         let spacing: Option<[f64; 3]> = get(path, &metadata, SPACING)?;
         if let Some(s) = spacing {
-            ensure!(s.iter().all(|v| v.is_finite() && *v > 0.0), "{}: metadata {SPACING} {s:?} is not a spacing in mm", path.display());
+            ensure!(
+                s.iter().all(|v| v.is_finite() && *v > 0.0),
+                "{}: metadata {SPACING} {s:?} is not a spacing in mm",
+                path.display()
+            );
         }
         let patch: Option<[usize; 3]> = get(path, &metadata, PATCH)?;
         if let Some(p) = patch {
@@ -89,7 +111,13 @@ impl Recorded {
     pub fn check_window(&self) -> Result<()> {
         let (lo, hi) = super::embed::INFERENCE_WINDOW;
         if let Some(w) = self.window {
-            ensure!(w == [lo, hi], "{}: trained with the intensity window {:?} HU, but this version scales CT by {:?} HU", self.file.display(), w, [lo, hi]);
+            ensure!(
+                w == [lo, hi],
+                "{}: trained with the intensity window {:?} HU, but this version scales CT by {:?} HU",
+                self.file.display(),
+                w,
+                [lo, hi]
+            );
         }
         Ok(())
     }
@@ -98,13 +126,23 @@ impl Recorded {
 /// The metadata entries that describe preprocessing: spacing, patch and intensity window.
 pub fn preprocessing_metadata(spacing: [f64; 3], patch: [usize; 3]) -> Vec<(&'static str, String)> {
     let (lo, hi) = super::embed::INFERENCE_WINDOW;
-    vec![(SPACING, serde_json::json!(spacing).to_string()), (PATCH, serde_json::json!(patch).to_string()), (WINDOW, serde_json::json!([lo, hi]).to_string())]
+    vec![
+        (SPACING, serde_json::json!(spacing).to_string()),
+        (PATCH, serde_json::json!(patch).to_string()),
+        (WINDOW, serde_json::json!([lo, hi]).to_string()),
+    ]
 }
 
 /// This process's command line, shell-quoted where needed: what made a file.
 pub fn command_line() -> String {
     std::env::args()
-        .map(|a| if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@%".contains(c)) { a } else { format!("'{}'", a.replace('\'', r"'\''")) })
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@%".contains(c)) {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -124,7 +162,16 @@ pub enum OnContradiction {
 /// recorded value per `on`), else the recorded value, else `default` (with a note when a
 /// file was given but recorded nothing). `show` prints a value as the flag takes it.
 #[allow(clippy::too_many_arguments)]
-pub fn choose<T: PartialEq + Copy>(setting: &str, flag_name: &str, flag: Option<T>, recorded: Option<T>, file: &Path, default: T, on: OnContradiction, show: impl Fn(&T) -> String) -> Result<T> {
+pub fn choose<T: PartialEq + Copy>(
+    setting: &str,
+    flag_name: &str,
+    flag: Option<T>,
+    recorded: Option<T>,
+    file: &Path,
+    default: T,
+    on: OnContradiction,
+    show: impl Fn(&T) -> String,
+) -> Result<T> {
     match (flag, recorded) {
         (Some(f), Some(r)) if f != r => match on {
             OnContradiction::Error => bail!(
@@ -135,11 +182,21 @@ pub fn choose<T: PartialEq + Copy>(setting: &str, flag_name: &str, flag: Option<
                 show(&f)
             ),
             OnContradiction::Warn => {
-                eprintln!("warning: {flag_name} {} differs from the {setting} {} recorded in {}", show(&f), show(&r), file.display());
+                eprintln!(
+                    "warning: {flag_name} {} differs from the {setting} {} recorded in {}",
+                    show(&f),
+                    show(&r),
+                    file.display()
+                );
                 Ok(f)
             }
             OnContradiction::Override => {
-                eprintln!("note: {flag_name} {} overrides the {setting} {} recorded in {} (--override-recorded)", show(&f), show(&r), file.display());
+                eprintln!(
+                    "note: {flag_name} {} overrides the {setting} {} recorded in {} (--override-recorded)",
+                    show(&f),
+                    show(&r),
+                    file.display()
+                );
                 Ok(f)
             }
         },
@@ -178,20 +235,58 @@ mod tests {
     #[test]
     fn a_contradicting_flag_is_refused_with_both_values() {
         let f = Path::new("head.safetensors");
-        let e = choose("spacing", "--spacing", Some([1.0, 1.0, 2.0]), Some([4.0, 4.0, 4.0]), f, [1.0, 1.0, 2.0], OnContradiction::Error, xyz).unwrap_err().to_string();
-        assert!(e.contains("--spacing 1,1,2") && e.contains("spacing 4,4,4") && e.contains("head.safetensors") && e.contains("--override-recorded"), "{e}");
+        let e = choose(
+            "spacing",
+            "--spacing",
+            Some([1.0, 1.0, 2.0]),
+            Some([4.0, 4.0, 4.0]),
+            f,
+            [1.0, 1.0, 2.0],
+            OnContradiction::Error,
+            xyz,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--spacing 1,1,2")
+                && e.contains("spacing 4,4,4")
+                && e.contains("head.safetensors")
+                && e.contains("--override-recorded"),
+            "{e}"
+        );
         // Agreement, absence and override are not errors.
-        assert_eq!(choose("spacing", "--spacing", Some([4.0; 3]), Some([4.0; 3]), f, [1.0; 3], OnContradiction::Error, xyz).unwrap(), [4.0; 3]);
-        assert_eq!(choose("spacing", "--spacing", None, Some([4.0; 3]), f, [1.0; 3], OnContradiction::Error, xyz).unwrap(), [4.0; 3]);
-        assert_eq!(choose("spacing", "--spacing", None, None, f, [1.0; 3], OnContradiction::Error, xyz).unwrap(), [1.0; 3]);
-        assert_eq!(choose("spacing", "--spacing", Some([2.0; 3]), Some([4.0; 3]), f, [1.0; 3], OnContradiction::Override, xyz).unwrap(), [2.0; 3]);
+        assert_eq!(
+            choose("spacing", "--spacing", Some([4.0; 3]), Some([4.0; 3]), f, [1.0; 3], OnContradiction::Error, xyz)
+                .unwrap(),
+            [4.0; 3]
+        );
+        assert_eq!(
+            choose("spacing", "--spacing", None, Some([4.0; 3]), f, [1.0; 3], OnContradiction::Error, xyz).unwrap(),
+            [4.0; 3]
+        );
+        assert_eq!(
+            choose("spacing", "--spacing", None, None, f, [1.0; 3], OnContradiction::Error, xyz).unwrap(),
+            [1.0; 3]
+        );
+        assert_eq!(
+            choose("spacing", "--spacing", Some([2.0; 3]), Some([4.0; 3]), f, [1.0; 3], OnContradiction::Override, xyz)
+                .unwrap(),
+            [2.0; 3]
+        );
     }
 
     #[test]
     fn malformed_recorded_settings_are_errors_not_absent() {
         let f = Path::new("x.safetensors");
         let meta = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
-        for (k, v) in [(SPACING, "[1,1]"), (SPACING, "[0,1,2]"), (PATCH, "[128,128]"), (PATCH, "[0,128,32]"), (WINDOW, "\"wide\""), ("classes", "3")] {
+        for (k, v) in [
+            (SPACING, "[1,1]"),
+            (SPACING, "[0,1,2]"),
+            (PATCH, "[128,128]"),
+            (PATCH, "[0,128,32]"),
+            (WINDOW, "\"wide\""),
+            ("classes", "3"),
+        ] {
             let e = Recorded::from_metadata(f, meta(k, v)).unwrap_err();
             assert!(format!("{e:#}").contains("x.safetensors"), "{k}={v}: {e:#}");
         }
@@ -200,7 +295,14 @@ mod tests {
         assert!(r.patch.is_none() && r.window.is_none());
         let other = Recorded::from_metadata(f, meta(WINDOW, "[-1000.0,1000.0]")).unwrap();
         assert!(other.check_window().is_err());
-        let ours = Recorded::from_metadata(f, preprocessing_metadata([1.0, 1.0, 2.0], [128, 128, 32]).into_iter().map(|(k, v)| (k.to_string(), v)).collect()).unwrap();
+        let ours = Recorded::from_metadata(
+            f,
+            preprocessing_metadata([1.0, 1.0, 2.0], [128, 128, 32])
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        )
+        .unwrap();
         ours.check_window().unwrap();
         assert_eq!((ours.spacing, ours.patch), (Some([1.0, 1.0, 2.0]), Some([128, 128, 32])));
     }

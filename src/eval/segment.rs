@@ -52,18 +52,32 @@ pub fn load_dataset(dir: &Path, pre: &PreprocessConfig, tick: &dyn Fn(&str)) -> 
     let json_path = dir.join("dataset.json");
     let text = std::fs::read(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
     let classes = parse_dataset_json(&json_path, &text)?;
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir.join("labelsTr")).with_context(|| format!("reading {}/labelsTr", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| crate::data::sources::is_nifti(p)).collect();
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir.join("labelsTr"))
+        .with_context(|| format!("reading {}/labelsTr", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| crate::data::sources::is_nifti(p))
+        .collect();
     names.sort();
     let mut cases = Vec::new();
     for label_path in names {
         let file = label_path.file_name().unwrap().to_string_lossy().into_owned();
-        let (case, ext) = if let Some(c) = file.strip_suffix(".nii.gz") { (c.to_string(), ".nii.gz") } else { (file.trim_end_matches(".nii").to_string(), ".nii") };
+        let (case, ext) = if let Some(c) = file.strip_suffix(".nii.gz") {
+            (c.to_string(), ".nii.gz")
+        } else {
+            (file.trim_end_matches(".nii").to_string(), ".nii")
+        };
         let image = dir.join("imagesTr").join(format!("{case}_0000{ext}"));
         ensure!(image.is_file(), "{}: no image {} for label {}", dir.display(), image.display(), label_path.display());
         tick(&case);
         let e = build(&image, pre)?;
         let lab = read_volume(&label_path)?;
-        ensure!(lab.shape == e.ct.source_shape, "{}: label grid {:?} differs from the image's {:?}", label_path.display(), lab.shape, e.ct.source_shape);
+        ensure!(
+            lab.shape == e.ct.source_shape,
+            "{}: label grid {:?} differs from the image's {:?}",
+            label_path.display(),
+            lab.shape,
+            e.ct.source_shape
+        );
         let raw: Vec<u8> = lab.data.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect();
         if let Some(&bad) = raw.iter().find(|&&v| v as usize > classes.len()) {
             bail!("{}: label {bad} is not in dataset.json", label_path.display());
@@ -92,17 +106,26 @@ pub fn parse_dataset_json(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
     let text = std::str::from_utf8(bytes).with_context(|| format!("{p}: not UTF-8 text"))?;
     let json: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{p}: not JSON"))?;
     if let Some(end) = json.get("file_ending") {
-        ensure!(matches!(end.as_str(), Some(".nii.gz") | Some(".nii")), "{p}: file_ending {end}; only NIfTI (\".nii.gz\", \".nii\") is supported");
+        ensure!(
+            matches!(end.as_str(), Some(".nii.gz") | Some(".nii")),
+            "{p}: file_ending {end}; only NIfTI (\".nii.gz\", \".nii\") is supported"
+        );
     }
-    let labels = json.get("labels").and_then(|l| l.as_object()).with_context(|| format!("{p}: no \"labels\" object"))?;
+    let labels =
+        json.get("labels").and_then(|l| l.as_object()).with_context(|| format!("{p}: no \"labels\" object"))?;
     let mut ids: Vec<(u64, String)> = Vec::with_capacity(labels.len());
     for (k, v) in labels {
         let entry = match (v, k.parse::<u64>()) {
             // v2: name → id (the id must be a whole number, not 1.0 or "1").
-            (serde_json::Value::Number(n), _) => (n.as_u64().with_context(|| format!("{p}: label {k:?} has id {n}; ids are whole numbers 0..K"))?, k.clone()),
+            (serde_json::Value::Number(n), _) => (
+                n.as_u64().with_context(|| format!("{p}: label {k:?} has id {n}; ids are whole numbers 0..K"))?,
+                k.clone(),
+            ),
             // v1: "id" → name.
             (serde_json::Value::String(name), Ok(id)) if k.trim() == k && !k.starts_with('+') => (id, name.clone()),
-            (serde_json::Value::Array(_), _) | (serde_json::Value::Object(_), _) => bail!("{p}: label {k:?} is region-based ({v}); only one id per class is supported"),
+            (serde_json::Value::Array(_), _) | (serde_json::Value::Object(_), _) => {
+                bail!("{p}: label {k:?} is region-based ({v}); only one id per class is supported")
+            }
             _ => bail!("{p}: label entry {k:?}: {v} is neither name → id (nnU-Net v2) nor \"id\" → name (v1)"),
         };
         ids.push(entry);
@@ -145,7 +168,13 @@ pub enum Head {
 }
 
 impl Head {
-    pub fn new(kind: HeadKind, store: &mut ParamStore, seed: u64, fpn: crate::model::FpnConfig, classes: usize) -> Head {
+    pub fn new(
+        kind: HeadKind,
+        store: &mut ParamStore,
+        seed: u64,
+        fpn: crate::model::FpnConfig,
+        classes: usize,
+    ) -> Head {
         let mut rng = StdRng::seed_from_u64(seed);
         match kind {
             HeadKind::Linear => Head::Linear(FpnLinearHead::new(store, &mut rng, "", fpn, classes)),
@@ -179,7 +208,15 @@ pub struct SegConfig {
 
 impl Default for SegConfig {
     fn default() -> Self {
-        SegConfig { patch: [128, 128, 32], batch: 7, steps: 1000, lr: 3e-4, p_foreground: 0.5, validate_every: 100, seed: 0 }
+        SegConfig {
+            patch: [128, 128, 32],
+            batch: 7,
+            steps: 1000,
+            lr: 3e-4,
+            p_foreground: 0.5,
+            validate_every: 100,
+            seed: 0,
+        }
     }
 }
 
@@ -237,15 +274,34 @@ fn patch_start(case: &Case, patch: [usize; 3], p_fg: f64, k: usize, rng: &mut St
 /// per forward pass, the logits stitched where the model runs), × ROI.
 /// `progress(done, total)` is called after each batch of windows (for a progress bar).
 #[allow(clippy::too_many_arguments)]
-pub fn predict_case(model: &mut Vox2Vec, head: &Head, head_store: &mut ParamStore, ct: &PreprocessedCt, mask: &[bool], patch: [usize; 3], sw_batch: usize, progress: &dyn Fn(usize, usize)) -> Result<Vec<f32>> {
+pub fn predict_case(
+    model: &mut Vox2Vec,
+    head: &Head,
+    head_store: &mut ParamStore,
+    ct: &PreprocessedCt,
+    mask: &[bool],
+    patch: [usize; 3],
+    sw_batch: usize,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Vec<f32>> {
     let x = scale_hu(&ct.hu);
     let k = head.num_classes();
     let device = model.device();
-    let maps = slide(&x, ct.shape, patch, sw_batch, Blend::Central, &[MapSpec { level: 0, channels: k }], device, &mut |input| {
-        let g = Graph::inference();
-        let pyr = model.pyramid(&g, &Var::constant(model.prepare_input(&input)?))?;
-        Ok(vec![head.forward(&g, head_store, &pyr)?.value])
-    }, progress)?;
+    let maps = slide(
+        &x,
+        ct.shape,
+        patch,
+        sw_batch,
+        Blend::Central,
+        &[MapSpec { level: 0, channels: k }],
+        device,
+        &mut |input| {
+            let g = Graph::inference();
+            let pyr = model.pyramid(&g, &Var::constant(model.prepare_input(&input)?))?;
+            Ok(vec![head.forward(&g, head_store, &pyr)?.value])
+        },
+        progress,
+    )?;
     // Sigmoid of the stitched logits (stitching copies, so it commutes); zero outside the ROI.
     let mut probs = maps.into_iter().next().expect("one map").values;
     for (v, &inside) in probs.chunks_exact_mut(k).zip(mask) {
@@ -323,7 +379,14 @@ pub fn train_segmentation(
         }
     }
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut res = SegResult { history: Vec::new(), history_per_case: Vec::new(), best_step: 0, best_dice: vec![], best_per_case: vec![], losses: Vec::new() };
+    let mut res = SegResult {
+        history: Vec::new(),
+        history_per_case: Vec::new(),
+        best_step: 0,
+        best_dice: vec![],
+        best_per_case: vec![],
+        losses: Vec::new(),
+    };
     let mut best = f64::NEG_INFINITY;
     let p = cfg.patch;
     for step in 1..=cfg.steps {
@@ -353,7 +416,11 @@ pub fn train_segmentation(
                 model.pyramid(&g, &Var::constant(input))?
             } else {
                 // Frozen: eval-mode BatchNorm, nothing recorded; the pyramid enters as constants.
-                model.pyramid(&Graph::inference(), &Var::constant(input))?.into_iter().map(|v| Var::constant(v.value)).collect()
+                model
+                    .pyramid(&Graph::inference(), &Var::constant(input))?
+                    .into_iter()
+                    .map(|v| Var::constant(v.value))
+                    .collect()
             };
             let logits = head.forward(&g, head_store, &pyramid)?;
             let loss = ops::segmentation_loss(&g, &logits, &targets, Some(&roi))?;
@@ -362,7 +429,8 @@ pub fn train_segmentation(
             let hg: Vec<Option<Tensor>> = (0..head_store.len()).map(|s| grads.param(head_store, s).cloned()).collect();
             head_adam.update(head_store, &hg)?;
             if let (true, Some(adam)) = (train_backbone, backbone_adam.as_mut()) {
-                let bg: Vec<Option<Tensor>> = (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
+                let bg: Vec<Option<Tensor>> =
+                    (0..model.store.len()).map(|s| grads.param(&model.store, s).cloned()).collect();
                 adam.update(&mut model.store, &bg)?;
             }
             res.losses.push((step, lv));
@@ -372,7 +440,9 @@ pub fn train_segmentation(
             let mut per_class = vec![0.0; k];
             let mut per_case = Vec::with_capacity(val.len());
             for (index, c) in val.iter().enumerate() {
-                let windows = |window, windows| progress(SegEvent::Validating { step, case: &c.name, index, cases: val.len(), window, windows });
+                let windows = |window, windows| {
+                    progress(SegEvent::Validating { step, case: &c.name, index, cases: val.len(), window, windows })
+                };
                 let probs = predict_case(model, head, head_store, &c.ct, &c.mask, p, cfg.batch, &windows)?;
                 let d = case_dice(&probs, &c.labels, k);
                 for (acc, d) in per_class.iter_mut().zip(&d) {

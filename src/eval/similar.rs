@@ -79,7 +79,12 @@ pub fn similarity_map(maps: &[LevelMap], query: &[f32]) -> Result<Vec<f32>> {
         let (d, n): (Vec<f64>, Vec<f64>) = m
             .values
             .chunks_exact(m.channels)
-            .map(|f| (f.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>(), f.iter().map(|a| (*a as f64).powi(2)).sum::<f64>()))
+            .map(|f| {
+                (
+                    f.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>(),
+                    f.iter().map(|a| (*a as f64).powi(2)).sum::<f64>(),
+                )
+            })
             .unzip();
         dots.push((d, n));
     }
@@ -114,7 +119,10 @@ fn level_index(m: &LevelMap, i: [usize; 3]) -> usize {
 }
 
 fn check_levels(maps: &[LevelMap]) -> Result<()> {
-    ensure!(!maps.is_empty() && maps.iter().enumerate().all(|(k, m)| m.level == k), "similarity needs every pyramid level from 0 in order");
+    ensure!(
+        !maps.is_empty() && maps.iter().enumerate().all(|(k, m)| m.level == k),
+        "similarity needs every pyramid level from 0 in order"
+    );
     Ok(())
 }
 
@@ -131,7 +139,10 @@ mod tests {
     /// most similar to itself.
     #[test]
     fn similarity_is_the_cosine_of_concatenated_levels() {
-        let maps = vec![map(0, [6, 5, 4], 3, |i| ((i * 37 % 101) as f32 - 50.0) / 7.0), map(1, [3, 3, 2], 5, |i| ((i * 53 % 97) as f32 - 40.0) / 11.0)];
+        let maps = vec![
+            map(0, [6, 5, 4], 3, |i| ((i * 37 % 101) as f32 - 50.0) / 7.0),
+            map(1, [3, 3, 2], 5, |i| ((i * 53 % 97) as f32 - 40.0) / 11.0),
+        ];
         let q = embedding_at(&maps, [4, 2, 1]).unwrap();
         let sim = similarity_map(&maps, &q).unwrap();
         for x in 0..6 {

@@ -75,7 +75,16 @@ impl Plan {
     /// `owned_only`: only the voxels the box owns (the central-region rule), else every voxel
     /// it covers (Gaussian blending).
     #[allow(clippy::too_many_arguments)]
-    pub fn axis_entries(&self, a: usize, which: usize, start: usize, level: u32, window_len: usize, out_len: usize, owned_only: bool) -> AxisEntries {
+    pub fn axis_entries(
+        &self,
+        a: usize,
+        which: usize,
+        start: usize,
+        level: u32,
+        window_len: usize,
+        out_len: usize,
+        owned_only: bool,
+    ) -> AxisEntries {
         let f = 1usize << level;
         let owner = &self.axes[a].owner;
         let sigma = 0.125 * window_len as f64;
@@ -96,14 +105,32 @@ impl Plan {
 
     /// The entries of box `which` (index per axis) with start `start` along all three axes.
     #[allow(clippy::too_many_arguments)]
-    fn entries(&self, which: [usize; 3], start: [usize; 3], level: u32, window_shape: [usize; 3], out_shape: [usize; 3], owned_only: bool) -> [AxisEntries; 3] {
+    fn entries(
+        &self,
+        which: [usize; 3],
+        start: [usize; 3],
+        level: u32,
+        window_shape: [usize; 3],
+        out_shape: [usize; 3],
+        owned_only: bool,
+    ) -> [AxisEntries; 3] {
         [0, 1, 2].map(|a| self.axis_entries(a, which[a], start[a], level, window_shape[a], out_shape[a], owned_only))
     }
 
     /// Copy the voxels that box `which` owns from `patch_out` ([px, py, pz, c] at pyramid
     /// level `level`, the box's output) into `out` ([X, Y, Z, c] at that level).
     #[allow(clippy::too_many_arguments)]
-    pub fn stitch(&self, which: [usize; 3], start: [usize; 3], level: u32, patch_out: &[f32], patch_shape: [usize; 3], out: &mut [f32], out_shape: [usize; 3], c: usize) {
+    pub fn stitch(
+        &self,
+        which: [usize; 3],
+        start: [usize; 3],
+        level: u32,
+        patch_out: &[f32],
+        patch_shape: [usize; 3],
+        out: &mut [f32],
+        out_shape: [usize; 3],
+        c: usize,
+    ) {
         let [ax, ay, az] = self.entries(which, start, level, patch_shape, out_shape, true);
         for (&gx, &px) in ax.out.iter().zip(&ax.window) {
             for (&gy, &py) in ay.out.iter().zip(&ay.window) {
@@ -120,7 +147,17 @@ impl Plan {
     /// patch per axis): adds w · value into `acc` and w into `weight` for every voxel the box
     /// covers; dividing acc by weight afterwards gives the blended map.
     #[allow(clippy::too_many_arguments)]
-    pub fn blend(&self, start: [usize; 3], level: u32, patch_out: &[f32], patch_shape: [usize; 3], acc: &mut [f32], weight: &mut [f32], out_shape: [usize; 3], c: usize) {
+    pub fn blend(
+        &self,
+        start: [usize; 3],
+        level: u32,
+        patch_out: &[f32],
+        patch_shape: [usize; 3],
+        acc: &mut [f32],
+        weight: &mut [f32],
+        out_shape: [usize; 3],
+        c: usize,
+    ) {
         let [ax, ay, az] = self.entries([0; 3], start, level, patch_shape, out_shape, false);
         for ((&gx, &px), &wx) in ax.out.iter().zip(&ax.window).zip(&ax.weight) {
             for ((&gy, &py), &wy) in ay.out.iter().zip(&ay.window).zip(&ay.weight) {
@@ -175,8 +212,15 @@ pub struct LevelMap {
 /// Where the stitched maps live while the windows run: host vectors, or f32 device tensors
 /// written by `kernels/stitch.cu` (copied back once, at the end).
 enum Maps {
-    Host { values: Vec<Vec<f32>>, weights: Vec<Vec<f32>> },
-    Device { values: Vec<crate::tensor::Tensor>, weights: Vec<crate::tensor::Tensor>, tables: Vec<[crate::cuda::ops::stitch::AxisTable; 3]> },
+    Host {
+        values: Vec<Vec<f32>>,
+        weights: Vec<Vec<f32>>,
+    },
+    Device {
+        values: Vec<crate::tensor::Tensor>,
+        weights: Vec<crate::tensor::Tensor>,
+        tables: Vec<[crate::cuda::ops::stitch::AxisTable; 3]>,
+    },
 }
 
 /// Sliding-window inference over a volume `x` ([X, Y, Z] network intensities): windows of
@@ -200,7 +244,11 @@ pub fn slide(
     tick: &dyn Fn(usize, usize),
 ) -> anyhow::Result<Vec<LevelMap>> {
     use crate::tensor::{Device, Tensor};
-    anyhow::ensure!(x.len() == shape.iter().product::<usize>(), "sliding window: {} values for a {shape:?} volume", x.len());
+    anyhow::ensure!(
+        x.len() == shape.iter().product::<usize>(),
+        "sliding window: {} values for a {shape:?} volume",
+        x.len()
+    );
     anyhow::ensure!(sw_batch >= 1, "the sliding-window batch must be at least 1");
     let ps = [shape[0].max(patch[0]), shape[1].max(patch[1]), shape[2].max(patch[2])];
     let padded = if ps == shape {
@@ -225,14 +273,31 @@ pub fn slide(
     let gaussian = blend == Blend::Gaussian;
     let mut maps = match device {
         Device::Cpu => Maps::Host {
-            values: specs.iter().map(|s| vec![0.0; level_shape(s.level).iter().product::<usize>() * s.channels]).collect(),
-            weights: if gaussian { specs.iter().map(|s| vec![0.0; level_shape(s.level).iter().product()]).collect() } else { Vec::new() },
+            values: specs
+                .iter()
+                .map(|s| vec![0.0; level_shape(s.level).iter().product::<usize>() * s.channels])
+                .collect(),
+            weights: if gaussian {
+                specs.iter().map(|s| vec![0.0; level_shape(s.level).iter().product()]).collect()
+            } else {
+                Vec::new()
+            },
         },
         Device::Cuda(o) => {
             let dev = crate::cuda::device(o)?;
             let zeros = |shape: &[usize]| crate::cuda::zeros(&dev, shape, crate::tensor::DType::F32);
-            let values = specs.iter().map(|s| { let l = level_shape(s.level); zeros(&[l[0], l[1], l[2], s.channels]) }).collect::<anyhow::Result<Vec<_>>>()?;
-            let weights = if gaussian { specs.iter().map(|s| zeros(&level_shape(s.level))).collect::<anyhow::Result<Vec<_>>>()? } else { Vec::new() };
+            let values = specs
+                .iter()
+                .map(|s| {
+                    let l = level_shape(s.level);
+                    zeros(&[l[0], l[1], l[2], s.channels])
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let weights = if gaussian {
+                specs.iter().map(|s| zeros(&level_shape(s.level))).collect::<anyhow::Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
             Maps::Device { values, weights, tables: Vec::new() }
         }
     };
@@ -249,10 +314,20 @@ pub fn slide(
             }
         }
         let outputs = run(Tensor::from_f32(&[chunk.len(), patch[0], patch[1], patch[2], 1], input))?;
-        anyhow::ensure!(outputs.len() == specs.len(), "sliding window: {} outputs for {} maps", outputs.len(), specs.len());
+        anyhow::ensure!(
+            outputs.len() == specs.len(),
+            "sliding window: {} outputs for {} maps",
+            outputs.len(),
+            specs.len()
+        );
         for (mi, (spec, out)) in specs.iter().zip(&outputs).enumerate() {
             let s = out.shape();
-            anyhow::ensure!(s.len() == 5 && s[0] == chunk.len() && s[4] == spec.channels, "sliding window: output {mi} has shape {s:?}, expected [{}, X, Y, Z, {}]", chunk.len(), spec.channels);
+            anyhow::ensure!(
+                s.len() == 5 && s[0] == chunk.len() && s[4] == spec.channels,
+                "sliding window: output {mi} has shape {s:?}, expected [{}, X, Y, Z, {}]",
+                chunk.len(),
+                spec.channels
+            );
             let wshape = [s[1], s[2], s[3]];
             let per_window = wshape.iter().product::<usize>() * spec.channels;
             let out_shape = level_shape(spec.level);
@@ -263,7 +338,16 @@ pub fn slide(
                     for (b, (which, start)) in chunk.iter().enumerate() {
                         let w = &v[b * per_window..(b + 1) * per_window];
                         if gaussian {
-                            plan.blend(*start, level, w, wshape, &mut values[mi], &mut weights[mi], out_shape, spec.channels);
+                            plan.blend(
+                                *start,
+                                level,
+                                w,
+                                wshape,
+                                &mut values[mi],
+                                &mut weights[mi],
+                                out_shape,
+                                spec.channels,
+                            );
                         } else {
                             plan.stitch(*which, *start, level, w, wshape, &mut values[mi], out_shape, spec.channels);
                         }
@@ -273,7 +357,14 @@ pub fn slide(
                     use crate::cuda::ops::stitch;
                     let out = out.to_device(values[mi].device())?;
                     if tables.len() <= mi {
-                        tables.push(stitch::AxisTable::for_plan(&values[mi], &plan, level, wshape, out_shape, !gaussian)?);
+                        tables.push(stitch::AxisTable::for_plan(
+                            &values[mi],
+                            &plan,
+                            level,
+                            wshape,
+                            out_shape,
+                            !gaussian,
+                        )?);
                     }
                     for (b, (which, _)) in chunk.iter().enumerate() {
                         let t = &tables[mi];

@@ -51,23 +51,38 @@ pub struct Fpn3d {
 impl Fpn3d {
     /// Registers every parameter under `prefix` (e.g. "backbone.") in PyTorch's order.
     pub fn new(store: &mut ParamStore, rng: &mut impl Rng, prefix: &str, config: FpnConfig) -> Fpn3d {
-        assert!(config.num_scales >= 1 && config.base_channels >= 1 && config.in_channels >= 1, "invalid FPN config {config:?}");
+        assert!(
+            config.num_scales >= 1 && config.base_channels >= 1 && config.in_channels >= 1,
+            "invalid FPN config {config:?}"
+        );
         let s = config.num_scales;
         let c = |i| config.channels(i);
         let first_conv = Conv3d::new(store, rng, &format!("{prefix}first_conv"), config.in_channels, c(0), 3);
-        let left_blocks = (0..s - 1).map(|i| Stack::new(store, rng, &format!("{prefix}left_blocks.{i}"), c(i))).collect();
-        let down_blocks = (0..s - 1).map(|i| Conv3d::new(store, rng, &format!("{prefix}down_blocks.{i}.1"), c(i), c(i + 1), 1)).collect();
+        let left_blocks =
+            (0..s - 1).map(|i| Stack::new(store, rng, &format!("{prefix}left_blocks.{i}"), c(i))).collect();
+        let down_blocks = (0..s - 1)
+            .map(|i| Conv3d::new(store, rng, &format!("{prefix}down_blocks.{i}.1"), c(i), c(i + 1), 1))
+            .collect();
         let bottom_block = Stack::new(store, rng, &format!("{prefix}bottom_block"), c(s - 1));
-        let up_blocks = (0..s - 1).map(|j| Conv3d::new(store, rng, &format!("{prefix}up_blocks.{j}.0"), c(s - 1 - j), c(s - 2 - j), 1)).collect();
-        let skip_blocks = (0..s - 1).map(|j| Conv3d::new(store, rng, &format!("{prefix}skip_blocks.{j}"), c(s - 2 - j), c(s - 2 - j), 1)).collect();
-        let right_blocks = (0..s - 1).map(|j| Stack::new(store, rng, &format!("{prefix}right_blocks.{j}"), c(s - 2 - j))).collect();
+        let up_blocks = (0..s - 1)
+            .map(|j| Conv3d::new(store, rng, &format!("{prefix}up_blocks.{j}.0"), c(s - 1 - j), c(s - 2 - j), 1))
+            .collect();
+        let skip_blocks = (0..s - 1)
+            .map(|j| Conv3d::new(store, rng, &format!("{prefix}skip_blocks.{j}"), c(s - 2 - j), c(s - 2 - j), 1))
+            .collect();
+        let right_blocks =
+            (0..s - 1).map(|j| Stack::new(store, rng, &format!("{prefix}right_blocks.{j}"), c(s - 2 - j))).collect();
         Fpn3d { config, first_conv, left_blocks, down_blocks, bottom_block, up_blocks, skip_blocks, right_blocks }
     }
 
     /// x [N, X, Y, Z, in_channels] → pyramid levels 0..S, level i [N, ⌈X/2^i⌉, …, base·2^i].
     pub fn forward(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Vec<Var>> {
         let sh = x.shape();
-        ensure!(sh.len() == 5 && sh[4] == self.config.in_channels, "FPN3d input must be [N, X, Y, Z, {}], found {sh:?}", self.config.in_channels);
+        ensure!(
+            sh.len() == 5 && sh[4] == self.config.in_channels,
+            "FPN3d input must be [N, X, Y, Z, {}], found {sh:?}",
+            self.config.in_channels
+        );
         ensure!(sh[1] > 0 && sh[2] > 0 && sh[3] > 0 && sh[0] > 0, "FPN3d input has an empty axis: {sh:?}");
         let s = self.config.num_scales;
         let mut h = self.first_conv.forward(g, store, x)?;

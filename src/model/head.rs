@@ -19,7 +19,13 @@ pub struct ProjectionHead {
 }
 
 impl ProjectionHead {
-    pub fn new(store: &mut ParamStore, rng: &mut impl Rng, prefix: &str, dim: usize, proj_dim: usize) -> ProjectionHead {
+    pub fn new(
+        store: &mut ParamStore,
+        rng: &mut impl Rng,
+        prefix: &str,
+        dim: usize,
+        proj_dim: usize,
+    ) -> ProjectionHead {
         ProjectionHead {
             l0: Linear::new(store, rng, &format!("{prefix}0"), dim, dim),
             bn1: BatchNorm::new(store, &format!("{prefix}1"), dim),

@@ -22,14 +22,29 @@ pub struct FpnLinearHead {
 }
 
 impl FpnLinearHead {
-    pub fn new(store: &mut ParamStore, rng: &mut impl Rng, prefix: &str, fpn: FpnConfig, num_classes: usize) -> FpnLinearHead {
-        let layers = (0..fpn.num_scales).map(|i| Conv3d::with_bias(store, rng, &format!("{prefix}layers.{i}"), fpn.channels(i), num_classes, 1, i == 0)).collect();
+    pub fn new(
+        store: &mut ParamStore,
+        rng: &mut impl Rng,
+        prefix: &str,
+        fpn: FpnConfig,
+        num_classes: usize,
+    ) -> FpnLinearHead {
+        let layers = (0..fpn.num_scales)
+            .map(|i| {
+                Conv3d::with_bias(store, rng, &format!("{prefix}layers.{i}"), fpn.channels(i), num_classes, 1, i == 0)
+            })
+            .collect();
         FpnLinearHead { layers, num_classes }
     }
 
     /// Logits [N, X, Y, Z, classes] at level 0 from the pyramid.
     pub fn forward(&self, g: &Graph, store: &ParamStore, pyramid: &[Var]) -> Result<Var> {
-        ensure!(pyramid.len() == self.layers.len(), "linear head: {} levels, expected {}", pyramid.len(), self.layers.len());
+        ensure!(
+            pyramid.len() == self.layers.len(),
+            "linear head: {} levels, expected {}",
+            pyramid.len(),
+            self.layers.len()
+        );
         let mut x: Option<Var> = None;
         for (i, (f, layer)) in pyramid.iter().zip(&self.layers).enumerate().rev() {
             let y = layer.forward(g, store, f)?;
@@ -56,16 +71,28 @@ pub struct FpnNonLinearHead {
 }
 
 impl FpnNonLinearHead {
-    pub fn new(store: &mut ParamStore, rng: &mut impl Rng, prefix: &str, fpn: FpnConfig, num_classes: usize) -> FpnNonLinearHead {
+    pub fn new(
+        store: &mut ParamStore,
+        rng: &mut impl Rng,
+        prefix: &str,
+        fpn: FpnConfig,
+        num_classes: usize,
+    ) -> FpnNonLinearHead {
         let s = fpn.num_scales;
         let c = |i| fpn.channels(i);
         // Registration order follows PyTorch's module order: up, skip, right lists, then
         // bottom and final blocks are separate attributes (order of keys does not matter for
         // loading by name).
         let bottom_block = ResBlock3d::new(store, rng, &format!("{prefix}bottom_block"), c(s - 1), c(s - 1), 1);
-        let up_blocks = (0..s - 1).map(|j| Conv3d::new(store, rng, &format!("{prefix}up_blocks.{j}.0"), c(s - 1 - j), c(s - 2 - j), 1)).collect();
-        let skip_blocks = (0..s - 1).map(|j| Conv3d::new(store, rng, &format!("{prefix}skip_blocks.{j}"), c(s - 2 - j), c(s - 2 - j), 1)).collect();
-        let right_blocks = (0..s - 1).map(|j| ResBlock3d::new(store, rng, &format!("{prefix}right_blocks.{j}"), c(s - 2 - j), c(s - 2 - j), 1)).collect();
+        let up_blocks = (0..s - 1)
+            .map(|j| Conv3d::new(store, rng, &format!("{prefix}up_blocks.{j}.0"), c(s - 1 - j), c(s - 2 - j), 1))
+            .collect();
+        let skip_blocks = (0..s - 1)
+            .map(|j| Conv3d::new(store, rng, &format!("{prefix}skip_blocks.{j}"), c(s - 2 - j), c(s - 2 - j), 1))
+            .collect();
+        let right_blocks = (0..s - 1)
+            .map(|j| ResBlock3d::new(store, rng, &format!("{prefix}right_blocks.{j}"), c(s - 2 - j), c(s - 2 - j), 1))
+            .collect();
         let final_block = Conv3d::new(store, rng, &format!("{prefix}final_block"), c(0), num_classes, 1);
         FpnNonLinearHead { bottom_block, up_blocks, skip_blocks, right_blocks, final_block, num_classes }
     }

@@ -22,7 +22,15 @@ impl Conv3d {
         Conv3d::with_bias(store, rng, name, cin, cout, k, true)
     }
 
-    pub fn with_bias(store: &mut ParamStore, rng: &mut impl Rng, name: &str, cin: usize, cout: usize, k: usize, bias: bool) -> Conv3d {
+    pub fn with_bias(
+        store: &mut ParamStore,
+        rng: &mut impl Rng,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        bias: bool,
+    ) -> Conv3d {
         let fan_in = cin * k * k * k;
         let w = Tensor::from_f32(&[cout, k, k, k, cin], uniform_fan_in(rng, cout * fan_in, fan_in));
         let weight = store.add(&format!("{name}.weight"), w, SlotKind::Trainable, Layout::ConvChannelsLast);
@@ -76,9 +84,24 @@ impl BatchNorm {
         BatchNorm {
             weight: store.add(&format!("{name}.weight"), Tensor::full(&[c], 1.0), SlotKind::Trainable, Layout::Plain),
             bias: store.add(&format!("{name}.bias"), Tensor::zeros(&[c]), SlotKind::Trainable, Layout::Plain),
-            running_mean: store.add(&format!("{name}.running_mean"), Tensor::zeros(&[c]), SlotKind::RunningStat, Layout::Plain),
-            running_var: store.add(&format!("{name}.running_var"), Tensor::full(&[c], 1.0), SlotKind::RunningStat, Layout::Plain),
-            num_batches_tracked: store.add(&format!("{name}.num_batches_tracked"), Tensor::from_i64(&[], vec![0]), SlotKind::Counter, Layout::Plain),
+            running_mean: store.add(
+                &format!("{name}.running_mean"),
+                Tensor::zeros(&[c]),
+                SlotKind::RunningStat,
+                Layout::Plain,
+            ),
+            running_var: store.add(
+                &format!("{name}.running_var"),
+                Tensor::full(&[c], 1.0),
+                SlotKind::RunningStat,
+                Layout::Plain,
+            ),
+            num_batches_tracked: store.add(
+                &format!("{name}.num_batches_tracked"),
+                Tensor::from_i64(&[], vec![0]),
+                SlotKind::Counter,
+                Layout::Plain,
+            ),
         }
     }
 
@@ -97,7 +120,8 @@ impl BatchNorm {
     pub fn forward_relu(&self, g: &Graph, store: &mut ParamStore, x: &Var) -> Result<Var> {
         let w = g.param(store, self.weight);
         let b = g.param(store, self.bias);
-        let (y, update) = ops::batchnorm::batch_norm_relu(g, x, &w, &b, store.get(self.running_mean), store.get(self.running_var))?;
+        let (y, update) =
+            ops::batchnorm::batch_norm_relu(g, x, &w, &b, store.get(self.running_mean), store.get(self.running_var))?;
         if let Some(u) = update {
             self.store_update(store, u);
         }
@@ -123,7 +147,14 @@ pub struct ResBlock3d {
 }
 
 impl ResBlock3d {
-    pub fn new(store: &mut ParamStore, rng: &mut impl Rng, name: &str, cin: usize, cout: usize, k: usize) -> ResBlock3d {
+    pub fn new(
+        store: &mut ParamStore,
+        rng: &mut impl Rng,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+    ) -> ResBlock3d {
         let mid = cin.min(cout);
         let bn0 = BatchNorm::new(store, &format!("{name}.layers.0"), cin);
         let conv2 = Conv3d::new(store, rng, &format!("{name}.layers.2"), cin, mid, k);
@@ -138,7 +169,11 @@ impl ResBlock3d {
             return self.forward_recomputing(g, store, x);
         }
         if !g.is_recording() && !g.is_training() {
-            return Ok(Var::constant(if x.value.is_cuda() { self.forward_eval_cuda(store, &x.value)? } else { self.forward_eval_cpu(store, &x.value)? }));
+            return Ok(Var::constant(if x.value.is_cuda() {
+                self.forward_eval_cuda(store, &x.value)?
+            } else {
+                self.forward_eval_cpu(store, &x.value)?
+            }));
         }
         let h = self.bn0.forward_relu(g, store, x)?;
         let h = self.conv2.forward(g, store, &h)?;
@@ -181,17 +216,54 @@ impl ResBlock3d {
         use crate::ops::conv3d::{CpuKernels, conv3d_forward_cpu_fused};
         use crate::tensor::Vol;
         let v = Vol::of(x);
-        let bn = |b: &BatchNorm| BnReluEval::new(store.get(b.running_mean).f32s(), store.get(b.running_var).f32s(), store.get(b.weight).f32s(), store.get(b.bias).f32s());
+        let bn = |b: &BatchNorm| {
+            BnReluEval::new(
+                store.get(b.running_mean).f32s(),
+                store.get(b.running_var).f32s(),
+                store.get(b.weight).f32s(),
+                store.get(b.bias).f32s(),
+            )
+        };
         let (w2, w5) = (store.get(self.conv2.weight), store.get(self.conv5.weight));
         let (mid, cout, k) = (w2.shape()[0], w5.shape()[0], w2.shape()[1]);
         let bias = |c: &Conv3d| c.bias.map(|b| store.get(b).f32s());
         let kernels = CpuKernels::best();
         let detail = || format!("{}x{}x{}x{} {}->{}", v.n, v.x, v.y, v.z, v.c, cout);
         crate::profile::time("resblock eval (fused)", detail, || {
-            let h1 = conv3d_forward_cpu_fused(x.f32s(), v, w2.f32s(), bias(&self.conv2), mid, k, Some(&bn(&self.bn0)), None, kernels);
-            let skip = self.skip.as_ref().map(|c| crate::ops::conv3d::conv3d_forward_cpu_with(x.f32s(), v, store.get(c.weight).f32s(), bias(c), cout, 1, kernels));
+            let h1 = conv3d_forward_cpu_fused(
+                x.f32s(),
+                v,
+                w2.f32s(),
+                bias(&self.conv2),
+                mid,
+                k,
+                Some(&bn(&self.bn0)),
+                None,
+                kernels,
+            );
+            let skip = self.skip.as_ref().map(|c| {
+                crate::ops::conv3d::conv3d_forward_cpu_with(
+                    x.f32s(),
+                    v,
+                    store.get(c.weight).f32s(),
+                    bias(c),
+                    cout,
+                    1,
+                    kernels,
+                )
+            });
             let residual = skip.as_deref().unwrap_or(x.f32s());
-            let y = conv3d_forward_cpu_fused(&h1, v.with_c(mid), w5.f32s(), bias(&self.conv5), cout, k, Some(&bn(&self.bn3)), Some(residual), kernels);
+            let y = conv3d_forward_cpu_fused(
+                &h1,
+                v.with_c(mid),
+                w5.f32s(),
+                bias(&self.conv5),
+                cout,
+                k,
+                Some(&bn(&self.bn3)),
+                Some(residual),
+                kernels,
+            );
             Ok(Tensor::from_f32(&v.with_c(cout).shape(), y))
         })
     }
@@ -208,7 +280,10 @@ impl ResBlock3d {
             beta3: g.param(store, self.bn3.bias),
             w5: g.param(store, self.conv5.weight),
             b5: g.param(store, self.conv5.bias.expect("ResBlock convs have a bias")),
-            skip: self.skip.as_ref().map(|c| (g.param(store, c.weight), g.param(store, c.bias.expect("skip conv has a bias")))),
+            skip: self
+                .skip
+                .as_ref()
+                .map(|c| (g.param(store, c.weight), g.param(store, c.bias.expect("skip conv has a bias")))),
             running0: (store.get(self.bn0.running_mean), store.get(self.bn0.running_var)),
             running3: (store.get(self.bn3.running_mean), store.get(self.bn3.running_var)),
         };

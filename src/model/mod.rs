@@ -30,7 +30,10 @@ pub const MAX_PATCH_VOXELS: usize = 1 << 25;
 
 /// A patch (window) size: every extent in 4..=MAX_PATCH_AXIS, at most MAX_PATCH_VOXELS in all.
 pub fn check_patch(patch: [usize; 3]) -> Result<()> {
-    ensure!(patch.iter().all(|&p| (4..=MAX_PATCH_AXIS).contains(&p)), "patch extents must be 4 to {MAX_PATCH_AXIS}, got {patch:?}");
+    ensure!(
+        patch.iter().all(|&p| (4..=MAX_PATCH_AXIS).contains(&p)),
+        "patch extents must be 4 to {MAX_PATCH_AXIS}, got {patch:?}"
+    );
     let n: usize = patch.iter().product();
     ensure!(n <= MAX_PATCH_VOXELS, "patch {patch:?} has {n} voxels, more than the limit of {MAX_PATCH_VOXELS}");
     Ok(())
@@ -51,7 +54,11 @@ impl ModelConfig {
         let f = &self.fpn;
         ensure!(f.in_channels >= 1, "in_channels must be at least 1, got 0");
         ensure!(f.base_channels >= 1, "--base-channels must be at least 1, got 0");
-        ensure!((1..=MAX_SCALES).contains(&f.num_scales), "--num-scales must be 1 to {MAX_SCALES}, got {}", f.num_scales);
+        ensure!(
+            (1..=MAX_SCALES).contains(&f.num_scales),
+            "--num-scales must be 1 to {MAX_SCALES}, got {}",
+            f.num_scales
+        );
         let top = f.base_channels.saturating_mul(1 << (f.num_scales - 1));
         ensure!(
             top <= MAX_TOP_CHANNELS,
@@ -59,8 +66,16 @@ impl ModelConfig {
             f.base_channels,
             f.num_scales
         );
-        ensure!((1..=MAX_PROJ_DIM).contains(&self.proj_dim), "--proj-dim must be 1 to {MAX_PROJ_DIM}, got {}", self.proj_dim);
-        ensure!(self.temperature.is_finite() && self.temperature > 0.0, "--temperature must be positive and finite, got {}", self.temperature);
+        ensure!(
+            (1..=MAX_PROJ_DIM).contains(&self.proj_dim),
+            "--proj-dim must be 1 to {MAX_PROJ_DIM}, got {}",
+            self.proj_dim
+        );
+        ensure!(
+            self.temperature.is_finite() && self.temperature > 0.0,
+            "--temperature must be positive and finite, got {}",
+            self.temperature
+        );
         Ok(())
     }
 }
@@ -159,9 +174,17 @@ impl Vox2Vec {
     /// pass (BatchNorm statistics per view), x1 first, then the head, then InfoNCE.
     /// `input_grad` makes view 1 a leaf so that d loss / d x1 is available.
     pub fn forward_pairs(&mut self, g: &Graph, batch: &PairBatch, input_grad: bool) -> Result<PairForward> {
-        ensure!(batch.x1.shape() == batch.x2.shape(), "views of different shapes: {:?} and {:?}", batch.x1.shape(), batch.x2.shape());
+        ensure!(
+            batch.x1.shape() == batch.x2.shape(),
+            "views of different shapes: {:?} and {:?}",
+            batch.x1.shape(),
+            batch.x2.shape()
+        );
         let n = batch.num_pairs();
-        ensure!(batch.voxels_1.len() == 3 * n && batch.voxels_2.len() == 3 * n, "pair arrays disagree on the number of pairs");
+        ensure!(
+            batch.voxels_1.len() == 3 * n && batch.voxels_2.len() == 3 * n,
+            "pair arrays disagree on the number of pairs"
+        );
         let x1 = self.prepare_input(&batch.x1)?;
         let input_1 = if input_grad { g.leaf(x1) } else { Var::constant(x1) };
         let pyramid_1 = self.pyramid(g, &input_1)?;

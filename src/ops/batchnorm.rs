@@ -64,7 +64,14 @@ pub fn bn_apply_cpu(x: &[f32], c: usize, st: &BnStats, gamma: &[f32], beta: &[f3
 
 /// `bn_apply_cpu` with `post` applied to each value as it is written (ReLU for
 /// `batch_norm_relu`): the same f32 operations, then `post`.
-fn bn_apply_then(x: &[f32], c: usize, st: &BnStats, gamma: &[f32], beta: &[f32], post: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+fn bn_apply_then(
+    x: &[f32],
+    c: usize,
+    st: &BnStats,
+    gamma: &[f32],
+    beta: &[f32],
+    post: impl Fn(f32) -> f32 + Sync + Send,
+) -> Vec<f32> {
     let scale: Vec<f32> = (0..c).map(|j| (st.invstd[j] * gamma[j] as f64) as f32).collect();
     let mean: Vec<f32> = st.mean.iter().map(|&m| m as f32).collect();
     let rows = (1usize << 14).div_ceil(c).max(1) * c;
@@ -91,7 +98,11 @@ impl BnReluEval {
     /// From the running statistics and γ, β (host tensors).
     pub fn new(running_mean: &[f32], running_var: &[f32], gamma: &[f32], beta: &[f32]) -> BnReluEval {
         let mean = running_mean.to_vec();
-        let scale = running_var.iter().zip(gamma).map(|(&v, &g)| ((1.0 / (v as f64 + BN_EPS).sqrt()) * g as f64) as f32).collect();
+        let scale = running_var
+            .iter()
+            .zip(gamma)
+            .map(|(&v, &g)| ((1.0 / (v as f64 + BN_EPS).sqrt()) * g as f64) as f32)
+            .collect();
         BnReluEval { mean, scale, beta: beta.to_vec() }
     }
 
@@ -142,13 +153,23 @@ pub fn bn_backward_cpu(
 /// dy (each block of rows is masked into a block-local buffer, in cache, just before use),
 /// the same values as the composition.
 #[allow(clippy::too_many_arguments)]
-pub fn bn_backward_masked_cpu(x: &[f32], dy: &[f32], relu_out: Option<&[f32]>, c: usize, st: &BnStats, gamma: &[f32], train: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn bn_backward_masked_cpu(
+    x: &[f32],
+    dy: &[f32],
+    relu_out: Option<&[f32]>,
+    c: usize,
+    st: &BnStats,
+    gamma: &[f32],
+    train: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let m = x.len() / c;
     // dy of rows r0.., masked as relu's backward does, into `buf` (or dy itself unmasked).
     let rows_of = |r0: usize, n: usize, buf: &'_ mut Vec<f32>| -> Option<()> {
         let y = relu_out?;
         buf.clear();
-        buf.extend(dy[r0 * c..(r0 + n) * c].iter().zip(&y[r0 * c..(r0 + n) * c]).map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }));
+        buf.extend(
+            dy[r0 * c..(r0 + n) * c].iter().zip(&y[r0 * c..(r0 + n) * c]).map(|(&g, &y)| if y > 0.0 { g } else { 0.0 }),
+        );
         Some(())
     };
     let mean: Vec<f32> = st.mean.iter().map(|&v| v as f32).collect();
@@ -156,7 +177,11 @@ pub fn bn_backward_masked_cpu(x: &[f32], dy: &[f32], relu_out: Option<&[f32]>, c
     let acc = par_reduce_rows(m, 2 * c, |r, acc| {
         let mut part = vec![0.0f32; 2 * c];
         let mut gm = Vec::new();
-        for (b, (bx, bg)) in x[r.start * c..r.end * c].chunks(F32_BLOCK_ROWS * c).zip(dy[r.start * c..r.end * c].chunks(F32_BLOCK_ROWS * c)).enumerate() {
+        for (b, (bx, bg)) in x[r.start * c..r.end * c]
+            .chunks(F32_BLOCK_ROWS * c)
+            .zip(dy[r.start * c..r.end * c].chunks(F32_BLOCK_ROWS * c))
+            .enumerate()
+        {
             part.fill(0.0);
             let (sg, sgx) = part.split_at_mut(c);
             let bg = match rows_of(r.start + b * F32_BLOCK_ROWS, bx.len() / c, &mut gm) {
@@ -181,8 +206,11 @@ pub fn bn_backward_masked_cpu(x: &[f32], dy: &[f32], relu_out: Option<&[f32]>, c
     // u = −k·invstd·dγ / M and w = −k·dβ / M (the batch statistics' own gradient).
     let mf = m as f64;
     let k: Vec<f32> = (0..c).map(|j| (gamma[j] as f64 * st.invstd[j]) as f32).collect();
-    let u: Vec<f32> = (0..c).map(|j| if train { (-(gamma[j] as f64) * st.invstd[j] * st.invstd[j] * dgamma[j] / mf) as f32 } else { 0.0 }).collect();
-    let w: Vec<f32> = (0..c).map(|j| if train { (-(gamma[j] as f64) * st.invstd[j] * dbeta[j] / mf) as f32 } else { 0.0 }).collect();
+    let u: Vec<f32> = (0..c)
+        .map(|j| if train { (-(gamma[j] as f64) * st.invstd[j] * st.invstd[j] * dgamma[j] / mf) as f32 } else { 0.0 })
+        .collect();
+    let w: Vec<f32> =
+        (0..c).map(|j| if train { (-(gamma[j] as f64) * st.invstd[j] * dbeta[j] / mf) as f32 } else { 0.0 }).collect();
     let rows = (1usize << 14).div_ceil(c).max(1) * c;
     let dx = crate::cpu::par_build_init(x.len(), rows, Vec::new, |gm, bi, db| {
         let i0 = bi * rows;
@@ -217,7 +245,13 @@ pub fn batch_norm(
     running_var: &Tensor,
 ) -> Result<(Var, Option<BnUpdate>)> {
     let c = *x.shape().last().unwrap_or(&0);
-    ensure!(c > 0 && gamma.shape() == [c] && beta.shape() == [c], "batch_norm: {} channels but γ {:?}, β {:?}", c, gamma.shape(), beta.shape());
+    ensure!(
+        c > 0 && gamma.shape() == [c] && beta.shape() == [c],
+        "batch_norm: {} channels but γ {:?}, β {:?}",
+        c,
+        gamma.shape(),
+        beta.shape()
+    );
     if x.value.is_cuda() {
         return batch_norm_cuda(g, x, gamma, beta, running_mean, running_var);
     }
@@ -225,7 +259,11 @@ pub fn batch_norm(
     let m = xs.len() / c;
     let train = g.is_training();
     let (st, update) = batch_stats_or_running(xs, c, m, train, running_mean, running_var, x.shape())?;
-    let y = crate::profile::time("batch_norm forward", || format!("{m}x{c}"), || bn_apply_cpu(xs, c, &st, gamma.value.f32s(), beta.value.f32s()));
+    let y = crate::profile::time(
+        "batch_norm forward",
+        || format!("{m}x{c}"),
+        || bn_apply_cpu(xs, c, &st, gamma.value.f32s(), beta.value.f32s()),
+    );
     let out = Tensor::from_f32(x.shape(), y);
     let (xv, gv) = (x.value.clone(), gamma.value.clone());
     let var = g.record("batch_norm", out, &[x, gamma, beta], move |dy| {
@@ -241,13 +279,31 @@ pub fn batch_norm(
 
 /// Training: the batch's statistics and the updated running statistics; eval: the running
 /// statistics as `BnStats`.
-fn batch_stats_or_running(xs: &[f32], c: usize, m: usize, train: bool, running_mean: &Tensor, running_var: &Tensor, shape: &[usize]) -> Result<(BnStats, Option<BnUpdate>)> {
+fn batch_stats_or_running(
+    xs: &[f32],
+    c: usize,
+    m: usize,
+    train: bool,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    shape: &[usize],
+) -> Result<(BnStats, Option<BnUpdate>)> {
     Ok(if train {
         ensure!(m > 1, "batch_norm: training needs more than one value per channel, input shape {shape:?}");
         let st = crate::profile::time("batch_norm stats", || format!("{m}x{c}"), || batch_stats_cpu(xs, c, BN_EPS));
         let unbias = m as f64 / (m as f64 - 1.0);
-        let rm = running_mean.f32s().iter().zip(&st.mean).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b) as f32).collect();
-        let rv = running_var.f32s().iter().zip(&st.var).map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b * unbias) as f32).collect();
+        let rm = running_mean
+            .f32s()
+            .iter()
+            .zip(&st.mean)
+            .map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b) as f32)
+            .collect();
+        let rv = running_var
+            .f32s()
+            .iter()
+            .zip(&st.var)
+            .map(|(&r, &b)| ((1.0 - BN_MOMENTUM) * r as f64 + BN_MOMENTUM * b * unbias) as f32)
+            .collect();
         (st, Some(BnUpdate { running_mean: Tensor::from_f32(&[c], rm), running_var: Tensor::from_f32(&[c], rv) }))
     } else {
         let mean = running_mean.f32s().iter().map(|&v| v as f64).collect();
@@ -261,32 +317,62 @@ fn batch_stats_or_running(xs: &[f32], c: usize, m: usize, train: bool, running_m
 /// `relu_forward_cpu`), and the backward masks dy inside BatchNorm's backward
 /// (`bn_backward_masked_cpu`): two passes over the activation fewer than the composition,
 /// with its bits. On the device: the composition.
-pub fn batch_norm_relu(g: &Graph, x: &Var, gamma: &Var, beta: &Var, running_mean: &Tensor, running_var: &Tensor) -> Result<(Var, Option<BnUpdate>)> {
+pub fn batch_norm_relu(
+    g: &Graph,
+    x: &Var,
+    gamma: &Var,
+    beta: &Var,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+) -> Result<(Var, Option<BnUpdate>)> {
     if x.value.is_cuda() {
         let (y, update) = batch_norm(g, x, gamma, beta, running_mean, running_var)?;
         return Ok((crate::ops::relu(g, &y)?, update));
     }
     let c = *x.shape().last().unwrap_or(&0);
-    ensure!(c > 0 && gamma.shape() == [c] && beta.shape() == [c], "batch_norm: {} channels but γ {:?}, β {:?}", c, gamma.shape(), beta.shape());
+    ensure!(
+        c > 0 && gamma.shape() == [c] && beta.shape() == [c],
+        "batch_norm: {} channels but γ {:?}, β {:?}",
+        c,
+        gamma.shape(),
+        beta.shape()
+    );
     let xs = x.value.f32s();
     let m = xs.len() / c;
     let train = g.is_training();
     let (st, update) = batch_stats_or_running(xs, c, m, train, running_mean, running_var, x.shape())?;
     // ReLU as `relu_forward_cpu` writes it.
     let relu = |v: f32| if v > 0.0 { v } else { 0.0 };
-    let y = crate::profile::time("batch_norm_relu forward", || format!("{m}x{c}"), || bn_apply_then(xs, c, &st, gamma.value.f32s(), beta.value.f32s(), relu));
+    let y = crate::profile::time(
+        "batch_norm_relu forward",
+        || format!("{m}x{c}"),
+        || bn_apply_then(xs, c, &st, gamma.value.f32s(), beta.value.f32s(), relu),
+    );
     let out = Tensor::from_f32(x.shape(), y);
     let (xv, gv, yv) = (x.value.clone(), gamma.value.clone(), g.needs_grad(&[x, gamma, beta]).then(|| out.clone()));
     let var = g.record("batch_norm_relu", out, &[x, gamma, beta], move |dy| {
         let y = yv.expect("saved output");
-        let (dx, dg, db) = crate::profile::time("batch_norm_relu backward", String::new, || bn_backward_masked_cpu(xv.f32s(), dy.f32s(), Some(y.f32s()), c, &st, gv.f32s(), train));
-        Ok(vec![Some(Tensor::from_f32(xv.shape(), dx)), Some(Tensor::from_f32(&[c], dg)), Some(Tensor::from_f32(&[c], db))])
+        let (dx, dg, db) = crate::profile::time("batch_norm_relu backward", String::new, || {
+            bn_backward_masked_cpu(xv.f32s(), dy.f32s(), Some(y.f32s()), c, &st, gv.f32s(), train)
+        });
+        Ok(vec![
+            Some(Tensor::from_f32(xv.shape(), dx)),
+            Some(Tensor::from_f32(&[c], dg)),
+            Some(Tensor::from_f32(&[c], db)),
+        ])
     });
     Ok((var, update))
 }
 
 /// `batch_norm` on a CUDA tensor: statistics, running statistics and gradients stay on the device.
-fn batch_norm_cuda(g: &Graph, x: &Var, gamma: &Var, beta: &Var, running_mean: &Tensor, running_var: &Tensor) -> Result<(Var, Option<BnUpdate>)> {
+fn batch_norm_cuda(
+    g: &Graph,
+    x: &Var,
+    gamma: &Var,
+    beta: &Var,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+) -> Result<(Var, Option<BnUpdate>)> {
     use crate::cuda::ops::batchnorm as bn;
     let c = *x.shape().last().unwrap_or(&0);
     let m = x.value.numel() / c;

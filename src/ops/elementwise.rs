@@ -23,7 +23,10 @@ pub fn relu(g: &Graph, x: &Var) -> Result<Var> {
     let y = if x.value.is_cuda() {
         cuda::ops::elementwise::relu_forward(&x.value)?
     } else {
-        Tensor::from_f32(x.shape(), crate::profile::time("relu forward", String::new, || relu_forward_cpu(x.value.f32s())))
+        Tensor::from_f32(
+            x.shape(),
+            crate::profile::time("relu forward", String::new, || relu_forward_cpu(x.value.f32s())),
+        )
     };
     let saved = g.needs_grad(&[x]).then(|| y.clone());
     Ok(g.record("relu", y, &[x], move |dy| {
@@ -51,5 +54,8 @@ pub fn add_tensors(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.is_cuda() {
         return cuda::ops::elementwise::add(a, b);
     }
-    Ok(Tensor::from_f32(a.shape(), crate::profile::time("add forward", String::new, || add_forward_cpu(a.f32s(), b.f32s()))))
+    Ok(Tensor::from_f32(
+        a.shape(),
+        crate::profile::time("add forward", String::new, || add_forward_cpu(a.f32s(), b.f32s())),
+    ))
 }

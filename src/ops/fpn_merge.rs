@@ -34,23 +34,44 @@ pub fn fused_for(dtype: crate::tensor::DType, c: usize) -> bool {
 pub fn fpn_merge(g: &Graph, f: &Var, w: &Var, b: &Var, up: &Var) -> Result<Var> {
     let v = Vol::of(&f.value);
     let ws = w.shape();
-    ensure!(ws.len() == 5 && ws[1] == 1 && ws[2] == 1 && ws[3] == 1 && ws[4] == v.c, "fpn_merge: skip weight {ws:?} is not a 1x1x1 convolution of {} channels", v.c);
+    ensure!(
+        ws.len() == 5 && ws[1] == 1 && ws[2] == 1 && ws[3] == 1 && ws[4] == v.c,
+        "fpn_merge: skip weight {ws:?} is not a 1x1x1 convolution of {} channels",
+        v.c
+    );
     let co = ws[0];
     let us = up.shape().to_vec();
-    ensure!(us.len() == 5 && us[0] == v.n && us[4] == co, "fpn_merge: up block output {us:?} does not match the skip feature {:?} -> {co} channels", f.shape());
+    ensure!(
+        us.len() == 5 && us[0] == v.n && us[4] == co,
+        "fpn_merge: up block output {us:?} does not match the skip feature {:?} -> {co} channels",
+        f.shape()
+    );
     // fused_for implies the tensor-core path (bf16, C a multiple of 16).
     let fused = f.value.is_cuda() && up.value.dtype() == f.value.dtype() && fused_for(f.value.dtype(), v.c);
     if !fused && !g.is_recording() && !f.value.is_cuda() && !up.value.is_cuda() {
-        ensure!(v.x <= 2 * us[1] && v.y <= 2 * us[2] && v.z <= 2 * us[3], "fpn_merge: {:?} does not upsample to {:?}", up.shape(), f.shape());
+        ensure!(
+            v.x <= 2 * us[1] && v.y <= 2 * us[2] && v.z <= 2 * us[3],
+            "fpn_merge: {:?} does not upsample to {:?}",
+            up.shape(),
+            f.shape()
+        );
         let vu = Vol { n: us[0], x: us[1], y: us[2], z: us[3], c: co };
-        return Ok(Var::constant(Tensor::from_f32(&v.with_c(co).shape(), merge_inference_cpu(f.value.f32s(), v, w.value.f32s(), b.value.f32s(), up.value.f32s(), vu))));
+        return Ok(Var::constant(Tensor::from_f32(
+            &v.with_c(co).shape(),
+            merge_inference_cpu(f.value.f32s(), v, w.value.f32s(), b.value.f32s(), up.value.f32s(), vu),
+        )));
     }
     if !fused {
         let up = ops::upsample2_crop(g, up, [v.x, v.y, v.z])?;
         let sk = ops::conv3d(g, f, w, Some(b))?;
         return ops::add(g, &up, &sk);
     }
-    ensure!(v.x <= 2 * us[1] && v.y <= 2 * us[2] && v.z <= 2 * us[3], "fpn_merge: {:?} does not upsample to {:?}", up.shape(), f.shape());
+    ensure!(
+        v.x <= 2 * us[1] && v.y <= 2 * us[2] && v.z <= 2 * us[3],
+        "fpn_merge: {:?} does not upsample to {:?}",
+        up.shape(),
+        f.shape()
+    );
     use cuda::ops::conv3d::{self as conv, Fusion};
     let fu = Fusion { upsampled_residual: Some(&up.value), ..Fusion::default() };
     let (y, _) = conv::forward_fused(&f.value, v, &w.value, Some(&b.value), co, 1, fu)?;
@@ -72,7 +93,11 @@ pub fn fpn_merge(g: &Graph, f: &Var, w: &Var, b: &Var, up: &Var) -> Result<Var> 
 pub fn merge_inference_cpu(f: &[f32], v: Vol, w: &[f32], b: &[f32], up: &[f32], vu: Vol) -> Vec<f32> {
     use rayon::prelude::*;
     let co = vu.c;
-    let mut y = crate::profile::time("conv3d forward", || format!("k1 {}x{}x{}x{} {}->{}", v.n, v.x, v.y, v.z, v.c, co), || ops::conv3d::conv3d_forward_cpu(f, v, w, Some(b), co, 1));
+    let mut y = crate::profile::time(
+        "conv3d forward",
+        || format!("k1 {}x{}x{}x{} {}->{}", v.n, v.x, v.y, v.z, v.c, co),
+        || ops::conv3d::conv3d_forward_cpu(f, v, w, Some(b), co, 1),
+    );
     crate::profile::time("fpn merge add (upsampled, in place)", String::new, || {
         y.par_chunks_mut(v.z * co).enumerate().for_each(|(r, line)| {
             let (yi, xi, nb) = (r % v.y, (r / v.y) % v.x, r / (v.y * v.x));

@@ -14,14 +14,25 @@ use crate::tensor::{Tensor, Vol};
 
 /// Flat voxel index of each pair at level `shift`, checked against the volume.
 fn voxel_offsets(v: Vol, batch: &[i64], voxels: &[i64], shift: u32) -> Result<Vec<usize>> {
-    ensure!(voxels.len() == 3 * batch.len(), "gather_voxels: {} batch indices but {} coordinates", batch.len(), voxels.len());
+    ensure!(
+        voxels.len() == 3 * batch.len(),
+        "gather_voxels: {} batch indices but {} coordinates",
+        batch.len(),
+        voxels.len()
+    );
     let mut out = Vec::with_capacity(batch.len());
     for (p, &b) in batch.iter().enumerate() {
         let c = &voxels[3 * p..3 * p + 3];
         ensure!(b >= 0 && (b as usize) < v.n, "gather_voxels: pair {p} has patch index {b}, batch is {}", v.n);
         ensure!(c.iter().all(|&q| q >= 0), "gather_voxels: pair {p} has a negative coordinate {c:?}");
         let (x, y, z) = ((c[0] >> shift) as usize, (c[1] >> shift) as usize, (c[2] >> shift) as usize);
-        ensure!(x < v.x && y < v.y && z < v.z, "gather_voxels: pair {p} at {c:?} lies outside level {shift} of extent ({}, {}, {})", v.x, v.y, v.z);
+        ensure!(
+            x < v.x && y < v.y && z < v.z,
+            "gather_voxels: pair {p} at {c:?} lies outside level {shift} of extent ({}, {}, {})",
+            v.x,
+            v.y,
+            v.z
+        );
         out.push(((b as usize * v.x + x) * v.y + y) * v.z + z);
     }
     Ok(out)
@@ -40,7 +51,8 @@ pub fn gather_voxels(g: &Graph, f: &Var, batch: &[i64], voxels: &[i64], shift: u
         let p = batch.len();
         let out = gpu::gather_rows(&f.value, &offs, p, c)?;
         let dt = f.value.dtype();
-        let seg = g.needs_grad(&[f]).then(|| gpu::segments(&dev, &offs_host, batch.len().min(v.voxels()))).transpose()?;
+        let seg =
+            g.needs_grad(&[f]).then(|| gpu::segments(&dev, &offs_host, batch.len().min(v.voxels()))).transpose()?;
         return Ok(g.record("gather_voxels", out, &[f], move |dy| {
             let seg = seg.expect("segments kept for backward");
             Ok(vec![Some(gpu::scatter_segments(&crate::cuda::cast(&dy, crate::tensor::DType::F32)?, &seg, v, dt)?)])
@@ -67,14 +79,19 @@ pub fn gather_voxels(g: &Graph, f: &Var, batch: &[i64], voxels: &[i64], shift: u
 pub fn concat_channels(g: &Graph, parts: &[Var]) -> Result<Var> {
     ensure!(!parts.is_empty(), "concat_channels: nothing to concatenate");
     let p = parts[0].shape()[0];
-    ensure!(parts.iter().all(|v| v.shape().len() == 2 && v.shape()[0] == p), "concat_channels: parts must be [P, C] with one P");
+    ensure!(
+        parts.iter().all(|v| v.shape().len() == 2 && v.shape()[0] == p),
+        "concat_channels: parts must be [P, C] with one P"
+    );
     let widths: Vec<usize> = parts.iter().map(|v| v.shape()[1]).collect();
     let total: usize = widths.iter().sum();
     if parts[0].value.is_cuda() {
         use crate::cuda::ops::gather as gpu;
         let out = gpu::concat(&parts.iter().map(|v| &v.value).collect::<Vec<_>>())?;
         let refs: Vec<&Var> = parts.iter().collect();
-        return Ok(g.record("concat_channels", out, &refs, move |dy| Ok(gpu::split(&dy, &widths)?.into_iter().map(Some).collect())));
+        return Ok(g.record("concat_channels", out, &refs, move |dy| {
+            Ok(gpu::split(&dy, &widths)?.into_iter().map(Some).collect())
+        }));
     }
     let mut out = vec![0.0f32; p * total];
     let mut off = 0;

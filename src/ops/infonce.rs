@@ -129,7 +129,12 @@ pub fn infonce(g: &Graph, e1: &Var, e2: &Var, temperature: f64) -> Result<Var> {
 /// GPU take its tensor-core kernels (bf16x3 products, within ~1e-5 of fp32 in the logits);
 /// the CPU is always exact.
 pub fn infonce_with(g: &Graph, e1: &Var, e2: &Var, temperature: f64, math: MatmulMath) -> Result<Var> {
-    ensure!(e1.shape().len() == 2 && e1.shape() == e2.shape(), "infonce: embeddings {:?} and {:?} must be equal [N, D]", e1.shape(), e2.shape());
+    ensure!(
+        e1.shape().len() == 2 && e1.shape() == e2.shape(),
+        "infonce: embeddings {:?} and {:?} must be equal [N, D]",
+        e1.shape(),
+        e2.shape()
+    );
     let (n, d) = (e1.shape()[0], e1.shape()[1]);
     ensure!(n >= 2, "infonce: needs at least 2 positive pairs, found {n}");
     if e1.value.is_cuda() {
@@ -194,17 +199,29 @@ pub fn signal_cpu(e1: &[f32], e2: &[f32], n: usize, d: usize) -> Signal {
     let correct = |anchors: &[f32], others: &[f32]| -> usize {
         let mut s = vec![0.0f32; a * n];
         par_gemm(a, d, n, Mat::rows(&anchors[..a * d], d), Mat::rows_t(others, d), 0.0, &mut s);
-        s.par_chunks(n).enumerate().filter(|(i, row)| row.iter().enumerate().all(|(j, &v)| j == *i || v < row[*i])).count()
+        s.par_chunks(n)
+            .enumerate()
+            .filter(|(i, row)| row.iter().enumerate().all(|(j, &v)| j == *i || v < row[*i]))
+            .count()
     };
     let hits = correct(e1, e2) + correct(e2, e1);
     let pairs = n as f64 * (n as f64 - 1.0);
-    Signal { top1: hits as f64 / (2 * a) as f64, pos_sim: pos / n as f64, neg_sim: if n > 1 { (total - pos) / pairs } else { f64::NAN } }
+    Signal {
+        top1: hits as f64 / (2 * a) as f64,
+        pos_sim: pos / n as f64,
+        neg_sim: if n > 1 { (total - pos) / pairs } else { f64::NAN },
+    }
 }
 
 /// The signal of e1, e2 where they live (on a CUDA device: `cuda::ops::infonce::signal`, one
 /// small read). Unit rows expected.
 pub fn signal(e1: &Tensor, e2: &Tensor) -> Result<Signal> {
-    ensure!(e1.shape().len() == 2 && e1.shape() == e2.shape(), "signal: embeddings {:?} and {:?} must be equal [N, D]", e1.shape(), e2.shape());
+    ensure!(
+        e1.shape().len() == 2 && e1.shape() == e2.shape(),
+        "signal: embeddings {:?} and {:?} must be equal [N, D]",
+        e1.shape(),
+        e2.shape()
+    );
     let (n, d) = (e1.shape()[0], e1.shape()[1]);
     if e1.is_cuda() {
         return crate::cuda::ops::infonce::signal(e1, e2, n, d)?.read();
@@ -240,7 +257,8 @@ mod signal_tests {
     }
 
     fn unit_rows(rng: &mut rand::rngs::StdRng, base: Option<&[f32]>, n: usize, d: usize, noise: f32) -> Vec<f32> {
-        let mut v: Vec<f32> = (0..n * d).map(|k| base.map_or(0.0, |b| b[k]) + noise * rng.random_range(-1.0..1.0f32)).collect();
+        let mut v: Vec<f32> =
+            (0..n * d).map(|k| base.map_or(0.0, |b| b[k]) + noise * rng.random_range(-1.0..1.0f32)).collect();
         for r in v.chunks_mut(d) {
             let s = r.iter().map(|x| x * x).sum::<f32>().sqrt();
             r.iter_mut().for_each(|x| *x /= s);
@@ -256,7 +274,10 @@ mod signal_tests {
             let e2 = unit_rows(&mut rng, Some(&e1), n, d, noise);
             let (got, want) = (signal_cpu(&e1, &e2, n, d), brute(&e1, &e2, n, d));
             assert!((got.top1 - want.top1).abs() < 1e-12, "n {n}: top-1 {} vs {}", got.top1, want.top1);
-            assert!((got.pos_sim - want.pos_sim).abs() < 1e-5 && (got.neg_sim - want.neg_sim).abs() < 1e-5, "n {n}: {got:?} vs {want:?}");
+            assert!(
+                (got.pos_sim - want.pos_sim).abs() < 1e-5 && (got.neg_sim - want.neg_sim).abs() < 1e-5,
+                "n {n}: {got:?} vs {want:?}"
+            );
         }
         // Identical pairs: every anchor finds itself; a collapsed embedding (all rows equal)
         // finds nothing (ties are not hits).

@@ -17,7 +17,14 @@ pub fn linear_forward_cpu(x: &[f32], n: usize, fin: usize, w: &[f32], b: Option<
 }
 
 /// (dx, dW, db).
-pub fn linear_backward_cpu(x: &[f32], dy: &[f32], n: usize, fin: usize, w: &[f32], fout: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn linear_backward_cpu(
+    x: &[f32],
+    dy: &[f32],
+    n: usize,
+    fin: usize,
+    w: &[f32],
+    fout: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut dx = vec![0.0f32; n * fin];
     par_gemm(n, fout, fin, Mat::rows(dy, fout), Mat::rows(w, fin), 0.0, &mut dx);
     let mut dw = vec![0.0f32; fout * fin];

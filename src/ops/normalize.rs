@@ -46,9 +46,13 @@ pub fn l2_normalize_rows(g: &Graph, x: &Var) -> Result<Var> {
     if x.value.is_cuda() {
         let y = crate::cuda::ops::normalize::forward(&x.value, d)?;
         let xv = x.value.clone();
-        return Ok(g.record("l2_normalize_rows", y, &[x], move |dy| Ok(vec![Some(crate::cuda::ops::normalize::backward(&xv, &dy, d)?)])));
+        return Ok(g.record("l2_normalize_rows", y, &[x], move |dy| {
+            Ok(vec![Some(crate::cuda::ops::normalize::backward(&xv, &dy, d)?)])
+        }));
     }
     let y = Tensor::from_f32(x.shape(), l2_normalize_forward_cpu(x.value.f32s(), d));
     let xv = x.value.clone();
-    Ok(g.record("l2_normalize_rows", y, &[x], move |dy| Ok(vec![Some(Tensor::from_f32(xv.shape(), l2_normalize_backward_cpu(xv.f32s(), dy.f32s(), d)))])))
+    Ok(g.record("l2_normalize_rows", y, &[x], move |dy| {
+        Ok(vec![Some(Tensor::from_f32(xv.shape(), l2_normalize_backward_cpu(xv.f32s(), dy.f32s(), d)))])
+    }))
 }

@@ -123,16 +123,27 @@ mod tests {
     #[test]
     fn forward_matches_the_elementwise_definition_with_ties_and_nans() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for v in [Vol { n: 2, x: 5, y: 4, z: 3, c: 7 }, Vol { n: 1, x: 1, y: 3, z: 6, c: 16 }, Vol { n: 1, x: 4, y: 4, z: 4, c: 1 }] {
-            let x: Vec<f32> = (0..v.voxels() * v.c).map(|_| if rng.random_range(0..20) == 0 { f32::NAN } else { rng.random_range(-2..3) as f32 }).collect();
+        for v in [
+            Vol { n: 2, x: 5, y: 4, z: 3, c: 7 },
+            Vol { n: 1, x: 1, y: 3, z: 6, c: 16 },
+            Vol { n: 1, x: 4, y: 4, z: 4, c: 1 },
+        ] {
+            let x: Vec<f32> = (0..v.voxels() * v.c)
+                .map(|_| if rng.random_range(0..20) == 0 { f32::NAN } else { rng.random_range(-2..3) as f32 })
+                .collect();
             let (y, arg) = maxpool2_forward_cpu(&x, v);
             let o = Vol { x: pooled_extent(v.x), y: pooled_extent(v.y), z: pooled_extent(v.z), ..v };
             for n in 0..v.n {
-                for (ox, oy, oz) in (0..o.x).flat_map(|a| (0..o.y).flat_map(move |b| (0..o.z).map(move |c| (a, b, c)))) {
+                for (ox, oy, oz) in (0..o.x).flat_map(|a| (0..o.y).flat_map(move |b| (0..o.z).map(move |c| (a, b, c))))
+                {
                     for ch in 0..v.c {
                         let mut best: Option<(f32, u8)> = None;
                         for off in 0..8u8 {
-                            let (xi, yi, zi) = (2 * ox + (off as usize >> 2), 2 * oy + ((off as usize >> 1) & 1), 2 * oz + (off as usize & 1));
+                            let (xi, yi, zi) = (
+                                2 * ox + (off as usize >> 2),
+                                2 * oy + ((off as usize >> 1) & 1),
+                                2 * oz + (off as usize & 1),
+                            );
                             if xi >= v.x || yi >= v.y || zi >= v.z {
                                 continue;
                             }
@@ -143,7 +154,11 @@ mod tests {
                         }
                         let (b, off) = best.unwrap();
                         let i = (((n * o.x + ox) * o.y + oy) * o.z + oz) * v.c + ch;
-                        assert_eq!((y[i].to_bits(), arg[i]), (b.to_bits(), off), "{v:?} output ({n}, {ox}, {oy}, {oz}, {ch})");
+                        assert_eq!(
+                            (y[i].to_bits(), arg[i]),
+                            (b.to_bits(), off),
+                            "{v:?} output ({n}, {ox}, {oy}, {oz}, {ch})"
+                        );
                     }
                 }
             }

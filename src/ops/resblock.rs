@@ -62,10 +62,18 @@ pub fn resblock_train_cuda_with(g: &Graph, x: &Var, p: ResBlockVars, fused: bool
     ensure!(x.value.is_cuda(), "resblock_train_cuda needs a device tensor");
     let v = Vol::of(&x.value);
     let (cin, mid, cout, k) = (v.c, p.w2.shape()[0], p.w5.shape()[0], p.w2.shape()[1]);
-    ensure!(p.w2.shape()[4] == cin && p.w5.shape()[4] == mid, "resblock: weights {:?}, {:?} do not chain from {cin} channels", p.w2.shape(), p.w5.shape());
+    ensure!(
+        p.w2.shape()[4] == cin && p.w5.shape()[4] == mid,
+        "resblock: weights {:?}, {:?} do not chain from {cin} channels",
+        p.w2.shape(),
+        p.w5.shape()
+    );
     ensure!(v.voxels() > 1, "batch_norm: training needs more than one value per channel, input shape {:?}", x.shape());
     if fused {
-        ensure!(conv::tensor_cores_for(x.value.dtype(), cin) && conv::tensor_cores_for(x.value.dtype(), mid), "fused resblock needs bf16 activations and multiples of 16 channels ({cin} -> {mid})");
+        ensure!(
+            conv::tensor_cores_for(x.value.dtype(), cin) && conv::tensor_cores_for(x.value.dtype(), mid),
+            "fused resblock needs bf16 activations and multiples of 16 channels ({cin} -> {mid})"
+        );
         return resblock_fused(g, x, p, v, mid, cout, k);
     }
     let vm = v.with_c(mid);
@@ -87,7 +95,14 @@ pub fn resblock_train_cuda_with(g: &Graph, x: &Var, p: ResBlockVars, fused: bool
     let inputs = recorded_inputs(x, &p);
     let need_dx = x.tracked();
     let xs = x.value.clone();
-    let (g0, b0, w2, g3, b3, w5) = (p.gamma0.value.clone(), p.beta0.value.clone(), p.w2.value.clone(), p.gamma3.value.clone(), p.beta3.value.clone(), p.w5.value.clone());
+    let (g0, b0, w2, g3, b3, w5) = (
+        p.gamma0.value.clone(),
+        p.beta0.value.clone(),
+        p.w2.value.clone(),
+        p.gamma3.value.clone(),
+        p.beta3.value.clone(),
+        p.w5.value.clone(),
+    );
     let skip_w = p.skip.as_ref().map(|(w, _)| w.value.clone());
     let out = g.record("resblock", y, &inputs, move |dy| {
         let dt = xs.dtype();
@@ -159,7 +174,12 @@ pub fn resblock_eval_cuda_with(x: &Tensor, p: ResBlockParams, fused: bool) -> Re
     ensure!(x.is_cuda(), "resblock_eval_cuda needs a device tensor");
     let v = Vol::of(x);
     let (cin, mid, cout, k) = (v.c, p.w2.shape()[0], p.w5.shape()[0], p.w2.shape()[1]);
-    ensure!(p.w2.shape()[4] == cin && p.w5.shape()[4] == mid, "resblock: weights {:?}, {:?} do not chain from {cin} channels", p.w2.shape(), p.w5.shape());
+    ensure!(
+        p.w2.shape()[4] == cin && p.w5.shape()[4] == mid,
+        "resblock: weights {:?}, {:?} do not chain from {cin} channels",
+        p.w2.shape(),
+        p.w5.shape()
+    );
     let vm = v.with_c(mid);
     let st0 = bn::eval_stats(p.running0.0, p.running0.1, BN_EPS)?;
     let st3 = bn::eval_stats(p.running3.0, p.running3.1, BN_EPS)?;
@@ -169,11 +189,30 @@ pub fn resblock_eval_cuda_with(x: &Tensor, p: ResBlockParams, fused: bool) -> Re
     };
     let residual = skip_out.as_ref().unwrap_or(x);
     if fused {
-        ensure!(conv::tensor_cores_for(x.dtype(), cin) && conv::tensor_cores_for(x.dtype(), mid), "fused resblock needs bf16 activations and multiples of 16 channels ({cin} -> {mid})");
+        ensure!(
+            conv::tensor_cores_for(x.dtype(), cin) && conv::tensor_cores_for(x.dtype(), mid),
+            "fused resblock needs bf16 activations and multiples of 16 channels ({cin} -> {mid})"
+        );
         let t0 = bn::affine_table(&st0, p.gamma0, p.beta0, cin)?;
-        let (h1, _) = conv::forward_fused(x, v, p.w2, Some(p.b2), mid, k, Fusion { input_bn_relu: Some(&t0), ..Fusion::default() })?;
+        let (h1, _) = conv::forward_fused(
+            x,
+            v,
+            p.w2,
+            Some(p.b2),
+            mid,
+            k,
+            Fusion { input_bn_relu: Some(&t0), ..Fusion::default() },
+        )?;
         let t3 = bn::affine_table(&st3, p.gamma3, p.beta3, mid)?;
-        let (y, _) = conv::forward_fused(&h1, vm, p.w5, Some(p.b5), cout, k, Fusion { input_bn_relu: Some(&t3), residual: Some(residual), ..Fusion::default() })?;
+        let (y, _) = conv::forward_fused(
+            &h1,
+            vm,
+            p.w5,
+            Some(p.b5),
+            cout,
+            k,
+            Fusion { input_bn_relu: Some(&t3), residual: Some(residual), ..Fusion::default() },
+        )?;
         return Ok(y);
     }
     let a1 = bn::apply_relu(x, cin, &st0, p.gamma0, p.beta0)?;
@@ -216,14 +255,31 @@ pub fn fusion_for(dtype: crate::tensor::DType, cin: usize, mid: usize) -> bool {
 
 /// The fused ResBlock (see the module comment): the same values as the unfused op up to where
 /// it rounds (y once instead of twice; the BatchNorm sums in f32 per brick, then f64).
-fn resblock_fused(g: &Graph, x: &Var, p: ResBlockVars, v: Vol, mid: usize, cout: usize, k: usize) -> Result<(Var, [BnUpdate; 2])> {
+fn resblock_fused(
+    g: &Graph,
+    x: &Var,
+    p: ResBlockVars,
+    v: Vol,
+    mid: usize,
+    cout: usize,
+    k: usize,
+) -> Result<(Var, [BnUpdate; 2])> {
     let (cin, vm) = (v.c, v.with_c(mid));
     let (st0, rm0, rv0) = bn::train_stats(&x.value, cin, BN_EPS, BN_MOMENTUM, p.running0.0, p.running0.1)?;
     let t0 = bn::affine_table(&st0, &p.gamma0.value, &p.beta0.value, cin)?;
     let moments = Fusion { input_bn_relu: Some(&t0), partials: true, ..Fusion::default() };
     let (h1, part1) = conv::forward_fused(&x.value, v, &p.w2.value, Some(&p.b2.value), mid, k, moments)?;
     let part1 = part1.expect("asked for partials");
-    let (st3, rm3, rv3) = bn::train_stats_from_partials(&part1, mid, v.voxels(), Some(&p.b2.value), BN_EPS, BN_MOMENTUM, p.running3.0, p.running3.1)?;
+    let (st3, rm3, rv3) = bn::train_stats_from_partials(
+        &part1,
+        mid,
+        v.voxels(),
+        Some(&p.b2.value),
+        BN_EPS,
+        BN_MOMENTUM,
+        p.running3.0,
+        p.running3.1,
+    )?;
     drop(part1);
     let t3 = bn::affine_table(&st3, &p.gamma3.value, &p.beta3.value, mid)?;
     let skip_out = match &p.skip {
@@ -231,7 +287,15 @@ fn resblock_fused(g: &Graph, x: &Var, p: ResBlockVars, v: Vol, mid: usize, cout:
         None => None,
     };
     let residual = skip_out.as_ref().unwrap_or(&x.value);
-    let (y, _) = conv::forward_fused(&h1, vm, &p.w5.value, Some(&p.b5.value), cout, k, Fusion { input_bn_relu: Some(&t3), residual: Some(residual), ..Fusion::default() })?;
+    let (y, _) = conv::forward_fused(
+        &h1,
+        vm,
+        &p.w5.value,
+        Some(&p.b5.value),
+        cout,
+        k,
+        Fusion { input_bn_relu: Some(&t3), residual: Some(residual), ..Fusion::default() },
+    )?;
     drop(skip_out);
     let updates = [BnUpdate { running_mean: rm0, running_var: rv0 }, BnUpdate { running_mean: rm3, running_var: rv3 }];
 
@@ -252,7 +316,17 @@ fn resblock_fused(g: &Graph, x: &Var, p: ResBlockVars, v: Vol, mid: usize, cout:
             Some(w) => {
                 let dxs = conv::backward_input(&dy, vm.with_c(cout), w, cin, 1, xs.dtype())?;
                 let (aw, ab) = (take(&mut acc[9], w.shape(), F32), take(&mut acc[10], &[cout], F32));
-                (Some(dxs), Some(conv::backward_weight_acc(&xs, v, &dy, cout, 1, conv::WeightAcc { w: aw.as_ref(), b: ab.as_ref() })?))
+                (
+                    Some(dxs),
+                    Some(conv::backward_weight_acc(
+                        &xs,
+                        v,
+                        &dy,
+                        cout,
+                        1,
+                        conv::WeightAcc { w: aw.as_ref(), b: ab.as_ref() },
+                    )?),
+                )
             }
             None => (None, None),
         };
@@ -260,16 +334,41 @@ fn resblock_fused(g: &Graph, x: &Var, p: ResBlockVars, v: Vol, mid: usize, cout:
         // a3 = relu(bn3(h1)) recomputed in the halo.
         let mask3 = Fusion { relu_mask: Some((&h1, &t3)), partials: true, ..Fusion::default() };
         let (d_h3, sums3) = conv::backward_input_fused(&dy, vm.with_c(cout), &w5, mid, k, mask3)?;
-        let (dw5, db5) = conv::backward_weight_bn_relu(&h1, vm, &t3, &dy, cout, k, conv::WeightAcc { w: aw5.as_ref(), b: ab5.as_ref() })?;
-        let (d_h1, dg3, db3) = bn::backward_from_partials(&h1, &d_h3, &sums3.expect("asked for partials"), mid, &st3, &g3, None)?;
+        let (dw5, db5) = conv::backward_weight_bn_relu(
+            &h1,
+            vm,
+            &t3,
+            &dy,
+            cout,
+            k,
+            conv::WeightAcc { w: aw5.as_ref(), b: ab5.as_ref() },
+        )?;
+        let (d_h1, dg3, db3) =
+            bn::backward_from_partials(&h1, &d_h3, &sums3.expect("asked for partials"), mid, &st3, &g3, None)?;
         drop(d_h3);
         // conv2, then bn0's backward with the skip gradient (dy itself for an identity skip).
         let mask0 = Fusion { relu_mask: Some((&xs, &t0)), partials: true, ..Fusion::default() };
         let (d_h0, sums0) = conv::backward_input_fused(&d_h1, vm, &w2, cin, k, mask0)?;
-        let (dw2, db2) = conv::backward_weight_bn_relu(&xs, v, &t0, &d_h1, mid, k, conv::WeightAcc { w: aw2.as_ref(), b: ab2.as_ref() })?;
+        let (dw2, db2) = conv::backward_weight_bn_relu(
+            &xs,
+            v,
+            &t0,
+            &d_h1,
+            mid,
+            k,
+            conv::WeightAcc { w: aw2.as_ref(), b: ab2.as_ref() },
+        )?;
         drop(d_h1);
         let skip_grad = dx_skip.as_ref().unwrap_or(&dy);
-        let (dx, dg0, db0) = bn::backward_from_partials(&xs, &d_h0, &sums0.expect("asked for partials"), cin, &st0, &g0, Some(skip_grad))?;
+        let (dx, dg0, db0) = bn::backward_from_partials(
+            &xs,
+            &d_h0,
+            &sums0.expect("asked for partials"),
+            cin,
+            &st0,
+            &g0,
+            Some(skip_grad),
+        )?;
         Ok(input_gradients(Some(dx), [dg0, db0, dw2, db2, dg3, db3, dw5, db5], skip_grads))
     });
     Ok((out, updates))

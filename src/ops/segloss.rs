@@ -15,11 +15,22 @@ use crate::autograd::{Graph, Var};
 use crate::tensor::Tensor;
 
 fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 { 1.0 / (1.0 + (-x).exp()) } else { let e = x.exp(); e / (1.0 + e) }
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
 }
 
 /// (loss, bce, per-class dice losses averaged over samples, gradient w.r.t. the logits).
-pub fn segmentation_loss_cpu(logits: &[f32], targets: &[f32], roi: Option<&[bool]>, n: usize, c: usize) -> (f64, f64, Vec<f64>, Vec<f32>) {
+pub fn segmentation_loss_cpu(
+    logits: &[f32],
+    targets: &[f32],
+    roi: Option<&[bool]>,
+    n: usize,
+    c: usize,
+) -> (f64, f64, Vec<f64>, Vec<f32>) {
     let vox = logits.len() / (n * c);
     // Every (element index, its (sample, class) index) inside the ROI, in memory order.
     let roi_elements = || {
@@ -60,10 +71,19 @@ pub fn segmentation_loss_cpu(logits: &[f32], targets: &[f32], roi: Option<&[bool
 /// is an error on the host and a NaN loss on the device (check the mask where it is made).
 pub fn segmentation_loss(g: &Graph, logits: &Var, targets: &Tensor, roi: Option<&Tensor>) -> Result<Var> {
     let s = logits.shape();
-    ensure!(s.len() == 5 && targets.shape() == s, "segmentation_loss: logits {s:?} and targets {:?} must be equal [N, X, Y, Z, C]", targets.shape());
+    ensure!(
+        s.len() == 5 && targets.shape() == s,
+        "segmentation_loss: logits {s:?} and targets {:?} must be equal [N, X, Y, Z, C]",
+        targets.shape()
+    );
     let (n, c) = (s[0], s[4]);
     if let Some(r) = roi {
-        ensure!(r.numel() == logits.value.numel() / c, "segmentation_loss: ROI of {} voxels for {} voxels", r.numel(), logits.value.numel() / c);
+        ensure!(
+            r.numel() == logits.value.numel() / c,
+            "segmentation_loss: ROI of {} voxels for {} voxels",
+            r.numel(),
+            logits.value.numel() / c
+        );
     }
     if logits.value.is_cuda() {
         use crate::cuda::ops::segloss as dev;

@@ -66,11 +66,17 @@ pub fn upsample2_crop_backward_cpu(dy: &[f32], v: Vol, tx: usize, ty: usize, tz:
 pub fn upsample2_crop(g: &Graph, x: &Var, target: [usize; 3]) -> Result<Var> {
     let v = Vol::of(&x.value);
     let [tx, ty, tz] = target;
-    ensure!(tx <= 2 * v.x && ty <= 2 * v.y && tz <= 2 * v.z, "upsample2_crop: target {target:?} exceeds twice {:?}", x.shape());
+    ensure!(
+        tx <= 2 * v.x && ty <= 2 * v.y && tz <= 2 * v.z,
+        "upsample2_crop: target {target:?} exceeds twice {:?}",
+        x.shape()
+    );
     if x.value.is_cuda() {
         let y = crate::cuda::ops::upsample::forward(&x.value, v, target)?;
         let dt = x.value.dtype();
-        return Ok(g.record("upsample2_crop", y, &[x], move |dy| Ok(vec![Some(crate::cuda::ops::upsample::backward(&dy, v, target, dt)?)])));
+        return Ok(g.record("upsample2_crop", y, &[x], move |dy| {
+            Ok(vec![Some(crate::cuda::ops::upsample::backward(&dy, v, target, dt)?)])
+        }));
     }
     let y = upsample2_crop_forward_cpu(x.value.f32s(), v, tx, ty, tz);
     Ok(g.record("upsample2_crop", Tensor::from_f32(&[v.n, tx, ty, tz, v.c], y), &[x], move |dy| {

@@ -16,7 +16,13 @@ pub fn write_case(image: &Path, label: &Path, shift: usize) {
                 let (x, y, z) = (b, cy - 1 - c, cz - 1 - a);
                 let body = (4..36).contains(&x) && (4..32).contains(&y) && (2..22).contains(&z);
                 let bone = (10 + shift..18 + shift).contains(&x) && (12..20).contains(&y) && (6..14).contains(&z);
-                img[[a, b, c]] = if bone { 900 } else if body { 40 } else { -1000 };
+                img[[a, b, c]] = if bone {
+                    900
+                } else if body {
+                    40
+                } else {
+                    -1000
+                };
                 lab[[a, b, c]] = bone as u8;
             }
         }
@@ -29,8 +35,14 @@ pub fn write_case(image: &Path, label: &Path, shift: usize) {
         pixdim: [1.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
         ..nifti::NiftiHeader::default()
     };
-    nifti::writer::WriterOptions::new(image).reference_header(&h).write_nifti_with_type(&img, nifti::NiftiType::Int16).unwrap();
-    nifti::writer::WriterOptions::new(label).reference_header(&h).write_nifti_with_type(&lab, nifti::NiftiType::Uint8).unwrap();
+    nifti::writer::WriterOptions::new(image)
+        .reference_header(&h)
+        .write_nifti_with_type(&img, nifti::NiftiType::Int16)
+        .unwrap();
+    nifti::writer::WriterOptions::new(label)
+        .reference_header(&h)
+        .write_nifti_with_type(&lab, nifti::NiftiType::Uint8)
+        .unwrap();
 }
 
 /// An nnU-Net raw dataset of four block CTs (c0..c3).
@@ -44,4 +56,3 @@ pub fn blocks_dataset(d: &Path) -> PathBuf {
     }
     ds
 }
-

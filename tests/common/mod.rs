@@ -25,7 +25,10 @@ pub fn fixture_files() -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(&d) else {
             panic!("fixture folder {} cannot be read", d.display());
         };
-        let mut found: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
         found.sort();
         files.extend(found);
     }
@@ -127,7 +130,9 @@ pub fn rel_err(a: &[f32], b: &[f32], floor: f64) -> f64 {
 /// ../shared/data (or $VOX2VEC_DATA) when it holds the pretraining CTs; None, with a line
 /// saying the test is skipped, where it does not.
 pub fn shared_data_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("VOX2VEC_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    let d = std::env::var_os("VOX2VEC_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
     if d.join("pretrain").is_dir() {
         Some(d)
     } else {
@@ -165,7 +170,11 @@ pub fn write_ct_with_affine(path: &Path, hu: &[i16], shape: [usize; 3], affine: 
 pub fn tiny_run(dir: &Path, steps: u64, seed: u64) -> vox2vec::train::TrainOptions {
     use vox2vec::train::{BatchShape, BatchSource, Resume, TrainOptions};
     TrainOptions {
-        model: ModelConfig { fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 }, proj_dim: 16, temperature: 0.1 },
+        model: ModelConfig {
+            fpn: FpnConfig { in_channels: 1, base_channels: 4, num_scales: 3 },
+            proj_dim: 16,
+            temperature: 0.1,
+        },
         adam: vox2vec::optim::AdamConfig { lr: 1e-3, ..vox2vec::optim::AdamConfig::default() },
         data: BatchSource::SyntheticPairs(BatchShape { pairs: 2, patch: [16, 16, 8], voxels_per_pair: 32 }),
         steps,

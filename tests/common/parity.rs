@@ -58,7 +58,11 @@ pub fn check_fixture(f: &Fixture, device: Device, dtype: DType) -> (f64, f64) {
 pub fn check_fixture_with(f: &Fixture, device: Device, dtype: DType, round_inputs: bool) -> (f64, f64) {
     let input = |key: &str| {
         let t = to_cl(f, key);
-        if round_inputs { Tensor::from_f32(t.shape(), t.f32s().iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()) } else { t }
+        if round_inputs {
+            Tensor::from_f32(t.shape(), t.f32s().iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect())
+        } else {
+            t
+        }
     };
     let levels = f.config().fpn.num_scales;
     let mut fwd: Vec<(f64, String)> = Vec::new();
@@ -70,7 +74,15 @@ pub fn check_fixture_with(f: &Fixture, device: Device, dtype: DType, round_input
         let g = Graph::inference();
         let x1 = m.prepare_input(&input("input.x1")).unwrap();
         let pyr = m.pyramid(&g, &Var::constant(x1)).unwrap();
-        let items: Vec<_> = (0..levels).map(|i| (format!("eval.pyramid.{i}"), to_torch(&pyr[i].value), f.f32(&format!("expect.eval.pyramid.{i}")).1.to_vec())).collect();
+        let items: Vec<_> = (0..levels)
+            .map(|i| {
+                (
+                    format!("eval.pyramid.{i}"),
+                    to_torch(&pyr[i].value),
+                    f.f32(&format!("expect.eval.pyramid.{i}")).1.to_vec(),
+                )
+            })
+            .collect();
         fwd.push(worst("eval pyramid", &items));
     }
 
@@ -85,7 +97,15 @@ pub fn check_fixture_with(f: &Fixture, device: Device, dtype: DType, round_input
     };
     let g = Graph::train();
     let out = m.forward_pairs(&g, &batch, true).unwrap();
-    let items: Vec<_> = (0..levels).map(|i| (format!("train.pyramid.{i}"), to_torch(&out.pyramid_1[i].value), f.f32(&format!("expect.train.pyramid.{i}")).1.to_vec())).collect();
+    let items: Vec<_> = (0..levels)
+        .map(|i| {
+            (
+                format!("train.pyramid.{i}"),
+                to_torch(&out.pyramid_1[i].value),
+                f.f32(&format!("expect.train.pyramid.{i}")).1.to_vec(),
+            )
+        })
+        .collect();
     fwd.push(worst("train pyramid", &items));
     for (name, v) in [("embeds_1", &out.embeds_1), ("embeds_2", &out.embeds_2), ("loss", &out.loss)] {
         let items = vec![(format!("train.{name}"), host(&v.value), f.f32(&format!("expect.train.{name}")).1.to_vec())];
@@ -130,7 +150,11 @@ pub fn check_fixture_with(f: &Fixture, device: Device, dtype: DType, round_input
         nparam += 1;
     }
     let trainable = m.store.trainable().count();
-    assert_eq!(nparam, trainable, "{}: fixture has {nparam} parameter gradients, model has {trainable} trainable tensors", f.name);
+    assert_eq!(
+        nparam, trainable,
+        "{}: fixture has {nparam} parameter gradients, model has {trainable} trainable tensors",
+        f.name
+    );
     grad.push(worst("gradients", &items));
 
     // Standalone InfoNCE.
@@ -141,7 +165,10 @@ pub fn check_fixture_with(f: &Fixture, device: Device, dtype: DType, round_input
         let v1 = g.leaf(Tensor::from_f32(s, e1.to_vec()).to_device(device).unwrap());
         let v2 = g.leaf(Tensor::from_f32(s, e2.to_vec()).to_device(device).unwrap());
         let loss = ops::infonce(&g, &v1, &v2, f.config().temperature).unwrap();
-        fwd.push(worst("infonce loss", &[("infonce.loss".into(), host(&loss.value), f.f32("expect.infonce.loss").1.to_vec())]));
+        fwd.push(worst(
+            "infonce loss",
+            &[("infonce.loss".into(), host(&loss.value), f.f32("expect.infonce.loss").1.to_vec())],
+        ));
         let gr = g.backward(&loss).unwrap();
         let items = vec![
             ("infonce.grad.e1".to_string(), host(gr.get(&v1).unwrap()), f.f32("expect.infonce.grad.e1").1.to_vec()),
@@ -159,4 +186,3 @@ pub fn check_fixture_with(f: &Fixture, device: Device, dtype: DType, round_input
     println!("parity {}{on}: max rel err fwd {:.3e} grad {:.3e}   (worst: {} / {})", f.name, wf.0, wg.0, wf.1, wg.1);
     (wf.0, wg.0)
 }
-

@@ -20,7 +20,11 @@ pub fn check_accepted(vol: &Volume) {
     fs.sort();
     let mut cs = vol.shape;
     cs.sort();
-    assert_eq!(fs, cs, "canonical shape {:?} is not a permutation of the file's {:?}", vol.shape, vol.geometry.file_shape);
+    assert_eq!(
+        fs, cs,
+        "canonical shape {:?} is not a permutation of the file's {:?}",
+        vol.shape, vol.geometry.file_shape
+    );
     let cfg = PreprocessConfig::default();
     let Ok(grid) = checked_zoomed_shape(vol.shape, vol.spacing, cfg.spacing) else { return };
     if n > MAX_PREPROCESS_VOXELS || grid.iter().product::<usize>() > MAX_PREPROCESS_VOXELS {
@@ -29,7 +33,9 @@ pub fn check_accepted(vol: &Volume) {
     if let Ok(ct) = preprocess_ct(&vol.data, vol.shape, vol.spacing, &cfg) {
         let m: usize = ct.shape.iter().product();
         assert_eq!(ct.hu.len(), m);
-        assert!(!ct.body.is_empty() && ct.body.windows(2).all(|w| w[0] < w[1]) && (*ct.body.last().unwrap() as usize) < m);
+        assert!(
+            !ct.body.is_empty() && ct.body.windows(2).all(|w| w[0] < w[1]) && (*ct.body.last().unwrap() as usize) < m
+        );
         for a in 0..3 {
             let [lo, hi] = ct.crop_box[a];
             assert!(lo < hi && hi <= vol.shape[a], "crop box {:?} outside {:?}", ct.crop_box, vol.shape);

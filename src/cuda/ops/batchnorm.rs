@@ -14,7 +14,14 @@ pub struct DeviceBnStats {
 }
 
 /// Batch statistics of x viewed as [M, C] and the updated running statistics (f32 [C]).
-pub fn train_stats(x: &Tensor, c: usize, eps: f64, momentum: f64, running_mean: &Tensor, running_var: &Tensor) -> Result<(DeviceBnStats, Tensor, Tensor)> {
+pub fn train_stats(
+    x: &Tensor,
+    c: usize,
+    eps: f64,
+    momentum: f64,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+) -> Result<(DeviceBnStats, Tensor, Tensor)> {
     ensure_float(x, "batch_norm")?;
     let dev = dev_of(x);
     let m = x.numel() / c;
@@ -28,16 +35,43 @@ pub fn train_stats(x: &Tensor, c: usize, eps: f64, momentum: f64, running_mean: 
 /// Batch statistics over `m` values per channel from a fused convolution's per-brick partials
 /// [bricks, 2 C] (Σ (y − shift), Σ (y − shift)², `conv3d::Fusion::partials`), and the updated
 /// running statistics.
-pub fn train_stats_from_partials(part: &Tensor, c: usize, m: usize, shift: Option<&Tensor>, eps: f64, momentum: f64, running_mean: &Tensor, running_var: &Tensor) -> Result<(DeviceBnStats, Tensor, Tensor)> {
+pub fn train_stats_from_partials(
+    part: &Tensor,
+    c: usize,
+    m: usize,
+    shift: Option<&Tensor>,
+    eps: f64,
+    momentum: f64,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+) -> Result<(DeviceBnStats, Tensor, Tensor)> {
     let (sums, s2) = brick_sums(part, c)?;
     let mean = dev_of(part).alloc_zeroed(c * 8)?;
-    finalize_train(part, &sums.part0, s2, sums.chunks, 2 * c, c, shift, m, mean, eps, momentum, running_mean, running_var)
+    finalize_train(
+        part,
+        &sums.part0,
+        s2,
+        sums.chunks,
+        2 * c,
+        c,
+        shift,
+        m,
+        mean,
+        eps,
+        momentum,
+        running_mean,
+        running_var,
+    )
 }
 
 /// Chunk sums (f64, rows of 2 C) of a fused convolution's per-brick partials [bricks, 2 C], and
 /// the address of the second half of the first row (where the second sum starts).
 fn brick_sums(part: &Tensor, c: usize) -> Result<(super::reduce::ColPartials, u64)> {
-    ensure!(part.shape().len() == 2 && part.shape()[1] == 2 * c, "batch_norm: partials {:?} are not [bricks, 2 x {c}]", part.shape());
+    ensure!(
+        part.shape().len() == 2 && part.shape()[1] == 2 * c,
+        "batch_norm: partials {:?} are not [bricks, 2 x {c}]",
+        part.shape()
+    );
     let sums = col_partials(part, None, None, part.shape()[0], 2 * c, ColPass::Sum)?;
     let second = sums.part0.ptr() + 8 * c as u64;
     Ok((sums, second))
@@ -46,7 +80,21 @@ fn brick_sums(part: &Tensor, c: usize) -> Result<(super::reduce::ColPartials, u6
 /// bn_train_finalize over chunk sums (s1 at `s1`, s2 at `s2_ptr`, rows of `stride` f64) on
 /// the device of `on`; `mean` holds the shift unless `shift` is given.
 #[allow(clippy::too_many_arguments)]
-fn finalize_train(on: &Tensor, s1: &CudaBuf, s2_ptr: u64, chunks: usize, stride: usize, c: usize, shift: Option<&Tensor>, m: usize, mean: CudaBuf, eps: f64, momentum: f64, running_mean: &Tensor, running_var: &Tensor) -> Result<(DeviceBnStats, Tensor, Tensor)> {
+fn finalize_train(
+    on: &Tensor,
+    s1: &CudaBuf,
+    s2_ptr: u64,
+    chunks: usize,
+    stride: usize,
+    c: usize,
+    shift: Option<&Tensor>,
+    m: usize,
+    mean: CudaBuf,
+    eps: f64,
+    momentum: f64,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+) -> Result<(DeviceBnStats, Tensor, Tensor)> {
     let dev = dev_of(on);
     let invstd = dev.alloc(c * 8)?;
     let (rm, rv) = (running_mean.to_device(on.device())?, running_var.to_device(on.device())?);
@@ -85,7 +133,14 @@ pub fn affine_table(st: &DeviceBnStats, gamma: &Tensor, beta: &Tensor, c: usize)
     dev.launch_1d(
         K::BnAffineTable,
         c,
-        &[Arg::Ptr(st.mean.ptr()), Arg::Ptr(st.invstd.ptr()), Arg::Ptr(gamma.ptr()), Arg::Ptr(beta.ptr()), Arg::I32(c as i32), Arg::Ptr(tab.ptr())],
+        &[
+            Arg::Ptr(st.mean.ptr()),
+            Arg::Ptr(st.invstd.ptr()),
+            Arg::Ptr(gamma.ptr()),
+            Arg::Ptr(beta.ptr()),
+            Arg::I32(c as i32),
+            Arg::Ptr(tab.ptr()),
+        ],
         Cost::mem(c * 36),
     )?;
     Ok(tab)
@@ -98,7 +153,19 @@ pub fn eval_stats(running_mean: &Tensor, running_var: &Tensor, eps: f64) -> Resu
     let rv = running_var.to_device(running_mean.device())?;
     let mean = dev.alloc(c * 8)?;
     let invstd = dev.alloc(c * 8)?;
-    dev.launch_1d(K::BnEvalStats, c, &[Arg::Ptr(running_mean.ptr()), Arg::Ptr(rv.ptr()), Arg::I32(c as i32), Arg::F64(eps), Arg::Ptr(mean.ptr()), Arg::Ptr(invstd.ptr())], Cost::mem(c * 24))?;
+    dev.launch_1d(
+        K::BnEvalStats,
+        c,
+        &[
+            Arg::Ptr(running_mean.ptr()),
+            Arg::Ptr(rv.ptr()),
+            Arg::I32(c as i32),
+            Arg::F64(eps),
+            Arg::Ptr(mean.ptr()),
+            Arg::Ptr(invstd.ptr()),
+        ],
+        Cost::mem(c * 24),
+    )?;
     Ok(DeviceBnStats { mean, invstd })
 }
 
@@ -112,11 +179,24 @@ pub fn apply_relu(x: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, beta
     apply_maybe_relu(x, c, st, gamma, beta, true)
 }
 
-fn apply_maybe_relu(x: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, beta: &Tensor, relu: bool) -> Result<Tensor> {
+fn apply_maybe_relu(
+    x: &Tensor,
+    c: usize,
+    st: &DeviceBnStats,
+    gamma: &Tensor,
+    beta: &Tensor,
+    relu: bool,
+) -> Result<Tensor> {
     let dev = dev_of(x);
     let y = empty(dev, x.shape(), x.dtype())?;
     let m = x.numel() / c;
-    let (k, lanes) = vec_or_scalar(x.dtype(), [K::BnApplyF32, K::BnApplyBf16], [K::BnApplyF32x4, K::BnApplyBf16x8], &[x.ptr(), y.ptr()], c);
+    let (k, lanes) = vec_or_scalar(
+        x.dtype(),
+        [K::BnApplyF32, K::BnApplyBf16],
+        [K::BnApplyF32x4, K::BnApplyBf16x8],
+        &[x.ptr(), y.ptr()],
+        c,
+    );
     dev.launch_1d(
         k,
         x.numel() / lanes,
@@ -137,7 +217,14 @@ fn apply_maybe_relu(x: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, be
 }
 
 /// (dx in x's dtype, dγ f32, dβ f32).
-pub fn backward(x: &Tensor, dy: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, train: bool) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn backward(
+    x: &Tensor,
+    dy: &Tensor,
+    c: usize,
+    st: &DeviceBnStats,
+    gamma: &Tensor,
+    train: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let dy = cast(dy, x.dtype())?;
     let m = x.numel() / c;
     let p = col_partials(x, Some(&dy), Some(&st.mean), m, c, ColPass::GradSums)?;
@@ -148,8 +235,19 @@ pub fn backward(x: &Tensor, dy: &Tensor, c: usize, st: &DeviceBnStats, gamma: &T
 /// The training backward from a fused convolution's per-brick sums [bricks, 2 C] of dy
 /// (Σ dy, Σ dy (x − mean): `conv3d::Fusion` with a ReLU mask), plus `add` (same shape as x)
 /// added to dx in the same pass: (dx, dγ, dβ).
-pub fn backward_from_partials(x: &Tensor, dy: &Tensor, part: &Tensor, c: usize, st: &DeviceBnStats, gamma: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
-    ensure!(dy.dtype() == x.dtype() && add.is_none_or(|a| a.dtype() == x.dtype() && a.shape() == x.shape()), "batch_norm backward: dy/add do not match x");
+pub fn backward_from_partials(
+    x: &Tensor,
+    dy: &Tensor,
+    part: &Tensor,
+    c: usize,
+    st: &DeviceBnStats,
+    gamma: &Tensor,
+    add: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    ensure!(
+        dy.dtype() == x.dtype() && add.is_none_or(|a| a.dtype() == x.dtype() && a.shape() == x.shape()),
+        "batch_norm backward: dy/add do not match x"
+    );
     let (sums, p1) = brick_sums(part, c)?;
     backward_apply(x, dy, &sums.part0, p1, sums.chunks, 2 * c, c, st, gamma, true, add)
 }
@@ -157,7 +255,19 @@ pub fn backward_from_partials(x: &Tensor, dy: &Tensor, part: &Tensor, c: usize, 
 /// bn_backward_finalize over chunk sums (Σ dy at `part0`, Σ dy (x − mean) at `part1`, rows of
 /// `stride` f64), then bn_backward_apply.
 #[allow(clippy::too_many_arguments)]
-fn backward_apply(x: &Tensor, dy: &Tensor, part0: &CudaBuf, part1: u64, chunks: usize, stride: usize, c: usize, st: &DeviceBnStats, gamma: &Tensor, train: bool, add: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+fn backward_apply(
+    x: &Tensor,
+    dy: &Tensor,
+    part0: &CudaBuf,
+    part1: u64,
+    chunks: usize,
+    stride: usize,
+    c: usize,
+    st: &DeviceBnStats,
+    gamma: &Tensor,
+    train: bool,
+    add: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = dev_of(x);
     let m = x.numel() / c;
     let dgamma = empty(dev, &[c], DType::F32)?;
@@ -184,7 +294,13 @@ fn backward_apply(x: &Tensor, dy: &Tensor, part0: &CudaBuf, part1: u64, chunks: 
     )?;
     let dx = empty(dev, x.shape(), x.dtype())?;
     let ptrs = [x.ptr(), dy.ptr(), add.map_or(0, |a| a.ptr()), dx.ptr()];
-    let (k, lanes) = vec_or_scalar(x.dtype(), [K::BnBackwardApplyF32, K::BnBackwardApplyBf16], [K::BnBackwardApplyF32x4, K::BnBackwardApplyBf16x8], &ptrs, c);
+    let (k, lanes) = vec_or_scalar(
+        x.dtype(),
+        [K::BnBackwardApplyF32, K::BnBackwardApplyBf16],
+        [K::BnBackwardApplyF32x4, K::BnBackwardApplyBf16x8],
+        &ptrs,
+        c,
+    );
     dev.launch_1d(
         k,
         x.numel() / lanes,

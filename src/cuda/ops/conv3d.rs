@@ -30,7 +30,8 @@ fn tiles(n: usize) -> u32 {
 /// VOX2VEC_NO_TENSOR_CORES=1 (then every convolution takes the exact CUDA-core kernels).
 pub fn tensor_cores_for(dtype: DType, ci: usize) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var_os("VOX2VEC_NO_TENSOR_CORES").is_some_and(|v| v != "0" && !v.is_empty()));
+    let off =
+        *OFF.get_or_init(|| std::env::var_os("VOX2VEC_NO_TENSOR_CORES").is_some_and(|v| v != "0" && !v.is_empty()));
     dtype == DType::BF16 && ci.is_multiple_of(16) && ci > 0 && !off
 }
 
@@ -46,7 +47,15 @@ fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool, tile: usi
     dev.launch_1d(
         K::Conv3dWeightToBf16,
         n / 16,
-        &[Arg::Ptr(w.ptr()), Arg::Ptr(out.ptr()), Arg::I32(co as i32), Arg::I32((k * k * k) as i32), Arg::I32(ci as i32), Arg::I32(flip as i32), Arg::I32(tile as i32)],
+        &[
+            Arg::Ptr(w.ptr()),
+            Arg::Ptr(out.ptr()),
+            Arg::I32(co as i32),
+            Arg::I32((k * k * k) as i32),
+            Arg::I32(ci as i32),
+            Arg::I32(flip as i32),
+            Arg::I32(tile as i32),
+        ],
         Cost::mem(co * k * k * k * ci * 4 + n * 2),
     )?;
     Ok(out)
@@ -103,11 +112,14 @@ fn tc_forward_kernel(co: usize, k: usize, ci: usize) -> Result<(K, usize)> {
         (_, 3, true) => Conv3dTcForwardCo64K3C32,
         _ => anyhow::bail!("tensor-core conv3d: kernel size {k} (1 or 3 only)"),
     };
-    Ok((kern, match co {
-        0..=16 => 16,
-        17..=32 => 32,
-        _ => 64,
-    }))
+    Ok((
+        kern,
+        match co {
+            0..=16 => 16,
+            17..=32 => 32,
+            _ => 64,
+        },
+    ))
 }
 
 /// A convolution's f32 weight [co, k, k, k, ci] as a tensor-core forward reads it: as is, or
@@ -122,20 +134,43 @@ struct TcWeight<'a> {
 /// The tensor-core convolution: y [N, X, Y, Z, co] bf16 from x (v, bf16) and the f32 weight
 /// `w` (packed by `weight_bf16`, flipped when `flip`), with `fu`'s fusions; the partials when
 /// asked for.
-fn tc_forward(x: &Tensor, v: Vol, w: TcWeight, bias: Option<&Tensor>, co: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
+fn tc_forward(
+    x: &Tensor,
+    v: Vol,
+    w: TcWeight,
+    bias: Option<&Tensor>,
+    co: usize,
+    k: usize,
+    fu: Fusion,
+) -> Result<(Tensor, Option<Tensor>)> {
     let dev = dev_of(x);
     let y = empty(dev, &v.with_c(co).shape(), DType::BF16)?;
     let (kern, tile) = tc_forward_kernel(co, k, v.c)?;
     let wb = weight_bf16(w.w, w.co, k, w.ci, w.flip, tile)?;
-    ensure!(v.x * v.y * v.z < i32::MAX as usize, "tensor-core conv3d: a patch of {} x {} x {} voxels (the kernel indexes a patch's voxels in 32 bits)", v.x, v.y, v.z);
+    ensure!(
+        v.x * v.y * v.z < i32::MAX as usize,
+        "tensor-core conv3d: a patch of {} x {} x {} voxels (the kernel indexes a patch's voxels in 32 bits)",
+        v.x,
+        v.y,
+        v.z
+    );
     let bricks = tc_forward_bricks(v, tile);
     let part = if fu.partials { Some(empty(dev, &[bricks, 2 * co], DType::F32)?) } else { None };
-    ensure!(fu.residual.is_none() || fu.upsampled_residual.is_none(), "conv3d: a residual and an upsampled residual at once");
+    ensure!(
+        fu.residual.is_none() || fu.upsampled_residual.is_none(),
+        "conv3d: a residual and an upsampled residual at once"
+    );
     let r_grid = match fu.upsampled_residual {
         Some(r) => {
             let rs = r.shape();
             ensure!(
-                rs.len() == 5 && rs[0] == v.n && rs[4] == co && r.dtype() == DType::BF16 && v.x <= 2 * rs[1] && v.y <= 2 * rs[2] && v.z <= 2 * rs[3],
+                rs.len() == 5
+                    && rs[0] == v.n
+                    && rs[4] == co
+                    && r.dtype() == DType::BF16
+                    && v.x <= 2 * rs[1]
+                    && v.y <= 2 * rs[2]
+                    && v.z <= 2 * rs[3],
                 "conv3d: upsampled residual {rs:?} ({:?}) does not upsample to [{}, {}, {}, {}, {co}]",
                 r.dtype(),
                 v.n,
@@ -157,7 +192,8 @@ fn tc_forward(x: &Tensor, v: Vol, w: TcWeight, bias: Option<&Tensor>, co: usize,
         Some(a) => (a, None),
         None => (x, fu.input_bn_relu),
     };
-    let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(wb.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
+    let mut args =
+        vec![Arg::Ptr(x.ptr()), Arg::Ptr(wb.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
     args.extend(dims(v));
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
     args.extend([
@@ -170,8 +206,14 @@ fn tc_forward(x: &Tensor, v: Vol, w: TcWeight, bias: Option<&Tensor>, co: usize,
         Arg::Ptr(fu.relu_mask.map_or(0, |(_, t)| t.ptr())),
         Arg::Ptr(part.as_ref().map_or(0, |p| p.ptr())),
     ]);
-    let extra = fu.residual.map_or(0, nbytes) + fu.upsampled_residual.map_or(0, nbytes) + fu.relu_mask.map_or(0, |(h, _)| nbytes(h)) + part.as_ref().map_or(0, nbytes);
-    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + co.div_ceil(tile) * tile * k * k * k * v.c * 2 + co * 4 + nbytes(&y) + extra);
+    let extra = fu.residual.map_or(0, nbytes)
+        + fu.upsampled_residual.map_or(0, nbytes)
+        + fu.relu_mask.map_or(0, |(h, _)| nbytes(h))
+        + part.as_ref().map_or(0, nbytes);
+    let cost = Cost::tensor_bf16(
+        2.0 * (v.voxels() * co * k * k * k * v.c) as f64,
+        nbytes(x) + co.div_ceil(tile) * tile * k * k * k * v.c * 2 + co * 4 + nbytes(&y) + extra,
+    );
     dev.launch(kern, (bricks as u32, co.div_ceil(tile) as u32, 1), (128, 1, 1), 0, &args, cost)?;
     Ok((y, part))
 }
@@ -182,21 +224,51 @@ fn bn_table_relu(x: &Tensor, v: Vol, tab: &CudaBuf) -> Result<Tensor> {
     let n = x.numel();
     ensure!(n < i32::MAX as usize, "BN -> ReLU of {n} values: the kernel indexes in 32 bits");
     let y = empty(dev, x.shape(), DType::BF16)?;
-    dev.launch_1d(K::BnTableReluBf16, n, &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(tab.ptr()), Arg::I32((n / v.c) as i32), Arg::I32(v.c as i32)], Cost::mem(2 * nbytes(x)))?;
+    dev.launch_1d(
+        K::BnTableReluBf16,
+        n,
+        &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(tab.ptr()), Arg::I32((n / v.c) as i32), Arg::I32(v.c as i32)],
+        Cost::mem(2 * nbytes(x)),
+    )?;
     Ok(y)
 }
 
 /// The tensor-core forward with fusions: x bf16 (v), v.c a multiple of 16.
-pub fn forward_fused(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
-    ensure!(tensor_cores_for(x.dtype(), v.c), "fused conv3d needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
+pub fn forward_fused(
+    x: &Tensor,
+    v: Vol,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    co: usize,
+    k: usize,
+    fu: Fusion,
+) -> Result<(Tensor, Option<Tensor>)> {
+    ensure!(
+        tensor_cores_for(x.dtype(), v.c),
+        "fused conv3d needs bf16 activations over a multiple of 16 channels, got {:?} x {}",
+        x.dtype(),
+        v.c
+    );
     ensure_f32(w, "conv3d weight")?;
     tc_forward(x, v, TcWeight { w, co, ci: v.c, flip: false }, bias, co, k, fu)
 }
 
 /// The tensor-core input gradient with fusions: dx [.., ci] bf16 from bf16 dy (v_out, its
 /// channel count a multiple of 16).
-pub fn backward_input_fused(dy: &Tensor, v_out: Vol, w: &Tensor, ci: usize, k: usize, fu: Fusion) -> Result<(Tensor, Option<Tensor>)> {
-    ensure!(tensor_cores_for(dy.dtype(), v_out.c), "fused conv3d backward needs bf16 gradients over a multiple of 16 channels, got {:?} x {}", dy.dtype(), v_out.c);
+pub fn backward_input_fused(
+    dy: &Tensor,
+    v_out: Vol,
+    w: &Tensor,
+    ci: usize,
+    k: usize,
+    fu: Fusion,
+) -> Result<(Tensor, Option<Tensor>)> {
+    ensure!(
+        tensor_cores_for(dy.dtype(), v_out.c),
+        "fused conv3d backward needs bf16 gradients over a multiple of 16 channels, got {:?} x {}",
+        dy.dtype(),
+        v_out.c
+    );
     tc_forward(dy, v_out, TcWeight { w, co: v_out.c, ci, flip: true }, None, ci, k, fu)
 }
 
@@ -212,7 +284,14 @@ pub fn forward(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize,
 
 /// `forward` on the CUDA-core kernel (`kernels/conv3d.cu`) whatever the dtype and channels:
 /// the fp32 path, the first conv, and version 1 in the kernel lab.
-pub fn forward_cuda_cores(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>, co: usize, k: usize) -> Result<Tensor> {
+pub fn forward_cuda_cores(
+    x: &Tensor,
+    v: Vol,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    co: usize,
+    k: usize,
+) -> Result<Tensor> {
     ensure_float(x, "conv3d")?;
     ensure_f32(w, "conv3d weight")?;
     let dev = dev_of(x);
@@ -220,16 +299,31 @@ pub fn forward_cuda_cores(x: &Tensor, v: Vol, w: &Tensor, bias: Option<&Tensor>,
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
     args.extend(dims(v));
     // fp32 FMAs on CUDA cores; compulsory bytes: x, w, bias, y once each.
-    let cost = Cost::fp32(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + nbytes(w) + co * 4 + nbytes(&y));
+    let cost =
+        Cost::fp32(2.0 * (v.voxels() * co * k * k * k * v.c) as f64, nbytes(x) + nbytes(w) + co * 4 + nbytes(&y));
     // One input channel (the first convolution): the direct kernel, see conv3d.cu.
     if k == 3 && v.c == 1 && co.is_multiple_of(16) && v.voxels() < i32::MAX as usize && y.ptr().is_multiple_of(16) {
         args.push(Arg::I32(co as i32));
         let blocks = v.voxels().div_ceil(256) as u32;
-        dev.launch(K::typed(x.dtype(), K::Conv3dForwardK3C1F32, K::Conv3dForwardK3C1Bf16), (blocks, (co / 16) as u32, 1), (256, 1, 1), 0, &args, cost)?;
+        dev.launch(
+            K::typed(x.dtype(), K::Conv3dForwardK3C1F32, K::Conv3dForwardK3C1Bf16),
+            (blocks, (co / 16) as u32, 1),
+            (256, 1, 1),
+            0,
+            &args,
+            cost,
+        )?;
         return Ok(y);
     }
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
-    dev.launch(K::typed(x.dtype(), K::Conv3dForwardF32, K::Conv3dForwardBf16), (tiles(v.voxels()), tiles(co), 1), (256, 1, 1), 0, &args, cost)?;
+    dev.launch(
+        K::typed(x.dtype(), K::Conv3dForwardF32, K::Conv3dForwardBf16),
+        (tiles(v.voxels()), tiles(co), 1),
+        (256, 1, 1),
+        0,
+        &args,
+        cost,
+    )?;
     Ok(y)
 }
 
@@ -238,15 +332,32 @@ pub fn backward_input(dy: &Tensor, v_out: Vol, w: &Tensor, ci: usize, k: usize, 
     let dy = cast(dy, dtype)?;
     if tensor_cores_for(dtype, v_out.c) {
         // The forward kernel with the flipped, transposed weight: Co input channels, Ci out.
-        return Ok(tc_forward(&dy, v_out, TcWeight { w, co: v_out.c, ci, flip: true }, None, ci, k, Fusion::default())?.0);
+        return Ok(tc_forward(
+            &dy,
+            v_out,
+            TcWeight { w, co: v_out.c, ci, flip: true },
+            None,
+            ci,
+            k,
+            Fusion::default(),
+        )?
+        .0);
     }
     let dev = dev_of(&dy);
     let dx = empty(dev, &v_out.with_c(ci).shape(), dtype)?;
     let mut args = vec![Arg::Ptr(dy.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(dx.ptr())];
     args.extend(dims(v_out));
     args.extend([Arg::I32(ci as i32), Arg::I32(v_out.c as i32), Arg::I32(k as i32)]);
-    let cost = Cost::fp32(2.0 * (v_out.voxels() * ci * k * k * k * v_out.c) as f64, nbytes(&dy) + nbytes(w) + nbytes(&dx));
-    dev.launch(K::typed(dtype, K::Conv3dBackwardInputF32, K::Conv3dBackwardInputBf16), (tiles(v_out.voxels()), tiles(ci), 1), (256, 1, 1), 0, &args, cost)?;
+    let cost =
+        Cost::fp32(2.0 * (v_out.voxels() * ci * k * k * k * v_out.c) as f64, nbytes(&dy) + nbytes(w) + nbytes(&dx));
+    dev.launch(
+        K::typed(dtype, K::Conv3dBackwardInputF32, K::Conv3dBackwardInputBf16),
+        (tiles(v_out.voxels()), tiles(ci), 1),
+        (256, 1, 1),
+        0,
+        &args,
+        cost,
+    )?;
     Ok(dx)
 }
 
@@ -272,7 +383,14 @@ pub fn tc_weight_splits(bricks: usize, tiles: usize, weight_len: usize) -> (usiz
 /// The tensor-core weight gradient: split-K partials of dw [Co, T, Ci] from bf16 x (v) and dy;
 /// with `input_bn_relu` (a [3, Ci] table) the input is relu(bn(x)), recomputed in the halo.
 /// The bias gradient's per-split sums [splits, co] (f64) come with it.
-fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>) -> Result<(CudaBuf, usize, CudaBuf)> {
+fn tc_backward_weight(
+    x: &Tensor,
+    v: Vol,
+    dy: &Tensor,
+    co: usize,
+    k: usize,
+    input_bn_relu: Option<&CudaBuf>,
+) -> Result<(CudaBuf, usize, CudaBuf)> {
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
     ensure!(
@@ -298,15 +416,27 @@ fn tc_backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, inpu
     let db_part = dev.alloc(splits * co * 8)?;
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(part.ptr())];
     args.extend(dims(v));
-    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32), Arg::I64(per as i64), Arg::Ptr(input_bn_relu.map_or(0, |t| t.ptr())), Arg::Ptr(db_part.ptr())]);
+    args.extend([
+        Arg::I32(v.c as i32),
+        Arg::I32(co as i32),
+        Arg::I32(k as i32),
+        Arg::I64(per as i64),
+        Arg::Ptr(input_bn_relu.map_or(0, |t| t.ptr())),
+        Arg::Ptr(db_part.ptr()),
+    ]);
     // x once per output-channel tile, dy once per input-channel tile, the partials written.
-    let cost = Cost::tensor_bf16(2.0 * (v.voxels() * co * kdim) as f64, co_tiles * nbytes(x) + ci_tiles * nbytes(dy) + splits * co * (kdim * 4 + 8));
+    let cost = Cost::tensor_bf16(
+        2.0 * (v.voxels() * co * kdim) as f64,
+        co_tiles * nbytes(x) + ci_tiles * nbytes(dy) + splits * co * (kdim * 4 + 8),
+    );
     // dy as 16-byte pieces where its channel count allows.
     let kern = match (k, co.is_multiple_of(8)) {
         (1, true) => K::Conv3dTcBackwardWeightK1,
         (3, true) => K::Conv3dTcBackwardWeightK3,
         (3, false) => K::Conv3dTcBackwardWeightK3Any,
-        (1, false) => anyhow::bail!("tensor-core conv3d weight gradient: k = 1 needs a multiple of 8 output channels (tc_weight_gradient pads dy)"),
+        (1, false) => anyhow::bail!(
+            "tensor-core conv3d weight gradient: k = 1 needs a multiple of 8 output channels (tc_weight_gradient pads dy)"
+        ),
         _ => anyhow::bail!("tensor-core conv3d weight gradient: kernel size {k} (1 or 3 only)"),
     };
     dev.launch(kern, (splits as u32, co_tiles as u32, ci_tiles as u32), (128, 1, 1), 0, &args, cost)?;
@@ -325,10 +455,20 @@ pub struct WeightAcc<'a> {
 impl WeightAcc<'_> {
     fn check(&self, co: usize, k: usize, ci: usize) -> Result<()> {
         if let Some(w) = self.w {
-            ensure!(w.shape() == [co, k, k, k, ci] && w.dtype() == DType::F32 && w.is_cuda(), "conv3d: accumulated weight gradient {:?} {:?}, expected [{co}, {k}, {k}, {k}, {ci}] f32", w.shape(), w.dtype());
+            ensure!(
+                w.shape() == [co, k, k, k, ci] && w.dtype() == DType::F32 && w.is_cuda(),
+                "conv3d: accumulated weight gradient {:?} {:?}, expected [{co}, {k}, {k}, {k}, {ci}] f32",
+                w.shape(),
+                w.dtype()
+            );
         }
         if let Some(b) = self.b {
-            ensure!(b.shape() == [co] && b.dtype() == DType::F32 && b.is_cuda(), "conv3d: accumulated bias gradient {:?} {:?}, expected [{co}] f32", b.shape(), b.dtype());
+            ensure!(
+                b.shape() == [co] && b.dtype() == DType::F32 && b.is_cuda(),
+                "conv3d: accumulated bias gradient {:?} {:?}, expected [{co}] f32",
+                b.shape(),
+                b.dtype()
+            );
         }
         Ok(())
     }
@@ -340,7 +480,14 @@ pub fn backward_weight(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> 
 }
 
 /// `backward_weight` plus `acc` (added by the final reductions).
-pub fn backward_weight_acc(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
+pub fn backward_weight_acc(
+    x: &Tensor,
+    v: Vol,
+    dy: &Tensor,
+    co: usize,
+    k: usize,
+    acc: WeightAcc,
+) -> Result<(Tensor, Tensor)> {
     acc.check(co, k, v.c)?;
     let dy = cast(dy, x.dtype())?;
     if tensor_cores_for(x.dtype(), v.c) {
@@ -352,7 +499,12 @@ pub fn backward_weight_acc(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize,
 /// `backward_weight` on the tensor cores (x and dy bf16, v.c a multiple of 16): version 2 in
 /// the kernel lab.
 pub fn backward_weight_tensor_cores(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize) -> Result<(Tensor, Tensor)> {
-    ensure!(x.dtype() == DType::BF16 && v.c.is_multiple_of(16), "tensor-core conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
+    ensure!(
+        x.dtype() == DType::BF16 && v.c.is_multiple_of(16),
+        "tensor-core conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}",
+        x.dtype(),
+        v.c
+    );
     tc_weight_gradient(x, v, &cast(dy, DType::BF16)?, co, k, None, WeightAcc::default())
 }
 
@@ -362,7 +514,14 @@ pub fn backward_weight_cuda_cores(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k:
     cuda_core_weight_gradient(x, v, dy, co, k, WeightAcc::default())
 }
 
-fn cuda_core_weight_gradient(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
+fn cuda_core_weight_gradient(
+    x: &Tensor,
+    v: Vol,
+    dy: &Tensor,
+    co: usize,
+    k: usize,
+    acc: WeightAcc,
+) -> Result<(Tensor, Tensor)> {
     let dy = cast(dy, x.dtype())?;
     let dev = dev_of(x);
     let kdim = k * k * k * v.c;
@@ -373,20 +532,48 @@ fn cuda_core_weight_gradient(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usiz
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32), Arg::I64(chunk as i64)]);
     // x and dy once each, plus this kernel's split-K partials written.
     let cost = Cost::fp32(2.0 * (v.voxels() * co * kdim) as f64, nbytes(x) + nbytes(&dy) + splits * co * kdim * 4);
-    dev.launch(K::typed(x.dtype(), K::Conv3dBackwardWeightF32, K::Conv3dBackwardWeightBf16), (tiles(kdim), tiles(co), splits as u32), (256, 1, 1), 0, &args, cost)?;
+    dev.launch(
+        K::typed(x.dtype(), K::Conv3dBackwardWeightF32, K::Conv3dBackwardWeightBf16),
+        (tiles(kdim), tiles(co), splits as u32),
+        (256, 1, 1),
+        0,
+        &args,
+        cost,
+    )?;
     finish_weight_gradient(&part, splits, &dy, co, k, v.c, acc)
 }
 
 /// (dw, db) of a convolution whose input is relu(bn(x)) (`table` [3, Ci]), on tensor cores,
 /// without that input: the halo loader recomputes it. x and dy bf16, v.c a multiple of 16.
-pub fn backward_weight_bn_relu(x: &Tensor, v: Vol, table: &CudaBuf, dy: &Tensor, co: usize, k: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
-    ensure!(tensor_cores_for(x.dtype(), v.c), "fused conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}", x.dtype(), v.c);
+pub fn backward_weight_bn_relu(
+    x: &Tensor,
+    v: Vol,
+    table: &CudaBuf,
+    dy: &Tensor,
+    co: usize,
+    k: usize,
+    acc: WeightAcc,
+) -> Result<(Tensor, Tensor)> {
+    ensure!(
+        tensor_cores_for(x.dtype(), v.c),
+        "fused conv3d weight gradient needs bf16 activations over a multiple of 16 channels, got {:?} x {}",
+        x.dtype(),
+        v.c
+    );
     acc.check(co, k, v.c)?;
     tc_weight_gradient(x, v, &cast(dy, x.dtype())?, co, k, Some(table), acc)
 }
 
 /// (dw, db) on tensor cores: dw from the kernel's split partials, db from its per-split dy sums.
-fn tc_weight_gradient(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, input_bn_relu: Option<&CudaBuf>, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
+fn tc_weight_gradient(
+    x: &Tensor,
+    v: Vol,
+    dy: &Tensor,
+    co: usize,
+    k: usize,
+    input_bn_relu: Option<&CudaBuf>,
+    acc: WeightAcc,
+) -> Result<(Tensor, Tensor)> {
     let dev = dev_of(dy);
     if k == 1 && !co.is_multiple_of(8) {
         // The 1x1x1 kernel reads dy as 16-byte pieces: dy padded with zero channels to a
@@ -408,24 +595,57 @@ fn tc_weight_gradient(x: &Tensor, v: Vol, dy: &Tensor, co: usize, k: usize, inpu
 /// dw [Co, k, k, k, Ci] = acc + the split-K partials (`splits` of `stride` values, dw's the first
 /// Co k^3 Ci of each) summed in a fixed order.
 #[allow(clippy::too_many_arguments)]
-fn reduce_weight_splits(part: &CudaBuf, splits: usize, stride: usize, dy: &Tensor, co: usize, k: usize, ci: usize, acc: Option<&Tensor>) -> Result<Tensor> {
+fn reduce_weight_splits(
+    part: &CudaBuf,
+    splits: usize,
+    stride: usize,
+    dy: &Tensor,
+    co: usize,
+    k: usize,
+    ci: usize,
+    acc: Option<&Tensor>,
+) -> Result<Tensor> {
     let dev = dev_of(dy);
     let dw = empty(dev, &[co, k, k, k, ci], DType::F32)?;
     let n = co * k * k * k * ci;
-    let args = [Arg::Ptr(part.ptr()), Arg::Ptr(acc.map_or(0, |a| a.ptr())), Arg::Ptr(dw.ptr()), Arg::I32(splits as i32), Arg::I64(n as i64), Arg::I64(stride as i64)];
+    let args = [
+        Arg::Ptr(part.ptr()),
+        Arg::Ptr(acc.map_or(0, |a| a.ptr())),
+        Arg::Ptr(dw.ptr()),
+        Arg::I32(splits as i32),
+        Arg::I64(n as i64),
+        Arg::I64(stride as i64),
+    ];
     // Slices of the splits per output (conv3d_reduce_splits): up to 8, 32 outputs per block at
     // least.
     let slices = splits.next_power_of_two().clamp(1, 8);
     let width = 256 / slices;
-    let vector = n.is_multiple_of(4) && stride.is_multiple_of(4) && [part.ptr(), acc.map_or(0, |a| a.ptr()), dw.ptr()].iter().all(|p| p.is_multiple_of(16));
+    let vector = n.is_multiple_of(4)
+        && stride.is_multiple_of(4)
+        && [part.ptr(), acc.map_or(0, |a| a.ptr()), dw.ptr()].iter().all(|p| p.is_multiple_of(16));
     let (kern, per_thread) = if vector { (K::Conv3dReduceSplitsF32x4, 4) } else { (K::Conv3dReduceSplits, 1) };
-    dev.launch(kern, (n.div_ceil(width * per_thread) as u32, 1, 1), (width as u32, slices as u32, 1), 0, &args, Cost::mem((splits + 1 + acc.is_some() as usize) * n * 4))?;
+    dev.launch(
+        kern,
+        (n.div_ceil(width * per_thread) as u32, 1, 1),
+        (width as u32, slices as u32, 1),
+        0,
+        &args,
+        Cost::mem((splits + 1 + acc.is_some() as usize) * n * 4),
+    )?;
     Ok(dw)
 }
 
 /// dw from its split-K partials [splits, Co, k^3 Ci] (summed in a fixed order), and db = the
 /// column sum of dy, each plus its accumulated gradient in `acc`.
-fn finish_weight_gradient(part: &CudaBuf, splits: usize, dy: &Tensor, co: usize, k: usize, ci: usize, acc: WeightAcc) -> Result<(Tensor, Tensor)> {
+fn finish_weight_gradient(
+    part: &CudaBuf,
+    splits: usize,
+    dy: &Tensor,
+    co: usize,
+    k: usize,
+    ci: usize,
+    acc: WeightAcc,
+) -> Result<(Tensor, Tensor)> {
     let dw = reduce_weight_splits(part, splits, co * k * k * k * ci, dy, co, k, ci, acc.w)?;
     let db = super::reduce::col_sum_acc(dy, co, acc.b)?;
     Ok((dw, db))

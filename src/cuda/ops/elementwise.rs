@@ -10,7 +10,13 @@ pub fn relu_forward(x: &Tensor) -> Result<Tensor> {
     let dev = dev_of(x);
     let y = empty(dev, x.shape(), x.dtype())?;
     let n = x.numel();
-    let (k, lanes) = vec_or_scalar(x.dtype(), [K::ReluForwardF32, K::ReluForwardBf16], [K::ReluForwardF32x4, K::ReluForwardBf16x8], &[x.ptr(), y.ptr()], n);
+    let (k, lanes) = vec_or_scalar(
+        x.dtype(),
+        [K::ReluForwardF32, K::ReluForwardBf16],
+        [K::ReluForwardF32x4, K::ReluForwardBf16x8],
+        &[x.ptr(), y.ptr()],
+        n,
+    );
     dev.launch_1d(k, n / lanes, &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)], Cost::mem(2 * nbytes(x)))?;
     Ok(y)
 }
@@ -21,8 +27,19 @@ pub fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let dev = dev_of(y);
     let dx = empty(dev, y.shape(), y.dtype())?;
     let n = y.numel();
-    let (k, lanes) = vec_or_scalar(y.dtype(), [K::ReluBackwardF32, K::ReluBackwardBf16], [K::ReluBackwardF32x4, K::ReluBackwardBf16x8], &[y.ptr(), dy.ptr(), dx.ptr()], n);
-    dev.launch_1d(k, n / lanes, &[Arg::Ptr(y.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(dx.ptr()), Arg::I64(n as i64)], Cost::mem(3 * nbytes(y)))?;
+    let (k, lanes) = vec_or_scalar(
+        y.dtype(),
+        [K::ReluBackwardF32, K::ReluBackwardBf16],
+        [K::ReluBackwardF32x4, K::ReluBackwardBf16x8],
+        &[y.ptr(), dy.ptr(), dx.ptr()],
+        n,
+    );
+    dev.launch_1d(
+        k,
+        n / lanes,
+        &[Arg::Ptr(y.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(dx.ptr()), Arg::I64(n as i64)],
+        Cost::mem(3 * nbytes(y)),
+    )?;
     Ok(dx)
 }
 
@@ -34,8 +51,14 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dev = dev_of(a);
     let y = empty(dev, a.shape(), a.dtype())?;
     let n = a.numel();
-    let (k, lanes) = vec_or_scalar(a.dtype(), [K::AddF32, K::AddBf16], [K::AddF32x4, K::AddBf16x8], &[a.ptr(), b.ptr(), y.ptr()], n);
-    dev.launch_1d(k, n / lanes, &[Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)], Cost::mem(3 * nbytes(a)))?;
+    let (k, lanes) =
+        vec_or_scalar(a.dtype(), [K::AddF32, K::AddBf16], [K::AddF32x4, K::AddBf16x8], &[a.ptr(), b.ptr(), y.ptr()], n);
+    dev.launch_1d(
+        k,
+        n / lanes,
+        &[Arg::Ptr(a.ptr()), Arg::Ptr(b.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64)],
+        Cost::mem(3 * nbytes(a)),
+    )?;
     Ok(y)
 }
 
@@ -47,6 +70,11 @@ pub fn scale_by_scalar(x: &Tensor, s: &Tensor) -> Result<Tensor> {
     let y = empty(dev, x.shape(), DType::F32)?;
     let n = x.numel();
     dev.copy_device(y.ptr(), x.ptr(), n * 4)?;
-    dev.launch_1d(K::ScaleByScalarF32, n, &[Arg::Ptr(y.ptr()), Arg::Ptr(s.ptr()), Arg::I64(n as i64)], Cost::mem(2 * n * 4))?;
+    dev.launch_1d(
+        K::ScaleByScalarF32,
+        n,
+        &[Arg::Ptr(y.ptr()), Arg::Ptr(s.ptr()), Arg::I64(n as i64)],
+        Cost::mem(2 * n * 4),
+    )?;
     Ok(y)
 }

@@ -50,7 +50,14 @@ pub fn segments(dev: &std::sync::Arc<crate::cuda::CudaDevice>, offs: &[usize], b
     ensure!(count <= bound, "gather_voxels: {count} distinct voxels, more than the bound {bound}");
     start.resize(bound + 1, order.len() as i64);
     voxel.resize(bound, -1);
-    Ok(Segments { order: dev.upload(&order)?, start: dev.upload(&start)?, voxel: dev.upload(&voxel)?, pairs: offs.len(), count, padded: bound })
+    Ok(Segments {
+        order: dev.upload(&order)?,
+        start: dev.upload(&start)?,
+        voxel: dev.upload(&voxel)?,
+        pairs: offs.len(),
+        count,
+        padded: bound,
+    })
 }
 
 /// df of shape `v` in `dtype`: dy's rows summed per voxel (fixed order, no atomics), zeros
@@ -63,7 +70,15 @@ pub fn scatter_segments(dy: &Tensor, seg: &Segments, v: Vol, dtype: DType) -> Re
     dev.launch_1d(
         K::typed(dtype, K::ScatterSegmentsF32, K::ScatterSegmentsBf16),
         seg.padded.max(1) * c,
-        &[Arg::Ptr(dy.ptr()), Arg::Ptr(seg.order.ptr()), Arg::Ptr(seg.start.ptr()), Arg::Ptr(seg.voxel.ptr()), Arg::Ptr(df.ptr()), Arg::I64(seg.padded as i64), Arg::I32(c as i32)],
+        &[
+            Arg::Ptr(dy.ptr()),
+            Arg::Ptr(seg.order.ptr()),
+            Arg::Ptr(seg.start.ptr()),
+            Arg::Ptr(seg.voxel.ptr()),
+            Arg::Ptr(df.ptr()),
+            Arg::I64(seg.padded as i64),
+            Arg::I32(c as i32),
+        ],
         Cost::mem(seg.pairs * c * 4 + seg.count * c * dtype.size_in_bytes() + 8 * (2 * seg.count + seg.pairs)),
     )?;
     Ok(df)
@@ -92,11 +107,21 @@ fn copy_cols(src: &Tensor, src_off: usize, dst: &Tensor, dst_off: usize, rows: u
 
 /// x [rows, c] (bf16) widened to [rows, w] with zero columns c .. w.
 pub fn pad_channels_bf16(x: &Tensor, c: usize, w: usize) -> Result<Tensor> {
-    ensure!(x.dtype() == DType::BF16 && c <= w && w < i32::MAX as usize && x.numel().is_multiple_of(c.max(1)), "pad_channels: {:?} {:?} from {c} to {w} channels", x.shape(), x.dtype());
+    ensure!(
+        x.dtype() == DType::BF16 && c <= w && w < i32::MAX as usize && x.numel().is_multiple_of(c.max(1)),
+        "pad_channels: {:?} {:?} from {c} to {w} channels",
+        x.shape(),
+        x.dtype()
+    );
     let dev = dev_of(x);
     let rows = x.numel() / c;
     let y = empty(dev, &[rows, w], DType::BF16)?;
-    dev.launch_1d(K::PadChannelsBf16, rows * w, &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I32(c as i32), Arg::I32(w as i32), Arg::I64(rows as i64)], Cost::mem(nbytes(x) + nbytes(&y)))?;
+    dev.launch_1d(
+        K::PadChannelsBf16,
+        rows * w,
+        &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I32(c as i32), Arg::I32(w as i32), Arg::I64(rows as i64)],
+        Cost::mem(nbytes(x) + nbytes(&y)),
+    )?;
     Ok(y)
 }
 

@@ -34,7 +34,14 @@ pub fn tensor_cores_for(d: usize) -> bool {
 
 /// (loss [1] f32, saved) for unit rows e1, e2 [n, d] at temperature t; on tensor cores (bf16x3)
 /// when `tensor_cores` and d allows it, else in exact fp32.
-pub fn forward(e1: &Tensor, e2: &Tensor, n: usize, d: usize, t: f64, tensor_cores: bool) -> Result<(Tensor, InfonceSaved)> {
+pub fn forward(
+    e1: &Tensor,
+    e2: &Tensor,
+    n: usize,
+    d: usize,
+    t: f64,
+    tensor_cores: bool,
+) -> Result<(Tensor, InfonceSaved)> {
     ensure_f32(e1, "infonce")?;
     ensure_f32(e2, "infonce")?;
     ensure!(d <= MAX_DIM, "infonce on the GPU supports embeddings up to {MAX_DIM} wide, got {d}");
@@ -56,7 +63,15 @@ pub fn forward(e1: &Tensor, e2: &Tensor, n: usize, d: usize, t: f64, tensor_core
             (n.div_ceil(TC_ROWS) as u32, 2, 1),
             (128, 1, 1),
             0,
-            &[Arg::Ptr(hi.ptr()), Arg::Ptr(lo.ptr()), Arg::I32(n as i32), Arg::I32(d as i32), Arg::F32((1.0 / t) as f32), Arg::Ptr(lse.ptr()), Arg::Ptr(diag.ptr())],
+            &[
+                Arg::Ptr(hi.ptr()),
+                Arg::Ptr(lo.ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(d as i32),
+                Arg::F32((1.0 / t) as f32),
+                Arg::Ptr(lse.ptr()),
+                Arg::Ptr(diag.ptr()),
+            ],
             Cost::tensor_bf16(3.0 * flops, 2 * n * d * 4 + 24 * n),
         )?;
         Some((hi, lo))
@@ -66,19 +81,45 @@ pub fn forward(e1: &Tensor, e2: &Tensor, n: usize, d: usize, t: f64, tensor_core
             (n.div_ceil(ROWS) as u32, 2, 1),
             (256, 1, 1),
             0,
-            &[Arg::Ptr(e1.ptr()), Arg::Ptr(e2.ptr()), Arg::I32(n as i32), Arg::I32(d as i32), Arg::F32((1.0 / t) as f32), Arg::Ptr(lse.ptr()), Arg::Ptr(diag.ptr())],
+            &[
+                Arg::Ptr(e1.ptr()),
+                Arg::Ptr(e2.ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(d as i32),
+                Arg::F32((1.0 / t) as f32),
+                Arg::Ptr(lse.ptr()),
+                Arg::Ptr(diag.ptr()),
+            ],
             Cost::fp32(flops, 2 * n * d * 4 + 24 * n),
         )?;
         None
     };
     let loss = empty(dev, &[1], DType::F32)?;
-    dev.launch(K::InfonceLoss, (1, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(lse.ptr()), Arg::Ptr(diag.ptr()), Arg::I32(n as i32), Arg::Ptr(loss.ptr())], Cost::mem(24 * n))?;
+    dev.launch(
+        K::InfonceLoss,
+        (1, 1, 1),
+        (256, 1, 1),
+        0,
+        &[Arg::Ptr(lse.ptr()), Arg::Ptr(diag.ptr()), Arg::I32(n as i32), Arg::Ptr(loss.ptr())],
+        Cost::mem(24 * n),
+    )?;
     Ok((loss, InfonceSaved { lse, split }))
 }
 
 /// (de1, de2) [n, d] f32, times the upstream gradient `dloss` (one f32 on the device).
-pub fn backward(e1: &Tensor, e2: &Tensor, saved: &InfonceSaved, dloss: &Tensor, n: usize, d: usize, t: f64) -> Result<(Tensor, Tensor)> {
-    ensure!(dloss.numel() == 1 && dloss.dtype() == DType::F32, "infonce backward: the upstream gradient must be one f32 value");
+pub fn backward(
+    e1: &Tensor,
+    e2: &Tensor,
+    saved: &InfonceSaved,
+    dloss: &Tensor,
+    n: usize,
+    d: usize,
+    t: f64,
+) -> Result<(Tensor, Tensor)> {
+    ensure!(
+        dloss.numel() == 1 && dloss.dtype() == DType::F32,
+        "infonce backward: the upstream gradient must be one f32 value"
+    );
     let dev = dev_of(e1);
     let de1 = empty(dev, &[n, d], DType::F32)?;
     let de2 = empty(dev, &[n, d], DType::F32)?;
@@ -103,7 +144,14 @@ pub fn backward(e1: &Tensor, e2: &Tensor, saved: &InfonceSaved, dloss: &Tensor, 
         dev.launch(K::InfonceTcBackward, (n.div_ceil(TC_ROWS) as u32, 2, 1), (128, 1, 1), 0, &tc_args, cost)?;
     } else {
         let k = if d <= 128 { K::InfonceBackwardD128 } else { K::InfonceBackwardD512 };
-        dev.launch(k, (n.div_ceil(ROWS) as u32, 2, 1), (256, 1, 1), 0, &args, Cost::fp32(flops, 4 * n * d * 4 + 16 * n))?;
+        dev.launch(
+            k,
+            (n.div_ceil(ROWS) as u32, 2, 1),
+            (256, 1, 1),
+            0,
+            &args,
+            Cost::fp32(flops, 4 * n * d * 4 + 16 * n),
+        )?;
     }
     Ok((de1, de2))
 }
@@ -137,7 +185,14 @@ pub fn signal(e1: &Tensor, e2: &Tensor, n: usize, d: usize) -> Result<DeviceSign
         (blocks as u32, 2, 1),
         (256, 1, 1),
         0,
-        &[Arg::Ptr(e1.ptr()), Arg::Ptr(e2.ptr()), Arg::I32(n as i32), Arg::I32(d as i32), Arg::I32(anchors as i32), Arg::Ptr(hits.ptr())],
+        &[
+            Arg::Ptr(e1.ptr()),
+            Arg::Ptr(e2.ptr()),
+            Arg::I32(n as i32),
+            Arg::I32(d as i32),
+            Arg::I32(anchors as i32),
+            Arg::Ptr(hits.ptr()),
+        ],
         Cost::fp32(2.0 * 2.0 * (anchors * n * d) as f64, 2 * n * d * 4 + 2 * blocks * 8),
     )?;
     let out = dev.alloc(3 * 8)?;
@@ -146,7 +201,16 @@ pub fn signal(e1: &Tensor, e2: &Tensor, n: usize, d: usize) -> Result<DeviceSign
         (1, 1, 1),
         (256, 1, 1),
         0,
-        &[Arg::Ptr(e1.ptr()), Arg::Ptr(e2.ptr()), Arg::I32(n as i32), Arg::I32(d as i32), Arg::I32(anchors as i32), Arg::Ptr(hits.ptr()), Arg::I32((2 * blocks) as i32), Arg::Ptr(out.ptr())],
+        &[
+            Arg::Ptr(e1.ptr()),
+            Arg::Ptr(e2.ptr()),
+            Arg::I32(n as i32),
+            Arg::I32(d as i32),
+            Arg::I32(anchors as i32),
+            Arg::Ptr(hits.ptr()),
+            Arg::I32((2 * blocks) as i32),
+            Arg::Ptr(out.ptr()),
+        ],
         Cost::mem(2 * n * d * 4 + 2 * blocks * 8 + 24),
     )?;
     Ok(DeviceSignal { buf: out })

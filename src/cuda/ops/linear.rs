@@ -8,13 +8,26 @@ use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_f32};
 use crate::tensor::{DType, Tensor};
 
 /// y [n, fout] = x [n, fin] · Wᵀ + b.
-pub fn forward(x: &Tensor, n: usize, fin: usize, w: &Tensor, b: Option<&Tensor>, fout: usize, tf32: bool) -> Result<Tensor> {
+pub fn forward(
+    x: &Tensor,
+    n: usize,
+    fin: usize,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    fout: usize,
+    tf32: bool,
+) -> Result<Tensor> {
     ensure_f32(x, "linear")?;
     let dev = dev_of(x);
     let y = empty(dev, &[n, fout], DType::F32)?;
     let beta = match b {
         Some(b) => {
-            dev.launch_1d(K::FillRows, n * fout, &[Arg::Ptr(y.ptr()), Arg::Ptr(b.ptr()), Arg::I64(n as i64), Arg::I64(fout as i64)], Cost::mem(n * fout * 4 + fout * 4))?;
+            dev.launch_1d(
+                K::FillRows,
+                n * fout,
+                &[Arg::Ptr(y.ptr()), Arg::Ptr(b.ptr()), Arg::I64(n as i64), Arg::I64(fout as i64)],
+                Cost::mem(n * fout * 4 + fout * 4),
+            )?;
             1.0
         }
         None => 0.0,
@@ -24,7 +37,15 @@ pub fn forward(x: &Tensor, n: usize, fin: usize, w: &Tensor, b: Option<&Tensor>,
 }
 
 /// (dx, dW, db).
-pub fn backward(x: &Tensor, dy: &Tensor, n: usize, fin: usize, w: &Tensor, fout: usize, tf32: bool) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn backward(
+    x: &Tensor,
+    dy: &Tensor,
+    n: usize,
+    fin: usize,
+    w: &Tensor,
+    fout: usize,
+    tf32: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let dy = cast(dy, DType::F32)?;
     let dev = dev_of(x);
     let dx = empty(dev, &[n, fin], DType::F32)?;

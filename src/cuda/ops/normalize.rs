@@ -13,7 +13,14 @@ pub fn forward(x: &Tensor, d: usize) -> Result<Tensor> {
     let n = x.numel() / d;
     let y = empty(dev, x.shape(), DType::F32)?;
     let blocks = n.div_ceil(ROWS_PER_BLOCK).max(1) as u32;
-    dev.launch(K::L2NormalizeForward, (blocks, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64), Arg::I32(d as i32)], Cost::mem(2 * n * d * 4))?;
+    dev.launch(
+        K::L2NormalizeForward,
+        (blocks, 1, 1),
+        (256, 1, 1),
+        0,
+        &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I64(n as i64), Arg::I32(d as i32)],
+        Cost::mem(2 * n * d * 4),
+    )?;
     Ok(y)
 }
 
@@ -23,6 +30,13 @@ pub fn backward(x: &Tensor, dy: &Tensor, d: usize) -> Result<Tensor> {
     let n = x.numel() / d;
     let dx = empty(dev, x.shape(), DType::F32)?;
     let blocks = n.div_ceil(ROWS_PER_BLOCK).max(1) as u32;
-    dev.launch(K::L2NormalizeBackward, (blocks, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(dx.ptr()), Arg::I64(n as i64), Arg::I32(d as i32)], Cost::mem(3 * n * d * 4))?;
+    dev.launch(
+        K::L2NormalizeBackward,
+        (blocks, 1, 1),
+        (256, 1, 1),
+        0,
+        &[Arg::Ptr(x.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(dx.ptr()), Arg::I64(n as i64), Arg::I32(d as i32)],
+        Cost::mem(3 * n * d * 4),
+    )?;
     Ok(dx)
 }

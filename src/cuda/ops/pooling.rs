@@ -20,8 +20,14 @@ pub fn forward(x: &Tensor, v: Vol) -> Result<(Tensor, CudaBuf)> {
     let mut args = vec![Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(arg.ptr())];
     args.extend(dims(v));
     let cost = Cost::mem(nbytes(x) + nbytes(&y) + y.numel());
-    let (k, items) = vec_groups(x.dtype(), [K::Maxpool2ForwardF32x4, K::Maxpool2ForwardBf16x8], &[x.ptr(), y.ptr(), arg.ptr()], v.c, y.numel() / v.c.max(1))
-        .unwrap_or((K::typed(x.dtype(), K::Maxpool2ForwardF32, K::Maxpool2ForwardBf16), y.numel()));
+    let (k, items) = vec_groups(
+        x.dtype(),
+        [K::Maxpool2ForwardF32x4, K::Maxpool2ForwardBf16x8],
+        &[x.ptr(), y.ptr(), arg.ptr()],
+        v.c,
+        y.numel() / v.c.max(1),
+    )
+    .unwrap_or((K::typed(x.dtype(), K::Maxpool2ForwardF32, K::Maxpool2ForwardBf16), y.numel()));
     dev.launch_1d(k, items, &args, cost)?;
     Ok((y, arg))
 }
@@ -32,15 +38,23 @@ pub fn backward(dy: &Tensor, arg: &CudaBuf, v: Vol, dtype: DType, acc: Option<&T
     let dy = cast(dy, dtype)?;
     let dev = dev_of(&dy);
     if let Some(a) = acc {
-        ensure!(a.shape() == v.shape() && a.dtype() == dtype, "maxpool2 backward: accumulated gradient {:?} {:?}, expected {:?} {dtype:?}", a.shape(), a.dtype(), v.shape());
+        ensure!(
+            a.shape() == v.shape() && a.dtype() == dtype,
+            "maxpool2 backward: accumulated gradient {:?} {:?}, expected {:?} {dtype:?}",
+            a.shape(),
+            a.dtype(),
+            v.shape()
+        );
     }
     let dx = empty(dev, &v.shape(), dtype)?;
-    let mut args = vec![Arg::Ptr(dy.ptr()), Arg::Ptr(arg.ptr()), Arg::Ptr(acc.map_or(0, |a| a.ptr())), Arg::Ptr(dx.ptr())];
+    let mut args =
+        vec![Arg::Ptr(dy.ptr()), Arg::Ptr(arg.ptr()), Arg::Ptr(acc.map_or(0, |a| a.ptr())), Arg::Ptr(dx.ptr())];
     args.extend(dims(v));
     let cost = Cost::mem(nbytes(&dy) + dy.numel() + nbytes(&dx) + acc.map_or(0, nbytes));
     let ptrs = [dy.ptr(), arg.ptr(), acc.map_or(0, |a| a.ptr()), dx.ptr()];
-    let (k, items) = vec_groups(dtype, [K::Maxpool2BackwardF32x4, K::Maxpool2BackwardBf16x8], &ptrs, v.c, dy.numel() / v.c.max(1))
-        .unwrap_or((K::typed(dtype, K::Maxpool2BackwardF32, K::Maxpool2BackwardBf16), dx.numel()));
+    let (k, items) =
+        vec_groups(dtype, [K::Maxpool2BackwardF32x4, K::Maxpool2BackwardBf16x8], &ptrs, v.c, dy.numel() / v.c.max(1))
+            .unwrap_or((K::typed(dtype, K::Maxpool2BackwardF32, K::Maxpool2BackwardBf16), dx.numel()));
     dev.launch_1d(k, items, &args, cost)?;
     Ok(dx)
 }

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, CudaDevice, Cost, K};
+use crate::cuda::{Arg, Cost, CudaDevice, K};
 
 /// Floats per lane in the probe's output (the layout is documented in the kernel file).
 pub const PROBE_STRIDE: usize = 52;
@@ -36,7 +36,14 @@ pub fn mma_layout(dev: &std::sync::Arc<CudaDevice>) -> Result<Vec<LaneReport>> {
 /// limits; fewer than `PROBE_SHARED_BYTES` is a kernel writing past its shared memory).
 pub fn mma_layout_with_shared(dev: &std::sync::Arc<CudaDevice>, shared_bytes: u32) -> Result<Vec<LaneReport>> {
     let out = dev.alloc(32 * PROBE_STRIDE * 4)?;
-    dev.launch(K::MmaLayoutProbe, (1, 1, 1), (32, 1, 1), shared_bytes, &[Arg::Ptr(out.ptr())], Cost::mem(32 * PROBE_STRIDE * 4))?;
+    dev.launch(
+        K::MmaLayoutProbe,
+        (1, 1, 1),
+        (32, 1, 1),
+        shared_bytes,
+        &[Arg::Ptr(out.ptr())],
+        Cost::mem(32 * PROBE_STRIDE * 4),
+    )?;
     let v: Vec<f32> = dev.download(out.ptr(), 32 * PROBE_STRIDE)?;
     let pair = |o: &[f32], i: usize| (o[i] as usize, o[i + 1] as usize);
     Ok(v.chunks(PROBE_STRIDE)

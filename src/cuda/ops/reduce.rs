@@ -33,7 +33,14 @@ pub enum ColPass {
     ShiftedMoments = 2,
 }
 
-pub fn col_partials(x: &Tensor, g: Option<&Tensor>, mean: Option<&CudaBuf>, m: usize, c: usize, pass: ColPass) -> Result<ColPartials> {
+pub fn col_partials(
+    x: &Tensor,
+    g: Option<&Tensor>,
+    mean: Option<&CudaBuf>,
+    m: usize,
+    c: usize,
+    pass: ColPass,
+) -> Result<ColPartials> {
     let dev = dev_of(x);
     let rows = rows_per_chunk(m);
     let chunks = m.div_ceil(rows).max(1);
@@ -63,17 +70,42 @@ pub fn col_partials(x: &Tensor, g: Option<&Tensor>, mean: Option<&CudaBuf>, m: u
 }
 
 /// out_d[c] (f64) and/or out_f[c] (f32) = scale · Σ_chunks part[chunk, c].
-pub fn reduce_chunks(dev: &Arc<CudaDevice>, part: &CudaBuf, chunks: usize, c: usize, scale: f64, out_d: Option<u64>, out_f: Option<u64>) -> Result<()> {
+pub fn reduce_chunks(
+    dev: &Arc<CudaDevice>,
+    part: &CudaBuf,
+    chunks: usize,
+    c: usize,
+    scale: f64,
+    out_d: Option<u64>,
+    out_f: Option<u64>,
+) -> Result<()> {
     reduce_chunks_acc(dev, part, chunks, c, scale, out_d, out_f, None)
 }
 
 /// `reduce_chunks` with out_f[c] = acc[c] + (f32) scale · Σ (an accumulated f32 [C] gradient).
 #[allow(clippy::too_many_arguments)]
-pub fn reduce_chunks_acc(dev: &Arc<CudaDevice>, part: &CudaBuf, chunks: usize, c: usize, scale: f64, out_d: Option<u64>, out_f: Option<u64>, acc: Option<&Tensor>) -> Result<()> {
+pub fn reduce_chunks_acc(
+    dev: &Arc<CudaDevice>,
+    part: &CudaBuf,
+    chunks: usize,
+    c: usize,
+    scale: f64,
+    out_d: Option<u64>,
+    out_f: Option<u64>,
+    acc: Option<&Tensor>,
+) -> Result<()> {
     dev.launch_1d(
         K::ReduceChunks,
         c,
-        &[Arg::Ptr(part.ptr()), Arg::I32(chunks as i32), Arg::I32(c as i32), Arg::F64(scale), Arg::Ptr(out_d.unwrap_or(0)), Arg::Ptr(out_f.unwrap_or(0)), Arg::Ptr(acc.map_or(0, |a| a.ptr()))],
+        &[
+            Arg::Ptr(part.ptr()),
+            Arg::I32(chunks as i32),
+            Arg::I32(c as i32),
+            Arg::F64(scale),
+            Arg::Ptr(out_d.unwrap_or(0)),
+            Arg::Ptr(out_f.unwrap_or(0)),
+            Arg::Ptr(acc.map_or(0, |a| a.ptr())),
+        ],
         Cost::mem((chunks + 1) * c * 8 + acc.map_or(0, nbytes)),
     )
 }

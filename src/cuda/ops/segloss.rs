@@ -4,7 +4,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, CudaBuf, Cost, K, dev_of, empty, ensure_f32, ensure_float, nbytes};
+use crate::cuda::{Arg, Cost, CudaBuf, K, dev_of, empty, ensure_f32, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor};
 
 /// Voxels per block of the partial sums: enough blocks to fill the GPU, few enough partials.
@@ -20,7 +20,11 @@ pub struct SeglossSaved {
 
 fn check(logits: &Tensor, targets: &Tensor, roi: Option<&Tensor>) -> Result<(usize, usize, usize)> {
     let s = logits.shape();
-    ensure!(s.len() == 5 && targets.shape() == s, "segmentation loss: logits {s:?} and targets {:?} must be equal [N, X, Y, Z, C]", targets.shape());
+    ensure!(
+        s.len() == 5 && targets.shape() == s,
+        "segmentation loss: logits {s:?} and targets {:?} must be equal [N, X, Y, Z, C]",
+        targets.shape()
+    );
     ensure_float(logits, "segmentation loss logits")?;
     ensure_f32(targets, "segmentation loss targets")?;
     let (n, c) = (s[0], s[4]);
@@ -48,7 +52,15 @@ pub fn forward(logits: &Tensor, targets: &Tensor, roi: Option<&Tensor>) -> Resul
         (chunks as u32, n as u32, 1),
         (256, 1, 1),
         0,
-        &[Arg::Ptr(logits.ptr()), Arg::Ptr(targets.ptr()), Arg::Ptr(roi_ptr), Arg::I64(v as i64), Arg::I32(c as i32), Arg::I64(rows as i64), Arg::Ptr(part.ptr())],
+        &[
+            Arg::Ptr(logits.ptr()),
+            Arg::Ptr(targets.ptr()),
+            Arg::Ptr(roi_ptr),
+            Arg::I64(v as i64),
+            Arg::I32(c as i32),
+            Arg::I64(rows as i64),
+            Arg::Ptr(part.ptr()),
+        ],
         Cost::mem(nbytes(logits) + nbytes(targets) + roi.map_or(0, nbytes) + n * chunks * stride * 8),
     )?;
     let stats = dev.alloc((2 * n * c + 1) * 8)?;
@@ -58,16 +70,32 @@ pub fn forward(logits: &Tensor, targets: &Tensor, roi: Option<&Tensor>) -> Resul
         (1, 1, 1),
         (256, 1, 1),
         0,
-        &[Arg::Ptr(part.ptr()), Arg::I32(chunks as i32), Arg::I32(n as i32), Arg::I32(c as i32), Arg::Ptr(stats.ptr()), Arg::Ptr(loss.ptr())],
+        &[
+            Arg::Ptr(part.ptr()),
+            Arg::I32(chunks as i32),
+            Arg::I32(n as i32),
+            Arg::I32(c as i32),
+            Arg::Ptr(stats.ptr()),
+            Arg::Ptr(loss.ptr()),
+        ],
         Cost::mem(n * chunks * stride * 8 + (2 * n * c + 1) * 8 + 4),
     )?;
     Ok((loss, SeglossSaved { stats }))
 }
 
 /// d loss / d logits, scaled by `dloss` ([1] f32 on the device), in the logits' dtype.
-pub fn backward(logits: &Tensor, targets: &Tensor, roi: Option<&Tensor>, saved: &SeglossSaved, dloss: &Tensor) -> Result<Tensor> {
+pub fn backward(
+    logits: &Tensor,
+    targets: &Tensor,
+    roi: Option<&Tensor>,
+    saved: &SeglossSaved,
+    dloss: &Tensor,
+) -> Result<Tensor> {
     let (n, v, c) = check(logits, targets, roi)?;
-    ensure!(dloss.numel() == 1 && dloss.dtype() == DType::F32, "segmentation loss backward: the output gradient must be one f32 value");
+    ensure!(
+        dloss.numel() == 1 && dloss.dtype() == DType::F32,
+        "segmentation loss backward: the output gradient must be one f32 value"
+    );
     let dev = dev_of(logits);
     let grad = empty(dev, logits.shape(), logits.dtype())?;
     let k = K::typed(logits.dtype(), K::SeglossBackwardF32, K::SeglossBackwardBf16);

@@ -27,10 +27,18 @@ impl AxisTable {
     /// The three axes' tables of `plan` at `level` for windows whose output is `window_shape`
     /// and a map of `out_shape`, uploaded to the device of `like`. `owned_only`: the
     /// central-region rule (else every covered voxel, with Gaussian weights).
-    pub fn for_plan(like: &Tensor, plan: &Plan, level: u32, window_shape: [usize; 3], out_shape: [usize; 3], owned_only: bool) -> Result<[AxisTable; 3]> {
+    pub fn for_plan(
+        like: &Tensor,
+        plan: &Plan,
+        level: u32,
+        window_shape: [usize; 3],
+        out_shape: [usize; 3],
+        owned_only: bool,
+    ) -> Result<[AxisTable; 3]> {
         let dev = dev_of(like);
         let one = |a: usize| -> Result<AxisTable> {
-            let (mut out, mut window, mut weight, mut offset, mut count) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut out, mut window, mut weight, mut offset, mut count) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (which, &start) in plan.axes[a].starts.iter().enumerate() {
                 let e = plan.axis_entries(a, which, start, level, window_shape[a], out_shape[a], owned_only);
                 offset.push(out.len());
@@ -39,7 +47,15 @@ impl AxisTable {
                 window.extend(e.window);
                 weight.extend(e.weight);
             }
-            Ok(AxisTable { out: dev.upload(&out)?, window: dev.upload(&window)?, weight: dev.upload(&weight)?, offset, count, window_len: window_shape[a], out_len: out_shape[a] })
+            Ok(AxisTable {
+                out: dev.upload(&out)?,
+                window: dev.upload(&window)?,
+                weight: dev.upload(&weight)?,
+                offset,
+                count,
+                window_len: window_shape[a],
+                out_len: out_shape[a],
+            })
         };
         Ok([one(0)?, one(1)?, one(2)?])
     }
@@ -58,8 +74,14 @@ fn window_of(out: &Tensor, b: usize, t: &[AxisTable; 3], map: &Tensor) -> Result
     ensure_f32(map, "stitched map")?;
     let s = out.shape();
     let m = map.shape();
-    ensure!(s.len() == 5 && b < s[0] && m.len() == 4 && s[4] == m[3], "stitch: window batch {s:?} (item {b}) into a map {m:?}");
-    ensure!((0..3).all(|a| s[a + 1] == t[a].window_len && m[a] == t[a].out_len), "stitch: window {s:?} and map {m:?} do not match the plan's tables");
+    ensure!(
+        s.len() == 5 && b < s[0] && m.len() == 4 && s[4] == m[3],
+        "stitch: window batch {s:?} (item {b}) into a map {m:?}"
+    );
+    ensure!(
+        (0..3).all(|a| s[a + 1] == t[a].window_len && m[a] == t[a].out_len),
+        "stitch: window {s:?} and map {m:?} do not match the plan's tables"
+    );
     let per_window = s[1] * s[2] * s[3] * s[4];
     Ok((out.ptr() + (b * per_window * out.dtype().size_in_bytes()) as u64, s[4]))
 }
@@ -97,7 +119,14 @@ pub fn stitch_window(out: &Tensor, b: usize, t: &[AxisTable; 3], which: [usize; 
 }
 
 /// acc += w · window b of `out` over every voxel box `which` covers, weight += w (Gaussian).
-pub fn blend_window(out: &Tensor, b: usize, t: &[AxisTable; 3], which: [usize; 3], acc: &Tensor, weight: &Tensor) -> Result<()> {
+pub fn blend_window(
+    out: &Tensor,
+    b: usize,
+    t: &[AxisTable; 3],
+    which: [usize; 3],
+    acc: &Tensor,
+    weight: &Tensor,
+) -> Result<()> {
     let (src, c) = window_of(out, b, t, acc)?;
     ensure_f32(weight, "blend weights")?;
     ensure!(weight.numel() * c == acc.numel(), "blend: weights {:?} for a map {:?}", weight.shape(), acc.shape());
@@ -117,7 +146,17 @@ pub fn blend_normalize(acc: &Tensor, weight: &Tensor) -> Result<()> {
     ensure_f32(acc, "blend")?;
     ensure_f32(weight, "blend weights")?;
     let voxels = weight.numel();
-    ensure!(voxels > 0 && acc.numel().is_multiple_of(voxels), "blend: weights {:?} for a map {:?}", weight.shape(), acc.shape());
+    ensure!(
+        voxels > 0 && acc.numel().is_multiple_of(voxels),
+        "blend: weights {:?} for a map {:?}",
+        weight.shape(),
+        acc.shape()
+    );
     let c = acc.numel() / voxels;
-    dev_of(acc).launch_1d(K::BlendNormalize, acc.numel(), &[Arg::Ptr(acc.ptr()), Arg::Ptr(weight.ptr()), Arg::I64(voxels as i64), Arg::I32(c as i32)], Cost::mem(2 * nbytes(acc) + nbytes(weight)))
+    dev_of(acc).launch_1d(
+        K::BlendNormalize,
+        acc.numel(),
+        &[Arg::Ptr(acc.ptr()), Arg::Ptr(weight.ptr()), Arg::I64(voxels as i64), Arg::I32(c as i32)],
+        Cost::mem(2 * nbytes(acc) + nbytes(weight)),
+    )
 }

@@ -22,7 +22,11 @@ fn args(src: &Tensor, dst: &Tensor, v: Vol, t: [usize; 3]) -> Vec<Arg> {
 
 /// Checks that the crop lies within the doubled grid (every output has a source voxel).
 fn check_target(v: Vol, t: [usize; 3]) -> Result<()> {
-    ensure!((0..3).all(|a| t[a] <= 2 * [v.x, v.y, v.z][a]), "upsample2_crop: target {t:?} exceeds twice the input {:?}", [v.x, v.y, v.z]);
+    ensure!(
+        (0..3).all(|a| t[a] <= 2 * [v.x, v.y, v.z][a]),
+        "upsample2_crop: target {t:?} exceeds twice the input {:?}",
+        [v.x, v.y, v.z]
+    );
     Ok(())
 }
 
@@ -31,8 +35,14 @@ pub fn forward(x: &Tensor, v: Vol, target: [usize; 3]) -> Result<Tensor> {
     let dev = dev_of(x);
     let y = empty(dev, &[v.n, target[0], target[1], target[2], v.c], x.dtype())?;
     check_target(v, target)?;
-    let (k, items) = vec_groups(x.dtype(), [K::Upsample2ForwardF32x4, K::Upsample2ForwardBf16x8], &[x.ptr(), y.ptr()], v.c, v.voxels())
-        .unwrap_or((K::typed(x.dtype(), K::Upsample2ForwardF32, K::Upsample2ForwardBf16), y.numel()));
+    let (k, items) = vec_groups(
+        x.dtype(),
+        [K::Upsample2ForwardF32x4, K::Upsample2ForwardBf16x8],
+        &[x.ptr(), y.ptr()],
+        v.c,
+        v.voxels(),
+    )
+    .unwrap_or((K::typed(x.dtype(), K::Upsample2ForwardF32, K::Upsample2ForwardBf16), y.numel()));
     dev.launch_1d(k, items, &args(x, &y, v, target), Cost::mem(nbytes(x) + nbytes(&y)))?;
     Ok(y)
 }
@@ -42,8 +52,14 @@ pub fn backward(dy: &Tensor, v: Vol, target: [usize; 3], dtype: DType) -> Result
     let dev = dev_of(&dy);
     let dx = empty(dev, &v.shape(), dtype)?;
     check_target(v, target)?;
-    let (k, items) = vec_groups(dtype, [K::Upsample2BackwardF32x4, K::Upsample2BackwardBf16x8], &[dy.ptr(), dx.ptr()], v.c, v.voxels())
-        .unwrap_or((K::typed(dtype, K::Upsample2BackwardF32, K::Upsample2BackwardBf16), dx.numel()));
+    let (k, items) = vec_groups(
+        dtype,
+        [K::Upsample2BackwardF32x4, K::Upsample2BackwardBf16x8],
+        &[dy.ptr(), dx.ptr()],
+        v.c,
+        v.voxels(),
+    )
+    .unwrap_or((K::typed(dtype, K::Upsample2BackwardF32, K::Upsample2BackwardBf16), dx.numel()));
     dev.launch_1d(k, items, &args(&dy, &dx, v, target), Cost::mem(nbytes(&dy) + nbytes(&dx)))?;
     Ok(dx)
 }

@@ -49,7 +49,17 @@ pub fn check_rows(a_len: usize, rs: usize, offs: &[usize], kk: usize, r0: usize,
 /// AVX2 and FMA must be available; `check_rows(a.len(), rs, offs, kk, r0, r0 + nr)` must hold,
 /// `bt` must hold offs.len()·kk·cop values and `bias` cop values.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn forward_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: &[f32], cop: usize, bias: &[f32], r0: usize, out: &mut [f32]) {
+pub unsafe fn forward_rows(
+    a: &[f32],
+    rs: usize,
+    offs: &[usize],
+    kk: usize,
+    bt: &[f32],
+    cop: usize,
+    bias: &[f32],
+    r0: usize,
+    out: &mut [f32],
+) {
     let nr = out.len() / cop;
     debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop.is_multiple_of(8));
     let (xp, ci) = (a, rs);
@@ -78,7 +88,9 @@ pub unsafe fn forward_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: 
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fwd_tile<const N: usize, const V: usize>(args: (*const f32, usize, &[usize], usize, *const f32, usize, *const f32, usize, usize, *mut f32)) {
+unsafe fn fwd_tile<const N: usize, const V: usize>(
+    args: (*const f32, usize, &[usize], usize, *const f32, usize, *const f32, usize, usize, *mut f32),
+) {
     let (xp, ci, offs, kk, bt, cop, bias, r, cb, out) = args;
     let mut acc = [[_mm256_setzero_ps(); V]; N];
     for v in 0..V {
@@ -218,7 +230,16 @@ pub const ZT_ROWS: usize = 11;
 /// # Safety
 /// As `avx512::forward_ztaps`, with AVX2 and FMA instead of AVX-512F.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
+pub unsafe fn forward_ztaps(
+    xp: &[f32],
+    ci: usize,
+    offs: &[usize],
+    bt: &[f32],
+    cop: usize,
+    bias: &[f32],
+    runs: &[(usize, usize)],
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
     debug_assert!(bt.len() >= offs.len() * 3 * ci * cop && bias.len() >= cop && cop.is_multiple_of(8));
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
     let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
@@ -243,7 +264,9 @@ pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], c
 /// N + 2 broadcasts; input row q feeds output rows q, q − 1, q − 2 (as `avx512::zt_tile`).
 #[allow(clippy::type_complexity)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn zt_tile<const N: usize>(args: (*const f32, usize, &[usize], *const f32, usize, *const f32, usize, usize, *mut f32, usize, usize)) {
+unsafe fn zt_tile<const N: usize>(
+    args: (*const f32, usize, &[usize], *const f32, usize, *const f32, usize, usize, *mut f32, usize, usize),
+) {
     let (xp, ci, offs, bt, cop, bias, r, cb, out, u0, u1) = args;
     let mut acc = [_mm256_setzero_ps(); N];
     if u0 == 0 {

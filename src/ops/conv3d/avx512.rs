@@ -63,7 +63,17 @@ fn channel_blocks(cop: usize) -> Vec<(usize, usize, u16)> {
 /// AVX-512F and FMA must be available; `avx2::check_rows(a.len(), rs, offs, kk, r0, r0 + nr)`
 /// must hold, `bt` must hold offs.len()·kk·cop values and `bias` cop values.
 #[target_feature(enable = "avx512f,fma")]
-pub unsafe fn forward_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: &[f32], cop: usize, bias: &[f32], r0: usize, out: &mut [f32]) {
+pub unsafe fn forward_rows(
+    a: &[f32],
+    rs: usize,
+    offs: &[usize],
+    kk: usize,
+    bt: &[f32],
+    cop: usize,
+    bias: &[f32],
+    r0: usize,
+    out: &mut [f32],
+) {
     let nr = out.len() / cop;
     debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop.is_multiple_of(8));
     let (xp, bt, bias, o) = (a.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
@@ -81,7 +91,8 @@ pub unsafe fn forward_rows(a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: 
             while i < nr {
                 // Balanced tiles (a run of 16 rows as 8 + 8, not 14 + 2): each row's sum is the same.
                 let rows = (nr - i).div_ceil((nr - i).div_ceil(R));
-                let args = FwdArgs { xp, ci: rs, offs, kk, bt, cop, bias, r: r0 + i, cb, out: o.add(i * cop), mask, j0, j1 };
+                let args =
+                    FwdArgs { xp, ci: rs, offs, kk, bt, cop, bias, r: r0 + i, cb, out: o.add(i * cop), mask, j0, j1 };
                 macro_rules! tile {
                     ($($n:literal),*) => {
                         match (rows, v) {
@@ -131,7 +142,14 @@ fn lanes(v: usize, last: usize, mask: u16) -> u16 {
 /// (rows of `cop` values, channels cb..).
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-unsafe fn tile_start<const N: usize, const V: usize>(first: bool, bias: *const f32, out: *const f32, cop: usize, cb: usize, mask: u16) -> [[__m512; V]; N] {
+unsafe fn tile_start<const N: usize, const V: usize>(
+    first: bool,
+    bias: *const f32,
+    out: *const f32,
+    cop: usize,
+    cb: usize,
+    mask: u16,
+) -> [[__m512; V]; N] {
     let mut acc = [[_mm512_setzero_ps(); V]; N];
     if first {
         for v in 0..V {
@@ -153,7 +171,13 @@ unsafe fn tile_start<const N: usize, const V: usize>(first: bool, bias: *const f
 /// Store a forward tile's accumulators to its rows of `out` (the last vector masked).
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-unsafe fn tile_store<const N: usize, const V: usize>(acc: &[[__m512; V]; N], out: *mut f32, cop: usize, cb: usize, mask: u16) {
+unsafe fn tile_store<const N: usize, const V: usize>(
+    acc: &[[__m512; V]; N],
+    out: *mut f32,
+    cop: usize,
+    cb: usize,
+    mask: u16,
+) {
     for (i, a) in acc.iter().enumerate() {
         for v in 0..V {
             _mm512_mask_storeu_ps(out.add(i * cop + cb + 16 * v), lanes(v, V - 1, mask), a[v]);
@@ -284,15 +308,40 @@ pub const ZT_ROWS: [usize; 2] = [24, 12];
 /// cop] block per tap group t: 9 for the shifted forward, 3 for the Winograd one), `bias` cop
 /// values and `out` Σ len · cop.
 #[target_feature(enable = "avx512f,fma")]
-pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
+pub unsafe fn forward_ztaps(
+    xp: &[f32],
+    ci: usize,
+    offs: &[usize],
+    bt: &[f32],
+    cop: usize,
+    bias: &[f32],
+    runs: &[(usize, usize)],
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
     debug_assert!(bt.len() >= offs.len() * 3 * ci * cop && bias.len() >= cop && cop.is_multiple_of(8));
     debug_assert!(out.len() >= runs.iter().map(|r| r.1).sum::<usize>() * cop);
     let (xp, bt, bias, o) = (xp.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr().cast::<f32>());
     // The tiles depend on the block's width only (1 or 2 vectors): planned once per width.
     let mut plans: [Option<Vec<super::shifted::ZtapTile>>; 2] = [None, None];
     for (cb, v, mask) in channel_blocks(cop) {
-        for &tile in plans[v - 1].get_or_insert_with(|| super::shifted::ztap_tiles(runs, offs.len(), ci, 16 * v, ZT_ROWS[v - 1])).iter() {
-            let args = ZtArgs { xp, ci, offs, bt, cop, bias, r: tile.row, cb, out: o.add(tile.out_row * cop), mask, u0: tile.u0, u1: tile.u1 };
+        for &tile in plans[v - 1]
+            .get_or_insert_with(|| super::shifted::ztap_tiles(runs, offs.len(), ci, 16 * v, ZT_ROWS[v - 1]))
+            .iter()
+        {
+            let args = ZtArgs {
+                xp,
+                ci,
+                offs,
+                bt,
+                cop,
+                bias,
+                r: tile.row,
+                cb,
+                out: o.add(tile.out_row * cop),
+                mask,
+                u0: tile.u0,
+                u1: tile.u1,
+            };
             macro_rules! tile {
                 ([$($one:literal),*], [$($two:literal),*]) => {
                     match (tile.rows, v) {
@@ -302,7 +351,10 @@ pub unsafe fn forward_ztaps(xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], c
                     }
                 };
             }
-            tile!([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+            tile!(
+                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24],
+                [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+            );
         }
     }
 }

@@ -31,12 +31,24 @@ const MAX_COLS_BYTES: usize = 16 << 20;
 /// channels: 2.7 ms here, 2.25 ms shifted; at 4×4×2 with 128 the split is 2.3× faster).
 pub fn applicable(v: Vol, co: usize, k: usize, kernels: CpuKernels) -> bool {
     let shifted_better = v.z >= 4 && co <= 2 * CHANNELS && super::shifted::applicable(v, k);
-    cfg!(target_arch = "x86_64") && kernels.simd() && co >= 2 * CHANNELS && !shifted_better && v.voxels() * valid_taps(v, k).len() * v.c * 4 <= MAX_COLS_BYTES
+    cfg!(target_arch = "x86_64")
+        && kernels.simd()
+        && co >= 2 * CHANNELS
+        && !shifted_better
+        && v.voxels() * valid_taps(v, k).len() * v.c * 4 <= MAX_COLS_BYTES
 }
 
 /// y = conv(x, w) + bias, `w` [Co, k, k, k, Ci].
 #[cfg(target_arch = "x86_64")]
-pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+pub fn forward(
+    x: &[f32],
+    v: Vol,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    k: usize,
+    kernels: CpuKernels,
+) -> Vec<f32> {
     assert_eq!(w.len(), co * k * k * k * v.c, "conv3d: weight size");
     run(x, v, Weight::Natural(w), bias, co, k, kernels)
 }
@@ -63,7 +75,15 @@ pub(super) enum Weight<'a> {
 impl Weight<'_> {
     /// Output channels c0..c0 + n of Wᵀ over `taps`, padded to `width`:
     /// bt[(j·Ci + i)·width + o] = W[c0 + o, taps[j], i] (zero for o ≥ n).
-    pub(super) fn transposed_columns(self, taps: &[usize], k3: usize, ci: usize, c0: usize, n: usize, width: usize) -> Vec<f32> {
+    pub(super) fn transposed_columns(
+        self,
+        taps: &[usize],
+        k3: usize,
+        ci: usize,
+        c0: usize,
+        n: usize,
+        width: usize,
+    ) -> Vec<f32> {
         let mut bt = vec![0.0f32; taps.len() * ci * width];
         match self {
             // Blocks of 16 reduction indices: per output channel o, one contiguous read of 16
@@ -110,7 +130,9 @@ fn run(x: &[f32], v: Vol, w: Weight, bias: Option<&[f32]>, co: usize, k: usize, 
     // The im2col matrix of every voxel, rows built in parallel.
     let mut cols = vec![0.0f32; m * kdim];
     const ROWS: usize = 64;
-    cols.par_chunks_mut(ROWS * kdim).enumerate().for_each(|(b, chunk)| im2col(x, v, k, &taps, b * ROWS, chunk.len() / kdim, chunk));
+    cols.par_chunks_mut(ROWS * kdim)
+        .enumerate()
+        .for_each(|(b, chunk)| im2col(x, v, k, &taps, b * ROWS, chunk.len() / kdim, chunk));
     super::avx2::check_rows(cols.len(), kdim, &[0], kdim, 0, m);
     let mut y = vec![0.0f32; m * co];
     let yp = SyncPtr(y.as_mut_ptr());

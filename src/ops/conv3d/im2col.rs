@@ -106,7 +106,16 @@ pub fn pack_weight(w: &[f32], co: usize, ci: usize, k: usize, taps: &[usize], fl
 
 /// y = conv(x) with a packed weight `wp` [co, taps·Ci].
 #[allow(clippy::too_many_arguments)]
-pub fn forward(x: &[f32], v: Vol, wp: &[f32], taps: &[usize], bias: Option<&[f32]>, co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+pub fn forward(
+    x: &[f32],
+    v: Vol,
+    wp: &[f32],
+    taps: &[usize],
+    bias: Option<&[f32]>,
+    co: usize,
+    k: usize,
+    kernels: CpuKernels,
+) -> Vec<f32> {
     let kdim = taps.len() * v.c;
     let m = v.voxels();
     if m == 0 || co == 0 {
@@ -181,7 +190,15 @@ fn strip_columns(m: Vec<f32>, width: usize, c: usize) -> Vec<f32> {
 }
 
 /// dw [Co, k, k, k, Ci] from x and dy.
-pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: CpuKernels, prev: Option<Vec<f32>>) -> Vec<f32> {
+pub fn weight_grad(
+    x: &[f32],
+    v: Vol,
+    dy: &[f32],
+    co: usize,
+    k: usize,
+    kernels: CpuKernels,
+    prev: Option<Vec<f32>>,
+) -> Vec<f32> {
     let taps = valid_taps(v, k);
     let k3 = k * k * k;
     let kdim = taps.len() * v.c;
@@ -202,10 +219,20 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: 
                     let r0 = bi * rows;
                     let nr = rows.min(m - r0);
                     if direct {
-                        kernels.weight_grad_runs(x, dy, &mut dw, &kernels.wg_plan(kdim, &[0], kdim, co, vec![(r0, r0, nr)]));
+                        kernels.weight_grad_runs(
+                            x,
+                            dy,
+                            &mut dw,
+                            &kernels.wg_plan(kdim, &[0], kdim, co, vec![(r0, r0, nr)]),
+                        );
                     } else {
                         im2col(x, v, k, &taps, r0, nr, &mut cols);
-                        kernels.weight_grad_runs(&cols, dy, &mut dw, &kernels.wg_plan(kdim, &[0], kdim, co, vec![(0, r0, nr)]));
+                        kernels.weight_grad_runs(
+                            &cols,
+                            dy,
+                            &mut dw,
+                            &kernels.wg_plan(kdim, &[0], kdim, co, vec![(0, r0, nr)]),
+                        );
                     }
                 }
                 dw
@@ -235,7 +262,9 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: 
     match prev {
         Some(mut dw) => {
             assert_eq!(dw.len(), co * row, "conv3d backward: accumulated weight gradient size");
-            dw.par_chunks_mut(row).zip(dwc.par_chunks(t * ci)).for_each(|(r, src)| tap_runs(r, src, &|d, s| d.iter_mut().zip(s).for_each(|(d, s)| *d += *s)));
+            dw.par_chunks_mut(row)
+                .zip(dwc.par_chunks(t * ci))
+                .for_each(|(r, src)| tap_runs(r, src, &|d, s| d.iter_mut().zip(s).for_each(|(d, s)| *d += *s)));
             dw
         }
         None => {
@@ -250,7 +279,15 @@ pub fn weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: 
     }
 }
 
-fn portable_weight_grad(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, taps: &[usize], groups: Vec<std::ops::Range<usize>>) -> Vec<f32> {
+fn portable_weight_grad(
+    x: &[f32],
+    v: Vol,
+    dy: &[f32],
+    co: usize,
+    k: usize,
+    taps: &[usize],
+    groups: Vec<std::ops::Range<usize>>,
+) -> Vec<f32> {
     let kdim = taps.len() * v.c;
     let m = v.voxels();
     let direct = taps.len() == 1 && taps[0] == (k * k * k) / 2;

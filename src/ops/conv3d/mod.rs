@@ -91,12 +91,13 @@ impl CpuKernels {
         static BEST: OnceLock<CpuKernels> = OnceLock::new();
         *BEST.get_or_init(|| {
             let avail = CpuKernels::available();
-            let wanted = std::env::var("VOX2VEC_CPU_KERNELS").ok().and_then(|v| match v.to_ascii_lowercase().as_str() {
-                "portable" => Some(CpuKernels::Portable),
-                "avx2" => Some(CpuKernels::Avx2),
-                "avx512" => Some(CpuKernels::Avx512),
-                _ => None,
-            });
+            let wanted =
+                std::env::var("VOX2VEC_CPU_KERNELS").ok().and_then(|v| match v.to_ascii_lowercase().as_str() {
+                    "portable" => Some(CpuKernels::Portable),
+                    "avx2" => Some(CpuKernels::Avx2),
+                    "avx512" => Some(CpuKernels::Avx512),
+                    _ => None,
+                });
             wanted.filter(|w| avail.contains(w)).unwrap_or(*avail.last().expect("portable is always available"))
         })
     }
@@ -112,7 +113,18 @@ impl CpuKernels {
     /// As the chosen kernel's: the set must be available and the operands in bounds.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn forward_rows(self, a: &[f32], rs: usize, offs: &[usize], kk: usize, bt: &[f32], cop: usize, bias: &[f32], r0: usize, out: &mut [f32]) {
+    pub(crate) unsafe fn forward_rows(
+        self,
+        a: &[f32],
+        rs: usize,
+        offs: &[usize],
+        kk: usize,
+        bt: &[f32],
+        cop: usize,
+        bias: &[f32],
+        r0: usize,
+        out: &mut [f32],
+    ) {
         // SAFETY: the caller's contract is the kernels'.
         unsafe {
             match self {
@@ -128,7 +140,17 @@ impl CpuKernels {
     /// As the chosen kernel's: the set must be available and the operands in bounds.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn forward_ztaps(self, xp: &[f32], ci: usize, offs: &[usize], bt: &[f32], cop: usize, bias: &[f32], runs: &[(usize, usize)], out: &mut [std::mem::MaybeUninit<f32>]) {
+    pub(crate) unsafe fn forward_ztaps(
+        self,
+        xp: &[f32],
+        ci: usize,
+        offs: &[usize],
+        bt: &[f32],
+        cop: usize,
+        bias: &[f32],
+        runs: &[(usize, usize)],
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
         // SAFETY: the caller's contract is the kernels'.
         unsafe {
             match self {
@@ -141,7 +163,14 @@ impl CpuKernels {
     /// The weight-gradient plan this set's kernels take (lanes and tile sizes).
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn wg_plan(self, rs: usize, offs: &[usize], kk: usize, co: usize, runs: Vec<(usize, usize, usize)>) -> wg_plan::WgPlan {
+    pub(crate) fn wg_plan(
+        self,
+        rs: usize,
+        offs: &[usize],
+        kk: usize,
+        co: usize,
+        runs: Vec<(usize, usize, usize)>,
+    ) -> wg_plan::WgPlan {
         match self {
             CpuKernels::Avx512 => wg_plan::WgPlan::new(16, &avx512::WG_MAX_B, rs, offs, kk, co, runs),
             _ => wg_plan::WgPlan::new(8, &avx2::WG_MAX_B, rs, offs, kk, co, runs),
@@ -184,11 +213,22 @@ pub fn conv3d_backward_weight_cpu(x: &[f32], v: Vol, dy: &[f32], co: usize, k: u
 pub(super) fn check_kernels(kernels: CpuKernels) {
     // Detected once: this runs before every kernel call.
     static AVAILABLE: OnceLock<Vec<CpuKernels>> = OnceLock::new();
-    assert!(AVAILABLE.get_or_init(CpuKernels::available).contains(&kernels), "{kernels:?} kernels requested on a processor without them");
+    assert!(
+        AVAILABLE.get_or_init(CpuKernels::available).contains(&kernels),
+        "{kernels:?} kernels requested on a processor without them"
+    );
 }
 
 /// `conv3d_forward_cpu` with the kernel set explicit.
-pub fn conv3d_forward_cpu_with(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+pub fn conv3d_forward_cpu_with(
+    x: &[f32],
+    v: Vol,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    k: usize,
+    kernels: CpuKernels,
+) -> Vec<f32> {
     check_kernels(kernels);
     assert_eq!(x.len(), v.voxels() * v.c, "conv3d: input size");
     assert_eq!(w.len(), co * k * k * k * v.c, "conv3d: weight size");
@@ -252,8 +292,15 @@ enum Use {
 /// op): not where the channel split takes the shape (the coarse levels, where it measured no
 /// slower), nor when Winograd is turned off.
 #[cfg(target_arch = "x86_64")]
-fn winograd_for(v: Vol, co: usize, k: usize, kernels: CpuKernels, purpose: Use) -> Option<&'static winograd::Transform> {
-    let f = winograd::transform_for(v, k, kernels).filter(|_| winograd::enabled() && !channel_split::applicable(v, co, k, kernels))?;
+fn winograd_for(
+    v: Vol,
+    co: usize,
+    k: usize,
+    kernels: CpuKernels,
+    purpose: Use,
+) -> Option<&'static winograd::Transform> {
+    let f = winograd::transform_for(v, k, kernels)
+        .filter(|_| winograd::enabled() && !channel_split::applicable(v, co, k, kernels))?;
     Some(if purpose == Use::Primitive { &winograd::F2 } else { f })
 }
 
@@ -265,7 +312,17 @@ fn winograd_for(v: Vol, co: usize, k: usize, kernels: CpuKernels, purpose: Use) 
 /// Winograd F(m, 3) runs (`winograd.rs`: 3×3×3 on volumes with Z ≥ 4 and Y ≥ 4, SIMD kernels;
 /// the same values up to ~1e-6 of the largest output, fewer multiplications).
 #[allow(clippy::too_many_arguments)]
-pub fn conv3d_forward_cpu_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, k: usize, input: Option<&crate::ops::batchnorm::BnReluEval>, residual: Option<&[f32]>, kernels: CpuKernels) -> Vec<f32> {
+pub fn conv3d_forward_cpu_fused(
+    x: &[f32],
+    v: Vol,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    k: usize,
+    input: Option<&crate::ops::batchnorm::BnReluEval>,
+    residual: Option<&[f32]>,
+    kernels: CpuKernels,
+) -> Vec<f32> {
     check_kernels(kernels);
     assert!(residual.is_none_or(|r| r.len() == v.voxels() * co), "conv3d: residual size");
     #[cfg(target_arch = "x86_64")]
@@ -291,14 +348,29 @@ pub fn conv3d_forward_cpu_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32
 }
 
 /// `conv3d_backward_input_cpu` with the kernel choice explicit.
-pub fn conv3d_backward_input_cpu_with(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, kernels: CpuKernels) -> Vec<f32> {
+pub fn conv3d_backward_input_cpu_with(
+    dy: &[f32],
+    v_out: Vol,
+    w: &[f32],
+    ci: usize,
+    k: usize,
+    kernels: CpuKernels,
+) -> Vec<f32> {
     conv3d_backward_input_cpu_onto(dy, v_out, w, ci, k, None, kernels)
 }
 
 /// The input gradient added onto `prev`, the gradient x already holds (x's other consumer:
 /// a ResBlock's skip): prev + dx, the bits of autograd's accumulation. On the shifted path prev
 /// is added while each task's rows are written (in cache); elsewhere in one pass after.
-pub fn conv3d_backward_input_cpu_onto(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize, prev: Option<&[f32]>, kernels: CpuKernels) -> Vec<f32> {
+pub fn conv3d_backward_input_cpu_onto(
+    dy: &[f32],
+    v_out: Vol,
+    w: &[f32],
+    ci: usize,
+    k: usize,
+    prev: Option<&[f32]>,
+    kernels: CpuKernels,
+) -> Vec<f32> {
     check_kernels(kernels);
     let co = v_out.c;
     assert_eq!(w.len(), co * k * k * k * ci, "conv3d backward: weight size");
@@ -337,7 +409,14 @@ fn input_grad_off_shifted(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k: usize
 }
 
 /// `conv3d_backward_weight_cpu` with the kernel choice explicit.
-pub fn conv3d_backward_weight_cpu_with(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, kernels: CpuKernels) -> (Vec<f32>, Vec<f32>) {
+pub fn conv3d_backward_weight_cpu_with(
+    x: &[f32],
+    v: Vol,
+    dy: &[f32],
+    co: usize,
+    k: usize,
+    kernels: CpuKernels,
+) -> (Vec<f32>, Vec<f32>) {
     (conv3d_backward_weight_cpu_onto(x, v, dy, co, k, None, kernels), sum_rows(dy, co))
 }
 
@@ -345,10 +424,21 @@ pub fn conv3d_backward_weight_cpu_with(x: &[f32], v: Vol, dy: &[f32], co: usize,
 /// (the other view's pass): prev + dw, the bits of autograd's accumulation. Taps that only
 /// ever see padding (all but the centre at 1×1×1) are zero in dw and left as they are in
 /// prev, so the coarse levels' large, mostly-zero weight gradients are written once per step.
-pub fn conv3d_backward_weight_cpu_onto(x: &[f32], v: Vol, dy: &[f32], co: usize, k: usize, prev: Option<Vec<f32>>, kernels: CpuKernels) -> Vec<f32> {
+pub fn conv3d_backward_weight_cpu_onto(
+    x: &[f32],
+    v: Vol,
+    dy: &[f32],
+    co: usize,
+    k: usize,
+    prev: Option<Vec<f32>>,
+    kernels: CpuKernels,
+) -> Vec<f32> {
     check_kernels(kernels);
     assert_eq!(dy.len(), v.voxels() * co, "conv3d backward: dy size");
-    assert!(prev.as_ref().is_none_or(|p| p.len() == co * k * k * k * v.c), "conv3d backward: accumulated weight gradient size");
+    assert!(
+        prev.as_ref().is_none_or(|p| p.len() == co * k * k * k * v.c),
+        "conv3d backward: accumulated weight gradient size"
+    );
     #[cfg(target_arch = "x86_64")]
     if let Some(f) = winograd_for(v, co, k, kernels, Use::Primitive) {
         return crate::cpu::added_onto(prev, winograd::weight_grad(f, x, v, dy, co, kernels));
@@ -363,7 +453,10 @@ pub fn conv3d_backward_weight_cpu_onto(x: &[f32], v: Vol, dy: &[f32], co: usize,
 pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let v = Vol::of(&x.value);
     let ws = w.shape();
-    ensure!(ws.len() == 5 && ws[1] == ws[2] && ws[2] == ws[3], "conv3d: weight must be [Co, k, k, k, Ci], found {ws:?}");
+    ensure!(
+        ws.len() == 5 && ws[1] == ws[2] && ws[2] == ws[3],
+        "conv3d: weight must be [Co, k, k, k, Ci], found {ws:?}"
+    );
     let (co, k) = (ws[0], ws[1]);
     ensure!(k == 1 || k == 3, "conv3d: kernel {k} is not supported (1 or 3)");
     ensure!(ws[4] == v.c, "conv3d: weight expects {} input channels, input has {}", ws[4], v.c);
@@ -374,7 +467,9 @@ pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let out = if x.value.is_cuda() {
         cuda::ops::conv3d::forward(&x.value, v, &w.value, b.map(|b| &b.value), co, k)?
     } else {
-        let y = profile::time("conv3d forward", detail, || conv3d_forward_cpu(x.value.f32s(), v, w.value.f32s(), b.map(|b| b.value.f32s()), co, k));
+        let y = profile::time("conv3d forward", detail, || {
+            conv3d_forward_cpu(x.value.f32s(), v, w.value.f32s(), b.map(|b| b.value.f32s()), co, k)
+        });
         Tensor::from_f32(&v.with_c(co).shape(), y)
     };
     let mut inputs = vec![x, w];
@@ -401,12 +496,24 @@ pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
         let (vo, kernels) = (v.with_c(co), CpuKernels::best());
         let dx = need_dx.then(|| {
             let prev = acc[0].take();
-            let dx = profile::time("conv3d backward input", detail, || conv3d_backward_input_cpu_onto(dy.f32s(), vo, ws_t.f32s(), v.c, k, prev.as_ref().map(|p| p.f32s()), kernels));
+            let dx = profile::time("conv3d backward input", detail, || {
+                conv3d_backward_input_cpu_onto(
+                    dy.f32s(),
+                    vo,
+                    ws_t.f32s(),
+                    v.c,
+                    k,
+                    prev.as_ref().map(|p| p.f32s()),
+                    kernels,
+                )
+            });
             Tensor::from_f32(&v.shape(), dx)
         });
         let (dw, db) = if need_dw {
             let prev = acc[1].take().map(Tensor::into_f32_vec);
-            let dw = profile::time("conv3d backward weight", detail, || conv3d_backward_weight_cpu_onto(xs.f32s(), v, dy.f32s(), co, k, prev, kernels));
+            let dw = profile::time("conv3d backward weight", detail, || {
+                conv3d_backward_weight_cpu_onto(xs.f32s(), v, dy.f32s(), co, k, prev, kernels)
+            });
             (Some(Tensor::from_f32(ws_t.shape(), dw)), Some(Tensor::from_f32(&[co], sum_rows(dy.f32s(), co))))
         } else {
             (None, None)
@@ -423,7 +530,17 @@ pub fn conv3d(g: &Graph, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
 /// x's through the tensor-core input-gradient epilogue (bf16, Co a multiple of 16), w's and
 /// b's through the reductions that finish them. What cannot be folded stays in `acc`.
 #[allow(clippy::too_many_arguments)]
-pub fn conv3d_backward_cuda(xs: &Tensor, v: Vol, w: &Tensor, co: usize, k: usize, dy: &Tensor, acc: &mut [Option<Tensor>], need_dx: bool, need_dw: bool) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+pub fn conv3d_backward_cuda(
+    xs: &Tensor,
+    v: Vol,
+    w: &Tensor,
+    co: usize,
+    k: usize,
+    dy: &Tensor,
+    acc: &mut [Option<Tensor>],
+    need_dx: bool,
+    need_dw: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     use crate::cuda::ops::conv3d::{self as conv, Fusion, WeightAcc, tensor_cores_for};
     use crate::cuda::take_accumulated as take;
     use crate::tensor::DType;

@@ -36,10 +36,10 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::CpuKernels;
 #[cfg(target_arch = "x86_64")]
 use super::avx2;
 use crate::cpu::{Mat, SyncPtr, gemm, par_build, par_build_uninit, row_groups, sum_in_order, transpose_padded};
-use super::CpuKernels;
 use crate::ops::batchnorm::BnReluEval;
 use crate::tensor::Vol;
 
@@ -60,7 +60,16 @@ pub fn forward(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, ke
 /// out, so neither costs a pass of its own. Bit-identical to the composition for the input;
 /// the residual is added to the rounded convolution output, as the composition's add.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_fused(x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, input: Option<&BnReluEval>, residual: Option<&[f32]>) -> Vec<f32> {
+pub fn forward_fused(
+    x: &[f32],
+    v: Vol,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    kernels: CpuKernels,
+    input: Option<&BnReluEval>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     assert!(applicable(v, 3), "shifted conv on {v:?}");
     assert_eq!(w.len(), co * 27 * v.c);
     assert!(residual.is_none_or(|r| r.len() == v.voxels() * co), "shifted conv: residual size");
@@ -89,7 +98,14 @@ pub fn input_grad(dy: &[f32], v_out: Vol, w: &[f32], ci: usize, kernels: CpuKern
         // bt[(t·Co + o)·cip + i] = w_flip[i, t, o] = w[o, 26 − t, i]: the channel split's
         // flipped columns over all 27 taps, every output channel.
         let all_taps: Vec<usize> = (0..27).collect();
-        let bt = super::channel_split::Weight::Flipped(w).transposed_columns(&all_taps, 27, co, 0, ci, ci.next_multiple_of(8));
+        let bt = super::channel_split::Weight::Flipped(w).transposed_columns(
+            &all_taps,
+            27,
+            co,
+            0,
+            ci,
+            ci.next_multiple_of(8),
+        );
         return simd_forward(&pad_volume(dy, v_out, None), &Geometry::of(v_out), &bt, None, ci, kernels, prev);
     }
     let wp = super::pack_weight(w, co, ci, 3, &(0..27).collect::<Vec<_>>(), true);
@@ -230,7 +246,14 @@ const ROW_BLOCK: usize = 1024;
 
 // ---- portable path (matrixmultiply) ------------------------------------------------------
 
-fn portable_forward(xp: &[f32], g: &Geometry, w: &[f32], bias: Option<&[f32]>, co: usize, residual: Option<&[f32]>) -> Vec<f32> {
+fn portable_forward(
+    xp: &[f32],
+    g: &Geometry,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     let ci = g.v.c;
     let mut ypad = vec![0.0f32; g.rows * co];
     ypad.par_chunks_mut(ROW_BLOCK * co).enumerate().for_each(|(bi, yb)| {
@@ -296,7 +319,13 @@ const ZTAP_BLOCK_BYTES: usize = 24 << 10;
 /// the order (t, ci', c) whatever the tiling and block sizes, so the AVX2 and AVX-512 kernels,
 /// which tile differently, give the same bits.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn ztap_tiles(runs: &[(usize, usize)], groups: usize, ci: usize, width: usize, max_rows: usize) -> Vec<ZtapTile> {
+pub(super) fn ztap_tiles(
+    runs: &[(usize, usize)],
+    groups: usize,
+    ci: usize,
+    width: usize,
+    max_rows: usize,
+) -> Vec<ZtapTile> {
     let total = groups * ci;
     let blocks = total.div_ceil((ZTAP_BLOCK_BYTES / (3 * width * 4)).max(1));
     let mut tiles = Vec::new();
@@ -321,7 +350,15 @@ pub(super) fn ztap_tiles(runs: &[(usize, usize)], groups: usize, ci: usize, widt
 /// The SIMD forward with the transposed weight `bt` [27·Ci, cop] (cop = Co rounded up to 8,
 /// padded columns zero).
 #[cfg(target_arch = "x86_64")]
-fn simd_forward(xp: &[f32], g: &Geometry, bt: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, residual: Option<&[f32]>) -> Vec<f32> {
+fn simd_forward(
+    xp: &[f32],
+    g: &Geometry,
+    bt: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    kernels: CpuKernels,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     let ci = g.v.c;
     let cop = co.next_multiple_of(8);
     assert_eq!(bt.len(), 27 * ci * cop, "shifted conv: transposed weight size");
@@ -357,7 +394,8 @@ fn simd_forward(xp: &[f32], g: &Geometry, bt: &[f32], bias: Option<&[f32]>, co: 
         unsafe {
             par_build_uninit(n, lines_per_task * z * cop, |task, yb| {
                 let first = task * lines_per_task;
-                let runs: Vec<(usize, usize)> = (first..first + yb.len() / (z * cop)).map(|l| (g.line_row(l), z)).collect();
+                let runs: Vec<(usize, usize)> =
+                    (first..first + yb.len() / (z * cop)).map(|l| (g.line_row(l), z)).collect();
                 kernels.forward_ztaps(xp, ci, &g.offs, bt, cop, &bias_p, &runs, yb);
                 add_residual(first * z, yb);
             })
@@ -370,7 +408,8 @@ fn simd_forward(xp: &[f32], g: &Geometry, bt: &[f32], bias: Option<&[f32]>, co: 
         unsafe {
             par_build_uninit(n, planes_per_task * vy * z * cop, |task, yb| {
                 let first = task * planes_per_task;
-                let runs: Vec<(usize, usize)> = (first..first + yb.len() / (vy * z * cop)).map(|p| (g.line_row(p * vy), run)).collect();
+                let runs: Vec<(usize, usize)> =
+                    (first..first + yb.len() / (vy * z * cop)).map(|p| (g.line_row(p * vy), run)).collect();
                 let mut tmp = Vec::with_capacity(runs.len() * run * cop);
                 kernels.forward_ztaps(xp, ci, &g.offs, bt, cop, &bias_p, &runs, tmp.spare_capacity_mut());
                 tmp.set_len(runs.len() * run * cop);
@@ -433,9 +472,22 @@ mod tests {
     /// the row limit, stay inside their run and read the virtual rows their run maps them to.
     #[test]
     fn ztap_tiles_cover_each_output_and_step_once_in_order() {
-        for (runs, groups, ci, width, max_rows) in [(vec![(0, 32), (40, 32)], 9, 16, 16, 24), (vec![(5, 26)], 9, 64, 32, 12), (vec![(3, 7), (20, 1), (30, 13)], 9, 33, 8, 11), (vec![(0, 1)], 9, 1, 16, 24), (vec![(0, 32), (34, 32)], 3, 64, 16, 24)] {
+        for (runs, groups, ci, width, max_rows) in [
+            (vec![(0, 32), (40, 32)], 9, 16, 16, 24),
+            (vec![(5, 26)], 9, 64, 32, 12),
+            (vec![(3, 7), (20, 1), (30, 13)], 9, 33, 8, 11),
+            (vec![(0, 1)], 9, 1, 16, 24),
+            (vec![(0, 32), (34, 32)], 3, 64, 16, 24),
+        ] {
             let tiles = ztap_tiles(&runs, groups, ci, width, max_rows);
-            let starts: Vec<usize> = runs.iter().scan(0, |o, r| { let s = *o; *o += r.1; Some(s) }).collect();
+            let starts: Vec<usize> = runs
+                .iter()
+                .scan(0, |o, r| {
+                    let s = *o;
+                    *o += r.1;
+                    Some(s)
+                })
+                .collect();
             let total_rows: usize = runs.iter().map(|r| r.1).sum();
             let mut next_u = vec![0usize; total_rows];
             for t in &tiles {

@@ -41,15 +41,31 @@ impl WgPlan {
     /// `lanes` per vector; `max_b[A − 1]`: the most output channels a tile of A vectors holds
     /// in registers (its length is the most vectors a tile takes).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(lanes: usize, max_b: &[usize], rs: usize, offs: &[usize], kk: usize, co: usize, runs: Vec<(usize, usize, usize)>) -> WgPlan {
+    pub fn new(
+        lanes: usize,
+        max_b: &[usize],
+        rs: usize,
+        offs: &[usize],
+        kk: usize,
+        co: usize,
+        runs: Vec<(usize, usize, usize)>,
+    ) -> WgPlan {
         let vectors = kk.div_ceil(lanes);
         let tail = kk - (vectors.max(1) - 1) * lanes;
-        let k_chunks = even_chunks(vectors, max_b.len()).into_iter().map(|(v0, n)| (v0, n, if v0 + n == vectors { tail } else { lanes })).collect();
+        let k_chunks = even_chunks(vectors, max_b.len())
+            .into_iter()
+            .map(|(v0, n)| (v0, n, if v0 + n == vectors { tail } else { lanes }))
+            .collect();
         let o_chunks = max_b.iter().map(|&b| even_chunks(co, b)).collect();
         let block_rows = (BLOCK_BYTES / (4 * (rs + co).max(1))).clamp(16, 512);
         // Runs longer than a cache block are cut into consecutive pieces (the same rows in the
         // same order, so the same sums).
-        let runs: Vec<(usize, usize, usize)> = runs.into_iter().flat_map(|(row, voxel, len)| (0..len).step_by(block_rows).map(move |s| (row + s, voxel + s, (len - s).min(block_rows)))).collect();
+        let runs: Vec<(usize, usize, usize)> = runs
+            .into_iter()
+            .flat_map(|(row, voxel, len)| {
+                (0..len).step_by(block_rows).map(move |s| (row + s, voxel + s, (len - s).min(block_rows)))
+            })
+            .collect();
         let longest = runs.iter().map(|r| r.2).max().unwrap_or(1).max(1);
         WgPlan { rs, offs: offs.to_vec(), kk, co, runs, block_runs: (block_rows / longest).max(1), k_chunks, o_chunks }
     }
@@ -86,13 +102,20 @@ impl WgPlan {
     /// Panics unless every read and write the kernels make stays inside buffers of these
     /// lengths.
     pub fn check(&self, a_len: usize, dy_len: usize, dw_len: usize) {
-        assert!(dw_len >= self.co * self.ldw(), "weight gradient: dW holds {dw_len} values, needs {}", self.co * self.ldw());
+        assert!(
+            dw_len >= self.co * self.ldw(),
+            "weight gradient: dW holds {dw_len} values, needs {}",
+            self.co * self.ldw()
+        );
         if self.kk == 0 || self.co == 0 {
             return;
         }
         let max_off = self.offs.iter().copied().max().unwrap_or(0);
         for &(row, voxel, len) in self.runs.iter().filter(|r| r.2 > 0) {
-            assert!((row + len - 1 + max_off) * self.rs + self.kk <= a_len, "weight gradient: run at row {row} reads past the input");
+            assert!(
+                (row + len - 1 + max_off) * self.rs + self.kk <= a_len,
+                "weight gradient: run at row {row} reads past the input"
+            );
             assert!((voxel + len) * self.co <= dy_len, "weight gradient: run at voxel {voxel} reads past dy");
         }
     }
@@ -132,7 +155,10 @@ mod tests {
     fn chunks_cover_in_order() {
         assert_eq!(even_chunks(12, 4), vec![(0, 4), (4, 4), (8, 4)]);
         assert_eq!(even_chunks(5, 4), vec![(0, 3), (3, 2)]);
-        assert_eq!(even_chunks(64, 6), [(0, 6), (6, 6), (12, 6), (18, 6), (24, 6), (30, 6), (36, 6), (42, 6), (48, 6), (54, 5), (59, 5)]);
+        assert_eq!(
+            even_chunks(64, 6),
+            [(0, 6), (6, 6), (12, 6), (18, 6), (24, 6), (30, 6), (36, 6), (42, 6), (48, 6), (54, 5), (59, 5)]
+        );
         assert!(even_chunks(0, 4).is_empty());
         let p = WgPlan::new(16, &[16, 12, 8, 6], 5, &[0], 15, 20, vec![(0, 0, 3)]);
         assert_eq!(p.k_chunks, vec![(0, 1, 15)]);

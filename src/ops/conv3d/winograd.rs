@@ -94,14 +94,20 @@ pub const F4: Transform = Transform {
         [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
         [0.0, 0.0, 1.0],
     ],
-    at: &[&[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], &[0.0, 1.0, -1.0, 2.0, -2.0, 0.0], &[0.0, 1.0, 1.0, 4.0, 4.0, 0.0], &[0.0, 1.0, -1.0, 8.0, -8.0, 1.0]],
+    at: &[
+        &[1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        &[0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+        &[0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+        &[0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+    ],
 };
 
 /// Whether CPU convolutions may use this path: not when `VOX2VEC_CPU_WINOGRAD=0` (read
 /// once) nor inside `super::direct_convolutions` on this thread.
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("VOX2VEC_CPU_WINOGRAD").map_or(true, |v| v.trim() != "0")) && !super::DIRECT_CONVOLUTIONS.get()
+    *ON.get_or_init(|| std::env::var("VOX2VEC_CPU_WINOGRAD").map_or(true, |v| v.trim() != "0"))
+        && !super::DIRECT_CONVOLUTIONS.get()
 }
 
 /// The transform this shape runs with, if any: the SIMD kernels, a 3×3×3 kernel, lines of at
@@ -161,9 +167,28 @@ impl TaskPlanes {
     /// Builds the planes before `upto` not built yet (from x through relu(bn(·)) with
     /// `line_bn`); returns every plane built so far.
     #[allow(clippy::too_many_arguments)]
-    fn build_to<'t>(&mut self, upto: usize, kernels: CpuKernels, f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval>, t: &'t mut [f32], act: &mut Vec<f32>) -> &'t [f32] {
+    fn build_to<'t>(
+        &mut self,
+        upto: usize,
+        kernels: CpuKernels,
+        f: &Transform,
+        x: &[f32],
+        v: Vol,
+        line_bn: Option<&BnReluEval>,
+        t: &'t mut [f32],
+        act: &mut Vec<f32>,
+    ) -> &'t [f32] {
         for pp in self.built..upto {
-            transform_plane_simd(kernels, f, x, v, line_bn, pp, &mut t[(pp - self.pp0) * self.plane_len..][..self.plane_len], act);
+            transform_plane_simd(
+                kernels,
+                f,
+                x,
+                v,
+                line_bn,
+                pp,
+                &mut t[(pp - self.pp0) * self.plane_len..][..self.plane_len],
+                act,
+            );
         }
         self.built = self.built.max(upto);
         &t[..(self.built - self.pp0) * self.plane_len]
@@ -206,7 +231,17 @@ vectorised!(output_transform_simd => output_transform(f: &Transform, mk: &[f32],
 /// input is transformed; the residual is added to the rounded convolution output, as the
 /// composition's add.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, input: Option<&BnReluEval>, residual: Option<&[f32]>) -> Vec<f32> {
+pub fn forward_fused(
+    f: &Transform,
+    x: &[f32],
+    v: Vol,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    kernels: CpuKernels,
+    input: Option<&BnReluEval>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     assert!(kernels.simd(), "winograd conv with {kernels:?}");
     assert_eq!(w.len(), co * 27 * v.c, "winograd conv: weight size");
     let u = transformed_weights(f, w, co, v.c, false, kernels);
@@ -217,7 +252,15 @@ pub fn forward_fused(f: &Transform, x: &[f32], v: Vol, w: &[f32], bias: Option<&
 /// autograd's accumulation) = conv(dy, w_flip) by F(m, 3) along y, from dy [N, X, Y, Z, Co]
 /// (`v_out`) and the forward's weight w [Co, 27·Ci]: w_flip[ci, a, b, c, co] = w[co, 2 − a,
 /// 2 − b, 2 − c, ci] is read in place by the weight transform, never built.
-pub fn input_grad(f: &Transform, dy: &[f32], v_out: Vol, w: &[f32], ci: usize, kernels: CpuKernels, prev: Option<&[f32]>) -> Vec<f32> {
+pub fn input_grad(
+    f: &Transform,
+    dy: &[f32],
+    v_out: Vol,
+    w: &[f32],
+    ci: usize,
+    kernels: CpuKernels,
+    prev: Option<&[f32]>,
+) -> Vec<f32> {
     assert!(kernels.simd(), "winograd input gradient with {kernels:?}");
     assert_eq!(w.len(), v_out.c * 27 * ci, "winograd input gradient: weight size");
     let u = transformed_weights(f, w, v_out.c, ci, true, kernels);
@@ -227,7 +270,17 @@ pub fn input_grad(f: &Transform, dy: &[f32], v_out: Vol, w: &[f32], ci: usize, k
 /// The convolution of x [N, X, Y, Z, Ci] with transformed weights `u` (`weight_transform`'s
 /// layout, `co` output channels): `forward_fused` without the weight transform.
 #[allow(clippy::too_many_arguments)]
-fn convolve(f: &Transform, x: &[f32], v: Vol, u: &[f32], bias: Option<&[f32]>, co: usize, kernels: CpuKernels, input: Option<&BnReluEval>, residual: Option<&[f32]>) -> Vec<f32> {
+fn convolve(
+    f: &Transform,
+    x: &[f32],
+    v: Vol,
+    u: &[f32],
+    bias: Option<&[f32]>,
+    co: usize,
+    kernels: CpuKernels,
+    input: Option<&BnReluEval>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
     super::check_kernels(kernels); // the vectorised transforms and the kernels need the set
     assert!(kernels.simd() && v.z >= 1 && v.x >= 1 && v.y >= 1, "winograd conv on {v:?} with {kernels:?}");
     assert_eq!(x.len(), v.voxels() * v.c, "winograd conv: input size");
@@ -271,7 +324,16 @@ fn convolve(f: &Transform, x: &[f32], v: Vol, u: &[f32], bias: Option<&[f32]>, c
             for q0 in (0..task_planes).step_by(chunk_planes) {
                 let cp = chunk_planes.min(task_planes - q0);
                 let (c0, c1) = (first + q0, first + q0 + cp);
-                let tb = task_t.build_to(padded(c1 - 1) + 3, kernels, f, x, v, line_bn.as_ref(), &mut scratch.t, &mut scratch.act);
+                let tb = task_t.build_to(
+                    padded(c1 - 1) + 3,
+                    kernels,
+                    f,
+                    x,
+                    v,
+                    line_bn.as_ref(),
+                    &mut scratch.t,
+                    &mut scratch.act,
+                );
                 let block = cp * plane_run * cop;
                 mbuf.set_len(alpha * block);
                 for (i, mi) in mbuf.chunks_mut(block).enumerate() {
@@ -283,7 +345,16 @@ fn convolve(f: &Transform, x: &[f32], v: Vol, u: &[f32], bias: Option<&[f32]>, c
                     for &(row, len) in &runs {
                         super::avx2::check_rows(tb.len(), ci, &offs, 3 * ci, row, row + len);
                     }
-                    kernels.forward_ztaps(tb, ci, &offs, &u[i * 9 * ci * cop..(i + 1) * 9 * ci * cop], cop, &zero_bias, &runs, mi);
+                    kernels.forward_ztaps(
+                        tb,
+                        ci,
+                        &offs,
+                        &u[i * 9 * ci * cop..(i + 1) * 9 * ci * cop],
+                        cop,
+                        &zero_bias,
+                        &runs,
+                        mi,
+                    );
                 }
                 // SAFETY: initialised above; MaybeUninit<f32> has f32's layout.
                 let mk = &*(&mbuf[..] as *const [MaybeUninit<f32>] as *const [f32]);
@@ -342,10 +413,24 @@ pub fn weight_grad(f: &Transform, x: &[f32], v: Vol, dy: &[f32], co: usize, kern
                     d.resize(alpha * dblock, 0.0);
                 }
                 for p in c0..c1 {
-                    dy_transform_simd(kernels, f, &dy[p * v.y * v.z * co..][..v.y * v.z * co], v, co, &mut d[(p - c0) * plane_d..], dblock);
+                    dy_transform_simd(
+                        kernels,
+                        f,
+                        &dy[p * v.y * v.z * co..][..v.y * v.z * co],
+                        v,
+                        co,
+                        &mut d[(p - c0) * plane_d..],
+                        dblock,
+                    );
                 }
                 for (i, dui) in du.chunks_exact_mut(co * kdim).enumerate() {
-                    let runs = (c0..c1).flat_map(|p| (0..jt).map(move |j| ((((padded(p) - pp0) * alpha + i) * jt + j) * pz, ((p - c0) * jt + j) * v.z, v.z))).collect();
+                    let runs = (c0..c1)
+                        .flat_map(|p| {
+                            (0..jt).map(move |j| {
+                                ((((padded(p) - pp0) * alpha + i) * jt + j) * pz, ((p - c0) * jt + j) * v.z, v.z)
+                            })
+                        })
+                        .collect();
                     let plan = kernels.wg_plan(ci, &offs, 3 * ci, co, runs);
                     kernels.weight_grad_runs(tb, &d[i * dblock..(i + 1) * dblock], dui, &plan);
                 }
@@ -396,7 +481,15 @@ fn dy_transform(f: &Transform, dy_plane: &[f32], v: Vol, co: usize, d: &mut [f32
 /// planes and z-padding rows zero, each block's Z·Ci values from its first term, or zero when
 /// every input line it combines is padding.
 #[inline(always)]
-fn transform_plane(f: &Transform, x: &[f32], v: Vol, line_bn: Option<&BnReluEval>, pp: usize, dst: &mut [f32], act: &mut Vec<f32>) {
+fn transform_plane(
+    f: &Transform,
+    x: &[f32],
+    v: Vol,
+    line_bn: Option<&BnReluEval>,
+    pp: usize,
+    dst: &mut [f32],
+    act: &mut Vec<f32>,
+) {
     let (c, m) = (v.c, f.m);
     let (jt, pz, line, px) = (v.y.div_ceil(m), v.z + 2, v.z * v.c, v.x + 2);
     let (n, xp) = (pp / px, pp % px);
@@ -474,9 +567,22 @@ fn fingerprint(w: &[f32]) -> [u32; 9] {
 
 /// `weight_transform`, from the cache when these exact weights (bit for bit) were transformed
 /// by the same algorithm, for the same direction, recently.
-fn transformed_weights(f: &Transform, w: &[f32], co: usize, ci: usize, flipped: bool, kernels: CpuKernels) -> std::sync::Arc<Vec<f32>> {
+fn transformed_weights(
+    f: &Transform,
+    w: &[f32],
+    co: usize,
+    ci: usize,
+    flipped: bool,
+    kernels: CpuKernels,
+) -> std::sync::Arc<Vec<f32>> {
     let fp = fingerprint(w);
-    let same = |e: &CachedWeights| e.m == f.m && e.co == co && e.flipped == flipped && e.fingerprint == fp && bytemuck::cast_slice::<f32, u32>(&e.w) == bytemuck::cast_slice::<f32, u32>(w);
+    let same = |e: &CachedWeights| {
+        e.m == f.m
+            && e.co == co
+            && e.flipped == flipped
+            && e.fingerprint == fp
+            && bytemuck::cast_slice::<f32, u32>(&e.w) == bytemuck::cast_slice::<f32, u32>(w)
+    };
     let evicted = {
         let mut cache = WEIGHT_CACHE.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pos) = cache.iter().position(same) {
@@ -490,9 +596,12 @@ fn transformed_weights(f: &Transform, w: &[f32], co: usize, ci: usize, flipped: 
     // The evicted entry's buffers hold the new one: in training every step's weights are new,
     // and fresh buffers each time were a page fault per 4 KiB (a quarter of a 64-channel
     // forward + backward's time while the cache filled, measured with perf).
-    let (mut kept, mut u) = evicted.map_or((Vec::new(), Vec::new()), |e| (e.w, std::sync::Arc::try_unwrap(e.u).unwrap_or_default()));
+    let (mut kept, mut u) =
+        evicted.map_or((Vec::new(), Vec::new()), |e| (e.w, std::sync::Arc::try_unwrap(e.u).unwrap_or_default()));
     let label = || format!("F({}, 3) {ci}->{co}{}", f.m, if flipped { " flipped" } else { "" });
-    crate::profile::time("winograd weight transform", label, || weight_transform_simd(kernels, f, w, co, ci, flipped, &mut u));
+    crate::profile::time("winograd weight transform", label, || {
+        weight_transform_simd(kernels, f, w, co, ci, flipped, &mut u)
+    });
     let u = std::sync::Arc::new(u);
     kept.clear();
     kept.extend_from_slice(w);
@@ -563,7 +672,18 @@ fn weight_transform(f: &Transform, w: &[f32], co: usize, ci: usize, flipped: boo
 /// Co), else row by row.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn output_transform(f: &Transform, mk: &[f32], block: usize, v: Vol, rows: (usize, usize), co: usize, cop: usize, bias: Option<&[f32]>, residual: Option<&[f32]>, yb: &mut [MaybeUninit<f32>]) {
+fn output_transform(
+    f: &Transform,
+    mk: &[f32],
+    block: usize,
+    v: Vol,
+    rows: (usize, usize),
+    co: usize,
+    cop: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    yb: &mut [MaybeUninit<f32>],
+) {
     let (plane_run, line_stride) = rows;
     let (m, line_out) = (f.m, v.z * co);
     let bias_line = bias.map(|b| b.iter().copied().cycle().take(line_out).collect::<Vec<f32>>());
