@@ -35,6 +35,8 @@ fuzz_target!(|data: &[u8]| {
         std::fs::write(dir.join(format!("slice{i}.dcm")), p).expect("writing a slice");
     }
     if let Ok(vol) = read_volume(&dir) {
-        accepted::check_accepted(&vol);
+        // The test series' 5 mm pixels resample to ~10^5 voxels per slice, seconds under
+        // AddressSanitizer: only small grids are preprocessed, so the reader gets the time.
+        accepted::check_accepted(&vol, 1 << 14);
     }
 });

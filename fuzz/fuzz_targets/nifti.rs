@@ -22,5 +22,5 @@ fuzz_target!(|data: &[u8]| {
             Err(_) => return,
         },
     };
-    accepted::check_accepted(&vol);
+    accepted::check_accepted(&vol, 1 << 18);
 });

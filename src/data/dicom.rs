@@ -426,7 +426,58 @@ fn check_pixel_module(obj: &DefaultDicomObject) -> Result<PixelModule> {
             "PixelData holds {got} bytes, but Rows {rows} x Columns {cols} x BitsAllocated {ba} / 8 = {expected}: the pixel module does not describe the pixel data"
         );
     }
+    if obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']) == RLE_LOSSLESS {
+        let fragment =
+            pixel_data.value().fragments().and_then(|f| f.first()).context("RLE pixel data without a fragment")?;
+        check_rle(fragment, rows * cols, ba as usize / 8)?;
+    }
     Ok(PixelModule { rows, cols, bits_allocated: ba as u16 })
+}
+
+/// The RLE Lossless transfer syntax.
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+
+/// An RLE Lossless frame (DICOM PS3.5 Annex G) that decodes to what the pixel module says:
+/// a 64-byte header with one segment per byte of a sample (BitsAllocated / 8, one sample),
+/// increasing offsets inside the fragment, and each segment's PackBits runs giving at least
+/// Rows x Columns bytes. dicom-rs's decoder indexes past a short segment and panics, so a
+/// damaged frame is refused here first.
+fn check_rle(fragment: &[u8], pixels: usize, segments: usize) -> Result<()> {
+    let word = |i: usize| -> Result<usize> {
+        let b: [u8; 4] =
+            fragment.get(4 * i..4 * i + 4).context("RLE frame shorter than its 64-byte header")?.try_into()?;
+        Ok(u32::from_le_bytes(b) as usize)
+    };
+    let n = word(0)?;
+    ensure!(n == segments, "RLE frame with {n} segments, BitsAllocated asks for {segments}");
+    for s in 0..n {
+        let start = word(1 + s)?;
+        let end = if s + 1 < n { word(2 + s)? } else { fragment.len() };
+        ensure!(
+            64 <= start && start <= end && end <= fragment.len(),
+            "RLE segment {s} at bytes {start}..{end} of a {}-byte frame",
+            fragment.len()
+        );
+        let (mut at, mut out) = (start, 0usize);
+        while out < pixels && at < end {
+            let h = fragment[at] as i8;
+            at += 1;
+            match h {
+                0..=127 => {
+                    let k = h as usize + 1;
+                    at += k;
+                    out += k;
+                }
+                -127..=-1 => {
+                    at += 1;
+                    out += (1 - h as isize) as usize;
+                }
+                _ => {}
+            }
+        }
+        ensure!(out >= pixels && at <= end, "RLE segment {s} decodes to {out} bytes of the {pixels} a frame needs");
+    }
+    Ok(())
 }
 
 /// Every element's declared length fits in what is left of the file. dicom-rs sizes a value's
@@ -541,5 +592,28 @@ mod tests {
             }
         }
         assert!(n >= 20, "{n} files");
+    }
+
+    /// The dicom fuzz target's find: an RLE segment that decodes to fewer bytes than a frame
+    /// needs made dicom-rs panic (index out of bounds); it is refused with the reason.
+    #[test]
+    fn a_short_rle_segment_is_refused_not_a_panic() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom/rle");
+        let f = std::fs::read_dir(&root).unwrap().next().unwrap().unwrap().path();
+        let obj = dicom_object::open_file(&f).unwrap();
+        let pd = obj.element(dicom_dictionary_std::tags::PIXEL_DATA).unwrap();
+        let frame = pd.value().fragments().unwrap()[0].clone();
+        let (rows, cols) = (
+            obj.element(dicom_dictionary_std::tags::ROWS).unwrap().to_int::<usize>().unwrap(),
+            obj.element(dicom_dictionary_std::tags::COLUMNS).unwrap().to_int::<usize>().unwrap(),
+        );
+        super::check_rle(&frame, rows * cols, 2).unwrap();
+        // The last segment cut short, and a header claiming one segment for 16-bit data.
+        let short = &frame[..frame.len() - frame.len() / 8];
+        let e = format!("{:#}", super::check_rle(short, rows * cols, 2).unwrap_err());
+        assert!(e.contains("decodes to"), "{e}");
+        let mut one = frame.clone();
+        one[0..4].copy_from_slice(&1u32.to_le_bytes());
+        assert!(format!("{:#}", super::check_rle(&one, rows * cols, 2).unwrap_err()).contains("1 segments"));
     }
 }

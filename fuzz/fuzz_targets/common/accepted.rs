@@ -5,12 +5,10 @@
 use vox2vec::data::nifti_io::Volume;
 use vox2vec::data::preprocess::{PreprocessConfig, checked_zoomed_shape, preprocess_ct};
 
-/// Preprocess only volumes whose resampled grid stays small: the limits themselves are
-/// checked by `checked_zoomed_shape` on every input; running the zoom on a 10^8-voxel grid
-/// would only make the fuzzer slow.
-const MAX_PREPROCESS_VOXELS: usize = 1 << 18;
-
-pub fn check_accepted(vol: &Volume) {
+/// Preprocess only volumes whose resampled grid has at most `max_preprocess_voxels`: the
+/// limits themselves are checked by `checked_zoomed_shape` on every input; running the zoom
+/// on a large grid would only make the fuzzer slow.
+pub fn check_accepted(vol: &Volume, max_preprocess_voxels: usize) {
     let n: usize = vol.shape.iter().product();
     assert_eq!(vol.data.len(), n, "data length {} for shape {:?}", vol.data.len(), vol.shape);
     assert!(vol.data.iter().all(|v| v.is_finite()), "accepted a non-finite voxel");
@@ -27,7 +25,7 @@ pub fn check_accepted(vol: &Volume) {
     );
     let cfg = PreprocessConfig::default();
     let Ok(grid) = checked_zoomed_shape(vol.shape, vol.spacing, cfg.spacing) else { return };
-    if n > MAX_PREPROCESS_VOXELS || grid.iter().product::<usize>() > MAX_PREPROCESS_VOXELS {
+    if n > max_preprocess_voxels || grid.iter().product::<usize>() > max_preprocess_voxels {
         return;
     }
     if let Ok(ct) = preprocess_ct(&vol.data, vol.shape, vol.spacing, &cfg) {
