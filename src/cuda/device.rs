@@ -762,21 +762,18 @@ impl CudaDevice {
         }
         let c_bytes = if beta == 0.0 { m * n * 4 } else { 2 * m * n * 4 };
         let (flops, bytes) = (2.0 * (m * n * k) as f64, 4 * (m * k + k * n) + c_bytes);
-        let (family, cost) = if tf32 {
-            ("cublas_sgemm_tf32", Cost::tensor_tf32(flops, bytes))
-        } else {
-            ("cublas_sgemm", Cost::fp32(flops, bytes))
-        };
-        self.note_cost(family, cost);
         let call = Sgemm { trans_a, trans_b, m, n, k, alpha, a, b, beta, c, tf32 };
+        let cost = if tf32 { Cost::tensor_tf32(flops, bytes) } else { Cost::fp32(flops, bytes) };
+        self.note_cost(call.family(), cost);
         if self.plan || self.defer(|| Node::Sgemm(call)) {
             return Ok(());
         }
-        self.issue_sgemm(family, call)
+        self.issue_sgemm(call)
     }
 
-    fn issue_sgemm(&self, family: &'static str, s: Sgemm) -> Result<()> {
+    fn issue_sgemm(&self, s: Sgemm) -> Result<()> {
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let family = s.family();
         let Sgemm { trans_a, trans_b, m, n, k, alpha, a, b, beta, c, tf32 } = s;
         if self.is_emulator() {
             #[cfg(vox2vec_emulator)]
@@ -866,10 +863,7 @@ impl CudaDevice {
                 if let Some(rec) = r.as_mut().filter(|r| r.deferring()) {
                     let work = rec.take_work("a panic");
                     drop(r);
-                    let _ = self.0.write_staged(&work.staged);
-                    for n in &work.nodes {
-                        let _ = self.0.issue(n);
-                    }
+                    let _ = self.0.issue_now(&work);
                     r = self.0.recording.lock().unwrap_or_else(|e| e.into_inner());
                 }
                 r.take();
@@ -973,14 +967,21 @@ impl CudaDevice {
     /// During a recording: issue what was recorded so far, one call at a time, and let the
     /// rest of the step run unrecorded (`why` is kept in the graph's stats).
     fn stop_deferring(&self, why: &'static str) -> Result<()> {
-        let (nodes, staged) = {
+        let work = {
             let mut rec = self.wait_for_other_recording();
             let Some(r) = rec.as_mut().filter(|r| r.deferring()) else { return Ok(()) };
-            r.unrecorded = Some(why);
-            (std::mem::take(&mut r.nodes), std::mem::take(&mut r.staged))
+            let mut work = r.take_work(why);
+            // The step's allocations go on being noted for the next step's preferences.
+            r.blocks = std::mem::take(&mut work.blocks);
+            work
         };
-        self.write_staged(&staged)?;
-        nodes.iter().try_for_each(|n| self.issue(n))
+        self.issue_now(&work)
+    }
+
+    /// Recorded work issued now, one call at a time: its staged uploads, then its nodes.
+    fn issue_now(&self, work: &Recording) -> Result<()> {
+        self.write_staged(&work.staged)?;
+        work.nodes.iter().try_for_each(|n| self.issue(n))
     }
 
     fn write_staged(&self, staged: &[(u64, Vec<u8>)]) -> Result<()> {
@@ -1005,7 +1006,7 @@ impl CudaDevice {
             Node::Kernel { k, grid, block, shared, args } => self.issue_kernel(*k, *grid, *block, *shared, args),
             Node::Memset { ptr, bytes, value } => self.issue_memset(*ptr, *bytes, *value),
             Node::Copy { dst, src, bytes } => self.issue_copy(*dst, *src, *bytes),
-            Node::Sgemm(s) => self.issue_sgemm(if s.tf32 { "cublas_sgemm_tf32" } else { "cublas_sgemm" }, *s),
+            Node::Sgemm(s) => self.issue_sgemm(*s),
         }
     }
 
@@ -1069,11 +1070,10 @@ impl CudaDevice {
     /// are `VARIANTS` already and the driver accepts the update, a new one otherwise. Returns
     /// its index in `g.variants`.
     fn capture_into(&self, g: &mut StepGraph, nodes: &[Node]) -> Result<usize> {
-        let nodes = nodes.to_vec();
         let lru = g.variants.iter().enumerate().min_by_key(|(_, v)| v.used).map(|(i, _)| i);
         let reuse = lru.filter(|_| g.variants.len() >= super::graph::VARIANTS);
         let Some(_) = self.driver() else {
-            let v = super::graph::Variant { nodes, exec: Exec::Emulated, used: 0 };
+            let v = super::graph::Variant { nodes: nodes.to_vec(), exec: Exec::Emulated, used: 0 };
             return Ok(match reuse {
                 Some(i) => {
                     g.stats.updated += 1;
@@ -1114,7 +1114,7 @@ impl CudaDevice {
             // they were launched with.
             if unsafe { sys::cuGraphExecUpdate_v2(exec, graph, &mut info) }.result().is_ok() {
                 g.stats.updated += 1;
-                g.variants[i].nodes = nodes.clone();
+                g.variants[i].nodes = nodes.to_vec();
                 slot = Some(i);
             } else {
                 // SAFETY: ours; an exec still running is freed when it completes.
@@ -1134,7 +1134,7 @@ impl CudaDevice {
                     return Err(e).context("instantiating the step graph");
                 }
                 g.stats.instantiated += 1;
-                g.variants.push(super::graph::Variant { nodes, exec: Exec::Driver(exec), used: 0 });
+                g.variants.push(super::graph::Variant { nodes: nodes.to_vec(), exec: Exec::Driver(exec), used: 0 });
                 g.variants.len() - 1
             }
         };

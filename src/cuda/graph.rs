@@ -86,6 +86,13 @@ pub(crate) struct Sgemm {
     pub tf32: bool,
 }
 
+impl Sgemm {
+    /// The cost log's family of the call.
+    pub fn family(&self) -> &'static str {
+        if self.tf32 { "cublas_sgemm_tf32" } else { "cublas_sgemm" }
+    }
+}
+
 impl Arg {
     /// The argument as a tag and its bits (floats compared bit for bit, NaN included).
     fn bits(&self) -> (u8, u64) {

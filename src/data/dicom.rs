@@ -313,10 +313,10 @@ const MAX_RESCALE_INTERCEPT: f64 = 1e5;
 const HU_RANGE: [f64; 2] = [-32768.0, 32767.0];
 
 /// One slice's values in HU (RescaleSlope / RescaleIntercept applied), column fastest, after
-/// its pixel module is checked (`check_pixel_module`).
+/// its pixel module is checked (`check_pixel_module`); `header` has checked its element
+/// lengths (`check_lengths`).
 fn pixels(file: &Path) -> Result<Vec<f64>> {
     use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
-    check_lengths(&std::fs::read(file)?).context("not a readable DICOM file")?;
     let obj = dicom_object::open_file(file).map_err(|e| anyhow::anyhow!("not a readable DICOM file: {e}"))?;
     let (slope, intercept) = rescale(&obj)?;
     let module = check_pixel_module(&obj)?;
