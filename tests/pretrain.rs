@@ -8,7 +8,7 @@ use std::process::Command;
 
 use vox2vec::model::{FpnConfig, ModelConfig, Vox2Vec};
 use vox2vec::optim::AdamConfig;
-use vox2vec::train::{CHECKPOINT_FILE, METRICS_FILE, Resume, Silent, TrainOptions, run_pretraining};
+use vox2vec::train::{CHECKPOINT_FILE, LOSS_CURVE_FILE, METRICS_FILE, Resume, Silent, TrainOptions, run_pretraining};
 
 fn opts(dir: &std::path::Path, steps: u64) -> TrainOptions {
     common::tiny_run(dir, steps, 11)
@@ -91,6 +91,29 @@ const TINY: &[&str] = &[
     "--voxels",
     "16",
 ];
+
+/// The README's first command as a newcomer runs it (`--small`, its default length, on the
+/// CPU): the model must be seen learning, and the end-of-run summary must say so.
+#[test]
+fn first_command_shows_learning() {
+    let dir = tmpdir("demo");
+    let out = train_bin().args(["--small", "--device", "cpu", "--out"]).arg(&dir).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let steps: Vec<(f64, f64)> =
+        metric_lines(&dir).iter().filter_map(|v| Some((v.get("loss")?.as_f64()?, v.get("top1")?.as_f64()?))).collect();
+    assert_eq!(steps.len(), 150, "--small runs 150 steps by default");
+    let tenth = steps.len() / 10;
+    let mean = |s: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| s.iter().map(f).sum::<f64>() / s.len() as f64;
+    let (first, last) = (&steps[..tenth], &steps[steps.len() - tenth..]);
+    assert!(mean(last, |s| s.0) < mean(first, |s| s.0), "the loss did not fall: {first:?} -> {last:?}");
+    assert!(mean(last, |s| s.1) > mean(first, |s| s.1), "the top-1 accuracy did not rise: {first:?} -> {last:?}");
+    let summary = stdout.lines().find(|l| l.starts_with("done: 150 steps in ")).unwrap_or_else(|| panic!("{stdout}"));
+    let expected = format!("loss {:.2} -> {:.2}", mean(first, |s| s.0), mean(last, |s| s.0));
+    assert!(summary.contains(&expected) && summary.contains("first and last 15 steps"), "{summary}");
+    assert!(stdout.contains(&dir.join(LOSS_CURVE_FILE).display().to_string()), "{stdout}");
+    assert!(dir.join(LOSS_CURVE_FILE).is_file() && dir.join(CHECKPOINT_FILE).is_file());
+}
 
 #[test]
 fn cli_trains_checkpoints_and_resumes() {
