@@ -18,6 +18,7 @@
 pub mod autograd;
 pub mod bench;
 pub mod checkpoint;
+pub mod commands;
 pub mod cpu;
 pub mod cuda;
 pub mod data;

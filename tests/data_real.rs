@@ -227,7 +227,8 @@ fn loader_sequence_is_independent_of_worker_count() {
 /// the mandible: measured Dice 0.33 on the development machine.
 #[test]
 fn linear_probe_on_openkbp_finds_the_mandible() {
-    use vox2vec::eval::segment::{Head, HeadKind, Mode, SegConfig, load_dataset, train_segmentation};
+    use vox2vec::data::nnunet::load_dataset;
+    use vox2vec::eval::segment::{Head, HeadKind, Mode, SegConfig, train_segmentation};
     use vox2vec::model::{ModelConfig, Vox2Vec};
     let Some(d) = data_dir() else { return };
     let pre = PreprocessConfig { spacing: [3.0, 3.0, 3.0], ..PreprocessConfig::default() };

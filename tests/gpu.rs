@@ -1125,8 +1125,9 @@ fn test_inference_on_gpu() -> Result<()> {
 /// whatever its gradient's size, amplify that: measured 6e-4 at fine-tuning step 5 and 1.9e-3
 /// at step 6 from the CPU's own direct-kernel run, where the device stays within 1e-7 of it.
 fn test_segmentation_on_gpu() -> Result<()> {
+    use vox2vec::data::nnunet::load_dataset;
     use vox2vec::data::preprocess::PreprocessConfig;
-    use vox2vec::eval::segment::{Head, HeadKind, Mode, SegConfig, load_dataset, train_segmentation};
+    use vox2vec::eval::segment::{Head, HeadKind, Mode, SegConfig, train_segmentation};
     use vox2vec::ops::conv3d::direct_convolutions;
     let dir = std::env::temp_dir().join(format!("vox2vec-gpu-seg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

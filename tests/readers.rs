@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
+use vox2vec::data::nnunet::parse_dataset_json;
 use vox2vec::eval::npy::parse_f32;
-use vox2vec::eval::segment::parse_dataset_json;
 
 fn classes(json: &str) -> Result<Vec<String>, String> {
     parse_dataset_json(Path::new("dataset.json"), json.as_bytes()).map_err(|e| format!("{e:#}"))

@@ -7,7 +7,7 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(classes) = vox2vec::eval::segment::parse_dataset_json(Path::new("dataset.json"), data) {
+    if let Ok(classes) = vox2vec::data::nnunet::parse_dataset_json(Path::new("dataset.json"), data) {
         assert!(!classes.is_empty() && classes.len() < 256, "{} classes", classes.len());
     }
 });

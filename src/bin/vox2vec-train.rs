@@ -10,15 +10,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::sync::Arc;
-use vox2vec::model::{FpnConfig, ModelConfig};
 use vox2vec::optim::AdamConfig;
 
-use vox2vec::data::loader::{CachedVolumes, PhantomVolumes, VolumeSet};
+use vox2vec::commands::{Card, DeviceArg, Precision};
 use vox2vec::data::preprocess::PreprocessConfig;
 use vox2vec::data::sampler::SamplerConfig;
-use vox2vec::train::{BatchShape, BatchSource, Progress, Resume, StepStats, TrainOptions};
+use vox2vec::train::{BatchSource, Resume, TrainOptions};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Pretrain a vox2vec FPN3d backbone (contrastive, voxel-level)")]
@@ -61,8 +58,8 @@ struct Args {
     probe_batch: usize,
     #[arg(long, default_value_t = 1e-2)]
     probe_lr: f64,
-    #[arg(long, default_value = "2,2,4")]
-    probe_spacing: String,
+    #[arg(long, default_value = "2,2,4", value_parser = parse_spacing)]
+    probe_spacing: [f64; 3],
     /// Validation cases of the probe: every --probe-folds-th case.
     #[arg(long, default_value_t = 4)]
     probe_folds: usize,
@@ -150,10 +147,10 @@ struct Args {
     cpu_ranks: Option<usize>,
     /// Compute device: auto (a CUDA GPU when one is present, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
-    device: String,
+    device: DeviceArg,
     /// Activation storage on a CUDA device: fp32, or bf16 (fp32 arithmetic and weights).
-    #[arg(long, default_value = "fp32")]
-    precision: String,
+    #[arg(long, value_enum, default_value = "fp32")]
+    precision: Precision,
     /// Benchmark instead of training: N timed steps on synthetic pairs at the batch size given
     /// (default the reference 10 pairs of 128x128x32, 1024 voxels each) and the default model;
     /// prints the median ms/step, peak device memory and a per-kernel time table.
@@ -167,8 +164,8 @@ struct Args {
     #[arg(long)]
     bench_plan: bool,
     /// With --bench-plan: the card whose rates price the plan (h100 or h200).
-    #[arg(long, default_value = "h100", value_parser = ["h100", "h200"])]
-    card: String,
+    #[arg(long, value_enum, default_value = "h100")]
+    card: Card,
     /// Exactness of bf16 at the benchmarked size: one step's forward and backward with bf16
     /// activations against fp32 on the same device, weights and batch (no update); prints the
     /// loss, the gradient norm and the gradients' relative errors.
@@ -186,59 +183,8 @@ struct Args {
     nonfinite: vox2vec::data::preprocess::NonFinitePolicy,
 }
 
-/// Preprocess (or find in the cache) every input file; report skipped files; fail when none
-/// is usable or, without --skip-bad, when any file is bad.
-fn prepare_data(
-    input: &std::path::Path,
-    cache: &std::path::Path,
-    patch: [usize; 3],
-    skip_bad: bool,
-    pre: &PreprocessConfig,
-    exclude: &[String],
-) -> anyhow::Result<vox2vec::data::sources::PrepareReport> {
-    let report = vox2vec::data::sources::prepare_input_excluding(input, cache, pre, patch, exclude)?;
-    eprintln!("data: {}", report.summary(cache));
-    if !report.skipped.is_empty() && !skip_bad {
-        anyhow::bail!(
-            "{} of {} input files are unusable (listed above); fix them or pass --skip-bad",
-            report.skipped.len(),
-            report.files
-        );
-    }
-    anyhow::ensure!(!report.entries.is_empty(), "no usable volume in {}", input.display());
-    Ok(report)
-}
-
 fn parse_spacing(s: &str) -> Result<[f64; 3], String> {
     vox2vec::data::preprocess::parse_spacing(s).map_err(|e| e.to_string())
-}
-
-/// Refuse a batch whose estimated CPU step does not fit in the memory available (it would
-/// abort on a failed allocation), naming the figures and the way out; say what a large step
-/// costs (the note returned). VOX2VEC_IGNORE_MEMORY_ESTIMATE=1 runs it anyway.
-fn check_cpu_budget(batch: BatchShape, fpn: FpnConfig) -> anyhow::Result<Option<String>> {
-    let threads = rayon::current_num_threads();
-    let e = vox2vec::train::estimate_cpu_step(batch, fpn, threads);
-    let gib = |b: f64| b / (1u64 << 30) as f64;
-    let what = format!(
-        "a step of {} pairs of {:?} at base {} on the CPU needs about {:.1} GiB and {:.0} s on {threads} threads (estimated)",
-        batch.pairs,
-        batch.patch,
-        fpn.base_channels,
-        gib(e.bytes),
-        e.seconds
-    );
-    let note = (e.seconds > 10.0).then(|| format!("note: {what}"));
-    let Some(avail) = vox2vec::train::available_memory_bytes() else { return Ok(note) };
-    if e.bytes > avail && std::env::var_os("VOX2VEC_IGNORE_MEMORY_ESTIMATE").is_none_or(|v| v.is_empty() || v == "0") {
-        let fixed = vox2vec::train::CPU_FIXED_BYTES;
-        let fits = ((avail - fixed) / ((e.bytes - fixed) / batch.pairs as f64)).floor().max(0.0) as usize;
-        anyhow::bail!(
-            "{what}, but this machine has {:.1} GiB available. Lower --pairs (about {fits} fit) or --patch, use --small, or train on a GPU (--device cuda); VOX2VEC_IGNORE_MEMORY_ESTIMATE=1 tries anyway",
-            gib(avail)
-        );
-    }
-    Ok(note)
 }
 
 fn parse_xyz(s: &str) -> Result<[usize; 3], String> {
@@ -247,66 +193,10 @@ fn parse_xyz(s: &str) -> Result<[usize; 3], String> {
     <[usize; 3]>::try_from(v).map_err(|v| format!("expected X,Y,Z, got {} values", v.len()))
 }
 
-struct Bar {
-    bar: ProgressBar,
-}
-
-impl Progress for Bar {
-    fn start(&mut self, first: u64, total: u64) {
-        self.bar.set_length(total);
-        self.bar.set_position(first);
-        self.bar.reset_eta();
-    }
-    fn step(&mut self, step: u64, s: &StepStats) {
-        self.message(&format!("step {step:>6}  loss {:.5}  grad-norm {:.4}", s.loss, s.grad_norm));
-        self.bar.set_message(format!("loss {:.4}", s.loss));
-        self.bar.set_position(step);
-    }
-    fn message(&mut self, msg: &str) {
-        // A hidden bar (stderr is not a terminal) swallows println: write the line directly.
-        if self.bar.is_hidden() {
-            eprintln!("{msg}");
-        } else {
-            self.bar.println(msg);
-        }
-    }
-    fn finish(&mut self) {
-        self.bar.finish();
-    }
-}
-
-/// The model to train: a resumed checkpoint's configuration (any format `weights::read` takes:
-/// our checkpoints, PyTorch .pt, Lightning .ckpt), which the flags must agree with; else the
-/// flags, else the reference's.
-fn model_config(args: &Args) -> anyhow::Result<ModelConfig> {
-    let resumed = match (&args.resume_from, args.resume) {
-        (Some(p), _) => Some(p.clone()),
-        (None, true) => Some(args.out.join(vox2vec::train::CHECKPOINT_FILE)).filter(|p| p.exists()),
-        (None, false) => None,
-    };
-    let Some(path) = resumed else {
-        let fpn = FpnConfig {
-            in_channels: 1,
-            base_channels: args.base_channels.unwrap_or(16),
-            num_scales: args.num_scales.unwrap_or(6),
-        };
-        return Ok(ModelConfig { fpn, proj_dim: args.proj_dim.unwrap_or(128), temperature: args.temperature });
-    };
-    use vox2vec::weights::{Naming, read, resolve_backbone};
-    let file = read(&path, Naming::Model)?;
-    let fpn = resolve_backbone(&file, args.base_channels, args.num_scales)?;
-    let proj_dim = match (args.proj_dim, file.infer_proj_dim()) {
-        (Some(a), Some(b)) if a != b => anyhow::bail!(
-            "--proj-dim {a} contradicts {}: its projection head maps to {b}; leave --proj-dim out to use the file's",
-            path.display()
-        ),
-        (a, b) => a.or(b).unwrap_or(128),
-    };
-    Ok(ModelConfig { fpn, proj_dim, temperature: args.temperature })
-}
-
 fn run(args: Args) -> anyhow::Result<()> {
-    use vox2vec::dist::{Communicator, Single, launch};
+    use vox2vec::commands::pretrain::{self as setup, ModelFlags};
+    use vox2vec::dist::launch;
+    use vox2vec::tensor::Device;
     vox2vec::cpu::retain_freed_memory();
     // RANK=0 WORLD_SIZE=1 still makes a one-rank group (its collectives run): the GPU
     // bundle's check of the NCCL path.
@@ -319,15 +209,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 "--bench times one device; run it without --gpus / --cpu-ranks"
             );
             if args.gpus.is_some() {
-                let have = vox2vec::cuda::device_count();
-                anyhow::ensure!(
-                    have >= n,
-                    "--gpus {n}, but this machine has {have} CUDA device(s){}",
-                    vox2vec::cuda::unavailable_reason().map(|r| format!(" ({r})")).unwrap_or_default()
-                );
-                if let Some(why) = vox2vec::dist::nccl::unavailable_reason() {
-                    anyhow::bail!("--gpus {n}: {why}");
-                }
+                launch::check_gpus(n)?;
             }
             eprintln!(
                 "vox2vec-train: starting {n} ranks (processes) on this machine; rank 0 writes {}",
@@ -337,72 +219,38 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if args.bench_plan {
-        let card = vox2vec::cuda::cost::card(&args.card)
-            .ok_or_else(|| anyhow::anyhow!("--card {}: h100 or h200", args.card))?;
+        let card = vox2vec::cuda::cost::card(args.card.name()).expect("every --card value has its rates");
         vox2vec::cuda::enable_plan_mode_for(card)?;
     }
-    let (device, precision) = vox2vec::cuda::parse_device_and_precision(
-        if args.bench_plan { "cuda" } else { &args.device },
-        &args.precision,
-    )?;
+    // The plan prices a CUDA device's work whatever --device says.
+    let device_arg = if args.bench_plan { DeviceArg::Cuda(0) } else { args.device };
+    let (device, precision) = device_arg.with_precision(args.precision)?;
     // A rank takes its own GPU (LOCAL_RANK), or the CPU with --cpu-ranks / --device cpu.
     let device = match &rank_env {
-        Some(e) if args.cpu_ranks.is_none() && device != vox2vec::tensor::Device::Cpu => {
-            vox2vec::tensor::Device::Cuda(e.local_rank)
-        }
-        Some(_) if args.cpu_ranks.is_some() => vox2vec::tensor::Device::Cpu,
+        Some(e) if args.cpu_ranks.is_none() && device != Device::Cpu => Device::Cuda(e.local_rank),
+        Some(_) if args.cpu_ranks.is_some() => Device::Cpu,
         _ => device,
     };
-    let mut comm: Box<dyn Communicator> = match &rank_env {
-        None => Box::new(Single),
-        Some(e) => {
-            let timeout = vox2vec::dist::timeout();
-            match device {
-                vox2vec::tensor::Device::Cpu => Box::new(
-                    vox2vec::dist::tcp::TcpComm::connect(&e.master_addr, e.master_port, e.rank, e.world, b"", timeout)?
-                        .0,
-                ),
-                vox2vec::tensor::Device::Cuda(k) => Box::new(vox2vec::dist::nccl::NcclComm::connect(
-                    &e.master_addr,
-                    e.master_port,
-                    e.rank,
-                    e.world,
-                    vox2vec::cuda::device(k)?,
-                    timeout,
-                )?),
-            }
-        }
-    };
+    let mut comm = setup::communicator(rank_env.as_ref(), device)?;
     let lead = comm.rank() == 0;
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global()?;
     }
-    let mut batch = if args.small {
-        BatchShape { pairs: 2, patch: [32, 32, 16], voxels_per_pair: 64 }
-    } else {
-        BatchShape::default()
-    };
-    if let Some(p) = args.pairs {
-        batch.pairs = p;
-    }
-    if let Some(p) = args.patch {
-        batch.patch = p;
-    }
-    if let Some(v) = args.voxels {
-        batch.voxels_per_pair = v;
-    }
-    anyhow::ensure!(batch.pairs >= 1 && batch.voxels_per_pair >= 1, "need at least one pair and one voxel per pair");
-    anyhow::ensure!(batch.pairs * batch.voxels_per_pair >= 2, "InfoNCE needs at least 2 positive pairs per batch");
+    let batch = setup::batch_shape(args.small, args.pairs, args.patch, args.voxels)?;
     let steps = args.steps.unwrap_or(if args.small { 150 } else { 100 });
-    let model = model_config(&args)?;
+    let resume = Resume::from_flags(args.resume_from.clone(), args.resume);
+    let resumed = resume.checkpoint(&args.out);
+    let flags = ModelFlags {
+        base_channels: args.base_channels,
+        num_scales: args.num_scales,
+        proj_dim: args.proj_dim,
+        temperature: args.temperature,
+    };
+    let model = setup::model_config(resumed.as_deref(), flags)?;
     model.validate()?;
-    vox2vec::model::check_patch(batch.patch).context("--patch")?;
-    anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0 && args.lr <= 1.0, "--lr must be in (0, 1], got {}", args.lr);
-    anyhow::ensure!(
-        args.probe_lr.is_finite() && args.probe_lr > 0.0 && args.probe_lr <= 1.0,
-        "--probe-lr must be in (0, 1], got {}",
-        args.probe_lr
-    );
+    for (flag, lr) in [("--lr", args.lr), ("--probe-lr", args.probe_lr)] {
+        anyhow::ensure!(lr.is_finite() && lr > 0.0 && lr <= 1.0, "{flag} must be in (0, 1], got {lr}");
+    }
     anyhow::ensure!(
         args.probe_every >= 1 && args.probe_folds >= 1 && args.probe_batch >= 1,
         "--probe-every, --probe-folds and --probe-batch must be at least 1"
@@ -428,7 +276,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.report.is_none() || args.bench_plan,
         "--report goes with --bench-plan or --compare-precisions"
     );
-    let cpu_note = if device == vox2vec::tensor::Device::Cpu { check_cpu_budget(batch, model.fpn)? } else { None };
+    let cpu_note = if device == Device::Cpu { setup::check_cpu_budget(batch, model.fpn)? } else { None };
     if let Some(steps) = args.bench {
         // 6 warm-up steps: a step graph's blocks settle within about five (`cuda::graph`).
         let report = vox2vec::bench::bench_pretraining(device, precision, batch, steps, 6, 2, args.seed)?;
@@ -436,101 +284,53 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let pre = PreprocessConfig { spacing: args.spacing, nonfinite: args.nonfinite, ..PreprocessConfig::default() };
-    let mut data_sources = serde_json::json!({"synthetic_pairs": true});
-    let data = if args.synthetic_pairs {
-        BatchSource::SyntheticPairs(batch)
+    let sampler = SamplerConfig {
+        pairs: batch.pairs,
+        patch: batch.patch,
+        max_voxels: batch.voxels_per_pair,
+        ..Default::default()
+    };
+    let (data, mut data_sources) = if args.synthetic_pairs {
+        (BatchSource::SyntheticPairs(batch), serde_json::json!({"synthetic_pairs": true}))
     } else {
-        let sampler = SamplerConfig {
-            pairs: batch.pairs,
-            patch: batch.patch,
-            max_voxels: batch.voxels_per_pair,
-            ..SamplerConfig::default()
-        };
-        let volumes: Arc<dyn VolumeSet> = match &args.data {
-            None => {
-                data_sources = serde_json::json!({"phantoms": args.phantoms, "seed": args.seed});
-                Arc::new(PhantomVolumes::new(args.seed, args.phantoms))
-            }
+        let source = match &args.data {
+            None => setup::Volumes::Phantoms { seed: args.seed, count: args.phantoms },
             Some(input) => {
-                let report = prepare_data(input, &args.cache, batch.patch, args.skip_bad, &pre, &args.exclude)?;
-                data_sources = serde_json::json!({"input": input, "volumes": report.sources.len(), "skipped": report.skipped.len(), "excluded": args.exclude, "files": report.sources});
-                Arc::new(CachedVolumes::new(report.entries, 4))
+                setup::Volumes::Files { input, cache: &args.cache, skip_bad: args.skip_bad, exclude: &args.exclude }
             }
         };
-        BatchSource::Volumes { volumes, sampler, workers: args.loader_workers }
+        let (volumes, recorded) = source.open(batch.patch, &pre)?;
+        (BatchSource::Volumes { volumes, sampler, workers: args.loader_workers }, recorded)
     };
     let validation = match &args.val_data {
         None => None,
         Some(input) => {
-            anyhow::ensure!(
-                args.val_every >= 1 && args.val_batches >= 1,
-                "--val-every and --val-batches must be at least 1"
-            );
-            let report = prepare_data(input, &args.cache, batch.patch, args.skip_bad, &pre, &[])?;
-            let sampler = SamplerConfig {
-                pairs: batch.pairs,
-                patch: batch.patch,
-                max_voxels: batch.voxels_per_pair,
-                ..SamplerConfig::default()
-            };
-            let vols = CachedVolumes::new(report.entries, 4);
-            // Fixed pairs: the same whatever the training run does, resumed or not.
-            let batches = (0..args.val_batches as u64)
-                .map(|i| vox2vec::data::loader::make_batch(&vols, &sampler, args.seed ^ 0x7A11_DA7A, i))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            data_sources["validation"] =
-                serde_json::json!({"input": input, "files": report.sources, "batches": args.val_batches});
-            Some(vox2vec::train::Validation { batches: Arc::new(batches), every: args.val_every })
+            let schedule = (args.val_every, args.val_batches, args.seed);
+            let (v, recorded) = setup::validation(input, &args.cache, sampler, args.skip_bad, &pre, schedule)?;
+            data_sources["validation"] = recorded;
+            Some(v)
         }
     };
-    use vox2vec::eval::recorded;
-    let mut metadata: Vec<(String, String)> = recorded::preprocessing_metadata(args.spacing, batch.patch)
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
     let train_config = serde_json::json!({
         "pairs": batch.pairs, "patch": batch.patch, "voxels_per_pair": batch.voxels_per_pair, "steps": steps, "lr": args.lr,
-        "seed": args.seed, "device": args.device, "precision": args.precision, "nonfinite": format!("{:?}", args.nonfinite),
+        "seed": args.seed, "device": args.device.to_string(), "precision": args.precision.name(), "nonfinite": format!("{:?}", args.nonfinite),
         "probe_dataset": args.probe_dataset, "probe_every": args.probe_every, "val_data": args.val_data, "val_every": args.val_every,
         "base_channels": model.fpn.base_channels, "num_scales": model.fpn.num_scales,
     });
-    metadata.push((recorded::COMMAND_LINE.to_string(), recorded::command_line()));
-    metadata.push((recorded::DATA_SOURCES.to_string(), data_sources.to_string()));
-    metadata.push((recorded::TRAIN_CONFIG.to_string(), train_config.to_string()));
+    let metadata = setup::run_metadata(args.spacing, batch.patch, &data_sources, &train_config);
     let online_probe = match &args.probe_dataset {
         None => None,
         Some(dir) => {
-            let sp: Vec<f64> = args
-                .probe_spacing
-                .split(',')
-                .map(|t| t.trim().parse())
-                .collect::<Result<_, _>>()
-                .map_err(|e| anyhow::anyhow!("--probe-spacing: {e}"))?;
-            anyhow::ensure!(sp.len() == 3 && sp.iter().all(|v| *v > 0.0), "--probe-spacing must be X,Y,Z in mm");
-            let pre = PreprocessConfig {
-                spacing: [sp[0], sp[1], sp[2]],
-                nonfinite: args.nonfinite,
-                ..PreprocessConfig::default()
+            let pre = PreprocessConfig { spacing: args.probe_spacing, nonfinite: args.nonfinite, ..Default::default() };
+            let config = vox2vec::eval::segment::SegConfig {
+                patch: args.probe_patch,
+                batch: args.probe_batch,
+                steps: args.probe_steps,
+                lr: args.probe_lr,
+                seed: args.seed,
+                ..Default::default()
             };
-            let ds =
-                vox2vec::eval::segment::load_dataset(dir, &pre, &|c| eprintln!("online probe: preprocessing {c}"))?;
-            let n = ds.cases.len();
-            let folds = args.probe_folds.max(2);
-            let val: Vec<usize> = (0..n).filter(|i| i % folds == 0).collect();
-            anyhow::ensure!(val.len() < n, "online probe: {} cases are too few to split", n);
-            Some(vox2vec::train::OnlineProbe {
-                dataset: Arc::new(ds),
-                val,
-                every: args.probe_every,
-                config: vox2vec::eval::segment::SegConfig {
-                    patch: args.probe_patch,
-                    batch: args.probe_batch,
-                    steps: args.probe_steps,
-                    lr: args.probe_lr,
-                    seed: args.seed,
-                    ..Default::default()
-                },
-            })
+            Some(setup::online_probe(dir, &pre, args.probe_folds, args.probe_every, config)?)
         }
     };
     let opts = TrainOptions {
@@ -541,11 +341,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         out_dir: args.out.clone(),
         checkpoint_every: args.checkpoint_every,
-        resume: match (&args.resume_from, args.resume) {
-            (Some(p), _) => Resume::From(p.clone()),
-            (None, true) => Resume::Latest,
-            (None, false) => Resume::No,
-        },
+        resume,
         online_probe,
         validation,
         dump_batches: args.dump_batches.clone(),
@@ -555,40 +351,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         inject_nan_steps: args.inject_nan_step.clone(),
         metadata,
     };
-    let source = match (&args.data, args.synthetic_pairs) {
-        (_, true) => "synthetic pairs".to_string(),
-        (Some(d), _) => d.display().to_string(),
-        (None, _) => format!("{} CT phantoms", args.phantoms),
-    };
-    let on = vox2vec::cuda::describe(device, precision)?;
     if !lead {
         // The other ranks train quietly; rank 0 reports for the run.
         vox2vec::train::run_pretraining_ranked(&opts, &mut vox2vec::train::Silent, comm.as_mut())
             .with_context(|| format!("rank {}", comm.rank()))?;
         return Ok(());
     }
-    let ranks = if comm.world() > 1 {
-        format!(", rank 0 of {} ({} communicator)", comm.world(), comm.name())
-    } else {
-        String::new()
+    let source = match (&args.data, args.synthetic_pairs) {
+        (_, true) => "synthetic pairs".to_string(),
+        (Some(d), _) => d.display().to_string(),
+        (None, _) => format!("{} CT phantoms", args.phantoms),
     };
-    eprintln!(
-        "vox2vec-train: {source}, {} pairs of {:?}, {} voxels/pair, FPN3d base {} x {} scales, {on}{ranks}, out {}",
-        batch.pairs,
-        batch.patch,
-        batch.voxels_per_pair,
-        model.fpn.base_channels,
-        model.fpn.num_scales,
-        args.out.display()
-    );
+    let on = vox2vec::cuda::describe(device, precision)?;
+    eprintln!("{}", setup::run_banner(&source, batch, model.fpn, &on, comm.as_ref(), &args.out));
     if let Some(note) = cpu_note {
         eprintln!("{note}");
     }
-    let bar = ProgressBar::new(steps);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}")?);
-    let mut progress = Bar { bar };
     let started = std::time::Instant::now();
-    vox2vec::train::run_pretraining_ranked(&opts, &mut progress, comm.as_mut())?;
+    vox2vec::train::run_pretraining_ranked(&opts, &mut setup::Bar::new(steps)?, comm.as_mut())?;
     eprint!("{}", vox2vec::profile::report());
     if let Some(summary) = vox2vec::train::RunSummary::read(&args.out)? {
         println!("{}", summary.line(started.elapsed()));
@@ -599,26 +379,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGINT / SIGTERM: the first finishes the current step, writes a checkpoint and exits with
-/// a message (status 1); a second exits at once (status 130), the last checkpoint intact.
-fn install_signal_handler() {
-    use std::sync::atomic::Ordering;
-    let r = ctrlc::set_handler(|| {
-        if vox2vec::train::STOP_REQUESTED.swap(true, Ordering::SeqCst) {
-            eprintln!("\nvox2vec-train: second signal, exiting now (the last checkpoint is intact)");
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nvox2vec-train: signal received: finishing this step and writing a checkpoint (send it again to exit at once)"
-        );
-    });
-    if let Err(e) = r {
-        eprintln!("vox2vec-train: warning: no signal handler ({e}); an interrupt ends the run without a checkpoint");
-    }
-}
-
 fn main() -> ExitCode {
-    install_signal_handler();
+    vox2vec::train::stop_on_signal("vox2vec-train");
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

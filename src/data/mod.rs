@@ -6,6 +6,7 @@ pub mod cache;
 pub mod dicom;
 pub mod loader;
 pub mod nifti_io;
+pub mod nnunet;
 pub mod phantom;
 pub mod preprocess;
 pub mod sampler;

@@ -78,6 +78,20 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Refuse `--gpus n` on a machine without n usable CUDA devices or without NCCL, saying why.
+pub fn check_gpus(n: usize) -> Result<()> {
+    let have = crate::cuda::device_count();
+    anyhow::ensure!(
+        have >= n,
+        "--gpus {n}, but this machine has {have} CUDA device(s){}",
+        crate::cuda::unavailable_reason().map(|r| format!(" ({r})")).unwrap_or_default()
+    );
+    if let Some(why) = crate::dist::nccl::unavailable_reason() {
+        anyhow::bail!("--gpus {n}: {why}");
+    }
+    Ok(())
+}
+
 /// Runs `world` copies of this program with `args`, rank r with RANK=r, LOCAL_RANK=r,
 /// WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT; waits for all of them. When one
 /// fails, the others are stopped and the error names it.

@@ -14,10 +14,15 @@ use crate::tensor::{Tensor, nxyzc_to_ncxyz};
 
 pub const INFERENCE_WINDOW: (f32, f32) = (-1350.0, 1000.0);
 
-/// HU → network input.
+/// HU → network input (docs/method.md §1.7).
 pub fn scale_hu(hu: &[i16]) -> Vec<f32> {
+    hu.iter().map(|&h| scale_hu_voxel(h)).collect()
+}
+
+/// One voxel's HU → network input, with `INFERENCE_WINDOW`.
+pub fn scale_hu_voxel(h: i16) -> f32 {
     let (lo, hi) = INFERENCE_WINDOW;
-    hu.iter().map(|&h| ((h as f32 - lo) / (hi - lo)).clamp(0.0, 1.0)).collect()
+    ((h as f32 - lo) / (hi - lo)).clamp(0.0, 1.0)
 }
 
 /// The raw pyramid of one patch [X, Y, Z] (eval mode), each level as PyTorch's [C, X, Y, Z].
@@ -91,4 +96,74 @@ pub fn level_affine(e: &crate::data::cache::CachedCt, level: usize) -> [[f64; 4]
         step[a] = s * f;
     }
     grid_affine(&canonical, origin, step)
+}
+
+/// A level's features on the CT's canonical source grid (before cropping and resampling),
+/// channels last: each level voxel copied onto the level-0 voxels it covers (nearest), then
+/// level 0 put back through the crop and resampling (`preprocess::to_source_grid`); voxels
+/// outside the crop get 0.
+pub fn level_on_source_grid(m: &super::sliding::LevelMap, ct: &crate::data::preprocess::PreprocessedCt) -> Vec<f32> {
+    let (f, s0, c) = (1usize << m.level, ct.shape, m.channels);
+    let mut up = vec![0.0f32; s0.iter().product::<usize>() * c];
+    for a in 0..s0[0] {
+        for b in 0..s0[1] {
+            for z in 0..s0[2] {
+                let src = (((a / f) * m.shape[1] + b / f) * m.shape[2] + z / f) * c;
+                let dst = ((a * s0[1] + b) * s0[2] + z) * c;
+                up[dst..dst + c].copy_from_slice(&m.values[src..src + c]);
+            }
+        }
+    }
+    let mut on_source = vec![0.0f32; ct.source_shape.iter().product::<usize>() * c];
+    for ch in 0..c {
+        let one: Vec<f32> = up.iter().skip(ch).step_by(c).copied().collect();
+        for (i, v) in crate::data::preprocess::to_source_grid(&one, ct, 0.0f32).into_iter().enumerate() {
+            on_source[i * c + ch] = v;
+        }
+    }
+    on_source
+}
+
+#[cfg(test)]
+mod tests {
+    use super::level_on_source_grid;
+    use crate::data::preprocess::{PreprocessConfig, preprocess_ct, to_source_grid};
+    use crate::eval::sliding::LevelMap;
+
+    #[test]
+    fn levels_reach_the_source_grid_through_their_parents() {
+        // A body block inside air, resampled from 1.5 × 1 × 3 mm to 1 × 1 × 2 mm.
+        let shape = [12, 10, 7];
+        let mut hu = vec![-1000.0f32; shape.iter().product()];
+        for x in 2..10 {
+            for y in 1..9 {
+                for z in 1..6 {
+                    hu[(x * shape[1] + y) * shape[2] + z] = 40.0;
+                }
+            }
+        }
+        let ct = preprocess_ct(&hu, shape, [1.5, 1.0, 3.0], &PreprocessConfig::default()).unwrap();
+        let s0 = ct.shape;
+        let half = s0.map(|n| n.div_ceil(2));
+        let c = 2;
+        // Level 1: channel 0 is the flat index of the level voxel, channel 1 its negation.
+        let values: Vec<f32> = (0..half.iter().product::<usize>()).flat_map(|i| [i as f32, -(i as f32)]).collect();
+        let m = LevelMap { level: 1, shape: half, channels: c, values };
+        let got = level_on_source_grid(&m, &ct);
+        let parent: Vec<f32> = (0..s0.iter().product::<usize>())
+            .map(|i| {
+                let (a, b, z) = (i / (s0[1] * s0[2]), (i / s0[2]) % s0[1], i % s0[2]);
+                (((a / 2) * half[1] + b / 2) * half[2] + z / 2) as f32
+            })
+            .collect();
+        let want = to_source_grid(&parent, &ct, 0.0f32);
+        assert_eq!(got.len(), shape.iter().product::<usize>() * c);
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!((got[i * c], got[i * c + 1]), (*w, -*w), "source voxel {i}");
+        }
+        // Level 0 is the map itself, put back on the source grid.
+        let flat: Vec<f32> = (0..s0.iter().product::<usize>()).map(|i| i as f32 + 0.5).collect();
+        let m0 = LevelMap { level: 0, shape: s0, channels: 1, values: flat.clone() };
+        assert_eq!(level_on_source_grid(&m0, &ct), to_source_grid(&flat, &ct, 0.0f32));
+    }
 }

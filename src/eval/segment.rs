@@ -4,144 +4,27 @@
 //! Dice per class.
 //!
 //! Training patches: with p = 0.5 the patch contains a random foreground voxel of a random
-//! present class, else its start is uniform. Multi-label sigmoid outputs (one channel per
+//! class (a uniform start when the case has none of that class), else its start is uniform. Multi-label sigmoid outputs (one channel per
 //! class), loss = BCE in the body ROI + soft Dice (`ops::segloss`), Adam. Validation: the whole
 //! preprocessed volume by sliding window (central-region stitching), probabilities × ROI,
 //! threshold 0.5, Dice per class.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, ensure};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::dice::dice;
-use super::embed::scale_hu;
+use super::embed::{scale_hu, scale_hu_voxel};
 use super::sliding::{Blend, MapSpec, slide};
 use crate::autograd::{Graph, Var};
-use crate::data::cache::build;
-use crate::data::nifti_io::read_volume;
-use crate::data::preprocess::{PreprocessConfig, PreprocessedCt, preprocess_labels};
+use crate::data::nnunet::Case;
+use crate::data::preprocess::PreprocessedCt;
 use crate::model::Vox2Vec;
 use crate::model::heads::{FpnLinearHead, FpnNonLinearHead};
 use crate::ops;
 use crate::optim::{Adam, AdamConfig};
 use crate::params::ParamStore;
 use crate::tensor::Tensor;
-
-/// One labelled case, preprocessed.
-pub struct Case {
-    pub name: String,
-    pub image: PathBuf,
-    pub ct: PreprocessedCt,
-    /// Label map on the preprocessed grid.
-    pub labels: Vec<u8>,
-    pub mask: Vec<bool>,
-    /// Flat indices of each class's voxels (class c at c − 1), for foreground patches.
-    pub class_voxels: Vec<Vec<u32>>,
-}
-
-/// An nnU-Net raw dataset: class names (without background) and cases.
-pub struct Dataset {
-    pub classes: Vec<String>,
-    pub cases: Vec<Case>,
-}
-
-/// Read dataset.json, pair imagesTr/<case>_0000 with labelsTr/<case>, preprocess both.
-pub fn load_dataset(dir: &Path, pre: &PreprocessConfig, tick: &dyn Fn(&str)) -> Result<Dataset> {
-    let json_path = dir.join("dataset.json");
-    let text = std::fs::read(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
-    let classes = parse_dataset_json(&json_path, &text)?;
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir.join("labelsTr"))
-        .with_context(|| format!("reading {}/labelsTr", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| crate::data::sources::is_nifti(p))
-        .collect();
-    names.sort();
-    let mut cases = Vec::new();
-    for label_path in names {
-        let file = label_path.file_name().unwrap().to_string_lossy().into_owned();
-        let (case, ext) = if let Some(c) = file.strip_suffix(".nii.gz") {
-            (c.to_string(), ".nii.gz")
-        } else {
-            (file.trim_end_matches(".nii").to_string(), ".nii")
-        };
-        let image = dir.join("imagesTr").join(format!("{case}_0000{ext}"));
-        ensure!(image.is_file(), "{}: no image {} for label {}", dir.display(), image.display(), label_path.display());
-        tick(&case);
-        let e = build(&image, pre)?;
-        let lab = read_volume(&label_path)?;
-        ensure!(
-            lab.shape == e.ct.source_shape,
-            "{}: label grid {:?} differs from the image's {:?}",
-            label_path.display(),
-            lab.shape,
-            e.ct.source_shape
-        );
-        let raw: Vec<u8> = lab.data.iter().map(|&v| v.round().clamp(0.0, 255.0) as u8).collect();
-        if let Some(&bad) = raw.iter().find(|&&v| v as usize > classes.len()) {
-            bail!("{}: label {bad} is not in dataset.json", label_path.display());
-        }
-        let labels = preprocess_labels(&raw, &e.ct)?;
-        let mask = e.ct.body_mask();
-        let mut class_voxels = vec![Vec::new(); classes.len()];
-        for (i, &l) in labels.iter().enumerate() {
-            if l > 0 {
-                class_voxels[l as usize - 1].push(i as u32);
-            }
-        }
-        cases.push(Case { name: case, image, ct: e.ct, labels, mask, class_voxels });
-    }
-    ensure!(!cases.is_empty(), "{}: no labelled cases", dir.display());
-    Ok(Dataset { classes, cases })
-}
-
-/// The foreground class names of an nnU-Net `dataset.json`, in label order 1..K. Accepts
-/// nnU-Net v2 labels (`{"background": 0, "liver": 1}`) and v1 labels (`{"0": "background",
-/// "1": "liver"}`); anything else is refused with the entry named, never skipped: a dropped
-/// class would shift every later label. `file_ending`, when present, must be NIfTI.
-/// The fuzz target's entry point (fuzz/fuzz_targets/dataset_json.rs).
-pub fn parse_dataset_json(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
-    let p = path.display();
-    let text = std::str::from_utf8(bytes).with_context(|| format!("{p}: not UTF-8 text"))?;
-    let json: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{p}: not JSON"))?;
-    if let Some(end) = json.get("file_ending") {
-        ensure!(
-            matches!(end.as_str(), Some(".nii.gz") | Some(".nii")),
-            "{p}: file_ending {end}; only NIfTI (\".nii.gz\", \".nii\") is supported"
-        );
-    }
-    let labels =
-        json.get("labels").and_then(|l| l.as_object()).with_context(|| format!("{p}: no \"labels\" object"))?;
-    let mut ids: Vec<(u64, String)> = Vec::with_capacity(labels.len());
-    for (k, v) in labels {
-        let entry = match (v, k.parse::<u64>()) {
-            // v2: name → id (the id must be a whole number, not 1.0 or "1").
-            (serde_json::Value::Number(n), _) => (
-                n.as_u64().with_context(|| format!("{p}: label {k:?} has id {n}; ids are whole numbers 0..K"))?,
-                k.clone(),
-            ),
-            // v1: "id" → name.
-            (serde_json::Value::String(name), Ok(id)) if k.trim() == k && !k.starts_with('+') => (id, name.clone()),
-            (serde_json::Value::Array(_), _) | (serde_json::Value::Object(_), _) => {
-                bail!("{p}: label {k:?} is region-based ({v}); only one id per class is supported")
-            }
-            _ => bail!("{p}: label entry {k:?}: {v} is neither name → id (nnU-Net v2) nor \"id\" → name (v1)"),
-        };
-        ids.push(entry);
-    }
-    ids.sort();
-    for w in ids.windows(2) {
-        ensure!(w[0].0 != w[1].0, "{p}: id {} is given to both {:?} and {:?}", w[0].0, w[0].1, w[1].1);
-    }
-    let fg: Vec<(u64, String)> = ids.into_iter().filter(|(i, _)| *i > 0).collect();
-    ensure!(!fg.is_empty(), "{p}: no foreground class (labels with id ≥ 1)");
-    ensure!(fg.len() < 256, "{p}: {} classes; at most 255 are supported", fg.len());
-    if let Some((j, (i, n))) = fg.iter().enumerate().find(|(j, (i, _))| *i != *j as u64 + 1) {
-        bail!("{p}: class ids must be 1..K without gaps; {n:?} has id {i} where {} was expected", j + 1);
-    }
-    Ok(fg.into_iter().map(|(_, n)| n).collect())
-}
 
 /// Which parameters train.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,10 +37,21 @@ pub enum Mode {
     Scratch,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum HeadKind {
     Linear,
+    #[value(name = "nonlinear", alias = "non-linear")]
     NonLinear,
+}
+
+impl HeadKind {
+    /// The name a head file records (`head_kind`) and `--head` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadKind::Linear => "linear",
+            HeadKind::NonLinear => "nonlinear",
+        }
+    }
 }
 
 // One head per run: boxing the larger variant would buy nothing.
@@ -226,7 +120,6 @@ fn crop(case: &Case, start: [usize; 3], patch: [usize; 3], k: usize) -> (Vec<f32
     let s = case.ct.shape;
     let n: usize = patch.iter().product();
     let (mut x, mut t, mut roi) = (vec![0.0f32; n], vec![0.0f32; n * k], vec![false; n]);
-    let scaled = |h: i16| ((h as f32 + 1350.0) / 2350.0).clamp(0.0, 1.0);
     for i in 0..patch[0] {
         for j in 0..patch[1] {
             for l in 0..patch[2] {
@@ -236,7 +129,7 @@ fn crop(case: &Case, start: [usize; 3], patch: [usize; 3], k: usize) -> (Vec<f32
                 }
                 let src = (a * s[1] + b) * s[2] + c;
                 let dst = (i * patch[1] + j) * patch[2] + l;
-                x[dst] = scaled(case.ct.hu[src]);
+                x[dst] = scale_hu_voxel(case.ct.hu[src]);
                 roi[dst] = case.mask[src];
                 let lab = case.labels[src] as usize;
                 if lab > 0 {
@@ -249,7 +142,7 @@ fn crop(case: &Case, start: [usize; 3], patch: [usize; 3], k: usize) -> (Vec<f32
 }
 
 /// A training patch start for `case`: with probability p around a random foreground voxel of a
-/// random present class, else uniform.
+/// random class (uniform when the case has none of it), else uniform.
 fn patch_start(case: &Case, patch: [usize; 3], p_fg: f64, k: usize, rng: &mut StdRng) -> [usize; 3] {
     let s = case.ct.shape;
     let max_start = |a: usize| s[a].saturating_sub(patch[a]);

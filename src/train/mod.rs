@@ -15,6 +15,7 @@ pub use metrics::{CHECKPOINT_FILE, LOSS_CURVE_FILE, METRICS_FILE, RunSummary, tr
 pub use monitor::{OnlineProbe, Validation, online_probe, validate};
 pub use run::{
     BatchSource, Progress, Resume, STOP_REQUESTED, Silent, TrainOptions, run_pretraining, run_pretraining_ranked,
+    stop_on_signal,
 };
 pub use step::{
     DeviceStepStats, MAX_GRAD_NORM, PRETRAIN_GRAPH, StepStats, broadcast_slots, pretrain_step, pretrain_step_cuda,

@@ -40,7 +40,7 @@ pub fn validate(model: &mut Vox2Vec, batches: &[PairBatch]) -> Result<(f64, Sign
 /// Online probing: a labelled dataset, its split, and the probe's small training run.
 #[derive(Clone)]
 pub struct OnlineProbe {
-    pub dataset: std::sync::Arc<crate::eval::segment::Dataset>,
+    pub dataset: std::sync::Arc<crate::data::nnunet::Dataset>,
     /// Indices of the validation cases; the others train the probe.
     pub val: Vec<usize>,
     pub every: u64,

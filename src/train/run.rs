@@ -80,6 +80,45 @@ pub enum Resume {
     From(std::path::PathBuf),
 }
 
+impl Resume {
+    /// `--resume-from FILE` (first) or `--resume`.
+    pub fn from_flags(from: Option<std::path::PathBuf>, latest: bool) -> Resume {
+        match (from, latest) {
+            (Some(p), _) => Resume::From(p),
+            (None, true) => Resume::Latest,
+            (None, false) => Resume::No,
+        }
+    }
+
+    /// The checkpoint a run in `out_dir` starts from, if any (`Latest` without one starts fresh).
+    pub fn checkpoint(&self, out_dir: &std::path::Path) -> Option<std::path::PathBuf> {
+        match self {
+            Resume::From(p) => Some(p.clone()),
+            Resume::Latest => Some(out_dir.join(CHECKPOINT_FILE)).filter(|p| p.exists()),
+            Resume::No => None,
+        }
+    }
+}
+
+/// SIGINT / SIGTERM for a training program: the first finishes the current step, writes a
+/// checkpoint and ends the run with an error (`STOP_REQUESTED`); a second exits at once (status
+/// 130), the last checkpoint intact.
+pub fn stop_on_signal(program: &'static str) {
+    use std::sync::atomic::Ordering;
+    let r = ctrlc::set_handler(move || {
+        if STOP_REQUESTED.swap(true, Ordering::SeqCst) {
+            eprintln!("\n{program}: second signal, exiting now (the last checkpoint is intact)");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\n{program}: signal received: finishing this step and writing a checkpoint (send it again to exit at once)"
+        );
+    });
+    if let Err(e) = r {
+        eprintln!("{program}: warning: no signal handler ({e}); an interrupt ends the run without a checkpoint");
+    }
+}
+
 /// Observer of a run's progress (the CLI draws a bar; tests ignore it).
 pub trait Progress {
     fn start(&mut self, first_step: u64, total: u64);
