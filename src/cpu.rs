@@ -186,7 +186,7 @@ pub fn added_onto(prev: Option<Vec<f32>>, g: Vec<f32>) -> Vec<f32> {
 /// A new vector of `n` f32 built in parallel chunks: `f(i, chunk)` fills chunk i (elements
 /// i·chunk.., the last one shorter), which it receives zeroed. Each chunk is zeroed just before
 /// `f` writes it, while it is in cache, so an output costs one pass over memory instead of the
-/// two of `vec![0.0; n]` followed by the writes (a 33 MB activation: ~2 ms less per tensor).
+/// two of `vec![0.0; n]` followed by the writes.
 pub fn par_build(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
     par_build_init(n, chunk, || (), |_, i, c| f(i, c))
 }
@@ -281,8 +281,8 @@ pub fn sum_rows(x: &[f32], width: usize) -> Vec<f32> {
 
 /// Keep freed memory in the allocator instead of returning it to the OS. A training step
 /// frees and re-allocates the same large buffers (gradients, im2col blocks) every step;
-/// returning them makes the kernel fault in and zero fresh pages each time (measured: ~15 %
-/// of a small CPU step). Binaries call this once at start-up; they use mimalloc.
+/// returning them makes the kernel fault in and zero fresh pages each time. Binaries call
+/// this once at start-up; they use mimalloc.
 pub fn retain_freed_memory() {
     // mimalloc's `mi_option_purge_delay` (15 in mimalloc 2.x and 3.x): -1 = never purge.
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;

@@ -1,6 +1,6 @@
 //! Opt-in per-op timing for the CPU backend: set `VOX2VEC_PROFILE=1` and `vox2vec-train`
 //! prints, at the end, the total wall time per (op, shape) — the CPU counterpart of the
-//! per-kernel table the CUDA backend will print. Off by default: one relaxed atomic load
+//! per-kernel table `vox2vec-train --bench` prints on a GPU. Off by default: one relaxed atomic load
 //! per op.
 
 use std::collections::HashMap;

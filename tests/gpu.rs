@@ -1649,14 +1649,14 @@ fn test_precision_report() -> Result<()> {
 /// writing past the end of its dynamic shared memory fails the launch (on a GPU that is
 /// undefined behaviour, compute-sanitizer's job, so it is not launched there).
 fn test_dynamic_shared_limits() -> Result<()> {
-    use vox2vec::cuda::K;
+    use vox2vec::cuda::KernelId;
     use vox2vec::cuda::ops::probe::{PROBE_SHARED_BYTES, mma_layout_with_shared};
     let dev = vox2vec::cuda::device(0)?;
     let reference = mma_layout_with_shared(&dev, PROBE_SHARED_BYTES)?;
     ensure!(mma_layout_with_shared(&dev, 48 * 1024).is_ok(), "a launch with 48 KiB of dynamic shared memory failed");
     let over = mma_layout_with_shared(&dev, 48 * 1024 + 16);
     ensure!(over.is_err(), "a launch with 48 KiB + 16 bytes of dynamic shared memory succeeded without opting in");
-    dev.set_max_dynamic_shared(K::MmaLayoutProbe, 96 * 1024)?;
+    dev.set_max_dynamic_shared(KernelId::MmaLayoutProbe, 96 * 1024)?;
     let big = mma_layout_with_shared(&dev, 96 * 1024)?;
     ensure!(
         big.iter().zip(&reference).all(|(a, b)| a.d == b.d && a.ldmatrix == b.ldmatrix),
@@ -1667,10 +1667,10 @@ fn test_dynamic_shared_limits() -> Result<()> {
         "a launch above the kernel's opted-in 96 KiB succeeded"
     );
     ensure!(
-        dev.set_max_dynamic_shared(K::MmaLayoutProbe, 228 * 1024).is_err(),
+        dev.set_max_dynamic_shared(KernelId::MmaLayoutProbe, 228 * 1024).is_err(),
         "opting in to 228 KiB of dynamic shared memory succeeded (no NVIDIA GPU has that much per block)"
     );
-    dev.set_max_dynamic_shared(K::MmaLayoutProbe, 48 * 1024)?;
+    dev.set_max_dynamic_shared(KernelId::MmaLayoutProbe, 48 * 1024)?;
     if dev.is_emulator() {
         let e = mma_layout_with_shared(&dev, PROBE_SHARED_BYTES - 64)
             .err()

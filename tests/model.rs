@@ -69,7 +69,7 @@ fn pyramid_levels_have_ceil_shapes() {
 #[test]
 fn segmentation_heads_have_reference_names_and_sizes() {
     use rand::SeedableRng;
-    use vox2vec::model::heads::{FpnLinearHead, FpnNonLinearHead};
+    use vox2vec::model::seg_heads::{FpnLinearHead, FpnNonLinearHead};
     use vox2vec::params::ParamStore;
     let fpn = FpnConfig::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);

@@ -103,8 +103,7 @@ impl NetArgs {
     /// Windows per forward pass on `device` for windows of `patch` voxels (--sw-batch, else 8 on
     /// a CUDA device; on the CPU as many windows as hold one `DEFAULT_PATCH` window's voxels, 1
     /// to 8: a pass of small windows keeps the coarse levels' volumes from being a few voxels
-    /// each — one CT in 32×32×16 windows embeds in 2 min 13 s with 8 per pass against 3 min
-    /// 32 s with 1 — and uses no more memory than one window of the default patch).
+    /// each, and uses no more memory than one window of the default patch).
     fn sw_batch(&self, device: crate::tensor::Device, patch: [usize; 3]) -> Result<usize> {
         let cpu_default =
             || (DEFAULT_PATCH.iter().product::<usize>() / patch.iter().product::<usize>().max(1)).clamp(1, 8);

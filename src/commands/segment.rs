@@ -40,7 +40,7 @@ pub struct SegArgs {
     /// and scratch].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// The reference's evaluation recipe (REFERENCE.md §5) where a flag does not say otherwise:
+    /// The reference's evaluation recipe (docs/method.md §5) where a flag does not say otherwise:
     /// lr 3e-4 for every mode, patch 128,128,32, spacing 1,1,2 (batch 7 is the default anyway).
     #[arg(long)]
     pub reference_recipe: bool,

@@ -15,7 +15,7 @@ use cudarc::driver::{CudaContext, CudaStream, result, sys};
 use super::alloc::{Pool, PoolStats, size_class};
 use super::cost::{Cost, CostLog, H100, Machine};
 use super::graph::{Exec, GraphStats, Node, Recording, Sgemm, StepGraph};
-use super::registry::K;
+use super::registry::KernelId;
 
 /// A CUfunction handle. Plain data owned by the module, which lives as long as the device.
 #[derive(Clone, Copy)]
@@ -266,8 +266,8 @@ impl CudaDevice {
         let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.with_context(|| {
             format!("loading the kernels on {name} (the fatbin has sm_80/86/89/90 code and compute_90 PTX)")
         })?;
-        let mut functions = Vec::with_capacity(K::ALL.len());
-        for &k in K::ALL {
+        let mut functions = Vec::with_capacity(KernelId::ALL.len());
+        for &k in KernelId::ALL {
             let cname = CString::new(k.name()).unwrap();
             // SAFETY: the module is loaded and the name is NUL-terminated.
             let f = unsafe { result::module::get_function(module, cname) }
@@ -313,8 +313,8 @@ impl CudaDevice {
     #[cfg(vox2vec_emulator)]
     fn open_emulator(ordinal: usize) -> Result<CudaDevice> {
         ensure!(ordinal == 0, "the CUDA emulator has one device (cuda:0), cuda:{ordinal} requested");
-        let mut functions = Vec::with_capacity(K::ALL.len());
-        for &k in K::ALL {
+        let mut functions = Vec::with_capacity(KernelId::ALL.len());
+        for &k in KernelId::ALL {
             let f = super::emulator::lookup(k.name())
                 .with_context(|| format!("kernel {} is missing from the emulator build", k.name()))?;
             functions.push(RawFn(f as sys::CUfunction));
@@ -634,7 +634,7 @@ impl CudaDevice {
     /// a launch does on the plan device.
     pub fn launch(
         &self,
-        k: K,
+        k: KernelId,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         shared_bytes: u32,
@@ -660,7 +660,7 @@ impl CudaDevice {
 
     fn issue_kernel(
         &self,
-        k: K,
+        k: KernelId,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         shared_bytes: u32,
@@ -709,7 +709,7 @@ impl CudaDevice {
     /// Let kernel `k` be launched with up to `bytes` of dynamic shared memory (needed above
     /// 48 KiB; the device's limit is 227 KiB on sm_90, less on some sm_8x). Call once, when
     /// setting a kernel up, not per launch.
-    pub fn set_max_dynamic_shared(&self, k: K, bytes: u32) -> Result<()> {
+    pub fn set_max_dynamic_shared(&self, k: KernelId, bytes: u32) -> Result<()> {
         if self.plan {
             return Ok(());
         }
@@ -731,7 +731,7 @@ impl CudaDevice {
     }
 
     /// Launch a grid-stride kernel over `n` elements (256 threads per block).
-    pub fn launch_1d(&self, k: K, n: usize, args: &[Arg], cost: Cost) -> Result<()> {
+    pub fn launch_1d(&self, k: KernelId, n: usize, args: &[Arg], cost: Cost) -> Result<()> {
         let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
         self.launch(k, (blocks, 1, 1), (256, 1, 1), 0, args, cost)
     }

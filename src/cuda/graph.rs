@@ -44,13 +44,13 @@
 use std::sync::Arc;
 
 use super::device::{Arg, CudaBuf};
-use super::registry::K;
+use super::registry::KernelId;
 
 /// One deferred call of a recorded step.
 #[derive(Clone, Debug)]
 pub(crate) enum Node {
     Kernel {
-        k: K,
+        k: KernelId,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         shared: u32,

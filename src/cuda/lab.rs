@@ -1,4 +1,4 @@
-//! The kernel lab (issue 9 §6, in the spirit of llm.c's `dev/cuda`): the hot kernel families
+//! The kernel lab (in the spirit of llm.c's `dev/cuda`): the hot kernel families
 //! of the pretraining step, each with its versions side by side on the same inputs.
 //!
 //! - v1 of each family is the first correct version (CUDA cores, unfused, fp32 arithmetic);

@@ -29,7 +29,7 @@ pub use device::{
     planned, unavailable_reason,
 };
 pub use graph::GraphStats;
-pub use registry::K;
+pub use registry::KernelId;
 
 use crate::tensor::{DType, Tensor, numel};
 
@@ -59,7 +59,7 @@ pub fn zeros(dev: &Arc<CudaDevice>, shape: &[usize], dtype: DType) -> Result<Ten
 pub fn full(dev: &Arc<CudaDevice>, shape: &[usize], value: f32) -> Result<Tensor> {
     let t = empty(dev, shape, DType::F32)?;
     let n = t.numel();
-    dev.launch_1d(K::FillF32, n, &[Arg::Ptr(t.ptr()), Arg::F32(value), Arg::I64(n as i64)], Cost::mem(n * 4))?;
+    dev.launch_1d(KernelId::FillF32, n, &[Arg::Ptr(t.ptr()), Arg::F32(value), Arg::I64(n as i64)], Cost::mem(n * 4))?;
     Ok(t)
 }
 
@@ -72,8 +72,8 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     let out = empty(dev, t.shape(), dtype)?;
     let n = t.numel();
     let k = match (t.dtype(), dtype) {
-        (DType::F32, DType::BF16) => K::CastF32ToBf16,
-        (DType::BF16, DType::F32) => K::CastBf16ToF32,
+        (DType::F32, DType::BF16) => KernelId::CastF32ToBf16,
+        (DType::BF16, DType::F32) => KernelId::CastBf16ToF32,
         (a, b) => anyhow::bail!("no device conversion from {a:?} to {b:?}"),
     };
     dev.launch_1d(
@@ -93,23 +93,35 @@ pub fn vec_lanes(dtype: DType) -> usize {
 /// The 16-byte-access kernel (`[f32x4, bf16x8]`, by `dtype`) and its lane count when every
 /// pointer is 16-byte aligned and `unit` (the channel count, or the element count of a flat
 /// op) is a multiple of the lanes; else the scalar kernel (`[f32, bf16]`) and 1.
-pub fn vec_or_scalar(dtype: DType, scalar: [K; 2], vector: [K; 2], ptrs: &[u64], unit: usize) -> (K, usize) {
+pub fn vec_or_scalar(
+    dtype: DType,
+    scalar: [KernelId; 2],
+    vector: [KernelId; 2],
+    ptrs: &[u64],
+    unit: usize,
+) -> (KernelId, usize) {
     let lanes = vec_lanes(dtype);
     if unit.is_multiple_of(lanes) && ptrs.iter().all(|p| p.is_multiple_of(16)) {
-        (K::typed(dtype, vector[0], vector[1]), lanes)
+        (KernelId::typed(dtype, vector[0], vector[1]), lanes)
     } else {
-        (K::typed(dtype, scalar[0], scalar[1]), 1)
+        (KernelId::typed(dtype, scalar[0], scalar[1]), 1)
     }
 }
 
 /// For a kernel with one work item per voxel and 16-byte channel group (pooling, upsampling:
 /// a 32-bit group index): the vector kernel and the number of groups over `voxels` voxels of
 /// `c` channels, or None when the scalar kernel (one item per element) must run.
-pub fn vec_groups(dtype: DType, vector: [K; 2], ptrs: &[u64], c: usize, voxels: usize) -> Option<(K, usize)> {
+pub fn vec_groups(
+    dtype: DType,
+    vector: [KernelId; 2],
+    ptrs: &[u64],
+    c: usize,
+    voxels: usize,
+) -> Option<(KernelId, usize)> {
     let lanes = vec_lanes(dtype);
     let groups = voxels * c / lanes;
     let fits = c.is_multiple_of(lanes) && ptrs.iter().all(|p| p.is_multiple_of(16)) && groups < u32::MAX as usize;
-    fits.then(|| (K::typed(dtype, vector[0], vector[1]), groups))
+    fits.then(|| (KernelId::typed(dtype, vector[0], vector[1]), groups))
 }
 
 /// Bytes of a tensor's values (the compulsory traffic of reading or writing it once).

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, CudaDevice, K, dev_of, ensure_f32};
+use crate::cuda::{Arg, Cost, CudaBuf, CudaDevice, KernelId, dev_of, ensure_f32};
 use crate::optim::AdamConfig;
 use crate::params::ParamStore;
 use crate::tensor::Tensor;
@@ -89,7 +89,7 @@ pub fn clip_stats(
         let elems: usize = table.iter().map(|e| e.n as usize).sum();
         let t = dev.upload(&table)?;
         dev.launch(
-            K::MultiSumsq,
+            KernelId::MultiSumsq,
             (blocks as u32, 1, 1),
             (256, 1, 1),
             0,
@@ -98,7 +98,7 @@ pub fn clip_stats(
         )?;
     }
     dev.launch(
-        K::ClipFinalize,
+        KernelId::ClipFinalize,
         (1, 1, 1),
         (256, 1, 1),
         0,
@@ -167,7 +167,7 @@ pub fn adam_update(
     // are the same from step to step.
     let schedule = dev.upload(&[step_size, bc2_sqrt])?;
     dev.launch(
-        K::MultiAdam,
+        KernelId::MultiAdam,
         (blocks as u32, 1, 1),
         (256, 1, 1),
         0,

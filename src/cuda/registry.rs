@@ -1,4 +1,4 @@
-//! The typed kernel registry: every kernel of `kernels/*.cu` is a variant of [`K`]; the
+//! The typed kernel registry: every kernel of `kernels/*.cu` is a variant of [`KernelId`]; the
 //! device resolves all of them once, when it opens (a missing symbol is an error then, not
 //! in the middle of a step), and a launch indexes a table — no string lookups in hot loops.
 
@@ -9,11 +9,11 @@ macro_rules! kernels {
         /// One kernel of the embedded fatbin.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         #[repr(usize)]
-        pub enum K { $($variant),* }
+        pub enum KernelId { $($variant),* }
 
-        impl K {
+        impl KernelId {
             /// Every kernel, in table order.
-            pub const ALL: &'static [K] = &[$(K::$variant),*];
+            pub const ALL: &'static [KernelId] = &[$(KernelId::$variant),*];
             /// The kernel's symbol in the fatbin.
             pub fn name(self) -> &'static str {
                 const NAMES: &[&str] = &[$($name),*];
@@ -24,7 +24,7 @@ macro_rules! kernels {
             /// name once for every kernel.
             pub fn sass(self) -> Option<&'static crate::cuda::sass::Kernel> {
                 static TABLE: std::sync::OnceLock<Vec<Option<&'static crate::cuda::sass::Kernel>>> = std::sync::OnceLock::new();
-                TABLE.get_or_init(|| K::ALL.iter().map(|k| crate::kernels::sass_of(k.name())).collect())[self as usize]
+                TABLE.get_or_init(|| KernelId::ALL.iter().map(|k| crate::kernels::sass_of(k.name())).collect())[self as usize]
             }
         }
     };
@@ -155,10 +155,10 @@ kernels! {
     MultiAdam => "multi_adam",
 }
 
-impl K {
+impl KernelId {
     /// The variant of a kernel templated on the activation type: `f32` for F32 storage,
     /// `bf16` for BF16.
-    pub fn typed(dtype: DType, f32: K, bf16: K) -> K {
+    pub fn typed(dtype: DType, f32: KernelId, bf16: KernelId) -> KernelId {
         match dtype {
             DType::BF16 => bf16,
             _ => f32,

@@ -1,6 +1,6 @@
 //! Real CT in: NIfTI I/O with canonical orientation, DICOM series, vox2vec preprocessing and its cache,
 //! the two-view sampler with the reference augmentations, a multi-threaded loader, input
-//! discovery, and a synthetic CT phantom for runs without data (REFERENCE.md §1–2).
+//! discovery, and a synthetic CT phantom for runs without data (docs/method.md §1–2).
 
 pub mod cache;
 pub mod dicom;

@@ -4,7 +4,7 @@
 //! gives it: air around a body, fat / muscle / organ contrasts of a few tens of HU, lungs near
 //! -850 HU with vessels, bright bone, sharp and soft edges, and noise.
 //!
-//! Conventions are those of a canonical volume (REFERENCE.md §1): row-major [X, Y, Z] with z
+//! Conventions are those of a canonical volume (docs/method.md §1): row-major [X, Y, Z] with z
 //! fastest, every axis running in world-increasing RAS+ order, so x grows towards the patient's
 //! right (liver at high x, spleen at low x), y grows towards anterior (spine and table at low y)
 //! and z grows towards superior (lungs at high z, kidneys at low z).
@@ -642,7 +642,7 @@ mod tests {
             let air = v.iter().filter(|&&h| h < -900).count() as f64 / v.len() as f64;
             assert!(air > 0.25 && air < 0.9, "air fraction {air}");
 
-            // Body bounding box = voxels >= -500 HU (REFERENCE.md §1.3), over x and y.
+            // Body bounding box = voxels >= -500 HU (docs/method.md §1.3), over x and y.
             let (mut x0, mut x1, mut y0, mut y1) = (usize::MAX, 0, usize::MAX, 0);
             for x in 0..shape[0] {
                 for y in 0..shape[1] {

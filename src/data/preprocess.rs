@@ -1,4 +1,4 @@
-//! vox2vec preprocessing of a CT volume (REFERENCE.md §1), on canonical arrays [X, Y, Z]:
+//! vox2vec preprocessing of a CT volume (docs/method.md §1), on canonical arrays [X, Y, Z]:
 //! crop to the body's bounding box (HU ≥ −500), resample to (1, 1, 2) mm with
 //! `scipy.ndimage.zoom` semantics (zoom = old / new spacing, new size = round(size · zoom),
 //! first and last voxel centres of each axis map onto each other; linear for images, nearest
@@ -190,7 +190,7 @@ pub fn zoom_nearest<T: Copy + Send + Sync + Default>(data: &[T], shape: [usize; 
     out
 }
 
-/// Body mask (REFERENCE.md §1.6): air = HU < threshold; the air connected (26-neighbour) to
+/// Body mask (docs/method.md §1.6): air = HU < threshold; the air connected (26-neighbour) to
 /// a one-voxel air frame padded around x and y is outside; the body is the rest.
 pub fn body_mask(hu: &[f32], shape: [usize; 3], threshold: f32) -> Vec<bool> {
     let (px, py, pz) = (shape[0] + 2, shape[1] + 2, shape[2]);

@@ -1,4 +1,4 @@
-//! The two-view pretraining sampler (REFERENCE.md §2). One batch = one CT: for each of
+//! The two-view pretraining sampler (docs/method.md §2). One batch = one CT: for each of
 //! `pairs` view pairs, an anchor among the body voxels, two patch boxes that contain it,
 //! per-view intensity augmentations, and the body voxels seen by both patches as positive
 //! pairs (at most `max_voxels` per pair, a random subset without replacement).

@@ -1,4 +1,4 @@
-//! Dice score for reporting (REFERENCE.md §5): per class, on binarised masks,
+//! Dice score for reporting (docs/method.md §5): per class, on binarised masks,
 //! (2·Σ p·g + 1e-5) / (Σ (p² + g²) + 1e-5). Both empty → 1.
 
 /// Dice of one binary mask against one reference mask (equal lengths).

@@ -1,4 +1,4 @@
-//! Using the features (REFERENCE.md §5): Dice, sliding-window inference over whole volumes,
+//! Using the features (docs/method.md §5): Dice, sliding-window inference over whole volumes,
 //! `.npy` I/O for feature maps, the PCA picture of features, voxel similarity search.
 
 pub mod dice;

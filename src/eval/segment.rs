@@ -1,4 +1,4 @@
-//! Segmentation on top of the backbone (REFERENCE.md §5): linear / non-linear probing (frozen
+//! Segmentation on top of the backbone (docs/method.md §5): linear / non-linear probing (frozen
 //! backbone, eval-mode BatchNorm), fine-tuning (backbone frozen for the first steps, then
 //! trained) and training from scratch, on an nnU-Net raw dataset; sliding-window prediction;
 //! Dice per class.
@@ -20,7 +20,7 @@ use crate::autograd::{Graph, Var};
 use crate::data::nnunet::Case;
 use crate::data::preprocess::PreprocessedCt;
 use crate::model::Vox2Vec;
-use crate::model::heads::{FpnLinearHead, FpnNonLinearHead};
+use crate::model::seg_heads::{FpnLinearHead, FpnNonLinearHead};
 use crate::ops;
 use crate::optim::{Adam, AdamConfig};
 use crate::params::ParamStore;

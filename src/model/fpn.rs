@@ -1,4 +1,4 @@
-//! FPN3d (REFERENCE.md §3): the vox2vec backbone, a 3-D feature pyramid network.
+//! FPN3d (docs/method.md §3): the vox2vec backbone, a 3-D feature pyramid network.
 //!
 //! Encoder level i (0 ≤ i < S-1, c = base·2^i): left_blocks[i] = Stack(c), its output is the
 //! skip feature f_i; down_blocks[i] = maxpool 2 (ceil) then conv 1×1×1 c → 2c.

@@ -1,10 +1,10 @@
 //! The vox2vec model: FPN3d backbone + projection head, one parameter store, and the
-//! contrastive forward of a pretraining batch (REFERENCE.md §3–4).
+//! contrastive forward of a pretraining batch (docs/method.md §3–4).
 
 pub mod fpn;
-pub mod head;
-pub mod heads;
 pub mod layers;
+pub mod projection;
+pub mod seg_heads;
 
 use anyhow::{Result, ensure};
 use rand::SeedableRng;
@@ -15,7 +15,7 @@ use crate::ops;
 use crate::params::ParamStore;
 use crate::tensor::{DType, Device, Tensor};
 pub use fpn::{Fpn3d, FpnConfig};
-pub use head::ProjectionHead;
+pub use projection::ProjectionHead;
 
 pub const BACKBONE_PREFIX: &str = "backbone.";
 
@@ -170,7 +170,7 @@ impl Vox2Vec {
         ops::concat_channels(g, &parts)
     }
 
-    /// The contrastive forward of REFERENCE.md §4: each view through the backbone in its own
+    /// The contrastive forward of docs/method.md §4: each view through the backbone in its own
     /// pass (BatchNorm statistics per view), x1 first, then the head, then InfoNCE.
     /// `input_grad` makes view 1 a leaf so that d loss / d x1 is available.
     pub fn forward_pairs(&mut self, g: &Graph, batch: &PairBatch, input_grad: bool) -> Result<PairForward> {

@@ -1,4 +1,4 @@
-//! The FPN decoder's lateral merge (REFERENCE.md §3, `model::fpn`):
+//! The FPN decoder's lateral merge (docs/method.md §3, `model::fpn`):
 //!
 //!   y = skip_conv(f) + upsample2_crop(up, extent of f)
 //!
@@ -8,7 +8,7 @@
 //! upsampled tensor and then adds it: two full passes over the fine level and a third for the
 //! sum. On tensor cores (bf16, C a multiple of 16) this op is one convolution whose epilogue
 //! adds up at (x/2, y/2, z/2) before rounding (`conv3d::Fusion::upsampled_residual`), so
-//! neither the upsampled tensor nor the add exist (issue 9 §3). The backward is the
+//! neither the upsampled tensor nor the add exist. The backward is the
 //! composition's: the conv's input and weight gradients of dy, and upsample2_crop's gather-sum
 //! of dy for up (the add's backward is the identity on both sides).
 //!

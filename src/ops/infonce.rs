@@ -1,4 +1,4 @@
-//! The vox2vec InfoNCE loss (REFERENCE.md §4) on L2-normalised embeddings e1, e2 [N, D].
+//! The vox2vec InfoNCE loss (docs/method.md §4) on L2-normalised embeddings e1, e2 [N, D].
 //!
 //!   l11 = e1 e1ᵀ / t (diagonal −∞), l22 = e2 e2ᵀ / t (diagonal −∞), l12 = e1 e2ᵀ / t
 //!   loss_1 = mean_i( −l12[i,i] + logsumexp( l11[i,:] ‖ l12[i,:] ) )

@@ -1,5 +1,5 @@
 //! ResBlock3d in training mode on the device as one autograd op that recomputes instead of
-//! saving (REFERENCE.md §3):
+//! saving (docs/method.md §3):
 //!
 //!   a1 = relu(bn0(x)),  h1 = conv2(a1),  a3 = relu(bn3(h1)),  y = conv5(a3) + skip(x)
 //!
@@ -13,7 +13,7 @@
 //! peak memory.
 //!
 //! On tensor cores (bf16 activations, cin and mid multiples of 16) the op is also fused
-//! (`resblock_fused`, issue 9 §3): BN -> ReLU is applied while each convolution loads its
+//! (`resblock_fused`): BN -> ReLU is applied while each convolution loads its
 //! input, so a1 and a3 never exist in memory, not even in the backward; bn3's statistics come
 //! from conv2's epilogue and the skip connection is added in conv5's; in the backward each
 //! input gradient's epilogue applies the ReLU mask (recomputed from the saved h1 or x) and

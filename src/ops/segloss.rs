@@ -1,4 +1,4 @@
-//! The segmentation training loss of REFERENCE.md §5 (the reference's
+//! The segmentation training loss of docs/method.md §5 (the reference's
 //! `compute_binary_segmentation_loss`), on logits and one-hot targets [N, X, Y, Z, C] with an
 //! optional ROI [N, X, Y, Z]:
 //!   bce  = mean over ROI voxels × classes of BCE-with-logits(l, t)

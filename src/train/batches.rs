@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::PairBatch;
-use crate::tensor::Tensor as T;
+use crate::tensor::Tensor;
 
 /// Shape of a pretraining batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,7 +85,7 @@ pub fn synthetic_batch(shape: BatchShape, seed: u64, index: u64) -> PairBatch {
         }
     }
     let s = [b, px, py, pz, 1];
-    PairBatch { x1: T::from_f32(&s, x1), x2: T::from_f32(&s, x2), batch_index, voxels_1, voxels_2 }
+    PairBatch { x1: Tensor::from_f32(&s, x1), x2: Tensor::from_f32(&s, x2), batch_index, voxels_1, voxels_2 }
 }
 
 /// Batch `step` (1-based) as files PyTorch reads (`benches/trajectory.py`): `step_<n>.npz`-like

@@ -3,13 +3,9 @@
 
 use super::BatchShape;
 
-/// What a pretraining step on the CPU backend needs, estimated before a run starts so that a
-/// batch the machine cannot hold is refused with the figures instead of aborting on a failed
-/// allocation. Fitted to peak RSS of one-step runs on a 2-vCPU, 24 GiB machine (base 16, 6
-/// scales, synthetic pairs): 3.02 GB for 1 pair of 128x128x32, 9.01 GB for 4 pairs, 21.9 GB for
-/// the reference's 10 pairs (93 s); 1.35 / 1.78 GB for 1 / 2 pairs of 64x64x32 (below the line).
-/// So ~0.95 GB fixed (binary, weights, Adam) plus ~2.05 KB per voxel of both views, scaled with
-/// the base width; and ~10 s per million view voxels for the step on 2 threads.
+/// What a pretraining step on the CPU backend needs: a fixed part (binary, weights, Adam) plus
+/// bytes per voxel of both views scaled with the base width, and seconds per million view
+/// voxels; fitted to the peak RSS and time of one-step runs (docs/performance.md, CPU memory).
 #[derive(Clone, Copy, Debug)]
 pub struct CpuStepEstimate {
     pub bytes: f64,

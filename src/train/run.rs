@@ -139,7 +139,7 @@ impl Progress for Silent {
 /// the current step, write a checkpoint and return an error saying so.
 pub static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Pretrain on synthetic batches (the data pipeline for real CT comes with the loader):
+/// Pretrain on `opts.data` (volumes through the sampler and loader, or synthetic pairs):
 /// steps `start..opts.steps`, where `start` is 0 or the resumed checkpoint's step. Batch `i`
 /// depends only on (seed, i), so a resumed run continues exactly where the first stopped.
 pub fn run_pretraining(opts: &TrainOptions, progress: &mut dyn Progress) -> Result<Vox2Vec> {

@@ -4,7 +4,7 @@
 use anyhow::{Result, ensure};
 
 use super::reduce::{ColPass, col_partials};
-use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes, vec_or_scalar};
+use crate::cuda::{Arg, Cost, CudaBuf, KernelId, cast, dev_of, empty, ensure_float, nbytes, vec_or_scalar};
 use crate::tensor::{DType, Tensor};
 
 /// Per-channel mean and 1/std (f64 device buffers of C values).
@@ -101,7 +101,7 @@ fn finalize_train(
     let rm_out = empty(dev, &[c], DType::F32)?;
     let rv_out = empty(dev, &[c], DType::F32)?;
     dev.launch_1d(
-        K::BnTrainFinalize,
+        KernelId::BnTrainFinalize,
         c,
         &[
             Arg::Ptr(s1.ptr()),
@@ -131,7 +131,7 @@ pub fn affine_table(st: &DeviceBnStats, gamma: &Tensor, beta: &Tensor, c: usize)
     let dev = dev_of(gamma);
     let tab = dev.alloc(3 * c * 4)?;
     dev.launch_1d(
-        K::BnAffineTable,
+        KernelId::BnAffineTable,
         c,
         &[
             Arg::Ptr(st.mean.ptr()),
@@ -154,7 +154,7 @@ pub fn eval_stats(running_mean: &Tensor, running_var: &Tensor, eps: f64) -> Resu
     let mean = dev.alloc(c * 8)?;
     let invstd = dev.alloc(c * 8)?;
     dev.launch_1d(
-        K::BnEvalStats,
+        KernelId::BnEvalStats,
         c,
         &[
             Arg::Ptr(running_mean.ptr()),
@@ -192,8 +192,8 @@ fn apply_maybe_relu(
     let m = x.numel() / c;
     let (k, lanes) = vec_or_scalar(
         x.dtype(),
-        [K::BnApplyF32, K::BnApplyBf16],
-        [K::BnApplyF32x4, K::BnApplyBf16x8],
+        [KernelId::BnApplyF32, KernelId::BnApplyBf16],
+        [KernelId::BnApplyF32x4, KernelId::BnApplyBf16x8],
         &[x.ptr(), y.ptr()],
         c,
     );
@@ -274,7 +274,7 @@ fn backward_apply(
     let dbeta = empty(dev, &[c], DType::F32)?;
     let coef = dev.alloc(3 * c * 4)?;
     dev.launch_1d(
-        K::BnBackwardFinalize,
+        KernelId::BnBackwardFinalize,
         c,
         &[
             Arg::Ptr(part0.ptr()),
@@ -296,8 +296,8 @@ fn backward_apply(
     let ptrs = [x.ptr(), dy.ptr(), add.map_or(0, |a| a.ptr()), dx.ptr()];
     let (k, lanes) = vec_or_scalar(
         x.dtype(),
-        [K::BnBackwardApplyF32, K::BnBackwardApplyBf16],
-        [K::BnBackwardApplyF32x4, K::BnBackwardApplyBf16x8],
+        [KernelId::BnBackwardApplyF32, KernelId::BnBackwardApplyBf16],
+        [KernelId::BnBackwardApplyF32x4, KernelId::BnBackwardApplyBf16x8],
         &ptrs,
         c,
     );

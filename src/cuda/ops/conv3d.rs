@@ -10,7 +10,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_f32, ensure_float, nbytes};
+use crate::cuda::{Arg, Cost, CudaBuf, KernelId, cast, dev_of, empty, ensure_f32, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor, Vol};
 
 const TILE: usize = 64;
@@ -45,7 +45,7 @@ fn weight_bf16(w: &Tensor, co: usize, k: usize, ci: usize, flip: bool, tile: usi
     ensure!(n < i32::MAX as usize, "conv3d weight of {n} packed values: the bf16 conversion indexes in 32 bits");
     let out = dev.alloc(n * 2)?;
     dev.launch_1d(
-        K::Conv3dWeightToBf16,
+        KernelId::Conv3dWeightToBf16,
         n / 16,
         &[
             Arg::Ptr(w.ptr()),
@@ -94,8 +94,8 @@ fn tc_forward_bricks(v: Vol, tile: usize) -> usize {
 
 /// The forward kernel for `co` output channels (its tile width), kernel size `k` and `ci` input
 /// channels (32-channel chunks when they divide `ci`).
-fn tc_forward_kernel(co: usize, k: usize, ci: usize) -> Result<(K, usize)> {
-    use K::*;
+fn tc_forward_kernel(co: usize, k: usize, ci: usize) -> Result<(KernelId, usize)> {
+    use KernelId::*;
     let wide = ci.is_multiple_of(32);
     let kern = match (co, k, wide) {
         (0..=16, 1, false) => Conv3dTcForwardCo16K1C16,
@@ -225,7 +225,7 @@ fn bn_table_relu(x: &Tensor, v: Vol, tab: &CudaBuf) -> Result<Tensor> {
     ensure!(n < i32::MAX as usize, "BN -> ReLU of {n} values: the kernel indexes in 32 bits");
     let y = empty(dev, x.shape(), DType::BF16)?;
     dev.launch_1d(
-        K::BnTableReluBf16,
+        KernelId::BnTableReluBf16,
         n,
         &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::Ptr(tab.ptr()), Arg::I32((n / v.c) as i32), Arg::I32(v.c as i32)],
         Cost::mem(2 * nbytes(x)),
@@ -306,7 +306,7 @@ pub fn forward_cuda_cores(
         args.push(Arg::I32(co as i32));
         let blocks = v.voxels().div_ceil(256) as u32;
         dev.launch(
-            K::typed(x.dtype(), K::Conv3dForwardK3C1F32, K::Conv3dForwardK3C1Bf16),
+            KernelId::typed(x.dtype(), KernelId::Conv3dForwardK3C1F32, KernelId::Conv3dForwardK3C1Bf16),
             (blocks, (co / 16) as u32, 1),
             (256, 1, 1),
             0,
@@ -317,7 +317,7 @@ pub fn forward_cuda_cores(
     }
     args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
     dev.launch(
-        K::typed(x.dtype(), K::Conv3dForwardF32, K::Conv3dForwardBf16),
+        KernelId::typed(x.dtype(), KernelId::Conv3dForwardF32, KernelId::Conv3dForwardBf16),
         (tiles(v.voxels()), tiles(co), 1),
         (256, 1, 1),
         0,
@@ -351,7 +351,7 @@ pub fn backward_input(dy: &Tensor, v_out: Vol, w: &Tensor, ci: usize, k: usize, 
     let cost =
         Cost::fp32(2.0 * (v_out.voxels() * ci * k * k * k * v_out.c) as f64, nbytes(&dy) + nbytes(w) + nbytes(&dx));
     dev.launch(
-        K::typed(dtype, K::Conv3dBackwardInputF32, K::Conv3dBackwardInputBf16),
+        KernelId::typed(dtype, KernelId::Conv3dBackwardInputF32, KernelId::Conv3dBackwardInputBf16),
         (tiles(v_out.voxels()), tiles(ci), 1),
         (256, 1, 1),
         0,
@@ -431,9 +431,9 @@ fn tc_backward_weight(
     );
     // dy as 16-byte pieces where its channel count allows.
     let kern = match (k, co.is_multiple_of(8)) {
-        (1, true) => K::Conv3dTcBackwardWeightK1,
-        (3, true) => K::Conv3dTcBackwardWeightK3,
-        (3, false) => K::Conv3dTcBackwardWeightK3Any,
+        (1, true) => KernelId::Conv3dTcBackwardWeightK1,
+        (3, true) => KernelId::Conv3dTcBackwardWeightK3,
+        (3, false) => KernelId::Conv3dTcBackwardWeightK3Any,
         (1, false) => anyhow::bail!(
             "tensor-core conv3d weight gradient: k = 1 needs a multiple of 8 output channels (tc_weight_gradient pads dy)"
         ),
@@ -533,7 +533,7 @@ fn cuda_core_weight_gradient(
     // x and dy once each, plus this kernel's split-K partials written.
     let cost = Cost::fp32(2.0 * (v.voxels() * co * kdim) as f64, nbytes(x) + nbytes(&dy) + splits * co * kdim * 4);
     dev.launch(
-        K::typed(x.dtype(), K::Conv3dBackwardWeightF32, K::Conv3dBackwardWeightBf16),
+        KernelId::typed(x.dtype(), KernelId::Conv3dBackwardWeightF32, KernelId::Conv3dBackwardWeightBf16),
         (tiles(kdim), tiles(co), splits as u32),
         (256, 1, 1),
         0,
@@ -623,7 +623,8 @@ fn reduce_weight_splits(
     let vector = n.is_multiple_of(4)
         && stride.is_multiple_of(4)
         && [part.ptr(), acc.map_or(0, |a| a.ptr()), dw.ptr()].iter().all(|p| p.is_multiple_of(16));
-    let (kern, per_thread) = if vector { (K::Conv3dReduceSplitsF32x4, 4) } else { (K::Conv3dReduceSplits, 1) };
+    let (kern, per_thread) =
+        if vector { (KernelId::Conv3dReduceSplitsF32x4, 4) } else { (KernelId::Conv3dReduceSplits, 1) };
     dev.launch(
         kern,
         (n.div_ceil(width * per_thread) as u32, 1, 1),

@@ -2,7 +2,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_f32, ensure_float, nbytes, vec_or_scalar};
+use crate::cuda::{Arg, Cost, KernelId, cast, dev_of, empty, ensure_f32, ensure_float, nbytes, vec_or_scalar};
 use crate::tensor::{DType, Tensor};
 
 pub fn relu_forward(x: &Tensor) -> Result<Tensor> {
@@ -12,8 +12,8 @@ pub fn relu_forward(x: &Tensor) -> Result<Tensor> {
     let n = x.numel();
     let (k, lanes) = vec_or_scalar(
         x.dtype(),
-        [K::ReluForwardF32, K::ReluForwardBf16],
-        [K::ReluForwardF32x4, K::ReluForwardBf16x8],
+        [KernelId::ReluForwardF32, KernelId::ReluForwardBf16],
+        [KernelId::ReluForwardF32x4, KernelId::ReluForwardBf16x8],
         &[x.ptr(), y.ptr()],
         n,
     );
@@ -29,8 +29,8 @@ pub fn relu_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let n = y.numel();
     let (k, lanes) = vec_or_scalar(
         y.dtype(),
-        [K::ReluBackwardF32, K::ReluBackwardBf16],
-        [K::ReluBackwardF32x4, K::ReluBackwardBf16x8],
+        [KernelId::ReluBackwardF32, KernelId::ReluBackwardBf16],
+        [KernelId::ReluBackwardF32x4, KernelId::ReluBackwardBf16x8],
         &[y.ptr(), dy.ptr(), dx.ptr()],
         n,
     );
@@ -51,8 +51,13 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let dev = dev_of(a);
     let y = empty(dev, a.shape(), a.dtype())?;
     let n = a.numel();
-    let (k, lanes) =
-        vec_or_scalar(a.dtype(), [K::AddF32, K::AddBf16], [K::AddF32x4, K::AddBf16x8], &[a.ptr(), b.ptr(), y.ptr()], n);
+    let (k, lanes) = vec_or_scalar(
+        a.dtype(),
+        [KernelId::AddF32, KernelId::AddBf16],
+        [KernelId::AddF32x4, KernelId::AddBf16x8],
+        &[a.ptr(), b.ptr(), y.ptr()],
+        n,
+    );
     dev.launch_1d(
         k,
         n / lanes,
@@ -71,7 +76,7 @@ pub fn scale_by_scalar(x: &Tensor, s: &Tensor) -> Result<Tensor> {
     let n = x.numel();
     dev.copy_device(y.ptr(), x.ptr(), n * 4)?;
     dev.launch_1d(
-        K::ScaleByScalarF32,
+        KernelId::ScaleByScalarF32,
         n,
         &[Arg::Ptr(y.ptr()), Arg::Ptr(s.ptr()), Arg::I64(n as i64)],
         Cost::mem(2 * n * 4),

@@ -2,7 +2,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_f32, ensure_float, nbytes, zeros};
+use crate::cuda::{Arg, Cost, CudaBuf, KernelId, cast, dev_of, empty, ensure_f32, ensure_float, nbytes, zeros};
 use crate::tensor::{DType, Tensor, Vol};
 
 /// out [P, C] f32 = rows `offs` (flat voxel indices, i64 on the device) of f [.., C].
@@ -11,7 +11,7 @@ pub fn gather_rows(f: &Tensor, offs: &CudaBuf, p: usize, c: usize) -> Result<Ten
     let dev = dev_of(f);
     let out = empty(dev, &[p, c], DType::F32)?;
     dev.launch_1d(
-        K::typed(f.dtype(), K::GatherRowsF32, K::GatherRowsBf16),
+        KernelId::typed(f.dtype(), KernelId::GatherRowsF32, KernelId::GatherRowsBf16),
         p * c,
         &[Arg::Ptr(f.ptr()), Arg::Ptr(offs.ptr()), Arg::Ptr(out.ptr()), Arg::I64(p as i64), Arg::I32(c as i32)],
         Cost::mem(p * c * (f.dtype().size_in_bytes() + 4) + p * 8),
@@ -68,7 +68,7 @@ pub fn scatter_segments(dy: &Tensor, seg: &Segments, v: Vol, dtype: DType) -> Re
     let df = zeros(dev, &v.shape(), dtype)?;
     let c = v.c;
     dev.launch_1d(
-        K::typed(dtype, K::ScatterSegmentsF32, K::ScatterSegmentsBf16),
+        KernelId::typed(dtype, KernelId::ScatterSegmentsF32, KernelId::ScatterSegmentsBf16),
         seg.padded.max(1) * c,
         &[
             Arg::Ptr(dy.ptr()),
@@ -89,7 +89,7 @@ fn copy_cols(src: &Tensor, src_off: usize, dst: &Tensor, dst_off: usize, rows: u
     let dev = dev_of(src);
     let (src_ld, dst_ld) = (src.shape()[1], dst.shape()[1]);
     dev.launch_1d(
-        K::CopyCols,
+        KernelId::CopyCols,
         rows * width,
         &[
             Arg::Ptr(src.ptr()),
@@ -117,7 +117,7 @@ pub fn pad_channels_bf16(x: &Tensor, c: usize, w: usize) -> Result<Tensor> {
     let rows = x.numel() / c;
     let y = empty(dev, &[rows, w], DType::BF16)?;
     dev.launch_1d(
-        K::PadChannelsBf16,
+        KernelId::PadChannelsBf16,
         rows * w,
         &[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::I32(c as i32), Arg::I32(w as i32), Arg::I64(rows as i64)],
         Cost::mem(nbytes(x) + nbytes(&y)),

@@ -7,7 +7,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, K, dev_of, empty, ensure_f32};
+use crate::cuda::{Arg, Cost, CudaBuf, KernelId, dev_of, empty, ensure_f32};
 use crate::tensor::{DType, Tensor};
 
 /// Rows per block of both kernels (`NCE_BR` in the kernel file).
@@ -52,14 +52,14 @@ pub fn forward(
     let split = if tensor_cores && tensor_cores_for(d) {
         let (hi, lo) = (dev.alloc(2 * n * d * 2)?, dev.alloc(2 * n * d * 2)?);
         dev.launch_1d(
-            K::InfonceSplitBf16,
+            KernelId::InfonceSplitBf16,
             2 * n * d,
             &[Arg::Ptr(e1.ptr()), Arg::Ptr(e2.ptr()), Arg::Ptr(hi.ptr()), Arg::Ptr(lo.ptr()), Arg::I64((n * d) as i64)],
             Cost::mem(2 * n * d * 8),
         )?;
         // Three bf16 MMAs per product (bf16x3).
         dev.launch(
-            K::InfonceTcRowLse,
+            KernelId::InfonceTcRowLse,
             (n.div_ceil(TC_ROWS) as u32, 2, 1),
             (128, 1, 1),
             0,
@@ -77,7 +77,7 @@ pub fn forward(
         Some((hi, lo))
     } else {
         dev.launch(
-            K::InfonceRowLse,
+            KernelId::InfonceRowLse,
             (n.div_ceil(ROWS) as u32, 2, 1),
             (256, 1, 1),
             0,
@@ -96,7 +96,7 @@ pub fn forward(
     };
     let loss = empty(dev, &[1], DType::F32)?;
     dev.launch(
-        K::InfonceLoss,
+        KernelId::InfonceLoss,
         (1, 1, 1),
         (256, 1, 1),
         0,
@@ -141,9 +141,9 @@ pub fn backward(
         let mut tc_args = vec![Arg::Ptr(hi.ptr()), Arg::Ptr(lo.ptr())];
         tc_args.extend(args);
         let cost = Cost::tensor_bf16(3.0 * flops, 2 * n * d * 4 + 4 * n * d * 4 + 16 * n);
-        dev.launch(K::InfonceTcBackward, (n.div_ceil(TC_ROWS) as u32, 2, 1), (128, 1, 1), 0, &tc_args, cost)?;
+        dev.launch(KernelId::InfonceTcBackward, (n.div_ceil(TC_ROWS) as u32, 2, 1), (128, 1, 1), 0, &tc_args, cost)?;
     } else {
-        let k = if d <= 128 { K::InfonceBackwardD128 } else { K::InfonceBackwardD512 };
+        let k = if d <= 128 { KernelId::InfonceBackwardD128 } else { KernelId::InfonceBackwardD512 };
         dev.launch(
             k,
             (n.div_ceil(ROWS) as u32, 2, 1),
@@ -181,7 +181,7 @@ pub fn signal(e1: &Tensor, e2: &Tensor, n: usize, d: usize) -> Result<DeviceSign
     let blocks = anchors.div_ceil(ROWS);
     let hits = dev.alloc(2 * blocks * 8)?;
     dev.launch(
-        K::InfonceSignalHits,
+        KernelId::InfonceSignalHits,
         (blocks as u32, 2, 1),
         (256, 1, 1),
         0,
@@ -197,7 +197,7 @@ pub fn signal(e1: &Tensor, e2: &Tensor, n: usize, d: usize) -> Result<DeviceSign
     )?;
     let out = dev.alloc(3 * 8)?;
     dev.launch(
-        K::InfonceSignalFinalize,
+        KernelId::InfonceSignalFinalize,
         (1, 1, 1),
         (256, 1, 1),
         0,

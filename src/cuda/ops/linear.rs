@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_f32};
+use crate::cuda::{Arg, Cost, KernelId, cast, dev_of, empty, ensure_f32};
 use crate::tensor::{DType, Tensor};
 
 /// y [n, fout] = x [n, fin] · Wᵀ + b.
@@ -23,7 +23,7 @@ pub fn forward(
     let beta = match b {
         Some(b) => {
             dev.launch_1d(
-                K::FillRows,
+                KernelId::FillRows,
                 n * fout,
                 &[Arg::Ptr(y.ptr()), Arg::Ptr(b.ptr()), Arg::I64(n as i64), Arg::I64(fout as i64)],
                 Cost::mem(n * fout * 4 + fout * 4),

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_f32};
+use crate::cuda::{Arg, Cost, KernelId, cast, dev_of, empty, ensure_f32};
 use crate::tensor::{DType, Tensor};
 
 const ROWS_PER_BLOCK: usize = 8;
@@ -14,7 +14,7 @@ pub fn forward(x: &Tensor, d: usize) -> Result<Tensor> {
     let y = empty(dev, x.shape(), DType::F32)?;
     let blocks = n.div_ceil(ROWS_PER_BLOCK).max(1) as u32;
     dev.launch(
-        K::L2NormalizeForward,
+        KernelId::L2NormalizeForward,
         (blocks, 1, 1),
         (256, 1, 1),
         0,
@@ -31,7 +31,7 @@ pub fn backward(x: &Tensor, dy: &Tensor, d: usize) -> Result<Tensor> {
     let dx = empty(dev, x.shape(), DType::F32)?;
     let blocks = n.div_ceil(ROWS_PER_BLOCK).max(1) as u32;
     dev.launch(
-        K::L2NormalizeBackward,
+        KernelId::L2NormalizeBackward,
         (blocks, 1, 1),
         (256, 1, 1),
         0,

@@ -2,7 +2,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, K, cast, dev_of, empty, ensure_float, nbytes, vec_groups};
+use crate::cuda::{Arg, Cost, CudaBuf, KernelId, cast, dev_of, empty, ensure_float, nbytes, vec_groups};
 use crate::ops::pooling::pooled_extent;
 use crate::tensor::{DType, Tensor, Vol};
 
@@ -22,12 +22,12 @@ pub fn forward(x: &Tensor, v: Vol) -> Result<(Tensor, CudaBuf)> {
     let cost = Cost::mem(nbytes(x) + nbytes(&y) + y.numel());
     let (k, items) = vec_groups(
         x.dtype(),
-        [K::Maxpool2ForwardF32x4, K::Maxpool2ForwardBf16x8],
+        [KernelId::Maxpool2ForwardF32x4, KernelId::Maxpool2ForwardBf16x8],
         &[x.ptr(), y.ptr(), arg.ptr()],
         v.c,
         y.numel() / v.c.max(1),
     )
-    .unwrap_or((K::typed(x.dtype(), K::Maxpool2ForwardF32, K::Maxpool2ForwardBf16), y.numel()));
+    .unwrap_or((KernelId::typed(x.dtype(), KernelId::Maxpool2ForwardF32, KernelId::Maxpool2ForwardBf16), y.numel()));
     dev.launch_1d(k, items, &args, cost)?;
     Ok((y, arg))
 }
@@ -52,9 +52,14 @@ pub fn backward(dy: &Tensor, arg: &CudaBuf, v: Vol, dtype: DType, acc: Option<&T
     args.extend(dims(v));
     let cost = Cost::mem(nbytes(&dy) + dy.numel() + nbytes(&dx) + acc.map_or(0, nbytes));
     let ptrs = [dy.ptr(), arg.ptr(), acc.map_or(0, |a| a.ptr()), dx.ptr()];
-    let (k, items) =
-        vec_groups(dtype, [K::Maxpool2BackwardF32x4, K::Maxpool2BackwardBf16x8], &ptrs, v.c, dy.numel() / v.c.max(1))
-            .unwrap_or((K::typed(dtype, K::Maxpool2BackwardF32, K::Maxpool2BackwardBf16), dx.numel()));
+    let (k, items) = vec_groups(
+        dtype,
+        [KernelId::Maxpool2BackwardF32x4, KernelId::Maxpool2BackwardBf16x8],
+        &ptrs,
+        v.c,
+        dy.numel() / v.c.max(1),
+    )
+    .unwrap_or((KernelId::typed(dtype, KernelId::Maxpool2BackwardF32, KernelId::Maxpool2BackwardBf16), dx.numel()));
     dev.launch_1d(k, items, &args, cost)?;
     Ok(dx)
 }

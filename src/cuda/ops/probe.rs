@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, Cost, CudaDevice, K};
+use crate::cuda::{Arg, Cost, CudaDevice, KernelId};
 
 /// Floats per lane in the probe's output (the layout is documented in the kernel file).
 pub const PROBE_STRIDE: usize = 52;
@@ -37,7 +37,7 @@ pub fn mma_layout(dev: &std::sync::Arc<CudaDevice>) -> Result<Vec<LaneReport>> {
 pub fn mma_layout_with_shared(dev: &std::sync::Arc<CudaDevice>, shared_bytes: u32) -> Result<Vec<LaneReport>> {
     let out = dev.alloc(32 * PROBE_STRIDE * 4)?;
     dev.launch(
-        K::MmaLayoutProbe,
+        KernelId::MmaLayoutProbe,
         (1, 1, 1),
         (32, 1, 1),
         shared_bytes,

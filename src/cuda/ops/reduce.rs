@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use crate::cuda::{Arg, Cost, CudaBuf, CudaDevice, K, dev_of, empty, nbytes};
+use crate::cuda::{Arg, Cost, CudaBuf, CudaDevice, KernelId, dev_of, empty, nbytes};
 use crate::tensor::{DType, Tensor};
 
 /// Partial sums [chunks, C] (f64) of one pass.
@@ -47,7 +47,7 @@ pub fn col_partials(
     let part0 = dev.alloc(chunks * c * 8)?;
     let two = pass != ColPass::Sum;
     let part1 = if two { Some(dev.alloc(chunks * c * 8)?) } else { None };
-    let k = K::typed(x.dtype(), K::ColPartialsF32, K::ColPartialsBf16);
+    let k = KernelId::typed(x.dtype(), KernelId::ColPartialsF32, KernelId::ColPartialsBf16);
     dev.launch(
         k,
         (chunks as u32, 1, 1),
@@ -95,7 +95,7 @@ pub fn reduce_chunks_acc(
     acc: Option<&Tensor>,
 ) -> Result<()> {
     dev.launch_1d(
-        K::ReduceChunks,
+        KernelId::ReduceChunks,
         c,
         &[
             Arg::Ptr(part.ptr()),

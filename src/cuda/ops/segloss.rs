@@ -4,7 +4,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, K, dev_of, empty, ensure_f32, ensure_float, nbytes};
+use crate::cuda::{Arg, Cost, CudaBuf, KernelId, dev_of, empty, ensure_f32, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor};
 
 /// Voxels per block of the partial sums: enough blocks to fill the GPU, few enough partials.
@@ -46,7 +46,7 @@ pub fn forward(logits: &Tensor, targets: &Tensor, roi: Option<&Tensor>) -> Resul
     let stride = 3 * c + 1;
     let part = dev.alloc(n * chunks * stride * 8)?;
     let roi_ptr = roi.map_or(0, |r| r.ptr());
-    let k = K::typed(logits.dtype(), K::SeglossPartialsF32, K::SeglossPartialsBf16);
+    let k = KernelId::typed(logits.dtype(), KernelId::SeglossPartialsF32, KernelId::SeglossPartialsBf16);
     dev.launch(
         k,
         (chunks as u32, n as u32, 1),
@@ -66,7 +66,7 @@ pub fn forward(logits: &Tensor, targets: &Tensor, roi: Option<&Tensor>) -> Resul
     let stats = dev.alloc((2 * n * c + 1) * 8)?;
     let loss = empty(dev, &[1], DType::F32)?;
     dev.launch(
-        K::SeglossFinalize,
+        KernelId::SeglossFinalize,
         (1, 1, 1),
         (256, 1, 1),
         0,
@@ -98,7 +98,7 @@ pub fn backward(
     );
     let dev = dev_of(logits);
     let grad = empty(dev, logits.shape(), logits.dtype())?;
-    let k = K::typed(logits.dtype(), K::SeglossBackwardF32, K::SeglossBackwardBf16);
+    let k = KernelId::typed(logits.dtype(), KernelId::SeglossBackwardF32, KernelId::SeglossBackwardBf16);
     dev.launch_1d(
         k,
         logits.numel(),

@@ -5,7 +5,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, K, dev_of, ensure_f32, ensure_float, nbytes};
+use crate::cuda::{Arg, Cost, CudaBuf, KernelId, dev_of, ensure_f32, ensure_float, nbytes};
 use crate::eval::sliding::Plan;
 use crate::tensor::Tensor;
 
@@ -112,7 +112,7 @@ pub fn stitch_window(out: &Tensor, b: usize, t: &[AxisTable; 3], which: [usize; 
     if n == 0 {
         return Ok(());
     }
-    let k = K::typed(out.dtype(), K::StitchWindowF32, K::StitchWindowBf16);
+    let k = KernelId::typed(out.dtype(), KernelId::StitchWindowF32, KernelId::StitchWindowBf16);
     let mut args = vec![Arg::Ptr(src), Arg::Ptr(map.ptr())];
     args.extend(tail);
     dev_of(map).launch_1d(k, n, &args, Cost::mem(n * (out.dtype().size_in_bytes() + 4)))
@@ -134,7 +134,7 @@ pub fn blend_window(
     if n == 0 {
         return Ok(());
     }
-    let k = K::typed(out.dtype(), K::BlendWindowF32, K::BlendWindowBf16);
+    let k = KernelId::typed(out.dtype(), KernelId::BlendWindowF32, KernelId::BlendWindowBf16);
     let mut args = vec![Arg::Ptr(src), Arg::Ptr(acc.ptr()), Arg::Ptr(weight.ptr())];
     args.extend(tail);
     // The window read once; the map's covered voxels read and written, their weights too.
@@ -154,7 +154,7 @@ pub fn blend_normalize(acc: &Tensor, weight: &Tensor) -> Result<()> {
     );
     let c = acc.numel() / voxels;
     dev_of(acc).launch_1d(
-        K::BlendNormalize,
+        KernelId::BlendNormalize,
         acc.numel(),
         &[Arg::Ptr(acc.ptr()), Arg::Ptr(weight.ptr()), Arg::I64(voxels as i64), Arg::I32(c as i32)],
         Cost::mem(2 * nbytes(acc) + nbytes(weight)),

@@ -2,7 +2,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, K, cast, dev_of, empty, ensure_float, nbytes, vec_groups};
+use crate::cuda::{Arg, Cost, KernelId, cast, dev_of, empty, ensure_float, nbytes, vec_groups};
 use crate::tensor::{DType, Tensor, Vol};
 
 fn args(src: &Tensor, dst: &Tensor, v: Vol, t: [usize; 3]) -> Vec<Arg> {
@@ -37,12 +37,12 @@ pub fn forward(x: &Tensor, v: Vol, target: [usize; 3]) -> Result<Tensor> {
     check_target(v, target)?;
     let (k, items) = vec_groups(
         x.dtype(),
-        [K::Upsample2ForwardF32x4, K::Upsample2ForwardBf16x8],
+        [KernelId::Upsample2ForwardF32x4, KernelId::Upsample2ForwardBf16x8],
         &[x.ptr(), y.ptr()],
         v.c,
         v.voxels(),
     )
-    .unwrap_or((K::typed(x.dtype(), K::Upsample2ForwardF32, K::Upsample2ForwardBf16), y.numel()));
+    .unwrap_or((KernelId::typed(x.dtype(), KernelId::Upsample2ForwardF32, KernelId::Upsample2ForwardBf16), y.numel()));
     dev.launch_1d(k, items, &args(x, &y, v, target), Cost::mem(nbytes(x) + nbytes(&y)))?;
     Ok(y)
 }
@@ -54,12 +54,12 @@ pub fn backward(dy: &Tensor, v: Vol, target: [usize; 3], dtype: DType) -> Result
     check_target(v, target)?;
     let (k, items) = vec_groups(
         dtype,
-        [K::Upsample2BackwardF32x4, K::Upsample2BackwardBf16x8],
+        [KernelId::Upsample2BackwardF32x4, KernelId::Upsample2BackwardBf16x8],
         &[dy.ptr(), dx.ptr()],
         v.c,
         v.voxels(),
     )
-    .unwrap_or((K::typed(dtype, K::Upsample2BackwardF32, K::Upsample2BackwardBf16), dx.numel()));
+    .unwrap_or((KernelId::typed(dtype, KernelId::Upsample2BackwardF32, KernelId::Upsample2BackwardBf16), dx.numel()));
     dev.launch_1d(k, items, &args(&dy, &dx, v, target), Cost::mem(nbytes(&dy) + nbytes(&dx)))?;
     Ok(dx)
 }

@@ -12,7 +12,7 @@
 //!   (written =), tiles of 6 rows × 16 channels held in 12 ymm registers over the whole
 //!   reduction, so each output is stored once.
 //! - `weight_grad_runs`: dW[o, t·kk + k] += Σ_runs a[(row + offs[t])·rs + k] · dy[voxel·co + o]
-//!   (accumulated +=) on `WgPlan`'s tiles (see `wg_plan.rs`): up to 3 vectors of 8 reduction
+//!   (accumulated +=) on `WeightGradPlan`'s tiles (see `weight_grad_plan.rs`): up to 3 vectors of 8 reduction
 //!   indices × up to 8 output channels, ≤ 12 accumulators.
 //!
 //! Callers check AVX2/FMA support (`simd_available`) and that every index is in bounds; the
@@ -26,7 +26,7 @@
 
 use std::arch::x86_64::*;
 
-use super::wg_plan::WgPlan;
+use super::weight_grad_plan::WeightGradPlan;
 
 /// Rows of the register tile.
 const R: usize = 6;
@@ -42,24 +42,14 @@ pub fn check_rows(a_len: usize, rs: usize, offs: &[usize], kk: usize, r0: usize,
     assert!(r1 <= r0 || (r1 - 1 + max_off) * rs + kk <= a_len, "conv kernel: rows {r0}..{r1} read past the operand");
 }
 
-/// out[i, :] = bias + Σ_t Σ_{k<kk} a[(r0 + i + offs[t])·rs + k] · bt[(t·kk + k)·cop + :]
-/// for the rows of `out` ([nr, cop], cop a multiple of 8).
+/// `RowGemm`'s product for the rows r0.. of `out` ([nr, g.cols]).
 ///
 /// # Safety
-/// AVX2 and FMA must be available; `check_rows(a.len(), rs, offs, kk, r0, r0 + nr)` must hold,
-/// `bt` must hold offs.len()·kk·cop values and `bias` cop values.
+/// AVX2 and FMA must be available; `avx2::check_rows(g.a.len(), g.row_stride, g.tap_offsets, g.k_per_tap, r0, r0 + nr)`
+/// must hold, `g.b_t` must hold tap_offsets.len()·k_per_tap·cols values and `g.bias` cols values.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn forward_rows(
-    a: &[f32],
-    rs: usize,
-    offs: &[usize],
-    kk: usize,
-    bt: &[f32],
-    cop: usize,
-    bias: &[f32],
-    r0: usize,
-    out: &mut [f32],
-) {
+pub unsafe fn forward_rows(g: &super::RowGemm, r0: usize, out: &mut [f32]) {
+    let super::RowGemm { a, row_stride: rs, tap_offsets: offs, k_per_tap: kk, b_t: bt, cols: cop, bias } = *g;
     let nr = out.len() / cop;
     debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop.is_multiple_of(8));
     let (xp, ci) = (a, rs);
@@ -127,13 +117,13 @@ unsafe fn fwd_tile<const N: usize, const V: usize>(
 pub const WG_MAX_B: [usize; 3] = [8, 6, 4];
 
 /// dw[o·ldw + t·kk + k] += Σ_{(row, voxel, len) ∈ runs} Σ_{j < len} a[(row + j + offs[t])·rs + k] ·
-/// dy[(voxel + j)·co + o] (accumulated +=), ldw = offs.len()·kk: `WgPlan`'s tiles (built with
+/// dy[(voxel + j)·co + o] (accumulated +=), ldw = offs.len()·kk: `WeightGradPlan`'s tiles (built with
 /// 8 lanes and `WG_MAX_B`), each a register tile over a block of runs.
 ///
 /// # Safety
 /// AVX2 and FMA must be available and `plan.check(a.len(), dy.len(), dw.len())` must hold.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn weight_grad_runs(a: &[f32], dy: &[f32], dw: &mut [f32], plan: &WgPlan) {
+pub unsafe fn weight_grad_runs(a: &[f32], dy: &[f32], dw: &mut [f32], plan: &WeightGradPlan) {
     let (ap, dyp, dwp) = (a.as_ptr(), dy.as_ptr(), dw.as_mut_ptr());
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for tile in plan.tiles(8) {

@@ -12,7 +12,7 @@
 //!   not the loads, bound the loop (oneDNN's direct-convolution blocking for channels-last
 //!   data with few channels: rows of output voxels × a 16-wide channel block).
 //! - `weight_grad_runs`: dW[o, t·kk + k] += Σ_runs a[(row + offs[t])·rs + k] · dy[voxel·co + o]
-//!   (accumulated +=) on `WgPlan`'s tiles: up to 4 vectors of 16 reduction indices × up to 16
+//!   (accumulated +=) on `WeightGradPlan`'s tiles: up to 4 vectors of 16 reduction indices × up to 16
 //!   output channels (6 to 16 at 4 to 1 vectors), ≤ 24 accumulators.
 //!
 //! `cop` (padded output channels) is a multiple of 8: a last block of 8 channels runs with
@@ -26,7 +26,7 @@
 
 use std::arch::x86_64::*;
 
-use super::wg_plan::WgPlan;
+use super::weight_grad_plan::WeightGradPlan;
 
 /// Rows of the forward's register tile.
 const R: usize = 14;
@@ -56,24 +56,14 @@ fn channel_blocks(cop: usize) -> Vec<(usize, usize, u16)> {
     out
 }
 
-/// out[i, :] = bias + Σ_t Σ_{k<kk} a[(r0 + i + offs[t])·rs + k] · bt[(t·kk + k)·cop + :]
-/// for the rows of `out` ([nr, cop], cop a multiple of 8).
+/// `RowGemm`'s product for the rows r0.. of `out` ([nr, g.cols]).
 ///
 /// # Safety
-/// AVX-512F and FMA must be available; `avx2::check_rows(a.len(), rs, offs, kk, r0, r0 + nr)`
-/// must hold, `bt` must hold offs.len()·kk·cop values and `bias` cop values.
+/// AVX-512F and FMA must be available; `avx2::check_rows(g.a.len(), g.row_stride, g.tap_offsets, g.k_per_tap, r0, r0 + nr)`
+/// must hold, `g.b_t` must hold tap_offsets.len()·k_per_tap·cols values and `g.bias` cols values.
 #[target_feature(enable = "avx512f,fma")]
-pub unsafe fn forward_rows(
-    a: &[f32],
-    rs: usize,
-    offs: &[usize],
-    kk: usize,
-    bt: &[f32],
-    cop: usize,
-    bias: &[f32],
-    r0: usize,
-    out: &mut [f32],
-) {
+pub unsafe fn forward_rows(g: &super::RowGemm, r0: usize, out: &mut [f32]) {
+    let super::RowGemm { a, row_stride: rs, tap_offsets: offs, k_per_tap: kk, b_t: bt, cols: cop, bias } = *g;
     let nr = out.len() / cop;
     debug_assert!(bt.len() >= offs.len() * kk * cop && bias.len() >= cop && cop.is_multiple_of(8));
     let (xp, bt, bias, o) = (a.as_ptr(), bt.as_ptr(), bias.as_ptr(), out.as_mut_ptr());
@@ -216,13 +206,13 @@ unsafe fn fwd_tile<const N: usize, const V: usize>(p: &FwdArgs) {
 pub const WG_MAX_B: [usize; 4] = [16, 12, 8, 6];
 
 /// dw[o·ldw + t·kk + k] += Σ_{(row, voxel, len) ∈ runs} Σ_{j < len} a[(row + j + offs[t])·rs + k] ·
-/// dy[(voxel + j)·co + o] (accumulated +=), ldw = offs.len()·kk: `WgPlan`'s tiles (built with
+/// dy[(voxel + j)·co + o] (accumulated +=), ldw = offs.len()·kk: `WeightGradPlan`'s tiles (built with
 /// 16 lanes and `WG_MAX_B`), each a register tile over a block of runs.
 ///
 /// # Safety
 /// AVX-512F and FMA must be available and `plan.check(a.len(), dy.len(), dw.len())` must hold.
 #[target_feature(enable = "avx512f,fma")]
-pub unsafe fn weight_grad_runs(a: &[f32], dy: &[f32], dw: &mut [f32], plan: &WgPlan) {
+pub unsafe fn weight_grad_runs(a: &[f32], dy: &[f32], dw: &mut [f32], plan: &WeightGradPlan) {
     let (ap, dyp, dwp) = (a.as_ptr(), dy.as_ptr(), dw.as_mut_ptr());
     for tile in plan.tiles(16) {
         let args = WgArgs {
@@ -380,8 +370,7 @@ struct ZtArgs<'a> {
 /// N rows × V vectors: per reduction step (t, ci'), the 3·V weight vectors of the z-taps
 /// c = 0, 1, 2 and N + 2 broadcasts; input row q feeds output rows q, q − 1, q − 2. That is
 /// 0.3–0.5 loads per FMA, against 1.1 for a tile broadcasting each (row, tap) value once per
-/// use (measured in isolation on this repository's Xeon: 185–190 against 145 GFLOP/s per core
-/// at 16 channels).
+/// use.
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn zt_tile<const N: usize, const V: usize>(p: &ZtArgs) {
     let mut acc = tile_start::<N, V>(p.u0 == 0, p.bias, p.out, p.cop, p.cb, p.mask);

@@ -27,8 +27,7 @@ const MAX_COLS_BYTES: usize = 16 << 20;
 
 /// Whether this path should run: a SIMD kernel set, at least 64 output channels, an im2col
 /// matrix of all voxels of at most 16 MiB, and not a volume the shifted path does better: lines
-/// of Z ≥ 4 with at most 64 output channels (measured, forward + backward at 2×8×8×4 with 64
-/// channels: 2.7 ms here, 2.25 ms shifted; at 4×4×2 with 128 the split is 2.3× faster).
+/// of Z ≥ 4 with at most 64 output channels (docs/performance.md, CPU kernel choices).
 pub fn applicable(v: Vol, co: usize, k: usize, kernels: CpuKernels) -> bool {
     let shifted_better = v.z >= 4 && co <= 2 * CHANNELS && super::shifted::applicable(v, k);
     cfg!(target_arch = "x86_64")
@@ -147,7 +146,16 @@ fn run(x: &[f32], v: Vol, w: Weight, bias: Option<&[f32]>, co: usize, k: usize, 
         let mut out = vec![0.0f32; m * width];
         // SAFETY: the kernel set is available (the caller checked); rows 0..m of `cols` are in
         // bounds (assert above); bt holds kdim·width values and b width.
-        unsafe { kernels.forward_rows(&cols, kdim, &[0], kdim, &bt, width, &b, 0, &mut out) };
+        let g = super::RowGemm {
+            a: &cols,
+            row_stride: kdim,
+            tap_offsets: &[0],
+            k_per_tap: kdim,
+            b_t: &bt,
+            cols: width,
+            bias: &b,
+        };
+        unsafe { kernels.forward_rows(&g, 0, &mut out) };
         for (r, row) in out.chunks_exact(width).enumerate() {
             // SAFETY: tasks write disjoint columns c0..c1 of y's rows.
             let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r * co + c0), n) };

@@ -145,11 +145,29 @@ pub fn forward(
                 // (direct) or by construction (the block's own im2col buffer).
                 unsafe {
                     if direct {
-                        kernels.forward_rows(x, kdim, &[0], kdim, &bt, cop, &bias_p, bi * rows, yb);
+                        let g = super::RowGemm {
+                            a: x,
+                            row_stride: kdim,
+                            tap_offsets: &[0],
+                            k_per_tap: kdim,
+                            b_t: &bt,
+                            cols: cop,
+                            bias: &bias_p,
+                        };
+                        kernels.forward_rows(&g, bi * rows, yb);
                     } else {
                         im2col(x, v, k, taps, bi * rows, nr, cols);
                         avx2::check_rows(cols.len(), kdim, &[0], kdim, 0, nr);
-                        kernels.forward_rows(cols, kdim, &[0], kdim, &bt, cop, &bias_p, 0, yb);
+                        let g = super::RowGemm {
+                            a: cols,
+                            row_stride: kdim,
+                            tap_offsets: &[0],
+                            k_per_tap: kdim,
+                            b_t: &bt,
+                            cols: cop,
+                            bias: &bias_p,
+                        };
+                        kernels.forward_rows(&g, 0, yb);
                     }
                 }
             },
@@ -223,7 +241,7 @@ pub fn weight_grad(
                             x,
                             dy,
                             &mut dw,
-                            &kernels.wg_plan(kdim, &[0], kdim, co, vec![(r0, r0, nr)]),
+                            &kernels.weight_grad_plan(kdim, &[0], kdim, co, vec![(r0, r0, nr)]),
                         );
                     } else {
                         im2col(x, v, k, &taps, r0, nr, &mut cols);
@@ -231,7 +249,7 @@ pub fn weight_grad(
                             &cols,
                             dy,
                             &mut dw,
-                            &kernels.wg_plan(kdim, &[0], kdim, co, vec![(0, r0, nr)]),
+                            &kernels.weight_grad_plan(kdim, &[0], kdim, co, vec![(0, r0, nr)]),
                         );
                     }
                 }

@@ -17,7 +17,7 @@
 //!   forward and input gradient on the shifted path's z-tap kernel, the weight gradient (F(m,
 //!   3)'s dual) on its weight-gradient kernel.
 //!   The fused inference ResBlock takes F(4, 3) where it fits, the primitive op (training,
-//!   and any convolution outside that ResBlock) F(2, 3) (`Use`); `VOX2VEC_CPU_WINOGRAD=0` or
+//!   and any convolution outside that ResBlock) F(2, 3) (`ConvPurpose`); `VOX2VEC_CPU_WINOGRAD=0` or
 //!   `direct_convolutions` leave the direct kernels.
 //! - `avx2.rs`, `avx512.rs`: the register-tiled micro-kernels both paths use on x86-64, chosen
 //!   at run time by the processor's features (`CpuKernels::best`: AVX-512 where present, else
@@ -46,7 +46,7 @@ pub mod channel_split;
 pub mod im2col;
 pub mod shifted;
 #[cfg(target_arch = "x86_64")]
-pub mod wg_plan;
+pub mod weight_grad_plan;
 #[cfg(target_arch = "x86_64")]
 pub mod winograd;
 
@@ -67,6 +67,25 @@ pub enum CpuKernels {
     Avx2,
     /// AVX-512F register tiles (`avx512.rs`).
     Avx512,
+}
+
+/// The operands of the CPU micro-kernels' row GEMM:
+/// out[i, :] = bias + Σ_t Σ_{k<k_per_tap} a[(r0 + i + tap_offsets[t])·row_stride + k] ·
+/// b_t[(t·k_per_tap + k)·cols + :], for the rows of `out` ([nr, cols], cols a multiple of 8).
+#[derive(Clone, Copy)]
+pub struct RowGemm<'a> {
+    /// The input rows (an im2col block, or channels-last voxels read at tap offsets).
+    pub a: &'a [f32],
+    pub row_stride: usize,
+    /// Row offset of each tap.
+    pub tap_offsets: &'a [usize],
+    /// Values read per row and tap.
+    pub k_per_tap: usize,
+    /// The transposed weights, [taps · k_per_tap, cols].
+    pub b_t: &'a [f32],
+    /// Output channels, padded.
+    pub cols: usize,
+    pub bias: &'a [f32],
 }
 
 impl CpuKernels {
@@ -112,24 +131,12 @@ impl CpuKernels {
     /// # Safety
     /// As the chosen kernel's: the set must be available and the operands in bounds.
     #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn forward_rows(
-        self,
-        a: &[f32],
-        rs: usize,
-        offs: &[usize],
-        kk: usize,
-        bt: &[f32],
-        cop: usize,
-        bias: &[f32],
-        r0: usize,
-        out: &mut [f32],
-    ) {
+    pub(crate) unsafe fn forward_rows(self, g: &RowGemm, r0: usize, out: &mut [f32]) {
         // SAFETY: the caller's contract is the kernels'.
         unsafe {
             match self {
-                CpuKernels::Avx512 => avx512::forward_rows(a, rs, offs, kk, bt, cop, bias, r0, out),
-                _ => avx2::forward_rows(a, rs, offs, kk, bt, cop, bias, r0, out),
+                CpuKernels::Avx512 => avx512::forward_rows(g, r0, out),
+                _ => avx2::forward_rows(g, r0, out),
             }
         }
     }
@@ -163,17 +170,17 @@ impl CpuKernels {
     /// The weight-gradient plan this set's kernels take (lanes and tile sizes).
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn wg_plan(
+    pub(crate) fn weight_grad_plan(
         self,
         rs: usize,
         offs: &[usize],
         kk: usize,
         co: usize,
         runs: Vec<(usize, usize, usize)>,
-    ) -> wg_plan::WgPlan {
+    ) -> weight_grad_plan::WeightGradPlan {
         match self {
-            CpuKernels::Avx512 => wg_plan::WgPlan::new(16, &avx512::WG_MAX_B, rs, offs, kk, co, runs),
-            _ => wg_plan::WgPlan::new(8, &avx2::WG_MAX_B, rs, offs, kk, co, runs),
+            CpuKernels::Avx512 => weight_grad_plan::WeightGradPlan::new(16, &avx512::WG_MAX_B, rs, offs, kk, co, runs),
+            _ => weight_grad_plan::WeightGradPlan::new(8, &avx2::WG_MAX_B, rs, offs, kk, co, runs),
         }
     }
 
@@ -181,7 +188,13 @@ impl CpuKernels {
     /// `avx512::weight_grad_runs`. Panics when a SIMD set is not available or an operand is too
     /// short for the plan.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn weight_grad_runs(self, a: &[f32], dy: &[f32], dw: &mut [f32], plan: &wg_plan::WgPlan) {
+    pub(crate) fn weight_grad_runs(
+        self,
+        a: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+        plan: &weight_grad_plan::WeightGradPlan,
+    ) {
         check_kernels(self);
         assert!(self.simd(), "weight_grad_runs: the portable set has no micro-kernels");
         plan.check(a.len(), dy.len(), dw.len());
@@ -237,7 +250,7 @@ pub fn conv3d_forward_cpu_with(
         return channel_split::forward(x, v, w, bias, co, k, kernels);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(f) = winograd_for(v, co, k, kernels, Use::Primitive) {
+    if let Some(f) = winograd_for(v, co, k, kernels, ConvPurpose::Primitive) {
         return winograd::forward_fused(f, x, v, w, bias, co, kernels, None, None);
     }
     if shifted::applicable(v, k) {
@@ -275,15 +288,12 @@ pub fn direct_convolutions<R>(f: impl FnOnce() -> R) -> R {
 /// values it may be.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Use {
+enum ConvPurpose {
     /// The fused inference ResBlock (`conv3d_forward_cpu_fused`): Winograd F(4, 3) where it fits.
     Inference,
     /// The primitive op, `conv3d_forward_cpu*` and its gradients (training, and any convolution
-    /// outside the fused inference ResBlock): F(2, 3) only, whose error is the direct
-    /// kernels' (≤ 1e-6 of the largest output). F(4, 3)'s, about 3× that, measured as 2–2.5×
-    /// the direct kernels' distance from the parity fixtures' gradients (3.7e-5 against
-    /// 1.4e-5) and twice their drift from PyTorch over tests/trajectory.rs's first 10 steps,
-    /// for 10–15 % more speed on the 32- and 64-channel rows.
+    /// outside the fused inference ResBlock): F(2, 3) only, whose error is the direct kernels'
+    /// (F(4, 3)'s is about 3× that, too far for training: docs/performance.md, Winograd).
     Primitive,
 }
 
@@ -297,11 +307,11 @@ fn winograd_for(
     co: usize,
     k: usize,
     kernels: CpuKernels,
-    purpose: Use,
+    purpose: ConvPurpose,
 ) -> Option<&'static winograd::Transform> {
     let f = winograd::transform_for(v, k, kernels)
         .filter(|_| winograd::enabled() && !channel_split::applicable(v, co, k, kernels))?;
-    Some(if purpose == Use::Primitive { &winograd::F2 } else { f })
+    Some(if purpose == ConvPurpose::Primitive { &winograd::F2 } else { f })
 }
 
 /// conv(relu(bn(x))) + residual on the CPU, BatchNorm in eval mode (`input`'s constants): the
@@ -326,7 +336,7 @@ pub fn conv3d_forward_cpu_fused(
     check_kernels(kernels);
     assert!(residual.is_none_or(|r| r.len() == v.voxels() * co), "conv3d: residual size");
     #[cfg(target_arch = "x86_64")]
-    if let Some(f) = winograd_for(v, co, k, kernels, Use::Inference) {
+    if let Some(f) = winograd_for(v, co, k, kernels, ConvPurpose::Inference) {
         return winograd::forward_fused(f, x, v, w, bias, co, kernels, input, residual);
     }
     if shifted::applicable(v, k) && !channel_split::applicable(v, co, k, kernels) {
@@ -376,7 +386,7 @@ pub fn conv3d_backward_input_cpu_onto(
     assert_eq!(w.len(), co * k * k * k * ci, "conv3d backward: weight size");
     assert!(prev.is_none_or(|p| p.len() == v_out.voxels() * ci), "conv3d backward: accumulated gradient size");
     #[cfg(target_arch = "x86_64")]
-    if let Some(f) = winograd_for(v_out, ci, k, kernels, Use::Primitive) {
+    if let Some(f) = winograd_for(v_out, ci, k, kernels, ConvPurpose::Primitive) {
         return winograd::input_grad(f, dy, v_out, w, ci, kernels, prev);
     }
     if shifted::applicable(v_out, k) && !channel_split::applicable(v_out, ci, k, kernels) {
@@ -440,7 +450,7 @@ pub fn conv3d_backward_weight_cpu_onto(
         "conv3d backward: accumulated weight gradient size"
     );
     #[cfg(target_arch = "x86_64")]
-    if let Some(f) = winograd_for(v, co, k, kernels, Use::Primitive) {
+    if let Some(f) = winograd_for(v, co, k, kernels, ConvPurpose::Primitive) {
         return crate::cpu::added_onto(prev, winograd::weight_grad(f, x, v, dy, co, kernels));
     }
     if !shifted::applicable(v, k) {

@@ -12,7 +12,7 @@
 //! 32×32×8); `applicable` keeps the path for volumes where that stays < 3×.
 //!
 //! Weight gradient: dW[:, (ab, k)] = Σ_r x_pad[(r + off_ab)·C + k] · dy[r, :] over the real
-//! voxels' rows only (SIMD: one run per line, see `wg_plan.rs`; portable: dy placed on its
+//! voxels' rows only (SIMD: one run per line, see `weight_grad_plan.rs`; portable: dy placed on its
 //! virtual rows with zeros elsewhere); rows are split into groups fixed by the problem size
 //! and the partials summed in order (deterministic).
 //!
@@ -22,7 +22,7 @@
 //! c = 0, 1, 2 and broadcasts input rows q = 0..N+2 once each, row q feeding output rows q,
 //! q − 1 and q − 2; the reduction is cut into L1-sized blocks applied to a whole group of lines
 //! before the next (`ztap_tiles`). The weight gradient tiles reduction indices × output
-//! channels over blocks of lines (`wg_plan.rs`). The forward pads channel counts to a
+//! channels over blocks of lines (`weight_grad_plan.rs`). The forward pads channel counts to a
 //! multiple of 8 inside its packed buffers. Elsewhere a portable path runs the same
 //! decomposition through matrixmultiply's GEMM.
 //!
@@ -454,7 +454,7 @@ fn simd_weight_grad(xp: &[f32], g: &Geometry, dy: &[f32], co: usize, kernels: Cp
         .into_par_iter()
         .map(|lines| {
             let runs = lines.map(|l| (g.line_row(l), l * z, z)).collect();
-            let plan = kernels.wg_plan(ci, &g.offs, 3 * ci, co, runs);
+            let plan = kernels.weight_grad_plan(ci, &g.offs, 3 * ci, co, runs);
             let mut dw = vec![0.0f32; co * kdim];
             kernels.weight_grad_runs(xp, dy, &mut dw, &plan);
             dw

@@ -1,7 +1,7 @@
 //! Winograd F(m, 3) along y: 3×3×3 convolutions (stride 1, padding 1, channels-last) on the
 //! shifted path's SIMD z-tap kernel, with fewer multiplications: inference's forward (F(4, 3)
 //! where it fits) and the primitive op's (training's) forward and input gradient (F(2, 3);
-//! `super::Use`), and its weight gradient by the dual algorithm (`weight_grad`) on the direct
+//! `super::ConvPurpose`), and its weight gradient by the dual algorithm (`weight_grad`) on the direct
 //! path's weight-gradient kernel.
 //!
 //! Algorithm (Lavin & Gray 2016, "Fast algorithms for convolutional neural networks"). A 3-tap
@@ -390,8 +390,8 @@ pub fn weight_grad(f: &Transform, x: &[f32], v: Vol, dy: &[f32], co: usize, kern
     let plane_rows = alpha * jt * pz; // T rows per padded x-plane
     let plane_len = plane_rows * ci;
     let (planes, plane_d) = (v.n * v.x, jt * v.z * co); // D values per output plane and i
-    // At least 8 planes per task: a task transforms its planes + 2 (measured at 64 channels,
-    // 32×32×8: 6.5 ms with 2 planes per task, 5.3 with 8, against 6.8 direct).
+    // At least 8 planes per task: a task transforms its planes + 2, so fewer per task spend
+    // their time on the overlap (docs/performance.md, CPU kernel choices).
     let planes_per_task = planes.div_ceil(16).max(8);
     let chunk_planes = (ROW_BLOCK / (jt * v.z)).clamp(1, planes_per_task);
     let padded = |p: usize| (p / v.x) * (v.x + 2) + p % v.x; // output plane (n, x) ↦ padded (n, x)
@@ -431,7 +431,7 @@ pub fn weight_grad(f: &Transform, x: &[f32], v: Vol, dy: &[f32], co: usize, kern
                             })
                         })
                         .collect();
-                    let plan = kernels.wg_plan(ci, &offs, 3 * ci, co, runs);
+                    let plan = kernels.weight_grad_plan(ci, &offs, 3 * ci, co, runs);
                     kernels.weight_grad_runs(tb, &d[i * dblock..(i + 1) * dblock], dui, &plan);
                 }
             }
@@ -594,8 +594,7 @@ fn transformed_weights(
         (cache.len() >= WEIGHT_CACHE_ENTRIES).then(|| cache.remove(0))
     };
     // The evicted entry's buffers hold the new one: in training every step's weights are new,
-    // and fresh buffers each time were a page fault per 4 KiB (a quarter of a 64-channel
-    // forward + backward's time while the cache filled, measured with perf).
+    // and fresh buffers each time were a page fault per 4 KiB.
     let (mut kept, mut u) =
         evicted.map_or((Vec::new(), Vec::new()), |e| (e.w, std::sync::Arc::try_unwrap(e.u).unwrap_or_default()));
     let label = || format!("F({}, 3) {ci}->{co}{}", f.m, if flipped { " flipped" } else { "" });
@@ -630,8 +629,8 @@ fn weight_transform(f: &Transform, w: &[f32], co: usize, ci: usize, flipped: boo
         Vec::new()
     } else {
         // [27·Ci, Co], written row by row: a row gathers one value from each of w's Co rows,
-        // and the next rows read the same cache lines (writing column by column instead,
-        // each store to another line, measured ~1 ms at 64 channels).
+        // and the next rows read the same cache lines (column by column, each store would go
+        // to another line).
         let mut t = vec![0.0f32; w.len()];
         for (tk, row) in t.chunks_exact_mut(co).enumerate() {
             for (o, d) in row.iter_mut().enumerate() {

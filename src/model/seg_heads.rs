@@ -1,4 +1,4 @@
-//! Segmentation heads on the frozen (or fine-tuned) pyramid (REFERENCE.md §5), with the
+//! Segmentation heads on the frozen (or fine-tuned) pyramid (docs/method.md §5), with the
 //! reference's parameter names (`FPNLinearHead`: `layers.{i}`, bias on level 0 only).
 //!
 //! Linear head: per level a 1×1×1 conv to the classes; from the coarsest level down,

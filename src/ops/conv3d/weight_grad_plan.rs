@@ -17,7 +17,7 @@
 /// Bytes of `a` and dy rows a cache block aims at (about half of a 48 KiB L1).
 const BLOCK_BYTES: usize = 24 << 10;
 
-pub struct WgPlan {
+pub struct WeightGradPlan {
     /// Row stride of `a` (values).
     pub rs: usize,
     /// Row offset of each tap group.
@@ -37,7 +37,7 @@ pub struct WgPlan {
     pub o_chunks: Vec<Vec<(usize, usize)>>,
 }
 
-impl WgPlan {
+impl WeightGradPlan {
     /// `lanes` per vector; `max_b[A − 1]`: the most output channels a tile of A vectors holds
     /// in registers (its length is the most vectors a tile takes).
     #[allow(clippy::too_many_arguments)]
@@ -49,7 +49,7 @@ impl WgPlan {
         kk: usize,
         co: usize,
         runs: Vec<(usize, usize, usize)>,
-    ) -> WgPlan {
+    ) -> WeightGradPlan {
         let vectors = kk.div_ceil(lanes);
         let tail = kk - (vectors.max(1) - 1) * lanes;
         let k_chunks = even_chunks(vectors, max_b.len())
@@ -67,7 +67,16 @@ impl WgPlan {
             })
             .collect();
         let longest = runs.iter().map(|r| r.2).max().unwrap_or(1).max(1);
-        WgPlan { rs, offs: offs.to_vec(), kk, co, runs, block_runs: (block_rows / longest).max(1), k_chunks, o_chunks }
+        WeightGradPlan {
+            rs,
+            offs: offs.to_vec(),
+            kk,
+            co,
+            runs,
+            block_runs: (block_rows / longest).max(1),
+            k_chunks,
+            o_chunks,
+        }
     }
 
     /// dW's row stride: every tap group's reduction indices.
@@ -160,12 +169,12 @@ mod tests {
             [(0, 6), (6, 6), (12, 6), (18, 6), (24, 6), (30, 6), (36, 6), (42, 6), (48, 6), (54, 5), (59, 5)]
         );
         assert!(even_chunks(0, 4).is_empty());
-        let p = WgPlan::new(16, &[16, 12, 8, 6], 5, &[0], 15, 20, vec![(0, 0, 3)]);
+        let p = WeightGradPlan::new(16, &[16, 12, 8, 6], 5, &[0], 15, 20, vec![(0, 0, 3)]);
         assert_eq!(p.k_chunks, vec![(0, 1, 15)]);
         // A run longer than a cache block (here 512 rows) is cut in order.
-        let p = WgPlan::new(16, &[16, 12, 8, 6], 1, &[0], 3, 1, vec![(7, 3, 1100)]);
+        let p = WeightGradPlan::new(16, &[16, 12, 8, 6], 1, &[0], 3, 1, vec![(7, 3, 1100)]);
         assert_eq!(p.runs, vec![(7, 3, 512), (519, 515, 512), (1031, 1027, 76)]);
-        let p = WgPlan::new(8, &[8, 6, 4], 32, &[0, 3], 96, 32, vec![(0, 0, 3)]);
+        let p = WeightGradPlan::new(8, &[8, 6, 4], 32, &[0, 3], 96, 32, vec![(0, 0, 3)]);
         assert_eq!(p.k_chunks, vec![(0, 3, 8), (3, 3, 8), (6, 3, 8), (9, 3, 8)]);
     }
 }

@@ -1,4 +1,4 @@
-//! The projection head (REFERENCE.md §4): Linear(D, D) – BatchNorm1d – ReLU – Linear(D, D) –
+//! The projection head (docs/method.md §4): Linear(D, D) – BatchNorm1d – ReLU – Linear(D, D) –
 //! BatchNorm1d – ReLU – Linear(D, P), then row-wise L2 normalisation. Sequential keys 0, 1, 3, 4, 6.
 
 use anyhow::Result;
