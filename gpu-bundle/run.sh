@@ -133,7 +133,7 @@ phase_cmd() {
     plan) need vox2vec-train && "$bin/vox2vec-train" --bench-plan --precision bf16 --report "$logs/plan-bf16.json" ;;
     pytorch-bf16)
       have_torch_cuda || { echo "SKIP: python3 has no torch with CUDA here"; return 77; }
-      python3 benches/pytorch_reference.py --device cuda --only step --size reference --precision bf16 ;;
+      python3 dev/pytorch_reference.py --device cuda --only step --size reference --precision bf16 ;;
     precision) need vox2vec-train && "$bin/vox2vec-train" --device cuda --compare-precisions --report "$logs/precision.json" ;;
     bench-fp32) need vox2vec-train && "$bin/vox2vec-train" --device cuda --bench 3 --precision fp32 ;;
     infer) need vox2vec && "$bin/vox2vec" bench-infer --device cuda --batches 1,8 --precisions fp32,bf16 --iters 10 --report "$logs/infer.json" ;;

@@ -28,7 +28,7 @@
 //     thread takes one channel pair of every (128 / (CO_TILE / 2))-th voxel: + bias, the
 //     fusions, round to bf16 once, 4-byte stores of whole voxel runs.
 //
-// Fusions of the ResBlock (REFERENCE.md §3; each off when its pointer is null). `bn` tables are
+// Fusions of the ResBlock (docs/method.md §3; each off when its pointer is null). `bn` tables are
 // f32 [3, C] (mean, invstd gamma, beta: bn_affine_table), applied by common.cuh's bn_relu_value
 // exactly as bn_apply does, so a fused value is bit-identical to the unfused one.
 //   - in_bn [3, Ci] (k = 3 only; the launcher applies it first for k = 1): the convolution

@@ -1,4 +1,4 @@
-// The segmentation training loss of REFERENCE.md §5 (BCE in the ROI + soft Dice), the oracle
+// The segmentation training loss of docs/method.md §5 (BCE in the ROI + soft Dice), the oracle
 // being src/ops/segloss.rs (segmentation_loss_cpu). Logits [N, V, C] (channels last, V = X Y Z
 // voxels, f32 or bf16), one-hot targets [N, V, C] f32, ROI [N, V] f32 (0 or 1; null = every
 // voxel). Three deterministic stages, no atomics:

@@ -5,7 +5,7 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default 60 s, all targets)
 #
 # Installs cargo-fuzz when it is missing, makes the seed corpus from ../shared/data
-# (examples/fuzz_seeds.rs; nothing of the shared data is committed), builds the targets
+# (dev/fuzz_seeds.rs; nothing of the shared data is committed), builds the targets
 # CPU-only (NVCC=none: no kernels are fuzzed) and runs each for the given time, keeping its
 # corpus in fuzz/corpus/<target> between runs. A crash leaves its input in
 # fuzz/artifacts/<target>/ and makes the script exit non-zero; turn it into a test in

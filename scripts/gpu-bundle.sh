@@ -4,7 +4,7 @@
 #   gpu-tests      the GPU test binary (tests/gpu.rs)
 #   vox2vec-train  the trainer: --bench, --bench-plan, --compare-precisions, training
 #   vox2vec        the tools: bench-infer
-#   kernel_lab     the kernel lab (examples/kernel_lab.rs)
+#   kernel_lab     the kernel lab (dev/kernel_lab.rs)
 #   BUILD_INFO     the commit (and whether the tree had changes), the date, the architectures
 # The kernels are built for sm_90 only (H100 and H200), without PTX, and the binaries carry no
 # debug info, so that the folder stays far inside the device's 64 MiB carry; it uses its own

@@ -1,5 +1,5 @@
 //! DICOM series in (tests/data/dicom, written by pydicom from a crop of a shared CT with
-//! scripts/make-dicom-fixtures.py): a series reads back to the same voxels and world geometry
+//! dev/make-dicom-fixtures.py): a series reads back to the same voxels and world geometry
 //! as the crop's NIfTI, whatever its file names' order, compressed (RLE) or not, beside a
 //! localizer, through a DICOMDIR; a missing slice, two CT series in one folder and a non-CT
 //! modality are refused with messages naming the problem; `embed` takes a series folder as it

@@ -188,7 +188,7 @@ fn exists(base: &Path, path: &str) -> bool {
             .iter()
             .flat_map(|dir| -> Vec<PathBuf> {
                 if !comp.contains('*') {
-                    // `examples/cpu_bench` names examples/cpu_bench.rs.
+                    // `examples/cpu_bench` names dev/cpu_bench.rs.
                     let named = [dir.join(comp), dir.join(format!("{comp}.rs"))];
                     return named.into_iter().filter(|p| p.exists()).take(1).collect();
                 }

@@ -90,7 +90,7 @@ fn vox2vec(args: &[&std::ffi::OsStr]) -> std::process::Output {
 }
 
 /// Weights as PyTorch users publish them (tests/data/weights, made from the fixtures by
-/// scripts/make-weights-fixtures.py): torch.save zip and legacy .pt files of a bare FPN3d
+/// dev/make-weights-fixtures.py): torch.save zip and legacy .pt files of a bare FPN3d
 /// state_dict (as the reference's vox2vec_contrastive.pt), Lightning .ckpt files with
 /// backbone. / model.backbone. prefixes and optimiser state. `embed` with no configuration
 /// flags gives the fixture's eval pyramid from each; `convert` writes a safetensors state_dict
@@ -184,7 +184,7 @@ fn published_weight_files_embed_without_configuration_flags() {
     let want: std::collections::BTreeSet<String> = ["pt", "pt legacy", "ckpt"].iter().map(|s| s.to_string()).collect();
     assert_eq!(
         seen, want,
-        "tests/data/weights must hold zip .pt, legacy .pt and .ckpt files (scripts/make-weights-fixtures.py)"
+        "tests/data/weights must hold zip .pt, legacy .pt and .ckpt files (dev/make-weights-fixtures.py)"
     );
 }
 

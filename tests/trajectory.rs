@@ -2,7 +2,7 @@
 //! tests/data/trajectory/cts.txt, the configuration of args.txt: base 8, 4 scales, 2 pairs of
 //! 32x32x16 at 2x2x4 mm, lr 3e-4, 60 steps) against PyTorch's reference step trained from the
 //! same initial weights on the same batches (reference.jsonl, fp32; reference_fp64.jsonl, the
-//! same in float64; both made by scripts/trajectory.sh with benches/trajectory.py).
+//! same in float64; both made by scripts/trajectory.sh with dev/trajectory.py).
 //!
 //! Step 1 is the same computation in another summation order: the loss, learning signal and
 //! gradient norm agree to rounding (the gradient norm, whose fp32 rounding error is 5e-4 here,

@@ -1,5 +1,5 @@
 //! safetensors bytes → `checkpoint::load_bytes` into a tiny vox2vec model (base 2, 2 scales,
-//! projection 4; `examples/fuzz_seeds.rs` writes its checkpoints as seeds), with Adam, both
+//! projection 4; `dev/fuzz_seeds.rs` writes its checkpoints as seeds), with Adam, both
 //! key conventions. Contract checked: a refused file changes nothing (parameters, buffers,
 //! moments, step); an accepted one leaves every value finite and every shape as it was.
 #![no_main]

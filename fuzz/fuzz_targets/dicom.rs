@@ -11,7 +11,7 @@ use vox2vec::data::nifti_io::read_volume;
 #[path = "common/accepted.rs"]
 mod accepted;
 
-/// Between two files of a series in the fuzzer's input (the seeds, examples/fuzz_seeds.rs, use it).
+/// Between two files of a series in the fuzzer's input (the seeds, dev/fuzz_seeds.rs, use it).
 const SEPARATOR: &[u8] = b"--VOX2VEC-SLICE--";
 
 fuzz_target!(|data: &[u8]| {

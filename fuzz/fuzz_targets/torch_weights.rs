@@ -1,7 +1,7 @@
 //! Any bytes as a weights file → `weights::read` (PyTorch zip / legacy / tar containers through
 //! pytorch-reader, else safetensors), configuration inference, and `checkpoint::load_file` into
 //! a tiny model (base 4, 3 scales: the size of tests/data/weights/fpn_tiny*, which
-//! `examples/fuzz_seeds.rs` copies as seeds). Contract checked: no panic; a refused file changes
+//! `dev/fuzz_seeds.rs` copies as seeds). Contract checked: no panic; a refused file changes
 //! nothing; an accepted one leaves every value finite and every shape as it was.
 #![no_main]
 

@@ -78,7 +78,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', value_name = "TEXT")]
     exclude: Vec<String>,
     /// Write each step's batch into this folder (step_<n>/x1.npy, x2.npy, pairs.npy) for
-    /// benches/trajectory.py, which trains PyTorch's reference step on the same batches.
+    /// dev/trajectory.py, which trains PyTorch's reference step on the same batches.
     #[arg(long, value_name = "DIR")]
     dump_batches: Option<PathBuf>,
     /// Total optimisation steps (a resumed run continues up to this number) [default: 150 with

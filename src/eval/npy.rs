@@ -102,7 +102,7 @@ pub fn write_f16(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
     crate::checkpoint::write_atomic(path, &out)
 }
 
-/// Write an int64 array (index tables for PyTorch: `benches/trajectory.py` reads the pairs).
+/// Write an int64 array (index tables for PyTorch: `dev/trajectory.py` reads the pairs).
 pub fn write_i64(path: &Path, shape: &[usize], values: &[i64]) -> Result<()> {
     ensure!(
         shape.iter().product::<usize>() == values.len(),

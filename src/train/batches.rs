@@ -88,7 +88,7 @@ pub fn synthetic_batch(shape: BatchShape, seed: u64, index: u64) -> PairBatch {
     PairBatch { x1: Tensor::from_f32(&s, x1), x2: Tensor::from_f32(&s, x2), batch_index, voxels_1, voxels_2 }
 }
 
-/// Batch `step` (1-based) as files PyTorch reads (`benches/trajectory.py`): `step_<n>.npz`-like
+/// Batch `step` (1-based) as files PyTorch reads (`dev/trajectory.py`): `step_<n>.npz`-like
 /// folder `<dir>/step_<n>/` with x1.npy, x2.npy ([B, 1, X, Y, Z] float32, PyTorch's layout) and
 /// pairs.npy ([N, 7] int64: patch index, view-1 x, y, z, view-2 x, y, z).
 pub fn dump_batch(dir: &std::path::Path, step: u64, b: &PairBatch) -> Result<()> {

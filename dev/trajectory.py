@@ -5,8 +5,8 @@
 (DIR/weights_step_000000.safetensors: PyTorch state_dict keys and layouts, `backbone.` and
 `head.` prefixes) and every step's batch (DIR/step_<n>/x1.npy, x2.npy: [B, 1, X, Y, Z] float32,
 pairs.npy: [N, 7] int64 = patch index, view-1 x y z, view-2 x y z). This script loads the same
-weights into the PyTorch modules of benches/pytorch_reference.py (FPN3d, projection head,
-InfoNCE as REFERENCE.md sections 3-4), then for each dumped step runs the reference step:
+weights into the PyTorch modules of dev/pytorch_reference.py (FPN3d, projection head,
+InfoNCE as docs/method.md §3-4), then for each dumped step runs the reference step:
 both views through the backbone in their own passes (train mode: BatchNorm batch statistics
 per view), the head, L2 normalisation, InfoNCE at --temperature, backward, clip_grad_norm_
 to 1.0, Adam (lr --lr, betas 0.9/0.999, eps 1e-8) - all in float32 on the CPU - and writes one
@@ -15,7 +15,7 @@ neg_sim, as ops::infonce::signal_cpu defines them). With --compare METRICS it pr
 step, the relative differences to our run's metrics.jsonl and their growth.
 
     vox2vec-train DATA --dump-batches /tmp/dump ... --out /tmp/run
-    python3 benches/trajectory.py /tmp/dump --base-channels 8 --num-scales 4 --out traj.jsonl --compare /tmp/run/metrics.jsonl
+    python3 dev/trajectory.py /tmp/dump --base-channels 8 --num-scales 4 --out traj.jsonl --compare /tmp/run/metrics.jsonl
 
 Needs torch and numpy (scripts/trajectory.sh makes the committed reference trajectory).
 """

@@ -15,7 +15,7 @@ fixture's eval pyramid:
   fpn_tiny.ckpt           Lightning-style: state_dict with backbone. / proj_head., optimizer_states, ...
 
 Regenerate (pip: torch (CPU) and safetensors):
-  python3 scripts/make-weights-fixtures.py [--fixtures tests/data/fixtures] [--out tests/data/weights]
+  python3 dev/make-weights-fixtures.py [--fixtures tests/data/fixtures] [--out tests/data/weights]
 """
 import argparse
 import collections

@@ -13,7 +13,7 @@ Writes into tests/data/dicom/:
   mr/                      the series labelled as MR (no CT series: refused)
 
 Regenerate (pip: numpy, nibabel, pydicom):
-  python3 scripts/make-dicom-fixtures.py [--ct ../shared/data/Dataset001_OpenKBP/imagesTr/pt_13_0000.nii.gz]
+  python3 dev/make-dicom-fixtures.py [--ct ../shared/data/Dataset001_OpenKBP/imagesTr/pt_13_0000.nii.gz]
 """
 import argparse
 import copy

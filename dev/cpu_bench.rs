@@ -1,4 +1,4 @@
-//! Our side of benches/cpu_side_by_side.py: times one benchmark row on the CPU backend and
+//! Our side of dev/cpu_side_by_side.py: times one benchmark row on the CPU backend and
 //! prints `<row> <median ms> <min ms>` (after one warm-up run, `--reps` timed runs).
 //!
 //!   cargo run --release --example cpu_bench -- ROW [--reps N] [--kernels portable|avx2|avx512]

@@ -7,7 +7,7 @@ match in each target patient; a match is scored by the target's own labels: whet
 inside the same organ, and its distance (mm) to the nearest voxel of that organ. Each backbone
 given is run on the same points, so a random and a trained backbone can be compared.
 
-  python3 benches/similar_landmarks.py --weights random=R.safetensors trained=T.safetensors \\
+  python3 dev/similar_landmarks.py --weights random=R.safetensors trained=T.safetensors \\
       [--dataset ../shared/data/Dataset001_OpenKBP] [--query pt_13] [--targets pt_34,pt_61,pt_87] \\
       [--flags "--override-recorded --spacing 3,3,3 --patch 64,64,32"] [--out runs/similar_landmarks]
 

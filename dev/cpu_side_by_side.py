@@ -9,7 +9,7 @@ Markdown table with --markdown FILE. This machine's speed drifts over minutes, w
 the two alternate instead of running one after the other.
 
     cargo build --release --example cpu_bench
-    python3 benches/cpu_side_by_side.py [--rounds 2] [--reps 5] [--rows conv,step,eval] [--markdown FILE]
+    python3 dev/cpu_side_by_side.py [--rounds 2] [--reps 5] [--rows conv,step,eval] [--markdown FILE]
 
 Rows: conv3d 3x3x3 C -> C with bias, forward / forward + backward (input, weight, bias) /
 forward + backward of the weights only, at the issue's (2, 16, 64, 64, 32) and at the first

@@ -11,7 +11,7 @@ Measures, on the CPU with torch.set_num_threads(2), the median wall time
      requires_grad=False, as for a first layer).
   c. conv3d fwd+bwd(weights+input): the same, with the input gradient too
      (as for every inner layer).
-  d. A whole vox2vec pretraining step at a small size (docs: REFERENCE.md
+  d. A whole vox2vec pretraining step at a small size (docs/method.md
      sections 3-4): FPN3d(in_channels=1, base_channels=16, num_scales=6),
      projection head 1008 -> 1008 -> 1008 -> 128 + L2 normalisation,
      InfoNCE at t = 0.1, Adam lr 3e-4, gradient clipping to norm 1.0.
@@ -33,12 +33,12 @@ Measures, on the CPU with torch.set_num_threads(2), the median wall time
 
 Run (needs torch; a CPU-only machine is fine):
 
-    python3 benches/pytorch_reference.py            # full measurement
-    python3 benches/pytorch_reference.py --quick    # 1 warm-up, 2 timed runs (smoke test)
-    python3 benches/pytorch_reference.py --only step   # one group (conv3d or step)
-    python3 benches/pytorch_reference.py --device cuda --only step --size reference
-    python3 benches/pytorch_reference.py --device cuda --only step --size reference --precision bf16
-    python3 benches/pytorch_reference.py --only infer --batches 1,2
+    python3 dev/pytorch_reference.py            # full measurement
+    python3 dev/pytorch_reference.py --quick    # 1 warm-up, 2 timed runs (smoke test)
+    python3 dev/pytorch_reference.py --only step   # one group (conv3d or step)
+    python3 dev/pytorch_reference.py --device cuda --only step --size reference
+    python3 dev/pytorch_reference.py --device cuda --only step --size reference --precision bf16
+    python3 dev/pytorch_reference.py --only infer --batches 1,2
 
 Output: the torch version, the thread count, then one line per measurement,
 e.g. `pytorch conv3d forward: median 46.1 ms`.
@@ -56,7 +56,7 @@ THREADS = 2
 
 
 # ---------------------------------------------------------------------------
-# Model (module tree mirrors the reference state_dict keys, REFERENCE.md s. 3)
+# Model (module tree mirrors the reference state_dict keys, docs/method.md §3)
 # ---------------------------------------------------------------------------
 
 
@@ -172,7 +172,7 @@ def info_nce(e1, e2, t=0.1):
 
 
 def reference_step(backbone, head, opt, params, x1, x2, b, v1, v2, bf16=False):
-    """One reference pretraining step (REFERENCE.md §4): both views' embeddings, InfoNCE at
+    """One reference pretraining step (docs/method.md §4): both views' embeddings, InfoNCE at
     0.1, backward, global-norm clip at 1.0, Adam. Returns the loss. bf16: the whole forward,
     loss included, under CUDA bf16 autocast, as a PyTorch user writes it (autocast itself
     keeps normalisation and logsumexp in fp32)."""
