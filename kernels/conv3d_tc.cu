@@ -333,53 +333,69 @@ __device__ void conv3d_tc_forward_kc(TcForwardShared<CO_TILE, MT, K, CK>& sh, co
 // (each B fragment feeds MT HMMAs). grid (N * ceil(X / (2 MT)) * ceil(Y / 4) * ceil(Z / 8),
 // ceil(Co / CO_TILE)), block 128; w packed for CO_TILE; k is the entry's (the argument keeps
 // one launch signature); c32 needs Ci % 32 == 0.
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+// The forward entries' parameters, passed whole (src/cuda/ops/conv3d.rs mirrors the layout:
+// pointers first, then the 32-bit sizes; k is the entry's, given for the record).
+struct ConvTcForwardParams {
+    const bf16* x;
+    const bf16* w;
+    const float* bias;
+    bf16* y;
+    const float* in_bn;
+    const bf16* residual;
+    const bf16* mask_h;
+    const float* mask_bn;
+    float* part;
+    int nb, X, Y, Z, Ci, Co, k, rX, rY, rZ;
+};
+static_assert(sizeof(ConvTcForwardParams) == 112, "ConvTcForwardParams: the layout src/cuda/ops/conv3d.rs passes");
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k1_c16(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<16, 4, 1, 16> sh;
-    conv3d_tc_forward_kc<16, 4, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<16, 4, 1, 16>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k1_c32(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<16, 4, 1, 32> sh;
-    conv3d_tc_forward_kc<16, 4, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<16, 4, 1, 32>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k3_c16(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<16, 4, 3, 16> sh;
-    conv3d_tc_forward_kc<16, 4, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<16, 4, 3, 16>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co16_k3_c32(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<16, 4, 3, 32> sh;
-    conv3d_tc_forward_kc<16, 4, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<16, 4, 3, 32>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k1_c16(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<32, 2, 1, 16> sh;
-    conv3d_tc_forward_kc<32, 2, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<32, 2, 1, 16>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k1_c32(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<32, 2, 1, 32> sh;
-    conv3d_tc_forward_kc<32, 2, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<32, 2, 1, 32>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k3_c16(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<32, 2, 3, 16> sh;
-    conv3d_tc_forward_kc<32, 2, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<32, 2, 3, 16>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co32_k3_c32(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<32, 2, 3, 32> sh;
-    conv3d_tc_forward_kc<32, 2, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<32, 2, 3, 32>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k1_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k1_c16(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<64, 1, 1, 16> sh;
-    conv3d_tc_forward_kc<64, 1, 1, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<64, 1, 1, 16>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k1_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k1_c32(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<64, 1, 1, 32> sh;
-    conv3d_tc_forward_kc<64, 1, 1, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<64, 1, 1, 32>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k3_c16(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k3_c16(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<64, 1, 3, 16> sh;
-    conv3d_tc_forward_kc<64, 1, 3, 16>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<64, 1, 3, 16>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k3_c32(const bf16* x, const bf16* w, const float* bias, bf16* y, int nb, int X, int Y, int Z, int Ci, int Co, int k, const float* in_bn, const bf16* residual, int rX, int rY, int rZ, const bf16* mask_h, const float* mask_bn, float* part) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) conv3d_tc_forward_co64_k3_c32(const ConvTcForwardParams p) {
     __shared__ __align__(16) TcForwardShared<64, 1, 3, 32> sh;
-    conv3d_tc_forward_kc<64, 1, 3, 32>(sh, x, w, bias, y, nb, X, Y, Z, Ci, Co, in_bn, residual, rX, rY, rZ, mask_h, mask_bn, part);
+    conv3d_tc_forward_kc<64, 1, 3, 32>(sh, p.x, p.w, p.bias, p.y, p.nb, p.X, p.Y, p.Z, p.Ci, p.Co, p.in_bn, p.residual, p.rX, p.rY, p.rZ, p.mask_h, p.mask_bn, p.part);
 }
 
 #define TCW_STRIDE 24  // a halo voxel's 16 channels, padded to 48 bytes (16-byte aligned)

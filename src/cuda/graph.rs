@@ -94,14 +94,20 @@ impl Sgemm {
 }
 
 impl Arg {
-    /// The argument as a tag and its bits (floats compared bit for bit, NaN included).
-    fn bits(&self) -> (u8, u64) {
-        match *self {
-            Arg::I32(v) => (0, v as u32 as u64),
+    /// The argument as a tag and its bits (floats compared bit for bit, NaN included; a
+    /// parameter struct by its bytes).
+    fn same(&self, other: &Arg) -> bool {
+        let bits = |a: &Arg| match *a {
+            Arg::I32(v) => (0u8, v as u32 as u64),
             Arg::I64(v) => (1, v as u64),
             Arg::F32(v) => (2, v.to_bits() as u64),
             Arg::F64(v) => (3, v.to_bits()),
             Arg::Ptr(v) => (4, v),
+            Arg::Params(_) => (5, 0),
+        };
+        match (self, other) {
+            (Arg::Params(a), Arg::Params(b)) => a == b,
+            _ => bits(self) == bits(other),
         }
     }
 }
@@ -119,7 +125,7 @@ impl Node {
                     && block == b2
                     && shared == s2
                     && args.len() == a2.len()
-                    && args.iter().zip(a2).all(|(a, b)| a.bits() == b.bits())
+                    && args.iter().zip(a2).all(|(a, b)| a.same(b))
             }
             (Node::Memset { ptr, bytes, value }, Node::Memset { ptr: p2, bytes: b2, value: v2 }) => {
                 (ptr, bytes, value) == (p2, b2, v2)

@@ -1,13 +1,14 @@
 //! The CUDA backend: the device (context, stream, cuBLAS, caching allocator, typed kernel
 //! registry) and one host-side launcher module per op in `ops/`, each beside its kernel file
 //! `kernels/<op>.cu`. The CPU code in `crate::ops` is the oracle these are tested against
-//! (`tests/gpu.rs`).
+//! (`tests/gpu/`).
 //!
 //! Activations may be stored as f32 or bf16 (`DType::BF16`: mixed precision, every kernel
 //! computes in f32 or f64); parameters, their gradients, embeddings and the loss are f32.
 //! Every backward returns gradients in the dtype of the value they belong to.
 
 pub mod alloc;
+mod backend;
 pub mod cost;
 pub mod device;
 #[cfg(vox2vec_emulator)]
@@ -25,8 +26,8 @@ use anyhow::{Context, Result, ensure};
 
 pub use cost::{Cost, Unit};
 pub use device::{
-    Arg, CudaBuf, CudaDevice, device, device_count, emulated, enable_plan_mode, enable_plan_mode_for, nvtx_range,
-    planned, unavailable_reason,
+    Arg, CudaBuf, CudaDevice, ParamBlock, device, device_count, emulated, enable_plan_mode, enable_plan_mode_for,
+    nvtx_range, planned, unavailable_reason,
 };
 pub use graph::GraphStats;
 pub use registry::KernelId;

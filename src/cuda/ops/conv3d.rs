@@ -10,7 +10,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::cuda::{Arg, Cost, CudaBuf, KernelId, cast, dev_of, empty, ensure_f32, ensure_float, nbytes};
+use crate::cuda::{Arg, Cost, CudaBuf, KernelId, ParamBlock, cast, dev_of, empty, ensure_f32, ensure_float, nbytes};
 use crate::tensor::{DType, Tensor, Vol};
 
 const TILE: usize = 64;
@@ -91,6 +91,36 @@ fn tc_forward_bricks(v: Vol, tile: usize) -> usize {
     let bx = 2 * (64 / tile);
     v.n * v.x.div_ceil(bx) * v.y.div_ceil(4) * v.z.div_ceil(8)
 }
+
+/// The parameters of the `conv3d_tc_forward_*` entries: `ConvTcForwardParams` of
+/// kernels/conv3d_tc.cu, field for field (device pointers, 0 for a fusion that is off; then
+/// the sizes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvTcForwardParams {
+    x: u64,
+    w: u64,
+    bias: u64,
+    y: u64,
+    in_bn: u64,
+    residual: u64,
+    mask_h: u64,
+    mask_bn: u64,
+    part: u64,
+    nb: i32,
+    x_len: i32,
+    y_len: i32,
+    z_len: i32,
+    ci: i32,
+    co: i32,
+    k: i32,
+    /// The upsampled residual's grid (rX, rY, rZ; 0 without one).
+    residual_grid: [i32; 3],
+}
+const _: () = assert!(std::mem::size_of::<ConvTcForwardParams>() == 112);
+// SAFETY: plain integers without padding (asserted size: 9 × 8 + 10 × 4 bytes).
+unsafe impl bytemuck::Zeroable for ConvTcForwardParams {}
+unsafe impl bytemuck::Pod for ConvTcForwardParams {}
 
 /// The forward kernel for `co` output channels (its tile width), kernel size `k` and `ci` input
 /// channels (32-channel chunks when they divide `ci`).
@@ -192,20 +222,25 @@ fn tc_forward(
         Some(a) => (a, None),
         None => (x, fu.input_bn_relu),
     };
-    let mut args =
-        vec![Arg::Ptr(x.ptr()), Arg::Ptr(wb.ptr()), Arg::Ptr(bias.map_or(0, |b| b.ptr())), Arg::Ptr(y.ptr())];
-    args.extend(dims(v));
-    args.extend([Arg::I32(v.c as i32), Arg::I32(co as i32), Arg::I32(k as i32)]);
-    args.extend([
-        Arg::Ptr(in_bn.map_or(0, |t| t.ptr())),
-        Arg::Ptr(fu.residual.or(fu.upsampled_residual).map_or(0, |r| r.ptr())),
-        Arg::I32(r_grid[0] as i32),
-        Arg::I32(r_grid[1] as i32),
-        Arg::I32(r_grid[2] as i32),
-        Arg::Ptr(fu.relu_mask.map_or(0, |(h, _)| h.ptr())),
-        Arg::Ptr(fu.relu_mask.map_or(0, |(_, t)| t.ptr())),
-        Arg::Ptr(part.as_ref().map_or(0, |p| p.ptr())),
-    ]);
+    let params = ConvTcForwardParams {
+        x: x.ptr(),
+        w: wb.ptr(),
+        bias: bias.map_or(0, |b| b.ptr()),
+        y: y.ptr(),
+        in_bn: in_bn.map_or(0, |t| t.ptr()),
+        residual: fu.residual.or(fu.upsampled_residual).map_or(0, |r| r.ptr()),
+        mask_h: fu.relu_mask.map_or(0, |(h, _)| h.ptr()),
+        mask_bn: fu.relu_mask.map_or(0, |(_, t)| t.ptr()),
+        part: part.as_ref().map_or(0, |p| p.ptr()),
+        nb: v.n as i32,
+        x_len: v.x as i32,
+        y_len: v.y as i32,
+        z_len: v.z as i32,
+        ci: v.c as i32,
+        co: co as i32,
+        k: k as i32,
+        residual_grid: r_grid.map(|g| g as i32),
+    };
     let extra = fu.residual.map_or(0, nbytes)
         + fu.upsampled_residual.map_or(0, nbytes)
         + fu.relu_mask.map_or(0, |(h, _)| nbytes(h))
@@ -214,7 +249,7 @@ fn tc_forward(
         2.0 * (v.voxels() * co * k * k * k * v.c) as f64,
         nbytes(x) + co.div_ceil(tile) * tile * k * k * k * v.c * 2 + co * 4 + nbytes(&y) + extra,
     );
-    dev.launch(kern, (bricks as u32, co.div_ceil(tile) as u32, 1), (128, 1, 1), 0, &args, cost)?;
+    dev.launch(kern, (bricks as u32, co.div_ceil(tile) as u32, 1), (128, 1, 1), 0, &[ParamBlock::arg(&params)], cost)?;
     Ok((y, part))
 }
 
