@@ -88,9 +88,35 @@ pub fn similar_into(
     };
     let q = crate::data::cache::build(query, &pre)?;
     let q_world = if world { p } else { apply(&q.file_affine, p) };
+    // The file's own voxel grid: a point off it is a typo or the wrong file, not a query.
+    let mut file_shape = [0usize; 3];
+    for (a, &n) in q.ct.source_shape.iter().enumerate() {
+        file_shape[q.orientation.perm[a]] = n;
+    }
+    let at = apply(&invert(&q.file_affine).context("the query's affine is singular")?, q_world);
+    anyhow::ensure!(
+        at.iter().zip(file_shape).all(|(&v, n)| v > -0.5 && v < n as f64 - 0.5),
+        "{}: the point {} (voxel {} of the file, {} mm in the world) is outside the image, whose voxels are 0..{} x 0..{} x 0..{}",
+        query.display(),
+        fmt3(&p),
+        fmt3(&at),
+        fmt3(&q_world),
+        file_shape[0],
+        file_shape[1],
+        file_shape[2]
+    );
     let qi = world_to_level0(&q, q_world).with_context(|| {
-        format!("{}: the point {} ({} mm in the world) lies outside the part of the CT that is embedded (the body's bounding box)", query.display(), fmt3(&p), fmt3(&q_world))
+        format!("{}: the point {} ({} mm in the world) lies outside the part of the CT that is embedded (the body's bounding box): pick a point inside the body", query.display(), fmt3(&p), fmt3(&q_world))
     })?;
+    // Air around the body carries no anatomy: its best match would mean nothing.
+    let s0 = q.ct.shape;
+    anyhow::ensure!(
+        q.ct.body_mask()[(qi[0] * s0[1] + qi[1]) * s0[2] + qi[2]],
+        "{}: the point {} ({} mm in the world) is in the air outside the body (below -500 HU and connected to the outside, docs/method.md §1.6): pick a point inside the body",
+        query.display(),
+        fmt3(&p),
+        fmt3(&q_world)
+    );
     let q_maps = embed_all(&q)?;
     let qv = embedding_at(&q_maps, qi)?;
     drop(q_maps);
