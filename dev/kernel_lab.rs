@@ -1,5 +1,5 @@
 //! The kernel lab (src/cuda/lab.rs): every version of each hot kernel family, validated
-//! against the CPU oracle and, on a GPU, timed with TFLOP/s, GB/s and % of the H200 floor.
+//! against the CPU oracle and, on a GPU, timed with TFLOP/s, GB/s and % of the device's floor.
 //!
 //!   cargo run --release --example kernel_lab                     # all families
 //!   cargo run --release --example kernel_lab -- conv3d_forward --reps 50

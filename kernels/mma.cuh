@@ -4,7 +4,7 @@
 // models of the three instructions are written in terms of the same functions, so a wrong
 // mapping cannot hide in one place. The mappings are those of the PTX ISA ("Matrix
 // Fragments for mma.m16n8k16 with floating point type"; ldmatrix's "Matrix fragment for
-// ldmatrix"); tests/gpu.rs (mma_layout_probe) checks them against the (thread, value) -> coordinate
+// ldmatrix"); tests/gpu/ (mma_layout_probe) checks them against the (thread, value) -> coordinate
 // layouts that CuTe publishes for SM80_16x8x16_F32BF16BF16F32_TN, and the GPU bundle's
 // layout probe (kernels/mma_probe.cu) compares them with the hardware bit for bit.
 //

@@ -1,5 +1,5 @@
 // The tensor-core layout probe: checks mma.cuh's fragment mappings, on the hardware and on
-// the CUDA emulator (tests/gpu.rs, case mma_layout_probe; the GPU bundle runs it first).
+// the CUDA emulator (tests/gpu/, case mma_layout_probe; the GPU bundle runs it first).
 //
 // One warp, out[l * PROBE_STRIDE + ...] for lane l (all written, =):
 //   [0, 4)   the four D values of mma m16n8k16 with A[m][k] = 16 m + k and

@@ -2,14 +2,14 @@
 # Coverage-guided fuzzing of every reader of a user's file (fuzz/: nifti, checkpoint, npy,
 # dataset_json, torch_weights, dicom) with cargo fuzz (libFuzzer), on the nightly toolchain.
 #
-#   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default 60 s, all targets)
+#   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default 60 s; every target but dicom, see below)
 #
 # Installs cargo-fuzz when it is missing, makes the seed corpus from ../shared/data
 # (dev/fuzz_seeds.rs; nothing of the shared data is committed), builds the targets
 # CPU-only (NVCC=none: no kernels are fuzzed) and runs each for the given time, keeping its
 # corpus in fuzz/corpus/<target> between runs. A crash leaves its input in
 # fuzz/artifacts/<target>/ and makes the script exit non-zero; turn it into a test in
-# tests/fuzz_regressions.rs. Prints one line per target: executions, coverage, corpus size.
+# tests/readers.rs. Prints one line per target: executions, coverage, corpus size.
 # Exit status: 0 all ran clean, 1 a target crashed, 2 the targets did not build.
 # Without a nightly toolchain it says so and exits 0 (CI machines have one).
 set -euo pipefail

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, the binaries that gpu-bundle/run.sh runs on a GPU
 # machine (which has the CUDA driver but no Rust), into the git-ignored gpu-bundle/bin/:
-#   gpu-tests      the GPU test binary (tests/gpu.rs)
+#   gpu-tests      the GPU test binary (tests/gpu/)
 #   vox2vec-train  the trainer: --bench, --bench-plan, --compare-precisions, training
 #   vox2vec        the tools: bench-infer
 #   kernel_lab     the kernel lab (dev/kernel_lab.rs)

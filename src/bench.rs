@@ -378,7 +378,7 @@ impl PrecisionReport {
 
 /// `vox2vec-train --bench-plan`: one pretraining step run on the plan device (nothing
 /// executes): the peak device memory the caching allocator would see and every launch with
-/// its declared cost, priced on an H200.
+/// its declared cost, priced on the plan's card (`--card`, H100 by default).
 #[derive(Clone, Debug)]
 pub struct PlanReport {
     pub device: String,
@@ -765,8 +765,8 @@ pub fn bench_inference(
 }
 
 /// `bench-infer --plan`: one eval-mode pyramid pass of `batch` windows on the plan device
-/// (nothing executes): peak device memory and every launch's declared cost, priced on an
-/// H200. Needs `crate::cuda::enable_plan_mode` first.
+/// (nothing executes): peak device memory and every launch's declared cost, priced on the
+/// plan's card. Needs `crate::cuda::enable_plan_mode` first.
 pub fn plan_inference(
     model_config: ModelConfig,
     activation_dtype: DType,

@@ -1,7 +1,7 @@
 //! The CUDA emulator (cargo feature `cuda-emulator`, chosen at run time with
 //! `VOX2VEC_CUDA_EMULATOR=1`): the kernels of `kernels/*.cu` compiled as C++ for the host
 //! (`kernels/emulator/`), each CUDA thread a fiber, device memory plain host memory, cuBLAS
-//! replaced by a host SGEMM. It runs `tests/gpu.rs` without a GPU, checking every kernel's
+//! replaced by a host SGEMM. It runs `tests/gpu/` without a GPU, checking every kernel's
 //! logic and every launcher's argument list against the CPU oracle. It is slow and it is not
 //! a GPU: timings and device limits mean nothing here.
 

@@ -11,7 +11,7 @@
 //!   a lab run) each version is also compared with v1 on the device.
 //! - Timing (GPU only): CUDA events around every launch of `reps` repetitions after a warm-up;
 //!   FLOPs and bytes are those the launchers declare (`Cost`), so TFLOP/s, GB/s and the % of
-//!   the H200 floor printed beside them come from the same model as `--bench-plan`. Without a
+//!   the device's floor printed beside them come from the same model as `--bench-plan`. Without a
 //!   GPU the lab still prints each version's floor (plan mode) and says that timing is owed.
 //!
 //! `cargo run --release --example kernel_lab [-- FAMILY... --reps N]` prints the table;
@@ -290,7 +290,7 @@ pub fn resblock_case(dev: &Arc<CudaDevice>, shape: [usize; 5], with_reference: b
             run: Box::new(move || resblock_run(&p2, true)),
         },
     ];
-    // The CPU computes in f32 what the device stores in bf16 (tests/gpu.rs: 8e-2 for the
+    // The CPU computes in f32 what the device stores in bf16 (tests/gpu/: 8e-2 for the
     // ResBlock op); at timing shapes v2 is held to v1 at the fused-vs-composed test's 1e-2.
     Ok(Case {
         family: "resblock_train",

@@ -1,6 +1,7 @@
 //! Ranks on GPUs: gradients averaged by NCCL (through cudarc, the library loaded at run time
-//! like the other CUDA libraries), on the device's stream, so the average is queued after
-//! the backward kernels and before the clip and Adam with no host synchronisation. The NCCL
+//! like the other CUDA libraries), on a side stream ordered by events with the device's
+//! stream (`dist::buckets`), so the average is queued after the backward kernels and before
+//! the clip and Adam with no host synchronisation. The NCCL
 //! unique id goes from rank 0 to the others over the rendezvous; the same TCP links carry the
 //! few host-side values (the logged loss, the stop flag).
 

@@ -13,7 +13,7 @@
 //! of dy for up (the add's backward is the identity on both sides).
 //!
 //! Elsewhere (CPU, fp32, other channel counts, VOX2VEC_NO_FUSION=1) it is the composition,
-//! which is also the fused op's oracle (tests/gpu.rs, `ops_fpn_merge_vs_cpu`). CPU inference
+//! which is also the fused op's oracle (tests/gpu/, `ops_fpn_merge_vs_cpu`). CPU inference
 //! (nothing recorded) adds the upsampled input onto the convolution's output in place
 //! (`merge_inference_cpu`): the composition's values bit for bit, without the upsampled
 //! tensor and the add's extra passes.

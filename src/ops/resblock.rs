@@ -20,8 +20,8 @@
 //! produces BatchNorm's backward sums, and the skip gradient joins bn0's backward pass.
 //! VOX2VEC_NO_FUSION=1 takes the unfused composition of device ops instead.
 //!
-//! The oracle is the composition itself, which the CPU backend (and every eval-mode graph)
-//! still runs: `tests/gpu.rs` compares this op on the device with it on the CPU.
+//! The oracle is the composition itself, which the CPU backend's training graphs (and eval
+//! graphs that record, `eval_with_grad`) still run: `tests/gpu/` compares this op on the device with it on the CPU.
 
 use anyhow::{Result, ensure};
 
@@ -57,7 +57,7 @@ pub fn resblock_train_cuda(g: &Graph, x: &Var, p: ResBlockVars) -> Result<(Var, 
 }
 
 /// `resblock_train_cuda` on the fused path (an error where it does not apply) or on the
-/// composition of device ops (`fused` false; its oracle in tests/gpu.rs).
+/// composition of device ops (`fused` false; its oracle in tests/gpu/).
 pub fn resblock_train_cuda_with(g: &Graph, x: &Var, p: ResBlockVars, fused: bool) -> Result<(Var, [BnUpdate; 2])> {
     ensure!(x.value.is_cuda(), "resblock_train_cuda needs a device tensor");
     let v = Vol::of(&x.value);

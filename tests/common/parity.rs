@@ -1,5 +1,5 @@
 //! Parity of our model with a reference fixture, on any device (tests/parity.rs on the CPU,
-//! tests/gpu.rs on a CUDA device). Error = ‖a − b‖ / max(‖b‖, floor), floor = 1e-2 × the
+//! tests/gpu/model_vs_cpu.rs on a CUDA device). Error = ‖a − b‖ / max(‖b‖, floor), floor = 1e-2 × the
 //! largest ‖b‖ of the same kind in the file (see ../shared/fixtures/README.md).
 
 use super::{Fixture, norm, rel_err};

@@ -15,7 +15,7 @@
 //!   (accumulated +=) on `WeightGradPlan`'s tiles (see `weight_grad_plan.rs`): up to 3 vectors of 8 reduction
 //!   indices × up to 8 output channels, ≤ 12 accumulators.
 //!
-//! Callers check AVX2/FMA support (`simd_available`) and that every index is in bounds; the
+//! Callers check AVX2/FMA support (`available`) and that every index is in bounds; the
 //! kernels are pointer arithmetic over those buffers, so per-operation unsafe blocks would
 //! only add noise.
 

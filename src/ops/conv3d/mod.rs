@@ -12,7 +12,7 @@
 //! - `channel_split.rs`: few voxels and many output channels (the coarse levels) on the SIMD
 //!   kernels — one im2col of all voxels, threads split the output channels, so each weight
 //!   is read once instead of once per row block.
-//! - `winograd.rs`: 3×3×3 on volumes with Y, Z ≥ 4 on the SIMD kernels: Winograd F(m, 3)
+//! - `winograd.rs`: 3×3×3 on volumes with Y, Z ≥ 4 and X ≥ 2 on the SIMD kernels: Winograd F(m, 3)
 //!   along y, 13.5 or 18 multiplications per output and input channel instead of 27 — the
 //!   forward and input gradient on the shifted path's z-tap kernel, the weight gradient (F(m,
 //!   3)'s dual) on its weight-gradient kernel.
