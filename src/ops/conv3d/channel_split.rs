@@ -146,15 +146,7 @@ fn run(x: &[f32], v: Vol, w: Weight, bias: Option<&[f32]>, co: usize, k: usize, 
         let mut out = vec![0.0f32; m * width];
         // SAFETY: the kernel set is available (the caller checked); rows 0..m of `cols` are in
         // bounds (assert above); bt holds kdim·width values and b width.
-        let g = super::RowGemm {
-            a: &cols,
-            row_stride: kdim,
-            tap_offsets: &[0],
-            k_per_tap: kdim,
-            b_t: &bt,
-            cols: width,
-            bias: &b,
-        };
+        let g = super::RowGemm::dense(&cols, kdim, &bt, width, &b);
         unsafe { kernels.forward_rows(&g, 0, &mut out) };
         for (r, row) in out.chunks_exact(width).enumerate() {
             // SAFETY: tasks write disjoint columns c0..c1 of y's rows.

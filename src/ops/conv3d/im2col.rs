@@ -145,28 +145,12 @@ pub fn forward(
                 // (direct) or by construction (the block's own im2col buffer).
                 unsafe {
                     if direct {
-                        let g = super::RowGemm {
-                            a: x,
-                            row_stride: kdim,
-                            tap_offsets: &[0],
-                            k_per_tap: kdim,
-                            b_t: &bt,
-                            cols: cop,
-                            bias: &bias_p,
-                        };
+                        let g = super::RowGemm::dense(x, kdim, &bt, cop, &bias_p);
                         kernels.forward_rows(&g, bi * rows, yb);
                     } else {
                         im2col(x, v, k, taps, bi * rows, nr, cols);
                         avx2::check_rows(cols.len(), kdim, &[0], kdim, 0, nr);
-                        let g = super::RowGemm {
-                            a: cols,
-                            row_stride: kdim,
-                            tap_offsets: &[0],
-                            k_per_tap: kdim,
-                            b_t: &bt,
-                            cols: cop,
-                            bias: &bias_p,
-                        };
+                        let g = super::RowGemm::dense(cols, kdim, &bt, cop, &bias_p);
                         kernels.forward_rows(&g, 0, yb);
                     }
                 }

@@ -88,6 +88,13 @@ pub struct RowGemm<'a> {
     pub bias: &'a [f32],
 }
 
+impl<'a> RowGemm<'a> {
+    /// One tap: out = bias + a[rows, k] · b_t[k, cols] (an im2col block or matrix).
+    pub fn dense(a: &'a [f32], k: usize, b_t: &'a [f32], cols: usize, bias: &'a [f32]) -> RowGemm<'a> {
+        RowGemm { a, row_stride: k, tap_offsets: &[0], k_per_tap: k, b_t, cols, bias }
+    }
+}
+
 impl CpuKernels {
     /// The sets this processor can run, portable first.
     pub fn available() -> Vec<CpuKernels> {
