@@ -489,10 +489,32 @@ fn check_rle(fragment: &[u8], pixels: usize, segments: usize) -> Result<()> {
 /// stream). In implicit VR a sequence of defined length is stepped over, not entered.
 fn check_lengths(bytes: &[u8]) -> Result<()> {
     ensure!(bytes.len() >= 132 && &bytes[128..132] == b"DICM", "no DICM magic at byte 128");
-    let long_vr = |vr: &[u8]| {
+    // The VRs with a 2-byte length (PS3.5 7.1.2); every other VR, an unknown one included (which
+    // dicom-rs reads as UN), has 2 reserved bytes and a 4-byte length.
+    let short_vr = |vr: &[u8]| {
         matches!(
             vr,
-            b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"UC" | b"UN" | b"UR" | b"UT" | b"SV" | b"UV"
+            b"AE"
+                | b"AS"
+                | b"AT"
+                | b"CS"
+                | b"DA"
+                | b"DS"
+                | b"DT"
+                | b"FL"
+                | b"FD"
+                | b"IS"
+                | b"LO"
+                | b"LT"
+                | b"PN"
+                | b"SH"
+                | b"SL"
+                | b"SS"
+                | b"ST"
+                | b"TM"
+                | b"UI"
+                | b"UL"
+                | b"US"
         )
     };
     let (mut p, mut explicit, mut big) = (132usize, true, false);
@@ -542,7 +564,7 @@ fn check_lengths(bytes: &[u8]) -> Result<()> {
         }
         let (len, vr_sq, header) = if explicit {
             let vr = bytes.get(p + 4..p + 6).context("the file ends inside an element's header")?;
-            if long_vr(vr) { (u32_at(p + 8, big)?, vr == b"SQ", 12) } else { (u16_at(p + 6, big)? as u32, false, 8) }
+            if short_vr(vr) { (u16_at(p + 6, big)? as u32, false, 8) } else { (u32_at(p + 8, big)?, vr == b"SQ", 12) }
         } else {
             (u32_at(p + 4, big)?, false, 8)
         };
@@ -592,6 +614,25 @@ mod tests {
             }
         }
         assert!(n >= 20, "{n} files");
+    }
+
+    /// The dicom fuzz target's find: an element with an unknown VR ("@S" in RescaleSlope's
+    /// place) is read by dicom-rs as UN, with a 4-byte length; the walk took its 2-byte one, so
+    /// a length of 2 GB made of the next bytes went through to dicom-rs, which allocated it.
+    #[test]
+    fn an_unknown_vr_has_a_four_byte_length_and_is_refused_when_too_long() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom/series");
+        let f = std::fs::read_dir(&root).unwrap().next().unwrap().unwrap().path();
+        let bytes = std::fs::read(&f).unwrap();
+        // (0028,1053) RescaleSlope, explicit VR LE: tag, "DS", a 2-byte length, the value.
+        let at = bytes.windows(6).position(|w| w == [0x28, 0x00, 0x53, 0x10, b'D', b'S']).unwrap();
+        let mut bad = bytes.clone();
+        bad[at + 4..at + 6].copy_from_slice(b"@S");
+        // As dicom-rs reads it: 2 reserved bytes (the old length), then 4 length bytes made of
+        // the value and what follows; made to claim 2 GB here.
+        bad[at + 8..at + 12].copy_from_slice(&0x7FE0_2031u32.to_le_bytes());
+        let e = format!("{:#}", check_lengths(&bad).unwrap_err());
+        assert!(e.contains("(0028,1053)") && e.contains("2145394737"), "{e}");
     }
 
     /// The dicom fuzz target's find: an RLE segment that decodes to fewer bytes than a frame
