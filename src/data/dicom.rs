@@ -562,9 +562,33 @@ fn check_lengths(bytes: &[u8]) -> Result<()> {
             }
             continue;
         }
+        // Inside encapsulated pixel data only items and the delimiter may stand: dicom-rs reads
+        // whatever stands there as an item and sizes a fragment by its 4 bytes after the tag.
+        ensure!(
+            !fragments,
+            "encapsulated pixel data: {tag} at byte {p}, where a fragment item (FFFE,E000) or the sequence delimiter (FFFE,E0DD) must be"
+        );
         let (len, vr_sq, header) = if explicit {
             let vr = bytes.get(p + 4..p + 6).context("the file ends inside an element's header")?;
-            if short_vr(vr) { (u16_at(p + 6, big)? as u32, false, 8) } else { (u32_at(p + 8, big)?, vr == b"SQ", 12) }
+            let (len, sq, header) = if short_vr(vr) {
+                (u16_at(p + 6, big)? as u32, false, 8)
+            } else {
+                (u32_at(p + 8, big)?, vr == b"SQ", 12)
+            };
+            // A binary VR's length must hold whole values: dicom-rs reads len / size values and
+            // leaves the rest unread, so the next header would start inside this value.
+            let size = match vr {
+                b"SS" | b"US" | b"OW" => 2,
+                b"AT" | b"FL" | b"SL" | b"UL" | b"OF" | b"OL" => 4,
+                b"FD" | b"OD" | b"OV" | b"SV" | b"UV" => 8,
+                _ => 1,
+            };
+            ensure!(
+                len == u32::MAX || len.is_multiple_of(size),
+                "element {tag} at byte {p} has VR {} and a length of {len} bytes, not a whole number of {size}-byte values",
+                String::from_utf8_lossy(vr)
+            );
+            (len, sq, header)
         } else {
             (u32_at(p + 4, big)?, false, 8)
         };
@@ -633,6 +657,43 @@ mod tests {
         bad[at + 8..at + 12].copy_from_slice(&0x7FE0_2031u32.to_le_bytes());
         let e = format!("{:#}", check_lengths(&bad).unwrap_err());
         assert!(e.contains("(0028,1053)") && e.contains("2145394737"), "{e}");
+    }
+
+    /// The dicom fuzz target's second find: RescaleSlope as an AT of 2 bytes. dicom-rs reads
+    /// len / 4 tags and leaves 2 bytes unread, so the pixel data's header is read 2 bytes early
+    /// as an unknown VR with a 4 GB length, which it allocated.
+    #[test]
+    fn a_binary_value_of_partial_length_is_refused() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom/series");
+        let f = std::fs::read_dir(&root).unwrap().next().unwrap().unwrap().path();
+        let bytes = std::fs::read(&f).unwrap();
+        let at = bytes.windows(6).position(|w| w == [0x28, 0x00, 0x53, 0x10, b'D', b'S']).unwrap();
+        let len = u16::from_le_bytes([bytes[at + 6], bytes[at + 7]]);
+        assert!(!len.is_multiple_of(4), "the test slice's RescaleSlope has {len} bytes");
+        let mut bad = bytes.clone();
+        bad[at + 4..at + 6].copy_from_slice(b"AT");
+        let e = format!("{:#}", check_lengths(&bad).unwrap_err());
+        assert!(e.contains("(0028,1053)") && e.contains("VR AT") && e.contains("4-byte values"), "{e}");
+    }
+
+    /// Inside encapsulated pixel data dicom-rs reads any header as an item and sizes a fragment
+    /// by it: an element tag where an item must be is refused first.
+    #[test]
+    fn only_items_stand_inside_encapsulated_pixel_data() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom/rle");
+        let f = std::fs::read_dir(&root).unwrap().next().unwrap().unwrap().path();
+        let bytes = std::fs::read(&f).unwrap();
+        check_lengths(&bytes).unwrap();
+        // The first item after the pixel data's header (the offset table) and the one after it.
+        let pd = bytes.windows(4).rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00]).unwrap();
+        let first = pd + 12;
+        assert_eq!(bytes[first..first + 4], [0xFE, 0xFF, 0x00, 0xE0]);
+        let table = u32::from_le_bytes(bytes[first + 4..first + 8].try_into().unwrap()) as usize;
+        let second = first + 8 + table;
+        let mut bad = bytes.clone();
+        bad[second..second + 4].copy_from_slice(&[0x00, 0x00, 0x00, 0x00]);
+        let e = format!("{:#}", check_lengths(&bad).unwrap_err());
+        assert!(e.contains("encapsulated pixel data: (0000,0000)"), "{e}");
     }
 
     /// The dicom fuzz target's find: an RLE segment that decodes to fewer bytes than a frame
