@@ -93,13 +93,13 @@ pub fn similar_into(
     for (a, &n) in q.ct.source_shape.iter().enumerate() {
         file_shape[q.orientation.perm[a]] = n;
     }
-    let at = apply(&invert(&q.file_affine).context("the query's affine is singular")?, q_world);
+    let q_file = apply(&invert(&q.file_affine).context("the query's affine is singular")?, q_world);
     anyhow::ensure!(
-        at.iter().zip(file_shape).all(|(&v, n)| v > -0.5 && v < n as f64 - 0.5),
+        q_file.iter().zip(file_shape).all(|(&v, n)| v > -0.5 && v < n as f64 - 0.5),
         "{}: the point {} (voxel {} of the file, {} mm in the world) is outside the image, whose voxels are 0..{} x 0..{} x 0..{}",
         query.display(),
         fmt3(&p),
-        fmt3(&at),
+        fmt3(&q_file),
         fmt3(&q_world),
         file_shape[0],
         file_shape[1],
@@ -121,7 +121,6 @@ pub fn similar_into(
     let qv = embedding_at(&q_maps, qi)?;
     drop(q_maps);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let q_file = apply(&invert(&q.file_affine).context("the query's affine is singular")?, q_world);
     eprintln!(
         "query: {} voxel {} = world {} mm (the preprocessed voxel nearest to it)",
         query.display(),
